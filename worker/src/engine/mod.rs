@@ -1,0 +1,1 @@
+//! The in-process engine: load a model, submit requests, stream token events.

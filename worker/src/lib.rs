@@ -1,0 +1,9 @@
+//! llmapi-worker: the inference engine and the worker gRPC service.
+//!
+//! The engine (`engine`) loads a Hugging Face checkpoint, keeps a paged KV cache, batches
+//! requests iteration by iteration and samples tokens. The service (`service`) exposes it over
+//! the gRPC contract in `llmapi-proto`. Not for: HTTP, tokenization or chat templates (the
+//! router's), or process placement (the launcher's).
+
+pub mod engine;
+pub mod service;

@@ -1,0 +1,1 @@
+//! The worker gRPC service wrapping the engine handle.
