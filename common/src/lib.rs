@@ -1,1 +1,9 @@
-//! Placeholder until this crate is written.
+//! llmapi-common: what every llmapi binary shares.
+//!
+//! The `LlmArgs` configuration model and its sources (CLI flags, YAML, `--set`), Hugging Face
+//! model directories, the tokenizer and chat templates, the built-in checkpoint writer and
+//! logging setup. Not for: tensors, HTTP or gRPC.
+
+pub mod chat_template;
+pub mod model_dir;
+pub mod tokenizer;

@@ -1,0 +1,366 @@
+//! A Hugging Face model directory on local disk: config.json, the safetensors weights,
+//! tokenizer.json, tokenizer_config.json and generation_config.json.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+/// Architectures (config.json `architectures[0]`) that the engine implements.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+];
+
+/// Errors from opening a model directory.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelDirError {
+    /// A hub id was given where a local directory is needed.
+    #[error(
+        "MODEL '{0}' is not a local directory. llmapi reads weights from a local directory only and never downloads; \
+         fetch the model first (e.g. `huggingface-cli download {0} --local-dir DIR`) and pass DIR"
+    )]
+    HubId(String),
+    /// The path does not exist or is not a directory.
+    #[error("model directory {0} does not exist or is not a directory")]
+    NotADirectory(PathBuf),
+    /// A required file is missing.
+    #[error("{file} is missing in model directory {dir}")]
+    MissingFile {
+        /// The directory.
+        dir: PathBuf,
+        /// The missing file name.
+        file: &'static str,
+    },
+    /// A file could not be read or parsed.
+    #[error("cannot read {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// config.json names an architecture the engine does not implement.
+    #[error("{path}: architecture '{found}' is not supported; supported: {}", SUPPORTED_ARCHITECTURES.join(", "))]
+    UnsupportedArchitecture {
+        /// config.json.
+        path: PathBuf,
+        /// What config.json says.
+        found: String,
+    },
+    /// No weights were found.
+    #[error(
+        "no weights in {0}: expected model.safetensors, or shards listed in model.safetensors.index.json"
+    )]
+    NoWeights(PathBuf),
+}
+
+/// Settings from tokenizer_config.json that the serving path needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizerConfig {
+    /// BOS token text.
+    pub bos_token: Option<String>,
+    /// EOS token text.
+    pub eos_token: Option<String>,
+    /// The default chat template, if any.
+    pub chat_template: Option<String>,
+}
+
+impl TokenizerConfig {
+    /// Reads `DIR/tokenizer_config.json`; a missing file gives the empty config.
+    pub fn read(dir: &Path) -> Result<Self, ModelDirError> {
+        let path = dir.join("tokenizer_config.json");
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let v = read_json(&path)?;
+        // Special tokens are either a string or an AddedToken object {"content": ...}.
+        let token = |key: &str| match v.get(key) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(String::from),
+            _ => None,
+        };
+        // chat_template is a string, or a list of {name, template} with a "default" entry.
+        let chat_template = match v.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .or(list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(String::from),
+            _ => None,
+        };
+        Ok(Self {
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            chat_template,
+        })
+    }
+}
+
+/// An opened, checked model directory.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    /// The directory as given.
+    pub path: PathBuf,
+    /// config.json as parsed JSON (the engine reads it into its typed config).
+    pub config: Value,
+    /// `architectures[0]` from config.json.
+    pub architecture: String,
+    /// `max_position_embeddings` from config.json.
+    pub max_position_embeddings: Option<usize>,
+    /// EOS ids from generation_config.json and config.json, deduplicated, in that order.
+    pub eos_token_ids: Vec<u32>,
+    /// tokenizer_config.json settings.
+    pub tokenizer_config: TokenizerConfig,
+    /// The safetensors files holding the weights.
+    pub weight_files: Vec<PathBuf>,
+}
+
+impl ModelDir {
+    /// Opens and checks a model directory.
+    pub fn open(path: &Path) -> Result<Self, ModelDirError> {
+        if !path.exists() {
+            let s = path.to_string_lossy();
+            if looks_like_hub_id(&s) {
+                return Err(ModelDirError::HubId(s.into_owned()));
+            }
+        }
+        if !path.is_dir() {
+            return Err(ModelDirError::NotADirectory(path.to_path_buf()));
+        }
+        let config_path = path.join("config.json");
+        if !config_path.is_file() {
+            return Err(ModelDirError::MissingFile {
+                dir: path.to_path_buf(),
+                file: "config.json",
+            });
+        }
+        let config = read_json(&config_path)?;
+        let architecture = config
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .ok_or_else(|| ModelDirError::Parse {
+                path: config_path.clone(),
+                message: "missing \"architectures\" (e.g. [\"LlamaForCausalLM\"])".into(),
+            })?
+            .to_owned();
+        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+            return Err(ModelDirError::UnsupportedArchitecture {
+                path: config_path,
+                found: architecture,
+            });
+        }
+        let max_position_embeddings = config
+            .get("max_position_embeddings")
+            .and_then(Value::as_u64)
+            .map(|v| v as usize);
+
+        let gen_path = path.join("generation_config.json");
+        let mut eos_token_ids = Vec::new();
+        if gen_path.is_file() {
+            push_ids(&mut eos_token_ids, read_json(&gen_path)?.get("eos_token_id"));
+        }
+        push_ids(&mut eos_token_ids, config.get("eos_token_id"));
+
+        Ok(Self {
+            tokenizer_config: TokenizerConfig::read(path)?,
+            weight_files: weight_files(path)?,
+            path: path.to_path_buf(),
+            config,
+            architecture,
+            max_position_embeddings,
+            eos_token_ids,
+        })
+    }
+
+    /// The name the model is known by when no --served_model_name is given: the directory
+    /// path's last component.
+    pub fn default_name(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| self.path.to_string_lossy().into_owned())
+    }
+
+    /// Loads this directory's tokenizer.
+    pub fn tokenizer(&self) -> Result<Tokenizer, TokenizerError> {
+        Tokenizer::from_dir(&self.path)
+    }
+}
+
+/// True for strings shaped like a Hugging Face hub id (`org/name`) rather than a path.
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && !s.starts_with('.')
+        && !s.starts_with('~')
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+fn read_json(path: &Path) -> Result<Value, ModelDirError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ModelDirError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ModelDirError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Appends ids from a JSON value that is an integer or a list of integers, skipping repeats.
+fn push_ids(out: &mut Vec<u32>, v: Option<&Value>) {
+    let ids: Vec<u32> = match v {
+        Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|n| n as u32)
+            .collect(),
+        _ => Vec::new(),
+    };
+    for id in ids {
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+}
+
+/// The safetensors files of a directory: the shards of model.safetensors.index.json, or
+/// model.safetensors, or every *.safetensors file.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelDirError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| ModelDirError::Parse {
+                path: index.clone(),
+                message: "missing \"weight_map\"".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        if let Some(missing) = files.iter().find(|f| !f.is_file()) {
+            return Err(ModelDirError::Parse {
+                path: index,
+                message: format!("lists shard {} which does not exist", missing.display()),
+            });
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelDirError::Parse {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelDirError::NoWeights(dir.to_path_buf()));
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(d.path().join(name), text).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn hub_ids_get_a_local_directory_only_error() {
+        let err = ModelDir::open(Path::new("meta-llama/Llama-3.1-70B")).unwrap_err();
+        assert!(matches!(err, ModelDirError::HubId(_)));
+        assert!(err.to_string().contains("local directory only"), "{err}");
+    }
+
+    #[test]
+    fn missing_config_is_named() {
+        let d = dir_with(&[]);
+        let err = ModelDir::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("config.json is missing"), "{err}");
+    }
+
+    #[test]
+    fn unsupported_architecture_lists_supported_ones() {
+        let d = dir_with(&[("config.json", r#"{"architectures":["GPT2LMHeadModel"]}"#)]);
+        let err = ModelDir::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("GPT2LMHeadModel"), "{err}");
+        assert!(err.contains("LlamaForCausalLM, MistralForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn missing_weights_are_an_error() {
+        let d = dir_with(&[("config.json", r#"{"architectures":["LlamaForCausalLM"]}"#)]);
+        let err = ModelDir::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("no weights"), "{err}");
+    }
+
+    #[test]
+    fn eos_ids_merge_generation_and_model_config() {
+        let d = dir_with(&[
+            (
+                "config.json",
+                r#"{"architectures":["LlamaForCausalLM"],"eos_token_id":5,"max_position_embeddings":64}"#,
+            ),
+            ("generation_config.json", r#"{"eos_token_id":[7,5]}"#),
+            ("model.safetensors", ""),
+            (
+                "tokenizer_config.json",
+                r#"{"bos_token":{"content":"<s>"},"eos_token":"</s>","chat_template":[{"name":"tool_use","template":"T"},{"name":"default","template":"D"}]}"#,
+            ),
+        ]);
+        let m = ModelDir::open(d.path()).unwrap();
+        assert_eq!(m.eos_token_ids, vec![7, 5]);
+        assert_eq!(m.max_position_embeddings, Some(64));
+        assert_eq!(m.tokenizer_config.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(m.tokenizer_config.eos_token.as_deref(), Some("</s>"));
+        assert_eq!(m.tokenizer_config.chat_template.as_deref(), Some("D"));
+    }
+
+    #[test]
+    fn sharded_index_lists_missing_shards() {
+        let d = dir_with(&[
+            ("config.json", r#"{"architectures":["LlamaForCausalLM"]}"#),
+            (
+                "model.safetensors.index.json",
+                r#"{"weight_map":{"a":"model-00001-of-00002.safetensors"}}"#,
+            ),
+        ]);
+        let err = ModelDir::open(d.path()).unwrap_err().to_string();
+        assert!(err.contains("model-00001-of-00002.safetensors"), "{err}");
+    }
+}
