@@ -4,6 +4,7 @@
 //! model directories, the tokenizer and chat templates, the built-in checkpoint writer and
 //! logging setup. Not for: tensors, HTTP or gRPC.
 
+pub mod args;
 pub mod chat_template;
 pub mod model_dir;
 pub mod tokenizer;
