@@ -27,7 +27,7 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +61,8 @@ MIN_MARGIN = 1e-2
 # f32-vs-f64 difference recorded per case shows how much headroom it leaves.
 TOLERANCE_ABS = 1e-3
 SEED_TRIES = 200
+# Cases written by the other major version are skipped (see README.md).
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 # Shape shared by all cases: hidden 64, 2 layers, 4 heads of 16.
 TINY = dict(
@@ -83,7 +85,9 @@ class Case:
     save_dtype: torch.dtype = torch.float32
     max_shard_size: str | None = None
     base_seed: int = 0
-    notes: list[str] = field(default_factory=list)
+    # The major transformers version that writes this case: 4 for the
+    # legacy config format (rope_theta, rope_scaling, torch_dtype).
+    transformers_major: int = 5
 
 
 def llama_config() -> LlamaConfig:
@@ -159,7 +163,8 @@ def mixtral_config() -> MixtralConfig:
         **TINY,
         vocab_size=256,
         num_key_value_heads=2,
-        head_dim=16,
+        # Left unset: transformers 5 writes "head_dim": null for Mixtral, and
+        # a loader must fall back to hidden_size / num_attention_heads.
         num_local_experts=4,
         num_experts_per_tok=2,
         sliding_window=None,
@@ -205,6 +210,45 @@ def qwen2_moe_config() -> Qwen2MoeConfig:
     )
 
 
+def llama_tf4_config() -> LlamaConfig:
+    """Llama 3.x layout in the keyword form of transformers 4.x."""
+    return LlamaConfig(
+        **TINY,
+        vocab_size=256,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+
+
+def qwen3_moe_tf4_config() -> Qwen3MoeConfig:
+    """Qwen3-MoE in the keyword form of transformers 4.x."""
+    return Qwen3MoeConfig(
+        **TINY,
+        vocab_size=256,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        rope_theta=1000000.0,
+        rope_scaling=None,
+    )
+
+
 CASES = [
     Case("llama", LlamaForCausalLM, llama_config, base_seed=1000),
     Case(
@@ -227,6 +271,22 @@ CASES = [
     Case("mixtral", MixtralForCausalLM, mixtral_config, base_seed=7000),
     Case("qwen3_moe", Qwen3MoeForCausalLM, qwen3_moe_config, base_seed=8000),
     Case("qwen2_moe", Qwen2MoeForCausalLM, qwen2_moe_config, base_seed=9000),
+    Case(
+        "llama_tf4",
+        LlamaForCausalLM,
+        llama_tf4_config,
+        save_dtype=torch.bfloat16,
+        base_seed=10000,
+        transformers_major=4,
+    ),
+    Case(
+        "qwen3_moe_tf4",
+        Qwen3MoeForCausalLM,
+        qwen3_moe_tf4_config,
+        save_dtype=torch.bfloat16,
+        base_seed=11000,
+        transformers_major=4,
+    ),
 ]
 
 
@@ -261,7 +321,12 @@ def make_prompts(vocab_size: int, seed: int) -> list[list[int]]:
 
 
 class RouterMargins:
-    """Forward hooks that record the smallest k-th vs (k+1)-th router gap."""
+    """Forward hooks that record the smallest k-th vs (k+1)-th router gap.
+
+    transformers 5 routes through a ``*TopKRouter`` module whose first output
+    is the router logits; transformers 4 through a plain ``Linear`` named
+    ``gate`` inside the sparse MoE block.
+    """
 
     def __init__(self, model: PreTrainedModel, top_k: int | None):
         self.top_k = top_k
@@ -269,14 +334,17 @@ class RouterMargins:
         self.handles = []
         if top_k is None:
             return
-        for module in model.modules():
-            if type(module).__name__.endswith("TopKRouter"):
+        for name, module in model.named_modules():
+            is_router = type(module).__name__.endswith("TopKRouter") or (
+                isinstance(module, torch.nn.Linear) and name.endswith(".gate")
+            )
+            if is_router:
                 self.handles.append(module.register_forward_hook(self._hook))
         if not self.handles:
-            raise RuntimeError("MoE model without a *TopKRouter module: update the hook")
+            raise RuntimeError("MoE model without a recognised router module: update the hook")
 
     def _hook(self, _module, _inputs, output) -> None:
-        router_logits = output[0].float()
+        router_logits = (output[0] if isinstance(output, tuple) else output).float()
         ordered = router_logits.sort(dim=-1, descending=True).values
         gap = (ordered[:, self.top_k - 1] - ordered[:, self.top_k]).min().item()
         self.min_gap = min(self.min_gap, gap)
@@ -357,7 +425,10 @@ def try_seed(case: Case, seed: int, workdir: Path) -> Attempt | None:
     model = case.model_cls(config)
     init_weights(model, seed)
     model = model.to(case.save_dtype)
-    model.config.dtype = case.save_dtype
+    if TRANSFORMERS_MAJOR >= 5:
+        model.config.dtype = case.save_dtype
+    else:
+        model.config.torch_dtype = case.save_dtype
     if workdir.exists():
         shutil.rmtree(workdir)
     save_kwargs = {}
@@ -368,10 +439,15 @@ def try_seed(case: Case, seed: int, workdir: Path) -> Attempt | None:
     # The reference comes from the files as saved, read back in float32
     # (bf16 weights widen exactly), with eager attention.
     # Eager experts too: a plain loop over experts, which also runs in float64.
-    impl = {"attn_implementation": "eager"}
-    if moe_top_k(config) is not None:
-        impl["experts_implementation"] = "eager"
-    ref = case.model_cls.from_pretrained(workdir, dtype=torch.float32, **impl).eval()
+    # (transformers 4 has only that loop, and spells dtype torch_dtype.)
+    impl: dict[str, Any] = {"attn_implementation": "eager"}
+    if TRANSFORMERS_MAJOR >= 5:
+        impl["dtype"] = torch.float32
+        if moe_top_k(config) is not None:
+            impl["experts_implementation"] = "eager"
+    else:
+        impl["torch_dtype"] = torch.float32
+    ref = case.model_cls.from_pretrained(workdir, **impl).eval()
     ref.generation_config.eos_token_id = None
 
     prompts = make_prompts(ref.config.vocab_size, seed)
@@ -452,10 +528,17 @@ def main() -> int:
     args = parser.parse_args()
 
     names = [c.name for c in CASES]
-    chosen = args.case or names
-    unknown = sorted(set(chosen) - set(names))
+    unknown = sorted(set(args.case or []) - set(names))
     if unknown:
         parser.error(f"unknown case(s) {unknown}; choose from {names}")
+    runnable = [c.name for c in CASES if c.transformers_major == TRANSFORMERS_MAJOR]
+    wrong_version = sorted(set(args.case or []) - set(runnable))
+    if wrong_version:
+        parser.error(
+            f"case(s) {wrong_version} are written by another transformers major version than "
+            f"the installed {transformers.__version__}; see scripts/golden/README.md"
+        )
+    chosen = args.case or runnable
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -464,6 +547,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for case in CASES:
         if case.name not in chosen:
+            if not args.case:
+                print(f"{case.name:16} skipped: written by transformers {case.transformers_major}.x")
             continue
         golden = write_case(case, args.out)
         size = sum(f.stat().st_size for f in (args.out / case.name).iterdir())
