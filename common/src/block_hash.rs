@@ -76,7 +76,10 @@ mod tests {
     #[test]
     fn the_hash_is_a_fixed_function() {
         // Pinned so that a router and a worker built apart always agree.
-        assert_eq!(block_hash(ROOT_BLOCK_HASH, &[1, 2, 3]), 0xca74_0063_c6b9_5a76);
+        assert_eq!(
+            block_hash(ROOT_BLOCK_HASH, &[1, 2, 3]),
+            0xca74_0063_c6b9_5a76
+        );
         assert_ne!(
             block_hash(ROOT_BLOCK_HASH, &[1, 2, 3]),
             block_hash(ROOT_BLOCK_HASH, &[3, 2, 1])

@@ -4,10 +4,8 @@
 //! model directories, the tokenizer and chat templates, the built-in checkpoint writer and
 //! logging setup. Not for: tensors, HTTP or gRPC.
 
-pub mod block_hash;
 pub mod args;
+pub mod block_hash;
 pub mod chat_template;
-pub mod checkpoint;
-pub mod model_config;
 pub mod model_dir;
 pub mod tokenizer;
