@@ -27,9 +27,10 @@ import math
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import transformers
@@ -65,14 +66,14 @@ SEED_TRIES = 200
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 # Shape shared by all cases: hidden 64, 2 layers, 4 heads of 16.
-TINY = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=512,
-    rms_norm_eps=1e-6,
-)
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+}
 
 
 @dataclass
@@ -356,9 +357,7 @@ class RouterMargins:
 
 def prompt_logits(model: PreTrainedModel, prompts: list[list[int]]) -> list[torch.Tensor]:
     with torch.no_grad():
-        return [
-            model(torch.tensor([p]), use_cache=False).logits[0].float() for p in prompts
-        ]
+        return [model(torch.tensor([p]), use_cache=False).logits[0].float() for p in prompts]
 
 
 def manual_greedy(model: PreTrainedModel, prompt: list[int]) -> tuple[list[int], float]:
@@ -522,9 +521,7 @@ def write_case(case: Case, out_root: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="e.g. worker/tests/golden")
-    parser.add_argument(
-        "--case", action="append", help="only this case (repeatable); default: all"
-    )
+    parser.add_argument("--case", action="append", help="only this case (repeatable); default: all")
     args = parser.parse_args()
 
     names = [c.name for c in CASES]
@@ -548,15 +545,18 @@ def main() -> int:
     for case in CASES:
         if case.name not in chosen:
             if not args.case:
-                print(f"{case.name:16} skipped: written by transformers {case.transformers_major}.x")
+                print(
+                    f"{case.name:16} skipped: written by transformers {case.transformers_major}.x"
+                )
             continue
         golden = write_case(case, args.out)
         size = sum(f.stat().st_size for f in (args.out / case.name).iterdir())
+        router = golden["min_router_margin"]
+        router_text = "-" if router is None else f"{router:.4f}"
         print(
             f"{case.name:16} seed {golden['seed']:5}  greedy margin "
-            f"{golden['min_greedy_margin']:.4f}  router margin "
-            f"{golden['min_router_margin'] if golden['min_router_margin'] is None else round(golden['min_router_margin'], 4)}"
-            f"  f32-vs-f64 {golden['f32_vs_f64_max_abs_diff']:.2e}  {size / 1024:.0f} KiB"
+            f"{golden['min_greedy_margin']:.4f}  router margin {router_text}  "
+            f"f32-vs-f64 {golden['f32_vs_f64_max_abs_diff']:.2e}  {size / 1024:.0f} KiB"
         )
     return 0
 
