@@ -1,1 +1,7 @@
-//! Placeholder until this crate is written.
+//! llmapi-launch: starts serving processes.
+//!
+//! Resolves the configuration (`llmapi_common::args`), finds the model (or writes the built-in
+//! demo model), and runs the serve command; writes built-in checkpoints. Not for: HTTP
+//! handling (the router's) or tensors (the worker's).
+
+pub mod make_model;

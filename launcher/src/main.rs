@@ -1,1 +1,96 @@
-fn main() {}
+//! The `llmapi-launch` binary: `serve` and `make-model`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Arg, ArgAction, Command};
+use llmapi_common::args::{NoticeLevel, resolve, serve_command};
+use llmapi_common::model_dir::ModelDir;
+use llmapi_launch::make_model::{ensure_demo_model, make_model};
+
+fn cli() -> Command {
+    Command::new("llmapi-launch")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Serve LLMs over the OpenAI API on one machine or a Slurm cluster")
+        .subcommand_required(true)
+        .arg_required_else_help(true)
+        .subcommand(serve_command())
+        .subcommand(
+            Command::new("make-model")
+                .about("Write a built-in random-weight checkpoint in Hugging Face layout")
+                .arg(
+                    Arg::new("preset")
+                        .long("preset")
+                        .required(true)
+                        .value_parser(["demo", "bench"])
+                        .help("demo: tiny, for tests; bench: Llama-3 style, 124M parameters"),
+                )
+                .arg(
+                    Arg::new("out")
+                        .long("out")
+                        .required(true)
+                        .value_name("DIR")
+                        .help("Directory to write"),
+                )
+                .arg(
+                    Arg::new("force")
+                        .long("force")
+                        .action(ArgAction::SetTrue)
+                        .help("Overwrite a model already in DIR"),
+                ),
+        )
+}
+
+fn main() -> ExitCode {
+    let matches = cli().get_matches();
+    let result = match matches.subcommand() {
+        Some(("serve", m)) => serve(m),
+        Some(("make-model", m)) => {
+            llmapi_common::telemetry::init_logging("info", false);
+            let preset = m.get_one::<String>("preset").map(String::as_str).unwrap_or("demo");
+            let out = PathBuf::from(m.get_one::<String>("out").cloned().unwrap_or_default());
+            make_model(preset, &out, m.get_flag("force"))
+        }
+        _ => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
+    let resolved = resolve(m)?;
+    let mut args = resolved.args;
+    llmapi_common::telemetry::init_logging(&args.log_level, false);
+    for n in &resolved.notices {
+        match n.level {
+            NoticeLevel::Info => tracing::info!("{}", n.message),
+            NoticeLevel::Warn => tracing::warn!("{}", n.message),
+        }
+    }
+    let model_path = match &args.model {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let dir = ensure_demo_model()?;
+            tracing::info!(path = %dir.display(), "no MODEL given: serving the built-in demo model");
+            args.model = Some(dir.to_string_lossy().into_owned());
+            dir
+        }
+    };
+    let model = ModelDir::open(&model_path)?;
+    args.resolve_max_seq_len(model.max_position_embeddings)
+        .with_context(|| format!("model {}", model_path.display()))?;
+    if resolved.print_config {
+        print!("{}", args.to_yaml());
+        return Ok(());
+    }
+    anyhow::bail!(
+        "serving is not available in this build yet: the worker service and router are still being written; \
+         `llmapi-launch serve ... --print_config` shows the effective configuration"
+    )
+}
