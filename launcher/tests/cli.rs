@@ -1,0 +1,129 @@
+//! The llmapi-launch command line, run as a real process.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use llmapi_common::args::{CLI_FLAGS, KvCacheDtype, LlmArgs};
+
+fn launch(args: &[&str], cache: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmapi-launch"))
+        .args(args)
+        .env("LLMAPI_CACHE_DIR", cache)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("llmapi-launch runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn serve_help_lists_every_flag() {
+    let d = tempfile::tempdir().unwrap();
+    let out = launch(&["serve", "--help"], d.path());
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for f in CLI_FLAGS {
+        assert!(help.contains(&format!("--{}", f.name)), "--{} missing from help", f.name);
+        for a in f.aliases {
+            assert!(help.contains(&format!("--{a}")), "alias --{a} missing from help");
+        }
+    }
+    for extra in ["--extra_llm_api_options", "--config", "--set", "--print_config"] {
+        assert!(help.contains(extra), "{extra} missing from help");
+    }
+    assert!(help.contains("never executes code"), "trust_remote_code is explained");
+}
+
+#[test]
+fn tutorial_start_line_prints_the_merged_configuration() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("m");
+    let out = launch(
+        &["make-model", "--preset", "demo", "--out", model.to_str().unwrap()],
+        d.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tutorial-start.yml");
+    let out = launch(
+        &[
+            "serve",
+            model.to_str().unwrap(),
+            "--max_batch_size",
+            "1024",
+            "--max_num_tokens",
+            "2048",
+            "--max_seq_len",
+            "1024",
+            "--kv_cache_free_gpu_memory_fraction",
+            "0.9",
+            "--tp_size",
+            "1",
+            "--ep_size",
+            "1",
+            "--trust_remote_code",
+            "--extra_llm_api_options",
+            cfg.to_str().unwrap(),
+            "--print_config",
+        ],
+        d.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let args: LlmArgs = serde_saphyr::from_str(&text(&out.stdout)).expect("printed YAML parses");
+    assert_eq!(args.max_batch_size, 1024);
+    assert_eq!(args.max_seq_len, Some(1024));
+    assert_eq!(args.kv_cache_config.dtype, KvCacheDtype::Fp8);
+    assert!(args.print_iter_log && args.trust_remote_code);
+    assert_eq!(args.cuda_graph_config.unwrap().max_batch_size, 1024);
+}
+
+#[test]
+fn serve_without_model_writes_and_uses_the_demo_model_once() {
+    let d = tempfile::tempdir().unwrap();
+    let first = launch(&["serve", "--print_config"], d.path());
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stderr).contains("wrote the built-in demo model"));
+    let args: LlmArgs = serde_saphyr::from_str(&text(&first.stdout)).unwrap();
+    let model = args.model.expect("model path resolved");
+    assert!(model.starts_with(d.path().to_str().unwrap()), "{model}");
+    assert_eq!(args.max_seq_len, Some(2048), "from the demo config.json");
+
+    let second = launch(&["serve", "--print_config"], d.path());
+    assert!(second.status.success());
+    assert!(!text(&second.stderr).contains("wrote the built-in demo model"), "written once");
+}
+
+#[test]
+fn hub_id_model_gets_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let out = launch(&["serve", "meta-llama/Llama-3.1-70B"], d.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("local directory only"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn make_model_refuses_to_overwrite_without_force() {
+    let d = tempfile::tempdir().unwrap();
+    let out_dir = d.path().join("m");
+    let args = ["make-model", "--preset", "demo", "--out", out_dir.to_str().unwrap()];
+    assert!(launch(&args, d.path()).status.success());
+    let again = launch(&args, d.path());
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("--force"));
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    assert!(launch(&forced, d.path()).status.success());
+}
+
+#[test]
+fn bad_config_exits_with_the_reason_not_a_panic() {
+    let d = tempfile::tempdir().unwrap();
+    let out = launch(&["serve", "--set", "kv_cache_config.dtpye=fp8"], d.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("did you mean 'kv_cache_config.dtype'"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
