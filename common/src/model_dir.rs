@@ -169,7 +169,10 @@ impl ModelDir {
         let gen_path = path.join("generation_config.json");
         let mut eos_token_ids = Vec::new();
         if gen_path.is_file() {
-            push_ids(&mut eos_token_ids, read_json(&gen_path)?.get("eos_token_id"));
+            push_ids(
+                &mut eos_token_ids,
+                read_json(&gen_path)?.get("eos_token_id"),
+            );
         }
         push_ids(&mut eos_token_ids, config.get("eos_token_id"));
 
@@ -319,7 +322,10 @@ mod tests {
         let d = dir_with(&[("config.json", r#"{"architectures":["GPT2LMHeadModel"]}"#)]);
         let err = ModelDir::open(d.path()).unwrap_err().to_string();
         assert!(err.contains("GPT2LMHeadModel"), "{err}");
-        assert!(err.contains("LlamaForCausalLM, MistralForCausalLM"), "{err}");
+        assert!(
+            err.contains("LlamaForCausalLM, MistralForCausalLM"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Configuration rules: precedence, deep merge, unknown keys, legacy spellings, refusals.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use llmapi_common::args::{
@@ -26,7 +28,9 @@ fn err(argv: &[&str]) -> String {
 }
 
 fn repo_file(rel: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(rel);
     p.to_string_lossy().into_owned()
 }
 
@@ -117,7 +121,10 @@ fn unknown_key_names_file_path_and_closest_key() {
 fn unknown_key_in_the_wrong_section_points_to_the_right_one() {
     let (_d, p) = yaml("tokens_per_block: 64\n");
     let e = err(&["--config", &p]);
-    assert!(e.contains("did you mean 'kv_cache_config.tokens_per_block'"), "{e}");
+    assert!(
+        e.contains("did you mean 'kv_cache_config.tokens_per_block'"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -170,7 +177,10 @@ fn legacy_pytorch_backend_config_maps_onto_current_keys() {
     assert!(warned(&r, "enable_overlap_scheduler is ignored"));
 
     let (_d2, p2) = yaml("pytorch_backend_config:\n  use_cuda_graph: false\n");
-    assert_eq!(run(&["--config", &p2]).unwrap().args.cuda_graph_config, None);
+    assert_eq!(
+        run(&["--config", &p2]).unwrap().args.cuda_graph_config,
+        None
+    );
 
     let (_d3, p3) = yaml("pytorch_backend_config:\n  made_up: 1\n");
     assert!(err(&["--config", &p3]).contains("pytorch_backend_config.made_up"));
@@ -194,18 +204,41 @@ fn refused_values_say_what_to_change() {
     let cases: &[(&[&str], &str)] = &[
         (&["--max_beam_width", "4"], "beam search is not implemented"),
         (&["--pp_size", "2"], "pipeline parallelism is not supported"),
-        (&["--kv_cache_free_gpu_memory_fraction", "1.5"], "expected a fraction in (0, 1]"),
-        (&["--set", "kv_cache_config.tokens_per_block=48"], "power of two"),
-        (&["--set", "stream_interval=0"], "stream_interval must be greater than 0"),
-        (&["--set", "kv_cache_config.dtype=fp4"], "kv_cache_config.dtype"),
+        (
+            &["--kv_cache_free_gpu_memory_fraction", "1.5"],
+            "expected a fraction in (0, 1]",
+        ),
+        (
+            &["--set", "kv_cache_config.tokens_per_block=48"],
+            "power of two",
+        ),
+        (
+            &["--set", "stream_interval=0"],
+            "stream_interval must be greater than 0",
+        ),
+        (
+            &["--set", "kv_cache_config.dtype=fp4"],
+            "kv_cache_config.dtype",
+        ),
         (&["--log_level", "loud"], "expected one of trace"),
-        (&["--tp_size", "2", "--ep_size", "3"], "--ep_size 3 must divide --tp_size 2"),
+        (
+            &["--tp_size", "2", "--ep_size", "3"],
+            "--ep_size 3 must divide --tp_size 2",
+        ),
         (&["--backend", "tensorrt"], "backend"),
         (&["--max_batch_size", "many"], "expected a whole number"),
         (&["--set", "max_batch_size"], "expected KEY.PATH=VALUE"),
-        (&["--set", "moe_config.backend=FAST"], "moe_config.backend FAST"),
         (
-            &["--set", "cuda_graph_config.batch_sizes=[1,2]", "--set", "cuda_graph_config.max_batch_size=8"],
+            &["--set", "moe_config.backend=FAST"],
+            "moe_config.backend FAST",
+        ),
+        (
+            &[
+                "--set",
+                "cuda_graph_config.batch_sizes=[1,2]",
+                "--set",
+                "cuda_graph_config.max_batch_size=8",
+            ],
             "must equal max(cuda_graph_config.batch_sizes)",
         ),
     ];
@@ -228,7 +261,10 @@ fn backend_pytorch_is_read_as_auto_with_a_note() {
 fn cuda_graph_sizes_are_generated_like_tensorrt_llm() {
     assert_eq!(
         cuda_graph_batch_sizes(1024, true),
-        vec![1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 256, 512, 1024]
+        vec![
+            1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128, 256, 512,
+            1024
+        ]
     );
     let no_pad = cuda_graph_batch_sizes(200, false);
     assert_eq!(no_pad.len(), 31 + 3 + 1);
@@ -259,7 +295,10 @@ fn tutorial_start_config_and_flag_line_merge() {
     ])
     .unwrap();
     let a = &r.args;
-    assert_eq!((a.max_batch_size, a.max_num_tokens, a.max_seq_len), (1024, 2048, Some(1024)));
+    assert_eq!(
+        (a.max_batch_size, a.max_num_tokens, a.max_seq_len),
+        (1024, 2048, Some(1024))
+    );
     assert_eq!(a.kv_cache_config.dtype, KvCacheDtype::Fp8);
     assert!(a.print_iter_log && !a.enable_attention_dp);
     let cg = a.cuda_graph_config.clone().unwrap();
@@ -280,7 +319,8 @@ fn tutorial_switches_config_loads_with_legacy_warnings() {
 }
 
 fn warned_any(n: &[llmapi_common::args::Notice], needle: &str) -> bool {
-    n.iter().any(|n| n.level == NoticeLevel::Warn && n.message.contains(needle))
+    n.iter()
+        .any(|n| n.level == NoticeLevel::Warn && n.message.contains(needle))
 }
 
 #[test]
@@ -304,5 +344,8 @@ fn max_seq_len_comes_from_the_model_and_is_bounded_by_it() {
         ..LlmArgs::default()
     };
     let e = b.resolve_max_seq_len(Some(4096)).unwrap_err().to_string();
-    assert!(e.contains("exceeds the model's max_position_embeddings 4096"), "{e}");
+    assert!(
+        e.contains("exceeds the model's max_position_embeddings 4096"),
+        "{e}"
+    );
 }

@@ -1,9 +1,12 @@
 //! The built-in checkpoints load back as Hugging Face model directories.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use llmapi_common::checkpoint::{BOS, EOT, Preset, write_checkpoint};
 use llmapi_common::model_dir::ModelDir;
 
-const UNICODE: &str = "Grüße aus München! 大型语言模型 🚀✨ naïve café — こんにちは, Привет.\n\ttabs  and  spaces";
+const UNICODE: &str =
+    "Grüße aus München! 大型语言模型 🚀✨ naïve café — こんにちは, Привет.\n\ttabs  and  spaces";
 
 fn write(preset: &str) -> (tempfile::TempDir, Preset) {
     let d = tempfile::tempdir().unwrap();
@@ -26,9 +29,17 @@ fn check_loads_back(preset: &str) {
     let tok = m.tokenizer().unwrap();
     assert_eq!(tok.vocab_size(), p.tokenizer_vocab_size);
     let ids = tok.encode(UNICODE, false).unwrap();
-    assert_eq!(tok.decode(&ids, false).unwrap(), UNICODE, "byte-level round trip");
+    assert_eq!(
+        tok.decode(&ids, false).unwrap(),
+        UNICODE,
+        "byte-level round trip"
+    );
     let with_bos = tok.encode("hello", true).unwrap();
-    assert_eq!(Some(with_bos[0]), tok.token_to_id(BOS), "BOS added by the post-processor");
+    assert_eq!(
+        Some(with_bos[0]),
+        tok.token_to_id(BOS),
+        "BOS added by the post-processor"
+    );
     let eot = tok.token_to_id(EOT).unwrap();
     assert!(m.eos_token_ids.contains(&eot), "EOS ids include <|eot_id|>");
     assert_eq!(tok.eos().map(|(_, id)| id), Some(eot));
@@ -46,7 +57,11 @@ fn check_loads_back(preset: &str) {
     let vals: Vec<half::bf16> = bytemuck::pod_collect_to_vec(emb.data());
     let n = vals.len() as f64;
     let var = vals.iter().map(|v| (v.to_f64()).powi(2)).sum::<f64>() / n;
-    assert!((var.sqrt() - p.init_std as f64).abs() < 0.002, "std {}", var.sqrt());
+    assert!(
+        (var.sqrt() - p.init_std as f64).abs() < 0.002,
+        "std {}",
+        var.sqrt()
+    );
 }
 
 #[test]
@@ -58,7 +73,12 @@ fn demo_preset_writes_a_loadable_model() {
 fn bench_preset_writes_the_124m_llama3_shape() {
     let p = Preset::by_name("bench").unwrap();
     assert_eq!(
-        (p.hidden_size, p.num_hidden_layers, p.num_attention_heads, p.num_key_value_heads),
+        (
+            p.hidden_size,
+            p.num_hidden_layers,
+            p.num_attention_heads,
+            p.num_key_value_heads
+        ),
         (768, 12, 12, 4)
     );
     assert_eq!((p.intermediate_size, p.vocab_size), (2048, 32_000));
@@ -71,7 +91,12 @@ fn bench_preset_writes_the_124m_llama3_shape() {
 fn checkpoints_are_deterministic() {
     let (a, _) = write("demo");
     let (b, _) = write("demo");
-    for f in ["model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "config.json",
+        "tokenizer_config.json",
+    ] {
         assert_eq!(
             std::fs::read(a.path().join(f)).unwrap(),
             std::fs::read(b.path().join(f)).unwrap(),
@@ -92,7 +117,10 @@ fn demo_chat_template_renders_with_the_tokenizer_special_tokens() {
     )
     .unwrap();
     let text = t
-        .render(&serde_json::json!([{"role": "user", "content": "Hi"}]), true)
+        .render(
+            &serde_json::json!([{"role": "user", "content": "Hi"}]),
+            true,
+        )
         .unwrap();
     assert_eq!(
         text,
@@ -100,5 +128,9 @@ fn demo_chat_template_renders_with_the_tokenizer_special_tokens() {
     );
     let tok = m.tokenizer().unwrap();
     let ids = tok.encode(&text, false).unwrap();
-    assert_eq!(ids[0], tok.token_to_id(BOS).unwrap(), "special tokens are single ids");
+    assert_eq!(
+        ids[0],
+        tok.token_to_id(BOS).unwrap(),
+        "special tokens are single ids"
+    );
 }

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
         Some(("serve", m)) => serve(m),
         Some(("make-model", m)) => {
             llmapi_common::telemetry::init_logging("info", false);
-            let preset = m.get_one::<String>("preset").map(String::as_str).unwrap_or("demo");
+            let preset = m
+                .get_one::<String>("preset")
+                .map(String::as_str)
+                .unwrap_or("demo");
             let out = PathBuf::from(m.get_one::<String>("out").cloned().unwrap_or_default());
             make_model(preset, &out, m.get_flag("force"))
         }

@@ -10,7 +10,10 @@ use llmapi_common::checkpoint::{PRESET_NAMES, Preset, write_checkpoint};
 /// Writes preset `name` into `out`, with a progress bar on a terminal.
 pub fn make_model(name: &str, out: &Path, force: bool) -> anyhow::Result<()> {
     let Some(preset) = Preset::by_name(name) else {
-        bail!("unknown preset '{name}'; choose one of: {}", PRESET_NAMES.join(", "));
+        bail!(
+            "unknown preset '{name}'; choose one of: {}",
+            PRESET_NAMES.join(", ")
+        );
     };
     if out.join("config.json").exists() && !force {
         bail!(
@@ -24,7 +27,11 @@ pub fn make_model(name: &str, out: &Path, force: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    bar.set_message(format!("writing {} ({} parameters)", preset.name, preset.parameters()));
+    bar.set_message(format!(
+        "writing {} ({} parameters)",
+        preset.name,
+        preset.parameters()
+    ));
     write_checkpoint(&preset, out, &mut |done, _| bar.set_position(done))
         .with_context(|| format!("writing the {name} checkpoint to {}", out.display()))?;
     bar.finish_and_clear();
@@ -42,7 +49,9 @@ pub fn demo_model_dir() -> anyhow::Result<PathBuf> {
     } else if let Some(home) = std::env::var_os("HOME") {
         PathBuf::from(home).join(".cache").join("llmapi")
     } else {
-        bail!("cannot place the demo model: set LLMAPI_CACHE_DIR, XDG_CACHE_HOME or HOME, or pass a MODEL directory");
+        bail!(
+            "cannot place the demo model: set LLMAPI_CACHE_DIR, XDG_CACHE_HOME or HOME, or pass a MODEL directory"
+        );
     };
     Ok(base.join("models").join("demo-v1"))
 }
@@ -55,8 +64,7 @@ pub fn ensure_demo_model() -> anyhow::Result<PathBuf> {
         return Ok(dir);
     }
     let parent = dir.parent().context("demo model directory has no parent")?;
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("creating {}", parent.display()))?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = parent.join(format!(".demo-v1.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     make_model("demo", &tmp, true)?;
@@ -66,7 +74,9 @@ pub fn ensure_demo_model() -> anyhow::Result<PathBuf> {
         Err(_) if dir.join("model.safetensors").is_file() => {
             let _ = std::fs::remove_dir_all(&tmp);
         }
-        Err(e) => return Err(e).with_context(|| format!("moving the demo model to {}", dir.display())),
+        Err(e) => {
+            return Err(e).with_context(|| format!("moving the demo model to {}", dir.display()));
+        }
     }
     tracing::info!(path = %dir.display(), "wrote the built-in demo model");
     Ok(dir)

@@ -1,5 +1,7 @@
 //! The llmapi-launch command line, run as a real process.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -25,15 +27,30 @@ fn serve_help_lists_every_flag() {
     assert!(out.status.success());
     let help = text(&out.stdout);
     for f in CLI_FLAGS {
-        assert!(help.contains(&format!("--{}", f.name)), "--{} missing from help", f.name);
+        assert!(
+            help.contains(&format!("--{}", f.name)),
+            "--{} missing from help",
+            f.name
+        );
         for a in f.aliases {
-            assert!(help.contains(&format!("--{a}")), "alias --{a} missing from help");
+            assert!(
+                help.contains(&format!("--{a}")),
+                "alias --{a} missing from help"
+            );
         }
     }
-    for extra in ["--extra_llm_api_options", "--config", "--set", "--print_config"] {
+    for extra in [
+        "--extra_llm_api_options",
+        "--config",
+        "--set",
+        "--print_config",
+    ] {
         assert!(help.contains(extra), "{extra} missing from help");
     }
-    assert!(help.contains("never executes code"), "trust_remote_code is explained");
+    assert!(
+        help.contains("never executes code"),
+        "trust_remote_code is explained"
+    );
 }
 
 #[test]
@@ -41,7 +58,13 @@ fn tutorial_start_line_prints_the_merged_configuration() {
     let d = tempfile::tempdir().unwrap();
     let model = d.path().join("m");
     let out = launch(
-        &["make-model", "--preset", "demo", "--out", model.to_str().unwrap()],
+        &[
+            "make-model",
+            "--preset",
+            "demo",
+            "--out",
+            model.to_str().unwrap(),
+        ],
         d.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -91,7 +114,10 @@ fn serve_without_model_writes_and_uses_the_demo_model_once() {
 
     let second = launch(&["serve", "--print_config"], d.path());
     assert!(second.status.success());
-    assert!(!text(&second.stderr).contains("wrote the built-in demo model"), "written once");
+    assert!(
+        !text(&second.stderr).contains("wrote the built-in demo model"),
+        "written once"
+    );
 }
 
 #[test]
@@ -108,7 +134,13 @@ fn hub_id_model_gets_a_clear_error() {
 fn make_model_refuses_to_overwrite_without_force() {
     let d = tempfile::tempdir().unwrap();
     let out_dir = d.path().join("m");
-    let args = ["make-model", "--preset", "demo", "--out", out_dir.to_str().unwrap()];
+    let args = [
+        "make-model",
+        "--preset",
+        "demo",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
     assert!(launch(&args, d.path()).status.success());
     let again = launch(&args, d.path());
     assert!(!again.status.success());
@@ -124,6 +156,9 @@ fn bad_config_exits_with_the_reason_not_a_panic() {
     let out = launch(&["serve", "--set", "kv_cache_config.dtpye=fp8"], d.path());
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("did you mean 'kv_cache_config.dtype'"), "{err}");
+    assert!(
+        err.contains("did you mean 'kv_cache_config.dtype'"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }

@@ -55,6 +55,7 @@ const fn flag(
 use FlagKind::{Float, Int, Switch, Text};
 
 /// Every `serve` flag that sets a configuration key, in `--help` order.
+#[rustfmt::skip]
 pub const CLI_FLAGS: &[CliFlag] = &[
     flag("tokenizer", &[], "tokenizer", Text, "Tokenizer directory or tokenizer.json (default: the model directory)"),
     flag("host", &[], "host", Text, "Address the HTTP server binds"),

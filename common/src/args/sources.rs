@@ -102,7 +102,10 @@ pub fn resolve(matches: &ArgMatches) -> Result<Resolved, ArgsError> {
         let value = if f.kind == FlagKind::Switch {
             Value::Bool(matches.get_flag(f.name))
         } else {
-            let raw = matches.get_one::<String>(f.name).cloned().unwrap_or_default();
+            let raw = matches
+                .get_one::<String>(f.name)
+                .cloned()
+                .unwrap_or_default();
             parse_flag_value(f.name, f.kind, &raw)?
         };
         from_cli.insert(f.key, format!("--{} {}", f.name, display(&value)));
@@ -124,15 +127,18 @@ pub fn resolve(matches: &ArgMatches) -> Result<Resolved, ArgsError> {
         })?;
         let mut doc = Value::Object(Map::new());
         set(&mut doc, key.trim(), value);
-        apply_source(&mut tree, &schema, doc, &format!("--set {item}"), &from_cli, &mut notices)?;
+        apply_source(
+            &mut tree,
+            &schema,
+            doc,
+            &format!("--set {item}"),
+            &from_cli,
+            &mut notices,
+        )?;
     }
 
     let mut args: LlmArgs = serde_path_to_error::deserialize(tree).map_err(|e| {
-        ArgsError::Invalid(format!(
-            "configuration key {}: {}",
-            e.path(),
-            e.inner()
-        ))
+        ArgsError::Invalid(format!("configuration key {}: {}", e.path(), e.inner()))
     })?;
     validate::check(&mut args, &mut notices)?;
     Ok(Resolved {
@@ -294,8 +300,19 @@ fn check_keys(
 }
 
 /// The closest valid key: a similar sibling, else a key of that name in another section.
-fn closest_key(k: &str, prefix: &str, siblings: &Map<String, Value>, root: &Value) -> Option<String> {
-    let join = |p: &str, s: &str| if p.is_empty() { s.to_owned() } else { format!("{p}.{s}") };
+fn closest_key(
+    k: &str,
+    prefix: &str,
+    siblings: &Map<String, Value>,
+    root: &Value,
+) -> Option<String> {
+    let join = |p: &str, s: &str| {
+        if p.is_empty() {
+            s.to_owned()
+        } else {
+            format!("{p}.{s}")
+        }
+    };
     let best = siblings
         .keys()
         .map(|s| (strsim::normalized_damerau_levenshtein(k, s), s))

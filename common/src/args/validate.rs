@@ -7,9 +7,15 @@ use super::{Backend, CapacitySchedulerPolicy, ContextChunkingPolicy, LlmArgs};
 
 /// `pytorch_backend_config.*` keys of older TensorRT-LLM releases and where they live now.
 const PYTORCH_BACKEND_MAP: &[(&str, &str)] = &[
-    ("cuda_graph_padding_enabled", "cuda_graph_config.enable_padding"),
+    (
+        "cuda_graph_padding_enabled",
+        "cuda_graph_config.enable_padding",
+    ),
     ("cuda_graph_batch_sizes", "cuda_graph_config.batch_sizes"),
-    ("cuda_graph_max_batch_size", "cuda_graph_config.max_batch_size"),
+    (
+        "cuda_graph_max_batch_size",
+        "cuda_graph_config.max_batch_size",
+    ),
     ("kv_cache_dtype", "kv_cache_config.dtype"),
     ("attn_backend", "attn_backend"),
     ("attention_backend", "attn_backend"),
@@ -116,7 +122,10 @@ pub(crate) fn normalize_legacy(
 /// two from 256 below the maximum; capped at the maximum, which is always included.
 pub fn cuda_graph_batch_sizes(max_batch_size: u32, enable_padding: bool) -> Vec<u32> {
     let mut sizes: Vec<u32> = if enable_padding {
-        [1, 2, 4].into_iter().chain((1..=16).map(|i| i * 8)).collect()
+        [1, 2, 4]
+            .into_iter()
+            .chain((1..=16).map(|i| i * 8))
+            .collect()
     } else {
         (1..32).chain([32, 64, 128]).collect()
     };
@@ -146,7 +155,13 @@ const LOG_LEVELS: &[&str] = &[
 const MOE_BACKENDS: &[&str] = &[
     "auto", "CUTLASS", "TRTLLM", "DEEPGEMM", "CUTEDSL", "WIDEEP", "TRITON", "VANILLA",
 ];
-const ATTN_BACKENDS: &[&str] = &["auto", "TRTLLM", "FLASHINFER", "FLASHINFER_STAR_ATTENTION", "VANILLA"];
+const ATTN_BACKENDS: &[&str] = &[
+    "auto",
+    "TRTLLM",
+    "FLASHINFER",
+    "FLASHINFER_STAR_ATTENTION",
+    "VANILLA",
+];
 
 /// Checks a merged configuration; fills derived values; records fallbacks as warnings.
 pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), ArgsError> {
@@ -181,7 +196,10 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
         ("--max_num_tokens", a.max_num_tokens),
         ("--tp_size", a.tensor_parallel_size),
         ("stream_interval", a.stream_interval),
-        ("kv_cache_config.tokens_per_block", a.kv_cache_config.tokens_per_block),
+        (
+            "kv_cache_config.tokens_per_block",
+            a.kv_cache_config.tokens_per_block,
+        ),
     ] {
         if v == 0 {
             return invalid(format!("{name} must be greater than 0"));
@@ -204,7 +222,7 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
     }
     if let Some(ep) = a.moe_expert_parallel_size {
         let tp = a.tensor_parallel_size;
-        if ep == 0 || tp % ep != 0 {
+        if ep == 0 || !tp.is_multiple_of(ep) {
             return invalid(format!(
                 "--ep_size {ep} must divide --tp_size {tp} (each expert's FFN is split over tp_size / ep_size ranks)"
             ));

@@ -3,8 +3,8 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
@@ -70,8 +70,8 @@ pub fn train(vocab_size: usize) -> Result<Tokenizer, String> {
 /// frequent "words" and syllables become merges as real words do.
 fn pseudo_text(bytes: usize, seed: u64) -> Vec<String> {
     const ONSETS: &[&str] = &[
-        "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-        "ch", "sh", "th", "st", "tr", "pl", "br", "",
+        "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "ch",
+        "sh", "th", "st", "tr", "pl", "br", "",
     ];
     const VOWELS: &[&str] = &["a", "e", "i", "o", "u", "ai", "ou", "ea", "io"];
     const CODAS: &[&str] = &["", "", "n", "r", "s", "l", "t", "nd", "st"];
@@ -121,7 +121,11 @@ fn pseudo_text(bytes: usize, seed: u64) -> Vec<String> {
                 line.push(',');
             }
         }
-        line.push(if rng.random_range(0..5) == 0 { '?' } else { '.' });
+        line.push(if rng.random_range(0..5) == 0 {
+            '?'
+        } else {
+            '.'
+        });
         produced += line.len();
         out.push(line);
     }
