@@ -1,0 +1,323 @@
+//! Benchmark prompts: random token ids, ShareGPT conversations, custom JSON lines.
+//!
+//! Sampling follows benchmark_dataset.py: random prompts are `prefix + (offset + i + k) % vocab`
+//! with lengths drawn from `[len * (1 - r), len * (1 + r)]`; ShareGPT keeps the first two turns
+//! and prunes too short or too long pairs; custom lines give a user message and max_tokens. The
+//! random generator is ChaCha8 seeded with --seed, so runs repeat exactly but do not reproduce
+//! the Python script's torch/numpy draws.
+
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+
+use crate::args::{BenchArgs, DatasetName};
+use crate::tokenizer::TokenCodec;
+
+/// A prompt as sent: text, or token ids with --tokenize-on-client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// Prompt text.
+    Text(String),
+    /// Prompt token ids.
+    Ids(Vec<u32>),
+}
+
+/// One request to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleRequest {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Prompt length in tokens.
+    pub prompt_len: u64,
+    /// max_tokens to ask for.
+    pub expected_output_len: u32,
+}
+
+/// A dataset that cannot be read or sampled.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// The file is missing or unreadable.
+    #[error("cannot read dataset '{path}': {source}; check --dataset-path")]
+    Read {
+        /// The path given.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file's content is not what the dataset expects.
+    #[error("dataset '{path}' is malformed: {detail}")]
+    Malformed {
+        /// The path given.
+        path: String,
+        /// What is wrong and where.
+        detail: String,
+    },
+    /// A flag combination the dataset cannot serve.
+    #[error("{0}")]
+    Usage(String),
+    /// The tokenizer failed on a prompt.
+    #[error("tokenizer failed: {0}")]
+    Tokenizer(String),
+}
+
+/// Samples `args.num_prompts` requests from the dataset the flags name.
+pub fn sample(
+    args: &BenchArgs,
+    codec: &dyn TokenCodec,
+) -> Result<Vec<SampleRequest>, DatasetError> {
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    match args.dataset_name {
+        DatasetName::Random => sample_random(args, codec, &mut rng),
+        DatasetName::Sharegpt => {
+            let path = args.dataset_path.as_deref().ok_or_else(|| {
+                DatasetError::Usage(
+                    "--dataset-name sharegpt needs --dataset-path FILE.json (nothing is \
+                     downloaded); or use --dataset-name random"
+                        .into(),
+                )
+            })?;
+            let pairs = load_sharegpt(path)?;
+            sample_sharegpt(pairs, args, codec, &mut rng)
+        }
+        DatasetName::Custom => {
+            let path = args.dataset_path.as_deref().ok_or_else(|| {
+                DatasetError::Usage("--dataset-name custom needs --dataset-path FILE.jsonl".into())
+            })?;
+            sample_custom(path, args.num_prompts, codec, &mut rng)
+        }
+    }
+}
+
+fn length_range(len: u32, ratio: f64) -> (u32, u32) {
+    (
+        (len as f64 * (1.0 - ratio)) as u32,
+        (len as f64 * (1.0 + ratio)) as u32,
+    )
+}
+
+fn finish_prompt(
+    ids: Vec<u32>,
+    args: &BenchArgs,
+    codec: &dyn TokenCodec,
+) -> Result<Prompt, DatasetError> {
+    if args.tokenize_on_client {
+        Ok(Prompt::Ids(ids))
+    } else {
+        codec
+            .decode(&ids)
+            .map(Prompt::Text)
+            .map_err(DatasetError::Tokenizer)
+    }
+}
+
+fn sample_random(
+    args: &BenchArgs,
+    codec: &dyn TokenCodec,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<SampleRequest>, DatasetError> {
+    let vocab = codec.vocab_size() as u64;
+    if vocab == 0 {
+        return Err(DatasetError::Usage(
+            "the tokenizer has an empty vocabulary".into(),
+        ));
+    }
+    let n = args.num_prompts;
+    let prefix: Vec<u32> = (0..args.random_prefix_len)
+        .map(|_| rng.random_range(0..vocab) as u32)
+        .collect();
+    let (in_lo, in_hi) = length_range(args.random_input_len, args.random_range_ratio);
+    let (out_lo, out_hi) = length_range(args.random_output_len, args.random_range_ratio);
+    let input_lens: Vec<u32> = (0..n).map(|_| rng.random_range(in_lo..=in_hi)).collect();
+    let output_lens: Vec<u32> = (0..n).map(|_| rng.random_range(out_lo..=out_hi)).collect();
+    let offsets: Vec<u64> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+
+    // With a dataset file and no --random-ids, real text is cut to length, as the original does.
+    let texts = match (&args.dataset_path, args.random_ids) {
+        (Some(path), false) => Some(load_sharegpt(path)?),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let len = input_lens[i] as usize;
+        let body: Vec<u32> = match &texts {
+            None => (0..len as u64)
+                .map(|k| ((offsets[i] + i as u64 + k) % vocab) as u32)
+                .collect(),
+            Some(pairs) => text_ids_of_len(&pairs[i % pairs.len()].0, len, codec)?,
+        };
+        let ids: Vec<u32> = prefix.iter().copied().chain(body).collect();
+        out.push(SampleRequest {
+            prompt: finish_prompt(ids, args, codec)?,
+            prompt_len: (args.random_prefix_len + input_lens[i]) as u64,
+            expected_output_len: output_lens[i],
+        });
+    }
+    Ok(out)
+}
+
+/// Token ids of `text` repeated until at least `len` tokens, cut to `len`.
+fn text_ids_of_len(
+    text: &str,
+    len: usize,
+    codec: &dyn TokenCodec,
+) -> Result<Vec<u32>, DatasetError> {
+    let mut ids = codec.encode(text, false).map_err(DatasetError::Tokenizer)?;
+    if ids.is_empty() {
+        ids.push(0);
+    }
+    let base = ids.clone();
+    while ids.len() < len {
+        ids.extend_from_slice(&base);
+    }
+    ids.truncate(len);
+    Ok(ids)
+}
+
+/// (prompt, completion) pairs: the first two turns of every conversation with at least two.
+fn load_sharegpt(path: &str) -> Result<Vec<(String, String)>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let malformed = |detail: String| DatasetError::Malformed {
+        path: path.into(),
+        detail,
+    };
+    let data: Value = serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+    let Value::Array(entries) = data else {
+        return Err(malformed("expected a JSON array of conversations".into()));
+    };
+    let turn = |t: &Value| t.get("value").and_then(Value::as_str).map(str::to_string);
+    let pairs: Vec<(String, String)> = entries
+        .iter()
+        .filter_map(|e| {
+            let conv = e.get("conversations").or_else(|| e.get("conversation"))?;
+            let conv = conv.as_array()?;
+            Some((turn(conv.first()?)?, turn(conv.get(1)?)?))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return Err(malformed(
+            "no conversation with two turns ({\"conversations\": [{\"value\": ..}, ..]})".into(),
+        ));
+    }
+    Ok(pairs)
+}
+
+fn sample_sharegpt(
+    mut pairs: Vec<(String, String)>,
+    args: &BenchArgs,
+    codec: &dyn TokenCodec,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<SampleRequest>, DatasetError> {
+    pairs.shuffle(rng);
+    let mut out = Vec::with_capacity(args.num_prompts);
+    for (prompt, completion) in pairs {
+        if out.len() == args.num_prompts {
+            break;
+        }
+        let prompt_ids = codec
+            .encode(&prompt, true)
+            .map_err(DatasetError::Tokenizer)?;
+        let output_len = match args.sharegpt_output_len {
+            Some(n) => n as usize,
+            None => codec
+                .encode(&completion, true)
+                .map_err(DatasetError::Tokenizer)?
+                .len(),
+        };
+        let (p, o) = (prompt_ids.len(), output_len);
+        // The original's pruning: at least 4 tokens each, prompt <= 1024, total <= 2048.
+        let too_short = p < 4 || (args.sharegpt_output_len.is_none() && o < 4);
+        if too_short || p > 1024 || p + o > 2048 {
+            continue;
+        }
+        let prompt = if args.tokenize_on_client {
+            Prompt::Ids(prompt_ids)
+        } else {
+            Prompt::Text(prompt)
+        };
+        out.push(SampleRequest {
+            prompt,
+            prompt_len: p as u64,
+            expected_output_len: o as u32,
+        });
+    }
+    if out.is_empty() {
+        return Err(DatasetError::Usage(
+            "no ShareGPT conversation passed the length filter (prompt 4..=1024 tokens, \
+             prompt + output <= 2048)"
+                .into(),
+        ));
+    }
+    // Too few valid conversations: repeat random ones, as the original's oversampling does.
+    while out.len() < args.num_prompts {
+        let pick = out[rng.random_range(0..out.len())].clone();
+        out.push(pick);
+    }
+    Ok(out)
+}
+
+fn sample_custom(
+    path: &str,
+    num_prompts: usize,
+    codec: &dyn TokenCodec,
+    rng: &mut ChaCha8Rng,
+) -> Result<Vec<SampleRequest>, DatasetError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DatasetError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let mut entries = Vec::new();
+    for (lineno, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let malformed = |detail: &str| DatasetError::Malformed {
+            path: path.into(),
+            detail: format!("line {}: {detail}", lineno + 1),
+        };
+        let v: Value = serde_json::from_str(line).map_err(|e| malformed(&e.to_string()))?;
+        let input = v
+            .get("input")
+            .ok_or_else(|| malformed("no \"input\" object"))?;
+        let messages = input
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or_else(|| malformed("no \"input.messages\" array"))?;
+        let content = messages
+            .iter()
+            .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+            .and_then(|m| m.get("content").and_then(Value::as_str))
+            .ok_or_else(|| malformed("no user message with string content"))?;
+        let max_tokens = input
+            .get("max_tokens")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| malformed("no integer \"input.max_tokens\""))?;
+        entries.push((content.to_string(), max_tokens as u32));
+    }
+    if entries.is_empty() {
+        return Err(DatasetError::Malformed {
+            path: path.into(),
+            detail: "no requests in the file".into(),
+        });
+    }
+    entries.shuffle(rng);
+    entries.truncate(num_prompts);
+    entries
+        .into_iter()
+        .map(|(prompt, max_tokens)| {
+            let len = codec
+                .encode(&prompt, true)
+                .map_err(DatasetError::Tokenizer)?
+                .len();
+            Ok(SampleRequest {
+                prompt: Prompt::Text(prompt),
+                prompt_len: len as u64,
+                expected_output_len: max_tokens,
+            })
+        })
+        .collect()
+}
