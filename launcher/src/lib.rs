@@ -1,7 +1,9 @@
 //! llmapi-launch: starts serving processes.
 //!
 //! Resolves the configuration (`llmapi_common::args`), finds the model (or writes the built-in
-//! demo model), and runs the serve command; writes built-in checkpoints. Not for: HTTP
-//! handling (the router's) or tensors (the worker's).
+//! demo model), reads where this process sits in a Slurm or MPI job (`placement`), and runs
+//! the serve command; writes built-in checkpoints. Not for: HTTP handling (the router's) or
+//! tensors (the worker's).
 
 pub mod make_model;
+pub mod placement;
