@@ -51,6 +51,8 @@ const SIZE: (u32, u32) = (960, 600);
 struct Series {
     label: String,
     points: Vec<(f64, f64)>,
+    /// Text drawn beside each point (e.g. its concurrency); empty for none.
+    notes: Vec<String>,
 }
 
 struct Chart<'a> {
@@ -87,7 +89,23 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> R
     macro_rules! draw_series {
         ($ctx:expr) => {{
             let mut ctx = $ctx;
+            let y_fmt = |v: &f64| {
+                if y1 >= 10.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                }
+            };
+            let x_fmt = |v: &f64| {
+                if chart.log_x || x1 - x0 >= 10.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.2}")
+                }
+            };
             ctx.configure_mesh()
+                .x_label_formatter(&x_fmt)
+                .y_label_formatter(&y_fmt)
                 .x_desc(chart.x_label)
                 .y_desc(chart.y_label)
                 .label_style(("sans-serif", 16))
@@ -110,6 +128,10 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> R
                         .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
                 )
                 .map_err(|e| e.to_string())?;
+                ctx.draw_series(s.notes.iter().zip(&s.points).map(|(note, &(x, y))| {
+                    Text::new(note.clone(), (x, y), ("sans-serif", 15).into_font())
+                }))
+                .map_err(|e| e.to_string())?;
             }
             ctx.configure_series_labels()
                 .background_style(WHITE.mix(0.8))
@@ -120,9 +142,20 @@ fn draw_on<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> R
         }};
     }
     if chart.log_x && x0 > 0.0 {
+        // Ticks at the measured concurrency levels, not at log-scale defaults like 9, 10.
+        let mut ticks: Vec<f64> = chart
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .collect();
+        ticks.sort_by(f64::total_cmp);
+        ticks.dedup();
         draw_series!(
             builder
-                .build_cartesian_2d((x0 / 1.3..x1 * 1.3).log_scale(), 0.0..y1)
+                .build_cartesian_2d(
+                    (x0 / 1.3..x1 * 1.3).log_scale().with_key_points(ticks),
+                    0.0..y1
+                )
                 .map_err(|e| e.to_string())?
         );
     } else {
@@ -164,6 +197,7 @@ pub fn draw_sweep(dir: &Path, points: &[PlotPoint]) -> Result<Vec<PathBuf>, Plot
                 .iter()
                 .map(|p| (p.concurrency, p.output_throughput))
                 .collect(),
+            notes: Vec::new(),
         }],
     };
     files.extend(draw_both(dir, "throughput_vs_concurrency", &throughput)?);
@@ -177,6 +211,10 @@ pub fn draw_sweep(dir: &Path, points: &[PlotPoint]) -> Result<Vec<PathBuf>, Plot
             points: points
                 .iter()
                 .map(|p| (p.output_throughput, p.mean_tpot_ms))
+                .collect(),
+            notes: points
+                .iter()
+                .map(|p| format!("  c={}", p.concurrency))
                 .collect(),
         }],
     };
@@ -199,6 +237,7 @@ pub fn draw_sweep(dir: &Path, points: &[PlotPoint]) -> Result<Vec<PathBuf>, Plot
                     .iter()
                     .filter_map(|p| p.ttft_ms.get(i).map(|(_, v)| (p.concurrency, *v)))
                     .collect(),
+                notes: Vec::new(),
             })
             .collect(),
     };

@@ -129,7 +129,13 @@ pub fn summary_csv(points: &[(usize, OrderedJson)]) -> String {
     let mut out = format!("concurrency,num_prompts,{}\n", cols.join(","));
     for (c, r) in points {
         let prompts = r.get("num_prompts").and_then(Value::as_u64).unwrap_or(0);
-        let values: Vec<String> = cols.iter().map(|k| format!("{:.4}", num(r, k))).collect();
+        let values: Vec<String> = cols
+            .iter()
+            .map(|k| match r.get(k) {
+                Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+                _ => format!("{:.4}", num(r, k)),
+            })
+            .collect();
         out.push_str(&format!("{c},{prompts},{}\n", values.join(",")));
     }
     out
@@ -176,7 +182,12 @@ fn plot_point(c: usize, r: &OrderedJson) -> PlotPoint {
         ("median".to_string(), num(r, "median_ttft_ms")),
     ];
     for k in r.keys() {
-        if let Some(p) = k.strip_prefix('p').and_then(|k| k.strip_suffix("_ttft_ms")) {
+        // P50 is the median, already drawn.
+        if let Some(p) = k
+            .strip_prefix('p')
+            .and_then(|k| k.strip_suffix("_ttft_ms"))
+            .filter(|p| *p != "50")
+        {
             ttft.push((format!("p{p}"), num(r, k)));
         }
     }
