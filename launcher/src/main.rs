@@ -8,6 +8,7 @@ use clap::{Arg, ArgAction, Command};
 use llmapi_common::args::{NoticeLevel, resolve, serve_command};
 use llmapi_common::model_dir::ModelDir;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
+use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 
 fn cli() -> Command {
     Command::new("llmapi-launch")
@@ -16,6 +17,28 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(serve_command())
+        .subcommand(
+            Command::new("env")
+                .about(
+                    "Print where this process sits in a Slurm/MPI job and its group role, as JSON",
+                )
+                .arg(
+                    Arg::new("tp_size")
+                        .long("tp_size")
+                        .visible_alias("tensor_parallel_size")
+                        .value_parser(clap::value_parser!(usize))
+                        .default_value("1")
+                        .help("Ranks per model replica"),
+                )
+                .arg(
+                    Arg::new("rendezvous_port")
+                        .long("rendezvous_port")
+                        .value_parser(clap::value_parser!(u16))
+                        .help(format!(
+                            "Base port where each group meets its leader (group g uses base + g) [default: {DEFAULT_RENDEZVOUS_PORT}]"
+                        )),
+                ),
+        )
         .subcommand(
             Command::new("make-model")
                 .about("Write a built-in random-weight checkpoint in Hugging Face layout")
@@ -46,6 +69,7 @@ fn main() -> ExitCode {
     let matches = cli().get_matches();
     let result = match matches.subcommand() {
         Some(("serve", m)) => serve(m),
+        Some(("env", m)) => print_env(m),
         Some(("make-model", m)) => {
             llmapi_common::telemetry::init_logging("info", false);
             let preset = m
@@ -96,4 +120,15 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         "serving is not available in this build yet: the worker service and router are still being written; \
          `llmapi-launch serve ... --print_config` shows the effective configuration"
     )
+}
+
+fn print_env(m: &clap::ArgMatches) -> anyhow::Result<()> {
+    let placement = Placement::from_env(std::env::vars())?.unwrap_or_else(Placement::local);
+    let tp_size = m.get_one::<usize>("tp_size").copied().unwrap_or(1);
+    let port = m
+        .get_one::<u16>("rendezvous_port")
+        .copied()
+        .unwrap_or(DEFAULT_RENDEZVOUS_PORT);
+    println!("{}", describe(&placement, tp_size, port)?);
+    Ok(())
 }

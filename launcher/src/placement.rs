@@ -338,3 +338,57 @@ pub fn expand_tasks_per_node(text: &str) -> Result<Vec<usize>, String> {
     }
     Ok(out)
 }
+
+/// Port groups meet on when --rendezvous_port is not given: group g uses base + g.
+pub const DEFAULT_RENDEZVOUS_PORT: u16 = 29500;
+
+/// What `llmapi-launch env` prints for this process: its placement and role as one JSON
+/// object, for checking an sbatch script before serving.
+pub fn describe(
+    p: &Placement,
+    tp_size: usize,
+    rendezvous_base: u16,
+) -> Result<serde_json::Value, PlacementError> {
+    let role = p.role(tp_size)?;
+    let launcher = match p.launcher {
+        Launcher::Slurm => "slurm",
+        Launcher::Mpi => "mpi",
+        Launcher::Local => "local",
+    };
+    let port = role.rendezvous_port(rendezvous_base);
+    Ok(serde_json::json!({
+        "launcher": launcher,
+        "rank": p.rank,
+        "world_size": p.world_size,
+        "local_rank": p.local_rank,
+        "node": p.nodes.get(p.node_index),
+        "job_id": p.job_id,
+        "visible_gpus": p.visible_gpus,
+        "tp_size": tp_size,
+        "group": role.group,
+        "num_groups": role.num_groups,
+        "rank_in_group": role.rank_in_group,
+        "leader_rank": role.leader_rank,
+        "leader_node": role.leader_node,
+        "rendezvous": role.leader_node.as_ref().map(|n| format!("{n}:{port}")),
+    }))
+}
+
+impl Placement {
+    /// A single process started by hand: rank 0 of 1 on this host.
+    pub fn local() -> Self {
+        Self {
+            launcher: Launcher::Local,
+            rank: 0,
+            world_size: 1,
+            local_rank: 0,
+            node_index: 0,
+            nodes: vec!["localhost".into()],
+            tasks_per_node: vec![1],
+            job_id: None,
+            visible_gpus: std::env::var("CUDA_VISIBLE_DEVICES")
+                .ok()
+                .map(|g| g.split(',').map(str::to_owned).collect()),
+        }
+    }
+}
