@@ -1,1 +1,23 @@
-//! Placeholder until this crate is written.
+//! llmapi-router: the OpenAI-compatible HTTP front of an llmapi cluster.
+//!
+//! It validates OpenAI requests, tokenizes them (tokenizer.json and the chat template), picks a
+//! worker group by policy, relays token ids from the worker's gRPC stream back as text, one JSON
+//! body or SSE, and keeps workers healthy (checks, retries, circuit breakers). Not for: tensors
+//! or the engine (the router never links it), or process placement (the launcher's).
+
+pub mod args;
+pub mod codec;
+pub mod detok;
+pub mod error;
+pub mod generate;
+pub mod handlers;
+pub mod metrics;
+pub mod openai;
+pub mod policy;
+pub mod pool;
+pub mod respond;
+pub mod server;
+pub mod state;
+pub mod testing;
+
+pub use state::{AppState, RouterConfig};

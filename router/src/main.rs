@@ -1,1 +1,42 @@
-fn main() {}
+//! `llmapi-router`: the OpenAI router alone, in front of workers given by --worker_urls or
+//! registering through POST /workers.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use llmapi_router::args::RouterArgs;
+use llmapi_router::codec::HfCodec;
+use llmapi_router::pool::Pool;
+use llmapi_router::{AppState, server};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = RouterArgs::parse();
+    let config = args.config();
+    let codec = HfCodec::load(&args.model, args.chat_template.as_deref())?;
+    let pool = Arc::new(Pool::default());
+    for url in &args.worker_urls {
+        pool.add(url)
+            .with_context(|| format!("--worker_urls {url}"))?;
+    }
+    if args.worker_urls.is_empty() {
+        tracing::warn!("no --worker_urls given; waiting for workers to register at POST /workers");
+    }
+    pool.check_all(&config.health).await;
+    tokio::spawn(pool.clone().health_loop(config.health.clone()));
+    let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
+    tracing::info!(%addr, "llmapi-router listening");
+    server::serve(listener, state, server::shutdown_signal())
+        .await
+        .context("serving HTTP")
+}

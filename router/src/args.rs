@@ -1,0 +1,111 @@
+//! Command-line flags of the standalone `llmapi-router` (router-only settings; model and
+//! engine settings live in `LlmArgs`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::policy::{ImbalanceThresholds, RoutingPolicy};
+use crate::pool::HealthPolicy;
+use crate::state::RouterConfig;
+
+/// `llmapi-router MODEL --worker_urls URL,...`: an OpenAI router in front of worker groups.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "llmapi-router", version, about)]
+pub struct RouterArgs {
+    /// Model directory (for tokenizer.json and the chat template); also an accepted `model` name.
+    pub model: PathBuf,
+    /// Name served at /v1/models (default: the directory's last component).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Host to listen on.
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Worker group leaders' gRPC URLs, comma separated (more can register via POST /workers).
+    #[arg(long, value_delimiter = ',')]
+    pub worker_urls: Vec<String>,
+    /// How a worker is chosen per request.
+    #[arg(long, value_enum, default_value = "round_robin")]
+    pub routing_policy: RoutingPolicy,
+    /// kv_cache_aware: route by load once busiest minus idlest load exceeds this...
+    #[arg(long, default_value_t = 8)]
+    pub balance_abs_threshold: usize,
+    /// ...and busiest load exceeds this many times the idlest.
+    #[arg(long, default_value_t = 1.5)]
+    pub balance_rel_threshold: f64,
+    /// Require `Authorization: Bearer KEY` on /v1 routes.
+    #[arg(long, env = "LLMAPI_API_KEY")]
+    pub api_key: Option<String>,
+    /// Token that POST/DELETE /workers require; without it registration is off.
+    #[arg(long, env = "LLMAPI_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+    /// Jinja chat template (file or inline) overriding tokenizer_config.json's.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Largest accepted request body in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+    /// Requests in flight past which new ones get 429 (0: unlimited).
+    #[arg(long, default_value_t = 0)]
+    pub max_inflight_requests: usize,
+    /// Other workers tried when one fails before the first token.
+    #[arg(long, default_value_t = 2)]
+    pub max_retries: usize,
+    /// Milliseconds between health checks.
+    #[arg(long, default_value_t = 2000)]
+    pub health_check_interval_ms: u64,
+    /// Consecutive failed checks before a worker is ejected.
+    #[arg(long, default_value_t = 3)]
+    pub eject_after_failures: u32,
+    /// Consecutive good checks before an ejected worker returns.
+    #[arg(long, default_value_t = 2)]
+    pub readmit_after_successes: u32,
+    /// Consecutive failed requests that open a worker's circuit breaker.
+    #[arg(long, default_value_t = 3)]
+    pub breaker_failures: u32,
+    /// Seconds an open circuit breaker keeps a worker out.
+    #[arg(long, default_value_t = 10)]
+    pub breaker_cooldown_s: u64,
+    /// Seconds SIGTERM waits for in-flight requests.
+    #[arg(long, default_value_t = 30)]
+    pub drain_timeout_s: u64,
+}
+
+impl RouterArgs {
+    /// The router configuration these flags describe.
+    pub fn config(&self) -> RouterConfig {
+        let path = self.model.to_string_lossy().into_owned();
+        let last = self
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.clone());
+        RouterConfig {
+            served_model_name: self.served_model_name.clone().unwrap_or(last),
+            model_path: path,
+            routing_policy: self.routing_policy,
+            imbalance: ImbalanceThresholds {
+                abs: self.balance_abs_threshold,
+                rel: self.balance_rel_threshold,
+            },
+            api_key: self.api_key.clone(),
+            admin_token: self.admin_token.clone(),
+            max_body_bytes: self.max_body_bytes,
+            max_inflight_requests: self.max_inflight_requests,
+            max_retries: self.max_retries,
+            health: HealthPolicy {
+                interval: Duration::from_millis(self.health_check_interval_ms.max(10)),
+                eject_after: self.eject_after_failures.max(1),
+                readmit_after: self.readmit_after_successes.max(1),
+                breaker_failures: self.breaker_failures.max(1),
+                breaker_cooldown: Duration::from_secs(self.breaker_cooldown_s),
+                ..HealthPolicy::default()
+            },
+            drain_timeout: Duration::from_secs(self.drain_timeout_s),
+        }
+    }
+}

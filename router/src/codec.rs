@@ -1,0 +1,118 @@
+//! Text <-> token ids for the router: the model's tokenizer and chat template behind one trait,
+//! so the HTTP layer can be tested with a byte-level double.
+
+use std::path::Path;
+
+use llmapi_common::chat_template::ChatTemplate;
+use llmapi_common::tokenizer::Tokenizer;
+use serde::Serialize;
+
+/// One chat turn as the template sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTurn {
+    /// system, user, assistant or tool.
+    pub role: String,
+    /// The text content (parts of a multi-part message are joined).
+    pub content: String,
+}
+
+/// What the router needs from a tokenizer.
+pub trait TextCodec: Send + Sync + 'static {
+    /// Token ids of `text`; `add_special_tokens` adds BOS and the like.
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
+    /// Text of `ids` with special tokens skipped; broken UTF-8 shows as U+FFFD.
+    fn decode(&self, ids: &[u32]) -> String;
+    /// The prompt text for `turns`, ending with the assistant header.
+    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String>;
+}
+
+/// The real codec: a model's tokenizer.json and its chat template.
+pub struct HfCodec {
+    tokenizer: Tokenizer,
+    template: Result<ChatTemplate, String>,
+}
+
+impl HfCodec {
+    /// Loads the tokenizer of model directory `dir`; `chat_template` (a file or inline Jinja)
+    /// overrides the one in tokenizer_config.json.
+    pub fn load(dir: &Path, chat_template: Option<&str>) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let model = llmapi_common::model_dir::ModelDir::open(dir)
+            .with_context(|| format!("opening model directory {}", dir.display()))?;
+        let tokenizer = model
+            .tokenizer()
+            .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        let source = match chat_template {
+            Some(t) if Path::new(t).is_file() => Some(
+                std::fs::read_to_string(t).with_context(|| format!("reading chat template {t}"))?,
+            ),
+            Some(t) => Some(t.to_owned()),
+            None => model.tokenizer_config.chat_template.clone(),
+        };
+        let bos = tokenizer
+            .bos()
+            .map(|(t, _)| t.to_owned())
+            .unwrap_or_default();
+        let eos = tokenizer
+            .eos()
+            .map(|(t, _)| t.to_owned())
+            .unwrap_or_default();
+        let template = match source {
+            Some(s) => ChatTemplate::new(&s, &bos, &eos).map_err(|e| e.to_string()),
+            None => Err(llmapi_common::chat_template::ChatTemplateError::Missing.to_string()),
+        };
+        if let Err(e) = &template {
+            tracing::warn!(error = %e, "chat completions are unavailable");
+        }
+        Ok(Self {
+            tokenizer,
+            template,
+        })
+    }
+}
+
+impl TextCodec for HfCodec {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map_err(|e| e.to_string())
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
+        match &self.template {
+            Ok(t) => t.render(&turns, true).map_err(|e| e.to_string()),
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// Test double: every byte is one token (id = byte value), so multi-byte characters span
+/// tokens; the chat template is `role: content\n` per turn then `assistant:`.
+pub struct ByteCodec;
+
+impl TextCodec for ByteCodec {
+    fn encode(&self, text: &str, _add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        Ok(text.bytes().map(u32::from).collect())
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        let bytes: Vec<u8> = ids.iter().filter_map(|&i| u8::try_from(i).ok()).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
+        let mut s = String::new();
+        for t in turns {
+            s.push_str(&t.role);
+            s.push_str(": ");
+            s.push_str(&t.content);
+            s.push('\n');
+        }
+        s.push_str("assistant:");
+        Ok(s)
+    }
+}

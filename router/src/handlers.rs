@@ -1,0 +1,572 @@
+//! HTTP handlers: the OpenAI endpoints, health, models, version, metrics and worker
+//! registration.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use llmapi_common::block_hash::prefix_block_hashes;
+use llmapi_proto::v1::{GenerateRequest, HealthRequest, InfoResponse, StoppingParams};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::codec::ChatTurn;
+use crate::error::ApiError;
+use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
+use crate::openai::{ChatRequest, CompletionRequest, GenSettings, Prompt};
+use crate::respond::{ResponseMeta, Shape, collect, stream};
+use crate::state::AppState;
+
+type Shared = State<Arc<AppState>>;
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{nanos:016x}{n:06x}")
+}
+
+/// Parses a JSON body into `T`, mapping failures to OpenAI 400 / 413 errors.
+fn parse<T: DeserializeOwned>(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.config.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("could not read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "request body is not valid JSON"
+        } else {
+            "request body has a wrong or missing field"
+        };
+        ApiError::bad_request(format!("{what}: {e}"))
+    })
+}
+
+fn check_auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &state.config.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "missing or wrong API key; send Authorization: Bearer <the router's --api_key>",
+        ))
+    }
+}
+
+fn model_info(state: &AppState) -> Result<InfoResponse, ApiError> {
+    state.pool.model_info().ok_or_else(|| {
+        ApiError::unavailable("no worker has reported its model yet; try again shortly")
+    })
+}
+
+/// A prompt ready to send: its ids and, for echo, its text.
+struct PreparedPrompt {
+    ids: Vec<u32>,
+    text: Option<String>,
+}
+
+fn check_prompt(
+    info: &InfoResponse,
+    ids: &[u32],
+    max_tokens: Option<u32>,
+    default_max_tokens: Option<u32>,
+) -> Result<u32, ApiError> {
+    let max_seq_len = info.max_seq_len as usize;
+    if ids.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt is empty; send at least one token",
+        ));
+    }
+    if let Some(bad) = ids
+        .iter()
+        .find(|&&t| info.vocab_size > 0 && t >= info.vocab_size)
+    {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                info.vocab_size
+            ),
+        ));
+    }
+    if ids.len() >= max_seq_len {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "prompt has {} tokens but max_seq_len is {max_seq_len}; shorten it or raise --max_seq_len",
+                ids.len()
+            ),
+        ));
+    }
+    let room = (max_seq_len - ids.len()) as u32;
+    let max_tokens = match max_tokens.or(default_max_tokens) {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "max_tokens is 0; ask for at least 1",
+            ));
+        }
+        Some(m) if m > room => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "prompt has {} tokens and max_tokens is {m}, more than max_seq_len {max_seq_len}; lower max_tokens to at most {room}",
+                    ids.len()
+                ),
+            ));
+        }
+        Some(m) => m,
+        None => room,
+    };
+    Ok(max_tokens)
+}
+
+/// Spawns one task per choice; their events arrive on the returned receiver.
+#[allow(clippy::too_many_arguments)]
+fn spawn_choices(
+    state: &Arc<AppState>,
+    shape: Shape,
+    model: String,
+    prompts: Vec<PreparedPrompt>,
+    max_tokens: Vec<u32>,
+    settings: GenSettings,
+    logprobs: bool,
+    tokens_per_block: usize,
+) -> (ResponseMeta, mpsc::Receiver<ChoiceEvent>) {
+    let id = new_id(match shape {
+        Shape::Completion => "cmpl",
+        Shape::Chat => "chatcmpl",
+    });
+    let n = settings.n;
+    let choices = n * prompts.len() as u32;
+    let (tx, rx) = mpsc::channel(64);
+    for (p, (prompt, max)) in prompts.iter().zip(&max_tokens).enumerate() {
+        state.metrics.add_prompt_tokens(prompt.ids.len());
+        let hashes = Arc::new(prefix_block_hashes(&prompt.ids, tokens_per_block));
+        for k in 0..n {
+            let index = p as u32 * n + k;
+            let mut sampling = settings.sampling;
+            // Distinct seeds per choice keep n > 1 seeded choices from being identical.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(k)));
+            let stopping = StoppingParams {
+                max_tokens: *max,
+                ..settings.stopping.clone()
+            };
+            let job = ChoiceJob {
+                index,
+                request: GenerateRequest {
+                    request_id: format!("{id}-{index}"),
+                    prompt_token_ids: prompt.ids.clone(),
+                    sampling: Some(sampling),
+                    stopping: Some(stopping),
+                    traceparent: String::new(),
+                },
+                block_hashes: hashes.clone(),
+                stop: settings.stop.clone(),
+            };
+            tokio::spawn(run_choice(state.clone(), job, tx.clone()));
+        }
+    }
+    let meta = ResponseMeta {
+        id,
+        created: now_secs(),
+        model,
+        shape,
+        choices,
+        n,
+        prompt_lens: prompts.iter().map(|p| p.ids.len()).collect(),
+        echo: prompts.into_iter().map(|p| p.text).collect(),
+        logprobs,
+        include_usage: settings.include_usage,
+        codec: state.codec.clone(),
+    };
+    (meta, rx)
+}
+
+/// POST /v1/completions.
+pub async fn completions(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match completions_inner(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions_inner(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_auth(&state, &headers)?;
+    let req: CompletionRequest = parse(&state, body)?;
+    state.check_model(&req.common.model)?;
+    let settings = req.common.settings(req.logprobs)?;
+    let info = model_info(&state)?;
+    let echo = req.echo.unwrap_or(false);
+    let codec = state.codec.clone();
+    let encode = |t: &str| {
+        codec
+            .encode(t, true)
+            .map_err(|e| ApiError::invalid("prompt", format!("prompt could not be tokenized: {e}")))
+    };
+    let prompts: Vec<PreparedPrompt> = match req.prompt {
+        None => return Err(ApiError::invalid("prompt", "prompt is required")),
+        Some(Prompt::Text(t)) => vec![PreparedPrompt {
+            ids: encode(&t)?,
+            text: Some(t),
+        }],
+        Some(Prompt::Texts(ts)) => ts
+            .into_iter()
+            .map(|t| {
+                Ok(PreparedPrompt {
+                    ids: encode(&t)?,
+                    text: Some(t),
+                })
+            })
+            .collect::<Result<_, ApiError>>()?,
+        Some(Prompt::Ids(ids)) => vec![PreparedPrompt { ids, text: None }],
+        Some(Prompt::IdLists(lists)) => lists
+            .into_iter()
+            .map(|ids| PreparedPrompt { ids, text: None })
+            .collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt is an empty list; send at least one prompt",
+        ));
+    }
+    let mut max_tokens = Vec::with_capacity(prompts.len());
+    for p in &prompts {
+        max_tokens.push(check_prompt(&info, &p.ids, req.max_tokens, Some(16))?);
+    }
+    let prompts = prompts
+        .into_iter()
+        .map(|p| PreparedPrompt {
+            text: if echo {
+                Some(p.text.unwrap_or_else(|| codec.decode(&p.ids)))
+            } else {
+                None
+            },
+            ids: p.ids,
+        })
+        .collect();
+    finish(
+        state,
+        Shape::Completion,
+        req.common.model,
+        prompts,
+        max_tokens,
+        settings,
+        req.logprobs.is_some(),
+    )
+    .await
+}
+
+/// POST /v1/chat/completions.
+pub async fn chat_completions(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match chat_inner(state, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    check_auth(&state, &headers)?;
+    let req: ChatRequest = parse(&state, body)?;
+    state.check_model(&req.common.model)?;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    if req.top_logprobs.is_some() && !want_logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    let settings = req
+        .common
+        .settings(want_logprobs.then(|| req.top_logprobs.unwrap_or(0)))?;
+    let info = model_info(&state)?;
+    let messages = req.messages.unwrap_or_default();
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "messages is empty; send at least one message",
+        ));
+    }
+    let turns = messages
+        .iter()
+        .map(|m| {
+            Ok(ChatTurn {
+                role: m.role.clone(),
+                content: m.text()?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let text = state
+        .codec
+        .render_chat(&turns)
+        .map_err(|e| ApiError::invalid("messages", e))?;
+    let ids = state.codec.encode(&text, false).map_err(|e| {
+        ApiError::invalid("messages", format!("messages could not be tokenized: {e}"))
+    })?;
+    let max = check_prompt(
+        &info,
+        &ids,
+        req.max_completion_tokens.or(req.max_tokens),
+        None,
+    )?;
+    let prompts = vec![PreparedPrompt { ids, text: None }];
+    finish(
+        state,
+        Shape::Chat,
+        req.common.model,
+        prompts,
+        vec![max],
+        settings,
+        want_logprobs,
+    )
+    .await
+}
+
+/// Admits the request, runs its choices and answers as a stream or one body.
+async fn finish(
+    state: Arc<AppState>,
+    shape: Shape,
+    model: String,
+    prompts: Vec<PreparedPrompt>,
+    max_tokens: Vec<u32>,
+    settings: GenSettings,
+    logprobs: bool,
+) -> Result<Response, ApiError> {
+    let admit = state.admit()?;
+    let tokens_per_block = model_info(&state)?.tokens_per_block as usize;
+    let streaming = settings.stream;
+    let (meta, rx) = spawn_choices(
+        &state,
+        shape,
+        model,
+        prompts,
+        max_tokens,
+        settings,
+        logprobs,
+        tokens_per_block,
+    );
+    if streaming {
+        Ok(stream(meta, rx, admit))
+    } else {
+        let response = collect(meta, rx).await;
+        drop(admit);
+        Ok(response)
+    }
+}
+
+/// GET /v1/models.
+pub async fn models(State(state): Shared, headers: HeaderMap) -> Response {
+    if let Err(e) = check_auth(&state, &headers) {
+        return e.into_response();
+    }
+    let max_model_len = state.pool.model_info().map(|i| i.max_seq_len);
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.config.served_model_name,
+            "object": "model",
+            "created": now_secs(),
+            "owned_by": "llmapi",
+            "root": state.config.model_path,
+            "max_model_len": max_model_len,
+        }],
+    }))
+    .into_response()
+}
+
+/// GET /health: 200 when at least one worker is routable.
+pub async fn health(State(state): Shared) -> Response {
+    if state.pool.routable().is_empty() {
+        ApiError::unavailable("no healthy worker").into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+/// GET /health_generate: a real one-token generation on a routable worker.
+pub async fn health_generate(State(state): Shared) -> Response {
+    let Some((worker, _)) = state.router.pick(&state.pool.routable(), &[]) else {
+        return ApiError::unavailable("no healthy worker").into_response();
+    };
+    match worker.client().health(HealthRequest { probe: true }).await {
+        Ok(r) if r.get_ref().healthy => StatusCode::OK.into_response(),
+        Ok(r) => ApiError::unavailable(format!(
+            "worker {} failed its generation probe: {}",
+            worker.url,
+            r.get_ref().message
+        ))
+        .into_response(),
+        Err(e) => ApiError::unavailable(format!(
+            "worker {} failed its generation probe: {}",
+            worker.url,
+            e.message()
+        ))
+        .into_response(),
+    }
+}
+
+/// GET /version.
+pub async fn version() -> Response {
+    Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
+}
+
+/// GET /metrics: Prometheus text.
+pub async fn metrics(State(state): Shared) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(&state.pool, state.inflight()),
+    )
+        .into_response()
+}
+
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.config.admin_token else {
+        return Err(ApiError::unauthorized(
+            "worker registration is disabled; start the router with --admin_token",
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(token.as_str()) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(
+            "missing or wrong admin token; send Authorization: Bearer <--admin_token>",
+        ))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WorkerBody {
+    url: String,
+}
+
+/// GET /workers: the pool and each worker's state.
+pub async fn list_workers(State(state): Shared) -> Response {
+    let workers: Vec<_> = state
+        .pool
+        .all()
+        .iter()
+        .map(|w| {
+            let load = w.load();
+            json!({
+                "url": w.url,
+                "healthy": w.is_healthy(),
+                "breaker_open": w.breaker_open(),
+                "inflight": w.inflight(),
+                "running": load.running,
+                "queued": load.queued,
+                "kv_blocks_used": load.kv_blocks_used,
+                "kv_blocks_free": load.kv_blocks_free,
+            })
+        })
+        .collect();
+    Json(json!({"workers": workers})).into_response()
+}
+
+/// POST /workers {"url"}: registers a worker (admin token required); checks it at once.
+pub async fn add_worker(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        check_admin(&state, &headers)?;
+        let body: WorkerBody = parse(&state, body)?;
+        let worker = state
+            .pool
+            .add(&body.url)
+            .map_err(|e| ApiError::invalid("url", e.to_string()))?;
+        worker.check(&state.config.health).await;
+        Ok::<_, ApiError>(Json(
+            json!({"url": worker.url, "healthy": worker.is_healthy()}),
+        ))
+    }
+    .await;
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// DELETE /workers {"url"}: removes a worker (admin token required).
+pub async fn remove_worker(
+    State(state): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = (|| {
+        check_admin(&state, &headers)?;
+        let body: WorkerBody = parse(&state, body)?;
+        if state.pool.remove(&body.url) {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::not_found(format!(
+                "no worker {:?} is registered",
+                body.url
+            )))
+        }
+    })();
+    match result {
+        Ok(r) => r.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Any other route: 404 in OpenAI's shape.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::not_found(format!(
+        "no route {}; see /v1/models, /v1/completions, /v1/chat/completions",
+        uri.path()
+    ))
+    .into_response()
+}

@@ -1,0 +1,121 @@
+//! Prometheus text for /metrics: request counts by route and status, tokens, retries and
+//! per-worker state.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pool::Pool;
+
+/// Router counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    prompt_tokens: AtomicU64,
+    generation_tokens: AtomicU64,
+    retries: AtomicU64,
+    worker_failures: AtomicU64,
+    rejected: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts one answered HTTP request.
+    pub fn record_request(&self, route: &str, status: u16) {
+        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((route.to_owned(), status)).or_default() += 1;
+    }
+
+    /// Counts prompt tokens sent to workers.
+    pub fn add_prompt_tokens(&self, n: usize) {
+        self.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts tokens received from workers.
+    pub fn add_generation_tokens(&self, n: usize) {
+        self.generation_tokens
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a retry on another worker.
+    pub fn inc_retries(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a worker failure seen by a request.
+    pub fn inc_worker_failures(&self) {
+        self.worker_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request refused by admission control.
+    pub fn inc_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, pool: &Pool, inflight: usize) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "# TYPE llmapi_router_requests_total counter");
+        for ((route, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "llmapi_router_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let counters = [
+            ("llmapi_router_prompt_tokens_total", &self.prompt_tokens),
+            (
+                "llmapi_router_generation_tokens_total",
+                &self.generation_tokens,
+            ),
+            ("llmapi_router_retries_total", &self.retries),
+            ("llmapi_router_worker_failures_total", &self.worker_failures),
+            ("llmapi_router_rejected_requests_total", &self.rejected),
+        ];
+        for (name, v) in counters {
+            let _ = writeln!(
+                s,
+                "# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# TYPE llmapi_router_inflight_requests gauge\nllmapi_router_inflight_requests {inflight}"
+        );
+        let _ = writeln!(s, "# TYPE llmapi_worker_healthy gauge");
+        let workers = pool.all();
+        for w in &workers {
+            let _ = writeln!(
+                s,
+                "llmapi_worker_healthy{{worker=\"{}\"}} {}",
+                w.url,
+                u8::from(w.routable())
+            );
+        }
+        let _ = writeln!(s, "# TYPE llmapi_worker_inflight_requests gauge");
+        for w in &workers {
+            let _ = writeln!(
+                s,
+                "llmapi_worker_inflight_requests{{worker=\"{}\"}} {}",
+                w.url,
+                w.inflight()
+            );
+        }
+        let _ = writeln!(s, "# TYPE llmapi_worker_kv_blocks_used gauge");
+        for w in &workers {
+            let _ = writeln!(
+                s,
+                "llmapi_worker_kv_blocks_used{{worker=\"{}\"}} {}",
+                w.url,
+                w.load().kv_blocks_used
+            );
+        }
+        s
+    }
+}

@@ -1,0 +1,294 @@
+//! OpenAI request bodies for /v1/completions and /v1/chat/completions, and their validation
+//! into the worker's sampling and stopping parameters.
+
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use llmapi_proto::v1::{SamplingParams, StoppingParams};
+
+/// `prompt`: a string, strings, token ids, or lists of token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One text prompt.
+    Text(String),
+    /// Several text prompts (one choice set each).
+    Texts(Vec<String>),
+    /// One pre-tokenized prompt.
+    Ids(Vec<u32>),
+    /// Several pre-tokenized prompts.
+    IdLists(Vec<Vec<u32>>),
+}
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Up to four stop strings.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with usage and no choices.
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// Fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonFields {
+    /// Served model name (or the model path, or its last component).
+    pub model: String,
+    /// Sampling temperature, 0..=2; 0 is greedy.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling, (0, 1].
+    pub top_p: Option<f32>,
+    /// Top-k; 0 or -1 disables.
+    pub top_k: Option<i64>,
+    /// Min-p, 0..=1.
+    pub min_p: Option<f32>,
+    /// Choices per prompt.
+    pub n: Option<u32>,
+    /// Stop strings.
+    pub stop: Option<Stop>,
+    /// Token ids that end generation.
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// Sampling seed.
+    pub seed: Option<i64>,
+    /// -2..=2.
+    pub presence_penalty: Option<f32>,
+    /// -2..=2.
+    pub frequency_penalty: Option<f32>,
+    /// > 0; 1 disables.
+    pub repetition_penalty: Option<f32>,
+    /// Keep generating past EOS.
+    pub ignore_eos: Option<bool>,
+    /// Tokens generated before EOS or stop ids may end the request.
+    pub min_tokens: Option<u32>,
+    /// Stream as server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// End-user id (logged only).
+    pub user: Option<String>,
+}
+
+/// POST /v1/completions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// Shared fields.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// The prompt(s).
+    pub prompt: Option<Prompt>,
+    /// Tokens to generate (default 16).
+    pub max_tokens: Option<u32>,
+    /// Number of top logprobs per token (0..=20).
+    pub logprobs: Option<u32>,
+    /// Prepend the prompt to the completion.
+    pub echo: Option<bool>,
+}
+
+/// Content of a chat message: a string or a list of parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts; only `text` parts are supported.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a multi-part message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// Must be `text`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text of a text part.
+    pub text: Option<String>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    /// system, developer, user, assistant or tool.
+    pub role: String,
+    /// The content; may be null for assistant tool calls.
+    pub content: Option<Content>,
+}
+
+/// POST /v1/chat/completions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// Shared fields.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// The conversation.
+    pub messages: Option<Vec<ChatMessage>>,
+    /// Deprecated name of max_completion_tokens.
+    pub max_tokens: Option<u32>,
+    /// Tokens to generate (default: the rest of the context).
+    pub max_completion_tokens: Option<u32>,
+    /// Return logprobs of the chosen tokens.
+    pub logprobs: Option<bool>,
+    /// Number of alternatives per token (0..=20), requires logprobs.
+    pub top_logprobs: Option<u32>,
+}
+
+/// The most choices one request may ask for.
+pub const MAX_N: u32 = 16;
+/// The most top logprobs per token.
+pub const MAX_LOGPROBS: u32 = 20;
+
+/// Validated generation settings, shared by all choices of a request.
+#[derive(Debug, Clone)]
+pub struct GenSettings {
+    /// Worker sampling parameters.
+    pub sampling: SamplingParams,
+    /// Worker stopping parameters, except max_tokens (set per prompt).
+    pub stopping: StoppingParams,
+    /// Stop strings, matched by the router.
+    pub stop: Vec<String>,
+    /// Choices per prompt.
+    pub n: u32,
+    /// Stream or not.
+    pub stream: bool,
+    /// Add a usage chunk at the end of a stream.
+    pub include_usage: bool,
+}
+
+fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
+    match v {
+        Some(x) if !(lo..=hi).contains(&x) || x.is_nan() => Err(ApiError::invalid(
+            param,
+            format!("{param} is {x} but must be between {lo} and {hi}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl CommonFields {
+    /// Checks ranges and builds the worker parameters; `logprobs` is the number of top
+    /// alternatives asked for, if any.
+    pub fn settings(&self, logprobs: Option<u32>) -> Result<GenSettings, ApiError> {
+        range("temperature", self.temperature, 0.0, 2.0)?;
+        range("top_p", self.top_p, f32::MIN_POSITIVE, 1.0)?;
+        range("min_p", self.min_p, 0.0, 1.0)?;
+        range("presence_penalty", self.presence_penalty, -2.0, 2.0)?;
+        range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)?;
+        range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            f32::MIN_POSITIVE,
+            10.0,
+        )?;
+        let top_k = match self.top_k {
+            None | Some(-1) | Some(0) => 0,
+            Some(k) if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("top_k is {k}; use a positive number, or -1 / 0 to disable it"),
+                ));
+            }
+        };
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > MAX_N {
+            return Err(ApiError::invalid(
+                "n",
+                format!("n is {n} but must be between 1 and {MAX_N}"),
+            ));
+        }
+        if let Some(k) = logprobs
+            && k > MAX_LOGPROBS
+        {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("{k} top logprobs asked for; at most {MAX_LOGPROBS} are returned"),
+            ));
+        }
+        let stop = self.stop.clone().map(Stop::into_vec).unwrap_or_default();
+        if stop.len() > 16 {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("{} stop strings given; at most 16 are accepted", stop.len()),
+            ));
+        }
+        let seed = match self.seed {
+            Some(s) => Some(u64::try_from(s).map_err(|_| {
+                ApiError::invalid("seed", format!("seed is {s}; use a non-negative integer"))
+            })?),
+            None => None,
+        };
+        let stream = self.stream.unwrap_or(false);
+        Ok(GenSettings {
+            sampling: SamplingParams {
+                temperature: self.temperature.unwrap_or(1.0),
+                top_k,
+                top_p: self.top_p.unwrap_or(1.0),
+                min_p: self.min_p.unwrap_or(0.0),
+                seed,
+                repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                logprobs,
+                prompt_logprobs: false,
+            },
+            stopping: StoppingParams {
+                max_tokens: 0,
+                min_tokens: self.min_tokens.unwrap_or(0),
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+                stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            },
+            stop,
+            n,
+            stream,
+            include_usage: stream
+                && self
+                    .stream_options
+                    .as_ref()
+                    .and_then(|o| o.include_usage)
+                    .unwrap_or(false),
+        })
+    }
+}
+
+impl ChatMessage {
+    /// The text of the message, parts joined.
+    pub fn text(&self) -> Result<String, ApiError> {
+        match &self.content {
+            None => Ok(String::new()),
+            Some(Content::Text(t)) => Ok(t.clone()),
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            "messages",
+                            format!(
+                                "message part of type {:?} is not supported; send text parts",
+                                p.kind
+                            ),
+                        ));
+                    }
+                    s.push_str(p.text.as_deref().unwrap_or_default());
+                }
+                Ok(s)
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The worker pool: one entry per worker group leader, with its gRPC client, health, circuit
+//! breaker, in-flight count, last reported load and the router's view of its prefix cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use llmapi_proto::v1::worker_client::WorkerClient;
+use llmapi_proto::v1::{HealthRequest, InfoRequest, InfoResponse, LoadRequest, LoadResponse};
+use tonic::transport::{Channel, Endpoint};
+
+/// Health and breaker thresholds.
+#[derive(Debug, Clone)]
+pub struct HealthPolicy {
+    /// Time between health checks of each worker.
+    pub interval: Duration,
+    /// Deadline of one health check.
+    pub timeout: Duration,
+    /// Consecutive failed checks before a worker is ejected.
+    pub eject_after: u32,
+    /// Consecutive good checks before an ejected worker is re-admitted.
+    pub readmit_after: u32,
+    /// Consecutive failed requests that open a worker's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker keeps the worker out of routing.
+    pub breaker_cooldown: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(2),
+            eject_after: 3,
+            readmit_after: 2,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The router's record of which prompt blocks it has sent to a worker, bounded like the
+/// worker's own cache (oldest first out).
+#[derive(Debug, Default)]
+pub struct PrefixCacheView {
+    blocks: HashMap<u64, u64>,
+    order: VecDeque<(u64, u64)>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl PrefixCacheView {
+    /// Number of leading `hashes` this worker is believed to hold.
+    pub fn matched_blocks(&self, hashes: &[u64]) -> usize {
+        hashes
+            .iter()
+            .take_while(|h| self.blocks.contains_key(h))
+            .count()
+    }
+
+    /// Records that `hashes` were just sent to this worker.
+    pub fn insert(&mut self, hashes: &[u64]) {
+        for &h in hashes {
+            self.tick += 1;
+            self.blocks.insert(h, self.tick);
+            self.order.push_back((h, self.tick));
+        }
+        let capacity = self.capacity.max(1);
+        while self.blocks.len() > capacity {
+            let Some((h, tick)) = self.order.pop_front() else {
+                break;
+            };
+            // Only the latest touch of a block counts; older queue entries are stale.
+            if self.blocks.get(&h) == Some(&tick) {
+                self.blocks.remove(&h);
+            }
+        }
+        if self.order.len() > 4 * capacity {
+            let blocks = &self.blocks;
+            self.order.retain(|(h, t)| blocks.get(h) == Some(t));
+        }
+    }
+}
+
+/// One worker group as the router sees it.
+pub struct Worker {
+    /// The gRPC address, e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+    client: WorkerClient<Channel>,
+    healthy: AtomicBool,
+    ever_admitted: AtomicBool,
+    failed_checks: AtomicU32,
+    good_checks: AtomicU32,
+    failed_requests: AtomicU32,
+    breaker_open_until: Mutex<Option<Instant>>,
+    inflight: AtomicUsize,
+    load: Mutex<LoadResponse>,
+    info: Mutex<Option<InfoResponse>>,
+    /// Which prompt blocks the router believes this worker has cached.
+    pub cache: Mutex<PrefixCacheView>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("url", &self.url)
+            .field("healthy", &self.is_healthy())
+            .finish()
+    }
+}
+
+/// Errors adding a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The URL is not a valid gRPC endpoint.
+    #[error("worker url {url:?} is not valid ({reason}); use http://HOST:PORT")]
+    BadUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means another request panicked mid-update of plain counters.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Worker {
+    fn connect(url: &str) -> Result<Self, PoolError> {
+        let url = if url.contains("://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        };
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| PoolError::BadUrl {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        Ok(Self {
+            url,
+            client: WorkerClient::new(endpoint.connect_lazy()),
+            healthy: AtomicBool::new(false),
+            ever_admitted: AtomicBool::new(false),
+            failed_checks: AtomicU32::new(0),
+            good_checks: AtomicU32::new(0),
+            failed_requests: AtomicU32::new(0),
+            breaker_open_until: Mutex::new(None),
+            inflight: AtomicUsize::new(0),
+            load: Mutex::new(LoadResponse::default()),
+            info: Mutex::new(None),
+            cache: Mutex::new(PrefixCacheView::default()),
+        })
+    }
+
+    /// A clone of the gRPC client (cheap: channels are shared).
+    pub fn client(&self) -> WorkerClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Whether health checks currently admit this worker.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether the circuit breaker is open (worker skipped by routing).
+    pub fn breaker_open(&self) -> bool {
+        let mut until = lock(&self.breaker_open_until);
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                // Half-open: let traffic try again; one more failure reopens it.
+                *until = None;
+                self.failed_requests.store(0, Ordering::Relaxed);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Healthy and breaker closed.
+    pub fn routable(&self) -> bool {
+        self.is_healthy() && !self.breaker_open()
+    }
+
+    /// Requests the router has in flight on this worker.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Marks one request started; the guard marks it ended.
+    pub fn begin(self: &Arc<Self>) -> InflightGuard {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(self.clone())
+    }
+
+    /// The last load the worker reported.
+    pub fn load(&self) -> LoadResponse {
+        *lock(&self.load)
+    }
+
+    /// The worker's static facts, once known.
+    pub fn info(&self) -> Option<InfoResponse> {
+        lock(&self.info).clone()
+    }
+
+    /// A load score for policies: the router's own in-flight count plus the worker's queue.
+    pub fn score(&self) -> usize {
+        self.inflight() + self.load().queued as usize
+    }
+
+    /// A request to this worker failed before its first token.
+    pub fn record_request_failure(&self, policy: &HealthPolicy) {
+        let n = self.failed_requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= policy.breaker_failures {
+            tracing::warn!(worker = %self.url, failures = n, "circuit breaker opened");
+            *lock(&self.breaker_open_until) = Some(Instant::now() + policy.breaker_cooldown);
+        }
+    }
+
+    /// A request to this worker produced a response.
+    pub fn record_request_success(&self) {
+        self.failed_requests.store(0, Ordering::Relaxed);
+    }
+
+    /// Runs one health check (liveness + load, and Info until known) and updates the state.
+    pub async fn check(&self, policy: &HealthPolicy) {
+        let result = match tokio::time::timeout(policy.timeout, self.probe()).await {
+            Ok(r) => r,
+            Err(_) => Err("health check timed out".to_owned()),
+        };
+        match result {
+            Ok(()) => {
+                self.failed_checks.store(0, Ordering::Relaxed);
+                let good = self.good_checks.fetch_add(1, Ordering::Relaxed) + 1;
+                // A worker seen for the first time is admitted at once; a returning one
+                // must prove itself over several checks.
+                let first_time = !self.ever_admitted.load(Ordering::Relaxed);
+                if !self.is_healthy() && (first_time || good >= policy.readmit_after) {
+                    tracing::info!(worker = %self.url, "worker admitted");
+                    self.ever_admitted.store(true, Ordering::Relaxed);
+                    self.failed_requests.store(0, Ordering::Relaxed);
+                    self.healthy.store(true, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                self.good_checks.store(0, Ordering::Relaxed);
+                let bad = self.failed_checks.fetch_add(1, Ordering::Relaxed) + 1;
+                if self.is_healthy() && bad >= policy.eject_after {
+                    tracing::warn!(worker = %self.url, error = %e, failed_checks = bad, "worker ejected");
+                    self.healthy.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    async fn probe(&self) -> Result<(), String> {
+        let mut client = self.client();
+        let health = client
+            .health(HealthRequest { probe: false })
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        if !health.healthy {
+            return Err(health.message);
+        }
+        let load = client
+            .load(LoadRequest {})
+            .await
+            .map_err(|e| e.message().to_owned())?
+            .into_inner();
+        *lock(&self.load) = load;
+        if lock(&self.info).is_none() {
+            let info = client
+                .info(InfoRequest {})
+                .await
+                .map_err(|e| e.message().to_owned())?
+                .into_inner();
+            lock(&self.cache).capacity = info.kv_capacity_blocks.max(1) as usize;
+            *lock(&self.info) = Some(info);
+        }
+        Ok(())
+    }
+}
+
+/// Decrements a worker's in-flight count when dropped.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<Worker>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// All workers known to the router.
+#[derive(Debug, Default)]
+pub struct Pool {
+    workers: RwLock<Vec<Arc<Worker>>>,
+}
+
+impl Pool {
+    /// Adds a worker (lazily connected); an already known URL is returned as is.
+    pub fn add(&self, url: &str) -> Result<Arc<Worker>, PoolError> {
+        let worker = Arc::new(Worker::connect(url)?);
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = workers.iter().find(|w| w.url == worker.url) {
+            return Ok(w.clone());
+        }
+        workers.push(worker.clone());
+        Ok(worker)
+    }
+
+    /// Removes a worker by URL; returns whether it was known.
+    pub fn remove(&self, url: &str) -> bool {
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        let before = workers.len();
+        workers.retain(|w| w.url != url && w.url != format!("http://{url}"));
+        workers.len() != before
+    }
+
+    /// A snapshot of every worker.
+    pub fn all(&self) -> Vec<Arc<Worker>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Workers that routing may pick now.
+    pub fn routable(&self) -> Vec<Arc<Worker>> {
+        self.all().into_iter().filter(|w| w.routable()).collect()
+    }
+
+    /// Facts about the served model, from the first worker that reported them.
+    pub fn model_info(&self) -> Option<InfoResponse> {
+        self.all().iter().find_map(|w| w.info())
+    }
+
+    /// Checks every worker once, concurrently.
+    pub async fn check_all(&self, policy: &HealthPolicy) {
+        let workers = self.all();
+        futures::future::join_all(workers.iter().map(|w| w.check(policy))).await;
+    }
+
+    /// Checks every worker forever at `policy.interval`.
+    pub async fn health_loop(self: Arc<Self>, policy: HealthPolicy) {
+        let mut tick = tokio::time::interval(policy.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.check_all(&policy).await;
+        }
+    }
+}

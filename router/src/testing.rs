@@ -1,0 +1,349 @@
+//! `ScriptedWorker`: a test double speaking the worker proto, so the router can be tested and
+//! benchmarked without an engine. It "generates" by replaying the prompt's tokens (or a fixed
+//! script), keeps a pretend KV cache keyed by the shared block hash, and can be made to fail.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use llmapi_common::block_hash::prefix_block_hashes;
+use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
+use llmapi_proto::v1::{
+    AbortRequest, AbortResponse, FinishReason, GenerateRequest, GenerateResponse, HealthRequest,
+    HealthResponse, InfoRequest, InfoResponse, LoadRequest, LoadResponse, TokenLogprob, TopLogprob,
+    Usage,
+};
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+
+/// How a `ScriptedWorker` behaves.
+#[derive(Debug, Clone)]
+pub struct Script {
+    /// Reported max_seq_len.
+    pub max_seq_len: u32,
+    /// Reported (and used) tokens_per_block.
+    pub tokens_per_block: u32,
+    /// Reported vocab size.
+    pub vocab_size: u32,
+    /// Pretend KV capacity in blocks.
+    pub kv_capacity_blocks: u64,
+    /// Tokens to emit, cycled; empty means replay the prompt.
+    pub reply: Vec<u32>,
+    /// EOS id: emitting it finishes with `stop` unless ignore_eos.
+    pub eos: Option<u32>,
+    /// Pause before each token.
+    pub token_delay: Duration,
+    /// Tokens per response message.
+    pub tokens_per_message: usize,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Self {
+            max_seq_len: 256,
+            tokens_per_block: 4,
+            vocab_size: 256,
+            kv_capacity_blocks: 1024,
+            reply: Vec::new(),
+            eos: None,
+            token_delay: Duration::ZERO,
+            tokens_per_message: 1,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    running: HashMap<String, u64>,
+    cached: HashSet<u64>,
+    aborted: Vec<String>,
+    requests: Vec<GenerateRequest>,
+}
+
+/// The double's state, inspectable by tests.
+#[derive(Clone)]
+pub struct ScriptedWorker {
+    script: Script,
+    shared: Arc<Mutex<Shared>>,
+    healthy: Arc<AtomicBool>,
+    failing: Arc<AtomicBool>,
+    dead: Arc<AtomicBool>,
+    generated: Arc<AtomicU64>,
+}
+
+/// A running `ScriptedWorker` server.
+pub struct ScriptedHandle {
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub worker: ScriptedWorker,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ScriptedHandle {
+    /// `http://ADDR`, as the router takes it.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving at once: running streams end with an error, new calls fail to connect.
+    pub fn kill(&self) {
+        self.worker.dead.store(true, Ordering::SeqCst);
+        self.task.abort();
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ScriptedWorker {
+    /// A double following `script`.
+    pub fn new(script: Script) -> Self {
+        Self {
+            script,
+            shared: Arc::default(),
+            healthy: Arc::new(AtomicBool::new(true)),
+            failing: Arc::new(AtomicBool::new(false)),
+            dead: Arc::new(AtomicBool::new(false)),
+            generated: Arc::default(),
+        }
+    }
+
+    /// Serves on a free loopback port.
+    pub async fn spawn(self) -> std::io::Result<ScriptedHandle> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Ok(self.serve(listener))
+    }
+
+    /// Serves on `listener`.
+    pub fn serve(self, listener: tokio::net::TcpListener) -> ScriptedHandle {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let svc = WorkerServer::new(self.clone());
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        ScriptedHandle {
+            addr,
+            worker: self,
+            task,
+        }
+    }
+
+    /// Answer health checks with `healthy`.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::SeqCst);
+    }
+
+    /// Fail every Generate before its first token with UNAVAILABLE.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Generate requests received (including failed ones).
+    pub fn requests(&self) -> Vec<GenerateRequest> {
+        lock(&self.shared).requests.clone()
+    }
+
+    /// Request ids aborted (by Abort or by a dropped stream).
+    pub fn aborted(&self) -> Vec<String> {
+        lock(&self.shared).aborted.clone()
+    }
+
+    /// Requests holding pretend KV blocks now.
+    pub fn running(&self) -> usize {
+        lock(&self.shared).running.len()
+    }
+
+    /// Tokens emitted so far.
+    pub fn generated(&self) -> u64 {
+        self.generated.load(Ordering::Relaxed)
+    }
+
+    fn finish_request(&self, id: &str, aborted: bool) {
+        let mut s = lock(&self.shared);
+        if s.running.remove(id).is_some() && aborted {
+            s.aborted.push(id.to_owned());
+        }
+    }
+}
+
+type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Worker for ScriptedWorker {
+    type GenerateStream = GenStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        lock(&self.shared).requests.push(req.clone());
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("scripted failure"));
+        }
+        let stopping = req.stopping.clone().unwrap_or_default();
+        let sampling = req.sampling.unwrap_or_default();
+        let prompt_len = req.prompt_token_ids.len();
+        if prompt_len + stopping.max_tokens as usize > self.script.max_seq_len as usize {
+            return Err(Status::invalid_argument(format!(
+                "prompt of {prompt_len} tokens plus max_tokens {} exceeds max_seq_len {}",
+                stopping.max_tokens, self.script.max_seq_len
+            )));
+        }
+        let tpb = self.script.tokens_per_block as usize;
+        let hashes = prefix_block_hashes(&req.prompt_token_ids, tpb);
+        let cached_tokens = {
+            let mut s = lock(&self.shared);
+            let hit = hashes.iter().take_while(|h| s.cached.contains(h)).count();
+            s.cached.extend(hashes.iter().copied());
+            let blocks = (prompt_len + stopping.max_tokens as usize).div_ceil(tpb.max(1)) as u64;
+            s.running.insert(req.request_id.clone(), blocks);
+            (hit * tpb) as u32
+        };
+        let reply = if self.script.reply.is_empty() {
+            req.prompt_token_ids.clone()
+        } else {
+            self.script.reply.clone()
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let me = self.clone();
+        let script = self.script.clone();
+        let id = req.request_id.clone();
+        tokio::spawn(async move {
+            let mut sent = 0u32;
+            let mut batch = Vec::new();
+            let mut lps = Vec::new();
+            while sent < stopping.max_tokens {
+                if me.dead.load(Ordering::SeqCst) {
+                    let _ = tx
+                        .send(Err(Status::unavailable("scripted worker died")))
+                        .await;
+                    me.finish_request(&id, false);
+                    return;
+                }
+                if !lock(&me.shared).running.contains_key(&id) {
+                    return;
+                }
+                if !script.token_delay.is_zero() {
+                    tokio::time::sleep(script.token_delay).await;
+                }
+                let token = reply[sent as usize % reply.len().max(1)];
+                sent += 1;
+                batch.push(token);
+                if let Some(k) = sampling.logprobs {
+                    lps.push(TokenLogprob {
+                        token_id: token,
+                        logprob: -0.5,
+                        top: (0..k)
+                            .map(|i| TopLogprob {
+                                token_id: token.wrapping_add(i),
+                                logprob: -0.5 - i as f32,
+                            })
+                            .collect(),
+                    });
+                }
+                let eos_hit = script.eos == Some(token) && !stopping.ignore_eos;
+                let stop_hit = stopping.stop_token_ids.contains(&token);
+                let stopped = (eos_hit || stop_hit) && sent >= stopping.min_tokens;
+                let last = stopped || sent >= stopping.max_tokens;
+                if batch.len() < script.tokens_per_message.max(1) && !last {
+                    continue;
+                }
+                me.generated
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let msg = GenerateResponse {
+                    token_ids: std::mem::take(&mut batch),
+                    logprobs: std::mem::take(&mut lps),
+                    prompt_logprobs: Vec::new(),
+                    finish_reason: match (last, stopped) {
+                        (false, _) => FinishReason::Unspecified,
+                        (true, true) => FinishReason::Stop,
+                        (true, false) => FinishReason::Length,
+                    } as i32,
+                    stop_token_id: (stopped).then_some(token),
+                    usage: Some(Usage {
+                        prompt_tokens: prompt_len as u32,
+                        completion_tokens: sent,
+                        cached_tokens,
+                    }),
+                    timings: None,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    // The caller dropped the stream: abort and free the blocks.
+                    me.finish_request(&id, true);
+                    return;
+                }
+                if last {
+                    break;
+                }
+            }
+            me.finish_request(&id, false);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<AbortRequest>,
+    ) -> Result<Response<AbortResponse>, Status> {
+        let id = request.into_inner().request_id;
+        let found = lock(&self.shared).running.contains_key(&id);
+        self.finish_request(&id, true);
+        Ok(Response::new(AbortResponse { found }))
+    }
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let healthy = self.healthy.load(Ordering::SeqCst);
+        Ok(Response::new(HealthResponse {
+            healthy,
+            message: if healthy {
+                String::new()
+            } else {
+                "scripted unhealthy".into()
+            },
+        }))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let s = &self.script;
+        Ok(Response::new(InfoResponse {
+            model: "scripted".into(),
+            max_seq_len: s.max_seq_len,
+            tokens_per_block: s.tokens_per_block,
+            tp_size: 1,
+            ep_size: 1,
+            kv_capacity_blocks: s.kv_capacity_blocks,
+            vocab_size: s.vocab_size,
+            eos_token_ids: s.eos.into_iter().collect(),
+            backend: "scripted".into(),
+            max_batch_size: 64,
+            max_num_tokens: 8192,
+            enable_block_reuse: true,
+        }))
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let s = lock(&self.shared);
+        let used: u64 = s.running.values().sum();
+        Ok(Response::new(LoadResponse {
+            running: s.running.len() as u32,
+            queued: 0,
+            kv_blocks_used: used,
+            kv_blocks_free: self.script.kv_capacity_blocks.saturating_sub(used),
+        }))
+    }
+}
