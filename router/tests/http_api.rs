@@ -1,0 +1,622 @@
+//! The router's HTTP surface against `ScriptedWorker` doubles on loopback gRPC.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use futures::StreamExt;
+use llmapi_router::codec::ByteCodec;
+use llmapi_router::policy::RoutingPolicy;
+use llmapi_router::pool::{HealthPolicy, Pool};
+use llmapi_router::server::app;
+use llmapi_router::testing::{Script, ScriptedHandle, ScriptedWorker};
+use llmapi_router::{AppState, RouterConfig};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Harness {
+    state: Arc<AppState>,
+    workers: Vec<ScriptedHandle>,
+}
+
+fn fast_health() -> HealthPolicy {
+    HealthPolicy {
+        interval: Duration::from_millis(50),
+        timeout: Duration::from_millis(500),
+        eject_after: 2,
+        readmit_after: 2,
+        breaker_failures: 2,
+        breaker_cooldown: Duration::from_secs(30),
+    }
+}
+
+async fn start(
+    policy: RoutingPolicy,
+    scripts: Vec<Script>,
+    tweak: impl FnOnce(&mut RouterConfig),
+) -> Harness {
+    let mut config = RouterConfig {
+        served_model_name: "demo".into(),
+        model_path: "/models/demo-1b".into(),
+        routing_policy: policy,
+        health: fast_health(),
+        max_body_bytes: 64 * 1024,
+        ..RouterConfig::default()
+    };
+    tweak(&mut config);
+    let pool = Arc::new(Pool::default());
+    let mut workers = Vec::new();
+    for s in scripts {
+        let h = ScriptedWorker::new(s).spawn().await.expect("bind loopback");
+        pool.add(&h.url()).expect("valid url");
+        workers.push(h);
+    }
+    pool.check_all(&config.health).await;
+    let state = Arc::new(AppState::new(config, Arc::new(ByteCodec), pool));
+    Harness { state, workers }
+}
+
+impl Harness {
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Body,
+        auth: Option<&str>,
+    ) -> axum::response::Response {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("content-type", "application/json");
+        if let Some(a) = auth {
+            req = req.header("authorization", format!("Bearer {a}"));
+        }
+        let req = req.body(body).expect("request");
+        app(self.state.clone())
+            .oneshot(req)
+            .await
+            .expect("infallible")
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self
+            .send("POST", path, Body::from(body.to_string()), None)
+            .await;
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn post_raw(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        let resp = self
+            .send("POST", path, Body::from(body.to_owned()), None)
+            .await;
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Every SSE `data:` payload of a streamed request ("[DONE]" as a JSON string).
+    async fn stream(&self, path: &str, body: Value) -> Vec<Value> {
+        let resp = self
+            .send("POST", path, Body::from(body.to_string()), None)
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = tokio::time::timeout(
+            Duration::from_secs(10),
+            axum::body::to_bytes(resp.into_body(), 1 << 24),
+        )
+        .await
+        .expect("stream ends within 10 s")
+        .expect("body");
+        sse_payloads(&String::from_utf8_lossy(&bytes))
+    }
+}
+
+fn sse_payloads(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned())))
+        .collect()
+}
+
+fn error_message(v: &Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn completion_answers_in_openai_shape_with_usage() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let (status, body) = h
+        .post(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "hello", "max_tokens": 5}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert!(body["id"].as_str().unwrap_or_default().starts_with("cmpl-"));
+    assert_eq!(body["choices"][0]["text"], "hello");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["prompt_tokens"], 5);
+    assert_eq!(body["usage"]["completion_tokens"], 5);
+    assert_eq!(body["usage"]["total_tokens"], 10);
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+}
+
+#[tokio::test]
+async fn model_may_be_named_by_path_or_its_last_component() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    for name in ["demo", "/models/demo-1b", "demo-1b"] {
+        let (status, _) = h
+            .post(
+                "/v1/completions",
+                json!({"model": name, "prompt": "hi", "max_tokens": 1}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "model {name}");
+    }
+    let (status, body) = h
+        .post("/v1/completions", json!({"model": "gpt-4", "prompt": "hi"}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(error_message(&body).contains("\"demo\""), "{body}");
+}
+
+#[tokio::test]
+async fn chat_stream_sends_role_content_finish_usage_and_done() {
+    let reply: Vec<u32> = "héllo 世界!".bytes().map(u32::from).collect();
+    let script = Script {
+        reply: reply.clone(),
+        ..Script::default()
+    };
+    let h = start(RoutingPolicy::RoundRobin, vec![script], |_| {}).await;
+    let events = h
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": reply.len(), "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+    assert_eq!(events[0]["object"], "chat.completion.chunk");
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "héllo 世界!", "multi-byte characters arrive whole");
+    let finish = &events[events.len() - 3];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &events[events.len() - 2];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], reply.len());
+}
+
+#[tokio::test]
+async fn stop_string_spanning_tokens_ends_the_choice_and_aborts_the_worker_request() {
+    let reply: Vec<u32> = "abc STOP more text".bytes().map(u32::from).collect();
+    let script = Script {
+        reply,
+        token_delay: Duration::from_millis(2),
+        ..Script::default()
+    };
+    let h = start(RoutingPolicy::RoundRobin, vec![script], |_| {}).await;
+    let (status, body) = h
+        .post(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "x", "max_tokens": 18, "stop": ["STOP"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["text"], "abc ");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let worker = &h.workers[0].worker;
+    for _ in 0..100 {
+        if worker.running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(worker.running(), 0);
+    assert_eq!(worker.aborted().len(), 1, "the worker was told to stop");
+}
+
+#[tokio::test]
+async fn n_choices_echo_and_logprobs_have_openai_shapes() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let (status, body) = h
+        .post(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": ["ab", "cd"], "n": 2, "max_tokens": 2, "echo": true, "logprobs": 2}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let choices = body["choices"].as_array().cloned().unwrap_or_default();
+    assert_eq!(choices.len(), 4);
+    assert_eq!(choices[0]["text"], "abab");
+    assert_eq!(choices[3]["text"], "cdcd");
+    assert_eq!(choices[0]["logprobs"]["tokens"], json!(["a", "b"]));
+    assert_eq!(choices[0]["logprobs"]["text_offset"], json!([2, 3]));
+    assert_eq!(
+        choices[0]["logprobs"]["top_logprobs"][0]
+            .as_object()
+            .map(|o| o.len()),
+        Some(2)
+    );
+    assert_eq!(body["usage"]["prompt_tokens"], 4);
+    assert_eq!(body["usage"]["completion_tokens"], 8);
+
+    let (status, body) = h
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "demo", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 1,
+                   "logprobs": true, "top_logprobs": 3}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    let entry = &body["choices"][0]["logprobs"]["content"][0];
+    assert_eq!(entry["top_logprobs"].as_array().map(Vec::len), Some(3));
+    assert!(entry["bytes"].is_array());
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_error_bodies_with_the_right_status() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let cases: Vec<(&str, String, StatusCode, &str)> = vec![
+        (
+            "malformed json",
+            "{\"model\": ".into(),
+            StatusCode::BAD_REQUEST,
+            "not valid JSON",
+        ),
+        (
+            "wrong type",
+            json!({"model": "demo", "prompt": "x", "max_tokens": "many"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "wrong or missing field",
+        ),
+        (
+            "empty prompt",
+            json!({"model": "demo", "prompt": ""}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "prompt is empty",
+        ),
+        (
+            "empty list",
+            json!({"model": "demo", "prompt": []}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "empty list",
+        ),
+        (
+            "oversized prompt",
+            json!({"model": "demo", "prompt": "x".repeat(300)}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "max_seq_len is 256",
+        ),
+        (
+            "too many tokens",
+            json!({"model": "demo", "prompt": "x", "max_tokens": 1000}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "lower max_tokens",
+        ),
+        (
+            "temperature",
+            json!({"model": "demo", "prompt": "x", "temperature": 5}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "temperature is 5",
+        ),
+        (
+            "token out of vocab",
+            json!({"model": "demo", "prompt": [1, 99999]}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "outside the vocabulary",
+        ),
+        (
+            "unknown model",
+            json!({"model": "nope", "prompt": "x"}).to_string(),
+            StatusCode::NOT_FOUND,
+            "not served",
+        ),
+        (
+            "huge body",
+            json!({"model": "demo", "prompt": "x".repeat(100_000)}).to_string(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "--max_body_bytes",
+        ),
+    ];
+    for (what, body, status, needle) in cases {
+        let (got, v) = h.post_raw("/v1/completions", &body).await;
+        assert_eq!(got, status, "{what}: {v}");
+        assert!(error_message(&v).contains(needle), "{what}: {v}");
+        assert_eq!(v["error"]["code"], status.as_u16(), "{what}");
+        assert!(v["error"]["type"].is_string(), "{what}");
+    }
+    let (got, v) = h
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "demo", "messages": []}),
+        )
+        .await;
+    assert_eq!(got, StatusCode::BAD_REQUEST, "{v}");
+    let (got, v) = h.post("/v1/nothing", json!({})).await;
+    assert_eq!(got, StatusCode::NOT_FOUND, "{v}");
+    assert!(v["error"]["message"].is_string());
+}
+
+#[tokio::test]
+async fn api_key_and_admin_token_are_enforced() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |c| {
+        c.api_key = Some("sk-test".into());
+        c.admin_token = Some("admin".into());
+    })
+    .await;
+    let body = json!({"model": "demo", "prompt": "hi", "max_tokens": 1}).to_string();
+    let resp = h
+        .send("POST", "/v1/completions", Body::from(body.clone()), None)
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = h
+        .send("POST", "/v1/completions", Body::from(body), Some("sk-test"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let add = json!({"url": "http://127.0.0.1:9"}).to_string();
+    let resp = h
+        .send("POST", "/workers", Body::from(add.clone()), Some("sk-test"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let resp = h
+        .send("POST", "/workers", Body::from(add), Some("admin"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(h.state.pool.all().len(), 2);
+}
+
+#[tokio::test]
+async fn round_robin_and_least_load_share_requests_between_two_workers() {
+    for policy in [
+        RoutingPolicy::RoundRobin,
+        RoutingPolicy::LeastLoad,
+        RoutingPolicy::PowerOfTwo,
+    ] {
+        let h = start(policy, vec![Script::default(), Script::default()], |_| {}).await;
+        for _ in 0..20 {
+            let (status, _) = h
+                .post(
+                    "/v1/completions",
+                    json!({"model": "demo", "prompt": "hi", "max_tokens": 1}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        let counts: Vec<usize> = h
+            .workers
+            .iter()
+            .map(|w| w.worker.requests().len())
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 20, "{policy:?}");
+        assert!(
+            counts.iter().all(|&c| c >= 3),
+            "{policy:?} spreads load: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn kv_cache_aware_sends_a_repeated_prefix_to_the_worker_that_cached_it() {
+    let h = start(
+        RoutingPolicy::KvCacheAware,
+        vec![Script::default(), Script::default()],
+        |_| {},
+    )
+    .await;
+    let prefix = "a long shared system prompt, ".repeat(3);
+    let mut cached = Vec::new();
+    for i in 0..6 {
+        let (status, body) = h
+            .post(
+                "/v1/completions",
+                json!({"model": "demo", "prompt": format!("{prefix}{i}"), "max_tokens": 1}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        cached.push(
+            body["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+    }
+    let counts: Vec<usize> = h
+        .workers
+        .iter()
+        .map(|w| w.worker.requests().len())
+        .collect();
+    assert!(counts.contains(&6), "all on one worker: {counts:?}");
+    assert_eq!(cached[0], 0);
+    assert!(
+        cached[1..].iter().all(|&c| c >= 80),
+        "prefix reused: {cached:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_worker_is_retried_elsewhere_and_its_breaker_opens() {
+    let h = start(
+        RoutingPolicy::RoundRobin,
+        vec![Script::default(), Script::default()],
+        |_| {},
+    )
+    .await;
+    h.workers[0].worker.set_failing(true);
+    for _ in 0..6 {
+        let (status, body) = h
+            .post(
+                "/v1/completions",
+                json!({"model": "demo", "prompt": "hi", "max_tokens": 1}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        h.workers[0].worker.requests().len(),
+        2,
+        "breaker opened after 2 failures"
+    );
+    assert!(!h.state.pool.all()[0].routable());
+}
+
+#[tokio::test]
+async fn unhealthy_workers_are_ejected_and_readmitted() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let policy = fast_health();
+    let worker = h.state.pool.all()[0].clone();
+    assert!(worker.routable());
+    h.workers[0].worker.set_healthy(false);
+    worker.check(&policy).await;
+    assert!(worker.routable(), "one failed check is not enough");
+    worker.check(&policy).await;
+    assert!(!worker.routable());
+    let (status, _) = h
+        .post("/v1/completions", json!({"model": "demo", "prompt": "hi"}))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    h.workers[0].worker.set_healthy(true);
+    worker.check(&policy).await;
+    assert!(!worker.routable(), "one good check is not enough");
+    worker.check(&policy).await;
+    assert!(worker.routable());
+}
+
+#[tokio::test]
+async fn client_disconnect_aborts_the_worker_request_and_frees_its_blocks() {
+    let script = Script {
+        token_delay: Duration::from_millis(20),
+        ..Script::default()
+    };
+    let h = start(RoutingPolicy::RoundRobin, vec![script], |_| {}).await;
+    let body = json!({"model": "demo", "prompt": "hello", "max_tokens": 200, "stream": true});
+    let resp = h
+        .send(
+            "POST",
+            "/v1/completions",
+            Body::from(body.to_string()),
+            None,
+        )
+        .await;
+    let mut stream = resp.into_body().into_data_stream();
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("first chunk");
+    assert!(first.is_some());
+    assert_eq!(h.workers[0].worker.running(), 1);
+    drop(stream);
+    let worker = &h.workers[0].worker;
+    for _ in 0..200 {
+        if worker.running() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(worker.running(), 0, "blocks freed");
+    assert_eq!(worker.aborted().len(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_dying_mid_stream_ends_it_with_an_error_event() {
+    let script = Script {
+        token_delay: Duration::from_millis(20),
+        ..Script::default()
+    };
+    let h = start(RoutingPolicy::RoundRobin, vec![script], |_| {}).await;
+    let body = json!({"model": "demo", "prompt": "hello", "max_tokens": 200, "stream": true});
+    let resp = h
+        .send(
+            "POST",
+            "/v1/completions",
+            Body::from(body.to_string()),
+            None,
+        )
+        .await;
+    let mut stream = resp.into_body().into_data_stream();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("first chunk");
+    h.workers[0].kill();
+    let mut rest = String::new();
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            rest.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "stream ends promptly");
+    let events = sse_payloads(&rest);
+    assert!(events.iter().any(|e| e["error"]["code"] == 503), "{rest}");
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+}
+
+#[tokio::test]
+async fn admission_control_refuses_past_the_inflight_limit() {
+    let script = Script {
+        token_delay: Duration::from_millis(50),
+        ..Script::default()
+    };
+    let h = start(RoutingPolicy::RoundRobin, vec![script], |c| {
+        c.max_inflight_requests = 1
+    })
+    .await;
+    let body = json!({"model": "demo", "prompt": "hello", "max_tokens": 50, "stream": true});
+    let held = h
+        .send(
+            "POST",
+            "/v1/completions",
+            Body::from(body.to_string()),
+            None,
+        )
+        .await;
+    assert_eq!(held.status(), StatusCode::OK);
+    let (status, v) = h
+        .post(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "hi", "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    drop(held);
+}
+
+#[tokio::test]
+async fn info_endpoints_answer() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let resp = h.send("GET", "/v1/models", Body::empty(), None).await;
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let v: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(v["data"][0]["id"], "demo");
+    for path in ["/health", "/health_generate", "/version", "/metrics"] {
+        let resp = h.send("GET", path, Body::empty(), None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    }
+    let resp = h.send("GET", "/metrics", Body::empty(), None).await;
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    assert!(String::from_utf8_lossy(&bytes).contains("llmapi_worker_healthy"));
+}
