@@ -5,5 +5,10 @@
 //! the gRPC contract in `llmapi-proto`. Not for: HTTP, tokenization or chat templates (the
 //! router's), or process placement (the launcher's).
 
+pub mod backend;
 pub mod engine;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+pub mod scheduler;
 pub mod service;

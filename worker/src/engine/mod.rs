@@ -1,1 +1,260 @@
 //! The in-process engine: load a model, submit requests, stream token events.
+//!
+//! `Engine::start` loads the checkpoint, sizes the KV pool and runs the step loop on its own OS
+//! thread. `EngineHandle` (cheap to clone, Send + Sync) validates requests synchronously and
+//! talks to that thread over a channel. Dropping a request's receiver aborts it.
+
+mod runner;
+mod types;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+use crate::model::ModelWeights;
+pub use types::*;
+
+/// Requests to the engine thread.
+pub(crate) enum Command {
+    Submit(Box<runner::NewRequest>),
+    Abort(String),
+    Shutdown,
+}
+
+/// State the engine thread publishes for handles.
+#[derive(Default)]
+pub(crate) struct Status {
+    pub(crate) load: Mutex<LoadStats>,
+    /// Ids of requests submitted and not yet finished.
+    pub(crate) live: Mutex<HashSet<String>>,
+}
+
+struct Shared {
+    info: EngineInfo,
+    status: Arc<Status>,
+    cmd: Mutex<mpsc::Sender<Command>>,
+    max_num_tokens: usize,
+    chunked_prefill: bool,
+}
+
+/// Starts engines.
+pub struct Engine;
+
+/// A handle to a running engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Loads `model_dir` (config.json + safetensors) on the CPU backend and starts the loop.
+    pub fn start(model_dir: &Path, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
+        let weights = ModelWeights::load(model_dir)?;
+        let kv_dtype = match cfg.kv_dtype {
+            KvDtype::Auto => KvDtype::Bf16,
+            d => d,
+        };
+        let backend = CpuBackend::new(weights, kv_dtype, cfg.threads)
+            .map_err(|e| EngineError::Backend(e.to_string()))?;
+        let name = cfg.model_name.clone().unwrap_or_else(|| {
+            model_dir.file_name().map_or_else(
+                || model_dir.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            )
+        });
+        let model_cfg = backend.weights().config.clone();
+        Self::start_with_backend(Box::new(backend), &model_cfg, model_dir, name, cfg)
+    }
+
+    /// Starts the loop over any backend (the CPU one, a CUDA one, or a test double).
+    pub fn start_with_backend(
+        mut backend: Box<dyn Backend>,
+        model: &llmapi_common::model_config::ModelConfig,
+        model_dir: &Path,
+        model_name: String,
+        cfg: EngineConfig,
+    ) -> Result<EngineHandle, EngineError> {
+        let bad = |m: String| Err(EngineError::InvalidConfig(m));
+        if cfg.max_batch_size == 0 || cfg.max_num_tokens == 0 || cfg.tokens_per_block == 0 {
+            return bad(
+                "max_batch_size, max_num_tokens and tokens_per_block must be at least 1".into(),
+            );
+        }
+        let max_seq_len = cfg.max_seq_len.unwrap_or(model.max_position_embeddings);
+        if max_seq_len < 2 {
+            return bad(format!(
+                "max_seq_len is {max_seq_len}; it must be at least 2"
+            ));
+        }
+        let num_blocks = kv_blocks(&cfg, backend.kv_bytes_per_token(), max_seq_len)?;
+        backend
+            .init_kv(num_blocks, cfg.tokens_per_block)
+            .map_err(|e| EngineError::Backend(e.to_string()))?;
+        tracing::info!(
+            num_blocks,
+            tokens_per_block = cfg.tokens_per_block,
+            kv_bytes = num_blocks * cfg.tokens_per_block * backend.kv_bytes_per_token(),
+            "KV cache allocated"
+        );
+        let info = EngineInfo {
+            model: model_name,
+            model_dir: model_dir.to_path_buf(),
+            max_seq_len: max_seq_len as u32,
+            tokens_per_block: cfg.tokens_per_block as u32,
+            vocab_size: backend.vocab_size() as u32,
+            eos_token_ids: model.eos_token_ids.clone(),
+            kv_capacity_blocks: num_blocks as u64,
+            max_batch_size: cfg.max_batch_size as u32,
+            max_num_tokens: cfg.max_num_tokens as u32,
+            enable_block_reuse: cfg.enable_block_reuse,
+            backend: backend.name().to_string(),
+        };
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            info: info.clone(),
+            status: Arc::new(Status {
+                load: Mutex::new(LoadStats {
+                    kv_blocks_free: num_blocks as u64,
+                    ..Default::default()
+                }),
+                live: Mutex::default(),
+            }),
+            cmd: Mutex::new(tx),
+            max_num_tokens: cfg.max_num_tokens,
+            chunked_prefill: cfg.enable_chunked_prefill,
+        });
+        let runner =
+            runner::Runner::new(backend, cfg, info, num_blocks, Arc::clone(&shared.status));
+        std::thread::Builder::new()
+            .name("llmapi-engine".into())
+            .spawn(move || runner.run(rx))
+            .map_err(|e| EngineError::Backend(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle { shared })
+    }
+}
+
+/// KV blocks from kv_max_tokens, or from the host-memory budget (capped at what
+/// max_batch_size full-length sequences need).
+fn kv_blocks(
+    cfg: &EngineConfig,
+    bytes_per_token: usize,
+    max_seq_len: usize,
+) -> Result<usize, EngineError> {
+    let tpb = cfg.tokens_per_block;
+    let tokens = match cfg.kv_max_tokens {
+        Some(t) => t,
+        None => {
+            if !(cfg.kv_memory_fraction > 0.0 && cfg.kv_memory_fraction <= 1.0) {
+                return Err(EngineError::InvalidConfig(format!(
+                    "kv_cache_config.free_gpu_memory_fraction is {}; it must be in (0, 1]",
+                    cfg.kv_memory_fraction
+                )));
+            }
+            let avail = available_memory_bytes().unwrap_or(4 << 30);
+            let budget = (avail as f64 * cfg.kv_memory_fraction) as usize;
+            let by_memory = budget / bytes_per_token.max(1);
+            let useful = cfg.max_batch_size.saturating_mul(max_seq_len);
+            tracing::info!(
+                available_bytes = avail,
+                fraction = cfg.kv_memory_fraction,
+                by_memory_tokens = by_memory,
+                cap_tokens = useful,
+                "sizing the KV cache from host memory"
+            );
+            by_memory.min(useful)
+        }
+    };
+    let blocks = tokens / tpb;
+    if blocks == 0 {
+        return Err(EngineError::InvalidConfig(format!(
+            "the KV cache holds {tokens} tokens, less than one block of {tpb}; raise kv_cache_config.max_tokens"
+        )));
+    }
+    Ok(blocks)
+}
+
+fn available_memory_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+impl EngineHandle {
+    /// Validates and queues a request; events arrive on the returned receiver.
+    pub fn submit(
+        &self,
+        req: GenerateParams,
+    ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        let info = &self.shared.info;
+        runner::validate(
+            &req,
+            info,
+            self.shared.max_num_tokens,
+            self.shared.chunked_prefill,
+        )?;
+        {
+            let mut live = self
+                .shared
+                .status
+                .live
+                .lock()
+                .map_err(|_| EngineError::Shutdown)?;
+            if !live.insert(req.request_id.clone()) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "request id `{}` is already in use; use a unique id per request",
+                    req.request_id
+                )));
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.send(Command::Submit(Box::new(runner::NewRequest {
+            params: req,
+            tx,
+            arrival: std::time::Instant::now(),
+        })))?;
+        Ok(rx)
+    }
+
+    /// Aborts a queued or running request and frees its KV blocks; false when unknown.
+    pub fn abort(&self, request_id: &str) -> bool {
+        let known = self
+            .shared
+            .status
+            .live
+            .lock()
+            .map(|l| l.contains(request_id))
+            .unwrap_or(false);
+        known && self.send(Command::Abort(request_id.to_string())).is_ok()
+    }
+
+    /// Current load.
+    pub fn load(&self) -> LoadStats {
+        self.shared
+            .status
+            .load
+            .lock()
+            .map(|l| *l)
+            .unwrap_or_default()
+    }
+
+    /// Static facts.
+    pub fn info(&self) -> EngineInfo {
+        self.shared.info.clone()
+    }
+
+    /// Stops the engine loop; pending requests end with an error event.
+    pub fn shutdown(&self) {
+        let _ = self.send(Command::Shutdown);
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        let tx = self.shared.cmd.lock().map_err(|_| EngineError::Shutdown)?;
+        tx.send(cmd).map_err(|_| EngineError::Shutdown)
+    }
+}

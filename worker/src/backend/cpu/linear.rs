@@ -1,0 +1,235 @@
+//! `y = x W^T` for HF-layout weights (rows are outputs), bf16 or f32, on the rayon pool.
+//!
+//! Few rows (decode): each task streams a slice of W once and dots it with every input row;
+//! bf16 is widened in registers (AVX-512 when the CPU has it, a portable loop otherwise), so
+//! batch-1 decode reads 2 bytes per weight. Many rows (prefill): each task widens a tile of W
+//! to f32 and hands it to the `gemm` crate.
+
+use rayon::prelude::*;
+
+use crate::model::{Mat, WeightData};
+
+/// Rows of x up to which the streaming dot kernel is used instead of gemm.
+const DOT_MAX_ROWS: usize = 8;
+/// Output rows per task in the streaming kernel.
+const DOT_CHUNK: usize = 64;
+/// Output rows per widened tile in the gemm path.
+const GEMM_TILE: usize = 128;
+
+/// Computes `out[t, n] = sum_k x[t, k] * w[n, k]` for `t < rows`.
+pub fn linear(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    debug_assert_eq!(x.len(), rows * k);
+    debug_assert_eq!(out.len(), rows * n);
+    if rows == 0 || n == 0 {
+        return;
+    }
+    let chunk = if rows <= DOT_MAX_ROWS {
+        DOT_CHUNK
+    } else {
+        GEMM_TILE
+    };
+    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let n0 = c * chunk;
+            let n1 = (n0 + chunk).min(n);
+            let mut part = vec![0.0f32; rows * (n1 - n0)];
+            if rows <= DOT_MAX_ROWS {
+                dot_rows(x, rows, w, n0, n1, &mut part);
+            } else {
+                gemm_tile(x, rows, w, n0, n1, &mut part);
+            }
+            (n0, part)
+        })
+        .collect();
+    for (n0, part) in parts {
+        let width = part.len() / rows;
+        for t in 0..rows {
+            out[t * n + n0..t * n + n0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
+        }
+    }
+}
+
+/// part[t, j] = x_t . w[n0 + j] for the streaming kernel; part is rows x (n1 - n0).
+fn dot_rows(x: &[f32], rows: usize, w: &Mat, n0: usize, n1: usize, part: &mut [f32]) {
+    let k = w.cols;
+    let width = n1 - n0;
+    for j in n0..n1 {
+        let wr = j * k..(j + 1) * k;
+        for t in 0..rows {
+            let xt = &x[t * k..(t + 1) * k];
+            part[t * width + (j - n0)] = match &w.data {
+                WeightData::Bf16(v) => dot_bf16(xt, &v[wr.clone()]),
+                WeightData::F32(v) => dot_f32(xt, &v[wr.clone()]),
+            };
+        }
+    }
+}
+
+fn gemm_tile(x: &[f32], rows: usize, w: &Mat, n0: usize, n1: usize, part: &mut [f32]) {
+    let k = w.cols;
+    let width = n1 - n0;
+    let widened;
+    let tile: &[f32] = match &w.data {
+        WeightData::F32(v) => &v[n0 * k..n1 * k],
+        WeightData::Bf16(v) => {
+            widened = v[n0 * k..n1 * k]
+                .iter()
+                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .collect::<Vec<f32>>();
+            &widened
+        }
+    };
+    // SAFETY: dst is rows x width (row stride width), lhs is rows x k (row stride k), rhs is
+    // k x width read from the width x k row-major tile (column stride k); every index stays
+    // inside the slices, whose lengths the asserts above and the slicing here guarantee.
+    unsafe {
+        gemm::gemm(
+            rows,
+            width,
+            k,
+            part.as_mut_ptr(),
+            1,
+            width as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            tile.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Dot product of f32 `x` with bf16 bit patterns `w`.
+pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports avx512f (checked just above).
+            return unsafe { avx512::dot_bf16(x, w) };
+        }
+    }
+    let mut acc = [0.0f32; 16];
+    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(wc.remainder())
+        .map(|(&a, &b)| a * f32::from_bits(u32::from(b) << 16))
+        .sum();
+    for (xs, ws) in xc.zip(wc) {
+        for i in 0..16 {
+            acc[i] += xs[i] * f32::from_bits(u32::from(ws[i]) << 16);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Dot product of two f32 slices.
+pub fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(wc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (xs, ws) in xc.zip(wc) {
+        for i in 0..16 {
+            acc[i] += xs[i] * ws[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// AVX-512 bf16 x f32 dot product, widening 16 weights per load.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
+        let n = x.len().min(w.len());
+        let body = n / 32 * 32;
+        let (mut a0, mut a1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 32 <= n, so both 16-lane loads of x and w stay in bounds.
+            unsafe {
+                let w0 = _mm256_loadu_si256(w.as_ptr().add(i) as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.as_ptr().add(i + 16) as *const __m256i);
+                let f0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16));
+                let f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w1), 16));
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x.as_ptr().add(i)), f0, a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x.as_ptr().add(i + 16)), f1, a1);
+            }
+            i += 32;
+        }
+        let mut sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        for j in body..n {
+            sum += x[j] * f32::from_bits(u32::from(w[j]) << 16);
+        }
+        sum
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mat_bf16(rows: usize, cols: usize) -> (Mat, Vec<f32>) {
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 64.0)
+            .collect();
+        let bits: Vec<u16> = vals.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        let exact = bits_to_f32(&bits);
+        (
+            Mat {
+                rows,
+                cols,
+                data: WeightData::Bf16(bits),
+            },
+            exact,
+        )
+    }
+
+    fn bits_to_f32(b: &[u16]) -> Vec<f32> {
+        b.iter()
+            .map(|&x| f32::from_bits(u32::from(x) << 16))
+            .collect()
+    }
+
+    #[test]
+    fn dot_and_gemm_paths_match_a_naive_product() {
+        let (rows_w, k) = (200, 67);
+        let (w, wf) = mat_bf16(rows_w, k);
+        for rows in [1, 3, 20] {
+            let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.013).sin()).collect();
+            let mut out = vec![0.0; rows * rows_w];
+            linear(&x, rows, &w, &mut out);
+            for t in 0..rows {
+                for n in 0..rows_w {
+                    let want: f32 = (0..k).map(|i| x[t * k + i] * wf[n * k + i]).sum();
+                    let got = out[t * rows_w + n];
+                    assert!(
+                        (got - want).abs() < 1e-3,
+                        "rows {rows} t {t} n {n}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

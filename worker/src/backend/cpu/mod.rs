@@ -1,0 +1,310 @@
+//! The CPU backend: f32 arithmetic over bf16/f32 weights on one rayon pool, paged KV in RAM.
+
+mod attention;
+pub mod kernels;
+pub mod kv_store;
+pub mod linear;
+
+use rayon::prelude::*;
+
+use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use crate::engine::KvDtype;
+use crate::model::{Ffn, Layer, Mlp, ModelWeights};
+use kernels::{Rope, apply_rope, rms_norm, rms_norm_inplace, silu_mul, softmax};
+use kv_store::{Kv, KvStore};
+use linear::linear;
+
+/// Runs a model on the CPU.
+pub struct CpuBackend {
+    w: ModelWeights,
+    rope: Rope,
+    kv_dtype: KvDtype,
+    kv: Option<KvStore>,
+    pool: std::sync::Arc<rayon::ThreadPool>,
+}
+
+/// Per-row facts of a step: which chunk, which position, where its KV goes.
+struct Row {
+    chunk: usize,
+    pos: usize,
+}
+
+impl CpuBackend {
+    /// A backend over loaded weights with `threads` compute threads (None: all cores).
+    pub fn new(
+        w: ModelWeights,
+        kv_dtype: KvDtype,
+        threads: Option<usize>,
+    ) -> Result<Self, BackendError> {
+        let mut builder =
+            rayon::ThreadPoolBuilder::new().thread_name(|i| format!("llmapi-cpu-{i}"));
+        if let Some(n) = threads {
+            builder = builder.num_threads(n);
+        }
+        let pool = builder.build().map_err(|e| BackendError::KvAlloc {
+            bytes: 0,
+            reason: format!("cannot start the compute thread pool: {e}"),
+        })?;
+        Ok(Self {
+            rope: Rope::new(&w.config),
+            w,
+            kv_dtype,
+            kv: None,
+            pool: std::sync::Arc::new(pool),
+        })
+    }
+
+    /// The model weights.
+    pub fn weights(&self) -> &ModelWeights {
+        &self.w
+    }
+
+    fn step(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let Some(kv) = self.kv.as_mut() else {
+            return Err(BackendError::InvalidStep("init_kv was not called".into()));
+        };
+        let c = &self.w.config;
+        let (h, d, tpb) = (c.hidden_size, c.head_dim, kv.tokens_per_block());
+        let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let eps = c.rms_norm_eps as f32;
+        let mut rows = Vec::new();
+        let mut tokens = Vec::new();
+        for (i, ch) in batch.iter().enumerate() {
+            let end = ch.start_pos + ch.tokens.len();
+            if ch.block_table.len() * tpb < end {
+                return Err(BackendError::InvalidStep(format!(
+                    "chunk {i} reaches position {end} but has {} blocks",
+                    ch.block_table.len()
+                )));
+            }
+            if let Some(&t) = ch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(BackendError::InvalidStep(format!(
+                    "token id {t} is outside the vocabulary of {} tokens",
+                    c.vocab_size
+                )));
+            }
+            for (j, &t) in ch.tokens.iter().enumerate() {
+                rows.push(Row {
+                    chunk: i,
+                    pos: ch.start_pos + j,
+                });
+                tokens.push(t);
+            }
+        }
+        let t_rows = rows.len();
+        let mut x = vec![0.0f32; t_rows * h];
+        for (r, &t) in tokens.iter().enumerate() {
+            self.w
+                .embed
+                .row_to_f32(t as usize, &mut x[r * h..(r + 1) * h]);
+        }
+        let qkv_w = (nq + 2 * nkv) * d;
+        let mut xn = vec![0.0f32; t_rows * h];
+        let mut qkv = vec![0.0f32; t_rows * qkv_w];
+        let mut attn = vec![0.0f32; t_rows * nq * d];
+        let mut proj = vec![0.0f32; t_rows * h];
+        let (mut cos, mut sin) = (vec![0.0f32; d / 2], vec![0.0f32; d / 2]);
+        for (li, layer) in self.w.layers.iter().enumerate() {
+            norm_rows(&x, &layer.input_norm, eps, h, &mut xn);
+            linear(&xn, t_rows, &layer.qkv, &mut qkv);
+            for (r, row) in rows.iter().enumerate() {
+                let q = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
+                if let Some(b) = &layer.qkv_bias {
+                    q.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                self.rope.table(row.pos, &mut cos, &mut sin);
+                for head in q[..(nq + nkv) * d].chunks_exact_mut(d).enumerate() {
+                    let (hi, head) = head;
+                    if let Some((qn, kn)) = &layer.qk_norm {
+                        rms_norm_inplace(head, if hi < nq { qn } else { kn }, eps);
+                    }
+                    apply_rope(head, &cos, &sin);
+                }
+                let ch = &batch[row.chunk];
+                let block = ch.block_table[row.pos / tpb];
+                for g in 0..nkv {
+                    let k = &q[(nq + g) * d..(nq + g + 1) * d];
+                    kv.write(li, Kv::K, block, row.pos % tpb, g, k);
+                    let v = &q[(nq + nkv + g) * d..(nq + nkv + g + 1) * d];
+                    kv.write(li, Kv::V, block, row.pos % tpb, g, v);
+                }
+            }
+            attention::attend(kv, li, batch, &rows_view(&rows), &qkv, c, &mut attn);
+            linear(&attn, t_rows, &layer.o, &mut proj);
+            add_rows(&mut x, &proj, layer.o_bias.as_deref(), h);
+            norm_rows(&x, &layer.post_norm, eps, h, &mut xn);
+            mlp(layer, &xn, t_rows, h, &mut proj);
+            add_rows(&mut x, &proj, None, h);
+        }
+        self.logits(batch, &rows, &x)
+    }
+
+    fn logits(
+        &self,
+        batch: &[SeqChunk<'_>],
+        rows: &[Row],
+        x: &[f32],
+    ) -> Result<Vec<Vec<f32>>, BackendError> {
+        let c = &self.w.config;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let mut picked: Vec<usize> = Vec::new();
+        for (r, row) in rows.iter().enumerate() {
+            let ch = &batch[row.chunk];
+            let last = row.pos + 1 == ch.start_pos + ch.tokens.len();
+            match ch.logits {
+                LogitsWanted::All => picked.push(r),
+                LogitsWanted::Last if last => picked.push(r),
+                _ => {}
+            }
+        }
+        let mut xn = vec![0.0f32; picked.len() * h];
+        for (i, &r) in picked.iter().enumerate() {
+            rms_norm(
+                &x[r * h..(r + 1) * h],
+                &self.w.norm,
+                c.rms_norm_eps as f32,
+                &mut xn[i * h..(i + 1) * h],
+            );
+        }
+        let mut all = vec![0.0f32; picked.len() * vocab];
+        linear(&xn, picked.len(), self.w.lm_head(), &mut all);
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        for (i, &r) in picked.iter().enumerate() {
+            out[rows[r].chunk].extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
+        }
+        Ok(out)
+    }
+}
+
+fn rows_view(rows: &[Row]) -> Vec<(usize, usize)> {
+    rows.iter().map(|r| (r.chunk, r.pos)).collect()
+}
+
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, h: usize, out: &mut [f32]) {
+    out.par_chunks_mut(h)
+        .zip(x.par_chunks(h))
+        .for_each(|(o, xr)| rms_norm(xr, w, eps, o));
+}
+
+fn add_rows(x: &mut [f32], y: &[f32], bias: Option<&[f32]>, h: usize) {
+    for (xr, yr) in x.chunks_exact_mut(h).zip(y.chunks_exact(h)) {
+        match bias {
+            Some(b) => xr
+                .iter_mut()
+                .zip(yr)
+                .zip(b)
+                .for_each(|((a, y), b)| *a += y + b),
+            None => xr.iter_mut().zip(yr).for_each(|(a, y)| *a += y),
+        }
+    }
+}
+
+/// out = FFN(xn) for `rows` rows.
+fn run_ffn(f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32]) {
+    let mut gu = vec![0.0f32; rows * 2 * f.inter];
+    linear(xn, rows, &f.gate_up, &mut gu);
+    let mut act = vec![0.0f32; rows * f.inter];
+    act.par_chunks_mut(f.inter)
+        .zip(gu.par_chunks(2 * f.inter))
+        .for_each(|(a, g)| silu_mul(g, a));
+    linear(&act, rows, &f.down, out);
+}
+
+fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
+    match &layer.mlp {
+        Mlp::Dense(f) => run_ffn(f, xn, rows, out),
+        Mlp::Moe {
+            router,
+            experts,
+            top_k,
+            norm_topk_prob,
+            shared,
+        } => {
+            let e = experts.len();
+            let mut logits = vec![0.0f32; rows * e];
+            linear(xn, rows, router, &mut logits);
+            let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
+            for r in 0..rows {
+                let probs = &mut logits[r * e..(r + 1) * e];
+                softmax(probs);
+                let mut idx: Vec<usize> = (0..e).collect();
+                idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+                idx.truncate(*top_k);
+                let sum: f32 = idx.iter().map(|&i| probs[i]).sum();
+                for &i in &idx {
+                    let wgt = if *norm_topk_prob {
+                        probs[i] / sum
+                    } else {
+                        probs[i]
+                    };
+                    assigned[i].push((r, wgt));
+                }
+            }
+            out.iter_mut().for_each(|v| *v = 0.0);
+            for (ex, list) in experts.iter().zip(&assigned) {
+                if list.is_empty() {
+                    continue;
+                }
+                let mut xs = Vec::with_capacity(list.len() * h);
+                for &(r, _) in list {
+                    xs.extend_from_slice(&xn[r * h..(r + 1) * h]);
+                }
+                let mut ys = vec![0.0f32; list.len() * h];
+                run_ffn(ex, &xs, list.len(), &mut ys);
+                for (i, &(r, wgt)) in list.iter().enumerate() {
+                    let dst = &mut out[r * h..(r + 1) * h];
+                    dst.iter_mut()
+                        .zip(&ys[i * h..(i + 1) * h])
+                        .for_each(|(o, y)| *o += wgt * y);
+                }
+            }
+            if let Some((sf, gate)) = shared {
+                let mut ys = vec![0.0f32; rows * h];
+                run_ffn(sf, xn, rows, &mut ys);
+                let mut g = vec![0.0f32; rows];
+                linear(xn, rows, gate, &mut g);
+                for r in 0..rows {
+                    let s = 1.0 / (1.0 + (-g[r]).exp());
+                    out[r * h..(r + 1) * h]
+                        .iter_mut()
+                        .zip(&ys[r * h..(r + 1) * h])
+                        .for_each(|(o, y)| *o += s * y);
+                }
+            }
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.w.config.vocab_size
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.w.config;
+        c.num_hidden_layers
+            * KvStore::bytes_per_token_layer(self.kv_dtype, c.num_key_value_heads, c.head_dim)
+    }
+
+    fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError> {
+        let c = &self.w.config;
+        self.kv = Some(KvStore::new(
+            self.kv_dtype,
+            c.num_hidden_layers,
+            num_blocks,
+            c.num_key_value_heads,
+            tokens_per_block,
+            c.head_dim,
+        ));
+        Ok(())
+    }
+
+    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let pool = std::sync::Arc::clone(&self.pool);
+        pool.install(|| self.step(batch))
+    }
+}

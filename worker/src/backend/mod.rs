@@ -1,0 +1,64 @@
+//! The compute backend door: one forward step over a batch of sequence chunks.
+//!
+//! The scheduler and block manager speak only in token ids, positions and block ids; a backend
+//! owns the weights and the KV memory on its device and turns a step into logits. The CPU
+//! backend lives in `cpu`; a CUDA backend implements the same trait.
+
+pub mod cpu;
+
+use crate::kv::BlockId;
+
+/// Which logits a sequence needs from a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// None (a prefill chunk that does not reach the end of the known tokens).
+    None,
+    /// Only the last position's row.
+    Last,
+    /// A row for every position of the chunk (prompt logprobs).
+    All,
+}
+
+/// One sequence's share of a step: compute KV for `tokens` at positions `start_pos..`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// The tokens whose KV is computed this step.
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; KV for positions before it is already in the cache.
+    pub start_pos: usize,
+    /// Blocks holding positions `0..start_pos + tokens.len()`, in order.
+    pub block_table: &'a [BlockId],
+    /// Which logits to return.
+    pub logits: LogitsWanted,
+}
+
+/// Errors of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The KV pool could not be allocated.
+    #[error("cannot allocate {bytes} bytes of KV cache: {reason}")]
+    KvAlloc {
+        /// Requested bytes.
+        bytes: usize,
+        /// Cause.
+        reason: String,
+    },
+    /// A step referenced data it must not (a scheduler bug); the step is refused.
+    #[error("invalid step: {0}")]
+    InvalidStep(String),
+}
+
+/// A compute device that runs the model.
+pub trait Backend: Send {
+    /// Short name reported in `info()`, e.g. "cpu".
+    fn name(&self) -> &'static str;
+    /// Rows of the logits.
+    fn vocab_size(&self) -> usize;
+    /// Bytes of KV memory one token takes across all layers.
+    fn kv_bytes_per_token(&self) -> usize;
+    /// Allocates the KV pool; must be called once before `forward`.
+    fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError>;
+    /// Runs one step; returns per chunk its logits rows (0, 1 or `tokens.len()` rows of
+    /// `vocab_size`, flattened) as asked by `LogitsWanted`.
+    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+}

@@ -1,0 +1,446 @@
+//! The engine thread: drain commands, plan a step, run the backend, sample, emit events.
+
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{Command, EngineConfig, EngineError, EngineInfo, Status};
+use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
+use crate::backend::{Backend, LogitsWanted, SeqChunk};
+use crate::kv::BlockManager;
+use crate::sampling::{Banned, Sampler, log_softmax, token_logprob};
+use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
+
+/// A request on its way to the engine thread.
+pub(crate) struct NewRequest {
+    pub(crate) params: GenerateParams,
+    pub(crate) tx: UnboundedSender<TokenEvent>,
+    pub(crate) arrival: Instant,
+}
+
+/// Checks what can be checked without the engine thread.
+pub(crate) fn validate(
+    req: &GenerateParams,
+    info: &EngineInfo,
+    max_num_tokens: usize,
+    chunked: bool,
+) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::InvalidRequest(m));
+    let n = req.prompt.len();
+    let max_seq_len = info.max_seq_len as usize;
+    if n == 0 {
+        return bad("the prompt is empty; send at least one token".into());
+    }
+    if n >= max_seq_len {
+        return bad(format!(
+            "prompt has {n} tokens but max_seq_len is {max_seq_len}; shorten it or raise --max_seq_len"
+        ));
+    }
+    if let Some(t) = req.prompt.iter().find(|&&t| t >= info.vocab_size) {
+        return bad(format!(
+            "prompt token id {t} is outside the vocabulary of {} tokens",
+            info.vocab_size
+        ));
+    }
+    if !chunked && n > max_num_tokens {
+        return bad(format!(
+            "prompt has {n} tokens but max_num_tokens is {max_num_tokens} and chunked prefill is off; \
+             shorten it, raise --max_num_tokens or enable enable_chunked_prefill"
+        ));
+    }
+    let total = total_len(req, max_seq_len);
+    let blocks = total.div_ceil(info.tokens_per_block as usize);
+    if blocks as u64 > info.kv_capacity_blocks {
+        return bad(format!(
+            "request needs {total} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
+             lower max_tokens or raise kv_cache_config.max_tokens",
+            info.kv_capacity_blocks, info.tokens_per_block
+        ));
+    }
+    let s = &req.sampling;
+    if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+        return bad(format!("temperature is {}; it must be >= 0", s.temperature));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return bad(format!("top_p is {}; it must be in (0, 1]", s.top_p));
+    }
+    if !(0.0..=1.0).contains(&s.min_p) {
+        return bad(format!("min_p is {}; it must be in [0, 1]", s.min_p));
+    }
+    if !(s.repetition_penalty > 0.0 && s.repetition_penalty.is_finite()) {
+        return bad(format!(
+            "repetition_penalty is {}; it must be > 0",
+            s.repetition_penalty
+        ));
+    }
+    if !s.presence_penalty.is_finite() || !s.frequency_penalty.is_finite() {
+        return bad("presence_penalty and frequency_penalty must be finite numbers".into());
+    }
+    if req.stopping.min_tokens as usize + n > total && req.stopping.max_tokens > 0 {
+        return bad(format!(
+            "min_tokens {} exceeds max_tokens {}",
+            req.stopping.min_tokens, req.stopping.max_tokens
+        ));
+    }
+    Ok(())
+}
+
+fn total_len(req: &GenerateParams, max_seq_len: usize) -> usize {
+    let n = req.prompt.len();
+    match req.stopping.max_tokens {
+        0 => max_seq_len,
+        m => (n + m as usize).min(max_seq_len),
+    }
+}
+
+pub(crate) struct Runner {
+    backend: Box<dyn Backend>,
+    sched: Scheduler,
+    info: EngineInfo,
+    status: Arc<Status>,
+    print_iter_log: bool,
+    iter: u64,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        backend: Box<dyn Backend>,
+        cfg: EngineConfig,
+        info: EngineInfo,
+        num_blocks: usize,
+        status: Arc<Status>,
+    ) -> Self {
+        let limits = SchedulerLimits {
+            max_batch_size: cfg.max_batch_size,
+            max_num_tokens: cfg.max_num_tokens,
+            chunked_prefill: cfg.enable_chunked_prefill,
+            policy: cfg.capacity_policy,
+        };
+        let bm = BlockManager::new(num_blocks, cfg.tokens_per_block, cfg.enable_block_reuse);
+        Self {
+            backend,
+            sched: Scheduler::new(limits, bm),
+            info,
+            status,
+            print_iter_log: cfg.print_iter_log,
+            iter: 0,
+        }
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        loop {
+            let cmd = if self.sched.is_idle() {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => break,
+                }
+            } else {
+                rx.try_recv().ok()
+            };
+            if let Some(cmd) = cmd {
+                if !self.handle(cmd) {
+                    break;
+                }
+                while let Ok(cmd) = rx.try_recv() {
+                    if !self.handle(cmd) {
+                        self.fail_all("the engine is shutting down");
+                        return;
+                    }
+                }
+            }
+            self.drop_disconnected();
+            if !self.sched.is_idle() {
+                self.step();
+            }
+            self.publish_load();
+        }
+        self.fail_all("the engine is shutting down");
+    }
+
+    /// Applies a command; false means shut down.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit(req) => self.enqueue(*req),
+            Command::Abort(id) => {
+                if let Some(seq) = self.sched.remove(&id) {
+                    self.finish_event(&seq, FinishReason::Abort, None);
+                    self.forget(&seq.id);
+                }
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn enqueue(&mut self, req: NewRequest) {
+        let p = req.params;
+        let max_total = total_len(&p, self.info.max_seq_len as usize);
+        let seq = Sequence {
+            id: p.request_id,
+            prompt_len: p.prompt.len(),
+            tokens: p.prompt,
+            num_computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            cached_tokens: 0,
+            max_total,
+            stopping: p.stopping,
+            want_prompt_logprobs: p.sampling.prompt_logprobs,
+            sampler: Sampler::new(p.sampling),
+            tx: req.tx,
+            arrival: req.arrival,
+            scheduled_at: None,
+            first_token_at: None,
+            prompt_logprobs: Vec::new(),
+        };
+        self.sched.waiting.push_back(seq);
+    }
+
+    fn forget(&self, id: &str) {
+        if let Ok(mut live) = self.status.live.lock() {
+            live.remove(id);
+        }
+    }
+
+    fn drop_disconnected(&mut self) {
+        let gone: Vec<String> = self
+            .sched
+            .running
+            .iter()
+            .chain(self.sched.waiting.iter())
+            .filter(|s| s.tx.is_closed())
+            .map(|s| s.id.clone())
+            .collect();
+        for id in gone {
+            self.sched.remove(&id);
+            self.forget(&id);
+            tracing::debug!(request_id = %id, "client went away; request aborted");
+        }
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        let ids: Vec<String> = self
+            .sched
+            .running
+            .iter()
+            .chain(self.sched.waiting.iter())
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            if let Some(seq) = self.sched.remove(&id) {
+                let _ = seq.tx.send(TokenEvent::Error(why.to_string()));
+                self.forget(&id);
+            }
+        }
+        self.publish_load();
+    }
+
+    fn publish_load(&self) {
+        let bm = &self.sched.blocks;
+        let load = LoadStats {
+            running: self.sched.running.len() as u32,
+            queued: self.sched.waiting.len() as u32,
+            kv_blocks_used: (bm.num_blocks() - bm.num_free()) as u64,
+            kv_blocks_free: bm.num_free() as u64,
+        };
+        if let Ok(mut l) = self.status.load.lock() {
+            *l = load;
+        }
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        let plan = self.sched.schedule();
+        if plan.is_empty() {
+            if self.sched.running.is_empty() {
+                // Nothing running and the head cannot be admitted: it can never fit.
+                if let Some(seq) = self.sched.waiting.pop_front() {
+                    let _ = seq.tx.send(TokenEvent::Error(
+                        "the request does not fit in the KV cache; lower max_tokens or raise kv_cache_config.max_tokens".into(),
+                    ));
+                    self.forget(&seq.id);
+                }
+            }
+            return;
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .map(|item| {
+                let s = &self.sched.running[item.seq];
+                let end = s.num_computed + item.n;
+                let logits = if s.want_prompt_logprobs && s.num_computed < s.prompt_len {
+                    LogitsWanted::All
+                } else if end == s.tokens.len() {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                };
+                SeqChunk {
+                    tokens: &s.tokens[s.num_computed..end],
+                    start_pos: s.num_computed,
+                    block_table: &s.blocks,
+                    logits,
+                }
+            })
+            .collect();
+        let (ctx_reqs, ctx_tokens, gen_tokens) = plan_counts(&plan, &self.sched);
+        let result = self.backend.forward(&chunks);
+        drop(chunks);
+        match result {
+            Ok(logits) => self.after_step(&plan, logits),
+            Err(e) => {
+                tracing::error!(error = %e, "forward step failed; failing its requests");
+                let ids: Vec<String> = plan
+                    .iter()
+                    .map(|i| self.sched.running[i.seq].id.clone())
+                    .collect();
+                for id in ids {
+                    if let Some(seq) = self.sched.remove(&id) {
+                        let _ = seq
+                            .tx
+                            .send(TokenEvent::Error(format!("engine step failed: {e}")));
+                        self.forget(&id);
+                    }
+                }
+            }
+        }
+        self.iter += 1;
+        if self.print_iter_log {
+            let bm = &self.sched.blocks;
+            tracing::info!(
+                "iter = {}, host_step_time = {:.3}ms, num_scheduled_requests: {}, states = {{'num_ctx_requests': {}, 'num_ctx_tokens': {}, 'num_generation_tokens': {}}}, running = {}, queued = {}, kv_blocks_used = {}, kv_blocks_free = {}",
+                self.iter,
+                started.elapsed().as_secs_f64() * 1e3,
+                plan.len(),
+                ctx_reqs,
+                ctx_tokens,
+                gen_tokens,
+                self.sched.running.len(),
+                self.sched.waiting.len(),
+                bm.num_blocks() - bm.num_free(),
+                bm.num_free()
+            );
+        }
+    }
+
+    fn after_step(&mut self, plan: &[PlanItem], logits: Vec<Vec<f32>>) {
+        let vocab = self.info.vocab_size as usize;
+        let mut done: Vec<(usize, FinishReason, Option<u32>)> = Vec::new();
+        for (item, mut rows) in plan.iter().zip(logits) {
+            let start = self.sched.running[item.seq].num_computed;
+            self.sched.running[item.seq].num_computed += item.n;
+            self.sched.register_full_blocks(item.seq);
+            let eos = &self.info.eos_token_ids;
+            let seq = &mut self.sched.running[item.seq];
+            if seq.want_prompt_logprobs && start < seq.prompt_len {
+                collect_prompt_logprobs(seq, &rows, start, item.n, vocab);
+                if seq.num_computed >= seq.prompt_len {
+                    seq.want_prompt_logprobs = false;
+                    let lps = std::mem::take(&mut seq.prompt_logprobs);
+                    let _ = seq.tx.send(TokenEvent::PromptLogprobs(lps));
+                }
+            }
+            if seq.num_computed < seq.tokens.len() {
+                continue;
+            }
+            let len = rows.len();
+            let last = &mut rows[len.saturating_sub(vocab)..];
+            if let Some(r) = sample_one(seq, last, eos) {
+                done.push((item.seq, r.0, r.1));
+            }
+        }
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        for (i, reason, stop) in done {
+            let seq = self.sched.finish(i);
+            self.finish_event(&seq, reason, stop);
+            self.forget(&seq.id);
+        }
+    }
+
+    fn finish_event(&self, seq: &Sequence, reason: FinishReason, stop_token_id: Option<u32>) {
+        let now = Instant::now();
+        let since = |t: Option<Instant>| t.map_or(0.0, |t| (t - seq.arrival).as_secs_f64());
+        let _ = seq.tx.send(TokenEvent::Finished {
+            reason,
+            stop_token_id,
+            usage: Usage {
+                prompt_tokens: seq.prompt_len as u32,
+                completion_tokens: (seq.tokens.len() - seq.prompt_len) as u32,
+                cached_tokens: seq.cached_tokens as u32,
+            },
+            timings: Timings {
+                queue_s: since(seq.scheduled_at),
+                ttft_s: since(seq.first_token_at),
+                e2e_s: (now - seq.arrival).as_secs_f64(),
+            },
+        });
+    }
+}
+
+fn plan_counts(plan: &[PlanItem], sched: &Scheduler) -> (usize, usize, usize) {
+    let (mut ctx_reqs, mut ctx_tokens, mut gen_tokens) = (0, 0, 0);
+    for item in plan {
+        let s = &sched.running[item.seq];
+        if s.num_computed + item.n == s.tokens.len()
+            && item.n == 1
+            && s.num_computed >= s.prompt_len
+        {
+            gen_tokens += 1;
+        } else {
+            ctx_reqs += 1;
+            ctx_tokens += item.n;
+        }
+    }
+    (ctx_reqs, ctx_tokens, gen_tokens)
+}
+
+fn collect_prompt_logprobs(seq: &mut Sequence, rows: &[f32], start: usize, n: usize, vocab: usize) {
+    let top_n = seq.sampler.logprobs().unwrap_or(0);
+    for j in 0..n {
+        let pos = start + j;
+        // The row at `pos` predicts token `pos + 1`; only prompt tokens are reported.
+        if pos + 1 >= seq.prompt_len || rows.len() < (j + 1) * vocab {
+            continue;
+        }
+        let lp = log_softmax(&rows[j * vocab..(j + 1) * vocab]);
+        seq.prompt_logprobs
+            .push(token_logprob(&lp, seq.tokens[pos + 1], top_n));
+    }
+}
+
+/// Samples the next token of `seq`, sends it, and says whether the sequence is done.
+fn sample_one(
+    seq: &mut Sequence,
+    logits: &mut [f32],
+    eos: &[u32],
+) -> Option<(FinishReason, Option<u32>)> {
+    let generated = seq.tokens.len() - seq.prompt_len;
+    let mut banned: Vec<u32> = Vec::new();
+    if generated < seq.stopping.min_tokens as usize {
+        banned.extend(&seq.stopping.stop_token_ids);
+        if !seq.stopping.ignore_eos {
+            banned.extend(eos);
+        }
+    }
+    let (prompt, generated_ids) = seq.tokens.split_at(seq.prompt_len);
+    let (token, logprob) = seq
+        .sampler
+        .sample(logits, prompt, generated_ids, Banned(&banned));
+    seq.tokens.push(token);
+    if seq.first_token_at.is_none() {
+        seq.first_token_at = Some(Instant::now());
+    }
+    let is_stop = seq.stopping.stop_token_ids.contains(&token)
+        || (!seq.stopping.ignore_eos && eos.contains(&token));
+    if is_stop {
+        return Some((FinishReason::Stop, Some(token)));
+    }
+    let logprobs: Vec<TokenLogprob> = logprob.into_iter().collect();
+    let _ = seq.tx.send(TokenEvent::Tokens {
+        ids: vec![token],
+        logprobs,
+    });
+    (seq.tokens.len() >= seq.max_total).then_some((FinishReason::Length, None))
+}

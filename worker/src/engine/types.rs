@@ -1,0 +1,295 @@
+//! Plain data crossing the engine's door: configuration, requests, events and statistics.
+//!
+//! Field meanings mirror `proto/proto/worker.proto`.
+
+use std::path::PathBuf;
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvDtype {
+    /// The engine's choice: bf16 on CPU.
+    #[default]
+    Auto,
+    /// 32-bit floats.
+    Float32,
+    /// bfloat16.
+    Bf16,
+    /// fp8 e4m3 with one f32 scale per token and KV head.
+    Fp8,
+}
+
+impl KvDtype {
+    /// Parses the `kv_cache_config.dtype` spellings: auto, float32/fp32, bf16/bfloat16, fp8.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "auto" => Self::Auto,
+            "float32" | "fp32" | "f32" => Self::Float32,
+            "bf16" | "bfloat16" => Self::Bf16,
+            "fp8" | "fp8_e4m3" | "e4m3" => Self::Fp8,
+            _ => return None,
+        })
+    }
+}
+
+/// How the scheduler admits requests when KV blocks are scarce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CapacityPolicy {
+    /// Reserve blocks for the whole request (prompt + max_tokens) at admission; never preempt.
+    #[default]
+    GuaranteedNoEvict,
+    /// Admit greedily; when blocks run out preempt the newest request and recompute it later.
+    MaxUtilization,
+}
+
+/// Engine settings; plain data so configuration code can fill it from `LlmArgs`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// Most sequences in one iteration.
+    pub max_batch_size: usize,
+    /// Most tokens (prefill + decode) in one iteration.
+    pub max_num_tokens: usize,
+    /// Longest prompt + completion; None means the model's max_position_embeddings.
+    pub max_seq_len: Option<usize>,
+    /// Tokens per KV block.
+    pub tokens_per_block: usize,
+    /// KV cache element type.
+    pub kv_dtype: KvDtype,
+    /// KV capacity in tokens; when None, `kv_memory_fraction` of available RAM is used.
+    pub kv_max_tokens: Option<usize>,
+    /// Fraction of available host memory for the KV cache when `kv_max_tokens` is None.
+    pub kv_memory_fraction: f64,
+    /// Reuse cached prefix blocks across requests.
+    pub enable_block_reuse: bool,
+    /// Split long prompts over iterations under max_num_tokens.
+    pub enable_chunked_prefill: bool,
+    /// Admission policy.
+    pub capacity_policy: CapacityPolicy,
+    /// Print one line per iteration.
+    pub print_iter_log: bool,
+    /// Compute threads; None means all available cores.
+    pub threads: Option<usize>,
+    /// Model name reported by `info()`; None means the directory name.
+    pub model_name: Option<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: 64,
+            max_num_tokens: 2048,
+            max_seq_len: None,
+            tokens_per_block: 32,
+            kv_dtype: KvDtype::Auto,
+            kv_max_tokens: None,
+            kv_memory_fraction: 0.2,
+            enable_block_reuse: true,
+            enable_chunked_prefill: false,
+            capacity_policy: CapacityPolicy::GuaranteedNoEvict,
+            print_iter_log: false,
+            threads: None,
+            model_name: None,
+        }
+    }
+}
+
+/// Sampling settings of one request (proto `SamplingParams`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means disabled.
+    pub top_k: u32,
+    /// 1.0 means disabled.
+    pub top_p: f32,
+    /// 0 means disabled.
+    pub min_p: f32,
+    /// Seed for reproducible sampling; None draws one.
+    pub seed: Option<u64>,
+    /// 1.0 means disabled.
+    pub repetition_penalty: f32,
+    /// 0 means disabled.
+    pub presence_penalty: f32,
+    /// 0 means disabled.
+    pub frequency_penalty: f32,
+    /// Number of top alternatives returned with each token; None means no logprobs.
+    pub logprobs: Option<u32>,
+    /// Also return logprobs of the prompt tokens.
+    pub prompt_logprobs: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: None,
+            prompt_logprobs: false,
+        }
+    }
+}
+
+/// When a request stops (proto `StoppingParams`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoppingParams {
+    /// Most tokens to generate; 0 means up to max_seq_len.
+    pub max_tokens: u32,
+    /// EOS and stop tokens are ignored until this many tokens were generated.
+    pub min_tokens: u32,
+    /// Never stop on the model's EOS ids.
+    pub ignore_eos: bool,
+    /// Extra token ids that end the request.
+    pub stop_token_ids: Vec<u32>,
+}
+
+/// One request for the engine.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GenerateParams {
+    /// Caller-chosen id, unique among live requests.
+    pub request_id: String,
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Sampling settings.
+    pub sampling: SamplingParams,
+    /// Stopping settings.
+    pub stopping: StoppingParams,
+}
+
+/// A sampled token with its log probability and the top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token_id: u32,
+    /// Its log probability under the model's distribution (before sampling filters).
+    pub logprob: f32,
+    /// The most likely tokens and their log probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Why a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS or stop token.
+    Stop,
+    /// max_tokens or max_seq_len.
+    Length,
+    /// Aborted by the caller.
+    Abort,
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
+}
+
+/// Server-side timings in seconds since arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timings {
+    /// Arrival to first scheduled.
+    pub queue_s: f64,
+    /// Arrival to first token.
+    pub ttft_s: f64,
+    /// Arrival to last token.
+    pub e2e_s: f64,
+}
+
+/// What the engine streams back for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// New tokens; `logprobs` is empty unless asked for.
+    Tokens {
+        /// The new token ids.
+        ids: Vec<u32>,
+        /// One entry per id when logprobs were asked for.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// Logprobs of the prompt tokens (first token has none); sent before the first Tokens.
+    PromptLogprobs(Vec<TokenLogprob>),
+    /// The last event of a request.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// The stop or EOS token that ended it, if one did.
+        stop_token_id: Option<u32>,
+        /// Token counts.
+        usage: Usage,
+        /// Timings.
+        timings: Timings,
+    },
+    /// The request failed; no further events follow.
+    Error(String),
+}
+
+/// Current load, as the router's policies read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoadStats {
+    /// Requests in the running batch.
+    pub running: u32,
+    /// Requests waiting for admission.
+    pub queued: u32,
+    /// KV blocks held by requests or the prefix cache.
+    pub kv_blocks_used: u64,
+    /// KV blocks free (including evictable cached blocks).
+    pub kv_blocks_free: u64,
+}
+
+/// Static facts about the served model and engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineInfo {
+    /// Model name.
+    pub model: String,
+    /// Model directory.
+    pub model_dir: PathBuf,
+    /// Longest prompt + completion.
+    pub max_seq_len: u32,
+    /// Tokens per KV block.
+    pub tokens_per_block: u32,
+    /// Vocabulary size.
+    pub vocab_size: u32,
+    /// EOS token ids from config.json.
+    pub eos_token_ids: Vec<u32>,
+    /// KV blocks in the pool.
+    pub kv_capacity_blocks: u64,
+    /// Most sequences per iteration.
+    pub max_batch_size: u32,
+    /// Most tokens per iteration.
+    pub max_num_tokens: u32,
+    /// Prefix reuse on.
+    pub enable_block_reuse: bool,
+    /// Compute backend name, e.g. "cpu".
+    pub backend: String,
+}
+
+/// Errors of the engine API.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// config.json problems.
+    #[error(transparent)]
+    Config(#[from] llmapi_common::model_config::ModelConfigError),
+    /// Weight loading problems.
+    #[error("{0}")]
+    Weights(String),
+    /// Engine settings that cannot work.
+    #[error("invalid engine configuration: {0}")]
+    InvalidConfig(String),
+    /// A request that can never be served as asked.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The engine thread has stopped.
+    #[error("the engine has shut down")]
+    Shutdown,
+    /// The compute backend failed.
+    #[error("backend error: {0}")]
+    Backend(String),
+}

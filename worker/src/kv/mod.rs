@@ -1,0 +1,189 @@
+//! KV block accounting: reference counts, prefix hashes chained over the prefix, LRU eviction.
+//!
+//! Block hashes come from `llmapi_common::block_hash`, shared with the router's
+//! kv_cache_aware policy. This module only hands out block ids; the KV memory itself lives in the backend, which is
+//! indexed by these ids. Not for: attention, scheduling policy.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// Index of a block in the backend's KV pool.
+pub type BlockId = u32;
+
+pub use llmapi_common::block_hash::prefix_block_hashes;
+
+/// Hands out KV blocks, shares cached prefix blocks and evicts the least recently used ones.
+#[derive(Debug)]
+pub struct BlockManager {
+    tokens_per_block: usize,
+    enable_reuse: bool,
+    ref_count: Vec<u32>,
+    /// Hash a block is registered under in `cached`, if any.
+    hash_of: Vec<Option<u64>>,
+    cached: HashMap<u64, BlockId>,
+    /// Free blocks that hold no reusable content.
+    free_plain: Vec<BlockId>,
+    /// Free blocks that hold a cached prefix, keyed by last-use tick (oldest first).
+    evictable: BTreeMap<u64, BlockId>,
+    evict_tick: Vec<u64>,
+    tick: u64,
+}
+
+impl BlockManager {
+    /// A manager for `num_blocks` blocks of `tokens_per_block` tokens.
+    pub fn new(num_blocks: usize, tokens_per_block: usize, enable_reuse: bool) -> Self {
+        Self {
+            tokens_per_block,
+            enable_reuse,
+            ref_count: vec![0; num_blocks],
+            hash_of: vec![None; num_blocks],
+            cached: HashMap::new(),
+            free_plain: (0..num_blocks as BlockId).rev().collect(),
+            evictable: BTreeMap::new(),
+            evict_tick: vec![0; num_blocks],
+            tick: 0,
+        }
+    }
+
+    /// Tokens per block.
+    pub fn tokens_per_block(&self) -> usize {
+        self.tokens_per_block
+    }
+
+    /// Whether prefix reuse is on.
+    pub fn reuse_enabled(&self) -> bool {
+        self.enable_reuse
+    }
+
+    /// Blocks in the pool.
+    pub fn num_blocks(&self) -> usize {
+        self.ref_count.len()
+    }
+
+    /// Blocks that can be allocated now (never used or evictable).
+    pub fn num_free(&self) -> usize {
+        self.free_plain.len() + self.evictable.len()
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.tokens_per_block)
+    }
+
+    /// Takes a free block, evicting the least recently used cached one when needed.
+    pub fn allocate(&mut self) -> Option<BlockId> {
+        let block = match self.free_plain.pop() {
+            Some(b) => b,
+            None => {
+                let (_, b) = self.evictable.pop_first()?;
+                if let Some(h) = self.hash_of[b as usize].take() {
+                    self.cached.remove(&h);
+                }
+                b
+            }
+        };
+        self.ref_count[block as usize] = 1;
+        Some(block)
+    }
+
+    /// Drops one reference; a block whose count reaches zero becomes free (evictable if cached).
+    pub fn release(&mut self, block: BlockId) {
+        let i = block as usize;
+        debug_assert!(self.ref_count[i] > 0, "double free of block {block}");
+        self.ref_count[i] = self.ref_count[i].saturating_sub(1);
+        if self.ref_count[i] == 0 {
+            if self.hash_of[i].is_some() {
+                self.tick += 1;
+                self.evict_tick[i] = self.tick;
+                self.evictable.insert(self.tick, block);
+            } else {
+                self.free_plain.push(block);
+            }
+        }
+    }
+
+    /// Releases every block of a sequence, last block first so shared prefixes stay longest.
+    pub fn release_all(&mut self, blocks: &[BlockId]) {
+        for &b in blocks.iter().rev() {
+            self.release(b);
+        }
+    }
+
+    /// Number of leading `hashes` that are cached, without taking references.
+    pub fn count_cached_prefix(&self, hashes: &[u64]) -> usize {
+        if !self.enable_reuse {
+            return 0;
+        }
+        hashes
+            .iter()
+            .take_while(|h| self.cached.contains_key(h))
+            .count()
+    }
+
+    /// Takes a reference on the longest cached prefix of `hashes` and returns its blocks.
+    pub fn acquire_cached_prefix(&mut self, hashes: &[u64]) -> Vec<BlockId> {
+        let n = self.count_cached_prefix(hashes);
+        let mut blocks = Vec::with_capacity(n);
+        for h in &hashes[..n] {
+            let Some(&b) = self.cached.get(h) else { break };
+            let i = b as usize;
+            if self.ref_count[i] == 0 {
+                self.evictable.remove(&self.evict_tick[i]);
+            }
+            self.ref_count[i] += 1;
+            blocks.push(b);
+        }
+        blocks
+    }
+
+    /// Records that `block` now holds the full block whose chained hash is `hash`.
+    ///
+    /// When another block already holds the same content, this one stays unregistered.
+    pub fn register(&mut self, block: BlockId, hash: u64) {
+        if !self.enable_reuse || self.hash_of[block as usize].is_some() {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
+            e.insert(block);
+            self.hash_of[block as usize] = Some(hash);
+        }
+    }
+
+    /// Blocks referenced by at least one sequence.
+    pub fn num_in_use(&self) -> usize {
+        self.ref_count.iter().filter(|&&c| c > 0).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_cached_blocks_are_reused_then_evicted_lru() {
+        let mut m = BlockManager::new(2, 4, true);
+        let b0 = m.allocate().unwrap();
+        let b1 = m.allocate().unwrap();
+        assert!(m.allocate().is_none());
+        m.register(b0, 10);
+        m.register(b1, 20);
+        m.release(b0);
+        m.release(b1);
+        assert_eq!(m.num_free(), 2);
+        assert_eq!(m.acquire_cached_prefix(&[20]), vec![b1]);
+        assert_eq!(m.num_free(), 1);
+        // b0 is the only evictable block: allocating evicts it and forgets its hash.
+        assert_eq!(m.allocate(), Some(b0));
+        assert_eq!(m.count_cached_prefix(&[10]), 0);
+        m.release_all(&[b0, b1]);
+        assert_eq!(m.num_in_use(), 0);
+    }
+
+    #[test]
+    fn reuse_disabled_never_matches() {
+        let mut m = BlockManager::new(2, 4, false);
+        let b = m.allocate().unwrap();
+        m.register(b, 1);
+        m.release(b);
+        assert_eq!(m.count_cached_prefix(&[1]), 0);
+    }
+}

@@ -1,0 +1,243 @@
+//! Reading tensors from Hugging Face safetensors checkpoints (single file or sharded).
+//!
+//! Files are memory-mapped; tensor bytes are copied out with `pod_collect_to_vec` because
+//! offsets inside a safetensors file need not be aligned. bf16 stays bf16 (widened in the
+//! kernels), f16 is widened to f32 at load, f32 stays f32.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::engine::EngineError;
+
+/// Element storage of a weight matrix.
+#[derive(Debug, Clone)]
+pub enum WeightData {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    Bf16(Vec<u16>),
+}
+
+/// A row-major matrix of `rows` x `cols`; for projections rows are outputs (HF layout).
+#[derive(Debug, Clone)]
+pub struct Mat {
+    /// Rows (outputs).
+    pub rows: usize,
+    /// Columns (inputs).
+    pub cols: usize,
+    /// Elements.
+    pub data: WeightData,
+}
+
+impl Mat {
+    /// Bytes of weight storage.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            WeightData::F32(v) => v.len() * 4,
+            WeightData::Bf16(v) => v.len() * 2,
+        }
+    }
+
+    /// Copies row `r` into `out` as f32.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        let range = r * self.cols..(r + 1) * self.cols;
+        match &self.data {
+            WeightData::F32(v) => out.copy_from_slice(&v[range]),
+            WeightData::Bf16(v) => {
+                for (o, &b) in out.iter_mut().zip(&v[range]) {
+                    *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+        }
+    }
+
+    /// Stacks matrices with equal `cols` and dtype vertically (fusing q/k/v or gate/up).
+    pub fn vstack(parts: Vec<Mat>) -> Result<Mat, EngineError> {
+        let cols = parts.first().map_or(0, |m| m.cols);
+        let rows = parts.iter().map(|m| m.rows).sum();
+        if parts.iter().any(|m| m.cols != cols) {
+            return Err(EngineError::Weights(
+                "cannot fuse projections with different input widths".into(),
+            ));
+        }
+        let all_bf16 = parts.iter().all(|m| matches!(m.data, WeightData::Bf16(_)));
+        let data = if all_bf16 {
+            let mut v = Vec::with_capacity(rows * cols);
+            for m in parts {
+                if let WeightData::Bf16(d) = m.data {
+                    v.extend_from_slice(&d);
+                }
+            }
+            WeightData::Bf16(v)
+        } else {
+            let mut v = Vec::with_capacity(rows * cols);
+            for m in &parts {
+                let mut row = vec![0.0; cols];
+                for r in 0..m.rows {
+                    m.row_to_f32(r, &mut row);
+                    v.extend_from_slice(&row);
+                }
+            }
+            WeightData::F32(v)
+        };
+        Ok(Mat { rows, cols, data })
+    }
+}
+
+/// The tensors of a checkpoint directory.
+pub struct WeightStore {
+    dir: PathBuf,
+    maps: Vec<Mmap>,
+    files: Vec<PathBuf>,
+    location: HashMap<String, usize>,
+}
+
+fn werr(msg: String) -> EngineError {
+    EngineError::Weights(msg)
+}
+
+impl WeightStore {
+    /// Opens `model.safetensors.index.json` shards, or every `*.safetensors` file in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index)
+                .map_err(|e| werr(format!("cannot read {}: {e}", index.display())))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| werr(format!("{} is not valid JSON: {e}", index.display())))?;
+            let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+                return Err(werr(format!(
+                    "{} has no `weight_map` object",
+                    index.display()
+                )));
+            };
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| {
+                    werr(format!(
+                        "cannot read model directory {}: {e}",
+                        dir.display()
+                    ))
+                })?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            v.sort();
+            v
+        };
+        if files.is_empty() {
+            return Err(werr(format!(
+                "no *.safetensors files in {}; the engine reads Hugging Face safetensors checkpoints",
+                dir.display()
+            )));
+        }
+        let mut store = WeightStore {
+            dir: dir.to_path_buf(),
+            maps: Vec::new(),
+            files: Vec::new(),
+            location: HashMap::new(),
+        };
+        for path in files {
+            let file = File::open(&path)
+                .map_err(|e| werr(format!("cannot open {}: {e}", path.display())))?;
+            // SAFETY: the checkpoint is treated as read-only; a concurrent writer would only
+            // corrupt values, which the engine cannot guard against for any file read either.
+            let map = unsafe { Mmap::map(&file) }
+                .map_err(|e| werr(format!("cannot map {}: {e}", path.display())))?;
+            let st = SafeTensors::deserialize(&map)
+                .map_err(|e| werr(format!("{} is not a safetensors file: {e}", path.display())))?;
+            let idx = store.maps.len();
+            for name in st.names() {
+                store.location.insert(name.to_string(), idx);
+            }
+            store.maps.push(map);
+            store.files.push(path);
+        }
+        Ok(store)
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), EngineError> {
+        let Some(&i) = self.location.get(name) else {
+            return Err(werr(format!(
+                "tensor `{name}` is missing from the checkpoint in {}",
+                self.dir.display()
+            )));
+        };
+        let st = SafeTensors::deserialize(&self.maps[i])
+            .map_err(|e| werr(format!("{}: {e}", self.files[i].display())))?;
+        let v = st
+            .tensor(name)
+            .map_err(|e| werr(format!("{}: {name}: {e}", self.files[i].display())))?;
+        let (start, len) = (
+            v.data().as_ptr() as usize - self.maps[i].as_ptr() as usize,
+            v.data().len(),
+        );
+        Ok((
+            v.dtype(),
+            v.shape().to_vec(),
+            &self.maps[i][start..start + len],
+        ))
+    }
+
+    /// A matrix with the expected shape, bf16 kept, f16 widened.
+    pub fn mat(&self, name: &str, rows: usize, cols: usize) -> Result<Mat, EngineError> {
+        let (dtype, shape, bytes) = self.view(name)?;
+        if shape != [rows, cols] {
+            return Err(werr(format!(
+                "tensor `{name}` has shape {shape:?} but config.json implies [{rows}, {cols}]"
+            )));
+        }
+        let data = match dtype {
+            Dtype::BF16 => WeightData::Bf16(bytemuck::pod_collect_to_vec(bytes)),
+            _ => WeightData::F32(to_f32(name, dtype, bytes)?),
+        };
+        Ok(Mat { rows, cols, data })
+    }
+
+    /// A vector of `len` values as f32.
+    pub fn vec(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        let (dtype, shape, bytes) = self.view(name)?;
+        if shape.iter().product::<usize>() != len {
+            return Err(werr(format!(
+                "tensor `{name}` has shape {shape:?} but config.json implies {len} values"
+            )));
+        }
+        to_f32(name, dtype, bytes)
+    }
+}
+
+fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, EngineError> {
+    Ok(match dtype {
+        Dtype::F32 => bytemuck::pod_collect_to_vec(bytes),
+        Dtype::BF16 => {
+            let v: Vec<half::bf16> = bytemuck::pod_collect_to_vec(bytes);
+            v.into_iter().map(f32::from).collect()
+        }
+        Dtype::F16 => {
+            let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(bytes);
+            v.into_iter().map(f32::from).collect()
+        }
+        other => {
+            return Err(werr(format!(
+                "tensor `{name}` has dtype {other:?}; supported: bf16, f16, f32"
+            )));
+        }
+    })
+}

@@ -1,0 +1,216 @@
+//! Iteration-level scheduling: which sequences compute how many tokens in the next step.
+//!
+//! Decode and in-flight prefill of running sequences first, then first-come-first-served
+//! admission of waiting ones, under `max_batch_size` sequences and `max_num_tokens` tokens.
+//! GUARANTEED_NO_EVICT reserves blocks for a request's whole length at admission;
+//! MAX_UTILIZATION allocates as it goes and preempts the newest request (to be recomputed)
+//! when blocks run out. Not for: arithmetic, sampling or event delivery.
+
+pub mod sequence;
+
+use std::collections::VecDeque;
+
+use llmapi_common::block_hash::{ROOT_BLOCK_HASH, block_hash};
+
+use crate::engine::CapacityPolicy;
+use crate::kv::{BlockManager, prefix_block_hashes};
+pub use sequence::Sequence;
+
+/// Limits the scheduler works under.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerLimits {
+    /// Most sequences per step.
+    pub max_batch_size: usize,
+    /// Most tokens per step.
+    pub max_num_tokens: usize,
+    /// Split prompts over steps.
+    pub chunked_prefill: bool,
+    /// Block policy.
+    pub policy: CapacityPolicy,
+}
+
+/// One sequence's work in a step: compute `n` tokens from its `num_computed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanItem {
+    /// Index into `Scheduler::running`.
+    pub seq: usize,
+    /// Tokens to compute.
+    pub n: usize,
+}
+
+/// Holds waiting and running sequences and the block manager.
+pub struct Scheduler {
+    limits: SchedulerLimits,
+    /// The block manager (KV accounting).
+    pub blocks: BlockManager,
+    /// Admitted sequences, oldest admission first.
+    pub running: Vec<Sequence>,
+    /// Sequences waiting for admission, first come first.
+    pub waiting: VecDeque<Sequence>,
+    /// Preemptions so far (for logs and tests).
+    pub preemptions: u64,
+}
+
+impl Scheduler {
+    /// A scheduler over a block manager.
+    pub fn new(limits: SchedulerLimits, blocks: BlockManager) -> Self {
+        Self {
+            limits,
+            blocks,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            preemptions: 0,
+        }
+    }
+
+    /// Whether there is any work.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Plans the next step.
+    pub fn schedule(&mut self) -> Vec<PlanItem> {
+        let mut plan = Vec::new();
+        let mut budget = self.limits.max_num_tokens;
+        let mut i = 0;
+        while i < self.running.len() {
+            if budget == 0 {
+                break;
+            }
+            let seq = &self.running[i];
+            let remaining = seq.tokens.len() - seq.num_computed;
+            let n = if self.limits.chunked_prefill {
+                remaining.min(budget)
+            } else if remaining <= budget {
+                remaining
+            } else {
+                i += 1;
+                continue;
+            };
+            if !self.grow(i, seq.num_computed + n) {
+                // grow() preempted sequences from the back; `i` itself may be gone.
+                continue;
+            }
+            budget -= n;
+            plan.push(PlanItem { seq: i, n });
+            i += 1;
+        }
+        while plan.len() < self.limits.max_batch_size && budget > 0 {
+            if self.waiting.is_empty() || self.running.len() >= self.limits.max_batch_size {
+                break;
+            }
+            let Some(n) = self.admit_front(budget) else {
+                break;
+            };
+            budget -= n;
+            plan.push(PlanItem {
+                seq: self.running.len() - 1,
+                n,
+            });
+        }
+        plan
+    }
+
+    /// Ensures running[i] has blocks for `upto` tokens; under MAX_UTILIZATION preempts the
+    /// newest sequences (possibly `i` itself) when blocks run out. True when `i` can proceed.
+    fn grow(&mut self, i: usize, upto: usize) -> bool {
+        let need = self.blocks.blocks_for(upto);
+        while self.running[i].blocks.len() < need {
+            if let Some(b) = self.blocks.allocate() {
+                self.running[i].blocks.push(b);
+                continue;
+            }
+            // Out of blocks: preempt the newest sequence, which is never planned before `i`.
+            let victim = self.running.len() - 1;
+            self.preempt(victim);
+            if victim == i {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn preempt(&mut self, idx: usize) {
+        let mut seq = self.running.remove(idx);
+        self.blocks.release_all(&seq.blocks);
+        seq.reset_for_recompute();
+        self.preemptions += 1;
+        self.waiting.push_front(seq);
+    }
+
+    /// Tries to admit the head of the queue; returns the tokens it computes this step.
+    fn admit_front(&mut self, budget: usize) -> Option<usize> {
+        let seq = self.waiting.front_mut()?;
+        let tpb = self.blocks.tokens_per_block();
+        // Leave at least one token to compute so the step yields logits.
+        let hashes = if seq.want_prompt_logprobs {
+            Vec::new()
+        } else {
+            prefix_block_hashes(&seq.tokens[..seq.tokens.len() - 1], tpb)
+        };
+        let cached = self.blocks.count_cached_prefix(&hashes);
+        let start = cached * tpb;
+        let remaining = seq.tokens.len() - start;
+        let n = if self.limits.chunked_prefill {
+            remaining.min(budget)
+        } else if remaining <= budget {
+            remaining
+        } else {
+            return None;
+        };
+        let target = match self.limits.policy {
+            CapacityPolicy::GuaranteedNoEvict => seq.max_total,
+            CapacityPolicy::MaxUtilization => start + n,
+        };
+        let need_new = self.blocks.blocks_for(target).saturating_sub(cached);
+        if self.blocks.num_free() + cached < need_new {
+            return None;
+        }
+        let mut blocks = self.blocks.acquire_cached_prefix(&hashes[..cached]);
+        for _ in 0..need_new {
+            match self.blocks.allocate() {
+                Some(b) => blocks.push(b),
+                None => {
+                    self.blocks.release_all(&blocks);
+                    return None;
+                }
+            }
+        }
+        let mut seq = self.waiting.pop_front()?;
+        seq.blocks = blocks;
+        seq.hashes = hashes[..cached].to_vec();
+        seq.num_computed = start;
+        seq.on_admitted(start);
+        self.running.push(seq);
+        Some(n)
+    }
+
+    /// Registers full computed blocks of running[i] for prefix reuse.
+    pub fn register_full_blocks(&mut self, i: usize) {
+        let tpb = self.blocks.tokens_per_block();
+        let seq = &mut self.running[i];
+        while (seq.hashes.len() + 1) * tpb <= seq.num_computed {
+            let b = seq.hashes.len();
+            let parent = seq.hashes.last().copied().unwrap_or(ROOT_BLOCK_HASH);
+            let h = block_hash(parent, &seq.tokens[b * tpb..(b + 1) * tpb]);
+            seq.hashes.push(h);
+            self.blocks.register(seq.blocks[b], h);
+        }
+    }
+
+    /// Removes running[i] and frees its blocks.
+    pub fn finish(&mut self, i: usize) -> Sequence {
+        let seq = self.running.remove(i);
+        self.blocks.release_all(&seq.blocks);
+        seq
+    }
+
+    /// Removes a sequence by id from either queue, freeing its blocks.
+    pub fn remove(&mut self, id: &str) -> Option<Sequence> {
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            return Some(self.finish(i));
+        }
+        let i = self.waiting.iter().position(|s| s.id == id)?;
+        self.waiting.remove(i)
+    }
+}

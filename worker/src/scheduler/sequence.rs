@@ -1,0 +1,67 @@
+//! One request's state inside the engine: its tokens, KV blocks, sampler and event channel.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::{StoppingParams, TokenEvent};
+use crate::kv::BlockId;
+use crate::sampling::Sampler;
+
+/// A request being served.
+pub struct Sequence {
+    /// Caller's request id.
+    pub id: String,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    /// Prompt length.
+    pub prompt_len: usize,
+    /// Tokens whose KV is in the cache.
+    pub num_computed: usize,
+    /// KV blocks, in position order.
+    pub blocks: Vec<BlockId>,
+    /// Chained hashes of the full blocks registered so far.
+    pub hashes: Vec<u64>,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_tokens: usize,
+    /// Prompt + completion limit (max_tokens capped by max_seq_len).
+    pub max_total: usize,
+    /// Stopping settings.
+    pub stopping: StoppingParams,
+    /// Sampler with this request's RNG.
+    pub sampler: Sampler,
+    /// Where events go.
+    pub tx: UnboundedSender<TokenEvent>,
+    /// Send prompt logprobs with the first logits.
+    pub want_prompt_logprobs: bool,
+    /// Prompt logprobs gathered so far (sent once complete).
+    pub prompt_logprobs: Vec<crate::engine::TokenLogprob>,
+    /// Arrival time.
+    pub arrival: Instant,
+    /// First admission.
+    pub scheduled_at: Option<Instant>,
+    /// First generated token.
+    pub first_token_at: Option<Instant>,
+}
+
+impl Sequence {
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Records admission; the first one fixes the cached-token count and queue time.
+    pub fn on_admitted(&mut self, cached_tokens: usize) {
+        if self.scheduled_at.is_none() {
+            self.scheduled_at = Some(Instant::now());
+            self.cached_tokens = cached_tokens.min(self.prompt_len);
+        }
+    }
+
+    /// Forgets KV state so the sequence can be recomputed from scratch after preemption.
+    pub fn reset_for_recompute(&mut self) {
+        self.blocks.clear();
+        self.hashes.clear();
+        self.num_computed = 0;
+    }
+}
