@@ -3,6 +3,8 @@
 //! checkpoints, f32 compute: 1e-3 absolute), and its 32-token greedy continuations compared
 //! exactly. Passes with zero cases; any present case that mismatches fails.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 
 use llmapi_worker::backend::cpu::CpuBackend;

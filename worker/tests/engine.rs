@@ -1,0 +1,354 @@
+//! Engine behaviour on a real tiny checkpoint (the golden `llama` fixture): batching, chunked
+//! prefill, prefix reuse, KV dtypes, block accounting, preemption, stopping and refusals.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
+use llmapi_worker::engine::*;
+use llmapi_worker::model::ModelWeights;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        max_batch_size: 8,
+        max_num_tokens: 256,
+        max_seq_len: Some(256),
+        tokens_per_block: 4,
+        kv_dtype: KvDtype::Float32,
+        kv_max_tokens: Some(4096),
+        threads: Some(2),
+        ..Default::default()
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (seed * 31 + i * 17 + 3) % 250 + 3)
+        .collect()
+}
+
+fn greedy(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        request_id: id.to_string(),
+        prompt,
+        sampling: SamplingParams::default(),
+        stopping: StoppingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    }
+}
+
+struct Outcome {
+    ids: Vec<u32>,
+    reason: FinishReason,
+    stop: Option<u32>,
+    usage: Usage,
+}
+
+/// Reads events until Finished, at most 30 s.
+fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ids = Vec::new();
+    while Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
+            Ok(TokenEvent::Finished {
+                reason,
+                stop_token_id,
+                usage,
+                ..
+            }) => {
+                return Outcome {
+                    ids,
+                    reason,
+                    stop: stop_token_id,
+                    usage,
+                };
+            }
+            Ok(TokenEvent::Error(e)) => panic!("engine error: {e}"),
+            Ok(TokenEvent::PromptLogprobs(_)) => {}
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("stream ended without Finished: {e}"),
+        }
+    }
+    panic!("no Finished event within 30 s");
+}
+
+fn wait_idle(h: &EngineHandle) -> LoadStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = h.load();
+        if (l.running == 0 && l.queued == 0) || Instant::now() > deadline {
+            return l;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn solo(cfg: EngineConfig, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
+    let h = Engine::start(&model_dir(), cfg).unwrap();
+    let out = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            collect(
+                h.submit(greedy(&format!("s{i}"), p.clone(), max_tokens))
+                    .unwrap(),
+            )
+            .ids
+        })
+        .collect();
+    h.shutdown();
+    out
+}
+
+fn together(
+    cfg: EngineConfig,
+    prompts: &[Vec<u32>],
+    max_tokens: u32,
+) -> (Vec<Vec<u32>>, EngineHandle) {
+    let h = Engine::start(&model_dir(), cfg).unwrap();
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            h.submit(greedy(&format!("b{i}"), p.clone(), max_tokens))
+                .unwrap()
+        })
+        .collect();
+    (rxs.into_iter().map(|rx| collect(rx).ids).collect(), h)
+}
+
+#[test]
+fn batched_requests_equal_one_at_a_time() {
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 5 + 3 * i as usize)).collect();
+    let one = solo(config(), &prompts, 12);
+    let (batched, h) = together(config(), &prompts, 12);
+    assert_eq!(one, batched);
+    assert!(one.iter().all(|o| o.len() == 12));
+    let l = wait_idle(&h);
+    assert_eq!(l.kv_blocks_used, 0, "all blocks free after completion");
+}
+
+#[test]
+fn chunked_prefill_equals_unchunked() {
+    let prompts = vec![prompt(1, 40), prompt(2, 23)];
+    let base = solo(config(), &prompts, 8);
+    let chunked = EngineConfig {
+        max_num_tokens: 7,
+        enable_chunked_prefill: true,
+        ..config()
+    };
+    let (got, _h) = together(chunked, &prompts, 8);
+    assert_eq!(base, got);
+}
+
+#[test]
+fn reused_prefix_equals_fresh_and_reports_cached_tokens() {
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let p = prompt(3, 30);
+    let first = collect(h.submit(greedy("a", p.clone(), 10)).unwrap());
+    let second = collect(h.submit(greedy("b", p.clone(), 10)).unwrap());
+    assert_eq!(first.ids, second.ids);
+    assert_eq!(first.usage.cached_tokens, 0);
+    assert_eq!(
+        second.usage.cached_tokens, 28,
+        "7 full blocks of 4 before the last token"
+    );
+    let no_reuse = solo(
+        EngineConfig {
+            enable_block_reuse: false,
+            ..config()
+        },
+        &[p],
+        10,
+    );
+    assert_eq!(no_reuse[0], first.ids);
+}
+
+/// Logits of the same prompt with a given KV dtype.
+fn prompt_logits(dtype: KvDtype, tokens: &[u32]) -> Vec<f32> {
+    let w = ModelWeights::load(&model_dir()).unwrap();
+    let mut be = CpuBackend::new(w, dtype, Some(1)).unwrap();
+    be.init_kv(32, 4).unwrap();
+    let table: Vec<u32> = (0..32).collect();
+    be.forward(&[SeqChunk {
+        tokens,
+        start_pos: 0,
+        block_table: &table,
+        logits: LogitsWanted::All,
+    }])
+    .unwrap()
+    .remove(0)
+}
+
+#[test]
+fn bf16_and_fp8_kv_stay_within_stated_tolerance_of_f32() {
+    let p = prompt(4, 48);
+    let exact = prompt_logits(KvDtype::Float32, &p);
+    let spread = exact.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    // The tiny random fixture has very sharp attention (logits up to ~18), so KV rounding is
+    // amplified. Stated tolerances: mean |diff| over all prompt logits within 0.5% (bf16, 8
+    // mantissa bits) and 3% (fp8 e4m3 with a per-token/head scale, 3 bits) of the largest
+    // logit, and the argmax agreeing at 95% / 75% of positions.
+    for (dtype, rel, agree_min) in [(KvDtype::Bf16, 0.005, 0.95), (KvDtype::Fp8, 0.03, 0.75)] {
+        let got = prompt_logits(dtype, &p);
+        let mean = got
+            .iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / got.len() as f32;
+        assert!(
+            mean <= rel * spread,
+            "{dtype:?}: mean diff {mean} > {rel} x {spread}"
+        );
+        let agree = (0..p.len())
+            .filter(|pos| {
+                let r = pos * 256..(pos + 1) * 256;
+                llmapi_worker::sampling::argmax(&got[r.clone()])
+                    == llmapi_worker::sampling::argmax(&exact[r])
+            })
+            .count();
+        assert!(
+            agree as f32 >= agree_min * p.len() as f32,
+            "{dtype:?}: argmax agrees at {agree}/{} positions",
+            p.len()
+        );
+    }
+}
+
+#[test]
+fn preempted_requests_resume_with_the_same_greedy_output() {
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| prompt(10 + i, 10)).collect();
+    let base = solo(config(), &prompts, 20);
+    // 20 blocks of 4 tokens = 80 tokens for 5 requests of 30 tokens: someone must be preempted.
+    let tight = EngineConfig {
+        kv_max_tokens: Some(80),
+        capacity_policy: CapacityPolicy::MaxUtilization,
+        enable_block_reuse: false,
+        ..config()
+    };
+    let (got, h) = together(tight, &prompts, 20);
+    assert_eq!(base, got);
+    assert_eq!(wait_idle(&h).kv_blocks_used, 0);
+}
+
+#[test]
+fn guaranteed_no_evict_queues_instead_of_preempting_and_serves_everyone() {
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| prompt(20 + i, 10)).collect();
+    let base = solo(config(), &prompts, 20);
+    let tight = EngineConfig {
+        kv_max_tokens: Some(80),
+        ..config()
+    };
+    let (got, _h) = together(tight, &prompts, 20);
+    assert_eq!(base, got);
+}
+
+#[test]
+fn abort_and_dropped_receivers_free_every_block() {
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let rx = h.submit(greedy("long", prompt(5, 20), 200)).unwrap();
+    let dropped = h.submit(greedy("gone", prompt(6, 20), 200)).unwrap();
+    drop(dropped);
+    assert!(h.abort("long"));
+    let out = collect(rx);
+    assert_eq!(out.reason, FinishReason::Abort);
+    assert!(!h.abort("never-submitted"));
+    let l = wait_idle(&h);
+    assert_eq!((l.running, l.queued, l.kv_blocks_used), (0, 0, 0));
+}
+
+#[test]
+fn stop_tokens_min_tokens_and_max_tokens_end_requests_as_asked() {
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let p = prompt(7, 9);
+    let free = collect(h.submit(greedy("free", p.clone(), 16)).unwrap());
+    assert_eq!(free.reason, FinishReason::Length);
+    assert_eq!(free.usage.completion_tokens, 16);
+    let stop_at = free.ids[3];
+    let first_at = free.ids.iter().position(|&t| t == stop_at).unwrap();
+    let mut req = greedy("stop", p.clone(), 16);
+    req.stopping.stop_token_ids = vec![stop_at];
+    let stopped = collect(h.submit(req.clone()).unwrap());
+    assert_eq!(stopped.reason, FinishReason::Stop);
+    assert_eq!(stopped.stop, Some(stop_at));
+    assert_eq!(stopped.ids, free.ids[..first_at]);
+    req.request_id = "min".into();
+    req.stopping.min_tokens = 16;
+    let min = collect(h.submit(req).unwrap());
+    assert_eq!(min.reason, FinishReason::Length);
+    assert_eq!(min.ids.len(), 16);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let run = |id: &str, seed| {
+        let mut r = greedy(id, prompt(8, 6), 16);
+        r.sampling = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 50,
+            seed: Some(seed),
+            logprobs: Some(3),
+            ..Default::default()
+        };
+        collect(h.submit(r).unwrap()).ids
+    };
+    assert_eq!(run("x", 1), run("y", 1));
+    assert_ne!(run("z", 1), run("w", 2));
+}
+
+#[test]
+fn impossible_requests_are_refused_with_reasons() {
+    let h = Engine::start(
+        &model_dir(),
+        EngineConfig {
+            kv_max_tokens: Some(64),
+            ..config()
+        },
+    )
+    .unwrap();
+    let err = |r: GenerateParams| h.submit(r).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err(greedy("a", prompt(1, 300), 1)).contains("max_seq_len is 256"));
+    assert!(err(greedy("b", prompt(1, 10), 100)).contains("whole cache holds 16 blocks"));
+    assert!(err(greedy("c", vec![], 1)).contains("empty"));
+    assert!(err(greedy("d", vec![9999], 1)).contains("vocabulary"));
+    let mut bad = greedy("e", prompt(1, 3), 1);
+    bad.sampling.top_p = 0.0;
+    assert!(err(bad).contains("top_p"));
+    let _live = h.submit(greedy("dup", prompt(1, 3), 40)).unwrap();
+    assert!(err(greedy("dup", prompt(1, 3), 1)).contains("already in use"));
+}
+
+#[test]
+fn info_reports_the_model_and_limits() {
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let i = h.info();
+    assert_eq!(
+        (
+            i.model.as_str(),
+            i.vocab_size,
+            i.max_seq_len,
+            i.tokens_per_block
+        ),
+        ("llama", 256, 256, 4)
+    );
+    assert_eq!(i.kv_capacity_blocks, 1024);
+    assert_eq!(i.eos_token_ids, vec![2]);
+    assert_eq!(i.backend, "cpu");
+}
