@@ -293,3 +293,34 @@ pub enum EngineError {
     #[error("backend error: {0}")]
     Backend(String),
 }
+
+impl EngineConfig {
+    /// Engine settings from the serving configuration (trtllm-serve flag / YAML names).
+    pub fn from_llm_args(args: &llmapi_common::args::LlmArgs) -> Self {
+        use llmapi_common::args::{CapacitySchedulerPolicy, KvCacheDtype};
+        let kv = &args.kv_cache_config;
+        Self {
+            max_batch_size: args.max_batch_size as usize,
+            max_num_tokens: args.max_num_tokens as usize,
+            max_seq_len: args.max_seq_len.map(|n| n as usize),
+            tokens_per_block: kv.tokens_per_block as usize,
+            kv_dtype: match kv.dtype {
+                KvCacheDtype::Auto => KvDtype::Auto,
+                KvCacheDtype::Bf16 => KvDtype::Bf16,
+                KvCacheDtype::Fp8 => KvDtype::Fp8,
+                KvCacheDtype::Float32 => KvDtype::Float32,
+            },
+            kv_max_tokens: kv.max_tokens.map(|n| n as usize),
+            kv_memory_fraction: kv.free_gpu_memory_fraction,
+            enable_block_reuse: kv.enable_block_reuse,
+            enable_chunked_prefill: args.enable_chunked_prefill,
+            capacity_policy: match args.scheduler_config.capacity_scheduler_policy {
+                CapacitySchedulerPolicy::GuaranteedNoEvict => CapacityPolicy::GuaranteedNoEvict,
+                CapacitySchedulerPolicy::MaxUtilization => CapacityPolicy::MaxUtilization,
+            },
+            print_iter_log: args.print_iter_log,
+            threads: None,
+            model_name: args.served_model_name.clone(),
+        }
+    }
+}
