@@ -1,0 +1,112 @@
+//! Collectives between the ranks of one worker group.
+//!
+//! `Communicator` is what tensor- and expert-parallel model code calls; `tcp::TcpRing` runs it
+//! over TCP on any machine, and an NCCL implementation runs it on GPUs. Every operation has a
+//! bounded wait and names the rank that failed, so a dead rank stops its group instead of
+//! hanging it.
+
+pub mod tcp;
+
+use std::time::Duration;
+
+/// A collective failed; the group cannot continue.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// A peer did not answer in time.
+    #[error("rank {rank}: no answer from rank {peer} within {timeout:?} during {op}")]
+    Timeout {
+        /// This rank.
+        rank: usize,
+        /// The silent peer.
+        peer: usize,
+        /// The limit.
+        timeout: Duration,
+        /// The operation.
+        op: &'static str,
+    },
+    /// A peer closed its connection or the connection failed.
+    #[error(
+        "rank {rank}: ring broken at rank {peer} during {op} (rank {peer}, or a rank before it in the ring, stopped): {message}"
+    )]
+    PeerLost {
+        /// This rank.
+        rank: usize,
+        /// The peer.
+        peer: usize,
+        /// The operation.
+        op: &'static str,
+        /// What the socket said.
+        message: String,
+    },
+    /// The group could not be formed.
+    #[error("rank {rank}: cannot join the group at {address}: {message}")]
+    Rendezvous {
+        /// This rank.
+        rank: usize,
+        /// The leader's rendezvous address.
+        address: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Arguments that cannot work (e.g. buffer sizes that differ).
+    #[error("rank {rank}: {message}")]
+    Usage {
+        /// This rank.
+        rank: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Collectives over the ranks of one group. Every rank must call the same operations in the
+/// same order with buffers of the same length.
+pub trait Communicator: Send {
+    /// This rank, `0..world_size`.
+    fn rank(&self) -> usize;
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+    /// Element-wise sum over all ranks, in place on every rank.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// Concatenates every rank's `local` in rank order into `out` (`world_size * local.len()`).
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<(), CommError>;
+    /// Copies `buf` of rank `root` into `buf` of every rank.
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CommError>;
+}
+
+/// The communicator of a group of one: every collective is the identity.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleRank;
+
+impl Communicator for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
+        if out.len() != local.len() {
+            return Err(CommError::Usage {
+                rank: 0,
+                message: format!(
+                    "all_gather output holds {} values, expected {}",
+                    out.len(),
+                    local.len()
+                ),
+            });
+        }
+        out.copy_from_slice(local);
+        Ok(())
+    }
+    fn broadcast(&mut self, _buf: &mut [u8], _root: usize) -> Result<(), CommError> {
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        Ok(())
+    }
+}
