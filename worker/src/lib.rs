@@ -5,6 +5,11 @@
 //! the gRPC contract in `llmapi-proto`. Not for: HTTP, tokenization or chat templates (the
 //! router's), or process placement (the launcher's).
 
+pub mod backend;
 pub mod dist;
 pub mod engine;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+pub mod scheduler;
 pub mod service;
