@@ -14,9 +14,6 @@ use super::{CommError, Communicator};
 
 const MAGIC: &[u8; 4] = b"LLMR";
 const VERSION: u32 = 1;
-/// Below this many bytes per step, send-then-receive fits in the kernel's socket buffers;
-/// above it, sending runs on a second thread so that a full ring cannot deadlock.
-const SEQUENTIAL_LIMIT: usize = 32 * 1024;
 
 /// How to join a ring.
 #[derive(Debug, Clone)]
@@ -108,10 +105,7 @@ impl TcpRing {
         .map_err(|e| fail(format!("rank {prev_rank} did not connect: {e}")))?;
         for s in [&next, &prev] {
             s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
-            s.set_read_timeout(Some(cfg.op_timeout))
-                .map_err(|e| fail(e.to_string()))?;
-            s.set_write_timeout(Some(cfg.op_timeout))
-                .map_err(|e| fail(e.to_string()))?;
+            s.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
         }
         ring.next = Some(next);
         ring.prev = Some(prev);
@@ -144,6 +138,8 @@ impl TcpRing {
     }
 
     /// Sends `out` to the successor while receiving `input.len()` bytes from the predecessor.
+    /// Both sockets are non-blocking and serviced in one loop, so a ring where every rank
+    /// sends at once cannot deadlock on full socket buffers.
     fn exchange(
         &mut self,
         out: &[u8],
@@ -154,26 +150,62 @@ impl TcpRing {
         let (Some(next), Some(prev)) = (self.next.as_mut(), self.prev.as_mut()) else {
             return Ok(());
         };
-        let (sent, received) = if out.len().max(input.len()) <= SEQUENTIAL_LIMIT {
-            let sent = next.write_all(out);
-            let received = if sent.is_ok() {
-                prev.read_exact(input)
+        let deadline = Instant::now() + self.op_timeout;
+        let (mut sent, mut received) = (0, 0);
+        let mut idle_rounds = 0u32;
+        while sent < out.len() || received < input.len() {
+            let mut progress = false;
+            if sent < out.len() {
+                match next.write(&out[sent..]) {
+                    Ok(n) => {
+                        sent += n;
+                        progress = n > 0;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(self.io_error(e, next_rank, op)),
+                }
+            }
+            if received < input.len() {
+                match prev.read(&mut input[received..]) {
+                    Ok(0) => {
+                        let eof =
+                            std::io::Error::new(ErrorKind::UnexpectedEof, "connection closed");
+                        return Err(self.io_error(eof, prev_rank, op));
+                    }
+                    Ok(n) => {
+                        received += n;
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Err(self.io_error(e, prev_rank, op)),
+                }
+            }
+            if progress {
+                idle_rounds = 0;
+                continue;
+            }
+            idle_rounds += 1;
+            if Instant::now() >= deadline {
+                let peer = if received < input.len() {
+                    prev_rank
+                } else {
+                    next_rank
+                };
+                let late = std::io::Error::new(ErrorKind::TimedOut, "timed out");
+                return Err(self.io_error(late, peer, op));
+            }
+            // Spin briefly for low latency on small messages, then back off.
+            if idle_rounds < 200 {
+                std::hint::spin_loop();
+            } else if idle_rounds < 2000 {
+                std::thread::yield_now();
             } else {
-                Ok(())
-            };
-            (sent, received)
-        } else {
-            std::thread::scope(|s| {
-                let sender = s.spawn(|| next.write_all(out));
-                let received = prev.read_exact(input);
-                let sent = sender
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-                (sent, received)
-            })
-        };
-        sent.map_err(|e| self.io_error(e, next_rank, op))?;
-        received.map_err(|e| self.io_error(e, prev_rank, op))
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        Ok(())
     }
 
     fn chunk_range(len: usize, parts: usize, i: usize) -> std::ops::Range<usize> {
@@ -206,8 +238,11 @@ impl Communicator for TcpRing {
             let send = Self::chunk_range(buf.len(), n, (r + n - step) % n);
             let recv = Self::chunk_range(buf.len(), n, (r + 2 * n - step - 1) % n);
             let incoming = &mut scratch[..recv.len()];
-            let out: Vec<u8> = bytemuck::cast_slice(&buf[send]).to_vec();
-            let result = self.exchange(&out, bytemuck::cast_slice_mut(incoming), "all_reduce");
+            let result = self.exchange(
+                bytemuck::cast_slice(&buf[send]),
+                bytemuck::cast_slice_mut(incoming),
+                "all_reduce",
+            );
             if let Err(e) = result {
                 self.scratch = scratch;
                 return Err(e);
@@ -268,22 +303,11 @@ impl Communicator for TcpRing {
                 message: format!("broadcast root {root} is outside a group of {}", self.world),
             });
         }
-        let (next_rank, prev_rank) = (self.next_rank(), self.prev_rank());
         if self.rank != root {
-            let prev = self.prev.as_mut().ok_or_else(|| CommError::Usage {
-                rank: self.rank,
-                message: "ring is not connected".into(),
-            })?;
-            let r = prev.read_exact(buf);
-            r.map_err(|e| self.io_error(e, prev_rank, "broadcast"))?;
+            self.exchange(&[], buf, "broadcast")?;
         }
-        if next_rank != root {
-            let next = self.next.as_mut().ok_or_else(|| CommError::Usage {
-                rank: self.rank,
-                message: "ring is not connected".into(),
-            })?;
-            let r = next.write_all(buf);
-            r.map_err(|e| self.io_error(e, next_rank, "broadcast"))?;
+        if self.next_rank() != root {
+            self.exchange(buf, &mut [], "broadcast")?;
         }
         Ok(())
     }
