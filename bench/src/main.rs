@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use llmapi_bench::args::BenchArgs;
+use llmapi_bench::runner::RunError;
 use llmapi_bench::sweep::SweepArgs;
 use llmapi_bench::{app, sweep};
 use tokio::sync::watch;
@@ -45,11 +46,23 @@ fn main() -> ExitCode {
     match run() {
         Ok(interrupted) if interrupted => ExitCode::from(INTERRUPTED),
         Ok(_) => ExitCode::SUCCESS,
+        Err(e) if is_interruption(&e) => {
+            eprintln!("{e}");
+            ExitCode::from(INTERRUPTED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// True when Ctrl-C came before the benchmark started (nothing to report).
+fn is_interruption(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<app::BenchError>(),
+        Some(app::BenchError::Run(RunError::Interrupted))
+    )
 }
 
 /// Parses the command line and runs; `Ok(true)` when Ctrl-C cut the run short.

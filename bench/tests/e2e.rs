@@ -86,7 +86,8 @@ fn bench_sh_line_measures_scripted_ttft_and_itl() {
     assert_eq!(r["completed"], 4);
     assert_eq!(r["total_output_tokens"], 32);
     assert_eq!(r["total_input_tokens"], 64);
-    // Tolerances: the server sleeps exactly; a loaded 2-core machine adds scheduling delay.
+    // Tolerances: never below the scripted sleeps (60 ms TTFT, 15 ms ITL, less 2 ms of timer
+    // slack); above them by at most what a loaded shared 2-core machine adds in scheduling delay.
     let ttfts: Vec<f64> = r["ttfts"]
         .as_array()
         .expect("ttfts")
@@ -95,7 +96,7 @@ fn bench_sh_line_measures_scripted_ttft_and_itl() {
         .collect();
     assert_eq!(ttfts.len(), 4);
     for t in &ttfts {
-        assert!((0.055..0.5).contains(t), "ttft {t}");
+        assert!((0.058..1.0).contains(t), "ttft {t}");
     }
     let itls: Vec<f64> = r["itls"]
         .as_array()
@@ -106,9 +107,9 @@ fn bench_sh_line_measures_scripted_ttft_and_itl() {
         .collect();
     assert_eq!(itls.len(), 4 * 7);
     let mean_itl = itls.iter().sum::<f64>() / itls.len() as f64;
-    assert!((0.013..0.06).contains(&mean_itl), "mean itl {mean_itl}");
+    assert!((0.013..0.1).contains(&mean_itl), "mean itl {mean_itl}");
     let mean_tpot = r["mean_tpot_ms"].as_f64().expect("tpot");
-    assert!((13.0..60.0).contains(&mean_tpot), "tpot {mean_tpot}");
+    assert!((13.0..100.0).contains(&mean_tpot), "tpot {mean_tpot}");
     assert_eq!(
         server.requests.load(std::sync::atomic::Ordering::Relaxed),
         5,
