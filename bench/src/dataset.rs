@@ -321,3 +321,192 @@ fn sample_custom(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// A test double: word `wN` is token N; decoding joins words with spaces.
+    struct WordCodec;
+    impl TokenCodec for WordCodec {
+        fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+            let bos = add_special_tokens.then_some(0);
+            let words = text
+                .split_whitespace()
+                .map(|w| w.trim_start_matches('w').parse::<u32>().unwrap_or(1));
+            Ok(bos.into_iter().chain(words).collect())
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String, String> {
+            Ok(ids
+                .iter()
+                .map(|i| format!("w{i}"))
+                .collect::<Vec<_>>()
+                .join(" "))
+        }
+        fn vocab_size(&self) -> usize {
+            100
+        }
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let base = ["llmapi-bench", "--model", "m"];
+        Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn random_ids_have_the_requested_lengths_prefix_and_wraparound() {
+        let a = args(&[
+            "--dataset-name",
+            "random",
+            "--num-prompts",
+            "5",
+            "--random-input-len",
+            "150",
+            "--random-output-len",
+            "7",
+            "--random-prefix-len",
+            "3",
+            "--tokenize-on-client",
+        ]);
+        let reqs = sample(&a, &WordCodec).expect("sample");
+        assert_eq!(reqs.len(), 5);
+        let prefix = match &reqs[0].prompt {
+            Prompt::Ids(ids) => ids[..3].to_vec(),
+            Prompt::Text(_) => panic!("ids expected"),
+        };
+        for (i, r) in reqs.iter().enumerate() {
+            assert_eq!((r.prompt_len, r.expected_output_len), (153, 7));
+            let Prompt::Ids(ids) = &r.prompt else {
+                panic!("ids expected")
+            };
+            assert_eq!(ids.len(), 153);
+            assert_eq!(ids[..3], prefix[..], "request {i} shares the prefix");
+            // Consecutive ids modulo the vocabulary after the prefix.
+            assert!(ids[3..].windows(2).all(|w| w[1] == (w[0] + 1) % 100));
+            assert!(ids.iter().all(|&t| t < 100));
+        }
+        assert_eq!(
+            sample(&a, &WordCodec).expect("again"),
+            reqs,
+            "same seed, same prompts"
+        );
+    }
+
+    #[test]
+    fn range_ratio_bounds_the_lengths_and_text_prompts_decode() {
+        let a = args(&[
+            "--dataset-name",
+            "random",
+            "--num-prompts",
+            "200",
+            "--random-input-len",
+            "100",
+            "--random-output-len",
+            "10",
+            "--random-range-ratio",
+            "0.5",
+        ]);
+        let reqs = sample(&a, &WordCodec).expect("sample");
+        assert!(reqs.iter().all(|r| (50..=150).contains(&r.prompt_len)));
+        assert!(
+            reqs.iter()
+                .all(|r| (5..=15).contains(&r.expected_output_len))
+        );
+        assert!(reqs.iter().any(|r| r.prompt_len != reqs[0].prompt_len));
+        let Prompt::Text(t) = &reqs[0].prompt else {
+            panic!("text expected")
+        };
+        assert_eq!(t.split_whitespace().count() as u64, reqs[0].prompt_len);
+    }
+
+    #[test]
+    fn sharegpt_keeps_valid_first_turn_pairs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sg.json");
+        let long = vec!["w5"; 2000].join(" ");
+        let data = serde_json::json!([
+            {"conversations": [{"value": "w1 w2 w3 w4"}, {"value": "w5 w6 w7 w8"}]},
+            {"conversations": [{"value": "w1"}, {"value": "w5 w6 w7 w8"}]},
+            {"conversations": [{"value": long}, {"value": "w5 w6 w7 w8"}]},
+            {"conversations": [{"value": "only one turn"}]}
+        ]);
+        std::fs::write(&path, data.to_string()).expect("write");
+        let p = path.to_str().expect("utf8");
+        let a = args(&["--dataset-path", p, "--num-prompts", "3"]);
+        let reqs = sample(&a, &WordCodec).expect("sample");
+        // Only the first conversation passes (the second is too short, the third too long);
+        // it is repeated to reach --num-prompts.
+        assert_eq!(reqs.len(), 3);
+        assert!(
+            reqs.iter()
+                .all(|r| r.prompt_len == 5 && r.expected_output_len == 5)
+        );
+        let fixed = args(&[
+            "--dataset-path",
+            p,
+            "--num-prompts",
+            "1",
+            "--sharegpt-output-len",
+            "2",
+        ]);
+        assert_eq!(
+            sample(&fixed, &WordCodec).expect("sample")[0].expected_output_len,
+            2
+        );
+    }
+
+    #[test]
+    fn custom_jsonl_reads_user_messages_and_names_bad_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.jsonl");
+        let line = |content: &str, max: u32| {
+            serde_json::json!({"input": {"messages": [{"role": "system", "content": ""},
+                {"role": "user", "content": content}], "max_tokens": max}})
+            .to_string()
+        };
+        std::fs::write(
+            &path,
+            format!("{}\n\n{}\n", line("w1 w2", 9), line("w3", 4)),
+        )
+        .expect("write");
+        let p = path.to_str().expect("utf8");
+        let a = args(&[
+            "--dataset-name",
+            "custom",
+            "--dataset-path",
+            p,
+            "--num-prompts",
+            "5",
+        ]);
+        let mut reqs = sample(&a, &WordCodec).expect("sample");
+        reqs.sort_by_key(|r| r.expected_output_len);
+        assert_eq!(reqs.len(), 2);
+        assert_eq!((reqs[0].prompt_len, reqs[0].expected_output_len), (2, 4));
+        assert_eq!((reqs[1].prompt_len, reqs[1].expected_output_len), (3, 9));
+
+        std::fs::write(&path, format!("{}\n{{\"input\": {{}}}}\n", line("w1", 1))).expect("write");
+        let err = sample(&a, &WordCodec).expect_err("malformed").to_string();
+        assert!(
+            err.contains("line 2") && err.contains("input.messages"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_dataset_file_says_which_flag_to_fix() {
+        let a = args(&["--dataset-path", "/nonexistent/sg.json"]);
+        let err = sample(&a, &WordCodec).expect_err("missing").to_string();
+        assert!(
+            err.contains("/nonexistent/sg.json") && err.contains("--dataset-path"),
+            "{err}"
+        );
+    }
+}

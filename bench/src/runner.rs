@@ -263,3 +263,36 @@ pub fn server_metrics_json(samples: &[MetricsSample], interval: f64) -> Value {
     }
     json!({"interval_s": interval, "samples": samples})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mean_and_cv2(v: &[f64]) -> (f64, f64) {
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len() as f64;
+        (m, var / (m * m))
+    }
+
+    #[test]
+    fn infinite_rate_sends_everything_at_once() {
+        assert_eq!(arrival_gaps(5, f64::INFINITY, 1.0, 0), vec![0.0; 5]);
+    }
+
+    #[test]
+    fn gaps_average_one_over_the_rate_with_burstiness_setting_the_spread() {
+        // Gamma(k, 1/(rate k)): mean 1/rate, squared coefficient of variation 1/k.
+        // 20,000 draws: sampling error of the mean is under 2% (k = 0.25: CV 2, 2/sqrt(20000)).
+        for k in [0.25, 1.0, 4.0] {
+            let (mean, cv2) = mean_and_cv2(&arrival_gaps(20_000, 50.0, k, 7));
+            assert!(
+                (mean - 0.02).abs() < 0.02 * 0.05,
+                "burstiness {k}: mean {mean}"
+            );
+            assert!(
+                (cv2 - 1.0 / k).abs() < 0.15 / k,
+                "burstiness {k}: cv2 {cv2}"
+            );
+        }
+    }
+}
