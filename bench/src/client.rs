@@ -203,9 +203,11 @@ async fn exchange(
 
 /// The server's error message (OpenAI `{"error": {"message": ..}}` or the raw body), shortened.
 async fn read_error_body(body: Incoming) -> String {
-    let bytes = match tokio::time::timeout(Duration::from_secs(5), body.collect()).await {
+    // Bounded in size and time: an error body is only read for its message.
+    let limited = http_body_util::Limited::new(body, 64 * 1024);
+    let bytes = match tokio::time::timeout(Duration::from_secs(5), limited.collect()).await {
         Ok(Ok(c)) => c.to_bytes(),
-        _ => return "(no body)".into(),
+        _ => return "(no readable body)".into(),
     };
     let text = String::from_utf8_lossy(&bytes);
     let msg = serde_json::from_slice::<serde_json::Value>(&bytes)

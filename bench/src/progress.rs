@@ -104,3 +104,30 @@ impl Progress {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_shows_live_percentiles_within_histogram_precision() {
+        let mut p = Progress::new(100, true);
+        for i in 1..=100u32 {
+            p.record(&RequestOutput {
+                success: true,
+                ttft: f64::from(i) / 1000.0,
+                itl: vec![0.002; 4],
+                output_tokens: 5,
+                ..Default::default()
+            });
+        }
+        p.record(&RequestOutput::default());
+        let s = p.summary();
+        // TTFTs 1..100 ms: p50 50 ms, p99 99 ms (3 significant digits); ITL 2 ms throughout.
+        assert!(
+            s.starts_with("TTFT p50/p99 50.0/99.0 ms | ITL p50/p99 2.00/2.00 ms"),
+            "{s}"
+        );
+        assert!(s.ends_with("| 1 failed"), "{s}");
+    }
+}

@@ -29,7 +29,7 @@ pub struct MetricsSample {
 }
 
 /// Substrings of metric names worth keeping.
-const KEPT: [&str; 9] = [
+const KEPT: [&str; 11] = [
     "kv",
     "cache",
     "queue",
@@ -39,6 +39,8 @@ const KEPT: [&str; 9] = [
     "inflight",
     "in_flight",
     "num_requests",
+    "generation_tokens",
+    "prompt_tokens",
 ];
 
 /// Parses Prometheus text exposition, keeping the series whose names contain a [`KEPT`] word.
