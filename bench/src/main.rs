@@ -77,7 +77,9 @@ fn run() -> anyhow::Result<bool> {
     rt.block_on(async move {
         let stop = ctrl_c_watch();
         if is_sweep {
+            // Usage lines then read "llmapi-bench sweep".
             argv.remove(1);
+            argv[0] = OsString::from("llmapi-bench sweep");
             let cli = SweepCli::parse_from(argv);
             let out = sweep::sweep(&cli.sweep, stop).await?;
             println!("Sweep wrote:");
