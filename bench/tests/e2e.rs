@@ -298,7 +298,7 @@ fn a_stalled_stream_times_out_and_a_dropped_one_counts_as_payload_error() {
         args.extend([
             "--no-test-input".into(),
             "--chunk-timeout".into(),
-            "0.3".into(),
+            "1.0".into(),
         ]);
         let out = run(&args);
         let (stdout, stderr) = texts(&out);
