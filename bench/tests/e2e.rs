@@ -469,3 +469,30 @@ fn sweep_writes_one_json_per_point_a_summary_and_plots() {
         );
     }
 }
+
+#[test]
+fn a_finite_request_rate_spaces_the_requests_by_the_gamma_gaps() {
+    let server = start_in_thread(Script::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8 path");
+    write_tokenizer(dir.path());
+    let mut args = bench_sh_args(&server.base_url(), d, d);
+    set_flag(&mut args, "--num-prompts", "8");
+    set_flag(&mut args, "--request-rate", "20");
+    set_flag(&mut args, "--burstiness", "2.0");
+    let out = run(&args);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Traffic request rate: 20.0"), "{stdout}");
+    assert!(
+        stdout.contains("Burstiness factor: 2.0 (Gamma distribution)"),
+        "{stdout}"
+    );
+    let r = read_json(&dir.path().join("concurrency_2.json"));
+    assert_eq!(r["request_rate"], 20.0);
+    // The last request leaves after the first seven gaps of the same seeded draw.
+    let gaps = llmapi_bench::runner::arrival_gaps(8, 20.0, 2.0, 0);
+    let released_last = gaps[..7].iter().sum::<f64>();
+    let duration = r["duration"].as_f64().expect("duration");
+    assert!(duration >= released_last, "{duration} < {released_last}");
+}
