@@ -7,3 +7,4 @@
 
 pub mod make_model;
 pub mod placement;
+pub mod serve;

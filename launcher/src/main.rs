@@ -116,10 +116,11 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         print!("{}", args.to_yaml());
         return Ok(());
     }
-    anyhow::bail!(
-        "serving is not available in this build yet: the worker service and router are still being written; \
-         `llmapi-launch serve ... --print_config` shows the effective configuration"
-    )
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(llmapi_launch::serve::run(args, model))
 }
 
 fn print_env(m: &clap::ArgMatches) -> anyhow::Result<()> {

@@ -16,6 +16,9 @@ use crate::state::RouterConfig;
 pub struct RouterArgs {
     /// Model directory (for tokenizer.json and the chat template); also an accepted `model` name.
     pub model: PathBuf,
+    /// Tokenizer directory or tokenizer.json (default: the model directory).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Name served at /v1/models (default: the directory's last component).
     #[arg(long)]
     pub served_model_name: Option<String>,

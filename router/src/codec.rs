@@ -33,21 +33,35 @@ pub struct HfCodec {
 }
 
 impl HfCodec {
-    /// Loads the tokenizer of model directory `dir`; `chat_template` (a file or inline Jinja)
-    /// overrides the one in tokenizer_config.json.
-    pub fn load(dir: &Path, chat_template: Option<&str>) -> anyhow::Result<Self> {
+    /// Loads the tokenizer of `tokenizer` (a directory with tokenizer.json and
+    /// tokenizer_config.json, or a tokenizer.json file; default: the model directory `dir`);
+    /// `chat_template` (a file or inline Jinja) overrides the one in tokenizer_config.json.
+    pub fn load(
+        dir: &Path,
+        tokenizer: Option<&Path>,
+        chat_template: Option<&str>,
+    ) -> anyhow::Result<Self> {
         use anyhow::Context;
-        let model = llmapi_common::model_dir::ModelDir::open(dir)
-            .with_context(|| format!("opening model directory {}", dir.display()))?;
-        let tokenizer = model
-            .tokenizer()
-            .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+        use llmapi_common::model_dir::TokenizerConfig;
+        let tok_path = tokenizer.unwrap_or(dir);
+        let (tokenizer, config) = if tok_path.is_file() {
+            let config = TokenizerConfig::default();
+            let t = Tokenizer::with_config(tok_path, &config)
+                .with_context(|| format!("loading tokenizer {}", tok_path.display()))?;
+            (t, config)
+        } else {
+            let config = TokenizerConfig::read(tok_path)
+                .with_context(|| format!("reading {}/tokenizer_config.json", tok_path.display()))?;
+            let t = Tokenizer::from_dir(tok_path)
+                .with_context(|| format!("loading the tokenizer of {}", tok_path.display()))?;
+            (t, config)
+        };
         let source = match chat_template {
             Some(t) if Path::new(t).is_file() => Some(
                 std::fs::read_to_string(t).with_context(|| format!("reading chat template {t}"))?,
             ),
             Some(t) => Some(t.to_owned()),
-            None => model.tokenizer_config.chat_template.clone(),
+            None => config.chat_template.clone(),
         };
         let bos = tokenizer
             .bos()

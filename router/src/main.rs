@@ -19,7 +19,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = RouterArgs::parse();
     let config = args.config();
-    let codec = HfCodec::load(&args.model, args.chat_template.as_deref())?;
+    let codec = HfCodec::load(
+        &args.model,
+        args.tokenizer.as_deref(),
+        args.chat_template.as_deref(),
+    )?;
     let pool = Arc::new(Pool::default());
     for url in &args.worker_urls {
         pool.add(url)

@@ -1,1 +1,300 @@
-//! The worker gRPC service wrapping the engine handle.
+//! The worker gRPC service: the `llmapi.worker.v1.Worker` contract over an `EngineHandle`.
+//!
+//! Generate streams the engine's token events as proto responses; when the caller drops the
+//! stream the engine receiver is dropped with it, which aborts the request and frees its KV
+//! blocks. Health, Info and Load read the engine; a Health probe runs a real one-token request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use llmapi_proto::v1 as pb;
+use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tonic::{Request, Response, Status};
+
+use crate::engine::{
+    EngineError, EngineHandle, FinishReason, GenerateParams, SamplingParams, StoppingParams,
+    TokenEvent, TokenLogprob,
+};
+
+/// How long a Health probe's one-token generation may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The gRPC service of one worker group leader.
+#[derive(Clone)]
+pub struct WorkerService {
+    engine: EngineHandle,
+    tp_size: u32,
+    ep_size: u32,
+    probes: std::sync::Arc<AtomicU64>,
+}
+
+impl WorkerService {
+    /// A service over `engine`; `tp_size` / `ep_size` are reported by Info.
+    pub fn new(engine: EngineHandle, tp_size: u32, ep_size: u32) -> Self {
+        Self {
+            engine,
+            tp_size,
+            ep_size,
+            probes: std::sync::Arc::default(),
+        }
+    }
+
+    /// The tonic server wrapper, ready for `Server::add_service`.
+    pub fn into_server(self) -> WorkerServer<Self> {
+        WorkerServer::new(self)
+    }
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    service: WorkerService,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}
+
+fn to_status(e: EngineError) -> Status {
+    match e {
+        EngineError::InvalidRequest(m) => Status::invalid_argument(m),
+        EngineError::Shutdown => Status::unavailable("the engine has shut down"),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn params(req: pb::GenerateRequest) -> GenerateParams {
+    let s = req.sampling.unwrap_or_default();
+    let t = req.stopping.unwrap_or_default();
+    // proto3 zero values mean "unset" for the multiplicative knobs.
+    let or_one = |v: f32| if v > 0.0 { v } else { 1.0 };
+    GenerateParams {
+        request_id: req.request_id,
+        prompt: req.prompt_token_ids,
+        sampling: SamplingParams {
+            temperature: s.temperature.max(0.0),
+            top_k: s.top_k,
+            top_p: or_one(s.top_p),
+            min_p: s.min_p,
+            seed: s.seed,
+            repetition_penalty: or_one(s.repetition_penalty),
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            logprobs: s.logprobs,
+            prompt_logprobs: s.prompt_logprobs,
+        },
+        stopping: StoppingParams {
+            max_tokens: t.max_tokens,
+            min_tokens: t.min_tokens,
+            ignore_eos: t.ignore_eos,
+            stop_token_ids: t.stop_token_ids,
+        },
+    }
+}
+
+fn logprob(l: TokenLogprob) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        token_id: l.token_id,
+        logprob: l.logprob,
+        top: l
+            .top
+            .into_iter()
+            .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
+            .collect(),
+    }
+}
+
+/// Turns engine events into proto responses; ends after Finished or Error.
+fn responses(
+    rx: UnboundedReceiver<TokenEvent>,
+) -> impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static {
+    struct St {
+        rx: UnboundedReceiver<TokenEvent>,
+        prompt_logprobs: Vec<pb::TokenLogprob>,
+        done: bool,
+    }
+    let st = St {
+        rx,
+        prompt_logprobs: Vec::new(),
+        done: false,
+    };
+    futures::stream::unfold(st, |mut st| async move {
+        loop {
+            if st.done {
+                return None;
+            }
+            let Some(ev) = st.rx.recv().await else {
+                st.done = true;
+                return Some((Err(Status::internal("the engine dropped the request")), st));
+            };
+            let resp = match ev {
+                TokenEvent::PromptLogprobs(lps) => {
+                    st.prompt_logprobs = lps.into_iter().map(logprob).collect();
+                    continue;
+                }
+                TokenEvent::Tokens { ids, logprobs } => pb::GenerateResponse {
+                    token_ids: ids,
+                    logprobs: logprobs.into_iter().map(logprob).collect(),
+                    prompt_logprobs: std::mem::take(&mut st.prompt_logprobs),
+                    ..Default::default()
+                },
+                TokenEvent::Finished {
+                    reason,
+                    stop_token_id,
+                    usage,
+                    timings,
+                } => {
+                    st.done = true;
+                    let finish = match reason {
+                        FinishReason::Stop => pb::FinishReason::Stop,
+                        FinishReason::Length => pb::FinishReason::Length,
+                        FinishReason::Abort => pb::FinishReason::Abort,
+                    };
+                    pb::GenerateResponse {
+                        finish_reason: finish as i32,
+                        stop_token_id,
+                        prompt_logprobs: std::mem::take(&mut st.prompt_logprobs),
+                        usage: Some(pb::Usage {
+                            prompt_tokens: usage.prompt_tokens,
+                            completion_tokens: usage.completion_tokens,
+                            cached_tokens: usage.cached_tokens,
+                        }),
+                        timings: Some(pb::Timings {
+                            queue_s: timings.queue_s,
+                            ttft_s: timings.ttft_s,
+                            e2e_s: timings.e2e_s,
+                        }),
+                        ..Default::default()
+                    }
+                }
+                TokenEvent::Error(message) => {
+                    st.done = true;
+                    return Some((Err(Status::internal(message)), st));
+                }
+            };
+            return Some((Ok(resp), st));
+        }
+    })
+}
+
+type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        if req.request_id.is_empty() {
+            return Err(Status::invalid_argument("request_id is empty"));
+        }
+        let id = req.request_id.clone();
+        let rx = self.engine.submit(params(req)).map_err(to_status)?;
+        tracing::debug!(request_id = %id, "generate");
+        Ok(Response::new(Box::pin(responses(rx))))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        let found = self.engine.abort(&request.into_inner().request_id);
+        Ok(Response::new(pb::AbortResponse { found }))
+    }
+
+    async fn health(
+        &self,
+        request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        if !request.into_inner().probe {
+            return Ok(Response::new(pb::HealthResponse {
+                healthy: true,
+                message: String::new(),
+            }));
+        }
+        let n = self.probes.fetch_add(1, Ordering::Relaxed);
+        let probe = GenerateParams {
+            request_id: format!("health-probe-{n}"),
+            prompt: vec![1],
+            sampling: SamplingParams::default(),
+            stopping: StoppingParams {
+                max_tokens: 1,
+                ignore_eos: true,
+                ..StoppingParams::default()
+            },
+        };
+        let outcome = match self.engine.submit(probe) {
+            Err(e) => Err(e.to_string()),
+            Ok(rx) => match tokio::time::timeout(PROBE_TIMEOUT, finish_of(rx)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "one-token probe took longer than {}s",
+                    PROBE_TIMEOUT.as_secs()
+                )),
+            },
+        };
+        let (healthy, message) = match outcome {
+            Ok(()) => (true, String::new()),
+            Err(m) => (false, m),
+        };
+        Ok(Response::new(pb::HealthResponse { healthy, message }))
+    }
+
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let i = self.engine.info();
+        Ok(Response::new(pb::InfoResponse {
+            model: i.model,
+            max_seq_len: i.max_seq_len,
+            tokens_per_block: i.tokens_per_block,
+            tp_size: self.tp_size,
+            ep_size: self.ep_size,
+            kv_capacity_blocks: i.kv_capacity_blocks,
+            vocab_size: i.vocab_size,
+            eos_token_ids: i.eos_token_ids,
+            backend: i.backend,
+            max_batch_size: i.max_batch_size,
+            max_num_tokens: i.max_num_tokens,
+            enable_block_reuse: i.enable_block_reuse,
+        }))
+    }
+
+    async fn load(
+        &self,
+        _: Request<pb::LoadRequest>,
+    ) -> Result<Response<pb::LoadResponse>, Status> {
+        let l = self.engine.load();
+        Ok(Response::new(pb::LoadResponse {
+            running: l.running,
+            queued: l.queued,
+            kv_blocks_used: l.kv_blocks_used,
+            kv_blocks_free: l.kv_blocks_free,
+        }))
+    }
+}
+
+/// Waits for a request to finish; Err with the engine's message if it failed.
+async fn finish_of(mut rx: UnboundedReceiver<TokenEvent>) -> Result<(), String> {
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            TokenEvent::Finished { .. } => return Ok(()),
+            TokenEvent::Error(m) => return Err(m),
+            _ => {}
+        }
+    }
+    Err("the engine dropped the probe".into())
+}

@@ -1,0 +1,113 @@
+//! `llmapi-launch serve` on one machine: the engine, its worker gRPC service on a loopback
+//! port, and the embedded OpenAI router on --host/--port, in one process. Ctrl-C or SIGTERM
+//! drains the router (in-flight requests finish), then stops the worker and the engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use llmapi_common::args::LlmArgs;
+use llmapi_common::model_dir::ModelDir;
+use llmapi_router::codec::HfCodec;
+use llmapi_router::pool::Pool;
+use llmapi_router::{AppState, RouterConfig, server};
+use llmapi_worker::engine::{Engine, EngineConfig};
+use llmapi_worker::service::{self, WorkerService};
+
+/// The router settings `serve` derives from `LlmArgs` (plus LLMAPI_API_KEY /
+/// LLMAPI_ADMIN_TOKEN from the environment).
+pub fn router_config(args: &LlmArgs, model: &ModelDir) -> RouterConfig {
+    let model_path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| model.path.to_string_lossy().into_owned());
+    RouterConfig {
+        served_model_name: args
+            .served_model_name
+            .clone()
+            .unwrap_or_else(|| model.default_name()),
+        model_path,
+        api_key: std::env::var("LLMAPI_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+        admin_token: std::env::var("LLMAPI_ADMIN_TOKEN")
+            .ok()
+            .filter(|k| !k.is_empty()),
+        ..RouterConfig::default()
+    }
+}
+
+/// Runs the engine, the worker service and the router until Ctrl-C / SIGTERM.
+pub async fn run(args: LlmArgs, model: ModelDir) -> anyhow::Result<()> {
+    if args.tensor_parallel_size > 1 {
+        bail!(
+            "tensor_parallel_size {} needs one rank per shard; this single-process serve runs one rank. \
+             Use --tp_size 1, or start the ranks with srun/mpirun",
+            args.tensor_parallel_size
+        );
+    }
+    let config = router_config(&args, &model);
+    let mut engine_cfg = EngineConfig::from_llm_args(&args);
+    engine_cfg.model_name = Some(config.served_model_name.clone());
+    let model_path = model.path.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&model_path, engine_cfg))
+        .await
+        .context("the engine start-up task failed")?
+        .with_context(|| format!("starting the engine on {}", model.path.display()))?;
+    let info = engine.info();
+    tracing::info!(
+        model = %info.model,
+        backend = %info.backend,
+        max_seq_len = info.max_seq_len,
+        kv_blocks = info.kv_capacity_blocks,
+        "engine ready"
+    );
+
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the worker's loopback gRPC port")?;
+    let grpc_addr = grpc
+        .local_addr()
+        .context("reading the worker's gRPC address")?;
+    let (worker_stop, worker_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ep = args
+        .moe_expert_parallel_size
+        .unwrap_or(args.tensor_parallel_size);
+    let worker = WorkerService::new(engine.clone(), args.tensor_parallel_size, ep);
+    let worker_task = tokio::spawn(service::serve(worker, grpc, async move {
+        let _ = worker_stopped.await;
+    }));
+
+    let tokenizer = args.tokenizer.as_ref().map(PathBuf::from);
+    let codec = HfCodec::load(
+        &model.path,
+        tokenizer.as_deref(),
+        args.chat_template.as_deref(),
+    )?;
+    let pool = Arc::new(Pool::default());
+    pool.add(&format!("http://{grpc_addr}"))
+        .context("registering the local worker")?;
+    pool.check_all(&config.health).await;
+    let health = tokio::spawn(pool.clone().health_loop(config.health.clone()));
+    let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
+
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
+    tracing::info!(
+        model = %model.path.display(),
+        worker = %grpc_addr,
+        "serving at http://{addr}/v1"
+    );
+    server::serve(listener, state, server::shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+
+    tracing::info!("router stopped; stopping the worker and the engine");
+    health.abort();
+    let _ = worker_stop.send(());
+    let _ = worker_task.await;
+    engine.shutdown();
+    Ok(())
+}
