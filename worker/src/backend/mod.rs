@@ -5,6 +5,7 @@
 //! backend lives in `cpu`; a CUDA backend implements the same trait.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::kv::BlockId;
 

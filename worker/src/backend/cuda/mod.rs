@@ -1,0 +1,170 @@
+//! The CUDA backend's kernels and the checks that run before any CUDA call.
+//!
+//! cudarc is loaded dynamically, so every build works without CUDA; but cudarc panics when a
+//! library it needs is missing, so `check_libraries` runs first and turns absence into an
+//! error that says what to install. Kernels are CUDA C under `kernels/`, embedded in the
+//! binary, compiled at start-up by NVRTC for the device's architecture and cached on disk by
+//! source hash and architecture.
+
+use std::path::{Path, PathBuf};
+
+use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+
+/// Helpers prepended to every kernel file.
+const COMMON: &str = include_str!("kernels/common.cuh");
+
+/// Kernel files: (name, CUDA C source).
+pub const KERNEL_FILES: &[(&str, &str)] = &[
+    ("elementwise", include_str!("kernels/elementwise.cu")),
+    ("rope", include_str!("kernels/rope.cu")),
+    ("attention", include_str!("kernels/attention.cu")),
+    ("sampling", include_str!("kernels/sampling.cu")),
+];
+
+/// Errors of the CUDA backend's set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// A CUDA library cannot be loaded.
+    #[error(
+        "the CUDA library {library} cannot be loaded; install it (it ships with the NVIDIA driver or the CUDA toolkit, or in pip's nvidia-* packages) and put its directory on LD_LIBRARY_PATH, or run with --backend cpu"
+    )]
+    LibraryMissing {
+        /// Library name, e.g. "libnvrtc".
+        library: &'static str,
+    },
+    /// cuda_bf16.h / cuda_fp8.h were not found for NVRTC.
+    #[error(
+        "CUDA headers (cuda_bf16.h) not found in {searched:?}; set LLMAPI_CUDA_INCLUDE to a directory that has them (CUDA toolkit include/, or pip's nvidia/cuda_runtime/include)"
+    )]
+    NoHeaders {
+        /// Directories tried.
+        searched: Vec<PathBuf>,
+    },
+    /// A kernel file does not compile.
+    #[error("kernel {file}.cu does not compile for {arch}:\n{log}")]
+    Compile {
+        /// Kernel file name.
+        file: String,
+        /// Target architecture.
+        arch: String,
+        /// NVRTC's log.
+        log: String,
+    },
+}
+
+/// A CUDA library llmapi loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Library {
+    /// The driver API (libcuda), from the NVIDIA driver.
+    Driver,
+    /// The runtime compiler (libnvrtc).
+    Nvrtc,
+    /// cuBLAS.
+    Cublas,
+}
+
+/// Checks that the libraries can be loaded, without calling into them.
+pub fn check_libraries(needed: &[Library]) -> Result<(), CudaError> {
+    for lib in needed {
+        // SAFETY: is_culib_present only tries to dlopen the library by its candidate names and
+        // closes it again; it calls no CUDA function.
+        let (present, library) = unsafe {
+            match lib {
+                Library::Driver => (cudarc::driver::sys::is_culib_present(), "libcuda"),
+                Library::Nvrtc => (cudarc::nvrtc::sys::is_culib_present(), "libnvrtc"),
+                Library::Cublas => (cudarc::cublas::sys::is_culib_present(), "libcublas"),
+            }
+        };
+        if !present {
+            return Err(CudaError::LibraryMissing { library });
+        }
+    }
+    Ok(())
+}
+
+/// Directories searched for cuda_bf16.h, in order: $LLMAPI_CUDA_INCLUDE, $CUDA_HOME/include,
+/// $CUDA_PATH/include, /usr/local/cuda/include.
+pub fn header_search_path() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("LLMAPI_CUDA_INCLUDE") {
+        dirs.extend(std::env::split_paths(&d));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(d) = std::env::var_os(var) {
+            dirs.push(PathBuf::from(d).join("include"));
+        }
+    }
+    dirs.push(PathBuf::from("/usr/local/cuda/include"));
+    dirs
+}
+
+/// The first directory of `header_search_path()` that holds cuda_bf16.h.
+pub fn find_headers() -> Result<PathBuf, CudaError> {
+    let searched = header_search_path();
+    searched
+        .iter()
+        .find(|d| d.join("cuda_bf16.h").is_file())
+        .cloned()
+        .ok_or(CudaError::NoHeaders { searched })
+}
+
+/// The full source NVRTC compiles for a kernel file.
+pub fn kernel_source(file_source: &str) -> String {
+    format!("{COMMON}\n{file_source}")
+}
+
+/// 64-bit FNV-1a, stable across builds, for cache file names.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Compiles one kernel file for `arch` (e.g. "compute_90"), reusing `cache_dir/<hash>.ptx`
+/// when the same source was compiled for the same architecture before.
+pub fn compile_kernel(
+    name: &str,
+    source: &str,
+    arch: &'static str,
+    include_dir: &Path,
+    cache_dir: Option<&Path>,
+) -> Result<Ptx, CudaError> {
+    let full = kernel_source(source);
+    let key = fnv1a(&[full.as_bytes(), arch.as_bytes()]);
+    let cached = cache_dir.map(|d| d.join(format!("{name}-{arch}-{key:016x}.ptx")));
+    if let Some(path) = &cached
+        && let Ok(text) = std::fs::read_to_string(path)
+    {
+        return Ok(Ptx::from_src(text));
+    }
+    check_libraries(&[Library::Nvrtc])?;
+    let opts = CompileOptions {
+        arch: Some(arch),
+        include_paths: vec![include_dir.to_string_lossy().into_owned()],
+        options: vec!["--std=c++17".into()],
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(&full, opts).map_err(|e| CudaError::Compile {
+        file: name.to_owned(),
+        arch: arch.to_owned(),
+        log: match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => other.to_string(),
+        },
+    })?;
+    if let Some(path) = &cached {
+        // A cache that cannot be written costs a recompile next time, nothing more.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(path, ptx.to_src());
+    }
+    Ok(ptx)
+}
