@@ -5,18 +5,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::model_config::{Architecture, SUPPORTED_ARCHITECTURES};
 use crate::tokenizer::{Tokenizer, TokenizerError};
-
-/// Architectures (config.json `architectures[0]`) that the engine implements.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
-];
 
 /// Errors from opening a model directory.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +145,7 @@ impl ModelDir {
                 message: "missing \"architectures\" (e.g. [\"LlamaForCausalLM\"])".into(),
             })?
             .to_owned();
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+        if Architecture::from_hf_name(&architecture).is_none() {
             return Err(ModelDirError::UnsupportedArchitecture {
                 path: config_path,
                 found: architecture,
