@@ -5,6 +5,7 @@
 //! the serve command; writes built-in checkpoints. Not for: HTTP handling (the router's) or
 //! tensors (the worker's).
 
+pub mod cluster;
 pub mod make_model;
 pub mod placement;
 pub mod serve;

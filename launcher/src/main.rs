@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Arg, ArgAction, Command};
 use llmapi_common::args::{NoticeLevel, resolve, serve_command};
 use llmapi_common::model_dir::ModelDir;
+use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 
@@ -16,7 +17,14 @@ fn cli() -> Command {
         .about("Serve LLMs over the OpenAI API on one machine or a Slurm cluster")
         .subcommand_required(true)
         .arg_required_else_help(true)
-        .subcommand(serve_command())
+        .subcommand(
+            serve_command().arg(
+                Arg::new("router_url")
+                    .long("router_url")
+                    .value_name("URL")
+                    .help("Register this worker with an external llmapi-router (its --admin_token must equal LLMAPI_JOB_TOKEN) instead of running the embedded router"),
+            ),
+        )
         .subcommand(
             Command::new("env")
                 .about(
@@ -120,7 +128,20 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(llmapi_launch::serve::run(args, model))
+    let router_url = m.get_one::<String>("router_url").cloned();
+    let placement = Placement::from_env(std::env::vars())?;
+    match placement {
+        Some(p) if p.world_size > 1 || router_url.is_some() => {
+            tracing::info!(rank = p.rank, world_size = p.world_size, launcher = ?p.launcher, "serving as one task of a job");
+            let opts = ClusterOptions { router_url };
+            runtime.block_on(cluster::run(args, model, p, opts))
+        }
+        None if router_url.is_some() => {
+            let opts = ClusterOptions { router_url };
+            runtime.block_on(cluster::run(args, model, Placement::local(), opts))
+        }
+        _ => runtime.block_on(llmapi_launch::serve::run(args, model)),
+    }
 }
 
 fn print_env(m: &clap::ArgMatches) -> anyhow::Result<()> {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod support;
+
 fn slurm_available() -> bool {
     let up = Command::new("timeout")
         .args(["10", "sinfo", "-h"])
@@ -100,4 +102,59 @@ fn a_group_spans_two_nodes_and_meets_on_the_first() {
     assert_eq!(rows[1]["leader_node"], rows[0]["node"]);
     assert_eq!(rows[1]["group"], 0);
     assert_eq!(rows[1]["rank_in_group"], 1);
+}
+
+/// `srun -N 2 -n 2 llmapi-launch serve DEMO`: one replica per node, rank 0's router in front.
+#[test]
+fn two_nodes_serve_two_replicas_behind_one_router() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::demo_model(dir.path());
+    let port = support::free_port();
+    let job = format!("llmapi-test-{port}");
+    let mut srun = Command::new("timeout")
+        .args([
+            "180",
+            "srun",
+            "--immediate=60",
+            "--kill-on-bad-exit=1",
+            "-N",
+            "2",
+            "-n",
+            "2",
+        ])
+        .arg(format!("--job-name={job}"))
+        .arg(env!("CARGO_BIN_EXE_llmapi-launch"))
+        .arg("serve")
+        .arg(&model)
+        .args(["--port", &port.to_string(), "--host", "0.0.0.0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let workers = support::wait_for_healthy_workers(port, 2, Duration::from_secs(120));
+    let spread = workers
+        .as_ref()
+        .map(|_| support::spread_of_requests(port, 4));
+    let _ = Command::new("scancel").args(["-n", &job]).status();
+    let _ = srun.kill();
+    let _ = srun.wait();
+    let workers = workers.expect("both replicas registered and healthy within 120 s");
+    let urls: Vec<&str> = workers["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["url"].as_str().unwrap())
+        .collect();
+    assert!(
+        urls.iter().any(|u| u.contains("c1")) && urls.iter().any(|u| u.contains("c2")),
+        "{urls:?}"
+    );
+    let spread = spread.unwrap();
+    assert!(
+        spread.iter().all(|(_, n)| *n >= 1),
+        "both replicas serve: {spread:?}"
+    );
 }

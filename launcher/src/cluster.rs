@@ -1,0 +1,273 @@
+//! `llmapi-launch serve` as one task of a Slurm or MPI job.
+//!
+//! Every task runs an engine replica and its worker gRPC service on a port of its node. Rank 0
+//! also runs the OpenAI router, the other tasks register their worker with it (POST /workers,
+//! authenticated by the job token) and renew the registration as a heartbeat. With
+//! `--router_url` every task registers with that external router instead and no task runs one.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use llmapi_common::args::LlmArgs;
+use llmapi_common::model_dir::ModelDir;
+use llmapi_worker::engine::{Engine, EngineConfig, EngineHandle};
+use llmapi_worker::service::{self, WorkerService};
+
+use crate::placement::Placement;
+
+/// How often a registered worker renews its registration.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long a task waits for the router to accept its first registration.
+const REGISTER_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Options of a job task that are not LlmArgs keys.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// An external router to register with; none: rank 0 runs the router.
+    pub router_url: Option<String>,
+}
+
+/// The secret that authenticates a job's tasks to its router: $LLMAPI_JOB_TOKEN, else one
+/// derived from the job's identity (enough to keep separate jobs apart; set LLMAPI_JOB_TOKEN,
+/// e.g. from `openssl rand -hex 16` in the batch script, where other users share the network).
+pub fn job_token(p: &Placement) -> String {
+    if let Ok(t) = std::env::var("LLMAPI_JOB_TOKEN")
+        && !t.is_empty()
+    {
+        return t;
+    }
+    let identity = format!(
+        "{}|{}|{}",
+        p.job_id.as_deref().unwrap_or("local"),
+        p.nodes.join(","),
+        p.world_size
+    );
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in identity.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("llmapi-job-{h:016x}")
+}
+
+/// The host name other tasks reach this one by: $LLMAPI_ADVERTISE_HOST, else this task's node
+/// name from the job's node list, else 127.0.0.1 (all tasks on one machine).
+pub fn advertise_host(p: &Placement) -> String {
+    std::env::var("LLMAPI_ADVERTISE_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| p.nodes.get(p.node_index).cloned())
+        .unwrap_or_else(|| "127.0.0.1".to_owned())
+}
+
+/// A running engine with its worker gRPC service.
+pub struct LocalWorker {
+    /// The engine.
+    pub engine: EngineHandle,
+    /// Where the gRPC service listens.
+    pub addr: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl LocalWorker {
+    /// Starts the engine on `model` and serves it over gRPC on `bind` (port 0: any).
+    pub async fn start(
+        args: &LlmArgs,
+        model: &ModelDir,
+        name: String,
+        bind: &str,
+    ) -> anyhow::Result<Self> {
+        let mut cfg = EngineConfig::from_llm_args(args);
+        cfg.model_name = Some(name);
+        let path = model.path.clone();
+        let engine = tokio::task::spawn_blocking(move || Engine::start(&path, cfg))
+            .await
+            .context("the engine start-up task failed")?
+            .with_context(|| format!("starting the engine on {}", model.path.display()))?;
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("binding the worker's gRPC address {bind}"))?;
+        let addr = listener
+            .local_addr()
+            .context("reading the worker's address")?;
+        let ep = args
+            .moe_expert_parallel_size
+            .unwrap_or(args.tensor_parallel_size);
+        let service = WorkerService::new(engine.clone(), args.tensor_parallel_size, ep);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(service::serve(service, listener, async move {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            engine,
+            addr,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops the gRPC service, then the engine.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+        self.engine.shutdown();
+    }
+}
+
+/// Runs this task until SIGTERM / Ctrl-C.
+pub async fn run(
+    args: LlmArgs,
+    model: ModelDir,
+    placement: Placement,
+    opts: ClusterOptions,
+) -> anyhow::Result<()> {
+    let tp = args.tensor_parallel_size as usize;
+    let role = placement.role(tp)?;
+    if tp > 1 {
+        bail!(
+            "--tp_size {tp}: splitting one replica over several tasks is not implemented yet; \
+             run one replica per task with --tp_size 1 ({} replicas here)",
+            placement.world_size
+        );
+    }
+    let token = job_token(&placement);
+    let config = crate::serve::router_config(&args, &model);
+    let worker =
+        LocalWorker::start(&args, &model, config.served_model_name.clone(), "0.0.0.0:0").await?;
+    let url = format!(
+        "http://{}:{}",
+        advertise_host(&placement),
+        worker.addr.port()
+    );
+    tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
+
+    let result = if opts.router_url.is_none() && placement.rank == 0 {
+        embedded_router(&args, &model, &url, token).await
+    } else {
+        let router = match &opts.router_url {
+            Some(r) => r.trim_end_matches('/').to_owned(),
+            None => {
+                let host = placement
+                    .nodes
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "127.0.0.1".to_owned());
+                format!("http://{host}:{}", args.port)
+            }
+        };
+        registered(&router, &url, &token).await
+    };
+    worker.stop().await;
+    result
+}
+
+async fn embedded_router(
+    args: &LlmArgs,
+    model: &ModelDir,
+    own: &str,
+    token: String,
+) -> anyhow::Result<()> {
+    use std::sync::Arc;
+
+    use llmapi_router::codec::HfCodec;
+    use llmapi_router::pool::Pool;
+    use llmapi_router::{AppState, server};
+
+    let mut config = crate::serve::router_config(args, model);
+    config.admin_token = Some(config.admin_token.unwrap_or(token));
+    let tokenizer = args.tokenizer.as_ref().map(std::path::PathBuf::from);
+    let codec = HfCodec::load(
+        &model.path,
+        tokenizer.as_deref(),
+        args.chat_template.as_deref(),
+    )?;
+    let pool = Arc::new(Pool::default());
+    pool.add(own).context("registering the local worker")?;
+    pool.check_all(&config.health).await;
+    let health = tokio::spawn(pool.clone().health_loop(config.health.clone()));
+    let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
+    if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
+        tracing::warn!(
+            "the router listens on {addr}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs"
+        );
+    }
+    tracing::info!("router serving at http://{addr}/v1; other tasks register here");
+    let served = server::serve(listener, state, server::shutdown_signal()).await;
+    health.abort();
+    served.context("serving HTTP")
+}
+
+/// Registers `worker` with `router`, renews the registration until shutdown, then withdraws it.
+async fn registered(router: &str, worker: &str, token: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "url": worker }).to_string();
+    let started = tokio::time::Instant::now();
+    loop {
+        match send(Method::POST, router, token, &body).await {
+            Ok(s) if s.is_success() => break,
+            Ok(s) if s == StatusCode::UNAUTHORIZED => bail!(
+                "router {router} refused the job token (401); give every task the same LLMAPI_JOB_TOKEN, \
+                 or the external router --admin_token equal to it"
+            ),
+            Ok(s) => tracing::debug!(status = %s, "registration not accepted yet"),
+            Err(e) => tracing::debug!(error = %e, "router not reachable yet"),
+        }
+        if started.elapsed() > REGISTER_DEADLINE {
+            bail!("router {router} did not accept this worker within {REGISTER_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::info!(router, worker, "registered with the router");
+    let shutdown = llmapi_router::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(HEARTBEAT) => {
+                if let Err(e) = send(Method::POST, router, token, &body).await {
+                    tracing::warn!(router, error = %e, "heartbeat failed; retrying");
+                }
+            }
+        }
+    }
+    if let Err(e) = send(Method::DELETE, router, token, &body).await {
+        tracing::info!(router, error = %e, "could not deregister (the router may have stopped first)");
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 request with a JSON body and a bearer token; returns the status.
+async fn send(method: Method, router: &str, token: &str, body: &str) -> anyhow::Result<StatusCode> {
+    let uri: Uri = format!("{router}/workers").parse().context("router URL")?;
+    let host = uri.host().context("router URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .context("connecting timed out")??;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = Request::builder()
+        .method(method)
+        .uri(uri.path())
+        .header("host", format!("{host}:{port}"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
+        .body(Full::new(Bytes::from(body.to_owned())))?;
+    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+        .await
+        .context("the router did not answer in time")??;
+    let status = response.status();
+    let _ = response.into_body().collect().await;
+    Ok(status)
+}
