@@ -63,9 +63,15 @@ pub async fn run(args: LlmArgs, model: ModelDir) -> anyhow::Result<()> {
         "engine ready"
     );
 
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0")
+    // LLMAPI_WORKER_ADDR exposes the worker at a fixed address so that other routers
+    // (`llmapi-router --worker_urls`) can use it too; by default it is private to this process.
+    let worker_addr =
+        std::env::var("LLMAPI_WORKER_ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
+    let grpc = tokio::net::TcpListener::bind(&worker_addr)
         .await
-        .context("binding the worker's loopback gRPC port")?;
+        .with_context(|| {
+            format!("binding the worker's gRPC address {worker_addr} (LLMAPI_WORKER_ADDR)")
+        })?;
     let grpc_addr = grpc
         .local_addr()
         .context("reading the worker's gRPC address")?;

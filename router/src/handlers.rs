@@ -238,6 +238,12 @@ async fn completions_inner(
     let echo = req.echo.unwrap_or(false);
     let codec = state.codec.clone();
     let encode = |t: &str| {
+        if t.is_empty() {
+            return Err(ApiError::invalid(
+                "prompt",
+                "prompt is empty; send some text",
+            ));
+        }
         codec
             .encode(t, true)
             .map_err(|e| ApiError::invalid("prompt", format!("prompt could not be tokenized: {e}")))
@@ -503,6 +509,7 @@ pub async fn list_workers(State(state): Shared) -> Response {
                 "healthy": w.is_healthy(),
                 "breaker_open": w.breaker_open(),
                 "inflight": w.inflight(),
+                "requests": w.routed(),
                 "running": load.running,
                 "queued": load.queued,
                 "kv_blocks_used": load.kv_blocks_used,

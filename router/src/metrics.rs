@@ -107,6 +107,15 @@ impl Metrics {
                 w.inflight()
             );
         }
+        let _ = writeln!(s, "# TYPE llmapi_worker_requests_total counter");
+        for w in &workers {
+            let _ = writeln!(
+                s,
+                "llmapi_worker_requests_total{{worker=\"{}\"}} {}",
+                w.url,
+                w.routed()
+            );
+        }
         let _ = writeln!(s, "# TYPE llmapi_worker_kv_blocks_used gauge");
         for w in &workers {
             let _ = writeln!(

@@ -95,6 +95,7 @@ pub struct Worker {
     failed_requests: AtomicU32,
     breaker_open_until: Mutex<Option<Instant>>,
     inflight: AtomicUsize,
+    routed: std::sync::atomic::AtomicU64,
     load: Mutex<LoadResponse>,
     info: Mutex<Option<InfoResponse>>,
     /// Which prompt blocks the router believes this worker has cached.
@@ -154,6 +155,7 @@ impl Worker {
             failed_requests: AtomicU32::new(0),
             breaker_open_until: Mutex::new(None),
             inflight: AtomicUsize::new(0),
+            routed: std::sync::atomic::AtomicU64::new(0),
             load: Mutex::new(LoadResponse::default()),
             info: Mutex::new(None),
             cache: Mutex::new(PrefixCacheView::default()),
@@ -228,6 +230,12 @@ impl Worker {
     /// A request to this worker produced a response.
     pub fn record_request_success(&self) {
         self.failed_requests.store(0, Ordering::Relaxed);
+        self.routed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests this worker has accepted (answered with at least one response).
+    pub fn routed(&self) -> u64 {
+        self.routed.load(Ordering::Relaxed)
     }
 
     /// Runs one health check (liveness + load, and Info until known) and updates the state.

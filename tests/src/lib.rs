@@ -1,1 +1,295 @@
-//! Placeholder until this crate is written.
+//! llmapi-tests: helpers for end-to-end tests that run the real binaries on loopback.
+//!
+//! The binaries (`llmapi-launch`, `llmapi-router`) are found beside the test executable, in the
+//! target directory that `cargo test --workspace` builds them into. Every process started here
+//! is killed when its handle drops; every wait is bounded in time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary built beside the tests; panics with what to run if missing.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing; build it first with `cargo build --workspace` (or run `cargo test --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// The built-in demo model (tiny, fast), written once per test binary.
+pub fn demo_model() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| write_model("demo")).1
+}
+
+/// The built-in bench model (124M parameters: slow enough on CPU that a long request is
+/// still running seconds later), written once per test binary.
+pub fn bench_model() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DIR.get_or_init(|| write_model("bench")).1
+}
+
+fn write_model(preset: &str) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join(preset);
+    let status = Command::new(bin("llmapi-launch"))
+        .args(["make-model", "--preset", preset, "--out"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run llmapi-launch make-model");
+    assert!(status.success(), "make-model --preset {preset} failed");
+    (tmp, path)
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    child: Child,
+    /// What was started, for messages.
+    pub name: String,
+}
+
+impl Proc {
+    /// Starts `cmd` with its output appended to a log file in the temp dir.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let log =
+            std::env::temp_dir().join(format!("llmapi-e2e-{name}-{}.log", std::process::id()));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for exit; returns whether it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `llmapi-launch serve MODEL --port PORT` with extra flags and environment; waits for
+/// /health.
+pub fn serve(model: &Path, port: u16, extra: &[&str], env: &[(&str, String)]) -> Proc {
+    let mut cmd = Command::new(bin("llmapi-launch"));
+    cmd.arg("serve")
+        .arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--set", "kv_cache_config.max_tokens=65536"])
+        .args(extra);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let p = Proc::spawn(&format!("serve-{port}"), cmd);
+    wait_healthy(port, Duration::from_secs(60));
+    p
+}
+
+/// Polls GET /health until 200 or `timeout`.
+pub fn wait_healthy(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if request(port, "GET", "/health", None, &[]).is_ok_and(|r| r.status == 200) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("nothing healthy on port {port} within {timeout:?}");
+}
+
+/// An HTTP response read to the end.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, lowercased names.
+    pub headers: Vec<(String, String)>,
+    /// The body, de-chunked.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body as JSON (Null if it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The `data:` payloads of an SSE body; `[DONE]` as a JSON string.
+    pub fn sse(&self) -> Vec<Value> {
+        sse_payloads(&self.body)
+    }
+}
+
+/// The `data:` payloads of SSE text.
+pub fn sse_payloads(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned())))
+        .collect()
+}
+
+/// Opens a connection and sends a request; the caller reads the response.
+pub fn send(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<TcpStream> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    if let Some(b) = body {
+        // A server may answer (413) and close before reading a huge body.
+        let _ = s.write_all(b);
+    }
+    Ok(s)
+}
+
+/// Reads a full response from `stream`.
+pub fn read_response(stream: TcpStream) -> std::io::Result<HttpResponse> {
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = line.trim_end().split_once(':') {
+            headers.push((k.to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                break;
+            }
+            let size = usize::from_str_radix(line.trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk)?;
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// One request, read to the end.
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    read_response(send(port, method, path, bytes.as_deref(), headers)?)
+}
+
+/// POST a JSON body and read the response; panics on I/O errors.
+pub fn post(port: u16, path: &str, body: &Value) -> HttpResponse {
+    request(port, "POST", path, Some(body), &[]).unwrap_or_else(|e| panic!("POST {path}: {e}"))
+}
+
+/// GET and read the response; panics on I/O errors.
+pub fn get(port: u16, path: &str) -> HttpResponse {
+    request(port, "GET", path, None, &[]).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+/// Polls `check` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}

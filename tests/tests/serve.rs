@@ -1,0 +1,241 @@
+//! The README's one-command server (`llmapi-launch serve MODEL`): completions and chat,
+//! streaming and not, every error status, client disconnects and SIGTERM drain.
+
+use std::io::Read;
+use std::time::Duration;
+
+use llmapi_tests::{
+    bench_model, demo_model, free_port, get, post, request, send, serve, wait_until,
+};
+use serde_json::{Value, json};
+
+fn kv_state(port: u16) -> (u64, u64, u64) {
+    let w = get(port, "/workers").json();
+    let w = &w["workers"][0];
+    (
+        w["running"].as_u64().unwrap_or(99),
+        w["kv_blocks_used"].as_u64().unwrap_or(0),
+        w["kv_blocks_free"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn serve_answers_completions_and_chat_streaming_and_not() {
+    let port = free_port();
+    let _server = serve(demo_model(), port, &[], &[]);
+
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "Hello, my name is", "max_tokens": 8}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 0);
+
+    let r = post(
+        port,
+        "/v1/chat/completions",
+        &json!({"model": "demo",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        "max_tokens": 6, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert!(v["choices"][0]["message"]["content"].is_string());
+
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "Once upon", "max_tokens": 6, "stream": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "demo", "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}}),
+        ),
+    ] {
+        let r = post(port, path, &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(
+            r.headers
+                .iter()
+                .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream"))
+        );
+        let events = r.sse();
+        assert_eq!(events.last(), Some(&json!("[DONE]")), "{path}");
+        assert!(
+            events
+                .iter()
+                .any(|e| e["choices"][0]["finish_reason"] == "length"),
+            "{path}"
+        );
+    }
+
+    // Greedy decoding is deterministic: the streamed text equals the non-streamed text.
+    let body = json!({"model": "demo", "prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0});
+    let whole = post(port, "/v1/completions", &body).json()["choices"][0]["text"].clone();
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let text: String = post(port, "/v1/completions", &streamed)
+        .sse()
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(Value::String(text), whole);
+}
+
+#[test]
+fn every_error_status_has_an_openai_error_body() {
+    let port = free_port();
+    let _server = serve(
+        demo_model(),
+        port,
+        &[],
+        &[("LLMAPI_API_KEY", "sk-e2e".to_owned())],
+    );
+    let auth = [("Authorization", "Bearer sk-e2e")];
+    let raw = |body: &[u8]| {
+        let s = send(port, "POST", "/v1/completions", Some(body), &auth).expect("connect");
+        llmapi_tests::read_response(s).expect("response")
+    };
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("malformed JSON", b"{\"model\": \"demo\", ".to_vec(), 400),
+        (
+            "wrong type",
+            json!({"model": "demo", "prompt": 42})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "wrong field type",
+            json!({"model": "demo", "prompt": "x", "n": "two"})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "empty prompt",
+            json!({"model": "demo", "prompt": ""})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "oversized prompt",
+            json!({"model": "demo", "prompt": "word ".repeat(5000)})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            "unknown model",
+            json!({"model": "gpt-5", "prompt": "x"})
+                .to_string()
+                .into_bytes(),
+            404,
+        ),
+        (
+            "huge body",
+            format!(
+                "{{\"model\": \"demo\", \"prompt\": \"{}\"}}",
+                "x".repeat(40 << 20)
+            )
+            .into_bytes(),
+            413,
+        ),
+    ];
+    for (what, body, status) in cases {
+        let r = raw(&body);
+        assert_eq!(
+            r.status,
+            status,
+            "{what}: {}",
+            &r.body[..r.body.len().min(300)]
+        );
+        let v = r.json();
+        assert_eq!(v["error"]["code"], status, "{what}: {}", r.body);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+    }
+    let r = request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "demo", "prompt": "x"})),
+        &[],
+    )
+    .expect("request");
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = get(port, "/v1/no_such_route");
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"]["message"].is_string());
+}
+
+#[test]
+fn a_client_disconnect_frees_every_block() {
+    let port = free_port();
+    let _server = serve(bench_model(), port, &[], &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || kv_state(port).2 > 0),
+        "load reported"
+    );
+    let (_, _, free_before) = kv_state(port);
+    let mut streams = Vec::new();
+    for i in 0..4 {
+        let body =
+            json!({"model": "bench", "prompt": format!("story number {i}"), "max_tokens": 1000,
+            "stream": true, "ignore_eos": true})
+            .to_string();
+        let mut s =
+            send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
+        let mut first = [0u8; 256];
+        let n = s.read(&mut first).expect("first bytes");
+        assert!(n > 0);
+        streams.push(s);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || kv_state(port).0 == 4),
+        "four running: {:?}",
+        kv_state(port)
+    );
+    drop(streams);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let (running, _, free) = kv_state(port);
+            running == 0 && free == free_before
+        }),
+        "blocks freed after disconnect: {:?} (free before {free_before})",
+        kv_state(port)
+    );
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let port = free_port();
+    let mut server = serve(demo_model(), port, &[], &[]);
+    let body =
+        json!({"model": "demo", "prompt": "drain me", "max_tokens": 200, "ignore_eos": true})
+            .to_string();
+    let s = send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
+    std::thread::sleep(Duration::from_millis(100));
+    let reader = std::thread::spawn(move || llmapi_tests::read_response(s));
+    assert!(
+        server.terminate(Duration::from_secs(30)),
+        "server exits after draining"
+    );
+    let r = reader.join().expect("reader thread").expect("response");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 200);
+}
