@@ -1,18 +1,33 @@
 //! Causal attention over the paged KV cache, read block by block in place.
 //!
-//! One task per (row, KV head): the query heads sharing that KV head (GQA/MQA) are scored
-//! together so each K/V block is read once per task.
+//! One task per (sequence chunk, KV head, tile of up to `ROW_TILE` consecutive query rows):
+//! each K/V block is read (and dequantized) once per task and used by every query of the
+//! tile and every query head sharing that KV head (GQA/MQA). Scores come from the
+//! register-blocked micro-kernel, four queries by four keys at a time.
 
 use rayon::prelude::*;
 
 use llmapi_common::model_config::ModelConfig;
 
 use super::kv_store::{Kv, KvStore};
+use super::linear::axpy;
+use super::microkernel::{WR, XR, block};
 use crate::backend::SeqChunk;
+
+/// Query rows per task.
+const ROW_TILE: usize = 16;
+
+struct Task {
+    /// First row (index into the step's rows) and row count.
+    r0: usize,
+    nr: usize,
+    g: usize,
+}
 
 /// `out[row, q_head]` = softmax(q k^T / sqrt(d)) v over positions `0..=pos` of the row's sequence.
 ///
-/// `rows[r] = (chunk, pos)`; `qkv` holds `[q; k; v]` per row with q already rotated.
+/// `rows[r] = (chunk, pos)` with each chunk's rows consecutive and in position order; `qkv`
+/// holds `[q; k; v]` per row with q already rotated.
 pub fn attend(
     kv: &KvStore,
     layer: usize,
@@ -24,48 +39,110 @@ pub fn attend(
 ) {
     let (nq, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let group = nq / nkv;
+    let mut tasks = Vec::new();
+    let mut r = 0;
+    while r < rows.len() {
+        let chunk = rows[r].0;
+        let mut end = r;
+        while end < rows.len() && rows[end].0 == chunk && end - r < ROW_TILE {
+            end += 1;
+        }
+        for g in 0..nkv {
+            tasks.push(Task {
+                r0: r,
+                nr: end - r,
+                g,
+            });
+        }
+        r = end;
+    }
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|t| attend_tile(kv, layer, batch, rows, qkv, c, t))
+        .collect();
+    for (t, res) in tasks.iter().zip(results) {
+        for i in 0..t.nr {
+            let dst = (t.r0 + i) * nq * d + t.g * group * d;
+            out[dst..dst + group * d].copy_from_slice(&res[i * group * d..(i + 1) * group * d]);
+        }
+    }
+}
+
+/// Output of one task: `nr x group x d`.
+fn attend_tile(
+    kv: &KvStore,
+    layer: usize,
+    batch: &[SeqChunk<'_>],
+    rows: &[(usize, usize)],
+    qkv: &[f32],
+    c: &ModelConfig,
+    t: &Task,
+) -> Vec<f32> {
+    let (nq, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let group = nq / nkv;
     let qkv_w = (nq + 2 * nkv) * d;
     let tpb = kv.tokens_per_block();
     let scale = 1.0 / (d as f32).sqrt();
-    out.par_chunks_mut(group * d)
-        .enumerate()
-        .for_each(|(task, o)| {
-            let (r, g) = (task / nkv, task % nkv);
-            let (chunk, pos) = rows[r];
-            let table = batch[chunk].block_table;
-            let q = &qkv[r * qkv_w + g * group * d..r * qkv_w + (g + 1) * group * d];
-            let len = pos + 1;
-            let mut scores = vec![0.0f32; group * len];
-            let mut buf = vec![0.0f32; tpb * d];
-            for (bi, &block) in table.iter().enumerate().take(len.div_ceil(tpb)) {
-                let n = (len - bi * tpb).min(tpb);
-                kv.read(layer, Kv::K, block, g, n, &mut buf);
-                for s in 0..n {
-                    let k = &buf[s * d..(s + 1) * d];
-                    for qh in 0..group {
-                        let qv = &q[qh * d..(qh + 1) * d];
-                        scores[qh * len + bi * tpb + s] =
-                            qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+    let table = batch[rows[t.r0].0].block_table;
+    let len = rows[t.r0 + t.nr - 1].1 + 1;
+    // Queries of the tile: row-major (row, head in group); query i sees positions 0..lim[i].
+    let nqt = t.nr * group;
+    let queries: Vec<&[f32]> = (0..nqt)
+        .map(|i| {
+            let (row, qh) = (t.r0 + i / group, t.g * group + i % group);
+            &qkv[row * qkv_w + qh * d..row * qkv_w + (qh + 1) * d]
+        })
+        .collect();
+    let lim: Vec<usize> = (0..nqt).map(|i| rows[t.r0 + i / group].1 + 1).collect();
+    let mut scores = vec![f32::NEG_INFINITY; nqt * len];
+    let mut buf = vec![0.0f32; tpb * d];
+    let nblocks = len.div_ceil(tpb);
+    for (bi, &blk) in table.iter().enumerate().take(nblocks) {
+        let n = (len - bi * tpb).min(tpb);
+        kv.read(layer, Kv::K, blk, t.g, n, &mut buf);
+        let mut s = 0;
+        while s < n {
+            let ns = (n - s).min(WR);
+            let ws: [&[f32]; WR] = std::array::from_fn(|j| {
+                let sj = s + j.min(ns - 1);
+                &buf[sj * d..(sj + 1) * d]
+            });
+            let mut i = 0;
+            while i < nqt {
+                let ni = (nqt - i).min(XR);
+                let xs: [&[f32]; XR] = std::array::from_fn(|x| queries[i + x.min(ni - 1)]);
+                let acc = block(&xs, &ws, d);
+                for (x, row) in acc.iter().enumerate().take(ni) {
+                    for (j, &v) in row.iter().enumerate().take(ns) {
+                        let p = bi * tpb + s + j;
+                        if p < lim[i + x] {
+                            scores[(i + x) * len + p] = v * scale;
+                        }
                     }
                 }
+                i += ni;
             }
-            for qh in 0..group {
-                super::kernels::softmax(&mut scores[qh * len..(qh + 1) * len]);
+            s += ns;
+        }
+    }
+    for i in 0..nqt {
+        super::kernels::softmax(&mut scores[i * len..i * len + lim[i]]);
+    }
+    let mut o = vec![0.0f32; nqt * d];
+    for (bi, &blk) in table.iter().enumerate().take(nblocks) {
+        let n = (len - bi * tpb).min(tpb);
+        kv.read(layer, Kv::V, blk, t.g, n, &mut buf);
+        for i in 0..nqt {
+            let upto = lim[i].saturating_sub(bi * tpb).min(n);
+            let dst = &mut o[i * d..(i + 1) * d];
+            for s in 0..upto {
+                axpy(
+                    scores[i * len + bi * tpb + s],
+                    &buf[s * d..(s + 1) * d],
+                    dst,
+                );
             }
-            o.iter_mut().for_each(|v| *v = 0.0);
-            for (bi, &block) in table.iter().enumerate().take(len.div_ceil(tpb)) {
-                let n = (len - bi * tpb).min(tpb);
-                kv.read(layer, Kv::V, block, g, n, &mut buf);
-                for s in 0..n {
-                    let v = &buf[s * d..(s + 1) * d];
-                    for qh in 0..group {
-                        let p = scores[qh * len + bi * tpb + s];
-                        o[qh * d..(qh + 1) * d]
-                            .iter_mut()
-                            .zip(v)
-                            .for_each(|(acc, x)| *acc += p * x);
-                    }
-                }
-            }
-        });
+        }
+    }
+    o
 }

@@ -1,20 +1,18 @@
 //! `y = x W^T` for HF-layout weights (rows are outputs), bf16 or f32, on the rayon pool.
 //!
-//! Few rows (decode): each task streams a slice of W once and dots it with every input row;
+//! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
+//! Few rows (small batches): each weight row is widened once and dotted with every input row;
 //! bf16 is widened in registers (AVX-512 when the CPU has it, a portable loop otherwise), so
 //! batch-1 decode reads 2 bytes per weight. Many rows (prefill): each task widens a tile of W
 //! to f32 and hands it to the `gemm` crate.
 
 use rayon::prelude::*;
 
+use super::microkernel::{WR, XR, block};
 use crate::model::{Mat, WeightData};
 
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
-const DOT_MAX_ROWS: usize = 8;
-/// Output rows per task in the streaming kernel.
-const DOT_CHUNK: usize = 64;
-/// Output rows per widened tile in the gemm path.
-const GEMM_TILE: usize = 128;
+const DOT_MAX_ROWS: usize = 64;
 
 /// Computes `out[t, n] = sum_k x[t, k] * w[n, k]` for `t < rows`.
 pub fn linear(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
@@ -24,10 +22,26 @@ pub fn linear(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     if rows == 0 || n == 0 {
         return;
     }
+    let threads = rayon::current_num_threads().max(1);
+    if rows == 1 {
+        // Output is one contiguous row: tasks write their slice in place.
+        let chunk = (n / (threads * 8)).max(16);
+        out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+            let n0 = c * chunk;
+            for (j, o) in o.iter_mut().enumerate() {
+                let wr = (n0 + j) * k..(n0 + j + 1) * k;
+                *o = match &w.data {
+                    WeightData::Bf16(v) => dot_bf16(x, &v[wr]),
+                    WeightData::F32(v) => dot_f32(x, &v[wr]),
+                };
+            }
+        });
+        return;
+    }
     let chunk = if rows <= DOT_MAX_ROWS {
-        DOT_CHUNK
+        (n / (threads * 8)).max(16).next_multiple_of(WR)
     } else {
-        GEMM_TILE
+        n.div_ceil(threads * 2).clamp(64, 512)
     };
     let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
         .into_par_iter()
@@ -51,19 +65,38 @@ pub fn linear(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     }
 }
 
-/// part[t, j] = x_t . w[n0 + j] for the streaming kernel; part is rows x (n1 - n0).
+/// part[t, j] = x_t . w[n0 + j]; part is rows x (n1 - n0). Weight rows are widened once,
+/// four at a time, and multiplied with the batch by the register-blocked micro-kernel.
 fn dot_rows(x: &[f32], rows: usize, w: &Mat, n0: usize, n1: usize, part: &mut [f32]) {
     let k = w.cols;
     let width = n1 - n0;
-    for j in n0..n1 {
-        let wr = j * k..(j + 1) * k;
-        for t in 0..rows {
-            let xt = &x[t * k..(t + 1) * k];
-            part[t * width + (j - n0)] = match &w.data {
-                WeightData::Bf16(v) => dot_bf16(xt, &v[wr.clone()]),
-                WeightData::F32(v) => dot_f32(xt, &v[wr.clone()]),
-            };
+    let mut wbuf = vec![0.0f32; WR * k];
+    let mut j = n0;
+    while j < n1 {
+        let nw = (n1 - j).min(WR);
+        for r in 0..WR {
+            let dst = &mut wbuf[r * k..(r + 1) * k];
+            if r < nw {
+                w.row_to_f32(j + r, dst);
+            } else {
+                dst.fill(0.0);
+            }
         }
+        let ws: [&[f32]; WR] = std::array::from_fn(|r| &wbuf[r * k..(r + 1) * k]);
+        let mut t = 0;
+        while t < rows {
+            let nt = (rows - t).min(XR);
+            let xs: [&[f32]; XR] =
+                std::array::from_fn(|i| &x[(t + i.min(nt - 1)) * k..(t + i.min(nt - 1) + 1) * k]);
+            let acc = block(&xs, &ws, k);
+            for (i, row) in acc.iter().enumerate().take(nt) {
+                for (r, v) in row.iter().enumerate().take(nw) {
+                    part[(t + i) * width + (j - n0 + r)] = *v;
+                }
+            }
+            t += nt;
+        }
+        j += nw;
     }
 }
 
@@ -136,6 +169,13 @@ pub fn dot_bf16(x: &[f32], w: &[u16]) -> f32 {
 
 /// Dot product of two f32 slices.
 pub fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports avx512f (checked just above).
+            return unsafe { avx512::dot_f32(x, w) };
+        }
+    }
     let mut acc = [0.0f32; 16];
     let (xc, wc) = (x.chunks_exact(16), w.chunks_exact(16));
     let tail: f32 = xc
@@ -150,6 +190,18 @@ pub fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// `y += a * x`.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports avx512f (checked just above).
+            return unsafe { avx512::axpy(a, x, y) };
+        }
+    }
+    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -184,6 +236,60 @@ mod avx512 {
         }
         sum
     }
+
+    /// AVX-512 f32 dot product.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
+        let n = x.len().min(w.len());
+        let body = n / 16 * 16;
+        let mut acc = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= n, so both loads stay in bounds.
+            unsafe {
+                acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(x.as_ptr().add(i)),
+                    _mm512_loadu_ps(w.as_ptr().add(i)),
+                    acc,
+                );
+            }
+            i += 16;
+        }
+        let mut sum = _mm512_reduce_add_ps(acc);
+        for j in body..n {
+            sum += x[j] * w[j];
+        }
+        sum
+    }
+
+    /// AVX-512 `y += a * x`.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let body = n / 16 * 16;
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= n, so the loads and the store stay in bounds.
+            unsafe {
+                let yp = y.as_mut_ptr().add(i);
+                _mm512_storeu_ps(
+                    yp,
+                    _mm512_fmadd_ps(av, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(yp)),
+                );
+            }
+            i += 16;
+        }
+        for j in body..n {
+            y[j] += a * x[j];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -216,7 +322,7 @@ mod tests {
     fn dot_and_gemm_paths_match_a_naive_product() {
         let (rows_w, k) = (200, 67);
         let (w, wf) = mat_bf16(rows_w, k);
-        for rows in [1, 3, 20] {
+        for rows in [1, 3, 20, 70] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.013).sin()).collect();
             let mut out = vec![0.0; rows * rows_w];
             linear(&x, rows, &w, &mut out);

@@ -4,6 +4,7 @@ mod attention;
 pub mod kernels;
 pub mod kv_store;
 pub mod linear;
+mod microkernel;
 
 use rayon::prelude::*;
 

@@ -1,0 +1,178 @@
+//! Engine throughput on the "bench" preset (Llama-3 style: hidden 768, 12 layers, 12 heads,
+//! 4 KV heads, intermediate 2048, vocab 32000, bf16 weights), through the CPU backend.
+//!
+//! Prints: measured memory read bandwidth, batch-1 decode tok/s and its ratio to the roofline
+//! (weight bytes per token / bandwidth), decode throughput at batch 8/32/64 and prefill tok/s
+//! for 512-token prompts. Random weights are generated in-process unless LLMAPI_BENCH_MODEL
+//! names a checkpoint directory. LLMAPI_BENCH_THREADS sets the thread count (default: all).
+//! Run: `cargo bench -p llmapi-worker --bench engine`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use llmapi_common::model_config::ModelConfig;
+use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
+use llmapi_worker::engine::KvDtype;
+use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, WeightData};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
+"intermediate_size":2048,"num_hidden_layers":12,"num_attention_heads":12,
+"num_key_value_heads":4,"vocab_size":32000,"max_position_embeddings":4096,
+"rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
+
+fn random_mat(rng: &mut rand_chacha::ChaCha8Rng, rows: usize, cols: usize) -> Mat {
+    let scale = 1.0 / (cols as f32).sqrt();
+    let data = (0..rows * cols)
+        .map(|_| half::bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale).to_bits())
+        .collect();
+    Mat {
+        rows,
+        cols,
+        data: WeightData::Bf16(data),
+    }
+}
+
+fn random_model() -> ModelWeights {
+    let config =
+        ModelConfig::from_json_str(PRESET, Path::new("bench preset")).expect("preset parses");
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let c = &config;
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
+    let layers = (0..c.num_hidden_layers)
+        .map(|_| Layer {
+            input_norm: vec![1.0; h],
+            post_norm: vec![1.0; h],
+            qkv: random_mat(&mut rng, qkv_rows, h),
+            qkv_bias: None,
+            o: random_mat(&mut rng, h, c.num_attention_heads * d),
+            o_bias: None,
+            qk_norm: None,
+            mlp: Mlp::Dense(Ffn {
+                gate_up: random_mat(&mut rng, 2 * c.intermediate_size, h),
+                down: random_mat(&mut rng, h, c.intermediate_size),
+                inter: c.intermediate_size,
+            }),
+        })
+        .collect();
+    ModelWeights {
+        embed: random_mat(&mut rng, c.vocab_size, h),
+        lm_head: Some(random_mat(&mut rng, c.vocab_size, h)),
+        norm: vec![1.0; h],
+        layers,
+        config,
+    }
+}
+
+/// GB/s of a parallel read over a buffer much larger than the caches... of the same pool.
+fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
+    let buf: Vec<u64> = (0..(1usize << 30) / 8).map(|i| i as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(s);
+        best = best.max(buf.len() as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+const TPB: usize = 32;
+
+/// Decode tok/s for `batch` sequences with `ctx` tokens of context, over `steps` steps.
+fn decode(be: &mut CpuBackend, batch: usize, ctx: usize, steps: usize) -> f64 {
+    let per_seq = (ctx + steps).div_ceil(TPB);
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let prompt: Vec<u32> = (0..ctx as u32).map(|i| (i * 7 + 1) % 32000).collect();
+    for table in &tables {
+        run(be, &[chunk(&prompt, 0, table)]);
+    }
+    let toks: Vec<[u32; 1]> = (0..batch).map(|s| [s as u32 + 5]).collect();
+    let t = Instant::now();
+    for step in 0..steps {
+        let chunks: Vec<SeqChunk<'_>> = (0..batch)
+            .map(|s| chunk(&toks[s], ctx + step, &tables[s]))
+            .collect();
+        run(be, &chunks);
+    }
+    (batch * steps) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn chunk<'a>(tokens: &'a [u32], start_pos: usize, block_table: &'a [u32]) -> SeqChunk<'a> {
+    SeqChunk {
+        tokens,
+        start_pos,
+        block_table,
+        logits: LogitsWanted::Last,
+    }
+}
+
+fn run(be: &mut CpuBackend, chunks: &[SeqChunk<'_>]) {
+    if let Err(e) = be.forward(chunks) {
+        eprintln!("forward failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn main() {
+    let threads = std::env::var("LLMAPI_BENCH_THREADS")
+        .ok()
+        .and_then(|s| s.parse().ok());
+    let weights = match std::env::var("LLMAPI_BENCH_MODEL") {
+        Ok(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
+        Err(_) => random_model(),
+    };
+    let bytes_per_token = weights.bytes_per_token();
+    let mut be = CpuBackend::new(weights, KvDtype::Bf16, threads).expect("backend starts");
+    be.init_kv(64 * 24, TPB).expect("kv allocates");
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    let pool = builder.build().expect("pool");
+    let bw = read_bandwidth(&pool);
+    drop(pool);
+    let roofline = bw * 1e9 / bytes_per_token as f64;
+    println!(
+        "threads: {}",
+        threads.unwrap_or_else(rayon::current_num_threads)
+    );
+    println!("memory read bandwidth: {bw:.1} GB/s");
+    println!(
+        "weight bytes per decoded token: {:.1} MB",
+        bytes_per_token as f64 / 1e6
+    );
+    let b1 = decode(&mut be, 1, 128, 64);
+    println!(
+        "decode batch 1: {b1:.1} tok/s; roofline {roofline:.1} tok/s; ratio {:.0}%",
+        100.0 * b1 / roofline
+    );
+    for batch in [8, 32, 64] {
+        let tps = decode(&mut be, batch, 128, 16);
+        println!(
+            "decode batch {batch}: {tps:.1} tok/s ({:.1}x batch 1)",
+            tps / b1
+        );
+    }
+    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 13 + 2) % 32000).collect();
+    let table: Vec<u32> = (0..16).collect();
+    run(&mut be, &[chunk(&prompt, 0, &table)]);
+    let t = Instant::now();
+    let reps = 3;
+    for _ in 0..reps {
+        run(&mut be, &[chunk(&prompt, 0, &table)]);
+    }
+    println!(
+        "prefill 512-token prompt: {:.1} tok/s",
+        (reps * 512) as f64 / t.elapsed().as_secs_f64()
+    );
+}
