@@ -43,12 +43,19 @@ fn every_kernel_compiles_for_ampere_and_hopper() {
             let names = kernel_names(source);
             assert!(!names.is_empty(), "{name}.cu declares kernels");
             for k in names {
-                assert!(text.contains(&format!(".entry {k}(")), "{name}.cu: no entry {k} in the PTX");
+                assert!(
+                    text.contains(&format!(".entry {k}(")),
+                    "{name}.cu: no entry {k} in the PTX"
+                );
             }
         }
     }
     let files = std::fs::read_dir(cache.path()).unwrap().count();
-    assert_eq!(files, 2 * KERNEL_FILES.len(), "each compile is cached by source and arch");
+    assert_eq!(
+        files,
+        2 * KERNEL_FILES.len(),
+        "each compile is cached by source and arch"
+    );
 }
 
 #[test]
@@ -58,5 +65,8 @@ fn a_kernel_that_does_not_compile_reports_nvrtcs_log() {
     let err = compile_kernel("broken", broken, "compute_90", &include, None).unwrap_err();
     assert!(matches!(err, CudaError::Compile { .. }));
     let text = err.to_string();
-    assert!(text.contains("broken.cu") && text.contains("undefined_name"), "{text}");
+    assert!(
+        text.contains("broken.cu") && text.contains("undefined_name"),
+        "{text}"
+    );
 }
