@@ -12,7 +12,7 @@ use crate::state::RouterConfig;
 
 /// `llmapi-router MODEL --worker_urls URL,...`: an OpenAI router in front of worker groups.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "llmapi-router", version, about)]
+#[command(name = "llmapi-router", version, about, rename_all = "snake_case")]
 pub struct RouterArgs {
     /// Model directory (for tokenizer.json and the chat template); also an accepted `model` name.
     pub model: PathBuf,

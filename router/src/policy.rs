@@ -8,6 +8,7 @@ use crate::pool::Worker;
 /// The `--routing_policy` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum RoutingPolicy {
     /// Each routable worker in turn.
     RoundRobin,

@@ -1,0 +1,297 @@
+//! Two worker processes behind one `llmapi-router` process: load sharing by each policy,
+//! kv_cache_aware prefix affinity, a worker killed mid-run and its return, admission errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use llmapi_tests::{
+    Proc, bench_model, bin, demo_model, free_port, get, post, request, send, serve, wait_healthy,
+    wait_until,
+};
+use serde_json::{Value, json};
+use std::path::Path;
+
+struct Worker {
+    _proc: Proc,
+    grpc: u16,
+    http: u16,
+}
+
+fn worker(model: &Path, grpc: u16) -> Worker {
+    let http = free_port();
+    let proc = serve(
+        model,
+        http,
+        &[],
+        &[("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}"))],
+    );
+    Worker {
+        _proc: proc,
+        grpc,
+        http,
+    }
+}
+
+fn router(model: &Path, grpcs: &[u16], policy: &str, extra: &[&str]) -> (Proc, u16) {
+    let port = free_port();
+    let urls: Vec<String> = grpcs
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let mut cmd = Command::new(bin("llmapi-router"));
+    cmd.arg(model)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--worker_urls", &urls.join(",")])
+        .args(["--routing_policy", policy])
+        .args(["--health_check_interval_ms", "200"])
+        .args(extra);
+    let p = Proc::spawn(&format!("router-{port}"), cmd);
+    (p, port)
+}
+
+/// Requests each worker (by gRPC port) has taken, from the router's /workers.
+fn routed(router: u16, grpc: u16) -> u64 {
+    let w = get(router, "/workers").json();
+    w["workers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|w| {
+            w["url"]
+                .as_str()
+                .is_some_and(|u| u.ends_with(&format!(":{grpc}")))
+        })
+        .and_then(|w| w["requests"].as_u64())
+        .unwrap_or(0)
+}
+
+fn healthy_count(router: u16) -> usize {
+    get(router, "/workers").json()["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter(|w| w["healthy"] == true).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_workers_share_load_by_each_policy() {
+    let (a, b) = (
+        worker(demo_model(), free_port()),
+        worker(demo_model(), free_port()),
+    );
+    for policy in [
+        "round_robin",
+        "least_load",
+        "power_of_two",
+        "kv_cache_aware",
+    ] {
+        let (_router, port) = router(demo_model(), &[a.grpc, b.grpc], policy, &[]);
+        wait_healthy(port, Duration::from_secs(30));
+        assert!(
+            wait_until(Duration::from_secs(10), || healthy_count(port) == 2),
+            "{policy}: both workers admitted"
+        );
+        for i in 0..16 {
+            let r = post(
+                port,
+                "/v1/completions",
+                &json!({"model": "demo", "prompt": format!("request {i}"), "max_tokens": 2}),
+            );
+            assert_eq!(r.status, 200, "{policy}: {}", r.body);
+        }
+        let (na, nb) = (routed(port, a.grpc), routed(port, b.grpc));
+        assert_eq!(na + nb, 16, "{policy}");
+        assert!(na >= 3 && nb >= 3, "{policy} shares load: {na} / {nb}");
+    }
+    // The workers' own embedded routers stayed idle.
+    assert_eq!(get(a.http, "/health").status, 200);
+}
+
+#[test]
+fn kv_cache_aware_sends_a_repeated_prefix_to_the_worker_that_cached_it() {
+    let (a, b) = (
+        worker(demo_model(), free_port()),
+        worker(demo_model(), free_port()),
+    );
+    let (_router, port) = router(demo_model(), &[a.grpc, b.grpc], "kv_cache_aware", &[]);
+    wait_healthy(port, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || healthy_count(port) == 2));
+    let prefix =
+        "You are a helpful assistant who answers questions about the solar system. ".repeat(6);
+    let mut cached = Vec::new();
+    for i in 0..6 {
+        let r = post(
+            port,
+            "/v1/completions",
+            &json!({"model": "demo", "prompt": format!("{prefix} Question {i}:"), "max_tokens": 2}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        cached.push(
+            r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+    }
+    let (na, nb) = (routed(port, a.grpc), routed(port, b.grpc));
+    assert!(
+        na == 6 || nb == 6,
+        "one worker took every request: {na} / {nb}"
+    );
+    assert_eq!(cached[0], 0);
+    assert!(
+        cached[1..].iter().all(|&c| c >= 64),
+        "the shared prefix was served from cache: {cached:?}"
+    );
+}
+
+/// Reads an open SSE response until its first `data:` line (the first token has arrived).
+fn first_event(stream: std::net::TcpStream) -> BufReader<std::net::TcpStream> {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    for _ in 0..100 {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) if line.starts_with("data: ") => return r,
+            Ok(_) => {}
+        }
+    }
+    panic!("no SSE event arrived");
+}
+
+/// Reads an SSE response until `[DONE]` or EOF; returns the payloads.
+fn read_sse(mut r: BufReader<std::net::TcpStream>, limit: Duration) -> (Vec<Value>, Duration) {
+    let start = Instant::now();
+    let _ = r.get_ref().set_read_timeout(Some(limit));
+    let mut events = Vec::new();
+    let mut line = String::new();
+    while start.elapsed() < limit {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if let Some(d) = line.trim_end().strip_prefix("data: ") {
+            let v = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()));
+            let done = v == json!("[DONE]");
+            events.push(v);
+            if done {
+                break;
+            }
+        }
+    }
+    (events, start.elapsed())
+}
+
+#[test]
+fn a_killed_worker_ends_its_streams_with_an_error_and_the_router_recovers_when_it_returns() {
+    let model = bench_model();
+    let (grpc_a, grpc_b) = (free_port(), free_port());
+    let mut a = worker(model, grpc_a);
+    let b = worker(model, grpc_b);
+    let (_router, port) = router(
+        model,
+        &[grpc_a, grpc_b],
+        "round_robin",
+        &["--eject_after_failures", "2"],
+    );
+    wait_healthy(port, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || healthy_count(port) == 2));
+
+    // Two long streams: round robin puts one on each worker.
+    let body = json!({"model": "bench", "prompt": "tell me a long story", "max_tokens": 1500, "ignore_eos": true, "stream": true}).to_string();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let s = send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
+        streams.push(first_event(s));
+    }
+    a._proc.kill();
+    let killed_at = Instant::now();
+    let mut ended_with_error = 0;
+    for s in streams {
+        let (events, _) = read_sse(s, Duration::from_secs(5));
+        if events.iter().any(|e| e["error"]["code"] == 503) {
+            assert_eq!(events.last(), Some(&json!("[DONE]")));
+            ended_with_error += 1;
+        }
+    }
+    assert_eq!(
+        ended_with_error, 1,
+        "the stream on the killed worker ended with an error event"
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(10), "promptly");
+
+    // New requests go to the live worker (retried there if the dead one is tried first).
+    for _ in 0..4 {
+        let r = post(
+            port,
+            "/v1/completions",
+            &json!({"model": "bench", "prompt": "hi", "max_tokens": 2}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || healthy_count(port) == 1),
+        "dead worker ejected"
+    );
+
+    // The worker returns on the same address and is admitted again.
+    a = worker(model, grpc_a);
+    assert!(
+        wait_until(Duration::from_secs(20), || healthy_count(port) == 2),
+        "worker re-admitted"
+    );
+    let before = routed(port, grpc_a);
+    for _ in 0..4 {
+        let r = post(
+            port,
+            "/v1/completions",
+            &json!({"model": "bench", "prompt": "hi", "max_tokens": 2}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(
+        routed(port, grpc_a) > before,
+        "the returned worker takes requests again"
+    );
+    drop((a, b));
+}
+
+#[test]
+fn router_reports_admission_and_availability_errors() {
+    // No worker at all: 503 on generation and health.
+    let dead = free_port();
+    let (_router, port) = router(demo_model(), &[dead], "round_robin", &[]);
+    assert!(wait_until(Duration::from_secs(10), || {
+        request(port, "GET", "/version", None, &[]).is_ok_and(|r| r.status == 200)
+    }));
+    assert_eq!(get(port, "/health").status, 503);
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "x"}),
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], 503);
+
+    // A live worker but at most one request in flight: the second gets 429.
+    let w = worker(bench_model(), free_port());
+    let (_router2, port2) = router(
+        bench_model(),
+        &[w.grpc],
+        "round_robin",
+        &["--max_inflight_requests", "1"],
+    );
+    wait_healthy(port2, Duration::from_secs(30));
+    let body = json!({"model": "bench", "prompt": "long", "max_tokens": 500, "ignore_eos": true, "stream": true}).to_string();
+    let held = send(port2, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
+    let _held = first_event(held);
+    let r = post(
+        port2,
+        "/v1/completions",
+        &json!({"model": "bench", "prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+}
