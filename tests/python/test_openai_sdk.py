@@ -1,0 +1,149 @@
+"""Drives a running llmapi server with the official `openai` Python SDK.
+
+Every endpoint and request option the router supports is sent through the SDK, and every
+response is parsed by the SDK's own types. Usage: LLMAPI_BASE_URL=http://HOST:PORT/v1
+LLMAPI_API_KEY=KEY LLMAPI_MODEL=NAME python3 test_openai_sdk.py
+"""
+
+import os
+import sys
+
+import openai
+
+BASE = os.environ["LLMAPI_BASE_URL"]
+KEY = os.environ.get("LLMAPI_API_KEY", "unused")
+MODEL = os.environ.get("LLMAPI_MODEL", "demo")
+
+client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=60)
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        print(f"FAILED: {what}", file=sys.stderr)
+        sys.exit(1)
+    checks += 1
+
+
+# /v1/models
+models = client.models.list()
+check(any(m.id == MODEL for m in models.data), "models lists the served model")
+
+# Completions: every prompt form.
+for prompt, n_prompts in [("Hello", 1), (["a", "b"], 2), ([5, 6, 7], 1), ([[5, 6], [7, 8]], 2)]:
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3)
+    check(r.object == "text_completion", f"completion object for {prompt!r}")
+    check(len(r.choices) == n_prompts, f"one choice per prompt for {prompt!r}")
+    check(r.usage.completion_tokens == 3 * n_prompts, "usage counts completion tokens")
+    check(r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens, "total")
+    check(r.usage.prompt_tokens_details.cached_tokens >= 0, "cached_tokens present")
+
+# Completions: sampling, stopping and output options.
+r = client.completions.create(
+    model=MODEL,
+    prompt="The weather today",
+    max_tokens=5,
+    temperature=0.7,
+    top_p=0.9,
+    n=2,
+    seed=7,
+    presence_penalty=0.5,
+    frequency_penalty=0.5,
+    stop=["\n\n", "###"],
+    logprobs=2,
+    echo=True,
+    user="sdk-test",
+    extra_body={
+        "top_k": 20,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "ignore_eos": True,
+        "min_tokens": 1,
+        "stop_token_ids": [3],
+    },
+)
+check(len(r.choices) == 2, "n=2 gives two choices")
+for c in r.choices:
+    check(c.text.startswith("The weather today"), "echo prepends the prompt")
+    check(c.finish_reason in ("stop", "length"), "finish_reason")
+    check(c.logprobs is not None and len(c.logprobs.tokens) >= 1, "logprobs tokens")
+    check(all(len(t) <= 2 for t in c.logprobs.top_logprobs), "top_logprobs has at most 2")
+
+# Seeded sampling is reproducible; greedy is deterministic.
+a = client.completions.create(model=MODEL, prompt="Seeded", max_tokens=8, temperature=1.0, seed=42)
+b = client.completions.create(model=MODEL, prompt="Seeded", max_tokens=8, temperature=1.0, seed=42)
+check(a.choices[0].text == b.choices[0].text, "same seed, same text")
+
+# Completions streaming with usage.
+stream = client.completions.create(
+    model=MODEL, prompt="Stream me", max_tokens=6, stream=True, stream_options={"include_usage": True}
+)
+chunks = list(stream)
+text = "".join(c.choices[0].text for c in chunks if c.choices)
+check(any(c.choices and c.choices[0].finish_reason == "length" for c in chunks), "stream finish")
+check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6, "stream usage")
+check(isinstance(text, str), "stream text")
+
+# Chat: plain, multi-part content, logprobs, n, stop, max_completion_tokens.
+messages = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": [{"type": "text", "text": "Say hi"}]},
+]
+r = client.chat.completions.create(
+    model=MODEL,
+    messages=messages,
+    max_completion_tokens=5,
+    temperature=0,
+    logprobs=True,
+    top_logprobs=2,
+    n=2,
+    stop="\n\n",
+    seed=1,
+)
+check(r.object == "chat.completion", "chat object")
+check(len(r.choices) == 2, "chat n=2")
+check(r.choices[0].message.role == "assistant", "assistant role")
+check(r.choices[0].logprobs.content[0].top_logprobs is not None, "chat top_logprobs")
+check(r.usage.prompt_tokens > 0, "chat usage")
+r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+check(r.choices[0].finish_reason in ("stop", "length"), "chat with max_tokens")
+
+# Chat streaming.
+stream = client.chat.completions.create(
+    model=MODEL, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}
+)
+chunks = list(stream)
+check(chunks[0].choices[0].delta.role == "assistant", "first delta carries the role")
+check(chunks[-1].usage is not None, "chat stream usage chunk")
+check(any(c.choices and c.choices[0].finish_reason for c in chunks), "chat stream finish")
+
+# The model may be named by its path, too.
+r = client.completions.create(model=os.environ.get("LLMAPI_MODEL_PATH", MODEL), prompt="x", max_tokens=1)
+check(len(r.choices) == 1, "model path accepted")
+
+# Errors surface as the SDK's typed exceptions.
+try:
+    client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
+    check(False, "unknown model raises")
+except openai.NotFoundError as e:
+    check(e.status_code == 404, "404 for unknown model")
+try:
+    client.completions.create(model=MODEL, prompt="", max_tokens=1)
+    check(False, "empty prompt raises")
+except openai.BadRequestError as e:
+    check(e.status_code == 400, "400 for empty prompt")
+try:
+    client.chat.completions.create(model=MODEL, messages=messages, temperature=9)
+    check(False, "bad temperature raises")
+except openai.BadRequestError as e:
+    check("temperature" in str(e), "error names the field")
+if KEY != "unused":
+    bad = openai.OpenAI(base_url=BASE, api_key="wrong", max_retries=0)
+    try:
+        bad.models.list()
+        check(False, "wrong key raises")
+    except openai.AuthenticationError as e:
+        check(e.status_code == 401, "401 for a wrong key")
+
+print(f"ok: {checks} checks with openai {openai.__version__}")
