@@ -14,10 +14,9 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
-use llmapi_worker::engine::{Engine, EngineConfig, EngineHandle};
-use llmapi_worker::service::{self, WorkerService};
 
 use crate::placement::Placement;
+use crate::serve::LocalWorker;
 
 /// How often a registered worker renews its registration.
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -62,61 +61,6 @@ pub fn advertise_host(p: &Placement) -> String {
         .filter(|h| !h.is_empty())
         .or_else(|| p.nodes.get(p.node_index).cloned())
         .unwrap_or_else(|| "127.0.0.1".to_owned())
-}
-
-/// A running engine with its worker gRPC service.
-pub struct LocalWorker {
-    /// The engine.
-    pub engine: EngineHandle,
-    /// Where the gRPC service listens.
-    pub addr: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-impl LocalWorker {
-    /// Starts the engine on `model` and serves it over gRPC on `bind` (port 0: any).
-    pub async fn start(
-        args: &LlmArgs,
-        model: &ModelDir,
-        name: String,
-        bind: &str,
-    ) -> anyhow::Result<Self> {
-        let mut cfg = EngineConfig::from_llm_args(args);
-        cfg.model_name = Some(name);
-        let path = model.path.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::start(&path, cfg))
-            .await
-            .context("the engine start-up task failed")?
-            .with_context(|| format!("starting the engine on {}", model.path.display()))?;
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .with_context(|| format!("binding the worker's gRPC address {bind}"))?;
-        let addr = listener
-            .local_addr()
-            .context("reading the worker's address")?;
-        let ep = args
-            .moe_expert_parallel_size
-            .unwrap_or(args.tensor_parallel_size);
-        let service = WorkerService::new(engine.clone(), args.tensor_parallel_size, ep);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(service::serve(service, listener, async move {
-            let _ = stopped.await;
-        }));
-        Ok(Self {
-            engine,
-            addr,
-            stop,
-            task,
-        })
-    }
-
-    /// Stops the gRPC service, then the engine.
-    pub async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-        self.engine.shutdown();
-    }
 }
 
 /// Runs this task until SIGTERM / Ctrl-C.
@@ -172,38 +116,15 @@ async fn embedded_router(
     own: &str,
     token: String,
 ) -> anyhow::Result<()> {
-    use std::sync::Arc;
-
-    use llmapi_router::codec::HfCodec;
-    use llmapi_router::pool::Pool;
-    use llmapi_router::{AppState, server};
-
     let mut config = crate::serve::router_config(args, model);
     config.admin_token = Some(config.admin_token.unwrap_or(token));
-    let tokenizer = args.tokenizer.as_ref().map(std::path::PathBuf::from);
-    let codec = HfCodec::load(
-        &model.path,
-        tokenizer.as_deref(),
-        args.chat_template.as_deref(),
-    )?;
-    let pool = Arc::new(Pool::default());
-    pool.add(own).context("registering the local worker")?;
-    pool.check_all(&config.health).await;
-    let health = tokio::spawn(pool.clone().health_loop(config.health.clone()));
-    let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
-    let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
     if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
         tracing::warn!(
-            "the router listens on {addr}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs"
+            "the router listens on {}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs",
+            args.host
         );
     }
-    tracing::info!("router serving at http://{addr}/v1; other tasks register here");
-    let served = server::serve(listener, state, server::shutdown_signal()).await;
-    health.abort();
-    served.context("serving HTTP")
+    crate::serve::run_router(args, model, config, &[own.to_owned()]).await
 }
 
 /// Registers `worker` with `router`, renews the registration until shutdown, then withdraws it.
