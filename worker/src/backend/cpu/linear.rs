@@ -3,8 +3,8 @@
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
 //! bf16 is widened in registers (AVX-512 when the CPU has it, a portable loop otherwise), so
-//! batch-1 decode reads 2 bytes per weight. Many rows (prefill): each task widens a tile of W
-//! to f32 and hands it to the `gemm` crate.
+//! batch-1 decode reads 2 bytes per weight. Many rows (prefill): W is widened to f32 once
+//! and the whole product goes to the `gemm` crate on the same pool.
 
 use rayon::prelude::*;
 
@@ -38,22 +38,18 @@ pub fn linear(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
         });
         return;
     }
-    let chunk = if rows <= DOT_MAX_ROWS {
-        (n / (threads * 8)).max(16).next_multiple_of(WR)
-    } else {
-        n.div_ceil(threads * 2).clamp(64, 512)
-    };
+    if rows > DOT_MAX_ROWS {
+        gemm_full(x, rows, w, out);
+        return;
+    }
+    let chunk = (n / (threads * 8)).max(16).next_multiple_of(WR);
     let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
             let n0 = c * chunk;
             let n1 = (n0 + chunk).min(n);
             let mut part = vec![0.0f32; rows * (n1 - n0)];
-            if rows <= DOT_MAX_ROWS {
-                dot_rows(x, rows, w, n0, n1, &mut part);
-            } else {
-                gemm_tile(x, rows, w, n0, n1, &mut part);
-            }
+            dot_rows(x, rows, w, n0, n1, &mut part);
             (n0, part)
         })
         .collect();
@@ -100,44 +96,79 @@ fn dot_rows(x: &[f32], rows: usize, w: &Mat, n0: usize, n1: usize, part: &mut [f
     }
 }
 
-fn gemm_tile(x: &[f32], rows: usize, w: &Mat, n0: usize, n1: usize, part: &mut [f32]) {
-    let k = w.cols;
-    let width = n1 - n0;
-    let widened;
-    let tile: &[f32] = match &w.data {
-        WeightData::F32(v) => &v[n0 * k..n1 * k],
-        WeightData::Bf16(v) => {
-            widened = v[n0 * k..n1 * k]
-                .iter()
-                .map(|&b| f32::from_bits(u32::from(b) << 16))
-                .collect::<Vec<f32>>();
-            &widened
+/// Writes W (n x k, bf16 or f32) into `wt` as an f32 k x n matrix, in parallel over bands
+/// of 32 k-rows (one cache line of bf16 per weight row per band).
+fn widen_transposed(w: &Mat, wt: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    const BAND: usize = 32;
+    wt.par_chunks_mut(BAND * n)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            let k0 = b * BAND;
+            let kb = dst.len() / n;
+            for j in 0..n {
+                let src = j * k + k0..j * k + k0 + kb;
+                match &w.data {
+                    WeightData::Bf16(v) => {
+                        for (i, &x) in v[src].iter().enumerate() {
+                            dst[i * n + j] = f32::from_bits(u32::from(x) << 16);
+                        }
+                    }
+                    WeightData::F32(v) => {
+                        for (i, &x) in v[src].iter().enumerate() {
+                            dst[i * n + j] = x;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+thread_local! {
+    /// Reused buffer for transposed weights, so prefill steps do not fault in fresh pages.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Many rows: W is widened and transposed once (so gemm packs it with unit stride) and the
+/// whole product runs as one multi-threaded gemm on the current pool.
+fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
+    let (k, n) = (w.cols, w.rows);
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        if scratch.len() < n * k {
+            scratch.resize(n * k, 0.0);
         }
-    };
-    // SAFETY: dst is rows x width (row stride width), lhs is rows x k (row stride k), rhs is
-    // k x width read from the width x k row-major tile (column stride k); every index stays
-    // inside the slices, whose lengths the asserts above and the slicing here guarantee.
+        let wt = &mut scratch[..n * k];
+        widen_transposed(w, wt);
+        gemm_kxn(x, rows, wt, k, n, out);
+    });
+}
+
+fn gemm_kxn(x: &[f32], rows: usize, wt: &[f32], k: usize, n: usize, out: &mut [f32]) {
+    // SAFETY: dst is rows x n (row stride n), lhs is rows x k (row stride k), rhs is the k x n
+    // row-major `wt`; the slice lengths are exactly these shapes (asserted by the caller and
+    // above), so every access is in bounds.
     unsafe {
         gemm::gemm(
             rows,
-            width,
+            n,
             k,
-            part.as_mut_ptr(),
+            out.as_mut_ptr(),
             1,
-            width as isize,
+            n as isize,
             false,
             x.as_ptr(),
             1,
             k as isize,
-            tile.as_ptr(),
-            k as isize,
+            wt.as_ptr(),
             1,
+            n as isize,
             0.0,
             1.0,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
         );
     }
 }
