@@ -4,7 +4,8 @@
 //! Prints: measured memory read bandwidth, batch-1 decode tok/s and its ratio to the roofline
 //! (weight bytes per token / bandwidth), decode throughput at batch 8/32/64 and prefill tok/s
 //! for 512-token prompts. Random weights are generated in-process unless LLMAPI_BENCH_MODEL
-//! names a checkpoint directory. LLMAPI_BENCH_THREADS sets the thread count (default: all).
+//! names a checkpoint directory. LLMAPI_BENCH_THREADS sets the thread count (default: all);
+//! LLMAPI_BENCH_SKIP_PREFILL=1 skips the prefill figure (for profiling decode).
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
 use std::path::Path;
@@ -162,6 +163,9 @@ fn main() {
             "decode batch {batch}: {tps:.1} tok/s ({:.1}x batch 1)",
             tps / b1
         );
+    }
+    if std::env::var_os("LLMAPI_BENCH_SKIP_PREFILL").is_some() {
+        return;
     }
     let prompt: Vec<u32> = (0..512u32).map(|i| (i * 13 + 2) % 32000).collect();
     let table: Vec<u32> = (0..16).collect();

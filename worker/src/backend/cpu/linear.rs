@@ -4,7 +4,7 @@
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
 //! bf16 is widened in registers (AVX-512 when the CPU has it, a portable loop otherwise), so
 //! batch-1 decode reads 2 bytes per weight. Many rows (prefill): W is widened to f32 once
-//! and the whole product goes to the `gemm` crate on the same pool.
+//! into a reused buffer and the whole product goes to the `gemm` crate on the same pool.
 
 use rayon::prelude::*;
 
@@ -96,58 +96,45 @@ fn dot_rows(x: &[f32], rows: usize, w: &Mat, n0: usize, n1: usize, part: &mut [f
     }
 }
 
-/// Writes W (n x k, bf16 or f32) into `wt` as an f32 k x n matrix, in parallel over bands
-/// of 32 k-rows (one cache line of bf16 per weight row per band).
-fn widen_transposed(w: &Mat, wt: &mut [f32]) {
-    let (k, n) = (w.cols, w.rows);
-    const BAND: usize = 32;
-    wt.par_chunks_mut(BAND * n)
-        .enumerate()
-        .for_each(|(b, dst)| {
-            let k0 = b * BAND;
-            let kb = dst.len() / n;
-            for j in 0..n {
-                let src = j * k + k0..j * k + k0 + kb;
-                match &w.data {
-                    WeightData::Bf16(v) => {
-                        for (i, &x) in v[src].iter().enumerate() {
-                            dst[i * n + j] = f32::from_bits(u32::from(x) << 16);
-                        }
-                    }
-                    WeightData::F32(v) => {
-                        for (i, &x) in v[src].iter().enumerate() {
-                            dst[i * n + j] = x;
-                        }
-                    }
-                }
+/// Writes W (n x k, bf16) into `wf` as f32 in the same layout, in parallel.
+fn widen(v: &[u16], k: usize, wf: &mut [f32]) {
+    wf.par_chunks_mut(k * 16)
+        .zip(v.par_chunks(k * 16))
+        .for_each(|(d, s)| {
+            for (d, &b) in d.iter_mut().zip(s) {
+                *d = f32::from_bits(u32::from(b) << 16);
             }
         });
 }
 
 thread_local! {
-    /// Reused buffer for transposed weights, so prefill steps do not fault in fresh pages.
+    /// Reused buffer for widened weights, so prefill steps do not fault in fresh pages.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Many rows: W is widened and transposed once (so gemm packs it with unit stride) and the
-/// whole product runs as one multi-threaded gemm on the current pool.
+/// Many rows: bf16 W is widened once into a reused buffer and the whole product runs as one
+/// multi-threaded gemm on the current pool.
 fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
-        if scratch.len() < n * k {
-            scratch.resize(n * k, 0.0);
-        }
-        let wt = &mut scratch[..n * k];
-        widen_transposed(w, wt);
-        gemm_kxn(x, rows, wt, k, n, out);
-    });
+    match &w.data {
+        WeightData::F32(v) => gemm_nxk(x, rows, v, k, n, out),
+        WeightData::Bf16(v) => SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < n * k {
+                scratch.resize(n * k, 0.0);
+            }
+            let wf = &mut scratch[..n * k];
+            widen(v, k, wf);
+            gemm_nxk(x, rows, wf, k, n, out);
+        }),
+    }
 }
 
-fn gemm_kxn(x: &[f32], rows: usize, wt: &[f32], k: usize, n: usize, out: &mut [f32]) {
-    // SAFETY: dst is rows x n (row stride n), lhs is rows x k (row stride k), rhs is the k x n
-    // row-major `wt`; the slice lengths are exactly these shapes (asserted by the caller and
-    // above), so every access is in bounds.
+/// out (rows x n) = x (rows x k) times the transpose of the row-major n x k `wf`.
+fn gemm_nxk(x: &[f32], rows: usize, wf: &[f32], k: usize, n: usize, out: &mut [f32]) {
+    assert!(wf.len() >= n * k && x.len() >= rows * k && out.len() >= rows * n);
+    // SAFETY: dst is rows x n (row stride n), lhs is rows x k (row stride k), rhs is k x n read
+    // from the n x k row-major `wf` (column stride k); the assert above bounds every access.
     unsafe {
         gemm::gemm(
             rows,
@@ -160,9 +147,9 @@ fn gemm_kxn(x: &[f32], rows: usize, wt: &[f32], k: usize, n: usize, out: &mut [f
             x.as_ptr(),
             1,
             k as isize,
-            wt.as_ptr(),
+            wf.as_ptr(),
+            k as isize,
             1,
-            n as isize,
             0.0,
             1.0,
             false,
