@@ -79,7 +79,9 @@ impl Scheduler {
             }
             let seq = &self.running[i];
             let remaining = seq.tokens.len() - seq.num_computed;
-            let n = if self.limits.chunked_prefill {
+            // A preempted sequence may have grown past max_num_tokens: it is recomputed in
+            // chunks even when chunked prefill is off, or it could never run again.
+            let n = if self.limits.chunked_prefill || remaining > self.limits.max_num_tokens {
                 remaining.min(budget)
             } else if remaining <= budget {
                 remaining
@@ -151,7 +153,7 @@ impl Scheduler {
         let cached = self.blocks.count_cached_prefix(&hashes);
         let start = cached * tpb;
         let remaining = seq.tokens.len() - start;
-        let n = if self.limits.chunked_prefill {
+        let n = if self.limits.chunked_prefill || remaining > self.limits.max_num_tokens {
             remaining.min(budget)
         } else if remaining <= budget {
             remaining
@@ -212,5 +214,87 @@ impl Scheduler {
         }
         let i = self.waiting.iter().position(|s| s.id == id)?;
         self.waiting.remove(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{SamplingParams, StoppingParams};
+    use crate::sampling::Sampler;
+
+    fn seq(id: &str, prompt_len: usize) -> Sequence {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        Sequence {
+            id: id.into(),
+            tokens: (0..prompt_len as u32).collect(),
+            prompt_len,
+            num_computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            cached_tokens: 0,
+            max_total: 32,
+            stopping: StoppingParams::default(),
+            sampler: Sampler::new(SamplingParams::default()),
+            tx,
+            want_prompt_logprobs: false,
+            prompt_logprobs: Vec::new(),
+            arrival: std::time::Instant::now(),
+            scheduled_at: None,
+            first_token_at: None,
+        }
+    }
+
+    /// Applies a plan as the engine would, appending one sampled token per finished prefill.
+    fn run(s: &mut Scheduler, plan: &[PlanItem]) {
+        for item in plan {
+            let q = &mut s.running[item.seq];
+            q.num_computed += item.n;
+            if q.num_computed == q.tokens.len() {
+                q.tokens.push(7);
+            }
+        }
+    }
+
+    #[test]
+    fn max_utilization_preempts_the_newest_when_blocks_run_out() {
+        let limits = SchedulerLimits {
+            max_batch_size: 4,
+            max_num_tokens: 64,
+            chunked_prefill: false,
+            policy: CapacityPolicy::MaxUtilization,
+        };
+        let mut s = Scheduler::new(limits, BlockManager::new(4, 4, false));
+        s.waiting.push_back(seq("old", 6));
+        s.waiting.push_back(seq("new", 6));
+        for _ in 0..4 {
+            let plan = s.schedule();
+            run(&mut s, &plan);
+        }
+        assert_eq!(s.preemptions, 1);
+        assert_eq!(s.running.len(), 1);
+        assert_eq!(s.running[0].id, "old");
+        assert_eq!(s.waiting[0].id, "new");
+        assert_eq!(s.waiting[0].num_computed, 0, "preempted work is recomputed");
+    }
+
+    #[test]
+    fn guaranteed_no_evict_reserves_the_whole_request_at_admission() {
+        let limits = SchedulerLimits {
+            max_batch_size: 4,
+            max_num_tokens: 64,
+            chunked_prefill: false,
+            policy: CapacityPolicy::GuaranteedNoEvict,
+        };
+        let mut s = Scheduler::new(limits, BlockManager::new(10, 4, false));
+        s.waiting.push_back(seq("a", 6));
+        s.waiting.push_back(seq("b", 6));
+        let plan = s.schedule();
+        assert_eq!(
+            plan.len(),
+            1,
+            "the second request waits: 8 blocks reserved, 2 free"
+        );
+        assert_eq!(s.running[0].blocks.len(), 8);
     }
 }
