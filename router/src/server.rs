@@ -67,6 +67,10 @@ pub async fn serve(
         let _ = drain_tx.send(());
     };
     let timeout = state.config.drain_timeout;
+    // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(signal);
     let deadline = async move {
         if drain_rx.await.is_ok() {

@@ -125,7 +125,9 @@ impl ScriptedWorker {
         let addr = listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Small gRPC frames must not wait for Nagle's algorithm.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let svc = WorkerServer::new(self.clone());
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
