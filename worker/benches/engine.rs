@@ -94,9 +94,8 @@ fn decode(be: &mut CpuBackend, batch: usize, ctx: usize, steps: usize) -> f64 {
         .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
         .collect();
     let prompt: Vec<u32> = (0..ctx as u32).map(|i| (i * 7 + 1) % 32000).collect();
-    for table in &tables {
-        run(be, &[chunk(&prompt, 0, table)]);
-    }
+    let setup: Vec<SeqChunk<'_>> = tables.iter().map(|t| chunk(&prompt, 0, t)).collect();
+    run(be, &setup);
     let toks: Vec<[u32; 1]> = (0..batch).map(|s| [s as u32 + 5]).collect();
     let t = Instant::now();
     for step in 0..steps {
