@@ -149,6 +149,7 @@ fn chunked_prefill_equals_unchunked() {
     let chunked = EngineConfig {
         max_num_tokens: 7,
         enable_chunked_prefill: true,
+        print_iter_log: true,
         ..config()
     };
     let (got, _h) = together(chunked, &prompts, 8);
@@ -351,4 +352,35 @@ fn info_reports_the_model_and_limits() {
     assert_eq!(i.kv_capacity_blocks, 1024);
     assert_eq!(i.eos_token_ids, vec![2]);
     assert_eq!(i.backend, "cpu");
+}
+
+#[test]
+fn bad_model_directories_and_settings_are_refused_with_reasons() {
+    let missing = Engine::start(Path::new("/nonexistent/model"), config())
+        .err()
+        .unwrap();
+    assert!(missing.to_string().contains("config.json"), "{missing}");
+    let zero = Engine::start(
+        &model_dir(),
+        EngineConfig {
+            max_batch_size: 0,
+            ..config()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(zero.to_string().contains("max_batch_size"), "{zero}");
+    let tiny = Engine::start(
+        &model_dir(),
+        EngineConfig {
+            kv_max_tokens: Some(2),
+            ..config()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        tiny.to_string().contains("kv_cache_config.max_tokens"),
+        "{tiny}"
+    );
 }
