@@ -183,6 +183,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
             return;
         }
     };
+    tracing::debug!(worker = %worker.url, "first response");
     let mut abort = AbortOnDrop {
         client: worker.client(),
         request_id: job.request.request_id.clone(),

@@ -16,6 +16,7 @@ use llmapi_proto::v1::{GenerateRequest, HealthRequest, InfoResponse, StoppingPar
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::codec::ChatTurn;
 use crate::error::ApiError;
@@ -194,7 +195,8 @@ fn spawn_choices(
                 block_hashes: hashes.clone(),
                 stop: settings.stop.clone(),
             };
-            tokio::spawn(run_choice(state.clone(), job, tx.clone()));
+            let span = tracing::info_span!("choice", request_id = %job.request.request_id, prompt_tokens = prompt.ids.len());
+            tokio::spawn(run_choice(state.clone(), job, tx.clone()).instrument(span));
         }
     }
     let meta = ResponseMeta {
