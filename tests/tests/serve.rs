@@ -219,6 +219,29 @@ fn a_client_disconnect_frees_every_block() {
         "blocks freed after disconnect: {:?} (free before {free_before})",
         kv_state(port)
     );
+
+    // The same for clients waiting on a non-streamed answer.
+    let body = json!({"model": "bench", "prompt": "a long answer", "max_tokens": 1000, "ignore_eos": true})
+        .to_string();
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect")
+        })
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || kv_state(port).0 == 2),
+        "two running: {:?}",
+        kv_state(port)
+    );
+    drop(waiting);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let (running, _, free) = kv_state(port);
+            running == 0 && free == free_before
+        }),
+        "blocks freed after a non-streaming client left: {:?}",
+        kv_state(port)
+    );
 }
 
 #[test]
