@@ -1,0 +1,135 @@
+//! The worker gRPC service over a real engine (the golden `llama` fixture), called through the
+//! generated client on loopback.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::Path;
+use std::time::Duration;
+
+use llmapi_proto::v1::worker_client::WorkerClient;
+use llmapi_proto::v1::{
+    FinishReason, GenerateRequest, HealthRequest, InfoRequest, LoadRequest, SamplingParams,
+    StoppingParams,
+};
+use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
+use llmapi_worker::service::{WorkerService, serve};
+use tonic::transport::Channel;
+
+async fn start() -> WorkerClient<Channel> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
+    let cfg = EngineConfig {
+        max_batch_size: 8,
+        max_num_tokens: 256,
+        max_seq_len: Some(256),
+        tokens_per_block: 4,
+        kv_dtype: KvDtype::Float32,
+        kv_max_tokens: Some(4096),
+        threads: Some(2),
+        ..Default::default()
+    };
+    let engine = Engine::start(&dir, cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        WorkerService::new(engine, 1, 1),
+        listener,
+        std::future::pending(),
+    ));
+    WorkerClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn request(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        prompt_token_ids: prompt,
+        sampling: Some(SamplingParams {
+            top_p: 1.0,
+            logprobs: Some(2),
+            ..Default::default()
+        }),
+        stopping: Some(StoppingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        traceparent: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn generate_streams_every_token_and_ends_with_reason_and_usage() {
+    let mut client = start().await;
+    let mut stream = client
+        .generate(request("a", vec![5, 6, 7, 8, 9], 6))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = Vec::new();
+    let mut last = None;
+    while let Some(msg) = stream.message().await.unwrap() {
+        assert_eq!(msg.logprobs.len(), msg.token_ids.len());
+        tokens.extend(msg.token_ids.iter().copied());
+        last = Some(msg);
+    }
+    let last = last.unwrap();
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(last.finish_reason, FinishReason::Length as i32);
+    let usage = last.usage.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (5, 6));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_cannot_fit_are_invalid_arguments() {
+    let mut client = start().await;
+    let err = client
+        .generate(request("long", vec![3; 300], 4))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_stream_frees_its_blocks_and_load_returns_to_idle() {
+    let mut client = start().await;
+    let capacity = client
+        .info(InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .kv_capacity_blocks;
+    let mut stream = client
+        .generate(request("dropped", vec![4; 20], 200))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    drop(stream);
+    let mut idle = false;
+    for _ in 0..100 {
+        let load = client.load(LoadRequest {}).await.unwrap().into_inner();
+        if load.running == 0 && load.queued == 0 && load.kv_blocks_free == capacity {
+            idle = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(idle, "every block is free again");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_probe_generates_a_token_and_info_describes_the_engine() {
+    let mut client = start().await;
+    let h = client
+        .health(HealthRequest { probe: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(h.healthy, "{}", h.message);
+    let info = client.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.max_seq_len, info.tokens_per_block), (256, 4));
+    assert_eq!((info.tp_size, info.ep_size), (1, 1));
+    assert!(info.kv_capacity_blocks > 0 && info.vocab_size > 0);
+}
