@@ -283,10 +283,17 @@ impl Communicator for TcpRing {
         for step in 0..n.saturating_sub(1) {
             let send = (r + n - step) % n;
             let recv = (r + 2 * n - step - 1) % n;
-            let data: Vec<u8> = bytemuck::cast_slice(&out[send * len..(send + 1) * len]).to_vec();
+            // send != recv for n > 1: split the buffer so both blocks borrow without a copy.
+            let (src, dst) = if send < recv {
+                let (a, b) = out.split_at_mut(recv * len);
+                (&a[send * len..(send + 1) * len], &mut b[..len])
+            } else {
+                let (a, b) = out.split_at_mut(send * len);
+                (&b[..len], &mut a[recv * len..(recv + 1) * len])
+            };
             self.exchange(
-                &data,
-                bytemuck::cast_slice_mut(&mut out[recv * len..(recv + 1) * len]),
+                bytemuck::cast_slice(src),
+                bytemuck::cast_slice_mut(dst),
                 "all_gather",
             )?;
         }
