@@ -15,7 +15,7 @@ use llmapi_common::model_config::ModelConfig;
 use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::KvDtype;
-use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, WeightData};
+use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, Shard, WeightData};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
@@ -65,6 +65,7 @@ fn random_model() -> ModelWeights {
         norm: vec![1.0; h],
         layers,
         config,
+        shard: Shard::whole(),
     }
 }
 

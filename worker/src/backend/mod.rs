@@ -47,6 +47,16 @@ pub enum BackendError {
     /// A step referenced data it must not (a scheduler bug); the step is refused.
     #[error("invalid step: {0}")]
     InvalidStep(String),
+    /// A collective with the other ranks of the group failed: the group cannot go on.
+    #[error("tensor-parallel group failed: {0}")]
+    Collective(#[from] crate::dist::CommError),
+}
+
+impl BackendError {
+    /// Whether the backend can take no further steps (its group is broken).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::Collective(_))
+    }
 }
 
 /// A compute device that runs the model.

@@ -3,12 +3,14 @@
 //! q/k/v and gate/up projections are fused into one matrix each at load time so a step runs
 //! one GEMM per group. Not for: arithmetic (the backend's) or KV memory.
 
+pub mod shard;
 pub mod weights;
 
 use std::path::Path;
 
 use llmapi_common::model_config::{Architecture, ModelConfig};
 
+pub use shard::Shard;
 pub use weights::{Mat, WeightData, WeightStore};
 
 use crate::engine::EngineError;
@@ -31,10 +33,13 @@ pub enum Mlp {
     Dense(Ffn),
     /// Routed experts.
     Moe {
-        /// Router logits: experts x hidden, f32.
+        /// Router logits: experts x hidden, f32 (all experts, on every rank).
         router: Mat,
-        /// The experts.
+        /// The experts this rank holds (all of them on a single rank), each split as the
+        /// shard says.
         experts: Vec<Ffn>,
+        /// Index of `experts[0]` among all experts.
+        first_expert: usize,
         /// Experts per token.
         top_k: usize,
         /// Renormalize the chosen weights.
@@ -68,24 +73,33 @@ pub struct Layer {
 /// All weights of a model.
 #[derive(Debug, Clone)]
 pub struct ModelWeights {
-    /// The parsed config.
+    /// The parsed config (whole-model sizes).
     pub config: ModelConfig,
-    /// Token embedding, vocab x hidden.
+    /// Which slice of the model these weights are.
+    pub shard: Shard,
+    /// Token embedding rows of this rank's vocabulary slice, x hidden.
     pub embed: Mat,
     /// Decoder layers.
     pub layers: Vec<Layer>,
     /// Final RMSNorm.
     pub norm: Vec<f32>,
-    /// Output projection; None means tied to `embed`.
+    /// Output projection (this rank's vocabulary rows); None means tied to `embed`.
     pub lm_head: Option<Mat>,
 }
 
 impl ModelWeights {
     /// Loads config.json and the safetensors weights of `dir`.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_shard(dir, Shard::whole())
+    }
+
+    /// Loads only the slices of the weights that `shard` holds; refuses a model whose sizes
+    /// the split cannot divide.
+    pub fn load_shard(dir: &Path, shard: Shard) -> Result<Self, EngineError> {
         let config = ModelConfig::from_model_dir(dir)?;
+        shard.check(&config)?;
         let store = WeightStore::open(dir)?;
-        Self::from_store(config, &store)
+        Self::from_store_shard(config, &store, shard)
     }
 
     /// The lm_head matrix (tied or not).
@@ -121,25 +135,45 @@ impl ModelWeights {
         b
     }
 
-    /// Builds the model from an open checkpoint.
+    /// Builds the whole model from an open checkpoint.
     pub fn from_store(config: ModelConfig, st: &WeightStore) -> Result<Self, EngineError> {
+        Self::from_store_shard(config, st, Shard::whole())
+    }
+
+    /// Builds one rank's shard from an open checkpoint: column-parallel q/k/v and gate/up
+    /// (output rows sliced), row-parallel o and down (input columns sliced), vocabulary rows
+    /// of the embedding and lm_head.
+    pub fn from_store_shard(
+        config: ModelConfig,
+        st: &WeightStore,
+        shard: Shard,
+    ) -> Result<Self, EngineError> {
         let c = &config;
         let (h, d) = (c.hidden_size, c.head_dim);
         let (nq, nkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
-        let embed = st.mat("model.embed_tokens.weight", c.vocab_size, h)?;
+        let qr = scale(shard.q_heads(c), d);
+        let kvr = scale(shard.kv_heads(c), d);
+        let vr = shard.vocab(c);
+        let embed = st.mat_slice(
+            "model.embed_tokens.weight",
+            c.vocab_size,
+            h,
+            vr.clone(),
+            0..h,
+        )?;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
             let qkv = Mat::vstack(vec![
-                st.mat(&format!("{a}.q_proj.weight"), nq, h)?,
-                st.mat(&format!("{a}.k_proj.weight"), nkv, h)?,
-                st.mat(&format!("{a}.v_proj.weight"), nkv, h)?,
+                st.mat_slice(&format!("{a}.q_proj.weight"), nq, h, qr.clone(), 0..h)?,
+                st.mat_slice(&format!("{a}.k_proj.weight"), nkv, h, kvr.clone(), 0..h)?,
+                st.mat_slice(&format!("{a}.v_proj.weight"), nkv, h, kvr.clone(), 0..h)?,
             ])?;
             let qkv_bias = if c.qkv_bias {
-                let mut b = st.vec(&format!("{a}.q_proj.bias"), nq)?;
-                b.extend(st.vec(&format!("{a}.k_proj.bias"), nkv)?);
-                b.extend(st.vec(&format!("{a}.v_proj.bias"), nkv)?);
+                let mut b = st.vec_slice(&format!("{a}.q_proj.bias"), nq, qr.clone())?;
+                b.extend(st.vec_slice(&format!("{a}.k_proj.bias"), nkv, kvr.clone())?);
+                b.extend(st.vec_slice(&format!("{a}.v_proj.bias"), nkv, kvr.clone())?);
                 Some(b)
             } else {
                 None
@@ -162,18 +196,16 @@ impl ModelWeights {
                 post_norm: st.vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 qkv,
                 qkv_bias,
-                o: st.mat(&format!("{a}.o_proj.weight"), h, nq)?,
+                o: st.mat_slice(&format!("{a}.o_proj.weight"), h, nq, 0..h, qr.clone())?,
                 o_bias,
                 qk_norm,
-                mlp: load_mlp(c, st, i)?,
+                mlp: load_mlp(c, st, i, &shard)?,
             });
         }
         let lm_head = if st.contains("lm_head.weight") && !c.tie_word_embeddings {
-            Some(st.mat("lm_head.weight", c.vocab_size, h)?)
-        } else if c.tie_word_embeddings || !st.contains("lm_head.weight") {
-            None
+            Some(st.mat_slice("lm_head.weight", c.vocab_size, h, vr, 0..h)?)
         } else {
-            Some(st.mat("lm_head.weight", c.vocab_size, h)?)
+            None
         };
         Ok(Self {
             norm: st.vec("model.norm.weight", h)?,
@@ -181,16 +213,31 @@ impl ModelWeights {
             layers,
             lm_head,
             config,
+            shard,
         })
     }
 }
 
-fn ffn(st: &WeightStore, names: [String; 3], h: usize, inter: usize) -> Result<Ffn, EngineError> {
+fn scale(r: std::ops::Range<usize>, by: usize) -> std::ops::Range<usize> {
+    r.start * by..r.end * by
+}
+
+/// An FFN of inner width `inter`, keeping inner columns `part` (gate/up rows, down columns).
+fn ffn(
+    st: &WeightStore,
+    names: [String; 3],
+    h: usize,
+    inter: usize,
+    part: std::ops::Range<usize>,
+) -> Result<Ffn, EngineError> {
     let [gate, up, down] = names;
     Ok(Ffn {
-        gate_up: Mat::vstack(vec![st.mat(&gate, inter, h)?, st.mat(&up, inter, h)?])?,
-        down: st.mat(&down, h, inter)?,
-        inter,
+        gate_up: Mat::vstack(vec![
+            st.mat_slice(&gate, inter, h, part.clone(), 0..h)?,
+            st.mat_slice(&up, inter, h, part.clone(), 0..h)?,
+        ])?,
+        down: st.mat_slice(&down, h, inter, 0..h, part.clone())?,
+        inter: part.len(),
     })
 }
 
@@ -202,7 +249,12 @@ fn proj_names(prefix: &str) -> [String; 3] {
     ]
 }
 
-fn load_mlp(c: &ModelConfig, st: &WeightStore, i: usize) -> Result<Mlp, EngineError> {
+fn load_mlp(
+    c: &ModelConfig,
+    st: &WeightStore,
+    i: usize,
+    shard: &Shard,
+) -> Result<Mlp, EngineError> {
     let h = c.hidden_size;
     let p = format!("model.layers.{i}");
     let Some(moe) = c.moe.as_ref().filter(|_| c.is_sparse_layer(i)) else {
@@ -211,12 +263,15 @@ fn load_mlp(c: &ModelConfig, st: &WeightStore, i: usize) -> Result<Mlp, EngineEr
             proj_names(&format!("{p}.mlp")),
             h,
             c.intermediate_size,
+            shard.inner(c.intermediate_size),
         )?));
     };
     let inter = moe.moe_intermediate_size;
+    let (mine, part) = (shard.experts(moe.num_experts), shard.expert_inner(inter));
+    let first_expert = mine.start;
     let (router_name, experts) = if c.architecture == Architecture::Mixtral {
         let b = format!("{p}.block_sparse_moe");
-        let experts = (0..moe.num_experts)
+        let experts = mine
             .map(|e| {
                 let x = format!("{b}.experts.{e}");
                 ffn(
@@ -228,20 +283,30 @@ fn load_mlp(c: &ModelConfig, st: &WeightStore, i: usize) -> Result<Mlp, EngineEr
                     ],
                     h,
                     inter,
+                    part.clone(),
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
         (format!("{b}.gate.weight"), experts)
     } else {
-        let experts = (0..moe.num_experts)
-            .map(|e| ffn(st, proj_names(&format!("{p}.mlp.experts.{e}")), h, inter))
+        let experts = mine
+            .map(|e| {
+                let names = proj_names(&format!("{p}.mlp.experts.{e}"));
+                ffn(st, names, h, inter, part.clone())
+            })
             .collect::<Result<Vec<_>, _>>()?;
         (format!("{p}.mlp.gate.weight"), experts)
     };
     let router = to_f32_mat(st.mat(&router_name, moe.num_experts, h)?);
     let shared = match moe.shared_expert_intermediate_size {
         Some(si) => Some((
-            ffn(st, proj_names(&format!("{p}.mlp.shared_expert")), h, si)?,
+            ffn(
+                st,
+                proj_names(&format!("{p}.mlp.shared_expert")),
+                h,
+                si,
+                shard.inner(si),
+            )?,
             to_f32_mat(st.mat(&format!("{p}.mlp.shared_expert_gate.weight"), 1, h)?),
         )),
         None => None,
@@ -249,6 +314,7 @@ fn load_mlp(c: &ModelConfig, st: &WeightStore, i: usize) -> Result<Mlp, EngineEr
     Ok(Mlp::Moe {
         router,
         experts,
+        first_expert,
         top_k: moe.num_experts_per_tok,
         norm_topk_prob: moe.norm_topk_prob,
         shared,

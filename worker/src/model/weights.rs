@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -198,28 +199,88 @@ impl WeightStore {
 
     /// A matrix with the expected shape, bf16 kept, f16 widened.
     pub fn mat(&self, name: &str, rows: usize, cols: usize) -> Result<Mat, EngineError> {
+        self.mat_slice(name, rows, cols, 0..rows, 0..cols)
+    }
+
+    /// Rows `rs` and columns `cs` of a `rows` x `cols` matrix; only those bytes are copied
+    /// out of the mapped file (a tensor-parallel rank reads its shard, not the whole tensor).
+    pub fn mat_slice(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        rs: Range<usize>,
+        cs: Range<usize>,
+    ) -> Result<Mat, EngineError> {
         let (dtype, shape, bytes) = self.view(name)?;
         if shape != [rows, cols] {
             return Err(werr(format!(
                 "tensor `{name}` has shape {shape:?} but config.json implies [{rows}, {cols}]"
             )));
         }
-        let data = match dtype {
-            Dtype::BF16 => WeightData::Bf16(bytemuck::pod_collect_to_vec(bytes)),
-            _ => WeightData::F32(to_f32(name, dtype, bytes)?),
+        if rs.end > rows || cs.end > cols {
+            return Err(werr(format!(
+                "tensor `{name}`: slice rows {rs:?} columns {cs:?} is outside [{rows}, {cols}]"
+            )));
+        }
+        let size = match dtype {
+            Dtype::BF16 | Dtype::F16 => 2,
+            Dtype::F32 => 4,
+            other => {
+                return Err(werr(format!(
+                    "tensor `{name}` has dtype {other:?}; supported: bf16, f16, f32"
+                )));
+            }
         };
-        Ok(Mat { rows, cols, data })
+        let (out_rows, out_cols) = (rs.len(), cs.len());
+        let picked: std::borrow::Cow<'_, [u8]> = if out_rows == rows && out_cols == cols {
+            std::borrow::Cow::Borrowed(bytes)
+        } else if out_cols == cols {
+            std::borrow::Cow::Borrowed(&bytes[rs.start * cols * size..rs.end * cols * size])
+        } else {
+            let mut v = Vec::with_capacity(out_rows * out_cols * size);
+            for r in rs {
+                let row = r * cols * size;
+                v.extend_from_slice(&bytes[row + cs.start * size..row + cs.end * size]);
+            }
+            std::borrow::Cow::Owned(v)
+        };
+        let data = match dtype {
+            Dtype::BF16 => WeightData::Bf16(bytemuck::pod_collect_to_vec(&picked)),
+            _ => WeightData::F32(to_f32(name, dtype, &picked)?),
+        };
+        Ok(Mat {
+            rows: out_rows,
+            cols: out_cols,
+            data,
+        })
     }
 
     /// A vector of `len` values as f32.
     pub fn vec(&self, name: &str, len: usize) -> Result<Vec<f32>, EngineError> {
+        self.vec_slice(name, len, 0..len)
+    }
+
+    /// Elements `range` of a vector of `len` values, as f32.
+    pub fn vec_slice(
+        &self,
+        name: &str,
+        len: usize,
+        range: Range<usize>,
+    ) -> Result<Vec<f32>, EngineError> {
         let (dtype, shape, bytes) = self.view(name)?;
         if shape.iter().product::<usize>() != len {
             return Err(werr(format!(
                 "tensor `{name}` has shape {shape:?} but config.json implies {len} values"
             )));
         }
-        to_f32(name, dtype, bytes)
+        if range.end > len {
+            return Err(werr(format!(
+                "tensor `{name}`: slice {range:?} is outside its {len} values"
+            )));
+        }
+        let size = bytes.len() / len.max(1);
+        to_f32(name, dtype, &bytes[range.start * size..range.end * size])
     }
 }
 

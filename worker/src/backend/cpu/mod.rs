@@ -8,16 +8,23 @@ mod microkernel;
 
 use rayon::prelude::*;
 
+use llmapi_common::model_config::ModelConfig;
+
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use crate::dist::{Communicator, SingleRank};
 use crate::engine::KvDtype;
 use crate::model::{Ffn, Layer, Mlp, ModelWeights};
 use kernels::{Rope, apply_rope, rms_norm, rms_norm_inplace, silu_mul, softmax};
 use kv_store::{Kv, KvStore};
 use linear::linear;
 
-/// Runs a model on the CPU.
+/// Runs a model (or one tensor-parallel shard of it) on the CPU.
 pub struct CpuBackend {
     w: ModelWeights,
+    /// The config with this rank's head counts (attention and KV layout read it).
+    local: ModelConfig,
+    /// Collectives of the tensor-parallel group (`SingleRank` for a whole model).
+    comm: Box<dyn Communicator>,
     rope: Rope,
     kv_dtype: KvDtype,
     kv: Option<KvStore>,
@@ -37,6 +44,27 @@ impl CpuBackend {
         kv_dtype: KvDtype,
         threads: Option<usize>,
     ) -> Result<Self, BackendError> {
+        Self::new_sharded(w, Box::new(SingleRank), kv_dtype, threads)
+    }
+
+    /// A backend over one shard of the weights (`ModelWeights::load_shard`) that meets the
+    /// other ranks of its group through `comm`; the communicator's rank and size must be the
+    /// shard's.
+    pub fn new_sharded(
+        w: ModelWeights,
+        comm: Box<dyn Communicator>,
+        kv_dtype: KvDtype,
+        threads: Option<usize>,
+    ) -> Result<Self, BackendError> {
+        if comm.world_size() != w.shard.tp_size || comm.rank() != w.shard.tp_rank {
+            return Err(BackendError::InvalidStep(format!(
+                "weights are shard {} of {} but the communicator is rank {} of {}",
+                w.shard.tp_rank,
+                w.shard.tp_size,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
         let mut builder =
             rayon::ThreadPoolBuilder::new().thread_name(|i| format!("llmapi-cpu-{i}"));
         if let Some(n) = threads {
@@ -48,6 +76,8 @@ impl CpuBackend {
         })?;
         Ok(Self {
             rope: Rope::new(&w.config),
+            local: w.shard.local_config(&w.config),
+            comm,
             w,
             kv_dtype,
             kv: None,
@@ -66,7 +96,10 @@ impl CpuBackend {
         };
         let c = &self.w.config;
         let (h, d, tpb) = (c.hidden_size, c.head_dim, kv.tokens_per_block());
-        let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
+        let (nq, nkv) = (
+            self.local.num_attention_heads,
+            self.local.num_key_value_heads,
+        );
         let eps = c.rms_norm_eps as f32;
         let mut rows = Vec::new();
         let mut tokens = Vec::new();
@@ -94,10 +127,19 @@ impl CpuBackend {
         }
         let t_rows = rows.len();
         let mut x = vec![0.0f32; t_rows * h];
+        // Vocabulary-parallel embedding: each rank fills the rows of its own tokens, the sum
+        // over ranks is the full lookup.
+        let vocab = self.w.shard.vocab(c);
         for (r, &t) in tokens.iter().enumerate() {
-            self.w
-                .embed
-                .row_to_f32(t as usize, &mut x[r * h..(r + 1) * h]);
+            if vocab.contains(&(t as usize)) {
+                self.w
+                    .embed
+                    .row_to_f32(t as usize - vocab.start, &mut x[r * h..(r + 1) * h]);
+            }
+        }
+        let tp = self.w.shard.tp_size > 1;
+        if tp {
+            self.comm.all_reduce_sum(&mut x)?;
         }
         let qkv_w = (nq + 2 * nkv) * d;
         let mut xn = vec![0.0f32; t_rows * h];
@@ -130,24 +172,39 @@ impl CpuBackend {
                     kv.write(li, Kv::V, block, row.pos % tpb, g, v);
                 }
             }
-            attention::attend(kv, li, batch, &rows_view(&rows), &qkv, c, &mut attn);
+            attention::attend(
+                kv,
+                li,
+                batch,
+                &rows_view(&rows),
+                &qkv,
+                &self.local,
+                &mut attn,
+            );
             linear(&attn, t_rows, &layer.o, &mut proj);
+            if tp {
+                self.comm.all_reduce_sum(&mut proj)?;
+            }
             add_rows(&mut x, &proj, layer.o_bias.as_deref(), h);
             norm_rows(&x, &layer.post_norm, eps, h, &mut xn);
             mlp(layer, &xn, t_rows, h, &mut proj);
+            if tp {
+                self.comm.all_reduce_sum(&mut proj)?;
+            }
             add_rows(&mut x, &proj, None, h);
         }
         self.logits(batch, &rows, &x)
     }
 
     fn logits(
-        &self,
+        &mut self,
         batch: &[SeqChunk<'_>],
         rows: &[Row],
         x: &[f32],
     ) -> Result<Vec<Vec<f32>>, BackendError> {
         let c = &self.w.config;
         let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let (tp, local_vocab) = (self.w.shard.tp_size, self.w.shard.vocab(c).len());
         let mut picked: Vec<usize> = Vec::new();
         for (r, row) in rows.iter().enumerate() {
             let ch = &batch[row.chunk];
@@ -168,7 +225,22 @@ impl CpuBackend {
             );
         }
         let mut all = vec![0.0f32; picked.len() * vocab];
-        linear(&xn, picked.len(), self.w.lm_head(), &mut all);
+        if tp == 1 {
+            linear(&xn, picked.len(), self.w.lm_head(), &mut all);
+        } else if !picked.is_empty() {
+            // Vocabulary-parallel lm_head: gather every rank's slice, then lay each row out as
+            // the full vocabulary (sampling needs all of it).
+            let mut mine = vec![0.0f32; picked.len() * local_vocab];
+            linear(&xn, picked.len(), self.w.lm_head(), &mut mine);
+            let mut gathered = vec![0.0f32; tp * mine.len()];
+            self.comm.all_gather(&mine, &mut gathered)?;
+            for (rank, part) in gathered.chunks_exact(mine.len()).enumerate() {
+                for (i, row) in part.chunks_exact(local_vocab).enumerate() {
+                    let dst = i * vocab + rank * local_vocab;
+                    all[dst..dst + local_vocab].copy_from_slice(row);
+                }
+            }
+        }
         let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
         for (i, &r) in picked.iter().enumerate() {
             out[rows[r].chunk].extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
@@ -217,11 +289,12 @@ fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
         Mlp::Moe {
             router,
             experts,
+            first_expert,
             top_k,
             norm_topk_prob,
             shared,
         } => {
-            let e = experts.len();
+            let e = router.rows;
             let mut logits = vec![0.0f32; rows * e];
             linear(xn, rows, router, &mut logits);
             let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
@@ -242,7 +315,9 @@ fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
                 }
             }
             out.iter_mut().for_each(|v| *v = 0.0);
-            for (ex, list) in experts.iter().zip(&assigned) {
+            // This rank's experts (all of them on a single rank); each is this rank's slice of
+            // the expert's FFN, so the sum over the group is the full mixture.
+            for (ex, list) in experts.iter().zip(&assigned[*first_expert..]) {
                 if list.is_empty() {
                     continue;
                 }
@@ -286,13 +361,13 @@ impl Backend for CpuBackend {
     }
 
     fn kv_bytes_per_token(&self) -> usize {
-        let c = &self.w.config;
+        let c = &self.local;
         c.num_hidden_layers
             * KvStore::bytes_per_token_layer(self.kv_dtype, c.num_key_value_heads, c.head_dim)
     }
 
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError> {
-        let c = &self.w.config;
+        let c = &self.local;
         self.kv = Some(KvStore::new(
             self.kv_dtype,
             c.num_hidden_layers,
