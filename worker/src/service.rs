@@ -218,6 +218,12 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
+        if let Some(why) = self.engine.failure() {
+            return Ok(Response::new(pb::HealthResponse {
+                healthy: false,
+                message: format!("the worker group failed: {why}"),
+            }));
+        }
         if !request.into_inner().probe {
             return Ok(Response::new(pb::HealthResponse {
                 healthy: true,

@@ -72,4 +72,13 @@ pub trait Backend: Send {
     /// Runs one step; returns per chunk its logits rows (0, 1 or `tokens.len()` rows of
     /// `vocab_size`, flattened) as asked by `LogitsWanted`.
     fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+    /// How often an idle engine must call `heartbeat` (a group leader keeping its followers
+    /// and itself sure the group is alive); None: never.
+    fn heartbeat_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Proves the group is alive while no step runs; an error is fatal when `is_fatal`.
+    fn heartbeat(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

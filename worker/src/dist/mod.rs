@@ -5,8 +5,10 @@
 //! bounded wait and names the rank that failed, so a dead rank stops its group instead of
 //! hanging it.
 
+pub mod plan;
 pub mod tcp;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A collective failed; the group cannot continue.
@@ -108,5 +110,58 @@ impl Communicator for SingleRank {
     }
     fn barrier(&mut self) -> Result<(), CommError> {
         Ok(())
+    }
+}
+
+/// One communicator used from several places of the same rank (the backend's collectives
+/// and the step plan channel): clones share the connection, and every operation locks it so
+/// the calls of one rank stay in one order.
+#[derive(Clone)]
+pub struct SharedComm {
+    inner: Arc<Mutex<Box<dyn Communicator>>>,
+    rank: usize,
+    world: usize,
+}
+
+impl SharedComm {
+    /// Shares `comm`.
+    pub fn new(comm: Box<dyn Communicator>) -> Self {
+        Self {
+            rank: comm.rank(),
+            world: comm.world_size(),
+            inner: Arc::new(Mutex::new(comm)),
+        }
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut dyn Communicator) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        let mut guard = self.inner.lock().map_err(|_| CommError::Usage {
+            rank: self.rank,
+            message: "a collective panicked earlier on this rank; the group cannot continue".into(),
+        })?;
+        f(guard.as_mut())
+    }
+}
+
+impl Communicator for SharedComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.with(|c| c.all_reduce_sum(buf))
+    }
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<(), CommError> {
+        self.with(|c| c.all_gather(local, out))
+    }
+    fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError> {
+        self.with(|c| c.broadcast(buf, root))
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        self.with(|c| c.barrier())
     }
 }

@@ -16,7 +16,9 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
-use crate::model::ModelWeights;
+use crate::dist::plan::{self, LeaderBackend};
+use crate::dist::{Communicator, SharedComm, SingleRank};
+use crate::model::{ModelWeights, Shard};
 pub use types::*;
 
 /// Requests to the engine thread.
@@ -32,6 +34,8 @@ pub(crate) struct Status {
     pub(crate) load: Mutex<LoadStats>,
     /// Ids of requests submitted and not yet finished.
     pub(crate) live: Mutex<HashSet<String>>,
+    /// Why the engine stopped for good (its worker group broke); None while it runs.
+    pub(crate) failed: Mutex<Option<String>>,
 }
 
 struct Shared {
@@ -54,21 +58,34 @@ pub struct EngineHandle {
 impl Engine {
     /// Loads `model_dir` (config.json + safetensors) on the CPU backend and starts the loop.
     pub fn start(model_dir: &Path, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
-        let weights = ModelWeights::load(model_dir)?;
-        let kv_dtype = match cfg.kv_dtype {
-            KvDtype::Auto => KvDtype::Bf16,
-            d => d,
-        };
-        let backend = CpuBackend::new(weights, kv_dtype, cfg.threads)
-            .map_err(|e| EngineError::Backend(e.to_string()))?;
-        let name = cfg.model_name.clone().unwrap_or_else(|| {
-            model_dir.file_name().map_or_else(
-                || model_dir.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            )
-        });
+        let backend = cpu_backend(model_dir, &cfg, Box::new(SingleRank), 1)?;
         let model_cfg = backend.weights().config.clone();
+        let name = model_name(model_dir, &cfg);
         Self::start_with_backend(Box::new(backend), &model_cfg, model_dir, name, cfg)
+    }
+
+    /// Starts rank 0 of a tensor-parallel group whose ranks meet through `comm` (experts
+    /// split over `ep_size` ranks): it loads its shard, runs the scheduler, and sends each
+    /// step's plan to the followers (`run_follower` on every other rank). If any rank fails,
+    /// every request ends with an error naming it and `EngineHandle::failure` says why.
+    pub fn start_leader(
+        model_dir: &Path,
+        cfg: EngineConfig,
+        comm: Box<dyn Communicator>,
+        ep_size: usize,
+    ) -> Result<EngineHandle, EngineError> {
+        if comm.rank() != 0 {
+            return Err(EngineError::InvalidConfig(format!(
+                "rank {} cannot lead its group; rank 0 leads, the others run run_follower",
+                comm.rank()
+            )));
+        }
+        let shared = SharedComm::new(comm);
+        let backend = cpu_backend(model_dir, &cfg, Box::new(shared.clone()), ep_size)?;
+        let model_cfg = backend.weights().config.clone();
+        let name = model_name(model_dir, &cfg);
+        let leader = LeaderBackend::new(Box::new(backend), Box::new(shared));
+        Self::start_with_backend(Box::new(leader), &model_cfg, model_dir, name, cfg)
     }
 
     /// Starts the loop over any backend (the CPU one, a CUDA one, or a test double).
@@ -123,6 +140,7 @@ impl Engine {
                     ..Default::default()
                 }),
                 live: Mutex::default(),
+                failed: Mutex::default(),
             }),
             cmd: Mutex::new(tx),
             max_num_tokens: cfg.max_num_tokens,
@@ -136,6 +154,46 @@ impl Engine {
             .map_err(|e| EngineError::Backend(format!("cannot start the engine thread: {e}")))?;
         Ok(EngineHandle { shared })
     }
+}
+
+/// Runs a follower rank of a tensor-parallel group (rank > 0 of `comm`) until its leader
+/// stops (Ok) or the group breaks (Err naming the rank that failed). Blocks the thread.
+pub fn run_follower(
+    model_dir: &Path,
+    cfg: &EngineConfig,
+    comm: Box<dyn Communicator>,
+    ep_size: usize,
+) -> Result<(), EngineError> {
+    let shared = SharedComm::new(comm);
+    let mut backend = cpu_backend(model_dir, cfg, Box::new(shared.clone()), ep_size)?;
+    let mut plan_comm = shared;
+    plan::follow(&mut backend, &mut plan_comm).map_err(|e| EngineError::Backend(e.to_string()))
+}
+
+/// Loads the shard of `model_dir` that `comm`'s rank holds onto a CPU backend.
+fn cpu_backend(
+    model_dir: &Path,
+    cfg: &EngineConfig,
+    comm: Box<dyn Communicator>,
+    ep_size: usize,
+) -> Result<CpuBackend, EngineError> {
+    let shard = Shard::new(comm.rank(), comm.world_size(), ep_size)?;
+    let weights = ModelWeights::load_shard(model_dir, shard)?;
+    let kv_dtype = match cfg.kv_dtype {
+        KvDtype::Auto => KvDtype::Bf16,
+        d => d,
+    };
+    CpuBackend::new_sharded(weights, comm, kv_dtype, cfg.threads)
+        .map_err(|e| EngineError::Backend(e.to_string()))
+}
+
+fn model_name(model_dir: &Path, cfg: &EngineConfig) -> String {
+    cfg.model_name.clone().unwrap_or_else(|| {
+        model_dir.file_name().map_or_else(
+            || model_dir.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
+    })
 }
 
 /// KV blocks from kv_max_tokens, or from the host-memory budget (capped at what
@@ -191,6 +249,11 @@ impl EngineHandle {
         &self,
         req: GenerateParams,
     ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        if let Some(why) = self.failure() {
+            return Err(EngineError::Backend(format!(
+                "the worker group failed and serves no more requests: {why}"
+            )));
+        }
         let info = &self.shared.info;
         runner::validate(
             &req,
@@ -241,6 +304,17 @@ impl EngineHandle {
             .lock()
             .map(|l| *l)
             .unwrap_or_default()
+    }
+
+    /// Why the engine stopped for good (a rank of its worker group failed); None while it
+    /// serves.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .status
+            .failed
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_else(|_| Some("the engine thread panicked".into()))
     }
 
     /// Static facts.

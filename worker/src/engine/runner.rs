@@ -1,7 +1,7 @@
 //! The engine thread: drain commands, plan a step, run the backend, sample, emit events.
 
 use std::sync::Arc;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -132,9 +132,24 @@ impl Runner {
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
         loop {
             let cmd = if self.sched.is_idle() {
-                match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => break,
+                match self.backend.heartbeat_interval() {
+                    None => match rx.recv() {
+                        Ok(c) => Some(c),
+                        Err(_) => break,
+                    },
+                    Some(every) => match rx.recv_timeout(every) {
+                        Ok(c) => Some(c),
+                        Err(RecvTimeoutError::Timeout) => {
+                            if let Err(e) = self.backend.heartbeat()
+                                && e.is_fatal()
+                            {
+                                self.fail_group(&e.to_string());
+                                return;
+                            }
+                            None
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    },
                 }
             } else {
                 rx.try_recv().ok()
@@ -151,12 +166,25 @@ impl Runner {
                 }
             }
             self.drop_disconnected();
-            if !self.sched.is_idle() {
-                self.step();
+            if !self.sched.is_idle()
+                && let Err(fatal) = self.step()
+            {
+                self.fail_group(&fatal);
+                return;
             }
             self.publish_load();
         }
         self.fail_all("the engine is shutting down");
+    }
+
+    /// The backend can take no further steps (a rank of its group died): every request ends
+    /// with the reason, handles report it, and the loop ends.
+    fn fail_group(&mut self, why: &str) {
+        tracing::error!(error = %why, "the worker group failed; the engine stops");
+        if let Ok(mut f) = self.status.failed.lock() {
+            *f = Some(why.to_string());
+        }
+        self.fail_all(&format!("the worker group failed: {why}"));
     }
 
     /// Applies a command; false means shut down.
@@ -250,7 +278,8 @@ impl Runner {
         }
     }
 
-    fn step(&mut self) {
+    /// Runs one iteration; Err carries the reason the backend can take no further steps.
+    fn step(&mut self) -> Result<(), String> {
         let started = Instant::now();
         let plan = self.sched.schedule();
         if plan.is_empty() {
@@ -263,7 +292,7 @@ impl Runner {
                     self.forget(&seq.id);
                 }
             }
-            return;
+            return Ok(());
         }
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
@@ -290,6 +319,7 @@ impl Runner {
         drop(chunks);
         match result {
             Ok(logits) => self.after_step(&plan, logits),
+            Err(e) if e.is_fatal() => return Err(e.to_string()),
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed; failing its requests");
                 let ids: Vec<String> = plan
@@ -323,6 +353,7 @@ impl Runner {
                 bm.num_free()
             );
         }
+        Ok(())
     }
 
     fn after_step(&mut self, plan: &[PlanItem], logits: Vec<Vec<f32>>) {

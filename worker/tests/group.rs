@@ -1,0 +1,265 @@
+//! A tensor-parallel worker group: the leader engine schedules and sends each step's plan,
+//! followers run the same forward on their shards. Ranks are threads of this test joined by
+//! the real TCP ring on loopback. A group serves the same greedy tokens as one engine, stays
+//! up while idle (heartbeats), stops its followers on shutdown, and when a rank dies every
+//! request ends with an error naming it and the leader refuses new work; nothing hangs.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use llmapi_worker::backend::Backend;
+use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::dist::plan::{self, PlanMsg};
+use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
+use llmapi_worker::dist::{Communicator, SharedComm};
+use llmapi_worker::engine::*;
+use llmapi_worker::model::{ModelWeights, Shard};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+fn case(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name)
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        max_batch_size: 8,
+        max_num_tokens: 64,
+        max_seq_len: Some(128),
+        tokens_per_block: 4,
+        kv_dtype: KvDtype::Float32,
+        kv_max_tokens: Some(1024),
+        enable_chunked_prefill: true,
+        threads: Some(1),
+        ..Default::default()
+    }
+}
+
+fn ring(rank: usize, world: usize, port: u16, op_timeout: Duration) -> TcpRing {
+    TcpRing::join(&RingConfig {
+        rank,
+        world_size: world,
+        rendezvous: format!("127.0.0.1:{port}"),
+        token: "group-test".into(),
+        join_timeout: Duration::from_secs(30),
+        op_timeout,
+    })
+    .unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn request(id: &str, seed: u32, len: usize, max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        request_id: id.into(),
+        prompt: (0..len as u32)
+            .map(|i| (seed * 31 + i * 17) % 250 + 3)
+            .collect(),
+        stopping: StoppingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Token ids until Finished (Ok) or Error (Err with its message); at most 60 s.
+fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Result<Vec<u32>, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = Vec::new();
+    while Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
+            Ok(TokenEvent::Finished { .. }) => return Ok(ids),
+            Ok(TokenEvent::Error(e)) => return Err(e),
+            Ok(TokenEvent::PromptLogprobs(_)) => {}
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => return Err(format!("stream ended without Finished: {e}")),
+        }
+    }
+    panic!("no Finished or Error event within 60 s");
+}
+
+fn serve_all(h: &EngineHandle, n: u32) -> Vec<Vec<u32>> {
+    let rxs: Vec<_> = (0..n)
+        .map(|i| {
+            h.submit(request(&format!("r{i}"), i, 5 + 9 * i as usize, 10))
+                .unwrap()
+        })
+        .collect();
+    rxs.into_iter().map(|rx| collect(rx).unwrap()).collect()
+}
+
+/// Starts followers 1..tp on threads; the returned leader ring is rank 0's.
+fn followers(
+    dir: &Path,
+    tp: usize,
+    ep: usize,
+    op_timeout: Duration,
+) -> (TcpRing, Vec<JoinHandle<Result<(), EngineError>>>) {
+    let port = free_port();
+    let handles = (1..tp)
+        .map(|rank| {
+            let dir = dir.to_path_buf();
+            std::thread::spawn(move || {
+                let comm = ring(rank, tp, port, op_timeout);
+                run_follower(&dir, &config(), Box::new(comm), ep)
+            })
+        })
+        .collect();
+    (ring(0, tp, port, op_timeout), handles)
+}
+
+fn join_within(handles: Vec<JoinHandle<Result<(), EngineError>>>, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    while handles.iter().any(|h| !h.is_finished()) {
+        assert!(
+            Instant::now() < deadline,
+            "a follower did not stop within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    handles
+        .into_iter()
+        .map(|h| match h.join().unwrap() {
+            Ok(()) => "stopped".to_string(),
+            Err(e) => e.to_string(),
+        })
+        .collect()
+}
+
+#[test]
+fn a_group_serves_the_same_tokens_as_one_engine_and_stops_its_followers() {
+    for (name, tp, ep) in [("llama", 2, 2), ("qwen3_moe", 2, 2), ("qwen3_moe", 4, 2)] {
+        let dir = case(name);
+        let single = Engine::start(&dir, config()).unwrap();
+        let want = serve_all(&single, 4);
+        single.shutdown();
+
+        let (leader_ring, handles) = followers(&dir, tp, ep, Duration::from_secs(20));
+        let leader = Engine::start_leader(&dir, config(), Box::new(leader_ring), ep).unwrap();
+        let got = serve_all(&leader, 4);
+        assert_eq!(
+            got, want,
+            "{name} tp={tp} ep={ep}: group and one engine differ"
+        );
+        assert!(leader.failure().is_none());
+        leader.shutdown();
+        let ends = join_within(handles, Duration::from_secs(20));
+        assert!(ends.iter().all(|e| e == "stopped"), "{ends:?}");
+    }
+}
+
+#[test]
+fn an_idle_group_outlives_its_collective_timeout() {
+    // Followers give up on a silent leader after 2 s; heartbeats keep an idle group alive.
+    let dir = case("llama");
+    let (leader_ring, handles) = followers(&dir, 2, 2, Duration::from_secs(2));
+    let leader = Engine::start_leader(&dir, config(), Box::new(leader_ring), 2).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(leader.failure().is_none(), "{:?}", leader.failure());
+    assert_eq!(serve_all(&leader, 1).len(), 1);
+    leader.shutdown();
+    let ends = join_within(handles, Duration::from_secs(20));
+    assert_eq!(ends, ["stopped"]);
+}
+
+#[test]
+fn a_follower_dying_mid_run_fails_every_request_naming_it_and_nothing_hangs() {
+    let dir = case("llama");
+    let port = free_port();
+    let op_timeout = Duration::from_secs(10);
+    // Rank 1 follows for a few steps, then its thread ends and its sockets close, as when
+    // its process is killed.
+    let dying = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let comm = SharedComm::new(Box::new(ring(1, 2, port, op_timeout)));
+            let w = ModelWeights::load_shard(&dir, Shard::new(1, 2, 2).unwrap()).unwrap();
+            let mut be =
+                CpuBackend::new_sharded(w, Box::new(comm.clone()), KvDtype::Float32, Some(1))
+                    .unwrap();
+            let mut plan_comm: Box<dyn Communicator> = Box::new(comm);
+            let mut steps = 0;
+            while steps < 5 {
+                match plan::recv(plan_comm.as_mut()).unwrap() {
+                    PlanMsg::InitKv {
+                        num_blocks,
+                        tokens_per_block,
+                    } => be.init_kv(num_blocks, tokens_per_block).unwrap(),
+                    PlanMsg::Step(chunks) => {
+                        let views: Vec<_> = chunks.iter().map(|c| c.as_chunk()).collect();
+                        be.forward(&views).unwrap();
+                        steps += 1;
+                    }
+                    PlanMsg::Heartbeat => {}
+                    PlanMsg::Stop => panic!("the leader stopped before rank 1 died"),
+                }
+            }
+        })
+    };
+    let leader_ring = ring(0, 2, port, op_timeout);
+    let leader = Engine::start_leader(&dir, config(), Box::new(leader_ring), 2).unwrap();
+    let started = Instant::now();
+    let rxs: Vec<_> = (0..3)
+        .map(|i| leader.submit(request(&format!("k{i}"), i, 6, 100)).unwrap())
+        .collect();
+    for rx in rxs {
+        let e = collect(rx).unwrap_err();
+        assert!(
+            e.contains("worker group failed") && e.contains("rank 1"),
+            "{e}"
+        );
+    }
+    assert!(
+        started.elapsed() < op_timeout,
+        "the leader noticed the dead rank only after {:?}",
+        started.elapsed()
+    );
+    dying.join().unwrap();
+    let why = leader.failure().unwrap();
+    assert!(why.contains("rank 1"), "{why}");
+    let e = leader
+        .submit(request("after", 1, 4, 4))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rank 1"), "{e}");
+}
+
+#[test]
+fn a_follower_whose_leader_dies_stops_with_an_error_naming_it() {
+    let dir = case("llama");
+    let port = free_port();
+    let follower = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            let comm = ring(1, 2, port, Duration::from_secs(10));
+            run_follower(&dir, &config(), Box::new(comm), 2)
+        })
+    };
+    let mut leader = ring(0, 2, port, Duration::from_secs(10));
+    plan::send(
+        &mut leader,
+        &PlanMsg::InitKv {
+            num_blocks: 8,
+            tokens_per_block: 4,
+        },
+    )
+    .unwrap();
+    drop(leader);
+    let ends = join_within(vec![follower], Duration::from_secs(20));
+    assert!(ends[0].contains("rank 0"), "{ends:?}");
+}
