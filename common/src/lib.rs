@@ -12,3 +12,4 @@ pub mod model_config;
 pub mod model_dir;
 pub mod telemetry;
 pub mod tokenizer;
+pub mod trace_context;

@@ -12,6 +12,9 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
+use llmapi_common::trace_context::TraceContext;
+use tonic::metadata::MetadataValue;
+
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
 use crate::error::ApiError;
 use crate::pool::{InflightGuard, Worker};
@@ -28,11 +31,21 @@ pub struct ChoiceJob {
     pub block_hashes: Arc<Vec<u64>>,
     /// Stop strings.
     pub stop: Vec<String>,
+    /// The router's span of this request: the worker's parent, sent as gRPC metadata.
+    pub trace: Arc<TraceContext>,
 }
 
 /// What a running choice reports.
 #[derive(Debug)]
 pub enum ChoiceEvent {
+    /// Logprobs of the prompt's tokens after the first (echo with logprobs); sent before the
+    /// choice's first `Delta`.
+    PromptLogprobs {
+        /// Choice index.
+        index: u32,
+        /// One entry per prompt token from the second on.
+        logprobs: Vec<TokenLogprob>,
+    },
     /// New text and the tokens behind it.
     Delta {
         /// Choice index.
@@ -102,6 +115,19 @@ fn request_fault(status: &Status) -> Option<ApiError> {
     }
 }
 
+/// The worker request with the W3C trace context in its metadata, where gRPC carries it.
+fn traced(job: &ChoiceJob) -> tonic::Request<GenerateRequest> {
+    let mut request = tonic::Request::new(job.request.clone());
+    let md = request.metadata_mut();
+    if let Ok(v) = MetadataValue::try_from(job.trace.traceparent()) {
+        md.insert("traceparent", v);
+    }
+    if let Some(Ok(v)) = job.trace.tracestate.as_deref().map(MetadataValue::try_from) {
+        md.insert("tracestate", v);
+    }
+    request
+}
+
 async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
     let mut tried: Vec<String> = Vec::new();
     let mut last_error = String::from("no worker is healthy");
@@ -121,11 +147,7 @@ async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
         tried.push(worker.url.clone());
         let inflight = worker.begin();
         let result = async {
-            let mut stream = worker
-                .client()
-                .generate(job.request.clone())
-                .await?
-                .into_inner();
+            let mut stream = worker.client().generate(traced(job)).await?.into_inner();
             match stream.message().await? {
                 Some(first) => Ok((stream, first)),
                 None => Err(Status::unavailable(
@@ -198,7 +220,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
         ..Usage::default()
     };
     loop {
-        let resp = match next.take() {
+        let mut resp = match next.take() {
             Some(r) => r,
             None => {
                 let msg = tokio::select! {
@@ -231,6 +253,17 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                 }
             }
         };
+        if !resp.prompt_logprobs.is_empty()
+            && tx
+                .send(ChoiceEvent::PromptLogprobs {
+                    index,
+                    logprobs: std::mem::take(&mut resp.prompt_logprobs),
+                })
+                .await
+                .is_err()
+        {
+            return;
+        }
         state.metrics.add_generation_tokens(resp.token_ids.len());
         usage.completion_tokens = usage
             .completion_tokens
@@ -264,7 +297,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                 .send(ChoiceEvent::Delta {
                     index,
                     text: emit,
-                    logprobs: resp.logprobs.clone(),
+                    logprobs: std::mem::take(&mut resp.logprobs),
                 })
                 .await
                 .is_err()

@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use llmapi_common::block_hash::prefix_block_hashes;
+use llmapi_common::trace_context::TraceContext;
 use llmapi_proto::v1::{GenerateRequest, HealthRequest, InfoResponse, StoppingParams};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -26,6 +27,15 @@ use crate::respond::{ResponseMeta, Shape, collect, stream};
 use crate::state::AppState;
 
 type Shared = State<Arc<AppState>>;
+/// This hop's trace context, put in the request's extensions by the server's trace layer.
+type Trace = Option<Extension<Arc<TraceContext>>>;
+
+fn trace_of(trace: Trace) -> Arc<TraceContext> {
+    trace.map_or_else(
+        || Arc::new(TraceContext::continue_from(None, None)),
+        |Extension(t)| t,
+    )
+}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -163,6 +173,7 @@ fn spawn_choices(
     settings: GenSettings,
     logprobs: bool,
     tokens_per_block: usize,
+    trace: Arc<TraceContext>,
 ) -> (ResponseMeta, mpsc::Receiver<ChoiceEvent>) {
     let id = new_id(match shape {
         Shape::Completion => "cmpl",
@@ -190,10 +201,11 @@ fn spawn_choices(
                     prompt_token_ids: prompt.ids.clone(),
                     sampling: Some(sampling),
                     stopping: Some(stopping),
-                    traceparent: String::new(),
+                    traceparent: trace.traceparent(),
                 },
                 block_hashes: hashes.clone(),
                 stop: settings.stop.clone(),
+                trace: trace.clone(),
             };
             let span = tracing::info_span!("choice", request_id = %job.request.request_id, prompt_tokens = prompt.ids.len());
             tokio::spawn(run_choice(state.clone(), job, tx.clone()).instrument(span));
@@ -207,6 +219,11 @@ fn spawn_choices(
         choices,
         n,
         prompt_lens: prompts.iter().map(|p| p.ids.len()).collect(),
+        echo_ids: if settings.sampling.prompt_logprobs {
+            prompts.iter().map(|p| p.ids.clone()).collect()
+        } else {
+            Vec::new()
+        },
         echo: prompts.into_iter().map(|p| p.text).collect(),
         logprobs,
         include_usage: settings.include_usage,
@@ -218,10 +235,11 @@ fn spawn_choices(
 /// POST /v1/completions.
 pub async fn completions(
     State(state): Shared,
+    trace: Trace,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match completions_inner(state, headers, body).await {
+    match completions_inner(state, trace_of(trace), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -229,15 +247,18 @@ pub async fn completions(
 
 async fn completions_inner(
     state: Arc<AppState>,
+    trace: Arc<TraceContext>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     check_auth(&state, &headers)?;
     let req: CompletionRequest = parse(&state, body)?;
     state.check_model(&req.common.model)?;
-    let settings = req.common.settings(req.logprobs)?;
+    let mut settings = req.common.settings(req.logprobs)?;
     let info = model_info(&state)?;
     let echo = req.echo.unwrap_or(false);
+    // Echo with logprobs reports the prompt's tokens too, as OpenAI's legacy completions do.
+    settings.sampling.prompt_logprobs = echo && req.logprobs.is_some();
     let codec = state.codec.clone();
     let encode = |t: &str| {
         if t.is_empty() {
@@ -300,6 +321,7 @@ async fn completions_inner(
         max_tokens,
         settings,
         req.logprobs.is_some(),
+        trace,
     )
     .await
 }
@@ -307,10 +329,11 @@ async fn completions_inner(
 /// POST /v1/chat/completions.
 pub async fn chat_completions(
     State(state): Shared,
+    trace: Trace,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match chat_inner(state, headers, body).await {
+    match chat_inner(state, trace_of(trace), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -318,6 +341,7 @@ pub async fn chat_completions(
 
 async fn chat_inner(
     state: Arc<AppState>,
+    trace: Arc<TraceContext>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -373,11 +397,13 @@ async fn chat_inner(
         vec![max],
         settings,
         want_logprobs,
+        trace,
     )
     .await
 }
 
 /// Admits the request, runs its choices and answers as a stream or one body.
+#[allow(clippy::too_many_arguments)]
 async fn finish(
     state: Arc<AppState>,
     shape: Shape,
@@ -386,6 +412,7 @@ async fn finish(
     max_tokens: Vec<u32>,
     settings: GenSettings,
     logprobs: bool,
+    trace: Arc<TraceContext>,
 ) -> Result<Response, ApiError> {
     let admit = state.admit()?;
     let tokens_per_block = model_info(&state)?.tokens_per_block as usize;
@@ -399,6 +426,7 @@ async fn finish(
         settings,
         logprobs,
         tokens_per_block,
+        trace,
     );
     if streaming {
         Ok(stream(meta, rx, admit))

@@ -43,6 +43,9 @@ pub struct ResponseMeta {
     pub prompt_lens: Vec<usize>,
     /// Echoed prompt text per prompt (completions with echo).
     pub echo: Vec<Option<String>>,
+    /// Prompt token ids per prompt, for the echoed prompt's logprobs (completions with echo
+    /// and logprobs; empty otherwise).
+    pub echo_ids: Vec<Vec<u32>>,
     /// Whether logprobs were asked for.
     pub logprobs: bool,
     /// Final usage chunk in streams.
@@ -51,9 +54,17 @@ pub struct ResponseMeta {
     pub codec: Arc<dyn TextCodec>,
 }
 
+/// An echoed prompt's token ids and the logprobs of its tokens after the first.
+#[derive(Clone, Copy)]
+struct EchoLogprobs<'a> {
+    ids: &'a [u32],
+    logprobs: &'a [TokenLogprob],
+}
+
 #[derive(Default, Clone)]
 struct ChoiceAcc {
     text: String,
+    prompt_logprobs: Vec<TokenLogprob>,
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
     completion_tokens: u32,
@@ -90,28 +101,90 @@ impl ResponseMeta {
         self.codec.decode(&[id])
     }
 
-    fn logprobs_json(&self, lps: &[TokenLogprob], text_offset: usize) -> Value {
+    /// The echoed prompt of choice `index`, if any.
+    fn echo_of(&self, index: usize) -> Option<&str> {
+        self.echo
+            .get(index / self.n.max(1) as usize)
+            .and_then(|e| e.as_deref())
+    }
+
+    /// The prompt's tokens and their logprobs for choice `index`, when echo and logprobs are
+    /// both asked for.
+    fn echo_logprobs<'a>(
+        &'a self,
+        index: usize,
+        prompt_logprobs: &'a [TokenLogprob],
+    ) -> Option<EchoLogprobs<'a>> {
+        if !self.logprobs || self.echo_of(index).is_none() {
+            return None;
+        }
+        let ids = self.echo_ids.get(index / self.n.max(1) as usize)?;
+        Some(EchoLogprobs {
+            ids,
+            logprobs: prompt_logprobs,
+        })
+    }
+
+    fn top_map(&self, lp: &TokenLogprob) -> Value {
+        Value::Object(
+            lp.top
+                .iter()
+                .map(|t| (self.token_str(t.token_id), json!(t.logprob)))
+                .collect(),
+        )
+    }
+
+    /// `logprobs` of a choice: for completions the legacy shape, with the echoed prompt's tokens
+    /// first (the first one has no logprob) and text offsets counted from the start of the
+    /// choice's text; for chat, `content`.
+    fn logprobs_json(
+        &self,
+        echo: Option<EchoLogprobs<'_>>,
+        lps: &[TokenLogprob],
+        text_offset: usize,
+    ) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
         match self.shape {
             Shape::Completion => {
-                let mut offset = text_offset;
                 let mut tokens = Vec::new();
+                let mut token_logprobs = Vec::new();
+                let mut top_logprobs = Vec::new();
                 let mut offsets = Vec::new();
+                if let Some(echo) = echo {
+                    let mut offset = 0;
+                    for (i, &id) in echo.ids.iter().enumerate() {
+                        let t = self.token_str(id);
+                        offsets.push(offset);
+                        offset += t.len();
+                        tokens.push(t);
+                        // Entry i - 1 is the logprob of prompt token i given the tokens before.
+                        match i.checked_sub(1).and_then(|j| echo.logprobs.get(j)) {
+                            Some(lp) => {
+                                token_logprobs.push(json!(lp.logprob));
+                                top_logprobs.push(self.top_map(lp));
+                            }
+                            None => {
+                                token_logprobs.push(Value::Null);
+                                top_logprobs.push(Value::Null);
+                            }
+                        }
+                    }
+                }
+                let mut offset = text_offset;
                 for lp in lps {
                     let t = self.token_str(lp.token_id);
                     offsets.push(offset);
                     offset += t.len();
                     tokens.push(t);
+                    token_logprobs.push(json!(lp.logprob));
+                    top_logprobs.push(self.top_map(lp));
                 }
                 json!({
                     "tokens": tokens,
-                    "token_logprobs": lps.iter().map(|l| l.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": lps.iter().map(|l| {
-                        l.top.iter().map(|t| (self.token_str(t.token_id), json!(t.logprob)))
-                            .collect::<serde_json::Map<_, _>>()
-                    }).collect::<Vec<_>>(),
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": top_logprobs,
                     "text_offset": offsets,
                 })
             }
@@ -135,10 +208,12 @@ impl ResponseMeta {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn chunk(
         &self,
         index: u32,
         text: &str,
+        echo: Option<EchoLogprobs<'_>>,
         lps: &[TokenLogprob],
         offset: usize,
         finish: Option<&str>,
@@ -148,7 +223,7 @@ impl ResponseMeta {
             Shape::Completion => json!({
                 "index": index,
                 "text": text,
-                "logprobs": self.logprobs_json(lps, offset),
+                "logprobs": self.logprobs_json(echo, lps, offset),
                 "finish_reason": finish,
             }),
             Shape::Chat => {
@@ -162,7 +237,7 @@ impl ResponseMeta {
                 json!({
                     "index": index,
                     "delta": delta,
-                    "logprobs": self.logprobs_json(lps, offset),
+                    "logprobs": self.logprobs_json(None, lps, offset),
                     "finish_reason": finish,
                 })
             }
@@ -186,6 +261,11 @@ pub async fn collect(meta: ResponseMeta, mut rx: mpsc::Receiver<ChoiceEvent>) ->
             return ApiError::internal("a choice ended without finishing").into_response();
         };
         match ev {
+            ChoiceEvent::PromptLogprobs { index, logprobs } => {
+                if let Some(a) = accs.get_mut(index as usize) {
+                    a.prompt_logprobs = logprobs;
+                }
+            }
             ChoiceEvent::Delta {
                 index,
                 text,
@@ -215,23 +295,22 @@ pub async fn collect(meta: ResponseMeta, mut rx: mpsc::Receiver<ChoiceEvent>) ->
         .iter()
         .enumerate()
         .map(|(i, a)| {
-            let echo = meta
-                .echo
-                .get(i / meta.n.max(1) as usize)
-                .cloned()
-                .flatten()
-                .unwrap_or_default();
+            let echo = meta.echo_of(i).unwrap_or_default();
             match meta.shape {
                 Shape::Completion => json!({
                     "index": i,
                     "text": format!("{echo}{}", a.text),
-                    "logprobs": meta.logprobs_json(&a.logprobs, echo.len()),
+                    "logprobs": meta.logprobs_json(
+                        meta.echo_logprobs(i, &a.prompt_logprobs),
+                        &a.logprobs,
+                        echo.len(),
+                    ),
                     "finish_reason": a.finish,
                 }),
                 Shape::Chat => json!({
                     "index": i,
                     "message": {"role": "assistant", "content": a.text},
-                    "logprobs": meta.logprobs_json(&a.logprobs, 0),
+                    "logprobs": meta.logprobs_json(None, &a.logprobs, 0),
                     "finish_reason": a.finish,
                 }),
             }
@@ -266,10 +345,81 @@ struct StreamState {
     rx: mpsc::Receiver<ChoiceEvent>,
     accs: Vec<ChoiceAcc>,
     started: Vec<bool>,
+    /// Choices whose echoed prompt is still to be sent (it waits for the prompt's logprobs).
+    echo_due: Vec<bool>,
     pending: std::collections::VecDeque<Value>,
     done: usize,
     finished: bool,
     _admit: AdmitGuard,
+}
+
+impl StreamState {
+    /// Queues choice `i`'s echoed prompt, with its logprobs when asked for, unless already sent.
+    fn send_echo(&mut self, i: usize) {
+        if !std::mem::replace(&mut self.echo_due[i], false) {
+            return;
+        }
+        let meta = &self.meta;
+        if let Some(echo) = meta.echo_of(i) {
+            let lps = meta.echo_logprobs(i, &self.accs[i].prompt_logprobs);
+            let v = meta.chunk(i as u32, echo, lps, &[], 0, None, false);
+            self.pending.push_back(v);
+        }
+    }
+
+    /// Where choice `i`'s next text starts in its whole text (echo included).
+    fn text_offset(&self, i: usize) -> usize {
+        self.meta.echo_of(i).map_or(0, str::len) + self.accs[i].text.len()
+    }
+
+    /// Queues the chunks for one choice event; false when the stream must end.
+    fn on_event(&mut self, ev: ChoiceEvent) -> bool {
+        match ev {
+            ChoiceEvent::PromptLogprobs { index, logprobs } => {
+                let i = index as usize;
+                self.accs[i].prompt_logprobs = logprobs;
+                self.send_echo(i);
+            }
+            ChoiceEvent::Delta {
+                index,
+                text,
+                logprobs,
+            } => {
+                let i = index as usize;
+                self.send_echo(i);
+                let first = !std::mem::replace(&mut self.started[i], true);
+                let offset = self.text_offset(i);
+                self.accs[i].text.push_str(&text);
+                let v = self
+                    .meta
+                    .chunk(index, &text, None, &logprobs, offset, None, first);
+                self.pending.push_back(v);
+            }
+            ChoiceEvent::Finish {
+                index,
+                reason,
+                usage,
+            } => {
+                let i = index as usize;
+                self.send_echo(i);
+                let first = !std::mem::replace(&mut self.started[i], true);
+                self.accs[i].finish = Some(reason);
+                self.accs[i].completion_tokens = usage.completion_tokens;
+                self.accs[i].cached_tokens = usage.cached_tokens;
+                self.done += 1;
+                let v = self
+                    .meta
+                    .chunk(index, "", None, &[], 0, Some(reason), first);
+                self.pending.push_back(v);
+            }
+            ChoiceEvent::Failed { error, .. } => {
+                // The response is already 200: report the error in-band, then end.
+                self.pending.push_back(error.body_json());
+                return false;
+            }
+        }
+        true
+    }
 }
 
 fn sse_events(
@@ -278,23 +428,24 @@ fn sse_events(
     admit: AdmitGuard,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let n = meta.choices as usize;
-    let mut pending = std::collections::VecDeque::new();
-    // Echoed prompts come first (completions).
-    for i in 0..n {
-        if let Some(Some(echo)) = meta.echo.get(i / meta.n.max(1) as usize) {
-            pending.push_back(meta.chunk(i as u32, echo, &[], 0, None, false));
-        }
-    }
-    let state = StreamState {
+    let mut state = StreamState {
         accs: vec![ChoiceAcc::default(); n],
         started: vec![false; n],
+        echo_due: (0..n).map(|i| meta.echo_of(i).is_some()).collect(),
         meta,
         rx,
-        pending,
+        pending: std::collections::VecDeque::new(),
         done: 0,
         finished: false,
         _admit: admit,
     };
+    // Echoed prompts come first (completions); with logprobs they wait for the prompt's
+    // logprobs, which arrive with the choice's first worker response.
+    if !state.meta.logprobs {
+        for i in 0..n {
+            state.send_echo(i);
+        }
+    }
     // A `Null` queued in `pending` stands for the closing `[DONE]`.
     futures::stream::unfold(state, |mut st| async move {
         loop {
@@ -319,43 +470,13 @@ fn sse_events(
                 st.finished = true;
                 continue;
             }
-            match st.rx.recv().await {
-                None => {
-                    st.pending.push_back(Value::Null);
-                    st.finished = true;
-                }
-                Some(ChoiceEvent::Delta {
-                    index,
-                    text,
-                    logprobs,
-                }) => {
-                    let i = index as usize;
-                    let first = !std::mem::replace(&mut st.started[i], true);
-                    let offset = st.accs[i].text.len();
-                    st.accs[i].text.push_str(&text);
-                    let v = st.meta.chunk(index, &text, &logprobs, offset, None, first);
-                    return Some((event(&v), st));
-                }
-                Some(ChoiceEvent::Finish {
-                    index,
-                    reason,
-                    usage,
-                }) => {
-                    let i = index as usize;
-                    let first = !std::mem::replace(&mut st.started[i], true);
-                    st.accs[i].finish = Some(reason);
-                    st.accs[i].completion_tokens = usage.completion_tokens;
-                    st.accs[i].cached_tokens = usage.cached_tokens;
-                    st.done += 1;
-                    let v = st.meta.chunk(index, "", &[], 0, Some(reason), first);
-                    return Some((event(&v), st));
-                }
-                Some(ChoiceEvent::Failed { error, .. }) => {
-                    // The response is already 200: report the error in-band, then end.
-                    st.pending.push_back(error.body_json());
-                    st.pending.push_back(Value::Null);
-                    st.finished = true;
-                }
+            let more = match st.rx.recv().await {
+                None => false,
+                Some(ev) => st.on_event(ev),
+            };
+            if !more {
+                st.pending.push_back(Value::Null);
+                st.finished = true;
             }
         }
     })

@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
+use llmapi_common::trace_context::TraceContext;
 use tokio::net::TcpListener;
+use tracing::Instrument;
 
 use crate::handlers;
 use crate::state::AppState;
@@ -23,6 +26,37 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     state
         .metrics
         .record_request(&route, response.status().as_u16());
+    response
+}
+
+/// Continues the caller's W3C trace (`traceparent`, `tracestate`) or starts one: the handlers
+/// find this hop's `TraceContext` in the request's extensions, its log lines carry the trace
+/// id, and the response says which span served it in a `traceresponse` header.
+async fn trace_request(mut req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let parent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    // Several tracestate headers form one list, in order.
+    let state: Vec<&str> = headers
+        .get_all("tracestate")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let state = (!state.is_empty()).then(|| state.join(","));
+    let trace = TraceContext::continue_from(parent.as_deref(), state.as_deref());
+    let span = tracing::info_span!(
+        "request",
+        trace_id = %trace.trace_id_hex(),
+        span_id = %trace.span_id_hex(),
+    );
+    let traceresponse = HeaderValue::from_str(&trace.traceparent()).ok();
+    req.extensions_mut().insert(Arc::new(trace));
+    let mut response = next.run(req).instrument(span).await;
+    if let Some(v) = traceresponse {
+        response.headers_mut().insert("traceresponse", v);
+    }
     response
 }
 
@@ -47,6 +81,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }

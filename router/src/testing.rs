@@ -62,6 +62,7 @@ struct Shared {
     cached: HashSet<u64>,
     aborted: Vec<String>,
     requests: Vec<GenerateRequest>,
+    trace_metadata: Vec<(Option<String>, Option<String>)>,
 }
 
 /// The double's state, inspectable by tests.
@@ -157,6 +158,11 @@ impl ScriptedWorker {
         lock(&self.shared).requests.clone()
     }
 
+    /// The `traceparent` and `tracestate` gRPC metadata of each Generate call, in order.
+    pub fn trace_metadata(&self) -> Vec<(Option<String>, Option<String>)> {
+        lock(&self.shared).trace_metadata.clone()
+    }
+
     /// Request ids aborted (by Abort or by a dropped stream).
     pub fn aborted(&self) -> Vec<String> {
         lock(&self.shared).aborted.clone()
@@ -190,8 +196,20 @@ impl Worker for ScriptedWorker {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let md = |k: &str| {
+            request
+                .metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let trace = (md("traceparent"), md("tracestate"));
         let req = request.into_inner();
-        lock(&self.shared).requests.push(req.clone());
+        {
+            let mut s = lock(&self.shared);
+            s.requests.push(req.clone());
+            s.trace_metadata.push(trace);
+        }
         if self.failing.load(Ordering::SeqCst) {
             return Err(Status::unavailable("scripted failure"));
         }
@@ -223,6 +241,26 @@ impl Worker for ScriptedWorker {
         let me = self.clone();
         let script = self.script.clone();
         let id = req.request_id.clone();
+        // Pretend prompt logprobs: token i (from the second on) gets -i/4, with k alternatives.
+        let mut prompt_lps: Vec<TokenLogprob> = if sampling.prompt_logprobs {
+            req.prompt_token_ids
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(i, &t)| TokenLogprob {
+                    token_id: t,
+                    logprob: -(i as f32) / 4.0,
+                    top: (0..sampling.logprobs.unwrap_or(0))
+                        .map(|j| TopLogprob {
+                            token_id: t.wrapping_add(j),
+                            logprob: -(i as f32) / 4.0 - j as f32,
+                        })
+                        .collect(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         tokio::spawn(async move {
             let mut sent = 0u32;
             let mut batch = Vec::new();
@@ -268,7 +306,7 @@ impl Worker for ScriptedWorker {
                 let msg = GenerateResponse {
                     token_ids: std::mem::take(&mut batch),
                     logprobs: std::mem::take(&mut lps),
-                    prompt_logprobs: Vec::new(),
+                    prompt_logprobs: std::mem::take(&mut prompt_lps),
                     finish_reason: match (last, stopped) {
                         (false, _) => FinishReason::Unspecified,
                         (true, true) => FinishReason::Stop,

@@ -250,13 +250,31 @@ async fn n_choices_echo_and_logprobs_have_openai_shapes() {
     assert_eq!(choices.len(), 4);
     assert_eq!(choices[0]["text"], "abab");
     assert_eq!(choices[3]["text"], "cdcd");
-    assert_eq!(choices[0]["logprobs"]["tokens"], json!(["a", "b"]));
-    assert_eq!(choices[0]["logprobs"]["text_offset"], json!([2, 3]));
+    // The echoed prompt's tokens come first; the first has no logprob (OpenAI's shape).
+    let lp = &choices[0]["logprobs"];
+    assert_eq!(lp["tokens"], json!(["a", "b", "a", "b"]));
+    assert_eq!(lp["token_logprobs"], json!([null, -0.25, -0.5, -0.5]));
+    assert_eq!(lp["text_offset"], json!([0, 1, 2, 3]));
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    let tops: Vec<Option<usize>> = lp["top_logprobs"].as_array().unwrap()[1..]
+        .iter()
+        .map(|t| t.as_object().map(|o| o.len()))
+        .collect();
+    assert_eq!(tops, vec![Some(2); 3]);
     assert_eq!(
-        choices[0]["logprobs"]["top_logprobs"][0]
-            .as_object()
-            .map(|o| o.len()),
-        Some(2)
+        choices[3]["logprobs"]["tokens"],
+        json!(["c", "d", "c", "d"])
+    );
+    let asked: Vec<bool> = h.workers[0]
+        .worker
+        .requests()
+        .iter()
+        .map(|r| r.sampling.unwrap_or_default().prompt_logprobs)
+        .collect();
+    assert_eq!(
+        asked,
+        vec![true; 4],
+        "echo with logprobs asks the worker for them"
     );
     assert_eq!(body["usage"]["prompt_tokens"], 4);
     assert_eq!(body["usage"]["completion_tokens"], 8);
@@ -274,6 +292,62 @@ async fn n_choices_echo_and_logprobs_have_openai_shapes() {
     let entry = &body["choices"][0]["logprobs"]["content"][0];
     assert_eq!(entry["top_logprobs"].as_array().map(Vec::len), Some(3));
     assert!(entry["bytes"].is_array());
+}
+
+#[tokio::test]
+async fn streamed_echo_with_logprobs_starts_with_the_prompt_tokens_logprobs() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let events = h
+        .stream(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "xyz", "max_tokens": 2, "echo": true, "logprobs": 1, "stream": true}),
+        )
+        .await;
+    let chunks: Vec<&Value> = events
+        .iter()
+        .filter(|e| {
+            e["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .collect();
+    assert_eq!(chunks.len(), 3, "{events:?}");
+    let echo = &chunks[0]["choices"][0];
+    assert_eq!(echo["text"], "xyz");
+    assert_eq!(echo["logprobs"]["tokens"], json!(["x", "y", "z"]));
+    assert_eq!(
+        echo["logprobs"]["token_logprobs"],
+        json!([null, -0.25, -0.5])
+    );
+    assert_eq!(echo["logprobs"]["text_offset"], json!([0, 1, 2]));
+    assert_eq!(echo["logprobs"]["top_logprobs"][0], Value::Null);
+    assert_eq!(echo["logprobs"]["top_logprobs"][2], json!({"z": -0.5}));
+    // Generated tokens follow, their offsets counted after the echoed prompt.
+    assert_eq!(chunks[1]["choices"][0]["text"], "x");
+    assert_eq!(
+        chunks[1]["choices"][0]["logprobs"]["text_offset"],
+        json!([3])
+    );
+    assert_eq!(
+        chunks[2]["choices"][0]["logprobs"]["text_offset"],
+        json!([4])
+    );
+    assert_eq!(
+        chunks[2]["choices"][0]["logprobs"]["token_logprobs"],
+        json!([-0.5])
+    );
+
+    // Echo alone: the prompt is sent first without waiting, and no prompt logprobs are asked.
+    let events = h
+        .stream(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "xyz", "max_tokens": 1, "echo": true, "stream": true}),
+        )
+        .await;
+    assert_eq!(events[0]["choices"][0]["text"], "xyz");
+    assert_eq!(events[0]["choices"][0]["logprobs"], Value::Null);
+    let last = h.workers[0].worker.requests().pop().unwrap();
+    assert!(!last.sampling.unwrap_or_default().prompt_logprobs);
 }
 
 #[tokio::test]
@@ -619,4 +693,102 @@ async fn info_endpoints_answer() {
         .await
         .expect("body");
     assert!(String::from_utf8_lossy(&bytes).contains("llmapi_worker_healthy"));
+}
+
+/// POSTs `body` with extra headers; returns the response headers and JSON body.
+async fn post_with_headers(
+    h: &Harness,
+    path: &str,
+    body: Value,
+    headers: &[(&str, &str)],
+) -> (axum::http::HeaderMap, Value) {
+    let mut req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = app(h.state.clone())
+        .oneshot(req.body(Body::from(body.to_string())).expect("request"))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+        .await
+        .expect("body");
+    (headers, serde_json::from_slice(&bytes).expect("json body"))
+}
+
+/// Splits a traceparent into (trace id, span id, flags).
+fn trace_fields(tp: &str) -> (String, String, String) {
+    let parts: Vec<&str> = tp.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tp}");
+    assert_eq!(parts[0], "00");
+    (parts[1].into(), parts[2].into(), parts[3].into())
+}
+
+#[tokio::test]
+async fn w3c_trace_context_is_continued_to_the_worker_in_grpc_metadata() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let body = json!({"model": "demo", "prompt": "hi", "max_tokens": 1, "n": 2});
+    let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let (headers, _) = post_with_headers(
+        &h,
+        "/v1/completions",
+        body.clone(),
+        &[
+            ("traceparent", incoming),
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("tracestate", "rojo=00f067aa0ba902b7"),
+        ],
+    )
+    .await;
+    let seen = h.workers[0].worker.trace_metadata();
+    assert_eq!(seen.len(), 2, "one worker call per choice");
+    let router_span = {
+        let tr = headers["traceresponse"].to_str().unwrap();
+        let (trace, span, flags) = trace_fields(tr);
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(flags, "01");
+        span
+    };
+    assert_ne!(
+        router_span, "b7ad6b7169203331",
+        "the router's hop is a new child span"
+    );
+    for (tp, ts) in &seen {
+        let (trace, parent, flags) = trace_fields(tp.as_deref().expect("traceparent metadata"));
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(
+            parent, router_span,
+            "the worker's parent is the router's span"
+        );
+        assert_eq!(flags, "01");
+        assert_eq!(
+            ts.as_deref(),
+            Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+        );
+    }
+    // The proto field carries the same value for workers that read it there.
+    let req = h.workers[0].worker.requests().pop().unwrap();
+    assert_eq!(Some(req.traceparent), seen[1].0.clone());
+
+    // Without a traceparent (or with a broken one) each request starts its own trace.
+    let mut traces = Vec::new();
+    for headers in [vec![], vec![("traceparent", "00-xyz-b7ad6b7169203331-01")]] {
+        let (resp_headers, _) =
+            post_with_headers(&h, "/v1/completions", body.clone(), &headers).await;
+        let (trace, span, flags) = trace_fields(resp_headers["traceresponse"].to_str().unwrap());
+        assert_eq!(trace.len(), 32);
+        assert_ne!(trace, "0".repeat(32));
+        assert_eq!(flags, "00");
+        let (tp, ts) = h.workers[0].worker.trace_metadata().pop().unwrap();
+        let (wtrace, wparent, _) = trace_fields(&tp.unwrap());
+        assert_eq!((wtrace, wparent), (trace.clone(), span));
+        assert_eq!(ts, None);
+        traces.push(trace);
+    }
+    assert_ne!(traces[0], traces[1]);
 }

@@ -68,7 +68,17 @@ for c in r.choices:
     check(c.text.startswith("The weather today"), "echo prepends the prompt")
     check(c.finish_reason in ("stop", "length"), "finish_reason")
     check(c.logprobs is not None and len(c.logprobs.tokens) >= 1, "logprobs tokens")
-    check(all(len(t) <= 2 for t in c.logprobs.top_logprobs), "top_logprobs has at most 2")
+    check(all(t is None or len(t) <= 2 for t in c.logprobs.top_logprobs), "top_logprobs has at most 2")
+    # Echo with logprobs: the prompt's tokens come first, the first one without a logprob.
+    lp = c.logprobs
+    n_prompt = r.usage.prompt_tokens
+    check(len(lp.tokens) > n_prompt, "echo logprobs cover the prompt and the completion")
+    check(lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, "first prompt token has no logprob")
+    check(all(x <= 0.0 for x in lp.token_logprobs[1:]), "prompt and completion logprobs are numbers")
+    check(all(t is not None for t in lp.top_logprobs[1:]), "top_logprobs for every later token")
+    check(lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), "offsets from the start")
+    check("".join(lp.tokens[:n_prompt]) == "The weather today", "prompt tokens spell the prompt")
+    check(len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset), "lengths")
 
 # Seeded sampling is reproducible; greedy is deterministic.
 a = client.completions.create(model=MODEL, prompt="Seeded", max_tokens=8, temperature=1.0, seed=42)
@@ -84,6 +94,19 @@ text = "".join(c.choices[0].text for c in chunks if c.choices)
 check(any(c.choices and c.choices[0].finish_reason == "length" for c in chunks), "stream finish")
 check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6, "stream usage")
 check(isinstance(text, str), "stream text")
+
+# Streamed echo with logprobs: the first chunk is the prompt with its tokens' logprobs.
+stream = client.completions.create(
+    model=MODEL, prompt="Echo me", max_tokens=3, echo=True, logprobs=1, stream=True,
+    stream_options={"include_usage": True},
+)
+chunks = list(stream)
+first = chunks[0].choices[0]
+check(first.text == "Echo me", "streamed echo comes first")
+check(first.logprobs.token_logprobs[0] is None, "streamed echo: first prompt token has no logprob")
+check(len(first.logprobs.tokens) == chunks[-1].usage.prompt_tokens, "streamed echo covers the prompt")
+gen = [c.choices[0] for c in chunks[1:] if c.choices and c.choices[0].text]
+check(all(g.logprobs.text_offset[0] >= len("Echo me") for g in gen), "generated offsets follow the echo")
 
 # Chat: plain, multi-part content, logprobs, n, stop, max_completion_tokens.
 messages = [

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
+use llmapi_common::trace_context::TraceContext;
 use llmapi_proto::v1 as pb;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -112,19 +113,31 @@ fn logprob(l: TokenLogprob) -> pb::TokenLogprob {
     }
 }
 
-/// Turns engine events into proto responses; ends after Finished or Error.
+/// This hop's trace context: a child of the caller's `traceparent` (gRPC metadata, else the
+/// request field), or a new trace.
+fn trace_context(request: &Request<pb::GenerateRequest>) -> TraceContext {
+    let md = |k: &str| request.metadata().get(k).and_then(|v| v.to_str().ok());
+    let field = Some(request.get_ref().traceparent.as_str()).filter(|t| !t.is_empty());
+    TraceContext::continue_from(md("traceparent").or(field), md("tracestate"))
+}
+
+/// Turns engine events into proto responses; ends after Finished or Error. Its log lines go
+/// to the request's `span`.
 fn responses(
     rx: UnboundedReceiver<TokenEvent>,
+    span: tracing::Span,
 ) -> impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static {
     struct St {
         rx: UnboundedReceiver<TokenEvent>,
         prompt_logprobs: Vec<pb::TokenLogprob>,
         done: bool,
+        span: tracing::Span,
     }
     let st = St {
         rx,
         prompt_logprobs: Vec::new(),
         done: false,
+        span,
     };
     futures::stream::unfold(st, |mut st| async move {
         loop {
@@ -133,6 +146,8 @@ fn responses(
             }
             let Some(ev) = st.rx.recv().await else {
                 st.done = true;
+                st.span
+                    .in_scope(|| tracing::warn!("the engine dropped the request"));
                 return Some((Err(Status::internal("the engine dropped the request")), st));
             };
             let resp = match ev {
@@ -153,6 +168,17 @@ fn responses(
                     timings,
                 } => {
                     st.done = true;
+                    st.span.in_scope(|| {
+                        tracing::debug!(
+                            finish_reason = ?reason,
+                            prompt_tokens = usage.prompt_tokens,
+                            completion_tokens = usage.completion_tokens,
+                            cached_tokens = usage.cached_tokens,
+                            ttft_s = timings.ttft_s,
+                            e2e_s = timings.e2e_s,
+                            "finished"
+                        )
+                    });
                     let finish = match reason {
                         FinishReason::Stop => pb::FinishReason::Stop,
                         FinishReason::Length => pb::FinishReason::Length,
@@ -177,6 +203,8 @@ fn responses(
                 }
                 TokenEvent::Error(message) => {
                     st.done = true;
+                    st.span
+                        .in_scope(|| tracing::warn!(error = %message, "request failed"));
                     return Some((Err(Status::internal(message)), st));
                 }
             };
@@ -196,14 +224,33 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let trace = trace_context(&request);
         let req = request.into_inner();
         if req.request_id.is_empty() {
             return Err(Status::invalid_argument("request_id is empty"));
         }
-        let id = req.request_id.clone();
-        let rx = self.engine.submit(params(req)).map_err(to_status)?;
-        tracing::debug!(request_id = %id, "generate");
-        Ok(Response::new(Box::pin(responses(rx))))
+        let span = tracing::info_span!(
+            "generate",
+            request_id = %req.request_id,
+            trace_id = %trace.trace_id_hex(),
+            span_id = %trace.span_id_hex(),
+            parent_span_id = %trace.parent_id_hex(),
+        );
+        let prompt_tokens = req.prompt_token_ids.len();
+        let rx = match self.engine.submit(params(req)) {
+            Ok(rx) => rx,
+            Err(e) => {
+                span.in_scope(|| tracing::debug!(error = %e, "refused"));
+                return Err(to_status(e));
+            }
+        };
+        span.in_scope(|| tracing::debug!(prompt_tokens, "generate"));
+        let mut response = Response::new(Box::pin(responses(rx, span)) as Self::GenerateStream);
+        // The caller learns which span served it (W3C trace context level 2's traceresponse).
+        if let Ok(v) = trace.traceparent().parse() {
+            response.metadata_mut().insert("traceresponse", v);
+        }
+        Ok(response)
     }
 
     async fn abort(

@@ -133,3 +133,88 @@ async fn health_probe_generates_a_token_and_info_describes_the_engine() {
     assert_eq!((info.tp_size, info.ep_size), (1, 1));
     assert!(info.kv_capacity_blocks > 0 && info.vocab_size > 0);
 }
+
+/// Log lines written by the service, captured once per test binary.
+fn captured_logs() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<std::sync::Arc<std::sync::Mutex<Vec<u8>>>> =
+        std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("llmapi_worker=debug"))
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        buf
+    })
+}
+
+struct LogSink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_trace_context_is_logged_and_answered_with_the_workers_span() {
+    let logs = captured_logs();
+    let mut client = start().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let mut req = tonic::Request::new(request("traced", vec![5, 6, 7], 2));
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{caller_span}-01").parse().unwrap(),
+    );
+    let resp = client.generate(req).await.unwrap();
+    let answered = resp
+        .metadata()
+        .get("traceresponse")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let mut stream = resp.into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    let parts: Vec<&str> = answered.split('-').collect();
+    assert_eq!(parts[1], trace_id, "the worker stays in the caller's trace");
+    assert_ne!(parts[2], caller_span, "with a span of its own");
+    assert_eq!(parts[3], "01");
+    let worker_span = parts[2].to_owned();
+
+    // Both of the request's log lines name the trace, the worker's span and the caller's.
+    let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("request_id=traced"))
+        .collect();
+    assert!(lines.iter().any(|l| l.contains(": generate ")), "{text}");
+    assert!(lines.iter().any(|l| l.contains(": finished ")), "{text}");
+    for l in &lines {
+        assert!(l.contains(&format!("trace_id={trace_id}")), "{l}");
+        assert!(l.contains(&format!("span_id={worker_span}")), "{l}");
+        assert!(l.contains(&format!("parent_span_id={caller_span}")), "{l}");
+    }
+
+    // A request without trace context starts a trace of its own.
+    let resp = client
+        .generate(request("untraced", vec![5, 6], 1))
+        .await
+        .unwrap();
+    let tr = resp
+        .metadata()
+        .get("traceresponse")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(tr.len(), 55);
+    assert!(!tr.contains(trace_id));
+}
