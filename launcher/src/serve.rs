@@ -33,6 +33,7 @@ pub fn router_config(args: &LlmArgs, model: &ModelDir) -> RouterConfig {
         admin_token: std::env::var("LLMAPI_ADMIN_TOKEN")
             .ok()
             .filter(|k| !k.is_empty()),
+        max_inflight_requests: args.max_inflight_requests as usize,
         ..RouterConfig::default()
     }
 }

@@ -53,7 +53,7 @@ pub struct RouterArgs {
     #[arg(long, default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
     /// Requests in flight past which new ones get 429 (0: unlimited).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, visible_alias = "max_concurrent_requests", default_value_t = 0)]
     pub max_inflight_requests: usize,
     /// Other workers tried when one fails before the first token.
     #[arg(long, default_value_t = 2)]

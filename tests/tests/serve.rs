@@ -262,3 +262,52 @@ fn sigterm_lets_in_flight_requests_finish() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 200);
 }
+
+#[test]
+fn serve_admission_cap_answers_429_with_an_openai_error_body() {
+    let port = free_port();
+    // The TGI / sglang spelling is an alias of --max_inflight_requests.
+    let _server = serve(
+        bench_model(),
+        port,
+        &["--max_concurrent_requests", "1"],
+        &[],
+    );
+    let body = json!({"model": "bench", "prompt": "a long story", "max_tokens": 1000,
+        "stream": true, "ignore_eos": true})
+    .to_string();
+    let mut held =
+        send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
+    let mut first = [0u8; 256];
+    assert!(held.read(&mut first).expect("first bytes") > 0);
+    let r = post(
+        port,
+        "/v1/chat/completions",
+        &json!({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 429, "{}", r.body);
+    let e = &r.json()["error"];
+    assert_eq!(e["type"], "rate_limit_error");
+    assert_eq!(e["code"], 429);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--max_inflight_requests"),
+        "the message names the flag: {e}"
+    );
+    // Once the held request is gone, requests are admitted again.
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            post(
+                port,
+                "/v1/completions",
+                &json!({"model": "bench", "prompt": "x", "max_tokens": 1}),
+            )
+            .status
+                == 200
+        }),
+        "admitted again after the slot freed"
+    );
+}

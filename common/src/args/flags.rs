@@ -77,6 +77,7 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("enable_chunked_prefill", &[], "enable_chunked_prefill", Switch, "Split long prefills into chunks of max_num_tokens"),
     flag("chat_template", &[], "chat_template", Text, "Jinja chat template file overriding tokenizer_config.json's"),
     flag("otlp_traces_endpoint", &[], "otlp_traces_endpoint", Text, "OTLP gRPC endpoint to export traces to"),
+    flag("max_inflight_requests", &["max_concurrent_requests"], "max_inflight_requests", Int, "Requests the router admits at once; past it new ones get 429 (0: unlimited)"),
 ];
 
 /// The `serve` subcommand: MODEL, every flag of `CLI_FLAGS`, and the source options

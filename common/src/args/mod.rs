@@ -184,6 +184,8 @@ pub struct LlmArgs {
     pub chat_template: Option<String>,
     /// OTLP gRPC endpoint for traces.
     pub otlp_traces_endpoint: Option<String>,
+    /// Requests the embedded router admits at once; past it new ones get 429 (0: unlimited).
+    pub max_inflight_requests: u32,
     /// KV cache settings.
     pub kv_cache_config: KvCacheConfig,
     /// CUDA graph settings; null disables graphs.
@@ -231,6 +233,7 @@ impl Default for LlmArgs {
             enable_chunked_prefill: false,
             chat_template: None,
             otlp_traces_endpoint: None,
+            max_inflight_requests: 0,
             kv_cache_config: KvCacheConfig::default(),
             cuda_graph_config: Some(CudaGraphConfig::default()),
             moe_config: MoeConfig::default(),
