@@ -251,6 +251,47 @@ fn refused_values_say_what_to_change() {
 }
 
 #[test]
+fn dtype_accepts_tensorrt_llm_names_and_usual_aliases() {
+    use llmapi_common::args::ModelDtype;
+    assert_eq!(run(&[]).unwrap().args.dtype, ModelDtype::Auto);
+    for (value, want) in [
+        ("auto", ModelDtype::Auto),
+        ("float32", ModelDtype::Float32),
+        ("fp32", ModelDtype::Float32),
+        ("bfloat16", ModelDtype::Bfloat16),
+        ("bf16", ModelDtype::Bfloat16),
+        ("float16", ModelDtype::Float16),
+        ("fp16", ModelDtype::Float16),
+    ] {
+        assert_eq!(
+            run(&["--dtype", value]).unwrap().args.dtype,
+            want,
+            "{value}"
+        );
+    }
+    let (_d, p) = yaml("dtype: bf16\n");
+    let r = run(&["--dtype", "float32", "--config", &p]).unwrap();
+    assert_eq!(
+        r.args.dtype,
+        ModelDtype::Bfloat16,
+        "YAML overrides the flag"
+    );
+    let e = err(&["--dtype", "int8"]);
+    assert!(e.contains("dtype") && e.contains("bfloat16"), "{e}");
+}
+
+#[test]
+fn float16_is_refused_on_the_cpu_backend_with_what_to_use() {
+    let e = err(&["--backend", "cpu", "--dtype", "float16"]);
+    assert!(
+        e.contains("float16") && e.contains("--dtype bfloat16"),
+        "{e}"
+    );
+    // On auto or cuda the choice is the backend's: the CPU backend refuses it at start-up.
+    assert!(run(&["--backend", "cuda", "--dtype", "fp16"]).is_ok());
+}
+
+#[test]
 fn backend_pytorch_is_read_as_auto_with_a_note() {
     let r = run(&["--backend", "pytorch"]).unwrap();
     assert_eq!(r.args.backend, llmapi_common::args::Backend::Auto);

@@ -5,12 +5,15 @@
 //! (weight bytes per token / bandwidth), decode throughput at batch 8/32/64 and prefill tok/s
 //! for 512-token prompts. Random weights are generated in-process unless LLMAPI_BENCH_MODEL
 //! names a checkpoint directory. LLMAPI_BENCH_THREADS sets the thread count (default: all);
-//! LLMAPI_BENCH_SKIP_PREFILL=1 skips the prefill figure (for profiling decode).
+//! LLMAPI_BENCH_SKIP_PREFILL=1 skips the prefill figure (for profiling decode);
+//! LLMAPI_BENCH_DTYPE=float32|bfloat16|both (default both) picks the projection arithmetic,
+//! each mode on a fresh backend of the same weights, ending with one table of both.
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
 use std::path::Path;
 use std::time::Instant;
 
+use llmapi_common::args::ModelDtype;
 use llmapi_common::model_config::ModelConfig;
 use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
@@ -124,17 +127,80 @@ fn run(be: &mut CpuBackend, chunks: &[SeqChunk<'_>]) {
     }
 }
 
+/// Figures of one mode.
+struct Figures {
+    b1: f64,
+    batches: Vec<(usize, f64)>,
+    prefill: Option<f64>,
+}
+
+/// Runs every figure on a backend of `weights` with projections in `dtype`.
+fn measure(
+    weights: ModelWeights,
+    dtype: ModelDtype,
+    threads: Option<usize>,
+    roofline: f64,
+) -> Figures {
+    let mut be = CpuBackend::new(weights, KvDtype::Bf16, threads)
+        .and_then(|b| b.with_dtype(dtype))
+        .expect("backend starts");
+    be.init_kv(64 * 24, TPB).expect("kv allocates");
+    let name = format!("{dtype:?}").to_lowercase();
+    println!("[{name}] projections: {:?}", be.gemm_dtype());
+    let b1 = decode(&mut be, 1, 128, 64);
+    println!(
+        "[{name}] decode batch 1: {b1:.1} tok/s; roofline {roofline:.1} tok/s; ratio {:.0}%",
+        100.0 * b1 / roofline
+    );
+    let mut batches = Vec::new();
+    for batch in [8, 32, 64] {
+        let tps = decode(&mut be, batch, 128, 16);
+        println!(
+            "[{name}] decode batch {batch}: {tps:.1} tok/s ({:.1}x batch 1)",
+            tps / b1
+        );
+        batches.push((batch, tps));
+    }
+    let prefill = if std::env::var_os("LLMAPI_BENCH_SKIP_PREFILL").is_some() {
+        None
+    } else {
+        let prompt: Vec<u32> = (0..512u32).map(|i| (i * 13 + 2) % 32000).collect();
+        let table: Vec<u32> = (0..16).collect();
+        run(&mut be, &[chunk(&prompt, 0, &table)]);
+        let t = Instant::now();
+        let reps = 3;
+        for _ in 0..reps {
+            run(&mut be, &[chunk(&prompt, 0, &table)]);
+        }
+        let tps = (reps * 512) as f64 / t.elapsed().as_secs_f64();
+        println!("[{name}] prefill 512-token prompt: {tps:.1} tok/s");
+        Some(tps)
+    };
+    Figures {
+        b1,
+        batches,
+        prefill,
+    }
+}
+
 fn main() {
     let threads = std::env::var("LLMAPI_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse().ok());
+    let dtypes = match std::env::var("LLMAPI_BENCH_DTYPE").as_deref() {
+        Ok("float32") => vec![ModelDtype::Float32],
+        Ok("bfloat16") => vec![ModelDtype::Bfloat16],
+        Ok("both") | Err(_) => vec![ModelDtype::Float32, ModelDtype::Bfloat16],
+        Ok(other) => {
+            eprintln!("LLMAPI_BENCH_DTYPE={other}: expected float32, bfloat16 or both");
+            std::process::exit(2);
+        }
+    };
     let weights = match std::env::var("LLMAPI_BENCH_MODEL") {
         Ok(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
         Err(_) => random_model(),
     };
     let bytes_per_token = weights.bytes_per_token();
-    let mut be = CpuBackend::new(weights, KvDtype::Bf16, threads).expect("backend starts");
-    be.init_kv(64 * 24, TPB).expect("kv allocates");
     let mut builder = rayon::ThreadPoolBuilder::new();
     if let Some(n) = threads {
         builder = builder.num_threads(n);
@@ -152,31 +218,27 @@ fn main() {
         "weight bytes per decoded token: {:.1} MB",
         bytes_per_token as f64 / 1e6
     );
-    let b1 = decode(&mut be, 1, 128, 64);
+    let mut rows = Vec::new();
+    for &dtype in &dtypes {
+        rows.push((dtype, measure(weights.clone(), dtype, threads, roofline)));
+    }
+    println!();
     println!(
-        "decode batch 1: {b1:.1} tok/s; roofline {roofline:.1} tok/s; ratio {:.0}%",
-        100.0 * b1 / roofline
+        "| dtype | batch 1 tok/s | % of roofline | batch 8 | batch 32 | batch 64 | batch 32 / batch 1 | prefill 512 tok/s |"
     );
-    for batch in [8, 32, 64] {
-        let tps = decode(&mut be, batch, 128, 16);
+    println!("|---|---|---|---|---|---|---|---|");
+    for (dtype, f) in rows {
+        let at = |b: usize| f.batches.iter().find(|(n, _)| *n == b).map_or(0.0, |x| x.1);
         println!(
-            "decode batch {batch}: {tps:.1} tok/s ({:.1}x batch 1)",
-            tps / b1
+            "| {} | {:.1} | {:.0}% | {:.1} | {:.1} | {:.1} | {:.1}x | {} |",
+            format!("{dtype:?}").to_lowercase(),
+            f.b1,
+            100.0 * f.b1 / roofline,
+            at(8),
+            at(32),
+            at(64),
+            at(32) / f.b1,
+            f.prefill.map_or("-".into(), |p| format!("{p:.1}")),
         );
     }
-    if std::env::var_os("LLMAPI_BENCH_SKIP_PREFILL").is_some() {
-        return;
-    }
-    let prompt: Vec<u32> = (0..512u32).map(|i| (i * 13 + 2) % 32000).collect();
-    let table: Vec<u32> = (0..16).collect();
-    run(&mut be, &[chunk(&prompt, 0, &table)]);
-    let t = Instant::now();
-    let reps = 3;
-    for _ in 0..reps {
-        run(&mut be, &[chunk(&prompt, 0, &table)]);
-    }
-    println!(
-        "prefill 512-token prompt: {:.1} tok/s",
-        (reps * 512) as f64 / t.elapsed().as_secs_f64()
-    );
 }

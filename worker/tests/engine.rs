@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use llmapi_common::args::ModelDtype;
 use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::*;
@@ -140,6 +141,28 @@ fn batched_requests_equal_one_at_a_time() {
     assert!(one.iter().all(|o| o.len() == 12));
     let l = wait_idle(&h);
     assert_eq!(l.kv_blocks_used, 0, "all blocks free after completion");
+}
+
+#[test]
+fn batched_requests_equal_one_at_a_time_in_bf16_mode() {
+    let bf16 = || EngineConfig {
+        dtype: ModelDtype::Bfloat16,
+        ..config()
+    };
+    // The batched first step prefills 75 rows at once (the packed many-row GEMM); decode
+    // steps of 1 to 6 rows use the dot-product kernels.
+    let prompts: Vec<Vec<u32>> = (0..6).map(|i| prompt(i, 5 + 3 * i as usize)).collect();
+    let one = solo(bf16(), &prompts, 12);
+    let (batched, h) = together(bf16(), &prompts, 12);
+    assert_eq!(one, batched);
+    let l = wait_idle(&h);
+    assert_eq!(l.kv_blocks_used, 0, "all blocks free after completion");
+    // The mode is in effect: some greedy continuation differs from the f32 one.
+    assert_ne!(
+        one,
+        solo(config(), &prompts, 12),
+        "bf16 mode changed nothing"
+    );
 }
 
 #[test]
@@ -382,5 +405,18 @@ fn bad_model_directories_and_settings_are_refused_with_reasons() {
     assert!(
         tiny.to_string().contains("kv_cache_config.max_tokens"),
         "{tiny}"
+    );
+    let f16 = Engine::start(
+        &model_dir(),
+        EngineConfig {
+            dtype: ModelDtype::Float16,
+            ..config()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        f16.to_string().contains("float16") && f16.to_string().contains("bfloat16"),
+        "{f16}"
     );
 }

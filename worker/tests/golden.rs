@@ -1,13 +1,16 @@
 //! Golden tests against Hugging Face transformers: every case under tests/golden/ is loaded,
 //! its prompts' full-vocabulary logits compared within the case's `tolerance_abs` (f32
 //! checkpoints, f32 compute: 1e-3 absolute), and its 32-token greedy continuations compared
-//! exactly. Passes with zero cases; any present case that mismatches fails.
+//! exactly. Passes with zero cases; any present case that mismatches fails. bf16 mode
+//! (`dtype: bfloat16`) is compared with the same f32 logits at a looser stated tolerance.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
 
 use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::backend::cpu::bf16::Bf16Kernel;
+use llmapi_worker::backend::cpu::linear::GemmDtype;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::ModelWeights;
@@ -101,5 +104,123 @@ fn every_golden_case_matches_transformers() {
             failures.push(e);
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// How far bf16 mode lands from the f32 transformers reference on one case.
+struct Bf16Diff {
+    case: String,
+    /// Largest |diff| over all prompt logits.
+    max: f32,
+    /// Mean |diff| over all prompt logits.
+    mean: f32,
+    /// Largest |reference logit|.
+    spread: f32,
+    /// Positions whose argmax agrees, and positions.
+    agree: (usize, usize),
+}
+
+/// Prompt logits of every case with projections in `gemm`, one Vec per prompt.
+fn prompt_logits(dir: &Path, g: &Golden, gemm: GemmDtype) -> Vec<Vec<f32>> {
+    let weights = ModelWeights::load(dir).unwrap();
+    let mut be = CpuBackend::new(weights, KvDtype::Float32, Some(2))
+        .unwrap()
+        .with_gemm(gemm);
+    be.init_kv(64, TPB).unwrap();
+    g.prompts
+        .iter()
+        .map(|prompt| {
+            let table: Vec<u32> = (0..prompt.len().div_ceil(TPB) as u32).collect();
+            be.forward(&[SeqChunk {
+                tokens: prompt,
+                start_pos: 0,
+                block_table: &table,
+                logits: LogitsWanted::All,
+            }])
+            .unwrap()
+            .remove(0)
+        })
+        .collect()
+}
+
+fn golden(dir: &Path) -> Golden {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap()
+}
+
+/// Prompt logits of every case in bf16 mode (`dtype: bfloat16`) with `kernel`, against the
+/// f32 reference.
+fn bf16_mode_diffs(kernel: Bf16Kernel) -> Vec<Bf16Diff> {
+    let mut out = Vec::new();
+    for dir in cases() {
+        let g = golden(&dir);
+        let vocab = g.logits[0][0].len();
+        let all = prompt_logits(&dir, &g, GemmDtype::Bf16(kernel));
+        let mut d = Bf16Diff {
+            case: format!("{} ({kernel:?})", g.case),
+            max: 0.0,
+            mean: 0.0,
+            spread: 0.0,
+            agree: (0, 0),
+        };
+        let mut count = 0usize;
+        for (pi, out) in all.iter().enumerate() {
+            for (pos, want) in g.logits[pi].iter().enumerate() {
+                let got = &out[pos * vocab..(pos + 1) * vocab];
+                for (a, b) in got.iter().zip(want) {
+                    d.max = d.max.max((a - b).abs());
+                    d.mean += (a - b).abs();
+                    d.spread = d.spread.max(b.abs());
+                }
+                count += got.len();
+                let same =
+                    llmapi_worker::sampling::argmax(got) == llmapi_worker::sampling::argmax(want);
+                d.agree.0 += usize::from(same);
+                d.agree.1 += 1;
+            }
+        }
+        d.mean /= count as f32;
+        out.push(d);
+    }
+    out
+}
+
+/// bf16 mode (`dtype: bfloat16`: weights and GEMM inputs rounded to bf16, f32 accumulation)
+/// against the same f32 transformers logits. Measured on these fixtures (2026-11-28): mean
+/// |diff| at most 0.30% of the largest |logit|, max |diff| at most 7.8% (llama_sharded; the
+/// random fixtures have very sharp attention), argmax agreeing at 36 of 39 positions or more.
+/// Stated tolerance, about twice that: mean within 0.6%, max within 15%, argmax agreeing at 85%
+/// of positions. Every case must also differ by more than the f32 tolerance, so the test fails
+/// if the mode silently stayed f32. Both kernels are held to it: the portable one (CPUs
+/// without AVX512_BF16) rounds identically but sums in another order, which can flip the
+/// rounding of a later activation (observed: up to 0.09 between the two kernels' logits).
+#[test]
+fn bf16_mode_stays_within_stated_tolerance_of_transformers_f32() {
+    let mut diffs = bf16_mode_diffs(Bf16Kernel::Portable);
+    if Bf16Kernel::detect() != Bf16Kernel::Portable {
+        diffs.extend(bf16_mode_diffs(Bf16Kernel::detect()));
+    }
+    let mut failures = Vec::new();
+    for d in &diffs {
+        let line = format!(
+            "{}: max |diff| {:.4} ({:.1}% of {:.1}), mean {:.4} ({:.2}%), argmax agrees at {}/{}",
+            d.case,
+            d.max,
+            100.0 * d.max / d.spread,
+            d.spread,
+            d.mean,
+            100.0 * d.mean / d.spread,
+            d.agree.0,
+            d.agree.1
+        );
+        eprintln!("{line}");
+        let ok = d.mean <= 0.006 * d.spread
+            && d.max <= 0.15 * d.spread
+            && d.agree.0 as f32 >= 0.85 * d.agree.1 as f32
+            && d.max > 1e-3;
+        if !ok {
+            failures.push(line);
+        }
+    }
+    assert!(!diffs.is_empty(), "no golden cases found");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -61,6 +61,7 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("host", &[], "host", Text, "Address the HTTP server binds"),
     flag("port", &[], "port", Int, "Port of the HTTP server"),
     flag("backend", &[], "backend", Text, "auto | cpu | cuda (auto picks cuda when a GPU is visible; trtllm-serve's `pytorch` is read as auto)"),
+    flag("dtype", &[], "dtype", Text, "auto | float32 | bfloat16 | float16: arithmetic of the matrix products (CPU: auto is f32; bfloat16 rounds activations to bf16 and accumulates in f32; float16 is refused)"),
     flag("log_level", &[], "log_level", Text, "trace | debug | verbose | info | warning | error | internal_error"),
     flag("max_beam_width", &[], "max_beam_width", Int, "Beam width; only 1 is supported (no beam search)"),
     flag("max_batch_size", &[], "max_batch_size", Int, "Most sequences in one engine step"),

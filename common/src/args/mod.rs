@@ -28,6 +28,23 @@ pub enum Backend {
     Pytorch,
 }
 
+/// Arithmetic of the model's matrix products (`dtype`, as TensorRT-LLM's LlmArgs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelDtype {
+    /// The backend's default: f32 arithmetic on CPU.
+    Auto,
+    /// f32 products (CPU: the same as auto).
+    #[serde(alias = "fp32", alias = "f32", alias = "float")]
+    Float32,
+    /// bf16 inputs, f32 accumulation.
+    #[serde(alias = "bf16")]
+    Bfloat16,
+    /// f16; refused by the CPU backend.
+    #[serde(alias = "fp16", alias = "f16", alias = "half")]
+    Float16,
+}
+
 /// KV cache element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -154,6 +171,8 @@ pub struct LlmArgs {
     pub port: u16,
     /// Compute backend: auto, cpu or cuda (`pytorch` is read as auto).
     pub backend: Backend,
+    /// Arithmetic of the matrix products: auto, float32, bfloat16 or float16.
+    pub dtype: ModelDtype,
     /// Log level: trace, debug, verbose, info, warning, error, internal_error.
     pub log_level: String,
     /// Beam width; only 1 (no beam search) is supported.
@@ -218,6 +237,7 @@ impl Default for LlmArgs {
             host: "localhost".into(),
             port: 8000,
             backend: Backend::Auto,
+            dtype: ModelDtype::Auto,
             log_level: "info".into(),
             max_beam_width: 1,
             max_batch_size: 2048,

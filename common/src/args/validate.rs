@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::sources::{ArgsError, Notice, display, lookup, set};
-use super::{Backend, CapacitySchedulerPolicy, ContextChunkingPolicy, LlmArgs};
+use super::{Backend, CapacitySchedulerPolicy, ContextChunkingPolicy, LlmArgs, ModelDtype};
 
 /// `pytorch_backend_config.*` keys of older TensorRT-LLM releases and where they live now.
 const PYTORCH_BACKEND_MAP: &[(&str, &str)] = &[
@@ -178,6 +178,11 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
             a.log_level,
             LOG_LEVELS.join(", ")
         ));
+    }
+    if a.dtype == ModelDtype::Float16 && a.backend == Backend::Cpu {
+        return invalid(
+            "--dtype float16: the CPU backend multiplies in float32 or bfloat16; use --dtype auto (f32) or --dtype bfloat16".into(),
+        );
     }
     if a.max_beam_width != 1 {
         return invalid(format!(

@@ -50,6 +50,9 @@ pub enum BackendError {
     /// A collective with the other ranks of the group failed: the group cannot go on.
     #[error("tensor-parallel group failed: {0}")]
     Collective(#[from] crate::dist::CommError),
+    /// A setting this backend cannot honour; the message says what to use instead.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl BackendError {

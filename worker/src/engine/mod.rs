@@ -184,6 +184,7 @@ fn cpu_backend(
         d => d,
     };
     CpuBackend::new_sharded(weights, comm, kv_dtype, cfg.threads)
+        .and_then(|b| b.with_dtype(cfg.dtype))
         .map_err(|e| EngineError::Backend(e.to_string()))
 }
 

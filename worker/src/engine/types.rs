@@ -54,6 +54,8 @@ pub struct EngineConfig {
     pub tokens_per_block: usize,
     /// KV cache element type.
     pub kv_dtype: KvDtype,
+    /// Arithmetic of the matrix products (LlmArgs `dtype`).
+    pub dtype: llmapi_common::args::ModelDtype,
     /// KV capacity in tokens; when None, `kv_memory_fraction` of available RAM is used.
     pub kv_max_tokens: Option<usize>,
     /// Fraction of available host memory for the KV cache when `kv_max_tokens` is None.
@@ -80,6 +82,7 @@ impl Default for EngineConfig {
             max_seq_len: None,
             tokens_per_block: 32,
             kv_dtype: KvDtype::Auto,
+            dtype: llmapi_common::args::ModelDtype::Auto,
             kv_max_tokens: None,
             kv_memory_fraction: 0.2,
             enable_block_reuse: true,
@@ -310,6 +313,7 @@ impl EngineConfig {
                 KvCacheDtype::Fp8 => KvDtype::Fp8,
                 KvCacheDtype::Float32 => KvDtype::Float32,
             },
+            dtype: args.dtype,
             kv_max_tokens: kv.max_tokens.map(|n| n as usize),
             kv_memory_fraction: kv.free_gpu_memory_fraction,
             enable_block_reuse: kv.enable_block_reuse,

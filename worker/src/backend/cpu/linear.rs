@@ -1,5 +1,9 @@
 //! `y = x W^T` for HF-layout weights (rows are outputs), bf16 or f32, on the rayon pool.
 //!
+//! [`GemmDtype::F32`] (`dtype: auto | float32`) multiplies in f32, described below.
+//! [`GemmDtype::Bf16`] (`dtype: bfloat16`) rounds the activations to bf16 and runs the bf16
+//! kernels of `bf16.rs` for bf16 weights; f32-stored weights (MoE routers) stay f32.
+//!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
 //! bf16 is widened in registers (AVX-512 when the CPU has it, a portable loop otherwise), so
@@ -8,14 +12,42 @@
 
 use rayon::prelude::*;
 
+use super::bf16::{self, Bf16Kernel};
 use super::microkernel::{WR, XR, block};
 use crate::model::{Mat, WeightData};
 
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
 const DOT_MAX_ROWS: usize = 64;
 
-/// Computes `out[t, n] = sum_k x[t, k] * w[n, k]` for `t < rows`.
-pub fn linear(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
+/// Arithmetic of the projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmDtype {
+    /// f32 products of f32 activations and (exactly widened) weights.
+    F32,
+    /// bf16-rounded activations times bf16 weights, summed in f32, with this kernel.
+    Bf16(Bf16Kernel),
+}
+
+/// Computes `out[t, n] = sum_k x[t, k] * w[n, k]` for `t < rows` in `dtype`'s arithmetic.
+pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
+    match (dtype, &w.data) {
+        (GemmDtype::Bf16(kernel), WeightData::Bf16(v)) => {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if kernel == Bf16Kernel::Avx512Bf16 && rows > 0 && w.rows > 0 {
+                    bf16::linear_avx512(x, rows, v, w.cols, w.rows, out);
+                    return;
+                }
+            }
+            let _ = (kernel, v);
+            linear_f32(&bf16::round_f32(&x[..rows * w.cols]), rows, w, out);
+        }
+        _ => linear_f32(x, rows, w, out),
+    }
+}
+
+/// The f32 product (also the portable bf16 kernel, on pre-rounded activations).
+fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), rows * k);
     debug_assert_eq!(out.len(), rows * n);
@@ -343,7 +375,7 @@ mod tests {
         for rows in [1, 3, 20, 70] {
             let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.013).sin()).collect();
             let mut out = vec![0.0; rows * rows_w];
-            linear(&x, rows, &w, &mut out);
+            linear(GemmDtype::F32, &x, rows, &w, &mut out);
             for t in 0..rows {
                 for n in 0..rows_w {
                     let want: f32 = (0..k).map(|i| x[t * k + i] * wf[n * k + i]).sum();

@@ -1,6 +1,10 @@
-//! The CPU backend: f32 arithmetic over bf16/f32 weights on one rayon pool, paged KV in RAM.
+//! The CPU backend: f32 arithmetic over bf16/f32 weights on one rayon pool, paged KV in RAM;
+//! optionally bf16 projections (`dtype: bfloat16`, see `bf16.rs`).
 
 mod attention;
+pub mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod bf16_avx512;
 pub mod kernels;
 pub mod kv_store;
 pub mod linear;
@@ -16,7 +20,8 @@ use crate::engine::KvDtype;
 use crate::model::{Ffn, Layer, Mlp, ModelWeights};
 use kernels::{Rope, apply_rope, rms_norm, rms_norm_inplace, silu_mul, softmax};
 use kv_store::{Kv, KvStore};
-use linear::linear;
+use linear::{GemmDtype, linear};
+use llmapi_common::args::ModelDtype;
 
 /// Runs a model (or one tensor-parallel shard of it) on the CPU.
 pub struct CpuBackend {
@@ -29,6 +34,7 @@ pub struct CpuBackend {
     kv_dtype: KvDtype,
     kv: Option<KvStore>,
     pool: std::sync::Arc<rayon::ThreadPool>,
+    gemm: GemmDtype,
 }
 
 /// Per-row facts of a step: which chunk, which position, where its KV goes.
@@ -82,7 +88,45 @@ impl CpuBackend {
             kv_dtype,
             kv: None,
             pool: std::sync::Arc::new(pool),
+            gemm: GemmDtype::F32,
         })
+    }
+
+    /// Sets the arithmetic of the projections from `dtype`: auto and float32 multiply in f32,
+    /// bfloat16 runs the fastest bf16 kernel of this CPU, float16 is refused.
+    pub fn with_dtype(self, dtype: ModelDtype) -> Result<Self, BackendError> {
+        let gemm = match dtype {
+            ModelDtype::Auto | ModelDtype::Float32 => GemmDtype::F32,
+            ModelDtype::Bfloat16 => GemmDtype::Bf16(bf16::Bf16Kernel::detect()),
+            ModelDtype::Float16 => {
+                return Err(BackendError::Unsupported(
+                    "dtype float16: the CPU backend multiplies in float32 or bfloat16; use --dtype auto (f32) or --dtype bfloat16".into(),
+                ));
+            }
+        };
+        Ok(self.with_gemm(gemm))
+    }
+
+    /// Sets the arithmetic of the projections, kernel included. bf16 rounds f32-stored
+    /// weights to bf16 once here (MoE routers stay f32).
+    pub fn with_gemm(mut self, gemm: GemmDtype) -> Self {
+        match gemm {
+            GemmDtype::F32 => tracing::info!("CPU projections: f32 arithmetic"),
+            GemmDtype::Bf16(k) => {
+                bf16::round_weights(&mut self.w);
+                tracing::info!(
+                    kernel = k.describe(),
+                    "CPU projections: bf16 inputs, f32 accumulation"
+                );
+            }
+        }
+        self.gemm = gemm;
+        self
+    }
+
+    /// The arithmetic of the projections.
+    pub fn gemm_dtype(&self) -> GemmDtype {
+        self.gemm
     }
 
     /// The model weights.
@@ -149,7 +193,7 @@ impl CpuBackend {
         let (mut cos, mut sin) = (vec![0.0f32; d / 2], vec![0.0f32; d / 2]);
         for (li, layer) in self.w.layers.iter().enumerate() {
             norm_rows(&x, &layer.input_norm, eps, h, &mut xn);
-            linear(&xn, t_rows, &layer.qkv, &mut qkv);
+            linear(self.gemm, &xn, t_rows, &layer.qkv, &mut qkv);
             for (r, row) in rows.iter().enumerate() {
                 let q = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
                 if let Some(b) = &layer.qkv_bias {
@@ -181,13 +225,13 @@ impl CpuBackend {
                 &self.local,
                 &mut attn,
             );
-            linear(&attn, t_rows, &layer.o, &mut proj);
+            linear(self.gemm, &attn, t_rows, &layer.o, &mut proj);
             if tp {
                 self.comm.all_reduce_sum(&mut proj)?;
             }
             add_rows(&mut x, &proj, layer.o_bias.as_deref(), h);
             norm_rows(&x, &layer.post_norm, eps, h, &mut xn);
-            mlp(layer, &xn, t_rows, h, &mut proj);
+            mlp(self.gemm, layer, &xn, t_rows, h, &mut proj);
             if tp {
                 self.comm.all_reduce_sum(&mut proj)?;
             }
@@ -226,12 +270,12 @@ impl CpuBackend {
         }
         let mut all = vec![0.0f32; picked.len() * vocab];
         if tp == 1 {
-            linear(&xn, picked.len(), self.w.lm_head(), &mut all);
+            linear(self.gemm, &xn, picked.len(), self.w.lm_head(), &mut all);
         } else if !picked.is_empty() {
             // Vocabulary-parallel lm_head: gather every rank's slice, then lay each row out as
             // the full vocabulary (sampling needs all of it).
             let mut mine = vec![0.0f32; picked.len() * local_vocab];
-            linear(&xn, picked.len(), self.w.lm_head(), &mut mine);
+            linear(self.gemm, &xn, picked.len(), self.w.lm_head(), &mut mine);
             let mut gathered = vec![0.0f32; tp * mine.len()];
             self.comm.all_gather(&mine, &mut gathered)?;
             for (rank, part) in gathered.chunks_exact(mine.len()).enumerate() {
@@ -273,19 +317,19 @@ fn add_rows(x: &mut [f32], y: &[f32], bias: Option<&[f32]>, h: usize) {
 }
 
 /// out = FFN(xn) for `rows` rows.
-fn run_ffn(f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32]) {
+fn run_ffn(g: GemmDtype, f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32]) {
     let mut gu = vec![0.0f32; rows * 2 * f.inter];
-    linear(xn, rows, &f.gate_up, &mut gu);
+    linear(g, xn, rows, &f.gate_up, &mut gu);
     let mut act = vec![0.0f32; rows * f.inter];
     act.par_chunks_mut(f.inter)
         .zip(gu.par_chunks(2 * f.inter))
         .for_each(|(a, g)| silu_mul(g, a));
-    linear(&act, rows, &f.down, out);
+    linear(g, &act, rows, &f.down, out);
 }
 
-fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
+fn mlp(g: GemmDtype, layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
     match &layer.mlp {
-        Mlp::Dense(f) => run_ffn(f, xn, rows, out),
+        Mlp::Dense(f) => run_ffn(g, f, xn, rows, out),
         Mlp::Moe {
             router,
             experts,
@@ -296,7 +340,7 @@ fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
         } => {
             let e = router.rows;
             let mut logits = vec![0.0f32; rows * e];
-            linear(xn, rows, router, &mut logits);
+            linear(g, xn, rows, router, &mut logits);
             let mut assigned: Vec<Vec<(usize, f32)>> = vec![Vec::new(); e];
             for r in 0..rows {
                 let probs = &mut logits[r * e..(r + 1) * e];
@@ -326,7 +370,7 @@ fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
                     xs.extend_from_slice(&xn[r * h..(r + 1) * h]);
                 }
                 let mut ys = vec![0.0f32; list.len() * h];
-                run_ffn(ex, &xs, list.len(), &mut ys);
+                run_ffn(g, ex, &xs, list.len(), &mut ys);
                 for (i, &(r, wgt)) in list.iter().enumerate() {
                     let dst = &mut out[r * h..(r + 1) * h];
                     dst.iter_mut()
@@ -336,11 +380,11 @@ fn mlp(layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
             }
             if let Some((sf, gate)) = shared {
                 let mut ys = vec![0.0f32; rows * h];
-                run_ffn(sf, xn, rows, &mut ys);
-                let mut g = vec![0.0f32; rows];
-                linear(xn, rows, gate, &mut g);
+                run_ffn(g, sf, xn, rows, &mut ys);
+                let mut gate_out = vec![0.0f32; rows];
+                linear(g, xn, rows, gate, &mut gate_out);
                 for r in 0..rows {
-                    let s = 1.0 / (1.0 + (-g[r]).exp());
+                    let s = 1.0 / (1.0 + (-gate_out[r]).exp());
                     out[r * h..(r + 1) * h]
                         .iter_mut()
                         .zip(&ys[r * h..(r + 1) * h])

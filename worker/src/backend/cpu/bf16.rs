@@ -1,0 +1,379 @@
+//! The bf16 GEMM mode (`dtype: bfloat16`): activations rounded to bf16, multiplied with bf16
+//! weights, products summed in f32; everything around the GEMMs stays f32.
+//!
+//! Two kernels compute it. With AVX512_BF16, `vdpbf16ps` multiplies pairs of bf16 elements
+//! (32 products per instruction, twice the f32 FMA rate) and needs no widening pass over the
+//! weights. Without it the portable kernel rounds the activations the same way (round to
+//! nearest even, denormals to zero, as `vcvtneps2bf16`) and runs the f32 kernels on the rounded
+//! values: a product of two bf16 numbers is exact in f32, so the two kernels differ only in the
+//! order of the f32 additions.
+
+use rayon::prelude::*;
+
+use crate::model::{Mat, Mlp, ModelWeights, WeightData};
+
+/// Which code computes bf16 products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AVX512_BF16 `vdpbf16ps` dot products (x86-64 with avx512f, avx512bw, avx512bf16).
+    Avx512Bf16,
+    /// Any CPU: activations rounded to bf16, then the f32 kernels.
+    Portable,
+}
+
+impl Bf16Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+            {
+                return Self::Avx512Bf16;
+            }
+        }
+        Self::Portable
+    }
+
+    /// A phrase for the start-up log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Avx512Bf16 => "AVX512_BF16 vdpbf16ps",
+            Self::Portable => {
+                "portable (no AVX512_BF16): inputs rounded to bf16, products summed by the f32 kernels"
+            }
+        }
+    }
+}
+
+/// f32 to bf16 bits, rounding to nearest even; NaN stays a quiet NaN, denormals become a
+/// zero of the same sign and overflow becomes infinity (what `vcvtneps2bf16` does).
+pub fn to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    if b & 0x7f80_0000 == 0 {
+        return ((b >> 16) & 0x8000) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 bits to f32 (exact).
+pub fn to_f32(b: u16) -> f32 {
+    f32::from_bits(u32::from(b) << 16)
+}
+
+/// `x` with every element rounded to the nearest bf16 value (the portable kernel's input).
+pub fn round_f32(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| to_f32(to_bf16(v))).collect()
+}
+
+/// Rounds `x` into bf16 bits with `kernel`'s instructions.
+pub fn round_into(kernel: Bf16Kernel, x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if kernel == Bf16Kernel::Avx512Bf16 {
+            // SAFETY: this kernel is only chosen when the CPU has its features (detect()).
+            unsafe { super::bf16_avx512::round_into(x, out) };
+            return;
+        }
+    }
+    let _ = kernel;
+    out.iter_mut().zip(x).for_each(|(o, &v)| *o = to_bf16(v));
+}
+
+/// Rounds every f32-stored projection and the embedding to bf16 (what loading a checkpoint
+/// in bf16 does), so the bf16 kernels see bf16 weights. MoE routers and the shared-expert
+/// gate stay f32: routing decisions keep f32 arithmetic in every mode.
+pub fn round_weights(w: &mut ModelWeights) {
+    let mut mats: Vec<&mut Mat> = vec![&mut w.embed];
+    mats.extend(w.lm_head.as_mut());
+    for l in &mut w.layers {
+        mats.push(&mut l.qkv);
+        mats.push(&mut l.o);
+        match &mut l.mlp {
+            Mlp::Dense(f) => mats.extend([&mut f.gate_up, &mut f.down]),
+            Mlp::Moe {
+                experts, shared, ..
+            } => {
+                for f in experts {
+                    mats.extend([&mut f.gate_up, &mut f.down]);
+                }
+                if let Some((f, _gate)) = shared {
+                    mats.extend([&mut f.gate_up, &mut f.down]);
+                }
+            }
+        }
+    }
+    for m in mats {
+        if let WeightData::F32(v) = &m.data {
+            let bits = v.par_iter().map(|&x| to_bf16(x)).collect();
+            m.data = WeightData::Bf16(bits);
+        }
+    }
+}
+
+/// Rows of x up to which the dot-product kernels run; more rows go to the packed GEMM.
+#[cfg(target_arch = "x86_64")]
+const DOT_MAX_ROWS: usize = 32;
+
+/// `out[t, n] = bf16(x[t]) . w[n]` for the row-major `n x k` bf16 `w`, with `vdpbf16ps`.
+/// The caller has checked that this CPU runs [`Bf16Kernel::Avx512Bf16`].
+#[cfg(target_arch = "x86_64")]
+pub fn linear_avx512(x: &[f32], rows: usize, w: &[u16], k: usize, n: usize, out: &mut [f32]) {
+    use super::bf16_avx512 as simd;
+    debug_assert!(x.len() >= rows * k && w.len() >= n * k && out.len() >= rows * n);
+    if rows > DOT_MAX_ROWS {
+        gemm::linear(x, rows, w, k, n, out);
+        return;
+    }
+    let mut xb = vec![0u16; rows * k];
+    // SAFETY: the caller checked the CPU features of this kernel.
+    unsafe { simd::round_into(&x[..rows * k], &mut xb) };
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = (n / (threads * 8)).max(16).next_multiple_of(4);
+    let wrow = |r: usize| &w[r.min(n - 1) * k..(r.min(n - 1) + 1) * k];
+    if rows == 1 {
+        out[..n]
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(c, o)| {
+                let n0 = c * chunk;
+                for (j, o) in o.iter_mut().enumerate() {
+                    // SAFETY: CPU features as above; rows hold k elements.
+                    *o = unsafe { simd::dot(&xb, wrow(n0 + j), k) };
+                }
+            });
+        return;
+    }
+    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
+        .into_par_iter()
+        .map(|c| {
+            let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
+            let width = n1 - n0;
+            let mut part = vec![0.0f32; rows * width];
+            for j in (n0..n1).step_by(4) {
+                let nw = (n1 - j).min(4);
+                let ws = std::array::from_fn(|i| wrow(j + i));
+                for t in (0..rows).step_by(4) {
+                    let nt = (rows - t).min(4);
+                    let xs = std::array::from_fn(|i| {
+                        let r = t + i.min(nt - 1);
+                        &xb[r * k..(r + 1) * k]
+                    });
+                    // SAFETY: CPU features as above; every row slice holds k elements.
+                    let acc = unsafe { simd::block_4x4(xs, ws, k) };
+                    for (i, a) in acc.iter().enumerate().take(nt) {
+                        let dst = (t + i) * width + (j - n0);
+                        part[dst..dst + nw].copy_from_slice(&a[..nw]);
+                    }
+                }
+            }
+            (n0, part)
+        })
+        .collect();
+    for (n0, part) in parts {
+        let width = part.len() / rows;
+        for t in 0..rows {
+            out[t * n + n0..t * n + n0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
+        }
+    }
+}
+
+/// The many-row GEMM: weights packed per 32-row panel, a 12 x 32 register-blocked kernel.
+#[cfg(target_arch = "x86_64")]
+mod gemm {
+    use std::cell::RefCell;
+
+    use rayon::prelude::*;
+
+    use super::super::bf16_avx512::{self as simd, MR, NR};
+
+    thread_local! {
+        /// Reused panel buffer of each pool thread.
+        static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The output matrix shared by panel tasks that write disjoint column ranges.
+    struct Out {
+        ptr: *mut f32,
+        len: usize,
+    }
+    // SAFETY: tasks write disjoint elements (their own columns of every row); see `linear`.
+    unsafe impl Sync for Out {}
+
+    impl Out {
+        /// Copies `src` to elements `at..at + src.len()`.
+        ///
+        /// # Safety
+        /// No other thread touches those elements meanwhile.
+        unsafe fn write(&self, at: usize, src: &[f32]) {
+            assert!(at + src.len() <= self.len, "tile write inside the output");
+            // SAFETY: in bounds (asserted); exclusive per the caller's contract.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
+        }
+    }
+
+    /// `out[t, n] = bf16(x[t]) . w[n]`: parallel over panels of NR weight rows; each task packs
+    /// its panel once (k x NR bf16, in L2) and runs every MR-row block of x against it.
+    pub fn linear(x: &[f32], rows: usize, w: &[u16], k: usize, n: usize, out: &mut [f32]) {
+        let kp = k.div_ceil(2);
+        let padded_rows = rows.next_multiple_of(MR);
+        // x as bf16 pairs, row stride kp dwords; padding (odd k, missing rows) is zero.
+        let mut xa = vec![0u32; padded_rows * kp];
+        {
+            let xb: &mut [u16] = bytemuck::cast_slice_mut(&mut xa);
+            xb.par_chunks_mut(2 * kp)
+                .zip(x.par_chunks(k))
+                .take(rows)
+                // SAFETY: only reached with the CPU features of this kernel (see linear_avx512).
+                .for_each(|(d, s)| unsafe { simd::round_into(s, &mut d[..k]) });
+        }
+        let target = Out {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        };
+        assert!(target.len >= rows * n, "output holds rows x n");
+        (0..n.div_ceil(NR)).into_par_iter().for_each(|pj| {
+            let n0 = pj * NR;
+            let width = (n - n0).min(NR);
+            PANEL.with(|cell| {
+                let mut panel = cell.borrow_mut();
+                if panel.len() < kp * NR {
+                    panel.resize(kp * NR, 0);
+                }
+                simd::pack_panel(w, n, k, n0, &mut panel);
+                for t0 in (0..rows).step_by(MR) {
+                    // SAFETY: the CPU features were checked by the caller; xa holds
+                    // padded_rows >= t0 + MR rows of kp dwords and the panel kp * NR.
+                    let tile = unsafe { simd::kernel_mr_nr(&xa[t0 * kp..], kp, &panel, kp) };
+                    for (i, trow) in tile.iter().enumerate().take(rows - t0) {
+                        // SAFETY: columns n0..n0 + width of every row belong to this task.
+                        unsafe { target.write((t0 + i) * n + n0, &trow[..width]) };
+                    }
+                }
+            });
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_is_to_nearest_even_with_denormals_flushed() {
+        // 1 + 2^-8 lies halfway between two bf16 values; ties go to the even mantissa.
+        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), to_bf16(1.0));
+        assert_eq!(to_f32(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
+        assert_eq!(to_f32(to_bf16(1.0 + 1.5 / 256.0)), 1.0 + 2.0 / 256.0);
+        assert_eq!(to_bf16(-0.0), 0x8000);
+        assert_eq!(to_bf16(f32::from_bits(1)), 0);
+        assert_eq!(to_bf16(-f32::from_bits(0x007f_ffff)), 0x8000);
+        assert_eq!(to_f32(to_bf16(f32::MAX)), f32::INFINITY);
+        assert!(to_f32(to_bf16(f32::NAN)).is_nan());
+        assert_eq!(to_f32(to_bf16(f32::NEG_INFINITY)), f32::NEG_INFINITY);
+    }
+
+    fn awkward_values() -> Vec<f32> {
+        let mut v: Vec<f32> = (0..4000)
+            .map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 13 - 6))
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            f32::from_bits(1),
+            f32::from_bits(0x8000_0001),
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            -(1.0 + 1.0 / 256.0),
+        ]);
+        v
+    }
+
+    #[test]
+    fn native_rounding_equals_the_portable_rounding_bit_for_bit() {
+        let kernel = Bf16Kernel::detect();
+        if kernel == Bf16Kernel::Portable {
+            eprintln!("no AVX512_BF16 on this CPU: only the portable rounding exists");
+            return;
+        }
+        let x = awkward_values();
+        let mut native = vec![0u16; x.len()];
+        round_into(kernel, &x, &mut native);
+        let mut portable = vec![0u16; x.len()];
+        round_into(Bf16Kernel::Portable, &x, &mut portable);
+        for (i, (a, b)) in native.iter().zip(&portable).enumerate() {
+            assert_eq!(a, b, "x = {:e} ({:#x})", x[i], x[i].to_bits());
+        }
+    }
+
+    /// Weights and activations with bf16 bits, and the exact f64 reference on rounded inputs.
+    fn case(rows: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>, Vec<f64>, Vec<f64>) {
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i as f32) * 0.0137).sin() * 1.7)
+            .collect();
+        let w: Vec<u16> = (0..n * k)
+            .map(|i| to_bf16(((i * 7919 % 1009) as f32 - 504.0) / 300.0))
+            .collect();
+        let mut want = vec![0.0f64; rows * n];
+        let mut scale = vec![0.0f64; rows * n];
+        for t in 0..rows {
+            for c in 0..n {
+                for i in 0..k {
+                    let p =
+                        f64::from(to_f32(to_bf16(x[t * k + i]))) * f64::from(to_f32(w[c * k + i]));
+                    want[t * n + c] += p;
+                    scale[t * n + c] += p.abs();
+                }
+            }
+        }
+        (x, w, want, scale)
+    }
+
+    /// Both kernels against the exact sum of exact products of the rounded inputs: the only
+    /// error left is f32 summation over 16 lanes and their reduction, bounded by (k / 16 + 8)
+    /// ulps of the sum of |products|, far below the 2^-9 relative error that skipping the
+    /// input rounding would leave.
+    #[test]
+    fn bf16_kernels_match_a_naive_product_of_rounded_inputs() {
+        for &(rows, n, k) in &[
+            (1, 37, 67),
+            (1, 64, 768),
+            (3, 33, 31),
+            (8, 40, 96),
+            (32, 19, 130),
+            (33, 70, 67),
+            (100, 65, 256),
+        ] {
+            let (x, w, want, scale) = case(rows, n, k);
+            let mut got = vec![f32::NAN; rows * n];
+            let mat = crate::model::Mat {
+                rows: n,
+                cols: k,
+                data: crate::model::WeightData::Bf16(w.clone()),
+            };
+            for kernel in [Bf16Kernel::Portable, Bf16Kernel::detect()] {
+                let mode = super::super::linear::GemmDtype::Bf16(kernel);
+                super::super::linear::linear(mode, &x, rows, &mat, &mut got);
+                for i in 0..rows * n {
+                    let tol = scale[i] * (k / 16 + 8) as f64 * f64::from(f32::EPSILON);
+                    let err = (f64::from(got[i]) - want[i]).abs();
+                    assert!(
+                        err <= tol,
+                        "{kernel:?} rows {rows} n {n} k {k} at {i}: {} vs {} (tol {tol:e})",
+                        got[i],
+                        want[i]
+                    );
+                }
+            }
+        }
+    }
+}
