@@ -360,6 +360,49 @@ async fn chat_inner(
         .settings(want_logprobs.then(|| req.top_logprobs.unwrap_or(0)))?;
     let info = model_info(&state)?;
     let messages = req.messages.unwrap_or_default();
+    let ids = match req.prompt_token_ids {
+        Some(ids) => {
+            if !messages.is_empty() {
+                return Err(ApiError::invalid(
+                    "prompt_token_ids",
+                    "both messages and prompt_token_ids are given; send the conversation as messages, or the whole templated prompt as prompt_token_ids with messages empty",
+                ));
+            }
+            if ids.is_empty() {
+                return Err(ApiError::invalid(
+                    "prompt_token_ids",
+                    "prompt_token_ids is empty; send at least one token, or send messages instead",
+                ));
+            }
+            ids
+        }
+        None => chat_prompt_ids(&state, &messages)?,
+    };
+    let max = check_prompt(
+        &info,
+        &ids,
+        req.max_completion_tokens.or(req.max_tokens),
+        None,
+    )?;
+    let prompts = vec![PreparedPrompt { ids, text: None }];
+    finish(
+        state,
+        Shape::Chat,
+        req.common.model,
+        prompts,
+        vec![max],
+        settings,
+        want_logprobs,
+        trace,
+    )
+    .await
+}
+
+/// The token ids of `messages` rendered with the chat template.
+fn chat_prompt_ids(
+    state: &AppState,
+    messages: &[crate::openai::ChatMessage],
+) -> Result<Vec<u32>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -379,27 +422,10 @@ async fn chat_inner(
         .codec
         .render_chat(&turns)
         .map_err(|e| ApiError::invalid("messages", e))?;
-    let ids = state.codec.encode(&text, false).map_err(|e| {
-        ApiError::invalid("messages", format!("messages could not be tokenized: {e}"))
-    })?;
-    let max = check_prompt(
-        &info,
-        &ids,
-        req.max_completion_tokens.or(req.max_tokens),
-        None,
-    )?;
-    let prompts = vec![PreparedPrompt { ids, text: None }];
-    finish(
-        state,
-        Shape::Chat,
-        req.common.model,
-        prompts,
-        vec![max],
-        settings,
-        want_logprobs,
-        trace,
-    )
-    .await
+    state
+        .codec
+        .encode(&text, false)
+        .map_err(|e| ApiError::invalid("messages", format!("messages could not be tokenized: {e}")))
 }
 
 /// Admits the request, runs its choices and answers as a stream or one body.

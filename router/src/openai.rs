@@ -147,6 +147,10 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     /// Number of alternatives per token (0..=20), requires logprobs.
     pub top_logprobs: Option<u32>,
+    /// Extension (trtllm-serve's): the whole prompt as token ids, used as is instead of
+    /// rendering `messages` (which must then be empty or absent). benchmark_serving.py's
+    /// `--tokenize-on-client` sends it.
+    pub prompt_token_ids: Option<Vec<u32>>,
 }
 
 /// The most choices one request may ask for.

@@ -792,3 +792,51 @@ async fn w3c_trace_context_is_continued_to_the_worker_in_grpc_metadata() {
     }
     assert_ne!(traces[0], traces[1]);
 }
+
+#[tokio::test]
+async fn chat_accepts_a_pretokenized_prompt_as_trtllm_serve_does() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    // benchmark_serving.py --tokenize-on-client: empty messages and the ids.
+    let (status, body) = h
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "demo", "messages": [], "prompt_token_ids": [72, 105, 33],
+                   "max_completion_tokens": 3}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["usage"]["prompt_tokens"], 3);
+    assert_eq!(body["choices"][0]["message"]["content"], "Hi!");
+    let sent = h.workers[0].worker.requests().pop().unwrap();
+    assert_eq!(
+        sent.prompt_token_ids,
+        vec![72, 105, 33],
+        "the ids are the whole prompt: no chat template around them"
+    );
+
+    let events = h
+        .stream(
+            "/v1/chat/completions",
+            json!({"model": "demo", "prompt_token_ids": [72, 105], "max_completion_tokens": 2,
+                   "stream": true}),
+        )
+        .await;
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(events.last(), Some(&json!("[DONE]")));
+
+    for (body, why) in [
+        (
+            json!({"model": "demo", "messages": [{"role": "user", "content": "x"}], "prompt_token_ids": [1]}),
+            "both",
+        ),
+        (
+            json!({"model": "demo", "messages": [], "prompt_token_ids": []}),
+            "empty",
+        ),
+    ] {
+        let (status, err) = h.post("/v1/chat/completions", body).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}: {err}");
+        assert_eq!(err["error"]["param"], "prompt_token_ids", "{why}");
+    }
+}

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::time::Duration;
 
 use llmapi_tests::{
-    bench_model, demo_model, free_port, get, post, request, send, serve, wait_until,
+    bench_model, bin, demo_model, free_port, get, post, request, send, serve, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -309,5 +309,72 @@ fn serve_admission_cap_answers_429_with_an_openai_error_body() {
                 == 200
         }),
         "admitted again after the slot freed"
+    );
+}
+
+#[test]
+fn llmapi_bench_chat_with_client_tokenization_is_served() {
+    let port = free_port();
+    let _server = serve(demo_model(), port, &[], &[]);
+    let model = demo_model().to_string_lossy().into_owned();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(bin("llmapi-bench"))
+        .args(["--backend", "openai-chat", "--tokenize-on-client"])
+        .args(["--dataset-name", "random", "--num-prompts", "4"])
+        .args([
+            "--random-input-len",
+            "16",
+            "--random-output-len",
+            "4",
+            "--ignore-eos",
+        ])
+        .args([
+            "--model",
+            &model,
+            "--port",
+            &port.to_string(),
+            "--disable-tqdm",
+        ])
+        .arg("--no-test-input")
+        .args(["--save-result", "--result-dir"])
+        .arg(out_dir.path())
+        .args(["--result-filename", "chat.json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start llmapi-bench");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("llmapi-bench did not finish within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    let _ = child
+        .stdout
+        .take()
+        .map(|mut o| o.read_to_string(&mut stdout));
+    let _ = child
+        .stderr
+        .take()
+        .map(|mut e| e.read_to_string(&mut stderr));
+    assert!(status.success(), "llmapi-bench failed:\n{stdout}\n{stderr}");
+    let result: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.path().join("chat.json")).expect("result file"),
+    )
+    .expect("result json");
+    assert_eq!(result["completed"], 4, "{result}");
+    assert_eq!(result["total_output_tokens"], 16);
+    // The router took the ids as the whole prompt: 16 tokens each, no chat template added.
+    let metrics = get(port, "/metrics").body;
+    assert!(
+        metrics.contains("llmapi_router_prompt_tokens_total 64"),
+        "{metrics}"
     );
 }
