@@ -1,11 +1,18 @@
 //! `llmapi-launch serve` as one task of a Slurm or MPI job.
 //!
-//! Every task runs an engine replica and its worker gRPC service on a port of its node. Rank 0
-//! also runs the OpenAI router, the other tasks register their worker with it (POST /workers,
+//! The job's tasks form groups of `--tp_size` consecutive ranks; each group is one model
+//! replica. Its leader (first rank) runs the engine's scheduler and the worker gRPC service on
+//! a port of its node, the other ranks of the group join it at the leader's node on
+//! `--rendezvous_port` + group index and run their shard of every step. Rank 0 also runs the
+//! OpenAI router; the other leaders register their worker with it (POST /workers,
 //! authenticated by the job token) and renew the registration as a heartbeat. With
-//! `--router_url` every task registers with that external router instead and no task runs one.
+//! `--router_url` every leader registers with that external router instead and no task runs
+//! one. When a rank of a group dies, its leader fails the group's requests and exits with an
+//! error naming the rank (the router's own health checks drop the worker).
 
 use std::time::Duration;
+
+use std::future::Future;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -15,7 +22,8 @@ use hyper_util::rt::TokioIo;
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
 
-use crate::placement::Placement;
+use crate::group::{self, GroupSpec};
+use crate::placement::{DEFAULT_RENDEZVOUS_PORT, Placement};
 use crate::serve::LocalWorker;
 
 /// How often a registered worker renews its registration.
@@ -24,10 +32,21 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 const REGISTER_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Options of a job task that are not LlmArgs keys.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClusterOptions {
     /// An external router to register with; none: rank 0 runs the router.
     pub router_url: Option<String>,
+    /// Group g meets its leader on this port + g.
+    pub rendezvous_port: u16,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            router_url: None,
+            rendezvous_port: DEFAULT_RENDEZVOUS_PORT,
+        }
+    }
 }
 
 /// The secret that authenticates a job's tasks to its router: $LLMAPI_JOB_TOKEN, else one
@@ -72,17 +91,50 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tp = args.tensor_parallel_size as usize;
     let role = placement.role(tp)?;
-    if tp > 1 {
-        bail!(
-            "--tp_size {tp}: splitting one replica over several tasks is not implemented yet; \
-             run one replica per task with --tp_size 1 ({} replicas here)",
-            placement.world_size
-        );
-    }
     let token = job_token(&placement);
+    let group = if tp > 1 {
+        group::check_sizes(&args)?;
+        let host = match &role.leader_node {
+            Some(n) => n.clone(),
+            None if placement.nodes.len() <= 1 => "127.0.0.1".to_owned(),
+            None => bail!(
+                "cannot tell which node runs the leader of group {} (rank {}); the job's node list or tasks per node are missing",
+                role.group,
+                role.leader_rank
+            ),
+        };
+        let spec = GroupSpec {
+            rank: role.rank_in_group,
+            size: tp,
+            ep_size: group::ep_size(&args),
+            rendezvous: format!("{host}:{}", role.rendezvous_port(opts.rendezvous_port)),
+            token: token.clone(),
+        };
+        if spec.rank != 0 {
+            tracing::info!(
+                rank = placement.rank,
+                group = role.group,
+                rank_in_group = spec.rank,
+                "serving as a follower rank"
+            );
+            return tokio::task::spawn_blocking(move || group::run_follower(&args, &model, &spec))
+                .await
+                .context("the follower task failed")?;
+        }
+        Some(spec)
+    } else {
+        None
+    };
     let config = crate::serve::router_config(&args, &model);
-    let worker =
-        LocalWorker::start(&args, &model, config.served_model_name.clone(), "0.0.0.0:0").await?;
+    let worker = LocalWorker::start(
+        &args,
+        &model,
+        config.served_model_name.clone(),
+        "0.0.0.0:0",
+        group,
+    )
+    .await?;
+    let failed = group::group_failure(worker.engine.clone(), None);
     let url = format!(
         "http://{}:{}",
         advertise_host(&placement),
@@ -91,7 +143,7 @@ pub async fn run(
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
     let result = if opts.router_url.is_none() && placement.rank == 0 {
-        embedded_router(&args, &model, &url, token).await
+        embedded_router(&args, &model, &url, token, failed).await
     } else {
         let router = match &opts.router_url {
             Some(r) => r.trim_end_matches('/').to_owned(),
@@ -104,7 +156,7 @@ pub async fn run(
                 format!("http://{host}:{}", args.port)
             }
         };
-        registered(&router, &url, &token).await
+        registered(&router, &url, &token, failed).await
     };
     worker.stop().await;
     result
@@ -115,6 +167,7 @@ async fn embedded_router(
     model: &ModelDir,
     own: &str,
     token: String,
+    failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut config = crate::serve::router_config(args, model);
     config.admin_token = Some(config.admin_token.unwrap_or(token));
@@ -124,11 +177,17 @@ async fn embedded_router(
             args.host
         );
     }
-    crate::serve::run_router(args, model, config, &[own.to_owned()]).await
+    crate::serve::run_router(args, model, config, &[own.to_owned()], failed).await
 }
 
-/// Registers `worker` with `router`, renews the registration until shutdown, then withdraws it.
-async fn registered(router: &str, worker: &str, token: &str) -> anyhow::Result<()> {
+/// Registers `worker` with `router`, renews the registration until shutdown (or until the
+/// worker's group fails: Err with the reason), then withdraws it.
+async fn registered(
+    router: &str,
+    worker: &str,
+    token: &str,
+    failed: impl Future<Output = String>,
+) -> anyhow::Result<()> {
     let body = serde_json::json!({ "url": worker }).to_string();
     let started = tokio::time::Instant::now();
     loop {
@@ -149,9 +208,16 @@ async fn registered(router: &str, worker: &str, token: &str) -> anyhow::Result<(
     tracing::info!(router, worker, "registered with the router");
     let shutdown = llmapi_router::server::shutdown_signal();
     tokio::pin!(shutdown);
+    tokio::pin!(failed);
+    let mut failure = None;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            why = &mut failed => {
+                tracing::error!(reason = %why, "the worker group failed; withdrawing from the router");
+                failure = Some(why);
+                break;
+            }
             () = tokio::time::sleep(HEARTBEAT) => {
                 if let Err(e) = send(Method::POST, router, token, &body).await {
                     tracing::warn!(router, error = %e, "heartbeat failed; retrying");
@@ -162,7 +228,10 @@ async fn registered(router: &str, worker: &str, token: &str) -> anyhow::Result<(
     if let Err(e) = send(Method::DELETE, router, token, &body).await {
         tracing::info!(router, error = %e, "could not deregister (the router may have stopped first)");
     }
-    Ok(())
+    match failure {
+        Some(why) => bail!("the worker group failed: {why}"),
+        None => Ok(()),
+    }
 }
 
 /// One HTTP/1.1 request with a JSON body and a bearer token; returns the status.

@@ -6,6 +6,7 @@
 //! tensors (the worker's).
 
 pub mod cluster;
+pub mod group;
 pub mod make_model;
 pub mod placement;
 pub mod serve;

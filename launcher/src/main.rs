@@ -8,6 +8,7 @@ use clap::{Arg, ArgAction, Command};
 use llmapi_common::args::{NoticeLevel, resolve, serve_command};
 use llmapi_common::model_dir::ModelDir;
 use llmapi_launch::cluster::{self, ClusterOptions};
+use llmapi_launch::group;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 
@@ -18,12 +19,21 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            serve_command().arg(
-                Arg::new("router_url")
-                    .long("router_url")
-                    .value_name("URL")
-                    .help("Register this worker with an external llmapi-router (its --admin_token must equal LLMAPI_JOB_TOKEN) instead of running the embedded router"),
-            ),
+            serve_command()
+                .arg(
+                    Arg::new("router_url")
+                        .long("router_url")
+                        .value_name("URL")
+                        .help("Register this worker with an external llmapi-router (its --admin_token must equal LLMAPI_JOB_TOKEN) instead of running the embedded router"),
+                )
+                .arg(
+                    Arg::new("rendezvous_port")
+                        .long("rendezvous_port")
+                        .value_parser(clap::value_parser!(u16))
+                        .help(format!(
+                            "With --tp_size > 1: base port where each group meets its leader (group g uses base + g) [default: {DEFAULT_RENDEZVOUS_PORT} under Slurm/MPI, a free port locally]"
+                        )),
+                ),
         )
         .subcommand(
             Command::new("env")
@@ -124,23 +134,31 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         print!("{}", args.to_yaml());
         return Ok(());
     }
+    if let Some(spec) = group::spawned_rank(&args)? {
+        // A rank started by a local `serve --tp_size N`: follow its leader, nothing else.
+        group::exit_with_parent();
+        return group::run_follower(&args, &model, &spec);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     let router_url = m.get_one::<String>("router_url").cloned();
+    let rendezvous_port = m.get_one::<u16>("rendezvous_port").copied();
     let placement = Placement::from_env(std::env::vars())?;
+    let opts = ClusterOptions {
+        router_url: router_url.clone(),
+        rendezvous_port: rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT),
+    };
     match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {
             tracing::info!(rank = p.rank, world_size = p.world_size, launcher = ?p.launcher, "serving as one task of a job");
-            let opts = ClusterOptions { router_url };
             runtime.block_on(cluster::run(args, model, p, opts))
         }
         None if router_url.is_some() => {
-            let opts = ClusterOptions { router_url };
             runtime.block_on(cluster::run(args, model, Placement::local(), opts))
         }
-        _ => runtime.block_on(llmapi_launch::serve::run(args, model)),
+        _ => runtime.block_on(llmapi_launch::serve::run(args, model, rendezvous_port)),
     }
 }
 

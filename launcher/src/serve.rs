@@ -1,6 +1,9 @@
 //! `llmapi-launch serve` on one machine: the engine, its worker gRPC service on a loopback
 //! port, and the embedded OpenAI router on --host/--port, in one process. Ctrl-C or SIGTERM
 //! drains the router (in-flight requests finish), then stops the worker and the engine.
+//! With `--tp_size N` this process is the group's leader and starts ranks 1..N as child
+//! processes of the same binary (`group::LocalRanks`); if one of them dies, the server stops
+//! and exits with an error naming it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,6 +16,10 @@ use llmapi_router::pool::Pool;
 use llmapi_router::{AppState, RouterConfig, server};
 use llmapi_worker::engine::{Engine, EngineConfig, EngineHandle};
 use llmapi_worker::service::{self, WorkerService};
+use std::future::Future;
+use std::time::Duration;
+
+use crate::group::{self, GroupSpec, LocalRanks};
 
 /// The router settings `serve` derives from `LlmArgs` (plus LLMAPI_API_KEY /
 /// LLMAPI_ADMIN_TOKEN from the environment).
@@ -50,20 +57,33 @@ pub struct LocalWorker {
 
 impl LocalWorker {
     /// Starts the engine on `model` under the name `name` and serves it over gRPC on `bind`
-    /// (port 0: any free port).
+    /// (port 0: any free port). With `group`, this is the leader of a tensor-parallel group:
+    /// it joins the group first and drives its followers.
     pub async fn start(
         args: &LlmArgs,
         model: &ModelDir,
         name: String,
         bind: &str,
+        group: Option<GroupSpec>,
     ) -> anyhow::Result<Self> {
         let mut engine_cfg = EngineConfig::from_llm_args(args);
         engine_cfg.model_name = Some(name);
         let model_path = model.path.clone();
-        let engine = tokio::task::spawn_blocking(move || Engine::start(&model_path, engine_cfg))
-            .await
-            .context("the engine start-up task failed")?
-            .with_context(|| format!("starting the engine on {}", model.path.display()))?;
+        let engine = tokio::task::spawn_blocking(move || match group {
+            None => anyhow::Ok(Engine::start(&model_path, engine_cfg)?),
+            Some(g) => {
+                let ring = g.join()?;
+                Ok(Engine::start_leader(
+                    &model_path,
+                    engine_cfg,
+                    Box::new(ring),
+                    g.ep_size,
+                )?)
+            }
+        })
+        .await
+        .context("the engine start-up task failed")?
+        .with_context(|| format!("starting the engine on {}", model.path.display()))?;
         let info = engine.info();
         tracing::info!(
             model = %info.model,
@@ -102,13 +122,14 @@ impl LocalWorker {
     }
 }
 
-/// Runs the OpenAI router on --host/--port over `workers` (gRPC URLs) until Ctrl-C / SIGTERM,
-/// then drains it.
+/// Runs the OpenAI router on --host/--port over `workers` (gRPC URLs) until Ctrl-C / SIGTERM
+/// or until `failed` resolves, then drains it. Err when `failed` stopped it (its reason).
 pub async fn run_router(
     args: &LlmArgs,
     model: &ModelDir,
     config: RouterConfig,
     workers: &[String],
+    failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tokenizer = args.tokenizer.as_ref().map(PathBuf::from);
     let codec = HfCodec::load(
@@ -134,20 +155,58 @@ pub async fn run_router(
         workers = ?workers,
         "serving at http://{addr}/v1"
     );
-    let served = server::serve(listener, state, server::shutdown_signal()).await;
+    let reason = Arc::new(std::sync::Mutex::new(None));
+    let stop = {
+        let reason = Arc::clone(&reason);
+        async move {
+            tokio::select! {
+                () = server::shutdown_signal() => {}
+                why = failed => {
+                    tracing::error!(reason = %why, "the worker group failed; stopping the server");
+                    if let Ok(mut r) = reason.lock() {
+                        *r = Some(why);
+                    }
+                }
+            }
+        }
+    };
+    let served = server::serve(listener, state, stop).await;
     health.abort();
-    served.context("serving HTTP")
+    served.context("serving HTTP")?;
+    match reason.lock().ok().and_then(|mut r| r.take()) {
+        Some(why) => bail!("the worker group failed: {why}"),
+        None => Ok(()),
+    }
 }
 
-/// Runs the engine, the worker service and the router until Ctrl-C / SIGTERM.
-pub async fn run(args: LlmArgs, model: ModelDir) -> anyhow::Result<()> {
-    if args.tensor_parallel_size > 1 {
-        bail!(
-            "tensor_parallel_size {} needs one rank per shard; this single-process serve runs one rank. \
-             Use --tp_size 1, or start the ranks with srun/mpirun",
-            args.tensor_parallel_size
-        );
-    }
+/// Runs the engine, the worker service and the router until Ctrl-C / SIGTERM; with
+/// `--tp_size N` also ranks 1..N of the group as child processes (group meeting on
+/// 127.0.0.1:`rendezvous_port`, or a free port when None).
+pub async fn run(
+    args: LlmArgs,
+    model: ModelDir,
+    rendezvous_port: Option<u16>,
+) -> anyhow::Result<()> {
+    let tp = args.tensor_parallel_size as usize;
+    let mut ranks = None;
+    let group = if tp > 1 {
+        group::check_sizes(&args)?;
+        let port = match rendezvous_port {
+            Some(p) => p,
+            None => free_port().context("finding a free port for the group's rendezvous")?,
+        };
+        let spec = GroupSpec {
+            rank: 0,
+            size: tp,
+            ep_size: group::ep_size(&args),
+            rendezvous: format!("127.0.0.1:{port}"),
+            token: group::local_token(),
+        };
+        ranks = Some(LocalRanks::spawn(&spec)?);
+        Some(spec)
+    } else {
+        None
+    };
     let config = router_config(&args, &model);
     // LLMAPI_WORKER_ADDR exposes the worker at a fixed address so that other routers
     // (`llmapi-router --worker_urls`) can use it too; by default it is private to this process.
@@ -158,12 +217,34 @@ pub async fn run(args: LlmArgs, model: ModelDir) -> anyhow::Result<()> {
         &model,
         config.served_model_name.clone(),
         &worker_addr,
+        group,
     )
     .await
     .context("(LLMAPI_WORKER_ADDR sets the worker's address)")?;
     let url = format!("http://{}", worker.addr);
-    let served = run_router(&args, &model, config, &[url]).await;
+    let engine = worker.engine.clone();
+    let served = match ranks {
+        None => run_router(&args, &model, config, &[url], std::future::pending()).await,
+        Some(ranks) => {
+            let ranks = Arc::new(std::sync::Mutex::new(ranks));
+            let watch = group::group_failure(engine, Some(Arc::clone(&ranks)));
+            let served = run_router(&args, &model, config, &[url], watch).await;
+            tracing::info!("router stopped; stopping the worker, the engine and the ranks");
+            // Stopping the engine sends the followers Stop; then they exit on their own.
+            worker.stop().await;
+            if let Ok(mut ranks) = ranks.lock() {
+                ranks.stop(Duration::from_secs(10));
+            }
+            return served;
+        }
+    };
     tracing::info!("router stopped; stopping the worker and the engine");
     worker.stop().await;
     served
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

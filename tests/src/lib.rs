@@ -69,6 +69,8 @@ pub struct Proc {
     child: Child,
     /// What was started, for messages.
     pub name: String,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
 }
 
 impl Proc {
@@ -86,7 +88,20 @@ impl Proc {
         Proc {
             child,
             name: name.to_owned(),
+            log,
         }
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own; its status, if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Process id.

@@ -1,0 +1,224 @@
+//! Tensor-parallel worker groups: how a rank joins its group, runs as a follower, and how a
+//! single `serve --tp_size N` without Slurm or MPI spawns and supervises its own ranks.
+//!
+//! A group of `tp_size` ranks meets at its leader's rendezvous address with the job token
+//! (`llmapi_worker::dist::tcp`). The leader (rank 0 of the group) runs the engine's scheduler,
+//! the worker gRPC service and perhaps the router; followers only run the forward on their
+//! shard. If any rank dies the group stops: followers exit with an error naming the rank, the
+//! leader fails its in-flight requests and exits with the reason.
+
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use llmapi_common::args::LlmArgs;
+use llmapi_common::model_dir::ModelDir;
+use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
+use llmapi_worker::engine::{EngineConfig, EngineHandle};
+
+/// How long a rank waits for its whole group to join (other ranks may still be loading).
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one collective may wait on a peer before the group is declared broken. Longer
+/// than the leader's idle heartbeat and than any single layer's compute.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Environment of a rank spawned by a local `serve --tp_size N`: its rank in the group.
+pub const ENV_RANK: &str = "LLMAPI_GROUP_RANK";
+/// Environment of a spawned rank: the leader's rendezvous address.
+pub const ENV_RENDEZVOUS: &str = "LLMAPI_GROUP_RENDEZVOUS";
+/// The job token (also read by the cluster code).
+pub const ENV_TOKEN: &str = "LLMAPI_JOB_TOKEN";
+
+/// Where a rank sits in its group.
+#[derive(Debug, Clone)]
+pub struct GroupSpec {
+    /// Rank inside the group; 0 leads.
+    pub rank: usize,
+    /// Ranks in the group (tp_size).
+    pub size: usize,
+    /// Ranks the experts are split over.
+    pub ep_size: usize,
+    /// The leader's rendezvous address, host:port.
+    pub rendezvous: String,
+    /// The job token.
+    pub token: String,
+}
+
+impl GroupSpec {
+    /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`).
+    pub fn join(&self) -> anyhow::Result<TcpRing> {
+        tracing::info!(
+            rank = self.rank,
+            size = self.size,
+            rendezvous = %self.rendezvous,
+            "joining the tensor-parallel group"
+        );
+        TcpRing::join(&RingConfig {
+            rank: self.rank,
+            world_size: self.size,
+            rendezvous: self.rendezvous.clone(),
+            token: self.token.clone(),
+            join_timeout: JOIN_TIMEOUT,
+            op_timeout: OP_TIMEOUT,
+        })
+        .with_context(|| format!("forming the tensor-parallel group at {}", self.rendezvous))
+    }
+}
+
+/// ep_size as configured (default: tp_size).
+pub fn ep_size(args: &LlmArgs) -> usize {
+    args.moe_expert_parallel_size
+        .unwrap_or(args.tensor_parallel_size) as usize
+}
+
+/// Runs a follower rank until its leader stops (Ok) or the group breaks (Err naming the rank).
+pub fn run_follower(args: &LlmArgs, model: &ModelDir, spec: &GroupSpec) -> anyhow::Result<()> {
+    let ring = spec.join()?;
+    tracing::info!(rank = spec.rank, "joined; following the leader's steps");
+    let cfg = EngineConfig::from_llm_args(args);
+    llmapi_worker::engine::run_follower(&model.path, &cfg, Box::new(ring), spec.ep_size)
+        .with_context(|| format!("tensor-parallel rank {} stopped", spec.rank))?;
+    tracing::info!(rank = spec.rank, "the leader stopped the group; exiting");
+    Ok(())
+}
+
+/// The group spec of a rank spawned by a local `serve --tp_size N`, if this process is one.
+pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
+    let Ok(rank) = std::env::var(ENV_RANK) else {
+        return Ok(None);
+    };
+    let rank: usize = rank
+        .parse()
+        .with_context(|| format!("{ENV_RANK}={rank} is not a rank number"))?;
+    let rendezvous = std::env::var(ENV_RENDEZVOUS)
+        .with_context(|| format!("{ENV_RANK} is set but {ENV_RENDEZVOUS} is not"))?;
+    let token = std::env::var(ENV_TOKEN)
+        .with_context(|| format!("{ENV_RANK} is set but {ENV_TOKEN} is not"))?;
+    Ok(Some(GroupSpec {
+        rank,
+        size: args.tensor_parallel_size as usize,
+        ep_size: ep_size(args),
+        rendezvous,
+        token,
+    }))
+}
+
+/// Exits this process when its parent goes away (a spawned rank must not outlive the
+/// `serve` that supervises it, even when that one is killed before the group forms).
+pub fn exit_with_parent() {
+    let parent = std::os::unix::process::parent_id();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            if std::os::unix::process::parent_id() != parent {
+                eprintln!("error: the serve process that started this rank is gone; exiting");
+                std::process::exit(1);
+            }
+        }
+    });
+}
+
+/// The follower ranks 1..tp_size of a local group, child processes of this binary.
+pub struct LocalRanks {
+    children: Vec<(usize, Child)>,
+}
+
+impl LocalRanks {
+    /// Spawns ranks 1..spec.size with this process's own arguments, pointed at `spec`.
+    pub fn spawn(spec: &GroupSpec) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("locating this binary to start its ranks")?;
+        let mut children = Vec::new();
+        for rank in 1..spec.size {
+            let child = Command::new(&exe)
+                .args(std::env::args_os().skip(1))
+                .env(ENV_RANK, rank.to_string())
+                .env(ENV_RENDEZVOUS, &spec.rendezvous)
+                .env(ENV_TOKEN, &spec.token)
+                .spawn()
+                .with_context(|| format!("starting tensor-parallel rank {rank}"))?;
+            tracing::info!(rank, pid = child.id(), "started a local rank");
+            children.push((rank, child));
+        }
+        Ok(Self { children })
+    }
+
+    /// The first rank found exited, with its status.
+    pub fn exited(&mut self) -> Option<String> {
+        for (rank, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(format!(
+                    "tensor-parallel rank {rank} (pid {}) exited: {status}",
+                    child.id()
+                ));
+            }
+        }
+        None
+    }
+
+    /// Waits up to `grace` for the ranks to exit (after the leader told them to stop), then
+    /// kills the rest.
+    pub fn stop(&mut self, grace: Duration) {
+        let deadline = std::time::Instant::now() + grace;
+        for (rank, child) in &mut self.children {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if std::time::Instant::now() >= deadline => {
+                        tracing::warn!(rank, "rank did not stop in time; killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for LocalRanks {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// A token for a group that only this machine's processes join.
+pub fn local_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("llmapi-local-{}-{nanos:x}", std::process::id())
+}
+
+/// Resolves when the group can no longer serve: the engine failed (a rank died or timed out)
+/// or, for a local group, a spawned rank exited. Returns the reason.
+pub async fn group_failure(engine: EngineHandle, ranks: Option<Arc<Mutex<LocalRanks>>>) -> String {
+    loop {
+        if let Some(why) = engine.failure() {
+            return why;
+        }
+        let exited = ranks
+            .as_ref()
+            .and_then(|r| r.lock().ok().and_then(|mut r| r.exited()));
+        if let Some(why) = exited {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Refuses a group size the launcher cannot place.
+pub fn check_sizes(args: &LlmArgs) -> anyhow::Result<()> {
+    let (tp, ep) = (args.tensor_parallel_size as usize, ep_size(args));
+    if tp == 0 || ep == 0 || !tp.is_multiple_of(ep) {
+        bail!("--ep_size {ep} must divide --tp_size {tp}");
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! `llmapi-launch serve MODEL --tp_size 2` without Slurm: the server starts its second rank as
+//! a child process, answers exactly as one rank does, stops its rank on SIGTERM, and when the
+//! rank is killed mid-stream the client's stream ends and the server exits naming the rank.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::{Duration, Instant};
+
+use llmapi_tests::{demo_model, free_port, post, send, serve};
+use serde_json::json;
+
+/// Pids of the live (not zombie) children of `pid`, from /proc.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 1
+            && fields[0] != "Z"
+            && fields[1] == pid.to_string()
+            && let Ok(p) = entry.file_name().to_string_lossy().parse()
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn completion(port: u16) -> String {
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "Hello, my name is", "max_tokens": 12,
+                "temperature": 0, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn serve_with_tp_size_2_answers_like_one_rank_and_stops_its_rank_on_sigterm() {
+    let want = {
+        let port = free_port();
+        let _one = serve(demo_model(), port, &[], &[]);
+        completion(port)
+    };
+    let port = free_port();
+    let mut two = serve(demo_model(), port, &["--tp_size", "2"], &[]);
+    let ranks = children(two.pid());
+    assert_eq!(
+        ranks.len(),
+        1,
+        "one rank process besides the leader: {ranks:?}"
+    );
+    assert_eq!(completion(port), want, "tp_size 2 and 1 differ");
+    assert!(
+        two.terminate(Duration::from_secs(30)),
+        "the server did not stop within 30 s of SIGTERM"
+    );
+    let gone = llmapi_tests::wait_until(Duration::from_secs(15), || {
+        !std::path::Path::new(&format!("/proc/{}/stat", ranks[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", ranks[0])).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+    });
+    assert!(gone, "rank process {} outlived the server", ranks[0]);
+}
+
+#[test]
+fn killing_a_rank_mid_stream_ends_the_stream_and_the_server_exits_naming_it() {
+    let port = free_port();
+    let mut server = serve(demo_model(), port, &["--tp_size", "2"], &[]);
+    let ranks = children(server.pid());
+    assert_eq!(ranks.len(), 1, "{ranks:?}");
+    let body = json!({"model": "demo", "prompt": "Once upon a time", "max_tokens": 1900,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    let stream = send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).unwrap();
+    let mut reader = BufReader::new(stream);
+    // Wait for the first streamed token, then kill the rank.
+    let mut line = String::new();
+    let started = Instant::now();
+    while !line.starts_with("data: ") {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream closed early"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &ranks[0].to_string()])
+        .status();
+    let killed = Instant::now();
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    assert!(
+        killed.elapsed() < Duration::from_secs(30),
+        "the stream took {:?} to end after the rank died",
+        killed.elapsed()
+    );
+    assert!(
+        !rest.contains("\"finish_reason\":\"length\""),
+        "the stream finished normally although its group lost a rank: {rest}"
+    );
+    assert!(
+        rest.contains("\"error\"") && rest.contains("rank 1"),
+        "the stream's last event is not an error naming the dead rank: {rest}"
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits within 30 s of losing a rank");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(
+        log.contains("rank 1"),
+        "the server's log does not name the dead rank:\n{log}"
+    );
+}
