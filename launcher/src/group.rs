@@ -7,6 +7,7 @@
 //! shard. If any rank dies the group stops: followers exit with an error naming the rank, the
 //! leader fails its in-flight requests and exits with the reason.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -130,7 +131,10 @@ impl LocalRanks {
         let exe = std::env::current_exe().context("locating this binary to start its ranks")?;
         let mut children = Vec::new();
         for rank in 1..spec.size {
+            // Its own process group: a terminal's Ctrl-C reaches only the leader, which then
+            // drains and stops its ranks in order.
             let child = Command::new(&exe)
+                .process_group(0)
                 .args(std::env::args_os().skip(1))
                 .env(ENV_RANK, rank.to_string())
                 .env(ENV_RENDEZVOUS, &spec.rendezvous)

@@ -158,3 +158,105 @@ fn two_nodes_serve_two_replicas_behind_one_router() {
         "both replicas serve: {spread:?}"
     );
 }
+
+/// Runs `srun SRUN_ARGS llmapi-launch serve DEMO --tp_size 2`, waits until `groups` workers
+/// are healthy behind rank 0's router, sends `requests` completions and returns the router's
+/// worker list and the completion bodies; cancels the job step whatever happens.
+fn serve_tp2(srun_args: &[&str], groups: usize, requests: usize) -> (Value, Vec<Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = support::demo_model(dir.path());
+    let port = support::free_port();
+    let rendezvous = support::free_port();
+    let job = format!("llmapi-tp-test-{port}");
+    let mut srun = Command::new("timeout")
+        .args(["180", "srun", "--immediate=60", "--kill-on-bad-exit=1"])
+        .args(["--cpus-per-task=1"])
+        .args(srun_args)
+        .arg(format!("--job-name={job}"))
+        .arg(env!("CARGO_BIN_EXE_llmapi-launch"))
+        .arg("serve")
+        .arg(&model)
+        .args(["--port", &port.to_string(), "--host", "0.0.0.0"])
+        .args([
+            "--tp_size",
+            "2",
+            "--rendezvous_port",
+            &rendezvous.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let workers = support::wait_for_healthy_workers(port, groups, Duration::from_secs(120));
+    let answers: Vec<Value> = match &workers {
+        Some(_) => (0..requests)
+            .map(|_| {
+                let (status, body) = support::http(
+                    port,
+                    "POST",
+                    "/v1/completions",
+                    Some(r#"{"model":"demo","prompt":"Hello","max_tokens":6,"temperature":0,"ignore_eos":true}"#),
+                )
+                .expect("the router answers");
+                assert_eq!(status, 200, "{body}");
+                serde_json::from_str(&body).unwrap()
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let _ = Command::new("scancel").args(["-n", &job]).status();
+    let _ = srun.kill();
+    let _ = srun.wait();
+    let workers = workers.expect("every group's leader registered and healthy within 120 s");
+    (workers, answers)
+}
+
+fn texts(answers: &[Value]) -> Vec<String> {
+    answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a["usage"]["completion_tokens"], 6, "{a}");
+            a["choices"][0]["text"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// `srun -n 2 llmapi-launch serve DEMO --tp_size 2`: one replica split over two tasks.
+#[test]
+fn two_tasks_serve_one_tensor_parallel_replica() {
+    if !slurm_available() {
+        return;
+    }
+    let (workers, answers) = serve_tp2(&["-N", "1", "-n", "2"], 1, 2);
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
+    let t = texts(&answers);
+    assert_eq!(t[0], t[1], "greedy answers differ: {t:?}");
+}
+
+/// `srun -n 4 --overcommit ... --tp_size 2`: two replicas of two ranks behind one router.
+#[test]
+fn four_tasks_serve_two_tensor_parallel_replicas_behind_one_router() {
+    if !slurm_available() {
+        return;
+    }
+    let (workers, answers) = serve_tp2(&["-N", "1", "-n", "4", "--overcommit"], 2, 6);
+    let list = workers["workers"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{workers}");
+    let t = texts(&answers);
+    assert!(
+        t.iter().all(|x| x == &t[0]),
+        "the replicas answer differently: {t:?}"
+    );
+}
+
+/// `srun -N 2 -n 2 ... --tp_size 2`: one replica whose two ranks sit on different nodes.
+#[test]
+fn one_tensor_parallel_replica_spans_two_nodes() {
+    if !slurm_available() {
+        return;
+    }
+    let (workers, answers) = serve_tp2(&["-N", "2", "-n", "2"], 1, 2);
+    let list = workers["workers"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{workers}");
+    assert_eq!(texts(&answers).len(), 2);
+}
