@@ -93,7 +93,7 @@ pub async fn run(
     let role = placement.role(tp)?;
     let token = job_token(&placement);
     let group = if tp > 1 {
-        group::check_sizes(&args)?;
+        group::check_sizes(&args, &model)?;
         let host = match &role.leader_node {
             Some(n) => n.clone(),
             None if placement.nodes.len() <= 1 => "127.0.0.1".to_owned(),

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use llmapi_common::args::LlmArgs;
+use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::engine::{EngineConfig, EngineHandle};
+use llmapi_worker::model::Shard;
 
 /// How long a rank waits for its whole group to join (other ranks may still be loading).
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -218,11 +220,17 @@ pub async fn group_failure(engine: EngineHandle, ranks: Option<Arc<Mutex<LocalRa
     }
 }
 
-/// Refuses a group size the launcher cannot place.
-pub fn check_sizes(args: &LlmArgs) -> anyhow::Result<()> {
+/// Refuses, before any rank starts, a split the model cannot take (sizes that do not divide
+/// are named) or an ep_size that does not divide tp_size.
+pub fn check_sizes(args: &LlmArgs, model: &ModelDir) -> anyhow::Result<()> {
     let (tp, ep) = (args.tensor_parallel_size as usize, ep_size(args));
     if tp == 0 || ep == 0 || !tp.is_multiple_of(ep) {
         bail!("--ep_size {ep} must divide --tp_size {tp}");
     }
+    let config = ModelConfig::from_model_dir(&model.path)
+        .with_context(|| format!("reading {}", model.path.display()))?;
+    Shard::new(0, tp, ep)
+        .and_then(|s| s.check(&config))
+        .with_context(|| format!("--tp_size {tp} on {}", model.path.display()))?;
     Ok(())
 }

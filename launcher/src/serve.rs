@@ -190,7 +190,7 @@ pub async fn run(
     let tp = args.tensor_parallel_size as usize;
     let mut ranks = None;
     let group = if tp > 1 {
-        group::check_sizes(&args)?;
+        group::check_sizes(&args, &model)?;
         let port = match rendezvous_port {
             Some(p) => p,
             None => free_port().context("finding a free port for the group's rendezvous")?,

@@ -129,3 +129,22 @@ fn killing_a_rank_mid_stream_ends_the_stream_and_the_server_exits_naming_it() {
         "the server's log does not name the dead rank:\n{log}"
     );
 }
+
+#[test]
+fn a_tp_size_the_model_cannot_take_is_refused_before_any_rank_starts() {
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(llmapi_tests::bin("llmapi-launch"))
+        .arg("serve")
+        .arg(demo_model())
+        .args(["--port", &free_port().to_string(), "--tp_size", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("num_attention_heads 4 is not divisible by tp_size 3")
+            && err.contains("vocab_size 2048"),
+        "{err}"
+    );
+}

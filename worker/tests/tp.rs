@@ -3,9 +3,10 @@
 //! loopback. The group must produce the same greedy tokens as one rank holding the whole
 //! model, and full-vocabulary logits within `TOLERANCE` of it.
 //!
-//! Why 1e-4: the fixtures are f32 checkpoints computed in f32; a split changes only the order
+//! Why 1e-4: the golden fixtures (f32 checkpoints) and the demo preset (bf16 weights) are both
+//! computed in f32 (the default dtype); a split changes only the order
 //! of the sums in o/down and the MoE mixture (an all-reduce of partial products), so the
-//! logits differ by f32 rounding: at most 1.2e-5 measured over these cases (2026-11-28), and
+//! logits differ by f32 rounding: at most 1.2e-5 measured over the golden cases (2026-11-28), and
 //! 1e-4 leaves a tenfold margin. The golden tests hold one rank to 1e-3 against transformers.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -89,20 +90,18 @@ fn drive(be: &mut dyn Backend, prompts: &[Vec<u32>]) -> Run {
     runs
 }
 
-fn single(dir: &Path) -> Run {
+fn single(dir: &Path, prompts: &[Vec<u32>]) -> Run {
     let w = ModelWeights::load(dir).unwrap();
     let mut be = CpuBackend::new_sharded(w, Box::new(SingleRank), KvDtype::Float32, Some(1));
-    drive(be.as_mut().unwrap(), &prompts(dir))
+    drive(be.as_mut().unwrap(), prompts)
 }
 
 /// Runs a group of `tp` ranks (experts over `ep`), one thread each; rank 0's results.
-fn group(dir: &Path, tp: usize, ep: usize) -> Run {
+fn group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize) -> Run {
     let port = free_port();
-    let prompts = prompts(dir);
     let mut results = std::thread::scope(|s| {
         let handles: Vec<_> = (0..tp)
             .map(|rank| {
-                let prompts = &prompts;
                 s.spawn(move || {
                     let ring = TcpRing::join(&RingConfig {
                         rank,
@@ -156,13 +155,29 @@ fn assert_same(name: &str, tp: usize, ep: usize, want: &Run, got: &Run) {
     }
 }
 
-fn check(name: &str, splits: &[(usize, usize)]) {
-    let dir = case(name);
-    let want = single(&dir);
+fn check_dir(name: &str, dir: &Path, prompts: &[Vec<u32>], splits: &[(usize, usize)]) {
+    let want = single(dir, prompts);
     for &(tp, ep) in splits {
-        let got = group(&dir, tp, ep);
+        let got = group(dir, prompts, tp, ep);
         assert_same(name, tp, ep, &want, &got);
     }
+}
+
+fn check(name: &str, splits: &[(usize, usize)]) {
+    let dir = case(name);
+    check_dir(name, &dir, &prompts(&dir), splits);
+}
+
+#[test]
+fn the_bf16_demo_preset_over_two_and_four_ranks_matches_one_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let preset = llmapi_common::checkpoint::Preset::by_name("demo").unwrap();
+    llmapi_common::checkpoint::write_checkpoint(&preset, tmp.path(), &mut |_, _| {}).unwrap();
+    let prompts = vec![
+        (1..9).collect::<Vec<u32>>(),
+        (0..21).map(|i| (i * 97 + 5) % 2048).collect(),
+    ];
+    check_dir("demo", tmp.path(), &prompts, &[(2, 2), (4, 4)]);
 }
 
 #[test]
