@@ -31,6 +31,14 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// Whether `pid` is gone or a zombie waiting to be reaped.
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+    })
+}
+
 fn completion(port: u16) -> String {
     let r = post(
         port,
@@ -68,13 +76,7 @@ fn serve_with_tp_size_2_answers_like_one_rank_and_stops_its_rank_on_sigterm() {
         .wait_exit(Duration::from_secs(30))
         .expect("the server stops within 30 s of SIGTERM");
     assert!(status.success(), "SIGTERM is a clean stop: {status}");
-    let gone = llmapi_tests::wait_until(Duration::from_secs(15), || {
-        !std::path::Path::new(&format!("/proc/{}/stat", ranks[0])).exists()
-            || std::fs::read_to_string(format!("/proc/{}/stat", ranks[0])).is_ok_and(|s| {
-                s.rsplit_once(')')
-                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            })
-    });
+    let gone = llmapi_tests::wait_until(Duration::from_secs(15), || exited(ranks[0]));
     assert!(gone, "rank process {} outlived the server", ranks[0]);
 }
 
@@ -147,4 +149,15 @@ fn a_tp_size_the_model_cannot_take_is_refused_before_any_rank_starts() {
             && err.contains("vocab_size 2048"),
         "{err}"
     );
+}
+
+#[test]
+fn a_rank_exits_when_the_serve_that_started_it_is_killed() {
+    let port = free_port();
+    let mut server = serve(demo_model(), port, &["--tp_size", "2"], &[]);
+    let ranks = children(server.pid());
+    assert_eq!(ranks.len(), 1, "{ranks:?}");
+    server.kill();
+    let gone = llmapi_tests::wait_until(Duration::from_secs(15), || exited(ranks[0]));
+    assert!(gone, "rank process {} outlived its killed leader", ranks[0]);
 }
