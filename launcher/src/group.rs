@@ -16,8 +16,9 @@ use anyhow::{Context, bail};
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
+use llmapi_worker::dist::Communicator;
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
-use llmapi_worker::engine::{EngineConfig, EngineHandle};
+use llmapi_worker::engine::{EngineConfig, EngineError, EngineHandle};
 use llmapi_worker::model::Shard;
 
 /// How long a rank waits for its whole group to join (other ranks may still be loading).
@@ -49,15 +50,21 @@ pub struct GroupSpec {
 }
 
 impl GroupSpec {
-    /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`).
-    pub fn join(&self) -> anyhow::Result<TcpRing> {
+    /// This rank's slice of the model.
+    pub fn shard(&self) -> Result<Shard, EngineError> {
+        Shard::new(self.rank, self.size, self.ep_size)
+    }
+
+    /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`), as the engine's
+    /// `connect` step once this rank's shard is loaded.
+    pub fn join(&self) -> Result<Box<dyn Communicator>, EngineError> {
         tracing::info!(
             rank = self.rank,
             size = self.size,
             rendezvous = %self.rendezvous,
-            "joining the tensor-parallel group"
+            "shard loaded; joining the tensor-parallel group"
         );
-        TcpRing::join(&RingConfig {
+        let ring = TcpRing::join(&RingConfig {
             rank: self.rank,
             world_size: self.size,
             rendezvous: self.rendezvous.clone(),
@@ -65,7 +72,9 @@ impl GroupSpec {
             join_timeout: JOIN_TIMEOUT,
             op_timeout: OP_TIMEOUT,
         })
-        .with_context(|| format!("forming the tensor-parallel group at {}", self.rendezvous))
+        .map_err(|e| EngineError::Backend(format!("forming the tensor-parallel group: {e}")))?;
+        tracing::info!(rank = self.rank, "joined the group");
+        Ok(Box::new(ring))
     }
 }
 
@@ -77,10 +86,8 @@ pub fn ep_size(args: &LlmArgs) -> usize {
 
 /// Runs a follower rank until its leader stops (Ok) or the group breaks (Err naming the rank).
 pub fn run_follower(args: &LlmArgs, model: &ModelDir, spec: &GroupSpec) -> anyhow::Result<()> {
-    let ring = spec.join()?;
-    tracing::info!(rank = spec.rank, "joined; following the leader's steps");
     let cfg = EngineConfig::from_llm_args(args);
-    llmapi_worker::engine::run_follower(&model.path, &cfg, Box::new(ring), spec.ep_size)
+    llmapi_worker::engine::run_follower(&model.path, &cfg, spec.shard()?, || spec.join())
         .with_context(|| format!("tensor-parallel rank {} stopped", spec.rank))?;
     tracing::info!(rank = spec.rank, "the leader stopped the group; exiting");
     Ok(())

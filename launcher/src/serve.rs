@@ -71,15 +71,12 @@ impl LocalWorker {
         let model_path = model.path.clone();
         let engine = tokio::task::spawn_blocking(move || match group {
             None => anyhow::Ok(Engine::start(&model_path, engine_cfg)?),
-            Some(g) => {
-                let ring = g.join()?;
-                Ok(Engine::start_leader(
-                    &model_path,
-                    engine_cfg,
-                    Box::new(ring),
-                    g.ep_size,
-                )?)
-            }
+            Some(g) => anyhow::Ok(Engine::start_leader(
+                &model_path,
+                engine_cfg,
+                g.shard()?,
+                || g.join(),
+            )?),
         })
         .await
         .context("the engine start-up task failed")?

@@ -1,8 +1,9 @@
 //! A tensor-parallel worker group: the leader engine schedules and sends each step's plan,
 //! followers run the same forward on their shards. Ranks are threads of this test joined by
 //! the real TCP ring on loopback. A group serves the same greedy tokens as one engine, stays
-//! up while idle (heartbeats), stops its followers on shutdown, and when a rank dies every
-//! request ends with an error naming it and the leader refuses new work; nothing hangs.
+//! up while idle (heartbeats) and while a slow rank loads, stops its followers on shutdown,
+//! and when a rank dies every request ends with an error naming it and the leader refuses
+//! new work; nothing hangs.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -37,6 +38,20 @@ fn config() -> EngineConfig {
         threads: Some(1),
         ..Default::default()
     }
+}
+
+/// The engine's `connect` step: join the ring once the shard is loaded.
+fn connect(
+    rank: usize,
+    world: usize,
+    port: u16,
+    op_timeout: Duration,
+) -> impl FnOnce() -> Result<Box<dyn Communicator>, EngineError> {
+    move || Ok(Box::new(ring(rank, world, port, op_timeout)) as Box<dyn Communicator>)
+}
+
+fn shard(rank: usize, tp: usize, ep: usize) -> Shard {
+    Shard::new(rank, tp, ep).unwrap()
 }
 
 fn ring(rank: usize, world: usize, port: u16, op_timeout: Duration) -> TcpRing {
@@ -103,24 +118,26 @@ fn serve_all(h: &EngineHandle, n: u32) -> Vec<Vec<u32>> {
     rxs.into_iter().map(|rx| collect(rx).unwrap()).collect()
 }
 
-/// Starts followers 1..tp on threads; the returned leader ring is rank 0's.
-fn followers(
+/// Starts followers 1..tp on threads and the leader on this one.
+fn group(
     dir: &Path,
     tp: usize,
     ep: usize,
     op_timeout: Duration,
-) -> (TcpRing, Vec<JoinHandle<Result<(), EngineError>>>) {
+) -> (EngineHandle, Vec<JoinHandle<Result<(), EngineError>>>) {
     let port = free_port();
     let handles = (1..tp)
         .map(|rank| {
             let dir = dir.to_path_buf();
             std::thread::spawn(move || {
-                let comm = ring(rank, tp, port, op_timeout);
-                run_follower(&dir, &config(), Box::new(comm), ep)
+                let join = connect(rank, tp, port, op_timeout);
+                run_follower(&dir, &config(), shard(rank, tp, ep), join)
             })
         })
         .collect();
-    (ring(0, tp, port, op_timeout), handles)
+    let join = connect(0, tp, port, op_timeout);
+    let leader = Engine::start_leader(dir, config(), shard(0, tp, ep), join).unwrap();
+    (leader, handles)
 }
 
 fn join_within(handles: Vec<JoinHandle<Result<(), EngineError>>>, limit: Duration) -> Vec<String> {
@@ -149,8 +166,7 @@ fn a_group_serves_the_same_tokens_as_one_engine_and_stops_its_followers() {
         let want = serve_all(&single, 4);
         single.shutdown();
 
-        let (leader_ring, handles) = followers(&dir, tp, ep, Duration::from_secs(20));
-        let leader = Engine::start_leader(&dir, config(), Box::new(leader_ring), ep).unwrap();
+        let (leader, handles) = group(&dir, tp, ep, Duration::from_secs(20));
         let got = serve_all(&leader, 4);
         assert_eq!(
             got, want,
@@ -167,14 +183,44 @@ fn a_group_serves_the_same_tokens_as_one_engine_and_stops_its_followers() {
 fn an_idle_group_outlives_its_collective_timeout() {
     // Followers give up on a silent leader after 2 s; heartbeats keep an idle group alive.
     let dir = case("llama");
-    let (leader_ring, handles) = followers(&dir, 2, 2, Duration::from_secs(2));
-    let leader = Engine::start_leader(&dir, config(), Box::new(leader_ring), 2).unwrap();
+    let (leader, handles) = group(&dir, 2, 2, Duration::from_secs(2));
     std::thread::sleep(Duration::from_secs(4));
     assert!(leader.failure().is_none(), "{:?}", leader.failure());
     assert_eq!(serve_all(&leader, 1).len(), 1);
     leader.shutdown();
     let ends = join_within(handles, Duration::from_secs(20));
     assert_eq!(ends, ["stopped"]);
+}
+
+#[test]
+fn a_leader_that_loads_later_than_its_followers_by_more_than_the_timeout_still_forms_the_group() {
+    // Ranks join only once loaded, so the join timeout (30 s), not the collective timeout
+    // (2 s here), absorbs a leader that is 3 s late.
+    let dir = case("llama");
+    let port = free_port();
+    let op_timeout = Duration::from_secs(2);
+    let follower = {
+        let dir = dir.clone();
+        std::thread::spawn(move || {
+            run_follower(
+                &dir,
+                &config(),
+                shard(1, 2, 2),
+                connect(1, 2, port, op_timeout),
+            )
+        })
+    };
+    let late = move || {
+        std::thread::sleep(Duration::from_secs(3));
+        connect(0, 2, port, op_timeout)()
+    };
+    let leader = Engine::start_leader(&dir, config(), shard(0, 2, 2), late).unwrap();
+    assert_eq!(serve_all(&leader, 2).len(), 2);
+    leader.shutdown();
+    assert_eq!(
+        join_within(vec![follower], Duration::from_secs(20)),
+        ["stopped"]
+    );
 }
 
 #[test]
@@ -188,7 +234,7 @@ fn a_follower_dying_mid_run_fails_every_request_naming_it_and_nothing_hangs() {
         let dir = dir.clone();
         std::thread::spawn(move || {
             let comm = SharedComm::new(Box::new(ring(1, 2, port, op_timeout)));
-            let w = ModelWeights::load_shard(&dir, Shard::new(1, 2, 2).unwrap()).unwrap();
+            let w = ModelWeights::load_shard(&dir, shard(1, 2, 2)).unwrap();
             let mut be =
                 CpuBackend::new_sharded(w, Box::new(comm.clone()), KvDtype::Float32, Some(1))
                     .unwrap();
@@ -211,8 +257,13 @@ fn a_follower_dying_mid_run_fails_every_request_naming_it_and_nothing_hangs() {
             }
         })
     };
-    let leader_ring = ring(0, 2, port, op_timeout);
-    let leader = Engine::start_leader(&dir, config(), Box::new(leader_ring), 2).unwrap();
+    let leader = Engine::start_leader(
+        &dir,
+        config(),
+        shard(0, 2, 2),
+        connect(0, 2, port, op_timeout),
+    )
+    .unwrap();
     let started = Instant::now();
     let rxs: Vec<_> = (0..3)
         .map(|i| leader.submit(request(&format!("k{i}"), i, 6, 100)).unwrap())
@@ -246,8 +297,8 @@ fn a_follower_whose_leader_dies_stops_with_an_error_naming_it() {
     let follower = {
         let dir = dir.clone();
         std::thread::spawn(move || {
-            let comm = ring(1, 2, port, Duration::from_secs(10));
-            run_follower(&dir, &config(), Box::new(comm), 2)
+            let join = connect(1, 2, port, Duration::from_secs(10));
+            run_follower(&dir, &config(), shard(1, 2, 2), join)
         })
     };
     let mut leader = ring(0, 2, port, Duration::from_secs(10));

@@ -58,30 +58,31 @@ pub struct EngineHandle {
 impl Engine {
     /// Loads `model_dir` (config.json + safetensors) on the CPU backend and starts the loop.
     pub fn start(model_dir: &Path, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
-        let backend = cpu_backend(model_dir, &cfg, Box::new(SingleRank), 1)?;
+        let backend = cpu_backend_of(ModelWeights::load(model_dir)?, &cfg, Box::new(SingleRank))?;
         let model_cfg = backend.weights().config.clone();
         let name = model_name(model_dir, &cfg);
         Self::start_with_backend(Box::new(backend), &model_cfg, model_dir, name, cfg)
     }
 
-    /// Starts rank 0 of a tensor-parallel group whose ranks meet through `comm` (experts
-    /// split over `ep_size` ranks): it loads its shard, runs the scheduler, and sends each
-    /// step's plan to the followers (`run_follower` on every other rank). If any rank fails,
-    /// every request ends with an error naming it and `EngineHandle::failure` says why.
+    /// Starts rank 0 (`shard.tp_rank`) of a tensor-parallel group: it loads its shard, then
+    /// joins the group through `connect`, runs the scheduler, and sends each step's plan to
+    /// the followers (`run_follower` on every other rank). Loading before joining lets the
+    /// group's join timeout, not its collective timeout, absorb ranks that load at different
+    /// speeds. If any rank fails, every request ends with an error naming it and
+    /// `EngineHandle::failure` says why.
     pub fn start_leader(
         model_dir: &Path,
         cfg: EngineConfig,
-        comm: Box<dyn Communicator>,
-        ep_size: usize,
+        shard: Shard,
+        connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
     ) -> Result<EngineHandle, EngineError> {
-        if comm.rank() != 0 {
+        if shard.tp_rank != 0 {
             return Err(EngineError::InvalidConfig(format!(
                 "rank {} cannot lead its group; rank 0 leads, the others run run_follower",
-                comm.rank()
+                shard.tp_rank
             )));
         }
-        let shared = SharedComm::new(comm);
-        let backend = cpu_backend(model_dir, &cfg, Box::new(shared.clone()), ep_size)?;
+        let (backend, shared) = cpu_backend_in_group(model_dir, &cfg, shard, connect)?;
         let model_cfg = backend.weights().config.clone();
         let name = model_name(model_dir, &cfg);
         let leader = LeaderBackend::new(Box::new(backend), Box::new(shared));
@@ -156,29 +157,39 @@ impl Engine {
     }
 }
 
-/// Runs a follower rank of a tensor-parallel group (rank > 0 of `comm`) until its leader
-/// stops (Ok) or the group breaks (Err naming the rank that failed). Blocks the thread.
+/// Runs a follower rank (`shard.tp_rank` > 0) of a tensor-parallel group: loads its shard,
+/// joins through `connect`, and runs every step its leader plans until the leader stops
+/// (Ok) or the group breaks (Err naming the rank that failed). Blocks the thread.
 pub fn run_follower(
     model_dir: &Path,
     cfg: &EngineConfig,
-    comm: Box<dyn Communicator>,
-    ep_size: usize,
+    shard: Shard,
+    connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
 ) -> Result<(), EngineError> {
-    let shared = SharedComm::new(comm);
-    let mut backend = cpu_backend(model_dir, cfg, Box::new(shared.clone()), ep_size)?;
-    let mut plan_comm = shared;
+    let (mut backend, mut plan_comm) = cpu_backend_in_group(model_dir, cfg, shard, connect)?;
     plan::follow(&mut backend, &mut plan_comm).map_err(|e| EngineError::Backend(e.to_string()))
 }
 
-/// Loads the shard of `model_dir` that `comm`'s rank holds onto a CPU backend.
-fn cpu_backend(
+/// Loads `shard`, then joins its group; the backend's collectives and the plan channel
+/// share the one connection.
+fn cpu_backend_in_group(
     model_dir: &Path,
     cfg: &EngineConfig,
-    comm: Box<dyn Communicator>,
-    ep_size: usize,
-) -> Result<CpuBackend, EngineError> {
-    let shard = Shard::new(comm.rank(), comm.world_size(), ep_size)?;
+    shard: Shard,
+    connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
+) -> Result<(CpuBackend, SharedComm), EngineError> {
     let weights = ModelWeights::load_shard(model_dir, shard)?;
+    let shared = SharedComm::new(connect()?);
+    let backend = cpu_backend_of(weights, cfg, Box::new(shared.clone()))?;
+    Ok((backend, shared))
+}
+
+/// A CPU backend over loaded weights (a whole model with `SingleRank`, or a shard).
+fn cpu_backend_of(
+    weights: ModelWeights,
+    cfg: &EngineConfig,
+    comm: Box<dyn Communicator>,
+) -> Result<CpuBackend, EngineError> {
     let kv_dtype = match cfg.kv_dtype {
         KvDtype::Auto => KvDtype::Bf16,
         d => d,
