@@ -314,3 +314,30 @@ fn a_follower_whose_leader_dies_stops_with_an_error_naming_it() {
     let ends = join_within(vec![follower], Duration::from_secs(20));
     assert!(ends[0].contains("rank 0"), "{ends:?}");
 }
+
+#[test]
+fn the_leader_budgets_kv_memory_for_the_whole_group() {
+    // With tp=2 each rank stores half the KV heads; sizing from host memory must count both
+    // ranks, or two ranks on one machine would together take twice the configured fraction.
+    let dir = case("llama");
+    let whole = CpuBackend::new(ModelWeights::load(&dir).unwrap(), KvDtype::Float32, Some(1))
+        .unwrap()
+        .kv_bytes_per_token();
+    let port = free_port();
+    let follower = std::thread::spawn(move || {
+        let mut comm = ring(1, 2, port, Duration::from_secs(10));
+        plan::recv(&mut comm).map(|m| m == PlanMsg::Stop)
+    });
+    let comm = SharedComm::new(Box::new(ring(0, 2, port, Duration::from_secs(10))));
+    let w = ModelWeights::load_shard(&dir, shard(0, 2, 2)).unwrap();
+    let local =
+        CpuBackend::new_sharded(w, Box::new(comm.clone()), KvDtype::Float32, Some(1)).unwrap();
+    assert_eq!(local.kv_bytes_per_token() * 2, whole);
+    let leader = plan::LeaderBackend::new(Box::new(local), Box::new(comm));
+    assert_eq!(leader.kv_bytes_per_token(), whole);
+    drop(leader);
+    assert!(
+        follower.join().unwrap().unwrap(),
+        "the follower was told to stop"
+    );
+}

@@ -254,8 +254,11 @@ impl Backend for LeaderBackend {
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
+    /// The whole group's bytes per token (every rank holds its own KV heads): the engine
+    /// sizes the cache from one host's memory, so ranks sharing that host stay within the
+    /// budget together (ranks on other hosts use less than they could).
     fn kv_bytes_per_token(&self) -> usize {
-        self.inner.kv_bytes_per_token()
+        self.inner.kv_bytes_per_token() * self.plan.world_size()
     }
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError> {
         self.send(&PlanMsg::InitKv {
