@@ -102,6 +102,9 @@ pub(crate) struct Runner {
     status: Arc<Status>,
     print_iter_log: bool,
     iter: u64,
+    /// When the backend last ran a step or a heartbeat (a group leader must reach its
+    /// followers at least every `heartbeat_interval`).
+    last_contact: Instant,
 }
 
 impl Runner {
@@ -126,6 +129,7 @@ impl Runner {
             status,
             print_iter_log: cfg.print_iter_log,
             iter: 0,
+            last_contact: Instant::now(),
         }
     }
 
@@ -139,15 +143,7 @@ impl Runner {
                     },
                     Some(every) => match rx.recv_timeout(every) {
                         Ok(c) => Some(c),
-                        Err(RecvTimeoutError::Timeout) => {
-                            if let Err(e) = self.backend.heartbeat()
-                                && e.is_fatal()
-                            {
-                                self.fail_group(&e.to_string());
-                                return;
-                            }
-                            None
-                        }
+                        Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => break,
                     },
                 }
@@ -166,15 +162,34 @@ impl Runner {
                 }
             }
             self.drop_disconnected();
-            if !self.sched.is_idle()
-                && let Err(fatal) = self.step()
-            {
+            let stepped = if self.sched.is_idle() {
+                Ok(())
+            } else {
+                self.step()
+            };
+            if let Err(fatal) = stepped.and_then(|()| self.keep_alive()) {
                 self.fail_group(&fatal);
                 return;
             }
             self.publish_load();
         }
         self.fail_all("the engine is shutting down");
+    }
+
+    /// Sends a heartbeat when the backend asks for them and nothing reached it for an
+    /// interval (idle, or iterations that planned no step); Err when the group is broken.
+    fn keep_alive(&mut self) -> Result<(), String> {
+        let Some(every) = self.backend.heartbeat_interval() else {
+            return Ok(());
+        };
+        if self.last_contact.elapsed() < every {
+            return Ok(());
+        }
+        self.last_contact = Instant::now();
+        match self.backend.heartbeat() {
+            Err(e) if e.is_fatal() => Err(e.to_string()),
+            _ => Ok(()),
+        }
     }
 
     /// The backend can take no further steps (a rank of its group died): every request ends
@@ -316,6 +331,7 @@ impl Runner {
             .collect();
         let (ctx_reqs, ctx_tokens, gen_tokens) = plan_counts(&plan, &self.sched);
         let result = self.backend.forward(&chunks);
+        self.last_contact = Instant::now();
         drop(chunks);
         match result {
             Ok(logits) => self.after_step(&plan, logits),
