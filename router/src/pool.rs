@@ -2,7 +2,7 @@
 //! breaker, in-flight count, last reported load and the router's view of its prefix cache.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,30 @@ impl PrefixCacheView {
             .count()
     }
 
+    /// Forgets blocks the worker reported evicted.
+    pub fn remove(&mut self, hashes: &[u64]) {
+        // Queue entries of removed blocks turn stale and are skipped when popped.
+        for h in hashes {
+            self.blocks.remove(h);
+        }
+    }
+
+    /// Forgets everything (the worker lost track of its evictions, or restarted).
+    pub fn clear(&mut self) {
+        self.blocks.clear();
+        self.order.clear();
+    }
+
+    /// Blocks believed cached.
+    pub fn len(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether no block is believed cached.
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
     /// Records that `hashes` were just sent to this worker.
     pub fn insert(&mut self, hashes: &[u64]) {
         for &h in hashes {
@@ -97,6 +121,8 @@ pub struct Worker {
     inflight: AtomicUsize,
     routed: std::sync::atomic::AtomicU64,
     load: Mutex<LoadResponse>,
+    /// The worker's eviction cursor from the last Load (0 before the first).
+    eviction_cursor: AtomicU64,
     info: Mutex<Option<InfoResponse>>,
     /// Which prompt blocks the router believes this worker has cached.
     pub cache: Mutex<PrefixCacheView>,
@@ -157,6 +183,7 @@ impl Worker {
             inflight: AtomicUsize::new(0),
             routed: std::sync::atomic::AtomicU64::new(0),
             load: Mutex::new(LoadResponse::default()),
+            eviction_cursor: AtomicU64::new(0),
             info: Mutex::new(None),
             cache: Mutex::new(PrefixCacheView::default()),
         })
@@ -203,9 +230,9 @@ impl Worker {
         InflightGuard(self.clone())
     }
 
-    /// The last load the worker reported.
+    /// The last load the worker reported (without its eviction list).
     pub fn load(&self) -> LoadResponse {
-        *lock(&self.load)
+        lock(&self.load).clone()
     }
 
     /// The worker's static facts, once known.
@@ -215,7 +242,7 @@ impl Worker {
 
     /// A load score for policies: the router's own in-flight count plus the worker's queue.
     pub fn score(&self) -> usize {
-        self.inflight() + self.load().queued as usize
+        self.inflight() + lock(&self.load).queued as usize
     }
 
     /// A request to this worker failed before its first token.
@@ -269,6 +296,22 @@ impl Worker {
         }
     }
 
+    /// Drops what the worker evicted from the view of its prefix cache, and moves the cursor.
+    fn apply_evictions(&self, load: &mut LoadResponse) {
+        let evicted = std::mem::take(&mut load.evicted_block_hashes);
+        {
+            let mut cache = lock(&self.cache);
+            if load.evictions_lost {
+                tracing::debug!(worker = %self.url, "worker lost track of its evictions; forgetting its prefix cache");
+                cache.clear();
+            } else if !evicted.is_empty() {
+                cache.remove(&evicted);
+            }
+        }
+        self.eviction_cursor
+            .store(load.eviction_cursor, Ordering::Relaxed);
+    }
+
     async fn probe(&self) -> Result<(), String> {
         let mut client = self.client();
         let health = client
@@ -279,11 +322,14 @@ impl Worker {
         if !health.healthy {
             return Err(health.message);
         }
-        let load = client
-            .load(LoadRequest {})
+        let mut load = client
+            .load(LoadRequest {
+                evictions_after: self.eviction_cursor.load(Ordering::Relaxed),
+            })
             .await
             .map_err(|e| e.message().to_owned())?
             .into_inner();
+        self.apply_evictions(&mut load);
         *lock(&self.load) = load;
         if lock(&self.info).is_none() {
             let info = client

@@ -63,6 +63,8 @@ struct Shared {
     aborted: Vec<String>,
     requests: Vec<GenerateRequest>,
     trace_metadata: Vec<(Option<String>, Option<String>)>,
+    /// Evicted block hashes; entry i has eviction cursor i + 1.
+    evictions: Vec<u64>,
 }
 
 /// The double's state, inspectable by tests.
@@ -161,6 +163,14 @@ impl ScriptedWorker {
     /// The `traceparent` and `tracestate` gRPC metadata of each Generate call, in order.
     pub fn trace_metadata(&self) -> Vec<(Option<String>, Option<String>)> {
         lock(&self.shared).trace_metadata.clone()
+    }
+
+    /// Evicts every pretend-cached block, as a worker short of KV blocks would; Load reports
+    /// them.
+    pub fn evict_all(&self) {
+        let mut s = lock(&self.shared);
+        let gone: Vec<u64> = s.cached.drain().collect();
+        s.evictions.extend(gone);
     }
 
     /// Request ids aborted (by Abort or by a dropped stream).
@@ -376,14 +386,26 @@ impl Worker for ScriptedWorker {
         }))
     }
 
-    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let after = request.into_inner().evictions_after;
         let s = lock(&self.shared);
         let used: u64 = s.running.values().sum();
+        let next = s.evictions.len() as u64 + 1;
+        let lost = after > next;
+        // Cursor 0 is a first read: nothing listed, as the real worker does.
+        let evicted = if after == 0 || lost {
+            Vec::new()
+        } else {
+            s.evictions[(after - 1) as usize..].to_vec()
+        };
         Ok(Response::new(LoadResponse {
             running: s.running.len() as u32,
             queued: 0,
             kv_blocks_used: used,
             kv_blocks_free: self.script.kv_capacity_blocks.saturating_sub(used),
+            evicted_block_hashes: evicted,
+            eviction_cursor: next,
+            evictions_lost: lost,
         }))
     }
 }

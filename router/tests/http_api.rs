@@ -840,3 +840,60 @@ async fn chat_accepts_a_pretokenized_prompt_as_trtllm_serve_does() {
         assert_eq!(err["error"]["param"], "prompt_token_ids", "{why}");
     }
 }
+
+#[tokio::test]
+async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evicted() {
+    let h = start(
+        RoutingPolicy::KvCacheAware,
+        vec![Script::default(), Script::default()],
+        |_| {},
+    )
+    .await;
+    let prompt = "a long shared system prompt, ".repeat(3);
+    let body = json!({"model": "demo", "prompt": prompt, "max_tokens": 1});
+    let send = || async {
+        let (status, body) = h.post("/v1/completions", body.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let per_worker: Vec<usize> = h
+            .workers
+            .iter()
+            .map(|w| w.worker.requests().len())
+            .collect();
+        (
+            per_worker,
+            body["usage"]["prompt_tokens_details"]["cached_tokens"].clone(),
+        )
+    };
+    let (counts, _) = send().await;
+    let holder = counts.iter().position(|&c| c == 1).unwrap();
+    let other = 1 - holder;
+    let holder_url = h.workers[holder].url();
+    let pool_worker = h
+        .state
+        .pool
+        .all()
+        .into_iter()
+        .find(|w| w.url == holder_url)
+        .unwrap();
+    // The holder is a little busier: its cached prefix still wins.
+    let _busy = pool_worker.begin();
+    let (counts, cached) = send().await;
+    assert_eq!(counts[holder], 2, "the cached prefix attracts the request");
+    assert!(cached.as_u64().unwrap() >= 80, "{cached}");
+
+    // The holder evicts the prefix; the next health check (which reads Load) tells the router.
+    h.workers[holder].worker.evict_all();
+    h.state.pool.check_all(&h.state.config.health).await;
+    assert_eq!(
+        pool_worker.cache.lock().unwrap().len(),
+        0,
+        "the router forgot the evicted blocks"
+    );
+    let (counts, cached) = send().await;
+    assert_eq!(
+        (counts[holder], counts[other]),
+        (2, 1),
+        "no cache match anywhere: the less loaded worker takes it"
+    );
+    assert_eq!(cached, 0);
+}

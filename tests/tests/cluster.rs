@@ -19,11 +19,15 @@ struct Worker {
 }
 
 fn worker(model: &Path, grpc: u16) -> Worker {
+    worker_with(model, grpc, &[])
+}
+
+fn worker_with(model: &Path, grpc: u16, extra: &[&str]) -> Worker {
     let http = free_port();
     let proc = serve(
         model,
         http,
-        &[],
+        extra,
         &[("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}"))],
     );
     Worker {
@@ -50,8 +54,8 @@ fn router(model: &Path, grpcs: &[u16], policy: &str, extra: &[&str]) -> (Proc, u
     (p, port)
 }
 
-/// Requests each worker (by gRPC port) has taken, from the router's /workers.
-fn routed(router: u16, grpc: u16) -> u64 {
+/// A number the router's /workers reports for a worker (by gRPC port).
+fn worker_field(router: u16, grpc: u16, field: &str) -> u64 {
     let w = get(router, "/workers").json();
     w["workers"]
         .as_array()
@@ -62,8 +66,13 @@ fn routed(router: u16, grpc: u16) -> u64 {
                 .as_str()
                 .is_some_and(|u| u.ends_with(&format!(":{grpc}")))
         })
-        .and_then(|w| w["requests"].as_u64())
+        .and_then(|w| w[field].as_u64())
         .unwrap_or(0)
+}
+
+/// Requests each worker (by gRPC port) has taken, from the router's /workers.
+fn routed(router: u16, grpc: u16) -> u64 {
+    worker_field(router, grpc, "requests")
 }
 
 fn healthy_count(router: u16) -> usize {
@@ -142,6 +151,52 @@ fn kv_cache_aware_sends_a_repeated_prefix_to_the_worker_that_cached_it() {
         cached[1..].iter().all(|&c| c >= 64),
         "the shared prefix was served from cache: {cached:?}"
     );
+}
+
+#[test]
+fn kv_cache_aware_forgets_a_prefix_once_its_worker_evicts_it() {
+    // 8 KV blocks of 32 tokens per worker: one long request evicts everything cached before.
+    let small = ["--set", "kv_cache_config.max_tokens=256"];
+    let (a, b) = (
+        worker_with(demo_model(), free_port(), &small),
+        worker_with(demo_model(), free_port(), &small),
+    );
+    let (_router, port) = router(demo_model(), &[a.grpc, b.grpc], "kv_cache_aware", &[]);
+    wait_healthy(port, Duration::from_secs(30));
+    assert!(wait_until(Duration::from_secs(10), || healthy_count(port) == 2));
+    // 100 tokens: three full blocks the router records for the worker it picks.
+    let prompt: Vec<u32> = (5..105).collect();
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": prompt, "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let holder = if routed(port, a.grpc) == 1 { &a } else { &b };
+    assert_eq!(worker_field(port, holder.grpc, "prefix_cache_blocks"), 3);
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": prompt, "max_tokens": 2}),
+    );
+    assert!(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64() >= Some(64));
+
+    // Behind the router's back, a long request on the holder itself needs all 8 blocks.
+    let other: Vec<u32> = (300..500).collect();
+    let r = post(
+        holder.http,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": other, "max_tokens": 50, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            worker_field(port, holder.grpc, "prefix_cache_blocks") == 0
+        }),
+        "the router learns of the eviction from the worker's Load: {}",
+        get(port, "/workers").body
+    );
+    drop((a, b));
 }
 
 /// Reads an open SSE response until its first `data:` line (the first token has arrived).

@@ -328,14 +328,20 @@ impl Worker for WorkerService {
 
     async fn load(
         &self,
-        _: Request<pb::LoadRequest>,
+        request: Request<pb::LoadRequest>,
     ) -> Result<Response<pb::LoadResponse>, Status> {
         let l = self.engine.load();
+        let ev = self
+            .engine
+            .evictions_since(request.into_inner().evictions_after);
         Ok(Response::new(pb::LoadResponse {
             running: l.running,
             queued: l.queued,
             kv_blocks_used: l.kv_blocks_used,
             kv_blocks_free: l.kv_blocks_free,
+            evicted_block_hashes: ev.hashes,
+            eviction_cursor: ev.cursor,
+            evictions_lost: ev.lost,
         }))
     }
 }

@@ -16,8 +16,12 @@ use llmapi_worker::service::{WorkerService, serve};
 use tonic::transport::Channel;
 
 async fn start() -> WorkerClient<Channel> {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tweak: impl FnOnce(&mut EngineConfig)) -> WorkerClient<Channel> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
-    let cfg = EngineConfig {
+    let mut cfg = EngineConfig {
         max_batch_size: 8,
         max_num_tokens: 256,
         max_seq_len: Some(256),
@@ -27,6 +31,7 @@ async fn start() -> WorkerClient<Channel> {
         threads: Some(2),
         ..Default::default()
     };
+    tweak(&mut cfg);
     let engine = Engine::start(&dir, cfg).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -109,7 +114,11 @@ async fn a_dropped_stream_frees_its_blocks_and_load_returns_to_idle() {
     drop(stream);
     let mut idle = false;
     for _ in 0..100 {
-        let load = client.load(LoadRequest {}).await.unwrap().into_inner();
+        let load = client
+            .load(LoadRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         if load.running == 0 && load.queued == 0 && load.kv_blocks_free == capacity {
             idle = true;
             break;
@@ -217,4 +226,84 @@ async fn the_callers_trace_context_is_logged_and_answered_with_the_workers_span(
         .unwrap();
     assert_eq!(tr.len(), 55);
     assert!(!tr.contains(trace_id));
+}
+
+async fn run_to_end(client: &mut WorkerClient<Channel>, req: GenerateRequest) {
+    let mut stream = client.generate(req).await.unwrap().into_inner();
+    while stream.message().await.unwrap().is_some() {}
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_reports_prefix_blocks_evicted_after_the_callers_cursor() {
+    // 8 blocks of 4 tokens: a second long request must evict the first one's cached prefix.
+    let mut client = start_with(|c| c.kv_max_tokens = Some(32)).await;
+    let first = client
+        .load(LoadRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!first.evictions_lost && first.evicted_block_hashes.is_empty());
+    let a: Vec<u32> = (10..23).collect();
+    run_to_end(&mut client, request("a", a.clone(), 2)).await;
+    let before = client
+        .load(LoadRequest {
+            evictions_after: first.eviction_cursor,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        before.evicted_block_hashes.is_empty(),
+        "nothing evicted yet"
+    );
+    run_to_end(&mut client, request("b", (40..64).collect(), 6)).await;
+    let after = client
+        .load(LoadRequest {
+            evictions_after: before.eviction_cursor,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!after.evictions_lost);
+    let a_blocks = llmapi_common::block_hash::prefix_block_hashes(&a, 4);
+    assert_eq!(a_blocks.len(), 3);
+    for h in &a_blocks {
+        assert!(
+            after.evicted_block_hashes.contains(h),
+            "block {h:x} of the first prompt is reported evicted: {:x?}",
+            after.evicted_block_hashes
+        );
+    }
+    let again = client
+        .load(LoadRequest {
+            evictions_after: after.eviction_cursor,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.evicted_block_hashes.is_empty(),
+        "each eviction is reported once"
+    );
+    // Running the first prompt again caches its blocks again: they are no longer "evicted".
+    run_to_end(&mut client, request("a2", a.clone(), 2)).await;
+    let recached = client
+        .load(LoadRequest {
+            evictions_after: before.eviction_cursor,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        a_blocks
+            .iter()
+            .all(|h| !recached.evicted_block_hashes.contains(h)),
+        "re-cached blocks are not reported"
+    );
+    let foreign = client
+        .load(LoadRequest { evictions_after: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(foreign.evictions_lost, "a cursor from another run is lost");
 }

@@ -18,6 +18,7 @@ use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::dist::plan::{self, LeaderBackend};
 use crate::dist::{Communicator, SharedComm, SingleRank};
+use crate::kv::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
 use crate::model::{ModelWeights, Shard};
 pub use types::*;
 
@@ -36,6 +37,8 @@ pub(crate) struct Status {
     pub(crate) live: Mutex<HashSet<String>>,
     /// Why the engine stopped for good (its worker group broke); None while it runs.
     pub(crate) failed: Mutex<Option<String>>,
+    /// Prefix blocks evicted from the KV cache, for Load's readers.
+    pub(crate) evictions: Mutex<EvictionLog>,
 }
 
 struct Shared {
@@ -142,6 +145,7 @@ impl Engine {
                 }),
                 live: Mutex::default(),
                 failed: Mutex::default(),
+                evictions: Mutex::new(EvictionLog::new(run_nanos(), DEFAULT_EVICTION_LOG_CAPACITY)),
             }),
             cmd: Mutex::new(tx),
             max_num_tokens: cfg.max_num_tokens,
@@ -248,6 +252,15 @@ fn kv_blocks(
     Ok(blocks)
 }
 
+/// Nanoseconds since the Unix epoch: the first eviction cursor of this run, larger than any
+/// cursor an earlier run handed out.
+fn run_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
 fn available_memory_bytes() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -306,6 +319,16 @@ impl EngineHandle {
             .map(|l| l.contains(request_id))
             .unwrap_or(false);
         known && self.send(Command::Abort(request_id.to_string())).is_ok()
+    }
+
+    /// Prefix blocks evicted since `cursor` (see `EvictionLog::since`).
+    pub fn evictions_since(&self, cursor: u64) -> EvictionReport {
+        self.shared
+            .status
+            .evictions
+            .lock()
+            .map(|log| log.since(cursor))
+            .unwrap_or_default()
     }
 
     /// Current load.

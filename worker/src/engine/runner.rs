@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{Command, EngineConfig, EngineError, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
 use crate::backend::{Backend, LogitsWanted, SeqChunk};
-use crate::kv::BlockManager;
+use crate::kv::{BlockManager, CacheChange};
 use crate::sampling::{Banned, Sampler, log_softmax, token_logprob};
 use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
 
@@ -280,7 +280,18 @@ impl Runner {
         self.publish_load();
     }
 
-    fn publish_load(&self) {
+    fn publish_load(&mut self) {
+        let changes = self.sched.blocks.take_cache_changes();
+        if !changes.is_empty()
+            && let Ok(mut log) = self.status.evictions.lock()
+        {
+            for c in changes {
+                match c {
+                    CacheChange::Cached(h) => log.cached(h),
+                    CacheChange::Evicted(h) => log.evicted(h),
+                }
+            }
+        }
         let bm = &self.sched.blocks;
         let load = LoadStats {
             running: self.sched.running.len() as u32,

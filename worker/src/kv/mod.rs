@@ -6,8 +6,21 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+mod evictions;
+
+pub use evictions::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
+
 /// Index of a block in the backend's KV pool.
 pub type BlockId = u32;
+
+/// A change to the set of cached prefix blocks, for the eviction log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheChange {
+    /// A block with this prefix hash became reusable.
+    Cached(u64),
+    /// The block with this prefix hash was evicted.
+    Evicted(u64),
+}
 
 pub use llmapi_common::block_hash::prefix_block_hashes;
 
@@ -26,6 +39,8 @@ pub struct BlockManager {
     evictable: BTreeMap<u64, BlockId>,
     evict_tick: Vec<u64>,
     tick: u64,
+    /// Changes not yet taken by `take_cache_changes`.
+    changes: Vec<CacheChange>,
 }
 
 impl BlockManager {
@@ -41,6 +56,7 @@ impl BlockManager {
             evictable: BTreeMap::new(),
             evict_tick: vec![0; num_blocks],
             tick: 0,
+            changes: Vec::new(),
         }
     }
 
@@ -77,6 +93,7 @@ impl BlockManager {
                 let (_, b) = self.evictable.pop_first()?;
                 if let Some(h) = self.hash_of[b as usize].take() {
                     self.cached.remove(&h);
+                    self.changes.push(CacheChange::Evicted(h));
                 }
                 b
             }
@@ -145,7 +162,13 @@ impl BlockManager {
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(block);
             self.hash_of[block as usize] = Some(hash);
+            self.changes.push(CacheChange::Cached(hash));
         }
+    }
+
+    /// Takes the prefix-cache changes since the last call, in order.
+    pub fn take_cache_changes(&mut self) -> Vec<CacheChange> {
+        std::mem::take(&mut self.changes)
     }
 
     /// Blocks referenced by at least one sequence.
@@ -174,6 +197,15 @@ mod tests {
         // b0 is the only evictable block: allocating evicts it and forgets its hash.
         assert_eq!(m.allocate(), Some(b0));
         assert_eq!(m.count_cached_prefix(&[10]), 0);
+        assert_eq!(
+            m.take_cache_changes(),
+            vec![
+                CacheChange::Cached(10),
+                CacheChange::Cached(20),
+                CacheChange::Evicted(10)
+            ]
+        );
+        assert!(m.take_cache_changes().is_empty());
         m.release_all(&[b0, b1]);
         assert_eq!(m.num_in_use(), 0);
     }
