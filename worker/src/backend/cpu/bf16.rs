@@ -117,7 +117,7 @@ pub fn round_weights(w: &mut ModelWeights) {
 
 /// Rows of x up to which the dot-product kernels run; more rows go to the packed GEMM.
 #[cfg(target_arch = "x86_64")]
-const DOT_MAX_ROWS: usize = 32;
+const DOT_MAX_ROWS: usize = 64;
 
 /// `out[t, n] = bf16(x[t]) . w[n]` for the row-major `n x k` bf16 `w`, with `vdpbf16ps`.
 /// The caller has checked that this CPU runs [`Bf16Kernel::Avx512Bf16`].
@@ -148,37 +148,57 @@ pub fn linear_avx512(x: &[f32], rows: usize, w: &[u16], k: usize, n: usize, out:
             });
         return;
     }
-    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
-            let width = n1 - n0;
-            let mut part = vec![0.0f32; rows * width];
-            for j in (n0..n1).step_by(4) {
-                let nw = (n1 - j).min(4);
-                let ws = std::array::from_fn(|i| wrow(j + i));
-                for t in (0..rows).step_by(4) {
-                    let nt = (rows - t).min(4);
-                    let xs = std::array::from_fn(|i| {
-                        let r = t + i.min(nt - 1);
-                        &xb[r * k..(r + 1) * k]
-                    });
-                    // SAFETY: CPU features as above; every row slice holds k elements.
-                    let acc = unsafe { simd::block_4x4(xs, ws, k) };
-                    for (i, a) in acc.iter().enumerate().take(nt) {
-                        let dst = (t + i) * width + (j - n0);
-                        part[dst..dst + nw].copy_from_slice(&a[..nw]);
-                    }
+    let target = Out::new(&mut out[..rows * n]);
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
+        for j in (n0..n1).step_by(4) {
+            let nw = (n1 - j).min(4);
+            let ws = std::array::from_fn(|i| wrow(j + i));
+            for t in (0..rows).step_by(4) {
+                let nt = (rows - t).min(4);
+                let xs = std::array::from_fn(|i| {
+                    let r = t + i.min(nt - 1);
+                    &xb[r * k..(r + 1) * k]
+                });
+                // SAFETY: CPU features as above; every row slice holds k elements.
+                let acc = unsafe { simd::block_4x4(xs, ws, k) };
+                for (i, a) in acc.iter().enumerate().take(nt) {
+                    // SAFETY: columns n0..n1 of every row belong to this task alone.
+                    unsafe { target.write((t + i) * n + j, &a[..nw]) };
                 }
             }
-            (n0, part)
-        })
-        .collect();
-    for (n0, part) in parts {
-        let width = part.len() / rows;
-        for t in 0..rows {
-            out[t * n + n0..t * n + n0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
         }
+    });
+}
+
+/// An output matrix shared by parallel tasks that each write their own columns.
+#[cfg(target_arch = "x86_64")]
+struct Out {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (their own columns of every row), see `write`'s callers.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for Out {}
+
+#[cfg(target_arch = "x86_64")]
+impl Out {
+    fn new(out: &mut [f32]) -> Self {
+        Self {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// Copies `src` to elements `at..at + src.len()`.
+    ///
+    /// # Safety
+    /// No other thread touches those elements meanwhile.
+    unsafe fn write(&self, at: usize, src: &[f32]) {
+        assert!(at + src.len() <= self.len, "tile write inside the output");
+        // SAFETY: in bounds (asserted); exclusive per the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
     }
 }
 
@@ -190,30 +210,11 @@ mod gemm {
     use rayon::prelude::*;
 
     use super::super::bf16_avx512::{self as simd, MR, NR};
+    use super::Out;
 
     thread_local! {
         /// Reused panel buffer of each pool thread.
         static PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// The output matrix shared by panel tasks that write disjoint column ranges.
-    struct Out {
-        ptr: *mut f32,
-        len: usize,
-    }
-    // SAFETY: tasks write disjoint elements (their own columns of every row); see `linear`.
-    unsafe impl Sync for Out {}
-
-    impl Out {
-        /// Copies `src` to elements `at..at + src.len()`.
-        ///
-        /// # Safety
-        /// No other thread touches those elements meanwhile.
-        unsafe fn write(&self, at: usize, src: &[f32]) {
-            assert!(at + src.len() <= self.len, "tile write inside the output");
-            // SAFETY: in bounds (asserted); exclusive per the caller's contract.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len()) };
-        }
     }
 
     /// `out[t, n] = bf16(x[t]) . w[n]`: parallel over panels of NR weight rows; each task packs
@@ -231,11 +232,7 @@ mod gemm {
                 // SAFETY: only reached with the CPU features of this kernel (see linear_avx512).
                 .for_each(|(d, s)| unsafe { simd::round_into(s, &mut d[..k]) });
         }
-        let target = Out {
-            ptr: out.as_mut_ptr(),
-            len: out.len(),
-        };
-        assert!(target.len >= rows * n, "output holds rows x n");
+        let target = Out::new(&mut out[..rows * n]);
         (0..n.div_ceil(NR)).into_par_iter().for_each(|pj| {
             let n0 = pj * NR;
             let width = (n - n0).min(NR);

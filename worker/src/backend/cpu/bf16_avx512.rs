@@ -109,27 +109,51 @@ pub unsafe fn dot(x: &[u16], w: &[u16], k: usize) -> f32 {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn block_4x4(xs: [&[u16]; 4], ws: [&[u16]; 4], k: usize) -> [[f32; 4]; 4] {
     let mut a = [[_mm512_setzero_ps(); 4]; 4];
+    let body = k / 32 * 32;
+    // Full 32-element steps without a branch in the loop (a masked-load branch made the
+    // compiler spill an accumulator), then one masked step for the tail.
     let mut p = 0;
-    while p < k {
-        let len = (k - p).min(32);
-        // SAFETY: p + len <= k and every row holds k elements.
-        unsafe {
-            let w = [
-                load_bf16(ws[0].as_ptr().add(p), len),
-                load_bf16(ws[1].as_ptr().add(p), len),
-                load_bf16(ws[2].as_ptr().add(p), len),
-                load_bf16(ws[3].as_ptr().add(p), len),
-            ];
-            for i in 0..4 {
-                let x = load_bf16(xs[i].as_ptr().add(p), len);
-                for j in 0..4 {
-                    a[i][j] = _mm512_dpbf16_ps(a[i][j], x, w[j]);
-                }
-            }
-        }
+    while p < body {
+        // SAFETY: p + 32 <= k and every row holds k elements.
+        unsafe { step_4x4(&mut a, xs, ws, p, 32) };
         p += 32;
     }
+    if body < k {
+        // SAFETY: body + (k - body) = k and every row holds k elements.
+        unsafe { step_4x4(&mut a, xs, ws, body, k - body) };
+    }
     sums_4x4(&a)
+}
+
+/// One step of [`block_4x4`] over elements `p..p + len` (len at most 32).
+///
+/// # Safety
+/// Every row holds at least `p + len` elements; the CPU must support avx512f, avx512bw and
+/// avx512bf16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn step_4x4(
+    a: &mut [[__m512; 4]; 4],
+    xs: [&[u16]; 4],
+    ws: [&[u16]; 4],
+    p: usize,
+    len: usize,
+) {
+    // SAFETY: the caller guarantees p + len elements in every row.
+    unsafe {
+        let w = [
+            load_bf16(ws[0].as_ptr().add(p), len),
+            load_bf16(ws[1].as_ptr().add(p), len),
+            load_bf16(ws[2].as_ptr().add(p), len),
+            load_bf16(ws[3].as_ptr().add(p), len),
+        ];
+        for i in 0..4 {
+            let x = load_bf16(xs[i].as_ptr().add(p), len);
+            for j in 0..4 {
+                a[i][j] = _mm512_dpbf16_ps(a[i][j], x, w[j]);
+            }
+        }
+    }
 }
 
 /// Horizontal sums of 16 accumulators, four at a time: fold 512 to 256 bits, then two rounds
