@@ -11,7 +11,7 @@ use llmapi_common::model_config::ModelConfig;
 
 use super::kv_store::{Kv, KvStore};
 use super::linear::axpy;
-use super::microkernel::{WR, XR, block};
+use super::microkernel::{WR, XR, block, weighted_sum};
 use crate::backend::SeqChunk;
 
 /// Query rows per task.
@@ -132,7 +132,20 @@ fn attend_tile(
     for (bi, &blk) in table.iter().enumerate().take(nblocks) {
         let n = (len - bi * tpb).min(tpb);
         kv.read(layer, Kv::V, blk, t.g, n, &mut buf);
-        for i in 0..nqt {
+        let mut i = 0;
+        // Four queries at a time keep their output rows in registers over the block's values
+        // (blocks of at most 64 tokens); the rest, one axpy per (query, value).
+        while i + XR <= nqt && tpb <= 64 {
+            let mut p = [[0.0f32; 64]; XR];
+            for (x, px) in p.iter_mut().enumerate() {
+                let upto = lim[i + x].saturating_sub(bi * tpb).min(n);
+                let from = (i + x) * len + bi * tpb;
+                px[..upto].copy_from_slice(&scores[from..from + upto]);
+            }
+            weighted_sum(&p, &buf, n, d, &mut o[i * d..(i + XR) * d]);
+            i += XR;
+        }
+        for i in i..nqt {
             let upto = lim[i].saturating_sub(bi * tpb).min(n);
             let dst = &mut o[i * d..(i + 1) * d];
             for s in 0..upto {
