@@ -109,6 +109,11 @@ pub async fn run(
             ep_size: group::ep_size(&args),
             rendezvous: format!("{host}:{}", role.rendezvous_port(opts.rendezvous_port)),
             token: token.clone(),
+            ranks_on_host: placement
+                .tasks_per_node
+                .get(placement.node_index)
+                .copied()
+                .unwrap_or(1),
         };
         if spec.rank != 0 {
             tracing::info!(

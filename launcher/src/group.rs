@@ -47,9 +47,28 @@ pub struct GroupSpec {
     pub rendezvous: String,
     /// The job token.
     pub token: String,
+    /// Ranks (of any group) running on this machine; they share its cores.
+    pub ranks_on_host: usize,
 }
 
 impl GroupSpec {
+    /// Compute threads for this rank: the machine's cores shared evenly by the ranks on it
+    /// (more threads than cores only make the ranks wait on each other in every collective).
+    pub fn threads(&self) -> Option<usize> {
+        if self.ranks_on_host <= 1 {
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some((cores / self.ranks_on_host).max(1))
+    }
+
+    /// The engine settings of this rank.
+    pub fn engine_config(&self, args: &LlmArgs) -> EngineConfig {
+        let mut cfg = EngineConfig::from_llm_args(args);
+        cfg.threads = self.threads();
+        cfg
+    }
+
     /// This rank's slice of the model.
     pub fn shard(&self) -> Result<Shard, EngineError> {
         Shard::new(self.rank, self.size, self.ep_size)
@@ -86,7 +105,8 @@ pub fn ep_size(args: &LlmArgs) -> usize {
 
 /// Runs a follower rank until its leader stops (Ok) or the group breaks (Err naming the rank).
 pub fn run_follower(args: &LlmArgs, model: &ModelDir, spec: &GroupSpec) -> anyhow::Result<()> {
-    let cfg = EngineConfig::from_llm_args(args);
+    let cfg = spec.engine_config(args);
+    tracing::info!(rank = spec.rank, threads = ?cfg.threads, "loading this rank's shard");
     llmapi_worker::engine::run_follower(&model.path, &cfg, spec.shard()?, || spec.join())
         .with_context(|| format!("tensor-parallel rank {} stopped", spec.rank))?;
     tracing::info!(rank = spec.rank, "the leader stopped the group; exiting");
@@ -105,12 +125,14 @@ pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
         .with_context(|| format!("{ENV_RANK} is set but {ENV_RENDEZVOUS} is not"))?;
     let token = std::env::var(ENV_TOKEN)
         .with_context(|| format!("{ENV_RANK} is set but {ENV_TOKEN} is not"))?;
+    let size = args.tensor_parallel_size as usize;
     Ok(Some(GroupSpec {
         rank,
-        size: args.tensor_parallel_size as usize,
+        size,
         ep_size: ep_size(args),
         rendezvous,
         token,
+        ranks_on_host: size,
     }))
 }
 
@@ -240,4 +262,28 @@ pub fn check_sizes(args: &LlmArgs, model: &ModelDir) -> anyhow::Result<()> {
         .and_then(|s| s.check(&config))
         .with_context(|| format!("--tp_size {tp} on {}", model.path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(ranks_on_host: usize) -> GroupSpec {
+        GroupSpec {
+            rank: 0,
+            size: 2,
+            ep_size: 2,
+            rendezvous: "127.0.0.1:1".into(),
+            token: "t".into(),
+            ranks_on_host,
+        }
+    }
+
+    #[test]
+    fn ranks_sharing_a_machine_share_its_cores() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(spec(1).threads(), None);
+        assert_eq!(spec(2).threads(), Some((cores / 2).max(1)));
+        assert_eq!(spec(10_000).threads(), Some(1));
+    }
 }

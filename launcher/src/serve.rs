@@ -66,7 +66,10 @@ impl LocalWorker {
         bind: &str,
         group: Option<GroupSpec>,
     ) -> anyhow::Result<Self> {
-        let mut engine_cfg = EngineConfig::from_llm_args(args);
+        let mut engine_cfg = match &group {
+            Some(g) => g.engine_config(args),
+            None => EngineConfig::from_llm_args(args),
+        };
         engine_cfg.model_name = Some(name);
         let model_path = model.path.clone();
         let engine = tokio::task::spawn_blocking(move || match group {
@@ -198,6 +201,7 @@ pub async fn run(
             ep_size: group::ep_size(&args),
             rendezvous: format!("127.0.0.1:{port}"),
             token: group::local_token(),
+            ranks_on_host: tp,
         };
         ranks = Some(LocalRanks::spawn(&spec)?);
         Some(spec)
