@@ -378,3 +378,72 @@ fn llmapi_bench_chat_with_client_tokenization_is_served() {
         "{metrics}"
     );
 }
+
+/// Text without ANSI colour sequences (log lines are coloured by default).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_clients_trace_id_reaches_the_workers_log_lines() {
+    let port = free_port();
+    let _server = serve(
+        demo_model(),
+        port,
+        &[],
+        &[("RUST_LOG", "info,llmapi_worker=debug".to_owned())],
+    );
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let r = request(
+        port,
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "demo", "prompt": "trace me", "max_tokens": 2})),
+        &[("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01"))],
+    )
+    .expect("request");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let answered = r
+        .headers
+        .iter()
+        .find(|(k, _)| k == "traceresponse")
+        .map(|(_, v)| v.clone())
+        .expect("traceresponse header");
+    let parts: Vec<&str> = answered.split('-').collect();
+    assert_eq!(parts[1], trace_id);
+    let router_span = parts[2].to_owned();
+    assert_ne!(router_span, "00f067aa0ba902b7");
+    // The worker's lines carry the trace, with the router's span as their parent.
+    let log = std::env::temp_dir().join(format!(
+        "llmapi-e2e-serve-{port}-{}.log",
+        std::process::id()
+    ));
+    let wanted = [
+        format!("trace_id={trace_id}"),
+        format!("parent_span_id={router_span}"),
+    ];
+    let mut text = String::new();
+    let found = wait_until(Duration::from_secs(10), || {
+        text = strip_ansi(&std::fs::read_to_string(&log).unwrap_or_default());
+        text.lines()
+            .any(|l| l.contains("finished") && wanted.iter().all(|w| l.contains(w.as_str())))
+    });
+    assert!(
+        found,
+        "no worker log line with {wanted:?} in {}:\n{text}",
+        log.display()
+    );
+}
