@@ -132,6 +132,13 @@ check(r.usage.prompt_tokens > 0, "chat usage")
 r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
 check(r.choices[0].finish_reason in ("stop", "length"), "chat with max_tokens")
 
+# Chat with a pre-tokenized prompt (trtllm-serve's prompt_token_ids extension).
+r = client.chat.completions.create(
+    model=MODEL, messages=[], max_tokens=3, extra_body={"prompt_token_ids": [5, 6, 7, 8]}
+)
+check(r.usage.prompt_tokens == 4, "chat prompt_token_ids are the whole prompt")
+check(r.choices[0].message.role == "assistant", "chat prompt_token_ids answer parses")
+
 # Chat streaming.
 stream = client.chat.completions.create(
     model=MODEL, messages=messages, max_tokens=6, stream=True, stream_options={"include_usage": True}
