@@ -414,3 +414,31 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PrefixCacheView;
+
+    #[test]
+    fn evicted_blocks_leave_the_view_and_may_come_back() {
+        let mut v = PrefixCacheView {
+            capacity: 4,
+            ..PrefixCacheView::default()
+        };
+        v.insert(&[1, 2, 3]);
+        assert_eq!(v.matched_blocks(&[1, 2, 3]), 3);
+        v.remove(&[2]);
+        assert_eq!(
+            v.matched_blocks(&[1, 2, 3]),
+            1,
+            "the prefix breaks at the evicted block"
+        );
+        v.insert(&[2, 4, 5]);
+        // Capacity 4: the oldest live block (1) goes; the stale queue entry of 2 is skipped.
+        assert_eq!(v.len(), 4);
+        assert_eq!(v.matched_blocks(&[2, 3, 4, 5]), 4);
+        v.clear();
+        assert!(v.is_empty());
+        assert_eq!(v.matched_blocks(&[2]), 0);
+    }
+}
