@@ -173,6 +173,14 @@ impl ScriptedWorker {
         s.evictions.extend(gone);
     }
 
+    /// Forgets the pretend cache and its eviction log, as a restarted worker would: a reader's
+    /// old cursor is then reported lost.
+    pub fn restart_cache(&self) {
+        let mut s = lock(&self.shared);
+        s.cached.clear();
+        s.evictions.clear();
+    }
+
     /// Request ids aborted (by Abort or by a dropped stream).
     pub fn aborted(&self) -> Vec<String> {
         lock(&self.shared).aborted.clone()

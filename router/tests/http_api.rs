@@ -897,3 +897,26 @@ async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evi
     );
     assert_eq!(cached, 0);
 }
+
+#[tokio::test]
+async fn a_worker_that_lost_its_eviction_log_is_believed_to_cache_nothing() {
+    let h = start(RoutingPolicy::KvCacheAware, vec![Script::default()], |_| {}).await;
+    let worker = h.state.pool.all().pop().unwrap();
+    let body = json!({"model": "demo", "prompt": "a prompt of several blocks", "max_tokens": 1});
+    let (status, _) = h.post("/v1/completions", body.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    // Reported evictions move the router's cursor past where a fresh log starts.
+    h.workers[0].worker.evict_all();
+    h.state.pool.check_all(&h.state.config.health).await;
+    assert!(worker.cache.lock().unwrap().is_empty());
+    let (status, _) = h.post("/v1/completions", body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!worker.cache.lock().unwrap().is_empty());
+    // The worker restarts with an empty cache: the router's cursor is unknown to it.
+    h.workers[0].worker.restart_cache();
+    h.state.pool.check_all(&h.state.config.health).await;
+    assert!(
+        worker.cache.lock().unwrap().is_empty(),
+        "evictions lost: forget everything"
+    );
+}
