@@ -241,7 +241,8 @@ mod gemm {
                 if panel.len() < kp * NR {
                     panel.resize(kp * NR, 0);
                 }
-                simd::pack_panel(w, n, k, n0, &mut panel);
+                // SAFETY: only reached with the CPU features of this kernel.
+                unsafe { simd::pack_panel(w, n, k, n0, &mut panel) };
                 for t0 in (0..rows).step_by(MR) {
                     // SAFETY: the CPU features were checked by the caller; xa holds
                     // padded_rows >= t0 + MR rows of kp dwords and the panel kp * NR.

@@ -187,26 +187,85 @@ fn sums_4x4(a: &[[__m512; 4]; 4]) -> [[f32; 4]; 4] {
 /// Packs weight rows `n0..n0 + NR` (fewer past `n`) of the row-major `n x k` bf16 `w` into
 /// `panel` as `kp` groups of NR dwords: group p holds, for each row, elements 2p and 2p + 1
 /// (the pair `vdpbf16ps` multiplies). Missing rows and the odd tail element are zero.
-pub fn pack_panel(w: &[u16], n: usize, k: usize, n0: usize, panel: &mut [u32]) {
+///
+/// # Safety
+/// The CPU must support avx512f.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn pack_panel(w: &[u16], n: usize, k: usize, n0: usize, panel: &mut [u32]) {
     let kp = k.div_ceil(2);
-    debug_assert!(panel.len() >= kp * NR);
-    let full = k / 2;
+    assert!(
+        panel.len() >= kp * NR && w.len() >= n * k,
+        "pack_panel bounds"
+    );
+    let mut done = 0;
+    if k.is_multiple_of(2) && n0 + NR <= n {
+        // Full panel of dword rows: 16 x 16 transposes.
+        done = kp / 16 * 16;
+        for c0 in (0..NR).step_by(16) {
+            for p0 in (0..done).step_by(16) {
+                // SAFETY: rows n0 + c0 + i < n hold kp dwords each, p0 + 16 <= kp; the
+                // stores write groups p0..p0 + 16, columns c0..c0 + 16 of the panel.
+                unsafe {
+                    let src = w.as_ptr().add((n0 + c0) * k + 2 * p0) as *const u32;
+                    let rows: [__m512i; 16] = std::array::from_fn(|i| {
+                        _mm512_loadu_si512(src.add(i * kp) as *const __m512i)
+                    });
+                    let cols = transpose16(rows);
+                    for (j, col) in cols.iter().enumerate() {
+                        let dst = panel.as_mut_ptr().add((p0 + j) * NR + c0);
+                        _mm512_storeu_si512(dst as *mut __m512i, *col);
+                    }
+                }
+            }
+        }
+    }
     for c in 0..NR {
         let r = n0 + c;
         if r >= n {
-            for p in 0..kp {
+            for p in done..kp {
                 panel[p * NR + c] = 0;
             }
             continue;
         }
         let row = &w[r * k..(r + 1) * k];
-        for p in 0..full {
-            panel[p * NR + c] = u32::from(row[2 * p]) | (u32::from(row[2 * p + 1]) << 16);
-        }
-        if kp > full {
-            panel[full * NR + c] = u32::from(row[k - 1]);
+        for p in done..kp {
+            let hi = row.get(2 * p + 1).copied().unwrap_or(0);
+            panel[p * NR + c] = u32::from(row[2 * p]) | (u32::from(hi) << 16);
         }
     }
+}
+
+/// Transposes a 16 x 16 matrix of dwords held as 16 rows.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane: interleave dwords of row pairs, then qwords of pair pairs,
+    // which leaves s[4g + q] holding, in lane L, column 4L + q of rows 4g..4g + 3.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut s = [_mm512_setzero_si512(); 16];
+    for g in 0..4 {
+        s[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        s[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        s[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        s[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    // Gather lane L of s[q], s[4 + q], s[8 + q], s[12 + q] into column 4L + q.
+    let mut out = [_mm512_setzero_si512(); 16];
+    for q in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x44>(s[q], s[4 + q]);
+        let v1 = _mm512_shuffle_i32x4::<0xEE>(s[q], s[4 + q]);
+        let v2 = _mm512_shuffle_i32x4::<0x44>(s[8 + q], s[12 + q]);
+        let v3 = _mm512_shuffle_i32x4::<0xEE>(s[8 + q], s[12 + q]);
+        out[q] = _mm512_shuffle_i32x4::<0x88>(v0, v2);
+        out[4 + q] = _mm512_shuffle_i32x4::<0xDD>(v0, v2);
+        out[8 + q] = _mm512_shuffle_i32x4::<0x88>(v1, v3);
+        out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(v1, v3);
+    }
+    out
 }
 
 /// `tile[i][c] = sum_p a_i[p] . panel[p][c]` for MR input rows: `a` holds the rows as bf16
@@ -242,4 +301,47 @@ pub unsafe fn kernel_mr_nr(a: &[u32], stride: usize, panel: &[u32], kp: usize) -
         }
     }
     tile
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packing written out one element at a time.
+    fn naive_pack(w: &[u16], n: usize, k: usize, n0: usize) -> Vec<u32> {
+        let kp = k.div_ceil(2);
+        let mut out = vec![0u32; kp * NR];
+        for c in 0..NR {
+            for p in 0..kp {
+                let at = |i: usize| {
+                    if n0 + c < n && i < k {
+                        u32::from(w[(n0 + c) * k + i])
+                    } else {
+                        0
+                    }
+                };
+                out[p * NR + c] = at(2 * p) | (at(2 * p + 1) << 16);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn packed_panels_match_the_naive_layout() {
+        if super::super::bf16::Bf16Kernel::detect() == super::super::bf16::Bf16Kernel::Portable {
+            return;
+        }
+        // Full panels (transposed 16 x 16), odd k, short last panels and long tails.
+        for &(n, k) in &[(64, 64), (70, 96), (40, 67), (33, 36), (96, 770)] {
+            let w: Vec<u16> = (0..n * k)
+                .map(|i| ((i * 2654435761usize) >> 7) as u16)
+                .collect();
+            for n0 in (0..n).step_by(NR) {
+                let mut got = vec![u32::MAX; k.div_ceil(2) * NR];
+                // SAFETY: detect() reported AVX512_BF16, which implies avx512f.
+                unsafe { pack_panel(&w, n, k, n0, &mut got) };
+                assert_eq!(got, naive_pack(&w, n, k, n0), "n {n} k {k} n0 {n0}");
+            }
+        }
+    }
 }
