@@ -232,6 +232,16 @@ pub fn local_token() -> String {
     format!("llmapi-local-{}-{nanos:x}", std::process::id())
 }
 
+/// Resolves when one of `ranks` exits; returns which and how.
+pub async fn rank_exit(ranks: Arc<Mutex<LocalRanks>>) -> String {
+    loop {
+        if let Some(why) = ranks.lock().ok().and_then(|mut r| r.exited()) {
+            return why;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Resolves when the group can no longer serve: the engine failed (a rank died or timed out)
 /// or, for a local group, a spawned rank exited. Returns the reason.
 pub async fn group_failure(engine: EngineHandle, ranks: Option<Arc<Mutex<LocalRanks>>>) -> String {

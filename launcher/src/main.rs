@@ -150,7 +150,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         router_url: router_url.clone(),
         rendezvous_port: rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT),
     };
-    match placement {
+    let result = match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {
             tracing::info!(rank = p.rank, world_size = p.world_size, launcher = ?p.launcher, "serving as one task of a job");
             runtime.block_on(cluster::run(args, model, p, opts))
@@ -159,7 +159,11 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             runtime.block_on(cluster::run(args, model, Placement::local(), opts))
         }
         _ => runtime.block_on(llmapi_launch::serve::run(args, model, rendezvous_port)),
-    }
+    };
+    // A failed start can leave a blocking task behind (a group join waiting for a rank that
+    // died); dropping the runtime would wait for it, so give such tasks a bounded moment.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn print_env(m: &clap::ArgMatches) -> anyhow::Result<()> {

@@ -92,9 +92,9 @@ impl LocalWorker {
             kv_blocks = info.kv_capacity_blocks,
             "engine ready"
         );
-        let grpc = tokio::net::TcpListener::bind(bind)
-            .await
-            .with_context(|| format!("binding the worker's gRPC address {bind}"))?;
+        let grpc = tokio::net::TcpListener::bind(bind).await.with_context(|| {
+            format!("binding the worker's gRPC address {bind} (LLMAPI_WORKER_ADDR sets it)")
+        })?;
         let addr = grpc
             .local_addr()
             .context("reading the worker's gRPC address")?;
@@ -203,7 +203,7 @@ pub async fn run(
             token: group::local_token(),
             ranks_on_host: tp,
         };
-        ranks = Some(LocalRanks::spawn(&spec)?);
+        ranks = Some(Arc::new(std::sync::Mutex::new(LocalRanks::spawn(&spec)?)));
         Some(spec)
     } else {
         None
@@ -213,21 +213,26 @@ pub async fn run(
     // (`llmapi-router --worker_urls`) can use it too; by default it is private to this process.
     let worker_addr =
         std::env::var("LLMAPI_WORKER_ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
-    let worker = LocalWorker::start(
+    let start = LocalWorker::start(
         &args,
         &model,
         config.served_model_name.clone(),
         &worker_addr,
         group,
-    )
-    .await
-    .context("(LLMAPI_WORKER_ADDR sets the worker's address)")?;
+    );
+    let worker = match &ranks {
+        None => start.await,
+        // A rank that dies while the group forms fails the start now, not at the join timeout.
+        Some(r) => tokio::select! {
+            w = start => w,
+            why = group::rank_exit(Arc::clone(r)) => Err(anyhow::anyhow!("{why} while the group was forming")),
+        },
+    }?;
     let url = format!("http://{}", worker.addr);
     let engine = worker.engine.clone();
     let served = match ranks {
         None => run_router(&args, &model, config, &[url], std::future::pending()).await,
         Some(ranks) => {
-            let ranks = Arc::new(std::sync::Mutex::new(ranks));
             let watch = group::group_failure(engine, Some(Arc::clone(&ranks)));
             let served = run_router(&args, &model, config, &[url], watch).await;
             tracing::info!("router stopped; stopping the worker, the engine and the ranks");

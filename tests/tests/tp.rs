@@ -161,3 +161,35 @@ fn a_rank_exits_when_the_serve_that_started_it_is_killed() {
     let gone = llmapi_tests::wait_until(Duration::from_secs(15), || exited(ranks[0]));
     assert!(gone, "rank process {} outlived its killed leader", ranks[0]);
 }
+
+#[test]
+fn a_rank_killed_while_the_group_forms_stops_the_server_promptly() {
+    let port = free_port();
+    let mut cmd = std::process::Command::new(llmapi_tests::bin("llmapi-launch"));
+    cmd.arg("serve")
+        .arg(demo_model())
+        .args(["--port", &port.to_string(), "--tp_size", "2"]);
+    let mut server = llmapi_tests::Proc::spawn(&format!("serve-forming-{port}"), cmd);
+    let started = Instant::now();
+    let rank = loop {
+        if let Some(&r) = children(server.pid()).first() {
+            break r;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no rank was started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &rank.to_string()])
+        .status();
+    // Whether the rank died before or after the group formed, the server must not wait for
+    // the 300 s join timeout.
+    let status = server
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server exits within 30 s of losing a rank");
+    assert!(!status.success());
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    assert!(log.contains("rank 1"), "{log}");
+}
