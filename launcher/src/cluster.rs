@@ -82,6 +82,19 @@ pub fn advertise_host(p: &Placement) -> String {
         .unwrap_or_else(|| "127.0.0.1".to_owned())
 }
 
+/// Compute threads of a rank: Slurm's --cpus-per-task when given (Slurm may already have
+/// bound the task to those cores), else this node's cores shared by its tasks.
+fn task_threads(p: &Placement) -> Option<usize> {
+    if let Some(n) = std::env::var("SLURM_CPUS_PER_TASK")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+    {
+        return Some(n);
+    }
+    group::share_of_cores(p.tasks_per_node.get(p.node_index).copied().unwrap_or(1))
+}
+
 /// Runs this task until SIGTERM / Ctrl-C.
 pub async fn run(
     args: LlmArgs,
@@ -109,11 +122,7 @@ pub async fn run(
             ep_size: group::ep_size(&args),
             rendezvous: format!("{host}:{}", role.rendezvous_port(opts.rendezvous_port)),
             token: token.clone(),
-            ranks_on_host: placement
-                .tasks_per_node
-                .get(placement.node_index)
-                .copied()
-                .unwrap_or(1),
+            threads: task_threads(&placement),
         };
         if spec.rank != 0 {
             tracing::info!(

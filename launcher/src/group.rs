@@ -47,25 +47,25 @@ pub struct GroupSpec {
     pub rendezvous: String,
     /// The job token.
     pub token: String,
-    /// Ranks (of any group) running on this machine; they share its cores.
-    pub ranks_on_host: usize,
+    /// Compute threads of this rank; None: every core this process may use.
+    pub threads: Option<usize>,
+}
+
+/// Threads for one of `ranks_here` ranks sharing this process's cores evenly (more threads
+/// than cores only make the ranks wait on each other in every collective); None for one.
+pub fn share_of_cores(ranks_here: usize) -> Option<usize> {
+    if ranks_here <= 1 {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / ranks_here).max(1))
 }
 
 impl GroupSpec {
-    /// Compute threads for this rank: the machine's cores shared evenly by the ranks on it
-    /// (more threads than cores only make the ranks wait on each other in every collective).
-    pub fn threads(&self) -> Option<usize> {
-        if self.ranks_on_host <= 1 {
-            return None;
-        }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Some((cores / self.ranks_on_host).max(1))
-    }
-
     /// The engine settings of this rank.
     pub fn engine_config(&self, args: &LlmArgs) -> EngineConfig {
         let mut cfg = EngineConfig::from_llm_args(args);
-        cfg.threads = self.threads();
+        cfg.threads = self.threads;
         cfg
     }
 
@@ -132,7 +132,7 @@ pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
         ep_size: ep_size(args),
         rendezvous,
         token,
-        ranks_on_host: size,
+        threads: share_of_cores(size),
     }))
 }
 
@@ -278,22 +278,11 @@ pub fn check_sizes(args: &LlmArgs, model: &ModelDir) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn spec(ranks_on_host: usize) -> GroupSpec {
-        GroupSpec {
-            rank: 0,
-            size: 2,
-            ep_size: 2,
-            rendezvous: "127.0.0.1:1".into(),
-            token: "t".into(),
-            ranks_on_host,
-        }
-    }
-
     #[test]
     fn ranks_sharing_a_machine_share_its_cores() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(spec(1).threads(), None);
-        assert_eq!(spec(2).threads(), Some((cores / 2).max(1)));
-        assert_eq!(spec(10_000).threads(), Some(1));
+        assert_eq!(share_of_cores(1), None);
+        assert_eq!(share_of_cores(2), Some((cores / 2).max(1)));
+        assert_eq!(share_of_cores(10_000), Some(1));
     }
 }

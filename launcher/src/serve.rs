@@ -201,7 +201,7 @@ pub async fn run(
             ep_size: group::ep_size(&args),
             rendezvous: format!("127.0.0.1:{port}"),
             token: group::local_token(),
-            ranks_on_host: tp,
+            threads: group::share_of_cores(tp),
         };
         ranks = Some(Arc::new(std::sync::Mutex::new(LocalRanks::spawn(&spec)?)));
         Some(spec)
