@@ -129,31 +129,42 @@ fn attend_tile(
         super::kernels::softmax(&mut scores[i * len..i * len + lim[i]]);
     }
     let mut o = vec![0.0f32; nqt * d];
+    let mut tile = vec![0.0f32; XR * d];
     for (bi, &blk) in table.iter().enumerate().take(nblocks) {
         let n = (len - bi * tpb).min(tpb);
         kv.read(layer, Kv::V, blk, t.g, n, &mut buf);
-        let mut i = 0;
-        // Four queries at a time keep their output rows in registers over the block's values
-        // (blocks of at most 64 tokens); the rest, one axpy per (query, value).
-        while i + XR <= nqt && tpb <= 64 {
+        if tpb > 64 {
+            for i in 0..nqt {
+                let upto = lim[i].saturating_sub(bi * tpb).min(n);
+                let dst = &mut o[i * d..(i + 1) * d];
+                for s in 0..upto {
+                    axpy(
+                        scores[i * len + bi * tpb + s],
+                        &buf[s * d..(s + 1) * d],
+                        dst,
+                    );
+                }
+            }
+            continue;
+        }
+        // Four queries at a time keep their output rows in registers over the block's values;
+        // a last group of fewer (decode with a GQA group of 3, say) is padded with zero
+        // weights into a scratch tile.
+        for i in (0..nqt).step_by(XR) {
+            let ni = (nqt - i).min(XR);
             let mut p = [[0.0f32; 64]; XR];
-            for (x, px) in p.iter_mut().enumerate() {
+            for (x, px) in p.iter_mut().enumerate().take(ni) {
                 let upto = lim[i + x].saturating_sub(bi * tpb).min(n);
                 let from = (i + x) * len + bi * tpb;
                 px[..upto].copy_from_slice(&scores[from..from + upto]);
             }
-            weighted_sum(&p, &buf, n, d, &mut o[i * d..(i + XR) * d]);
-            i += XR;
-        }
-        for i in i..nqt {
-            let upto = lim[i].saturating_sub(bi * tpb).min(n);
-            let dst = &mut o[i * d..(i + 1) * d];
-            for s in 0..upto {
-                axpy(
-                    scores[i * len + bi * tpb + s],
-                    &buf[s * d..(s + 1) * d],
-                    dst,
-                );
+            if ni == XR {
+                weighted_sum(&p, &buf, n, d, &mut o[i * d..(i + XR) * d]);
+            } else {
+                tile.fill(0.0);
+                tile[..ni * d].copy_from_slice(&o[i * d..(i + ni) * d]);
+                weighted_sum(&p, &buf, n, d, &mut tile);
+                o[i * d..(i + ni) * d].copy_from_slice(&tile[..ni * d]);
             }
         }
     }

@@ -183,11 +183,7 @@ impl KvStore {
         let range = r * d..(r + n) * d;
         match &self.store {
             Store::F32(v) => out[..n * d].copy_from_slice(&v[range]),
-            Store::Bf16(v) => {
-                for (o, &b) in out.iter_mut().zip(&v[range]) {
-                    *o = f32::from_bits(u32::from(b) << 16);
-                }
-            }
+            Store::Bf16(v) => super::linear::widen_bf16(&v[range], &mut out[..n * d]),
             Store::Fp8 { data, scales } => {
                 for s in 0..n {
                     let scale = scales[r + s];

@@ -242,6 +242,20 @@ pub fn dot_f32(x: &[f32], w: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Widens bf16 bit patterns to f32 (exact), 16 at a time on AVX-512.
+pub fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports avx512f (checked just above).
+            return unsafe { avx512::widen_bf16(src, dst) };
+        }
+    }
+    for (d, &b) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(b) << 16);
+    }
+}
+
 /// `y += a * x`.
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -315,6 +329,29 @@ mod avx512 {
         sum
     }
 
+    /// AVX-512 bf16 to f32 widening.
+    ///
+    /// # Safety
+    /// The CPU must support avx512f.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn widen_bf16(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let body = n / 16 * 16;
+        let mut i = 0;
+        while i < body {
+            // SAFETY: i + 16 <= n, so the 16-element load and store stay in bounds.
+            unsafe {
+                let w = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), f);
+            }
+            i += 16;
+        }
+        for j in body..n {
+            dst[j] = f32::from_bits(u32::from(src[j]) << 16);
+        }
+    }
+
     /// AVX-512 `y += a * x`.
     ///
     /// # Safety
@@ -366,6 +403,14 @@ mod tests {
         b.iter()
             .map(|&x| f32::from_bits(u32::from(x) << 16))
             .collect()
+    }
+
+    #[test]
+    fn widening_is_exact_on_the_vector_body_and_the_tail() {
+        let src: Vec<u16> = (0..37u16).map(|i| 0x3f80 ^ (i * 977)).collect();
+        let mut dst = vec![0.0f32; 37];
+        widen_bf16(&src, &mut dst);
+        assert_eq!(dst, bits_to_f32(&src));
     }
 
     #[test]
