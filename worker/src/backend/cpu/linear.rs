@@ -34,7 +34,7 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
         (GemmDtype::Bf16(kernel), WeightData::Bf16(v)) => {
             #[cfg(target_arch = "x86_64")]
             {
-                if kernel == Bf16Kernel::Avx512Bf16 && rows > 0 && w.rows > 0 {
+                if kernel == Bf16Kernel::Avx512Bf16 && rows > 0 && w.rows > 0 && w.cols > 0 {
                     bf16::linear_avx512(x, rows, v, w.cols, w.rows, out);
                     return;
                 }
