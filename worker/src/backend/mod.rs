@@ -36,6 +36,9 @@ pub struct SeqChunk<'a> {
 /// Errors of a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// A CUDA driver or cuBLAS call failed; the device context may be unusable.
+    #[error("CUDA error: {0}")]
+    Device(String),
     /// The KV pool could not be allocated.
     #[error("cannot allocate {bytes} bytes of KV cache: {reason}")]
     KvAlloc {
@@ -58,7 +61,7 @@ pub enum BackendError {
 impl BackendError {
     /// Whether the backend can take no further steps (its group is broken).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Self::Collective(_))
+        matches!(self, Self::Collective(_) | Self::Device(_))
     }
 }
 
@@ -70,6 +73,12 @@ pub trait Backend: Send {
     fn vocab_size(&self) -> usize;
     /// Bytes of KV memory one token takes across all layers.
     fn kv_bytes_per_token(&self) -> usize;
+    /// Bytes of device memory the KV pool may draw from (free after weights and workspace),
+    /// of which the engine takes `kv_cache_config.free_gpu_memory_fraction`; None: the pool
+    /// lives in host memory and is sized from it.
+    fn kv_memory_available(&self) -> Option<usize> {
+        None
+    }
     /// Allocates the KV pool; must be called once before `forward`.
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError>;
     /// Runs one step; returns per chunk its logits rows (0, 1 or `tokens.len()` rows of

@@ -16,6 +16,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda;
 use crate::dist::plan::{self, LeaderBackend};
 use crate::dist::{Communicator, SharedComm, SingleRank};
 use crate::kv::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
@@ -59,12 +60,21 @@ pub struct EngineHandle {
 }
 
 impl Engine {
-    /// Loads `model_dir` (config.json + safetensors) on the CPU backend and starts the loop.
+    /// Loads `model_dir` (config.json + safetensors) on the backend `cfg.backend` names (auto:
+    /// CUDA when a GPU and its libraries are usable, else CPU) and starts the loop.
     pub fn start(model_dir: &Path, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
-        let backend = cpu_backend_of(ModelWeights::load(model_dir)?, &cfg, Box::new(SingleRank))?;
-        let model_cfg = backend.weights().config.clone();
+        let choice = cuda::select::resolve(cfg.backend)
+            .map_err(|e| EngineError::InvalidConfig(format!("--backend cuda: {e}")))?;
+        let weights = ModelWeights::load(model_dir)?;
+        let model_cfg = weights.config.clone();
         let name = model_name(model_dir, &cfg);
-        Self::start_with_backend(Box::new(backend), &model_cfg, model_dir, name, cfg)
+        let backend: Box<dyn Backend> = match choice {
+            cuda::select::Choice::Cpu => {
+                Box::new(cpu_backend_of(weights, &cfg, Box::new(SingleRank))?)
+            }
+            cuda::select::Choice::Cuda => Box::new(cuda::select::cuda_backend(weights, &cfg)?),
+        };
+        Self::start_with_backend(backend, &model_cfg, model_dir, name, cfg)
     }
 
     /// Starts rank 0 (`shard.tp_rank`) of a tensor-parallel group: it loads its shard, then
@@ -79,6 +89,9 @@ impl Engine {
         shard: Shard,
         connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
     ) -> Result<EngineHandle, EngineError> {
+        if cfg.backend == llmapi_common::args::Backend::Cuda {
+            return Err(cuda::select::no_tensor_parallel());
+        }
         if shard.tp_rank != 0 {
             return Err(EngineError::InvalidConfig(format!(
                 "rank {} cannot lead its group; rank 0 leads, the others run run_follower",
@@ -112,7 +125,12 @@ impl Engine {
                 "max_seq_len is {max_seq_len}; it must be at least 2"
             ));
         }
-        let num_blocks = kv_blocks(&cfg, backend.kv_bytes_per_token(), max_seq_len)?;
+        let num_blocks = kv_blocks(
+            &cfg,
+            backend.kv_bytes_per_token(),
+            max_seq_len,
+            backend.kv_memory_available(),
+        )?;
         backend
             .init_kv(num_blocks, cfg.tokens_per_block)
             .map_err(|e| EngineError::Backend(e.to_string()))?;
@@ -170,6 +188,9 @@ pub fn run_follower(
     shard: Shard,
     connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
 ) -> Result<(), EngineError> {
+    if cfg.backend == llmapi_common::args::Backend::Cuda {
+        return Err(cuda::select::no_tensor_parallel());
+    }
     let (mut backend, mut plan_comm) = cpu_backend_in_group(model_dir, cfg, shard, connect)?;
     plan::follow(&mut backend, &mut plan_comm).map_err(|e| EngineError::Backend(e.to_string()))
 }
@@ -212,12 +233,14 @@ fn model_name(model_dir: &Path, cfg: &EngineConfig) -> String {
     })
 }
 
-/// KV blocks from kv_max_tokens, or from the host-memory budget (capped at what
-/// max_batch_size full-length sequences need).
+/// KV blocks from kv_max_tokens, or from the memory budget (capped at what max_batch_size
+/// full-length sequences need): `device_free` bytes of device memory when the backend has
+/// them, else available host memory.
 fn kv_blocks(
     cfg: &EngineConfig,
     bytes_per_token: usize,
     max_seq_len: usize,
+    device_free: Option<usize>,
 ) -> Result<usize, EngineError> {
     let tpb = cfg.tokens_per_block;
     let tokens = match cfg.kv_max_tokens {
@@ -229,7 +252,10 @@ fn kv_blocks(
                     cfg.kv_memory_fraction
                 )));
             }
-            let avail = available_memory_bytes().unwrap_or(4 << 30);
+            let (avail, source) = match device_free {
+                Some(b) => (b, "device memory free after weights and workspace"),
+                None => (available_memory_bytes().unwrap_or(4 << 30), "host memory"),
+            };
             let budget = (avail as f64 * cfg.kv_memory_fraction) as usize;
             let by_memory = budget / bytes_per_token.max(1);
             let useful = cfg.max_batch_size.saturating_mul(max_seq_len);
@@ -238,7 +264,8 @@ fn kv_blocks(
                 fraction = cfg.kv_memory_fraction,
                 by_memory_tokens = by_memory,
                 cap_tokens = useful,
-                "sizing the KV cache from host memory"
+                source,
+                "sizing the KV cache"
             );
             by_memory.min(useful)
         }

@@ -72,6 +72,8 @@ pub struct EngineConfig {
     pub threads: Option<usize>,
     /// Model name reported by `info()`; None means the directory name.
     pub model_name: Option<String>,
+    /// Compute backend (`--backend`); `Engine::start` resolves auto to cuda or cpu.
+    pub backend: llmapi_common::args::Backend,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +93,7 @@ impl Default for EngineConfig {
             print_iter_log: false,
             threads: None,
             model_name: None,
+            backend: llmapi_common::args::Backend::Cpu,
         }
     }
 }
@@ -325,6 +328,7 @@ impl EngineConfig {
             print_iter_log: args.print_iter_log,
             threads: None,
             model_name: args.served_model_name.clone(),
+            backend: args.backend,
         }
     }
 }

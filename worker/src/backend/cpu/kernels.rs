@@ -69,6 +69,12 @@ impl Rope {
         Self { inv_freq }
     }
 
+    /// The frequencies as f32 (head_dim / 2), scaling applied: what a device kernel multiplies
+    /// positions by, as `table` does.
+    pub fn inv_freq_f32(&self) -> Vec<f32> {
+        self.inv_freq.iter().map(|&f| f as f32).collect()
+    }
+
     /// cos and sin tables (head_dim / 2 each) for position `pos`.
     pub fn table(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
         for (i, &f) in self.inv_freq.iter().enumerate() {

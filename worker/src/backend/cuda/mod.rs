@@ -6,9 +6,16 @@
 //! binary, compiled at start-up by NVRTC for the device's architecture and cached on disk by
 //! source hash and architecture.
 
+mod backend;
+mod device;
+pub mod select;
+
 use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+
+pub use backend::{CudaBackend, CudaSettings};
+pub use device::{device_count, kernel_cache_dir};
 
 /// Helpers prepended to every kernel file.
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -26,12 +33,22 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
 pub enum CudaError {
     /// A CUDA library cannot be loaded.
     #[error(
-        "the CUDA library {library} cannot be loaded; install it (it ships with the NVIDIA driver or the CUDA toolkit, or in pip's nvidia-* packages) and put its directory on LD_LIBRARY_PATH, or run with --backend cpu"
+        "the CUDA library {library} cannot be loaded; install it (it ships with the NVIDIA driver or the CUDA toolkit, or in pip's nvidia-* packages) and put its directory on LD_LIBRARY_PATH, or run with --backend cpu{}",
+        cuda13_hint(library)
     )]
     LibraryMissing {
         /// Library name, e.g. "libnvrtc".
         library: &'static str,
     },
+    /// The driver loads but there is no usable device.
+    #[error("no usable CUDA device: {0}; run with --backend cpu")]
+    NoDevice(String),
+    /// A CUDA driver or cuBLAS call failed while setting up.
+    #[error("CUDA set-up failed: {0}")]
+    Driver(String),
+    /// The model or a setting is one the CUDA backend does not run.
+    #[error("{0}")]
+    Unsupported(String),
     /// cuda_bf16.h / cuda_fp8.h were not found for NVRTC.
     #[error(
         "CUDA headers (cuda_bf16.h) not found in {searched:?}; set LLMAPI_CUDA_INCLUDE to a directory that has them (CUDA toolkit include/, or pip's nvidia/cuda_runtime/include)"
@@ -80,6 +97,33 @@ pub fn check_libraries(needed: &[Library]) -> Result<(), CudaError> {
         }
     }
     Ok(())
+}
+
+/// cudarc 0.19 (built for CUDA 12) tries `libX.so`, `libX.so.12`, `.11`, ... but not CUDA 13's
+/// `libX.so.13`. When a `.so.13` file sits in an LD_LIBRARY_PATH directory, say how to expose
+/// it under the unversioned name cudarc also tries.
+fn cuda13_hint(library: &str) -> String {
+    let file = format!("{library}.so.13");
+    let dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    match dirs.iter().find(|d| d.join(&file).is_file()) {
+        Some(d) => format!(
+            ". Found CUDA 13's {}, which cudarc does not look for: make a directory holding a symlink {library}.so -> that file and put it first on LD_LIBRARY_PATH (scripts/gpu_check.sh does this)",
+            d.join(&file).display()
+        ),
+        None => String::new(),
+    }
+}
+
+/// Names of the `extern "C" __global__` functions of a kernel source file.
+pub fn kernel_names(source: &str) -> Vec<String> {
+    source
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .filter_map(|rest| rest.split('(').next())
+        .map(|name| name.trim().to_owned())
+        .collect()
 }
 
 /// Directories searched for cuda_bf16.h, in order: $LLMAPI_CUDA_INCLUDE, $CUDA_HOME/include,

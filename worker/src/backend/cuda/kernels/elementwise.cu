@@ -23,12 +23,28 @@ extern "C" __global__ void rmsnorm_f32_bf16(__nv_bfloat16* out, const float* x,
             __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]));
 }
 
-// RMSNorm over each head_dim slice of q or k, in place (Qwen3's q/k norm).
-// Grid: (tokens, heads); block: 32 * k.
-extern "C" __global__ void head_rmsnorm_f32(float* x, const __nv_bfloat16* w, int heads,
-                                            int head_dim, float eps) {
+// The same over the rows listed in `rows` (the positions whose logits are wanted): row i of
+// `out` is the norm of row rows[i] of x. Grid: number of rows; block: 256.
+extern "C" __global__ void rmsnorm_gather_f32_bf16(__nv_bfloat16* out, const float* x,
+                                                   const int* rows, const __nv_bfloat16* w,
+                                                   int hidden, float eps) {
     __shared__ float scratch[32];
-    float* xr = x + ((size_t)blockIdx.x * heads + blockIdx.y) * head_dim;
+    const float* xr = x + (size_t)rows[blockIdx.x] * hidden;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
+    const float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        out[(size_t)blockIdx.x * hidden + i] =
+            __float2bfloat16(xr[i] * inv * __bfloat162float(w[i]));
+}
+
+// RMSNorm over each head_dim slice of q or k, in place (Qwen3's q/k norm). Token t's heads
+// start at x + t * row_stride (q, k and v share one fused row). Grid: (tokens, heads);
+// block: 32 * k.
+extern "C" __global__ void head_rmsnorm_f32(float* x, const __nv_bfloat16* w, int head_dim,
+                                            int row_stride, float eps) {
+    __shared__ float scratch[32];
+    float* xr = x + (size_t)blockIdx.x * row_stride + (size_t)blockIdx.y * head_dim;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < head_dim; i += blockDim.x) ss += xr[i] * xr[i];
     const float inv = rsqrtf(block_sum(ss, scratch) / head_dim + eps);

@@ -1,0 +1,148 @@
+//! Which backend `--backend` resolves to, and building the CUDA one from engine settings.
+//!
+//! `cuda` demands a usable GPU (driver, device, cuBLAS, NVRTC, CUDA headers) and fails with
+//! what to install otherwise; `auto` (and trtllm-serve's `pytorch`) takes CUDA when all of it
+//! is there, else the CPU, and logs which and why.
+
+use llmapi_common::args::Backend as Requested;
+
+use super::{CudaBackend, CudaError, CudaSettings, Library, check_libraries, find_headers};
+use crate::engine::{EngineConfig, EngineError};
+use crate::model::ModelWeights;
+
+/// The backend a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Choice {
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend on device 0.
+    Cuda,
+}
+
+/// Checks everything the CUDA backend needs before its first CUDA call: the libraries load,
+/// the driver sees a device, the headers NVRTC compiles against are present.
+pub fn probe() -> Result<usize, CudaError> {
+    check_libraries(&[Library::Driver, Library::Cublas, Library::Nvrtc])?;
+    let n = super::device_count()?;
+    if n == 0 {
+        return Err(CudaError::NoDevice(
+            "the NVIDIA driver loads but sees no device".into(),
+        ));
+    }
+    find_headers()?;
+    Ok(n)
+}
+
+/// Resolves `requested` on this machine (see the module doc).
+pub fn resolve(requested: Requested) -> Result<Choice, CudaError> {
+    resolve_with(requested, probe)
+}
+
+/// `resolve` over any probe (tests pass a probe that fails or succeeds on demand).
+pub fn resolve_with(
+    requested: Requested,
+    probe: impl FnOnce() -> Result<usize, CudaError>,
+) -> Result<Choice, CudaError> {
+    match requested {
+        Requested::Cpu => Ok(Choice::Cpu),
+        Requested::Cuda => probe().map(|_| Choice::Cuda),
+        Requested::Auto | Requested::Pytorch => match probe() {
+            Ok(n) => {
+                tracing::info!(
+                    devices = n,
+                    "backend auto: a CUDA device is usable, using cuda"
+                );
+                Ok(Choice::Cuda)
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "backend auto: no usable CUDA device, using cpu");
+                Ok(Choice::Cpu)
+            }
+        },
+    }
+}
+
+/// A CUDA backend on device 0 for a whole model with the engine's settings; dtype auto and
+/// bfloat16 run bf16 GEMMs, float32 and float16 are refused.
+pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
+    use llmapi_common::args::ModelDtype;
+    if matches!(cfg.dtype, ModelDtype::Float32 | ModelDtype::Float16) {
+        return Err(EngineError::InvalidConfig(format!(
+            "--dtype {:?}: the CUDA backend computes with bf16 weights and f32 accumulation; use --dtype auto or bfloat16, or --backend cpu for float32",
+            cfg.dtype
+        )));
+    }
+    let settings = CudaSettings {
+        device: 0,
+        max_num_tokens: cfg.max_num_tokens,
+        max_batch_size: cfg.max_batch_size,
+        kv_dtype: cfg.kv_dtype,
+    };
+    CudaBackend::new(weights, &settings).map_err(|e| EngineError::Backend(e.to_string()))
+}
+
+/// The error for a tensor-parallel group asked to run on CUDA.
+pub fn no_tensor_parallel() -> EngineError {
+    EngineError::InvalidConfig(
+        "--backend cuda runs whole models only for now; tensor_parallel_size > 1 needs --backend cpu".into(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn missing() -> Result<usize, CudaError> {
+        Err(CudaError::LibraryMissing { library: "libcuda" })
+    }
+
+    #[test]
+    fn cuda_without_a_gpu_is_an_error_naming_the_fix() {
+        let e = resolve_with(Requested::Cuda, missing)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("libcuda") && e.contains("--backend cpu"), "{e}");
+    }
+
+    #[test]
+    fn auto_and_pytorch_fall_back_to_cpu_without_a_gpu() {
+        assert_eq!(resolve_with(Requested::Auto, missing).unwrap(), Choice::Cpu);
+        assert_eq!(
+            resolve_with(Requested::Pytorch, missing).unwrap(),
+            Choice::Cpu
+        );
+    }
+
+    #[test]
+    fn auto_picks_cuda_when_the_probe_passes() {
+        assert_eq!(
+            resolve_with(Requested::Auto, || Ok(1)).unwrap(),
+            Choice::Cuda
+        );
+        assert_eq!(
+            resolve_with(Requested::Cuda, || Ok(1)).unwrap(),
+            Choice::Cuda
+        );
+    }
+
+    #[test]
+    fn cpu_never_probes() {
+        let probe = || -> Result<usize, CudaError> { panic!("cpu must not probe") };
+        assert_eq!(resolve_with(Requested::Cpu, probe).unwrap(), Choice::Cpu);
+    }
+
+    #[test]
+    fn no_device_error_says_to_use_cpu() {
+        let e = resolve_with(Requested::Cuda, || {
+            Err(CudaError::NoDevice(
+                "the NVIDIA driver loads but sees no device".into(),
+            ))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sees no device") && e.contains("--backend cpu"),
+            "{e}"
+        );
+    }
+}
