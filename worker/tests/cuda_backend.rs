@@ -2,6 +2,8 @@
 //! they skip, unless LLMAPI_REQUIRE_GPU=1 (scripts/gpu_check.sh sets it), which turns a
 //! missing GPU into a failure.
 //!
+//! Golden fixtures are read from $LLMAPI_GOLDEN_DIR when set, else this crate's tests/golden.
+//!
 //! Tolerances (bf16 weights and GEMM inputs, f32 accumulation, against the f32 transformers
 //! logits of tests/golden/): the CPU backend's bf16 mode bound, mean |diff| within 0.6% and
 //! max |diff| within 15% of the largest |logit|, argmax agreeing at 85% of prompt positions;
@@ -21,8 +23,13 @@ use llmapi_worker::model::ModelWeights;
 use llmapi_worker::sampling::argmax;
 use serde::Deserialize;
 
+/// tests/golden of this checkout, or $LLMAPI_GOLDEN_DIR (a prebuilt test binary run from
+/// another copy of the repository, as scripts/gpu_check.sh does).
 fn golden_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+    match std::env::var_os("LLMAPI_GOLDEN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"),
+    }
 }
 
 /// True when a GPU is usable; otherwise prints why the test skips (or fails under
@@ -74,6 +81,39 @@ fn backend_auto_without_a_gpu_serves_on_the_cpu() {
     };
     let h = Engine::start(&golden_root().join("llama"), cfg).unwrap();
     assert_eq!(h.info().backend, "cpu");
+}
+
+#[test]
+fn models_and_settings_the_cuda_backend_does_not_run_are_refused_without_a_gpu() {
+    let moe = ModelWeights::load(&golden_root().join("mixtral")).unwrap();
+    let e = CudaBackend::check_supported(&moe, KvDtype::Auto)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mixture-of-experts") && e.contains("--backend cpu"),
+        "{e}"
+    );
+    let dense = ModelWeights::load(&golden_root().join("qwen3")).unwrap();
+    assert_eq!(
+        CudaBackend::check_supported(&dense, KvDtype::Auto).unwrap(),
+        KvDtype::Bf16
+    );
+    assert_eq!(
+        CudaBackend::check_supported(&dense, KvDtype::Fp8).unwrap(),
+        KvDtype::Fp8
+    );
+    let e = CudaBackend::check_supported(&dense, KvDtype::Float32)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("float32") && e.contains("bf16"), "{e}");
+    let f32_cfg = EngineConfig {
+        dtype: llmapi_common::args::ModelDtype::Float32,
+        ..Default::default()
+    };
+    let e = llmapi_worker::backend::cuda::select::supports(&dense, &f32_cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--backend cpu"), "{e}");
 }
 
 #[derive(Deserialize)]

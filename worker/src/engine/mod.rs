@@ -63,9 +63,16 @@ impl Engine {
     /// Loads `model_dir` (config.json + safetensors) on the backend `cfg.backend` names (auto:
     /// CUDA when a GPU and its libraries are usable, else CPU) and starts the loop.
     pub fn start(model_dir: &Path, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
-        let choice = cuda::select::resolve(cfg.backend)
+        let mut choice = cuda::select::resolve(cfg.backend)
             .map_err(|e| EngineError::InvalidConfig(format!("--backend cuda: {e}")))?;
         let weights = ModelWeights::load(model_dir)?;
+        if choice == cuda::select::Choice::Cuda
+            && cfg.backend != llmapi_common::args::Backend::Cuda
+            && let Err(e) = cuda::select::supports(&weights, &cfg)
+        {
+            tracing::info!(reason = %e, "backend auto: the CUDA backend cannot run this model, using cpu");
+            choice = cuda::select::Choice::Cpu;
+        }
         let model_cfg = weights.config.clone();
         let name = model_name(model_dir, &cfg);
         let backend: Box<dyn Backend> = match choice {

@@ -167,10 +167,11 @@ fn setup(e: BackendError) -> CudaError {
 }
 
 impl CudaBackend {
-    /// Uploads `w` to GPU `s.device` and allocates the activation workspace; refuses what this
-    /// backend does not run (MoE, tensor-parallel shards, f32 KV, head_dim > 512).
-    pub fn new(w: ModelWeights, s: &CudaSettings) -> Result<Self, CudaError> {
-        let c = w.config.clone();
+    /// Whether this backend runs `w` with KV in `kv_dtype`, without touching a GPU; Ok holds
+    /// the KV type it will use (auto: bf16). Refused: tensor-parallel shards, MoE, head_dim
+    /// odd or above 512, f32 KV.
+    pub fn check_supported(w: &ModelWeights, kv_dtype: KvDtype) -> Result<KvDtype, CudaError> {
+        let c = &w.config;
         if w.shard.tp_size != 1 {
             return Err(CudaError::Unsupported(
                 "the CUDA backend runs whole models only (no tensor parallelism yet); use --backend cpu for tensor_parallel_size > 1".into(),
@@ -188,15 +189,20 @@ impl CudaBackend {
                 c.head_dim
             )));
         }
-        let kv_dtype = match s.kv_dtype {
-            KvDtype::Auto | KvDtype::Bf16 => KvDtype::Bf16,
-            KvDtype::Fp8 => KvDtype::Fp8,
-            KvDtype::Float32 => {
-                return Err(CudaError::Unsupported(
-                    "kv_cache_config.dtype float32 is CPU-only; the CUDA backend stores KV in bf16 (auto) or fp8".into(),
-                ));
-            }
-        };
+        match kv_dtype {
+            KvDtype::Auto | KvDtype::Bf16 => Ok(KvDtype::Bf16),
+            KvDtype::Fp8 => Ok(KvDtype::Fp8),
+            KvDtype::Float32 => Err(CudaError::Unsupported(
+                "kv_cache_config.dtype float32 is CPU-only; the CUDA backend stores KV in bf16 (auto) or fp8".into(),
+            )),
+        }
+    }
+
+    /// Uploads `w` to GPU `s.device` and allocates the activation workspace; refuses what this
+    /// backend does not run (MoE, tensor-parallel shards, f32 KV, head_dim > 512).
+    pub fn new(w: ModelWeights, s: &CudaSettings) -> Result<Self, CudaError> {
+        let kv_dtype = Self::check_supported(&w, s.kv_dtype)?;
+        let c = w.config.clone();
         let dev = Device::open(s.device)?;
         let (free_before, total) = dev.mem_info().map_err(setup)?;
         let mut layers = Vec::with_capacity(w.layers.len());

@@ -44,6 +44,28 @@ pub fn device_count() -> Result<usize, CudaError> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
+/// Device-to-device copy bandwidth of GPU `ordinal` in GB/s, counting bytes read plus bytes
+/// written (the HBM roofline's denominator): the best of 10 copies of a 1 GiB buffer.
+pub fn copy_bandwidth_gbs(ordinal: usize) -> Result<f64, CudaError> {
+    check_libraries(&[Library::Driver])?;
+    let drv = |e: cudarc::driver::DriverError| CudaError::Driver(e.to_string());
+    let ctx = CudaContext::new(ordinal).map_err(drv)?;
+    let stream = ctx.default_stream();
+    let n = 1usize << 28;
+    let src = stream.alloc_zeros::<f32>(n).map_err(drv)?;
+    let mut dst = stream.alloc_zeros::<f32>(n).map_err(drv)?;
+    stream.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+    stream.synchronize().map_err(drv)?;
+    let mut best = f64::MAX;
+    for _ in 0..10 {
+        let t = std::time::Instant::now();
+        stream.memcpy_dtod(&src, &mut dst).map_err(drv)?;
+        stream.synchronize().map_err(drv)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * 4) as f64 / best / 1e9)
+}
+
 /// One GPU: its context, the stream every call runs on, cuBLAS and the loaded kernels.
 pub(super) struct Device {
     pub(super) ctx: Arc<CudaContext>,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
 
 pub use backend::{CudaBackend, CudaSettings};
-pub use device::{device_count, kernel_cache_dir};
+pub use device::{copy_bandwidth_gbs, device_count, kernel_cache_dir};
 
 /// Helpers prepended to every kernel file.
 const COMMON: &str = include_str!("kernels/common.cuh");

@@ -62,9 +62,10 @@ pub fn resolve_with(
     }
 }
 
-/// A CUDA backend on device 0 for a whole model with the engine's settings; dtype auto and
-/// bfloat16 run bf16 GEMMs, float32 and float16 are refused.
-pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
+/// Whether the CUDA backend runs `weights` with `cfg` (checked without a GPU): dtype auto and
+/// bfloat16 run bf16 GEMMs, float32 and float16 are refused, and so is what
+/// `CudaBackend::check_supported` refuses.
+pub fn supports(weights: &ModelWeights, cfg: &EngineConfig) -> Result<(), EngineError> {
     use llmapi_common::args::ModelDtype;
     if matches!(cfg.dtype, ModelDtype::Float32 | ModelDtype::Float16) {
         return Err(EngineError::InvalidConfig(format!(
@@ -72,6 +73,14 @@ pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBac
             cfg.dtype
         )));
     }
+    CudaBackend::check_supported(weights, cfg.kv_dtype)
+        .map(|_| ())
+        .map_err(|e| EngineError::InvalidConfig(e.to_string()))
+}
+
+/// A CUDA backend on device 0 for a whole model with the engine's settings (see `supports`).
+pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
+    supports(&weights, cfg)?;
     let settings = CudaSettings {
         device: 0,
         max_num_tokens: cfg.max_num_tokens,

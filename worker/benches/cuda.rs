@@ -1,0 +1,173 @@
+//! CUDA backend throughput on a 1B-class Llama-shaped checkpoint with random bf16 weights
+//! (Llama 3.2 1B's shape: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192,
+//! vocab 128256), built in memory, or the checkpoint LLMAPI_BENCH_MODEL names.
+//!
+//! Prints one `key=value` line per figure (scripts/gpu_check.sh reads them): device copy
+//! bandwidth, weight bytes per decoded token, batch-1 decode ms/token and its fraction of the
+//! HBM roofline (bytes per token / copy bandwidth), and decode throughput at the batch sizes
+//! of LLMAPI_BENCH_BATCHES (default 64,256) after 128-token prompts. Without a usable GPU it
+//! prints why and exits with status 2 (so a script cannot mistake it for a result).
+//! Build for a GPU machine: `cargo bench -p llmapi-worker --bench cuda --no-run`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use llmapi_common::model_config::ModelConfig;
+use llmapi_worker::backend::cuda::select::probe;
+use llmapi_worker::backend::cuda::{CudaBackend, CudaSettings, copy_bandwidth_gbs};
+use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
+use llmapi_worker::engine::KvDtype;
+use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, Shard, WeightData};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":2048,
+"intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,
+"num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":8192,
+"rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
+
+const PROMPT: usize = 128;
+const TPB: usize = 32;
+
+fn random_mat(seed: u64, rows: usize, cols: usize) -> Mat {
+    let scale = 1.0 / (cols as f32).sqrt();
+    let data = (0..rows)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed * 1_000_003 + r as u64);
+            (0..cols)
+                .map(move |_| half::bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
+                .map(half::bf16::to_bits)
+                .collect::<Vec<u16>>()
+        })
+        .collect();
+    Mat {
+        rows,
+        cols,
+        data: WeightData::Bf16(data),
+    }
+}
+
+fn random_model() -> ModelWeights {
+    let config =
+        ModelConfig::from_json_str(PRESET, Path::new("bench preset")).expect("preset parses");
+    let c = &config;
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
+    let layers = (0..c.num_hidden_layers as u64)
+        .map(|i| Layer {
+            input_norm: vec![1.0; h],
+            post_norm: vec![1.0; h],
+            qkv: random_mat(10 * i + 1, qkv_rows, h),
+            qkv_bias: None,
+            o: random_mat(10 * i + 2, h, c.num_attention_heads * d),
+            o_bias: None,
+            qk_norm: None,
+            mlp: Mlp::Dense(Ffn {
+                gate_up: random_mat(10 * i + 3, 2 * c.intermediate_size, h),
+                down: random_mat(10 * i + 4, h, c.intermediate_size),
+                inter: c.intermediate_size,
+            }),
+        })
+        .collect();
+    ModelWeights {
+        embed: random_mat(1_000_001, c.vocab_size, h),
+        lm_head: Some(random_mat(1_000_002, c.vocab_size, h)),
+        norm: vec![1.0; h],
+        layers,
+        config,
+        shard: Shard::whole(),
+    }
+}
+
+/// Seconds per decode step of `batch` sequences, over `steps` steps after a prefill of
+/// PROMPT tokens each (prefilled 16 sequences per step).
+fn decode_seconds(be: &mut CudaBackend, batch: usize, steps: usize) -> f64 {
+    let vocab = be.vocab_size() as u32;
+    let blocks = (PROMPT + steps + 1).div_ceil(TPB);
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|i| ((i * blocks) as u32..((i + 1) * blocks) as u32).collect())
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|i| {
+            (0..PROMPT)
+                .map(|j| ((i * 7919 + j * 104_729) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    for group in (0..batch).collect::<Vec<_>>().chunks(16) {
+        let chunks: Vec<SeqChunk> = group
+            .iter()
+            .map(|&i| SeqChunk {
+                tokens: &prompts[i],
+                start_pos: 0,
+                block_table: &tables[i],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        be.forward(&chunks).expect("prefill");
+    }
+    let tokens: Vec<[u32; 1]> = (0..batch).map(|i| [(i as u32 * 31) % vocab]).collect();
+    let step = |be: &mut CudaBackend, s: usize| {
+        let chunks: Vec<SeqChunk> = (0..batch)
+            .map(|i| SeqChunk {
+                tokens: &tokens[i],
+                start_pos: PROMPT + s,
+                block_table: &tables[i],
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        be.forward(&chunks).expect("decode step");
+    };
+    step(be, 0);
+    let t = Instant::now();
+    for s in 1..=steps {
+        step(be, s);
+    }
+    t.elapsed().as_secs_f64() / steps as f64
+}
+
+fn main() {
+    if let Err(e) = probe() {
+        eprintln!("cuda bench: no usable GPU: {e}");
+        std::process::exit(2);
+    }
+    let batches: Vec<usize> = std::env::var("LLMAPI_BENCH_BATCHES")
+        .unwrap_or_else(|_| "64,256".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
+    let t = Instant::now();
+    let w = match std::env::var_os("LLMAPI_BENCH_MODEL") {
+        Some(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
+        None => random_model(),
+    };
+    let bytes_per_token = w.bytes_per_token();
+    println!("weights_seconds={:.1}", t.elapsed().as_secs_f64());
+    let settings = CudaSettings {
+        device: 0,
+        max_num_tokens: 16 * PROMPT,
+        max_batch_size: max_batch,
+        kv_dtype: KvDtype::Auto,
+    };
+    let mut be = CudaBackend::new(w, &settings).unwrap_or_else(|e| {
+        eprintln!("cuda bench: {e}");
+        std::process::exit(1)
+    });
+    println!("device={}", be.device_description());
+    let blocks = max_batch * (PROMPT + 80).div_ceil(TPB);
+    be.init_kv(blocks, TPB).expect("KV pool");
+    let bw = copy_bandwidth_gbs(0).expect("copy bandwidth");
+    println!("copy_bandwidth_gbs={bw:.0}");
+    println!("bytes_per_token={bytes_per_token}");
+    let b1 = decode_seconds(&mut be, 1, 64);
+    let roofline = bytes_per_token as f64 / (bw * 1e9);
+    println!("batch1_ms_per_token={:.3}", b1 * 1e3);
+    println!("batch1_roofline_ms={:.3}", roofline * 1e3);
+    println!("batch1_roofline_fraction={:.2}", roofline / b1);
+    for b in batches {
+        let s = decode_seconds(&mut be, b, 32);
+        println!("batch{b}_tokens_per_s={:.0}", b as f64 / s);
+    }
+}
