@@ -114,10 +114,15 @@ for lib in libcublas libcublasLt libnvrtc; do
         exit 1
     fi
     ld+=("$hit")
+    [ "$lib" = libnvrtc ] && nvrtc_dir="$hit"
 done
 LD_LIBRARY_PATH="$shim:$(IFS=:; echo "${ld[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
-for d in "${inc_dirs[@]}"; do
+# Headers of the same CUDA release as the NVRTC picked: beside it (toolkit, pip's cu13), or in
+# a sibling pip package (cu12: nvidia/cuda_nvrtc/lib with nvidia/cuda_runtime/include), then
+# anywhere searched.
+nvrtc_root=$(dirname "$nvrtc_dir")
+for d in "$nvrtc_root/include" "$(dirname "$nvrtc_root")"/*/include "${inc_dirs[@]}"; do
     if [ -f "$d/cuda_bf16.h" ]; then export LLMAPI_CUDA_INCLUDE="$d"; break; fi
 done
 if [ -z "${LLMAPI_CUDA_INCLUDE:-}" ]; then
