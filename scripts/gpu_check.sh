@@ -113,7 +113,7 @@ for lib in libcublas libcublasLt libnvrtc; do
         echo "FAILED: $lib.so.12 or .so.13 not found in: ${lib_dirs[*]}" >&2
         exit 1
     fi
-    ld+=("$hit")
+    case ":$(IFS=:; echo "${ld[*]:-}"):" in *":$hit:"*) ;; *) ld+=("$hit") ;; esac
     [ "$lib" = libnvrtc ] && nvrtc_dir="$hit"
 done
 LD_LIBRARY_PATH="$shim:$(IFS=:; echo "${ld[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -140,17 +140,19 @@ log=$(mktemp -d)
 if "$bin/cuda_kernels" --nocapture >"$log/kernels.txt" 2>&1; then
     row "NVRTC compiles every kernel" "pass" "all compile"
 else
-    fail "NVRTC compiles every kernel" "see below" "all compile"
+    fail "NVRTC compiles every kernel" "see its log above" "all compile"
     cat "$log/kernels.txt"
 fi
-for t in gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance \
-    gpu_batched_steps_equal_one_at_a_time; do
-    if timeout 300 "$bin/cuda_backend" --exact "$t" --nocapture >"$log/$t.txt" 2>&1; then
-        row "$t" "pass" "see test doc"
+for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:golden logits and greedy vs transformers" \
+    "gpu_batched_steps_equal_one_at_a_time:batched steps == one at a time"; do
+    name=${t%%:*}
+    label=${t#*:}
+    if timeout 300 "$bin/cuda_backend" --exact "$name" --nocapture >"$log/$name.txt" 2>&1; then
+        row "$label" "pass" "tests/cuda_backend.rs"
     else
-        fail "$t" "see below" "see test doc"
+        fail "$label" "see its log above" "tests/cuda_backend.rs"
     fi
-    cat "$log/$t.txt"
+    cat "$log/$name.txt"
 done
 
 if timeout 400 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
@@ -164,7 +166,7 @@ if timeout 400 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
     row "batch-64 decode (tokens/s)" "$b64" ">= 5x transformers"
     row "batch-256 decode (tokens/s)" "$(get batch256_tokens_per_s)" ""
 else
-    fail "cuda bench" "exit $? (see below)" ""
+    fail "cuda bench" "exit $? (log above)" ""
     cat "$log/bench.txt"
     b64=""
 fi
