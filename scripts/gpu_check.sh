@@ -144,7 +144,9 @@ else
     cat "$log/kernels.txt"
 fi
 for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:golden logits and greedy vs transformers" \
-    "gpu_batched_steps_equal_one_at_a_time:batched steps == one at a time"; do
+    "gpu_batched_steps_equal_one_at_a_time:batched steps == one at a time" \
+    "gpu_fp8_kv_stays_close_to_bf16_kv:fp8 KV close to bf16 KV" \
+    "gpu_engine_serves_greedy_requests_on_cuda:engine on --backend cuda"; do
     name=${t%%:*}
     label=${t#*:}
     if timeout 300 "$bin/cuda_backend" --exact "$name" --nocapture >"$log/$name.txt" 2>&1; then

@@ -316,3 +316,126 @@ fn gpu_batched_steps_equal_one_at_a_time() {
     }
     assert_eq!(alone, together, "batched greedy differs from one at a time");
 }
+
+/// Prompt logits of the llama fixture's prompts at their last position, with KV in `kv`.
+fn last_logits(kv: KvDtype) -> Vec<Vec<f32>> {
+    let dir = golden_root().join("llama");
+    let g: Golden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let w = ModelWeights::load(&dir).unwrap();
+    let s = CudaSettings {
+        device: 0,
+        max_num_tokens: 256,
+        max_batch_size: 8,
+        kv_dtype: kv,
+    };
+    let mut be = CudaBackend::new(w, &s).unwrap();
+    be.init_kv(64, TPB).unwrap();
+    g.prompts
+        .iter()
+        .map(|p| {
+            let table: Vec<u32> = (0..p.len().div_ceil(TPB) as u32).collect();
+            be.forward(&[SeqChunk {
+                tokens: p,
+                start_pos: 0,
+                block_table: &table,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0)
+        })
+        .collect()
+}
+
+/// fp8 (e4m3, one scale per token and KV head) against bf16 KV: first-estimate tolerance,
+/// max |diff| within 10% of the largest |logit| and the same argmax for every prompt.
+#[test]
+fn gpu_fp8_kv_stays_close_to_bf16_kv() {
+    if !gpu() {
+        return;
+    }
+    let (bf16, fp8) = (last_logits(KvDtype::Bf16), last_logits(KvDtype::Fp8));
+    for (i, (a, b)) in bf16.iter().zip(&fp8).enumerate() {
+        let spread = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let max = a
+            .iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+        eprintln!("prompt {i}: fp8 vs bf16 KV max |diff| {max}, largest |logit| {spread}");
+        assert!(max <= 0.1 * spread, "prompt {i}: {max} > 10% of {spread}");
+        assert_eq!(argmax(a), argmax(b), "prompt {i}: argmax differs");
+    }
+}
+
+/// The whole engine on `--backend cuda`: the KV pool is sized from device memory, and a
+/// greedy request returns the tokens the backend gives step by step.
+#[test]
+fn gpu_engine_serves_greedy_requests_on_cuda() {
+    if !gpu() {
+        return;
+    }
+    let dir = golden_root().join("llama");
+    let g: Golden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let prompt = g.prompts[2].clone();
+    let want = {
+        let mut be = backend(&dir).unwrap();
+        let table: Vec<u32> = (0..16).collect();
+        let rows = be
+            .forward(&[SeqChunk {
+                tokens: &prompt,
+                start_pos: 0,
+                block_table: &table,
+                logits: LogitsWanted::Last,
+            }])
+            .unwrap()
+            .remove(0);
+        greedy(&mut be, &prompt, &rows, 8, &table)
+    };
+    let cfg = EngineConfig {
+        backend: Requested::Cuda,
+        max_batch_size: 8,
+        max_num_tokens: 256,
+        max_seq_len: Some(256),
+        tokens_per_block: TPB,
+        kv_memory_fraction: 0.05,
+        ..Default::default()
+    };
+    let h = Engine::start(&dir, cfg).unwrap();
+    assert_eq!(h.info().backend, "cuda");
+    assert!(h.info().kv_capacity_blocks > 0);
+    let mut rx = h
+        .submit(llmapi_worker::engine::GenerateParams {
+            request_id: "cuda-1".into(),
+            prompt,
+            sampling: llmapi_worker::engine::SamplingParams::default(),
+            stopping: llmapi_worker::engine::StoppingParams {
+                max_tokens: 8,
+                ignore_eos: true,
+                ..Default::default()
+            },
+        })
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut got = Vec::new();
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no Finished within 60 s"
+        );
+        match rx.try_recv() {
+            Ok(llmapi_worker::engine::TokenEvent::Tokens { ids, .. }) => got.extend(ids),
+            Ok(llmapi_worker::engine::TokenEvent::Finished { .. }) => break,
+            Ok(llmapi_worker::engine::TokenEvent::Error(e)) => panic!("engine error: {e}"),
+            Ok(_) => {}
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            Err(e) => panic!("stream ended without Finished: {e}"),
+        }
+    }
+    assert_eq!(
+        got, want,
+        "engine tokens differ from the backend's greedy steps"
+    );
+}
