@@ -16,8 +16,8 @@ use anyhow::{Context, bail};
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
-use llmapi_worker::dist::Communicator;
-use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
+use llmapi_worker::dist::tcp::RingConfig;
+use llmapi_worker::dist::{Communicator, GroupDevice, form_group};
 use llmapi_worker::engine::{EngineConfig, EngineError, EngineHandle};
 use llmapi_worker::model::Shard;
 
@@ -75,7 +75,9 @@ impl GroupSpec {
     }
 
     /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`), as the engine's
-    /// `connect` step once this rank's shard is loaded.
+    /// `connect` step once this rank's shard is loaded. Tensor-parallel groups run on the CPU
+    /// backend, so their communicator is the TCP ring (`GroupDevice::Cpu`); a CUDA group
+    /// would pass `GroupDevice::Cuda` and get NCCL.
     pub fn join(&self) -> Result<Box<dyn Communicator>, EngineError> {
         tracing::info!(
             rank = self.rank,
@@ -83,17 +85,18 @@ impl GroupSpec {
             rendezvous = %self.rendezvous,
             "shard loaded; joining the tensor-parallel group"
         );
-        let ring = TcpRing::join(&RingConfig {
+        let ring = RingConfig {
             rank: self.rank,
             world_size: self.size,
             rendezvous: self.rendezvous.clone(),
             token: self.token.clone(),
             join_timeout: JOIN_TIMEOUT,
             op_timeout: OP_TIMEOUT,
-        })
-        .map_err(|e| EngineError::Backend(format!("forming the tensor-parallel group: {e}")))?;
+        };
+        let comm = form_group(&ring, GroupDevice::Cpu)
+            .map_err(|e| EngineError::Backend(format!("forming the tensor-parallel group: {e}")))?;
         tracing::info!(rank = self.rank, "joined the group");
-        Ok(Box::new(ring))
+        Ok(comm)
     }
 }
 

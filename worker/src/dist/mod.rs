@@ -1,10 +1,11 @@
 //! Collectives between the ranks of one worker group.
 //!
 //! `Communicator` is what tensor- and expert-parallel model code calls; `tcp::TcpRing` runs it
-//! over TCP on any machine, and an NCCL implementation runs it on GPUs. Every operation has a
-//! bounded wait and names the rank that failed, so a dead rank stops its group instead of
-//! hanging it.
+//! over TCP on any machine, and `nccl::NcclComm` runs it on GPUs (`form_group` picks one).
+//! Every operation has a bounded wait and names the rank that failed, so a dead rank stops its
+//! group instead of hanging it.
 
+pub mod nccl;
 pub mod plan;
 pub mod tcp;
 
@@ -50,6 +51,15 @@ pub enum CommError {
         /// What went wrong.
         message: String,
     },
+    /// NCCL is missing, could not be initialised, or a collective failed (the communicator is
+    /// then aborted).
+    #[error("rank {rank}: {message}")]
+    Nccl {
+        /// This rank.
+        rank: usize,
+        /// What went wrong and what to do.
+        message: String,
+    },
     /// Arguments that cannot work (e.g. buffer sizes that differ).
     #[error("rank {rank}: {message}")]
     Usage {
@@ -75,6 +85,59 @@ pub trait Communicator: Send {
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CommError>;
+}
+
+/// What the ranks of a group compute on, which decides the group's communicator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupDevice {
+    /// The CPU backend: the TCP ring carries the collectives.
+    Cpu,
+    /// The CUDA backend on GPU `local_gpu` (the rank's local rank on its node): NCCL carries
+    /// the collectives, bootstrapped over the TCP ring.
+    Cuda {
+        /// This rank's GPU.
+        local_gpu: usize,
+    },
+}
+
+/// Which communicator a group on `device` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommKind {
+    /// `tcp::TcpRing`.
+    TcpRing,
+    /// `nccl::NcclComm` (with a TCP ring beside it for bootstrap and failure detection).
+    Nccl,
+}
+
+impl GroupDevice {
+    /// NCCL on GPUs, the TCP ring otherwise.
+    pub fn comm_kind(self) -> CommKind {
+        match self {
+            Self::Cpu => CommKind::TcpRing,
+            Self::Cuda { .. } => CommKind::Nccl,
+        }
+    }
+}
+
+/// Joins the group described by `ring` and returns its communicator for `device`: the TCP
+/// ring itself on CPUs; on GPUs an NCCL communicator bootstrapped over that ring (which stays
+/// open beside it to name a failed rank). Blocks until the group has formed or a bound passes.
+pub fn form_group(
+    ring: &tcp::RingConfig,
+    device: GroupDevice,
+) -> Result<Box<dyn Communicator>, CommError> {
+    let tcp = tcp::TcpRing::join(ring)?;
+    match device {
+        GroupDevice::Cpu => Ok(Box::new(tcp)),
+        GroupDevice::Cuda { local_gpu } => {
+            let timeouts = nccl::NcclTimeouts {
+                init: ring.join_timeout,
+                op: ring.op_timeout,
+            };
+            let comm = nccl::NcclComm::bootstrap(Box::new(tcp), local_gpu, timeouts)?;
+            Ok(Box::new(comm))
+        }
+    }
 }
 
 /// The communicator of a group of one: every collective is the identity.

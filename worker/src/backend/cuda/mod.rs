@@ -78,6 +78,8 @@ pub enum Library {
     Nvrtc,
     /// cuBLAS.
     Cublas,
+    /// NCCL, the collectives of multi-GPU groups (`dist::nccl`).
+    Nccl,
 }
 
 /// Checks that the libraries can be loaded, without calling into them.
@@ -90,6 +92,7 @@ pub fn check_libraries(needed: &[Library]) -> Result<(), CudaError> {
                 Library::Driver => (cudarc::driver::sys::is_culib_present(), "libcuda"),
                 Library::Nvrtc => (cudarc::nvrtc::sys::is_culib_present(), "libnvrtc"),
                 Library::Cublas => (cudarc::cublas::sys::is_culib_present(), "libcublas"),
+                Library::Nccl => (cudarc::nccl::sys::is_culib_present(), "libnccl"),
             }
         };
         if !present {
