@@ -12,11 +12,14 @@
 # worker/tests/cuda_backend.rs); batched steps equal one-at-a-time; batch-1 decode against the
 # HBM roofline and decode throughput at batch 64 and 256 on a 1B-class Llama-shaped random
 # bf16 model (worker/benches/cuda.rs); transformers' generate at batch 64 on the same shape
-# when torch and transformers import. Any failed or missing step makes the exit status 1.
+# when torch and transformers import; the NCCL communicator (worker/tests/nccl.rs) at world
+# size 1, and at world size 2 when two GPUs are visible. Any failed or missing step makes the
+# exit status 1.
 #
 # CUDA libraries: cuBLAS and NVRTC 12 are used as found; CUDA 13's libcublas.so.13 and
 # libnvrtc.so.13 (which cudarc 0.19 does not look for) are exposed through a directory of
-# libX.so symlinks put first on LD_LIBRARY_PATH. Searched: $CUDA_HOME, /usr/local/cuda, and
+# libX.so symlinks put first on LD_LIBRARY_PATH, and so is libnccl.so.2 (cudarc looks for
+# libnccl.so). Searched: $CUDA_HOME, /usr/local/cuda, and
 # the nvidia/ packages of python3's site-packages (torch's CUDA wheels).
 set -uo pipefail
 
@@ -28,7 +31,7 @@ stage() {
     cd "$repo" || exit 1
     local json
     json=$(mktemp)
-    cargo test --release -p llmapi-worker --test cuda_backend --test cuda_kernels --no-run \
+    cargo test --release -p llmapi-worker --test cuda_backend --test cuda_kernels --test nccl --no-run \
         --message-format=json >"$json" || exit 1
     cargo bench -p llmapi-worker --bench cuda --no-run --message-format=json >>"$json" || exit 1
     python3 - "$json" "$dir" <<'PY' || exit 1
@@ -42,16 +45,17 @@ for line in open(sys.argv[1]):
     exe = m.get("executable")
     if m.get("reason") == "compiler-artifact" and exe:
         found[m["target"]["name"]] = exe
-for name in ["cuda_backend", "cuda_kernels", "cuda"]:
+staged_as = {"cuda": "cuda_bench", "nccl": "nccl_tests"}
+for name in ["cuda_backend", "cuda_kernels", "cuda", "nccl"]:
     if name not in found:
         sys.exit(f"no executable built for {name}")
-    dst = f"{sys.argv[2]}/{'cuda_bench' if name == 'cuda' else name}"
+    dst = f"{sys.argv[2]}/{staged_as.get(name, name)}"
     shutil.copy(found[name], dst)
     print(f"staged {dst}")
 PY
     rm -f "$json"
     if command -v strip >/dev/null; then
-        strip "$dir"/cuda_backend "$dir"/cuda_kernels "$dir"/cuda_bench
+        strip "$dir"/cuda_backend "$dir"/cuda_kernels "$dir"/cuda_bench "$dir"/nccl_tests
     fi
     ls -l "$dir"
 }
@@ -67,7 +71,7 @@ rows=()
 row() { rows+=("$(printf '| %-44s | %-28s | %-22s |' "$1" "$2" "$3")"); }
 fail() { failed=1; row "$1" "FAILED: $2" "${3:-}"; echo "FAILED: $1: $2" >&2; }
 
-for exe in cuda_backend cuda_kernels cuda_bench; do
+for exe in cuda_backend cuda_kernels cuda_bench nccl_tests; do
     if [ ! -x "$bin/$exe" ]; then
         echo "FAILED: $bin/$exe is missing; build it with 'scripts/gpu_check.sh stage' and carry $bin" >&2
         exit 1
@@ -116,6 +120,15 @@ for lib in libcublas libcublasLt libnvrtc; do
     case ":$(IFS=:; echo "${ld[*]:-}"):" in *":$hit:"*) ;; *) ld+=("$hit") ;; esac
     [ "$lib" = libnvrtc ] && nvrtc_dir="$hit"
 done
+# NCCL: pip's nvidia-nccl and Debian's libnccl2 ship only libnccl.so.2.
+nccl_lib=""
+for d in "${lib_dirs[@]}" /usr/lib/x86_64-linux-gnu; do
+    if [ -e "$d/libnccl.so.2" ]; then
+        nccl_lib="$d/libnccl.so.2"
+        ln -sf "$nccl_lib" "$shim/libnccl.so"
+        break
+    fi
+done
 LD_LIBRARY_PATH="$shim:$(IFS=:; echo "${ld[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH
 # Headers of the same CUDA release as the NVRTC picked: beside it (toolkit, pip's cu13), or in
@@ -153,6 +166,30 @@ for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:
         row "$label" "pass" "tests/cuda_backend.rs"
     else
         fail "$label" "see its log above" "tests/cuda_backend.rs"
+    fi
+    cat "$log/$name.txt"
+done
+
+# NCCL: world size 1 always; world size 2 (and a dead peer named) when two GPUs are visible.
+gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | wc -l)
+nccl_tests=("gpu_world_1_collectives_are_the_identity:NCCL world size 1, all collectives")
+if [ "$gpus" -ge 2 ]; then
+    nccl_tests+=("gpu_world_2_collectives_agree_across_two_gpus:NCCL world size 2 on two GPUs"
+        "gpu_a_dead_peer_fails_the_collective_naming_it:NCCL dead peer named")
+else
+    row "NCCL world size 2 on two GPUs" "not run: $gpus GPU visible" "tests/nccl.rs"
+fi
+for t in "${nccl_tests[@]}"; do
+    name=${t%%:*}
+    label=${t#*:}
+    if [ -z "$nccl_lib" ]; then
+        fail "$label" "libnccl.so.2 not found" "tests/nccl.rs"
+        continue
+    fi
+    if LLMAPI_REQUIRE_NCCL=1 timeout 180 "$bin/nccl_tests" --exact "$name" --nocapture >"$log/$name.txt" 2>&1; then
+        row "$label" "pass" "tests/nccl.rs"
+    else
+        fail "$label" "see its log above" "tests/nccl.rs"
     fi
     cat "$log/$name.txt"
 done

@@ -76,8 +76,9 @@ impl GroupSpec {
 
     /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`), as the engine's
     /// `connect` step once this rank's shard is loaded. Tensor-parallel groups run on the CPU
-    /// backend, so their communicator is the TCP ring (`GroupDevice::Cpu`); a CUDA group
-    /// would pass `GroupDevice::Cuda` and get NCCL.
+    /// backend (the engine refuses `--backend cuda` with tp_size > 1 for now), so their
+    /// communicator is the TCP ring; a CUDA group would pass
+    /// `GroupDevice::for_backend(Choice::Cuda, local_rank)` and get NCCL.
     pub fn join(&self) -> Result<Box<dyn Communicator>, EngineError> {
         tracing::info!(
             rank = self.rank,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use half::bf16;
+use llmapi_worker::backend::cuda::select::Choice;
 use llmapi_worker::dist::nccl::{
     ID_BYTES, NcclComm, NcclTimeouts, check_nccl_libraries, local_readiness, nccl_version,
     new_unique_id, share_unique_id,
@@ -201,6 +202,11 @@ fn real_nccl_unique_id_travels_over_the_ring() {
 #[test]
 fn groups_use_the_tcp_ring_on_cpu_and_nccl_on_cuda() {
     assert_eq!(GroupDevice::Cpu.comm_kind(), CommKind::TcpRing);
+    assert_eq!(GroupDevice::for_backend(Choice::Cpu, 3), GroupDevice::Cpu);
+    assert_eq!(
+        GroupDevice::for_backend(Choice::Cuda, 3),
+        GroupDevice::Cuda { local_gpu: 3 }
+    );
     assert_eq!(
         GroupDevice::Cuda { local_gpu: 1 }.comm_kind(),
         CommKind::Nccl

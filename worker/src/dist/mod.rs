@@ -110,6 +110,15 @@ pub enum CommKind {
 }
 
 impl GroupDevice {
+    /// The device of a rank whose `--backend` resolved to `choice`; `local_gpu` (the rank's
+    /// local rank on its node) is its GPU when that is CUDA.
+    pub fn for_backend(choice: crate::backend::cuda::select::Choice, local_gpu: usize) -> Self {
+        match choice {
+            crate::backend::cuda::select::Choice::Cpu => Self::Cpu,
+            crate::backend::cuda::select::Choice::Cuda => Self::Cuda { local_gpu },
+        }
+    }
+
     /// NCCL on GPUs, the TCP ring otherwise.
     pub fn comm_kind(self) -> CommKind {
         match self {
