@@ -12,6 +12,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
+use support::{golden_root, prefill};
+
 use std::path::{Path, PathBuf};
 
 use llmapi_common::args::Backend as Requested;
@@ -22,15 +26,6 @@ use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
 use llmapi_worker::model::ModelWeights;
 use llmapi_worker::sampling::argmax;
 use serde::Deserialize;
-
-/// tests/golden of this checkout, or $LLMAPI_GOLDEN_DIR (a prebuilt test binary run from
-/// another copy of the repository, as scripts/gpu_check.sh does).
-fn golden_root() -> PathBuf {
-    match std::env::var_os("LLMAPI_GOLDEN_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden"),
-    }
-}
 
 /// True when a GPU is usable; otherwise prints why the test skips (or fails under
 /// LLMAPI_REQUIRE_GPU=1).
@@ -333,17 +328,7 @@ fn last_logits(kv: KvDtype) -> Vec<Vec<f32>> {
     be.init_kv(64, TPB).unwrap();
     g.prompts
         .iter()
-        .map(|p| {
-            let table: Vec<u32> = (0..p.len().div_ceil(TPB) as u32).collect();
-            be.forward(&[SeqChunk {
-                tokens: p,
-                start_pos: 0,
-                block_table: &table,
-                logits: LogitsWanted::Last,
-            }])
-            .unwrap()
-            .remove(0)
-        })
+        .map(|p| prefill(&mut be, p, TPB, 0, LogitsWanted::Last).unwrap())
         .collect()
 }
 

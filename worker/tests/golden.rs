@@ -6,6 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
+use support::prefill;
+
 use std::path::{Path, PathBuf};
 
 use llmapi_worker::backend::cpu::CpuBackend;
@@ -129,17 +133,7 @@ fn prompt_logits(dir: &Path, g: &Golden, gemm: GemmDtype) -> Vec<Vec<f32>> {
     be.init_kv(64, TPB).unwrap();
     g.prompts
         .iter()
-        .map(|prompt| {
-            let table: Vec<u32> = (0..prompt.len().div_ceil(TPB) as u32).collect();
-            be.forward(&[SeqChunk {
-                tokens: prompt,
-                start_pos: 0,
-                block_table: &table,
-                logits: LogitsWanted::All,
-            }])
-            .unwrap()
-            .remove(0)
-        })
+        .map(|prompt| prefill(&mut be, prompt, TPB, 0, LogitsWanted::All).unwrap())
         .collect()
 }
 

@@ -7,7 +7,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use support::{case, free_port};
+
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,12 +23,6 @@ use llmapi_worker::dist::{Communicator, SharedComm};
 use llmapi_worker::engine::*;
 use llmapi_worker::model::{ModelWeights, Shard};
 use tokio::sync::mpsc::UnboundedReceiver;
-
-fn case(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name)
-}
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -64,14 +62,6 @@ fn ring(rank: usize, world: usize, port: u16, op_timeout: Duration) -> TcpRing {
         op_timeout,
     })
     .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn request(id: &str, seed: u32, len: usize, max_tokens: u32) -> GenerateParams {

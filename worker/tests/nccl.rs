@@ -5,6 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
+use support::free_port;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -16,14 +20,6 @@ use llmapi_worker::dist::nccl::{
 };
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::dist::{CommError, CommKind, Communicator, GroupDevice, SingleRank, form_group};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(rank: usize, world: usize, port: u16) -> RingConfig {
     RingConfig {

@@ -3,18 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
+use support::free_port;
+
 use std::time::{Duration, Instant};
 
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::dist::{CommError, Communicator};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(rank: usize, world: usize, port: u16, token: &str) -> RingConfig {
     RingConfig {

@@ -11,7 +11,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use support::{case, free_port};
+
+use std::path::Path;
 use std::time::Duration;
 
 use llmapi_worker::backend::cpu::CpuBackend;
@@ -31,23 +35,9 @@ struct Golden {
     prompts: Vec<Vec<u32>>,
 }
 
-fn case(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name)
-}
-
 fn prompts(dir: &Path) -> Vec<Vec<u32>> {
     let text = std::fs::read_to_string(dir.join("golden.json")).unwrap();
     serde_json::from_str::<Golden>(&text).unwrap().prompts
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Per prompt: every prefill row's logits, then the greedy continuation.
