@@ -19,6 +19,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::backend::cpu::bf16::Bf16Kernel;
+use llmapi_worker::backend::cpu::linear::GemmDtype;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::dist::{Communicator, SingleRank};
@@ -27,6 +29,16 @@ use llmapi_worker::model::{ModelWeights, Shard};
 use serde::Deserialize;
 
 const TOLERANCE: f32 = 1e-4;
+
+/// f32 projections: `TOLERANCE`. bf16 projections: 2% of the largest |logit|, since a sum
+/// that lands on the other side of a bf16 rounding boundary in one rank order changes that
+/// element by 2^-8 relative, and the sharp random fixtures amplify it (measured: up to 0.36%).
+fn tolerance(gemm: GemmDtype, logits: &[f32]) -> f32 {
+    match gemm {
+        GemmDtype::F32 => TOLERANCE,
+        GemmDtype::Bf16(_) => 0.02 * logits.iter().fold(0.0f32, |m, v| m.max(v.abs())),
+    }
+}
 const TPB: usize = 4;
 const NEW_TOKENS: usize = 12;
 
@@ -80,14 +92,16 @@ fn drive(be: &mut dyn Backend, prompts: &[Vec<u32>]) -> Run {
     runs
 }
 
-fn single(dir: &Path, prompts: &[Vec<u32>]) -> Run {
+fn single(dir: &Path, prompts: &[Vec<u32>], gemm: GemmDtype) -> Run {
     let w = ModelWeights::load(dir).unwrap();
-    let mut be = CpuBackend::new_sharded(w, Box::new(SingleRank), KvDtype::Float32, Some(1));
-    drive(be.as_mut().unwrap(), prompts)
+    let mut be = CpuBackend::new_sharded(w, Box::new(SingleRank), KvDtype::Float32, Some(1))
+        .unwrap()
+        .with_gemm(gemm);
+    drive(&mut be, prompts)
 }
 
 /// Runs a group of `tp` ranks (experts over `ep`), one thread each; rank 0's results.
-fn group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize) -> Run {
+fn group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize, gemm: GemmDtype) -> Run {
     let port = free_port();
     let mut results = std::thread::scope(|s| {
         let handles: Vec<_> = (0..tp)
@@ -105,8 +119,9 @@ fn group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize) -> Run {
                     let shard = Shard::new(rank, tp, ep).unwrap();
                     let w = ModelWeights::load_shard(dir, shard).unwrap();
                     let comm: Box<dyn Communicator> = Box::new(ring);
-                    let mut be =
-                        CpuBackend::new_sharded(w, comm, KvDtype::Float32, Some(1)).unwrap();
+                    let mut be = CpuBackend::new_sharded(w, comm, KvDtype::Float32, Some(1))
+                        .unwrap()
+                        .with_gemm(gemm);
                     drive(&mut be, prompts)
                 })
             })
@@ -127,7 +142,7 @@ fn group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize) -> Run {
     first
 }
 
-fn assert_same(name: &str, tp: usize, ep: usize, want: &Run, got: &Run) {
+fn assert_same(name: &str, tp: usize, ep: usize, want: &Run, got: &Run, gemm: GemmDtype) {
     for (pi, ((wl, wg), (gl, gg))) in want.iter().zip(got).enumerate() {
         assert_eq!(
             wg, gg,
@@ -139,17 +154,28 @@ fn assert_same(name: &str, tp: usize, ep: usize, want: &Run, got: &Run) {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(
-            worst <= TOLERANCE,
-            "{name} tp={tp} ep={ep} prompt {pi}: max |logit diff| {worst} > {TOLERANCE}"
+            worst <= tolerance(gemm, wl),
+            "{name} tp={tp} ep={ep} prompt {pi}: max |logit diff| {worst} > {}",
+            tolerance(gemm, wl)
         );
     }
 }
 
 fn check_dir(name: &str, dir: &Path, prompts: &[Vec<u32>], splits: &[(usize, usize)]) {
-    let want = single(dir, prompts);
+    check_dir_in(name, dir, prompts, splits, GemmDtype::F32);
+}
+
+fn check_dir_in(
+    name: &str,
+    dir: &Path,
+    prompts: &[Vec<u32>],
+    splits: &[(usize, usize)],
+    gemm: GemmDtype,
+) {
+    let want = single(dir, prompts, gemm);
     for &(tp, ep) in splits {
-        let got = group(dir, prompts, tp, ep);
-        assert_same(name, tp, ep, &want, &got);
+        let got = group(dir, prompts, tp, ep, gemm);
+        assert_same(name, tp, ep, &want, &got, gemm);
     }
 }
 
@@ -168,6 +194,18 @@ fn the_bf16_demo_preset_over_two_and_four_ranks_matches_one_rank() {
         (0..21).map(|i| (i * 97 + 5) % 2048).collect(),
     ];
     check_dir("demo", tmp.path(), &prompts, &[(2, 2), (4, 4)]);
+}
+
+#[test]
+fn bf16_projections_split_over_ranks_match_one_rank_in_bf16() {
+    // Every rank rounds the same activation elements to bf16 as one rank does, but the
+    // all-reduce sums row-parallel partial products in another order, which can move a later
+    // bf16 rounding: greedy tokens must still match, logits within the bf16 tolerance.
+    let gemm = GemmDtype::Bf16(Bf16Kernel::detect());
+    for name in ["llama", "qwen3_moe"] {
+        let dir = case(name);
+        check_dir_in(name, &dir, &prompts(&dir), &[(2, 2)], gemm);
+    }
 }
 
 #[test]
