@@ -9,17 +9,18 @@
 //! prints why and exits with status 2 (so a script cannot mistake it for a result).
 //! Build for a GPU machine: `cargo bench -p llmapi-worker --bench cuda --no-run`.
 
+mod support;
+
+use support::random_model;
+
 use std::path::Path;
 use std::time::Instant;
 
-use llmapi_common::model_config::ModelConfig;
 use llmapi_worker::backend::cuda::select::probe;
 use llmapi_worker::backend::cuda::{CudaBackend, CudaSettings, copy_bandwidth_gbs};
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::KvDtype;
-use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, Shard, WeightData};
-use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
+use llmapi_worker::model::ModelWeights;
 
 const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":2048,
 "intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,
@@ -28,57 +29,6 @@ const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":2048
 
 const PROMPT: usize = 128;
 const TPB: usize = 32;
-
-fn random_mat(seed: u64, rows: usize, cols: usize) -> Mat {
-    let scale = 1.0 / (cols as f32).sqrt();
-    let data = (0..rows)
-        .into_par_iter()
-        .flat_map_iter(|r| {
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed * 1_000_003 + r as u64);
-            (0..cols)
-                .map(move |_| half::bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
-                .map(half::bf16::to_bits)
-                .collect::<Vec<u16>>()
-        })
-        .collect();
-    Mat {
-        rows,
-        cols,
-        data: WeightData::Bf16(data),
-    }
-}
-
-fn random_model() -> ModelWeights {
-    let config =
-        ModelConfig::from_json_str(PRESET, Path::new("bench preset")).expect("preset parses");
-    let c = &config;
-    let (h, d) = (c.hidden_size, c.head_dim);
-    let qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
-    let layers = (0..c.num_hidden_layers as u64)
-        .map(|i| Layer {
-            input_norm: vec![1.0; h],
-            post_norm: vec![1.0; h],
-            qkv: random_mat(10 * i + 1, qkv_rows, h),
-            qkv_bias: None,
-            o: random_mat(10 * i + 2, h, c.num_attention_heads * d),
-            o_bias: None,
-            qk_norm: None,
-            mlp: Mlp::Dense(Ffn {
-                gate_up: random_mat(10 * i + 3, 2 * c.intermediate_size, h),
-                down: random_mat(10 * i + 4, h, c.intermediate_size),
-                inter: c.intermediate_size,
-            }),
-        })
-        .collect();
-    ModelWeights {
-        embed: random_mat(1_000_001, c.vocab_size, h),
-        lm_head: Some(random_mat(1_000_002, c.vocab_size, h)),
-        norm: vec![1.0; h],
-        layers,
-        config,
-        shard: Shard::whole(),
-    }
-}
 
 /// Seconds per decode step of `batch` sequences, over `steps` steps after a prefill of
 /// PROMPT tokens each (prefilled 16 sequences per step).
@@ -141,7 +91,7 @@ fn main() {
     let t = Instant::now();
     let w = match std::env::var_os("LLMAPI_BENCH_MODEL") {
         Some(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
-        None => random_model(),
+        None => random_model(PRESET),
     };
     let bytes_per_token = w.bytes_per_token();
     println!("weights_seconds={:.1}", t.elapsed().as_secs_f64());

@@ -12,67 +12,24 @@
 //! LLMAPI_BENCH_ROUNDS=3 how many rounds each figure alternates the modes (the best counts).
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
+mod support;
+
+use support::{chunk, random_model, run};
+
 use std::path::Path;
 use std::time::Instant;
 
 use llmapi_common::args::ModelDtype;
-use llmapi_common::model_config::ModelConfig;
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
+use llmapi_worker::backend::{Backend, SeqChunk};
 use llmapi_worker::engine::KvDtype;
-use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, Shard, WeightData};
-use rand::{Rng, SeedableRng};
+use llmapi_worker::model::ModelWeights;
 use rayon::prelude::*;
 
 const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
 "intermediate_size":2048,"num_hidden_layers":12,"num_attention_heads":12,
 "num_key_value_heads":4,"vocab_size":32000,"max_position_embeddings":4096,
 "rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
-
-fn random_mat(rng: &mut rand_chacha::ChaCha8Rng, rows: usize, cols: usize) -> Mat {
-    let scale = 1.0 / (cols as f32).sqrt();
-    let data = (0..rows * cols)
-        .map(|_| half::bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale).to_bits())
-        .collect();
-    Mat {
-        rows,
-        cols,
-        data: WeightData::Bf16(data),
-    }
-}
-
-fn random_model() -> ModelWeights {
-    let config =
-        ModelConfig::from_json_str(PRESET, Path::new("bench preset")).expect("preset parses");
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-    let c = &config;
-    let (h, d) = (c.hidden_size, c.head_dim);
-    let qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
-    let layers = (0..c.num_hidden_layers)
-        .map(|_| Layer {
-            input_norm: vec![1.0; h],
-            post_norm: vec![1.0; h],
-            qkv: random_mat(&mut rng, qkv_rows, h),
-            qkv_bias: None,
-            o: random_mat(&mut rng, h, c.num_attention_heads * d),
-            o_bias: None,
-            qk_norm: None,
-            mlp: Mlp::Dense(Ffn {
-                gate_up: random_mat(&mut rng, 2 * c.intermediate_size, h),
-                down: random_mat(&mut rng, h, c.intermediate_size),
-                inter: c.intermediate_size,
-            }),
-        })
-        .collect();
-    ModelWeights {
-        embed: random_mat(&mut rng, c.vocab_size, h),
-        lm_head: Some(random_mat(&mut rng, c.vocab_size, h)),
-        norm: vec![1.0; h],
-        layers,
-        config,
-        shard: Shard::whole(),
-    }
-}
 
 /// GB/s of a parallel read over a buffer much larger than the caches... of the same pool.
 fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
@@ -128,22 +85,6 @@ impl Decoder {
     }
 }
 
-fn chunk<'a>(tokens: &'a [u32], start_pos: usize, block_table: &'a [u32]) -> SeqChunk<'a> {
-    SeqChunk {
-        tokens,
-        start_pos,
-        block_table,
-        logits: LogitsWanted::Last,
-    }
-}
-
-fn run(be: &mut CpuBackend, chunks: &[SeqChunk<'_>]) {
-    if let Err(e) = be.forward(chunks) {
-        eprintln!("forward failed: {e}");
-        std::process::exit(1);
-    }
-}
-
 /// A comma-separated list of numbers from the environment, or `default`.
 fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
     match std::env::var(name) {
@@ -175,7 +116,7 @@ fn main() {
     };
     let weights = match std::env::var("LLMAPI_BENCH_MODEL") {
         Ok(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
-        Err(_) => random_model(),
+        Err(_) => random_model(PRESET),
     };
     let bytes_per_token = weights.bytes_per_token();
     let mut builder = rayon::ThreadPoolBuilder::new();

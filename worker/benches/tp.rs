@@ -8,12 +8,16 @@
 //! unless LLMAPI_BENCH_MODEL names one; LLMAPI_BENCH_TP=1,2 picks the sizes (default 1,2).
 //! Run: `cargo bench -p llmapi-worker --bench tp`.
 
+mod support;
+
+use support::{chunk, run};
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use llmapi_common::checkpoint::{Preset, write_checkpoint};
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
+use llmapi_worker::backend::{Backend, SeqChunk};
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::dist::{Communicator, SingleRank};
 use llmapi_worker::engine::KvDtype;
@@ -21,22 +25,6 @@ use llmapi_worker::model::{ModelWeights, Shard};
 
 const TPB: usize = 32;
 const CTX: usize = 128;
-
-fn chunk<'a>(tokens: &'a [u32], start_pos: usize, block_table: &'a [u32]) -> SeqChunk<'a> {
-    SeqChunk {
-        tokens,
-        start_pos,
-        block_table,
-        logits: LogitsWanted::Last,
-    }
-}
-
-fn run(be: &mut CpuBackend, chunks: &[SeqChunk<'_>]) {
-    if let Err(e) = be.forward(chunks) {
-        eprintln!("forward failed: {e}");
-        std::process::exit(1);
-    }
-}
 
 /// Decode tok/s at `batch` after a CTX-token prefill per sequence (rank 0's clock; every
 /// rank runs the same steps in lockstep).

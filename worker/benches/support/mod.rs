@@ -1,0 +1,85 @@
+//! Helpers shared by the worker's benchmarks: an in-memory Llama-shaped model with random
+//! bf16 weights, and one-token decode chunks.
+// Each bench binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::path::Path;
+
+use llmapi_common::model_config::ModelConfig;
+use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
+use llmapi_worker::model::{Ffn, Layer, Mat, Mlp, ModelWeights, Shard, WeightData};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+/// A `rows x cols` bf16 matrix, uniform in +-1/sqrt(cols); each row seeded from `seed` and
+/// its index, so rows are drawn in parallel and the result does not depend on the pool.
+fn random_mat(seed: u64, rows: usize, cols: usize) -> Mat {
+    let scale = 1.0 / (cols as f32).sqrt();
+    let data = (0..rows)
+        .into_par_iter()
+        .flat_map_iter(|r| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed * 1_000_003 + r as u64);
+            (0..cols)
+                .map(move |_| half::bf16::from_f32((rng.random::<f32>() * 2.0 - 1.0) * scale))
+                .map(half::bf16::to_bits)
+                .collect::<Vec<u16>>()
+        })
+        .collect();
+    Mat {
+        rows,
+        cols,
+        data: WeightData::Bf16(data),
+    }
+}
+
+/// A dense Llama model of the shape `config_json` gives (an HF config.json text), with
+/// random bf16 weights, unit norms and an untied lm_head.
+pub fn random_model(config_json: &str) -> ModelWeights {
+    let config =
+        ModelConfig::from_json_str(config_json, Path::new("bench preset")).expect("preset parses");
+    let c = &config;
+    let (h, d) = (c.hidden_size, c.head_dim);
+    let qkv_rows = (c.num_attention_heads + 2 * c.num_key_value_heads) * d;
+    let layers = (0..c.num_hidden_layers as u64)
+        .map(|i| Layer {
+            input_norm: vec![1.0; h],
+            post_norm: vec![1.0; h],
+            qkv: random_mat(10 * i + 1, qkv_rows, h),
+            qkv_bias: None,
+            o: random_mat(10 * i + 2, h, c.num_attention_heads * d),
+            o_bias: None,
+            qk_norm: None,
+            mlp: Mlp::Dense(Ffn {
+                gate_up: random_mat(10 * i + 3, 2 * c.intermediate_size, h),
+                down: random_mat(10 * i + 4, h, c.intermediate_size),
+                inter: c.intermediate_size,
+            }),
+        })
+        .collect();
+    ModelWeights {
+        embed: random_mat(1_000_001, c.vocab_size, h),
+        lm_head: Some(random_mat(1_000_002, c.vocab_size, h)),
+        norm: vec![1.0; h],
+        layers,
+        config,
+        shard: Shard::whole(),
+    }
+}
+
+/// A chunk that wants the last position's logits.
+pub fn chunk<'a>(tokens: &'a [u32], start_pos: usize, block_table: &'a [u32]) -> SeqChunk<'a> {
+    SeqChunk {
+        tokens,
+        start_pos,
+        block_table,
+        logits: LogitsWanted::Last,
+    }
+}
+
+/// Runs one step; a failure ends the bench with its message.
+pub fn run(be: &mut dyn Backend, chunks: &[SeqChunk<'_>]) {
+    if let Err(e) = be.forward(chunks) {
+        eprintln!("forward failed: {e}");
+        std::process::exit(1);
+    }
+}
