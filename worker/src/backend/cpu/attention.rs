@@ -3,7 +3,8 @@
 //! One task per (sequence chunk, KV head, tile of up to `ROW_TILE` consecutive query rows):
 //! each K/V block is read (and dequantized) once per task and used by every query of the
 //! tile and every query head sharing that KV head (GQA/MQA). Scores come from the
-//! register-blocked micro-kernel, four queries by four keys at a time.
+//! register-blocked micro-kernel, four queries by four keys at a time. Decode steps over a
+//! bf16 cache take the faster path of `decode_attention.rs` on AVX-512 CPUs.
 
 use rayon::prelude::*;
 
@@ -29,6 +30,26 @@ struct Task {
 /// `rows[r] = (chunk, pos)` with each chunk's rows consecutive and in position order; `qkv`
 /// holds `[q; k; v]` per row with q already rotated.
 pub fn attend(
+    kv: &KvStore,
+    layer: usize,
+    batch: &[SeqChunk<'_>],
+    rows: &[(usize, usize)],
+    qkv: &[f32],
+    c: &ModelConfig,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::decode_attention::applies(kv, rows, c.head_dim) {
+            super::decode_attention::attend(kv, layer, batch, rows, qkv, c, out);
+            return;
+        }
+    }
+    attend_tiled(kv, layer, batch, rows, qkv, c, out);
+}
+
+/// [`attend`] by tiles of query rows, for every KV dtype and step shape.
+pub(super) fn attend_tiled(
     kv: &KvStore,
     layer: usize,
     batch: &[SeqChunk<'_>],

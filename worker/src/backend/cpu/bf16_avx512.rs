@@ -61,6 +61,14 @@ pub unsafe fn round_into(x: &[f32], out: &mut [u16]) {
     }
 }
 
+/// Asks for the cache lines of `w` (into L2), one prefetch per 64 bytes.
+pub fn prefetch(w: &[u16]) {
+    for i in (0..w.len()).step_by(32) {
+        // SAFETY: a prefetch is a hint that never faults; the address lies inside w.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(w.as_ptr().add(i) as *const i8) };
+    }
+}
+
 /// `x . w` over bf16 rows of length `k`.
 ///
 /// # Safety

@@ -22,6 +22,19 @@ pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
 
 /// `out[i] = silu(gate[i]) * up[i]` where `gate_up = [gate; up]`.
 pub fn silu_mul(gate_up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports avx512f (checked just above).
+            unsafe { super::vmath::silu_mul16(gate_up, out) };
+            return;
+        }
+    }
+    silu_mul_scalar(gate_up, out);
+}
+
+/// [`silu_mul`] one element at a time.
+pub fn silu_mul_scalar(gate_up: &[f32], out: &mut [f32]) {
     let n = out.len();
     let (gate, up) = gate_up.split_at(n);
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {

@@ -168,6 +168,17 @@ impl KvStore {
         }
     }
 
+    /// One head's slots of one block as bf16 bits (`tokens_per_block x head_dim`, read in
+    /// place), or None when the pool does not store bf16.
+    pub fn bf16_rows(&self, layer: usize, kv: Kv, block: BlockId, head: usize) -> Option<&[u16]> {
+        let r = self.row(layer, kv, block, head, 0);
+        let len = self.tpb * self.dim;
+        match &self.store {
+            Store::Bf16(v) => v.get(r * self.dim..r * self.dim + len),
+            _ => None,
+        }
+    }
+
     /// Reads `n` consecutive slots of one head in one block into `out` (n x head_dim) as f32.
     pub fn read(
         &self,

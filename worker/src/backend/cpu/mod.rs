@@ -5,10 +5,14 @@ mod attention;
 pub mod bf16;
 #[cfg(target_arch = "x86_64")]
 mod bf16_avx512;
+#[cfg(target_arch = "x86_64")]
+mod decode_attention;
 pub mod kernels;
 pub mod kv_store;
 pub mod linear;
 mod microkernel;
+#[cfg(target_arch = "x86_64")]
+mod vmath;
 
 use rayon::prelude::*;
 
@@ -35,6 +39,24 @@ pub struct CpuBackend {
     kv: Option<KvStore>,
     pool: std::sync::Arc<rayon::ThreadPool>,
     gemm: GemmDtype,
+    /// Buffers reused from step to step, so large activations do not fault in fresh pages.
+    scratch: Scratch,
+}
+
+/// Reused activation buffers (contents are overwritten before every use).
+#[derive(Default)]
+struct Scratch {
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// The first `n` elements of `v`, grown (zero-filled) if shorter.
+fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
 /// Per-row facts of a step: which chunk, which position, where its KV goes.
@@ -89,6 +111,7 @@ impl CpuBackend {
             kv: None,
             pool: std::sync::Arc::new(pool),
             gemm: GemmDtype::F32,
+            scratch: Scratch::default(),
         })
     }
 
@@ -231,7 +254,15 @@ impl CpuBackend {
             }
             add_rows(&mut x, &proj, layer.o_bias.as_deref(), h);
             norm_rows(&x, &layer.post_norm, eps, h, &mut xn);
-            mlp(self.gemm, layer, &xn, t_rows, h, &mut proj);
+            mlp(
+                self.gemm,
+                layer,
+                &xn,
+                t_rows,
+                h,
+                &mut proj,
+                &mut self.scratch,
+            );
             if tp {
                 self.comm.all_reduce_sum(&mut proj)?;
             }
@@ -268,9 +299,9 @@ impl CpuBackend {
                 &mut xn[i * h..(i + 1) * h],
             );
         }
-        let mut all = vec![0.0f32; picked.len() * vocab];
+        let all = buf(&mut self.scratch.logits, picked.len() * vocab);
         if tp == 1 {
-            linear(self.gemm, &xn, picked.len(), self.w.lm_head(), &mut all);
+            linear(self.gemm, &xn, picked.len(), self.w.lm_head(), all);
         } else if !picked.is_empty() {
             // Vocabulary-parallel lm_head: gather every rank's slice, then lay each row out as
             // the full vocabulary (sampling needs all of it).
@@ -317,19 +348,27 @@ fn add_rows(x: &mut [f32], y: &[f32], bias: Option<&[f32]>, h: usize) {
 }
 
 /// out = FFN(xn) for `rows` rows.
-fn run_ffn(g: GemmDtype, f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32]) {
-    let mut gu = vec![0.0f32; rows * 2 * f.inter];
-    linear(g, xn, rows, &f.gate_up, &mut gu);
-    let mut act = vec![0.0f32; rows * f.inter];
+fn run_ffn(g: GemmDtype, f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32], s: &mut Scratch) {
+    let gu = buf(&mut s.gate_up, rows * 2 * f.inter);
+    linear(g, xn, rows, &f.gate_up, gu);
+    let act = buf(&mut s.act, rows * f.inter);
     act.par_chunks_mut(f.inter)
         .zip(gu.par_chunks(2 * f.inter))
         .for_each(|(a, g)| silu_mul(g, a));
-    linear(g, &act, rows, &f.down, out);
+    linear(g, act, rows, &f.down, out);
 }
 
-fn mlp(g: GemmDtype, layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut [f32]) {
+fn mlp(
+    g: GemmDtype,
+    layer: &Layer,
+    xn: &[f32],
+    rows: usize,
+    h: usize,
+    out: &mut [f32],
+    s: &mut Scratch,
+) {
     match &layer.mlp {
-        Mlp::Dense(f) => run_ffn(g, f, xn, rows, out),
+        Mlp::Dense(f) => run_ffn(g, f, xn, rows, out, s),
         Mlp::Moe {
             router,
             experts,
@@ -370,7 +409,7 @@ fn mlp(g: GemmDtype, layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut
                     xs.extend_from_slice(&xn[r * h..(r + 1) * h]);
                 }
                 let mut ys = vec![0.0f32; list.len() * h];
-                run_ffn(g, ex, &xs, list.len(), &mut ys);
+                run_ffn(g, ex, &xs, list.len(), &mut ys, s);
                 for (i, &(r, wgt)) in list.iter().enumerate() {
                     let dst = &mut out[r * h..(r + 1) * h];
                     dst.iter_mut()
@@ -380,7 +419,7 @@ fn mlp(g: GemmDtype, layer: &Layer, xn: &[f32], rows: usize, h: usize, out: &mut
             }
             if let Some((sf, gate)) = shared {
                 let mut ys = vec![0.0f32; rows * h];
-                run_ffn(g, sf, xn, rows, &mut ys);
+                run_ffn(g, sf, xn, rows, &mut ys, s);
                 let mut gate_out = vec![0.0f32; rows];
                 linear(g, xn, rows, gate, &mut gate_out);
                 for r in 0..rows {
