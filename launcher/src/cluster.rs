@@ -123,6 +123,7 @@ pub async fn run(
             rendezvous: format!("{host}:{}", role.rendezvous_port(opts.rendezvous_port)),
             token: token.clone(),
             threads: task_threads(&placement),
+            on_gpu: group::on_gpu(&args),
         };
         if spec.rank != 0 {
             tracing::info!(

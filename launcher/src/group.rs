@@ -49,6 +49,8 @@ pub struct GroupSpec {
     pub token: String,
     /// Compute threads of this rank; None: every core this process may use.
     pub threads: Option<usize>,
+    /// `--backend cuda`: the rank runs on its GPU and the group talks over NCCL.
+    pub on_gpu: bool,
 }
 
 /// Threads for one of `ranks_here` ranks sharing this process's cores evenly (more threads
@@ -75,10 +77,9 @@ impl GroupSpec {
     }
 
     /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`), as the engine's
-    /// `connect` step once this rank's shard is loaded. Tensor-parallel groups run on the CPU
-    /// backend (the engine refuses `--backend cuda` with tp_size > 1 for now), so their
-    /// communicator is the TCP ring; a CUDA group would pass
-    /// `GroupDevice::for_backend(Choice::Cuda, local_rank)` and get NCCL.
+    /// `connect` step once this rank's shard is loaded. A CPU group talks over the TCP ring;
+    /// a `--backend cuda` group forms NCCL over it on each rank's GPU
+    /// (`cuda::select::group_gpu`, the GPU the engine puts the shard on).
     pub fn join(&self) -> Result<Box<dyn Communicator>, EngineError> {
         tracing::info!(
             rank = self.rank,
@@ -94,11 +95,25 @@ impl GroupSpec {
             join_timeout: JOIN_TIMEOUT,
             op_timeout: OP_TIMEOUT,
         };
-        let comm = form_group(&ring, GroupDevice::Cpu)
+        let device = if self.on_gpu {
+            let devices = llmapi_worker::backend::cuda::device_count()
+                .map_err(|e| EngineError::Backend(e.to_string()))?;
+            GroupDevice::Cuda {
+                local_gpu: llmapi_worker::backend::cuda::select::group_gpu(self.rank, devices),
+            }
+        } else {
+            GroupDevice::Cpu
+        };
+        let comm = form_group(&ring, device)
             .map_err(|e| EngineError::Backend(format!("forming the tensor-parallel group: {e}")))?;
         tracing::info!(rank = self.rank, "joined the group");
         Ok(comm)
     }
+}
+
+/// Whether the ranks run on GPUs (`--backend cuda`; auto keeps groups on the CPU).
+pub fn on_gpu(args: &LlmArgs) -> bool {
+    args.backend == llmapi_common::args::Backend::Cuda
 }
 
 /// ep_size as configured (default: tp_size).
@@ -137,6 +152,7 @@ pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
         rendezvous,
         token,
         threads: share_of_cores(size),
+        on_gpu: on_gpu(args),
     }))
 }
 

@@ -202,6 +202,7 @@ pub async fn run(
             rendezvous: format!("127.0.0.1:{port}"),
             token: group::local_token(),
             threads: group::share_of_cores(tp),
+            on_gpu: group::on_gpu(&args),
         };
         ranks = Some(Arc::new(std::sync::Mutex::new(LocalRanks::spawn(&spec)?)));
         Some(spec)

@@ -85,6 +85,26 @@ pub trait Communicator: Send {
     fn broadcast(&mut self, buf: &mut [u8], root: usize) -> Result<(), CommError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CommError>;
+    /// Whether `all_reduce_sum_device` works here (NCCL); a GPU backend stages its buffers
+    /// through host memory and `all_reduce_sum` otherwise.
+    fn moves_device_memory(&self) -> bool {
+        false
+    }
+    /// Element-wise sum over all ranks, in place, of `count` f32 at device address `ptr` on
+    /// this rank's GPU; returns once the sum is complete on the GPU. Communicators that move
+    /// host memory only refuse it.
+    ///
+    /// # Safety
+    /// `ptr` must address `count` live f32 on the GPU (and CUDA context) the communicator was
+    /// formed on, every write to them must be complete, and nothing may use them until this
+    /// returns.
+    unsafe fn all_reduce_sum_device(&mut self, ptr: u64, count: usize) -> Result<(), CommError> {
+        let _ = (ptr, count);
+        Err(CommError::Usage {
+            rank: self.rank(),
+            message: "this communicator moves host memory only; stage device buffers through the host (moves_device_memory is false)".into(),
+        })
+    }
 }
 
 /// What the ranks of a group compute on, which decides the group's communicator.
@@ -235,5 +255,12 @@ impl Communicator for SharedComm {
     }
     fn barrier(&mut self) -> Result<(), CommError> {
         self.with(|c| c.barrier())
+    }
+    fn moves_device_memory(&self) -> bool {
+        self.with(|c| Ok(c.moves_device_memory())).unwrap_or(false)
+    }
+    unsafe fn all_reduce_sum_device(&mut self, ptr: u64, count: usize) -> Result<(), CommError> {
+        // SAFETY: the caller's guarantees pass through unchanged.
+        self.with(|c| unsafe { c.all_reduce_sum_device(ptr, count) })
     }
 }

@@ -655,6 +655,31 @@ impl Communicator for NcclComm {
         let mut one = [0.0f32];
         self.all_reduce_sum(&mut one)
     }
+
+    fn moves_device_memory(&self) -> bool {
+        true
+    }
+
+    unsafe fn all_reduce_sum_device(&mut self, ptr: u64, count: usize) -> Result<(), CommError> {
+        if count == 0 {
+            return Ok(());
+        }
+        self.run("all_reduce", |comm, s| {
+            // SAFETY: the caller guarantees `ptr` holds `count` f32 on this GPU, complete and
+            // untouched until `run` returns, which is after the call completed on the GPU.
+            unsafe {
+                sys::ncclAllReduce(
+                    ptr as *const c_void,
+                    ptr as *mut c_void,
+                    count,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    s,
+                )
+            }
+        })
+    }
 }
 
 impl Drop for NcclComm {

@@ -96,19 +96,15 @@ impl Engine {
         shard: Shard,
         connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
     ) -> Result<EngineHandle, EngineError> {
-        if cfg.backend == llmapi_common::args::Backend::Cuda {
-            return Err(cuda::select::no_tensor_parallel());
-        }
         if shard.tp_rank != 0 {
             return Err(EngineError::InvalidConfig(format!(
                 "rank {} cannot lead its group; rank 0 leads, the others run run_follower",
                 shard.tp_rank
             )));
         }
-        let (backend, shared) = cpu_backend_in_group(model_dir, &cfg, shard, connect)?;
-        let model_cfg = backend.weights().config.clone();
+        let (backend, model_cfg, shared) = backend_in_group(model_dir, &cfg, shard, connect)?;
         let name = model_name(model_dir, &cfg);
-        let leader = LeaderBackend::new(Box::new(backend), Box::new(shared));
+        let leader = LeaderBackend::new(backend, Box::new(shared));
         Self::start_with_backend(Box::new(leader), &model_cfg, model_dir, name, cfg)
     }
 
@@ -195,25 +191,47 @@ pub fn run_follower(
     shard: Shard,
     connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
 ) -> Result<(), EngineError> {
-    if cfg.backend == llmapi_common::args::Backend::Cuda {
-        return Err(cuda::select::no_tensor_parallel());
-    }
-    let (mut backend, mut plan_comm) = cpu_backend_in_group(model_dir, cfg, shard, connect)?;
-    plan::follow(&mut backend, &mut plan_comm).map_err(|e| EngineError::Backend(e.to_string()))
+    let (mut backend, _, mut plan_comm) = backend_in_group(model_dir, cfg, shard, connect)?;
+    plan::follow(backend.as_mut(), &mut plan_comm).map_err(|e| EngineError::Backend(e.to_string()))
 }
 
 /// Loads `shard`, then joins its group; the backend's collectives and the plan channel
-/// share the one connection.
-fn cpu_backend_in_group(
+/// share the one connection. `--backend cuda` puts the shard on this rank's GPU
+/// (`cuda::select::group_gpu`); otherwise (auto included) groups run on the CPU.
+fn backend_in_group(
     model_dir: &Path,
     cfg: &EngineConfig,
     shard: Shard,
     connect: impl FnOnce() -> Result<Box<dyn Communicator>, EngineError>,
-) -> Result<(CpuBackend, SharedComm), EngineError> {
+) -> Result<
+    (
+        Box<dyn Backend>,
+        llmapi_common::model_config::ModelConfig,
+        SharedComm,
+    ),
+    EngineError,
+> {
+    let on_gpu = cfg.backend == llmapi_common::args::Backend::Cuda;
+    if on_gpu {
+        cuda::select::resolve(cfg.backend)
+            .map_err(|e| EngineError::InvalidConfig(format!("--backend cuda: {e}")))?;
+    }
     let weights = ModelWeights::load_shard(model_dir, shard)?;
+    if on_gpu {
+        cuda::select::supports(&weights, cfg)?;
+    }
+    let model_cfg = weights.config.clone();
     let shared = SharedComm::new(connect()?);
-    let backend = cpu_backend_of(weights, cfg, Box::new(shared.clone()))?;
-    Ok((backend, shared))
+    let backend: Box<dyn Backend> = if on_gpu {
+        Box::new(cuda::select::cuda_backend_in_group(
+            weights,
+            cfg,
+            Box::new(shared.clone()),
+        )?)
+    } else {
+        Box::new(cpu_backend_of(weights, cfg, Box::new(shared.clone()))?)
+    };
+    Ok((backend, model_cfg, shared))
 }
 
 /// A CPU backend over loaded weights (a whole model with `SingleRank`, or a shard).

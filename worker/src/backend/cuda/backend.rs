@@ -1,11 +1,15 @@
-//! `CudaBackend`: a dense Llama-family decoder (Llama, Mistral, Qwen2 with q/k/v bias, Qwen3
-//! with q/k norm) on one GPU.
+//! `CudaBackend`: a Llama-family decoder (Llama, Mistral, Qwen2 with q/k/v bias, Qwen3 with
+//! q/k norm; Mixtral, Qwen3-MoE and Qwen2-MoE through `moe`) on one GPU, whole or as one rank
+//! of a tensor/expert-parallel group.
 //!
 //! Weights live on the device in bf16; projections are cuBLAS GEMMs with bf16 inputs and f32
 //! accumulation; the residual stream is f32; norms, RoPE, the paged KV store, paged attention
-//! and SiLU-mul are the NVRTC kernels of `kernels/`. The math follows the CPU backend. The KV
-//! pool is bf16 or fp8 e4m3 in device memory. Logits come back to the host for the sampler.
-//! Not here: MoE layers and tensor parallelism (refused at construction with a message).
+//! and SiLU-mul are the NVRTC kernels of `kernels/`. The math follows the CPU backend,
+//! including its tensor-parallel split (`model::shard`): the embedding rows of other ranks'
+//! vocabulary are zero and summed over the group, the o and down projections' partial sums are
+//! all-reduced before they join the residual stream, and the vocabulary-parallel logits are
+//! gathered. The KV pool is bf16 or fp8 e4m3 in device memory. Logits come back to the host
+//! for the sampler.
 
 use cudarc::driver::CudaSlice;
 
@@ -13,10 +17,12 @@ use llmapi_common::model_config::ModelConfig;
 
 use super::CudaError;
 use super::device::{Device, Scratch, dev_err, ptr, stride_grid};
+use super::moe::{self, DevMoe, MAX_TOP_K, MoeIo, MoeScratch};
 use crate::backend::cpu::kernels::Rope;
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use crate::dist::{Communicator, SingleRank};
 use crate::engine::KvDtype;
-use crate::model::{Mat, Mlp, ModelWeights, WeightData};
+use crate::model::{Mat, Mlp, ModelWeights, Shard, WeightData};
 
 /// Largest head_dim the attention kernel supports (4 dimensions per thread of 128).
 const MAX_HEAD_DIM: usize = 512;
@@ -37,10 +43,20 @@ pub struct CudaSettings {
 }
 
 /// A bf16 matrix on the device, `rows` x `cols` row-major.
-struct DevMat {
-    data: CudaSlice<u16>,
-    rows: usize,
-    cols: usize,
+pub(super) struct DevMat {
+    pub(super) data: CudaSlice<u16>,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+}
+
+/// The MLP of one layer on the device.
+enum DevMlp {
+    Dense {
+        gate_up: DevMat,
+        down: DevMat,
+        inter: usize,
+    },
+    Moe(DevMoe),
 }
 
 struct DevLayer {
@@ -51,9 +67,7 @@ struct DevLayer {
     o: DevMat,
     o_bias: Option<CudaSlice<u16>>,
     qk_norm: Option<(CudaSlice<u16>, CudaSlice<u16>)>,
-    gate_up: DevMat,
-    down: DevMat,
-    inter: usize,
+    mlp: DevMlp,
 }
 
 /// The KV pool of one layer.
@@ -85,6 +99,11 @@ struct Workspace {
     gate_up: Scratch<f32>,
     /// SiLU(gate) * up, bf16 [tokens, inter].
     act: Scratch<u16>,
+    /// A projection's partial sums before the group's all-reduce, f32 [tokens, hidden]
+    /// (tensor-parallel ranks only).
+    proj: Scratch<f32>,
+    /// Host staging of collectives when the communicator moves host memory only.
+    host: Vec<f32>,
     /// Logits, f32 [rows, vocab].
     logits: Scratch<f32>,
     /// Per-step integers (token ids, positions, slots, tables), one upload.
@@ -99,15 +118,23 @@ impl Workspace {
             + self.attn.bytes()
             + self.gate_up.bytes()
             + self.act.bytes()
+            + self.proj.bytes()
             + self.logits.bytes()
             + self.meta.bytes()
     }
 }
 
-/// Runs a dense Llama-family model on one NVIDIA GPU.
+/// Runs a Llama-family model (dense or MoE) on one NVIDIA GPU, whole or as one rank of a
+/// tensor-parallel group.
 pub struct CudaBackend {
     dev: Device,
+    /// The config as this rank sees it (local heads; hidden size and vocabulary whole).
     config: ModelConfig,
+    shard: Shard,
+    /// This rank's vocabulary slice (the rows of `embed` and `lm_head`).
+    vocab_slice: std::ops::Range<usize>,
+    comm: Box<dyn Communicator>,
+    moe: MoeScratch,
     embed: CudaSlice<u16>,
     lm_head: Option<DevMat>,
     norm: CudaSlice<u16>,
@@ -116,6 +143,7 @@ pub struct CudaBackend {
     kv_dtype: KvDtype,
     kv: Option<KvPool>,
     ws: Workspace,
+    /// Widest MLP activation row of any layer (dense inner width, or top_k x expert width).
     max_inter: usize,
     logit_rows: usize,
     /// Device memory free after weights and workspace, measured at construction.
@@ -136,7 +164,7 @@ fn to_bf16(v: &[f32]) -> Vec<u16> {
     v.iter().map(|&x| bf16_bits(x)).collect()
 }
 
-fn upload_mat(dev: &Device, m: &Mat) -> Result<DevMat, BackendError> {
+pub(super) fn upload_mat(dev: &Device, m: &Mat) -> Result<DevMat, BackendError> {
     let data = match &m.data {
         WeightData::Bf16(v) => dev.upload(v)?,
         WeightData::F32(v) => dev.upload(&to_bf16(v))?,
@@ -158,8 +186,78 @@ fn mat(m: &DevMat, st: &cudarc::driver::CudaStream) -> (u64, usize, usize) {
 }
 
 /// A size as a kernel `int`.
-fn int(v: usize, what: &str) -> Result<i32, BackendError> {
+pub(super) fn int(v: usize, what: &str) -> Result<i32, BackendError> {
     i32::try_from(v).map_err(|_| BackendError::InvalidStep(format!("{what} {v} exceeds 2^31")))
+}
+
+/// Sums `n` f32 at the start of `buf` over the group, in place: on the device when the
+/// communicator moves device memory (after the stream has finished writing them), else
+/// through `host`.
+fn all_reduce(
+    dev: &Device,
+    comm: &mut dyn Communicator,
+    buf: &mut Scratch<f32>,
+    host: &mut Vec<f32>,
+    n: usize,
+) -> Result<(), BackendError> {
+    let addr = buf.at_least(dev, n)?;
+    if comm.moves_device_memory() {
+        dev.sync()?;
+        // SAFETY: `addr` holds at least n f32 of this backend's GPU, the stream that wrote them
+        // has completed (sync above), and nothing is queued on them until this returns (the
+        // NCCL call has completed on the GPU when it does).
+        unsafe { comm.all_reduce_sum_device(addr, n) }?;
+        return Ok(());
+    }
+    host.resize(n, 0.0);
+    buf.read(dev, host)?;
+    comm.all_reduce_sum(host)?;
+    buf.write(dev, host)
+}
+
+/// x += y, `n` f32.
+fn add_rows(dev: &Device, x: u64, y: u64, n: usize) -> Result<(), BackendError> {
+    dev.launch("add_f32")?.ptr(x).ptr(y).usize(n).run(
+        (stride_grid(n), 1),
+        256,
+        0,
+        "add partial sums",
+    )
+}
+
+/// Every rank's `rows` x (vocab / ranks) logits slice gathered into `rows` full rows.
+fn gather_vocab(
+    comm: &mut dyn Communicator,
+    mine: &[f32],
+    rows: usize,
+    vocab: usize,
+) -> Result<Vec<f32>, BackendError> {
+    let ranks = comm.world_size();
+    let mut gathered = vec![0.0f32; ranks * mine.len()];
+    comm.all_gather(mine, &mut gathered)?;
+    Ok(interleave_vocab_slices(&gathered, ranks, rows, vocab))
+}
+
+/// `gathered` is `ranks` blocks, each `rows` x (vocab / ranks), in rank order; returns `rows`
+/// rows of `vocab` with rank r's slice at columns `r * vocab / ranks..`.
+pub(super) fn interleave_vocab_slices(
+    gathered: &[f32],
+    ranks: usize,
+    rows: usize,
+    vocab: usize,
+) -> Vec<f32> {
+    let local = vocab / ranks.max(1);
+    let mut all = vec![0.0f32; rows * vocab];
+    if local == 0 {
+        return all;
+    }
+    for (rank, part) in gathered.chunks_exact(rows * local).enumerate() {
+        for (i, row) in part.chunks_exact(local).enumerate() {
+            let dst = i * vocab + rank * local;
+            all[dst..dst + local].copy_from_slice(row);
+        }
+    }
+    all
 }
 
 fn setup(e: BackendError) -> CudaError {
@@ -168,20 +266,19 @@ fn setup(e: BackendError) -> CudaError {
 
 impl CudaBackend {
     /// Whether this backend runs `w` with KV in `kv_dtype`, without touching a GPU; Ok holds
-    /// the KV type it will use (auto: bf16). Refused: tensor-parallel shards, MoE, head_dim
-    /// odd or above 512, f32 KV.
+    /// the KV type it will use (auto: bf16). Refused: MoE layers routing more than 8 experts
+    /// per token, head_dim odd or above 512, f32 KV.
     pub fn check_supported(w: &ModelWeights, kv_dtype: KvDtype) -> Result<KvDtype, CudaError> {
         let c = &w.config;
-        if w.shard.tp_size != 1 {
-            return Err(CudaError::Unsupported(
-                "the CUDA backend runs whole models only (no tensor parallelism yet); use --backend cpu for tensor_parallel_size > 1".into(),
-            ));
-        }
-        if w.layers.iter().any(|l| matches!(l.mlp, Mlp::Moe { .. })) {
-            return Err(CudaError::Unsupported(format!(
-                "{:?} is a mixture-of-experts model; the CUDA backend runs dense models only for now; use --backend cpu",
-                c.architecture
-            )));
+        for l in &w.layers {
+            if let Mlp::Moe { top_k, router, .. } = &l.mlp
+                && (*top_k == 0 || *top_k > MAX_TOP_K || *top_k > router.rows)
+            {
+                return Err(CudaError::Unsupported(format!(
+                    "num_experts_per_tok {top_k} with {} experts: the CUDA routing kernel picks 1 to {MAX_TOP_K} experts per token; use --backend cpu",
+                    router.rows
+                )));
+            }
         }
         if c.head_dim > MAX_HEAD_DIM || !c.head_dim.is_multiple_of(2) {
             return Err(CudaError::Unsupported(format!(
@@ -198,20 +295,60 @@ impl CudaBackend {
         }
     }
 
-    /// Uploads `w` to GPU `s.device` and allocates the activation workspace; refuses what this
-    /// backend does not run (MoE, tensor-parallel shards, f32 KV, head_dim > 512).
+    /// Uploads the whole model `w` to GPU `s.device` and allocates the activation workspace;
+    /// refuses what this backend does not run (see `check_supported`).
     pub fn new(w: ModelWeights, s: &CudaSettings) -> Result<Self, CudaError> {
+        if !w.shard.is_whole() {
+            return Err(CudaError::Unsupported(format!(
+                "the weights are shard {} of {}; a shard needs its group's communicator (CudaBackend::new_sharded)",
+                w.shard.tp_rank, w.shard.tp_size
+            )));
+        }
+        Self::new_sharded(w, Box::new(SingleRank), s)
+    }
+
+    /// Uploads `w` (a whole model with `SingleRank`, or one rank's shard) to GPU `s.device`;
+    /// the shard's collectives go through `comm`, whose rank and size must be the shard's.
+    /// With a communicator that moves device memory (NCCL) the all-reduces run on device
+    /// buffers; with another (the TCP ring) they are staged through host memory.
+    pub fn new_sharded(
+        w: ModelWeights,
+        comm: Box<dyn Communicator>,
+        s: &CudaSettings,
+    ) -> Result<Self, CudaError> {
         let kv_dtype = Self::check_supported(&w, s.kv_dtype)?;
-        let c = w.config.clone();
+        if comm.world_size() != w.shard.tp_size || comm.rank() != w.shard.tp_rank {
+            return Err(CudaError::Unsupported(format!(
+                "weights are shard {} of {} but the communicator is rank {} of {}",
+                w.shard.tp_rank,
+                w.shard.tp_size,
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        let c = w.shard.local_config(&w.config);
+        let vocab_slice = w.shard.vocab(&w.config);
         let dev = Device::open(s.device)?;
         let (free_before, total) = dev.mem_info().map_err(setup)?;
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut max_inter = 0;
         for l in &w.layers {
-            let Mlp::Dense(f) = &l.mlp else {
-                return Err(CudaError::Unsupported("MoE layer".into()));
+            let mlp = match &l.mlp {
+                Mlp::Dense(f) => {
+                    max_inter = max_inter.max(f.inter);
+                    DevMlp::Dense {
+                        gate_up: upload_mat(&dev, &f.gate_up).map_err(setup)?,
+                        down: upload_mat(&dev, &f.down).map_err(setup)?,
+                        inter: f.inter,
+                    }
+                }
+                moe_mlp @ Mlp::Moe { .. } => {
+                    let m = DevMoe::upload(&dev, moe_mlp).map_err(setup)?;
+                    // Routed rows are tokens x top_k; the shared expert runs over the tokens.
+                    max_inter = max_inter.max(m.top_k() * m.max_inter());
+                    DevMlp::Moe(m)
+                }
             };
-            max_inter = max_inter.max(f.inter);
             layers.push(DevLayer {
                 input_norm: upload_vec(&dev, &l.input_norm).map_err(setup)?,
                 post_norm: upload_vec(&dev, &l.post_norm).map_err(setup)?,
@@ -236,9 +373,7 @@ impl CudaBackend {
                     )),
                     None => None,
                 },
-                gate_up: upload_mat(&dev, &f.gate_up).map_err(setup)?,
-                down: upload_mat(&dev, &f.down).map_err(setup)?,
-                inter: f.inter,
+                mlp,
             });
         }
         let embed = upload_mat(&dev, &w.embed).map_err(setup)?.data;
@@ -252,6 +387,10 @@ impl CudaBackend {
         let inv_freq = dev.upload(&Rope::new(&c).inv_freq_f32()).map_err(setup)?;
         let mut be = Self {
             dev,
+            shard: w.shard,
+            vocab_slice,
+            comm,
+            moe: MoeScratch::new(),
             embed,
             lm_head,
             norm,
@@ -266,6 +405,8 @@ impl CudaBackend {
                 attn: Scratch::new(),
                 gate_up: Scratch::new(),
                 act: Scratch::new(),
+                proj: Scratch::new(),
+                host: Vec::new(),
                 logits: Scratch::new(),
                 meta: Scratch::new(),
             },
@@ -280,9 +421,14 @@ impl CudaBackend {
         be.free_after_setup = free_after;
         tracing::info!(
             device = %be.dev.describe,
+            tp_rank = be.shard.tp_rank,
+            tp_size = be.shard.tp_size,
+            ep_size = be.shard.ep_size,
+            device_collectives = be.comm.moves_device_memory(),
             total_bytes = total,
-            weight_bytes = free_before.saturating_sub(free_after + be.ws.bytes()),
-            workspace_bytes = be.ws.bytes(),
+            weight_bytes =
+                free_before.saturating_sub(free_after + be.ws.bytes() + be.moe.bytes()),
+            workspace_bytes = be.ws.bytes() + be.moe.bytes(),
             workspace_tokens = s.max_num_tokens,
             free_bytes = free_after,
             "CUDA backend ready: weights in bf16, GEMMs bf16 x bf16 -> f32"
@@ -306,6 +452,14 @@ impl CudaBackend {
             .gate_up
             .at_least(&self.dev, tokens * 2 * self.max_inter)?;
         self.ws.act.at_least(&self.dev, tokens * self.max_inter)?;
+        if !self.shard.is_whole() {
+            self.ws.proj.at_least(&self.dev, tokens * h)?;
+        }
+        for l in &self.layers {
+            if let DevMlp::Moe(m) = &l.mlp {
+                self.moe.reserve(&self.dev, m, tokens, h)?;
+            }
+        }
         self.ws
             .logits
             .at_least(&self.dev, self.logit_rows * c.vocab_size)?;
@@ -436,12 +590,35 @@ impl CudaBackend {
         let (nqi, nkvi, qkv_wi) = (int(nq, "heads")?, int(nkv, "kv heads")?, int(qkv_w, "qkv")?);
         let eps = c.rms_norm_eps as f32;
         let f32b = 4u64;
+        let tp = !self.shard.is_whole();
+        // A tensor-parallel rank writes its projections' partial sums here, all-reduces them,
+        // then adds them onto the residual stream; a whole model adds onto it directly.
+        let proj = if tp {
+            self.ws.proj.at_least(dev, t_rows * h)?
+        } else {
+            x
+        };
+        let u32_arg = |v: usize, what: &str| {
+            u32::try_from(v)
+                .map_err(|_| BackendError::InvalidStep(format!("{what} {v} exceeds 2^32")))
+        };
         dev.launch("embed_bf16")?
             .ptr(x)
             .ptr(ptr(&self.embed, st))
             .ptr(tok_p)
             .i32(hi)
+            .u32(u32_arg(self.vocab_slice.start, "vocabulary start")?)
+            .u32(u32_arg(self.vocab_slice.len(), "vocabulary slice")?)
             .run((rows_u, 1), 256, 0, "embed_bf16")?;
+        if tp {
+            all_reduce(
+                dev,
+                self.comm.as_mut(),
+                &mut self.ws.x,
+                &mut self.ws.host,
+                t_rows * h,
+            )?;
+        }
         let scale = 1.0 / (d as f32).sqrt();
         for (li, l) in self.layers.iter().enumerate() {
             dev.launch("rmsnorm_f32_bf16")?
@@ -561,7 +738,19 @@ impl CudaBackend {
                 }
             }
             // x += attn . o^T (beta = 1 adds onto the residual stream), then the o bias.
-            dev.gemm(x, attn, mat(&l.o, st), t_rows, 1.0)?;
+            if tp {
+                dev.gemm(proj, attn, mat(&l.o, st), t_rows, 0.0)?;
+                all_reduce(
+                    dev,
+                    self.comm.as_mut(),
+                    &mut self.ws.proj,
+                    &mut self.ws.host,
+                    t_rows * h,
+                )?;
+                add_rows(dev, x, proj, t_rows * h)?;
+            } else {
+                dev.gemm(x, attn, mat(&l.o, st), t_rows, 1.0)?;
+            }
             if let Some(b) = &l.o_bias {
                 let n = t_rows * h;
                 dev.launch("add_bias_f32")?
@@ -578,21 +767,53 @@ impl CudaBackend {
                 .i32(hi)
                 .f32(eps)
                 .run((rows_u, 1), 256, 0, "post-attention rmsnorm")?;
-            let gu = &l.gate_up;
-            dev.gemm(gate_up, xn, mat(gu, st), t_rows, 0.0)?;
-            let n = t_rows * l.inter;
-            dev.launch("silu_mul_bf16")?
-                .ptr(act)
-                .ptr(gate_up)
-                .i32(int(l.inter, "intermediate_size")?)
-                .usize(t_rows)
-                .run((stride_grid(n), 1), 256, 0, "silu mul")?;
-            dev.gemm(x, act, mat(&l.down, st), t_rows, 1.0)?;
+            match &l.mlp {
+                DevMlp::Dense {
+                    gate_up: gu,
+                    down,
+                    inter,
+                } => {
+                    dev.gemm(gate_up, xn, mat(gu, st), t_rows, 0.0)?;
+                    let n = t_rows * inter;
+                    dev.launch("silu_mul_bf16")?
+                        .ptr(act)
+                        .ptr(gate_up)
+                        .i32(int(*inter, "intermediate_size")?)
+                        .usize(t_rows)
+                        .run((stride_grid(n), 1), 256, 0, "silu mul")?;
+                    dev.gemm(proj, act, mat(down, st), t_rows, if tp { 0.0 } else { 1.0 })?;
+                }
+                DevMlp::Moe(m) => {
+                    if tp {
+                        self.ws.proj.zero(dev, t_rows * h)?;
+                    }
+                    let io = MoeIo {
+                        xn,
+                        out: proj,
+                        gate_up,
+                        act,
+                        rows: t_rows,
+                        hidden: h,
+                    };
+                    moe::run(dev, m, &mut self.moe, &io)?;
+                }
+            }
+            if tp {
+                all_reduce(
+                    dev,
+                    self.comm.as_mut(),
+                    &mut self.ws.proj,
+                    &mut self.ws.host,
+                    t_rows * h,
+                )?;
+                add_rows(dev, x, proj, t_rows * h)?;
+            }
         }
         self.logits(batch.len(), &picked, x, xn, pick_p)
     }
 
-    /// Final norm of the picked rows, lm_head, copy to host; `logit_rows` rows at a time.
+    /// Final norm of the picked rows, lm_head, copy to host; `logit_rows` rows at a time. A
+    /// tensor-parallel rank computes its vocabulary slice and gathers the others' on the host.
     fn logits(
         &mut self,
         chunks: usize,
@@ -611,8 +832,9 @@ impl CudaBackend {
         let dev = &self.dev;
         let st = &dev.stream;
         let head = self.lm_head.as_ref().map_or(&self.embed, |m| &m.data);
-        let logits = self.ws.logits.at_least(dev, self.logit_rows * vocab)?;
-        let mut host = vec![0.0f32; picked.len() * vocab];
+        let local = self.vocab_slice.len();
+        let logits = self.ws.logits.at_least(dev, self.logit_rows * local)?;
+        let mut host = vec![0.0f32; picked.len() * local];
         for (ci, group) in picked.chunks(self.logit_rows).enumerate() {
             let first = ci * self.logit_rows;
             let n = group.len();
@@ -624,15 +846,23 @@ impl CudaBackend {
                 .i32(int(h, "hidden")?)
                 .f32(c.rms_norm_eps as f32)
                 .run((n as u32, 1), 256, 0, "final rmsnorm")?;
-            dev.gemm(logits, xn, (ptr(head, st), vocab, h), n, 0.0)?;
+            dev.gemm(logits, xn, (ptr(head, st), local, h), n, 0.0)?;
             self.ws
                 .logits
-                .read(dev, &mut host[first * vocab..(first + n) * vocab])?;
+                .read(dev, &mut host[first * local..(first + n) * local])?;
+        }
+        if local != vocab {
+            host = gather_vocab(self.comm.as_mut(), &host, picked.len(), vocab)?;
         }
         for (i, &(chunk, _)) in picked.iter().enumerate() {
             out[chunk].extend_from_slice(&host[i * vocab..(i + 1) * vocab]);
         }
         Ok(out)
+    }
+
+    /// This rank's place in its tensor-parallel group.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     fn bytes_per_token_layer(&self) -> usize {

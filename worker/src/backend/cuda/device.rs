@@ -222,6 +222,7 @@ pub(super) fn ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
 pub(super) enum Arg {
     Ptr(u64),
     I32(i32),
+    U32(u32),
     F32(f32),
     Usize(usize),
 }
@@ -243,6 +244,12 @@ impl Launch<'_> {
     /// An `int` argument (sizes are checked to fit by the caller's `int_arg`).
     pub(super) fn i32(mut self, v: i32) -> Self {
         self.args.push(Arg::I32(v));
+        self
+    }
+
+    /// An `unsigned int` argument.
+    pub(super) fn u32(mut self, v: u32) -> Self {
+        self.args.push(Arg::U32(v));
         self
     }
 
@@ -280,12 +287,13 @@ impl Launch<'_> {
             match a {
                 Arg::Ptr(p) => b.arg(p),
                 Arg::I32(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
                 Arg::Usize(v) => b.arg(v),
             };
         }
         // SAFETY: each kernel's arguments are pushed in its parameter order with its C types
-        // (pointers as 64-bit device addresses, int, float, size_t), and every address points
+        // (pointers as 64-bit device addresses, int, unsigned int, float, size_t), and every address points
         // into a live buffer large enough for the grid (the caller's invariant); `self.args`
         // outlives the launch call, which copies the values.
         unsafe { b.launch(cfg) }
@@ -328,6 +336,18 @@ impl<T: DeviceRepr + ValidAsZeroBits> Scratch<T> {
         dev.stream
             .memcpy_htod(host, &mut view)
             .map_err(|e| dev_err("host-to-device copy", e))
+    }
+
+    /// Zeroes the first `len` elements (stream-ordered), growing the buffer if needed.
+    pub(super) fn zero(&mut self, dev: &Device, len: usize) -> Result<(), BackendError> {
+        self.at_least(dev, len)?;
+        let Some(b) = self.buf.as_mut() else {
+            return Err(BackendError::Device("scratch buffer missing".into()));
+        };
+        let mut view = b.slice_mut(0..len);
+        dev.stream
+            .memset_zeros(&mut view)
+            .map_err(|e| dev_err("memset", e))
     }
 
     /// Copies the first `host.len()` elements to `host`, waiting for the stream.

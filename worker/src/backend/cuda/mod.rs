@@ -8,6 +8,7 @@
 
 mod backend;
 mod device;
+pub mod moe;
 pub mod select;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
     ("rope", include_str!("kernels/rope.cu")),
     ("attention", include_str!("kernels/attention.cu")),
     ("sampling", include_str!("kernels/sampling.cu")),
+    ("moe", include_str!("kernels/moe.cu")),
 ];
 
 /// Errors of the CUDA backend's set-up.

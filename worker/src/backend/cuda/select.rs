@@ -7,6 +7,7 @@
 use llmapi_common::args::Backend as Requested;
 
 use super::{CudaBackend, CudaError, CudaSettings, Library, check_libraries, find_headers};
+use crate::dist::Communicator;
 use crate::engine::{EngineConfig, EngineError};
 use crate::model::ModelWeights;
 
@@ -78,23 +79,47 @@ pub fn supports(weights: &ModelWeights, cfg: &EngineConfig) -> Result<(), Engine
         .map_err(|e| EngineError::InvalidConfig(e.to_string()))
 }
 
-/// A CUDA backend on device 0 for a whole model with the engine's settings (see `supports`).
-pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
-    supports(&weights, cfg)?;
-    let settings = CudaSettings {
-        device: 0,
+fn settings(cfg: &EngineConfig, device: usize) -> CudaSettings {
+    CudaSettings {
+        device,
         max_num_tokens: cfg.max_num_tokens,
         max_batch_size: cfg.max_batch_size,
         kv_dtype: cfg.kv_dtype,
-    };
-    CudaBackend::new(weights, &settings).map_err(|e| EngineError::Backend(e.to_string()))
+    }
 }
 
-/// The error for a tensor-parallel group asked to run on CUDA.
-pub fn no_tensor_parallel() -> EngineError {
-    EngineError::InvalidConfig(
-        "--backend cuda runs whole models only for now; tensor_parallel_size > 1 needs --backend cpu".into(),
-    )
+/// A CUDA backend on device 0 for a whole model with the engine's settings (see `supports`).
+pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
+    supports(&weights, cfg)?;
+    CudaBackend::new(weights, &settings(cfg, 0)).map_err(|e| EngineError::Backend(e.to_string()))
+}
+
+/// The GPU of tensor-parallel rank `tp_rank` on a machine with `devices` GPUs: `tp_rank`
+/// modulo `devices`, which is the rank's local GPU when each node holds `devices`
+/// consecutive ranks (one node, or Slurm's block distribution with one task per GPU).
+pub fn group_gpu(tp_rank: usize, devices: usize) -> usize {
+    tp_rank % devices.max(1)
+}
+
+/// A CUDA backend for one rank's shard on its GPU (`group_gpu`), with the group's
+/// collectives through `comm` (NCCL's device all-reduce when `comm` has it).
+pub fn cuda_backend_in_group(
+    weights: ModelWeights,
+    cfg: &EngineConfig,
+    comm: Box<dyn Communicator>,
+) -> Result<CudaBackend, EngineError> {
+    supports(&weights, cfg)?;
+    let devices = super::device_count().map_err(|e| EngineError::Backend(e.to_string()))?;
+    let gpu = group_gpu(weights.shard.tp_rank, devices);
+    tracing::info!(
+        tp_rank = weights.shard.tp_rank,
+        gpu,
+        devices,
+        device_collectives = comm.moves_device_memory(),
+        "tensor-parallel rank on CUDA"
+    );
+    CudaBackend::new_sharded(weights, comm, &settings(cfg, gpu))
+        .map_err(|e| EngineError::Backend(e.to_string()))
 }
 
 #[cfg(test)]
@@ -132,6 +157,16 @@ mod tests {
             resolve_with(Requested::Cuda, || Ok(1)).unwrap(),
             Choice::Cuda
         );
+    }
+
+    #[test]
+    fn group_ranks_take_their_local_gpu() {
+        assert_eq!(
+            (0..4).map(|r| group_gpu(r, 2)).collect::<Vec<_>>(),
+            vec![0, 1, 0, 1]
+        );
+        assert_eq!(group_gpu(3, 8), 3);
+        assert_eq!(group_gpu(1, 0), 0);
     }
 
     #[test]

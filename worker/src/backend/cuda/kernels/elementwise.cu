@@ -1,13 +1,20 @@
 // Embedding lookup, RMSNorm, residual add, SiLU-gated MLP activation and casts.
 // The residual stream is f32; GEMM inputs are bf16 (cuBLAS: bf16 x bf16 -> f32).
 
-// out[t, :] = table[ids[t], :] (bf16 table -> f32 residual). Grid: tokens; block: any.
+// out[t, :] = table[ids[t] - vocab_start, :] (bf16 table -> f32 residual) for the ids in
+// this rank's vocabulary slice [vocab_start, vocab_start + vocab_len), zeros for the others
+// (a tensor-parallel group sums the ranks' rows). Grid: tokens; block: any.
 extern "C" __global__ void embed_bf16(float* out, const __nv_bfloat16* table, const u32* ids,
-                                      int hidden) {
+                                      int hidden, u32 vocab_start, u32 vocab_len) {
     const int t = blockIdx.x;
-    const __nv_bfloat16* row = table + (size_t)ids[t] * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(size_t)t * hidden + i] = __bfloat162float(row[i]);
+    const u32 id = ids[t] - vocab_start;  // wraps to a large value below the slice
+    float* dst = out + (size_t)t * hidden;
+    if (id >= vocab_len) {
+        for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = 0.0f;
+        return;
+    }
+    const __nv_bfloat16* row = table + (size_t)id * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = __bfloat162float(row[i]);
 }
 
 // out = x * rsqrt(mean(x^2) + eps) * w, per row. Grid: rows; block: 256.
@@ -77,17 +84,6 @@ extern "C" __global__ void silu_mul_bf16(__nv_bfloat16* out, const float* gate_u
         const float u = gate_up[t * 2 * inter + inter + j];
         out[i] = __float2bfloat16(g / (1.0f + __expf(-g)) * u);
     }
-}
-
-// out += weight[t] * y[t, :] for the rows routed to one expert: the MoE combine step.
-// rows[r] is the token index of row r of y; weights[r] its routing weight.
-extern "C" __global__ void scatter_add_weighted_f32(float* out, const float* y, const u32* rows,
-                                                    const float* weights, int hidden, int n_rows) {
-    const int r = blockIdx.x;
-    if (r >= n_rows) return;
-    const float w = weights[r];
-    float* dst = out + (size_t)rows[r] * hidden;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] += w * y[(size_t)r * hidden + i];
 }
 
 extern "C" __global__ void f32_to_bf16(__nv_bfloat16* out, const float* x, size_t n) {
