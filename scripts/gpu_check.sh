@@ -8,10 +8,13 @@
 #                                      carried over: runs the checks and prints one table.
 #
 # The run: NVRTC compiles every kernel; the CUDA backend's logits and greedy tokens against
-# the transformers fixtures of worker/tests/golden (bf16 tolerance stated in
-# worker/tests/cuda_backend.rs); batched steps equal one-at-a-time; batch-1 decode against the
+# the transformers fixtures of worker/tests/golden, dense and MoE (bf16 tolerance stated in
+# worker/tests/cuda_backend.rs); the same fixtures against the CPU backend's bf16 mode; a
+# tensor/expert-parallel group of 2 CUDA ranks on the one GPU (over the TCP ring) against one
+# rank; batched steps equal one-at-a-time; batch-1 decode against the
 # HBM roofline and decode throughput at batch 64 and 256 on a 1B-class Llama-shaped random
-# bf16 model (worker/benches/cuda.rs); transformers' generate at batch 64 on the same shape
+# bf16 model, and batch 1 and 64 on a Qwen3-MoE-shaped one (worker/benches/cuda.rs);
+# transformers' generate at batch 64 on the Llama shape
 # when torch and transformers import; the NCCL communicator (worker/tests/nccl.rs) at world
 # size 1, and at world size 2 when two GPUs are visible. Any failed or missing step makes the
 # exit status 1.
@@ -156,7 +159,9 @@ else
     fail "NVRTC compiles every kernel" "see its log above" "all compile"
     cat "$log/kernels.txt"
 fi
-for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:golden logits and greedy vs transformers" \
+for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:golden dense+MoE vs transformers" \
+    "gpu_matches_the_cpu_backend_in_bf16_mode:golden dense+MoE vs CPU backend bf16" \
+    "gpu_tensor_parallel_group_matches_one_rank:TP/EP=2 group on one GPU vs 1 rank" \
     "gpu_batched_steps_equal_one_at_a_time:batched steps == one at a time" \
     "gpu_fp8_kv_stays_close_to_bf16_kv:fp8 KV close to bf16 KV" \
     "gpu_engine_serves_greedy_requests_on_cuda:engine on --backend cuda"; do
@@ -194,7 +199,7 @@ for t in "${nccl_tests[@]}"; do
     cat "$log/$name.txt"
 done
 
-if timeout 400 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
+if timeout 600 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
     cat "$log/bench.txt"
     get() { sed -n "s/^$1=//p" "$log/bench.txt"; }
     row "device copy bandwidth (GB/s)" "$(get copy_bandwidth_gbs)" ""
@@ -204,6 +209,8 @@ if timeout 400 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
     b64=$(get batch64_tokens_per_s)
     row "batch-64 decode (tokens/s)" "$b64" ">= 5x transformers"
     row "batch-256 decode (tokens/s)" "$(get batch256_tokens_per_s)" ""
+    row "MoE batch-1 decode (ms/token)" "$(get moe_batch1_ms_per_token)" "roofline $(get moe_batch1_roofline_ms)"
+    row "MoE batch-64 decode (tokens/s)" "$(get moe_batch64_tokens_per_s)" ""
 else
     fail "cuda bench" "exit $? (log above)" ""
     cat "$log/bench.txt"

@@ -5,7 +5,9 @@
 //! Prints one `key=value` line per figure (scripts/gpu_check.sh reads them): device copy
 //! bandwidth, weight bytes per decoded token, batch-1 decode ms/token and its fraction of the
 //! HBM roofline (bytes per token / copy bandwidth), and decode throughput at the batch sizes
-//! of LLMAPI_BENCH_BATCHES (default 64,256) after 128-token prompts. Without a usable GPU it
+//! of LLMAPI_BENCH_BATCHES (default 64,256) after 128-token prompts. Then the same, keys
+//! prefixed `moe_`, for a Qwen3-MoE shape (`MOE_PRESET`) at batch 1 and 64, unless
+//! LLMAPI_BENCH_MOE=0. Without a usable GPU it
 //! prints why and exits with status 2 (so a script cannot mistake it for a result).
 //! Build for a GPU machine: `cargo bench -p llmapi-worker --bench cuda --no-run`.
 
@@ -26,6 +28,16 @@ const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":2048
 "intermediate_size":8192,"num_hidden_layers":16,"num_attention_heads":32,
 "num_key_value_heads":8,"vocab_size":128256,"max_position_embeddings":8192,
 "rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
+
+/// Qwen3-30B-A3B's shape (128 experts of width 768, 8 per token, 32 query and 4 KV heads of
+/// 128) cut to 8 layers so that random weights are drawn in seconds: 5.6 B parameters, of
+/// which 0.77 B are read per decoded token at batch 1.
+const MOE_PRESET: &str = r#"{"architectures":["Qwen3MoeForCausalLM"],"hidden_size":2048,
+"intermediate_size":6144,"num_hidden_layers":8,"num_attention_heads":32,
+"num_key_value_heads":4,"head_dim":128,"vocab_size":151936,"max_position_embeddings":8192,
+"rope_theta":1000000.0,"rms_norm_eps":1e-6,"tie_word_embeddings":false,"num_experts":128,
+"num_experts_per_tok":8,"moe_intermediate_size":768,"norm_topk_prob":true,
+"decoder_sparse_step":1,"mlp_only_layers":[]}"#;
 
 const PROMPT: usize = 128;
 const TPB: usize = 32;
@@ -77,24 +89,10 @@ fn decode_seconds(be: &mut CudaBackend, batch: usize, steps: usize) -> f64 {
     t.elapsed().as_secs_f64() / steps as f64
 }
 
-fn main() {
-    if let Err(e) = probe() {
-        eprintln!("cuda bench: no usable GPU: {e}");
-        std::process::exit(2);
-    }
-    let batches: Vec<usize> = std::env::var("LLMAPI_BENCH_BATCHES")
-        .unwrap_or_else(|_| "64,256".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
+/// Builds a backend for `w` and prints its figures, each key prefixed with `prefix`.
+fn measure(prefix: &str, w: ModelWeights, batches: &[usize], bw: f64) {
     let max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
-    let t = Instant::now();
-    let w = match std::env::var_os("LLMAPI_BENCH_MODEL") {
-        Some(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
-        None => random_model(PRESET),
-    };
     let bytes_per_token = w.bytes_per_token();
-    println!("weights_seconds={:.1}", t.elapsed().as_secs_f64());
     let settings = CudaSettings {
         device: 0,
         max_num_tokens: 16 * PROMPT,
@@ -105,19 +103,45 @@ fn main() {
         eprintln!("cuda bench: {e}");
         std::process::exit(1)
     });
-    println!("device={}", be.device_description());
+    println!("{prefix}device={}", be.device_description());
     let blocks = max_batch * (PROMPT + 80).div_ceil(TPB);
     be.init_kv(blocks, TPB).expect("KV pool");
-    let bw = copy_bandwidth_gbs(0).expect("copy bandwidth");
-    println!("copy_bandwidth_gbs={bw:.0}");
-    println!("bytes_per_token={bytes_per_token}");
+    println!("{prefix}bytes_per_token={bytes_per_token}");
     let b1 = decode_seconds(&mut be, 1, 64);
     let roofline = bytes_per_token as f64 / (bw * 1e9);
-    println!("batch1_ms_per_token={:.3}", b1 * 1e3);
-    println!("batch1_roofline_ms={:.3}", roofline * 1e3);
-    println!("batch1_roofline_fraction={:.2}", roofline / b1);
-    for b in batches {
+    println!("{prefix}batch1_ms_per_token={:.3}", b1 * 1e3);
+    println!("{prefix}batch1_roofline_ms={:.3}", roofline * 1e3);
+    println!("{prefix}batch1_roofline_fraction={:.2}", roofline / b1);
+    for &b in batches {
         let s = decode_seconds(&mut be, b, 32);
-        println!("batch{b}_tokens_per_s={:.0}", b as f64 / s);
+        println!("{prefix}batch{b}_tokens_per_s={:.0}", b as f64 / s);
     }
+}
+
+fn main() {
+    if let Err(e) = probe() {
+        eprintln!("cuda bench: no usable GPU: {e}");
+        std::process::exit(2);
+    }
+    let batches: Vec<usize> = std::env::var("LLMAPI_BENCH_BATCHES")
+        .unwrap_or_else(|_| "64,256".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let bw = copy_bandwidth_gbs(0).expect("copy bandwidth");
+    println!("copy_bandwidth_gbs={bw:.0}");
+    let t = Instant::now();
+    let w = match std::env::var_os("LLMAPI_BENCH_MODEL") {
+        Some(dir) => ModelWeights::load(Path::new(&dir)).expect("LLMAPI_BENCH_MODEL loads"),
+        None => random_model(PRESET),
+    };
+    println!("weights_seconds={:.1}", t.elapsed().as_secs_f64());
+    measure("", w, &batches, bw);
+    if std::env::var("LLMAPI_BENCH_MOE").is_ok_and(|v| v == "0") {
+        return;
+    }
+    let t = Instant::now();
+    let w = random_model(MOE_PRESET);
+    println!("moe_weights_seconds={:.1}", t.elapsed().as_secs_f64());
+    measure("moe_", w, &[64], bw);
 }

@@ -32,8 +32,18 @@ fn random_mat(seed: u64, rows: usize, cols: usize) -> Mat {
     }
 }
 
-/// A dense Llama model of the shape `config_json` gives (an HF config.json text), with
-/// random bf16 weights, unit norms and an untied lm_head.
+/// A random FFN of inner width `inter`, seeds from `seed`.
+fn random_ffn(seed: u64, h: usize, inter: usize) -> Ffn {
+    Ffn {
+        gate_up: random_mat(seed, 2 * inter, h),
+        down: random_mat(seed + 1, h, inter),
+        inter,
+    }
+}
+
+/// A Llama-family model of the shape `config_json` gives (an HF config.json text), with
+/// random bf16 weights, unit norms and an untied lm_head; MoE layers (a config with experts)
+/// get random experts and router, without a shared expert.
 pub fn random_model(config_json: &str) -> ModelWeights {
     let config =
         ModelConfig::from_json_str(config_json, Path::new("bench preset")).expect("preset parses");
@@ -49,11 +59,19 @@ pub fn random_model(config_json: &str) -> ModelWeights {
             o: random_mat(10 * i + 2, h, c.num_attention_heads * d),
             o_bias: None,
             qk_norm: None,
-            mlp: Mlp::Dense(Ffn {
-                gate_up: random_mat(10 * i + 3, 2 * c.intermediate_size, h),
-                down: random_mat(10 * i + 4, h, c.intermediate_size),
-                inter: c.intermediate_size,
-            }),
+            mlp: match c.moe.as_ref().filter(|_| c.is_sparse_layer(i as usize)) {
+                None => Mlp::Dense(random_ffn(10 * i + 3, h, c.intermediate_size)),
+                Some(m) => Mlp::Moe {
+                    router: random_mat(10 * i + 5, m.num_experts, h),
+                    experts: (0..m.num_experts as u64)
+                        .map(|e| random_ffn(10_000 * (i + 1) + 2 * e, h, m.moe_intermediate_size))
+                        .collect(),
+                    first_expert: 0,
+                    top_k: m.num_experts_per_tok,
+                    norm_topk_prob: m.norm_topk_prob,
+                    shared: None,
+                },
+            },
         })
         .collect();
     ModelWeights {
