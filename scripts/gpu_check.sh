@@ -163,6 +163,7 @@ for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:
     "gpu_matches_the_cpu_backend_in_bf16_mode:golden dense+MoE vs CPU backend bf16" \
     "gpu_tensor_parallel_group_matches_one_rank:TP/EP=2 group on one GPU vs 1 rank" \
     "gpu_batched_steps_equal_one_at_a_time:batched steps == one at a time" \
+    "gpu_device_greedy_equals_the_argmax_of_the_logits:device greedy == host argmax" \
     "gpu_fp8_kv_stays_close_to_bf16_kv:fp8 KV close to bf16 KV" \
     "gpu_engine_serves_greedy_requests_on_cuda:engine on --backend cuda"; do
     name=${t%%:*}
@@ -204,11 +205,14 @@ if timeout 600 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
     get() { sed -n "s/^$1=//p" "$log/bench.txt"; }
     row "device copy bandwidth (GB/s)" "$(get copy_bandwidth_gbs)" ""
     row "batch-1 decode (ms/token)" "$(get batch1_ms_per_token)" "roofline $(get batch1_roofline_ms)"
+    row "batch-1, logits copied to host (ms/token)" "$(get batch1_logits_ms_per_token)" "vs device argmax"
     frac=$(get batch1_roofline_fraction)
     row "batch-1 fraction of HBM roofline" "$frac" ">= 0.70"
     b64=$(get batch64_tokens_per_s)
     row "batch-64 decode (tokens/s)" "$b64" ">= 5x transformers"
+    row "batch-64, logits copied to host (tokens/s)" "$(get batch64_logits_tokens_per_s)" "vs device argmax"
     row "batch-256 decode (tokens/s)" "$(get batch256_tokens_per_s)" ""
+    row "batch-256, logits copied to host (tokens/s)" "$(get batch256_logits_tokens_per_s)" "vs device argmax"
     row "MoE batch-1 decode (ms/token)" "$(get moe_batch1_ms_per_token)" "roofline $(get moe_batch1_roofline_ms)"
     row "MoE batch-64 decode (tokens/s)" "$(get moe_batch64_tokens_per_s)" ""
 else

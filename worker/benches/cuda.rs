@@ -5,7 +5,8 @@
 //! Prints one `key=value` line per figure (scripts/gpu_check.sh reads them): device copy
 //! bandwidth, weight bytes per decoded token, batch-1 decode ms/token and its fraction of the
 //! HBM roofline (bytes per token / copy bandwidth), and decode throughput at the batch sizes
-//! of LLMAPI_BENCH_BATCHES (default 64,256) after 128-token prompts. Then the same, keys
+//! of LLMAPI_BENCH_BATCHES (default 64,256) after 128-token prompts, each with the greedy
+//! token picked on the device and (`_logits_` keys) with every logits row copied to the host. Then the same, keys
 //! prefixed `moe_`, for a Qwen3-MoE shape (`MOE_PRESET`) at batch 1 and 64, unless
 //! LLMAPI_BENCH_MOE=0. Without a usable GPU it
 //! prints why and exits with status 2 (so a script cannot mistake it for a result).
@@ -43,8 +44,10 @@ const PROMPT: usize = 128;
 const TPB: usize = 32;
 
 /// Seconds per decode step of `batch` sequences, over `steps` steps after a prefill of
-/// PROMPT tokens each (prefilled 16 sequences per step).
-fn decode_seconds(be: &mut CudaBackend, batch: usize, steps: usize) -> f64 {
+/// PROMPT tokens each (prefilled 16 sequences per step); `greedy` steps pick the tokens on
+/// the device (`forward_greedy`, the engine's path for greedy requests), the others copy
+/// every logits row to the host (`forward`, the path of sampled requests).
+fn decode_seconds(be: &mut CudaBackend, batch: usize, steps: usize, greedy: bool) -> f64 {
     let vocab = be.vocab_size() as u32;
     let blocks = (PROMPT + steps + 1).div_ceil(TPB);
     let tables: Vec<Vec<u32>> = (0..batch)
@@ -79,7 +82,11 @@ fn decode_seconds(be: &mut CudaBackend, batch: usize, steps: usize) -> f64 {
                 logits: LogitsWanted::Last,
             })
             .collect();
-        be.forward(&chunks).expect("decode step");
+        if greedy {
+            be.forward_greedy(&chunks).expect("decode step");
+        } else {
+            be.forward(&chunks).expect("decode step");
+        }
     };
     step(be, 0);
     let t = Instant::now();
@@ -107,14 +114,18 @@ fn measure(prefix: &str, w: ModelWeights, batches: &[usize], bw: f64) {
     let blocks = max_batch * (PROMPT + 80).div_ceil(TPB);
     be.init_kv(blocks, TPB).expect("KV pool");
     println!("{prefix}bytes_per_token={bytes_per_token}");
-    let b1 = decode_seconds(&mut be, 1, 64);
+    let b1 = decode_seconds(&mut be, 1, 64, true);
     let roofline = bytes_per_token as f64 / (bw * 1e9);
     println!("{prefix}batch1_ms_per_token={:.3}", b1 * 1e3);
     println!("{prefix}batch1_roofline_ms={:.3}", roofline * 1e3);
     println!("{prefix}batch1_roofline_fraction={:.2}", roofline / b1);
+    let b1_logits = decode_seconds(&mut be, 1, 64, false);
+    println!("{prefix}batch1_logits_ms_per_token={:.3}", b1_logits * 1e3);
     for &b in batches {
-        let s = decode_seconds(&mut be, b, 32);
+        let s = decode_seconds(&mut be, b, 32, true);
         println!("{prefix}batch{b}_tokens_per_s={:.0}", b as f64 / s);
+        let s = decode_seconds(&mut be, b, 32, false);
+        println!("{prefix}batch{b}_logits_tokens_per_s={:.0}", b as f64 / s);
     }
 }
 

@@ -645,3 +645,66 @@ fn gpu_tensor_parallel_group_matches_one_rank() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Greedy tokens picked on the device equal the argmax of the logits rows the same steps
+/// return, for a batch mixing a prefill that wants no logits, prefills that want the last
+/// row, and decode steps, dense and MoE.
+#[test]
+fn gpu_device_greedy_equals_the_argmax_of_the_logits() {
+    if !gpu() {
+        return;
+    }
+    for case in ["llama", "qwen3_moe", "qwen2_moe"] {
+        let dir = golden_root().join(case);
+        let g: Golden =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let tables: Vec<Vec<u32>> = (0..g.prompts.len() as u32)
+            .map(|i| (i * 16..i * 16 + 16).collect())
+            .collect();
+        let mut by_rows = backend(&dir).unwrap();
+        let mut on_device = backend(&dir).unwrap();
+        let vocab = by_rows.vocab_size();
+        let mut last: Vec<u32> = Vec::new();
+        for step in 0..4 {
+            let singles: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
+            let batch: Vec<SeqChunk> = g
+                .prompts
+                .iter()
+                .zip(&tables)
+                .enumerate()
+                .map(|(i, (p, t))| match step {
+                    0 => SeqChunk {
+                        tokens: p,
+                        start_pos: 0,
+                        block_table: t,
+                        logits: LogitsWanted::Last,
+                    },
+                    _ => SeqChunk {
+                        tokens: &singles[i],
+                        start_pos: p.len() + step - 1,
+                        block_table: t,
+                        logits: LogitsWanted::Last,
+                    },
+                })
+                .collect();
+            let rows = by_rows.forward(&batch).unwrap();
+            let want: Vec<Option<u32>> = rows.iter().map(|r| Some(argmax(r))).collect();
+            let got = on_device.forward_greedy(&batch).unwrap();
+            assert_eq!(got, want, "{case} step {step}");
+            assert!(rows.iter().all(|r| r.len() == vocab));
+            last = got.into_iter().map(Option::unwrap).collect();
+        }
+        // A chunk that wants no logits gets no token.
+        let table: Vec<u32> = (200..216).collect();
+        let out = on_device
+            .forward_greedy(&[SeqChunk {
+                tokens: &g.prompts[0],
+                start_pos: 0,
+                block_table: &table,
+                logits: LogitsWanted::None,
+            }])
+            .unwrap();
+        assert_eq!(out, vec![None], "{case}");
+    }
+}

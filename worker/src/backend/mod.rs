@@ -84,6 +84,21 @@ pub trait Backend: Send {
     /// Runs one step; returns per chunk its logits rows (0, 1 or `tokens.len()` rows of
     /// `vocab_size`, flattened) as asked by `LogitsWanted`.
     fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError>;
+    /// Runs one step for greedy decoding: per chunk, the argmax (the lowest index among equal
+    /// largest values) of its last logits row when it wants logits, else None. Backends that
+    /// can pick it on the device (CUDA) skip copying whole logits rows back; this default
+    /// takes it from `forward`'s rows.
+    fn forward_greedy(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Option<u32>>, BackendError> {
+        let vocab = self.vocab_size();
+        Ok(self
+            .forward(batch)?
+            .iter()
+            .map(|rows| {
+                (rows.len() >= vocab && vocab > 0)
+                    .then(|| crate::sampling::argmax(&rows[rows.len() - vocab..]))
+            })
+            .collect())
+    }
     /// How often an idle engine must call `heartbeat` (a group leader keeping its followers
     /// and itself sure the group is alive); None: never.
     fn heartbeat_interval(&self) -> Option<std::time::Duration> {
@@ -92,5 +107,45 @@ pub trait Backend: Send {
     /// Proves the group is alive while no step runs; an error is fatal when `is_fatal`.
     fn heartbeat(&mut self) -> Result<(), BackendError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test double: returns fixed logits rows, whatever the batch.
+    struct FixedRows(Vec<Vec<f32>>);
+
+    impl Backend for FixedRows {
+        fn name(&self) -> &'static str {
+            "fixed-rows"
+        }
+        fn vocab_size(&self) -> usize {
+            3
+        }
+        fn kv_bytes_per_token(&self) -> usize {
+            0
+        }
+        fn init_kv(&mut self, _: usize, _: usize) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn forward(&mut self, _: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn default_greedy_takes_the_argmax_of_each_chunks_last_row() {
+        let mut be = FixedRows(vec![
+            vec![0.0, 5.0, 1.0],
+            Vec::new(),
+            // Two rows (LogitsWanted::All): the last one counts; ties go to the lower index.
+            vec![9.0, 0.0, 0.0, 2.0, 7.0, 7.0],
+        ]);
+        assert_eq!(
+            be.forward_greedy(&[]).unwrap(),
+            vec![Some(1), None, Some(1)]
+        );
     }
 }

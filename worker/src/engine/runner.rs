@@ -8,7 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Command, EngineConfig, EngineError, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
-use crate::backend::{Backend, LogitsWanted, SeqChunk};
+use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::kv::{BlockManager, CacheChange};
 use crate::sampling::{Banned, Sampler, log_softmax, token_logprob};
 use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
@@ -341,11 +341,36 @@ impl Runner {
             })
             .collect();
         let (ctx_reqs, ctx_tokens, gen_tokens) = plan_counts(&plan, &self.sched);
-        let result = self.backend.forward(&chunks);
+        // When every sampled sequence takes the plain argmax, the backend picks the tokens
+        // (on the device for CUDA) instead of returning whole logits rows.
+        let greedy = chunks.iter().zip(&plan).all(|(c, item)| match c.logits {
+            LogitsWanted::None => true,
+            LogitsWanted::Last => takes_plain_argmax(&self.sched.running[item.seq]),
+            LogitsWanted::All => false,
+        });
+        let result = if greedy {
+            self.backend.forward_greedy(&chunks).and_then(|tokens| {
+                let missing = tokens.len() != chunks.len()
+                    || chunks
+                        .iter()
+                        .zip(&tokens)
+                        .any(|(c, t)| c.logits == LogitsWanted::Last && t.is_none());
+                if missing {
+                    return Err(BackendError::InvalidStep(
+                        "the backend returned no greedy token for a chunk that wanted one".into(),
+                    ));
+                }
+                Ok(tokens.into_iter().map(ChunkOut::Token).collect())
+            })
+        } else {
+            self.backend
+                .forward(&chunks)
+                .map(|r| r.into_iter().map(ChunkOut::Rows).collect())
+        };
         self.last_contact = Instant::now();
         drop(chunks);
         match result {
-            Ok(logits) => self.after_step(&plan, logits),
+            Ok(outs) => self.after_step(&plan, outs),
             Err(e) if e.is_fatal() => return Err(e.to_string()),
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed; failing its requests");
@@ -383,17 +408,20 @@ impl Runner {
         Ok(())
     }
 
-    fn after_step(&mut self, plan: &[PlanItem], logits: Vec<Vec<f32>>) {
+    fn after_step(&mut self, plan: &[PlanItem], outs: Vec<ChunkOut>) {
         let vocab = self.info.vocab_size as usize;
         let mut done: Vec<(usize, FinishReason, Option<u32>)> = Vec::new();
-        for (item, mut rows) in plan.iter().zip(logits) {
+        for (item, out) in plan.iter().zip(outs) {
             let start = self.sched.running[item.seq].num_computed;
             self.sched.running[item.seq].num_computed += item.n;
             self.sched.register_full_blocks(item.seq);
             let eos = &self.info.eos_token_ids;
             let seq = &mut self.sched.running[item.seq];
-            if seq.want_prompt_logprobs && start < seq.prompt_len {
-                collect_prompt_logprobs(seq, &rows, start, item.n, vocab);
+            if let ChunkOut::Rows(rows) = &out
+                && seq.want_prompt_logprobs
+                && start < seq.prompt_len
+            {
+                collect_prompt_logprobs(seq, rows, start, item.n, vocab);
                 if seq.num_computed >= seq.prompt_len {
                     seq.want_prompt_logprobs = false;
                     let lps = std::mem::take(&mut seq.prompt_logprobs);
@@ -403,9 +431,16 @@ impl Runner {
             if seq.num_computed < seq.tokens.len() {
                 continue;
             }
-            let len = rows.len();
-            let last = &mut rows[len.saturating_sub(vocab)..];
-            if let Some(r) = sample_one(seq, last, eos) {
+            let finished = match out {
+                ChunkOut::Rows(mut rows) => {
+                    let len = rows.len();
+                    sample_one(seq, &mut rows[len.saturating_sub(vocab)..], eos)
+                }
+                ChunkOut::Token(Some(token)) => accept_token(seq, token, None, eos),
+                // A chunk that wanted no logits (step() checked the others have a token).
+                ChunkOut::Token(None) => None,
+            };
+            if let Some(r) = finished {
                 done.push((item.seq, r.0, r.1));
             }
         }
@@ -468,6 +503,23 @@ fn collect_prompt_logprobs(seq: &mut Sequence, rows: &[f32], start: usize, n: us
     }
 }
 
+/// What a step returned for one chunk.
+enum ChunkOut {
+    /// Its logits rows (`Backend::forward`).
+    Rows(Vec<f32>),
+    /// Its greedy next token, when it wanted logits (`Backend::forward_greedy`).
+    Token(Option<u32>),
+}
+
+/// Whether `seq`'s next token is the plain argmax of its logits: a plain greedy sampler and
+/// no token banned at this length (`sample_one` bans stop ids before min_tokens).
+fn takes_plain_argmax(seq: &Sequence) -> bool {
+    let generated = seq.tokens.len() - seq.prompt_len;
+    seq.sampler.is_plain_greedy()
+        && !seq.want_prompt_logprobs
+        && generated >= seq.stopping.min_tokens as usize
+}
+
 /// Samples the next token of `seq`, sends it, and says whether the sequence is done.
 fn sample_one(
     seq: &mut Sequence,
@@ -486,6 +538,16 @@ fn sample_one(
     let (token, logprob) = seq
         .sampler
         .sample(logits, prompt, generated_ids, Banned(&banned));
+    accept_token(seq, token, logprob, eos)
+}
+
+/// Appends `token` to `seq`, sends it, and says whether the sequence is done.
+fn accept_token(
+    seq: &mut Sequence,
+    token: u32,
+    logprob: Option<TokenLogprob>,
+    eos: &[u32],
+) -> Option<(FinishReason, Option<u32>)> {
     seq.tokens.push(token);
     if seq.first_token_at.is_none() {
         seq.first_token_at = Some(Instant::now());

@@ -27,6 +27,17 @@ impl Sampler {
         Self { params, rng }
     }
 
+    /// Whether the next token is the plain argmax of the raw logits (greedy, no penalties,
+    /// no logprobs), so a backend may pick it itself (`Backend::forward_greedy`); tokens the
+    /// caller bans are its own to check.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        let penalized = (p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0)
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0;
+        (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none() && !penalized
+    }
+
     /// Whether sampling needs top-n logprobs for each token.
     pub fn logprobs(&self) -> Option<u32> {
         self.params.logprobs
@@ -195,6 +206,39 @@ mod tests {
         let mut s = Sampler::new(params(0.0, 1));
         let (t, _) = s.sample(&mut [0.1, 3.0, -1.0], &[], &[], Banned(&[]));
         assert_eq!(t, 1);
+    }
+
+    #[test]
+    fn only_unpenalized_greedy_without_logprobs_is_plain_greedy() {
+        let plain = |p: SamplingParams| Sampler::new(p).is_plain_greedy();
+        assert!(plain(params(0.0, 1)));
+        let top1 = SamplingParams {
+            temperature: 0.8,
+            top_k: 1,
+            ..Default::default()
+        };
+        assert!(plain(top1));
+        assert!(!plain(params(0.7, 1)));
+        for p in [
+            SamplingParams {
+                logprobs: Some(0),
+                ..params(0.0, 1)
+            },
+            SamplingParams {
+                repetition_penalty: 1.2,
+                ..params(0.0, 1)
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..params(0.0, 1)
+            },
+            SamplingParams {
+                frequency_penalty: 0.5,
+                ..params(0.0, 1)
+            },
+        ] {
+            assert!(!plain(p));
+        }
     }
 
     #[test]

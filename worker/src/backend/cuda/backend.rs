@@ -106,6 +106,8 @@ struct Workspace {
     host: Vec<f32>,
     /// Logits, f32 [rows, vocab].
     logits: Scratch<f32>,
+    /// Greedy tokens, one per logits row.
+    tokens: Scratch<u32>,
     /// Per-step integers (token ids, positions, slots, tables), one upload.
     meta: Scratch<i32>,
 }
@@ -120,6 +122,7 @@ impl Workspace {
             + self.act.bytes()
             + self.proj.bytes()
             + self.logits.bytes()
+            + self.tokens.bytes()
             + self.meta.bytes()
     }
 }
@@ -188,6 +191,32 @@ fn mat(m: &DevMat, st: &cudarc::driver::CudaStream) -> (u64, usize, usize) {
 /// A size as a kernel `int`.
 pub(super) fn int(v: usize, what: &str) -> Result<i32, BackendError> {
     i32::try_from(v).map_err(|_| BackendError::InvalidStep(format!("{what} {v} exceeds 2^31")))
+}
+
+/// What a step returns: logits rows per chunk, or (greedy steps) a token per chunk.
+enum StepOut {
+    Rows(Vec<Vec<f32>>),
+    Tokens(Vec<Option<u32>>),
+}
+
+/// The rows of a step whose logits are wanted: `picked` holds (chunk, row of `x`) and is also
+/// uploaded at `pick_p`; `xn` is scratch for their normed rows.
+struct LogitRows<'a> {
+    chunks: usize,
+    picked: &'a [(usize, i32)],
+    x: u64,
+    xn: u64,
+    pick_p: u64,
+}
+
+/// Per chunk, the argmax of its last row of `vocab` logits (None for a chunk without rows),
+/// as `sampling::argmax` picks it.
+fn last_row_argmax(rows: &[Vec<f32>], vocab: usize) -> Vec<Option<u32>> {
+    rows.iter()
+        .map(|r| {
+            (vocab > 0 && r.len() >= vocab).then(|| crate::sampling::argmax(&r[r.len() - vocab..]))
+        })
+        .collect()
 }
 
 /// Sums `n` f32 at the start of `buf` over the group, in place: on the device when the
@@ -408,6 +437,7 @@ impl CudaBackend {
                 proj: Scratch::new(),
                 host: Vec::new(),
                 logits: Scratch::new(),
+                tokens: Scratch::new(),
                 meta: Scratch::new(),
             },
             max_inter,
@@ -472,7 +502,7 @@ impl CudaBackend {
         &self.dev.describe
     }
 
-    fn step(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+    fn step(&mut self, batch: &[SeqChunk<'_>], greedy: bool) -> Result<StepOut, BackendError> {
         let (num_blocks, tpb) = match &self.kv {
             Some(kv) => (kv.num_blocks, kv.tokens_per_block),
             None => return Err(BackendError::InvalidStep("init_kv was not called".into())),
@@ -533,7 +563,10 @@ impl CudaBackend {
         }
         let t_rows = tokens.len();
         if t_rows == 0 {
-            return Ok(vec![Vec::new(); batch.len()]);
+            return Ok(match greedy {
+                true => StepOut::Tokens(vec![None; batch.len()]),
+                false => StepOut::Rows(vec![Vec::new(); batch.len()]),
+            });
         }
         let mut tables = vec![0i32; batch.len() * max_blocks];
         for (i, ch) in batch.iter().enumerate() {
@@ -809,47 +842,99 @@ impl CudaBackend {
                 add_rows(dev, x, proj, t_rows * h)?;
             }
         }
-        self.logits(batch.len(), &picked, x, xn, pick_p)
+        let rows = LogitRows {
+            chunks: batch.len(),
+            picked: &picked,
+            x,
+            xn,
+            pick_p,
+        };
+        // Vocabulary-parallel ranks gather whole rows and take the argmax on the host.
+        if greedy && self.shard.is_whole() {
+            return self.greedy_tokens(&rows).map(StepOut::Tokens);
+        }
+        let out = self.logits(&rows)?;
+        Ok(match greedy {
+            true => StepOut::Tokens(last_row_argmax(&out, c.vocab_size)),
+            false => StepOut::Rows(out),
+        })
+    }
+
+    /// Final norm of the picked rows, lm_head and an argmax per row on the device; only the
+    /// token ids come back. A chunk with several picked rows gets its last row's token.
+    fn greedy_tokens(&mut self, r: &LogitRows<'_>) -> Result<Vec<Option<u32>>, BackendError> {
+        let mut out = vec![None; r.chunks];
+        if r.picked.is_empty() {
+            self.dev.sync()?;
+            return Ok(out);
+        }
+        let vocab = self.vocab_slice.len();
+        let mut ids = vec![0u32; r.picked.len()];
+        for first in (0..r.picked.len()).step_by(self.logit_rows) {
+            let n = self.logit_rows.min(r.picked.len() - first);
+            self.final_group(r, first, n)?;
+            let logits = self.ws.logits.at_least(&self.dev, n * vocab)?;
+            let tokens = self.ws.tokens.at_least(&self.dev, n)?;
+            let n_u = u32::try_from(n)
+                .map_err(|_| BackendError::InvalidStep(format!("{n} logits rows")))?;
+            self.dev
+                .launch("argmax_rows")?
+                .ptr(tokens)
+                .ptr(logits)
+                .i32(int(vocab, "vocab_size")?)
+                .run((n_u, 1), 256, 0, "greedy argmax")?;
+            self.ws.tokens.read(&self.dev, &mut ids[first..first + n])?;
+        }
+        for (&(chunk, _), &t) in r.picked.iter().zip(&ids) {
+            out[chunk] = Some(t);
+        }
+        Ok(out)
+    }
+
+    /// Final norm and lm_head of picked rows `first..first + n` (n <= `logit_rows`) into
+    /// `ws.logits`, this rank's vocabulary slice per row.
+    fn final_group(
+        &mut self,
+        r: &LogitRows<'_>,
+        first: usize,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let dev = &self.dev;
+        let st = &dev.stream;
+        let h = self.config.hidden_size;
+        let head = self.lm_head.as_ref().map_or(&self.embed, |m| &m.data);
+        let local = self.vocab_slice.len();
+        let logits = self.ws.logits.at_least(dev, n * local)?;
+        let n_u =
+            u32::try_from(n).map_err(|_| BackendError::InvalidStep(format!("{n} logits rows")))?;
+        dev.launch("rmsnorm_gather_f32_bf16")?
+            .ptr(r.xn)
+            .ptr(r.x)
+            .ptr(r.pick_p + 4 * first as u64)
+            .ptr(ptr(&self.norm, st))
+            .i32(int(h, "hidden")?)
+            .f32(self.config.rms_norm_eps as f32)
+            .run((n_u, 1), 256, 0, "final rmsnorm")?;
+        dev.gemm(logits, r.xn, (ptr(head, st), local, h), n, 0.0)
     }
 
     /// Final norm of the picked rows, lm_head, copy to host; `logit_rows` rows at a time. A
     /// tensor-parallel rank computes its vocabulary slice and gathers the others' on the host.
-    fn logits(
-        &mut self,
-        chunks: usize,
-        picked: &[(usize, i32)],
-        x: u64,
-        xn: u64,
-        pick_p: u64,
-    ) -> Result<Vec<Vec<f32>>, BackendError> {
-        let c = &self.config;
-        let (h, vocab) = (c.hidden_size, c.vocab_size);
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); chunks];
+    fn logits(&mut self, r: &LogitRows<'_>) -> Result<Vec<Vec<f32>>, BackendError> {
+        let (picked, vocab) = (r.picked, self.config.vocab_size);
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); r.chunks];
         if picked.is_empty() {
             self.dev.sync()?;
             return Ok(out);
         }
-        let dev = &self.dev;
-        let st = &dev.stream;
-        let head = self.lm_head.as_ref().map_or(&self.embed, |m| &m.data);
         let local = self.vocab_slice.len();
-        let logits = self.ws.logits.at_least(dev, self.logit_rows * local)?;
         let mut host = vec![0.0f32; picked.len() * local];
-        for (ci, group) in picked.chunks(self.logit_rows).enumerate() {
-            let first = ci * self.logit_rows;
-            let n = group.len();
-            dev.launch("rmsnorm_gather_f32_bf16")?
-                .ptr(xn)
-                .ptr(x)
-                .ptr(pick_p + 4 * first as u64)
-                .ptr(ptr(&self.norm, st))
-                .i32(int(h, "hidden")?)
-                .f32(c.rms_norm_eps as f32)
-                .run((n as u32, 1), 256, 0, "final rmsnorm")?;
-            dev.gemm(logits, xn, (ptr(head, st), local, h), n, 0.0)?;
+        for first in (0..picked.len()).step_by(self.logit_rows) {
+            let n = self.logit_rows.min(picked.len() - first);
+            self.final_group(r, first, n)?;
             self.ws
                 .logits
-                .read(dev, &mut host[first * local..(first + n) * local])?;
+                .read(&self.dev, &mut host[first * local..(first + n) * local])?;
         }
         if local != vocab {
             host = gather_vocab(self.comm.as_mut(), &host, picked.len(), vocab)?;
@@ -955,6 +1040,20 @@ impl Backend for CudaBackend {
             .ctx
             .bind_to_thread()
             .map_err(|e| dev_err("binding the CUDA context", e))?;
-        self.step(batch)
+        match self.step(batch, false)? {
+            StepOut::Rows(r) => Ok(r),
+            StepOut::Tokens(_) => Err(BackendError::Device("a logits step returned tokens".into())),
+        }
+    }
+
+    fn forward_greedy(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Option<u32>>, BackendError> {
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("binding the CUDA context", e))?;
+        match self.step(batch, true)? {
+            StepOut::Tokens(t) => Ok(t),
+            StepOut::Rows(_) => Err(BackendError::Device("a greedy step returned rows".into())),
+        }
     }
 }

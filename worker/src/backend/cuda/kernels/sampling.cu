@@ -28,5 +28,6 @@ extern "C" __global__ void argmax_rows(u32* out, const float* logits, int vocab)
         }
         __syncthreads();
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = (u32)best_i[0];
+    // A row without any non-NaN value yields 0, as the host's argmax does.
+    if (threadIdx.x == 0) out[blockIdx.x] = best_i[0] == 0x7fffffff ? 0u : (u32)best_i[0];
 }
