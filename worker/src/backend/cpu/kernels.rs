@@ -2,9 +2,23 @@
 
 use llmapi_common::model_config::{ModelConfig, RopeScaling};
 
+/// Sum of squares in 16 independent partial sums (a single running sum is one long chain
+/// of dependent additions; the partial sums vectorize).
+fn sum_sq(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// `out = x / rms(x) * w` for one row.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let ms = sum_sq(x) / x.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
         *o = v * inv * g;
@@ -13,7 +27,7 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 
 /// In-place RMSNorm of one row.
 pub fn rms_norm_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let ms = sum_sq(x) / x.len() as f32;
     let inv = 1.0 / (ms + eps).sqrt();
     for (v, &g) in x.iter_mut().zip(w) {
         *v = *v * inv * g;

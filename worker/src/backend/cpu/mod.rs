@@ -213,7 +213,12 @@ impl CpuBackend {
         let mut qkv = vec![0.0f32; t_rows * qkv_w];
         let mut attn = vec![0.0f32; t_rows * nq * d];
         let mut proj = vec![0.0f32; t_rows * h];
-        let (mut cos, mut sin) = (vec![0.0f32; d / 2], vec![0.0f32; d / 2]);
+        // cos and sin of every row's position, computed once for all layers.
+        let mut rope_cs = vec![0.0f32; t_rows * d];
+        for (row, cs) in rows.iter().zip(rope_cs.chunks_exact_mut(d)) {
+            let (cos, sin) = cs.split_at_mut(d / 2);
+            self.rope.table(row.pos, cos, sin);
+        }
         for (li, layer) in self.w.layers.iter().enumerate() {
             norm_rows(&x, &layer.input_norm, eps, h, &mut xn);
             linear(self.gemm, &xn, t_rows, &layer.qkv, &mut qkv);
@@ -222,13 +227,13 @@ impl CpuBackend {
                 if let Some(b) = &layer.qkv_bias {
                     q.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
-                self.rope.table(row.pos, &mut cos, &mut sin);
+                let (cos, sin) = rope_cs[r * d..(r + 1) * d].split_at(d / 2);
                 for head in q[..(nq + nkv) * d].chunks_exact_mut(d).enumerate() {
                     let (hi, head) = head;
                     if let Some((qn, kn)) = &layer.qk_norm {
                         rms_norm_inplace(head, if hi < nq { qn } else { kn }, eps);
                     }
-                    apply_rope(head, &cos, &sin);
+                    apply_rope(head, cos, sin);
                 }
                 let ch = &batch[row.chunk];
                 let block = ch.block_table[row.pos / tpb];
@@ -328,7 +333,17 @@ fn rows_view(rows: &[Row]) -> Vec<(usize, usize)> {
     rows.iter().map(|r| (r.chunk, r.pos)).collect()
 }
 
+/// Elements below which a per-row kernel runs on the calling thread: a fork/join of the pool
+/// costs more than normalizing or gating a decode batch (32 x 768 is a few microseconds).
+const PAR_MIN_ELEMS: usize = 1 << 16;
+
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, h: usize, out: &mut [f32]) {
+    if x.len() < PAR_MIN_ELEMS {
+        for (o, xr) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+            rms_norm(xr, w, eps, o);
+        }
+        return;
+    }
     out.par_chunks_mut(h)
         .zip(x.par_chunks(h))
         .for_each(|(o, xr)| rms_norm(xr, w, eps, o));
@@ -352,9 +367,18 @@ fn run_ffn(g: GemmDtype, f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32], s: &
     let gu = buf(&mut s.gate_up, rows * 2 * f.inter);
     linear(g, xn, rows, &f.gate_up, gu);
     let act = buf(&mut s.act, rows * f.inter);
-    act.par_chunks_mut(f.inter)
-        .zip(gu.par_chunks(2 * f.inter))
-        .for_each(|(a, g)| silu_mul(g, a));
+    if act.len() < PAR_MIN_ELEMS {
+        for (a, g) in act
+            .chunks_exact_mut(f.inter)
+            .zip(gu.chunks_exact(2 * f.inter))
+        {
+            silu_mul(g, a);
+        }
+    } else {
+        act.par_chunks_mut(f.inter)
+            .zip(gu.par_chunks(2 * f.inter))
+            .for_each(|(a, g)| silu_mul(g, a));
+    }
     linear(g, act, rows, &f.down, out);
 }
 
