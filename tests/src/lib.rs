@@ -37,31 +37,69 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// The built-in demo model (tiny, fast), written once per test binary.
+/// The built-in demo model (tiny, fast), written once per build of `llmapi-launch`.
 pub fn demo_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| write_model("demo")).1
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| cached_model("demo"))
 }
 
 /// The built-in bench model (124M parameters: slow enough on CPU that a long request is
-/// still running seconds later), written once per test binary.
+/// still running seconds later), written once per build of `llmapi-launch`.
 pub fn bench_model() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &DIR.get_or_init(|| write_model("bench")).1
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| cached_model("bench"))
 }
 
-fn write_model(preset: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let path = tmp.path().join(preset);
-    let status = Command::new(bin("llmapi-launch"))
+/// A preset checkpoint kept in the target directory (`<profile>/llmapi-test-models/`) and
+/// shared by every test binary, keyed by the `llmapi-launch` build that wrote it. A temp dir
+/// held in a static is never dropped, so each test binary used to leave a 240 MB bench model
+/// in /tmp behind; copies written by older builds are removed here.
+fn cached_model(preset: &str) -> PathBuf {
+    let launch = bin("llmapi-launch");
+    let stamp = std::fs::metadata(&launch)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let root = launch
+        .parent()
+        .expect("llmapi-launch lives in a directory")
+        .join("llmapi-test-models");
+    // The model directory keeps the preset's name: it is the default served model name.
+    let name = format!("{preset}-{stamp}");
+    let path = root.join(&name).join(preset);
+    if path.join("config.json").is_file() {
+        return path;
+    }
+    std::fs::create_dir_all(&root).expect("create the test model directory");
+    for old in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let old_name = old.file_name().to_string_lossy().into_owned();
+        if old_name.starts_with(&format!("{preset}-")) && old_name != name {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
+    // Written under a private name, then renamed, so a concurrent test binary never reads a
+    // half-written checkpoint.
+    let partial = root.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    let status = Command::new(&launch)
         .args(["make-model", "--preset", preset, "--out"])
-        .arg(&path)
+        .arg(partial.join(preset))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .expect("run llmapi-launch make-model");
     assert!(status.success(), "make-model --preset {preset} failed");
-    (tmp, path)
+    if std::fs::rename(&partial, root.join(&name)).is_err() {
+        // Another test binary finished the same checkpoint first.
+        let _ = std::fs::remove_dir_all(&partial);
+        assert!(
+            path.join("config.json").is_file(),
+            "no test model at {}",
+            path.display()
+        );
+    }
+    path
 }
 
 /// A child process killed on drop.
