@@ -13,7 +13,8 @@
 # tensor/expert-parallel group of 2 CUDA ranks on the one GPU (over the TCP ring) against one
 # rank; batched steps equal one-at-a-time; batch-1 decode against the
 # HBM roofline and decode throughput at batch 64 and 256 on a 1B-class Llama-shaped random
-# bf16 model, and batch 1 and 64 on a Qwen3-MoE-shaped one (worker/benches/cuda.rs);
+# bf16 model, with and without CUDA graphs and the device argmax, and batch 1 and 64 on a
+# Qwen3-MoE-shaped one (worker/benches/cuda.rs); CUDA graph replays against eager steps;
 # transformers' generate at batch 64 on the Llama shape
 # when torch and transformers import; the NCCL communicator (worker/tests/nccl.rs) at world
 # size 1, and at world size 2 when two GPUs are visible. Any failed or missing step makes the
@@ -164,6 +165,7 @@ for t in "gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance:
     "gpu_tensor_parallel_group_matches_one_rank:TP/EP=2 group on one GPU vs 1 rank" \
     "gpu_batched_steps_equal_one_at_a_time:batched steps == one at a time" \
     "gpu_device_greedy_equals_the_argmax_of_the_logits:device greedy == host argmax" \
+    "gpu_cuda_graphs_match_eager_decode:CUDA graphs == eager decode" \
     "gpu_fp8_kv_stays_close_to_bf16_kv:fp8 KV close to bf16 KV" \
     "gpu_engine_serves_greedy_requests_on_cuda:engine on --backend cuda"; do
     name=${t%%:*}
@@ -213,6 +215,10 @@ if timeout 600 "$bin/cuda_bench" >"$log/bench.txt" 2>&1; then
     row "batch-64, logits copied to host (tokens/s)" "$(get batch64_logits_tokens_per_s)" "vs device argmax"
     row "batch-256 decode (tokens/s)" "$(get batch256_tokens_per_s)" ""
     row "batch-256, logits copied to host (tokens/s)" "$(get batch256_logits_tokens_per_s)" "vs device argmax"
+    row "CUDA graphs: batch-1 decode (ms/token)" "$(get graphs_batch1_ms_per_token)" "vs eager"
+    row "CUDA graphs: batch-64 decode (tokens/s)" "$(get graphs_batch64_tokens_per_s)" "vs eager"
+    row "CUDA graphs: batch-256 decode (tokens/s)" "$(get graphs_batch256_tokens_per_s)" "vs eager"
+    row "CUDA graphs captured (batch sizes)" "$(get graphs_captured | cut -c1-28)" "none fell back"
     row "MoE batch-1 decode (ms/token)" "$(get moe_batch1_ms_per_token)" "roofline $(get moe_batch1_roofline_ms)"
     row "MoE batch-64 decode (tokens/s)" "$(get moe_batch64_tokens_per_s)" ""
 else

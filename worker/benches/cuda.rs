@@ -6,7 +6,8 @@
 //! bandwidth, weight bytes per decoded token, batch-1 decode ms/token and its fraction of the
 //! HBM roofline (bytes per token / copy bandwidth), and decode throughput at the batch sizes
 //! of LLMAPI_BENCH_BATCHES (default 64,256) after 128-token prompts, each with the greedy
-//! token picked on the device and (`_logits_` keys) with every logits row copied to the host. Then the same, keys
+//! token picked on the device and (`_logits_` keys) with every logits row copied to the host,
+//! then (`graphs_` keys) with decode steps replayed as CUDA graphs. Then the same, keys
 //! prefixed `moe_`, for a Qwen3-MoE shape (`MOE_PRESET`) at batch 1 and 64, unless
 //! LLMAPI_BENCH_MOE=0. Without a usable GPU it
 //! prints why and exits with status 2 (so a script cannot mistake it for a result).
@@ -19,6 +20,8 @@ use support::random_model;
 use std::path::Path;
 use std::time::Instant;
 
+use llmapi_common::args::CudaGraphConfig;
+use llmapi_worker::backend::cuda::graphs::GraphSizes;
 use llmapi_worker::backend::cuda::select::probe;
 use llmapi_worker::backend::cuda::{CudaBackend, CudaSettings, copy_bandwidth_gbs};
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
@@ -105,6 +108,8 @@ fn measure(prefix: &str, w: ModelWeights, batches: &[usize], bw: f64) {
         max_num_tokens: 16 * PROMPT,
         max_batch_size: max_batch,
         kv_dtype: KvDtype::Auto,
+        max_seq_len: PROMPT + 80,
+        cuda_graphs: None,
     };
     let mut be = CudaBackend::new(w, &settings).unwrap_or_else(|e| {
         eprintln!("cuda bench: {e}");
@@ -127,6 +132,21 @@ fn measure(prefix: &str, w: ModelWeights, batches: &[usize], bw: f64) {
         let s = decode_seconds(&mut be, b, 32, false);
         println!("{prefix}batch{b}_logits_tokens_per_s={:.0}", b as f64 / s);
     }
+    // The same decode steps replayed as CUDA graphs (padded sizes up to the largest batch).
+    let graphs = CudaGraphConfig {
+        enable_padding: true,
+        max_batch_size: max_batch as u32,
+        batch_sizes: None,
+    };
+    be.set_cuda_graphs(GraphSizes::from_config(Some(&graphs), max_batch))
+        .expect("CUDA graphs on");
+    let b1 = decode_seconds(&mut be, 1, 64, true);
+    println!("{prefix}graphs_batch1_ms_per_token={:.3}", b1 * 1e3);
+    for &b in batches {
+        let s = decode_seconds(&mut be, b, 32, true);
+        println!("{prefix}graphs_batch{b}_tokens_per_s={:.0}", b as f64 / s);
+    }
+    println!("{prefix}graphs_captured={:?}", be.captured_graphs());
 }
 
 fn main() {

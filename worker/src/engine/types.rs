@@ -74,6 +74,8 @@ pub struct EngineConfig {
     pub model_name: Option<String>,
     /// Compute backend (`--backend`); `Engine::start` resolves auto to cuda or cpu.
     pub backend: llmapi_common::args::Backend,
+    /// `cuda_graph_config` (CUDA backend only); None: no CUDA graphs.
+    pub cuda_graph_config: Option<llmapi_common::args::CudaGraphConfig>,
 }
 
 impl Default for EngineConfig {
@@ -94,6 +96,7 @@ impl Default for EngineConfig {
             threads: None,
             model_name: None,
             backend: llmapi_common::args::Backend::Cpu,
+            cuda_graph_config: None,
         }
     }
 }
@@ -329,6 +332,7 @@ impl EngineConfig {
             threads: None,
             model_name: args.served_model_name.clone(),
             backend: args.backend,
+            cuda_graph_config: args.cuda_graph_config.clone(),
         }
     }
 }

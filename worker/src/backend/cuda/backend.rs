@@ -11,12 +11,15 @@
 //! gathered. The KV pool is bf16 or fp8 e4m3 in device memory. Logits come back to the host
 //! for the sampler.
 
-use cudarc::driver::CudaSlice;
+use std::collections::HashMap;
+
+use cudarc::driver::{CudaGraph, CudaSlice};
 
 use llmapi_common::model_config::ModelConfig;
 
 use super::CudaError;
 use super::device::{Device, Scratch, dev_err, ptr, stride_grid};
+use super::graphs::{GraphSizes, replay_agrees};
 use super::moe::{self, DevMoe, MAX_TOP_K, MoeIo, MoeScratch};
 use crate::backend::cpu::kernels::Rope;
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
@@ -40,6 +43,11 @@ pub struct CudaSettings {
     pub max_batch_size: usize,
     /// KV element type (Auto: bf16; Float32 is refused).
     pub kv_dtype: KvDtype,
+    /// Longest sequence: the block-table stride of decode steps replayed as CUDA graphs.
+    pub max_seq_len: usize,
+    /// Batch sizes whose decode steps are captured as CUDA graphs (`cuda_graph_config`);
+    /// None: every step runs eagerly.
+    pub cuda_graphs: Option<GraphSizes>,
 }
 
 /// A bf16 matrix on the device, `rows` x `cols` row-major.
@@ -113,6 +121,17 @@ struct Workspace {
 }
 
 impl Workspace {
+    /// Changes whenever a buffer a step's body uses moves.
+    fn moves(&self) -> u64 {
+        self.x.moves()
+            + self.xn.moves()
+            + self.qkv.moves()
+            + self.attn.moves()
+            + self.gate_up.moves()
+            + self.act.moves()
+            + self.proj.moves()
+    }
+
     fn bytes(&self) -> usize {
         self.x.bytes()
             + self.xn.bytes()
@@ -151,6 +170,38 @@ pub struct CudaBackend {
     logit_rows: usize,
     /// Device memory free after weights and workspace, measured at construction.
     free_after_setup: usize,
+    /// Decode batch sizes run as CUDA graphs; None when graphs are off.
+    graph_sizes: Option<GraphSizes>,
+    /// Captured graphs by batch size, valid while the workspace has not moved.
+    graphs: HashMap<usize, Graph>,
+    /// `Workspace::moves` when `graphs` were captured.
+    graphs_ws_moves: u64,
+    /// Integers of graph steps (a buffer that stays put).
+    graph_meta: Scratch<i32>,
+    max_seq_len: usize,
+}
+
+/// A captured decode step.
+struct Graph(CudaGraph);
+
+// SAFETY: CUDA requires calls on one graph to be serialized, not made from one particular
+// thread; a `Graph` is only reached through `&mut CudaBackend`, so one thread at a time uses
+// it, and every backend call binds the CUDA context to its thread first.
+unsafe impl Send for Graph {}
+
+/// Where a step's integers live on the device, and its sizes.
+#[derive(Clone, Copy)]
+struct StepPtrs {
+    t_rows: usize,
+    tok_p: u64,
+    pos_p: u64,
+    slot_p: u64,
+    seq_p: u64,
+    ctx_p: u64,
+    tab_p: u64,
+    /// Block-table stride.
+    max_blocks: usize,
+    tpb: usize,
 }
 
 /// Rounds f32 to bf16 bits (nearest even), as the CPU backend's bf16 mode does.
@@ -443,9 +494,17 @@ impl CudaBackend {
             max_inter,
             logit_rows: s.max_batch_size.max(1),
             free_after_setup: 0,
+            graph_sizes: None,
+            graphs: HashMap::new(),
+            graphs_ws_moves: 0,
+            graph_meta: Scratch::new(),
+            max_seq_len: s.max_seq_len,
             config: c,
         };
-        be.reserve(s.max_num_tokens.max(1)).map_err(setup)?;
+        be.graph_sizes = be.graph_choice(s.cuda_graphs.clone());
+        let graph_rows = be.graph_sizes.as_ref().map_or(0, GraphSizes::max);
+        be.reserve(s.max_num_tokens.max(graph_rows).max(1))
+            .map_err(setup)?;
         be.dev.sync().map_err(setup)?;
         let (free_after, _) = be.dev.mem_info().map_err(setup)?;
         be.free_after_setup = free_after;
@@ -497,6 +556,159 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The graph sizes to use given `cuda_graph_config`'s, with a log line saying which and
+    /// why not.
+    fn graph_choice(&self, asked: Option<GraphSizes>) -> Option<GraphSizes> {
+        let Some(sizes) = asked else {
+            tracing::info!("cuda_graph_config is null: decode steps run without CUDA graphs");
+            return None;
+        };
+        let why_not = if !self.shard.is_whole() {
+            Some("tensor-parallel all-reduces are not captured")
+        } else if self.layers.iter().any(|l| matches!(l.mlp, DevMlp::Moe(_))) {
+            Some("MoE routing synchronizes with the host in every layer")
+        } else if self.max_seq_len == 0 {
+            Some("max_seq_len is unknown")
+        } else {
+            None
+        };
+        match why_not {
+            Some(why) => {
+                tracing::info!(
+                    reason = why,
+                    "cuda_graph_config is set but this model runs without CUDA graphs"
+                );
+                None
+            }
+            None => {
+                tracing::info!(
+                    batch_sizes = ?sizes.sizes(),
+                    enable_padding = sizes.padding(),
+                    "decode steps of these batch sizes run as CUDA graphs, each checked against an eager step when first captured"
+                );
+                Some(sizes)
+            }
+        }
+    }
+
+    /// Turns CUDA graphs on (`cuda_graph_config`'s sizes) or off for later steps; graphs
+    /// already captured are dropped. The GPU check compares both.
+    pub fn set_cuda_graphs(&mut self, sizes: Option<GraphSizes>) -> Result<(), BackendError> {
+        self.graphs.clear();
+        self.graph_sizes = self.graph_choice(sizes);
+        let rows = self.graph_sizes.as_ref().map_or(0, GraphSizes::max);
+        self.reserve(rows.max(1))
+    }
+
+    /// Batch sizes captured so far.
+    pub fn captured_graphs(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.graphs.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Block-table stride of graph steps: blocks of the longest sequence.
+    fn graph_stride(&self, tpb: usize) -> usize {
+        self.max_seq_len.div_ceil(tpb.max(1)).max(1)
+    }
+
+    /// The graph a step runs as: a decode step (one token per sequence) whose batch has a
+    /// captured (or, with padding, larger captured) size and whose tables fit the stride.
+    fn graph_size(&self, batch: &[SeqChunk<'_>], tpb: usize) -> Option<usize> {
+        let sizes = self.graph_sizes.as_ref()?;
+        let stride = self.graph_stride(tpb);
+        let decode = batch
+            .iter()
+            .all(|c| c.tokens.len() == 1 && (c.start_pos + 1).div_ceil(tpb) <= stride);
+        if !decode {
+            return None;
+        }
+        sizes.padded(batch.len())
+    }
+
+    /// Runs a step's body as the graph of batch size `b`, capturing it first if needed. A
+    /// fresh capture is checked: the step runs eagerly, then the graph replays it (the KV it
+    /// writes is the same both times) and the residual streams must agree; a capture that
+    /// fails or disagrees turns graphs off with a warning, and the eager result stands.
+    fn graph_body(&mut self, b: usize, p: &StepPtrs) -> Result<(u64, u64), BackendError> {
+        let moves = self.ws.moves();
+        if moves != self.graphs_ws_moves {
+            self.graphs.clear();
+            self.graphs_ws_moves = moves;
+        }
+        if let Some(Graph(g)) = self.graphs.get(&b) {
+            g.launch()
+                .map_err(|e| dev_err("launching a CUDA graph", e))?;
+            return self.body_buffers(p.t_rows);
+        }
+        let out = self.body(p)?;
+        let n = b * self.config.hidden_size;
+        let mut eager = vec![0.0f32; n];
+        self.ws.x.read(&self.dev, &mut eager)?;
+        let graph = match self.capture(p) {
+            Ok(g) => g,
+            Err(why) => {
+                self.graphs_off(b, &why);
+                return Ok(out);
+            }
+        };
+        graph
+            .launch()
+            .map_err(|e| dev_err("launching a CUDA graph", e))?;
+        let mut replay = vec![0.0f32; n];
+        self.ws.x.read(&self.dev, &mut replay)?;
+        if replay_agrees(&eager, &replay) {
+            tracing::info!(batch_size = b, "captured a CUDA graph for decode steps");
+            self.graphs.insert(b, Graph(graph));
+            Ok(out)
+        } else {
+            self.graphs_off(b, "its replay differs from the eager step");
+            // The residual stream holds the replay's result: recompute it eagerly.
+            self.body(p)
+        }
+    }
+
+    fn graphs_off(&mut self, b: usize, why: &str) {
+        tracing::warn!(
+            batch_size = b,
+            reason = why,
+            "CUDA graph capture failed; decode steps run without CUDA graphs from now on"
+        );
+        self.graphs.clear();
+        self.graph_sizes = None;
+    }
+
+    /// Records the body of a step on the stream into a graph (nothing executes).
+    fn capture(&mut self, p: &StepPtrs) -> Result<CudaGraph, String> {
+        let stream = std::sync::Arc::clone(&self.dev.stream);
+        stream
+            .begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .map_err(|e| format!("cuStreamBeginCapture: {e}"))?;
+        let body = self.body(p);
+        // End the capture whatever happened, so the stream leaves capture mode.
+        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        body.map_err(|e| format!("capturing the step: {e}"))?;
+        match graph {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err("the capture recorded no work".into()),
+            Err(e) => Err(format!("cuStreamEndCapture/cuGraphInstantiate: {e}")),
+        }
+    }
+
+    /// The residual stream and normed-rows scratch of a step of `t_rows` rows (as `body`
+    /// returns them; the buffers are already large enough).
+    fn body_buffers(&mut self, t_rows: usize) -> Result<(u64, u64), BackendError> {
+        let h = self.config.hidden_size;
+        let x = self.ws.x.at_least(&self.dev, t_rows * h)?;
+        let xn = self
+            .ws
+            .xn
+            .at_least(&self.dev, t_rows.max(self.logit_rows) * h)?;
+        Ok((x, xn))
+    }
+
     /// Device name and compute capability.
     pub fn device_description(&self) -> &str {
         &self.dev.describe
@@ -507,10 +719,7 @@ impl CudaBackend {
             Some(kv) => (kv.num_blocks, kv.tokens_per_block),
             None => return Err(BackendError::InvalidStep("init_kv was not called".into())),
         };
-        let c = self.config.clone();
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
-        let vocab = c.vocab_size;
+        let vocab = self.config.vocab_size;
         // Host side of the step: validate, then lay out every integer the kernels read.
         let mut tokens: Vec<i32> = Vec::new();
         let mut positions: Vec<i32> = Vec::new();
@@ -561,6 +770,20 @@ impl CudaBackend {
                 row_ctx.push(int(pos + 1, "context length")?);
             }
         }
+        // A decode step of a captured size runs as a CUDA graph: pad it to the graph's rows
+        // (token 0 at position 0, KV write skipped, attending to one position of its own
+        // zero table row) with the block tables at the graph's fixed stride.
+        let graph = self.graph_size(batch, tpb);
+        if let Some(b) = graph {
+            for r in batch.len()..b {
+                tokens.push(0);
+                positions.push(0);
+                slots.push(-1);
+                row_seq.push(int(r, "row")?);
+                row_ctx.push(1);
+            }
+            max_blocks = self.graph_stride(tpb);
+        }
         let t_rows = tokens.len();
         if t_rows == 0 {
             return Ok(match greedy {
@@ -568,7 +791,7 @@ impl CudaBackend {
                 false => StepOut::Rows(vec![Vec::new(); batch.len()]),
             });
         }
-        let mut tables = vec![0i32; batch.len() * max_blocks];
+        let mut tables = vec![0i32; t_rows.max(batch.len()) * max_blocks];
         for (i, ch) in batch.iter().enumerate() {
             let needed = (ch.start_pos + ch.tokens.len()).div_ceil(tpb);
             for (dst, &b) in tables[i * max_blocks..]
@@ -599,12 +822,75 @@ impl CudaBackend {
             o
         };
         self.reserve(t_rows)?;
-        let ws_meta = self.ws.meta.at_least(&self.dev, meta.len())?;
-        self.ws.meta.write(&self.dev, &meta)?;
+        // Graphs read their integers from a buffer that never moves once sized for the
+        // largest graph; other steps from the workspace's, which grows as needed.
+        let meta_buf = match graph {
+            Some(_) => {
+                let most = self.graph_sizes.as_ref().map_or(0, GraphSizes::max);
+                self.graph_meta
+                    .at_least(&self.dev, most * (6 + max_blocks))?;
+                &mut self.graph_meta
+            }
+            None => &mut self.ws.meta,
+        };
+        let ws_meta = meta_buf.at_least(&self.dev, meta.len())?;
+        meta_buf.write(&self.dev, &meta)?;
         let at = |k: usize| ws_meta + 4 * offsets[k] as u64;
         let (tok_p, pos_p, slot_p, seq_p, ctx_p, tab_p, pick_p) =
             (at(0), at(1), at(2), at(3), at(4), at(5), at(6));
 
+        let ptrs = StepPtrs {
+            t_rows,
+            tok_p,
+            pos_p,
+            slot_p,
+            seq_p,
+            ctx_p,
+            tab_p,
+            max_blocks,
+            tpb,
+        };
+        let (x, xn) = match graph {
+            Some(b) => self.graph_body(b, &ptrs)?,
+            None => self.body(&ptrs)?,
+        };
+        let rows = LogitRows {
+            chunks: batch.len(),
+            picked: &picked,
+            x,
+            xn,
+            pick_p,
+        };
+        // Vocabulary-parallel ranks gather whole rows and take the argmax on the host.
+        if greedy && self.shard.is_whole() {
+            return self.greedy_tokens(&rows).map(StepOut::Tokens);
+        }
+        let out = self.logits(&rows)?;
+        Ok(match greedy {
+            true => StepOut::Tokens(last_row_argmax(&out, vocab)),
+            false => StepOut::Rows(out),
+        })
+    }
+
+    /// Embedding and every layer of a step whose integers were uploaded at `p`; returns the
+    /// residual stream and the normed-rows scratch (x, xn). Queues only device work without
+    /// host synchronization, except for MoE routing and tensor-parallel all-reduces (which
+    /// `graph_size` keeps out of graphs).
+    fn body(&mut self, p: &StepPtrs) -> Result<(u64, u64), BackendError> {
+        let StepPtrs {
+            t_rows,
+            tok_p,
+            pos_p,
+            slot_p,
+            seq_p,
+            ctx_p,
+            tab_p,
+            max_blocks,
+            tpb,
+        } = *p;
+        let c = self.config.clone();
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
         let Some(kv) = self.kv.as_ref() else {
             return Err(BackendError::InvalidStep("init_kv was not called".into()));
         };
@@ -842,22 +1128,7 @@ impl CudaBackend {
                 add_rows(dev, x, proj, t_rows * h)?;
             }
         }
-        let rows = LogitRows {
-            chunks: batch.len(),
-            picked: &picked,
-            x,
-            xn,
-            pick_p,
-        };
-        // Vocabulary-parallel ranks gather whole rows and take the argmax on the host.
-        if greedy && self.shard.is_whole() {
-            return self.greedy_tokens(&rows).map(StepOut::Tokens);
-        }
-        let out = self.logits(&rows)?;
-        Ok(match greedy {
-            true => StepOut::Tokens(last_row_argmax(&out, c.vocab_size)),
-            false => StepOut::Rows(out),
-        })
+        Ok((x, xn))
     }
 
     /// Final norm of the picked rows, lm_head and an argmax per row on the device; only the
@@ -978,6 +1249,8 @@ impl Backend for CudaBackend {
     }
 
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError> {
+        // Captured graphs address the old pool.
+        self.graphs.clear();
         let c = &self.config;
         let slots = num_blocks.saturating_mul(tokens_per_block);
         if i32::try_from(slots).is_err() {

@@ -91,7 +91,8 @@ impl Device {
         // SAFETY: the backend uses exactly one stream (below) for every allocation, copy,
         // launch and free, so stream order alone orders all uses of every buffer.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of its own: CUDA graphs cannot be captured on the legacy default stream.
+        let stream = ctx.new_stream().map_err(drv)?;
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
         // NVRTC's options take a &'static str; one short string per process is leaked.
@@ -305,11 +306,16 @@ impl Launch<'_> {
 /// A device buffer that grows on demand (contents are not kept when it grows).
 pub(super) struct Scratch<T> {
     buf: Option<CudaSlice<T>>,
+    /// How many times the buffer moved (a captured CUDA graph holds its old address).
+    moves: u64,
 }
 
 impl<T: DeviceRepr + ValidAsZeroBits> Scratch<T> {
     pub(super) fn new() -> Self {
-        Self { buf: None }
+        Self {
+            buf: None,
+            moves: 0,
+        }
     }
 
     /// The address of a buffer of at least `len` elements.
@@ -317,6 +323,7 @@ impl<T: DeviceRepr + ValidAsZeroBits> Scratch<T> {
         if self.buf.as_ref().is_none_or(|b| b.len() < len) {
             self.buf = None;
             self.buf = Some(dev.zeros(len)?);
+            self.moves += 1;
         }
         match &self.buf {
             Some(b) => Ok(ptr(b, &dev.stream)),
@@ -368,6 +375,11 @@ impl<T: DeviceRepr + ValidAsZeroBits> Scratch<T> {
     /// Bytes held.
     pub(super) fn bytes(&self) -> usize {
         self.buf.as_ref().map_or(0, |b| b.num_bytes())
+    }
+
+    /// How many times the buffer was (re)allocated.
+    pub(super) fn moves(&self) -> u64 {
+        self.moves
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod backend;
 mod device;
+pub mod graphs;
 pub mod moe;
 pub mod select;
 

@@ -6,6 +6,7 @@
 
 use llmapi_common::args::Backend as Requested;
 
+use super::graphs::GraphSizes;
 use super::{CudaBackend, CudaError, CudaSettings, Library, check_libraries, find_headers};
 use crate::dist::Communicator;
 use crate::engine::{EngineConfig, EngineError};
@@ -79,19 +80,24 @@ pub fn supports(weights: &ModelWeights, cfg: &EngineConfig) -> Result<(), Engine
         .map_err(|e| EngineError::InvalidConfig(e.to_string()))
 }
 
-fn settings(cfg: &EngineConfig, device: usize) -> CudaSettings {
+fn settings(cfg: &EngineConfig, weights: &ModelWeights, device: usize) -> CudaSettings {
     CudaSettings {
         device,
         max_num_tokens: cfg.max_num_tokens,
         max_batch_size: cfg.max_batch_size,
         kv_dtype: cfg.kv_dtype,
+        max_seq_len: cfg
+            .max_seq_len
+            .unwrap_or(weights.config.max_position_embeddings),
+        cuda_graphs: GraphSizes::from_config(cfg.cuda_graph_config.as_ref(), cfg.max_batch_size),
     }
 }
 
 /// A CUDA backend on device 0 for a whole model with the engine's settings (see `supports`).
 pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
     supports(&weights, cfg)?;
-    CudaBackend::new(weights, &settings(cfg, 0)).map_err(|e| EngineError::Backend(e.to_string()))
+    let s = settings(cfg, &weights, 0);
+    CudaBackend::new(weights, &s).map_err(|e| EngineError::Backend(e.to_string()))
 }
 
 /// The GPU of tensor-parallel rank `tp_rank` on a machine with `devices` GPUs: `tp_rank`
@@ -118,8 +124,8 @@ pub fn cuda_backend_in_group(
         device_collectives = comm.moves_device_memory(),
         "tensor-parallel rank on CUDA"
     );
-    CudaBackend::new_sharded(weights, comm, &settings(cfg, gpu))
-        .map_err(|e| EngineError::Backend(e.to_string()))
+    let s = settings(cfg, &weights, gpu);
+    CudaBackend::new_sharded(weights, comm, &s).map_err(|e| EngineError::Backend(e.to_string()))
 }
 
 #[cfg(test)]
