@@ -165,7 +165,8 @@ pub struct CudaBackend {
     kv_dtype: KvDtype,
     kv: Option<KvPool>,
     ws: Workspace,
-    /// Widest MLP activation row of any layer (dense inner width, or top_k x expert width).
+    /// Widest MLP activation row per token of any layer (dense inner width, top_k x expert
+    /// width, or a shared expert's width).
     max_inter: usize,
     logit_rows: usize,
     /// Device memory free after weights and workspace, measured at construction.
@@ -424,8 +425,7 @@ impl CudaBackend {
                 }
                 moe_mlp @ Mlp::Moe { .. } => {
                     let m = DevMoe::upload(&dev, moe_mlp).map_err(setup)?;
-                    // Routed rows are tokens x top_k; the shared expert runs over the tokens.
-                    max_inter = max_inter.max(m.top_k() * m.max_inter());
+                    max_inter = max_inter.max(m.act_width());
                     DevMlp::Moe(m)
                 }
             };
@@ -1328,5 +1328,32 @@ impl Backend for CudaBackend {
             StepOut::Tokens(t) => Ok(t),
             StepOut::Rows(_) => Err(BackendError::Device("a greedy step returned rows".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_vocabulary_slices_are_laid_out_as_whole_rows() {
+        // 2 ranks, 2 rows, vocab 4: rank 0 holds columns 0..2, rank 1 columns 2..4.
+        let gathered = [
+            0.0, 1.0, 10.0, 11.0, // rank 0: row 0, row 1
+            2.0, 3.0, 12.0, 13.0, // rank 1: row 0, row 1
+        ];
+        assert_eq!(
+            interleave_vocab_slices(&gathered, 2, 2, 4),
+            vec![0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0]
+        );
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between two bf16 values: ties go to the even one (1.0).
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_bits(f32::NAN) & 0x7f != 0);
     }
 }

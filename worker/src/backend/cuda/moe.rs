@@ -188,15 +188,10 @@ impl DevMoe {
         })
     }
 
-    /// Widest inner width this layer runs (routed experts or the shared one).
-    pub(super) fn max_inter(&self) -> usize {
-        self.inter
-            .max(self.shared.as_ref().map_or(0, |(si, _, _)| *si))
-    }
-
-    /// Experts per token.
-    pub(super) fn top_k(&self) -> usize {
-        self.top_k
+    /// Activation width per token this layer needs in the gate|up and SiLU scratch: its
+    /// top_k routed rows of the expert width, or one row of the shared expert's width.
+    pub(super) fn act_width(&self) -> usize {
+        (self.top_k * self.inter).max(self.shared.as_ref().map_or(0, |(si, _, _)| *si))
     }
 }
 
