@@ -308,6 +308,38 @@ fn assert_device_collectives(comm: &mut NcclComm) {
     let mut b = stream.clone_htod(&[rank as f32 + 10.0; 3]).unwrap();
     comm.broadcast_dev(&mut b, world - 1).unwrap();
     assert_eq!(stream.clone_dtoh(&b).unwrap(), vec![world as f32 + 9.0; 3]);
+    // The raw-address all-reduce the CUDA backend calls through the trait (and SharedComm).
+    let host: Vec<f32> = (0..300).map(|i| (i + rank) as f32).collect();
+    let dev = stream.clone_htod(&host).unwrap();
+    stream.synchronize().unwrap();
+    let addr = {
+        use cudarc::driver::DevicePtr;
+        dev.device_ptr(&stream).0
+    };
+    let as_trait: &mut dyn Communicator = comm;
+    assert!(as_trait.moves_device_memory());
+    // SAFETY: `dev` holds 300 f32 on this communicator's GPU, written and synchronized above,
+    // and is not used until the call returns.
+    unsafe { as_trait.all_reduce_sum_device(addr, host.len()) }.unwrap();
+    let back = stream.clone_dtoh(&dev).unwrap();
+    for (i, v) in back.iter().enumerate() {
+        assert_eq!(*v, i as f32 * world as f32 + rank_sum);
+    }
+}
+
+#[test]
+fn host_communicators_refuse_device_buffers_with_an_error() {
+    let mut single = SingleRank;
+    assert!(!single.moves_device_memory());
+    // SAFETY: a host-only communicator refuses before touching the address.
+    let e = unsafe { single.all_reduce_sum_device(0, 4) }
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("host memory only"), "{e}");
+    let mut shared = llmapi_worker::dist::SharedComm::new(Box::new(SingleRank));
+    assert!(!shared.moves_device_memory());
+    // SAFETY: as above; SharedComm forwards to SingleRank.
+    assert!(unsafe { shared.all_reduce_sum_device(0, 4) }.is_err());
 }
 
 #[test]
