@@ -210,11 +210,50 @@ pub fn compile_kernel(
         },
     })?;
     if let Some(path) = &cached {
-        // A cache that cannot be written costs a recompile next time, nothing more.
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let _ = std::fs::write(path, ptx.to_src());
+        write_cache(path, &ptx.to_src());
     }
     Ok(ptx)
+}
+
+/// Writes a cache file so that no reader ever sees part of it: the ranks of a group on one
+/// node (or threads of one process) compile the same kernels at the same time, and one
+/// reading a half-written PTX file would fail to load it. The text goes to a file of this
+/// writer's own, then is renamed over the cache name. A cache that cannot be written costs a
+/// recompile next time, nothing more.
+fn write_cache(path: &Path, text: &str) {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let Some(dir) = path.parent() else { return };
+    let _ = std::fs::create_dir_all(dir);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{}.{}-{n}.tmp",
+        path.file_name()
+            .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
+        std::process::id()
+    ));
+    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_writes_replace_the_file_whole_and_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k-compute_90-0.ptx");
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let path = &path;
+                s.spawn(move || write_cache(path, &format!("ptx {i} {}", "x".repeat(100_000))));
+            }
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("ptx ") && text.ends_with(&"x".repeat(100_000)));
+        assert_eq!(text.len(), "ptx 0 ".len() + 100_000);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the cache file remains");
+    }
 }
