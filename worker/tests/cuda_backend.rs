@@ -800,3 +800,37 @@ fn gpu_cuda_graphs_match_eager_decode() {
         "every size ran as a graph, none fell back"
     );
 }
+
+/// A `--backend cuda` tensor-parallel rank without a usable GPU fails before it joins its
+/// group (so no peer waits on it), with the reason and the CPU alternative.
+#[test]
+fn a_cuda_group_rank_without_a_gpu_fails_before_joining() {
+    if probe().is_ok() {
+        eprintln!("notice: a GPU is usable here; the no-GPU error cannot be observed");
+        return;
+    }
+    let cfg = EngineConfig {
+        backend: Requested::Cuda,
+        kv_max_tokens: Some(256),
+        ..Default::default()
+    };
+    let dir = golden_root().join("llama");
+    let connect = || -> Result<Box<dyn Communicator>, llmapi_worker::engine::EngineError> {
+        panic!("a rank that cannot run must not join its group")
+    };
+    let e = Engine::start_leader(&dir, cfg.clone(), Shard::new(0, 2, 2).unwrap(), connect)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("--backend cuda") && e.contains("--backend cpu"),
+        "{e}"
+    );
+    let e = llmapi_worker::engine::run_follower(&dir, &cfg, Shard::new(1, 2, 2).unwrap(), connect)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("--backend cuda") && e.contains("--backend cpu"),
+        "{e}"
+    );
+}
