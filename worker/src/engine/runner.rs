@@ -105,6 +105,8 @@ pub(crate) struct Runner {
     /// When the backend last ran a step or a heartbeat (a group leader must reach its
     /// followers at least every `heartbeat_interval`).
     last_contact: Instant,
+    /// When the previous step ended (the iteration log reports the time between steps).
+    last_step_end: Option<Instant>,
 }
 
 impl Runner {
@@ -130,6 +132,7 @@ impl Runner {
             print_iter_log: cfg.print_iter_log,
             iter: 0,
             last_contact: Instant::now(),
+            last_step_end: None,
         }
     }
 
@@ -308,6 +311,7 @@ impl Runner {
     fn step(&mut self) -> Result<(), String> {
         let started = Instant::now();
         let plan = self.sched.schedule();
+        let since_last_step = self.last_step_end.map(|t| started - t);
         if plan.is_empty() {
             if self.sched.running.is_empty() {
                 // Nothing running and the head cannot be admitted: it can never fit.
@@ -348,6 +352,7 @@ impl Runner {
             LogitsWanted::Last => takes_plain_argmax(&self.sched.running[item.seq]),
             LogitsWanted::All => false,
         });
+        let forward_start = Instant::now();
         let result = if greedy {
             self.backend.forward_greedy(&chunks).and_then(|tokens| {
                 let missing = tokens.len() != chunks.len()
@@ -368,6 +373,7 @@ impl Runner {
                 .map(|r| r.into_iter().map(ChunkOut::Rows).collect())
         };
         self.last_contact = Instant::now();
+        let forward_time = self.last_contact - forward_start;
         drop(chunks);
         match result {
             Ok(outs) => self.after_step(&plan, outs),
@@ -392,9 +398,11 @@ impl Runner {
         if self.print_iter_log {
             let bm = &self.sched.blocks;
             tracing::info!(
-                "iter = {}, host_step_time = {:.3}ms, num_scheduled_requests: {}, states = {{'num_ctx_requests': {}, 'num_ctx_tokens': {}, 'num_generation_tokens': {}}}, running = {}, queued = {}, kv_blocks_used = {}, kv_blocks_free = {}",
+                "iter = {}, host_step_time = {:.3}ms, forward_time = {:.3}ms, since_last_step = {:.3}ms, num_scheduled_requests: {}, states = {{'num_ctx_requests': {}, 'num_ctx_tokens': {}, 'num_generation_tokens': {}}}, running = {}, queued = {}, kv_blocks_used = {}, kv_blocks_free = {}",
                 self.iter,
                 started.elapsed().as_secs_f64() * 1e3,
+                forward_time.as_secs_f64() * 1e3,
+                since_last_step.map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 plan.len(),
                 ctx_reqs,
                 ctx_tokens,
@@ -405,6 +413,7 @@ impl Runner {
                 bm.num_free()
             );
         }
+        self.last_step_end = Some(Instant::now());
         Ok(())
     }
 

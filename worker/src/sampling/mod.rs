@@ -101,65 +101,254 @@ impl Sampler {
         }
     }
 
+    /// Draws from the tempered distribution restricted by top_k, top_p and min_p.
+    ///
+    /// Works on a dense row of weights `exp((l - max) / T)`, so the best candidate weighs 1
+    /// and a weight is also the ratio min_p compares against. Nothing is sorted but the few
+    /// candidates where top_p's mass is reached (see `keep_top_p`); top_k selects its k in
+    /// linear time. Plain temperature sampling is three vectorized passes over the row.
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
-        if cand.is_empty() {
+        let scaled = |l: f32| {
+            if l.is_finite() {
+                l * inv_t
+            } else {
+                f32::NEG_INFINITY
+            }
+        };
+        // With top_k, the candidates are the k best ids; otherwise every id, in order.
+        let (ids, mut w): (Option<Vec<u32>>, Vec<f32>) =
+            if p.top_k > 0 && (p.top_k as usize) < logits.len() {
+                let k = p.top_k as usize;
+                let mut cand: Vec<(u32, f32)> = logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, scaled(l)))
+                    .collect();
+                cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+                cand.truncate(k);
+                let (ids, w) = cand.into_iter().unzip();
+                (Some(ids), w)
+            } else {
+                (None, logits.iter().map(|&l| scaled(l)).collect())
+            };
+        let max = w[argmax(&w) as usize];
+        if !max.is_finite() {
+            // Nothing finite, or a temperature so low that a logit overflowed (then all
+            // the mass sits on the best token).
             return argmax(logits);
         }
-        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
-        if p.top_k > 0 && (p.top_k as usize) < cand.len() {
-            let k = p.top_k as usize;
-            cand.select_nth_unstable_by(k - 1, by_logit_desc);
-            cand.truncate(k);
+        exp_shifted(&mut w, max);
+        let total = sum(&w);
+        let mut kept = total;
+        if p.min_p > 0.0 {
+            for x in &mut w {
+                if *x < p.min_p {
+                    *x = 0.0;
+                }
+            }
+            kept = sum(&w);
         }
-        cand.sort_unstable_by(by_logit_desc);
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|x| *x /= sum);
-        let mut keep = probs.len();
         if p.top_p < 1.0 && p.top_p > 0.0 {
-            let mut acc = 0.0;
-            for (i, &pr) in probs.iter().enumerate() {
-                acc += pr;
-                if acc >= p.top_p {
-                    keep = i + 1;
+            keep_top_p(&mut w, p.top_p * total);
+            kept = sum(&w);
+        }
+        let i = pick(&w, self.rng.random::<f32>() * kept);
+        ids.map_or(i as u32, |ids| ids[i])
+    }
+}
+
+/// The index where the running sum of `w` first reaches `r`: whole blocks whose sum stays
+/// below are skipped. Rounding can leave `r` above the total; then the last positive weight.
+fn pick(w: &[f32], mut r: f32) -> usize {
+    const BLOCK: usize = 64;
+    let mut last = 0;
+    for (b, block) in w.chunks(BLOCK).enumerate() {
+        let s = sum(block);
+        if s <= 0.0 {
+            continue;
+        }
+        if r > s {
+            r -= s;
+            last = b * BLOCK + block.iter().rposition(|&x| x > 0.0).unwrap_or(0);
+            continue;
+        }
+        for (j, &x) in block.iter().enumerate() {
+            if x > 0.0 {
+                last = b * BLOCK + j;
+                r -= x;
+                if r <= 0.0 {
                     break;
                 }
             }
         }
-        if p.min_p > 0.0 {
-            let floor = p.min_p * probs[0];
-            keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        return last;
+    }
+    last
+}
+
+/// Sum with 16 partial sums, so the compiler vectorizes it.
+fn sum(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] += c[l];
         }
-        let total: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
-        for i in 0..keep {
-            r -= probs[i];
-            if r <= 0.0 {
-                return cand[i].0;
-            }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `w[i] = exp(w[i] - max)` for `w[i] <= max`, 0 for negative infinity; relative error
+/// below 2e-7, in a form the compiler vectorizes (libm's `expf` is one value per call).
+fn exp_shifted(w: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { exp_shifted_avx512(w, max) };
         }
-        cand[keep - 1].0
+    }
+    exp_shifted_lanes(w, max);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn exp_shifted_avx512(w: &mut [f32], max: f32) {
+    exp_shifted_lanes(w, max);
+}
+
+#[inline(always)]
+fn exp_shifted_lanes(w: &mut [f32], max: f32) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that n * LN2_HI is exact for the n that occur here.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    for v in w.iter_mut() {
+        // Below -87 the result is under the smallest normal float: call it 0.
+        let x = (*v - max).max(-87.0);
+        let n = (x * LOG2E).round();
+        let r = x - n * LN2_HI - n * LN2_LO;
+        // Taylor terms to r^6 for |r| <= ln2/2.
+        let p = 1.0
+            + r * (1.0
+                + r * (0.5
+                    + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+        let scale = f32::from_bits((((n as i32) + 127).max(0) as u32) << 23);
+        *v = if x > -87.0 { p * scale } else { 0.0 };
     }
 }
 
-/// Index of the largest value (the first one on ties).
-pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+/// Zeroes all but the fewest heaviest weights that sum to at least `mass` (all stay when
+/// none do).
+///
+/// Weights lie in [0, 1], where the bit patterns of floats order like their values, so one
+/// pass sums the mass per bucket of equal top bits (1/64 of a power of two wide); the
+/// heaviest buckets are kept whole, and only the bucket where the mass is reached is sorted.
+/// A full sort of a 32000-token row would cost several times more.
+fn keep_top_p(w: &mut [f32], mass: f32) {
+    const SHIFT: u32 = 17;
+    let bucket = |x: f32| (x.to_bits() >> SHIFT) as usize;
+    let mut bucket_mass = vec![0.0f32; bucket(1.0) + 1];
+    for &x in w.iter() {
+        bucket_mass[bucket(x)] += x;
+    }
+    let mut acc = 0.0f32;
+    let mut edge = None;
+    for (b, &m) in bucket_mass.iter().enumerate().rev() {
+        if acc + m >= mass {
+            edge = Some(b);
+            break;
+        }
+        acc += m;
+    }
+    let Some(edge) = edge else {
+        return;
+    };
+    let mut at_edge: Vec<(u32, f32)> = w
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| bucket(**x) == edge)
+        .map(|(i, &x)| (i as u32, x))
+        .collect();
+    at_edge.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut reached = at_edge.len();
+    for (j, c) in at_edge.iter().enumerate() {
+        acc += c.1;
+        if acc >= mass {
+            reached = j + 1;
+            break;
         }
     }
-    best as u32
+    for c in &at_edge[reached..] {
+        w[c.0 as usize] = 0.0;
+    }
+    for x in w.iter_mut() {
+        if bucket(*x) < edge {
+            *x = 0.0;
+        }
+    }
+}
+
+/// Index of the largest value (the first one on ties); NaN never wins, and a row with nothing
+/// above negative infinity gives 0.
+///
+/// Greedy decoding scans one vocab-sized row per sequence per step on the engine thread,
+/// between two forward passes, so this is written to vectorize: 16 running maxima, one per
+/// lane, merged at the end; on AVX-512 machines it is compiled for AVX-512.
+pub fn argmax(xs: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { argmax_avx512(xs) };
+        }
+    }
+    argmax_lanes(xs)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn argmax_avx512(xs: &[f32]) -> u32 {
+    argmax_lanes(xs)
+}
+
+const ARGMAX_LANES: usize = 16;
+
+#[inline(always)]
+fn argmax_lanes(xs: &[f32]) -> u32 {
+    let mut max = [f32::NEG_INFINITY; ARGMAX_LANES];
+    let mut arg = [0u32; ARGMAX_LANES];
+    let chunks = xs.chunks_exact(ARGMAX_LANES);
+    let tail = chunks.remainder();
+    for (c, chunk) in chunks.enumerate() {
+        let base = (c * ARGMAX_LANES) as u32;
+        for l in 0..ARGMAX_LANES {
+            let gt = chunk[l] > max[l];
+            max[l] = if gt { chunk[l] } else { max[l] };
+            arg[l] = if gt { base + l as u32 } else { arg[l] };
+        }
+    }
+    // Each lane holds its first maximum; across lanes the smallest index wins a tie.
+    let mut best: Option<(f32, u32)> = None;
+    for l in 0..ARGMAX_LANES {
+        if max[l] == f32::NEG_INFINITY {
+            continue;
+        }
+        best = match best {
+            Some((m, i)) if m > max[l] || (m == max[l] && i < arg[l]) => Some((m, i)),
+            _ => Some((max[l], arg[l])),
+        };
+    }
+    let offset = (xs.len() - tail.len()) as u32;
+    for (i, &x) in tail.iter().enumerate() {
+        if x > best.map_or(f32::NEG_INFINITY, |b| b.0) {
+            best = Some((x, offset + i as u32));
+        }
+    }
+    best.map_or(0, |b| b.1)
 }
 
 /// Log-softmax of a row.
@@ -206,6 +395,148 @@ mod tests {
         let mut s = Sampler::new(params(0.0, 1));
         let (t, _) = s.sample(&mut [0.1, 3.0, -1.0], &[], &[], Banned(&[]));
         assert_eq!(t, 1);
+    }
+
+    /// The plain scan the vectorized argmax must agree with.
+    fn argmax_scan(xs: &[f32]) -> u32 {
+        let mut best: Option<usize> = None;
+        for (i, &x) in xs.iter().enumerate() {
+            if x > best.map_or(f32::NEG_INFINITY, |b| xs[b]) {
+                best = Some(i);
+            }
+        }
+        best.unwrap_or(0) as u32
+    }
+
+    #[test]
+    fn argmax_takes_the_first_of_equal_maxima_and_skips_nan() {
+        for len in [1, 5, 15, 16, 17, 31, 32, 33, 100, 32000] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 7919) % 113) as f32).collect();
+            assert_eq!(argmax(&row), argmax_scan(&row), "len {len}");
+            // Ties: the same maximum in several lanes and in the tail.
+            let mut tied = vec![1.0f32; len];
+            for i in (len / 3..len).step_by(5) {
+                tied[i] = 9.0;
+            }
+            assert_eq!(argmax(&tied), argmax_scan(&tied), "tied, len {len}");
+        }
+        let mut row = vec![0.5f32; 40];
+        row[3] = f32::NAN;
+        row[20] = 2.0;
+        row[37] = f32::NAN;
+        assert_eq!(argmax(&row), 20);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 20]), 0, "everything banned");
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY, -1e30]), 2);
+        assert_eq!(argmax(&[]), 0);
+    }
+
+    fn frequencies(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<f64> {
+        let mut s = Sampler::new(params);
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..draws {
+            let (t, _) = s.sample(&mut logits.to_vec(), &[], &[], Banned(&[]));
+            counts[t as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_softmax() {
+        let probs = [0.5f32, 0.3, 0.15, 0.05];
+        let logits: Vec<f32> = probs.iter().map(|p| p.ln()).collect();
+        let f = frequencies(params(1.0, 11), &logits, 20_000);
+        for (got, want) in f.iter().zip(probs) {
+            assert!((got - want as f64).abs() < 0.015, "{f:?} vs {probs:?}");
+        }
+        // Temperature 0.5 squares the odds: 25 : 9 : 2.25 : 0.25.
+        let f = frequencies(params(0.5, 12), &logits, 20_000);
+        assert!((f[0] / f[1] - 25.0 / 9.0).abs() < 0.2, "{f:?}");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_head_reaching_the_mass() {
+        // 0.5 + 0.3 reaches 0.7: the last two tokens never come, the first two in 5 : 3.
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let top_p = SamplingParams {
+            top_p: 0.7,
+            ..params(1.0, 13)
+        };
+        let f = frequencies(top_p, &logits, 20_000);
+        assert_eq!(f[2] + f[3], 0.0, "{f:?}");
+        assert!((f[0] - 0.625).abs() < 0.015, "{f:?}");
+        // A long, slowly falling row: the head holding half the mass is several hundred
+        // tokens, more than one bucket of weights, and nothing past it is drawn.
+        let logits: Vec<f32> = (0..4000).map(|i| -(i as f32) * 0.002).collect();
+        let weights: Vec<f64> = logits.iter().map(|&l| (l as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = 0.0;
+        let head = weights
+            .iter()
+            .position(|w| {
+                acc += w;
+                acc >= 0.5 * total
+            })
+            .unwrap()
+            + 1;
+        let mut s = Sampler::new(SamplingParams {
+            top_p: 0.5,
+            ..params(1.0, 14)
+        });
+        let drawn: Vec<u32> = (0..5000)
+            .map(|_| s.sample(&mut logits.clone(), &[], &[], Banned(&[])).0)
+            .collect();
+        let highest = *drawn.iter().max().unwrap() as usize;
+        assert!(highest < head, "drew {highest}, head is {head}");
+        assert!(
+            highest > head * 9 / 10,
+            "drew up to {highest} of a head of {head}"
+        );
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_the_fraction_of_the_best() {
+        let logits: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let min_p = SamplingParams {
+            min_p: 0.2,
+            ..params(1.0, 15)
+        };
+        // 0.05 < 0.2 * 0.5 is dropped; 0.15 stays.
+        let f = frequencies(min_p, &logits, 20_000);
+        assert_eq!(f[3], 0.0, "{f:?}");
+        assert!((f[2] - 0.15 / 0.95).abs() < 0.015, "{f:?}");
+    }
+
+    #[test]
+    fn top_k_samples_only_the_k_best_and_banned_tokens_never() {
+        // Ten tokens share the best logit; with one of them banned, top_k 9 is the other nine.
+        let logits: Vec<f32> = (0..100).map(|i| (i % 10) as f32 * 0.1).collect();
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 9,
+            ..params(1.0, 16)
+        });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..500 {
+            let (t, _) = s.sample(&mut logits.clone(), &[], &[], Banned(&[19]));
+            assert!(t % 10 == 9 && t != 19, "token {t} is not among the top 9");
+            seen.insert(t);
+        }
+        assert_eq!(seen.len(), 9, "all nine best tokens are drawn");
+    }
+
+    #[test]
+    fn exp_shifted_matches_libm() {
+        let mut w: Vec<f32> = (0..2000).map(|i| -(i as f32) * 0.05).collect();
+        w.push(f32::NEG_INFINITY);
+        let want: Vec<f32> = w.iter().map(|x| x.exp()).collect();
+        exp_shifted(&mut w, 0.0);
+        for (g, e) in w.iter().zip(&want) {
+            // Under exp(-87) (about 1.6e-38, near the smallest normal float) the result is 0.
+            if *e > 1.7e-38 {
+                assert!((g - e).abs() <= e * 1e-6, "{g} vs {e}");
+            } else {
+                assert!(*g <= 1.7e-38, "{g} vs {e}");
+            }
+        }
     }
 
     #[test]
