@@ -20,9 +20,10 @@ use llmapi_common::model_config::ModelConfig;
 use super::CudaError;
 use super::device::{Device, Scratch, dev_err, ptr, stride_grid};
 use super::graphs::{GraphSizes, replay_agrees};
+use super::layout::{Limits, StepLayout};
 use super::moe::{self, DevMoe, MAX_TOP_K, MoeIo, MoeScratch};
 use crate::backend::cpu::kernels::Rope;
-use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use crate::backend::{Backend, BackendError, SeqChunk};
 use crate::dist::{Communicator, SingleRank};
 use crate::engine::KvDtype;
 use crate::model::{Mat, Mlp, ModelWeights, Shard, WeightData};
@@ -720,107 +721,23 @@ impl CudaBackend {
             None => return Err(BackendError::InvalidStep("init_kv was not called".into())),
         };
         let vocab = self.config.vocab_size;
-        // Host side of the step: validate, then lay out every integer the kernels read.
-        let mut tokens: Vec<i32> = Vec::new();
-        let mut positions: Vec<i32> = Vec::new();
-        let mut slots: Vec<i32> = Vec::new();
-        let mut row_seq: Vec<i32> = Vec::new();
-        let mut row_ctx: Vec<i32> = Vec::new();
-        let mut picked: Vec<(usize, i32)> = Vec::new();
-        let mut max_blocks = 1usize;
-        for (i, ch) in batch.iter().enumerate() {
-            let end = ch.start_pos + ch.tokens.len();
-            let needed = end.div_ceil(tpb);
-            if ch.block_table.len() < needed {
-                return Err(BackendError::InvalidStep(format!(
-                    "chunk {i} reaches position {end} but has {} blocks",
-                    ch.block_table.len()
-                )));
-            }
-            if let Some(&b) = ch.block_table[..needed]
-                .iter()
-                .find(|&&b| b as usize >= num_blocks)
-            {
-                return Err(BackendError::InvalidStep(format!(
-                    "chunk {i} uses block {b} but the KV pool has {num_blocks} blocks"
-                )));
-            }
-            if let Some(&t) = ch.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(BackendError::InvalidStep(format!(
-                    "token id {t} is outside the vocabulary of {vocab} tokens"
-                )));
-            }
-            max_blocks = max_blocks.max(needed);
-            for (j, &t) in ch.tokens.iter().enumerate() {
-                let pos = ch.start_pos + j;
-                let slot = ch.block_table[pos / tpb] as usize * tpb + pos % tpb;
-                let row = int(tokens.len(), "row")?;
-                let wanted = match ch.logits {
-                    LogitsWanted::All => true,
-                    LogitsWanted::Last => pos + 1 == end,
-                    LogitsWanted::None => false,
-                };
-                if wanted {
-                    picked.push((i, row));
-                }
-                tokens.push(t as i32);
-                positions.push(int(pos, "position")?);
-                slots.push(int(slot, "KV slot")?);
-                row_seq.push(int(i, "chunk")?);
-                row_ctx.push(int(pos + 1, "context length")?);
-            }
-        }
-        // A decode step of a captured size runs as a CUDA graph: pad it to the graph's rows
-        // (token 0 at position 0, KV write skipped, attending to one position of its own
-        // zero table row) with the block tables at the graph's fixed stride.
+        let limits = Limits {
+            num_blocks,
+            tokens_per_block: tpb,
+            vocab,
+        };
+        // A decode step of a captured size runs as a CUDA graph, padded to the graph's rows
+        // with the block tables at the graph's fixed stride.
         let graph = self.graph_size(batch, tpb);
-        if let Some(b) = graph {
-            for r in batch.len()..b {
-                tokens.push(0);
-                positions.push(0);
-                slots.push(-1);
-                row_seq.push(int(r, "row")?);
-                row_ctx.push(1);
-            }
-            max_blocks = self.graph_stride(tpb);
-        }
-        let t_rows = tokens.len();
+        let layout = StepLayout::new(batch, limits, graph.map(|b| (b, self.graph_stride(tpb))))?;
+        let (t_rows, max_blocks) = (layout.rows, layout.max_blocks);
         if t_rows == 0 {
             return Ok(match greedy {
                 true => StepOut::Tokens(vec![None; batch.len()]),
                 false => StepOut::Rows(vec![Vec::new(); batch.len()]),
             });
         }
-        let mut tables = vec![0i32; t_rows.max(batch.len()) * max_blocks];
-        for (i, ch) in batch.iter().enumerate() {
-            let needed = (ch.start_pos + ch.tokens.len()).div_ceil(tpb);
-            for (dst, &b) in tables[i * max_blocks..]
-                .iter_mut()
-                .zip(&ch.block_table[..needed])
-            {
-                *dst = b as i32;
-            }
-        }
-        let mut meta = Vec::with_capacity(5 * t_rows + tables.len() + picked.len());
-        let offsets = {
-            let mut o = [0usize; 7];
-            for (k, part) in [
-                &tokens,
-                &positions,
-                &slots,
-                &row_seq,
-                &row_ctx,
-                &tables,
-                &picked.iter().map(|p| p.1).collect::<Vec<i32>>(),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                o[k] = meta.len();
-                meta.extend_from_slice(part);
-            }
-            o
-        };
+        let (meta, offsets, picked) = (&layout.meta, layout.offsets, &layout.picked);
         self.reserve(t_rows)?;
         // Graphs read their integers from a buffer that never moves once sized for the
         // largest graph; other steps from the workspace's, which grows as needed.
@@ -834,7 +751,7 @@ impl CudaBackend {
             None => &mut self.ws.meta,
         };
         let ws_meta = meta_buf.at_least(&self.dev, meta.len())?;
-        meta_buf.write(&self.dev, &meta)?;
+        meta_buf.write(&self.dev, meta)?;
         let at = |k: usize| ws_meta + 4 * offsets[k] as u64;
         let (tok_p, pos_p, slot_p, seq_p, ctx_p, tab_p, pick_p) =
             (at(0), at(1), at(2), at(3), at(4), at(5), at(6));
@@ -856,7 +773,7 @@ impl CudaBackend {
         };
         let rows = LogitRows {
             chunks: batch.len(),
-            picked: &picked,
+            picked,
             x,
             xn,
             pick_p,

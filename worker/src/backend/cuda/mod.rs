@@ -9,6 +9,7 @@
 mod backend;
 mod device;
 pub mod graphs;
+pub mod layout;
 pub mod moe;
 pub mod select;
 
