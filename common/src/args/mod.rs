@@ -146,6 +146,9 @@ pub struct SchedulerConfig {
     pub capacity_scheduler_policy: CapacitySchedulerPolicy,
     /// How prefill chunks are ordered.
     pub context_chunking_policy: ContextChunkingPolicy,
+    /// Most prompt tokens one engine step prefills (unset: the backend's default, 512 on
+    /// the CPU backend, `max_num_tokens` elsewhere); decode tokens do not count.
+    pub prefill_token_budget: Option<u32>,
 }
 
 impl Default for SchedulerConfig {
@@ -153,6 +156,7 @@ impl Default for SchedulerConfig {
         Self {
             capacity_scheduler_policy: CapacitySchedulerPolicy::GuaranteedNoEvict,
             context_chunking_policy: ContextChunkingPolicy::FirstComeFirstServed,
+            prefill_token_budget: None,
         }
     }
 }

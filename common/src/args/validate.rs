@@ -213,6 +213,11 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
     if a.max_seq_len == Some(0) {
         return invalid("--max_seq_len must be greater than 0".into());
     }
+    if a.scheduler_config.prefill_token_budget == Some(0) {
+        return invalid(
+            "scheduler_config.prefill_token_budget must be greater than 0 (or null for the backend's default)".into(),
+        );
+    }
     let tpb = a.kv_cache_config.tokens_per_block;
     if !tpb.is_power_of_two() || tpb > 1024 {
         return invalid(format!(

@@ -87,6 +87,18 @@ pub(crate) fn validate(
     Ok(())
 }
 
+/// The prompt tokens a step may take on: `prefill_token_budget` when set, else the CPU
+/// default on the CPU backend (whose prefill runs at a few thousand tokens per second) and
+/// `max_num_tokens` on others; never above `max_num_tokens`.
+fn prefill_budget(cfg: &EngineConfig, backend: &str) -> usize {
+    let budget = match cfg.prefill_token_budget {
+        Some(n) => n,
+        None if backend == "cpu" => super::CPU_PREFILL_TOKEN_BUDGET,
+        None => cfg.max_num_tokens,
+    };
+    budget.clamp(1, cfg.max_num_tokens.max(1))
+}
+
 fn total_len(req: &GenerateParams, max_seq_len: usize) -> usize {
     let n = req.prompt.len();
     match req.stopping.max_tokens {
@@ -117,9 +129,17 @@ impl Runner {
         num_blocks: usize,
         status: Arc<Status>,
     ) -> Self {
+        let prefill_budget = prefill_budget(&cfg, backend.name());
+        tracing::info!(
+            prefill_budget,
+            max_num_tokens = cfg.max_num_tokens,
+            chunked_prefill = cfg.enable_chunked_prefill,
+            "scheduler token budgets per step"
+        );
         let limits = SchedulerLimits {
             max_batch_size: cfg.max_batch_size,
             max_num_tokens: cfg.max_num_tokens,
+            prefill_budget,
             chunked_prefill: cfg.enable_chunked_prefill,
             policy: cfg.capacity_policy,
         };

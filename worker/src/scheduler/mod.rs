@@ -1,7 +1,12 @@
 //! Iteration-level scheduling: which sequences compute how many tokens in the next step.
 //!
 //! Decode and in-flight prefill of running sequences first, then first-come-first-served
-//! admission of waiting ones, under `max_batch_size` sequences and `max_num_tokens` tokens.
+//! admission of waiting ones, under `max_batch_size` sequences and `max_num_tokens` tokens,
+//! of which at most `prefill_budget` are prompt tokens. The prefill budget keeps prompts
+//! that arrive together from all waiting for one long step: they start decoding a few at
+//! a time, and a step never stalls running decodes for a whole wave of prefills. Without
+//! chunked prefill a prompt is never split: one longer than the budget runs whole, in a step
+//! that prefills nothing else.
 //! GUARANTEED_NO_EVICT reserves blocks for a request's whole length at admission;
 //! MAX_UTILIZATION allocates as it goes and preempts the newest request (to be recomputed)
 //! when blocks run out. Not for: arithmetic, sampling or event delivery.
@@ -23,6 +28,8 @@ pub struct SchedulerLimits {
     pub max_batch_size: usize,
     /// Most tokens per step.
     pub max_num_tokens: usize,
+    /// Most prompt tokens per step (prefill and recompute; decode tokens do not count).
+    pub prefill_budget: usize,
     /// Split prompts over steps.
     pub chunked_prefill: bool,
     /// Block policy.
@@ -36,6 +43,21 @@ pub struct PlanItem {
     pub seq: usize,
     /// Tokens to compute.
     pub n: usize,
+}
+
+/// What is left of a step's prefill budget.
+struct PrefillBudget {
+    /// Prompt tokens the step may still take on.
+    left: usize,
+    /// Whether the step already prefills something.
+    used: bool,
+}
+
+impl PrefillBudget {
+    fn take(&mut self, n: usize) {
+        self.left = self.left.saturating_sub(n);
+        self.used = true;
+    }
 }
 
 /// Holds waiting and running sequences and the block manager.
@@ -72,6 +94,10 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Vec<PlanItem> {
         let mut plan = Vec::new();
         let mut budget = self.limits.max_num_tokens;
+        let mut prefill = PrefillBudget {
+            left: self.limits.prefill_budget,
+            used: false,
+        };
         let mut i = 0;
         while i < self.running.len() {
             if budget == 0 {
@@ -79,21 +105,26 @@ impl Scheduler {
             }
             let seq = &self.running[i];
             let remaining = seq.tokens.len() - seq.num_computed;
-            // A preempted sequence may have grown past max_num_tokens: it is recomputed in
-            // chunks even when chunked prefill is off, or it could never run again.
-            let n = if self.limits.chunked_prefill || remaining > self.limits.max_num_tokens {
-                remaining.min(budget)
-            } else if remaining <= budget {
-                remaining
+            let decode = remaining == 1 && seq.num_computed >= seq.prompt_len;
+            let n = if decode {
+                1
             } else {
-                i += 1;
-                continue;
+                match self.prefill_tokens(remaining, budget, &prefill) {
+                    Some(n) => n,
+                    None => {
+                        i += 1;
+                        continue;
+                    }
+                }
             };
             if !self.grow(i, seq.num_computed + n) {
                 // grow() preempted sequences from the back; `i` itself may be gone.
                 continue;
             }
             budget -= n;
+            if !decode {
+                prefill.take(n);
+            }
             plan.push(PlanItem { seq: i, n });
             i += 1;
         }
@@ -101,16 +132,37 @@ impl Scheduler {
             if self.waiting.is_empty() || self.running.len() >= self.limits.max_batch_size {
                 break;
             }
-            let Some(n) = self.admit_front(budget) else {
+            let Some(n) = self.admit_front(budget, &prefill) else {
                 break;
             };
             budget -= n;
+            prefill.take(n);
             plan.push(PlanItem {
                 seq: self.running.len() - 1,
                 n,
             });
         }
         plan
+    }
+
+    /// Prompt tokens a sequence with `remaining` uncomputed tokens computes this step, under
+    /// `budget` step tokens and the prefill budget; None: it waits for a later step.
+    fn prefill_tokens(
+        &self,
+        remaining: usize,
+        budget: usize,
+        prefill: &PrefillBudget,
+    ) -> Option<usize> {
+        let cap = budget.min(prefill.left);
+        // A preempted sequence may have grown past max_num_tokens: it is recomputed in
+        // chunks even when chunked prefill is off, or it could never run again.
+        if self.limits.chunked_prefill || remaining > self.limits.max_num_tokens {
+            return (cap > 0).then(|| remaining.min(cap));
+        }
+        if remaining <= cap || (!prefill.used && remaining <= budget) {
+            return Some(remaining);
+        }
+        None
     }
 
     /// Ensures running[i] has blocks for `upto` tokens; under MAX_UTILIZATION preempts the
@@ -141,8 +193,8 @@ impl Scheduler {
     }
 
     /// Tries to admit the head of the queue; returns the tokens it computes this step.
-    fn admit_front(&mut self, budget: usize) -> Option<usize> {
-        let seq = self.waiting.front_mut()?;
+    fn admit_front(&mut self, budget: usize, prefill: &PrefillBudget) -> Option<usize> {
+        let seq = self.waiting.front()?;
         let tpb = self.blocks.tokens_per_block();
         // Leave at least one token to compute so the step yields logits.
         let hashes = if seq.want_prompt_logprobs {
@@ -153,13 +205,7 @@ impl Scheduler {
         let cached = self.blocks.count_cached_prefix(&hashes);
         let start = cached * tpb;
         let remaining = seq.tokens.len() - start;
-        let n = if self.limits.chunked_prefill || remaining > self.limits.max_num_tokens {
-            remaining.min(budget)
-        } else if remaining <= budget {
-            remaining
-        } else {
-            return None;
-        };
+        let n = self.prefill_tokens(remaining, budget, prefill)?;
         let target = match self.limits.policy {
             CapacityPolicy::GuaranteedNoEvict => seq.max_total,
             CapacityPolicy::MaxUtilization => start + n,
@@ -261,6 +307,7 @@ mod tests {
         let limits = SchedulerLimits {
             max_batch_size: 4,
             max_num_tokens: 64,
+            prefill_budget: 64,
             chunked_prefill: false,
             policy: CapacityPolicy::MaxUtilization,
         };
@@ -283,6 +330,7 @@ mod tests {
         let limits = SchedulerLimits {
             max_batch_size: 4,
             max_num_tokens: 64,
+            prefill_budget: 64,
             chunked_prefill: false,
             policy: CapacityPolicy::GuaranteedNoEvict,
         };
@@ -296,5 +344,105 @@ mod tests {
             "the second request waits: 8 blocks reserved, 2 free"
         );
         assert_eq!(s.running[0].blocks.len(), 8);
+    }
+
+    /// A scheduler with room for everything but the given token budgets.
+    fn wave(prefill_budget: usize, chunked_prefill: bool, prompts: &[usize]) -> Scheduler {
+        let limits = SchedulerLimits {
+            max_batch_size: 64,
+            max_num_tokens: 8192,
+            prefill_budget,
+            chunked_prefill,
+            policy: CapacityPolicy::GuaranteedNoEvict,
+        };
+        let mut s = Scheduler::new(limits, BlockManager::new(4096, 16, false));
+        for (i, &n) in prompts.iter().enumerate() {
+            let mut q = seq(&format!("r{i}"), n);
+            q.max_total = n + 128;
+            s.waiting.push_back(q);
+        }
+        s
+    }
+
+    fn prompt_tokens(s: &Scheduler, plan: &[PlanItem]) -> usize {
+        plan.iter()
+            .filter(|p| s.running[p.seq].num_computed < s.running[p.seq].prompt_len)
+            .map(|p| p.n)
+            .sum()
+    }
+
+    #[test]
+    fn prompts_arriving_together_prefill_a_budget_at_a_time_and_decode_meanwhile() {
+        let mut s = wave(512, false, &[144; 16]);
+        let first = s.schedule();
+        assert_eq!(first.len(), 3, "three whole 144-token prompts fit in 512");
+        assert_eq!(prompt_tokens(&s, &first), 432);
+        run(&mut s, &first);
+        let second = s.schedule();
+        let decodes = second.iter().filter(|p| p.n == 1).count();
+        assert_eq!(
+            decodes, 3,
+            "the first three decode while the next ones prefill"
+        );
+        assert_eq!(prompt_tokens(&s, &second), 432);
+        run(&mut s, &second);
+        // Steps go on until every prompt has run; no step prefills more than the budget.
+        let mut steps = 2;
+        while s.running.iter().any(|q| q.num_computed < q.prompt_len) || !s.waiting.is_empty() {
+            let plan = s.schedule();
+            assert!(prompt_tokens(&s, &plan) <= 512);
+            run(&mut s, &plan);
+            steps += 1;
+            assert!(steps < 20, "the wave never finished prefilling");
+        }
+        assert_eq!(steps, 6, "16 prompts, three a step");
+    }
+
+    #[test]
+    fn chunked_prefill_fills_the_budget_exactly() {
+        let mut s = wave(512, true, &[144; 16]);
+        let first = s.schedule();
+        assert_eq!(prompt_tokens(&s, &first), 512);
+        assert_eq!(first.last().map(|p| p.n), Some(512 - 3 * 144));
+        run(&mut s, &first);
+        let second = s.schedule();
+        // The split prompt goes on first, then new ones, besides three decodes.
+        assert_eq!(second[3].n, 144 - (512 - 3 * 144));
+        assert_eq!(prompt_tokens(&s, &second), 512);
+        assert_eq!(second.iter().filter(|p| p.n == 1).count(), 3);
+    }
+
+    #[test]
+    fn an_unchunked_prompt_over_the_budget_runs_whole_in_a_step_of_its_own() {
+        let mut s = wave(512, false, &[100, 1000, 100]);
+        let first = s.schedule();
+        assert_eq!(first.iter().map(|p| p.n).collect::<Vec<_>>(), vec![100]);
+        run(&mut s, &first);
+        // The long one is next in line: it does not fit what is left of the budget, so it
+        // waits one step rather than being split, then runs alone with the decode.
+        let second = s.schedule();
+        assert_eq!(
+            second.iter().map(|p| p.n).collect::<Vec<_>>(),
+            vec![1, 1000]
+        );
+        run(&mut s, &second);
+        let third = s.schedule();
+        assert_eq!(
+            third.iter().map(|p| p.n).collect::<Vec<_>>(),
+            vec![1, 1, 100]
+        );
+    }
+
+    #[test]
+    fn decodes_do_not_count_against_the_prefill_budget() {
+        let mut s = wave(8, false, &[4; 12]);
+        for _ in 0..6 {
+            let plan = s.schedule();
+            run(&mut s, &plan);
+        }
+        assert!(s.waiting.is_empty());
+        let plan = s.schedule();
+        assert_eq!(plan.len(), 12, "every running sequence decodes");
+        assert!(plan.iter().all(|p| p.n == 1));
     }
 }
