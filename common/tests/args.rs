@@ -194,6 +194,16 @@ fn legacy_and_current_spelling_that_disagree_are_refused() {
 }
 
 #[test]
+fn the_prefill_token_budget_is_unset_by_default_and_settable() {
+    assert_eq!(
+        run(&[]).unwrap().args.scheduler_config.prefill_token_budget,
+        None
+    );
+    let set = run(&["--set", "scheduler_config.prefill_token_budget=1024"]).unwrap();
+    assert_eq!(set.args.scheduler_config.prefill_token_budget, Some(1024));
+}
+
+#[test]
 fn null_cuda_graph_config_disables_graphs() {
     let (_d, p) = yaml("cuda_graph_config: null\n");
     assert_eq!(run(&["--config", &p]).unwrap().args.cuda_graph_config, None);
@@ -215,6 +225,10 @@ fn refused_values_say_what_to_change() {
         (
             &["--set", "stream_interval=0"],
             "stream_interval must be greater than 0",
+        ),
+        (
+            &["--set", "scheduler_config.prefill_token_budget=0"],
+            "scheduler_config.prefill_token_budget must be greater than 0",
         ),
         (
             &["--set", "kv_cache_config.dtype=fp4"],

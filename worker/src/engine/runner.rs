@@ -593,3 +593,32 @@ fn accept_token(
     });
     (seq.tokens.len() >= seq.max_total).then_some((FinishReason::Length, None))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefill_budget_defaults_by_backend_and_never_exceeds_max_num_tokens() {
+        let cfg = EngineConfig {
+            max_num_tokens: 8192,
+            ..Default::default()
+        };
+        assert_eq!(
+            prefill_budget(&cfg, "cpu"),
+            crate::engine::CPU_PREFILL_TOKEN_BUDGET
+        );
+        assert_eq!(prefill_budget(&cfg, "cuda"), 8192);
+        let set = EngineConfig {
+            prefill_token_budget: Some(2000),
+            ..cfg.clone()
+        };
+        assert_eq!(prefill_budget(&set, "cpu"), 2000);
+        assert_eq!(prefill_budget(&set, "cuda"), 2000);
+        let small = EngineConfig {
+            max_num_tokens: 256,
+            ..cfg
+        };
+        assert_eq!(prefill_budget(&small, "cpu"), 256);
+    }
+}
