@@ -11,7 +11,7 @@ use std::path::Path;
 use llmapi_common::model_config::{Architecture, ModelConfig};
 
 pub use shard::Shard;
-pub use weights::{Mat, WeightData, WeightStore};
+pub use weights::{Mat, PANEL_ROWS, WeightData, WeightStore};
 
 use crate::engine::EngineError;
 
@@ -324,7 +324,7 @@ fn load_mlp(
 fn to_f32_mat(m: Mat) -> Mat {
     match m.data {
         WeightData::F32(_) => m,
-        WeightData::Bf16(_) => {
+        WeightData::Bf16(_) | WeightData::Bf16Panels(_) => {
             let mut v = vec![0.0; m.rows * m.cols];
             for r in 0..m.rows {
                 m.row_to_f32(r, &mut v[r * m.cols..(r + 1) * m.cols]);

@@ -21,7 +21,15 @@ pub enum WeightData {
     F32(Vec<f32>),
     /// bf16 bit patterns.
     Bf16(Vec<u16>),
+    /// bf16 packed by the CPU backend (`dtype: bfloat16` on AVX512_BF16) into panels of
+    /// [`PANEL_ROWS`] rows: panel `j` holds `cols.div_ceil(2) * PANEL_ROWS` dwords, and dword
+    /// `p * PANEL_ROWS + c` holds elements `2p` (low half) and `2p + 1` (high half) of row
+    /// `j * PANEL_ROWS + c`. Rows past `rows` and the element past an odd `cols` are zero.
+    Bf16Panels(Vec<u32>),
 }
+
+/// Rows of one panel of [`WeightData::Bf16Panels`].
+pub const PANEL_ROWS: usize = 32;
 
 /// A row-major matrix of `rows` x `cols`; for projections rows are outputs (HF layout).
 #[derive(Debug, Clone)]
@@ -40,6 +48,7 @@ impl Mat {
         match &self.data {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) => v.len() * 2,
+            WeightData::Bf16Panels(v) => v.len() * 4,
         }
     }
 
@@ -51,6 +60,16 @@ impl Mat {
             WeightData::Bf16(v) => {
                 for (o, &b) in out.iter_mut().zip(&v[range]) {
                     *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            WeightData::Bf16Panels(v) => {
+                let kp = self.cols.div_ceil(2);
+                let (panel, c) = (r / PANEL_ROWS, r % PANEL_ROWS);
+                let base = panel * kp * PANEL_ROWS + c;
+                for (i, o) in out.iter_mut().enumerate().take(self.cols) {
+                    let pair = v[base + (i / 2) * PANEL_ROWS];
+                    let bits = if i % 2 == 0 { pair << 16 } else { pair & 0xffff_0000 };
+                    *o = f32::from_bits(bits);
                 }
             }
         }

@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::model::{Mat, Mlp, ModelWeights, WeightData};
+use crate::model::{Layer, Mat, Mlp, ModelWeights, WeightData};
 
 /// Which code computes bf16 products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,13 +84,11 @@ pub fn round_into(kernel: Bf16Kernel, x: &[f32], out: &mut [u16]) {
     out.iter_mut().zip(x).for_each(|(o, &v)| *o = to_bf16(v));
 }
 
-/// Rounds every f32-stored projection and the embedding to bf16 (what loading a checkpoint
-/// in bf16 does), so the bf16 kernels see bf16 weights. MoE routers and the shared-expert
-/// gate stay f32: routing decisions keep f32 arithmetic in every mode.
-pub fn round_weights(w: &mut ModelWeights) {
-    let mut mats: Vec<&mut Mat> = vec![&mut w.embed];
-    mats.extend(w.lm_head.as_mut());
-    for l in &mut w.layers {
+/// The projections of every layer (MoE experts and shared experts included; routers and the
+/// shared-expert gate are not projections of the hidden state into bf16 GEMMs, see below).
+fn layer_projections(layers: &mut [Layer]) -> Vec<&mut Mat> {
+    let mut mats: Vec<&mut Mat> = Vec::new();
+    for l in layers {
         mats.push(&mut l.qkv);
         mats.push(&mut l.o);
         match &mut l.mlp {
@@ -107,12 +105,130 @@ pub fn round_weights(w: &mut ModelWeights) {
             }
         }
     }
+    mats
+}
+
+/// Rounds every f32-stored projection and the embedding to bf16 (what loading a checkpoint
+/// in bf16 does), so the bf16 kernels see bf16 weights. MoE routers and the shared-expert
+/// gate stay f32: routing decisions keep f32 arithmetic in every mode.
+pub fn round_weights(w: &mut ModelWeights) {
+    let mut mats: Vec<&mut Mat> = vec![&mut w.embed];
+    mats.extend(w.lm_head.as_mut());
+    mats.extend(layer_projections(&mut w.layers));
     for m in mats {
         if let WeightData::F32(v) = &m.data {
             let bits = v.par_iter().map(|&x| to_bf16(x)).collect();
             m.data = WeightData::Bf16(bits);
         }
     }
+}
+
+/// Packs every bf16 projection and the lm_head into [`WeightData::Bf16Panels`] for `kernel`,
+/// one matrix at a time, so the row-major copy is dropped before the next is packed (memory
+/// grows by one matrix at most, and by the zero padding of each last panel afterwards).
+/// Tied embeddings are packed too: the lookup reads its rows from the panels (a strided
+/// gather of one row per token), which costs less than a second copy of the vocabulary
+/// matrix. An untied embedding table is only looked up, so it stays row-major.
+/// Returns whether anything was packed: only the AVX512_BF16 kernel reads panels.
+pub fn pack_weights(w: &mut ModelWeights, kernel: Bf16Kernel) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if kernel == Bf16Kernel::Avx512Bf16 {
+            let head: &mut Mat = match w.lm_head.as_mut() {
+                Some(m) => m,
+                None => &mut w.embed,
+            };
+            pack_mat(head);
+            for m in layer_projections(&mut w.layers) {
+                pack_mat(m);
+            }
+            return true;
+        }
+    }
+    let _ = (w, kernel);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn pack_mat(m: &mut Mat) {
+    if let WeightData::Bf16(v) = &m.data {
+        // SAFETY: only called for the AVX512_BF16 kernel, whose CPU has avx512f.
+        let packed = unsafe { super::bf16_avx512::pack(v, m.rows, m.cols) };
+        m.data = WeightData::Bf16Panels(packed);
+    }
+}
+
+/// `out[t, n] = bf16(x[t]) . w[n]` for `w` packed by [`pack_weights`] (`n x k`), with
+/// `vdpbf16ps`: parallel over groups of panels; every panel is streamed once per tile of up
+/// to 12 input rows (tiles balanced in size), so the weights are read once from memory per
+/// call whatever the row count. The caller has checked that this CPU runs
+/// [`Bf16Kernel::Avx512Bf16`].
+#[cfg(target_arch = "x86_64")]
+pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out: &mut [f32]) {
+    use super::bf16_avx512::{self as simd, MR, NR};
+    let kp = k.div_ceil(2);
+    assert!(
+        x.len() >= rows * k && w.len() >= n.div_ceil(NR) * kp * NR && out.len() >= rows * n,
+        "linear_panels bounds"
+    );
+    // x as bf16 pairs, row stride kp dwords; the element past an odd k is zero.
+    let mut xa = vec![0u32; rows * kp];
+    {
+        let xb: &mut [u16] = bytemuck::cast_slice_mut(&mut xa);
+        let round = |(d, s): (&mut [u16], &[f32])| {
+            // SAFETY: only reached with the CPU features of this kernel (see linear()).
+            unsafe { simd::round_into(s, &mut d[..k]) }
+        };
+        if rows * k < 1 << 16 {
+            xb.chunks_mut(2 * kp).zip(x.chunks(k)).take(rows).for_each(round);
+        } else {
+            xb.par_chunks_mut(2 * kp)
+                .zip(x.par_chunks(k))
+                .take(rows)
+                .for_each(round);
+        }
+    }
+    let tiles = rows.div_ceil(MR);
+    let per = rows.div_ceil(tiles);
+    let target = Out::new(&mut out[..rows * n]);
+    let threads = rayon::current_num_threads().max(1);
+    let panels = n.div_ceil(NR);
+    let chunk = panels.div_ceil(threads * 4).max(1);
+    (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let mut dst = [[0.0f32; NR]; MR];
+        for j in c * chunk..((c + 1) * chunk).min(panels) {
+            let panel = w[j * kp * NR..].as_ptr();
+            let width = (n - j * NR).min(NR);
+            let mut t = 0;
+            while t < rows {
+                let m = per.min(rows - t);
+                let a = xa[t * kp..].as_ptr();
+                // SAFETY: the caller checked the CPU features; a holds m rows of kp dwords at
+                // stride kp and the panel kp * NR dwords (asserted above); m <= MR.
+                unsafe {
+                    match m {
+                        1 => simd::tile::<1>(a, kp, panel, kp, &mut dst),
+                        2 => simd::tile::<2>(a, kp, panel, kp, &mut dst),
+                        3 => simd::tile::<3>(a, kp, panel, kp, &mut dst),
+                        4 => simd::tile::<4>(a, kp, panel, kp, &mut dst),
+                        5 => simd::tile::<5>(a, kp, panel, kp, &mut dst),
+                        6 => simd::tile::<6>(a, kp, panel, kp, &mut dst),
+                        7 => simd::tile::<7>(a, kp, panel, kp, &mut dst),
+                        8 => simd::tile::<8>(a, kp, panel, kp, &mut dst),
+                        9 => simd::tile::<9>(a, kp, panel, kp, &mut dst),
+                        10 => simd::tile::<10>(a, kp, panel, kp, &mut dst),
+                        11 => simd::tile::<11>(a, kp, panel, kp, &mut dst),
+                        _ => simd::tile::<12>(a, kp, panel, kp, &mut dst),
+                    }
+                }
+                for (i, d) in dst.iter().enumerate().take(m) {
+                    // SAFETY: columns j * NR..j * NR + width of every row belong to this task.
+                    unsafe { target.write((t + i) * n + j * NR, &d[..width]) };
+                }
+                t += m;
+            }
+        }
+    });
 }
 
 /// Rows of x up to which the dot-product kernels run; more rows go to the packed GEMM.
@@ -342,41 +458,84 @@ mod tests {
         (x, w, want, scale)
     }
 
-    /// Both kernels against the exact sum of exact products of the rounded inputs: the only
-    /// error left is f32 summation over 16 lanes and their reduction, bounded by (k / 16 + 8)
-    /// ulps of the sum of |products|, far below the 2^-9 relative error that skipping the
-    /// input rounding would leave.
+    /// The row-major and (on AVX512_BF16) the packed kernels against the exact sum of exact
+    /// products of the rounded inputs: the only error left is f32 summation over 16 lanes (or
+    /// 2 x 32 accumulators) and their reduction, bounded by (k / 16 + 8) ulps of the sum of
+    /// |products|, far below the 2^-9 relative error that skipping the input rounding would
+    /// leave.
     #[test]
     fn bf16_kernels_match_a_naive_product_of_rounded_inputs() {
         for &(rows, n, k) in &[
             (1, 37, 67),
             (1, 64, 768),
+            (2, 96, 64),
             (3, 33, 31),
+            (4, 31, 2),
+            (5, 32, 33),
             (8, 40, 96),
+            (12, 70, 130),
+            (13, 65, 77),
             (32, 19, 130),
             (33, 70, 67),
+            (64, 33, 40),
             (100, 65, 256),
         ] {
             let (x, w, want, scale) = case(rows, n, k);
             let mut got = vec![f32::NAN; rows * n];
-            let mat = crate::model::Mat {
+            let row_major = crate::model::Mat {
                 rows: n,
                 cols: k,
                 data: crate::model::WeightData::Bf16(w.clone()),
             };
-            for kernel in [Bf16Kernel::Portable, Bf16Kernel::detect()] {
-                let mode = super::super::linear::GemmDtype::Bf16(kernel);
-                super::super::linear::linear(mode, &x, rows, &mat, &mut got);
+            let mut mats = vec![("row-major", Bf16Kernel::Portable, row_major.clone())];
+            mats.push(("row-major", Bf16Kernel::detect(), row_major.clone()));
+            let mut packed = row_major;
+            #[cfg(target_arch = "x86_64")]
+            if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 {
+                pack_mat(&mut packed);
+                assert!(matches!(packed.data, WeightData::Bf16Panels(_)));
+                mats.push(("packed", Bf16Kernel::Avx512Bf16, packed.clone()));
+                mats.push(("packed", Bf16Kernel::Portable, packed));
+            }
+            for (layout, kernel, mat) in &mats {
+                got.fill(f32::NAN);
+                let mode = super::super::linear::GemmDtype::Bf16(*kernel);
+                super::super::linear::linear(mode, &x, rows, mat, &mut got);
                 for i in 0..rows * n {
                     let tol = scale[i] * (k / 16 + 8) as f64 * f64::from(f32::EPSILON);
                     let err = (f64::from(got[i]) - want[i]).abs();
                     assert!(
                         err <= tol,
-                        "{kernel:?} rows {rows} n {n} k {k} at {i}: {} vs {} (tol {tol:e})",
+                        "{layout} {kernel:?} rows {rows} n {n} k {k} at {i}: {} vs {} (tol {tol:e})",
                         got[i],
                         want[i]
                     );
                 }
+            }
+        }
+    }
+
+    /// Rows read back from packed panels (the tied-embedding lookup) equal the original rows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rows_read_from_packed_panels_equal_the_row_major_rows() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        for &(n, k) in &[(70, 67), (32, 64), (5, 1), (100, 768)] {
+            let (_, w, _, _) = case(1, n, k);
+            let row_major = crate::model::Mat {
+                rows: n,
+                cols: k,
+                data: WeightData::Bf16(w),
+            };
+            let mut packed = row_major.clone();
+            pack_mat(&mut packed);
+            let (mut a, mut b) = (vec![0.0f32; k], vec![f32::NAN; k]);
+            for r in 0..n {
+                row_major.row_to_f32(r, &mut a);
+                packed.row_to_f32(r, &mut b);
+                assert_eq!(a, b, "n {n} k {k} row {r}");
             }
         }
     }

@@ -12,6 +12,7 @@ use std::arch::x86_64::*;
 pub const MR: usize = 12;
 /// Columns of the many-row micro-kernel (weight rows of a packed panel, two zmm registers).
 pub const NR: usize = 32;
+const _: () = assert!(NR == crate::model::PANEL_ROWS, "panels hold NR weight rows");
 
 /// Reinterprets 32 bf16 bit patterns as the bf16 vector type.
 #[inline(always)]
@@ -243,6 +244,22 @@ pub unsafe fn pack_panel(w: &[u16], n: usize, k: usize, n0: usize, panel: &mut [
     }
 }
 
+/// The row-major `n x k` bf16 `w` as `n.div_ceil(NR)` panels of [`pack_panel`]'s layout
+/// (`WeightData::Bf16Panels`), packed in parallel on the current pool.
+///
+/// # Safety
+/// The CPU must support avx512f.
+pub unsafe fn pack(w: &[u16], n: usize, k: usize) -> Vec<u32> {
+    use rayon::prelude::*;
+    let kp = k.div_ceil(2);
+    let mut out = vec![0u32; n.div_ceil(NR) * kp * NR];
+    out.par_chunks_mut((kp * NR).max(1))
+        .enumerate()
+        // SAFETY: the caller guarantees avx512f; each chunk is one panel of kp * NR dwords.
+        .for_each(|(j, panel)| unsafe { pack_panel(w, n, k, j * NR, panel) });
+    out
+}
+
 /// Transposes a 16 x 16 matrix of dwords held as 16 rows.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -311,6 +328,74 @@ pub unsafe fn kernel_mr_nr(a: &[u32], stride: usize, panel: &[u32], kp: usize) -
     tile
 }
 
+/// `dst[i][c] = a_i . panel column c` for `M` (at most [`MR`]) input rows of `kp` bf16 pairs at
+/// row stride `stride`, over one packed panel read in a single sequential stream. Up to 4
+/// rows, even and odd pairs go to two accumulator sets, so the `vdpbf16ps` latency is hidden
+/// with few rows; with more, the next 2 KB of the panel are prefetched.
+///
+/// # Safety
+/// `a` points at `(M - 1) * stride + kp` readable dwords and `panel` at `kp * NR`; `M <= MR`;
+/// the CPU must support avx512f, avx512bw and avx512bf16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn tile<const M: usize>(
+    a: *const u32,
+    stride: usize,
+    panel: *const u32,
+    kp: usize,
+    dst: &mut [[f32; NR]; MR],
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; M];
+    let mut acc2 = [[_mm512_setzero_ps(); 2]; M];
+    let two = M <= 4;
+    let mut p = 0;
+    // SAFETY: every panel load reads pairs p (and p + 1) < kp of the panel, every broadcast a
+    // dword p < kp of row i < M; prefetches are hints that never fault.
+    unsafe {
+        if two {
+            while p + 2 <= kp {
+                let b0 = bh(_mm512_loadu_si512(panel.add(p * NR) as *const __m512i));
+                let b1 = bh(_mm512_loadu_si512(panel.add(p * NR + 16) as *const __m512i));
+                let c0 = bh(_mm512_loadu_si512(panel.add(p * NR + NR) as *const __m512i));
+                let c1 = bh(_mm512_loadu_si512(
+                    panel.add(p * NR + NR + 16) as *const __m512i
+                ));
+                for (i, (r, r2)) in acc.iter_mut().zip(acc2.iter_mut()).enumerate() {
+                    let av = bh(_mm512_set1_epi32(*a.add(i * stride + p) as i32));
+                    r[0] = _mm512_dpbf16_ps(r[0], av, b0);
+                    r[1] = _mm512_dpbf16_ps(r[1], av, b1);
+                    let av = bh(_mm512_set1_epi32(*a.add(i * stride + p + 1) as i32));
+                    r2[0] = _mm512_dpbf16_ps(r2[0], av, c0);
+                    r2[1] = _mm512_dpbf16_ps(r2[1], av, c1);
+                }
+                p += 2;
+            }
+        }
+        while p < kp {
+            if !two {
+                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((p + 16) * NR) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((p + 16) * NR + 16) as *const i8);
+            }
+            let b0 = bh(_mm512_loadu_si512(panel.add(p * NR) as *const __m512i));
+            let b1 = bh(_mm512_loadu_si512(panel.add(p * NR + 16) as *const __m512i));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = bh(_mm512_set1_epi32(*a.add(i * stride + p) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+            p += 1;
+        }
+        for ((d, r), r2) in dst.iter_mut().zip(&acc).zip(&acc2) {
+            let (s0, s1) = if two {
+                (_mm512_add_ps(r[0], r2[0]), _mm512_add_ps(r[1], r2[1]))
+            } else {
+                (r[0], r[1])
+            };
+            _mm512_storeu_ps(d.as_mut_ptr(), s0);
+            _mm512_storeu_ps(d.as_mut_ptr().add(16), s1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,3 +438,4 @@ mod tests {
         }
     }
 }
+

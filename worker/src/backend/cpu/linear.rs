@@ -42,11 +42,23 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
             let _ = (kernel, v);
             linear_f32(&bf16::round_f32(&x[..rows * w.cols]), rows, w, out);
         }
+        (GemmDtype::Bf16(kernel), WeightData::Bf16Panels(v)) => {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if kernel == Bf16Kernel::Avx512Bf16 && rows > 0 && w.rows > 0 && w.cols > 0 {
+                    bf16::linear_panels(x, rows, v, w.cols, w.rows, out);
+                    return;
+                }
+            }
+            let _ = (kernel, v);
+            linear_f32(&bf16::round_f32(&x[..rows * w.cols]), rows, w, out);
+        }
         _ => linear_f32(x, rows, w, out),
     }
 }
 
-/// The f32 product (also the portable bf16 kernel, on pre-rounded activations).
+/// The f32 product (also the portable bf16 kernel, on pre-rounded activations). Packed
+/// panels only reach it outside the kernel they were packed for; it reads them row by row.
 fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     debug_assert_eq!(x.len(), rows * k);
@@ -55,7 +67,8 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
         return;
     }
     let threads = rayon::current_num_threads().max(1);
-    if rows == 1 {
+    let packed = matches!(w.data, WeightData::Bf16Panels(_));
+    if rows == 1 && !packed {
         // Output is one contiguous row: tasks write their slice in place.
         let chunk = (n / (threads * 8)).max(16);
         out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
@@ -65,12 +78,13 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
                 *o = match &w.data {
                     WeightData::Bf16(v) => dot_bf16(x, &v[wr]),
                     WeightData::F32(v) => dot_f32(x, &v[wr]),
+                    WeightData::Bf16Panels(_) => unreachable!("packed weights take dot_rows"),
                 };
             }
         });
         return;
     }
-    if rows > DOT_MAX_ROWS {
+    if rows > DOT_MAX_ROWS && !packed {
         gemm_full(x, rows, w, out);
         return;
     }
@@ -150,6 +164,7 @@ fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     match &w.data {
         WeightData::F32(v) => gemm_nxk(x, rows, v, k, n, out),
+        WeightData::Bf16Panels(_) => unreachable!("linear_f32 sends packed weights to dot_rows"),
         WeightData::Bf16(v) => SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             if scratch.len() < n * k {

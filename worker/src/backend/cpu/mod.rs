@@ -131,14 +131,17 @@ impl CpuBackend {
     }
 
     /// Sets the arithmetic of the projections, kernel included. bf16 rounds f32-stored
-    /// weights to bf16 once here (MoE routers stay f32).
+    /// weights to bf16 once here (MoE routers stay f32) and, for the AVX512_BF16 kernel,
+    /// packs them into panels (`bf16::pack_weights`) after any tensor-parallel sharding.
     pub fn with_gemm(mut self, gemm: GemmDtype) -> Self {
         match gemm {
             GemmDtype::F32 => tracing::info!("CPU projections: f32 arithmetic"),
             GemmDtype::Bf16(k) => {
                 bf16::round_weights(&mut self.w);
+                let packed = self.pool.install(|| bf16::pack_weights(&mut self.w, k));
                 tracing::info!(
                     kernel = k.describe(),
+                    packed,
                     "CPU projections: bf16 inputs, f32 accumulation"
                 );
             }

@@ -224,6 +224,12 @@ pub(super) fn upload_mat(dev: &Device, m: &Mat) -> Result<DevMat, BackendError> 
     let data = match &m.data {
         WeightData::Bf16(v) => dev.upload(v)?,
         WeightData::F32(v) => dev.upload(&to_bf16(v))?,
+        WeightData::Bf16Panels(_) => {
+            return Err(BackendError::Unsupported(
+                "weights packed into CPU panels cannot be uploaded; load them afresh for CUDA"
+                    .into(),
+            ));
+        }
     };
     Ok(DevMat {
         data,
