@@ -2,12 +2,13 @@
 //! weights), for 1 to 512 input rows. Prints GFLOP/s, and for one row the weight GB/s.
 //! Run: `cargo bench -p llmapi-worker --bench gemm` (LLMAPI_BENCH_THREADS=N sets threads,
 //! LLMAPI_BENCH_ROWS=1,8,512 the row counts; LLMAPI_BENCH_PANELS=1 runs only the packed-panel
-//! prototype against the row-major kernels on weights streamed from DRAM). With one thread the rates are per second on
+//! kernel against the row-major kernels on weights streamed from DRAM). bf16 runs on
+//! row-major weights and on the panels that the CPU backend packs at load. With one thread the rates are per second on
 //! the CPU (from /proc/thread-self/schedstat), so other processes' load does not count.
 
 use std::time::Instant;
 
-use llmapi_worker::backend::cpu::bf16::Bf16Kernel;
+use llmapi_worker::backend::cpu::bf16::{Bf16Kernel, pack_mat};
 use llmapi_worker::backend::cpu::linear::{GemmDtype, linear};
 use llmapi_worker::model::{Mat, WeightData};
 
@@ -36,9 +37,11 @@ fn main() {
     if cpu_time {
         println!("one thread: rates per second on the CPU (other load does not count)");
     }
+    let bf16 = GemmDtype::Bf16(Bf16Kernel::detect());
     let modes = [
-        ("f32", GemmDtype::F32),
-        ("bf16", GemmDtype::Bf16(Bf16Kernel::detect())),
+        ("f32", GemmDtype::F32, false),
+        ("bf16", bf16, false),
+        ("bf16 packed", bf16, true),
     ];
     let row_counts: Vec<usize> = match std::env::var("LLMAPI_BENCH_ROWS") {
         Ok(s) => s
@@ -52,13 +55,15 @@ fn main() {
         Err(_) => vec![1, 4, 8, 16, 32, 64, 128, 512],
     };
     println!("| shape | rows | {} |", modes.map(|m| m.0).join(" | "));
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     for &(name, n, k) in SHAPES {
         let w = Mat {
             rows: n,
             cols: k,
             data: WeightData::Bf16((0..n * k).map(|i| (0x3c00 + (i % 255)) as u16).collect()),
         };
+        let mut packed = w.clone();
+        pack_mat(&mut packed, Bf16Kernel::detect());
         for &rows in &row_counts {
             if name == "lm_head" && rows > 64 {
                 continue;
@@ -73,14 +78,15 @@ fn main() {
             } else {
                 ((400_000_000 / (2 * rows * n * k)).clamp(2, 400), 5)
             };
-            let mut best = [f64::INFINITY; 2];
+            let mut best = [f64::INFINITY; 3];
             for _ in 0..rounds {
-                for (m, (_, mode)) in modes.iter().enumerate() {
+                for (m, &(_, mode, panels)) in modes.iter().enumerate() {
+                    let w = if panels { &packed } else { &w };
                     let s = pool.install(|| {
-                        linear(*mode, &x, rows, &w, &mut out);
+                        linear(mode, &x, rows, w, &mut out);
                         let (t, cpu) = (Instant::now(), on_cpu_ns());
                         for _ in 0..reps {
-                            linear(*mode, &x, rows, &w, &mut out);
+                            linear(mode, &x, rows, w, &mut out);
                         }
                         match (cpu_time, cpu, on_cpu_ns()) {
                             (true, Some(a), Some(b)) => (b - a) as f64 / 1e9,
@@ -110,10 +116,10 @@ fn main() {
 }
 
 /// Weights larger than L3, so every call streams them from DRAM: the library's row-major
-/// small-batch kernels against the packed-panel prototype, alternating over rounds.
+/// bf16 kernels against its packed-panel kernel, alternating over rounds.
 fn streamed(pool: &rayon::ThreadPool) {
     if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
-        println!("no AVX512_BF16: the packed-panel prototype needs it");
+        println!("no AVX512_BF16: only that kernel reads packed panels");
         return;
     }
     let threads = pool.current_num_threads();
@@ -146,11 +152,12 @@ fn streamed(pool: &rayon::ThreadPool) {
                 ),
             })
             .collect();
-        let packed: Vec<Vec<u32>> = mats
+        let packed: Vec<Mat> = mats
             .iter()
-            .map(|m| match &m.data {
-                WeightData::Bf16(v) => panel::pack(v, n, k),
-                _ => unreachable!("built as bf16 above"),
+            .map(|m| {
+                let mut p = m.clone();
+                pool.install(|| pack_mat(&mut p, Bf16Kernel::Avx512Bf16));
+                p
             })
             .collect();
         let mode = GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
@@ -159,14 +166,14 @@ fn streamed(pool: &rayon::ThreadPool) {
             let (mut o1, mut o2) = (vec![0.0f32; rows * n], vec![0.0f32; rows * n]);
             pool.install(|| {
                 linear(mode, &x, rows, &mats[0], &mut o1);
-                panel::linear(&x, rows, &packed[0], k, n, &mut o2);
+                linear(mode, &x, rows, &packed[0], &mut o2);
             });
             let err = o1
                 .iter()
                 .zip(&o2)
                 .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
                 .fold(0.0f32, f32::max);
-            assert!(err < 1e-3, "packed prototype differs from linear: {err}");
+            assert!(err < 1e-3, "packed and row-major kernels differ: {err}");
             // Per kernel and round: calls until 0.3 s of wall clock, cycling the copies.
             let mut best = [[f64::INFINITY; 2]; 2];
             for _ in 0..3 {
@@ -179,7 +186,7 @@ fn streamed(pool: &rayon::ThreadPool) {
                             if kern == 0 {
                                 linear(mode, &x, rows, &mats[c], &mut o1);
                             } else {
-                                panel::linear(&x, rows, &packed[c], k, n, &mut o2);
+                                linear(mode, &x, rows, &packed[c], &mut o2);
                             }
                             calls += 1;
                         }
@@ -224,183 +231,4 @@ fn streamed(pool: &rayon::ThreadPool) {
 fn on_cpu_ns() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
     s.split_whitespace().next()?.parse().ok()
-}
-
-/// Packed-panel prototype (issue #3): the bf16 weights are packed once, ahead of the timed
-/// loop, into 32-output column panels of k pairs (the prefill kernel's layout), and a tile of
-/// up to 12 input rows x 32 outputs streams each panel once. Compared against the library's
-/// row-major small-batch kernels (`linear`, bf16 mode) with weights larger than L3.
-mod panel {
-
-    use std::arch::x86_64::*;
-
-    use rayon::prelude::*;
-
-    /// Outputs per panel (two zmm registers of f32).
-    pub const NR: usize = 32;
-    /// Most input rows of one register tile (2 x 12 accumulators + 2 panel registers).
-    const MR: usize = 12;
-
-    /// `w` (row-major `n x k` bf16) as `n.div_ceil(NR)` panels of `k.div_ceil(2) * NR` dwords:
-    /// dword `p * NR + c` of panel `j` holds elements 2p and 2p + 1 of weight row `j * NR + c`.
-    pub fn pack(w: &[u16], n: usize, k: usize) -> Vec<u32> {
-        let kp = k.div_ceil(2);
-        let mut out = vec![0u32; n.div_ceil(NR) * kp * NR];
-        for (j, panel) in out.chunks_mut(kp * NR).enumerate() {
-            for c in 0..NR {
-                let r = j * NR + c;
-                if r >= n {
-                    continue;
-                }
-                let row = &w[r * k..(r + 1) * k];
-                for p in 0..kp {
-                    let hi = row.get(2 * p + 1).copied().unwrap_or(0);
-                    panel[p * NR + c] = u32::from(row[2 * p]) | (u32::from(hi) << 16);
-                }
-            }
-        }
-        out
-    }
-
-    #[inline(always)]
-    fn bh(v: __m512i) -> __m512bh {
-        // SAFETY: both types are 64 bytes of plain bits.
-        unsafe { std::mem::transmute::<__m512i, __m512bh>(v) }
-    }
-
-    /// `tile[i][c] = a_i . panel column c` for M rows of `kp` pairs at stride `kp`. With few rows
-    /// two accumulator sets (even and odd pairs) hide the `vdpbf16ps` latency; there a software
-    /// prefetch measured no better than the hardware one on the single stream, so only the
-    /// one-pair loop (more than 4 rows) asks for the panel 16 pairs (2 KB) ahead.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn tile<const M: usize>(
-        a: *const u32,
-        panel: *const u32,
-        kp: usize,
-        dst: &mut [[f32; NR]; MR],
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; M];
-        let mut acc2 = [[_mm512_setzero_ps(); 2]; M];
-        let two = M <= 4;
-        let mut p = 0;
-        unsafe {
-            if two {
-                while p + 2 <= kp {
-                    let b0 = bh(_mm512_loadu_si512(panel.add(p * NR) as *const __m512i));
-                    let b1 = bh(_mm512_loadu_si512(panel.add(p * NR + 16) as *const __m512i));
-                    let c0 = bh(_mm512_loadu_si512(panel.add(p * NR + NR) as *const __m512i));
-                    let c1 = bh(_mm512_loadu_si512(
-                        panel.add(p * NR + NR + 16) as *const __m512i
-                    ));
-                    for (i, (r, r2)) in acc.iter_mut().zip(acc2.iter_mut()).enumerate() {
-                        let av = bh(_mm512_set1_epi32(*a.add(i * kp + p) as i32));
-                        r[0] = _mm512_dpbf16_ps(r[0], av, b0);
-                        r[1] = _mm512_dpbf16_ps(r[1], av, b1);
-                        let av = bh(_mm512_set1_epi32(*a.add(i * kp + p + 1) as i32));
-                        r2[0] = _mm512_dpbf16_ps(r2[0], av, c0);
-                        r2[1] = _mm512_dpbf16_ps(r2[1], av, c1);
-                    }
-                    p += 2;
-                }
-            }
-            while p < kp {
-                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((p + 16) * NR) as *const i8);
-                _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((p + 16) * NR + 16) as *const i8);
-                let b0 = bh(_mm512_loadu_si512(panel.add(p * NR) as *const __m512i));
-                let b1 = bh(_mm512_loadu_si512(panel.add(p * NR + 16) as *const __m512i));
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let av = bh(_mm512_set1_epi32(*a.add(i * kp + p) as i32));
-                    row[0] = _mm512_dpbf16_ps(row[0], av, b0);
-                    row[1] = _mm512_dpbf16_ps(row[1], av, b1);
-                }
-                p += 1;
-            }
-            for ((d, r), r2) in dst.iter_mut().zip(&acc).zip(&acc2) {
-                let (s0, s1) = if two {
-                    (_mm512_add_ps(r[0], r2[0]), _mm512_add_ps(r[1], r2[1]))
-                } else {
-                    (r[0], r[1])
-                };
-                _mm512_storeu_ps(d.as_mut_ptr(), s0);
-                _mm512_storeu_ps(d.as_mut_ptr().add(16), s1);
-            }
-        }
-    }
-
-    /// Output pointer shared by tasks that write disjoint columns.
-    struct Out(*mut f32);
-    // SAFETY: every task writes only its own panel's columns.
-    unsafe impl Sync for Out {}
-
-    /// `out = x W^T` (rows x n) with `packed` from [`pack`]; activations rounded to bf16 per call.
-    pub fn linear(x: &[f32], rows: usize, packed: &[u32], k: usize, n: usize, out: &mut [f32]) {
-        let kp = k.div_ceil(2);
-        let mut xa = vec![0u32; rows * kp];
-        for r in 0..rows {
-            for p in 0..kp {
-                let lo = to_bf16(x[r * k + 2 * p]);
-                let hi = if 2 * p + 1 < k {
-                    to_bf16(x[r * k + 2 * p + 1])
-                } else {
-                    0
-                };
-                xa[r * kp + p] = u32::from(lo) | (u32::from(hi) << 16);
-            }
-        }
-        // Row tiles of balanced size, at most MR each.
-        let tiles = rows.div_ceil(MR);
-        let per = rows.div_ceil(tiles);
-        let o = Out(out.as_mut_ptr());
-        let threads = rayon::current_num_threads().max(1);
-        let panels = n.div_ceil(NR);
-        let chunk = panels.div_ceil(threads * 4).max(1);
-        (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
-            let o = &o;
-            let mut dst = [[0.0f32; NR]; MR];
-            for j in c * chunk..((c + 1) * chunk).min(panels) {
-                let panel = packed[j * kp * NR..].as_ptr();
-                let width = (n - j * NR).min(NR);
-                let mut t = 0;
-                while t < rows {
-                    let m = per.min(rows - t);
-                    let a = xa[t * kp..].as_ptr();
-                    // SAFETY: the bench checked AVX512_BF16; a holds m rows of kp pairs and the
-                    // panel kp * NR dwords; the prefetches are hints that never fault.
-                    unsafe {
-                        match m {
-                            1 => tile::<1>(a, panel, kp, &mut dst),
-                            2 => tile::<2>(a, panel, kp, &mut dst),
-                            3 => tile::<3>(a, panel, kp, &mut dst),
-                            4 => tile::<4>(a, panel, kp, &mut dst),
-                            5 => tile::<5>(a, panel, kp, &mut dst),
-                            6 => tile::<6>(a, panel, kp, &mut dst),
-                            7 => tile::<7>(a, panel, kp, &mut dst),
-                            8 => tile::<8>(a, panel, kp, &mut dst),
-                            9 => tile::<9>(a, panel, kp, &mut dst),
-                            10 => tile::<10>(a, panel, kp, &mut dst),
-                            11 => tile::<11>(a, panel, kp, &mut dst),
-                            _ => tile::<12>(a, panel, kp, &mut dst),
-                        }
-                    }
-                    for (i, d) in dst.iter().enumerate().take(m) {
-                        // SAFETY: columns j * NR..j * NR + width of every row are this task's.
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                d.as_ptr(),
-                                o.0.add((t + i) * n + j * NR),
-                                width,
-                            )
-                        };
-                    }
-                    t += m;
-                }
-            }
-        });
-    }
-
-    /// Round to nearest even (finite inputs, as the bench feeds).
-    fn to_bf16(x: f32) -> u16 {
-        let b = x.to_bits();
-        ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
 }

@@ -68,7 +68,11 @@ impl Mat {
                 let base = panel * kp * PANEL_ROWS + c;
                 for (i, o) in out.iter_mut().enumerate().take(self.cols) {
                     let pair = v[base + (i / 2) * PANEL_ROWS];
-                    let bits = if i % 2 == 0 { pair << 16 } else { pair & 0xffff_0000 };
+                    let bits = if i % 2 == 0 {
+                        pair << 16
+                    } else {
+                        pair & 0xffff_0000
+                    };
                     *o = f32::from_bits(bits);
                 }
             }

@@ -131,31 +131,37 @@ pub fn round_weights(w: &mut ModelWeights) {
 /// matrix. An untied embedding table is only looked up, so it stays row-major.
 /// Returns whether anything was packed: only the AVX512_BF16 kernel reads panels.
 pub fn pack_weights(w: &mut ModelWeights, kernel: Bf16Kernel) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if kernel == Bf16Kernel::Avx512Bf16 {
-            let head: &mut Mat = match w.lm_head.as_mut() {
-                Some(m) => m,
-                None => &mut w.embed,
-            };
-            pack_mat(head);
-            for m in layer_projections(&mut w.layers) {
-                pack_mat(m);
-            }
-            return true;
-        }
+    if !reads_panels(kernel) {
+        return false;
     }
-    let _ = (w, kernel);
-    false
+    let head: &mut Mat = match w.lm_head.as_mut() {
+        Some(m) => m,
+        None => &mut w.embed,
+    };
+    pack_mat(head, kernel);
+    for m in layer_projections(&mut w.layers) {
+        pack_mat(m, kernel);
+    }
+    true
 }
 
-#[cfg(target_arch = "x86_64")]
-fn pack_mat(m: &mut Mat) {
-    if let WeightData::Bf16(v) = &m.data {
-        // SAFETY: only called for the AVX512_BF16 kernel, whose CPU has avx512f.
-        let packed = unsafe { super::bf16_avx512::pack(v, m.rows, m.cols) };
-        m.data = WeightData::Bf16Panels(packed);
+/// Whether `kernel` runs on packed panels (only AVX512_BF16 does).
+fn reads_panels(kernel: Bf16Kernel) -> bool {
+    cfg!(target_arch = "x86_64") && kernel == Bf16Kernel::Avx512Bf16
+}
+
+/// Packs one bf16 matrix into [`WeightData::Bf16Panels`] if `kernel` reads panels; other
+/// matrices and kernels are left as they are.
+pub fn pack_mat(m: &mut Mat, kernel: Bf16Kernel) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let (true, WeightData::Bf16(v)) = (reads_panels(kernel), &m.data) {
+            // SAFETY: the AVX512_BF16 kernel is only chosen on CPUs with avx512f (detect()).
+            let packed = unsafe { super::bf16_avx512::pack(v, m.rows, m.cols) };
+            m.data = WeightData::Bf16Panels(packed);
+        }
     }
+    let _ = (m, kernel);
 }
 
 /// `out[t, n] = bf16(x[t]) . w[n]` for `w` packed by [`pack_weights`] (`n x k`), with
@@ -180,7 +186,10 @@ pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out:
             unsafe { simd::round_into(s, &mut d[..k]) }
         };
         if rows * k < 1 << 16 {
-            xb.chunks_mut(2 * kp).zip(x.chunks(k)).take(rows).for_each(round);
+            xb.chunks_mut(2 * kp)
+                .zip(x.chunks(k))
+                .take(rows)
+                .for_each(round);
         } else {
             xb.par_chunks_mut(2 * kp)
                 .zip(x.par_chunks(k))
@@ -492,7 +501,7 @@ mod tests {
             let mut packed = row_major;
             #[cfg(target_arch = "x86_64")]
             if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 {
-                pack_mat(&mut packed);
+                pack_mat(&mut packed, Bf16Kernel::Avx512Bf16);
                 assert!(matches!(packed.data, WeightData::Bf16Panels(_)));
                 mats.push(("packed", Bf16Kernel::Avx512Bf16, packed.clone()));
                 mats.push(("packed", Bf16Kernel::Portable, packed));
@@ -530,7 +539,7 @@ mod tests {
                 data: WeightData::Bf16(w),
             };
             let mut packed = row_major.clone();
-            pack_mat(&mut packed);
+            pack_mat(&mut packed, Bf16Kernel::Avx512Bf16);
             let (mut a, mut b) = (vec![0.0f32; k], vec![f32::NAN; k]);
             for r in 0..n {
                 row_major.row_to_f32(r, &mut a);
