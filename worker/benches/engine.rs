@@ -3,7 +3,7 @@
 //!
 //! Prints: measured memory read bandwidth, batch-1 decode tok/s and its ratio to the roofline
 //! (weight bytes per token / bandwidth), decode throughput at batch 8/32/64 and prefill tok/s
-//! for 512-token prompts. Random weights are generated in-process unless LLMAPI_BENCH_MODEL
+//! for 512-token prompts (decode and prefill also by on-CPU time). Random weights are generated in-process unless LLMAPI_BENCH_MODEL
 //! names a checkpoint directory. LLMAPI_BENCH_THREADS sets the thread count (default: all);
 //! LLMAPI_BENCH_SKIP_PREFILL=1 skips the prefill figure (for profiling decode);
 //! LLMAPI_BENCH_DTYPE=float32|bfloat16|both (default both) picks the projection arithmetic,
@@ -176,7 +176,7 @@ fn main() {
     let mut batches = vec![1];
     batches.extend(env_list("LLMAPI_BENCH_BATCHES", &[8, 32, 64]));
     let mut best = vec![vec![0.0f64; batches.len() + 1]; backends.len()];
-    let mut best_cpu = vec![vec![0.0f64; batches.len()]; backends.len()];
+    let mut best_cpu = vec![vec![0.0f64; batches.len() + 1]; backends.len()];
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
     for (bi, &batch) in batches.iter().enumerate() {
         let n = if batch == 1 { 64 } else { steps };
@@ -202,11 +202,18 @@ fn main() {
         }
         for _ in 0..rounds {
             for (m, (name, be)) in backends.iter_mut().enumerate() {
-                let t = Instant::now();
+                let (t, cpu0) = (Instant::now(), process_cpu_ns());
                 run(be, &[chunk(&prompt, 0, &table)]);
                 let tps = 512.0 / t.elapsed().as_secs_f64();
+                let cpu = match (cpu0, process_cpu_ns()) {
+                    (Some(a), Some(b)) if b > a => 512.0 * nthreads as f64 / ((b - a) as f64 / 1e9),
+                    _ => f64::NAN,
+                };
                 best[m][batches.len()] = best[m][batches.len()].max(tps);
-                println!("[{name}] prefill 512-token prompt: {tps:.1} tok/s");
+                best_cpu[m][batches.len()] = best_cpu[m][batches.len()].max(cpu);
+                println!(
+                    "[{name}] prefill 512-token prompt: {tps:.1} tok/s ({cpu:.1} by on-CPU time)"
+                );
             }
         }
     }
@@ -246,16 +253,27 @@ fn main() {
     // Decode rates by on-CPU time: other processes' load (compilers of other engineers on a
     // shared machine) mostly drops out, so before/after comparisons hold across runs.
     println!();
-    println!("decode tok/s by on-CPU time (tokens / (CPU seconds of all threads / {nthreads})):");
+    println!("tok/s by on-CPU time (tokens / (CPU seconds of all threads / {nthreads})):");
     let heads: Vec<String> = batches.iter().map(|b| format!("batch {b}")).collect();
-    println!("| dtype | {} | batch 32 / batch 1 |", heads.join(" | "));
-    println!("|---|{}---|", "---|".repeat(heads.len()));
+    println!(
+        "| dtype | {} | batch 32 / batch 1 | prefill 512 |",
+        heads.join(" | ")
+    );
+    println!("|---|{}---|---|", "---|".repeat(heads.len()));
     for ((name, _), f) in backends.iter().zip(&best_cpu) {
-        let cells: Vec<String> = f.iter().map(|v| format!("{v:.1}")).collect();
+        let cells: Vec<String> = f[..batches.len()]
+            .iter()
+            .map(|v| format!("{v:.1}"))
+            .collect();
+        let pf = if prefill {
+            format!("{:.1}", f[batches.len()])
+        } else {
+            "-".into()
+        };
         let b32 = batches
             .iter()
             .position(|&b| b == 32)
             .map_or("-".into(), |i| format!("{:.1}x", f[i] / f[0]));
-        println!("| {name} | {} | {b32} |", cells.join(" | "));
+        println!("| {name} | {} | {b32} | {pf} |", cells.join(" | "));
     }
 }
