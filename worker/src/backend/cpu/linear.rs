@@ -2,7 +2,8 @@
 //!
 //! [`GemmDtype::F32`] (`dtype: auto | float32`) multiplies in f32, described below.
 //! [`GemmDtype::Bf16`] (`dtype: bfloat16`) rounds the activations to bf16 and runs the bf16
-//! kernels of `bf16.rs` for bf16 weights; f32-stored weights (MoE routers) stay f32.
+//! kernels of `bf16.rs` for bf16 weights, on the panels packed at load
+//! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
