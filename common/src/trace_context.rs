@@ -2,7 +2,7 @@
 //! parsing what a caller sent, and the span of this hop that the next hop sees as its parent.
 //!
 //! The router and the worker both use it, so a trace id a client sends appears unchanged in
-//! the router's and the worker's log lines. Not for: exporting spans (no collector is needed).
+//! the router's and the worker's log lines. Not for: exporting spans (`llmapi-otlp` does that).
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -65,7 +65,8 @@ pub struct TraceContext {
     pub span_id: u64,
     /// The caller's span id; `None` when this hop started the trace.
     pub parent_id: Option<u64>,
-    /// Trace flags, passed on unchanged (new traces: 00, not sampled, as nothing is exported).
+    /// Trace flags, passed on unchanged (new traces: 00; the router sets the sampled bit when
+    /// it exports spans).
     pub flags: u8,
     /// The caller's `tracestate`, passed on unchanged with a valid `traceparent`.
     pub tracestate: Option<String>,

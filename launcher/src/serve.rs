@@ -11,6 +11,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
+use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
+use llmapi_otlp::{ExportTask, ExporterConfig, SpanExporter};
 use llmapi_router::codec::HfCodec;
 use llmapi_router::pool::Pool;
 use llmapi_router::{AppState, RouterConfig, server};
@@ -53,6 +55,25 @@ pub struct LocalWorker {
     pub addr: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    spans: Option<ExportTask>,
+}
+
+/// Starts span export as `service_name` when `--otlp_traces_endpoint` is set.
+fn span_exporter(
+    args: &LlmArgs,
+    service_name: &str,
+) -> anyhow::Result<Option<(SpanExporter, ExportTask)>> {
+    let Some(endpoint) = args.otlp_traces_endpoint.as_deref() else {
+        return Ok(None);
+    };
+    let started = SpanExporter::start(ExporterConfig::new(endpoint, service_name))
+        .context("--otlp_traces_endpoint")?;
+    tracing::info!(
+        endpoint,
+        service_name,
+        "exporting request spans over OTLP/gRPC"
+    );
+    Ok(Some(started))
 }
 
 impl LocalWorker {
@@ -102,6 +123,10 @@ impl LocalWorker {
             .moe_expert_parallel_size
             .unwrap_or(args.tensor_parallel_size);
         let service = WorkerService::new(engine.clone(), args.tensor_parallel_size, ep);
+        let (service, spans) = match span_exporter(args, "llmapi-worker")? {
+            Some((exporter, task)) => (service.with_span_exporter(exporter), Some(task)),
+            None => (service, None),
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(service::serve(service, grpc, async move {
             let _ = stopped.await;
@@ -111,6 +136,7 @@ impl LocalWorker {
             addr,
             stop,
             task,
+            spans,
         })
     }
 
@@ -119,6 +145,9 @@ impl LocalWorker {
         let _ = self.stop.send(());
         let _ = self.task.await;
         self.engine.shutdown();
+        if let Some(spans) = self.spans {
+            spans.shutdown(SHUTDOWN_TIMEOUT).await;
+        }
     }
 }
 
@@ -137,6 +166,11 @@ pub async fn run_router(
         tokenizer.as_deref(),
         args.chat_template.as_deref(),
     )?;
+    let mut config = config;
+    let spans = span_exporter(args, "llmapi-router")?.map(|(exporter, task)| {
+        config.span_exporter = Some(exporter);
+        task
+    });
     let pool = Arc::new(Pool::default());
     for url in workers {
         pool.add(url)
@@ -172,6 +206,9 @@ pub async fn run_router(
     };
     let served = server::serve(listener, state, stop).await;
     health.abort();
+    if let Some(spans) = spans {
+        spans.shutdown(SHUTDOWN_TIMEOUT).await;
+    }
     served.context("serving HTTP")?;
     match reason.lock().ok().and_then(|mut r| r.take()) {
         Some(why) => bail!("the worker group failed: {why}"),

@@ -76,6 +76,9 @@ pub struct RouterArgs {
     /// Seconds SIGTERM waits for in-flight requests.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_s: u64,
+    /// OTLP/gRPC collector (`http://host:4317` or `host:4317`) that receives a span per request.
+    #[arg(long)]
+    pub otlp_traces_endpoint: Option<String>,
 }
 
 impl RouterArgs {
@@ -109,6 +112,7 @@ impl RouterArgs {
                 ..HealthPolicy::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
+            span_exporter: None,
         }
     }
 }

@@ -24,6 +24,7 @@ use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
 use crate::openai::{ChatRequest, CompletionRequest, GenSettings, Prompt};
 use crate::respond::{ResponseMeta, Shape, collect, stream};
+use crate::spans::{self, RequestSpan};
 use crate::state::AppState;
 
 type Shared = State<Arc<AppState>>;
@@ -443,6 +444,15 @@ async fn finish(
     let admit = state.admit()?;
     let tokens_per_block = model_info(&state)?.tokens_per_block as usize;
     let streaming = settings.stream;
+    let otlp = RequestSpan::current();
+    if let Some(s) = &otlp {
+        let operation = match shape {
+            Shape::Completion => "text_completion",
+            Shape::Chat => "chat",
+        };
+        let prompt_tokens = prompts.iter().map(|p| p.ids.len()).sum();
+        s.request(operation, &model, &max_tokens, &settings, prompt_tokens);
+    }
     let (meta, rx) = spawn_choices(
         &state,
         shape,
@@ -454,6 +464,10 @@ async fn finish(
         tokens_per_block,
         trace,
     );
+    if let Some(s) = &otlp {
+        s.response_id(&meta.id);
+    }
+    let rx = spans::observe(otlp, rx);
     if streaming {
         Ok(stream(meta, rx, admit))
     } else {

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod pool;
 pub mod respond;
 pub mod server;
+pub mod spans;
 pub mod state;
 pub mod testing;
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
+use llmapi_otlp::{ExporterConfig, SpanExporter};
 use llmapi_router::args::RouterArgs;
 use llmapi_router::codec::HfCodec;
 use llmapi_router::pool::Pool;
@@ -18,7 +20,18 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = RouterArgs::parse();
-    let config = args.config();
+    let mut config = args.config();
+    let spans = match &args.otlp_traces_endpoint {
+        Some(endpoint) => {
+            let (exporter, task) =
+                SpanExporter::start(ExporterConfig::new(endpoint, "llmapi-router"))
+                    .context("--otlp_traces_endpoint")?;
+            tracing::info!(endpoint = %endpoint, "exporting request spans over OTLP/gRPC");
+            config.span_exporter = Some(exporter);
+            Some(task)
+        }
+        None => None,
+    };
     let codec = HfCodec::load(
         &args.model,
         args.tokenizer.as_deref(),
@@ -40,7 +53,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
     tracing::info!(%addr, "llmapi-router listening");
-    server::serve(listener, state, server::shutdown_signal())
-        .await
-        .context("serving HTTP")
+    let served = server::serve(listener, state, server::shutdown_signal()).await;
+    if let Some(task) = spans {
+        task.shutdown(SHUTDOWN_TIMEOUT).await;
+    }
+    served.context("serving HTTP")
 }

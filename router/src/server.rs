@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::handlers;
+use crate::spans::RequestSpan;
 use crate::state::AppState;
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -31,8 +32,9 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
 
 /// Continues the caller's W3C trace (`traceparent`, `tracestate`) or starts one: the handlers
 /// find this hop's `TraceContext` in the request's extensions, its log lines carry the trace
-/// id, and the response says which span served it in a `traceresponse` header.
-async fn trace_request(mut req: Request, next: Next) -> Response {
+/// id, and the response says which span served it in a `traceresponse` header. With a span
+/// exporter, a `/v1/` request's OTLP span is open while the handler runs (`spans`).
+async fn trace_request(State(app): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let headers = req.headers();
     let parent = headers
         .get("traceparent")
@@ -45,7 +47,17 @@ async fn trace_request(mut req: Request, next: Next) -> Response {
         .filter_map(|v| v.to_str().ok())
         .collect();
     let state = (!state.is_empty()).then(|| state.join(","));
-    let trace = TraceContext::continue_from(parent.as_deref(), state.as_deref());
+    let mut trace = TraceContext::continue_from(parent.as_deref(), state.as_deref());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str);
+    let otlp = RequestSpan::open(
+        app.config.span_exporter.as_ref(),
+        req.method().as_str(),
+        route.unwrap_or_default(),
+        &mut trace,
+    );
     let span = tracing::info_span!(
         "request",
         trace_id = %trace.trace_id_hex(),
@@ -53,7 +65,12 @@ async fn trace_request(mut req: Request, next: Next) -> Response {
     );
     let traceresponse = HeaderValue::from_str(&trace.traceparent()).ok();
     req.extensions_mut().insert(Arc::new(trace));
-    let mut response = next.run(req).instrument(span).await;
+    let mut response = RequestSpan::scope(otlp.clone(), next.run(req))
+        .instrument(span)
+        .await;
+    if let Some(s) = otlp {
+        s.status(response.status());
+    }
     if let Some(v) = traceresponse {
         response.headers_mut().insert("traceresponse", v);
     }
@@ -81,7 +98,7 @@ pub fn app(state: Arc<AppState>) -> Router {
             state.clone(),
             count_requests,
         ))
-        .layer(middleware::from_fn(trace_request))
+        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }

@@ -35,6 +35,8 @@ pub struct RouterConfig {
     pub health: HealthPolicy,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Where request spans go (`--otlp_traces_endpoint`); `None` exports nothing.
+    pub span_exporter: Option<llmapi_otlp::SpanExporter>,
 }
 
 impl Default for RouterConfig {
@@ -51,6 +53,7 @@ impl Default for RouterConfig {
             max_retries: 2,
             health: HealthPolicy::default(),
             drain_timeout: Duration::from_secs(30),
+            span_exporter: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use llmapi_common::trace_context::TraceContext;
+use llmapi_otlp::SpanExporter;
 use llmapi_proto::v1 as pb;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -20,6 +21,7 @@ use crate::engine::{
     EngineError, EngineHandle, FinishReason, GenerateParams, SamplingParams, StoppingParams,
     TokenEvent, TokenLogprob,
 };
+use crate::spans::GenerateSpan;
 
 /// How long a Health probe's one-token generation may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +33,7 @@ pub struct WorkerService {
     tp_size: u32,
     ep_size: u32,
     probes: std::sync::Arc<AtomicU64>,
+    spans: Option<SpanExporter>,
 }
 
 impl WorkerService {
@@ -41,7 +44,14 @@ impl WorkerService {
             tp_size,
             ep_size,
             probes: std::sync::Arc::default(),
+            spans: None,
         }
+    }
+
+    /// Sends a span per Generate call to `exporter` (`--otlp_traces_endpoint`).
+    pub fn with_span_exporter(mut self, exporter: SpanExporter) -> Self {
+        self.spans = Some(exporter);
+        self
     }
 
     /// The tonic server wrapper, ready for `Server::add_service`.
@@ -126,18 +136,21 @@ fn trace_context(request: &Request<pb::GenerateRequest>) -> TraceContext {
 fn responses(
     rx: UnboundedReceiver<TokenEvent>,
     span: tracing::Span,
+    otlp: Option<GenerateSpan>,
 ) -> impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static {
     struct St {
         rx: UnboundedReceiver<TokenEvent>,
         prompt_logprobs: Vec<pb::TokenLogprob>,
         done: bool,
         span: tracing::Span,
+        otlp: Option<GenerateSpan>,
     }
     let st = St {
         rx,
         prompt_logprobs: Vec::new(),
         done: false,
         span,
+        otlp,
     };
     futures::stream::unfold(st, |mut st| async move {
         loop {
@@ -146,6 +159,9 @@ fn responses(
             }
             let Some(ev) = st.rx.recv().await else {
                 st.done = true;
+                if let Some(mut s) = st.otlp.take() {
+                    s.failed("the engine dropped the request");
+                }
                 st.span
                     .in_scope(|| tracing::warn!("the engine dropped the request"));
                 return Some((Err(Status::internal("the engine dropped the request")), st));
@@ -168,6 +184,10 @@ fn responses(
                     timings,
                 } => {
                     st.done = true;
+                    if let Some(s) = st.otlp.as_mut() {
+                        s.finished(reason, &usage, &timings);
+                    }
+                    st.otlp = None;
                     st.span.in_scope(|| {
                         tracing::debug!(
                             finish_reason = ?reason,
@@ -203,6 +223,10 @@ fn responses(
                 }
                 TokenEvent::Error(message) => {
                     st.done = true;
+                    if let Some(s) = st.otlp.as_mut() {
+                        s.failed(&message);
+                    }
+                    st.otlp = None;
                     st.span
                         .in_scope(|| tracing::warn!(error = %message, "request failed"));
                     return Some((Err(Status::internal(message)), st));
@@ -237,15 +261,20 @@ impl Worker for WorkerService {
             parent_span_id = %trace.parent_id_hex(),
         );
         let prompt_tokens = req.prompt_token_ids.len();
+        let otlp = GenerateSpan::open(self.spans.as_ref(), &trace, &req.request_id, prompt_tokens);
         let rx = match self.engine.submit(params(req)) {
             Ok(rx) => rx,
             Err(e) => {
+                if let Some(mut s) = otlp {
+                    s.failed(&e.to_string());
+                }
                 span.in_scope(|| tracing::debug!(error = %e, "refused"));
                 return Err(to_status(e));
             }
         };
         span.in_scope(|| tracing::debug!(prompt_tokens, "generate"));
-        let mut response = Response::new(Box::pin(responses(rx, span)) as Self::GenerateStream);
+        let mut response =
+            Response::new(Box::pin(responses(rx, span, otlp)) as Self::GenerateStream);
         // The caller learns which span served it (W3C trace context level 2's traceresponse).
         if let Ok(v) = trace.traceparent().parse() {
             response.metadata_mut().insert("traceresponse", v);

@@ -290,11 +290,6 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
             "MAX_UTILIZATION with chunked prefill: preempted requests are recomputed",
         ));
     }
-    if a.otlp_traces_endpoint.is_some() {
-        notices.push(Notice::warn(
-            "otlp_traces_endpoint: trace export is not built yet; no spans are sent",
-        ));
-    }
     if let Some(cg) = a.cuda_graph_config.as_mut() {
         match cg.batch_sizes.as_mut() {
             Some(sizes) if !sizes.is_empty() => {
