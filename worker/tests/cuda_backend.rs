@@ -27,7 +27,6 @@ use llmapi_worker::backend::cuda::graphs::GraphSizes;
 use llmapi_worker::backend::cuda::select::probe;
 use llmapi_worker::backend::cuda::{CudaBackend, CudaSettings};
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
-use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::dist::{Communicator, SingleRank};
 use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
 use llmapi_worker::model::{Mlp, ModelWeights, Shard};
@@ -582,33 +581,14 @@ fn gpu_matches_the_cpu_backend_in_bf16_mode() {
 /// host memory: NCCL refuses two ranks on one GPU); rank 0's run, after checking that every
 /// rank gathered the same logits.
 fn cuda_group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize) -> Run {
-    let port = support::free_port();
-    let mut runs = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..tp)
-            .map(|rank| {
-                s.spawn(move || {
-                    let ring = TcpRing::join(&RingConfig {
-                        rank,
-                        world_size: tp,
-                        rendezvous: format!("127.0.0.1:{port}"),
-                        token: "cuda-tp-test".into(),
-                        join_timeout: std::time::Duration::from_secs(60),
-                        op_timeout: std::time::Duration::from_secs(60),
-                    })
-                    .unwrap();
-                    let shard = Shard::new(rank, tp, ep).unwrap();
-                    let w = ModelWeights::load_shard(dir, shard).unwrap();
-                    let comm: Box<dyn Communicator> = Box::new(ring);
-                    let mut be = CudaBackend::new_sharded(w, comm, &settings()).unwrap();
-                    be.init_kv(256, TPB).unwrap();
-                    drive(&mut be, prompts, 8)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>()
+    let timeout = std::time::Duration::from_secs(60);
+    let mut runs = support::ring_ranks(tp, "cuda-tp-test", timeout, |rank, ring| {
+        let shard = Shard::new(rank, tp, ep).unwrap();
+        let w = ModelWeights::load_shard(dir, shard).unwrap();
+        let comm: Box<dyn Communicator> = Box::new(ring);
+        let mut be = CudaBackend::new_sharded(w, comm, &settings()).unwrap();
+        be.init_kv(256, TPB).unwrap();
+        drive(&mut be, prompts, 8)
     });
     let first = runs.remove(0);
     for (r, other) in runs.iter().enumerate() {

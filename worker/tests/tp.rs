@@ -13,7 +13,7 @@
 
 mod support;
 
-use support::{case, free_port};
+use support::case;
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,7 +22,6 @@ use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::cpu::bf16::Bf16Kernel;
 use llmapi_worker::backend::cpu::linear::GemmDtype;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
-use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::dist::{Communicator, SingleRank};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::{ModelWeights, Shard};
@@ -102,34 +101,14 @@ fn single(dir: &Path, prompts: &[Vec<u32>], gemm: GemmDtype) -> Run {
 
 /// Runs a group of `tp` ranks (experts over `ep`), one thread each; rank 0's results.
 fn group(dir: &Path, prompts: &[Vec<u32>], tp: usize, ep: usize, gemm: GemmDtype) -> Run {
-    let port = free_port();
-    let mut results = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..tp)
-            .map(|rank| {
-                s.spawn(move || {
-                    let ring = TcpRing::join(&RingConfig {
-                        rank,
-                        world_size: tp,
-                        rendezvous: format!("127.0.0.1:{port}"),
-                        token: "tp-test".into(),
-                        join_timeout: Duration::from_secs(30),
-                        op_timeout: Duration::from_secs(30),
-                    })
-                    .unwrap();
-                    let shard = Shard::new(rank, tp, ep).unwrap();
-                    let w = ModelWeights::load_shard(dir, shard).unwrap();
-                    let comm: Box<dyn Communicator> = Box::new(ring);
-                    let mut be = CpuBackend::new_sharded(w, comm, KvDtype::Float32, Some(1))
-                        .unwrap()
-                        .with_gemm(gemm);
-                    drive(&mut be, prompts)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>()
+    let mut results = support::ring_ranks(tp, "tp-test", Duration::from_secs(30), |rank, ring| {
+        let shard = Shard::new(rank, tp, ep).unwrap();
+        let w = ModelWeights::load_shard(dir, shard).unwrap();
+        let comm: Box<dyn Communicator> = Box::new(ring);
+        let mut be = CpuBackend::new_sharded(w, comm, KvDtype::Float32, Some(1))
+            .unwrap()
+            .with_gemm(gemm);
+        drive(&mut be, prompts)
     });
     // Every rank gathers the full logits; they must agree with rank 0 exactly.
     let first = results.remove(0);

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use llmapi_worker::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -47,4 +48,36 @@ pub fn prefill(
         logits: wanted,
     }])?;
     Ok(out.remove(0))
+}
+
+/// Runs `world` ranks as scoped threads that meet over a TCP ring on loopback (collectives
+/// time out after `timeout`), each calling `rank_fn(rank, ring)`; every rank's result in rank
+/// order.
+pub fn ring_ranks<T: Send>(
+    world: usize,
+    token: &str,
+    timeout: std::time::Duration,
+    rank_fn: impl Fn(usize, TcpRing) -> T + Sync,
+) -> Vec<T> {
+    let port = free_port();
+    let rank_fn = &rank_fn;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                s.spawn(move || {
+                    let ring = TcpRing::join(&RingConfig {
+                        rank,
+                        world_size: world,
+                        rendezvous: format!("127.0.0.1:{port}"),
+                        token: token.into(),
+                        join_timeout: timeout,
+                        op_timeout: timeout,
+                    })
+                    .unwrap();
+                    rank_fn(rank, ring)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
 }
