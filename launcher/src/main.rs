@@ -134,6 +134,10 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         print!("{}", args.to_yaml());
         return Ok(());
     }
+    // A bad trace endpoint is refused before any rank starts or any weight loads.
+    if let Some(endpoint) = args.otlp_traces_endpoint.as_deref() {
+        llmapi_otlp::exporter::endpoint_uri(endpoint).context("--otlp_traces_endpoint")?;
+    }
     if let Some(spec) = group::spawned_rank(&args)? {
         // A rank started by a local `serve --tp_size N`: follow its leader, nothing else.
         group::exit_with_parent();

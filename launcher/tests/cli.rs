@@ -162,3 +162,26 @@ fn bad_config_exits_with_the_reason_not_a_panic() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_bad_trace_endpoint_is_refused_before_the_model_loads() {
+    let d = tempfile::tempdir().unwrap();
+    for (endpoint, why) in [
+        ("https://collector:4317", "TLS is not supported"),
+        ("grpc://collector:4317", "only the http:// scheme"),
+    ] {
+        let out = launch(&["serve", "--otlp_traces_endpoint", endpoint], d.path());
+        assert!(!out.status.success(), "{endpoint} was accepted");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("--otlp_traces_endpoint") && err.contains(why),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        // Refused before the engine starts: no weights were loaded, no port was bound.
+        assert!(
+            !err.contains("KV cache allocated") && !err.contains("serving at"),
+            "{err}"
+        );
+    }
+}
