@@ -453,15 +453,30 @@ impl NcclComm {
         }
         let stream = self.stream.clone();
         let (ptr, _sync) = buf.device_ptr_mut(&stream);
+        // SAFETY: `ptr` addresses `count` elements of T on this GPU, kept alive (and ordered
+        // on the stream) by `_sync` until `all_reduce_raw` returns, after the call completed.
+        unsafe { self.all_reduce_raw(ptr, count, T::as_nccl_type()) }
+    }
+
+    /// In-place sum over all ranks of `count` values of `dtype` at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must hold `count` values of `dtype` on this GPU, complete and untouched until
+    /// this returns (which is after the call completed on the GPU).
+    unsafe fn all_reduce_raw(
+        &mut self,
+        ptr: u64,
+        count: usize,
+        dtype: sys::ncclDataType_t,
+    ) -> Result<(), CommError> {
         self.run("all_reduce", |comm, s| {
-            // SAFETY: `ptr` addresses `count` elements of T on this GPU, kept alive (and
-            // ordered on the stream) by `_sync` until the call has completed.
+            // SAFETY: the caller's contract above.
             unsafe {
                 sys::ncclAllReduce(
                     ptr as *const c_void,
                     ptr as *mut c_void,
                     count,
-                    T::as_nccl_type(),
+                    dtype,
                     sys::ncclRedOp_t::ncclSum,
                     comm,
                     s,
@@ -664,21 +679,9 @@ impl Communicator for NcclComm {
         if count == 0 {
             return Ok(());
         }
-        self.run("all_reduce", |comm, s| {
-            // SAFETY: the caller guarantees `ptr` holds `count` f32 on this GPU, complete and
-            // untouched until `run` returns, which is after the call completed on the GPU.
-            unsafe {
-                sys::ncclAllReduce(
-                    ptr as *const c_void,
-                    ptr as *mut c_void,
-                    count,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    s,
-                )
-            }
-        })
+        // SAFETY: the caller guarantees `ptr` holds `count` f32 on this GPU, complete and
+        // untouched until this returns.
+        unsafe { self.all_reduce_raw(ptr, count, sys::ncclDataType_t::ncclFloat32) }
     }
 }
 
