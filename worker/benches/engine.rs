@@ -10,6 +10,10 @@
 //! each mode on its own backend of the same weights, ending with one table of both.
 //! LLMAPI_BENCH_BATCHES=8,32,64 and LLMAPI_BENCH_STEPS=16 set the batched decode runs, and
 //! LLMAPI_BENCH_ROUNDS=3 how many rounds each figure alternates the modes (the best counts).
+//! LLMAPI_BENCH_PANEL_PATH=plain,l2,l1 (default: the library's) runs bfloat16 once per
+//! path of the packed-panel GEMM (`bf16::PanelPath`: plain, next panel prefetched to L2 or
+//! L1), all on one backend, switching between rounds (the order reversed every other round),
+//! and prints each path's per-round rate over the first one's.
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
 mod support;
@@ -21,6 +25,7 @@ use std::time::Instant;
 
 use llmapi_common::args::ModelDtype;
 use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::backend::cpu::bf16::{PanelPath, panel_path, set_panel_path};
 use llmapi_worker::backend::{Backend, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::ModelWeights;
@@ -156,18 +161,47 @@ fn main() {
         "weight bytes per decoded token: {:.1} MB",
         bytes_per_token as f64 / 1e6
     );
-    let mut backends: Vec<(String, CpuBackend)> = dtypes
-        .iter()
-        .map(|&dtype| {
-            let mut be = CpuBackend::new(weights.clone(), KvDtype::Bf16, threads)
-                .and_then(|b| b.with_dtype(dtype))
-                .expect("backend starts");
-            be.init_kv(64 * 24, TPB).expect("kv allocates");
-            let name = format!("{dtype:?}").to_lowercase();
-            println!("[{name}] projections: {:?}", be.gemm_dtype());
-            (name, be)
-        })
-        .collect();
+    let paths: Vec<PanelPath> = match std::env::var("LLMAPI_BENCH_PANEL_PATH") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| match x.trim() {
+                "plain" => PanelPath::Plain,
+                "l2" => PanelPath::NextToL2,
+                "l1" => PanelPath::NextToL1,
+                other => {
+                    eprintln!("LLMAPI_BENCH_PANEL_PATH: {other}: expected plain, l2 or l1");
+                    std::process::exit(2)
+                }
+            })
+            .collect(),
+        Err(_) => vec![panel_path()],
+    };
+    // One backend per dtype; bfloat16 with several panel paths runs them all on its one
+    // backend (the same weights in the same memory), switching the path between rounds.
+    let mut bes: Vec<CpuBackend> = Vec::new();
+    // (name, backend index, panel path).
+    let mut backends: Vec<(String, usize, PanelPath)> = Vec::new();
+    for &dtype in &dtypes {
+        let name = format!("{dtype:?}").to_lowercase();
+        let mut be = CpuBackend::new(weights.clone(), KvDtype::Bf16, threads)
+            .and_then(|b| b.with_dtype(dtype))
+            .expect("backend starts");
+        let uses = if dtype == ModelDtype::Bfloat16 {
+            paths.len()
+        } else {
+            1
+        };
+        be.init_kv(64 * 24 * uses, TPB).expect("kv allocates");
+        println!("[{name}] projections: {:?}", be.gemm_dtype());
+        bes.push(be);
+        if dtype == ModelDtype::Bfloat16 && paths.len() > 1 {
+            for &pf in &paths {
+                backends.push((format!("{name} {pf:?}").to_lowercase(), bes.len() - 1, pf));
+            }
+        } else {
+            backends.push((name, bes.len() - 1, paths[0]));
+        }
+    }
     drop(weights);
     // Every figure alternates the modes over `rounds` rounds and keeps each mode's best, so
     // load from other processes hits both modes alike and mostly drops out.
@@ -178,17 +212,31 @@ fn main() {
     let mut best = vec![vec![0.0f64; batches.len() + 1]; backends.len()];
     let mut best_cpu = vec![vec![0.0f64; batches.len() + 1]; backends.len()];
     let nthreads = threads.unwrap_or_else(rayon::current_num_threads);
+    // Every round's (wall, on-CPU) rate per mode and batch, for the paired ratios at the end.
+    let mut per_round = vec![vec![Vec::<(f64, f64)>::new(); batches.len()]; backends.len()];
     for (bi, &batch) in batches.iter().enumerate() {
         let n = if batch == 1 { 64 } else { steps };
-        let mut decoders: Vec<Decoder> = backends
+        let mut decoders: Vec<Decoder> = bes
             .iter_mut()
-            .map(|(_, be)| Decoder::new(be, batch, 128, n * rounds))
+            .enumerate()
+            .map(|(i, be)| {
+                let uses = backends.iter().filter(|m| m.1 == i).count();
+                Decoder::new(be, batch, 128, n * rounds * uses)
+            })
             .collect();
-        for _ in 0..rounds {
-            for (m, (name, be)) in backends.iter_mut().enumerate() {
-                let (tps, cpu) = decoders[m].steps(be, n, nthreads);
+        for r in 0..rounds {
+            // Every other round runs the modes in reverse order, so neither goes first always.
+            let mut order: Vec<usize> = (0..backends.len()).collect();
+            if r % 2 == 1 {
+                order.reverse();
+            }
+            for m in order {
+                let (name, b, pf) = &backends[m];
+                set_panel_path(*pf);
+                let (tps, cpu) = decoders[*b].steps(&mut bes[*b], n, nthreads);
                 best[m][bi] = best[m][bi].max(tps);
                 best_cpu[m][bi] = best_cpu[m][bi].max(cpu);
+                per_round[m][bi].push((tps, cpu));
                 println!("[{name}] decode batch {batch}: {tps:.1} tok/s ({cpu:.1} by on-CPU time)");
             }
         }
@@ -197,13 +245,14 @@ fn main() {
     if prefill {
         let prompt: Vec<u32> = (0..512u32).map(|i| (i * 13 + 2) % 32000).collect();
         let table: Vec<u32> = (0..16).collect();
-        for (_, be) in backends.iter_mut() {
+        for be in bes.iter_mut() {
             run(be, &[chunk(&prompt, 0, &table)]);
         }
         for _ in 0..rounds {
-            for (m, (name, be)) in backends.iter_mut().enumerate() {
+            for (m, (name, b, pf)) in backends.iter().enumerate() {
+                set_panel_path(*pf);
                 let (t, cpu0) = (Instant::now(), process_cpu_ns());
-                run(be, &[chunk(&prompt, 0, &table)]);
+                run(&mut bes[*b], &[chunk(&prompt, 0, &table)]);
                 let tps = 512.0 / t.elapsed().as_secs_f64();
                 let cpu = match (cpu0, process_cpu_ns()) {
                     (Some(a), Some(b)) if b > a => 512.0 * nthreads as f64 / ((b - a) as f64 / 1e9),
@@ -229,7 +278,7 @@ fn main() {
         cols.join(" | ")
     );
     println!("|---|---|---|{}---|---|", "---|".repeat(cols.len()));
-    for ((name, _), f) in backends.iter().zip(&best) {
+    for ((name, _, _), f) in backends.iter().zip(&best) {
         let mid: Vec<String> = f[1..batches.len()]
             .iter()
             .map(|v| format!("{v:.1}"))
@@ -260,7 +309,7 @@ fn main() {
         heads.join(" | ")
     );
     println!("|---|{}---|---|", "---|".repeat(heads.len()));
-    for ((name, _), f) in backends.iter().zip(&best_cpu) {
+    for ((name, _, _), f) in backends.iter().zip(&best_cpu) {
         let cells: Vec<String> = f[..batches.len()]
             .iter()
             .map(|v| format!("{v:.1}"))
@@ -275,5 +324,37 @@ fn main() {
             .position(|&b| b == 32)
             .map_or("-".into(), |i| format!("{:.1}x", f[i] / f[0]));
         println!("| {name} | {} | {b32} | {pf} |", cells.join(" | "));
+    }
+    // Several bf16 paths: each round's rate over the first mode's rate in the same round,
+    // as a geometric mean over the rounds (the modes ran back to back, so slow phases of a
+    // shared machine mostly cancel).
+    if backends.len() > 1 && paths.len() > 1 {
+        println!();
+        println!(
+            "per-round ratios to [{}], geometric mean (min..max) by wall clock | by on-CPU time:",
+            backends[0].0
+        );
+        for (m, (name, _, _)) in backends.iter().enumerate().skip(1) {
+            let cells: Vec<String> = batches
+                .iter()
+                .enumerate()
+                .map(|(bi, b)| {
+                    let stat = |f: fn(&(f64, f64)) -> f64| {
+                        let r: Vec<f64> = per_round[m][bi]
+                            .iter()
+                            .zip(&per_round[0][bi])
+                            .map(|(a, z)| f(a) / f(z))
+                            .collect();
+                        let g = (r.iter().map(|x| x.ln()).sum::<f64>() / r.len() as f64).exp();
+                        let (lo, hi) = r
+                            .iter()
+                            .fold((f64::INFINITY, 0.0f64), |(l, h), &x| (l.min(x), h.max(x)));
+                        format!("{g:.3} ({lo:.2}..{hi:.2})")
+                    };
+                    format!("batch {b}: {} | {}", stat(|x| x.0), stat(|x| x.1))
+                })
+                .collect();
+            println!("[{name}] {}", cells.join("; "));
+        }
     }
 }

@@ -2,13 +2,14 @@
 //! weights), for 1 to 512 input rows. Prints GFLOP/s, and for one row the weight GB/s.
 //! Run: `cargo bench -p llmapi-worker --bench gemm` (LLMAPI_BENCH_THREADS=N sets threads,
 //! LLMAPI_BENCH_ROWS=1,8,512 the row counts; LLMAPI_BENCH_PANELS=1 runs only the packed-panel
-//! kernel against the row-major kernels on weights streamed from DRAM). bf16 runs on
+//! kernel, with each next-panel prefetch setting, against the row-major kernels on weights
+//! streamed from DRAM). bf16 runs on
 //! row-major weights and on the panels that the CPU backend packs at load. With one thread the rates are per second on
 //! the CPU (from /proc/thread-self/schedstat), so other processes' load does not count.
 
 use std::time::Instant;
 
-use llmapi_worker::backend::cpu::bf16::{Bf16Kernel, pack_mat};
+use llmapi_worker::backend::cpu::bf16::{Bf16Kernel, PanelPath, pack_mat, set_panel_path};
 use llmapi_worker::backend::cpu::linear::{GemmDtype, linear};
 use llmapi_worker::model::{Mat, WeightData};
 
@@ -138,8 +139,16 @@ fn streamed(pool: &rayon::ThreadPool) {
         Ok(s) => s.split(',').filter_map(|x| x.trim().parse().ok()).collect(),
         Err(_) => vec![1, 8, 16, 32, 64],
     };
-    println!("| weights | rows | row-major 4x4 GFLOP/s | packed GFLOP/s | packed / row-major |");
-    println!("|---|---|---|---|---|");
+    // (label, packed weights?, next-panel prefetch); every kernel is checked against the first.
+    let kernels: [(&str, bool, PanelPath); 4] = [
+        ("row-major 4x4", false, PanelPath::Plain),
+        ("packed, plain", true, PanelPath::Plain),
+        ("packed, next panel to L2", true, PanelPath::NextToL2),
+        ("packed, next panel to L1", true, PanelPath::NextToL1),
+    ];
+    let heads: Vec<String> = kernels.iter().map(|k| format!("{} GFLOP/s", k.0)).collect();
+    println!("| weights | rows | {} |", heads.join(" | "));
+    println!("|---|---|{}", "---|".repeat(kernels.len()));
     for &(name, n, k, copies) in sets {
         let mats: Vec<Mat> = (0..copies)
             .map(|c| Mat {
@@ -163,31 +172,36 @@ fn streamed(pool: &rayon::ThreadPool) {
         let mode = GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
         for &rows in &rows_list {
             let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.01).sin()).collect();
-            let (mut o1, mut o2) = (vec![0.0f32; rows * n], vec![0.0f32; rows * n]);
-            pool.install(|| {
-                linear(mode, &x, rows, &mats[0], &mut o1);
-                linear(mode, &x, rows, &packed[0], &mut o2);
-            });
-            let err = o1
-                .iter()
-                .zip(&o2)
-                .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-                .fold(0.0f32, f32::max);
-            assert!(err < 1e-3, "packed and row-major kernels differ: {err}");
+            let mut outs = vec![vec![0.0f32; rows * n]; kernels.len()];
+            for (o, &(_, is_packed, pf)) in outs.iter_mut().zip(&kernels) {
+                set_panel_path(pf);
+                let w = if is_packed { &packed[0] } else { &mats[0] };
+                pool.install(|| linear(mode, &x, rows, w, o));
+            }
+            for (o, kern) in outs.iter().zip(&kernels).skip(1) {
+                let err = outs[0]
+                    .iter()
+                    .zip(o)
+                    .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                    .fold(0.0f32, f32::max);
+                assert!(err < 1e-3, "{} and {} differ: {err}", kern.0, kernels[0].0);
+                if kern.1 {
+                    assert_eq!(o, &outs[1], "{} changes the packed result", kern.0);
+                }
+            }
             // Per kernel and round: calls until 0.3 s of wall clock, cycling the copies.
-            let mut best = [[f64::INFINITY; 2]; 2];
+            let mut best = vec![[f64::INFINITY; 2]; kernels.len()];
             for _ in 0..3 {
-                for (kern, b) in best.iter_mut().enumerate() {
+                for (b, (&(_, is_packed, pf), o)) in
+                    best.iter_mut().zip(kernels.iter().zip(outs.iter_mut()))
+                {
+                    set_panel_path(pf);
+                    let set = if is_packed { &packed } else { &mats };
                     let (wall, cpu) = pool.install(|| {
                         let (t, c0) = (Instant::now(), on_cpu_ns());
                         let mut calls = 0;
                         while calls < copies || t.elapsed().as_secs_f64() < 0.3 {
-                            let c = calls % copies;
-                            if kern == 0 {
-                                linear(mode, &x, rows, &mats[c], &mut o1);
-                            } else {
-                                linear(mode, &x, rows, &packed[c], &mut o2);
-                            }
+                            linear(mode, &x, rows, &set[calls % copies], o);
                             calls += 1;
                         }
                         let wall = t.elapsed().as_secs_f64() / calls as f64;
@@ -201,28 +215,19 @@ fn streamed(pool: &rayon::ThreadPool) {
                     b[1] = b[1].min(cpu);
                 }
             }
+            set_panel_path(PanelPath::NextToL2);
             let flop = 2.0 * (rows * n * k) as f64 / 1e9;
-            let cell = |s: [f64; 2]| {
-                if cpu_time {
-                    format!("{:.1} \\| {:.1}", flop / s[0], flop / s[1])
-                } else {
-                    format!("{:.1}", flop / s[0])
-                }
-            };
-            let ratio = if cpu_time {
-                format!(
-                    "{:.2}x \\| {:.2}x",
-                    best[0][0] / best[1][0],
-                    best[0][1] / best[1][1]
-                )
-            } else {
-                format!("{:.2}x", best[0][0] / best[1][0])
-            };
-            println!(
-                "| {name} {n}x{k} | {rows} | {} | {} | {ratio} |",
-                cell(best[0]),
-                cell(best[1])
-            );
+            let cells: Vec<String> = best
+                .iter()
+                .map(|s| {
+                    if cpu_time {
+                        format!("{:.1} \\| {:.1}", flop / s[0], flop / s[1])
+                    } else {
+                        format!("{:.1}", flop / s[0])
+                    }
+                })
+                .collect();
+            println!("| {name} {n}x{k} | {rows} | {} |", cells.join(" | "));
         }
     }
 }

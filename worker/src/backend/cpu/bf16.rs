@@ -177,8 +177,17 @@ pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out:
         x.len() >= rows * k && w.len() >= n.div_ceil(NR) * kp * NR && out.len() >= rows * n,
         "linear_panels bounds"
     );
-    // x as bf16 pairs, row stride kp dwords; the element past an odd k is zero.
-    let mut xa = vec![0u32; rows * kp];
+    // x as bf16 pairs; the element past an odd k is zero. The row stride is an odd number of
+    // cache lines: a tile broadcasts dword p of each of its rows at every step, and with a
+    // stride of a multiple of 4 KiB (k = 2048) all of them would fall into one set of the
+    // 8-way L1 and evict each other; an odd stride in lines puts every row in its own set.
+    let path = panel_path();
+    let stride = if path == PanelPath::Plain {
+        kp
+    } else {
+        row_stride(kp)
+    };
+    let mut xa = vec![0u32; rows * stride];
     {
         let xb: &mut [u16] = bytemuck::cast_slice_mut(&mut xa);
         let round = |(d, s): (&mut [u16], &[f32])| {
@@ -186,12 +195,12 @@ pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out:
             unsafe { simd::round_into(s, &mut d[..k]) }
         };
         if rows * k < 1 << 16 {
-            xb.chunks_mut(2 * kp)
+            xb.chunks_mut(2 * stride)
                 .zip(x.chunks(k))
                 .take(rows)
                 .for_each(round);
         } else {
-            xb.par_chunks_mut(2 * kp)
+            xb.par_chunks_mut(2 * stride)
                 .zip(x.par_chunks(k))
                 .take(rows)
                 .for_each(round);
@@ -202,42 +211,121 @@ pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out:
     let target = Out::new(&mut out[..rows * n]);
     let threads = rayon::current_num_threads().max(1);
     let panels = n.div_ceil(NR);
-    let chunk = panels.div_ceil(threads * 4).max(1);
+    // With several row tiles, smaller chunks at the end of a call leave less for one thread to
+    // finish alone (8 per thread: 2 panels of o or down at 32 rows, about 40 us of work);
+    // one tile, which streams each panel once, keeps longer runs of consecutive panels.
+    let per_thread = if path == PanelPath::Plain || tiles < 2 {
+        4
+    } else {
+        8
+    };
+    let chunk = panels.div_ceil(threads * per_thread).max(1);
+    // With two or more row tiles a panel is read from memory by the first tile only, and from
+    // L2 by the others; the tiles of panel j prefetch panel j + 1, each an equal share of its
+    // lines spread over its steps, so memory streams all the time instead of in bursts at
+    // the rate of one tile. One tile (batch 1 included) keeps the plain stream.
+    let ahead_mode = match path {
+        PanelPath::Plain => None,
+        _ if tiles < 2 => None,
+        PanelPath::NextToL2 => Some(false),
+        PanelPath::NextToL1 => Some(true),
+    };
+    let panel_lines = kp * NR * 4 / 64;
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
-        let mut dst = [[0.0f32; NR]; MR];
         for j in c * chunk..((c + 1) * chunk).min(panels) {
             let panel = w[j * kp * NR..].as_ptr();
             let width = (n - j * NR).min(NR);
             let mut t = 0;
+            let mut ti = 0;
             while t < rows {
                 let m = per.min(rows - t);
-                let a = xa[t * kp..].as_ptr();
+                let a = xa[t * stride..].as_ptr();
+                let ahead = match ahead_mode {
+                    Some(l1) if j + 1 < panels => {
+                        let (l0, l1_end) =
+                            (ti * panel_lines / tiles, (ti + 1) * panel_lines / tiles);
+                        simd::Ahead {
+                            at: w[(j + 1) * kp * NR..].as_ptr().wrapping_add(l0 * 16) as *const u8,
+                            lines: l1_end - l0,
+                            l1,
+                        }
+                    }
+                    _ => simd::Ahead::NONE,
+                };
+                let dst = simd::Dst {
+                    at: target.rows(t, m, j * NR, width, n),
+                    ld: n,
+                    width,
+                };
                 // SAFETY: the caller checked the CPU features; a holds m rows of kp dwords at
-                // stride kp and the panel kp * NR dwords (asserted above); m <= MR.
+                // `stride` and the panel kp * NR dwords (asserted above); m <= MR; dst names
+                // columns j * NR..j * NR + width of rows t..t + m, which belong to this task.
                 unsafe {
                     match m {
-                        1 => simd::tile::<1>(a, kp, panel, kp, &mut dst),
-                        2 => simd::tile::<2>(a, kp, panel, kp, &mut dst),
-                        3 => simd::tile::<3>(a, kp, panel, kp, &mut dst),
-                        4 => simd::tile::<4>(a, kp, panel, kp, &mut dst),
-                        5 => simd::tile::<5>(a, kp, panel, kp, &mut dst),
-                        6 => simd::tile::<6>(a, kp, panel, kp, &mut dst),
-                        7 => simd::tile::<7>(a, kp, panel, kp, &mut dst),
-                        8 => simd::tile::<8>(a, kp, panel, kp, &mut dst),
-                        9 => simd::tile::<9>(a, kp, panel, kp, &mut dst),
-                        10 => simd::tile::<10>(a, kp, panel, kp, &mut dst),
-                        11 => simd::tile::<11>(a, kp, panel, kp, &mut dst),
-                        _ => simd::tile::<12>(a, kp, panel, kp, &mut dst),
+                        1 => simd::tile::<1>(a, stride, panel, kp, dst, ahead),
+                        2 => simd::tile::<2>(a, stride, panel, kp, dst, ahead),
+                        3 => simd::tile::<3>(a, stride, panel, kp, dst, ahead),
+                        4 => simd::tile::<4>(a, stride, panel, kp, dst, ahead),
+                        5 => simd::tile::<5>(a, stride, panel, kp, dst, ahead),
+                        6 => simd::tile::<6>(a, stride, panel, kp, dst, ahead),
+                        7 => simd::tile::<7>(a, stride, panel, kp, dst, ahead),
+                        8 => simd::tile::<8>(a, stride, panel, kp, dst, ahead),
+                        9 => simd::tile::<9>(a, stride, panel, kp, dst, ahead),
+                        10 => simd::tile::<10>(a, stride, panel, kp, dst, ahead),
+                        11 => simd::tile::<11>(a, stride, panel, kp, dst, ahead),
+                        _ => simd::tile::<12>(a, stride, panel, kp, dst, ahead),
                     }
                 }
-                for (i, d) in dst.iter().enumerate().take(m) {
-                    // SAFETY: columns j * NR..j * NR + width of every row belong to this task.
-                    unsafe { target.write((t + i) * n + j * NR, &d[..width]) };
-                }
                 t += m;
+                ti += 1;
             }
         }
     });
+}
+
+/// Row stride in dwords of the bf16-pair copy of the input rows for `kp` pairs: at least `kp`,
+/// an odd number of 64-byte lines.
+#[cfg(target_arch = "x86_64")]
+fn row_stride(kp: usize) -> usize {
+    let lines = kp.div_ceil(16);
+    (lines | 1) * 16
+}
+
+/// How the packed-panel GEMM streams its panels at two or more tiles of input rows. The
+/// default is [`PanelPath::NextToL1`], which measured fastest in the engine bench; the others
+/// exist for A/B measurements (the benches set them from the environment) and give
+/// bit-identical results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanelPath {
+    /// The path before the next-panel prefetch: no prefetch of the next panel, input rows at
+    /// a stride of exactly `k / 2` dwords, 4 chunks of panels per thread.
+    Plain,
+    /// The next panel is prefetched with `prefetcht1` (into L2); input rows at an odd stride
+    /// of cache lines, 8 chunks of panels per thread.
+    NextToL2,
+    /// As `NextToL2`, with `prefetcht0` (into L1 and L2).
+    NextToL1,
+}
+
+static PANEL_PATH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(2);
+
+/// Sets [`PanelPath`] for every later call in this process.
+pub fn set_panel_path(p: PanelPath) {
+    let v = match p {
+        PanelPath::Plain => 0,
+        PanelPath::NextToL2 => 1,
+        PanelPath::NextToL1 => 2,
+    };
+    PANEL_PATH.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current [`PanelPath`].
+pub fn panel_path() -> PanelPath {
+    match PANEL_PATH.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => PanelPath::Plain,
+        1 => PanelPath::NextToL2,
+        _ => PanelPath::NextToL1,
+    }
 }
 
 /// Rows of x up to which the dot-product kernels run; more rows go to the packed GEMM.
@@ -320,6 +408,17 @@ impl Out {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         }
+    }
+
+    /// The address of element `row * ld + col`, after checking that rows `row..row + m` of
+    /// `ld` columns, columns `col..col + width` (`width <= ld - col`), lie inside the output.
+    /// Writing through it is the caller's to make exclusive.
+    fn rows(&self, row: usize, m: usize, col: usize, width: usize, ld: usize) -> *mut f32 {
+        assert!(
+            m > 0 && col + width <= ld && (row + m - 1) * ld + col + width <= self.len,
+            "tile rows inside the output"
+        );
+        self.ptr.wrapping_add(row * ld + col)
     }
 
     /// Copies `src` to elements `at..at + src.len()`.
@@ -520,6 +619,48 @@ mod tests {
                         want[i]
                     );
                 }
+            }
+        }
+    }
+
+    /// Prefetching the next panel (any setting) changes nothing in the result, bit for bit, for
+    /// row counts of one tile and of several (where the prefetch runs), full and partial
+    /// panels.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn next_panel_prefetch_gives_bit_identical_results() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
+        for &(rows, n, k) in &[(32, 100, 768), (13, 64, 130), (25, 33, 67), (64, 96, 2048)] {
+            let (x, w, _, _) = case(rows, n, k);
+            let mut mat = crate::model::Mat {
+                rows: n,
+                cols: k,
+                data: WeightData::Bf16(w),
+            };
+            pack_mat(&mut mat, Bf16Kernel::Avx512Bf16);
+            let outs: Vec<Vec<f32>> = [PanelPath::Plain, PanelPath::NextToL2, PanelPath::NextToL1]
+                .iter()
+                .map(|&pf| {
+                    set_panel_path(pf);
+                    let mut out = vec![f32::NAN; rows * n];
+                    super::super::linear::linear(mode, &x, rows, &mat, &mut out);
+                    out
+                })
+                .collect();
+            set_panel_path(PanelPath::NextToL1);
+            assert!(
+                outs[0].iter().all(|v| v.is_finite()),
+                "rows {rows} n {n} k {k}"
+            );
+            for o in &outs[1..] {
+                let same = o
+                    .iter()
+                    .zip(&outs[0])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "rows {rows} n {n} k {k}: prefetch changed the result");
             }
         }
     }

@@ -328,21 +328,64 @@ pub unsafe fn kernel_mr_nr(a: &[u32], stride: usize, panel: &[u32], kp: usize) -
     tile
 }
 
+/// The mask of the first `n` of 16 lanes.
+#[inline(always)]
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        ((1u32 << n) - 1) as __mmask16
+    }
+}
+
+/// Cache lines that a [`tile`] call asks for while it runs: `lines` lines of 64 bytes from `at`
+/// on, spread evenly over the call's `kp` steps (one prefetch per step, at most every line
+/// once), into L2 or L1. Used for a share of the *next* panel, so that memory streams it
+/// while this panel is multiplied from cache.
+#[derive(Clone, Copy, Debug)]
+pub struct Ahead {
+    pub at: *const u8,
+    pub lines: usize,
+    pub l1: bool,
+}
+
+impl Ahead {
+    /// Nothing ahead.
+    pub const NONE: Self = Self {
+        at: std::ptr::null(),
+        lines: 0,
+        l1: false,
+    };
+}
+
+/// Where a [`tile`] stores its `M x width` results: row i at `at + i * ld`, `width` (at most
+/// [`NR`]) consecutive f32.
+#[derive(Clone, Copy, Debug)]
+pub struct Dst {
+    pub at: *mut f32,
+    pub ld: usize,
+    pub width: usize,
+}
+
 /// `dst[i][c] = a_i . panel column c` for `M` (at most [`MR`]) input rows of `kp` bf16 pairs at
-/// row stride `stride`, over one packed panel read in a single sequential stream. Up to 4
-/// rows, even and odd pairs go to two accumulator sets, so the `vdpbf16ps` latency is hidden
-/// with few rows; with more, the next 2 KB of the panel are prefetched.
+/// row stride `stride`, over one packed panel read in a single sequential stream, stored
+/// straight from the registers (masked past `dst.width`). Up to 4 rows, even and odd pairs
+/// go to two accumulator sets, so the `vdpbf16ps` latency is hidden with few rows; with more,
+/// the next 2 KB of the panel are prefetched, and so are the lines of `ahead` (ignored up to
+/// 4 rows). The prefetches do not change the result.
 ///
 /// # Safety
 /// `a` points at `(M - 1) * stride + kp` readable dwords and `panel` at `kp * NR`; `M <= MR`;
-/// the CPU must support avx512f, avx512bw and avx512bf16.
+/// `dst` names `M` rows of `dst.width <= NR` writable f32 that no other thread touches; the
+/// CPU must support avx512f, avx512bw and avx512bf16.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub unsafe fn tile<const M: usize>(
     a: *const u32,
     stride: usize,
     panel: *const u32,
     kp: usize,
-    dst: &mut [[f32; NR]; MR],
+    dst: Dst,
+    ahead: Ahead,
 ) {
     let mut acc = [[_mm512_setzero_ps(); 2]; M];
     let mut acc2 = [[_mm512_setzero_ps(); 2]; M];
@@ -370,10 +413,23 @@ pub unsafe fn tile<const M: usize>(
                 p += 2;
             }
         }
+        // Line of `ahead` for step p: (p * step) >> 16 with step = lines / kp in 16.16 fixed
+        // point, so the lines are spread evenly; while lines <= kp consecutive steps move by
+        // at most one line, and at most the last line or so is left out (rounding down).
+        let step = (ahead.lines << 16).checked_div(kp).unwrap_or(0);
+        let (far, far_l1) = (ahead.lines > 0 && !two, ahead.l1);
         while p < kp {
             if !two {
                 _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((p + 16) * NR) as *const i8);
                 _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((p + 16) * NR + 16) as *const i8);
+            }
+            if far {
+                let line = ahead.at.wrapping_add(((p * step) >> 16) * 64) as *const i8;
+                if far_l1 {
+                    _mm_prefetch::<_MM_HINT_T0>(line);
+                } else {
+                    _mm_prefetch::<_MM_HINT_T1>(line);
+                }
             }
             let b0 = bh(_mm512_loadu_si512(panel.add(p * NR) as *const __m512i));
             let b1 = bh(_mm512_loadu_si512(panel.add(p * NR + 16) as *const __m512i));
@@ -384,14 +440,23 @@ pub unsafe fn tile<const M: usize>(
             }
             p += 1;
         }
-        for ((d, r), r2) in dst.iter_mut().zip(&acc).zip(&acc2) {
+        let w = dst.width.min(NR);
+        let (m0, m1) = (lanes(w), lanes(w.saturating_sub(16)));
+        for (i, (r, r2)) in acc.iter().zip(&acc2).enumerate() {
             let (s0, s1) = if two {
                 (_mm512_add_ps(r[0], r2[0]), _mm512_add_ps(r[1], r2[1]))
             } else {
                 (r[0], r[1])
             };
-            _mm512_storeu_ps(d.as_mut_ptr(), s0);
-            _mm512_storeu_ps(d.as_mut_ptr().add(16), s1);
+            let d = dst.at.add(i * dst.ld);
+            if w == NR {
+                _mm512_storeu_ps(d, s0);
+                _mm512_storeu_ps(d.add(16), s1);
+            } else {
+                // Masked-off lanes are not written (nor touched).
+                _mm512_mask_storeu_ps(d, m0, s0);
+                _mm512_mask_storeu_ps(d.add(16), m1, s1);
+            }
         }
     }
 }

@@ -324,10 +324,23 @@ impl CpuBackend {
                 }
             }
         }
-        let mut out: Vec<Vec<f32>> = vec![Vec::new(); batch.len()];
+        // Each chunk's picked rows are consecutive in `picked` (rows come chunk by chunk): one
+        // copy per chunk, on both threads for a decode batch (32 x 128 KB at vocab 32000).
+        let mut spans = vec![(0usize, 0usize); batch.len()];
         for (i, &r) in picked.iter().enumerate() {
-            out[rows[r].chunk].extend_from_slice(&all[i * vocab..(i + 1) * vocab]);
+            let s = &mut spans[rows[r].chunk];
+            if s.1 == s.0 {
+                *s = (i, i);
+            }
+            s.1 = i + 1;
         }
+        let all: &[f32] = all;
+        let copy = |&(a, b): &(usize, usize)| all[a * vocab..b * vocab].to_vec();
+        let out: Vec<Vec<f32>> = if all.len() < PAR_MIN_ELEMS {
+            spans.iter().map(copy).collect()
+        } else {
+            spans.par_iter().map(copy).collect()
+        };
         Ok(out)
     }
 }
