@@ -328,6 +328,19 @@ pub fn panel_path() -> PanelPath {
     }
 }
 
+static WEIGHT_HUGE_PAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether packing asks for transparent huge pages for the panels (default true; the benches
+/// turn it off for A/B measurements).
+pub fn set_weight_huge_pages(on: bool) {
+    WEIGHT_HUGE_PAGES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_weight_huge_pages`].
+pub fn weight_huge_pages() -> bool {
+    WEIGHT_HUGE_PAGES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Rows of x up to which the dot-product kernels run; more rows go to the packed GEMM.
 #[cfg(target_arch = "x86_64")]
 const DOT_MAX_ROWS: usize = 64;
