@@ -49,7 +49,7 @@ pub fn attend(
 }
 
 /// [`attend`] by tiles of query rows, for every KV dtype and step shape.
-pub(super) fn attend_tiled(
+pub fn attend_tiled(
     kv: &KvStore,
     layer: usize,
     batch: &[SeqChunk<'_>],

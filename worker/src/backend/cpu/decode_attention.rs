@@ -1,18 +1,31 @@
 //! Decode attention (one query row per sequence) over a bf16 KV cache, on AVX-512.
 //!
-//! One task per (row, KV head) writes its `group x head_dim` outputs in place. Keys and values
-//! are read from the paged blocks as bf16 and widened in registers (no f32 copy of the
-//! cache), the next block is prefetched while the current one is used (each block of one
-//! head is a separate 4 KiB stretch the hardware prefetcher does not run into), and the
-//! softmax runs on 16 lanes with a polynomial exp. Arithmetic stays f32: a bf16 element
-//! widened to f32 is exact, only the order of the f32 additions differs from the tiled path.
+//! Keys and values are read from the paged blocks in place as bf16 and widened in registers
+//! (no f32 copy of the cache); arithmetic stays f32 (a widened bf16 element is exact, only the
+//! order of the f32 additions differs from the tiled path).
 //!
-//! Widening by interleaving with zero words (`vpunpck[lh]wd`) leaves each 32-element chunk
-//! in a fixed lane order; queries are permuted into that order once, and the outputs back,
-//! so dot products and sums are unaffected.
+//! At batch 32 the cache read per step (about 60 MB on the bench preset) is larger than the
+//! L3, so this kernel is shaped around memory:
+//!
+//! - A task is one row and all its KV heads (one row and one KV head when there are too few
+//!   rows to share among the threads). It reads keys block by block and, inside a block, head
+//!   by head: the pool stores a block's heads next to each other, so a task walks its
+//!   sequence's K (then V) memory in address order rather than in 4 KiB stretches 16 KiB
+//!   apart. Tasks are handed out in runs of consecutive tasks per rayon job.
+//! - Each job keeps a software prefetch cursor [`PREFETCH_LINES`] cache lines ahead of the
+//!   loads, over everything the job will read in order (K then V of each task, then the next
+//!   task's), into L2 (`prefetcht1`): a steady number of misses in flight across block and
+//!   task boundaries instead of bursts that overflow the L1 miss buffers.
+//! - Scores: 16 keys at a time, each query's partial sums of four keys reduced together by a
+//!   transposing add tree (`m1`..`m3`) into one vector of 16 scores, instead of a horizontal
+//!   sum per (key, query). Softmax on 16 lanes with the polynomial exp. Values: the weighted sum of each block's rows for up to six queries in
+//!   registers, 64 outputs at a time.
+//!
+//! Widening shifts the even elements of 32 bf16 into one vector and masks the odd ones into
+//! another (see [`lane`]); queries are permuted into that order once and the outputs back, so
+//! dot products and sums are unaffected.
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
 use rayon::prelude::*;
 
@@ -22,20 +35,15 @@ use super::kv_store::{Kv, KvStore};
 use super::vmath::softmax16;
 use crate::backend::SeqChunk;
 
-/// Queries per pass over the keys (four keys each: 16 accumulators).
-const QC: usize = 4;
-/// Queries per pass over the values (four registers each for a 64-wide slab).
-const QV: usize = 6;
+/// How far the prefetch cursor runs ahead of the loads (128 lines: 8 KiB).
+const PREFETCH_LINES: usize = 128;
+/// Jobs per thread: each job is a run of consecutive tasks with one prefetch cursor.
+const JOBS_PER_THREAD: usize = 2;
 
-thread_local! {
-    /// Per-thread scratch: permuted queries, scores, permuted outputs.
-    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Whether [`attend`] handles this step: every chunk one row, a bf16 pool, a head size that
-/// is a multiple of 64 and a CPU with avx512f and avx512bw.
+/// Whether [`attend`] handles this step: every chunk one row, a bf16 pool, a head size of 64,
+/// 128 or 256 and a CPU with avx512f and avx512bw.
 pub fn applies(kv: &KvStore, rows: &[(usize, usize)], head_dim: usize) -> bool {
-    head_dim.is_multiple_of(64)
+    matches!(head_dim, 64 | 128 | 256)
         && !rows.is_empty()
         && rows.windows(2).all(|w| w[0].0 != w[1].0)
         && kv.bf16_rows(0, Kv::K, 0, 0).is_some()
@@ -43,15 +51,10 @@ pub fn applies(kv: &KvStore, rows: &[(usize, usize)], head_dim: usize) -> bool {
         && std::arch::is_x86_feature_detected!("avx512bw")
 }
 
-/// Lane position of element `e` of a head vector after widening (see the module header).
-fn lane_of(e: usize) -> usize {
-    let (b, w) = (e / 32 * 32, e % 32);
-    let (lane, i) = (w / 8, w % 8);
-    if i < 4 {
-        b + 4 * lane + i
-    } else {
-        b + 16 + 4 * lane + i - 4
-    }
+/// Lane of element `w` of a 32-element chunk after widening: the even elements fill lanes
+/// 0..16 of the first vector, the odd ones the second.
+const fn lane(w: usize) -> usize {
+    (w % 2) * 16 + w / 2
 }
 
 /// `out[row, q_head]` = softmax(q k^T / sqrt(d)) v over positions `0..=pos` of the row's
@@ -65,223 +68,450 @@ pub fn attend(
     c: &ModelConfig,
     out: &mut [f32],
 ) {
-    let (nq, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    // All KV heads of a row per task once there are rows enough for every thread.
+    let heads = if rows.len() >= 4 * rayon::current_num_threads() {
+        c.num_key_value_heads
+    } else {
+        1
+    };
+    attend_tasks(kv, layer, batch, rows, qkv, c, out, heads);
+}
+
+/// [`attend`] with `heads` KV heads per task (1 or all of them).
+#[allow(clippy::too_many_arguments)]
+fn attend_tasks(
+    kv: &KvStore,
+    layer: usize,
+    batch: &[SeqChunk<'_>],
+    rows: &[(usize, usize)],
+    qkv: &[f32],
+    c: &ModelConfig,
+    out: &mut [f32],
+    heads: usize,
+) {
+    match c.head_dim {
+        64 => run::<64>(kv, layer, batch, rows, qkv, c, out, heads),
+        128 => run::<128>(kv, layer, batch, rows, qkv, c, out, heads),
+        _ => run::<256>(kv, layer, batch, rows, qkv, c, out, heads),
+    }
+}
+
+/// One task: a row, its first KV head, its length and its blocks (an index into the job's
+/// list of (K, V) pointers, by block then head).
+struct Task {
+    row: usize,
+    head: usize,
+    len: usize,
+    first: usize,
+    blocks: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<const D: usize>(
+    kv: &KvStore,
+    layer: usize,
+    batch: &[SeqChunk<'_>],
+    rows: &[(usize, usize)],
+    qkv: &[f32],
+    c: &ModelConfig,
+    out: &mut [f32],
+    heads: usize,
+) {
+    let (nq, nkv) = (c.num_attention_heads, c.num_key_value_heads);
     let group = nq / nkv;
-    let qkv_w = (nq + 2 * nkv) * d;
+    let qkv_w = (nq + 2 * nkv) * D;
     let tpb = kv.tokens_per_block();
-    let scale = 1.0 / (d as f32).sqrt();
-    out[..rows.len() * nq * d]
-        .par_chunks_mut(group * d)
+    let scale = 1.0 / (D as f32).sqrt();
+    let per_row = nkv / heads;
+    let ntask = rows.len() * per_row;
+    let per_job = ntask
+        .div_ceil(rayon::current_num_threads() * JOBS_PER_THREAD)
+        .max(1);
+    let tw = heads * group * D;
+    let perm: [usize; 32] = std::array::from_fn(lane);
+    out[..rows.len() * nq * D]
+        .par_chunks_mut(per_job * tw)
         .enumerate()
-        .for_each(|(t, o)| {
-            let (r, g) = (t / nkv, t % nkv);
-            let (chunk, pos) = rows[r];
-            let table = batch[chunk].block_table;
-            let q = &qkv[r * qkv_w + g * group * d..r * qkv_w + (g + 1) * group * d];
-            let len = pos + 1;
-            let nblocks = len.div_ceil(tpb);
-            // Rows that fail here were checked by the step (block table long enough); an
-            // empty slice only happens for a pool that is not bf16, excluded by `applies`.
-            let blocks: Vec<(&[u16], &[u16])> = table[..nblocks]
-                .iter()
-                .map(|&b| {
-                    let k = kv.bf16_rows(layer, Kv::K, b, g).unwrap_or_default();
-                    let v = kv.bf16_rows(layer, Kv::V, b, g).unwrap_or_default();
-                    (k, v)
-                })
-                .collect();
-            SCRATCH.with(|cell| {
-                let mut s = cell.borrow_mut();
-                let need = 2 * group * d + group * len;
-                if s.len() < need {
-                    s.resize(need, 0.0);
+        .for_each(|(job, outs)| {
+            let t0 = job * per_job;
+            let mut ptrs: Vec<(*const u16, *const u16)> = Vec::new();
+            let mut tasks = Vec::with_capacity(outs.len() / tw);
+            let mut maxlen = 0;
+            for t in t0..t0 + outs.len() / tw {
+                let (row, head) = (t / per_row, t % per_row * heads);
+                let (chunk, pos) = rows[row];
+                let len = pos + 1;
+                let nb = len.div_ceil(tpb);
+                let first = ptrs.len();
+                // The step checked that the table covers every position.
+                for &b in &batch[chunk].block_table[..nb] {
+                    for g in head..head + heads {
+                        let k = kv.bf16_rows(layer, Kv::K, b, g).unwrap_or_default();
+                        let v = kv.bf16_rows(layer, Kv::V, b, g).unwrap_or_default();
+                        assert!(
+                            k.len() >= tpb * D && v.len() >= tpb * D,
+                            "decode attention: block {b} is not in the bf16 pool"
+                        );
+                        ptrs.push((k.as_ptr(), v.as_ptr()));
+                    }
                 }
-                let (qp, rest) = s.split_at_mut(group * d);
-                let (op, scores) = rest.split_at_mut(group * d);
-                for (i, &v) in q.iter().enumerate() {
-                    qp[i / d * d + lane_of(i % d)] = v;
+                maxlen = maxlen.max(len);
+                tasks.push(Task {
+                    row,
+                    head,
+                    len,
+                    first,
+                    blocks: nb,
+                });
+            }
+            let mut cursor = Prefetch::new(&tasks, &ptrs, heads, tpb, D);
+            let mut qp = vec![0.0f32; tw];
+            let mut op = vec![0.0f32; tw];
+            let mut sc = vec![0.0f32; heads * group * maxlen];
+            for (t, o) in tasks.iter().zip(outs.chunks_exact_mut(tw)) {
+                let at = t.row * qkv_w + t.head * group * D;
+                for (dst, src) in qp
+                    .chunks_exact_mut(32)
+                    .zip(qkv[at..at + tw].chunks_exact(32))
+                {
+                    for (w, &x) in src.iter().enumerate() {
+                        dst[perm[w]] = x;
+                    }
                 }
-                // SAFETY: `applies` checked avx512f and avx512bw; every block slice holds
-                // tpb * d elements, len <= nblocks * tpb, d is a multiple of 64, and the
-                // scratch slices hold group * d and group * len floats.
+                let blocks = &ptrs[t.first..t.first + t.blocks * heads];
+                let sc = &mut sc[..heads * group * t.len];
+                // SAFETY: avx512f and avx512bw (checked by `applies`); every pointer starts
+                // tpb * D readable bf16 (asserted above); len <= blocks * tpb; the scratch
+                // slices hold heads * group * D and heads * group * len floats.
                 unsafe {
-                    head(
-                        &blocks,
-                        len,
+                    task::<D>(
+                        blocks,
+                        heads,
+                        t.len,
                         tpb,
-                        d,
                         group,
                         scale,
-                        qp,
-                        &mut scores[..group * len],
-                        op,
+                        &qp,
+                        sc,
+                        &mut op,
+                        &mut cursor,
                     )
                 };
-                for (i, v) in o.iter_mut().enumerate() {
-                    *v = op[i / d * d + lane_of(i % d)];
+                for (dst, src) in o.chunks_exact_mut(32).zip(op.chunks_exact(32)) {
+                    for (w, x) in dst.iter_mut().enumerate() {
+                        *x = src[perm[w]];
+                    }
                 }
-            });
+            }
         });
 }
 
-/// Widens 32 bf16 at `p` into two vectors in the module's lane order.
+/// A software prefetch cursor over the stretches of memory a job reads, in the order it
+/// reads them.
+struct Prefetch {
+    /// (start, bytes) of each stretch: one head's used rows of one block.
+    spans: Vec<(*const u8, usize)>,
+    at: usize,
+    off: usize,
+}
+
+impl Prefetch {
+    /// The cursor over `tasks` (K of every block and head, then V, task by task), already
+    /// [`PREFETCH_LINES`] ahead of the first load.
+    fn new(
+        tasks: &[Task],
+        ptrs: &[(*const u16, *const u16)],
+        heads: usize,
+        tpb: usize,
+        d: usize,
+    ) -> Self {
+        let mut spans = Vec::with_capacity(2 * ptrs.len());
+        for t in tasks {
+            for kv in 0..2 {
+                for b in 0..t.blocks {
+                    let bytes = (t.len - b * tpb).min(tpb) * d * 2;
+                    for h in 0..heads {
+                        let (k, v) = ptrs[t.first + b * heads + h];
+                        spans.push((if kv == 0 { k } else { v } as *const u8, bytes));
+                    }
+                }
+            }
+        }
+        let mut p = Self {
+            spans,
+            at: 0,
+            off: 0,
+        };
+        p.ahead(PREFETCH_LINES);
+        p
+    }
+
+    /// Prefetches the next `lines` cache lines into L2.
+    #[inline(always)]
+    fn ahead(&mut self, mut lines: usize) {
+        while lines > 0 {
+            let Some(&(p, bytes)) = self.spans.get(self.at) else {
+                return;
+            };
+            let n = lines.min((bytes - self.off).div_ceil(64));
+            for i in 0..n {
+                // SAFETY: a prefetch is a hint and never faults; the address is inside the
+                // stretch.
+                unsafe {
+                    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(self.off + 64 * i) as *const i8)
+                };
+            }
+            lines -= n;
+            self.off += 64 * n;
+            if self.off >= bytes {
+                self.at += 1;
+                self.off = 0;
+            }
+        }
+    }
+}
+
+/// Widens 32 bf16 at `p`: even elements into the first vector, odd into the second.
 #[inline(always)]
-unsafe fn widen32(p: *const u16) -> (__m512, __m512) {
+unsafe fn widen(p: *const u16) -> (__m512, __m512) {
     // SAFETY: the caller guarantees 32 readable elements at p and the CPU features.
     unsafe {
         let x = _mm512_loadu_si512(p as *const __m512i);
-        let z = _mm512_setzero_si512();
         (
-            _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, x)),
-            _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, x)),
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)),
+            _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(-65536))),
         )
     }
 }
 
-/// Sums of four vectors, as four lanes.
-#[inline(always)]
-unsafe fn sum4(a: [__m512; 4]) -> __m128 {
-    // SAFETY: register-only arithmetic; the caller guarantees the CPU features.
+/// Partial sums of keys a and b (16 lanes each) into one vector: [a b a b] per 128-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn m1(a: __m512, b: __m512) -> __m512 {
+    _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+}
+
+/// [a b a b] and [c d c d] into [a b c d] per 128-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn m2(x: __m512, y: __m512) -> __m512 {
+    let (x, y) = (_mm512_castps_pd(x), _mm512_castps_pd(y));
+    _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+    )
+}
+
+/// Two vectors whose 128-bit lanes hold partial sums of 4 keys each into one whose lanes
+/// hold half as many partial sums of twice as many keys: (a0+a1, a2+a3, b0+b1, b2+b3).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn m3(a: __m512, b: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0x88>(a, b),
+        _mm512_shuffle_f32x4::<0xDD>(a, b),
+    )
+}
+
+/// Per query, the partial dot products of keys `j0..j0 + 4` (clamped to `n - 1`), as
+/// [k0 k1 k2 k3] per 128-bit lane; zero when `j0 >= n`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quad<const NQ: usize, const D: usize>(
+    kb: *const u16,
+    j0: usize,
+    n: usize,
+    qp: *const f32,
+) -> [__m512; NQ] {
+    // SAFETY: the caller guarantees the CPU features, n rows of D bf16 at kb and NQ * D
+    // floats at qp.
     unsafe {
-        let f0 = fold(a[0]);
-        let f1 = fold(a[1]);
-        let f2 = fold(a[2]);
-        let f3 = fold(a[3]);
-        let h = _mm256_hadd_ps(_mm256_hadd_ps(f0, f1), _mm256_hadd_ps(f2, f3));
-        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1))
+        if j0 >= n {
+            return [_mm512_setzero_ps(); NQ];
+        }
+        let key = |j: usize| kb.add((j0 + j).min(n - 1) * D);
+        let mut acc = [[_mm512_setzero_ps(); 4]; NQ];
+        for c in (0..D).step_by(32) {
+            let ks = [
+                widen(key(0).add(c)),
+                widen(key(1).add(c)),
+                widen(key(2).add(c)),
+                widen(key(3).add(c)),
+            ];
+            for (qi, a) in acc.iter_mut().enumerate() {
+                let x0 = _mm512_loadu_ps(qp.add(qi * D + c));
+                let x1 = _mm512_loadu_ps(qp.add(qi * D + c + 16));
+                for (aj, kj) in a.iter_mut().zip(&ks) {
+                    *aj = _mm512_fmadd_ps(x1, kj.1, _mm512_fmadd_ps(x0, kj.0, *aj));
+                }
+            }
+        }
+        std::array::from_fn(|qi| m2(m1(acc[qi][0], acc[qi][1]), m1(acc[qi][2], acc[qi][3])))
     }
 }
 
-/// The upper 256 bits added onto the lower ones.
-#[inline(always)]
-unsafe fn fold(v: __m512) -> __m256 {
-    // SAFETY: register-only arithmetic; the caller guarantees the CPU features.
-    unsafe {
-        _mm256_add_ps(
-            _mm512_castps512_ps256(v),
-            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
-        )
-    }
-}
-
-/// Prefetches `elems` bf16 elements at `p` into L1, one line at a time.
-#[inline(always)]
-fn prefetch(p: *const u16, elems: usize) {
-    let mut off = 0;
-    while off < elems {
-        // SAFETY: prefetching is a hint and never faults; the address stays inside the block.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off) as *const i8) };
-        off += 32;
-    }
-}
-
-/// One (row, KV head): scores, softmax and the weighted values of `group` queries.
+/// Scaled scores of NQ queries against the `n` keys of one block: `out[qi * stride + j]`.
 ///
 /// # Safety
-/// avx512f and avx512bw; every block slice holds `tpb * d` bf16, `len <= blocks.len() * tpb`,
-/// `d % 64 == 0`, `qp` and `op` hold `group * d` and `scores` `group * len` floats.
+/// avx512f and avx512bw; `n` rows of D bf16 at `kb`, NQ * D floats at `qp`, and
+/// `out[qi * stride + j]` writable for qi < NQ, j < n.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn head(
-    blocks: &[(&[u16], &[u16])],
+unsafe fn scores<const NQ: usize, const D: usize>(
+    kb: *const u16,
+    n: usize,
+    qp: *const f32,
+    scale: f32,
+    out: *mut f32,
+    stride: usize,
+    mut cursor: Option<&mut Prefetch>,
+) {
+    let sc = _mm512_set1_ps(scale);
+    for k0 in (0..n).step_by(16) {
+        let m = (n - k0).min(16);
+        if let Some(p) = cursor.as_deref_mut() {
+            p.ahead(m * D / 32);
+        }
+        // SAFETY: keys k0 + j < n (clamped inside quad); the caller's bounds.
+        unsafe {
+            let kb = kb.add(k0 * D);
+            let a = quad::<NQ, D>(kb, 0, m, qp);
+            let b = quad::<NQ, D>(kb, 4, m, qp);
+            let c = quad::<NQ, D>(kb, 8, m, qp);
+            let e = quad::<NQ, D>(kb, 12, m, qp);
+            let mask = ((1u32 << m) - 1) as __mmask16;
+            for qi in 0..NQ {
+                let s = m3(m3(a[qi], b[qi]), m3(c[qi], e[qi]));
+                _mm512_mask_storeu_ps(out.add(qi * stride + k0), mask, _mm512_mul_ps(s, sc));
+            }
+        }
+    }
+}
+
+/// Adds the `n` value rows of one block, weighted by `w[qi * stride + j]`, onto NQ output
+/// rows of D floats at `op` (or stores them there when `first`).
+///
+/// # Safety
+/// avx512f and avx512bw; `n` rows of D bf16 at `vb`, the weights readable, NQ * D floats
+/// writable at `op`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn values<const NQ: usize, const D: usize>(
+    vb: *const u16,
+    n: usize,
+    w: *const f32,
+    stride: usize,
+    op: *mut f32,
+    first: bool,
+    mut cursor: Option<&mut Prefetch>,
+) {
+    for slab in (0..D).step_by(64) {
+        // SAFETY: the caller's bounds; slab + 64 <= D.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; NQ];
+            if !first {
+                for (qi, a) in acc.iter_mut().enumerate() {
+                    for (j, v) in a.iter_mut().enumerate() {
+                        *v = _mm512_loadu_ps(op.add(qi * D + slab + 16 * j));
+                    }
+                }
+            }
+            for s in 0..n {
+                if let Some(p) = cursor.as_deref_mut() {
+                    p.ahead(2);
+                }
+                let row = vb.add(s * D + slab);
+                let (v0, v1) = widen(row);
+                let (v2, v3) = widen(row.add(32));
+                for (qi, a) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*w.add(qi * stride + s));
+                    a[0] = _mm512_fmadd_ps(x, v0, a[0]);
+                    a[1] = _mm512_fmadd_ps(x, v1, a[1]);
+                    a[2] = _mm512_fmadd_ps(x, v2, a[2]);
+                    a[3] = _mm512_fmadd_ps(x, v3, a[3]);
+                }
+            }
+            for (qi, a) in acc.iter().enumerate() {
+                for (j, v) in a.iter().enumerate() {
+                    _mm512_storeu_ps(op.add(qi * D + slab + 16 * j), *v);
+                }
+            }
+        }
+    }
+}
+
+/// One task: `heads` KV heads of one row, `group` queries each. Leaves the outputs in `op`
+/// (query by query, D floats each, in lane order).
+///
+/// # Safety
+/// avx512f and avx512bw; `blocks` holds `heads` (K, V) pointers per block, each to
+/// `tpb * D` readable bf16; `len <= blocks.len() / heads * tpb`; `qp`, `op` hold
+/// `heads * group * D` floats, `sc` `heads * group * len`.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task<const D: usize>(
+    blocks: &[(*const u16, *const u16)],
+    heads: usize,
     len: usize,
     tpb: usize,
-    d: usize,
     group: usize,
     scale: f32,
     qp: &[f32],
-    scores: &mut [f32],
+    sc: &mut [f32],
     op: &mut [f32],
+    cursor: &mut Prefetch,
 ) {
+    let nb = blocks.len() / heads;
     assert!(
-        d.is_multiple_of(64)
-            && len <= blocks.len() * tpb
-            && qp.len() >= group * d
-            && op.len() >= group * d
-            && scores.len() >= group * len
-            && blocks
-                .iter()
-                .all(|(k, v)| k.len() >= tpb * d && v.len() >= tpb * d),
+        len <= nb * tpb
+            && qp.len() >= heads * group * D
+            && op.len() >= heads * group * D
+            && sc.len() == heads * group * len,
         "decode attention bounds"
     );
-    // Scores: four keys by up to QC queries at a time.
-    for (bi, (kb, vb)) in blocks.iter().enumerate() {
-        if let Some((next, _)) = blocks.get(bi + 1) {
-            prefetch(next.as_ptr(), tpb * d);
-        }
-        prefetch(vb.as_ptr(), tpb * d);
-        let n = (len - bi * tpb).min(tpb);
-        for s0 in (0..n).step_by(4) {
-            let key = |j: usize| kb.as_ptr().wrapping_add((s0 + j).min(n - 1) * d);
-            for q0 in (0..group).step_by(QC) {
-                let nq = (group - q0).min(QC);
-                let mut acc = [[_mm512_setzero_ps(); 4]; QC];
-                for c in (0..d).step_by(32) {
-                    // SAFETY: keys s0 + j are clamped below n <= tpb, c + 32 <= d.
-                    let ks = unsafe {
-                        [
-                            widen32(key(0).add(c)),
-                            widen32(key(1).add(c)),
-                            widen32(key(2).add(c)),
-                            widen32(key(3).add(c)),
-                        ]
-                    };
-                    for (qi, a) in acc.iter_mut().enumerate().take(nq) {
-                        // SAFETY: query q0 + qi < group, c + 32 <= d, inside qp.
-                        let (x0, x1) = unsafe {
-                            let p = qp.as_ptr().add((q0 + qi) * d + c);
-                            (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)))
-                        };
-                        for (aj, kj) in a.iter_mut().zip(&ks) {
-                            *aj = _mm512_fmadd_ps(x1, kj.1, _mm512_fmadd_ps(x0, kj.0, *aj));
-                        }
-                    }
-                }
-                for (qi, a) in acc.iter().enumerate().take(nq) {
-                    let mut four = [0.0f32; 4];
-                    // SAFETY: four has room for 4 floats.
-                    unsafe { _mm_storeu_ps(four.as_mut_ptr(), sum4(*a)) };
-                    let base = (q0 + qi) * len + bi * tpb + s0;
-                    for (j, v) in four.iter().enumerate().take(n - s0) {
-                        scores[base + j] = v * scale;
+    for b in 0..nb {
+        let n = (len - b * tpb).min(tpb);
+        for h in 0..heads {
+            let kb = blocks[b * heads + h].0;
+            for q0 in (0..group).step_by(4) {
+                let cur = if q0 == 0 { Some(&mut *cursor) } else { None };
+                // SAFETY: query h * group + q0 + 3 < heads * group, block columns
+                // b * tpb + n <= len: inside qp and sc.
+                unsafe {
+                    let q = qp.as_ptr().add((h * group + q0) * D);
+                    let o = sc.as_mut_ptr().add((h * group + q0) * len + b * tpb);
+                    match group - q0 {
+                        1 => scores::<1, D>(kb, n, q, scale, o, len, cur),
+                        2 => scores::<2, D>(kb, n, q, scale, o, len, cur),
+                        3 => scores::<3, D>(kb, n, q, scale, o, len, cur),
+                        _ => scores::<4, D>(kb, n, q, scale, o, len, cur),
                     }
                 }
             }
         }
     }
-    for qi in 0..group {
-        softmax16(&mut scores[qi * len..(qi + 1) * len]);
+    for row in sc.chunks_exact_mut(len) {
+        softmax16(row);
     }
-    // Values: 64-wide slabs of the output in registers, up to QV queries at a time.
-    for slab in (0..d).step_by(64) {
-        for q0 in (0..group).step_by(QV) {
-            let nq = (group - q0).min(QV);
-            let mut acc = [[_mm512_setzero_ps(); 4]; QV];
-            for (bi, (_, vb)) in blocks.iter().enumerate() {
-                let n = (len - bi * tpb).min(tpb);
-                for s in 0..n {
-                    // SAFETY: s < n <= tpb and slab + 64 <= d: inside the block.
-                    let (v0, v1, v2, v3) = unsafe {
-                        let p = vb.as_ptr().add(s * d + slab);
-                        let (a, b) = widen32(p);
-                        let (c, e) = widen32(p.add(32));
-                        (a, b, c, e)
-                    };
-                    for (qi, a) in acc.iter_mut().enumerate().take(nq) {
-                        let w = _mm512_set1_ps(scores[(q0 + qi) * len + bi * tpb + s]);
-                        a[0] = _mm512_fmadd_ps(w, v0, a[0]);
-                        a[1] = _mm512_fmadd_ps(w, v1, a[1]);
-                        a[2] = _mm512_fmadd_ps(w, v2, a[2]);
-                        a[3] = _mm512_fmadd_ps(w, v3, a[3]);
+    for b in 0..nb {
+        let n = (len - b * tpb).min(tpb);
+        for h in 0..heads {
+            let vb = blocks[b * heads + h].1;
+            for q0 in (0..group).step_by(6) {
+                let cur = if q0 == 0 { Some(&mut *cursor) } else { None };
+                // SAFETY: as for the scores.
+                unsafe {
+                    let w = sc.as_ptr().add((h * group + q0) * len + b * tpb);
+                    let o = op.as_mut_ptr().add((h * group + q0) * D);
+                    let first = b == 0;
+                    match group - q0 {
+                        1 => values::<1, D>(vb, n, w, len, o, first, cur),
+                        2 => values::<2, D>(vb, n, w, len, o, first, cur),
+                        3 => values::<3, D>(vb, n, w, len, o, first, cur),
+                        4 => values::<4, D>(vb, n, w, len, o, first, cur),
+                        5 => values::<5, D>(vb, n, w, len, o, first, cur),
+                        _ => values::<6, D>(vb, n, w, len, o, first, cur),
                     }
-                }
-            }
-            for (qi, a) in acc.iter().enumerate().take(nq) {
-                for (j, v) in a.iter().enumerate() {
-                    // SAFETY: (q0 + qi) * d + slab + 16 j + 16 <= group * d.
-                    unsafe {
-                        _mm512_storeu_ps(op.as_mut_ptr().add((q0 + qi) * d + slab + 16 * j), *v)
-                    };
                 }
             }
         }
@@ -306,7 +536,9 @@ mod tests {
     }
 
     /// Decode rows of several lengths (partial, full and multiple blocks; GQA groups of 1 to
-    /// 8 queries, head sizes 64 and 128) against the tiled kernel on the same cache.
+    /// 8 queries, head sizes 64, 128 and 256; blocks of 8, 16 and 32 tokens, tables out of
+    /// pool order) against the tiled kernel on the same cache, with one KV head per task and
+    /// with all of a row's.
     #[test]
     fn decode_rows_match_the_tiled_kernel() {
         if !std::arch::is_x86_feature_detected!("avx512f")
@@ -314,14 +546,29 @@ mod tests {
         {
             return;
         }
-        let tpb = 16;
-        for &(nq, nkv, d) in &[(6, 2, 64), (8, 8, 64), (8, 1, 128), (12, 4, 64), (5, 1, 64)] {
+        let shapes = [
+            (6, 2, 64, 16),
+            (8, 8, 64, 32),
+            (8, 1, 128, 16),
+            (12, 4, 64, 32),
+            (5, 1, 64, 8),
+            (16, 2, 256, 16),
+            (32, 8, 128, 32),
+        ];
+        for &(nq, nkv, d, tpb) in &shapes {
             let c = config(nq, nkv, d);
-            let lens = [1usize, 3, 16, 17, 40, 4];
-            let per_seq = 3;
-            let mut kv = KvStore::new(KvDtype::Bf16, 1, lens.len() * per_seq, nkv, tpb, d);
+            let lens = [1usize, 3, 16, 17, 40, 4, 33, 70, 8, 9];
+            let per_seq = 70usize.div_ceil(tpb);
+            let nblocks = lens.len() * per_seq;
+            let mut kv = KvStore::new(KvDtype::Bf16, 2, nblocks, nkv, tpb, d);
+            // Sequence s owns blocks s, s + n, s + 2n, ... of the pool, last first.
             let tables: Vec<Vec<u32>> = (0..lens.len())
-                .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+                .map(|s| {
+                    (0..per_seq)
+                        .rev()
+                        .map(|i| (i * lens.len() + s) as u32)
+                        .collect()
+                })
                 .collect();
             let val = |i: usize| ((i * 2654435761usize % 1000) as f32 / 250.0 - 2.0) * 0.9;
             for (s, &len) in lens.iter().enumerate() {
@@ -332,8 +579,8 @@ mod tests {
                         let k: Vec<f32> = (0..d).map(|e| at(0, e)).collect();
                         let v: Vec<f32> = (0..d).map(|e| at(1, e)).collect();
                         let b = tables[s][p / tpb];
-                        kv.write(0, Kv::K, b, p % tpb, g, &k);
-                        kv.write(0, Kv::V, b, p % tpb, g, &v);
+                        kv.write(1, Kv::K, b, p % tpb, g, &k);
+                        kv.write(1, Kv::V, b, p % tpb, g, &v);
                     }
                 }
             }
@@ -353,16 +600,25 @@ mod tests {
             assert!(applies(&kv, &rows, d));
             let qkv_w = (nq + 2 * nkv) * d;
             let qkv: Vec<f32> = (0..rows.len() * qkv_w).map(|i| val(i * 13 + 5)).collect();
-            let mut got = vec![f32::NAN; rows.len() * nq * d];
-            attend(&kv, 0, &batch, &rows, &qkv, &c, &mut got);
             let mut want = vec![0.0f32; rows.len() * nq * d];
-            super::super::attention::attend_tiled(&kv, 0, &batch, &rows, &qkv, &c, &mut want);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                    "nq {nq} nkv {nkv} d {d} at {i}: {g} vs {w}"
-                );
+            super::super::attention::attend_tiled(&kv, 1, &batch, &rows, &qkv, &c, &mut want);
+            for heads in [1, nkv] {
+                let mut got = vec![f32::NAN; rows.len() * nq * d];
+                attend_tasks(&kv, 1, &batch, &rows, &qkv, &c, &mut got, heads);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "nq {nq} nkv {nkv} d {d} tpb {tpb} heads {heads} at {i}: {g} vs {w}"
+                    );
+                }
             }
+            let mut got = vec![f32::NAN; rows.len() * nq * d];
+            attend(&kv, 1, &batch, &rows, &qkv, &c, &mut got);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| (g - w).abs() <= 1e-5 * (1.0 + w.abs()))
+            );
         }
     }
 
@@ -373,12 +629,32 @@ mod tests {
         let kv = KvStore::new(KvDtype::Bf16, 1, 2, 1, 16, 64);
         assert!(!applies(&kv, &[(0, 0), (0, 1)], 64));
         assert!(!applies(&kv, &[(0, 0)], 96));
+        assert!(!applies(&kv, &[(0, 0)], 192));
+        assert!(!applies(&kv, &[], 64));
     }
 
     #[test]
     fn lane_order_is_a_permutation_of_each_chunk() {
-        let mut seen: Vec<usize> = (0..64).map(lane_of).collect();
+        let mut seen: Vec<usize> = (0..32).map(lane).collect();
         seen.sort_unstable();
-        assert_eq!(seen, (0..64).collect::<Vec<_>>());
+        assert_eq!(seen, (0..32).collect::<Vec<_>>());
+        // The widening really puts element w in that lane.
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            let bits: Vec<u16> = (0..32)
+                .map(|w| half::bf16::from_f32(w as f32).to_bits())
+                .collect();
+            let mut got = [0.0f32; 32];
+            // SAFETY: features checked; 32 elements read, 32 floats written.
+            unsafe {
+                let (a, b) = widen(bits.as_ptr());
+                _mm512_storeu_ps(got.as_mut_ptr(), a);
+                _mm512_storeu_ps(got.as_mut_ptr().add(16), b);
+            }
+            for w in 0..32 {
+                assert_eq!(got[lane(w)], w as f32);
+            }
+        }
     }
 }

@@ -1,12 +1,12 @@
 //! The CPU backend: f32 arithmetic over bf16/f32 weights on one rayon pool, paged KV in RAM;
 //! optionally bf16 projections (`dtype: bfloat16`, see `bf16.rs`).
 
-mod attention;
+pub mod attention;
 pub mod bf16;
 #[cfg(target_arch = "x86_64")]
 mod bf16_avx512;
 #[cfg(target_arch = "x86_64")]
-mod decode_attention;
+pub mod decode_attention;
 pub mod kernels;
 pub mod kv_store;
 pub mod linear;
