@@ -3,8 +3,10 @@
 //! One task per (sequence chunk, KV head, tile of up to `ROW_TILE` consecutive query rows):
 //! each K/V block is read (and dequantized) once per task and used by every query of the
 //! tile and every query head sharing that KV head (GQA/MQA). Scores come from the
-//! register-blocked micro-kernel, four queries by four keys at a time. Decode steps over a
-//! bf16 cache take the faster path of `decode_attention.rs` on AVX-512 CPUs.
+//! register-blocked micro-kernel, four queries by four keys at a time. Decode rows over a
+//! bf16 cache take the faster path of `decode_attention.rs` on AVX-512 CPUs: the whole step
+//! when every chunk is one row, and the one-row chunks of a mixed step (prefill chunks and
+//! decode rows together).
 
 use rayon::prelude::*;
 
@@ -44,8 +46,63 @@ pub fn attend(
             super::decode_attention::attend(kv, layer, batch, rows, qkv, c, out);
             return;
         }
+        if attend_mixed(kv, layer, batch, rows, qkv, c, out) {
+            return;
+        }
     }
     attend_tiled(kv, layer, batch, rows, qkv, c, out);
+}
+
+/// A step with both one-row chunks (decode) and longer ones (prefill chunks), as inflight
+/// batching makes them: the one-row chunks through the decode kernel, the others tiled, each
+/// on a gathered copy of its rows' qkv. False (nothing written) when the decode kernel does
+/// not apply or the step is not mixed.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn attend_mixed(
+    kv: &KvStore,
+    layer: usize,
+    batch: &[SeqChunk<'_>],
+    rows: &[(usize, usize)],
+    qkv: &[f32],
+    c: &ModelConfig,
+    out: &mut [f32],
+) -> bool {
+    let alone = |r: usize| {
+        (r == 0 || rows[r - 1].0 != rows[r].0) && rows.get(r + 1).is_none_or(|n| n.0 != rows[r].0)
+    };
+    let (single, multi): (Vec<usize>, Vec<usize>) = (0..rows.len()).partition(|&r| alone(r));
+    let single_rows: Vec<(usize, usize)> = single.iter().map(|&r| rows[r]).collect();
+    if multi.is_empty() || !super::decode_attention::applies(kv, &single_rows, c.head_dim) {
+        return false;
+    }
+    let (nq, nkv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let (qkv_w, out_w) = ((nq + 2 * nkv) * d, nq * d);
+    let gather = |idx: &[usize]| -> Vec<f32> {
+        idx.iter()
+            .flat_map(|&r| &qkv[r * qkv_w..(r + 1) * qkv_w])
+            .copied()
+            .collect()
+    };
+    let mut part = vec![0.0f32; single.len() * out_w];
+    super::decode_attention::attend(
+        kv,
+        layer,
+        batch,
+        &single_rows,
+        &gather(&single),
+        c,
+        &mut part,
+    );
+    for (&r, o) in single.iter().zip(part.chunks_exact(out_w)) {
+        out[r * out_w..(r + 1) * out_w].copy_from_slice(o);
+    }
+    let multi_rows: Vec<(usize, usize)> = multi.iter().map(|&r| rows[r]).collect();
+    let mut part = vec![0.0f32; multi.len() * out_w];
+    attend_tiled(kv, layer, batch, &multi_rows, &gather(&multi), c, &mut part);
+    for (&r, o) in multi.iter().zip(part.chunks_exact(out_w)) {
+        out[r * out_w..(r + 1) * out_w].copy_from_slice(o);
+    }
+    true
 }
 
 /// [`attend`] by tiles of query rows, for every KV dtype and step shape.

@@ -622,6 +622,83 @@ mod tests {
         }
     }
 
+    /// A mixed step (decode rows between prefill chunks of several rows): `attend` sends
+    /// the one-row chunks through this kernel and the rest through the tiled one, and the
+    /// result matches the tiled kernel on the whole step.
+    #[test]
+    fn mixed_steps_match_the_tiled_kernel() {
+        if !std::arch::is_x86_feature_detected!("avx512f")
+            || !std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            return;
+        }
+        let (nq, nkv, d, tpb) = (12, 4, 64, 16);
+        let c = config(nq, nkv, d);
+        // (start position, rows) per chunk: decode, prefill, decode, prefill from 0, decode.
+        let chunks = [(40usize, 1usize), (10, 5), (3, 1), (0, 3), (70, 1)];
+        let per_seq = 5;
+        let mut kv = KvStore::new(KvDtype::Bf16, 1, chunks.len() * per_seq, nkv, tpb, d);
+        let tables: Vec<Vec<u32>> = (0..chunks.len())
+            .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+            .collect();
+        let val = |i: usize| ((i * 2654435761usize % 1000) as f32 / 250.0 - 2.0) * 0.9;
+        for (s, &(start, n)) in chunks.iter().enumerate() {
+            for p in 0..start + n {
+                for g in 0..nkv {
+                    let k: Vec<f32> = (0..d)
+                        .map(|e| val((s * 131 + p) * 977 + g * 7 + e))
+                        .collect();
+                    let v: Vec<f32> = (0..d)
+                        .map(|e| val((s * 71 + p) * 911 + g * 5 + e))
+                        .collect();
+                    kv.write(0, Kv::K, tables[s][p / tpb], p % tpb, g, &k);
+                    kv.write(0, Kv::V, tables[s][p / tpb], p % tpb, g, &v);
+                }
+            }
+        }
+        let tokens = [1u32; 5];
+        let batch: Vec<SeqChunk<'_>> = chunks
+            .iter()
+            .zip(&tables)
+            .map(|(&(start, n), t)| SeqChunk {
+                tokens: &tokens[..n],
+                start_pos: start,
+                block_table: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let rows: Vec<(usize, usize)> = chunks
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(start, n))| (start..start + n).map(move |p| (s, p)))
+            .collect();
+        assert!(!applies(&kv, &rows, d));
+        let qkv_w = (nq + 2 * nkv) * d;
+        let qkv: Vec<f32> = (0..rows.len() * qkv_w).map(|i| val(i * 17 + 3)).collect();
+        let mut want = vec![0.0f32; rows.len() * nq * d];
+        super::super::attention::attend_tiled(&kv, 0, &batch, &rows, &qkv, &c, &mut want);
+        let mut got = vec![f32::NAN; rows.len() * nq * d];
+        assert!(super::super::attention::attend_mixed(
+            &kv, 0, &batch, &rows, &qkv, &c, &mut got
+        ));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "at {i}: {g} vs {w}"
+            );
+        }
+        let mut again = vec![f32::NAN; rows.len() * nq * d];
+        super::super::attention::attend(&kv, 0, &batch, &rows, &qkv, &c, &mut again);
+        assert_eq!(got, again);
+        // Only prefill chunks, or only decode rows: not a mixed step.
+        for keep in [1, 0] {
+            let part: Vec<(usize, usize)> = rows.iter().copied().filter(|r| r.0 == keep).collect();
+            assert!(!super::super::attention::attend_mixed(
+                &kv, 0, &batch, &part, &qkv, &c, &mut again
+            ));
+        }
+    }
+
     #[test]
     fn multi_row_chunks_and_other_kv_dtypes_take_the_tiled_path() {
         let kv = KvStore::new(KvDtype::Float32, 1, 2, 1, 16, 64);
