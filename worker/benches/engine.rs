@@ -13,7 +13,8 @@
 //! LLMAPI_BENCH_PANEL_PATH=plain,l2,l1 (default: the library's) runs bfloat16 once per
 //! path of the packed-panel GEMM (`bf16::PanelPath`: plain, next panel prefetched to L2 or
 //! L1), all on one backend, switching between rounds (the order reversed every other round),
-//! and prints each path's per-round rate over the first one's.
+//! and prints each path's per-round rate over the first one's. LLMAPI_BENCH_HUGE_PAGES=0 packs
+//! the bf16 panels without asking for transparent huge pages (the library asks by default).
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
 mod support;
@@ -25,7 +26,9 @@ use std::time::Instant;
 
 use llmapi_common::args::ModelDtype;
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::cpu::bf16::{PanelPath, panel_path, set_panel_path};
+use llmapi_worker::backend::cpu::bf16::{
+    PanelPath, panel_path, set_panel_path, set_weight_huge_pages,
+};
 use llmapi_worker::backend::{Backend, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::ModelWeights;
@@ -176,6 +179,9 @@ fn main() {
             .collect(),
         Err(_) => vec![panel_path()],
     };
+    if std::env::var("LLMAPI_BENCH_HUGE_PAGES").is_ok_and(|v| v == "0") {
+        set_weight_huge_pages(false);
+    }
     // One backend per dtype; bfloat16 with several panel paths runs them all on its one
     // backend (the same weights in the same memory), switching the path between rounds.
     let mut bes: Vec<CpuBackend> = Vec::new();
