@@ -1,6 +1,6 @@
 //! Decode attention alone, on a bf16 KV pool larger than the L3: the library's decode
 //! kernel (`decode_attention.rs`) against the kernel it replaced (kept below as `before`,
-//! verbatim but for its softmax, a copy of `vmath::softmax16`), alternated over rounds in one
+//! verbatim), alternated over rounds in one
 //! process, best round each. Prints ms per step-equivalent (every layer's attention for
 //! one decode step of the batch) by the wall clock and by on-CPU time, the K/V bytes read
 //! per step and the GB/s against the read bandwidth measured at start. Also checks both
@@ -26,6 +26,9 @@ use llmapi_worker::backend::cpu::{attention, decode_attention};
 use llmapi_worker::backend::{LogitsWanted, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 use rayon::prelude::*;
+use support::{loadavg, process_cpu_ns, read_bandwidth};
+
+mod support;
 
 const LAYERS: usize = 12;
 const NQ: usize = 12;
@@ -38,33 +41,6 @@ const MAX_CTX: usize = 176;
 type Attend =
     fn(&KvStore, usize, &[SeqChunk<'_>], &[(usize, usize)], &[f32], &ModelConfig, &mut [f32]);
 
-/// GB/s of a parallel summing read of 1 GiB on the pool (as the engine bench measures it).
-fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
-    let buf: Vec<u64> = (0..(1usize << 30) / 8).map(|i| i as u64).collect();
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let s: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
-                .reduce(|| 0, u64::wrapping_add)
-        });
-        std::hint::black_box(s);
-        best = best.max(buf.len() as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// Nanoseconds all threads of this process have run on a CPU (Linux schedstat), if readable.
-fn process_cpu_ns() -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let s = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(total)
-}
-
 fn env_num(name: &str, default: usize) -> usize {
     match std::env::var(name) {
         Ok(s) => s.trim().parse().unwrap_or_else(|_| {
@@ -73,12 +49,6 @@ fn env_num(name: &str, default: usize) -> usize {
         }),
         Err(_) => default,
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn main() {
@@ -257,6 +227,7 @@ fn main() {
 #[allow(clippy::all)]
 mod before {
     use super::*;
+    use llmapi_worker::backend::cpu::vmath::softmax16;
 
     /// Queries per pass over the keys (four keys each: 16 accumulators).
     const QC: usize = 4;
@@ -511,67 +482,5 @@ mod before {
                 }
             }
         }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn softmax16(x: &mut [f32]) {
-        let n = x.len();
-        let mask = |i: usize| -> __mmask16 {
-            let m = (n - i).min(16);
-            ((1u32 << m) - 1) as __mmask16
-        };
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut mx = ninf;
-        for i in (0..n).step_by(16) {
-            let v = unsafe { _mm512_mask_loadu_ps(ninf, mask(i), x.as_ptr().add(i)) };
-            mx = _mm512_max_ps(mx, v);
-        }
-        let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-        let mut sum = _mm512_setzero_ps();
-        for i in (0..n).step_by(16) {
-            unsafe {
-                let v = _mm512_mask_loadu_ps(ninf, mask(i), x.as_ptr().add(i));
-                let e = exp16(_mm512_sub_ps(v, m));
-                sum = _mm512_add_ps(sum, e);
-                _mm512_mask_storeu_ps(x.as_mut_ptr().add(i), mask(i), e);
-            }
-        }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-        for i in (0..n).step_by(16) {
-            unsafe {
-                let p = x.as_mut_ptr().add(i);
-                let v = _mm512_mask_loadu_ps(_mm512_setzero_ps(), mask(i), p);
-                _mm512_mask_storeu_ps(p, mask(i), _mm512_mul_ps(v, inv));
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn exp16(x: __m512) -> __m512 {
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-103.0));
-        let xc = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-104.0)),
-            _mm512_set1_ps(89.0),
-        );
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let c = [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ];
-        let mut p = _mm512_set1_ps(c[0]);
-        for &ci in &c[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ci));
-        }
-        let e = _mm512_scalef_ps(p, n);
-        _mm512_maskz_mov_ps(keep, e)
     }
 }

@@ -19,7 +19,7 @@
 
 mod support;
 
-use support::{chunk, random_model, run};
+use support::{chunk, process_cpu_ns, random_model, read_bandwidth, run};
 
 use std::path::Path;
 use std::time::Instant;
@@ -32,29 +32,11 @@ use llmapi_worker::backend::cpu::bf16::{
 use llmapi_worker::backend::{Backend, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::ModelWeights;
-use rayon::prelude::*;
 
 const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
 "intermediate_size":2048,"num_hidden_layers":12,"num_attention_heads":12,
 "num_key_value_heads":4,"vocab_size":32000,"max_position_embeddings":4096,
 "rope_theta":500000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":false}"#;
-
-/// GB/s of a parallel read over a buffer much larger than the caches... of the same pool.
-fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
-    let buf: Vec<u64> = (0..(1usize << 30) / 8).map(|i| i as u64).collect();
-    let mut best = 0.0f64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let s: u64 = pool.install(|| {
-            buf.par_chunks(1 << 16)
-                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
-                .reduce(|| 0, u64::wrapping_add)
-        });
-        std::hint::black_box(s);
-        best = best.max(buf.len() as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
 
 const TPB: usize = 32;
 
@@ -100,17 +82,6 @@ impl Decoder {
         };
         (tokens / wall, cpu)
     }
-}
-
-/// Nanoseconds all threads of this process have run on a CPU (Linux schedstat), if readable.
-/// Threads waiting for the pool sleep or spin briefly; spinning counts, sleeping does not.
-fn process_cpu_ns() -> Option<u64> {
-    let mut total = 0;
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let s = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
-        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
-    }
-    Some(total)
 }
 
 /// A comma-separated list of numbers from the environment, or `default`.

@@ -101,3 +101,39 @@ pub fn run(be: &mut dyn Backend, chunks: &[SeqChunk<'_>]) {
         std::process::exit(1);
     }
 }
+
+/// GB/s of a parallel summing read of 1 GiB on `pool`: much larger than the caches, so it
+/// measures what the pool's threads read from memory together (the roofline's bandwidth).
+pub fn read_bandwidth(pool: &rayon::ThreadPool) -> f64 {
+    let buf: Vec<u64> = (0..(1usize << 30) / 8).map(|i| i as u64).collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        std::hint::black_box(s);
+        best = best.max(buf.len() as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Nanoseconds all threads of this process have run on a CPU (Linux schedstat), if readable.
+/// Threads waiting for the pool sleep or spin briefly; spinning counts, sleeping does not.
+pub fn process_cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let s = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        total += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg gives them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}

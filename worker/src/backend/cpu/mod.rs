@@ -12,7 +12,7 @@ pub mod kv_store;
 pub mod linear;
 mod microkernel;
 #[cfg(target_arch = "x86_64")]
-mod vmath;
+pub mod vmath;
 
 use rayon::prelude::*;
 

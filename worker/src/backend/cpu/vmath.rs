@@ -3,6 +3,9 @@
 use std::arch::x86_64::*;
 
 /// In-place softmax on 16 lanes with [`exp16`].
+///
+/// # Safety
+/// The CPU must support avx512f.
 #[target_feature(enable = "avx512f")]
 pub fn softmax16(x: &mut [f32]) {
     let n = x.len();
@@ -42,6 +45,9 @@ pub fn softmax16(x: &mut [f32]) {
 /// `e^x` on 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r
 /// (relative error about 2e-7, a couple of ulps), then `vscalefps` by 2^n, which also gives
 /// 0 for -inf and very negative x and inf for large x.
+///
+/// # Safety
+/// The CPU must support avx512f.
 #[target_feature(enable = "avx512f")]
 pub fn exp16(x: __m512) -> __m512 {
     let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-103.0));
@@ -74,6 +80,9 @@ pub fn exp16(x: __m512) -> __m512 {
 }
 
 /// `out[i] = silu(gate[i]) * up[i]` where `gate_up = [gate; up]`, 16 lanes at a time.
+///
+/// # Safety
+/// The CPU must support avx512f.
 #[target_feature(enable = "avx512f")]
 pub fn silu_mul16(gate_up: &[f32], out: &mut [f32]) {
     let n = out.len();
