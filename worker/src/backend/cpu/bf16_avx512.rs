@@ -62,6 +62,46 @@ pub unsafe fn round_into(x: &[f32], out: &mut [u16]) {
     }
 }
 
+/// f32 to bf16 bits exactly as `half::bf16::from_f32` (the KV cache's conversion) rounds
+/// them: to nearest even with integer arithmetic, so denormals keep their bits (where
+/// `vcvtneps2bf16` flushes them to zero) and a NaN becomes a quiet NaN of the same sign and
+/// high payload bits.
+///
+/// # Safety
+/// The CPU must support avx512f and avx512bw.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn round_like_half(x: &[f32], out: &mut [u16]) {
+    let n = x.len().min(out.len());
+    let body = n / 16 * 16;
+    let abs_mask = _mm512_set1_epi32(0x7fff_ffff);
+    let inf = _mm512_set1_epi32(0x7f80_0000);
+    let half_ulp = _mm512_set1_epi32(0x7fff);
+    let one = _mm512_set1_epi32(1);
+    let quiet = _mm512_set1_epi32(0x40);
+    let mut i = 0;
+    while i < body {
+        // SAFETY: i + 16 <= n, so the 16-lane load and the 16-element store stay in bounds.
+        unsafe {
+            let b = _mm512_loadu_si512(x.as_ptr().add(i) as *const __m512i);
+            let nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, abs_mask), inf);
+            let hi = _mm512_srli_epi32::<16>(b);
+            // Adding 0x7fff plus the kept lowest bit carries into bit 16 exactly when the
+            // dropped half is above one half, or equal to it with the kept part odd.
+            let bias = _mm512_add_epi32(half_ulp, _mm512_and_si512(hi, one));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+            let r = _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(hi, quiet));
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(i) as *mut __m256i,
+                _mm512_cvtepi32_epi16(r),
+            );
+        }
+        i += 16;
+    }
+    for j in body..n {
+        out[j] = half::bf16::from_f32(x[j]).to_bits();
+    }
+}
+
 /// Asks for the cache lines of `w` (into L2), one prefetch per 64 bytes.
 pub fn prefetch(w: &[u16]) {
     for i in (0..w.len()).step_by(32) {
@@ -513,6 +553,54 @@ mod tests {
             }
         }
         out
+    }
+
+    /// The KV cache's vector conversion gives the bits of `half::bf16::from_f32` for every
+    /// kind of value: ties both ways, denormals, infinities, overflow, NaNs with payloads,
+    /// and a long run of scattered bit patterns (with a tail shorter than a vector).
+    #[test]
+    fn round_like_half_matches_half_bit_for_bit() {
+        if !(std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw"))
+        {
+            return;
+        }
+        let mut bits: Vec<u32> = vec![
+            0,
+            0x8000_0000,
+            0x0000_0001,
+            0x0000_8000,
+            0x0001_8000,
+            0x0000_8001,
+            0x807f_ffff,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+            0x3f80_7fff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7f80_0001,
+            0x7fc0_0000,
+            0xffff_ffff,
+            0x7fbf_8000,
+        ];
+        let mut s = 0x9e37_79b9_u32;
+        for _ in 0..100_003 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            bits.push(s);
+        }
+        let x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let mut got = vec![0u16; x.len()];
+        // SAFETY: the CPU features were checked above.
+        unsafe { round_like_half(&x, &mut got) };
+        for (i, (&v, &g)) in x.iter().zip(&got).enumerate() {
+            let want = half::bf16::from_f32(v).to_bits();
+            assert_eq!(g, want, "element {i}: {:#010x}", v.to_bits());
+        }
     }
 
     /// Packing into memory advised for huge pages (a matrix of 8 MB, so it holds whole 2 MiB

@@ -202,20 +202,65 @@ impl KvStore {
         let d = self.dim;
         match &mut self.store {
             Store::F32(v) => v[r * d..(r + 1) * d].copy_from_slice(x),
-            Store::Bf16(v) => {
-                for (o, &f) in v[r * d..(r + 1) * d].iter_mut().zip(x) {
-                    *o = half::bf16::from_f32(f).to_bits();
-                }
-            }
-            Store::Fp8 { data, scales } => {
-                let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
-                scales[r] = scale;
-                for (o, &f) in data[r * d..(r + 1) * d].iter_mut().zip(x) {
-                    *o = f32_to_fp8(f / scale, &self.fp8_table);
-                }
-            }
+            Store::Bf16(v) => round_bf16(x, &mut v[r * d..(r + 1) * d]),
+            Store::Fp8 { data, scales } => put_fp8(
+                x,
+                &mut data[r * d..(r + 1) * d],
+                &mut scales[r],
+                &self.fp8_table,
+            ),
         }
+    }
+
+    /// One writer per entry of `places` (block, slot) for every head's K and V of `layer`,
+    /// each of which may be moved to its own thread: a step stores its rows' K and V in
+    /// parallel. None when a place repeats (two writers of one slot) or lies outside the pool.
+    pub fn slot_writers(
+        &mut self,
+        layer: usize,
+        places: &[(BlockId, usize)],
+    ) -> Option<Vec<SlotWriter<'_>>> {
+        if layer >= self.layers
+            || places
+                .iter()
+                .any(|&(b, s)| b as usize >= self.blocks || s >= self.tpb)
+        {
+            return None;
+        }
+        let mut keys: Vec<usize> = places
+            .iter()
+            .map(|&(b, s)| b as usize * self.tpb + s)
+            .collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) {
+            return None;
+        }
+        let mem = match &mut self.store {
+            Store::F32(v) => RawMem::F32(v.as_mut_ptr()),
+            Store::Bf16(v) => RawMem::Bf16(v.as_mut_ptr()),
+            Store::Fp8 { data, scales } => RawMem::Fp8(data.as_mut_ptr(), scales.as_mut_ptr()),
+        };
+        let geo = Geometry {
+            blocks: self.blocks,
+            heads: self.heads,
+            tpb: self.tpb,
+            dim: self.dim,
+        };
+        let table = &self.fp8_table;
+        Some(
+            places
+                .iter()
+                .map(|&(block, slot)| SlotWriter {
+                    mem,
+                    geo,
+                    table,
+                    layer,
+                    block: block as usize,
+                    slot,
+                    _pool: std::marker::PhantomData,
+                })
+                .collect(),
+        )
     }
 
     /// One head's slots of one block as bf16 bits (`tokens_per_block x head_dim`, read in
@@ -253,6 +298,101 @@ impl KvStore {
                         *o = self.fp8_decode[b as usize] * scale;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `x` rounded to bf16 bits into `out` as `half::bf16::from_f32` rounds (to nearest even,
+/// denormals kept), with AVX-512 where the CPU has it.
+fn round_bf16(x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
+            // SAFETY: the CPU supports avx512f and avx512bw (checked just above).
+            unsafe { super::bf16_avx512::round_like_half(x, out) };
+            return;
+        }
+    }
+    for (o, &f) in out.iter_mut().zip(x) {
+        *o = half::bf16::from_f32(f).to_bits();
+    }
+}
+
+/// One fp8 row: scaled so that its largest magnitude is the largest finite e4m3 value.
+fn put_fp8(x: &[f32], out: &mut [u8], scale_out: &mut f32, table: &[f32; 127]) {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
+    *scale_out = scale;
+    for (o, &f) in out.iter_mut().zip(x) {
+        *o = f32_to_fp8(f / scale, table);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum RawMem {
+    F32(*mut f32),
+    Bf16(*mut u16),
+    Fp8(*mut u8, *mut f32),
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    blocks: usize,
+    heads: usize,
+    tpb: usize,
+    dim: usize,
+}
+
+/// Writes the K and V of one token slot of one layer (every head), from any thread: made by
+/// [`KvStore::slot_writers`], which hands out one writer per distinct slot and holds the
+/// pool borrowed while any writer lives, so no two writers (nor anything else) touch the
+/// same memory.
+pub struct SlotWriter<'a> {
+    mem: RawMem,
+    geo: Geometry,
+    table: &'a [f32; 127],
+    layer: usize,
+    block: usize,
+    slot: usize,
+    _pool: std::marker::PhantomData<&'a mut KvStore>,
+}
+
+// SAFETY: a writer only writes the rows of its own (layer, block, slot), which no other
+// writer of the same batch has (slot_writers refuses repeated places), and the pool stays
+// mutably borrowed for the writers' lifetime.
+unsafe impl Send for SlotWriter<'_> {}
+
+impl SlotWriter<'_> {
+    /// Stores `head`'s vector (head_dim elements of `x`) for this writer's slot.
+    pub fn write(&mut self, kv: Kv, head: usize, x: &[f32]) {
+        let g = self.geo;
+        assert!(
+            head < g.heads && x.len() >= g.dim,
+            "slot write out of range"
+        );
+        let r = (((self.layer * 2 + kv as usize) * g.blocks + self.block) * g.heads + head) * g.tpb
+            + self.slot;
+        let x = &x[..g.dim];
+        // SAFETY: layer, block and slot were checked against the pool when the writer was
+        // made and head just now, so row r lies inside the pool; only this writer writes it
+        // while the pool is borrowed (see the Send impl).
+        unsafe {
+            match self.mem {
+                RawMem::F32(p) => {
+                    std::slice::from_raw_parts_mut(p.add(r * g.dim), g.dim).copy_from_slice(x)
+                }
+                RawMem::Bf16(p) => {
+                    round_bf16(x, std::slice::from_raw_parts_mut(p.add(r * g.dim), g.dim))
+                }
+                RawMem::Fp8(p, scales) => put_fp8(
+                    x,
+                    std::slice::from_raw_parts_mut(p.add(r * g.dim), g.dim),
+                    &mut *scales.add(r),
+                    self.table,
+                ),
             }
         }
     }
@@ -299,6 +439,59 @@ mod tests {
                 kv.bf16_rows(0, Kv::K, 0, 0).is_some(),
                 dtype == KvDtype::Bf16
             );
+        }
+    }
+
+    /// Writers used from the pool's threads store exactly what `write` stores, in every
+    /// dtype; repeated or out-of-range places get no writers.
+    #[test]
+    fn slot_writers_store_what_write_stores() {
+        use rayon::prelude::*;
+        let (layers, blocks, heads, tpb, d) = (2, 8, 3, 4, 16);
+        let places: Vec<(BlockId, usize)> = (0..20).map(|i| ((i * 3 % 8) as u32, i / 8)).collect();
+        let vec_of = |p: usize, kv: Kv, g: usize| -> Vec<f32> {
+            (0..d)
+                .map(|e| ((p * 131 + g * 17 + e * 7 + kv as usize) as f32 - 90.0) * 0.0371)
+                .collect()
+        };
+        for dtype in [KvDtype::Float32, KvDtype::Bf16, KvDtype::Fp8] {
+            let mut serial = KvStore::new(dtype, layers, blocks, heads, tpb, d);
+            let mut par = KvStore::new(dtype, layers, blocks, heads, tpb, d);
+            for (p, &(b, s)) in places.iter().enumerate() {
+                for g in 0..heads {
+                    for kv in [Kv::K, Kv::V] {
+                        serial.write(1, kv, b, s, g, &vec_of(p, kv, g));
+                    }
+                }
+            }
+            let writers = par.slot_writers(1, &places).expect("distinct places");
+            writers.into_par_iter().enumerate().for_each(|(p, mut w)| {
+                for g in 0..heads {
+                    for kv in [Kv::K, Kv::V] {
+                        w.write(kv, g, &vec_of(p, kv, g));
+                    }
+                }
+            });
+            let (mut a, mut b) = (vec![0.0; tpb * d], vec![0.0; tpb * d]);
+            for l in 0..layers {
+                for blk in 0..blocks as u32 {
+                    for g in 0..heads {
+                        for kv in [Kv::K, Kv::V] {
+                            serial.read(l, kv, blk, g, tpb, &mut a);
+                            par.read(l, kv, blk, g, tpb, &mut b);
+                            let (a, b): (Vec<u32>, Vec<u32>) = (
+                                a.iter().map(|v| v.to_bits()).collect(),
+                                b.iter().map(|v| v.to_bits()).collect(),
+                            );
+                            assert_eq!(a, b, "{dtype:?} layer {l} block {blk} head {g}");
+                        }
+                    }
+                }
+            }
+            assert!(par.slot_writers(0, &[(1, 2), (3, 0), (1, 2)]).is_none());
+            assert!(par.slot_writers(0, &[(8, 0)]).is_none());
+            assert!(par.slot_writers(0, &[(0, 4)]).is_none());
+            assert!(par.slot_writers(2, &[(0, 0)]).is_none());
         }
     }
 

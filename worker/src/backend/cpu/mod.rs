@@ -222,29 +222,37 @@ impl CpuBackend {
             let (cos, sin) = cs.split_at_mut(d / 2);
             self.rope.table(row.pos, cos, sin);
         }
+        // Where each row's K and V go: (block, slot).
+        let places: Vec<(crate::kv::BlockId, usize)> = rows
+            .iter()
+            .map(|row| (batch[row.chunk].block_table[row.pos / tpb], row.pos % tpb))
+            .collect();
         for (li, layer) in self.w.layers.iter().enumerate() {
             norm_rows(&x, &layer.input_norm, eps, h, &mut xn);
             linear(self.gemm, &xn, t_rows, &layer.qkv, &mut qkv);
-            for (r, row) in rows.iter().enumerate() {
-                let q = &mut qkv[r * qkv_w..(r + 1) * qkv_w];
-                if let Some(b) = &layer.qkv_bias {
-                    q.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                }
-                let (cos, sin) = rope_cs[r * d..(r + 1) * d].split_at(d / 2);
-                for head in q[..(nq + nkv) * d].chunks_exact_mut(d).enumerate() {
-                    let (hi, head) = head;
-                    if let Some((qn, kn)) = &layer.qk_norm {
-                        rms_norm_inplace(head, if hi < nq { qn } else { kn }, eps);
-                    }
-                    apply_rope(head, cos, sin);
-                }
-                let ch = &batch[row.chunk];
-                let block = ch.block_table[row.pos / tpb];
-                for g in 0..nkv {
-                    let k = &q[(nq + g) * d..(nq + g + 1) * d];
-                    kv.write(li, Kv::K, block, row.pos % tpb, g, k);
-                    let v = &q[(nq + nkv + g) * d..(nq + nkv + g + 1) * d];
-                    kv.write(li, Kv::V, block, row.pos % tpb, g, v);
+            // Bias, q/k norm, rope and the K/V store, row by row; on the pool when there are
+            // rows enough, each row writing its own cache slot.
+            let post = QkvPost {
+                layer,
+                nq,
+                nkv,
+                d,
+                eps,
+            };
+            if t_rows >= PAR_MIN_ROWS
+                && let Some(writers) = kv.slot_writers(li, &places)
+            {
+                qkv.par_chunks_mut(qkv_w)
+                    .zip(rope_cs.par_chunks(d))
+                    .zip(writers)
+                    .for_each(|((q, cs), mut w)| post.row(q, cs, |h, g, v| w.write(h, g, v)));
+            } else {
+                for ((q, cs), &(block, slot)) in qkv
+                    .chunks_exact_mut(qkv_w)
+                    .zip(rope_cs.chunks_exact(d))
+                    .zip(&places)
+                {
+                    post.row(q, cs, |h, g, v| kv.write(li, h, block, slot, g, v));
                 }
             }
             attention::attend(
@@ -344,6 +352,40 @@ impl CpuBackend {
         Ok(out)
     }
 }
+
+/// What is done to a row of the qkv projection before attention.
+struct QkvPost<'a> {
+    layer: &'a Layer,
+    nq: usize,
+    nkv: usize,
+    d: usize,
+    eps: f32,
+}
+
+impl QkvPost<'_> {
+    /// Adds the bias, normalizes q and k heads (Qwen3), rotates them by the row's `cs` (cos
+    /// then sin, head_dim / 2 each), then hands every KV head's k and v to `put`.
+    fn row(&self, q: &mut [f32], cs: &[f32], mut put: impl FnMut(Kv, usize, &[f32])) {
+        let (nq, nkv, d) = (self.nq, self.nkv, self.d);
+        if let Some(b) = &self.layer.qkv_bias {
+            q.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+        let (cos, sin) = cs.split_at(d / 2);
+        for (hi, head) in q[..(nq + nkv) * d].chunks_exact_mut(d).enumerate() {
+            if let Some((qn, kn)) = &self.layer.qk_norm {
+                rms_norm_inplace(head, if hi < nq { qn } else { kn }, self.eps);
+            }
+            apply_rope(head, cos, sin);
+        }
+        for g in 0..nkv {
+            put(Kv::K, g, &q[(nq + g) * d..(nq + g + 1) * d]);
+            put(Kv::V, g, &q[(nq + nkv + g) * d..(nq + nkv + g + 1) * d]);
+        }
+    }
+}
+
+/// Rows from which the qkv epilogue (rope and K/V store) runs on the pool.
+const PAR_MIN_ROWS: usize = 4;
 
 fn rows_view(rows: &[Row]) -> Vec<(usize, usize)> {
     rows.iter().map(|r| (r.chunk, r.pos)).collect()
