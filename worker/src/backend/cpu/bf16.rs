@@ -171,41 +171,122 @@ pub fn pack_mat(m: &mut Mat, kernel: Bf16Kernel) {
 /// [`Bf16Kernel::Avx512Bf16`].
 #[cfg(target_arch = "x86_64")]
 pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out: &mut [f32]) {
-    use super::bf16_avx512::{self as simd, MR, NR};
+    assert!(x.len() >= rows * k, "linear_panels bounds");
+    panels_from(rows, k, w, n, out, |r, d| {
+        // SAFETY: only reached with the CPU features of this kernel (see linear()).
+        unsafe { super::bf16_avx512::round_into(&x[r * k..(r + 1) * k], d) }
+    });
+}
+
+/// The FFN's down projection fed straight from the gate/up projection: `out[t, n] =
+/// bf16(silu(gate[t]) * up[t]) . w[n]` where row t of `gate_up` is `[gate; up]` (`inter`
+/// each) and `w` (`n x inter`) was packed by [`pack_weights`]. The product of the gating is
+/// rounded to bf16 as it is computed, row by row (on the pool for a batch), and never stored
+/// in f32: the same bits as [`super::kernels::silu_mul`] followed by [`linear_panels`], one
+/// pass and one fork/join fewer. The caller has checked that this CPU runs
+/// [`Bf16Kernel::Avx512Bf16`].
+#[cfg(target_arch = "x86_64")]
+pub fn silu_mul_panels(
+    gate_up: &[f32],
+    rows: usize,
+    inter: usize,
+    w: &[u32],
+    n: usize,
+    out: &mut [f32],
+) {
+    assert!(gate_up.len() >= rows * 2 * inter, "silu_mul_panels bounds");
+    panels_from(rows, inter, w, n, out, |r, d| {
+        let (gate, up) = gate_up[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
+        // SAFETY: only reached with the CPU features of this kernel (see linear()).
+        unsafe { super::vmath::silu_mul_bf16(gate, up, d) }
+    });
+}
+
+/// Bytes of rounded input rows kept from call to call on each thread (a decode batch's fit;
+/// larger inputs, prefill chunks, take a fresh buffer so that none is held for long).
+#[cfg(target_arch = "x86_64")]
+const KEPT_INPUT_BYTES: usize = 1 << 20;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static INPUT: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `out = a w^T` where `fill(t, row)` writes input row t as its first k bf16 elements
+/// (the packed-panel product behind [`linear_panels`] and [`silu_mul_panels`]).
+#[cfg(target_arch = "x86_64")]
+fn panels_from(
+    rows: usize,
+    k: usize,
+    w: &[u32],
+    n: usize,
+    out: &mut [f32],
+    fill: impl Fn(usize, &mut [u16]) + Sync,
+) {
+    use super::bf16_avx512::NR;
     let kp = k.div_ceil(2);
     assert!(
-        x.len() >= rows * k && w.len() >= n.div_ceil(NR) * kp * NR && out.len() >= rows * n,
+        w.len() >= n.div_ceil(NR) * kp * NR && out.len() >= rows * n,
         "linear_panels bounds"
     );
-    // x as bf16 pairs; the element past an odd k is zero. The row stride is an odd number of
-    // cache lines: a tile broadcasts dword p of each of its rows at every step, and with a
-    // stride of a multiple of 4 KiB (k = 2048) all of them would fall into one set of the
-    // 8-way L1 and evict each other; an odd stride in lines puts every row in its own set.
-    let path = panel_path();
-    let stride = if path == PanelPath::Plain {
+    // The input as bf16 pairs; the element past an odd k is zero. The row stride is an odd
+    // number of cache lines: a tile broadcasts dword p of each of its rows at every step, and
+    // with a stride of a multiple of 4 KiB (k = 2048) all of them would fall into one set of
+    // the 8-way L1 and evict each other; an odd stride in lines puts every row in its own set.
+    // Only the first kp dwords of a row are read, so the buffer is reused (not zeroed) from
+    // call to call.
+    let stride = if panel_path() == PanelPath::Plain {
         kp
     } else {
         row_stride(kp)
     };
-    let mut xa = vec![0u32; rows * stride];
-    {
-        let xb: &mut [u16] = bytemuck::cast_slice_mut(&mut xa);
-        let round = |(d, s): (&mut [u16], &[f32])| {
-            // SAFETY: only reached with the CPU features of this kernel (see linear()).
-            unsafe { simd::round_into(s, &mut d[..k]) }
+    let len = rows * stride;
+    let mut run = |xa: &mut Vec<u32>| {
+        if xa.len() < len {
+            xa.resize(len, 0);
+        }
+        let xb: &mut [u16] = bytemuck::cast_slice_mut(&mut xa[..len]);
+        let put = |(t, d): (usize, &mut [u16])| {
+            fill(t, &mut d[..k]);
+            if k % 2 == 1 {
+                d[k] = 0;
+            }
         };
         if rows * k < 1 << 16 {
-            xb.chunks_mut(2 * stride)
-                .zip(x.chunks(k))
-                .take(rows)
-                .for_each(round);
+            xb.chunks_mut(2 * stride).enumerate().for_each(put);
         } else {
-            xb.par_chunks_mut(2 * stride)
-                .zip(x.par_chunks(k))
-                .take(rows)
-                .for_each(round);
+            xb.par_chunks_mut(2 * stride).enumerate().for_each(put);
         }
+        panels_product(&xa[..len], stride, rows, w, kp, n, out);
+    };
+    if len * 4 > KEPT_INPUT_BYTES {
+        return run(&mut Vec::new());
     }
+    INPUT.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut xa) => run(&mut xa),
+        // A call nested in another on this thread (a task stolen while waiting).
+        Err(_) => run(&mut Vec::new()),
+    });
+}
+
+/// `out = a w^T` for the rounded rows `xa` (`rows` at `stride` dwords, kp pairs each) and
+/// the packed panels `w`.
+#[cfg(target_arch = "x86_64")]
+fn panels_product(
+    xa: &[u32],
+    stride: usize,
+    rows: usize,
+    w: &[u32],
+    kp: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    use super::bf16_avx512::{self as simd, MR, NR};
+    assert!(
+        rows > 0 && xa.len() >= (rows - 1) * stride + kp && stride >= kp,
+        "linear_panels input"
+    );
+    let path = panel_path();
     let tiles = rows.div_ceil(MR);
     let per = rows.div_ceil(tiles);
     let target = Out::new(&mut out[..rows * n]);
@@ -676,6 +757,99 @@ mod tests {
                 assert!(same, "rows {rows} n {n} k {k}: prefetch changed the result");
             }
         }
+    }
+
+    /// The down projection fed by the fused gating gives the bits of gating into f32 and
+    /// then the packed product, for batch and single rows, odd and even widths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fused_gating_gives_the_bits_of_gating_then_linear() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
+        for &(rows, n, inter) in &[(1, 40, 67), (5, 33, 130), (32, 96, 2048), (40, 64, 100)] {
+            let (gu, w, _, _) = case(rows, n, 2 * inter);
+            let mut down = crate::model::Mat {
+                rows: n,
+                cols: inter,
+                data: WeightData::Bf16(w[..n * inter].to_vec()),
+            };
+            pack_mat(&mut down, Bf16Kernel::Avx512Bf16);
+            let mut act = vec![0.0f32; rows * inter];
+            for (a, g) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
+                super::super::kernels::silu_mul(g, a);
+            }
+            let mut want = vec![f32::NAN; rows * n];
+            super::super::linear::linear(mode, &act, rows, &down, &mut want);
+            let mut got = vec![f32::NAN; rows * n];
+            assert!(super::super::linear::silu_mul_linear(
+                mode, &gu, rows, &down, &mut got
+            ));
+            assert!(want.iter().all(|v| v.is_finite()));
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "rows {rows} n {n} inter {inter}");
+        }
+        let (gu, w, _, _) = case(2, 8, 16);
+        let row_major = crate::model::Mat {
+            rows: 8,
+            cols: 8,
+            data: WeightData::Bf16(w[..64].to_vec()),
+        };
+        let mut out = vec![0.0f32; 16];
+        assert!(!super::super::linear::silu_mul_linear(
+            mode, &gu, 2, &row_major, &mut out
+        ));
+    }
+
+    /// The rounded input rows are kept from call to call on a thread without zeroing: a call
+    /// after a larger one (which left its values in the buffer) gives the same bits as the
+    /// same call on a fresh thread, for odd k (whose last pair's upper half must be zero).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reused_input_rows_give_the_bits_of_fresh_ones() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        let packed = |n: usize, k: usize, w: &[u16]| {
+            let mut m = crate::model::Mat {
+                rows: n,
+                cols: k,
+                data: WeightData::Bf16(w.to_vec()),
+            };
+            pack_mat(&mut m, Bf16Kernel::Avx512Bf16);
+            match m.data {
+                WeightData::Bf16Panels(p) => p,
+                _ => unreachable!("packed above"),
+            }
+        };
+        let (rows, n, k) = (9, 40, 131);
+        let (x, w, _, _) = case(rows, n, k);
+        let small = packed(n, k, &w);
+        let fresh = std::thread::spawn({
+            let (x, small) = (x.clone(), small.clone());
+            move || {
+                let mut out = vec![f32::NAN; rows * n];
+                linear_panels(&x, rows, &small, k, n, &mut out);
+                out
+            }
+        })
+        .join()
+        .expect("fresh thread");
+        let (bx, bw, _, _) = case(20, 32, 400);
+        let big: Vec<f32> = bx.iter().map(|v| v * 1e3 + 7.0).collect();
+        let mut junk = vec![0.0f32; 20 * 32];
+        linear_panels(&big, 20, &packed(32, 400, &bw), 400, 32, &mut junk);
+        let mut out = vec![f32::NAN; rows * n];
+        linear_panels(&x, rows, &small, k, n, &mut out);
+        let same = out
+            .iter()
+            .zip(&fresh)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "a reused buffer changed the result");
     }
 
     /// Rows read back from packed panels (the tied-embedding lookup) equal the original rows.

@@ -58,6 +58,34 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
     }
 }
 
+/// `out = (silu(gate) * up) W^T` for the rows `[gate; up]` of `gate_up` (`w.cols` each), the
+/// FFN's down projection, with the gating fused into the rounding of its input where the
+/// packed AVX512_BF16 kernel runs ([`bf16::silu_mul_panels`], the same bits as gating into
+/// f32 and then [`linear`]). Returns false, with nothing written, everywhere else: the
+/// caller gates into f32 and calls [`linear`].
+pub fn silu_mul_linear(
+    dtype: GemmDtype,
+    gate_up: &[f32],
+    rows: usize,
+    w: &Mat,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let (GemmDtype::Bf16(Bf16Kernel::Avx512Bf16), WeightData::Bf16Panels(v)) =
+            (dtype, &w.data)
+            && rows > 0
+            && w.rows > 0
+            && w.cols > 0
+        {
+            bf16::silu_mul_panels(gate_up, rows, w.cols, v, w.rows, out);
+            return true;
+        }
+    }
+    let _ = (dtype, gate_up, rows, w, out);
+    false
+}
+
 /// The f32 product (also the portable bf16 kernel, on pre-rounded activations). Packed
 /// panels only reach it outside the kernel they were packed for; it reads them row by row.
 fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {

@@ -424,6 +424,9 @@ fn add_rows(x: &mut [f32], y: &[f32], bias: Option<&[f32]>, h: usize) {
 fn run_ffn(g: GemmDtype, f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32], s: &mut Scratch) {
     let gu = buf(&mut s.gate_up, rows * 2 * f.inter);
     linear(g, xn, rows, &f.gate_up, gu);
+    if linear::silu_mul_linear(g, gu, rows, &f.down, out) {
+        return;
+    }
     let act = buf(&mut s.act, rows * f.inter);
     if act.len() < PAR_MIN_ELEMS {
         for (a, g) in act

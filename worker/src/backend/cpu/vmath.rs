@@ -101,9 +101,59 @@ pub fn silu_mul16(gate_up: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`silu_mul16`] of `gate` and `up` (each `out.len()` long), rounded to bf16 bits with
+/// `vcvtneps2bf16` (the rounding of the bf16 GEMM's inputs): the same bits as `silu_mul16`
+/// followed by `bf16_avx512::round_into`.
+///
+/// # Safety
+/// The CPU must support avx512f, avx512bw and avx512bf16.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn silu_mul_bf16(gate: &[f32], up: &[f32], out: &mut [u16]) {
+    let n = out.len();
+    assert!(gate.len() >= n && up.len() >= n, "silu_mul_bf16 bounds");
+    let one = _mm512_set1_ps(1.0);
+    for i in (0..n).step_by(16) {
+        let m: __mmask16 = ((1u32 << (n - i).min(16)) - 1) as __mmask16;
+        // SAFETY: the mask covers elements i..min(i + 16, n) of gate, up and out.
+        unsafe {
+            let g = _mm512_maskz_loadu_ps(m, gate.as_ptr().add(i));
+            let u = _mm512_maskz_loadu_ps(m, up.as_ptr().add(i));
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            let s = _mm512_div_ps(g, _mm512_add_ps(one, e));
+            let b = _mm512_cvtneps_pbh(_mm512_mul_ps(s, u));
+            let bits = _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(b));
+            _mm512_mask_storeu_epi16(out.as_mut_ptr().add(i) as *mut i16, m as __mmask32, bits);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fused gating gives the bits of the f32 gating followed by the GEMM's rounding.
+    #[test]
+    fn silu_mul_bf16_is_silu_mul16_then_rounding() {
+        if super::super::bf16::Bf16Kernel::detect() != super::super::bf16::Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        for n in [1usize, 15, 16, 37, 2048] {
+            let gu: Vec<f32> = (0..2 * n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+                .collect();
+            let mut f = vec![0.0f32; n];
+            let mut want = vec![0u16; n];
+            let mut got = vec![0xffffu16; n + 3];
+            // SAFETY: the CPU features were checked above.
+            unsafe {
+                silu_mul16(&gu, &mut f);
+                super::super::bf16_avx512::round_into(&f, &mut want);
+                silu_mul_bf16(&gu[..n], &gu[n..], &mut got[..n]);
+            }
+            assert_eq!(&got[..n], &want[..], "n {n}");
+            assert!(got[n..].iter().all(|&b| b == 0xffff), "wrote past the end");
+        }
+    }
 
     #[test]
     fn vector_exp_matches_the_scalar_exp() {
