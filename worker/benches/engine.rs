@@ -15,6 +15,9 @@
 //! L1), all on one backend, switching between rounds (the order reversed every other round),
 //! and prints each path's per-round rate over the first one's. LLMAPI_BENCH_HUGE_PAGES=0 packs
 //! the bf16 panels without asking for transparent huge pages (the library asks by default).
+//! LLMAPI_BENCH_STEP_PATH=before,fused runs bfloat16 the same way once per step path
+//! (`cpu::set_fused_step`: the serial epilogues of a step, or the fused batch ones), crossed
+//! with the panel paths when both are given.
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
 mod support;
@@ -25,10 +28,10 @@ use std::path::Path;
 use std::time::Instant;
 
 use llmapi_common::args::ModelDtype;
-use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::cpu::bf16::{
     PanelPath, panel_path, set_panel_path, set_weight_huge_pages,
 };
+use llmapi_worker::backend::cpu::{CpuBackend, fused_step, set_fused_step};
 use llmapi_worker::backend::{Backend, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::ModelWeights;
@@ -153,11 +156,30 @@ fn main() {
     if std::env::var("LLMAPI_BENCH_HUGE_PAGES").is_ok_and(|v| v == "0") {
         set_weight_huge_pages(false);
     }
+    let steps_paths: Vec<bool> = match std::env::var("LLMAPI_BENCH_STEP_PATH") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| match x.trim() {
+                "before" => false,
+                "fused" => true,
+                other => {
+                    eprintln!("LLMAPI_BENCH_STEP_PATH: {other}: expected before or fused");
+                    std::process::exit(2)
+                }
+            })
+            .collect(),
+        Err(_) => vec![fused_step()],
+    };
+    // Every (panel path, step path) pair.
+    let paths: Vec<(PanelPath, bool)> = paths
+        .iter()
+        .flat_map(|&p| steps_paths.iter().map(move |&f| (p, f)))
+        .collect();
     // One backend per dtype; bfloat16 with several panel paths runs them all on its one
     // backend (the same weights in the same memory), switching the path between rounds.
     let mut bes: Vec<CpuBackend> = Vec::new();
-    // (name, backend index, panel path).
-    let mut backends: Vec<(String, usize, PanelPath)> = Vec::new();
+    // (name, backend index, (panel path, step path)).
+    let mut backends: Vec<(String, usize, (PanelPath, bool))> = Vec::new();
     for &dtype in &dtypes {
         let name = format!("{dtype:?}").to_lowercase();
         let mut be = CpuBackend::new(weights.clone(), KvDtype::Bf16, threads)
@@ -172,8 +194,14 @@ fn main() {
         println!("[{name}] projections: {:?}", be.gemm_dtype());
         bes.push(be);
         if dtype == ModelDtype::Bfloat16 && paths.len() > 1 {
-            for &pf in &paths {
-                backends.push((format!("{name} {pf:?}").to_lowercase(), bes.len() - 1, pf));
+            for &(pf, fused) in &paths {
+                let step = if fused { "fused" } else { "before" };
+                let label = if steps_paths.len() > 1 {
+                    format!("{name} {pf:?} {step}")
+                } else {
+                    format!("{name} {pf:?}")
+                };
+                backends.push((label.to_lowercase(), bes.len() - 1, (pf, fused)));
             }
         } else {
             backends.push((name, bes.len() - 1, paths[0]));
@@ -208,8 +236,9 @@ fn main() {
                 order.reverse();
             }
             for m in order {
-                let (name, b, pf) = &backends[m];
+                let (name, b, (pf, fused)) = &backends[m];
                 set_panel_path(*pf);
+                set_fused_step(*fused);
                 let (tps, cpu) = decoders[*b].steps(&mut bes[*b], n, nthreads);
                 best[m][bi] = best[m][bi].max(tps);
                 best_cpu[m][bi] = best_cpu[m][bi].max(cpu);
@@ -226,8 +255,9 @@ fn main() {
             run(be, &[chunk(&prompt, 0, &table)]);
         }
         for _ in 0..rounds {
-            for (m, (name, b, pf)) in backends.iter().enumerate() {
+            for (m, (name, b, (pf, fused))) in backends.iter().enumerate() {
                 set_panel_path(*pf);
+                set_fused_step(*fused);
                 let (t, cpu0) = (Instant::now(), process_cpu_ns());
                 run(&mut bes[*b], &[chunk(&prompt, 0, &table)]);
                 let tps = 512.0 / t.elapsed().as_secs_f64();

@@ -202,6 +202,65 @@ fn reused_prefix_equals_fresh_and_reports_cached_tokens() {
     assert_eq!(no_reuse[0], first.ids);
 }
 
+/// A decode batch of 8 sequences (prefill, then 6 steps of one token each) in bf16 mode,
+/// with the fused batch epilogues of a step (rope and K/V store per row on the pool, the
+/// gating rounded into the down projection's input) and with the serial code they replaced:
+/// the same logits, bit for bit, for every KV dtype. Other tests may run steps meanwhile;
+/// both settings give the same bits, so the switch cannot change their results.
+#[test]
+fn fused_step_gives_the_bits_of_the_serial_step() {
+    use llmapi_worker::backend::cpu::set_fused_step;
+    let run = |fused: bool, kv: KvDtype| -> Vec<Vec<u32>> {
+        set_fused_step(fused);
+        let w = ModelWeights::load(&model_dir()).unwrap();
+        let mut be = CpuBackend::new(w, kv, Some(2))
+            .unwrap()
+            .with_dtype(ModelDtype::Bfloat16)
+            .unwrap();
+        be.init_kv(8 * 8, 4).unwrap();
+        let tables: Vec<Vec<u32>> = (0..8u32).map(|s| (s * 8..(s + 1) * 8).collect()).collect();
+        let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 5 + i as usize)).collect();
+        let mut out = Vec::new();
+        let chunks: Vec<SeqChunk<'_>> = prompts
+            .iter()
+            .zip(&tables)
+            .map(|(p, t)| SeqChunk {
+                tokens: p,
+                start_pos: 0,
+                block_table: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        out.extend(be.forward(&chunks).unwrap());
+        for step in 0..6u32 {
+            let toks: Vec<[u32; 1]> = (0..8u32).map(|s| [(s * 31 + step * 7) % 100 + 3]).collect();
+            let chunks: Vec<SeqChunk<'_>> = toks
+                .iter()
+                .zip(&tables)
+                .zip(&prompts)
+                .map(|((t, table), p)| SeqChunk {
+                    tokens: t,
+                    start_pos: p.len() + step as usize,
+                    block_table: table,
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            out.extend(be.forward(&chunks).unwrap());
+        }
+        set_fused_step(true);
+        out.iter()
+            .map(|l| l.iter().map(|v| v.to_bits()))
+            .map(|bits| bits.collect())
+            .collect()
+    };
+    for kv in [KvDtype::Bf16, KvDtype::Fp8, KvDtype::Float32] {
+        let fused = run(true, kv);
+        assert_eq!(fused.len(), 56);
+        assert!(fused.iter().all(|l| !l.is_empty()));
+        assert_eq!(fused, run(false, kv), "{kv:?}");
+    }
+}
+
 /// Logits of the same prompt with a given KV dtype.
 fn prompt_logits(dtype: KvDtype, tokens: &[u32]) -> Vec<f32> {
     let w = ModelWeights::load(&model_dir()).unwrap();

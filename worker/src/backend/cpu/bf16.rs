@@ -259,8 +259,8 @@ fn panels_from(
         }
         panels_product(&xa[..len], stride, rows, w, kp, n, out);
     };
-    if len * 4 > KEPT_INPUT_BYTES {
-        return run(&mut Vec::new());
+    if len * 4 > KEPT_INPUT_BYTES || !super::fused_step() {
+        return run(&mut vec![0; len]);
     }
     INPUT.with(|cell| match cell.try_borrow_mut() {
         Ok(mut xa) => run(&mut xa),

@@ -308,7 +308,8 @@ impl KvStore {
 fn round_bf16(x: &[f32], out: &mut [u16]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f")
+        if super::fused_step()
+            && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
         {
             // SAFETY: the CPU supports avx512f and avx512bw (checked just above).

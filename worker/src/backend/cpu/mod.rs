@@ -27,6 +27,22 @@ use kv_store::{Kv, KvStore};
 use linear::{GemmDtype, linear};
 use llmapi_common::args::ModelDtype;
 
+static FUSED_STEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Chooses, for every later step in this process, between the batch epilogues (the default:
+/// rope and the K/V store per row on the pool with a vector bf16 conversion, SiLU x up rounded
+/// straight into the down projection's input, the GEMM input rows reused per thread) and the
+/// serial, unfused code they replaced. Both give the same bits; the switch exists for A/B
+/// measurements in the benches.
+pub fn set_fused_step(on: bool) {
+    FUSED_STEP.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether steps take the batch epilogues (see [`set_fused_step`]).
+pub fn fused_step() -> bool {
+    FUSED_STEP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Runs a model (or one tensor-parallel shard of it) on the CPU.
 pub struct CpuBackend {
     w: ModelWeights,
@@ -240,6 +256,7 @@ impl CpuBackend {
                 eps,
             };
             if t_rows >= PAR_MIN_ROWS
+                && fused_step()
                 && let Some(writers) = kv.slot_writers(li, &places)
             {
                 qkv.par_chunks_mut(qkv_w)
@@ -424,7 +441,7 @@ fn add_rows(x: &mut [f32], y: &[f32], bias: Option<&[f32]>, h: usize) {
 fn run_ffn(g: GemmDtype, f: &Ffn, xn: &[f32], rows: usize, out: &mut [f32], s: &mut Scratch) {
     let gu = buf(&mut s.gate_up, rows * 2 * f.inter);
     linear(g, xn, rows, &f.gate_up, gu);
-    if linear::silu_mul_linear(g, gu, rows, &f.down, out) {
+    if fused_step() && linear::silu_mul_linear(g, gu, rows, &f.down, out) {
         return;
     }
     let act = buf(&mut s.act, rows * f.inter);
