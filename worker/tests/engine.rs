@@ -202,7 +202,7 @@ fn reused_prefix_equals_fresh_and_reports_cached_tokens() {
     assert_eq!(no_reuse[0], first.ids);
 }
 
-/// A decode batch of 8 sequences (prefill, then 6 steps of one token each) in bf16 mode,
+/// A decode batch of 16 sequences (the rows from which the epilogue runs on the pool) (prefill, then 6 steps of one token each) in bf16 mode,
 /// with the fused batch epilogues of a step (rope and K/V store per row on the pool, the
 /// gating rounded into the down projection's input) and with the serial code they replaced:
 /// the same logits, bit for bit, for every KV dtype. Other tests may run steps meanwhile;
@@ -217,9 +217,9 @@ fn fused_step_gives_the_bits_of_the_serial_step() {
             .unwrap()
             .with_dtype(ModelDtype::Bfloat16)
             .unwrap();
-        be.init_kv(8 * 8, 4).unwrap();
-        let tables: Vec<Vec<u32>> = (0..8u32).map(|s| (s * 8..(s + 1) * 8).collect()).collect();
-        let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i, 5 + i as usize)).collect();
+        be.init_kv(16 * 8, 4).unwrap();
+        let tables: Vec<Vec<u32>> = (0..16u32).map(|s| (s * 8..(s + 1) * 8).collect()).collect();
+        let prompts: Vec<Vec<u32>> = (0..16).map(|i| prompt(i, 5 + i as usize)).collect();
         let mut out = Vec::new();
         let chunks: Vec<SeqChunk<'_>> = prompts
             .iter()
@@ -233,7 +233,9 @@ fn fused_step_gives_the_bits_of_the_serial_step() {
             .collect();
         out.extend(be.forward(&chunks).unwrap());
         for step in 0..6u32 {
-            let toks: Vec<[u32; 1]> = (0..8u32).map(|s| [(s * 31 + step * 7) % 100 + 3]).collect();
+            let toks: Vec<[u32; 1]> = (0..16u32)
+                .map(|s| [(s * 31 + step * 7) % 100 + 3])
+                .collect();
             let chunks: Vec<SeqChunk<'_>> = toks
                 .iter()
                 .zip(&tables)
@@ -255,7 +257,7 @@ fn fused_step_gives_the_bits_of_the_serial_step() {
     };
     for kv in [KvDtype::Bf16, KvDtype::Fp8, KvDtype::Float32] {
         let fused = run(true, kv);
-        assert_eq!(fused.len(), 56);
+        assert_eq!(fused.len(), 16 * 7);
         assert!(fused.iter().all(|l| !l.is_empty()));
         assert_eq!(fused, run(false, kv), "{kv:?}");
     }

@@ -401,8 +401,9 @@ impl QkvPost<'_> {
     }
 }
 
-/// Rows from which the qkv epilogue (rope and K/V store) runs on the pool.
-const PAR_MIN_ROWS: usize = 4;
+/// Rows from which the qkv epilogue (rope and K/V store) runs on the pool: below, the work
+/// (about a microsecond a row) does not pay for a fork/join.
+const PAR_MIN_ROWS: usize = 16;
 
 fn rows_view(rows: &[Row]) -> Vec<(usize, usize)> {
     rows.iter().map(|r| (r.chunk, r.pos)).collect()
