@@ -202,7 +202,8 @@ fn reused_prefix_equals_fresh_and_reports_cached_tokens() {
     assert_eq!(no_reuse[0], first.ids);
 }
 
-/// A decode batch of 16 sequences (the rows from which the epilogue runs on the pool) (prefill, then 6 steps of one token each) in bf16 mode,
+/// A decode batch of 16 sequences (the rows from which the epilogue runs on the pool; half
+/// of the prompts want every position's logits) (prefill, then 6 steps of one token each) in bf16 mode,
 /// with the fused batch epilogues of a step (rope and K/V store per row on the pool, the
 /// gating rounded into the down projection's input) and with the serial code they replaced:
 /// the same logits, bit for bit, for every KV dtype. Other tests may run steps meanwhile;
@@ -224,11 +225,16 @@ fn fused_step_gives_the_bits_of_the_serial_step() {
         let chunks: Vec<SeqChunk<'_>> = prompts
             .iter()
             .zip(&tables)
-            .map(|(p, t)| SeqChunk {
+            .enumerate()
+            .map(|(i, (p, t))| SeqChunk {
                 tokens: p,
                 start_pos: 0,
                 block_table: t,
-                logits: LogitsWanted::Last,
+                logits: if i % 2 == 0 {
+                    LogitsWanted::All
+                } else {
+                    LogitsWanted::Last
+                },
             })
             .collect();
         out.extend(be.forward(&chunks).unwrap());

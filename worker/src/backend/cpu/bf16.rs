@@ -164,6 +164,37 @@ pub fn pack_mat(m: &mut Mat, kernel: Bf16Kernel) {
     let _ = (m, kernel);
 }
 
+/// [`linear_panels`] with every output row in its own slice (`outs[t]`, at least `n` long):
+/// the first `n` elements of every slice are written, whatever they held (they may start
+/// uninitialized), so a batch's logits go straight into each sequence's own vector without a
+/// copy through one matrix. The caller has checked that this CPU runs
+/// [`Bf16Kernel::Avx512Bf16`].
+#[cfg(target_arch = "x86_64")]
+pub fn linear_panels_rows(
+    x: &[f32],
+    w: &[u32],
+    k: usize,
+    n: usize,
+    outs: &mut [&mut [std::mem::MaybeUninit<f32>]],
+) {
+    let rows = outs.len();
+    assert!(
+        x.len() >= rows * k && outs.iter().all(|o| o.len() >= n),
+        "linear_panels_rows bounds"
+    );
+    let out = RowsOut {
+        rows: outs
+            .iter_mut()
+            .map(|o| o.as_mut_ptr().cast::<f32>())
+            .collect(),
+        n,
+    };
+    panels_from(rows, k, w, n, out, |r, d| {
+        // SAFETY: only reached with the CPU features of this kernel (see linear()).
+        unsafe { super::bf16_avx512::round_into(&x[r * k..(r + 1) * k], d) }
+    });
+}
+
 /// `out[t, n] = bf16(x[t]) . w[n]` for `w` packed by [`pack_weights`] (`n x k`), with
 /// `vdpbf16ps`: parallel over groups of panels; every panel is streamed once per tile of up
 /// to 12 input rows (tiles balanced in size), so the weights are read once from memory per
@@ -172,6 +203,7 @@ pub fn pack_mat(m: &mut Mat, kernel: Bf16Kernel) {
 #[cfg(target_arch = "x86_64")]
 pub fn linear_panels(x: &[f32], rows: usize, w: &[u32], k: usize, n: usize, out: &mut [f32]) {
     assert!(x.len() >= rows * k, "linear_panels bounds");
+    let out = RowsOut::matrix(out, rows, n);
     panels_from(rows, k, w, n, out, |r, d| {
         // SAFETY: only reached with the CPU features of this kernel (see linear()).
         unsafe { super::bf16_avx512::round_into(&x[r * k..(r + 1) * k], d) }
@@ -195,6 +227,7 @@ pub fn silu_mul_panels(
     out: &mut [f32],
 ) {
     assert!(gate_up.len() >= rows * 2 * inter, "silu_mul_panels bounds");
+    let out = RowsOut::matrix(out, rows, n);
     panels_from(rows, inter, w, n, out, |r, d| {
         let (gate, up) = gate_up[2 * r * inter..2 * (r + 1) * inter].split_at(inter);
         // SAFETY: only reached with the CPU features of this kernel (see linear()).
@@ -220,13 +253,13 @@ fn panels_from(
     k: usize,
     w: &[u32],
     n: usize,
-    out: &mut [f32],
+    out: RowsOut,
     fill: impl Fn(usize, &mut [u16]) + Sync,
 ) {
     use super::bf16_avx512::NR;
     let kp = k.div_ceil(2);
     assert!(
-        w.len() >= n.div_ceil(NR) * kp * NR && out.len() >= rows * n,
+        w.len() >= n.div_ceil(NR) * kp * NR && out.rows.len() >= rows && out.n >= n,
         "linear_panels bounds"
     );
     // The input as bf16 pairs; the element past an odd k is zero. The row stride is an odd
@@ -241,7 +274,7 @@ fn panels_from(
         row_stride(kp)
     };
     let len = rows * stride;
-    let mut run = |xa: &mut Vec<u32>| {
+    let run = |xa: &mut Vec<u32>| {
         if xa.len() < len {
             xa.resize(len, 0);
         }
@@ -257,7 +290,7 @@ fn panels_from(
         } else {
             xb.par_chunks_mut(2 * stride).enumerate().for_each(put);
         }
-        panels_product(&xa[..len], stride, rows, w, kp, n, out);
+        panels_product(&xa[..len], stride, rows, w, kp, n, &out);
     };
     if len * 4 > KEPT_INPUT_BYTES || !super::fused_step() {
         return run(&mut vec![0; len]);
@@ -279,7 +312,7 @@ fn panels_product(
     w: &[u32],
     kp: usize,
     n: usize,
-    out: &mut [f32],
+    target: &RowsOut,
 ) {
     use super::bf16_avx512::{self as simd, MR, NR};
     assert!(
@@ -289,7 +322,6 @@ fn panels_product(
     let path = panel_path();
     let tiles = rows.div_ceil(MR);
     let per = rows.div_ceil(tiles);
-    let target = Out::new(&mut out[..rows * n]);
     let threads = rayon::current_num_threads().max(1);
     let panels = n.div_ceil(NR);
     // With several row tiles, smaller chunks at the end of a call leave less for one thread to
@@ -334,8 +366,7 @@ fn panels_product(
                     _ => simd::Ahead::NONE,
                 };
                 let dst = simd::Dst {
-                    at: target.rows(t, m, j * NR, width, n),
-                    ld: n,
+                    rows: target.tile(t, m, j * NR, width),
                     width,
                 };
                 // SAFETY: the caller checked the CPU features; a holds m rows of kp dwords at
@@ -484,6 +515,56 @@ pub fn linear_avx512(x: &[f32], rows: usize, w: &[u16], k: usize, n: usize, out:
     });
 }
 
+/// The output rows of a packed-panel product, each `n` writable f32 at its own address
+/// (rows of one matrix, or separate vectors), shared by parallel tasks that each write their
+/// own columns of every row.
+#[cfg(target_arch = "x86_64")]
+struct RowsOut {
+    rows: Vec<*mut f32>,
+    n: usize,
+}
+
+// SAFETY: the rows are distinct memory (made from one `&mut` matrix or from distinct `&mut`
+// slices) and tasks write disjoint columns of them, see `tile`'s callers.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for RowsOut {}
+
+#[cfg(target_arch = "x86_64")]
+impl RowsOut {
+    /// The first `rows` rows of the row-major `rows x n` matrix `out`.
+    fn matrix(out: &mut [f32], rows: usize, n: usize) -> Self {
+        assert!(out.len() >= rows * n, "linear_panels bounds");
+        let at = out.as_mut_ptr();
+        Self {
+            rows: (0..rows).map(|t| at.wrapping_add(t * n)).collect(),
+            n,
+        }
+    }
+
+    /// The addresses of column `col` of rows `row..row + m` (the rest of the array null),
+    /// after checking that those rows exist and `col + width <= n`. Writing through them is
+    /// the caller's to make exclusive.
+    fn tile(
+        &self,
+        row: usize,
+        m: usize,
+        col: usize,
+        width: usize,
+    ) -> [*mut f32; super::bf16_avx512::MR] {
+        assert!(
+            m <= super::bf16_avx512::MR && row + m <= self.rows.len() && col + width <= self.n,
+            "tile rows inside the output"
+        );
+        std::array::from_fn(|i| {
+            if i < m {
+                self.rows[row + i].wrapping_add(col)
+            } else {
+                std::ptr::null_mut()
+            }
+        })
+    }
+}
+
 /// An output matrix shared by parallel tasks that each write their own columns.
 #[cfg(target_arch = "x86_64")]
 struct Out {
@@ -502,17 +583,6 @@ impl Out {
             ptr: out.as_mut_ptr(),
             len: out.len(),
         }
-    }
-
-    /// The address of element `row * ld + col`, after checking that rows `row..row + m` of
-    /// `ld` columns, columns `col..col + width` (`width <= ld - col`), lie inside the output.
-    /// Writing through it is the caller's to make exclusive.
-    fn rows(&self, row: usize, m: usize, col: usize, width: usize, ld: usize) -> *mut f32 {
-        assert!(
-            m > 0 && col + width <= ld && (row + m - 1) * ld + col + width <= self.len,
-            "tile rows inside the output"
-        );
-        self.ptr.wrapping_add(row * ld + col)
     }
 
     /// Copies `src` to elements `at..at + src.len()`.
@@ -803,6 +873,48 @@ mod tests {
         assert!(!super::super::linear::silu_mul_linear(
             mode, &gu, 2, &row_major, &mut out
         ));
+    }
+
+    /// Output rows in separate, uninitialized vectors get the bits of the same product into
+    /// one matrix, for one row, one tile and several tiles of rows, odd and even widths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn product_into_separate_rows_gives_the_bits_of_the_matrix() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        for &(rows, n, k) in &[(1, 70, 67), (5, 33, 130), (13, 64, 768), (32, 100, 96)] {
+            let (x, w, _, _) = case(rows, n, k);
+            let mut mat = crate::model::Mat {
+                rows: n,
+                cols: k,
+                data: WeightData::Bf16(w),
+            };
+            pack_mat(&mut mat, Bf16Kernel::Avx512Bf16);
+            let WeightData::Bf16Panels(panels) = &mat.data else {
+                unreachable!("packed above")
+            };
+            let mut want = vec![f32::NAN; rows * n];
+            linear_panels(&x, rows, panels, k, n, &mut want);
+            assert!(want.iter().all(|v| v.is_finite()));
+            let mut vecs: Vec<Vec<f32>> = (0..rows).map(|_| Vec::with_capacity(n)).collect();
+            let mut outs: Vec<&mut [std::mem::MaybeUninit<f32>]> = vecs
+                .iter_mut()
+                .map(|v| &mut v.spare_capacity_mut()[..n])
+                .collect();
+            let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
+            assert!(super::super::linear::linear_rows(mode, &x, &mat, &mut outs));
+            drop(outs);
+            for (t, v) in vecs.iter_mut().enumerate() {
+                // SAFETY: linear_rows wrote the first n elements of every row.
+                unsafe { v.set_len(n) };
+                let same = v
+                    .iter()
+                    .zip(&want[t * n..(t + 1) * n])
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "rows {rows} n {n} k {k}: row {t}");
+            }
+        }
     }
 
     /// The rounded input rows are kept from call to call on a thread without zeroing: a call

@@ -429,12 +429,12 @@ impl Ahead {
     };
 }
 
-/// Where a [`tile`] stores its `M x width` results: row i at `at + i * ld`, `width` (at most
-/// [`NR`]) consecutive f32.
+/// Where a [`tile`] stores its `M x width` results: row i at `rows[i]`, `width` (at most
+/// [`NR`]) consecutive f32 (rows need not be evenly spaced: the logits of a batch go straight
+/// into each sequence's own vector).
 #[derive(Clone, Copy, Debug)]
 pub struct Dst {
-    pub at: *mut f32,
-    pub ld: usize,
+    pub rows: [*mut f32; MR],
     pub width: usize,
 }
 
@@ -519,7 +519,7 @@ pub unsafe fn tile<const M: usize>(
             } else {
                 (r[0], r[1])
             };
-            let d = dst.at.add(i * dst.ld);
+            let d = dst.rows[i];
             if w == NR {
                 _mm512_storeu_ps(d, s0);
                 _mm512_storeu_ps(d.add(16), s1);

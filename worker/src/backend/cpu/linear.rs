@@ -86,6 +86,32 @@ pub fn silu_mul_linear(
     false
 }
 
+/// [`linear`] with every output row in its own slice (`outs[t]`, `w.rows` long, possibly
+/// uninitialized), where the packed AVX512_BF16 kernel runs ([`bf16::linear_panels_rows`]):
+/// returns true with every element of every slice written. Returns false, with nothing
+/// written, everywhere else (the caller computes into one matrix and copies).
+pub fn linear_rows(
+    dtype: GemmDtype,
+    x: &[f32],
+    w: &Mat,
+    outs: &mut [&mut [std::mem::MaybeUninit<f32>]],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let (GemmDtype::Bf16(Bf16Kernel::Avx512Bf16), WeightData::Bf16Panels(v)) =
+            (dtype, &w.data)
+            && !outs.is_empty()
+            && w.rows > 0
+            && w.cols > 0
+        {
+            bf16::linear_panels_rows(x, v, w.cols, w.rows, outs);
+            return true;
+        }
+    }
+    let _ = (dtype, x, w, outs);
+    false
+}
+
 /// The f32 product (also the portable bf16 kernel, on pre-rounded activations). Packed
 /// panels only reach it outside the kernel they were packed for; it reads them row by row.
 fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {

@@ -31,8 +31,9 @@ static FUSED_STEP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool
 
 /// Chooses, for every later step in this process, between the batch epilogues (the default:
 /// rope and the K/V store per row on the pool with a vector bf16 conversion, SiLU x up rounded
-/// straight into the down projection's input, the GEMM input rows reused per thread) and the
-/// serial, unfused code they replaced. Both give the same bits; the switch exists for A/B
+/// straight into the down projection's input, the GEMM input rows reused per thread, the
+/// logits written straight into each sequence's vector) and the serial, unfused code they
+/// replaced. Both give the same bits; the switch exists for A/B
 /// measurements in the benches.
 pub fn set_fused_step(on: bool) {
     FUSED_STEP.store(on, std::sync::atomic::Ordering::Relaxed);
@@ -332,6 +333,42 @@ impl CpuBackend {
                 &mut xn[i * h..(i + 1) * h],
             );
         }
+        // Each chunk's picked rows are consecutive in `picked` (rows come chunk by chunk).
+        let mut spans = vec![(0usize, 0usize); batch.len()];
+        for (i, &r) in picked.iter().enumerate() {
+            let s = &mut spans[rows[r].chunk];
+            if s.1 == s.0 {
+                *s = (i, i);
+            }
+            s.1 = i + 1;
+        }
+        // One model (no vocabulary split) on the packed bf16 kernel: every row's logits go
+        // straight into its chunk's vector, without a copy through one matrix (4 MB a step
+        // at batch 32 and vocab 32000).
+        if tp == 1
+            && vocab > 0
+            && self.w.lm_head().rows == vocab
+            && !picked.is_empty()
+            && fused_step()
+        {
+            let mut vecs: Vec<Vec<f32>> = spans
+                .iter()
+                .map(|&(a, b)| Vec::with_capacity((b - a) * vocab))
+                .collect();
+            let mut outs: Vec<&mut [std::mem::MaybeUninit<f32>]> = Vec::new();
+            for (v, &(a, b)) in vecs.iter_mut().zip(&spans) {
+                outs.extend(v.spare_capacity_mut()[..(b - a) * vocab].chunks_exact_mut(vocab));
+            }
+            if linear::linear_rows(self.gemm, &xn, self.w.lm_head(), &mut outs) {
+                drop(outs);
+                for (v, &(a, b)) in vecs.iter_mut().zip(&spans) {
+                    // SAFETY: linear_rows wrote every element of every row slice, which
+                    // together are the first (b - a) * vocab elements of v.
+                    unsafe { v.set_len((b - a) * vocab) };
+                }
+                return Ok(vecs);
+            }
+        }
         let all = buf(&mut self.scratch.logits, picked.len() * vocab);
         if tp == 1 {
             linear(self.gemm, &xn, picked.len(), self.w.lm_head(), all);
@@ -349,16 +386,7 @@ impl CpuBackend {
                 }
             }
         }
-        // Each chunk's picked rows are consecutive in `picked` (rows come chunk by chunk): one
-        // copy per chunk, on both threads for a decode batch (32 x 128 KB at vocab 32000).
-        let mut spans = vec![(0usize, 0usize); batch.len()];
-        for (i, &r) in picked.iter().enumerate() {
-            let s = &mut spans[rows[r].chunk];
-            if s.1 == s.0 {
-                *s = (i, i);
-            }
-            s.1 = i + 1;
-        }
+        // One copy per chunk, on both threads for a decode batch (32 x 128 KB at vocab 32000).
         let all: &[f32] = all;
         let copy = |&(a, b): &(usize, usize)| all[a * vocab..b * vocab].to_vec();
         let out: Vec<Vec<f32>> = if all.len() < PAR_MIN_ELEMS {
