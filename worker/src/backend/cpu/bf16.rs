@@ -707,6 +707,19 @@ mod tests {
         }
     }
 
+    /// The `n x k` row-major bf16 matrix `w` packed into panels by [`pack_mat`].
+    #[cfg(target_arch = "x86_64")]
+    fn packed_mat(n: usize, k: usize, w: Vec<u16>) -> crate::model::Mat {
+        let mut m = crate::model::Mat {
+            rows: n,
+            cols: k,
+            data: WeightData::Bf16(w),
+        };
+        pack_mat(&mut m, Bf16Kernel::Avx512Bf16);
+        assert!(matches!(m.data, WeightData::Bf16Panels(_)));
+        m
+    }
+
     /// Weights and activations with bf16 bits, and the exact f64 reference on rounded inputs.
     fn case(rows: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>, Vec<f64>, Vec<f64>) {
         let x: Vec<f32> = (0..rows * k)
@@ -799,12 +812,7 @@ mod tests {
         let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
         for &(rows, n, k) in &[(32, 100, 768), (13, 64, 130), (25, 33, 67), (64, 96, 2048)] {
             let (x, w, _, _) = case(rows, n, k);
-            let mut mat = crate::model::Mat {
-                rows: n,
-                cols: k,
-                data: WeightData::Bf16(w),
-            };
-            pack_mat(&mut mat, Bf16Kernel::Avx512Bf16);
+            let mat = packed_mat(n, k, w);
             let outs: Vec<Vec<f32>> = [PanelPath::Plain, PanelPath::NextToL2, PanelPath::NextToL1]
                 .iter()
                 .map(|&pf| {
@@ -840,12 +848,7 @@ mod tests {
         let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
         for &(rows, n, inter) in &[(1, 40, 67), (5, 33, 130), (32, 96, 2048), (40, 64, 100)] {
             let (gu, w, _, _) = case(rows, n, 2 * inter);
-            let mut down = crate::model::Mat {
-                rows: n,
-                cols: inter,
-                data: WeightData::Bf16(w[..n * inter].to_vec()),
-            };
-            pack_mat(&mut down, Bf16Kernel::Avx512Bf16);
+            let down = packed_mat(n, inter, w[..n * inter].to_vec());
             let mut act = vec![0.0f32; rows * inter];
             for (a, g) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
                 super::super::kernels::silu_mul(g, a);
@@ -885,12 +888,7 @@ mod tests {
         }
         for &(rows, n, k) in &[(1, 70, 67), (5, 33, 130), (13, 64, 768), (32, 100, 96)] {
             let (x, w, _, _) = case(rows, n, k);
-            let mut mat = crate::model::Mat {
-                rows: n,
-                cols: k,
-                data: WeightData::Bf16(w),
-            };
-            pack_mat(&mut mat, Bf16Kernel::Avx512Bf16);
+            let mat = packed_mat(n, k, w);
             let WeightData::Bf16Panels(panels) = &mat.data else {
                 unreachable!("packed above")
             };
@@ -926,17 +924,9 @@ mod tests {
         if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
             return;
         }
-        let packed = |n: usize, k: usize, w: &[u16]| {
-            let mut m = crate::model::Mat {
-                rows: n,
-                cols: k,
-                data: WeightData::Bf16(w.to_vec()),
-            };
-            pack_mat(&mut m, Bf16Kernel::Avx512Bf16);
-            match m.data {
-                WeightData::Bf16Panels(p) => p,
-                _ => unreachable!("packed above"),
-            }
+        let packed = |n: usize, k: usize, w: &[u16]| match packed_mat(n, k, w.to_vec()).data {
+            WeightData::Bf16Panels(p) => p,
+            _ => unreachable!("packed_mat packs"),
         };
         let (rows, n, k) = (9, 40, 131);
         let (x, w, _, _) = case(rows, n, k);
