@@ -124,6 +124,7 @@ pub async fn run(
             token: token.clone(),
             threads: task_threads(&placement),
             on_gpu: group::on_gpu(&args),
+            gpu_slot: placement.local_rank,
         };
         if spec.rank != 0 {
             tracing::info!(
@@ -147,6 +148,7 @@ pub async fn run(
         config.served_model_name.clone(),
         "0.0.0.0:0",
         group,
+        placement.local_rank,
     )
     .await?;
     let failed = group::group_failure(worker.engine.clone(), None);

@@ -51,6 +51,9 @@ pub struct GroupSpec {
     pub threads: Option<usize>,
     /// `--backend cuda`: the rank runs on its GPU and the group talks over NCCL.
     pub on_gpu: bool,
+    /// This rank's place among the tasks on its node (its local rank), which picks its GPU
+    /// (`cuda::select::slot_gpu`).
+    pub gpu_slot: usize,
 }
 
 /// Threads for one of `ranks_here` ranks sharing this process's cores evenly (more threads
@@ -68,6 +71,7 @@ impl GroupSpec {
     pub fn engine_config(&self, args: &LlmArgs) -> EngineConfig {
         let mut cfg = EngineConfig::from_llm_args(args);
         cfg.threads = self.threads;
+        cfg.gpu_slot = self.gpu_slot;
         cfg
     }
 
@@ -79,7 +83,7 @@ impl GroupSpec {
     /// Joins the group's ring (blocking; bounded by `JOIN_TIMEOUT`), as the engine's
     /// `connect` step once this rank's shard is loaded. A CPU group talks over the TCP ring;
     /// a `--backend cuda` group forms NCCL over it on each rank's GPU
-    /// (`cuda::select::group_gpu`, the GPU the engine puts the shard on).
+    /// (`cuda::select::slot_gpu` of `gpu_slot`, the GPU the engine puts the shard on).
     pub fn join(&self) -> Result<Box<dyn Communicator>, EngineError> {
         tracing::info!(
             rank = self.rank,
@@ -99,7 +103,7 @@ impl GroupSpec {
             let devices = llmapi_worker::backend::cuda::device_count()
                 .map_err(|e| EngineError::Backend(e.to_string()))?;
             GroupDevice::Cuda {
-                local_gpu: llmapi_worker::backend::cuda::select::group_gpu(self.rank, devices),
+                local_gpu: llmapi_worker::backend::cuda::select::slot_gpu(self.gpu_slot, devices),
             }
         } else {
             GroupDevice::Cpu
@@ -153,6 +157,8 @@ pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
         token,
         threads: share_of_cores(size),
         on_gpu: on_gpu(args),
+        // The ranks of a local group are this node's tasks 0..size.
+        gpu_slot: rank,
     }))
 }
 
@@ -304,5 +310,27 @@ mod tests {
         assert_eq!(share_of_cores(1), None);
         assert_eq!(share_of_cores(2), Some((cores / 2).max(1)));
         assert_eq!(share_of_cores(10_000), Some(1));
+    }
+
+    /// A rank's engine runs on the GPU of its place on the node, not of its rank in the
+    /// group: the second group on a node must not land on the first group's GPUs.
+    #[test]
+    fn a_rank_engine_takes_its_local_slot_not_its_group_rank() {
+        let spec = GroupSpec {
+            rank: 1,
+            size: 2,
+            ep_size: 2,
+            rendezvous: "127.0.0.1:1".to_owned(),
+            token: "t".to_owned(),
+            threads: Some(3),
+            on_gpu: true,
+            gpu_slot: 3,
+        };
+        let cfg = spec.engine_config(&LlmArgs::default());
+        assert_eq!((cfg.gpu_slot, cfg.threads), (3, Some(3)));
+        assert_eq!(
+            llmapi_worker::backend::cuda::select::slot_gpu(cfg.gpu_slot, 8),
+            3
+        );
     }
 }

@@ -79,17 +79,22 @@ fn span_exporter(
 impl LocalWorker {
     /// Starts the engine on `model` under the name `name` and serves it over gRPC on `bind`
     /// (port 0: any free port). With `group`, this is the leader of a tensor-parallel group:
-    /// it joins the group first and drives its followers.
+    /// it joins the group first and drives its followers. `gpu_slot` is this task's local
+    /// rank on its node, which picks its GPU on the CUDA backend (a group carries its own).
     pub async fn start(
         args: &LlmArgs,
         model: &ModelDir,
         name: String,
         bind: &str,
         group: Option<GroupSpec>,
+        gpu_slot: usize,
     ) -> anyhow::Result<Self> {
         let mut engine_cfg = match &group {
             Some(g) => g.engine_config(args),
-            None => EngineConfig::from_llm_args(args),
+            None => EngineConfig {
+                gpu_slot,
+                ..EngineConfig::from_llm_args(args)
+            },
         };
         engine_cfg.model_name = Some(name);
         let model_path = model.path.clone();
@@ -240,6 +245,7 @@ pub async fn run(
             token: group::local_token(),
             threads: group::share_of_cores(tp),
             on_gpu: group::on_gpu(&args),
+            gpu_slot: 0,
         };
         ranks = Some(Arc::new(std::sync::Mutex::new(LocalRanks::spawn(&spec)?)));
         Some(spec)
@@ -257,6 +263,7 @@ pub async fn run(
         config.served_model_name.clone(),
         &worker_addr,
         group,
+        0,
     );
     let worker = match &ranks {
         None => start.await,

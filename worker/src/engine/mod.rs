@@ -197,7 +197,7 @@ pub fn run_follower(
 
 /// Loads `shard`, then joins its group; the backend's collectives and the plan channel
 /// share the one connection. `--backend cuda` puts the shard on this rank's GPU
-/// (`cuda::select::group_gpu`); otherwise (auto included) groups run on the CPU.
+/// (`cuda::select::slot_gpu` of `gpu_slot`); otherwise (auto included) groups run on the CPU.
 fn backend_in_group(
     model_dir: &Path,
     cfg: &EngineConfig,

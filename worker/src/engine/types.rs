@@ -87,6 +87,10 @@ pub struct EngineConfig {
     pub backend: llmapi_common::args::Backend,
     /// `cuda_graph_config` (CUDA backend only); None: no CUDA graphs.
     pub cuda_graph_config: Option<llmapi_common::args::CudaGraphConfig>,
+    /// This engine's place among the ranks and replicas on its node (its local rank): the
+    /// CUDA backend runs on GPU `gpu_slot % devices`, so tasks sharing a node spread over
+    /// its GPUs instead of all landing on GPU 0.
+    pub gpu_slot: usize,
 }
 
 impl Default for EngineConfig {
@@ -109,6 +113,7 @@ impl Default for EngineConfig {
             model_name: None,
             backend: llmapi_common::args::Backend::Cpu,
             cuda_graph_config: None,
+            gpu_slot: 0,
         }
     }
 }
@@ -349,6 +354,7 @@ impl EngineConfig {
             model_name: args.served_model_name.clone(),
             backend: args.backend,
             cuda_graph_config: args.cuda_graph_config.clone(),
+            gpu_slot: 0,
         }
     }
 }

@@ -93,21 +93,35 @@ fn settings(cfg: &EngineConfig, weights: &ModelWeights, device: usize) -> CudaSe
     }
 }
 
-/// A CUDA backend on device 0 for a whole model with the engine's settings (see `supports`).
+/// A CUDA backend for a whole model with the engine's settings (see `supports`), on the
+/// GPU of the engine's `gpu_slot` (`slot_gpu`).
 pub fn cuda_backend(weights: ModelWeights, cfg: &EngineConfig) -> Result<CudaBackend, EngineError> {
     supports(&weights, cfg)?;
-    let s = settings(cfg, &weights, 0);
+    // Slot 0 is GPU 0 whatever the count, so a lone engine does not ask the driver first.
+    let gpu = match cfg.gpu_slot {
+        0 => 0,
+        slot => {
+            let devices = super::device_count().map_err(|e| EngineError::Backend(e.to_string()))?;
+            slot_gpu(slot, devices)
+        }
+    };
+    if gpu != 0 {
+        tracing::info!(gpu_slot = cfg.gpu_slot, gpu, "engine on CUDA");
+    }
+    let s = settings(cfg, &weights, gpu);
     CudaBackend::new(weights, &s).map_err(|e| EngineError::Backend(e.to_string()))
 }
 
-/// The GPU of tensor-parallel rank `tp_rank` on a machine with `devices` GPUs: `tp_rank`
-/// modulo `devices`, which is the rank's local GPU when each node holds `devices`
-/// consecutive ranks (one node, or Slurm's block distribution with one task per GPU).
-pub fn group_gpu(tp_rank: usize, devices: usize) -> usize {
-    tp_rank % devices.max(1)
+/// The GPU of the engine in local slot `slot` (its rank among the tasks on its node) on a
+/// node with `devices` visible GPUs: `slot` modulo `devices`. Tasks of one node take
+/// consecutive GPUs, whether they are the ranks of one tensor-parallel group or of several
+/// groups or replicas; with Slurm binding one GPU to each task (`devices` = 1) every task
+/// takes its only GPU.
+pub fn slot_gpu(slot: usize, devices: usize) -> usize {
+    slot % devices.max(1)
 }
 
-/// A CUDA backend for one rank's shard on its GPU (`group_gpu`), with the group's
+/// A CUDA backend for one rank's shard on its GPU (`slot_gpu` of the engine's `gpu_slot`), with the group's
 /// collectives through `comm` (NCCL's device all-reduce when `comm` has it).
 pub fn cuda_backend_in_group(
     weights: ModelWeights,
@@ -116,9 +130,10 @@ pub fn cuda_backend_in_group(
 ) -> Result<CudaBackend, EngineError> {
     supports(&weights, cfg)?;
     let devices = super::device_count().map_err(|e| EngineError::Backend(e.to_string()))?;
-    let gpu = group_gpu(weights.shard.tp_rank, devices);
+    let gpu = slot_gpu(cfg.gpu_slot, devices);
     tracing::info!(
         tp_rank = weights.shard.tp_rank,
+        gpu_slot = cfg.gpu_slot,
         gpu,
         devices,
         device_collectives = comm.moves_device_memory(),
@@ -166,13 +181,20 @@ mod tests {
     }
 
     #[test]
-    fn group_ranks_take_their_local_gpu() {
+    fn local_slots_take_consecutive_gpus() {
+        // Four tasks on a node with two GPUs (e.g. two TP=2 groups): two per GPU.
         assert_eq!(
-            (0..4).map(|r| group_gpu(r, 2)).collect::<Vec<_>>(),
+            (0..4).map(|r| slot_gpu(r, 2)).collect::<Vec<_>>(),
             vec![0, 1, 0, 1]
         );
-        assert_eq!(group_gpu(3, 8), 3);
-        assert_eq!(group_gpu(1, 0), 0);
+        // Eight tasks on an eight-GPU node, whatever groups they form: one each.
+        assert_eq!(
+            (0..8).map(|r| slot_gpu(r, 8)).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
+        // Slurm binding one GPU per task: every task sees device 0 only.
+        assert_eq!(slot_gpu(5, 1), 0);
+        assert_eq!(slot_gpu(1, 0), 0);
     }
 
     #[test]
