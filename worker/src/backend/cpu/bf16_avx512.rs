@@ -293,42 +293,16 @@ pub unsafe fn pack(w: &[u16], n: usize, k: usize) -> Vec<u32> {
     use rayon::prelude::*;
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; n.div_ceil(NR) * kp * NR];
+    // A step streams every weight once; with 4 KiB pages that is a TLB miss and a stop of
+    // the hardware prefetcher every 4 KiB.
     if super::bf16::weight_huge_pages() {
-        advise_huge_pages(&mut out);
+        super::advise_huge_pages(&mut out);
     }
     out.par_chunks_mut((kp * NR).max(1))
         .enumerate()
         // SAFETY: the caller guarantees avx512f; each chunk is one panel of kp * NR dwords.
         .for_each(|(j, panel)| unsafe { pack_panel(w, n, k, j * NR, panel) });
     out
-}
-
-/// Asks the kernel to back the 2 MiB-aligned part of `buf` with transparent huge pages
-/// (`madvise(MADV_HUGEPAGE)`; this machine's THP mode is `madvise`), before anything is
-/// written there: a step streams every weight once, and with 4 KiB pages that is a TLB miss
-/// and a stop of the hardware prefetcher every 4 KiB. A refusal (or another OS) leaves
-/// ordinary pages; the contents are the same either way.
-fn advise_huge_pages(buf: &mut [u32]) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = buf.as_mut_ptr() as usize;
-        let end = start + std::mem::size_of_val(buf);
-        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
-        if a < b {
-            // SAFETY: [a, b) lies inside `buf`, which this process owns; the advice changes
-            // only how the pages are backed, never their contents.
-            let rc = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
-            if rc != 0 {
-                tracing::debug!(
-                    error = %std::io::Error::last_os_error(),
-                    "madvise(MADV_HUGEPAGE) on packed weights refused"
-                );
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = buf;
 }
 
 /// Transposes a 16 x 16 matrix of dwords held as 16 rows.

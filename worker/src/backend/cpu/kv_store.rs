@@ -4,11 +4,10 @@
 //! block are contiguous and attention reads them in place, and a block's heads are next to
 //! each other.
 //!
-//! On Linux the pool is an anonymous mapping advised for transparent huge pages
-//! (`MADV_HUGEPAGE`, which takes effect where `/sys/kernel/mm/transparent_hugepage/enabled`
-//! is `always` or `madvise`): a decode step reads every sequence's blocks, scattered over
-//! the pool, and with 4 KiB pages most 4 KiB stretches of a block would cost a TLB miss
-//! (a nested page walk in a VM). Elsewhere, or if the mapping fails, a plain allocation.
+//! The pool is advised for transparent huge pages (`super::advise_huge_pages`) before its
+//! first use: a decode step reads every sequence's blocks, scattered over the pool, and with
+//! 4 KiB pages most 4 KiB stretches of a block would cost a TLB miss (a nested page walk in
+//! a VM).
 
 use crate::engine::KvDtype;
 use crate::kv::BlockId;
@@ -53,52 +52,16 @@ pub fn f32_to_fp8(x: f32, table: &[f32; 127]) -> u8 {
 }
 
 enum Store {
-    F32(Mem<f32>),
-    Bf16(Mem<u16>),
-    Fp8 { data: Mem<u8>, scales: Vec<f32> },
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    Fp8 { data: Vec<u8>, scales: Vec<f32> },
 }
 
-/// Zeroed pool memory of `len` elements (see the module header).
-enum Mem<T> {
-    #[cfg(target_os = "linux")]
-    Map(memmap2::MmapMut, usize, std::marker::PhantomData<T>),
-    Heap(Vec<T>),
-}
-
-impl<T: bytemuck::Pod> Mem<T> {
-    fn zeroed(len: usize) -> Self {
-        #[cfg(target_os = "linux")]
-        if len > 0
-            && let Ok(map) = memmap2::MmapMut::map_anon(len * std::mem::size_of::<T>())
-        {
-            // Only a hint: without huge pages the pool works the same, slower.
-            let _ = map.advise(memmap2::Advice::HugePage);
-            return Self::Map(map, len, std::marker::PhantomData);
-        }
-        Self::Heap(vec![T::zeroed(); len])
-    }
-}
-
-impl<T: bytemuck::Pod> std::ops::Deref for Mem<T> {
-    type Target = [T];
-    fn deref(&self) -> &[T] {
-        match self {
-            // A mapping is page-aligned, so the cast cannot fail on alignment.
-            #[cfg(target_os = "linux")]
-            Self::Map(m, len, _) => &bytemuck::cast_slice(&m[..])[..*len],
-            Self::Heap(v) => v,
-        }
-    }
-}
-
-impl<T: bytemuck::Pod> std::ops::DerefMut for Mem<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
-        match self {
-            #[cfg(target_os = "linux")]
-            Self::Map(m, len, _) => &mut bytemuck::cast_slice_mut(&mut m[..])[..*len],
-            Self::Heap(v) => v,
-        }
-    }
+/// Zeroed pool memory of `len` elements, advised for huge pages (see the module header).
+fn zeroed_pool<T: bytemuck::Pod>(len: usize) -> Vec<T> {
+    let mut v = bytemuck::zeroed_vec(len);
+    super::advise_huge_pages(&mut v);
+    v
 }
 
 /// K and V memory for every layer.
@@ -144,10 +107,10 @@ impl KvStore {
     ) -> Self {
         let elems = layers * 2 * blocks * heads * tpb * dim;
         let store = match dtype {
-            KvDtype::Float32 => Store::F32(Mem::zeroed(elems)),
-            KvDtype::Bf16 | KvDtype::Auto => Store::Bf16(Mem::zeroed(elems)),
+            KvDtype::Float32 => Store::F32(zeroed_pool(elems)),
+            KvDtype::Bf16 | KvDtype::Auto => Store::Bf16(zeroed_pool(elems)),
             KvDtype::Fp8 => Store::Fp8 {
-                data: Mem::zeroed(elems),
+                data: zeroed_pool(elems),
                 scales: vec![0.0; elems / dim],
             },
         };

@@ -44,6 +44,36 @@ pub fn fused_step() -> bool {
     FUSED_STEP.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Asks the kernel to back the 2 MiB-aligned part of `buf` with transparent huge pages
+/// (`madvise(MADV_HUGEPAGE)`, which takes effect where
+/// `/sys/kernel/mm/transparent_hugepage/enabled` is `always` or `madvise`), before anything
+/// is written there: for the packed weights and the KV pool, which a step reads in long
+/// streams or scattered 4 KiB stretches, where 4 KiB pages cost a TLB miss (a nested page
+/// walk in a VM) every 4 KiB. A refusal (or another OS) leaves ordinary pages; the contents
+/// are the same either way.
+pub(crate) fn advise_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (a, b) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if a < b {
+            // SAFETY: [a, b) lies inside `buf`, which the caller owns; the advice changes only
+            // how the pages are backed, never their contents.
+            let rc = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+            if rc != 0 {
+                tracing::debug!(
+                    error = %std::io::Error::last_os_error(),
+                    "madvise(MADV_HUGEPAGE) refused"
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}
+
 /// Runs a model (or one tensor-parallel shard of it) on the CPU.
 pub struct CpuBackend {
     w: ModelWeights,
