@@ -147,8 +147,16 @@ impl KvStore {
     /// Row index (in units of head_dim) of (layer, K/V, block, head, slot).
     fn row(&self, layer: usize, kv: Kv, block: BlockId, head: usize, slot: usize) -> usize {
         debug_assert!(layer < self.layers && (block as usize) < self.blocks && slot < self.tpb);
-        (((layer * 2 + kv as usize) * self.blocks + block as usize) * self.heads + head) * self.tpb
-            + slot
+        self.geometry().row(layer, kv, block as usize, head, slot)
+    }
+
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            blocks: self.blocks,
+            heads: self.heads,
+            tpb: self.tpb,
+            dim: self.dim,
+        }
     }
 
     /// Stores one head's vector for a token.
@@ -203,12 +211,7 @@ impl KvStore {
             Store::Bf16(v) => RawMem::Bf16(v.as_mut_ptr()),
             Store::Fp8 { data, scales } => RawMem::Fp8(data.as_mut_ptr(), scales.as_mut_ptr()),
         };
-        let geo = Geometry {
-            blocks: self.blocks,
-            heads: self.heads,
-            tpb: self.tpb,
-            dim: self.dim,
-        };
+        let geo = self.geometry();
         let table = &self.fp8_table;
         Some(
             places
@@ -302,12 +305,21 @@ enum RawMem {
     Fp8(*mut u8, *mut f32),
 }
 
+/// The pool's shape, enough to place a row.
 #[derive(Clone, Copy)]
 struct Geometry {
     blocks: usize,
     heads: usize,
     tpb: usize,
     dim: usize,
+}
+
+impl Geometry {
+    /// Row index (in units of head_dim) of (layer, K/V, block, head, slot): the layout of
+    /// the module header.
+    fn row(&self, layer: usize, kv: Kv, block: usize, head: usize, slot: usize) -> usize {
+        (((layer * 2 + kv as usize) * self.blocks + block) * self.heads + head) * self.tpb + slot
+    }
 }
 
 /// Writes the K and V of one token slot of one layer (every head), from any thread: made by
@@ -337,8 +349,7 @@ impl SlotWriter<'_> {
             head < g.heads && x.len() >= g.dim,
             "slot write out of range"
         );
-        let r = (((self.layer * 2 + kv as usize) * g.blocks + self.block) * g.heads + head) * g.tpb
-            + self.slot;
+        let r = g.row(self.layer, kv, self.block, head, self.slot);
         let x = &x[..g.dim];
         // SAFETY: layer, block and slot were checked against the pool when the writer was
         // made and head just now, so row r lies inside the pool; only this writer writes it
