@@ -106,6 +106,17 @@ struct PreparedPrompt {
     text: Option<String>,
 }
 
+/// The room a prompt leaves for output: trtllm-serve's engine runs with `max_seq_len + 1`
+/// slots (the last sampled token never enters the KV cache), so a prompt of exactly
+/// `max_seq_len` tokens still gets one token; a longer one gets none.
+fn output_room(max_seq_len: usize, prompt_len: usize) -> usize {
+    (max_seq_len + 1).saturating_sub(prompt_len)
+}
+
+/// Checks a prompt and settles its max_tokens as trtllm-serve does: a max_tokens (asked for,
+/// or the endpoint's default) larger than the room the prompt leaves is lowered to that room
+/// with a warning; no max_tokens means the whole room. Only a prompt that leaves no room,
+/// or an explicit max_tokens of 0, is refused.
 fn check_prompt(
     info: &InfoResponse,
     ids: &[u32],
@@ -131,36 +142,37 @@ fn check_prompt(
             ),
         ));
     }
-    if ids.len() >= max_seq_len {
+    let room = output_room(max_seq_len, ids.len());
+    if room == 0 {
         return Err(ApiError::invalid(
             "prompt",
             format!(
-                "prompt has {} tokens but max_seq_len is {max_seq_len}; shorten it or raise --max_seq_len",
+                "prompt has {} tokens but max_seq_len is {max_seq_len}, which leaves no room for output; \
+                 shorten it to at most {max_seq_len} tokens or raise --max_seq_len",
                 ids.len()
             ),
         ));
     }
-    let room = (max_seq_len - ids.len()) as u32;
-    let max_tokens = match max_tokens.or(default_max_tokens) {
-        Some(0) => {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                "max_tokens is 0; ask for at least 1",
-            ));
-        }
+    let room = u32::try_from(room).unwrap_or(u32::MAX);
+    match max_tokens.or(default_max_tokens) {
+        Some(0) => Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens is 0; ask for at least 1",
+        )),
         Some(m) if m > room => {
-            return Err(ApiError::invalid(
-                "max_tokens",
-                format!(
-                    "prompt has {} tokens and max_tokens is {m}, more than max_seq_len {max_seq_len}; lower max_tokens to at most {room}",
-                    ids.len()
-                ),
-            ));
+            tracing::warn!(
+                max_tokens = m,
+                default_max_tokens = room,
+                prompt_tokens = ids.len(),
+                max_seq_len,
+                "User-specified max_tokens ({m}) is greater than deduced default_max_tokens ({room}), \
+                 using default_max_tokens instead"
+            );
+            Ok(room)
         }
-        Some(m) => m,
-        None => room,
-    };
-    Ok(max_tokens)
+        Some(m) => Ok(m),
+        None => Ok(room),
+    }
 }
 
 /// Spawns one task per choice; their events arrive on the returned receiver.

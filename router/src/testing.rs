@@ -234,9 +234,10 @@ impl Worker for ScriptedWorker {
         let stopping = req.stopping.clone().unwrap_or_default();
         let sampling = req.sampling.unwrap_or_default();
         let prompt_len = req.prompt_token_ids.len();
-        if prompt_len + stopping.max_tokens as usize > self.script.max_seq_len as usize {
+        // As the real engine: a sequence may reach max_seq_len + 1 tokens.
+        if prompt_len + stopping.max_tokens as usize > self.script.max_seq_len as usize + 1 {
             return Err(Status::invalid_argument(format!(
-                "prompt of {prompt_len} tokens plus max_tokens {} exceeds max_seq_len {}",
+                "prompt of {prompt_len} tokens plus max_tokens {} exceeds max_seq_len {} + 1",
                 stopping.max_tokens, self.script.max_seq_len
             )));
         }

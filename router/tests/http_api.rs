@@ -382,13 +382,7 @@ async fn bad_requests_get_openai_error_bodies_with_the_right_status() {
             "oversized prompt",
             json!({"model": "demo", "prompt": "x".repeat(300)}).to_string(),
             StatusCode::BAD_REQUEST,
-            "max_seq_len is 256",
-        ),
-        (
-            "too many tokens",
-            json!({"model": "demo", "prompt": "x", "max_tokens": 1000}).to_string(),
-            StatusCode::BAD_REQUEST,
-            "lower max_tokens",
+            "max_seq_len is 256, which leaves no room",
         ),
         (
             "temperature",
@@ -432,6 +426,57 @@ async fn bad_requests_get_openai_error_bodies_with_the_right_status() {
     let (got, v) = h.post("/v1/nothing", json!({})).await;
     assert_eq!(got, StatusCode::NOT_FOUND, "{v}");
     assert!(v["error"]["message"].is_string());
+}
+
+/// trtllm-serve's max_seq_len rule: max_tokens past the room a prompt leaves
+/// (max_seq_len + 1 - prompt tokens) is lowered to it; only a prompt that leaves none is refused.
+#[tokio::test]
+async fn max_tokens_past_max_seq_len_is_lowered_to_the_room_the_prompt_leaves() {
+    let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
+    let ids = |n: u32| (0..n).map(|i| i % 200 + 1).collect::<Vec<u32>>();
+    let cases = [
+        (ids(3), Some(1000), 254),
+        (ids(256), Some(1024), 1),
+        (ids(200), None, 16),
+        (ids(250), None, 7),
+        (ids(10), Some(20), 20),
+    ];
+    for (prompt, max_tokens, expect) in cases {
+        let n = prompt.len();
+        let mut body = json!({"model": "demo", "prompt": prompt, "ignore_eos": true});
+        if let Some(m) = max_tokens {
+            body["max_tokens"] = json!(m);
+        }
+        let (status, v) = h.post("/v1/completions", body).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "prompt {n}, max_tokens {max_tokens:?}: {v}"
+        );
+        assert_eq!(v["usage"]["completion_tokens"], expect, "prompt {n}: {v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "prompt {n}");
+        let seen = h.workers[0].worker.requests();
+        let sent = seen
+            .last()
+            .and_then(|r| r.stopping.as_ref())
+            .map(|s| s.max_tokens);
+        assert_eq!(
+            sent,
+            Some(expect),
+            "prompt {n}: max_tokens sent to the worker"
+        );
+    }
+    let (status, v) = h
+        .post(
+            "/v1/completions",
+            json!({"model": "demo", "prompt": ids(257), "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        error_message(&v).contains("prompt has 257 tokens but max_seq_len is 256"),
+        "{v}"
+    );
 }
 
 #[tokio::test]

@@ -426,6 +426,30 @@ fn impossible_requests_are_refused_with_reasons() {
     assert!(err(greedy("dup", prompt(1, 3), 1)).contains("already in use"));
 }
 
+/// trtllm-serve's margin: a sequence may reach max_seq_len + 1 tokens (the last one is sampled,
+/// never computed), so a prompt of exactly max_seq_len tokens still gets one token.
+#[test]
+fn a_sequence_reaches_max_seq_len_plus_one_tokens_and_no_more() {
+    let h = Engine::start(
+        &model_dir(),
+        EngineConfig {
+            max_seq_len: Some(32),
+            ..config()
+        },
+    )
+    .unwrap();
+    let full = collect(h.submit(greedy("full", prompt(1, 32), 5)).unwrap());
+    assert_eq!((full.ids.len(), full.reason), (1, FinishReason::Length));
+    let open = collect(h.submit(greedy("open", prompt(2, 30), 0)).unwrap());
+    assert_eq!((open.ids.len(), open.reason), (3, FinishReason::Length));
+    let err = h.submit(greedy("over", prompt(3, 33), 1)).err().unwrap();
+    assert!(
+        err.to_string()
+            .contains("prompt has 33 tokens but max_seq_len is 32"),
+        "{err}"
+    );
+}
+
 #[test]
 fn info_reports_the_model_and_limits() {
     let h = Engine::start(&model_dir(), config()).unwrap();

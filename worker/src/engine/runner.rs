@@ -33,9 +33,10 @@ pub(crate) fn validate(
     if n == 0 {
         return bad("the prompt is empty; send at least one token".into());
     }
-    if n >= max_seq_len {
+    if n > max_seq_len {
         return bad(format!(
-            "prompt has {n} tokens but max_seq_len is {max_seq_len}; shorten it or raise --max_seq_len"
+            "prompt has {n} tokens but max_seq_len is {max_seq_len}, which leaves no room for output; \
+             shorten it to at most {max_seq_len} tokens or raise --max_seq_len"
         ));
     }
     if let Some(t) = req.prompt.iter().find(|&&t| t >= info.vocab_size) {
@@ -51,10 +52,12 @@ pub(crate) fn validate(
         ));
     }
     let total = total_len(req, max_seq_len);
-    let blocks = total.div_ceil(info.tokens_per_block as usize);
+    // The last token is sampled, never computed: it takes no KV slot.
+    let kv_tokens = total - 1;
+    let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
     if blocks as u64 > info.kv_capacity_blocks {
         return bad(format!(
-            "request needs {total} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
+            "request needs {kv_tokens} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
              lower max_tokens or raise kv_cache_config.max_tokens",
             info.kv_capacity_blocks, info.tokens_per_block
         ));
@@ -99,11 +102,15 @@ fn prefill_budget(cfg: &EngineConfig, backend: &str) -> usize {
     budget.clamp(1, cfg.max_num_tokens.max(1))
 }
 
+/// Prompt + output tokens a request may reach: `max_seq_len + 1`, as in trtllm-serve, whose
+/// executor runs with one slot more than max_seq_len. The last sampled token is never fed
+/// back, so a sequence still holds at most max_seq_len tokens of KV cache and positions.
 fn total_len(req: &GenerateParams, max_seq_len: usize) -> usize {
     let n = req.prompt.len();
+    let limit = max_seq_len + 1;
     match req.stopping.max_tokens {
-        0 => max_seq_len,
-        m => (n + m as usize).min(max_seq_len),
+        0 => limit,
+        m => (n + m as usize).min(limit),
     }
 }
 

@@ -207,7 +207,8 @@ impl Scheduler {
         let remaining = seq.tokens.len() - start;
         let n = self.prefill_tokens(remaining, budget, prefill)?;
         let target = match self.limits.policy {
-            CapacityPolicy::GuaranteedNoEvict => seq.max_total,
+            // The last token is sampled, never computed: it takes no KV slot.
+            CapacityPolicy::GuaranteedNoEvict => seq.max_total.saturating_sub(1),
             CapacityPolicy::MaxUtilization => start + n,
         };
         let need_new = self.blocks.blocks_for(target).saturating_sub(cached);
