@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use tokio::sync::watch;
 
-use crate::args::BenchArgs;
+use crate::args::{BenchArgs, DatasetName};
 use crate::client::{Endpoint, EndpointError};
 use crate::dataset::{self, DatasetError};
 use crate::metrics::calculate_metrics;
@@ -88,6 +88,9 @@ pub async fn benchmark(
     let (selected, percentiles, goodput) = args.validate().map_err(BenchError::Args)?;
     let tok = tokenizer::load(args.tokenizer_id()).map_err(BenchError::Tokenizer)?;
     let requests = dataset::sample(args, &tok)?;
+    if args.dataset_name == DatasetName::Random {
+        println!("{}", dataset::input_length_line(args, &requests));
+    }
     let (api_url, base_url) = args.urls();
     let endpoint = Arc::new(Endpoint::resolve(&api_url).await?);
     let metrics_endpoint = Endpoint::resolve(&format!("{base_url}/metrics")).await.ok();

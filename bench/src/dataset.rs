@@ -96,19 +96,55 @@ fn length_range(len: u32, ratio: f64) -> (u32, u32) {
     )
 }
 
+/// Rounds of decode, re-encode and trim or pad before a text prompt takes the closest length.
+const EXACT_LEN_ROUNDS: usize = 8;
+
+/// The prompt as sent and its length as the server counts it. Ids go as they are
+/// (--tokenize-on-client). Text is made to encode to exactly `target` tokens with the special
+/// tokens /v1/completions adds (BOS): random ids decoded to text and encoded again are not the
+/// same count, so the text is re-encoded and its ids trimmed, or padded with `pad(k)`, until it
+/// holds (at most [`EXACT_LEN_ROUNDS`] times; then the closest length is kept and reported).
 fn finish_prompt(
     ids: Vec<u32>,
+    target: usize,
+    pad: impl Fn(usize) -> u32,
     args: &BenchArgs,
     codec: &dyn TokenCodec,
-) -> Result<Prompt, DatasetError> {
+) -> Result<(Prompt, u64), DatasetError> {
     if args.tokenize_on_client {
-        Ok(Prompt::Ids(ids))
-    } else {
-        codec
-            .decode(&ids)
-            .map(Prompt::Text)
-            .map_err(DatasetError::Tokenizer)
+        let len = ids.len() as u64;
+        return Ok((Prompt::Ids(ids), len));
     }
+    let encode = |t: &str, special: bool| codec.encode(t, special).map_err(DatasetError::Tokenizer);
+    let decode = |ids: &[u32]| codec.decode(ids).map_err(DatasetError::Tokenizer);
+    let mut ids = ids;
+    let mut best: Option<(String, usize)> = None;
+    for _ in 0..EXACT_LEN_ROUNDS {
+        let text = decode(&ids)?;
+        let body = encode(&text, false)?;
+        let sent = encode(&text, true)?.len();
+        let miss = sent.abs_diff(target);
+        if best
+            .as_ref()
+            .is_none_or(|(_, len)| len.abs_diff(target) > miss)
+        {
+            best = Some((text, sent));
+        }
+        if miss == 0 {
+            break;
+        }
+        let special = sent.saturating_sub(body.len());
+        let want = target.saturating_sub(special);
+        ids = body;
+        if ids.len() > want {
+            ids.truncate(want);
+        } else {
+            let have = ids.len();
+            ids.extend((have..want).map(&pad));
+        }
+    }
+    let (text, len) = best.unwrap_or_default();
+    Ok((Prompt::Text(text), len as u64))
 }
 
 fn sample_random(
@@ -147,13 +183,39 @@ fn sample_random(
             Some(pairs) => text_ids_of_len(&pairs[i % pairs.len()].0, len, codec)?,
         };
         let ids: Vec<u32> = prefix.iter().copied().chain(body).collect();
+        let target = ids.len();
+        // Padding continues the prompt's run of consecutive ids.
+        let pad = |k: usize| ((offsets[i] + i as u64 + k as u64) % vocab) as u32;
+        let (prompt, prompt_len) = finish_prompt(ids, target, pad, args, codec)?;
         out.push(SampleRequest {
-            prompt: finish_prompt(ids, args, codec)?,
-            prompt_len: (args.random_prefix_len + input_lens[i]) as u64,
+            prompt,
+            prompt_len,
             expected_output_len: output_lens[i],
         });
     }
     Ok(out)
+}
+
+/// One line comparing the requested random input length with what the prompts measure as the
+/// server counts them (BOS included), printed before a random-dataset run.
+pub fn input_length_line(args: &BenchArgs, requests: &[SampleRequest]) -> String {
+    let lens = requests.iter().map(|r| r.prompt_len);
+    let (min, max) = (
+        lens.clone().min().unwrap_or(0),
+        lens.clone().max().unwrap_or(0),
+    );
+    let mean = lens.sum::<u64>() as f64 / requests.len().max(1) as f64;
+    let requested = args.random_prefix_len + args.random_input_len;
+    let how = if args.tokenize_on_client {
+        "token ids sent as they are"
+    } else {
+        "text re-encoded to length, special tokens included"
+    };
+    format!(
+        "Input length: requested {requested} tokens per prompt (prefix {}, range ratio {}); \
+         measured mean {mean:.1}, min {min}, max {max} ({how})",
+        args.random_prefix_len, args.random_range_ratio
+    )
 }
 
 /// Token ids of `text` repeated until at least `len` tokens, cut to `len`.
@@ -424,7 +486,77 @@ mod tests {
         let Prompt::Text(t) = &reqs[0].prompt else {
             panic!("text expected")
         };
-        assert_eq!(t.split_whitespace().count() as u64, reqs[0].prompt_len);
+        let sent = WordCodec.encode(t, true).expect("encode").len() as u64;
+        assert_eq!(
+            sent, reqs[0].prompt_len,
+            "the BOS counts as the server counts it"
+        );
+    }
+
+    /// Letters a..z are ids 0..25 and "yz" is id 26: random runs of consecutive ids decode to
+    /// text that encodes to fewer tokens, as real BPE merges do; BOS is id 27.
+    struct MergingCodec;
+    impl TokenCodec for MergingCodec {
+        fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+            let mut ids: Vec<u32> = add_special_tokens.then_some(27).into_iter().collect();
+            let b = text.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i..].starts_with(b"yz") {
+                    ids.push(26);
+                    i += 2;
+                } else {
+                    ids.push(u32::from(b[i] - b'a'));
+                    i += 1;
+                }
+            }
+            Ok(ids)
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String, String> {
+            Ok(ids
+                .iter()
+                .map(|&i| match i {
+                    26 => "yz".to_owned(),
+                    27 => String::new(),
+                    i => char::from(b'a' + i as u8).to_string(),
+                })
+                .collect())
+        }
+        fn vocab_size(&self) -> usize {
+            26
+        }
+    }
+
+    #[test]
+    fn random_text_prompts_encode_to_exactly_the_requested_length() {
+        let a = args(&[
+            "--dataset-name",
+            "random",
+            "--num-prompts",
+            "20",
+            "--random-input-len",
+            "300",
+            "--random-prefix-len",
+            "5",
+        ]);
+        let reqs = sample(&a, &MergingCodec).expect("sample");
+        for (i, r) in reqs.iter().enumerate() {
+            let Prompt::Text(t) = &r.prompt else {
+                panic!("text expected")
+            };
+            let naive =
+                MergingCodec.decode(&(0..305u32).map(|k| (k + i as u32) % 26).collect::<Vec<_>>());
+            let naive_len = MergingCodec
+                .encode(&naive.expect("decode"), true)
+                .expect("encode")
+                .len();
+            assert_ne!(
+                naive_len, 305,
+                "the double must merge tokens for this test to mean anything"
+            );
+            let sent = MergingCodec.encode(t, true).expect("encode").len();
+            assert_eq!((sent, r.prompt_len), (305, 305), "request {i}");
+        }
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 /// Writes a word-level tokenizer.json of 64 words ("w0".."w63", plus "tok") into `dir`.
 pub fn write_tokenizer(dir: &Path) {
     let mut vocab = serde_json::Map::new();
-    vocab.insert("<unk>".into(), 0.into());
+    // Every token's text encodes back to that one token (as byte-level BPE nearly always
+    // does), so random prompts reach exactly the requested length.
+    vocab.insert("unk".into(), 0.into());
     vocab.insert("tok".into(), 1.into());
     for i in 2..64 {
         vocab.insert(format!("w{i}"), i.into());
@@ -26,7 +28,7 @@ pub fn write_tokenizer(dir: &Path) {
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": null,
         "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "unk"}
     });
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("write tokenizer");
 }
