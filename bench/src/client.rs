@@ -299,7 +299,8 @@ async fn read_stream(
         lines.push(&data);
         while let Some(line) = lines.next_line() {
             let line = line.trim_ascii();
-            if line.is_empty() {
+            // SSE comments (keep-alives) carry no data; the original fails on them.
+            if line.is_empty() || line.starts_with(b":") {
                 continue;
             }
             let payload = line.strip_prefix(b"data: ").unwrap_or(line);

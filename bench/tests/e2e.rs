@@ -117,6 +117,35 @@ fn bench_sh_line_measures_scripted_ttft_and_itl() {
     );
 }
 
+/// Keep-alive comment lines (`:`) are valid SSE: they neither fail a request nor count as its
+/// first token.
+#[test]
+fn sse_comment_lines_are_skipped_and_do_not_start_the_ttft() {
+    let server = start_in_thread(Script {
+        ttft: Duration::from_millis(60),
+        sse_comments: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8 path");
+    write_tokenizer(dir.path());
+    let mut args = bench_sh_args(&server.base_url(), d, d);
+    args.push("--save-detailed".into());
+    let out = run(&args);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let r = read_json(&dir.path().join("concurrency_2.json"));
+    assert_eq!(r["completed"], 4, "{r}");
+    assert_eq!(r["total_output_tokens"], 32);
+    for t in r["ttfts"].as_array().expect("ttfts") {
+        let t = t.as_f64().expect("ttft");
+        assert!(
+            t >= 0.058,
+            "ttft {t} s counted from the comment sent before the 60 ms wait"
+        );
+    }
+}
+
 /// Keys of the original's saved JSON with `--percentile-metrics ttft,tpot,itl,e2el` and
 /// `--metric-percentiles 99`, in its order.
 const ORIGINAL_KEYS: [&str; 33] = [

@@ -79,6 +79,10 @@ pub struct RouterArgs {
     /// OTLP/gRPC collector (`http://host:4317` or `host:4317`) that receives a span per request.
     #[arg(long)]
     pub otlp_traces_endpoint: Option<String>,
+    /// Seconds of silence after which a stream gets an SSE comment line, for proxies that cut
+    /// idle connections (0: none, as trtllm-serve; benchmark_serving.py fails on comments).
+    #[arg(long, default_value_t = 0)]
+    pub sse_keepalive_s: u64,
 }
 
 impl RouterArgs {
@@ -113,6 +117,8 @@ impl RouterArgs {
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
             span_exporter: None,
+            sse_keepalive: (self.sse_keepalive_s > 0)
+                .then(|| Duration::from_secs(self.sse_keepalive_s)),
         }
     }
 }

@@ -481,7 +481,7 @@ async fn finish(
     }
     let rx = spans::observe(otlp, rx);
     if streaming {
-        Ok(stream(meta, rx, admit))
+        Ok(stream(meta, rx, admit, state.config.sse_keepalive))
     } else {
         let response = collect(meta, rx).await;
         drop(admit);

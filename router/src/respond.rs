@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -333,11 +334,20 @@ fn event(v: &Value) -> Result<Event, Infallible> {
 
 /// Streams choices as SSE. Dropping the response (client gone) drops `rx`, which aborts every
 /// choice on its worker.
-pub fn stream(meta: ResponseMeta, rx: mpsc::Receiver<ChoiceEvent>, admit: AdmitGuard) -> Response {
+/// `keepalive` sends an SSE comment line after that much silence.
+pub fn stream(
+    meta: ResponseMeta,
+    rx: mpsc::Receiver<ChoiceEvent>,
+    admit: AdmitGuard,
+    keepalive: Option<Duration>,
+) -> Response {
     let events = sse_events(meta, rx, admit);
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    match keepalive {
+        Some(every) => Sse::new(events)
+            .keep_alive(KeepAlive::new().interval(every))
+            .into_response(),
+        None => Sse::new(events).into_response(),
+    }
 }
 
 struct StreamState {

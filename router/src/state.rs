@@ -37,6 +37,10 @@ pub struct RouterConfig {
     pub drain_timeout: Duration,
     /// Where request spans go (`--otlp_traces_endpoint`); `None` exports nothing.
     pub span_exporter: Option<llmapi_otlp::SpanExporter>,
+    /// Interval of SSE comment lines (`:`) on a quiet stream, for proxies that cut idle
+    /// connections; `None` sends none, as trtllm-serve and vLLM do (benchmark_serving.py
+    /// parses every non-empty line as JSON and fails on a comment).
+    pub sse_keepalive: Option<Duration>,
 }
 
 impl Default for RouterConfig {
@@ -54,6 +58,7 @@ impl Default for RouterConfig {
             health: HealthPolicy::default(),
             drain_timeout: Duration::from_secs(30),
             span_exporter: None,
+            sse_keepalive: None,
         }
     }
 }

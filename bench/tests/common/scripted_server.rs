@@ -43,6 +43,8 @@ pub struct Script {
     pub usage: bool,
     /// Misbehaviour.
     pub fault: Fault,
+    /// Send an SSE comment line (`:`, a keep-alive) before every token.
+    pub sse_comments: bool,
 }
 
 impl Default for Script {
@@ -54,6 +56,7 @@ impl Default for Script {
             metrics: false,
             usage: true,
             fault: Fault::None,
+            sse_comments: false,
         }
     }
 }
@@ -224,6 +227,9 @@ async fn serve(mut stream: TcpStream, script: &Script, counter: &AtomicU64) -> s
     }
     let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     stream.write_all(head.as_bytes()).await?;
+    if script.sse_comments {
+        stream.write_all(&chunk(":\n\n")).await?;
+    }
     tokio::time::sleep(script.ttft).await;
     for i in 0..max_tokens {
         match script.fault {
@@ -235,6 +241,9 @@ async fn serve(mut stream: TcpStream, script: &Script, counter: &AtomicU64) -> s
         }
         if i > 0 && !script.itl.is_zero() {
             tokio::time::sleep(script.itl).await;
+        }
+        if script.sse_comments && i > 0 {
+            stream.write_all(&chunk(": ping\n\n")).await?;
         }
         let text = if i == 0 { "tok" } else { " tok" };
         let data = if chat {
