@@ -10,9 +10,9 @@
 //! one. When a rank of a group dies, its leader fails the group's requests and exits with an
 //! error naming the rank (the router's own health checks drop the worker).
 
-use std::time::Duration;
-
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
 
 use crate::group::{self, GroupSpec};
-use crate::placement::{DEFAULT_RENDEZVOUS_PORT, Placement};
+use crate::placement::{DEFAULT_RENDEZVOUS_PORT, GroupRole, Placement};
 use crate::serve::LocalWorker;
 
 /// How often a registered worker renews its registration.
@@ -82,6 +82,28 @@ pub fn advertise_host(p: &Placement) -> String {
         .unwrap_or_else(|| "127.0.0.1".to_owned())
 }
 
+/// Where a group meets and what its ranks' listeners bind. A group whose ranks all run on
+/// one node meets on 127.0.0.1 and binds only that, so nothing off the node reaches it; a
+/// group across nodes meets at its leader's node and binds this node's advertised address.
+fn group_network(p: &Placement, role: &GroupRole, tp: usize) -> anyhow::Result<(String, IpAddr)> {
+    let nodes: Option<Vec<usize>> = (role.leader_rank..role.leader_rank + tp)
+        .map(|r| p.node_of_rank(r))
+        .collect();
+    let one_node =
+        p.nodes.len() <= 1 || nodes.is_some_and(|n| n.iter().all(|node| Some(node) == n.first()));
+    if one_node {
+        return Ok(("127.0.0.1".to_owned(), IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+    match &role.leader_node {
+        Some(leader) => Ok((leader.clone(), group::node_bind_address(&advertise_host(p)))),
+        None => bail!(
+            "cannot tell which node runs the leader of group {} (rank {}); the job's node list or tasks per node are missing",
+            role.group,
+            role.leader_rank
+        ),
+    }
+}
+
 /// Compute threads of a rank: Slurm's --cpus-per-task when given (Slurm may already have
 /// bound the task to those cores), else this node's cores shared by its tasks.
 fn task_threads(p: &Placement) -> Option<usize> {
@@ -107,20 +129,15 @@ pub async fn run(
     let token = job_token(&placement);
     let group = if tp > 1 {
         group::check_sizes(&args, &model)?;
-        let host = match &role.leader_node {
-            Some(n) => n.clone(),
-            None if placement.nodes.len() <= 1 => "127.0.0.1".to_owned(),
-            None => bail!(
-                "cannot tell which node runs the leader of group {} (rank {}); the job's node list or tasks per node are missing",
-                role.group,
-                role.leader_rank
-            ),
-        };
+        let (host, bind) = group_network(&placement, &role, tp)?;
         let spec = GroupSpec {
             rank: role.rank_in_group,
             size: tp,
             ep_size: group::ep_size(&args),
+            group: role.group,
+            first_task: Some(role.leader_rank),
             rendezvous: format!("{host}:{}", role.rendezvous_port(opts.rendezvous_port)),
+            bind,
             token: token.clone(),
             threads: task_threads(&placement),
             on_gpu: group::on_gpu(&args),
@@ -277,4 +294,50 @@ async fn send(method: Method, router: &str, token: &str, body: &str) -> anyhow::
     let status = response.status();
     let _ = response.into_body().collect().await;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::placement::Launcher;
+
+    fn placement(rank: usize, nodes: &[&str], tasks_per_node: &[usize]) -> Placement {
+        Placement {
+            launcher: Launcher::Slurm,
+            rank,
+            world_size: tasks_per_node.iter().sum(),
+            local_rank: 0,
+            node_index: 0,
+            nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            tasks_per_node: tasks_per_node.to_vec(),
+            job_id: Some("1".into()),
+            visible_gpus: None,
+        }
+    }
+
+    #[test]
+    fn a_group_on_one_node_meets_and_listens_on_loopback_only() {
+        // Two nodes of two tasks, tp 2: each group sits on one node.
+        let p = placement(0, &["localhost", "elsewhere"], &[2, 2]);
+        let role = p.role(2).unwrap();
+        let (host, bind) = group_network(&p, &role, 2).unwrap();
+        assert_eq!(host, "127.0.0.1");
+        assert_eq!(bind, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        // MPI without a node list: one machine.
+        let p = placement(0, &[], &[]);
+        let (host, bind) = group_network(&p, &p.role(1).unwrap(), 1).unwrap();
+        assert_eq!((host.as_str(), bind.is_loopback()), ("127.0.0.1", true));
+    }
+
+    #[test]
+    fn a_group_across_nodes_meets_at_its_leader_and_never_binds_loopback() {
+        let p = placement(0, &["localhost", "elsewhere"], &[1, 1]);
+        let role = p.role(2).unwrap();
+        let (host, bind) = group_network(&p, &role, 2).unwrap();
+        assert_eq!(host, "localhost");
+        // localhost resolves to loopback only: the listeners take every interface instead,
+        // where the other node can reach them.
+        assert!(!bind.is_loopback(), "{bind}");
+        assert!(group::node_bind_address("127.0.0.1").is_unspecified());
+    }
 }

@@ -7,6 +7,7 @@
 //! shard. If any rank dies the group stops: followers exit with an error naming the rank, the
 //! leader fails its in-flight requests and exits with the reason.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use llmapi_common::args::LlmArgs;
 use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
 use llmapi_worker::dist::tcp::RingConfig;
-use llmapi_worker::dist::{Communicator, GroupDevice, form_group};
+use llmapi_worker::dist::{CommError, Communicator, GroupDevice, form_group};
 use llmapi_worker::engine::{EngineConfig, EngineError, EngineHandle};
 use llmapi_worker::model::Shard;
 
@@ -43,8 +44,16 @@ pub struct GroupSpec {
     pub size: usize,
     /// Ranks the experts are split over.
     pub ep_size: usize,
+    /// Which group of the job (0 for a local group).
+    pub group: usize,
+    /// The job's task number of this group's rank 0, when a Slurm or MPI job started the
+    /// group (errors then name the tasks of missing ranks).
+    pub first_task: Option<usize>,
     /// The leader's rendezvous address, host:port.
     pub rendezvous: String,
+    /// What this rank's listeners bind: 127.0.0.1 when the whole group is on this machine
+    /// (`RingConfig::bind`).
+    pub bind: IpAddr,
     /// The job token.
     pub token: String,
     /// Compute threads of this rank; None: every core this process may use.
@@ -94,7 +103,9 @@ impl GroupSpec {
         let ring = RingConfig {
             rank: self.rank,
             world_size: self.size,
+            group: self.group,
             rendezvous: self.rendezvous.clone(),
+            bind: self.bind,
             token: self.token.clone(),
             join_timeout: JOIN_TIMEOUT,
             op_timeout: OP_TIMEOUT,
@@ -108,11 +119,60 @@ impl GroupSpec {
         } else {
             GroupDevice::Cpu
         };
-        let comm = form_group(&ring, device)
-            .map_err(|e| EngineError::Backend(format!("forming the tensor-parallel group: {e}")))?;
+        let comm = form_group(&ring, device).map_err(|e| {
+            EngineError::Backend(format!(
+                "forming the tensor-parallel group: {e}{}",
+                self.task_hint(&e)
+            ))
+        })?;
         tracing::info!(rank = self.rank, "joined the group");
         Ok(comm)
     }
+}
+
+impl GroupSpec {
+    /// Which tasks of the job the ranks that never joined are, when a job started the group.
+    fn task_hint(&self, e: &CommError) -> String {
+        match (e, self.first_task) {
+            (CommError::NeverJoined { missing, .. }, Some(first)) => {
+                let tasks: Vec<String> = missing
+                    .iter()
+                    .map(|r| format!("rank {r} is task {}", first + r))
+                    .collect();
+                format!(
+                    " (in this job {}: SLURM_PROCID / OMPI_COMM_WORLD_RANK)",
+                    tasks.join(", ")
+                )
+            }
+            _ => String::new(),
+        }
+    }
+}
+
+/// The address a rank of a group spanning nodes binds its listeners to: the first address
+/// of `host` (this node's advertised name) that is not loopback and that this machine can
+/// bind; else 0.0.0.0 (every interface; the ring handshake still keeps strangers out).
+pub fn node_bind_address(host: &str) -> IpAddr {
+    let candidates: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => (host, 0)
+            .to_socket_addrs()
+            .map(|a| a.map(|a| a.ip()).collect())
+            .unwrap_or_default(),
+    };
+    let usable = candidates.into_iter().find(|ip| {
+        !ip.is_loopback()
+            && !ip.is_unspecified()
+            && std::net::TcpListener::bind(SocketAddr::new(*ip, 0)).is_ok()
+    });
+    usable.unwrap_or_else(|| {
+        tracing::warn!(
+            host,
+            "this node's advertised name has no address this machine can bind (other than loopback); \
+             the group's listeners bind every interface (0.0.0.0), guarded by the ring handshake"
+        );
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    })
 }
 
 /// Whether the ranks run on GPUs (`--backend cuda`; auto keeps groups on the CPU).
@@ -153,7 +213,11 @@ pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
         rank,
         size,
         ep_size: ep_size(args),
+        group: 0,
+        first_task: None,
         rendezvous,
+        // A spawned rank runs beside its parent: the group never leaves this machine.
+        bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         token,
         threads: share_of_cores(size),
         on_gpu: on_gpu(args),
@@ -320,7 +384,10 @@ mod tests {
             rank: 1,
             size: 2,
             ep_size: 2,
+            group: 0,
+            first_task: None,
             rendezvous: "127.0.0.1:1".to_owned(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             token: "t".to_owned(),
             threads: Some(3),
             on_gpu: true,

@@ -241,7 +241,11 @@ pub async fn run(
             rank: 0,
             size: tp,
             ep_size: group::ep_size(&args),
+            group: 0,
+            first_task: None,
             rendezvous: format!("127.0.0.1:{port}"),
+            // Ranks 1..N are this process's children: nothing outside this machine joins.
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
             token: group::local_token(),
             threads: group::share_of_cores(tp),
             on_gpu: group::on_gpu(&args),

@@ -65,7 +65,9 @@ fn measure(dir: &Path, tp: usize, cores: usize) -> (f64, f64) {
                             TcpRing::join(&RingConfig {
                                 rank,
                                 world_size: tp,
+                                group: 0,
                                 rendezvous: format!("127.0.0.1:{port}"),
+                                bind: std::net::Ipv4Addr::LOCALHOST.into(),
                                 token: "tp-bench".into(),
                                 join_timeout: Duration::from_secs(120),
                                 op_timeout: Duration::from_secs(120),

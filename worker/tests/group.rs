@@ -56,7 +56,9 @@ fn ring(rank: usize, world: usize, port: u16, op_timeout: Duration) -> TcpRing {
     TcpRing::join(&RingConfig {
         rank,
         world_size: world,
+        group: 0,
         rendezvous: format!("127.0.0.1:{port}"),
+        bind: std::net::Ipv4Addr::LOCALHOST.into(),
         token: "group-test".into(),
         join_timeout: Duration::from_secs(30),
         op_timeout,

@@ -25,7 +25,9 @@ fn config(rank: usize, world: usize, port: u16) -> RingConfig {
     RingConfig {
         rank,
         world_size: world,
+        group: 0,
         rendezvous: format!("127.0.0.1:{port}"),
+        bind: std::net::Ipv4Addr::LOCALHOST.into(),
         token: "nccl-test".into(),
         join_timeout: Duration::from_secs(20),
         op_timeout: Duration::from_secs(10),

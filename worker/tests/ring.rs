@@ -16,7 +16,9 @@ fn config(rank: usize, world: usize, port: u16, token: &str) -> RingConfig {
     RingConfig {
         rank,
         world_size: world,
+        group: 0,
         rendezvous: format!("127.0.0.1:{port}"),
+        bind: std::net::Ipv4Addr::LOCALHOST.into(),
         token: token.into(),
         join_timeout: Duration::from_secs(20),
         op_timeout: Duration::from_secs(5),
@@ -109,10 +111,13 @@ fn a_rank_with_the_wrong_token_cannot_join() {
     });
     let mut c = config(1, 2, port, "wrong");
     c.join_timeout = Duration::from_secs(3);
-    let follower = TcpRing::join(&c);
-    assert!(follower.is_err());
+    let follower = TcpRing::join(&c).unwrap_err().to_string();
+    assert!(follower.contains("job secret differs"), "{follower}");
     let err = leader.join().unwrap().unwrap_err().to_string();
-    assert!(err.contains("ranks [1] did not join"), "{err}");
+    assert!(
+        err.contains("rank 1 of group 0 never joined the rendezvous"),
+        "{err}"
+    );
 }
 
 #[test]

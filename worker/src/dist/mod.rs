@@ -5,8 +5,10 @@
 //! Every operation has a bounded wait and names the rank that failed, so a dead rank stops its
 //! group instead of hanging it.
 
+mod handshake;
 pub mod nccl;
 pub mod plan;
+mod rendezvous;
 pub mod tcp;
 
 use std::sync::{Arc, Mutex};
@@ -51,6 +53,20 @@ pub enum CommError {
         /// What went wrong.
         message: String,
     },
+    /// Ranks of the group did not join before the formation deadline.
+    #[error("{}", never_joined(*.group, .missing, .address, *.timeout))]
+    NeverJoined {
+        /// This rank.
+        rank: usize,
+        /// Which group of the job (for the message).
+        group: usize,
+        /// The ranks that never came (`[0]`: the leader never answered).
+        missing: Vec<usize>,
+        /// The leader's rendezvous address.
+        address: String,
+        /// The formation deadline.
+        timeout: Duration,
+    },
     /// NCCL is missing, could not be initialised, or a collective failed (the communicator is
     /// then aborted).
     #[error("rank {rank}: {message}")]
@@ -68,6 +84,35 @@ pub enum CommError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// What to check when ranks never came, worded for one rank, several, or the leader.
+fn never_joined(group: usize, missing: &[usize], address: &str, timeout: Duration) -> String {
+    let within = if timeout >= Duration::from_secs(1) {
+        format!("{} s", timeout.as_secs())
+    } else {
+        format!("{} ms", timeout.as_millis())
+    };
+    match missing {
+        [0] => format!(
+            "rank 0 of group {group} (its leader) never opened the rendezvous at {address} within {within}; \
+             check that the leader's task started and is still running (its log says why not) and that this node reaches {address}"
+        ),
+        [one] => format!(
+            "rank {one} of group {group} never joined the rendezvous at {address} within {within}; \
+             check that the task of rank {one} started and is still running (its log says why not), that it reaches {address}, \
+             and that it has this job's secret (the same LLMAPI_JOB_TOKEN)"
+        ),
+        several => {
+            let list: Vec<String> = several.iter().map(usize::to_string).collect();
+            format!(
+                "ranks {} of group {group} never joined the rendezvous at {address} within {within}; \
+                 check that their tasks started and are still running (their logs say why not), that they reach {address}, \
+                 and that they have this job's secret (the same LLMAPI_JOB_TOKEN)",
+                list.join(", ")
+            )
+        }
+    }
 }
 
 /// Collectives over the ranks of one group. Every rank must call the same operations in the

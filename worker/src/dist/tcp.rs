@@ -1,19 +1,21 @@
 //! A ring of TCP connections: rank r sends to rank r+1 and receives from rank r-1.
 //!
-//! Forming the ring: the leader (rank 0) listens on the rendezvous address; every other rank
-//! connects, presents the group token, its rank and the port of its own ring listener, and
-//! receives the table of all ring addresses. Each rank then connects to its successor and
-//! accepts its predecessor. All-reduce is the bandwidth-optimal ring algorithm
-//! (reduce-scatter, then all-gather: each rank moves 2 (n-1)/n of the buffer).
+//! Forming the ring (`rendezvous`): the leader (rank 0) listens on the rendezvous address;
+//! every other rank connects and proves, by a challenge-response over the job secret
+//! (`handshake`; the secret never crosses the wire), which rank it is and where its own ring
+//! listener is; the leader proves itself in return and, once every rank has joined, sends the
+//! table of all ring addresses. Each rank then links to its successor and accepts its
+//! predecessor, both links authenticated the same way. All of it is bounded by one deadline.
+//! All-reduce is the bandwidth-optimal ring algorithm (reduce-scatter, then all-gather: each
+//! rank moves 2 (n-1)/n of the buffer). Ring traffic itself is not encrypted.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use super::handshake::GroupKey;
+use super::rendezvous;
 use super::{CommError, Communicator};
-
-const MAGIC: &[u8; 4] = b"LLMR";
-const VERSION: u32 = 1;
 
 /// How to join a ring.
 #[derive(Debug, Clone)]
@@ -22,11 +24,17 @@ pub struct RingConfig {
     pub rank: usize,
     /// Ranks in the group.
     pub world_size: usize,
-    /// The leader's rendezvous address, `host:port`; the leader listens on it.
+    /// Which group of the job this is; named in errors only.
+    pub group: usize,
+    /// The leader's rendezvous address, `host:port`; the leader listens on its port.
     pub rendezvous: String,
-    /// Shared secret of the job; a rank presenting another token is refused.
+    /// The address this rank's listeners (the leader's rendezvous, every rank's ring
+    /// listener) bind: 127.0.0.1 for a group on one machine, this node's advertised address
+    /// for a group across nodes, 0.0.0.0 (every interface) where that is not known.
+    pub bind: IpAddr,
+    /// Shared secret of the job; every connection proves it without sending it.
     pub token: String,
-    /// How long to wait for the whole group to form.
+    /// How long the whole group may take to form; every wait of the formation ends by then.
     pub join_timeout: Duration,
     /// How long any single collective may wait on a peer.
     pub op_timeout: Duration,
@@ -71,38 +79,47 @@ impl TcpRing {
         if cfg.world_size == 1 {
             return Ok(ring);
         }
+        if cfg.token.is_empty() {
+            return Err(fail(
+                "the group has no secret; set LLMAPI_JOB_TOKEN (the same on every rank)".into(),
+            ));
+        }
+        if cfg.bind.is_loopback() && !rendezvous::resolves_to_loopback(&cfg.rendezvous) {
+            return Err(fail(format!(
+                "this group binds {} (one machine) but meets at {}, which is not a loopback address; a group on one machine meets at 127.0.0.1",
+                cfg.bind, cfg.rendezvous
+            )));
+        }
         let deadline = Instant::now() + cfg.join_timeout;
-        let ring_listener = TcpListener::bind(("0.0.0.0", 0)).map_err(|e| fail(e.to_string()))?;
+        let key = GroupKey::new(cfg.token.as_bytes(), cfg.world_size, &cfg.rendezvous);
+        let ring_listener = TcpListener::bind((cfg.bind, 0)).map_err(|e| {
+            fail(format!(
+                "cannot open this rank's ring listener on {}: {e}",
+                cfg.bind
+            ))
+        })?;
         let ring_port = ring_listener
             .local_addr()
             .map_err(|e| fail(e.to_string()))?
             .port();
 
         let table = if rank == 0 {
-            lead_rendezvous(cfg, ring_port, deadline).map_err(fail)?
+            let host = cfg
+                .rendezvous
+                .rsplit_once(':')
+                .map_or(cfg.rendezvous.as_str(), |(h, _)| h);
+            let own = rendezvous::ring_entry(cfg.bind, host, ring_port);
+            rendezvous::lead(cfg, &key, own, deadline)?
         } else {
-            join_rendezvous(cfg, ring_port, deadline).map_err(fail)?
+            // Bound to every interface: the leader records the address this rank comes from.
+            let own = if cfg.bind.is_unspecified() {
+                format!(":{ring_port}")
+            } else {
+                SocketAddr::new(cfg.bind, ring_port).to_string()
+            };
+            rendezvous::follow(cfg, &key, own, deadline)?
         };
-
-        let next_rank = (rank + 1) % cfg.world_size;
-        let prev_rank = (rank + cfg.world_size - 1) % cfg.world_size;
-        let mut next = connect_until(&table[next_rank], deadline).map_err(|e| {
-            fail(format!(
-                "cannot reach rank {next_rank} at {}: {e}",
-                table[next_rank]
-            ))
-        })?;
-        write_hello(&mut next, &cfg.token, rank).map_err(|e| fail(e.to_string()))?;
-        let prev = accept_until(&ring_listener, deadline, |s| {
-            let (token, from) = read_hello(s)?;
-            if token != cfg.token || from != prev_rank {
-                return Err(std::io::Error::other(format!(
-                    "ring peer presented rank {from} (expected {prev_rank}) or a wrong token"
-                )));
-            }
-            Ok(())
-        })
-        .map_err(|e| fail(format!("rank {prev_rank} did not connect: {e}")))?;
+        let (next, prev) = rendezvous::link(cfg, &key, ring_listener, &table, deadline)?;
         for s in [&next, &prev] {
             s.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
             s.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
@@ -331,179 +348,4 @@ impl Drop for TcpRing {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
-}
-
-fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
-    addr.to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
-}
-
-fn connect_until(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
-    loop {
-        let attempt = resolve(addr).and_then(|a| {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(10));
-            TcpStream::connect_timeout(&a, left.min(Duration::from_secs(2)))
-        });
-        match attempt {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-fn accept_until(
-    listener: &TcpListener,
-    deadline: Instant,
-    mut check: impl FnMut(&mut TcpStream) -> std::io::Result<()>,
-) -> std::io::Result<TcpStream> {
-    listener.set_nonblocking(true)?;
-    loop {
-        match listener.accept() {
-            Ok((mut s, _)) => {
-                s.set_nonblocking(false)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                match check(&mut s) {
-                    Ok(()) => return Ok(s),
-                    Err(e) => refused(&e),
-                }
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(std::io::Error::new(ErrorKind::TimedOut, "timed out"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Refused connections are dropped and waiting goes on: a stray client must not break a group.
-fn refused(e: &std::io::Error) {
-    tracing::warn!(error = %e, "refused a ring connection");
-}
-
-fn write_hello(s: &mut TcpStream, token: &str, rank: usize) -> std::io::Result<()> {
-    let mut msg = Vec::with_capacity(16 + token.len());
-    msg.extend_from_slice(MAGIC);
-    msg.extend_from_slice(&VERSION.to_le_bytes());
-    msg.extend_from_slice(&(rank as u32).to_le_bytes());
-    msg.extend_from_slice(&(token.len() as u32).to_le_bytes());
-    msg.extend_from_slice(token.as_bytes());
-    s.write_all(&msg)
-}
-
-fn read_u32(s: &mut TcpStream) -> std::io::Result<u32> {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b)?;
-    Ok(u32::from_le_bytes(b))
-}
-
-fn read_hello(s: &mut TcpStream) -> std::io::Result<(String, usize)> {
-    let mut magic = [0u8; 4];
-    s.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(std::io::Error::other("not an llmapi ring peer"));
-    }
-    let version = read_u32(s)?;
-    if version != VERSION {
-        return Err(std::io::Error::other(format!(
-            "peer speaks ring protocol {version}, this build {VERSION}: run the same llmapi version on every rank"
-        )));
-    }
-    let rank = read_u32(s)? as usize;
-    let len = read_u32(s)? as usize;
-    if len > 4096 {
-        return Err(std::io::Error::other("token too long"));
-    }
-    let mut token = vec![0u8; len];
-    s.read_exact(&mut token)?;
-    Ok((String::from_utf8_lossy(&token).into_owned(), rank))
-}
-
-/// Leader side: collect every rank's ring address, then send everyone the table.
-fn lead_rendezvous(
-    cfg: &RingConfig,
-    ring_port: u16,
-    deadline: Instant,
-) -> Result<Vec<String>, String> {
-    let listener = TcpListener::bind(&cfg.rendezvous).map_err(|e| {
-        format!("cannot listen: {e} (is another group using this --rendezvous_port?)")
-    })?;
-    let host = cfg
-        .rendezvous
-        .rsplit_once(':')
-        .map(|(h, _)| h.to_owned())
-        .unwrap_or_else(|| cfg.rendezvous.clone());
-    let mut table: Vec<Option<String>> = vec![None; cfg.world_size];
-    table[0] = Some(format!("{host}:{ring_port}"));
-    let mut peers = Vec::new();
-    while peers.len() + 1 < cfg.world_size {
-        let joined: Vec<usize> = (0..cfg.world_size)
-            .filter(|r| table[*r].is_some())
-            .collect();
-        let s = accept_until(&listener, deadline, |s| {
-            let (token, rank) = read_hello(s)?;
-            if token != cfg.token {
-                return Err(std::io::Error::other("wrong group token"));
-            }
-            if rank == 0 || rank >= cfg.world_size || joined.contains(&rank) {
-                return Err(std::io::Error::other(format!(
-                    "rank {rank} is out of range or already joined"
-                )));
-            }
-            let port = read_u32(s)? as u16;
-            let ip: IpAddr = s.peer_addr()?.ip();
-            table[rank] = Some(SocketAddr::new(ip, port).to_string());
-            Ok(())
-        })
-        .map_err(|e| {
-            let missing: Vec<usize> = (0..cfg.world_size)
-                .filter(|r| table[*r].is_none())
-                .collect();
-            format!("ranks {missing:?} did not join: {e}")
-        })?;
-        peers.push(s);
-    }
-    let table: Vec<String> = table.into_iter().map(Option::unwrap_or_default).collect();
-    let mut msg = Vec::new();
-    for entry in &table {
-        msg.extend_from_slice(&(entry.len() as u32).to_le_bytes());
-        msg.extend_from_slice(entry.as_bytes());
-    }
-    for mut p in peers {
-        p.write_all(&msg)
-            .map_err(|e| format!("cannot send the ring table: {e}"))?;
-    }
-    Ok(table)
-}
-
-/// Follower side: present ourselves to the leader and read the table.
-fn join_rendezvous(
-    cfg: &RingConfig,
-    ring_port: u16,
-    deadline: Instant,
-) -> Result<Vec<String>, String> {
-    let mut s =
-        connect_until(&cfg.rendezvous, deadline).map_err(|e| format!("leader unreachable: {e}"))?;
-    write_hello(&mut s, &cfg.token, cfg.rank).map_err(|e| e.to_string())?;
-    s.write_all(&u32::from(ring_port).to_le_bytes())
-        .map_err(|e| e.to_string())?;
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
-    s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-    let mut table = Vec::with_capacity(cfg.world_size);
-    for _ in 0..cfg.world_size {
-        let len =
-            read_u32(&mut s).map_err(|e| format!("no ring table from the leader: {e}"))? as usize;
-        let mut b = vec![0u8; len.min(256)];
-        s.read_exact(&mut b).map_err(|e| e.to_string())?;
-        table.push(String::from_utf8_lossy(&b).into_owned());
-    }
-    Ok(table)
 }

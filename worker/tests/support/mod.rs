@@ -68,7 +68,9 @@ pub fn ring_ranks<T: Send>(
                     let ring = TcpRing::join(&RingConfig {
                         rank,
                         world_size: world,
+                        group: 0,
                         rendezvous: format!("127.0.0.1:{port}"),
+                        bind: std::net::Ipv4Addr::LOCALHOST.into(),
                         token: token.into(),
                         join_timeout: timeout,
                         op_timeout: timeout,
