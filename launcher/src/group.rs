@@ -313,13 +313,13 @@ impl Drop for LocalRanks {
     }
 }
 
-/// A token for a group that only this machine's processes join.
-pub fn local_token() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!("llmapi-local-{}-{nanos:x}", std::process::id())
+/// A fresh random secret for a group that only this machine's processes join; its ranks get
+/// it by inheritance (their environment), never over the network.
+pub fn local_token() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| anyhow::anyhow!("the operating system's random source failed: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Resolves when one of `ranks` exits; returns which and how.

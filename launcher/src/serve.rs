@@ -246,7 +246,7 @@ pub async fn run(
             rendezvous: format!("127.0.0.1:{port}"),
             // Ranks 1..N are this process's children: nothing outside this machine joins.
             bind: std::net::Ipv4Addr::LOCALHOST.into(),
-            token: group::local_token(),
+            token: group::local_token()?,
             threads: group::share_of_cores(tp),
             on_gpu: group::on_gpu(&args),
             gpu_slot: 0,
