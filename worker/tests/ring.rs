@@ -164,3 +164,29 @@ fn a_single_rank_group_needs_no_network() {
     ring.all_reduce_sum(&mut buf).unwrap();
     assert_eq!(buf, vec![2.0; 4]);
 }
+
+/// A group across nodes may bind every interface: followers then claim a port only and the
+/// leader records the address each one came from.
+#[test]
+fn a_group_bound_to_every_interface_forms_from_the_addresses_ranks_come_from() {
+    let port = free_port();
+    let out = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|r| {
+                s.spawn(move || {
+                    let mut c = config(r, 3, port, "job-any");
+                    c.bind = std::net::Ipv4Addr::UNSPECIFIED.into();
+                    let mut ring = TcpRing::join(&c).unwrap();
+                    let mut v = [1.0f32];
+                    ring.all_reduce_sum(&mut v).unwrap();
+                    v[0]
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(out, vec![3.0; 3]);
+}

@@ -9,7 +9,7 @@
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
@@ -77,12 +77,12 @@ impl Acceptor {
         })
     }
 
-    /// The next authenticated arrival, or None once `deadline` passes.
-    pub(crate) fn next(&mut self, deadline: Instant) -> Option<Arrival> {
+    /// The next authenticated arrival, or None once `deadline` passes or `stop` is set.
+    pub(crate) fn next(&mut self, deadline: Instant, stop: &AtomicBool) -> Option<Arrival> {
         loop {
             self.accept_waiting(deadline);
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || stop.load(Ordering::SeqCst) {
                 return None;
             }
             match self.rx.recv_timeout(left.min(Duration::from_millis(5))) {
@@ -241,7 +241,7 @@ pub(crate) fn lead(
     table[0] = Some(own_entry);
     let mut joined: Vec<(usize, TcpStream, handshake::Session)> = Vec::new();
     while joined.len() + 1 < cfg.world_size {
-        let Some(mut arrival) = acceptor.next(deadline) else {
+        let Some(mut arrival) = acceptor.next(deadline, &AtomicBool::new(false)) else {
             let missing: Vec<usize> = (0..cfg.world_size)
                 .filter(|r| table[*r].is_none())
                 .collect();
@@ -413,9 +413,15 @@ pub(crate) fn link(
     let fail = |m: String| rendezvous_error(cfg, m);
     let mut acceptor = Acceptor::new(listener, key, Purpose::Ring, &ring_identity(table, rank))
         .map_err(|e| fail(e.to_string()))?;
+    let gave_up = AtomicBool::new(false);
     std::thread::scope(|s| {
-        let from_prev = s.spawn(|| accept_predecessor(&mut acceptor, table, prev, cfg, deadline));
+        let from_prev =
+            s.spawn(|| accept_predecessor(&mut acceptor, table, prev, cfg, deadline, &gave_up));
         let to_next = connect_successor(cfg, key, table, deadline);
+        // This rank cannot join the ring: stop waiting for the predecessor too.
+        if to_next.is_err() {
+            gave_up.store(true, Ordering::SeqCst);
+        }
         let from_prev = from_prev
             .join()
             .map_err(|_| fail("the ring accept thread panicked".into()))
@@ -435,9 +441,10 @@ fn accept_predecessor(
     prev: usize,
     cfg: &RingConfig,
     deadline: Instant,
+    stop: &AtomicBool,
 ) -> Result<TcpStream, CommError> {
     loop {
-        let Some(mut arrival) = acceptor.next(deadline) else {
+        let Some(mut arrival) = acceptor.next(deadline, stop) else {
             return Err(rendezvous_error(
                 cfg,
                 format!(
@@ -511,21 +518,21 @@ fn connect_successor(
     }
 }
 
-fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
-    addr.to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::other(format!("{addr} resolves to no address")))
-}
-
-/// Connects to `addr`, retrying until `deadline` (the other side may not listen yet).
+/// Connects to `addr` (each address it resolves to in turn), retrying until `deadline`: the
+/// other side may not listen yet.
 fn connect_until(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let attempt = resolve(addr).and_then(|a| {
-            TcpStream::connect_timeout(
-                &a,
-                left.clamp(Duration::from_millis(10), Duration::from_secs(2)),
-            )
+        let per_try = left.clamp(Duration::from_millis(10), Duration::from_secs(2));
+        let attempt = addr.to_socket_addrs().and_then(|addrs| {
+            let mut last = std::io::Error::other(format!("{addr} resolves to no address"));
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, per_try) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
         });
         match attempt {
             Ok(s) => return Ok(s),
@@ -606,8 +613,16 @@ mod tests {
         let mut acceptor =
             Acceptor::new(listener, &key, Purpose::Ring, &ring_identity(&table, 1)).unwrap();
         std::thread::scope(|s| {
-            let accepted =
-                s.spawn(|| accept_predecessor(&mut acceptor, &table, 0, &rank1, deadline));
+            let accepted = s.spawn(|| {
+                accept_predecessor(
+                    &mut acceptor,
+                    &table,
+                    0,
+                    &rank1,
+                    deadline,
+                    &AtomicBool::new(false),
+                )
+            });
             // The stranger: the right claim and listener name, a guessed secret.
             let guess = GroupKey::new(b"guess", 2, "127.0.0.1:1");
             let mut stranger = TcpStream::connect(("127.0.0.1", port1)).unwrap();
@@ -667,8 +682,16 @@ mod tests {
         let mut acceptor =
             Acceptor::new(listener, &key, Purpose::Ring, &ring_identity(&table, 1)).unwrap();
         std::thread::scope(|s| {
-            let accepted =
-                s.spawn(|| accept_predecessor(&mut acceptor, &table, 0, &cfg(1, 3), deadline));
+            let accepted = s.spawn(|| {
+                accept_predecessor(
+                    &mut acceptor,
+                    &table,
+                    0,
+                    &cfg(1, 3),
+                    deadline,
+                    &AtomicBool::new(false),
+                )
+            });
             let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
             let claim = Claim {
                 rank: 2,
