@@ -86,13 +86,18 @@ pub enum CommError {
     },
 }
 
+/// A wait as people read it in messages: "120 s", "500 ms".
+fn span(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
 /// What to check when ranks never came, worded for one rank, several, or the leader.
 fn never_joined(group: usize, missing: &[usize], address: &str, timeout: Duration) -> String {
-    let within = if timeout >= Duration::from_secs(1) {
-        format!("{} s", timeout.as_secs())
-    } else {
-        format!("{} ms", timeout.as_millis())
-    };
+    let within = span(timeout);
     match missing {
         [0] => format!(
             "rank 0 of group {group} (its leader) never opened the rendezvous at {address} within {within}; \

@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use super::CommError;
 use super::handshake::{
     self, Claim, GroupKey, HANDSHAKE_TIMEOUT, HandshakeError, Proven, Purpose, Sealed,
 };
 use super::tcp::RingConfig;
+use super::{CommError, span};
 
 /// Most handshakes in flight on one listener; connections beyond it are closed at once.
 const MAX_PENDING: usize = 64;
@@ -153,15 +153,6 @@ impl Acceptor {
     }
 }
 
-/// "1 s", "120 s", "500 ms".
-fn span(d: Duration) -> String {
-    if d >= Duration::from_secs(1) {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
-}
-
 fn rendezvous_error(cfg: &RingConfig, message: String) -> CommError {
     CommError::Rendezvous {
         rank: cfg.rank,
@@ -276,7 +267,7 @@ pub(crate) fn lead(
         let answer_by = deadline.min(Instant::now() + HANDSHAKE_TIMEOUT);
         match verdict {
             Ok(address) => {
-                let (claim, peer) = (arrival.proven.claim.clone(), arrival.peer);
+                let peer = arrival.peer;
                 match arrival
                     .proven
                     .answer(&mut arrival.stream, Ok(()), answer_by)
@@ -287,7 +278,7 @@ pub(crate) fn lead(
                         joined.push((rank, arrival.stream, session));
                     }
                     Err(e) => {
-                        tracing::warn!(rank = claim.rank, %peer, error = %e, "a rank left during its handshake")
+                        tracing::warn!(rank, %peer, error = %e, "a rank left during its handshake")
                     }
                 }
             }
