@@ -376,6 +376,42 @@ mod tests {
         assert_eq!(share_of_cores(10_000), Some(1));
     }
 
+    /// A missing rank of a job's group is named with its task, which is what the job's logs
+    /// and `srun` are indexed by.
+    #[test]
+    fn a_rank_that_never_joined_a_job_group_is_named_with_its_task() {
+        let spec = GroupSpec {
+            rank: 0,
+            size: 4,
+            ep_size: 4,
+            group: 1,
+            first_task: Some(4),
+            rendezvous: "127.0.0.1:1".to_owned(),
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            token: "t".to_owned(),
+            threads: None,
+            on_gpu: false,
+            gpu_slot: 0,
+        };
+        let missing = CommError::NeverJoined {
+            rank: 0,
+            group: 1,
+            missing: vec![2, 3],
+            address: spec.rendezvous.clone(),
+            timeout: JOIN_TIMEOUT,
+        };
+        let hint = spec.task_hint(&missing);
+        assert!(
+            hint.contains("rank 2 is task 6, rank 3 is task 7"),
+            "{hint}"
+        );
+        let local = GroupSpec {
+            first_task: None,
+            ..spec
+        };
+        assert_eq!(local.task_hint(&missing), "");
+    }
+
     /// A rank's engine runs on the GPU of its place on the node, not of its rank in the
     /// group: the second group on a node must not land on the first group's GPUs.
     #[test]
