@@ -106,14 +106,14 @@ fn never_joined(group: usize, missing: &[usize], address: &str, timeout: Duratio
         [one] => format!(
             "rank {one} of group {group} never joined the rendezvous at {address} within {within}; \
              check that the task of rank {one} started and is still running (its log says why not), that it reaches {address}, \
-             and that it has this job's secret (the same LLMAPI_JOB_TOKEN)"
+             and that it has this job's secret (the same LLMAPI_JOB_TOKEN or LLMAPI_JOB_TOKEN_FILE)"
         ),
         several => {
             let list: Vec<String> = several.iter().map(usize::to_string).collect();
             format!(
                 "ranks {} of group {group} never joined the rendezvous at {address} within {within}; \
                  check that their tasks started and are still running (their logs say why not), that they reach {address}, \
-                 and that they have this job's secret (the same LLMAPI_JOB_TOKEN)",
+                 and that they have this job's secret (the same LLMAPI_JOB_TOKEN or LLMAPI_JOB_TOKEN_FILE)",
                 list.join(", ")
             )
         }

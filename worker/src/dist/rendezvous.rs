@@ -353,7 +353,7 @@ pub(crate) fn follow(
             Ok(session) => break (stream, session),
             Err(HandshakeError::NotAuthenticated) => {
                 return Err(fail(format!(
-                    "the leader refused this rank's proof: this rank's job secret differs from the leader's (give every rank of the job the same LLMAPI_JOB_TOKEN), or the leader runs another group (this rank has --tp_size {} and meets at {}; the leader's differ)",
+                    "the leader refused this rank's proof: this rank's job secret differs from the leader's (give every rank of the job the same LLMAPI_JOB_TOKEN or LLMAPI_JOB_TOKEN_FILE), or the leader runs another group (this rank has --tp_size {} and meets at {}; the leader's differ)",
                     cfg.world_size, cfg.rendezvous
                 )));
             }

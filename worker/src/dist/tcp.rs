@@ -81,7 +81,7 @@ impl TcpRing {
         }
         if cfg.token.is_empty() {
             return Err(fail(
-                "the group has no secret; set LLMAPI_JOB_TOKEN (the same on every rank)".into(),
+                "the group has no secret; set LLMAPI_JOB_TOKEN or LLMAPI_JOB_TOKEN_FILE (the same on every rank)".into(),
             ));
         }
         if cfg.bind.is_loopback() && !rendezvous::resolves_to_loopback(&cfg.rendezvous) {
