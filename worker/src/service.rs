@@ -300,6 +300,12 @@ impl Worker for WorkerService {
                 message: format!("the worker group failed: {why}"),
             }));
         }
+        if let Some(why) = self.engine.stalled() {
+            return Ok(Response::new(pb::HealthResponse {
+                healthy: false,
+                message: why,
+            }));
+        }
         if !request.into_inner().probe {
             return Ok(Response::new(pb::HealthResponse {
                 healthy: true,

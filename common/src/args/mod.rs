@@ -231,6 +231,9 @@ pub struct LlmArgs {
     pub return_perf_metrics: bool,
     /// How many requests /perf_metrics keeps (0: none).
     pub perf_metrics_max_requests: u32,
+    /// Seconds the engine may spend in one step while requests are in flight before the
+    /// worker reports itself unhealthy (0: never).
+    pub engine_stall_timeout: u32,
 }
 
 impl Default for LlmArgs {
@@ -269,6 +272,7 @@ impl Default for LlmArgs {
             stream_interval: 1,
             return_perf_metrics: false,
             perf_metrics_max_requests: 0,
+            engine_stall_timeout: 300,
         }
     }
 }

@@ -4,6 +4,7 @@
 //! thread. `EngineHandle` (cheap to clone, Send + Sync) validates requests synchronously and
 //! talks to that thread over a channel. Dropping a request's receiver aborts it.
 
+mod liveness;
 mod runner;
 mod types;
 
@@ -40,6 +41,8 @@ pub(crate) struct Status {
     pub(crate) failed: Mutex<Option<String>>,
     /// Prefix blocks evicted from the KV cache, for Load's readers.
     pub(crate) evictions: Mutex<EvictionLog>,
+    /// When the engine loop's current pass began (`EngineHandle::stalled`).
+    pub(crate) heartbeat: liveness::Heartbeat,
 }
 
 struct Shared {
@@ -48,6 +51,7 @@ struct Shared {
     cmd: Mutex<mpsc::Sender<Command>>,
     max_num_tokens: usize,
     chunked_prefill: bool,
+    stall_timeout: Option<std::time::Duration>,
 }
 
 /// Starts engines.
@@ -167,16 +171,29 @@ impl Engine {
                 live: Mutex::default(),
                 failed: Mutex::default(),
                 evictions: Mutex::new(EvictionLog::new(run_nanos(), DEFAULT_EVICTION_LOG_CAPACITY)),
+                heartbeat: liveness::Heartbeat::new(),
             }),
             cmd: Mutex::new(tx),
             max_num_tokens: cfg.max_num_tokens,
             chunked_prefill: cfg.enable_chunked_prefill,
+            stall_timeout: cfg.stall_timeout,
         });
-        let runner =
-            runner::Runner::new(backend, cfg, info, num_blocks, Arc::clone(&shared.status));
+        let status = Arc::clone(&shared.status);
+        let runner = runner::Runner::new(backend, cfg, info, num_blocks, Arc::clone(&status));
         std::thread::Builder::new()
             .name("llmapi-engine".into())
-            .spawn(move || runner.run(rx))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(rx)));
+                // The runner (and with it every request's event sender) is gone: its requests
+                // end with an error, and the handle reports the worker failed.
+                if let Err(panic) = ran {
+                    let what = liveness::panic_message(panic.as_ref());
+                    tracing::error!(panic = %what, "the engine thread panicked; this worker serves no more requests");
+                    if let Ok(mut f) = status.failed.lock() {
+                        *f = Some(format!("the engine thread panicked: {what}"));
+                    }
+                }
+            })
             .map_err(|e| EngineError::Backend(format!("cannot start the engine thread: {e}")))?;
         Ok(EngineHandle { shared })
     }
@@ -402,6 +419,23 @@ impl EngineHandle {
             .lock()
             .map(|f| f.clone())
             .unwrap_or_else(|_| Some("the engine thread panicked".into()))
+    }
+
+    /// Why the engine looks stuck: a pass of its loop (a step) has run longer than
+    /// `stall_timeout` while requests are in flight; None while it makes progress, is idle,
+    /// or has no timeout.
+    pub fn stalled(&self) -> Option<String> {
+        let timeout = self.shared.stall_timeout?;
+        let age = self.shared.status.heartbeat.pass_age()?;
+        let live = self.shared.status.live.lock().map_or(0, |l| l.len());
+        (age > timeout && live > 0).then(|| {
+            format!(
+                "the engine has been in one step for {:.0} s with {live} requests in flight \
+                 (engine_stall_timeout is {} s)",
+                age.as_secs_f64(),
+                timeout.as_secs()
+            )
+        })
     }
 
     /// Static facts.

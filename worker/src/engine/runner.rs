@@ -164,9 +164,12 @@ impl Runner {
     }
 
     pub(crate) fn run(mut self, rx: Receiver<Command>) {
+        let status = Arc::clone(&self.status);
+        let heartbeat = &status.heartbeat;
         loop {
             let cmd = if self.sched.is_idle() {
-                match self.backend.heartbeat_interval() {
+                heartbeat.waiting();
+                let cmd = match self.backend.heartbeat_interval() {
                     None => match rx.recv() {
                         Ok(c) => Some(c),
                         Err(_) => break,
@@ -176,8 +179,11 @@ impl Runner {
                         Err(RecvTimeoutError::Timeout) => None,
                         Err(RecvTimeoutError::Disconnected) => break,
                     },
-                }
+                };
+                heartbeat.beat();
+                cmd
             } else {
+                heartbeat.beat();
                 rx.try_recv().ok()
             };
             if let Some(cmd) = cmd {

@@ -91,6 +91,9 @@ pub struct EngineConfig {
     /// CUDA backend runs on GPU `gpu_slot % devices`, so tasks sharing a node spread over
     /// its GPUs instead of all landing on GPU 0.
     pub gpu_slot: usize,
+    /// How long one pass of the engine loop (a step) may take while requests are in flight
+    /// before `EngineHandle::stalled` reports the engine stuck; None: never.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 impl Default for EngineConfig {
@@ -114,6 +117,7 @@ impl Default for EngineConfig {
             backend: llmapi_common::args::Backend::Cpu,
             cuda_graph_config: None,
             gpu_slot: 0,
+            stall_timeout: None,
         }
     }
 }
@@ -355,6 +359,8 @@ impl EngineConfig {
             backend: args.backend,
             cuda_graph_config: args.cuda_graph_config.clone(),
             gpu_slot: 0,
+            stall_timeout: (args.engine_stall_timeout > 0)
+                .then(|| std::time::Duration::from_secs(u64::from(args.engine_stall_timeout))),
         }
     }
 }
