@@ -1,8 +1,8 @@
 //! llmapi-common: what every llmapi binary shares.
 //!
 //! The `LlmArgs` configuration model and its sources (CLI flags, YAML, `--set`), Hugging Face
-//! model directories, the tokenizer and chat templates, the built-in checkpoint writer and
-//! logging setup. Not for: tensors, HTTP or gRPC.
+//! model directories, the tokenizer and chat templates, the built-in checkpoint writer, secret
+//! files and logging setup. Not for: tensors, HTTP or gRPC.
 
 pub mod args;
 pub mod block_hash;
@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod model_config;
 pub mod model_dir;
+pub mod secret_file;
 pub mod telemetry;
 pub mod tokenizer;
 pub mod trace_context;

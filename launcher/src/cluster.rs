@@ -5,7 +5,9 @@
 //! a port of its node, the other ranks of the group join it at the leader's node on
 //! `--rendezvous_port` + group index and run their shard of every step. Rank 0 also runs the
 //! OpenAI router; the other leaders register their worker with it (POST /workers,
-//! authenticated by the job token) and renew the registration as a heartbeat. With
+//! authenticated by the job secret, `secret`) and renew the registration as a heartbeat. Every
+//! worker's gRPC service requires the job secret too; when all the job's tasks share one node
+//! it listens on 127.0.0.1 only. With
 //! `--router_url` every leader registers with that external router instead and no task runs
 //! one. When a rank of a group dies, its leader fails the group's requests and exits with an
 //! error naming the rank (the router's own health checks drop the worker).
@@ -38,6 +40,8 @@ pub struct ClusterOptions {
     pub router_url: Option<String>,
     /// Group g meets its leader on this port + g.
     pub rendezvous_port: u16,
+    /// Rank 0 hands the job secret to the other ranks on this port (MUNGE exchange).
+    pub bootstrap_port: u16,
 }
 
 impl Default for ClusterOptions {
@@ -45,31 +49,23 @@ impl Default for ClusterOptions {
         Self {
             router_url: None,
             rendezvous_port: DEFAULT_RENDEZVOUS_PORT,
+            bootstrap_port: DEFAULT_RENDEZVOUS_PORT - 1,
         }
     }
 }
 
-/// The secret that authenticates a job's tasks to its router: $LLMAPI_JOB_TOKEN, else one
-/// derived from the job's identity (enough to keep separate jobs apart; set LLMAPI_JOB_TOKEN,
-/// e.g. from `openssl rand -hex 16` in the batch script, where other users share the network).
-pub fn job_token(p: &Placement) -> String {
-    if let Ok(t) = std::env::var("LLMAPI_JOB_TOKEN")
-        && !t.is_empty()
-    {
-        return t;
+/// Whether every task of the job runs on this one node (and no external router needs to
+/// reach its worker): then workers listen on loopback only.
+fn on_one_node(p: &Placement, opts: &ClusterOptions) -> bool {
+    if opts.router_url.is_some() {
+        return false;
     }
-    let identity = format!(
-        "{}|{}|{}",
-        p.job_id.as_deref().unwrap_or("local"),
-        p.nodes.join(","),
-        p.world_size
-    );
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in identity.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+    let advertised = std::env::var("LLMAPI_ADVERTISE_HOST").ok();
+    match advertised.as_deref() {
+        Some("127.0.0.1" | "localhost" | "::1") => true,
+        Some(h) if !h.is_empty() => false,
+        _ => p.nodes.len() == 1,
     }
-    format!("llmapi-job-{h:016x}")
 }
 
 /// The host name other tasks reach this one by: $LLMAPI_ADVERTISE_HOST, else this task's node
@@ -126,7 +122,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tp = args.tensor_parallel_size as usize;
     let role = placement.role(tp)?;
-    let token = job_token(&placement);
+    // Before any model loads: rank 0 publishes the secret, the other ranks fetch it.
+    let secret =
+        crate::secret::for_job(&placement, opts.bootstrap_port, opts.router_url.is_some()).await?;
+    let token = secret.token().to_owned();
+    tracing::info!(origin = ?secret.origin(), "job secret ready");
+    let loopback = on_one_node(&placement, &opts);
     let group = if tp > 1 {
         group::check_sizes(&args, &model)?;
         let (host, bind) = group_network(&placement, &role, tp)?;
@@ -159,21 +160,24 @@ pub async fn run(
         None
     };
     let config = crate::serve::router_config(&args, &model);
+    let bind = if loopback { "127.0.0.1:0" } else { "0.0.0.0:0" };
     let worker = LocalWorker::start(
         &args,
         &model,
         config.served_model_name.clone(),
-        "0.0.0.0:0",
+        bind,
         group,
         placement.local_rank,
+        &token,
     )
     .await?;
     let failed = group::group_failure(worker.engine.clone(), None);
-    let url = format!(
-        "http://{}:{}",
-        advertise_host(&placement),
-        worker.addr.port()
-    );
+    let host = if loopback {
+        "127.0.0.1".to_owned()
+    } else {
+        advertise_host(&placement)
+    };
+    let url = format!("http://{host}:{}", worker.addr.port());
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
     let result = if opts.router_url.is_none() && placement.rank == 0 {
@@ -193,6 +197,8 @@ pub async fn run(
         registered(&router, &url, &token, failed).await
     };
     worker.stop().await;
+    // Rank 0 stops publishing the secret (and removes its file) only now.
+    drop(secret);
     result
 }
 
@@ -204,6 +210,7 @@ async fn embedded_router(
     failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mut config = crate::serve::router_config(args, model);
+    config.worker_token = Some(token.clone());
     config.admin_token = Some(config.admin_token.unwrap_or(token));
     if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
         tracing::warn!(
@@ -228,8 +235,8 @@ async fn registered(
         match send(Method::POST, router, token, &body).await {
             Ok(s) if s.is_success() => break,
             Ok(s) if s == StatusCode::UNAUTHORIZED => bail!(
-                "router {router} refused the job token (401); give every task the same LLMAPI_JOB_TOKEN, \
-                 or the external router --admin_token equal to it"
+                "router {router} refused the job secret (401); give every task the same LLMAPI_JOB_TOKEN_FILE \
+                 (or LLMAPI_JOB_TOKEN), and an external router --admin_token equal to it"
             ),
             Ok(s) => tracing::debug!(status = %s, "registration not accepted yet"),
             Err(e) => tracing::debug!(error = %e, "router not reachable yet"),

@@ -32,8 +32,8 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const ENV_RANK: &str = "LLMAPI_GROUP_RANK";
 /// Environment of a spawned rank: the leader's rendezvous address.
 pub const ENV_RENDEZVOUS: &str = "LLMAPI_GROUP_RENDEZVOUS";
-/// The job token (also read by the cluster code).
-pub const ENV_TOKEN: &str = "LLMAPI_JOB_TOKEN";
+/// Environment of a spawned rank: the group's secret, inherited from its leader.
+pub const ENV_TOKEN: &str = crate::secret::ENV_TOKEN;
 
 /// Where a rank sits in its group.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ pub struct GroupSpec {
     /// What this rank's listeners bind: 127.0.0.1 when the whole group is on this machine
     /// (`RingConfig::bind`).
     pub bind: IpAddr,
-    /// The job token.
+    /// The job secret (the ring's token).
     pub token: String,
     /// Compute threads of this rank; None: every core this process may use.
     pub threads: Option<usize>,
@@ -311,15 +311,6 @@ impl Drop for LocalRanks {
             }
         }
     }
-}
-
-/// A fresh random secret for a group that only this machine's processes join; its ranks get
-/// it by inheritance (their environment), never over the network.
-pub fn local_token() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| anyhow::anyhow!("the operating system's random source failed: {e}"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Resolves when one of `ranks` exits; returns which and how.

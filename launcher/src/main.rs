@@ -24,7 +24,7 @@ fn cli() -> Command {
                     Arg::new("router_url")
                         .long("router_url")
                         .value_name("URL")
-                        .help("Register this worker with an external llmapi-router (its --admin_token must equal LLMAPI_JOB_TOKEN) instead of running the embedded router"),
+                        .help("Register this worker with an external llmapi-router instead of running the embedded router (give every task LLMAPI_JOB_TOKEN_FILE; the router's --admin_token and --worker_token_file must hold the same secret)"),
                 )
                 .arg(
                     Arg::new("rendezvous_port")
@@ -33,6 +33,12 @@ fn cli() -> Command {
                         .help(format!(
                             "With --tp_size > 1: base port where each group meets its leader (group g uses base + g) [default: {DEFAULT_RENDEZVOUS_PORT} under Slurm/MPI, a free port locally]"
                         )),
+                )
+                .arg(
+                    Arg::new("bootstrap_port")
+                        .long("bootstrap_port")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("Port on rank 0's node where the other ranks fetch the job secret over MUNGE (when no LLMAPI_JOB_TOKEN / LLMAPI_JOB_TOKEN_FILE is set) [default: --rendezvous_port - 1]"),
                 ),
         )
         .subcommand(
@@ -150,9 +156,14 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let router_url = m.get_one::<String>("router_url").cloned();
     let rendezvous_port = m.get_one::<u16>("rendezvous_port").copied();
     let placement = Placement::from_env(std::env::vars())?;
+    let base = rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT);
     let opts = ClusterOptions {
         router_url: router_url.clone(),
-        rendezvous_port: rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT),
+        rendezvous_port: base,
+        bootstrap_port: m
+            .get_one::<u16>("bootstrap_port")
+            .copied()
+            .unwrap_or(base.saturating_sub(1)),
     };
     let result = match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {

@@ -60,7 +60,7 @@ pub struct Placement {
     pub nodes: Vec<String>,
     /// Ranks on each node, in node order (Slurm's block distribution).
     pub tasks_per_node: Vec<usize>,
-    /// The scheduler's job id, if any; used to derive the per-job token.
+    /// The scheduler's job id, if any; binds the job secret's exchange (never the secret itself).
     pub job_id: Option<String>,
     /// GPUs visible to this process (SLURM_STEP_GPUS or CUDA_VISIBLE_DEVICES), if listed.
     pub visible_gpus: Option<Vec<String>>,

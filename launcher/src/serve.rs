@@ -13,6 +13,7 @@ use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
 use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
 use llmapi_otlp::{ExportTask, ExporterConfig, SpanExporter};
+use llmapi_proto::auth::RequireToken;
 use llmapi_router::codec::HfCodec;
 use llmapi_router::pool::Pool;
 use llmapi_router::{AppState, RouterConfig, server};
@@ -78,9 +79,10 @@ fn span_exporter(
 
 impl LocalWorker {
     /// Starts the engine on `model` under the name `name` and serves it over gRPC on `bind`
-    /// (port 0: any free port). With `group`, this is the leader of a tensor-parallel group:
-    /// it joins the group first and drives its followers. `gpu_slot` is this task's local
-    /// rank on its node, which picks its GPU on the CUDA backend (a group carries its own).
+    /// (port 0: any free port) to callers that present `secret` (the job secret). With
+    /// `group`, this is the leader of a tensor-parallel group: it joins the group first and
+    /// drives its followers. `gpu_slot` is this task's local rank on its node, which picks its
+    /// GPU on the CUDA backend (a group carries its own).
     pub async fn start(
         args: &LlmArgs,
         model: &ModelDir,
@@ -88,7 +90,9 @@ impl LocalWorker {
         bind: &str,
         group: Option<GroupSpec>,
         gpu_slot: usize,
+        secret: &str,
     ) -> anyhow::Result<Self> {
+        let auth = RequireToken::new(secret).context("the job secret")?;
         let mut engine_cfg = match &group {
             Some(g) => g.engine_config(args),
             None => EngineConfig {
@@ -133,7 +137,7 @@ impl LocalWorker {
             None => (service, None),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(service::serve(service, grpc, async move {
+        let task = tokio::spawn(service::serve(service, grpc, auth, async move {
             let _ = stopped.await;
         }));
         Ok(Self {
@@ -176,7 +180,7 @@ pub async fn run_router(
         config.span_exporter = Some(exporter);
         task
     });
-    let pool = Arc::new(Pool::default());
+    let pool = Arc::new(Pool::new(config.worker_token.as_deref()).context("the worker token")?);
     for url in workers {
         pool.add(url)
             .with_context(|| format!("registering the worker {url}"))?;
@@ -230,6 +234,9 @@ pub async fn run(
     rendezvous_port: Option<u16>,
 ) -> anyhow::Result<()> {
     let tp = args.tensor_parallel_size as usize;
+    // The worker, the router's calls to it and the group's ranks share this secret; the ranks
+    // inherit it through their environment.
+    let secret = crate::secret::for_local()?;
     let mut ranks = None;
     let group = if tp > 1 {
         group::check_sizes(&args, &model)?;
@@ -246,7 +253,7 @@ pub async fn run(
             rendezvous: format!("127.0.0.1:{port}"),
             // Ranks 1..N are this process's children: nothing outside this machine joins.
             bind: std::net::Ipv4Addr::LOCALHOST.into(),
-            token: group::local_token()?,
+            token: secret.clone(),
             threads: group::share_of_cores(tp),
             on_gpu: group::on_gpu(&args),
             gpu_slot: 0,
@@ -256,9 +263,11 @@ pub async fn run(
     } else {
         None
     };
-    let config = router_config(&args, &model);
+    let mut config = router_config(&args, &model);
+    config.worker_token = Some(secret.clone());
     // LLMAPI_WORKER_ADDR exposes the worker at a fixed address so that other routers
-    // (`llmapi-router --worker_urls`) can use it too; by default it is private to this process.
+    // (`llmapi-router --worker_urls` with the same secret as --worker_token_file) can use it
+    // too; by default it listens on loopback, and every call needs the secret either way.
     let worker_addr =
         std::env::var("LLMAPI_WORKER_ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
     let start = LocalWorker::start(
@@ -268,6 +277,7 @@ pub async fn run(
         &worker_addr,
         group,
         0,
+        &secret,
     );
     let worker = match &ranks {
         None => start.await,

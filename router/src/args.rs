@@ -46,6 +46,13 @@ pub struct RouterArgs {
     /// Token that POST/DELETE /workers require; without it registration is off.
     #[arg(long, env = "LLMAPI_ADMIN_TOKEN")]
     pub admin_token: Option<String>,
+    /// File holding the worker token: the job secret every call to a worker must carry
+    /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    pub worker_token_file: Option<PathBuf>,
+    /// The worker token itself, from the environment only (a command line is visible in `ps`).
+    #[arg(skip = std::env::var("LLMAPI_WORKER_TOKEN").ok().filter(|t| !t.is_empty()))]
+    pub worker_token: Option<String>,
     /// Jinja chat template (file or inline) overriding tokenizer_config.json's.
     #[arg(long)]
     pub chat_template: Option<String>,
@@ -86,6 +93,16 @@ pub struct RouterArgs {
 }
 
 impl RouterArgs {
+    /// The worker token: `--worker_token_file`, else `LLMAPI_WORKER_TOKEN`, else none.
+    pub fn worker_token(&self) -> anyhow::Result<Option<String>> {
+        match &self.worker_token_file {
+            Some(path) => llmapi_common::secret_file::read_secret_file(path)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("--worker_token_file: {e}")),
+            None => Ok(self.worker_token.clone()),
+        }
+    }
+
     /// The router configuration these flags describe.
     pub fn config(&self) -> RouterConfig {
         let path = self.model.to_string_lossy().into_owned();
@@ -104,6 +121,7 @@ impl RouterArgs {
             },
             api_key: self.api_key.clone(),
             admin_token: self.admin_token.clone(),
+            worker_token: self.worker_token.clone(),
             max_body_bytes: self.max_body_bytes,
             max_inflight_requests: self.max_inflight_requests,
             max_retries: self.max_retries,

@@ -4,12 +4,10 @@
 
 use std::sync::Arc;
 
-use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{
     AbortRequest, FinishReason, GenerateRequest, GenerateResponse, TokenLogprob, Usage,
 };
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use llmapi_common::trace_context::TraceContext;
@@ -17,7 +15,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
 use crate::error::ApiError;
-use crate::pool::{InflightGuard, Worker};
+use crate::pool::{InflightGuard, Worker, WorkerRpc};
 use crate::state::AppState;
 
 /// One choice to generate.
@@ -75,7 +73,7 @@ pub enum ChoiceEvent {
 
 /// Sends an Abort for a worker request unless disarmed (the request finished by itself).
 struct AbortOnDrop {
-    client: WorkerClient<Channel>,
+    client: WorkerRpc,
     request_id: String,
     armed: bool,
 }

@@ -21,6 +21,12 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = RouterArgs::parse();
     let mut config = args.config();
+    config.worker_token = args.worker_token()?;
+    if config.worker_token.is_none() {
+        tracing::warn!(
+            "no --worker_token_file or LLMAPI_WORKER_TOKEN: calls to workers carry no token, and workers started by llmapi-launch refuse them"
+        );
+    }
     let spans = match &args.otlp_traces_endpoint {
         Some(endpoint) => {
             let (exporter, task) =
@@ -37,7 +43,10 @@ async fn main() -> anyhow::Result<()> {
         args.tokenizer.as_deref(),
         args.chat_template.as_deref(),
     )?;
-    let pool = Arc::new(Pool::default());
+    let pool = Arc::new(
+        Pool::new(config.worker_token.as_deref())
+            .context("--worker_token_file / LLMAPI_WORKER_TOKEN")?,
+    );
     for url in &args.worker_urls {
         pool.add(url)
             .with_context(|| format!("--worker_urls {url}"))?;

@@ -1,14 +1,21 @@
 //! The worker pool: one entry per worker group leader, with its gRPC client, health, circuit
 //! breaker, in-flight count, last reported load and the router's view of its prefix cache.
+//! Every call to a worker carries the worker token (`llmapi_proto::auth`) the pool was built
+//! with: workers refuse calls without the job's secret.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use llmapi_proto::auth::{AttachToken, TokenError};
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{HealthRequest, InfoRequest, InfoResponse, LoadRequest, LoadResponse};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// A gRPC client of one worker that sends the worker token on every call.
+pub type WorkerRpc = WorkerClient<InterceptedService<Channel, AttachToken>>;
 
 /// Health and breaker thresholds.
 #[derive(Debug, Clone)]
@@ -111,7 +118,7 @@ impl PrefixCacheView {
 pub struct Worker {
     /// The gRPC address, e.g. `http://127.0.0.1:50051`.
     pub url: String,
-    client: WorkerClient<Channel>,
+    client: WorkerRpc,
     healthy: AtomicBool,
     ever_admitted: AtomicBool,
     failed_checks: AtomicU32,
@@ -156,7 +163,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Worker {
-    fn connect(url: &str) -> Result<Self, PoolError> {
+    fn connect(url: &str, token: &AttachToken) -> Result<Self, PoolError> {
         let url = if url.contains("://") {
             url.to_owned()
         } else {
@@ -173,7 +180,7 @@ impl Worker {
             .keep_alive_timeout(Duration::from_secs(5));
         Ok(Self {
             url,
-            client: WorkerClient::new(endpoint.connect_lazy()),
+            client: WorkerClient::with_interceptor(endpoint.connect_lazy(), token.clone()),
             healthy: AtomicBool::new(false),
             ever_admitted: AtomicBool::new(false),
             failed_checks: AtomicU32::new(0),
@@ -190,7 +197,7 @@ impl Worker {
     }
 
     /// A clone of the gRPC client (cheap: channels are shared).
-    pub fn client(&self) -> WorkerClient<Channel> {
+    pub fn client(&self) -> WorkerRpc {
         self.client.clone()
     }
 
@@ -358,12 +365,22 @@ impl Drop for InflightGuard {
 #[derive(Debug, Default)]
 pub struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
+    token: AttachToken,
 }
 
 impl Pool {
+    /// A pool whose calls carry `worker_token` (the job secret the workers require); `None`
+    /// sends none, which only workers that check nothing (test doubles) accept.
+    pub fn new(worker_token: Option<&str>) -> Result<Self, TokenError> {
+        Ok(Self {
+            workers: RwLock::default(),
+            token: AttachToken::new(worker_token)?,
+        })
+    }
+
     /// Adds a worker (lazily connected); an already known URL is returned as is.
     pub fn add(&self, url: &str) -> Result<Arc<Worker>, PoolError> {
-        let worker = Arc::new(Worker::connect(url)?);
+        let worker = Arc::new(Worker::connect(url, &self.token)?);
         let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = workers.iter().find(|w| w.url == worker.url) {
             return Ok(w.clone());

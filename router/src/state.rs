@@ -25,6 +25,9 @@ pub struct RouterConfig {
     pub api_key: Option<String>,
     /// Bearer token for POST/DELETE /workers; registration is off without it.
     pub admin_token: Option<String>,
+    /// The secret every call to a worker carries (`authorization: Bearer`): the job secret
+    /// the workers were started with. Build the pool with `Pool::new(worker_token)`.
+    pub worker_token: Option<String>,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// Requests in flight past which new ones get 429 (0: unlimited).
@@ -52,6 +55,7 @@ impl Default for RouterConfig {
             imbalance: ImbalanceThresholds::default(),
             api_key: None,
             admin_token: None,
+            worker_token: None,
             max_body_bytes: 32 << 20,
             max_inflight_requests: 0,
             max_retries: 2,

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use llmapi_common::block_hash::prefix_block_hashes;
+use llmapi_proto::auth::RequireToken;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use llmapi_proto::v1::{
     AbortRequest, AbortResponse, FinishReason, GenerateRequest, GenerateResponse, HealthRequest,
@@ -18,6 +19,7 @@ use llmapi_proto::v1::{
     Usage,
 };
 use tokio::sync::mpsc;
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 /// How a `ScriptedWorker` behaves.
@@ -39,6 +41,9 @@ pub struct Script {
     pub token_delay: Duration,
     /// Tokens per response message.
     pub tokens_per_message: usize,
+    /// When set, calls without `authorization: Bearer <this>` are UNAUTHENTICATED, as a real
+    /// worker answers them.
+    pub required_token: Option<String>,
 }
 
 impl Default for Script {
@@ -52,6 +57,7 @@ impl Default for Script {
             eos: None,
             token_delay: Duration::ZERO,
             tokens_per_message: 1,
+            required_token: None,
         }
     }
 }
@@ -131,7 +137,17 @@ impl ScriptedWorker {
         // Small gRPC frames must not wait for Nagle's algorithm.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let svc = WorkerServer::new(self.clone());
+        let check = self
+            .script
+            .required_token
+            .as_deref()
+            .map(RequireToken::new)
+            .transpose();
+        let svc = WorkerServer::with_interceptor(self.clone(), move |req| match &check {
+            Ok(None) => Ok(req),
+            Ok(Some(check)) => check.clone().call(req),
+            Err(e) => Err(Status::internal(format!("Script.required_token: {e}"))),
+        });
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)

@@ -3,6 +3,7 @@
 //! Generate streams the engine's token events as proto responses; when the caller drops the
 //! stream the engine receiver is dropped with it, which aborts the request and frees its KV
 //! blocks. Health, Info and Load read the engine; a Health probe runs a real one-token request.
+//! Every call is authenticated by the job secret (`llmapi_proto::auth`): `serve` takes it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use futures::Stream;
 use llmapi_common::trace_context::TraceContext;
 use llmapi_otlp::SpanExporter;
+use llmapi_proto::auth::RequireToken;
 use llmapi_proto::v1 as pb;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -53,23 +55,21 @@ impl WorkerService {
         self.spans = Some(exporter);
         self
     }
-
-    /// The tonic server wrapper, ready for `Server::add_service`.
-    pub fn into_server(self) -> WorkerServer<Self> {
-        WorkerServer::new(self)
-    }
 }
 
-/// Serves `service` on `listener` until `shutdown` resolves.
+/// Serves `service` on `listener` until `shutdown` resolves. Every call must carry
+/// `authorization: Bearer <secret>` with the secret `auth` holds (the job secret); others are
+/// answered UNAUTHENTICATED before they reach the engine.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
+    auth: RequireToken,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // Token frames are small: without TCP_NODELAY each waits for Nagle's algorithm (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(service.into_server())
+        .add_service(WorkerServer::with_interceptor(service, auth))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -3,23 +3,47 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use llmapi_proto::auth::{AttachToken, RequireToken};
+
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{
-    FinishReason, GenerateRequest, HealthRequest, InfoRequest, LoadRequest, SamplingParams,
-    StoppingParams,
+    AbortRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest, LoadRequest,
+    SamplingParams, StoppingParams,
 };
 use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
 use llmapi_worker::service::{WorkerService, serve};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-async fn start() -> WorkerClient<Channel> {
+/// The secret the test worker requires.
+const SECRET: &str = "test-job-secret-0123456789abcdef";
+
+/// A client that sends `authorization: Bearer <token>` (nothing for None).
+type Client = WorkerClient<InterceptedService<Channel, AttachToken>>;
+
+async fn client_for(addr: SocketAddr, token: Option<&str>) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    WorkerClient::with_interceptor(channel, AttachToken::new(token).unwrap())
+}
+
+async fn start() -> Client {
     start_with(|_| {}).await
 }
 
-async fn start_with(tweak: impl FnOnce(&mut EngineConfig)) -> WorkerClient<Channel> {
+async fn start_with(tweak: impl FnOnce(&mut EngineConfig)) -> Client {
+    client_for(serve_engine(tweak).await, Some(SECRET)).await
+}
+
+/// Starts the golden engine behind the gRPC service (requiring SECRET); returns its address.
+async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
     let mut cfg = EngineConfig {
         max_batch_size: 8,
@@ -38,11 +62,62 @@ async fn start_with(tweak: impl FnOnce(&mut EngineConfig)) -> WorkerClient<Chann
     tokio::spawn(serve(
         WorkerService::new(engine, 1, 1),
         listener,
+        RequireToken::new(SECRET).unwrap(),
         std::future::pending(),
     ));
-    WorkerClient::connect(format!("http://{addr}"))
+    addr
+}
+
+/// Generate and Health without the job secret, or with another one, never reach the engine:
+/// UNAUTHENTICATED, and the engine stays idle. With the secret both work.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_without_the_job_secret_are_unauthenticated() {
+    let addr = serve_engine(|_| {}).await;
+    let wrong = "test-job-secret-0123456789abcdeX";
+    for token in [None, Some(wrong), Some("llmapi-job-0123456789abcdef")] {
+        let mut client = client_for(addr, token).await;
+        let err = client
+            .generate(request("stranger", vec![5, 6, 7], 4))
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
+        let err = client
+            .health(HealthRequest { probe: true })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
+        let err = client
+            .abort(AbortRequest {
+                request_id: "x".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
+    }
+    // The scheme is case-insensitive, the secret is not.
+    let mut lower = client_for(addr, None).await;
+    let mut req = tonic::Request::new(HealthRequest { probe: false });
+    req.metadata_mut()
+        .insert("authorization", format!("bearer {SECRET}").parse().unwrap());
+    assert!(lower.health(req).await.unwrap().into_inner().healthy);
+    let mut client = client_for(addr, Some(SECRET)).await;
+    let load = client
+        .load(LoadRequest::default())
         .await
         .unwrap()
+        .into_inner();
+    assert_eq!(load.running + load.queued, 0, "no refused call ran");
+    let mut stream = client
+        .generate(request("member", vec![5, 6, 7], 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut tokens = 0;
+    while let Some(msg) = stream.message().await.unwrap() {
+        tokens += msg.token_ids.len();
+    }
+    assert_eq!(tokens, 2);
 }
 
 fn request(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
@@ -228,7 +303,7 @@ async fn the_callers_trace_context_is_logged_and_answered_with_the_workers_span(
     assert!(!tr.contains(trace_id));
 }
 
-async fn run_to_end(client: &mut WorkerClient<Channel>, req: GenerateRequest) {
+async fn run_to_end(client: &mut Client, req: GenerateRequest) {
     let mut stream = client.generate(req).await.unwrap().into_inner();
     while stream.message().await.unwrap().is_some() {}
 }
