@@ -11,21 +11,7 @@ use serde_json::Value;
 
 mod support;
 
-fn slurm_available() -> bool {
-    let up = Command::new("timeout")
-        .args(["10", "sinfo", "-h"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !up && std::env::var("LLMAPI_REQUIRE_SLURM").is_ok_and(|v| v == "1") {
-        panic!("LLMAPI_REQUIRE_SLURM=1 but no Slurm answers; start it with scripts/slurm-local.sh");
-    }
-    if !up {
-        eprintln!("notice: no Slurm on this machine (scripts/slurm-local.sh starts one); skipping");
-    }
-    up
-}
+use support::slurm_available;
 
 /// Runs `srun ARGS llmapi-launch env ...` with a hard time limit; one JSON object per task,
 /// sorted by rank.
@@ -130,6 +116,7 @@ fn two_nodes_serve_two_replicas_behind_one_router() {
         .arg("serve")
         .arg(&model)
         .args(["--port", &port.to_string(), "--host", "0.0.0.0"])
+        .args(["--bootstrap_port", &support::free_port().to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -182,6 +169,8 @@ fn serve_tp2(srun_args: &[&str], groups: usize, requests: usize) -> (Value, Vec<
             "2",
             "--rendezvous_port",
             &rendezvous.to_string(),
+            "--bootstrap_port",
+            &support::free_port().to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())

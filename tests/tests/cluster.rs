@@ -1,5 +1,6 @@
 //! Two worker processes behind one `llmapi-router` process: load sharing by each policy,
-//! kv_cache_aware prefix affinity, a worker killed mid-run and its return, admission errors.
+//! kv_cache_aware prefix affinity, a worker killed mid-run and its return, admission errors,
+//! and a router without the workers' secret getting no service from them.
 
 use std::io::{BufRead, BufReader};
 use std::process::Command;
@@ -22,13 +23,19 @@ fn worker(model: &Path, grpc: u16) -> Worker {
     worker_with(model, grpc, &[])
 }
 
+/// The secret the test workers share (LLMAPI_JOB_TOKEN) and the router sends.
+const SECRET: &str = "cluster-test-secret-6f1d2b9a0c3e";
+
 fn worker_with(model: &Path, grpc: u16, extra: &[&str]) -> Worker {
     let http = free_port();
     let proc = serve(
         model,
         http,
         extra,
-        &[("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}"))],
+        &[
+            ("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}")),
+            ("LLMAPI_JOB_TOKEN", SECRET.to_owned()),
+        ],
     );
     Worker {
         _proc: proc,
@@ -38,6 +45,16 @@ fn worker_with(model: &Path, grpc: u16, extra: &[&str]) -> Worker {
 }
 
 fn router(model: &Path, grpcs: &[u16], policy: &str, extra: &[&str]) -> (Proc, u16) {
+    router_with_token(model, grpcs, policy, extra, Some(SECRET))
+}
+
+fn router_with_token(
+    model: &Path,
+    grpcs: &[u16],
+    policy: &str,
+    extra: &[&str],
+    token: Option<&str>,
+) -> (Proc, u16) {
     let port = free_port();
     let urls: Vec<String> = grpcs
         .iter()
@@ -49,7 +66,11 @@ fn router(model: &Path, grpcs: &[u16], policy: &str, extra: &[&str]) -> (Proc, u
         .args(["--worker_urls", &urls.join(",")])
         .args(["--routing_policy", policy])
         .args(["--health_check_interval_ms", "200"])
-        .args(extra);
+        .args(extra)
+        .env_remove("LLMAPI_WORKER_TOKEN");
+    if let Some(t) = token {
+        cmd.env("LLMAPI_WORKER_TOKEN", t);
+    }
     let p = Proc::spawn(&format!("router-{port}"), cmd);
     (p, port)
 }
@@ -349,4 +370,37 @@ fn router_reports_admission_and_availability_errors() {
     );
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.json()["error"]["type"], "rate_limit_error");
+}
+
+/// Workers require the job secret on every gRPC call: a router that does not send it (or
+/// sends another) never admits them and answers 503, while one with it serves.
+#[test]
+fn a_router_without_the_workers_secret_gets_no_service() {
+    let w = worker(demo_model(), free_port());
+    for token in [None, Some("cluster-test-secret-6f1d2b9a0c3X")] {
+        let (_router, port) = router_with_token(demo_model(), &[w.grpc], "round_robin", &[], token);
+        assert!(wait_until(Duration::from_secs(10), || {
+            request(port, "GET", "/version", None, &[]).is_ok_and(|r| r.status == 200)
+        }));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            healthy_count(port),
+            0,
+            "{token:?}: the worker refused the router"
+        );
+        let r = post(
+            port,
+            "/v1/completions",
+            &json!({"model": "demo", "prompt": "x", "max_tokens": 1}),
+        );
+        assert_eq!(r.status, 503, "{token:?}: {}", r.body);
+    }
+    let (_router, port) = router(demo_model(), &[w.grpc], "round_robin", &[]);
+    wait_healthy(port, Duration::from_secs(30));
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
 }

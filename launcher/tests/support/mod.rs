@@ -30,8 +30,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Whether a Slurm answers here. `.ci/run` starts one with scripts/slurm-local.sh (two nodes,
+/// c1 and c2, on this host) and sets LLMAPI_REQUIRE_SLURM=1, which makes its absence a failure;
+/// elsewhere the Slurm tests print a notice and pass.
+pub fn slurm_available() -> bool {
+    let up = Command::new("timeout")
+        .args(["10", "sinfo", "-h"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !up && std::env::var("LLMAPI_REQUIRE_SLURM").is_ok_and(|v| v == "1") {
+        panic!("LLMAPI_REQUIRE_SLURM=1 but no Slurm answers; start it with scripts/slurm-local.sh");
+    }
+    if !up {
+        eprintln!("notice: no Slurm on this machine (scripts/slurm-local.sh starts one); skipping");
+    }
+    up
+}
+
 /// One HTTP/1.1 request to 127.0.0.1:port; returns (status, body). None when nothing answers.
 pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, String)> {
+    http_auth(port, method, path, body, None)
+}
+
+/// `http` with `authorization: Bearer TOKEN` when a token is given.
+pub fn http_auth(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(
         &format!("127.0.0.1:{port}").parse().unwrap(),
         Duration::from_secs(2),
@@ -39,8 +69,11 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(
     .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).ok()?;
