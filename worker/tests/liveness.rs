@@ -205,9 +205,13 @@ fn a_panic_in_the_engine_thread_fails_the_worker_and_ends_its_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answers_unhealthy_with_the_reason_while_the_engine_is_stalled() {
+    use llmapi_proto::auth::{AttachToken, RequireToken};
     use llmapi_proto::v1::HealthRequest;
     use llmapi_proto::v1::worker_client::WorkerClient;
     use llmapi_worker::service::{WorkerService, serve};
+    use tonic::transport::Channel;
+
+    const SECRET: &str = "liveness-test-secret-0123456789ab";
 
     let faults = Arc::new(Faults::default());
     let h = start(&faults, Some(Duration::from_millis(200)));
@@ -216,11 +220,16 @@ async fn health_answers_unhealthy_with_the_reason_while_the_engine_is_stalled() 
     tokio::spawn(serve(
         WorkerService::new(h.clone(), 1, 1),
         listener,
+        RequireToken::new(SECRET).unwrap(),
         std::future::pending(),
     ));
-    let mut client = WorkerClient::connect(format!("http://{addr}"))
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut client =
+        WorkerClient::with_interceptor(channel, AttachToken::new(Some(SECRET)).unwrap());
     let health = |probe| HealthRequest { probe };
     let ok = client.health(health(false)).await.unwrap().into_inner();
     assert!(ok.healthy, "{}", ok.message);
