@@ -23,6 +23,8 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
+use llmapi_router::RouterConfig;
+use llmapi_router::auth::Secret;
 
 use crate::group::{self, GroupSpec};
 use crate::placement::{DEFAULT_RENDEZVOUS_PORT, GroupRole, Placement};
@@ -42,6 +44,8 @@ pub struct ClusterOptions {
     pub rendezvous_port: u16,
     /// Rank 0 hands the job secret to the other ranks on this port (MUNGE exchange).
     pub bootstrap_port: u16,
+    /// The embedded router's access settings (keys, registration limits; `serve::router_config`).
+    pub router: RouterConfig,
 }
 
 impl Default for ClusterOptions {
@@ -50,6 +54,7 @@ impl Default for ClusterOptions {
             router_url: None,
             rendezvous_port: DEFAULT_RENDEZVOUS_PORT,
             bootstrap_port: DEFAULT_RENDEZVOUS_PORT - 1,
+            router: RouterConfig::default(),
         }
     }
 }
@@ -159,7 +164,7 @@ pub async fn run(
     } else {
         None
     };
-    let config = crate::serve::router_config(&args, &model);
+    let mut config = crate::serve::router_config(&args, &model, &opts.router);
     let bind = if loopback { "127.0.0.1:0" } else { "0.0.0.0:0" };
     let worker = LocalWorker::start(
         &args,
@@ -181,7 +186,9 @@ pub async fn run(
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
     let result = if opts.router_url.is_none() && placement.rank == 0 {
-        embedded_router(&args, &model, &url, token, failed).await
+        // The job's other leaders register from its nodes.
+        config.registration.job_hosts = placement.nodes.clone();
+        embedded_router(&args, &model, config, &url, token, failed).await
     } else {
         let router = match &opts.router_url {
             Some(r) => r.trim_end_matches('/').to_owned(),
@@ -205,13 +212,15 @@ pub async fn run(
 async fn embedded_router(
     args: &LlmArgs,
     model: &ModelDir,
+    mut config: RouterConfig,
     own: &str,
     token: String,
     failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mut config = crate::serve::router_config(args, model);
     config.worker_token = Some(token.clone());
-    config.admin_token = Some(config.admin_token.unwrap_or(token));
+    if config.admin_token.is_none() {
+        config.admin_token = Some(Secret::new("job token", token)?);
+    }
     if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
         tracing::warn!(
             "the router listens on {}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs",
@@ -238,6 +247,14 @@ async fn registered(
                 "router {router} refused the job secret (401); give every task the same LLMAPI_JOB_TOKEN_FILE \
                  (or LLMAPI_JOB_TOKEN), and an external router --admin_token equal to it"
             ),
+            Ok(s @ (StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::CONFLICT)) => {
+                bail!(
+                    "router {router} refused the worker {worker} ({s}; its log says why): an embedded \
+                     router accepts the job's node names and loopback addresses, so set \
+                     LLMAPI_ADVERTISE_HOST to a node name or give the router --worker_url_allowlist; \
+                     409 means its pool is full (--max_workers)"
+                )
+            }
             Ok(s) => tracing::debug!(status = %s, "registration not accepted yet"),
             Err(e) => tracing::debug!(error = %e, "router not reachable yet"),
         }

@@ -4,13 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Arg, ArgAction, Command};
+use clap::{Arg, ArgAction, Args, Command, FromArgMatches};
 use llmapi_common::args::{NoticeLevel, resolve, serve_command};
 use llmapi_common::model_dir::ModelDir;
 use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
+use llmapi_router::RouterConfig;
+use llmapi_router::access::AccessArgs;
 
 fn cli() -> Command {
     Command::new("llmapi-launch")
@@ -19,7 +21,7 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            serve_command()
+            AccessArgs::augment_args(serve_command())
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
@@ -149,6 +151,13 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         group::exit_with_parent();
         return group::run_follower(&args, &model, &spec);
     }
+    // The embedded router's keys: read once here, after the spawned-rank exit above (a local
+    // group's ranks run no router).
+    let mut router = RouterConfig::default();
+    let access = AccessArgs::from_arg_matches(m)?;
+    for warning in access.apply(m, args.port, &mut router)? {
+        tracing::warn!("{warning}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -164,6 +173,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             .get_one::<u16>("bootstrap_port")
             .copied()
             .unwrap_or(base.saturating_sub(1)),
+        router: router.clone(),
     };
     let result = match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {
@@ -173,7 +183,12 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         None if router_url.is_some() => {
             runtime.block_on(cluster::run(args, model, Placement::local(), opts))
         }
-        _ => runtime.block_on(llmapi_launch::serve::run(args, model, rendezvous_port)),
+        _ => runtime.block_on(llmapi_launch::serve::run(
+            args,
+            model,
+            rendezvous_port,
+            router,
+        )),
     };
     // A failed start can leave a blocking task behind (a group join waiting for a rank that
     // died); dropping the runtime would wait for it, so give such tasks a bounded moment.

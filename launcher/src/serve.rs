@@ -24,9 +24,10 @@ use std::time::Duration;
 
 use crate::group::{self, GroupSpec, LocalRanks};
 
-/// The router settings `serve` derives from `LlmArgs` (plus LLMAPI_API_KEY /
-/// LLMAPI_ADMIN_TOKEN from the environment).
-pub fn router_config(args: &LlmArgs, model: &ModelDir) -> RouterConfig {
+/// The router settings `serve` derives from `LlmArgs`, over `access`: a configuration holding
+/// the access settings of the command line (`AccessArgs::apply`: keys, tokens, metrics port,
+/// registration limits).
+pub fn router_config(args: &LlmArgs, model: &ModelDir, access: &RouterConfig) -> RouterConfig {
     let model_path = args
         .model
         .clone()
@@ -37,14 +38,8 @@ pub fn router_config(args: &LlmArgs, model: &ModelDir) -> RouterConfig {
             .clone()
             .unwrap_or_else(|| model.default_name()),
         model_path,
-        api_key: std::env::var("LLMAPI_API_KEY")
-            .ok()
-            .filter(|k| !k.is_empty()),
-        admin_token: std::env::var("LLMAPI_ADMIN_TOKEN")
-            .ok()
-            .filter(|k| !k.is_empty()),
         max_inflight_requests: args.max_inflight_requests as usize,
-        ..RouterConfig::default()
+        ..access.clone()
     }
 }
 
@@ -189,10 +184,9 @@ pub async fn run_router(
     let health = tokio::spawn(pool.clone().health_loop(config.health.clone()));
     let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
 
+    let listeners =
+        server::Listeners::bind(&args.host, args.port, state.config.metrics_port).await?;
     let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
     tracing::info!(
         model = %model.path.display(),
         workers = ?workers,
@@ -213,7 +207,7 @@ pub async fn run_router(
             }
         }
     };
-    let served = server::serve(listener, state, stop).await;
+    let served = server::serve(listeners, state, stop).await;
     health.abort();
     if let Some(spans) = spans {
         spans.shutdown(SHUTDOWN_TIMEOUT).await;
@@ -227,11 +221,13 @@ pub async fn run_router(
 
 /// Runs the engine, the worker service and the router until Ctrl-C / SIGTERM; with
 /// `--tp_size N` also ranks 1..N of the group as child processes (group meeting on
-/// 127.0.0.1:`rendezvous_port`, or a free port when None).
+/// 127.0.0.1:`rendezvous_port`, or a free port when None). `access` holds the router's access
+/// settings (`router_config`).
 pub async fn run(
     args: LlmArgs,
     model: ModelDir,
     rendezvous_port: Option<u16>,
+    access: RouterConfig,
 ) -> anyhow::Result<()> {
     let tp = args.tensor_parallel_size as usize;
     // The worker, the router's calls to it and the group's ranks share this secret; the ranks
@@ -263,7 +259,7 @@ pub async fn run(
     } else {
         None
     };
-    let mut config = router_config(&args, &model);
+    let mut config = router_config(&args, &model, &access);
     config.worker_token = Some(secret.clone());
     // LLMAPI_WORKER_ADDR exposes the worker at a fixed address so that other routers
     // (`llmapi-router --worker_urls` with the same secret as --worker_token_file) can use it

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use clap::Args;
 use llmapi_common::args::{CLI_FLAGS, KvCacheDtype, LlmArgs};
 
 fn launch(args: &[&str], cache: &Path) -> Output {
@@ -38,6 +39,15 @@ fn serve_help_lists_every_flag() {
                 "alias --{a} missing from help"
             );
         }
+    }
+    // The embedded router's access flags are the router's own (one definition).
+    let access = llmapi_router::access::AccessArgs::augment_args(clap::Command::new("access"));
+    for a in access.get_arguments() {
+        let long = a.get_long().unwrap();
+        assert!(
+            help.contains(&format!("--{long}")),
+            "--{long} missing from help"
+        );
     }
     for extra in [
         "--extra_llm_api_options",

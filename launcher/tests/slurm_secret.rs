@@ -150,16 +150,28 @@ fn stranger_is_refused(job: &Job, workers: &Value) {
     let urls = worker_urls(workers);
     for token in guessable_tokens(&job_id, &nodes, 2) {
         let rogue = r#"{"url":"http://127.0.0.1:9"}"#;
-        let (status, body) =
-            http_auth(job.port, "POST", "/workers", Some(rogue), Some(&token)).unwrap();
+        let (status, body) = http_auth(
+            job.port,
+            "POST",
+            "/workers",
+            Some(rogue),
+            Some(&format!("Bearer {token}")),
+        )
+        .unwrap();
         assert_eq!(
             status, 401,
             "registering a rogue worker with {token}: {body}"
         );
         for url in &urls {
             let real = serde_json::json!({ "url": url }).to_string();
-            let (status, body) =
-                http_auth(job.port, "DELETE", "/workers", Some(&real), Some(&token)).unwrap();
+            let (status, body) = http_auth(
+                job.port,
+                "DELETE",
+                "/workers",
+                Some(&real),
+                Some(&format!("Bearer {token}")),
+            )
+            .unwrap();
             assert_eq!(status, 401, "removing {url} with {token}: {body}");
             assert_worker_refuses(url, &token);
         }

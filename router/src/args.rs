@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::access::AccessArgs;
 use crate::policy::{ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
@@ -40,12 +41,9 @@ pub struct RouterArgs {
     /// ...and busiest load exceeds this many times the idlest.
     #[arg(long, default_value_t = 1.5)]
     pub balance_rel_threshold: f64,
-    /// Require `Authorization: Bearer KEY` on /v1 routes.
-    #[arg(long, env = "LLMAPI_API_KEY")]
-    pub api_key: Option<String>,
-    /// Token that POST/DELETE /workers require; without it registration is off.
-    #[arg(long, env = "LLMAPI_ADMIN_TOKEN")]
-    pub admin_token: Option<String>,
+    /// Keys, tokens, the metrics listener and registration limits.
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// File holding the worker token: the job secret every call to a worker must carry
     /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others.
     #[arg(long, value_name = "FILE")]
@@ -103,7 +101,8 @@ impl RouterArgs {
         }
     }
 
-    /// The router configuration these flags describe.
+    /// The router configuration these flags describe, without the access settings (secrets
+    /// need the command line's matches: `AccessArgs::apply`).
     pub fn config(&self) -> RouterConfig {
         let path = self.model.to_string_lossy().into_owned();
         let last = self
@@ -119,8 +118,6 @@ impl RouterArgs {
                 abs: self.balance_abs_threshold,
                 rel: self.balance_rel_threshold,
             },
-            api_key: self.api_key.clone(),
-            admin_token: self.admin_token.clone(),
             worker_token: self.worker_token.clone(),
             max_body_bytes: self.max_body_bytes,
             max_inflight_requests: self.max_inflight_requests,
@@ -137,6 +134,7 @@ impl RouterArgs {
             span_exporter: None,
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
+            ..RouterConfig::default()
         }
     }
 }

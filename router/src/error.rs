@@ -60,6 +60,16 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, message)
     }
 
+    /// 403: the caller is known but may not do this (a worker host outside the allowlist).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, message)
+    }
+
+    /// 409: the request conflicts with the router's state (the worker pool is full).
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, message)
+    }
+
     /// 404: unknown model or route.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
@@ -95,6 +105,8 @@ impl ApiError {
         match self.status.as_u16() {
             400 | 413 => "invalid_request_error",
             401 => "authentication_error",
+            403 => "permission_error",
+            409 => "conflict_error",
             404 => "not_found_error",
             429 => "rate_limit_error",
             503 => "service_unavailable_error",

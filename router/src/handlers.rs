@@ -1,5 +1,5 @@
-//! HTTP handlers: the OpenAI endpoints, health, models, version, metrics and worker
-//! registration.
+//! HTTP handlers: the OpenAI endpoints, health, models, version and metrics (the worker pool's
+//! routes are `admin`'s; authentication is the server's layers', `auth`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use llmapi_common::block_hash::prefix_block_hashes;
@@ -56,7 +56,7 @@ fn new_id(prefix: &str) -> String {
 }
 
 /// Parses a JSON body into `T`, mapping failures to OpenAI 400 / 413 errors.
-fn parse<T: DeserializeOwned>(
+pub(crate) fn parse<T: DeserializeOwned>(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
@@ -75,23 +75,6 @@ fn parse<T: DeserializeOwned>(
         };
         ApiError::bad_request(format!("{what}: {e}"))
     })
-}
-
-fn check_auth(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &state.config.api_key else {
-        return Ok(());
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized(
-            "missing or wrong API key; send Authorization: Bearer <the router's --api_key>",
-        ))
-    }
 }
 
 fn model_info(state: &AppState) -> Result<InfoResponse, ApiError> {
@@ -249,10 +232,9 @@ fn spawn_choices(
 pub async fn completions(
     State(state): Shared,
     trace: Trace,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match completions_inner(state, trace_of(trace), headers, body).await {
+    match completions_inner(state, trace_of(trace), body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -261,10 +243,8 @@ pub async fn completions(
 async fn completions_inner(
     state: Arc<AppState>,
     trace: Arc<TraceContext>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_auth(&state, &headers)?;
     let req: CompletionRequest = parse(&state, body)?;
     state.check_model(&req.common.model)?;
     let mut settings = req.common.settings(req.logprobs)?;
@@ -343,10 +323,9 @@ async fn completions_inner(
 pub async fn chat_completions(
     State(state): Shared,
     trace: Trace,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match chat_inner(state, trace_of(trace), headers, body).await {
+    match chat_inner(state, trace_of(trace), body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -355,10 +334,8 @@ pub async fn chat_completions(
 async fn chat_inner(
     state: Arc<AppState>,
     trace: Arc<TraceContext>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    check_auth(&state, &headers)?;
     let req: ChatRequest = parse(&state, body)?;
     state.check_model(&req.common.model)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
@@ -490,10 +467,7 @@ async fn finish(
 }
 
 /// GET /v1/models.
-pub async fn models(State(state): Shared, headers: HeaderMap) -> Response {
-    if let Err(e) = check_auth(&state, &headers) {
-        return e.into_response();
-    }
+pub async fn models(State(state): Shared) -> Response {
     let max_model_len = state.pool.model_info().map(|i| i.max_seq_len);
     Json(json!({
         "object": "list",
@@ -552,104 +526,6 @@ pub async fn metrics(State(state): Shared) -> Response {
         state.metrics.render(&state.pool, state.inflight()),
     )
         .into_response()
-}
-
-fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.config.admin_token else {
-        return Err(ApiError::unauthorized(
-            "worker registration is disabled; start the router with --admin_token",
-        ));
-    };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(token.as_str()) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized(
-            "missing or wrong admin token; send Authorization: Bearer <--admin_token>",
-        ))
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct WorkerBody {
-    url: String,
-}
-
-/// GET /workers: the pool and each worker's state.
-pub async fn list_workers(State(state): Shared) -> Response {
-    let workers: Vec<_> = state
-        .pool
-        .all()
-        .iter()
-        .map(|w| {
-            let load = w.load();
-            json!({
-                "url": w.url,
-                "healthy": w.is_healthy(),
-                "breaker_open": w.breaker_open(),
-                "inflight": w.inflight(),
-                "requests": w.routed(),
-                "running": load.running,
-                "queued": load.queued,
-                "kv_blocks_used": load.kv_blocks_used,
-                "kv_blocks_free": load.kv_blocks_free,
-                "prefix_cache_blocks": w.cache.lock().map(|c| c.len()).unwrap_or(0),
-            })
-        })
-        .collect();
-    Json(json!({"workers": workers})).into_response()
-}
-
-/// POST /workers {"url"}: registers a worker (admin token required); checks it at once.
-pub async fn add_worker(
-    State(state): Shared,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = async {
-        check_admin(&state, &headers)?;
-        let body: WorkerBody = parse(&state, body)?;
-        let worker = state
-            .pool
-            .add(&body.url)
-            .map_err(|e| ApiError::invalid("url", e.to_string()))?;
-        worker.check(&state.config.health).await;
-        Ok::<_, ApiError>(Json(
-            json!({"url": worker.url, "healthy": worker.is_healthy()}),
-        ))
-    }
-    .await;
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
-}
-
-/// DELETE /workers {"url"}: removes a worker (admin token required).
-pub async fn remove_worker(
-    State(state): Shared,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = (|| {
-        check_admin(&state, &headers)?;
-        let body: WorkerBody = parse(&state, body)?;
-        if state.pool.remove(&body.url) {
-            Ok(StatusCode::NO_CONTENT)
-        } else {
-            Err(ApiError::not_found(format!(
-                "no worker {:?} is registered",
-                body.url
-            )))
-        }
-    })();
-    match result {
-        Ok(r) => r.into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 /// Any other route: 404 in OpenAI's shape.

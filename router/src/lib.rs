@@ -5,7 +5,10 @@
 //! body or SSE, and keeps workers healthy (checks, retries, circuit breakers). Not for: tensors
 //! or the engine (the router never links it), or process placement (the launcher's).
 
+pub mod access;
+pub mod admin;
 pub mod args;
+pub mod auth;
 pub mod codec;
 pub mod detok;
 pub mod error;
@@ -15,6 +18,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod pool;
+pub mod registration;
 pub mod respond;
 pub mod server;
 pub mod spans;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
 use llmapi_otlp::{ExporterConfig, SpanExporter};
 use llmapi_router::args::RouterArgs;
@@ -19,13 +19,17 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = RouterArgs::parse();
+    let matches = RouterArgs::command().get_matches();
+    let args = RouterArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let mut config = args.config();
     config.worker_token = args.worker_token()?;
     if config.worker_token.is_none() {
         tracing::warn!(
             "no --worker_token_file or LLMAPI_WORKER_TOKEN: calls to workers carry no token, and workers started by llmapi-launch refuse them"
         );
+    }
+    for warning in args.access.apply(&matches, args.port, &mut config)? {
+        tracing::warn!("{warning}");
     }
     let spans = match &args.otlp_traces_endpoint {
         Some(endpoint) => {
@@ -57,12 +61,10 @@ async fn main() -> anyhow::Result<()> {
     pool.check_all(&config.health).await;
     tokio::spawn(pool.clone().health_loop(config.health.clone()));
     let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
-    let addr = format!("{}:{}", args.host, args.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
-    tracing::info!(%addr, "llmapi-router listening");
-    let served = server::serve(listener, state, server::shutdown_signal()).await;
+    let listeners =
+        server::Listeners::bind(&args.host, args.port, state.config.metrics_port).await?;
+    tracing::info!(host = %args.host, port = args.port, "llmapi-router listening");
+    let served = server::serve(listeners, state, server::shutdown_signal()).await;
     if let Some(task) = spans {
         task.shutdown(SHUTDOWN_TIMEOUT).await;
     }

@@ -155,6 +155,14 @@ pub enum PoolError {
         /// Why it was refused.
         reason: String,
     },
+    /// The pool holds as many workers as it may.
+    #[error(
+        "the pool already holds {max} workers, the most it takes (--max_workers); remove one with DELETE /workers or raise --max_workers"
+    )]
+    Full {
+        /// The cap.
+        max: usize,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -387,6 +395,31 @@ impl Pool {
         }
         workers.push(worker.clone());
         Ok(worker)
+    }
+
+    /// Adds a worker unless the pool already holds `max` of them; an already known URL is
+    /// returned as is (never refused). The bool says whether it is new.
+    pub fn add_capped(&self, url: &str, max: usize) -> Result<(Arc<Worker>, bool), PoolError> {
+        let worker = Worker::connect(url, &self.token)?;
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(w) = workers.iter().find(|w| w.url == worker.url) {
+            return Ok((w.clone(), false));
+        }
+        if workers.len() >= max {
+            return Err(PoolError::Full { max });
+        }
+        let worker = Arc::new(worker);
+        workers.push(worker.clone());
+        Ok((worker, true))
+    }
+
+    /// Whether a worker with this URL is in the pool.
+    pub fn contains(&self, url: &str) -> bool {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|w| w.url == url)
     }
 
     /// Removes a worker by URL; returns whether it was known.

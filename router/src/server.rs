@@ -13,9 +13,9 @@ use llmapi_common::trace_context::TraceContext;
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
-use crate::handlers;
 use crate::spans::RequestSpan;
 use crate::state::AppState;
+use crate::{admin, auth, handlers};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -77,22 +77,58 @@ async fn trace_request(State(app): State<Arc<AppState>>, mut req: Request, next:
     response
 }
 
-/// The router's HTTP application over `state`.
+/// The router's HTTP application over `state`. Every route sits in one access group, whose
+/// layer checks the caller before the handler runs (`auth`): `/health` is public; `/metrics`
+/// takes the metrics key or the API key (and moves to its own listener with a metrics port);
+/// `POST/DELETE /workers` take the admin token; every other route takes the API key.
+/// Unmatched paths answer 404 without a key: they run nothing.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/models", get(handlers::models))
-        .route("/health", get(handlers::health))
         .route("/health_generate", get(handlers::health_generate))
         .route("/version", get(handlers::version))
-        .route("/metrics", get(handlers::metrics))
+        .route("/workers", get(admin::list_workers))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ));
+    let pool_admin = Router::new()
         .route(
             "/workers",
-            get(handlers::list_workers)
-                .post(handlers::add_worker)
-                .delete(handlers::remove_worker),
+            post(admin::add_worker).delete(admin::remove_worker),
         )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
+    let mut app = Router::new()
+        .route("/health", get(handlers::health))
+        .merge(api)
+        .merge(pool_admin);
+    if state.config.metrics_port.is_none() {
+        app = app.merge(metrics_routes(&state));
+    }
+    with_common_layers(app, state)
+}
+
+/// The application of the separate metrics listener (`--metrics_port`): /metrics only.
+pub fn metrics_app(state: Arc<AppState>) -> Router {
+    with_common_layers(metrics_routes(&state), state)
+}
+
+fn metrics_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/metrics", get(handlers::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_metrics_key,
+        ))
+}
+
+fn with_common_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
         .fallback(handlers::not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -103,13 +139,65 @@ pub fn app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves, then drains: new requests get 503,
-/// in-flight ones may finish within the configured drain timeout.
+/// The router's listening sockets: the API and, with a metrics port, /metrics apart.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The API listener.
+    pub api: TcpListener,
+    /// The listener of /metrics alone, if `metrics_port` is set.
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(api: TcpListener) -> Self {
+        Self { api, metrics: None }
+    }
+}
+
+impl Listeners {
+    /// Binds `host:port` and, with `metrics_port`, `host:metrics_port` (the same host: the
+    /// metrics listener is no less reachable than the API).
+    pub async fn bind(host: &str, port: u16, metrics_port: Option<u16>) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let addr = format!("{host}:{port}");
+        let api = TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("binding {addr}; pick a free --port or another --host"))?;
+        let metrics = match metrics_port {
+            Some(p) => {
+                let addr = format!("{host}:{p}");
+                let l = TcpListener::bind(&addr).await.with_context(|| {
+                    format!("binding {addr} for /metrics; pick a free --metrics_port")
+                })?;
+                tracing::info!(%addr, "serving /metrics apart");
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(Self { api, metrics })
+    }
+}
+
+/// Serves `state` on `listeners` until `shutdown` resolves, then drains: new requests get 503,
+/// in-flight ones may finish within the configured drain timeout. The metrics listener, if
+/// any, stops with the API.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let Listeners {
+        api: listener,
+        metrics,
+    } = listeners.into();
+    let metrics = metrics.map(|l| {
+        let app = metrics_app(state.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "the metrics listener failed");
+            }
+        }))
+    });
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_state = state.clone();
     let signal = async move {
@@ -131,12 +219,33 @@ pub async fn serve(
             std::future::pending::<()>().await;
         }
     };
-    tokio::select! {
+    let served = tokio::select! {
         r = server => r,
         _ = deadline => {
             tracing::warn!(inflight = state.inflight(), "drain timeout reached; exiting with requests in flight");
             Ok(())
         }
+    };
+    if let Some(m) = metrics {
+        m.stop().await;
+    }
+    served
+}
+
+/// Stops a spawned task when dropped (if `serve` itself is dropped) or stopped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone (its listener closed).
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::auth::Secret;
 use crate::codec::TextCodec;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{ImbalanceThresholds, Router, RoutingPolicy};
 use crate::pool::{HealthPolicy, Pool};
+use crate::registration::RegistrationPolicy;
 
 /// Everything the router is configured with (built from CLI flags or by the launcher).
 #[derive(Debug, Clone)]
@@ -21,13 +23,20 @@ pub struct RouterConfig {
     pub routing_policy: RoutingPolicy,
     /// Load imbalance past which kv_cache_aware routes by load.
     pub imbalance: ImbalanceThresholds,
-    /// Required bearer token on /v1 routes, if set.
-    pub api_key: Option<String>,
+    /// Bearer key every route but /health requires, if set.
+    pub api_key: Option<Secret>,
+    /// Bearer key /metrics accepts besides the API key, if set.
+    pub metrics_api_key: Option<Secret>,
     /// Bearer token for POST/DELETE /workers; registration is off without it.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// The secret every call to a worker carries (`authorization: Bearer`): the job secret
     /// the workers were started with. Build the pool with `Pool::new(worker_token)`.
     pub worker_token: Option<String>,
+    /// Port of a separate /metrics listener on the API's host; `None`: /metrics is served on
+    /// the API port.
+    pub metrics_port: Option<u16>,
+    /// What POST /workers accepts.
+    pub registration: RegistrationPolicy,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// Requests in flight past which new ones get 429 (0: unlimited).
@@ -54,8 +63,11 @@ impl Default for RouterConfig {
             routing_policy: RoutingPolicy::RoundRobin,
             imbalance: ImbalanceThresholds::default(),
             api_key: None,
+            metrics_api_key: None,
             admin_token: None,
             worker_token: None,
+            metrics_port: None,
+            registration: RegistrationPolicy::default(),
             max_body_bytes: 32 << 20,
             max_inflight_requests: 0,
             max_retries: 2,

@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures::StreamExt;
+use llmapi_router::auth::Secret;
 use llmapi_router::codec::ByteCodec;
 use llmapi_router::policy::RoutingPolicy;
 use llmapi_router::pool::{HealthPolicy, Pool};
@@ -482,8 +483,8 @@ async fn max_tokens_past_max_seq_len_is_lowered_to_the_room_the_prompt_leaves() 
 #[tokio::test]
 async fn api_key_and_admin_token_are_enforced() {
     let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |c| {
-        c.api_key = Some("sk-test".into());
-        c.admin_token = Some("admin".into());
+        c.api_key = Some(Secret::new("API key", "sk-test").unwrap());
+        c.admin_token = Some(Secret::new("admin token", "admin").unwrap());
     })
     .await;
     let body = json!({"model": "demo", "prompt": "hi", "max_tokens": 1}).to_string();
@@ -503,7 +504,7 @@ async fn api_key_and_admin_token_are_enforced() {
     let resp = h
         .send("POST", "/workers", Body::from(add), Some("admin"))
         .await;
-    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert_eq!(h.state.pool.all().len(), 2);
 }
 

@@ -54,13 +54,13 @@ pub fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(
     http_auth(port, method, path, body, None)
 }
 
-/// `http` with `authorization: Bearer TOKEN` when a token is given.
+/// `http` with an optional `Authorization` header value.
 pub fn http_auth(
     port: u16,
     method: &str,
     path: &str,
     body: Option<&str>,
-    token: Option<&str>,
+    authorization: Option<&str>,
 ) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(
         &format!("127.0.0.1:{port}").parse().unwrap(),
@@ -69,11 +69,9 @@ pub fn http_auth(
     .ok()?;
     s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
     let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth = authorization.map_or_else(String::new, |a| format!("authorization: {a}\r\n"));
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).ok()?;
