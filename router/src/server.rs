@@ -190,6 +190,11 @@ pub async fn serve(
         api: listener,
         metrics,
     } = listeners.into();
+    if metrics.is_none() && state.config.metrics_port.is_some() {
+        tracing::warn!(
+            "a metrics port is configured but no metrics listener was bound (Listeners::bind): /metrics is served nowhere"
+        );
+    }
     let metrics = metrics.map(|l| {
         let app = metrics_app(state.clone());
         AbortOnDrop(tokio::spawn(async move {
