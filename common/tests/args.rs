@@ -204,6 +204,16 @@ fn the_prefill_token_budget_is_unset_by_default_and_settable() {
 }
 
 #[test]
+fn the_worker_queue_bound_is_unset_by_default_and_settable() {
+    assert_eq!(
+        run(&[]).unwrap().args.scheduler_config.max_queued_requests,
+        None
+    );
+    let set = run(&["--set", "scheduler_config.max_queued_requests=0"]).unwrap();
+    assert_eq!(set.args.scheduler_config.max_queued_requests, Some(0));
+}
+
+#[test]
 fn null_cuda_graph_config_disables_graphs() {
     let (_d, p) = yaml("cuda_graph_config: null\n");
     assert_eq!(run(&["--config", &p]).unwrap().args.cuda_graph_config, None);

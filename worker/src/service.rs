@@ -14,9 +14,11 @@ use futures::Stream;
 use llmapi_common::trace_context::TraceContext;
 use llmapi_otlp::SpanExporter;
 use llmapi_proto::auth::RequireToken;
+use llmapi_proto::limits::MAX_MESSAGE_BYTES;
 use llmapi_proto::v1 as pb;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{
@@ -69,14 +71,24 @@ pub async fn serve(
     // Token frames are small: without TCP_NODELAY each waits for Nagle's algorithm (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .add_service(WorkerServer::with_interceptor(service, auth))
+        .add_service(InterceptedService::new(
+            WorkerServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth,
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
 
+/// The gRPC class of an engine error: the request's own fault (INVALID_ARGUMENT,
+/// FAILED_PRECONDITION, RESOURCE_EXHAUSTED), which the router answers to its client and never
+/// retries elsewhere nor counts against this worker, or the worker's (UNAVAILABLE, INTERNAL).
 fn to_status(e: EngineError) -> Status {
     match e {
         EngineError::InvalidRequest(m) => Status::invalid_argument(m),
+        EngineError::DoesNotFit(m) => Status::failed_precondition(m),
+        EngineError::QueueFull(m) => Status::resource_exhausted(m),
         EngineError::Shutdown => Status::unavailable("the engine has shut down"),
         other => Status::internal(other.to_string()),
     }
@@ -231,6 +243,16 @@ fn responses(
                         .in_scope(|| tracing::warn!(error = %message, "request failed"));
                     return Some((Err(Status::internal(message)), st));
                 }
+                TokenEvent::Refused(message) => {
+                    st.done = true;
+                    if let Some(s) = st.otlp.as_mut() {
+                        s.failed(&message);
+                    }
+                    st.otlp = None;
+                    st.span
+                        .in_scope(|| tracing::debug!(error = %message, "request refused"));
+                    return Some((Err(Status::failed_precondition(message)), st));
+                }
             };
             return Some((Ok(resp), st));
         }
@@ -323,7 +345,7 @@ impl Worker for WorkerService {
                 ..StoppingParams::default()
             },
         };
-        let outcome = match self.engine.submit(probe) {
+        let outcome = match self.engine.submit_probe(probe) {
             Err(e) => Err(e.to_string()),
             Ok(rx) => match tokio::time::timeout(PROBE_TIMEOUT, finish_of(rx)).await {
                 Ok(r) => r,
@@ -386,7 +408,7 @@ async fn finish_of(mut rx: UnboundedReceiver<TokenEvent>) -> Result<(), String> 
     while let Some(ev) = rx.recv().await {
         match ev {
             TokenEvent::Finished { .. } => return Ok(()),
-            TokenEvent::Error(m) => return Err(m),
+            TokenEvent::Error(m) | TokenEvent::Refused(m) => return Err(m),
             _ => {}
         }
     }

@@ -458,7 +458,10 @@ fn gpu_engine_serves_greedy_requests_on_cuda() {
         match rx.try_recv() {
             Ok(llmapi_worker::engine::TokenEvent::Tokens { ids, .. }) => got.extend(ids),
             Ok(llmapi_worker::engine::TokenEvent::Finished { .. }) => break,
-            Ok(llmapi_worker::engine::TokenEvent::Error(e)) => panic!("engine error: {e}"),
+            Ok(
+                llmapi_worker::engine::TokenEvent::Error(e)
+                | llmapi_worker::engine::TokenEvent::Refused(e),
+            ) => panic!("engine error: {e}"),
             Ok(_) => {}
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
                 std::thread::sleep(std::time::Duration::from_millis(1))

@@ -76,7 +76,7 @@ fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Outcome {
                     usage,
                 };
             }
-            Ok(TokenEvent::Error(e)) => panic!("engine error: {e}"),
+            Ok(TokenEvent::Error(e) | TokenEvent::Refused(e)) => panic!("engine error: {e}"),
             Ok(TokenEvent::PromptLogprobs(_)) => {}
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
                 std::thread::sleep(Duration::from_millis(1))

@@ -89,7 +89,7 @@ fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Result<Vec<u32>, String> {
         match rx.try_recv() {
             Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
             Ok(TokenEvent::Finished { .. }) => return Ok(ids),
-            Ok(TokenEvent::Error(e)) => return Err(e),
+            Ok(TokenEvent::Error(e) | TokenEvent::Refused(e)) => return Err(e),
             Ok(TokenEvent::PromptLogprobs(_)) => {}
             Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
                 std::thread::sleep(Duration::from_millis(1))

@@ -161,14 +161,14 @@ async fn generate_streams_every_token_and_ends_with_reason_and_usage() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn requests_that_cannot_fit_are_invalid_arguments() {
+async fn requests_that_can_never_fit_fail_their_precondition() {
     let mut client = start().await;
     let err = client
         .generate(request("long", vec![3; 300], 4))
         .await
         .map(|_| ())
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

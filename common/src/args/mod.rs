@@ -149,6 +149,10 @@ pub struct SchedulerConfig {
     /// Most prompt tokens one engine step prefills (unset: the backend's default, 512 on
     /// the CPU backend, `max_num_tokens` elsewhere); decode tokens do not count.
     pub prefill_token_budget: Option<u32>,
+    /// Most requests a worker keeps waiting beyond its running batch (`max_batch_size`);
+    /// past it new requests are refused with RESOURCE_EXHAUSTED, which the router answers
+    /// with 429 and Retry-After (unset: 4 x max_batch_size).
+    pub max_queued_requests: Option<u32>,
 }
 
 impl Default for SchedulerConfig {
@@ -157,6 +161,7 @@ impl Default for SchedulerConfig {
             capacity_scheduler_policy: CapacitySchedulerPolicy::GuaranteedNoEvict,
             context_chunking_policy: ContextChunkingPolicy::FirstComeFirstServed,
             prefill_token_budget: None,
+            max_queued_requests: None,
         }
     }
 }

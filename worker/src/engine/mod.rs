@@ -52,6 +52,9 @@ struct Shared {
     max_num_tokens: usize,
     chunked_prefill: bool,
     stall_timeout: Option<std::time::Duration>,
+    /// Most unfinished requests before submits are refused (`EngineConfig::max_live_requests`).
+    max_live: usize,
+    max_batch_size: usize,
 }
 
 /// Starts engines.
@@ -177,6 +180,8 @@ impl Engine {
             max_num_tokens: cfg.max_num_tokens,
             chunked_prefill: cfg.enable_chunked_prefill,
             stall_timeout: cfg.stall_timeout,
+            max_live: cfg.max_live_requests(),
+            max_batch_size: cfg.max_batch_size,
         });
         let status = Arc::clone(&shared.status);
         let runner = runner::Runner::new(backend, cfg, info, num_blocks, Arc::clone(&status));
@@ -338,10 +343,28 @@ fn available_memory_bytes() -> Option<usize> {
 }
 
 impl EngineHandle {
-    /// Validates and queues a request; events arrive on the returned receiver.
+    /// Validates and queues a request; events arrive on the returned receiver. Refused with
+    /// `QueueFull` while the engine holds `EngineConfig::max_live_requests` unfinished ones.
     pub fn submit(
         &self,
         req: GenerateParams,
+    ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        self.submit_bounded(req, true)
+    }
+
+    /// Queues a request even when the waiting queue is full: for health probes, which must
+    /// not fail because the worker is busy.
+    pub fn submit_probe(
+        &self,
+        req: GenerateParams,
+    ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
+        self.submit_bounded(req, false)
+    }
+
+    fn submit_bounded(
+        &self,
+        req: GenerateParams,
+        bounded: bool,
     ) -> Result<UnboundedReceiver<TokenEvent>, EngineError> {
         if let Some(why) = self.failure() {
             return Err(EngineError::Backend(format!(
@@ -362,6 +385,16 @@ impl EngineHandle {
                 .live
                 .lock()
                 .map_err(|_| EngineError::Shutdown)?;
+            let max_live = self.shared.max_live;
+            if bounded && live.len() >= max_live {
+                let batch = self.shared.max_batch_size;
+                return Err(EngineError::QueueFull(format!(
+                    "the worker holds {} requests, its limit (max_batch_size {batch} running + {} waiting); \
+                     retry later, add workers or raise scheduler_config.max_queued_requests",
+                    live.len(),
+                    max_live.saturating_sub(batch)
+                )));
+            }
             if !live.insert(req.request_id.clone()) {
                 return Err(EngineError::InvalidRequest(format!(
                     "request id `{}` is already in use; use a unique id per request",

@@ -8,6 +8,8 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{Command, EngineConfig, EngineError, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
+use llmapi_proto::limits::MAX_STOP_TOKEN_IDS;
+
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::kv::{BlockManager, CacheChange};
 use crate::sampling::{Banned, Sampler, log_softmax, token_logprob};
@@ -28,13 +30,14 @@ pub(crate) fn validate(
     chunked: bool,
 ) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidRequest(m));
+    let never_fits = |m: String| Err(EngineError::DoesNotFit(m));
     let n = req.prompt.len();
     let max_seq_len = info.max_seq_len as usize;
     if n == 0 {
         return bad("the prompt is empty; send at least one token".into());
     }
     if n > max_seq_len {
-        return bad(format!(
+        return never_fits(format!(
             "prompt has {n} tokens but max_seq_len is {max_seq_len}, which leaves no room for output; \
              shorten it to at most {max_seq_len} tokens or raise --max_seq_len"
         ));
@@ -46,7 +49,7 @@ pub(crate) fn validate(
         ));
     }
     if !chunked && n > max_num_tokens {
-        return bad(format!(
+        return never_fits(format!(
             "prompt has {n} tokens but max_num_tokens is {max_num_tokens} and chunked prefill is off; \
              shorten it, raise --max_num_tokens or enable enable_chunked_prefill"
         ));
@@ -56,10 +59,16 @@ pub(crate) fn validate(
     let kv_tokens = total - 1;
     let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
     if blocks as u64 > info.kv_capacity_blocks {
-        return bad(format!(
+        return never_fits(format!(
             "request needs {kv_tokens} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
              lower max_tokens or raise kv_cache_config.max_tokens",
             info.kv_capacity_blocks, info.tokens_per_block
+        ));
+    }
+    let stop_ids = req.stopping.stop_token_ids.len();
+    if stop_ids > MAX_STOP_TOKEN_IDS {
+        return bad(format!(
+            "{stop_ids} stop_token_ids given; at most {MAX_STOP_TOKEN_IDS} are accepted"
         ));
     }
     let s = &req.sampling;
@@ -349,7 +358,7 @@ impl Runner {
             if self.sched.running.is_empty() {
                 // Nothing running and the head cannot be admitted: it can never fit.
                 if let Some(seq) = self.sched.waiting.pop_front() {
-                    let _ = seq.tx.send(TokenEvent::Error(
+                    let _ = seq.tx.send(TokenEvent::Refused(
                         "the request does not fit in the KV cache; lower max_tokens or raise kv_cache_config.max_tokens".into(),
                     ));
                     self.forget(&seq.id);

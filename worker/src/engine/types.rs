@@ -49,6 +49,10 @@ pub enum CapacityPolicy {
 /// docs/bench/serving.md).
 pub const CPU_PREFILL_TOKEN_BUDGET: usize = 512;
 
+/// Waiting requests allowed per batch slot when `max_queued_requests` is unset: enough to
+/// refill the batch a few times over while bounding what a burst can pile up.
+pub const DEFAULT_QUEUED_PER_BATCH_SLOT: usize = 4;
+
 /// Engine settings; plain data so configuration code can fill it from `LlmArgs`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
@@ -77,6 +81,10 @@ pub struct EngineConfig {
     pub prefill_token_budget: Option<usize>,
     /// Admission policy.
     pub capacity_policy: CapacityPolicy,
+    /// Most requests waiting beyond the running batch; past `max_batch_size +
+    /// max_queued_requests` unfinished requests a submit is refused with `QueueFull`. None:
+    /// `DEFAULT_QUEUED_PER_BATCH_SLOT` x `max_batch_size`.
+    pub max_queued_requests: Option<usize>,
     /// Print one line per iteration.
     pub print_iter_log: bool,
     /// Compute threads; None means all available cores.
@@ -111,6 +119,7 @@ impl Default for EngineConfig {
             enable_chunked_prefill: false,
             prefill_token_budget: None,
             capacity_policy: CapacityPolicy::GuaranteedNoEvict,
+            max_queued_requests: None,
             print_iter_log: false,
             threads: None,
             model_name: None,
@@ -257,8 +266,11 @@ pub enum TokenEvent {
         /// Timings.
         timings: Timings,
     },
-    /// The request failed; no further events follow.
+    /// The request failed through the engine's fault; no further events follow.
     Error(String),
+    /// The request can never be served by this engine (it does not fit its KV cache); no
+    /// further events follow. The service answers it as FAILED_PRECONDITION.
+    Refused(String),
 }
 
 /// Current load, as the router's policies read it.
@@ -313,9 +325,18 @@ pub enum EngineError {
     /// Engine settings that cannot work.
     #[error("invalid engine configuration: {0}")]
     InvalidConfig(String),
-    /// A request that can never be served as asked.
+    /// A request with a malformed or out-of-range parameter (gRPC INVALID_ARGUMENT).
     #[error("{0}")]
     InvalidRequest(String),
+    /// A well-formed request this engine can never serve: longer than max_seq_len or
+    /// max_num_tokens, or needing more KV cache than the whole pool (gRPC
+    /// FAILED_PRECONDITION). Sending it again, here or to a like worker, fails the same way.
+    #[error("{0}")]
+    DoesNotFit(String),
+    /// The engine's waiting queue is full (gRPC RESOURCE_EXHAUSTED); the same request may
+    /// succeed later.
+    #[error("{0}")]
+    QueueFull(String),
     /// The engine thread has stopped.
     #[error("the engine has shut down")]
     Shutdown,
@@ -325,6 +346,16 @@ pub enum EngineError {
 }
 
 impl EngineConfig {
+    /// Most unfinished requests (running + waiting) the engine holds before refusing new
+    /// ones with `EngineError::QueueFull`.
+    pub fn max_live_requests(&self) -> usize {
+        let queued = self.max_queued_requests.unwrap_or(
+            self.max_batch_size
+                .saturating_mul(DEFAULT_QUEUED_PER_BATCH_SLOT),
+        );
+        self.max_batch_size.saturating_add(queued)
+    }
+
     /// Engine settings from the serving configuration (trtllm-serve flag / YAML names).
     pub fn from_llm_args(args: &llmapi_common::args::LlmArgs) -> Self {
         use llmapi_common::args::{CapacitySchedulerPolicy, KvCacheDtype};
@@ -353,6 +384,10 @@ impl EngineConfig {
                 CapacitySchedulerPolicy::GuaranteedNoEvict => CapacityPolicy::GuaranteedNoEvict,
                 CapacitySchedulerPolicy::MaxUtilization => CapacityPolicy::MaxUtilization,
             },
+            max_queued_requests: args
+                .scheduler_config
+                .max_queued_requests
+                .map(|n| n as usize),
             print_iter_log: args.print_iter_log,
             threads: None,
             model_name: args.served_model_name.clone(),
