@@ -2,7 +2,7 @@
 //! `{"error": {"message", "type", "param", "code"}}` with the matching HTTP status.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
@@ -16,6 +16,8 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, if one is.
     pub param: Option<String>,
+    /// Seconds the client should wait before retrying, sent as `Retry-After` (429, 503).
+    pub retry_after_s: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -39,7 +41,14 @@ impl ApiError {
             status,
             message: message.into(),
             param: None,
+            retry_after_s: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `seconds` (`Retry-After`).
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after_s = Some(seconds);
+        self
     }
 
     /// 400: a field is missing, has the wrong type or is out of range.
@@ -130,6 +139,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body_json())).into_response()
+        let mut response = (self.status, Json(self.body_json())).into_response();
+        if let Some(s) = self.retry_after_s {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        response
     }
 }

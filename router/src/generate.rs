@@ -101,15 +101,46 @@ struct Opened {
     first: GenerateResponse,
 }
 
-/// Maps a worker status that is the request's own fault to a client error; `None` means the
-/// worker failed and another may be tried.
+/// Seconds a client told 429 because a worker's queue is full should wait before retrying.
+const WORKER_BUSY_RETRY_AFTER_S: u64 = 1;
+
+/// Maps a worker status that is the request's own fault to a client error: INVALID_ARGUMENT,
+/// OUT_OF_RANGE and FAILED_PRECONDITION (a request that can never fit) give 400,
+/// RESOURCE_EXHAUSTED (the worker's queue is full) 429 with Retry-After. Such answers are
+/// neither retried on another worker nor counted by its breaker. `None` means the worker
+/// failed (transport, UNAVAILABLE, INTERNAL, ...) and another may be tried.
 fn request_fault(status: &Status) -> Option<ApiError> {
     match status.code() {
         Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
             Some(ApiError::bad_request(status.message()))
         }
-        Code::ResourceExhausted => Some(ApiError::too_many(status.message())),
+        Code::ResourceExhausted => {
+            Some(ApiError::too_many(status.message()).with_retry_after(WORKER_BUSY_RETRY_AFTER_S))
+        }
         _ => None,
+    }
+}
+
+/// Picks a worker not in `tried` whose breaker lets the request through, and marks the
+/// request started on it. A half-open worker whose probe slot another request took is
+/// skipped (added to `tried`) without using up a retry.
+fn pick_and_begin(
+    state: &AppState,
+    job: &ChoiceJob,
+    tried: &mut Vec<String>,
+) -> Option<(Arc<Worker>, InflightGuard)> {
+    loop {
+        let candidates: Vec<_> = state
+            .pool
+            .routable()
+            .into_iter()
+            .filter(|w| !tried.contains(&w.url))
+            .collect();
+        let (worker, _matched) = state.router.pick(&candidates, &job.block_hashes)?;
+        tried.push(worker.url.clone());
+        if let Some(inflight) = worker.try_begin() {
+            return Some((worker, inflight));
+        }
     }
 }
 
@@ -130,20 +161,12 @@ async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
     let mut tried: Vec<String> = Vec::new();
     let mut last_error = String::from("no worker is healthy");
     for attempt in 0..=state.config.max_retries {
-        let candidates: Vec<_> = state
-            .pool
-            .routable()
-            .into_iter()
-            .filter(|w| !tried.contains(&w.url))
-            .collect();
-        let Some((worker, _matched)) = state.router.pick(&candidates, &job.block_hashes) else {
+        let Some((worker, inflight)) = pick_and_begin(state, job, &mut tried) else {
             break;
         };
         if attempt > 0 {
             state.metrics.inc_retries();
         }
-        tried.push(worker.url.clone());
-        let inflight = worker.begin();
         let result = async {
             let mut stream = worker.client().generate(traced(job)).await?.into_inner();
             match stream.message().await? {
@@ -237,8 +260,8 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                     }
                     Err(status) => {
                         abort.armed = false;
-                        state.metrics.inc_worker_failures();
                         let error = request_fault(&status).unwrap_or_else(|| {
+                            state.metrics.inc_worker_failures();
                             ApiError::unavailable(format!(
                                 "worker {} failed during the request: {}",
                                 worker.url,

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use llmapi_proto::limits::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS};
 use llmapi_proto::v1::{SamplingParams, StoppingParams};
 
 /// `prompt`: a string, strings, token ids, or lists of token ids.
@@ -26,7 +27,7 @@ pub enum Prompt {
 pub enum Stop {
     /// One stop string.
     One(String),
-    /// Up to four stop strings.
+    /// Up to `MAX_STOP_STRINGS` stop strings (OpenAI allows four).
     Many(Vec<String>),
 }
 
@@ -226,10 +227,31 @@ impl CommonFields {
             ));
         }
         let stop = self.stop.clone().map(Stop::into_vec).unwrap_or_default();
-        if stop.len() > 16 {
+        if stop.len() > MAX_STOP_STRINGS {
             return Err(ApiError::invalid(
                 "stop",
-                format!("{} stop strings given; at most 16 are accepted", stop.len()),
+                format!(
+                    "{} stop strings given; at most {MAX_STOP_STRINGS} are accepted",
+                    stop.len()
+                ),
+            ));
+        }
+        if let Some(long) = stop.iter().find(|s| s.len() > MAX_STOP_STRING_BYTES) {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "a stop string has {} bytes; each may have at most {MAX_STOP_STRING_BYTES}",
+                    long.len()
+                ),
+            ));
+        }
+        let stop_ids = self.stop_token_ids.as_ref().map_or(0, Vec::len);
+        if stop_ids > MAX_STOP_TOKEN_IDS {
+            return Err(ApiError::invalid(
+                "stop_token_ids",
+                format!(
+                    "{stop_ids} stop_token_ids given; at most {MAX_STOP_TOKEN_IDS} are accepted"
+                ),
             ));
         }
         let seed = match self.seed {

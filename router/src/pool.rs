@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use llmapi_proto::auth::{AttachToken, TokenError};
+use llmapi_proto::limits::MAX_MESSAGE_BYTES;
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{HealthRequest, InfoRequest, InfoResponse, LoadRequest, LoadResponse};
 use tonic::service::interceptor::InterceptedService;
@@ -114,6 +115,25 @@ impl PrefixCacheView {
     }
 }
 
+/// A circuit breaker's state, as reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow; consecutive worker faults are counted.
+    Closed,
+    /// The worker is skipped until the cooldown ends.
+    Open,
+    /// The cooldown ended: one probe request may go through; its outcome closes or reopens
+    /// the breaker, and every other request keeps avoiding the worker meanwhile.
+    HalfOpen,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Breaker {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
 /// One worker group as the router sees it.
 pub struct Worker {
     /// The gRPC address, e.g. `http://127.0.0.1:50051`.
@@ -124,7 +144,7 @@ pub struct Worker {
     failed_checks: AtomicU32,
     good_checks: AtomicU32,
     failed_requests: AtomicU32,
-    breaker_open_until: Mutex<Option<Instant>>,
+    breaker: Mutex<Breaker>,
     inflight: AtomicUsize,
     routed: std::sync::atomic::AtomicU64,
     load: Mutex<LoadResponse>,
@@ -188,13 +208,15 @@ impl Worker {
             .keep_alive_timeout(Duration::from_secs(5));
         Ok(Self {
             url,
-            client: WorkerClient::with_interceptor(endpoint.connect_lazy(), token.clone()),
+            client: WorkerClient::with_interceptor(endpoint.connect_lazy(), token.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             healthy: AtomicBool::new(false),
             ever_admitted: AtomicBool::new(false),
             failed_checks: AtomicU32::new(0),
             good_checks: AtomicU32::new(0),
             failed_requests: AtomicU32::new(0),
-            breaker_open_until: Mutex::new(None),
+            breaker: Mutex::new(Breaker::Closed),
             inflight: AtomicUsize::new(0),
             routed: std::sync::atomic::AtomicU64::new(0),
             load: Mutex::new(LoadResponse::default()),
@@ -214,24 +236,67 @@ impl Worker {
         self.healthy.load(Ordering::Relaxed)
     }
 
-    /// Whether the circuit breaker is open (worker skipped by routing).
-    pub fn breaker_open(&self) -> bool {
-        let mut until = lock(&self.breaker_open_until);
-        match *until {
-            Some(t) if Instant::now() < t => true,
-            Some(_) => {
-                // Half-open: let traffic try again; one more failure reopens it.
-                *until = None;
-                self.failed_requests.store(0, Ordering::Relaxed);
-                false
-            }
-            None => false,
+    /// The circuit breaker's state now; an open breaker whose cooldown has passed turns
+    /// half-open here.
+    pub fn breaker_state(&self) -> BreakerState {
+        let mut b = lock(&self.breaker);
+        if let Breaker::Open { until } = *b
+            && Instant::now() >= until
+        {
+            *b = Breaker::HalfOpen { probing: false };
+        }
+        match *b {
+            Breaker::Closed => BreakerState::Closed,
+            Breaker::Open { .. } => BreakerState::Open,
+            Breaker::HalfOpen { .. } => BreakerState::HalfOpen,
         }
     }
 
-    /// Healthy and breaker closed.
+    /// Whether the circuit breaker is open or half-open (not yet trusted again).
+    pub fn breaker_open(&self) -> bool {
+        self.breaker_state() != BreakerState::Closed
+    }
+
+    /// Whether the breaker lets a request through now: closed, or half-open with no probe
+    /// request out.
+    fn breaker_admits(&self) -> bool {
+        self.breaker_state();
+        matches!(
+            *lock(&self.breaker),
+            Breaker::Closed | Breaker::HalfOpen { probing: false }
+        )
+    }
+
+    /// Healthy, and the breaker lets a request through (closed, or half-open awaiting its
+    /// probe).
     pub fn routable(&self) -> bool {
-        self.is_healthy() && !self.breaker_open()
+        self.is_healthy() && self.breaker_admits()
+    }
+
+    /// Marks one request started when the breaker lets it through: always when closed; when
+    /// half-open only the first caller, whose request is the probe (its success closes the
+    /// breaker, its failure reopens it). None when the breaker keeps the request out.
+    pub fn try_begin(self: &Arc<Self>) -> Option<InflightGuard> {
+        self.breaker_state();
+        let probe = {
+            let mut b = lock(&self.breaker);
+            match *b {
+                Breaker::Closed => false,
+                Breaker::Open { .. } | Breaker::HalfOpen { probing: true } => return None,
+                Breaker::HalfOpen { probing: false } => {
+                    *b = Breaker::HalfOpen { probing: true };
+                    true
+                }
+            }
+        };
+        if probe {
+            tracing::info!(worker = %self.url, "circuit breaker half-open: one probe request let through");
+        }
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        Some(InflightGuard {
+            worker: self.clone(),
+            probe,
+        })
     }
 
     /// Requests the router has in flight on this worker.
@@ -239,10 +304,13 @@ impl Worker {
         self.inflight.load(Ordering::Relaxed)
     }
 
-    /// Marks one request started; the guard marks it ended.
+    /// Marks one request started whatever the breaker says; the guard marks it ended.
     pub fn begin(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(self.clone())
+        InflightGuard {
+            worker: self.clone(),
+            probe: false,
+        }
     }
 
     /// The last load the worker reported (without its eviction list).
@@ -260,19 +328,38 @@ impl Worker {
         self.inflight() + lock(&self.load).queued as usize
     }
 
-    /// A request to this worker failed before its first token.
+    /// A request to this worker failed before its first token through the worker's fault
+    /// (transport, UNAVAILABLE, INTERNAL); request faults never count.
     pub fn record_request_failure(&self, policy: &HealthPolicy) {
         let n = self.failed_requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= policy.breaker_failures {
-            tracing::warn!(worker = %self.url, failures = n, "circuit breaker opened");
-            *lock(&self.breaker_open_until) = Some(Instant::now() + policy.breaker_cooldown);
+        let mut b = lock(&self.breaker);
+        let reopen = match *b {
+            Breaker::HalfOpen { .. } => {
+                tracing::warn!(worker = %self.url, "circuit breaker probe failed; reopened");
+                true
+            }
+            Breaker::Closed if n >= policy.breaker_failures => {
+                tracing::warn!(worker = %self.url, failures = n, "circuit breaker opened");
+                true
+            }
+            _ => false,
+        };
+        if reopen {
+            *b = Breaker::Open {
+                until: Instant::now() + policy.breaker_cooldown,
+            };
         }
     }
 
-    /// A request to this worker produced a response.
+    /// A request to this worker produced a response; a half-open breaker closes.
     pub fn record_request_success(&self) {
         self.failed_requests.store(0, Ordering::Relaxed);
         self.routed.fetch_add(1, Ordering::Relaxed);
+        let mut b = lock(&self.breaker);
+        if matches!(*b, Breaker::HalfOpen { .. }) {
+            tracing::info!(worker = %self.url, "circuit breaker probe succeeded; closed");
+            *b = Breaker::Closed;
+        }
     }
 
     /// Requests this worker has accepted (answered with at least one response).
@@ -359,13 +446,24 @@ impl Worker {
     }
 }
 
-/// Decrements a worker's in-flight count when dropped.
+/// Decrements a worker's in-flight count when dropped. A half-open breaker's probe that
+/// ends without a verdict (a request fault, a client that left) frees the probe slot for
+/// the next request.
 #[derive(Debug)]
-pub struct InflightGuard(Arc<Worker>);
+pub struct InflightGuard {
+    worker: Arc<Worker>,
+    probe: bool,
+}
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            let mut b = lock(&self.worker.breaker);
+            if matches!(*b, Breaker::HalfOpen { probing: true }) {
+                *b = Breaker::HalfOpen { probing: false };
+            }
+        }
     }
 }
 

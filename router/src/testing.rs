@@ -20,6 +20,7 @@ use llmapi_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 /// How a `ScriptedWorker` behaves.
@@ -44,6 +45,9 @@ pub struct Script {
     /// When set, calls without `authorization: Bearer <this>` are UNAUTHENTICATED, as a real
     /// worker answers them.
     pub required_token: Option<String>,
+    /// Most requests running at once; past it Generate answers RESOURCE_EXHAUSTED, as a
+    /// worker with a full waiting queue does. None: unbounded.
+    pub max_running: Option<usize>,
 }
 
 impl Default for Script {
@@ -58,6 +62,7 @@ impl Default for Script {
             token_delay: Duration::ZERO,
             tokens_per_message: 1,
             required_token: None,
+            max_running: None,
         }
     }
 }
@@ -143,7 +148,10 @@ impl ScriptedWorker {
             .as_deref()
             .map(RequireToken::new)
             .transpose();
-        let svc = WorkerServer::with_interceptor(self.clone(), move |req| match &check {
+        let server = WorkerServer::new(self.clone())
+            .max_decoding_message_size(llmapi_proto::limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(llmapi_proto::limits::MAX_MESSAGE_BYTES);
+        let svc = InterceptedService::new(server, move |req: Request<()>| match &check {
             Ok(None) => Ok(req),
             Ok(Some(check)) => check.clone().call(req),
             Err(e) => Err(Status::internal(format!("Script.required_token: {e}"))),
@@ -252,12 +260,29 @@ impl Worker for ScriptedWorker {
         let prompt_len = req.prompt_token_ids.len();
         // As the real engine: a sequence may reach max_seq_len + 1 tokens.
         if prompt_len + stopping.max_tokens as usize > self.script.max_seq_len as usize + 1 {
-            return Err(Status::invalid_argument(format!(
+            return Err(Status::failed_precondition(format!(
                 "prompt of {prompt_len} tokens plus max_tokens {} exceeds max_seq_len {} + 1",
                 stopping.max_tokens, self.script.max_seq_len
             )));
         }
         let tpb = self.script.tokens_per_block as usize;
+        // As the real engine: the last sampled token takes no KV slot.
+        let kv_blocks = (prompt_len + stopping.max_tokens as usize)
+            .saturating_sub(1)
+            .div_ceil(tpb.max(1)) as u64;
+        if kv_blocks > self.script.kv_capacity_blocks {
+            return Err(Status::failed_precondition(format!(
+                "request needs {kv_blocks} blocks but the whole cache holds {}; the request does not fit in the KV cache",
+                self.script.kv_capacity_blocks
+            )));
+        }
+        if let Some(max) = self.script.max_running
+            && lock(&self.shared).running.len() >= max
+        {
+            return Err(Status::resource_exhausted(format!(
+                "the worker holds {max} requests, its limit; retry later"
+            )));
+        }
         let hashes = prefix_block_hashes(&req.prompt_token_ids, tpb);
         let cached_tokens = {
             let mut s = lock(&self.shared);
