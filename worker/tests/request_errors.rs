@@ -4,62 +4,16 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::{Path, PathBuf};
+mod support;
+
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use llmapi_common::model_config::ModelConfig;
-use llmapi_proto::auth::{AttachToken, RequireToken};
-use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{GenerateRequest, HealthRequest, SamplingParams, StoppingParams};
-use llmapi_worker::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
-use llmapi_worker::engine::{Engine, EngineConfig, EngineError, EngineHandle, KvDtype};
-use llmapi_worker::service::{WorkerService, serve};
+use llmapi_worker::engine::{EngineConfig, EngineError, EngineHandle, KvDtype};
+use support::{Client, Gate, SECRET, client_for, gated_engine, serve_worker};
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
-}
-
-/// A backend whose steps wait until the gate opens: requests stay unfinished as long as a
-/// test needs, so a full queue does not depend on timing.
-struct GatedBackend {
-    open: Arc<AtomicBool>,
-}
-
-const VOCAB: usize = 256;
-
-impl Backend for GatedBackend {
-    fn name(&self) -> &'static str {
-        "gated"
-    }
-    fn vocab_size(&self) -> usize {
-        VOCAB
-    }
-    fn kv_bytes_per_token(&self) -> usize {
-        1
-    }
-    fn init_kv(&mut self, _: usize, _: usize) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.open.load(Ordering::SeqCst) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(batch
-            .iter()
-            .map(|c| match c.logits {
-                LogitsWanted::None => Vec::new(),
-                LogitsWanted::Last => vec![0.0; VOCAB],
-                LogitsWanted::All => vec![0.0; VOCAB * c.tokens.len()],
-            })
-            .collect())
-    }
-}
 
 fn config() -> EngineConfig {
     EngineConfig {
@@ -74,13 +28,9 @@ fn config() -> EngineConfig {
     }
 }
 
-/// An engine over the gated backend, and the gate.
-fn gated(cfg: EngineConfig) -> (EngineHandle, Arc<AtomicBool>) {
-    let open = Arc::new(AtomicBool::new(false));
-    let model = ModelConfig::from_model_dir(&model_dir()).unwrap();
-    let backend = Box::new(GatedBackend { open: open.clone() });
-    let h = Engine::start_with_backend(backend, &model, &model_dir(), "gated".into(), cfg).unwrap();
-    (h, open)
+/// An engine over the gated backend, held until the test opens the gate.
+fn gated(cfg: EngineConfig) -> (EngineHandle, Arc<Gate>) {
+    gated_engine(cfg, true)
 }
 
 fn params(id: &str, prompt_len: usize, max_tokens: u32) -> llmapi_worker::engine::GenerateParams {
@@ -98,7 +48,7 @@ fn params(id: &str, prompt_len: usize, max_tokens: u32) -> llmapi_worker::engine
 
 #[test]
 fn the_engine_classes_refusals_by_cause() {
-    let (h, open) = gated(config());
+    let (h, gate) = gated(config());
     let class = |r| match h.submit(r) {
         Err(EngineError::InvalidRequest(_)) => "invalid",
         Err(EngineError::DoesNotFit(_)) => "does not fit",
@@ -120,13 +70,13 @@ fn the_engine_classes_refusals_by_cause() {
     let mut stops = params("stops", 3, 1);
     stops.stopping.stop_token_ids = vec![7; llmapi_proto::limits::MAX_STOP_TOKEN_IDS + 1];
     assert_eq!(class(stops), "invalid", "too many stop_token_ids");
-    open.store(true, Ordering::SeqCst);
+    gate.hold.store(false, Ordering::SeqCst);
 }
 
 #[test]
 fn a_full_waiting_queue_refuses_new_requests_until_one_finishes() {
     // 2 running + 1 waiting.
-    let (h, open) = gated(EngineConfig {
+    let (h, gate) = gated(EngineConfig {
         max_queued_requests: Some(1),
         ..config()
     });
@@ -140,7 +90,7 @@ fn a_full_waiting_queue_refuses_new_requests_until_one_finishes() {
         msg.contains("max_queued_requests") && msg.contains("3 requests"),
         "the message names the limit and the setting: {msg}"
     );
-    open.store(true, Ordering::SeqCst);
+    gate.hold.store(false, Ordering::SeqCst);
     drop(held);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -154,26 +104,8 @@ fn a_full_waiting_queue_refuses_new_requests_until_one_finishes() {
     }
 }
 
-/// The secret the test worker requires.
-const SECRET: &str = "test-job-secret-0123456789abcdef";
-
-type Client = WorkerClient<InterceptedService<Channel, AttachToken>>;
-
 async fn client_of(engine: EngineHandle) -> Client {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(
-        WorkerService::new(engine, 1, 1),
-        listener,
-        RequireToken::new(SECRET).unwrap(),
-        std::future::pending(),
-    ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    WorkerClient::with_interceptor(channel, AttachToken::new(Some(SECRET)).unwrap())
+    client_for(serve_worker(engine).await, Some(SECRET)).await
 }
 
 fn request(id: &str, prompt_len: usize, max_tokens: u32) -> GenerateRequest {
@@ -205,7 +137,7 @@ async fn code_of(client: &mut Client, req: GenerateRequest) -> Code {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_answers_request_faults_with_their_own_codes() {
-    let (h, open) = gated(EngineConfig {
+    let (h, gate) = gated(EngineConfig {
         max_queued_requests: Some(0),
         ..config()
     });
@@ -237,7 +169,7 @@ async fn the_service_answers_request_faults_with_their_own_codes() {
         async move { c.health(HealthRequest { probe: true }).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    open.store(true, Ordering::SeqCst);
+    gate.hold.store(false, Ordering::SeqCst);
     let health = probe.await.unwrap().unwrap().into_inner();
     assert!(health.healthy, "{}", health.message);
 }

@@ -3,36 +3,18 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use llmapi_proto::auth::{AttachToken, RequireToken};
-
-use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{
     AbortRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest, LoadRequest,
     SamplingParams, StoppingParams,
 };
 use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
-use llmapi_worker::service::{WorkerService, serve};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-
-/// The secret the test worker requires.
-const SECRET: &str = "test-job-secret-0123456789abcdef";
-
-/// A client that sends `authorization: Bearer <token>` (nothing for None).
-type Client = WorkerClient<InterceptedService<Channel, AttachToken>>;
-
-async fn client_for(addr: SocketAddr, token: Option<&str>) -> Client {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    WorkerClient::with_interceptor(channel, AttachToken::new(token).unwrap())
-}
+use support::{Client, SECRET, client_for, serve_worker};
 
 async fn start() -> Client {
     start_with(|_| {}).await
@@ -57,15 +39,7 @@ async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
     };
     tweak(&mut cfg);
     let engine = Engine::start(&dir, cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(
-        WorkerService::new(engine, 1, 1),
-        listener,
-        RequireToken::new(SECRET).unwrap(),
-        std::future::pending(),
-    ));
-    addr
+    serve_worker(engine).await
 }
 
 /// Generate and Health without the job secret, or with another one, never reach the engine:

@@ -2,10 +2,21 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
+use llmapi_common::model_config::ModelConfig;
+use llmapi_proto::auth::{AttachToken, RequireToken};
+use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_worker::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
+use llmapi_worker::engine::{Engine, EngineConfig, EngineHandle};
+use llmapi_worker::service::{WorkerService, serve};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -82,4 +93,96 @@ pub fn ring_ranks<T: Send>(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// The job secret test workers require.
+pub const SECRET: &str = "test-job-secret-0123456789abcdef";
+
+/// A worker client that sends `authorization: Bearer <token>` (nothing for None).
+pub type Client = WorkerClient<InterceptedService<Channel, AttachToken>>;
+
+/// Serves `engine` over gRPC on a free loopback port, requiring [`SECRET`]; its address.
+pub async fn serve_worker(engine: EngineHandle) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(
+        WorkerService::new(engine, 1, 1),
+        listener,
+        RequireToken::new(SECRET).unwrap(),
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// A client of the worker at `addr` that presents `token`.
+pub async fn client_for(addr: SocketAddr, token: Option<&str>) -> Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    WorkerClient::with_interceptor(channel, AttachToken::new(token).unwrap())
+}
+
+/// Switches of a [`GatedBackend`].
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// Every step waits (at most 30 s) while set: requests stay unfinished as long as a test
+    /// needs, like a step stuck on a hung device or collective.
+    pub hold: AtomicBool,
+    /// The next step panics.
+    pub panic: AtomicBool,
+}
+
+/// Test double: a backend of the golden llama's vocabulary whose logits are all zero (greedy
+/// picks token 0) and whose steps obey a [`Gate`].
+pub struct GatedBackend {
+    gate: Arc<Gate>,
+}
+
+const GATED_VOCAB: usize = 256;
+
+impl Backend for GatedBackend {
+    fn name(&self) -> &'static str {
+        "gated"
+    }
+    fn vocab_size(&self) -> usize {
+        GATED_VOCAB
+    }
+    fn kv_bytes_per_token(&self) -> usize {
+        1
+    }
+    fn init_kv(&mut self, _: usize, _: usize) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn forward(&mut self, batch: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.gate.hold.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if self.gate.panic.swap(false, Ordering::SeqCst) {
+            panic!("injected fault in forward");
+        }
+        Ok(batch
+            .iter()
+            .map(|c| match c.logits {
+                LogitsWanted::None => Vec::new(),
+                LogitsWanted::Last => vec![0.0; GATED_VOCAB],
+                LogitsWanted::All => vec![0.0; GATED_VOCAB * c.tokens.len()],
+            })
+            .collect())
+    }
+}
+
+/// An engine over a [`GatedBackend`] (held from the start when `held`), and its gate.
+pub fn gated_engine(cfg: EngineConfig, held: bool) -> (EngineHandle, Arc<Gate>) {
+    let gate = Arc::new(Gate::default());
+    gate.hold.store(held, Ordering::SeqCst);
+    let dir = case("llama");
+    let model = ModelConfig::from_model_dir(&dir).unwrap();
+    let backend = Box::new(GatedBackend {
+        gate: Arc::clone(&gate),
+    });
+    let engine = Engine::start_with_backend(backend, &model, &dir, "gated".into(), cfg).unwrap();
+    (engine, gate)
 }
