@@ -68,12 +68,12 @@ fn serve_answers_completions_and_chat_streaming_and_not() {
                 .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream"))
         );
         let events = r.sse();
-        assert_eq!(events.last(), Some(&json!("[DONE]")), "{path}");
+        assert_eq!(events.last(), Some(&json!("[DONE]")), "{path}: {events:?}");
         assert!(
             events
                 .iter()
                 .any(|e| e["choices"][0]["finish_reason"] == "length"),
-            "{path}"
+            "{path}: {events:?}"
         );
     }
 
