@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::scripted_server::{Fault, Script, start_in_thread};
+use common::scripted_server::{Fault, Script, ScriptedSseServer, start_in_thread};
 use common::{run_bench, texts, write_tokenizer};
 use serde_json::Value;
 
@@ -65,13 +65,8 @@ fn read_json(path: &std::path::Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("result file")).expect("json")
 }
 
-#[test]
-fn bench_sh_line_measures_scripted_ttft_and_itl() {
-    let server = start_in_thread(Script {
-        ttft: Duration::from_millis(60),
-        itl: Duration::from_millis(15),
-        ..Default::default()
-    });
+/// Runs the bench.sh line with --save-detailed against `server`; its stdout and saved result.
+fn run_detailed(server: &ScriptedSseServer) -> (String, Value) {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path().to_str().expect("utf8 path");
     write_tokenizer(dir.path());
@@ -80,9 +75,19 @@ fn bench_sh_line_measures_scripted_ttft_and_itl() {
     let out = run(&args);
     let (stdout, stderr) = texts(&out);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    (stdout, read_json(&dir.path().join("concurrency_2.json")))
+}
+
+#[test]
+fn bench_sh_line_measures_scripted_ttft_and_itl() {
+    let server = start_in_thread(Script {
+        ttft: Duration::from_millis(60),
+        itl: Duration::from_millis(15),
+        ..Default::default()
+    });
+    let (stdout, r) = run_detailed(&server);
     assert!(stdout.contains("============ Serving Benchmark Result ============"));
     assert!(stdout.contains("Successful requests:                     4"));
-    let r = read_json(&dir.path().join("concurrency_2.json"));
     assert_eq!(r["completed"], 4);
     assert_eq!(r["total_output_tokens"], 32);
     assert_eq!(r["total_input_tokens"], 64);
@@ -126,15 +131,7 @@ fn sse_comment_lines_are_skipped_and_do_not_start_the_ttft() {
         sse_comments: true,
         ..Default::default()
     });
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path().to_str().expect("utf8 path");
-    write_tokenizer(dir.path());
-    let mut args = bench_sh_args(&server.base_url(), d, d);
-    args.push("--save-detailed".into());
-    let out = run(&args);
-    let (stdout, stderr) = texts(&out);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let r = read_json(&dir.path().join("concurrency_2.json"));
+    let (_, r) = run_detailed(&server);
     assert_eq!(r["completed"], 4, "{r}");
     assert_eq!(r["total_output_tokens"], 32);
     for t in r["ttfts"].as_array().expect("ttfts") {
