@@ -10,6 +10,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod model_config;
 pub mod model_dir;
+pub mod net;
 pub mod secret_file;
 pub mod telemetry;
 pub mod tokenizer;

@@ -354,11 +354,7 @@ mod tests {
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap()
     }
 
     #[test]

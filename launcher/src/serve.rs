@@ -238,7 +238,8 @@ pub async fn run(
         group::check_sizes(&args, &model)?;
         let port = match rendezvous_port {
             Some(p) => p,
-            None => free_port().context("finding a free port for the group's rendezvous")?,
+            None => llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into())
+                .context("finding a free port for the group's rendezvous")?,
         };
         let spec = GroupSpec {
             rank: 0,
@@ -302,10 +303,4 @@ pub async fn run(
     tracing::info!("router stopped; stopping the worker and the engine");
     worker.stop().await;
     served
-}
-
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

@@ -5,7 +5,7 @@
 //! is killed when its handle drops; every wait is bounded in time.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -29,11 +29,9 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free loopback TCP port (bound then released).
+/// A loopback TCP port that is free now, outside the range outgoing connections take.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into())
         .expect("a free loopback port")
 }
 

@@ -49,10 +49,8 @@ fn decode(be: &mut CpuBackend, batch: usize, steps: usize, first_block: u32) -> 
 
 /// (batch 1, batch 8) tok/s of a group of `tp` ranks.
 fn measure(dir: &Path, tp: usize, cores: usize) -> (f64, f64) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port =
+        llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).expect("a free port");
     let threads = (cores / tp).max(1);
     let results: Vec<(f64, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..tp)

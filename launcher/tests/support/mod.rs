@@ -21,13 +21,9 @@ pub fn demo_model(dir: &Path) -> PathBuf {
     out
 }
 
-/// A port that was free a moment ago.
+/// A loopback port that is free now, outside the range outgoing connections take.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap()
 }
 
 /// Whether a Slurm answers here. `.ci/run` starts one with scripts/slurm-local.sh (two nodes,

@@ -18,13 +18,9 @@ use llmapi_worker::service::{WorkerService, serve};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that is free now, outside the range outgoing connections take.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap()
 }
 
 /// tests/golden of this checkout, or $LLMAPI_GOLDEN_DIR (a prebuilt test binary run from
