@@ -136,13 +136,10 @@ pub async fn call(
     }
 }
 
-/// A loopback port nothing listens on (bound, then released).
+/// A loopback port nothing listens on, outside the range outgoing connections take (so a
+/// router started on it later finds it free).
 pub fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap()
 }
 
 /// One HTTP/1.1 GET over a real socket; returns the status.
