@@ -57,9 +57,26 @@ pub struct RouterArgs {
     /// Largest accepted request body in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
-    /// Requests in flight past which new ones get 429 (0: unlimited).
+    /// Worker requests in flight (a request counts prompts x n) past which new requests wait
+    /// in the queue (0: the routable workers' capacity, max_batch_size + max_queued_requests
+    /// summed).
     #[arg(long, visible_alias = "max_concurrent_requests", default_value_t = 0)]
     pub max_inflight_requests: usize,
+    /// Requests that may wait for in-flight room; past it new ones get 429 with Retry-After.
+    #[arg(long, visible_alias = "queue_size", default_value_t = crate::state::DEFAULT_MAX_QUEUED_REQUESTS)]
+    pub max_queued_requests: usize,
+    /// Seconds a request waits in the queue before it gets 429 with Retry-After.
+    #[arg(long, visible_alias = "queue_timeout_secs", default_value_t = crate::state::DEFAULT_QUEUE_TIMEOUT.as_secs())]
+    pub queue_timeout_s: u64,
+    /// Most prompts in one completions request (larger lists get 400).
+    #[arg(long, default_value_t = crate::state::DEFAULT_MAX_PROMPTS_PER_REQUEST)]
+    pub max_prompts_per_request: usize,
+    /// Most prompt tokens one request sends to workers, all prompts times n (more gets 400).
+    #[arg(long, default_value_t = crate::state::DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST)]
+    pub max_prompt_tokens_per_request: usize,
+    /// Threads tokenizing prompts and rendering chat templates at once (default: the cores).
+    #[arg(long)]
+    pub tokenizer_pool_size: Option<usize>,
     /// Other workers tried when one fails before the first token.
     #[arg(long, default_value_t = 2)]
     pub max_retries: usize,
@@ -121,6 +138,14 @@ impl RouterArgs {
             worker_token: self.worker_token.clone(),
             max_body_bytes: self.max_body_bytes,
             max_inflight_requests: self.max_inflight_requests,
+            max_queued_requests: self.max_queued_requests,
+            queue_timeout: Duration::from_secs(self.queue_timeout_s),
+            max_prompts_per_request: self.max_prompts_per_request.max(1),
+            max_prompt_tokens_per_request: self.max_prompt_tokens_per_request.max(1),
+            tokenizer_pool_size: self
+                .tokenizer_pool_size
+                .unwrap_or_else(crate::state::default_tokenizer_pool_size)
+                .max(1),
             max_retries: self.max_retries,
             health: HealthPolicy {
                 interval: Duration::from_millis(self.health_check_interval_ms.max(10)),

@@ -19,13 +19,14 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::codec::ChatTurn;
+use crate::codec::{ChatTurn, TextCodec};
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
-use crate::openai::{ChatRequest, CompletionRequest, GenSettings, Prompt};
+use crate::openai::{GenSettings, Prompt};
+use crate::parse::{self, BodyCaps};
 use crate::respond::{ResponseMeta, Shape, collect, stream};
 use crate::spans::{self, RequestSpan};
-use crate::state::AppState;
+use crate::state::{AdmitGuard, AppState, Fanout, UNAVAILABLE_RETRY_AFTER_S};
 
 type Shared = State<Arc<AppState>>;
 /// This hop's trace context, put in the request's extensions by the server's trace layer.
@@ -55,18 +56,23 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}-{nanos:016x}{n:06x}")
 }
 
-/// Parses a JSON body into `T`, mapping failures to OpenAI 400 / 413 errors.
-pub(crate) fn parse<T: DeserializeOwned>(
-    state: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
+/// The request body, or the OpenAI 413 / 400 error of a body too large or unreadable.
+fn read_body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(state.config.max_body_bytes)
         } else {
             ApiError::bad_request(format!("could not read the request body: {e}"))
         }
-    })?;
+    })
+}
+
+/// Parses a JSON body into `T`, mapping failures to OpenAI 400 / 413 errors.
+pub(crate) fn parse<T: DeserializeOwned>(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let body = read_body(state, body)?;
     serde_json::from_slice(&body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "request body is not valid JSON"
@@ -245,14 +251,68 @@ async fn completions_inner(
     trace: Arc<TraceContext>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(&state, body)?;
+    let caps = state.body_caps();
+    let req = parse::completion_request(&read_body(&state, body)?, caps)?;
     state.check_model(&req.common.model)?;
     let mut settings = req.common.settings(req.logprobs)?;
     let info = model_info(&state)?;
     let echo = req.echo.unwrap_or(false);
     // Echo with logprobs reports the prompt's tokens too, as OpenAI's legacy completions do.
     settings.sampling.prompt_logprobs = echo && req.logprobs.is_some();
+    let prompt = req
+        .prompt
+        .ok_or_else(|| ApiError::invalid("prompt", "prompt is required"))?;
+    let (prompts, id_tokens) = match &prompt {
+        Prompt::Text(_) => (1, 0),
+        Prompt::Texts(ts) => (ts.len(), 0),
+        Prompt::Ids(ids) => (1, ids.len()),
+        Prompt::IdLists(lists) => (lists.len(), lists.iter().map(Vec::len).sum()),
+    };
+    if prompts == 0 {
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt is an empty list; send at least one prompt",
+        ));
+    }
+    parse::check_prompt_tokens(&caps, "prompt", id_tokens, settings.n)?;
+    let admit = state
+        .admit(Fanout {
+            prompts,
+            n: settings.n,
+        })
+        .await?;
     let codec = state.codec.clone();
+    let (n, max_tokens) = (settings.n, req.max_tokens);
+    let (prompts, max_tokens) = state
+        .blocking(move || {
+            prepare_completion(codec.as_ref(), &info, prompt, echo, max_tokens, &caps, n)
+        })
+        .await?;
+    finish(
+        state,
+        admit,
+        Shape::Completion,
+        req.common.model,
+        prompts,
+        max_tokens,
+        settings,
+        req.logprobs.is_some(),
+        trace,
+    )
+    .await
+}
+
+/// Tokenizes a completions request's prompts and checks them (on the blocking pool: text
+/// may be megabytes): their ids, the echoed text when asked for, and each one's max_tokens.
+fn prepare_completion(
+    codec: &dyn TextCodec,
+    info: &InfoResponse,
+    prompt: Prompt,
+    echo: bool,
+    max_tokens: Option<u32>,
+    caps: &BodyCaps,
+    n: u32,
+) -> Result<(Vec<PreparedPrompt>, Vec<u32>), ApiError> {
     let encode = |t: &str| {
         if t.is_empty() {
             return Err(ApiError::invalid(
@@ -264,37 +324,36 @@ async fn completions_inner(
             .encode(t, true)
             .map_err(|e| ApiError::invalid("prompt", format!("prompt could not be tokenized: {e}")))
     };
-    let prompts: Vec<PreparedPrompt> = match req.prompt {
-        None => return Err(ApiError::invalid("prompt", "prompt is required")),
-        Some(Prompt::Text(t)) => vec![PreparedPrompt {
-            ids: encode(&t)?,
-            text: Some(t),
-        }],
-        Some(Prompt::Texts(ts)) => ts
-            .into_iter()
+    let texts = |ts: Vec<String>| -> Result<Vec<PreparedPrompt>, ApiError> {
+        ts.into_iter()
             .map(|t| {
                 Ok(PreparedPrompt {
                     ids: encode(&t)?,
                     text: Some(t),
                 })
             })
-            .collect::<Result<_, ApiError>>()?,
-        Some(Prompt::Ids(ids)) => vec![PreparedPrompt { ids, text: None }],
-        Some(Prompt::IdLists(lists)) => lists
-            .into_iter()
-            .map(|ids| PreparedPrompt { ids, text: None })
-            .collect(),
+            .collect()
     };
-    if prompts.is_empty() {
-        return Err(ApiError::invalid(
-            "prompt",
-            "prompt is an empty list; send at least one prompt",
-        ));
+    let (prompts, tokenized) = match prompt {
+        Prompt::Text(t) => (texts(vec![t])?, true),
+        Prompt::Texts(ts) => (texts(ts)?, true),
+        Prompt::Ids(ids) => (vec![PreparedPrompt { ids, text: None }], false),
+        Prompt::IdLists(lists) => (
+            lists
+                .into_iter()
+                .map(|ids| PreparedPrompt { ids, text: None })
+                .collect(),
+            false,
+        ),
+    };
+    if tokenized {
+        let tokens = prompts.iter().map(|p| p.ids.len()).sum();
+        parse::check_prompt_tokens(caps, "prompt", tokens, n)?;
     }
-    let mut max_tokens = Vec::with_capacity(prompts.len());
-    for p in &prompts {
-        max_tokens.push(check_prompt(&info, &p.ids, req.max_tokens, Some(16))?);
-    }
+    let max_tokens = prompts
+        .iter()
+        .map(|p| check_prompt(info, &p.ids, max_tokens, Some(16)))
+        .collect::<Result<Vec<_>, _>>()?;
     let prompts = prompts
         .into_iter()
         .map(|p| PreparedPrompt {
@@ -306,17 +365,7 @@ async fn completions_inner(
             ids: p.ids,
         })
         .collect();
-    finish(
-        state,
-        Shape::Completion,
-        req.common.model,
-        prompts,
-        max_tokens,
-        settings,
-        req.logprobs.is_some(),
-        trace,
-    )
-    .await
+    Ok((prompts, max_tokens))
 }
 
 /// POST /v1/chat/completions.
@@ -336,7 +385,8 @@ async fn chat_inner(
     trace: Arc<TraceContext>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(&state, body)?;
+    let caps = state.body_caps();
+    let req = parse::chat_request(&read_body(&state, body)?, caps)?;
     state.check_model(&req.common.model)?;
     let want_logprobs = req.logprobs.unwrap_or(false);
     if req.top_logprobs.is_some() && !want_logprobs {
@@ -364,9 +414,36 @@ async fn chat_inner(
                     "prompt_token_ids is empty; send at least one token, or send messages instead",
                 ));
             }
-            ids
+            parse::check_prompt_tokens(&caps, "prompt_token_ids", ids.len(), settings.n)?;
+            Some(ids)
         }
-        None => chat_prompt_ids(&state, &messages)?,
+        None if messages.is_empty() => {
+            return Err(ApiError::invalid(
+                "messages",
+                "messages is empty; send at least one message",
+            ));
+        }
+        None => None,
+    };
+    let admit = state
+        .admit(Fanout {
+            prompts: 1,
+            n: settings.n,
+        })
+        .await?;
+    let ids = match ids {
+        Some(ids) => ids,
+        None => {
+            let codec = state.codec.clone();
+            let n = settings.n;
+            state
+                .blocking(move || {
+                    let ids = chat_prompt_ids(codec.as_ref(), &messages)?;
+                    parse::check_prompt_tokens(&caps, "messages", ids.len(), n)?;
+                    Ok(ids)
+                })
+                .await?
+        }
     };
     let max = check_prompt(
         &info,
@@ -377,6 +454,7 @@ async fn chat_inner(
     let prompts = vec![PreparedPrompt { ids, text: None }];
     finish(
         state,
+        admit,
         Shape::Chat,
         req.common.model,
         prompts,
@@ -390,15 +468,9 @@ async fn chat_inner(
 
 /// The token ids of `messages` rendered with the chat template.
 fn chat_prompt_ids(
-    state: &AppState,
+    codec: &dyn TextCodec,
     messages: &[crate::openai::ChatMessage],
 ) -> Result<Vec<u32>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "messages is empty; send at least one message",
-        ));
-    }
     let turns = messages
         .iter()
         .map(|m| {
@@ -408,20 +480,19 @@ fn chat_prompt_ids(
             })
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let text = state
-        .codec
+    let text = codec
         .render_chat(&turns)
         .map_err(|e| ApiError::invalid("messages", e))?;
-    state
-        .codec
+    codec
         .encode(&text, false)
         .map_err(|e| ApiError::invalid("messages", format!("messages could not be tokenized: {e}")))
 }
 
-/// Admits the request, runs its choices and answers as a stream or one body.
+/// Runs an admitted request's choices and answers as a stream or one body.
 #[allow(clippy::too_many_arguments)]
 async fn finish(
     state: Arc<AppState>,
+    admit: AdmitGuard,
     shape: Shape,
     model: String,
     prompts: Vec<PreparedPrompt>,
@@ -430,7 +501,6 @@ async fn finish(
     logprobs: bool,
     trace: Arc<TraceContext>,
 ) -> Result<Response, ApiError> {
-    let admit = state.admit()?;
     let tokens_per_block = model_info(&state)?.tokens_per_block as usize;
     let streaming = settings.stream;
     let otlp = RequestSpan::current();
@@ -460,7 +530,7 @@ async fn finish(
     if streaming {
         Ok(stream(meta, rx, admit, state.config.sse_keepalive))
     } else {
-        let response = collect(meta, rx).await;
+        let response = collect(meta, rx, &admit).await;
         drop(admit);
         Ok(response)
     }
@@ -483,9 +553,14 @@ pub async fn models(State(state): Shared) -> Response {
     .into_response()
 }
 
-/// GET /health: 200 when at least one worker is routable.
+/// GET /health: 200 when at least one worker is routable and the router is not draining
+/// (a load balancer then stops sending it new requests).
 pub async fn health(State(state): Shared) -> Response {
-    if state.pool.routable().is_empty() {
+    if state.is_draining() {
+        ApiError::unavailable("draining: the router is shutting down")
+            .with_retry_after(UNAVAILABLE_RETRY_AFTER_S)
+            .into_response()
+    } else if state.pool.routable().is_empty() {
         ApiError::unavailable("no healthy worker").into_response()
     } else {
         StatusCode::OK.into_response()
@@ -523,7 +598,7 @@ pub async fn version() -> Response {
 pub async fn metrics(State(state): Shared) -> Response {
     (
         [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(&state.pool, state.inflight()),
+        state.metrics.render(&state.pool, state.admission()),
     )
         .into_response()
 }

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod admission;
 pub mod args;
 pub mod auth;
 pub mod codec;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod handlers;
 pub mod metrics;
 pub mod openai;
+pub mod parse;
 pub mod policy;
 pub mod pool;
 pub mod registration;

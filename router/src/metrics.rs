@@ -6,7 +6,21 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::admission::Refused;
 use crate::pool::Pool;
+
+/// The admission figures /metrics shows besides the counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AdmissionGauges {
+    /// HTTP requests admitted and not yet answered.
+    pub inflight: usize,
+    /// Worker-request slots they hold (prompts x n each).
+    pub slots_used: usize,
+    /// Requests waiting for slots.
+    pub queued: usize,
+    /// The in-flight limit in worker requests.
+    pub limit: usize,
+}
 
 /// Router counters.
 #[derive(Debug, Default)]
@@ -16,7 +30,10 @@ pub struct Metrics {
     generation_tokens: AtomicU64,
     retries: AtomicU64,
     worker_failures: AtomicU64,
-    rejected: AtomicU64,
+    rejected_too_large: AtomicU64,
+    rejected_queue_full: AtomicU64,
+    rejected_queue_timeout: AtomicU64,
+    rejected_draining: AtomicU64,
 }
 
 impl Metrics {
@@ -47,13 +64,19 @@ impl Metrics {
         self.worker_failures.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Counts a request refused by admission control.
-    pub fn inc_rejected(&self) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
+    /// Counts a request refused by admission control (or by the tokenizer pool), by reason.
+    pub fn inc_rejected(&self, why: &Refused) {
+        let counter = match why {
+            Refused::TooLarge { .. } => &self.rejected_too_large,
+            Refused::QueueFull { .. } => &self.rejected_queue_full,
+            Refused::TimedOut { .. } => &self.rejected_queue_timeout,
+            Refused::Closed => &self.rejected_draining,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, pool: &Pool, inflight: usize) -> String {
+    pub fn render(&self, pool: &Pool, admission: AdmissionGauges) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "# TYPE llmapi_router_requests_total counter");
         for ((route, status), n) in self
@@ -75,7 +98,6 @@ impl Metrics {
             ),
             ("llmapi_router_retries_total", &self.retries),
             ("llmapi_router_worker_failures_total", &self.worker_failures),
-            ("llmapi_router_rejected_requests_total", &self.rejected),
         ];
         for (name, v) in counters {
             let _ = writeln!(
@@ -84,10 +106,34 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            s,
-            "# TYPE llmapi_router_inflight_requests gauge\nllmapi_router_inflight_requests {inflight}"
-        );
+        let _ = writeln!(s, "# TYPE llmapi_router_rejected_requests_total counter");
+        for (reason, v) in [
+            ("too_large", &self.rejected_too_large),
+            ("queue_full", &self.rejected_queue_full),
+            ("queue_timeout", &self.rejected_queue_timeout),
+            ("draining", &self.rejected_draining),
+        ] {
+            let _ = writeln!(
+                s,
+                "llmapi_router_rejected_requests_total{{reason=\"{reason}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let gauges = [
+            ("llmapi_router_inflight_requests", admission.inflight),
+            (
+                "llmapi_router_inflight_worker_requests",
+                admission.slots_used,
+            ),
+            (
+                "llmapi_router_inflight_worker_requests_limit",
+                admission.limit,
+            ),
+            ("llmapi_router_queued_requests", admission.queued),
+        ];
+        for (name, v) in gauges {
+            let _ = writeln!(s, "# TYPE {name} gauge\n{name} {v}");
+        }
         let _ = writeln!(s, "# TYPE llmapi_worker_healthy gauge");
         let workers = pool.all();
         for w in &workers {

@@ -7,9 +7,10 @@ use crate::error::ApiError;
 use llmapi_proto::limits::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS};
 use llmapi_proto::v1::{SamplingParams, StoppingParams};
 
-/// `prompt`: a string, strings, token ids, or lists of token ids.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// `prompt`: a string, strings, token ids, or lists of token ids. Read by
+/// `parse::completion_request`, which counts prompts and tokens against the request caps as
+/// it goes instead of buffering the value first.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Prompt {
     /// One text prompt.
     Text(String),
@@ -21,9 +22,8 @@ pub enum Prompt {
     IdLists(Vec<Vec<u32>>),
 }
 
-/// `stop`: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// `stop`: one string or a list (read without serde's untagged buffering: `parse`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stop {
     /// One stop string.
     One(String),
@@ -87,11 +87,10 @@ pub struct CommonFields {
     pub user: Option<String>,
 }
 
-/// POST /v1/completions.
-#[derive(Debug, Clone, Deserialize)]
+/// POST /v1/completions, as `parse::completion_request` reads it.
+#[derive(Debug, Clone)]
 pub struct CompletionRequest {
     /// Shared fields.
-    #[serde(flatten)]
     pub common: CommonFields,
     /// The prompt(s).
     pub prompt: Option<Prompt>,
@@ -103,9 +102,9 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
 }
 
-/// Content of a chat message: a string or a list of parts.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+/// Content of a chat message: a string or a list of parts (read without serde's untagged
+/// buffering: `parse`).
+#[derive(Debug, Clone)]
 pub enum Content {
     /// Plain text.
     Text(String),
@@ -132,11 +131,10 @@ pub struct ChatMessage {
     pub content: Option<Content>,
 }
 
-/// POST /v1/chat/completions.
-#[derive(Debug, Clone, Deserialize)]
+/// POST /v1/chat/completions, as `parse::chat_request` reads it.
+#[derive(Debug, Clone)]
 pub struct ChatRequest {
     /// Shared fields.
-    #[serde(flatten)]
     pub common: CommonFields,
     /// The conversation.
     pub messages: Option<Vec<ChatMessage>>,

@@ -253,12 +253,21 @@ impl ResponseMeta {
     }
 }
 
-/// Collects every choice into one response body; the first failure fails the request.
-pub async fn collect(meta: ResponseMeta, mut rx: mpsc::Receiver<ChoiceEvent>) -> Response {
+/// Collects every choice into one response body; the first failure fails the request, and
+/// so does the drain timeout passing (`AdmitGuard::cut_off`: 503).
+pub async fn collect(
+    meta: ResponseMeta,
+    mut rx: mpsc::Receiver<ChoiceEvent>,
+    admit: &AdmitGuard,
+) -> Response {
     let mut accs = vec![ChoiceAcc::default(); meta.choices as usize];
     let mut done = 0;
     while done < accs.len() {
-        let Some(ev) = rx.recv().await else {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            error = admit.cut_off() => return error.into_response(),
+        };
+        let Some(ev) = ev else {
             return ApiError::internal("a choice ended without finishing").into_response();
         };
         match ev {
@@ -360,7 +369,8 @@ struct StreamState {
     pending: std::collections::VecDeque<Value>,
     done: usize,
     finished: bool,
-    _admit: AdmitGuard,
+    /// Held for the stream's life; also says when the drain timeout cuts it off.
+    admit: AdmitGuard,
 }
 
 impl StreamState {
@@ -447,7 +457,7 @@ fn sse_events(
         pending: std::collections::VecDeque::new(),
         done: 0,
         finished: false,
-        _admit: admit,
+        admit,
     };
     // Echoed prompts come first (completions); with logprobs they wait for the prompt's
     // logprobs, which arrive with the choice's first worker response.
@@ -480,7 +490,12 @@ fn sse_events(
                 st.finished = true;
                 continue;
             }
-            let more = match st.rx.recv().await {
+            let ev = tokio::select! {
+                ev = st.rx.recv() => ev,
+                // Past the drain timeout: end with an in-band error, never a silent cut.
+                error = st.admit.cut_off() => Some(ChoiceEvent::Failed { index: 0, error }),
+            };
+            let more = match ev {
                 None => false,
                 Some(ev) => st.on_event(ev),
             };

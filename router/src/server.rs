@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -178,9 +179,27 @@ impl Listeners {
     }
 }
 
-/// Serves `state` on `listeners` until `shutdown` resolves, then drains: new requests get 503,
-/// in-flight ones may finish within the configured drain timeout. The metrics listener, if
-/// any, stops with the API.
+/// How long the requests cut off at the drain timeout get to send their 503 (or in-band
+/// error) before the process stops serving regardless.
+const CUT_OFF_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until no request is in flight, polling, for at most `limit`; whether none is.
+async fn wait_idle(state: &AppState, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while state.inflight() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Serves `state` on `listeners` until `shutdown` resolves, then drains: the listener stays
+/// open so that /health answers 503 (a load balancer takes the router out) and new requests
+/// get 503 with Retry-After, while requests in flight finish within the configured drain
+/// timeout; those still running then end with a 503 (an in-band error once streaming), and
+/// serving stops. The metrics listener, if any, stops with the API.
 pub async fn serve(
     listeners: impl Into<Listeners>,
     state: Arc<AppState>,
@@ -203,31 +222,43 @@ pub async fn serve(
             }
         }))
     });
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_state = state.clone();
-    let signal = async move {
+    let drain = async move {
         shutdown.await;
-        tracing::info!(inflight = drain_state.inflight(), "draining");
+        tracing::info!(
+            inflight = drain_state.inflight(),
+            "draining: /health and new requests get 503"
+        );
         drain_state.start_draining();
-        let _ = drain_tx.send(());
+        let timeout = drain_state.config.drain_timeout;
+        if !wait_idle(&drain_state, timeout).await {
+            tracing::warn!(
+                inflight = drain_state.inflight(),
+                "drain timeout reached; ending the requests still running with 503"
+            );
+            drain_state.cut_off();
+            wait_idle(&drain_state, CUT_OFF_GRACE).await;
+        }
+        let _ = drained_tx.send(());
     };
-    let timeout = state.config.drain_timeout;
     // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(signal);
-    let deadline = async move {
-        if drain_rx.await.is_ok() {
-            tokio::time::sleep(timeout).await;
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(drain);
+    // Once drained, connections still open (a client not reading its answer) get a last grace.
+    let last_call = async move {
+        if drained_rx.await.is_ok() {
+            tokio::time::sleep(CUT_OFF_GRACE).await;
         } else {
             std::future::pending::<()>().await;
         }
     };
     let served = tokio::select! {
         r = server => r,
-        _ = deadline => {
-            tracing::warn!(inflight = state.inflight(), "drain timeout reached; exiting with requests in flight");
+        _ = last_call => {
+            tracing::warn!(inflight = state.inflight(), "connections still open after the drain; exiting");
             Ok(())
         }
     };

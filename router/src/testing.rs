@@ -48,6 +48,10 @@ pub struct Script {
     /// Most requests running at once; past it Generate answers RESOURCE_EXHAUSTED, as a
     /// worker with a full waiting queue does. None: unbounded.
     pub max_running: Option<usize>,
+    /// Reported max_batch_size (the router derives its default in-flight limit from it).
+    pub max_batch_size: u32,
+    /// Reported max_queued_requests (likewise).
+    pub max_queued_requests: u32,
 }
 
 impl Default for Script {
@@ -63,6 +67,8 @@ impl Default for Script {
             tokens_per_message: 1,
             required_token: None,
             max_running: None,
+            max_batch_size: 64,
+            max_queued_requests: 256,
         }
     }
 }
@@ -430,8 +436,9 @@ impl Worker for ScriptedWorker {
             vocab_size: s.vocab_size,
             eos_token_ids: s.eos.into_iter().collect(),
             backend: "scripted".into(),
-            max_batch_size: 64,
+            max_batch_size: s.max_batch_size,
             max_num_tokens: 8192,
+            max_queued_requests: s.max_queued_requests,
             enable_block_reuse: true,
         }))
     }

@@ -379,6 +379,7 @@ impl Worker for WorkerService {
             backend: i.backend,
             max_batch_size: i.max_batch_size,
             max_num_tokens: i.max_num_tokens,
+            max_queued_requests: i.max_queued_requests,
             enable_block_reuse: i.enable_block_reuse,
         }))
     }

@@ -78,7 +78,7 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("enable_chunked_prefill", &[], "enable_chunked_prefill", Switch, "Split long prefills into chunks of max_num_tokens"),
     flag("chat_template", &[], "chat_template", Text, "Jinja chat template file overriding tokenizer_config.json's"),
     flag("otlp_traces_endpoint", &[], "otlp_traces_endpoint", Text, "OTLP gRPC endpoint to export traces to"),
-    flag("max_inflight_requests", &["max_concurrent_requests"], "max_inflight_requests", Int, "Requests the router admits at once; past it new ones get 429 (0: unlimited)"),
+    flag("max_inflight_requests", &["max_concurrent_requests"], "max_inflight_requests", Int, "Worker requests (prompts x n each) the router has in flight; past it new requests wait in its queue, then get 429 (0: the workers' capacity)"),
     flag("engine_stall_timeout", &[], "engine_stall_timeout", Int, "Seconds one engine step may take while requests are in flight before the worker reports itself unhealthy (0: never)"),
 ];
 

@@ -212,7 +212,9 @@ pub struct LlmArgs {
     pub chat_template: Option<String>,
     /// OTLP gRPC endpoint for traces.
     pub otlp_traces_endpoint: Option<String>,
-    /// Requests the embedded router admits at once; past it new ones get 429 (0: unlimited).
+    /// Worker requests (prompts x n per request) the embedded router has in flight at once;
+    /// past it new requests wait in its queue (0: the worker's max_batch_size +
+    /// max_queued_requests).
     pub max_inflight_requests: u32,
     /// KV cache settings.
     pub kv_cache_config: KvCacheConfig,

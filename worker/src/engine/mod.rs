@@ -160,6 +160,10 @@ impl Engine {
             kv_capacity_blocks: num_blocks as u64,
             max_batch_size: cfg.max_batch_size as u32,
             max_num_tokens: cfg.max_num_tokens as u32,
+            max_queued_requests: u32::try_from(
+                cfg.max_live_requests().saturating_sub(cfg.max_batch_size),
+            )
+            .unwrap_or(u32::MAX),
             enable_block_reuse: cfg.enable_block_reuse,
             backend: backend.name().to_string(),
         };

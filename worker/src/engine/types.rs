@@ -307,6 +307,8 @@ pub struct EngineInfo {
     pub max_batch_size: u32,
     /// Most tokens per iteration.
     pub max_num_tokens: u32,
+    /// Most requests waiting beyond the running batch before submits get `QueueFull`.
+    pub max_queued_requests: u32,
     /// Prefix reuse on.
     pub enable_block_reuse: bool,
     /// Compute backend name, e.g. "cpu".
