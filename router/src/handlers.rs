@@ -283,11 +283,15 @@ async fn completions_inner(
         .await?;
     let codec = state.codec.clone();
     let (n, max_tokens) = (settings.n, req.max_tokens);
-    let (prompts, max_tokens) = state
-        .blocking(move || {
-            prepare_completion(codec.as_ref(), &info, prompt, echo, max_tokens, &caps, n)
-        })
-        .await?;
+    // Token ids without echo need no tokenizer: only a scan of ids already held to the caps.
+    let tokenizes = echo || matches!(prompt, Prompt::Text(_) | Prompt::Texts(_));
+    let prepare =
+        move || prepare_completion(codec.as_ref(), &info, prompt, echo, max_tokens, &caps, n);
+    let (prompts, max_tokens) = if tokenizes {
+        state.blocking(prepare).await?
+    } else {
+        prepare()?
+    };
     finish(
         state,
         admit,

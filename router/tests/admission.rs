@@ -9,11 +9,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use llmapi_router::codec::ByteCodec;
+use llmapi_router::codec::{ByteCodec, ChatTurn, TextCodec};
 use llmapi_router::policy::RoutingPolicy;
 use llmapi_router::pool::{HealthPolicy, Pool};
 use llmapi_router::server::{app, serve};
@@ -38,6 +39,14 @@ fn slow() -> Script {
 }
 
 async fn start(scripts: Vec<Script>, tweak: impl FnOnce(&mut RouterConfig)) -> Harness {
+    start_with(Arc::new(ByteCodec), scripts, tweak).await
+}
+
+async fn start_with(
+    codec: Arc<dyn TextCodec>,
+    scripts: Vec<Script>,
+    tweak: impl FnOnce(&mut RouterConfig),
+) -> Harness {
     let mut config = RouterConfig {
         served_model_name: "demo".into(),
         model_path: "/models/demo-1b".into(),
@@ -58,7 +67,7 @@ async fn start(scripts: Vec<Script>, tweak: impl FnOnce(&mut RouterConfig)) -> H
         workers.push(h);
     }
     pool.check_all(&config.health).await;
-    let state = Arc::new(AppState::new(config, Arc::new(ByteCodec), pool));
+    let state = Arc::new(AppState::new(config, codec, pool));
     Harness { state, workers }
 }
 
@@ -370,6 +379,106 @@ async fn a_full_queue_and_a_wait_past_the_queue_timeout_get_429_with_retry_after
         metrics.contains("llmapi_router_rejected_requests_total{reason=\"queue_timeout\"} 1"),
         "{metrics}"
     );
+}
+
+/// `ByteCodec` whose encode blocks until `open`: a tokenizer busy with a huge prompt.
+struct StuckCodec {
+    open: Arc<AtomicBool>,
+    entered: Arc<AtomicUsize>,
+}
+
+impl TextCodec for StuckCodec {
+    fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        // Bounded, so that a failed test's runtime (which waits for blocking tasks) ends.
+        for _ in 0..6000 {
+            if self.open.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ByteCodec.encode(text, add_special_tokens)
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        ByteCodec.decode(ids)
+    }
+
+    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
+        ByteCodec.render_chat(turns)
+    }
+}
+
+/// Opens a `StuckCodec` when the test ends, passed or failed.
+struct OpenOnDrop(Arc<AtomicBool>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+// One async thread: were tokenization on it, the stuck encode would stall every request.
+#[tokio::test(flavor = "current_thread")]
+async fn tokenization_runs_off_the_async_threads_on_a_bounded_pool() {
+    let open = Arc::new(AtomicBool::new(false));
+    let entered = Arc::new(AtomicUsize::new(0));
+    let _unstick = OpenOnDrop(open.clone());
+    let codec = StuckCodec {
+        open: open.clone(),
+        entered: entered.clone(),
+    };
+    let h = start_with(Arc::new(codec), vec![Script::default()], |c| {
+        c.tokenizer_pool_size = 1;
+        c.max_queued_requests = 0;
+    })
+    .await;
+    let text = json!({"model": "demo", "prompt": "hello", "max_tokens": 1});
+    let state = h.state.clone();
+    let body = text.to_string();
+    let first = tokio::spawn(async move {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .expect("request");
+        answer(app(state).oneshot(req).await.expect("infallible")).await
+    });
+    for _ in 0..1000 {
+        if entered.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        entered.load(Ordering::SeqCst),
+        1,
+        "the first prompt is being tokenized"
+    );
+    // Token ids need no tokenizer: served while the only tokenizer thread is stuck.
+    let ids = tokio::time::timeout(
+        Duration::from_secs(20),
+        h.post(&json!({"model": "demo", "prompt": [104, 105], "max_tokens": 1})),
+    )
+    .await
+    .expect("the async thread is free");
+    assert_eq!(ids.status, StatusCode::OK, "{}", ids.body);
+    // A second text prompt finds the pool busy and no room to wait.
+    let busy = h.post(&text).await;
+    assert_eq!(busy.status, StatusCode::TOO_MANY_REQUESTS, "{}", busy.body);
+    assert_eq!(busy.retry_after.as_deref(), Some("1"));
+    assert!(
+        message(&busy.body).contains("--tokenizer_pool_size"),
+        "{}",
+        busy.body
+    );
+    open.store(true, Ordering::SeqCst);
+    let first = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .expect("finishes once unstuck")
+        .expect("task");
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
 }
 
 /// A raw HTTP/1.1 exchange with a served router (`Connection: close`, read to the end).
