@@ -39,6 +39,12 @@ pub fn router_config(args: &LlmArgs, model: &ModelDir, access: &RouterConfig) ->
             .unwrap_or_else(|| model.default_name()),
         model_path,
         max_inflight_requests: args.max_inflight_requests as usize,
+        max_queued_requests: args
+            .queue_size
+            .map_or(access.max_queued_requests, |n| n as usize),
+        queue_timeout: args
+            .queue_timeout_secs
+            .map_or(access.queue_timeout, std::time::Duration::from_secs),
         ..access.clone()
     }
 }

@@ -258,13 +258,14 @@ impl AppState {
                 ),
             ),
             Refused::QueueFull { queued } => ApiError::too_many(format!(
-                "the router is at its limit of {} worker requests in flight and {queued} requests already wait \
-                 (--max_queued_requests); retry later",
+                "the router is at its limit of {} worker requests in flight (--max_inflight_requests) and {queued} \
+                 requests already wait (--max_queued_requests, or --queue_size); retry later",
                 self.slots.limit()
             ))
             .with_retry_after(OVERLOAD_RETRY_AFTER_S),
             Refused::TimedOut { waited } => ApiError::too_many(format!(
-                "no room for {need} worker requests freed up within {} s of waiting (--queue_timeout_s); retry later",
+                "no room for {need} worker requests freed up within {} s of waiting (--queue_timeout_s, or \
+                 --queue_timeout_secs); retry later",
                 waited.as_secs_f64()
             ))
             .with_retry_after(OVERLOAD_RETRY_AFTER_S),

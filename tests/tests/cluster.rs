@@ -351,13 +351,13 @@ fn router_reports_admission_and_availability_errors() {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], 503);
 
-    // A live worker but at most one request in flight: the second gets 429.
+    // A live worker, at most one request in flight and no queue: the second gets 429.
     let w = worker(bench_model(), free_port());
     let (_router2, port2) = router(
         bench_model(),
         &[w.grpc],
         "round_robin",
-        &["--max_inflight_requests", "1"],
+        &["--max_inflight_requests", "1", "--max_queued_requests", "0"],
     );
     wait_healthy(port2, Duration::from_secs(30));
     let body = json!({"model": "bench", "prompt": "long", "max_tokens": 500, "ignore_eos": true, "stream": true}).to_string();

@@ -270,7 +270,7 @@ fn serve_admission_cap_answers_429_with_an_openai_error_body() {
     let _server = serve(
         bench_model(),
         port,
-        &["--max_concurrent_requests", "1"],
+        &["--max_concurrent_requests", "1", "--queue_size", "0"],
         &[],
     );
     let body = json!({"model": "bench", "prompt": "a long story", "max_tokens": 1000,

@@ -79,6 +79,8 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("chat_template", &[], "chat_template", Text, "Jinja chat template file overriding tokenizer_config.json's"),
     flag("otlp_traces_endpoint", &[], "otlp_traces_endpoint", Text, "OTLP gRPC endpoint to export traces to"),
     flag("max_inflight_requests", &["max_concurrent_requests"], "max_inflight_requests", Int, "Worker requests (prompts x n each) the router has in flight; past it new requests wait in its queue, then get 429 (0: the workers' capacity)"),
+    flag("queue_size", &[], "queue_size", Int, "Requests the router lets wait for in-flight room; past it new ones get 429 at once (default 128)"),
+    flag("queue_timeout_secs", &[], "queue_timeout_secs", Int, "Seconds a request waits in the router's queue before it gets 429 (default 30)"),
     flag("engine_stall_timeout", &[], "engine_stall_timeout", Int, "Seconds one engine step may take while requests are in flight before the worker reports itself unhealthy (0: never)"),
 ];
 

@@ -216,6 +216,11 @@ pub struct LlmArgs {
     /// past it new requests wait in its queue (0: the worker's max_batch_size +
     /// max_queued_requests).
     pub max_inflight_requests: u32,
+    /// Requests the embedded router lets wait for in-flight room; past it 429 at once
+    /// (the sglang router's name; null: the router's default, 128).
+    pub queue_size: Option<u32>,
+    /// Seconds a request waits in the embedded router's queue before 429 (null: 30).
+    pub queue_timeout_secs: Option<u64>,
     /// KV cache settings.
     pub kv_cache_config: KvCacheConfig,
     /// CUDA graph settings; null disables graphs.
@@ -268,6 +273,8 @@ impl Default for LlmArgs {
             chat_template: None,
             otlp_traces_endpoint: None,
             max_inflight_requests: 0,
+            queue_size: None,
+            queue_timeout_secs: None,
             kv_cache_config: KvCacheConfig::default(),
             cuda_graph_config: Some(CudaGraphConfig::default()),
             moe_config: MoeConfig::default(),
