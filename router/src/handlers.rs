@@ -275,22 +275,26 @@ async fn completions_inner(
         ));
     }
     parse::check_prompt_tokens(&caps, "prompt", id_tokens, settings.n)?;
-    let admit = state
-        .admit(Fanout {
-            prompts,
-            n: settings.n,
-        })
-        .await?;
+    let fanout = Fanout {
+        prompts,
+        n: settings.n,
+    };
     let codec = state.codec.clone();
     let (n, max_tokens) = (settings.n, req.max_tokens);
     // Token ids without echo need no tokenizer: only a scan of ids already held to the caps.
     let tokenizes = echo || matches!(prompt, Prompt::Text(_) | Prompt::Texts(_));
     let prepare =
         move || prepare_completion(codec.as_ref(), &info, prompt, echo, max_tokens, &caps, n);
-    let (prompts, max_tokens) = if tokenizes {
-        state.blocking(prepare).await?
+    // Token ids are checked before the request waits for admission; text once admitted.
+    let ready = if tokenizes {
+        Err(prepare)
     } else {
-        prepare()?
+        Ok(prepare()?)
+    };
+    let admit = state.admit(fanout).await?;
+    let (prompts, max_tokens) = match ready {
+        Ok(prepared) => prepared,
+        Err(prepare) => state.blocking(prepare).await?,
     };
     finish(
         state,

@@ -196,17 +196,22 @@ impl AppState {
     }
 
     /// Worker requests admitted at once: `--max_inflight_requests`, or the capacity the
-    /// routable workers report (each one's max_batch_size + max_queued_requests).
+    /// routable workers report (each one's max_batch_size + max_queued_requests; unlimited
+    /// while none has reported).
     pub fn inflight_limit(&self) -> usize {
         if self.config.max_inflight_requests > 0 {
             return self.config.max_inflight_requests;
         }
-        self.pool
+        let capacity: usize = self
+            .pool
             .routable()
             .iter()
             .filter_map(|w| w.info())
             .map(|i| i.max_batch_size as usize + i.max_queued_requests as usize)
-            .sum()
+            .sum();
+        // No routable worker has reported its size yet: admit as before there was a limit
+        // (the worker's own queue still answers RESOURCE_EXHAUSTED, 429).
+        if capacity == 0 { usize::MAX } else { capacity }
     }
 
     fn draining_error() -> ApiError {
