@@ -218,9 +218,8 @@ async fn embedded_router(
     failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.worker_token = Some(token.clone());
-    if config.admin_token.is_none() {
-        config.admin_token = Some(Secret::new("job token", token)?);
-    }
+    // The tasks register with the job secret; an operator's admin token works beside it.
+    config.job_token = Some(Secret::new("job token", token)?);
     if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
         tracing::warn!(
             "the router listens on {}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs",

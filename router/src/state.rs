@@ -27,8 +27,12 @@ pub struct RouterConfig {
     pub api_key: Option<Secret>,
     /// Bearer key /metrics accepts besides the API key, if set.
     pub metrics_api_key: Option<Secret>,
-    /// Bearer token for POST/DELETE /workers; registration is off without it.
+    /// Bearer token for POST/DELETE /workers; registration is off without it and without
+    /// `job_token`.
     pub admin_token: Option<Secret>,
+    /// The job secret of a Slurm job's embedded router: its tasks register with it, so POST/
+    /// DELETE /workers accept it besides an operator's `admin_token`.
+    pub job_token: Option<Secret>,
     /// The secret every call to a worker carries (`authorization: Bearer`): the job secret
     /// the workers were started with. Build the pool with `Pool::new(worker_token)`.
     pub worker_token: Option<String>,
@@ -65,6 +69,7 @@ impl Default for RouterConfig {
             api_key: None,
             metrics_api_key: None,
             admin_token: None,
+            job_token: None,
             worker_token: None,
             metrics_port: None,
             registration: RegistrationPolicy::default(),
