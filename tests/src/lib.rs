@@ -13,13 +13,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod chaos;
+pub mod cluster;
+pub mod sse;
+
 /// Path of a workspace binary built beside the tests; panics with what to run if missing.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // A test executable lives in target/<profile>/deps, a binary (llmapi-chaos) beside the
+    // others in target/<profile>.
+    let parent = exe.parent().expect("an executable lives in a directory");
+    let dir = if parent.ends_with("deps") {
+        parent.parent().unwrap_or(parent)
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),
