@@ -13,6 +13,7 @@ use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
+use llmapi_router::tls::TlsArgs;
 
 fn cli() -> Command {
     Command::new("llmapi-launch")
@@ -21,7 +22,7 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            AccessArgs::augment_args(serve_command())
+            TlsArgs::augment_args(AccessArgs::augment_args(serve_command()))
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
@@ -41,6 +42,12 @@ fn cli() -> Command {
                         .long("bootstrap_port")
                         .value_parser(clap::value_parser!(u16))
                         .help("Port on rank 0's node where the other ranks fetch the job secret over MUNGE (when no LLMAPI_JOB_TOKEN / LLMAPI_JOB_TOKEN_FILE is set) [default: --rendezvous_port - 1]"),
+                )
+                .arg(
+                    Arg::new("registration_port")
+                        .long("registration_port")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("Port on rank 0's node where the job's other group leaders register their workers over mutual TLS [default: --rendezvous_port - 2]"),
                 ),
         )
         .subcommand(
@@ -158,6 +165,15 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     for warning in access.apply(m, args.port, &mut router)? {
         tracing::warn!("{warning}");
     }
+    let tls = TlsArgs::from_arg_matches(m)?;
+    // Certificate files are read and checked before anything starts.
+    router.https = tls.https_front()?;
+    let tls_files = tls.files();
+    let local_tls = if tls_files.is_empty() {
+        None
+    } else {
+        Some(tls_files.load()?)
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,7 +189,12 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             .get_one::<u16>("bootstrap_port")
             .copied()
             .unwrap_or(base.saturating_sub(1)),
+        registration_port: m
+            .get_one::<u16>("registration_port")
+            .copied()
+            .unwrap_or(base.saturating_sub(2)),
         router: router.clone(),
+        tls: tls_files,
     };
     let result = match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {
@@ -188,6 +209,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             model,
             rendezvous_port,
             router,
+            local_tls,
         )),
     };
     // A failed start can leave a blocking task behind (a group join waiting for a rank that

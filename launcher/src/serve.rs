@@ -14,6 +14,7 @@ use llmapi_common::model_dir::ModelDir;
 use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
 use llmapi_otlp::{ExportTask, ExporterConfig, SpanExporter};
 use llmapi_proto::auth::RequireToken;
+use llmapi_proto::tls::TransportTls;
 use llmapi_router::codec::HfCodec;
 use llmapi_router::pool::Pool;
 use llmapi_router::{AppState, RouterConfig, server};
@@ -49,6 +50,8 @@ pub struct LocalWorker {
     pub engine: EngineHandle,
     /// Where the gRPC service listens.
     pub addr: std::net::SocketAddr,
+    /// Whether it speaks TLS only (its URL is `https://`).
+    pub tls: bool,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     spans: Option<ExportTask>,
@@ -77,7 +80,9 @@ impl LocalWorker {
     /// (port 0: any free port) to callers that present `secret` (the job secret). With
     /// `group`, this is the leader of a tensor-parallel group: it joins the group first and
     /// drives its followers. `gpu_slot` is this task's local rank on its node, which picks its
-    /// GPU on the CUDA backend (a group carries its own).
+    /// GPU on the CUDA backend (a group carries its own). With `tls` the service speaks TLS
+    /// only (mutual TLS when it holds a CA).
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         args: &LlmArgs,
         model: &ModelDir,
@@ -86,8 +91,13 @@ impl LocalWorker {
         group: Option<GroupSpec>,
         gpu_slot: usize,
         secret: &str,
+        tls: Option<&TransportTls>,
     ) -> anyhow::Result<Self> {
         let auth = RequireToken::new(secret).context("the job secret")?;
+        let server_tls = tls
+            .map(TransportTls::grpc_server)
+            .transpose()
+            .context("the worker's TLS")?;
         let mut engine_cfg = match &group {
             Some(g) => g.engine_config(args),
             None => EngineConfig {
@@ -132,16 +142,29 @@ impl LocalWorker {
             None => (service, None),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(service::serve(service, grpc, auth, async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(service::serve(
+            service,
+            grpc,
+            auth,
+            server_tls,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         Ok(Self {
             engine,
             addr,
+            tls: tls.is_some(),
             stop,
             task,
             spans,
         })
+    }
+
+    /// The worker's URL at `host`: `https://` when it speaks TLS.
+    pub fn url(&self, host: &str) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{host}:{}", self.addr.port())
     }
 
     /// Stops the gRPC service, then the engine.
@@ -155,13 +178,26 @@ impl LocalWorker {
     }
 }
 
+/// Where the router takes the registrations of a job's other leaders over mutual TLS
+/// (`server::admin_app` on its own listener), apart from the HTTP front.
+pub struct InternalRegistration {
+    /// The bound listener.
+    pub listener: tokio::net::TcpListener,
+    /// The job's TLS, which must hold a CA (clients must present a certificate it signed).
+    pub tls: TransportTls,
+}
+
 /// Runs the OpenAI router on --host/--port over `workers` (gRPC URLs) until Ctrl-C / SIGTERM
 /// or until `failed` resolves, then drains it. Err when `failed` stopped it (its reason).
+/// `worker_tls` reaches `https://` workers; `registration` also serves the job's
+/// registrations on an internal TLS listener.
 pub async fn run_router(
     args: &LlmArgs,
     model: &ModelDir,
     config: RouterConfig,
     workers: &[String],
+    worker_tls: Option<TransportTls>,
+    registration: Option<InternalRegistration>,
     failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
     let tokenizer = args.tokenizer.as_ref().map(PathBuf::from);
@@ -175,7 +211,11 @@ pub async fn run_router(
         config.span_exporter = Some(exporter);
         task
     });
-    let pool = Arc::new(Pool::new(config.worker_token.as_deref()).context("the worker token")?);
+    let pool = Arc::new(
+        Pool::new(config.worker_token.as_deref())
+            .context("the worker token")?
+            .with_tls(worker_tls),
+    );
     for url in workers {
         pool.add(url)
             .with_context(|| format!("registering the worker {url}"))?;
@@ -184,13 +224,25 @@ pub async fn run_router(
     let health = tokio::spawn(pool.clone().health_loop(config.health.clone()));
     let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
 
+    let internal = match registration {
+        Some(r) => {
+            let addr = r.listener.local_addr().ok();
+            let tls = r.tls.rustls_server().context("the registration listener's TLS")?;
+            let task = server::serve_internal(r.listener, tls, server::admin_app(state.clone()))
+                .context("serving registrations")?;
+            tracing::info!(addr = ?addr, "taking the job's registrations over mutual TLS");
+            Some(task)
+        }
+        None => None,
+    };
     let listeners =
         server::Listeners::bind(&args.host, args.port, state.config.metrics_port).await?;
     let addr = format!("{}:{}", args.host, args.port);
+    let scheme = if state.config.https.is_some() { "https" } else { "http" };
     tracing::info!(
         model = %model.path.display(),
         workers = ?workers,
-        "serving at http://{addr}/v1"
+        "serving at {scheme}://{addr}/v1"
     );
     let reason = Arc::new(std::sync::Mutex::new(None));
     let stop = {
@@ -209,6 +261,9 @@ pub async fn run_router(
     };
     let served = server::serve(listeners, state, stop).await;
     health.abort();
+    if let Some(task) = internal {
+        task.abort();
+    }
     if let Some(spans) = spans {
         spans.shutdown(SHUTDOWN_TIMEOUT).await;
     }
@@ -228,6 +283,7 @@ pub async fn run(
     model: ModelDir,
     rendezvous_port: Option<u16>,
     access: RouterConfig,
+    tls: Option<TransportTls>,
 ) -> anyhow::Result<()> {
     let tp = args.tensor_parallel_size as usize;
     // The worker, the router's calls to it and the group's ranks share this secret; the ranks
@@ -275,6 +331,7 @@ pub async fn run(
         group,
         0,
         &secret,
+        tls.as_ref(),
     );
     let worker = match &ranks {
         None => start.await,
@@ -284,13 +341,15 @@ pub async fn run(
             why = group::rank_exit(Arc::clone(r)) => Err(anyhow::anyhow!("{why} while the group was forming")),
         },
     }?;
-    let url = format!("http://{}", worker.addr);
+    let url = worker.url(&worker.addr.ip().to_string());
     let engine = worker.engine.clone();
     let served = match ranks {
-        None => run_router(&args, &model, config, &[url], std::future::pending()).await,
+        None => {
+            run_router(&args, &model, config, &[url], tls, None, std::future::pending()).await
+        }
         Some(ranks) => {
             let watch = group::group_failure(engine, Some(Arc::clone(&ranks)));
-            let served = run_router(&args, &model, config, &[url], watch).await;
+            let served = run_router(&args, &model, config, &[url], tls, None, watch).await;
             tracing::info!("router stopped; stopping the worker, the engine and the ranks");
             // Stopping the engine sends the followers Stop; then they exit on their own.
             worker.stop().await;

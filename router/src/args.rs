@@ -10,6 +10,7 @@ use crate::access::AccessArgs;
 use crate::policy::{ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
+use crate::tls::TlsArgs;
 
 /// `llmapi-router MODEL --worker_urls URL,...`: an OpenAI router in front of worker groups.
 #[derive(Debug, Clone, Parser)]
@@ -44,6 +45,9 @@ pub struct RouterArgs {
     /// Keys, tokens, the metrics listener and registration limits.
     #[command(flatten)]
     pub access: AccessArgs,
+    /// HTTPS on the front, TLS to the workers.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// File holding the worker token: the job secret every call to a worker must carry
     /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others.
     #[arg(long, value_name = "FILE")]
@@ -98,6 +102,25 @@ impl RouterArgs {
                 .map(Some)
                 .map_err(|e| anyhow::anyhow!("--worker_token_file: {e}")),
             None => Ok(self.worker_token.clone()),
+        }
+    }
+
+    /// How the router reaches `https://` workers: the `--tls_*` files when given, else (with a
+    /// worker token) a client certificate of the job CA that token derives, which is what
+    /// the workers of a multi-node `llmapi-launch` job use; else none.
+    pub fn worker_tls(
+        &self,
+        worker_token: Option<&str>,
+    ) -> anyhow::Result<Option<llmapi_proto::tls::TransportTls>> {
+        let files = self.tls.files();
+        if !files.is_empty() {
+            return Ok(Some(files.load()?));
+        }
+        match worker_token {
+            Some(token) => Ok(Some(
+                llmapi_proto::tls::JobCa::derive(token.as_bytes())?.transport(&[])?,
+            )),
+            None => Ok(None),
         }
     }
 

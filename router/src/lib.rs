@@ -24,5 +24,6 @@ pub mod server;
 pub mod spans;
 pub mod state;
 pub mod testing;
+pub mod tls;
 
 pub use state::{AppState, RouterConfig};

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::spans::RequestSpan;
 use crate::state::AppState;
+use crate::tls::TlsListener;
 use crate::{admin, auth, handlers};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
@@ -178,9 +179,64 @@ impl Listeners {
     }
 }
 
+/// The application of the internal registration listener a job's leader opens for the other
+/// leaders (`POST`/`DELETE /workers` only, behind the admin token), served over mutual TLS
+/// with the job's certificates (`serve_internal`).
+pub fn admin_app(state: Arc<AppState>) -> Router {
+    let routes = Router::new()
+        .route(
+            "/workers",
+            post(admin::add_worker).delete(admin::remove_worker),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
+    with_common_layers(routes, state)
+}
+
+/// Serves `app` on `listener` over TLS with `tls` until the returned task is aborted.
+pub fn serve_internal(
+    listener: TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    app: Router,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TlsListener::new(listener, tls)?;
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the internal TLS listener failed");
+        }
+    }))
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` resolves.
+async fn serve_on(
+    listener: TcpListener,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    match tls {
+        Some(tls) => {
+            axum::serve(TlsListener::new(listener, tls)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
+}
+
 /// Serves `state` on `listeners` until `shutdown` resolves, then drains: new requests get 503,
 /// in-flight ones may finish within the configured drain timeout. The metrics listener, if
-/// any, stops with the API.
+/// any, stops with the API. With `config.https` both speak HTTPS only.
 pub async fn serve(
     listeners: impl Into<Listeners>,
     state: Arc<AppState>,
@@ -195,10 +251,12 @@ pub async fn serve(
             "a metrics port is configured but no metrics listener was bound (Listeners::bind): /metrics is served nowhere"
         );
     }
+    let https = state.config.https.clone();
     let metrics = metrics.map(|l| {
         let app = metrics_app(state.clone());
+        let https = https.clone();
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
+            if let Err(e) = serve_on(l, https, app, std::future::pending()).await {
                 tracing::error!(error = %e, "the metrics listener failed");
             }
         }))
@@ -212,11 +270,7 @@ pub async fn serve(
         let _ = drain_tx.send(());
     };
     let timeout = state.config.drain_timeout;
-    // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(signal);
+    let server = serve_on(listener, https, app(state.clone()), signal);
     let deadline = async move {
         if drain_rx.await.is_ok() {
             tokio::time::sleep(timeout).await;

@@ -36,6 +36,8 @@ pub struct RouterConfig {
     /// The secret every call to a worker carries (`authorization: Bearer`): the job secret
     /// the workers were started with. Build the pool with `Pool::new(worker_token)`.
     pub worker_token: Option<String>,
+    /// The HTTP front's TLS (`--ssl_certfile` / `--ssl_keyfile`); `None` serves plain HTTP.
+    pub https: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Port of a separate /metrics listener on the API's host; `None`: /metrics is served on
     /// the API port.
     pub metrics_port: Option<u16>,
@@ -71,6 +73,7 @@ impl Default for RouterConfig {
             admin_token: None,
             job_token: None,
             worker_token: None,
+            https: None,
             metrics_port: None,
             registration: RegistrationPolicy::default(),
             max_body_bytes: 32 << 20,

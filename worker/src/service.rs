@@ -61,16 +61,24 @@ impl WorkerService {
 
 /// Serves `service` on `listener` until `shutdown` resolves. Every call must carry
 /// `authorization: Bearer <secret>` with the secret `auth` holds (the job secret); others are
-/// answered UNAUTHENTICATED before they reach the engine.
+/// answered UNAUTHENTICATED before they reach the engine. With `tls` the listener speaks only
+/// TLS (`llmapi_proto::tls::TransportTls::grpc_server`; with a client CA, only to clients
+/// holding a certificate it signed): a plaintext or wrongly certified client never gets as
+/// far as the token check.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
     auth: RequireToken,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // Token frames are small: without TCP_NODELAY each waits for Nagle's algorithm (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(InterceptedService::new(
             WorkerServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

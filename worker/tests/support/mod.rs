@@ -105,6 +105,7 @@ pub async fn serve_worker(engine: EngineHandle) -> SocketAddr {
         WorkerService::new(engine, 1, 1),
         listener,
         RequireToken::new(SECRET).unwrap(),
+        None,
         std::future::pending(),
     ));
     addr
