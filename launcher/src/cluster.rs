@@ -29,8 +29,8 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
-use llmapi_router::RouterConfig;
 use llmapi_proto::tls::{JobCa, TlsFiles, TransportTls};
+use llmapi_router::RouterConfig;
 use llmapi_router::auth::Secret;
 use tokio_rustls::rustls::pki_types::ServerName;
 
@@ -244,44 +244,55 @@ pub async fn run(
     let url = worker.url(&host);
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
-    let result = if opts.router_url.is_none() && placement.rank == 0 {
-        // The job's other leaders register from its nodes.
-        config.registration.job_hosts = placement.nodes.clone();
-        let bind = if loopback { "127.0.0.1" } else { "0.0.0.0" };
-        let addr = format!("{bind}:{}", opts.registration_port);
-        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
+    let result =
+        if opts.router_url.is_none() && placement.rank == 0 {
+            // The job's other leaders register from its nodes.
+            config.registration.job_hosts = placement.nodes.clone();
+            let bind = if loopback { "127.0.0.1" } else { "0.0.0.0" };
+            let addr = format!("{bind}:{}", opts.registration_port);
+            let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
             format!("binding {addr} for the job's registrations; pick a free --registration_port")
         })?;
-        let registration = InternalRegistration {
-            listener,
-            tls: tls.clone(),
-        };
-        embedded_router(&args, &model, config, &url, token, tls, registration, failed).await
-    } else {
-        let target = match &opts.router_url {
-            Some(r) => external_router(r, &opts.tls, &tls)?,
-            None => {
-                let host = if loopback {
-                    "127.0.0.1".to_owned()
-                } else {
-                    placement
-                        .nodes
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| "127.0.0.1".to_owned())
-                };
-                let name = match tls.server_name() {
-                    Some(n) => n.to_owned(),
-                    None => host.clone(),
-                };
-                RegistrationTarget {
-                    router: format!("https://{host}:{}", opts.registration_port),
-                    tls: Some((tls.rustls_client()?, name)),
+            let registration = InternalRegistration {
+                listener,
+                tls: tls.clone(),
+            };
+            embedded_router(
+                &args,
+                &model,
+                config,
+                &url,
+                token,
+                tls,
+                registration,
+                failed,
+            )
+            .await
+        } else {
+            let target = match &opts.router_url {
+                Some(r) => external_router(r, &opts.tls, &tls)?,
+                None => {
+                    let host = if loopback {
+                        "127.0.0.1".to_owned()
+                    } else {
+                        placement
+                            .nodes
+                            .first()
+                            .cloned()
+                            .unwrap_or_else(|| "127.0.0.1".to_owned())
+                    };
+                    let name = match tls.server_name() {
+                        Some(n) => n.to_owned(),
+                        None => host.clone(),
+                    };
+                    RegistrationTarget {
+                        router: format!("https://{host}:{}", opts.registration_port),
+                        tls: Some((tls.rustls_client()?, name)),
+                    }
                 }
-            }
+            };
+            registered(&target, &url, &token, failed).await
         };
-        registered(&target, &url, &token, failed).await
-    };
     worker.stop().await;
     // Rank 0 stops publishing the secret (and removes its file) only now.
     drop(secret);

@@ -227,7 +227,10 @@ pub async fn run_router(
     let internal = match registration {
         Some(r) => {
             let addr = r.listener.local_addr().ok();
-            let tls = r.tls.rustls_server().context("the registration listener's TLS")?;
+            let tls = r
+                .tls
+                .rustls_server()
+                .context("the registration listener's TLS")?;
             let task = server::serve_internal(r.listener, tls, server::admin_app(state.clone()))
                 .context("serving registrations")?;
             tracing::info!(addr = ?addr, "taking the job's registrations over mutual TLS");
@@ -238,7 +241,11 @@ pub async fn run_router(
     let listeners =
         server::Listeners::bind(&args.host, args.port, state.config.metrics_port).await?;
     let addr = format!("{}:{}", args.host, args.port);
-    let scheme = if state.config.https.is_some() { "https" } else { "http" };
+    let scheme = if state.config.https.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(
         model = %model.path.display(),
         workers = ?workers,
@@ -345,7 +352,16 @@ pub async fn run(
     let engine = worker.engine.clone();
     let served = match ranks {
         None => {
-            run_router(&args, &model, config, &[url], tls, None, std::future::pending()).await
+            run_router(
+                &args,
+                &model,
+                config,
+                &[url],
+                tls,
+                None,
+                std::future::pending(),
+            )
+            .await
         }
         Some(ranks) => {
             let watch = group::group_failure(engine, Some(Arc::clone(&ranks)));

@@ -66,7 +66,11 @@ async fn main() -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
     let listeners =
         server::Listeners::bind(&args.host, args.port, state.config.metrics_port).await?;
-    let scheme = if state.config.https.is_some() { "https" } else { "http" };
+    let scheme = if state.config.https.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(host = %args.host, port = args.port, scheme, "llmapi-router listening");
     let served = server::serve(listeners, state, server::shutdown_signal()).await;
     if let Some(task) = spans {

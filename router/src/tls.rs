@@ -33,7 +33,11 @@ const MAX_HANDSHAKES: usize = 256;
 pub struct TlsArgs {
     /// PEM certificate (chain) the HTTP front serves HTTPS with; needs --ssl_keyfile.
     /// Without it the front speaks plain HTTP.
-    #[arg(long = "ssl_certfile", env = "LLMAPI_SSL_CERTFILE", value_name = "PATH")]
+    #[arg(
+        long = "ssl_certfile",
+        env = "LLMAPI_SSL_CERTFILE",
+        value_name = "PATH"
+    )]
     pub ssl_certfile: Option<PathBuf>,
     /// PEM private key of --ssl_certfile.
     #[arg(long = "ssl_keyfile", env = "LLMAPI_SSL_KEYFILE", value_name = "PATH")]
@@ -41,10 +45,18 @@ pub struct TlsArgs {
     /// PEM certificate (chain) this process presents on links between the job's processes
     /// (a worker's gRPC server, the router as a client under mutual TLS). Default in a
     /// multi-node job: a leaf of the job's generated CA.
-    #[arg(long = "tls_cert_file", env = "LLMAPI_TLS_CERT_FILE", value_name = "PATH")]
+    #[arg(
+        long = "tls_cert_file",
+        env = "LLMAPI_TLS_CERT_FILE",
+        value_name = "PATH"
+    )]
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of --tls_cert_file.
-    #[arg(long = "tls_key_file", env = "LLMAPI_TLS_KEY_FILE", value_name = "PATH")]
+    #[arg(
+        long = "tls_key_file",
+        env = "LLMAPI_TLS_KEY_FILE",
+        value_name = "PATH"
+    )]
     pub tls_key_file: Option<PathBuf>,
     /// PEM CA certificate(s): servers require client certificates signed by it (mutual TLS)
     /// and clients verify servers against it.
