@@ -66,7 +66,8 @@ impl Default for ClusterOptions {
             router_url: None,
             rendezvous_port: DEFAULT_RENDEZVOUS_PORT,
             bootstrap_port: DEFAULT_RENDEZVOUS_PORT - 1,
-            registration_port: DEFAULT_RENDEZVOUS_PORT - 2,
+            // The default --port (8000) + 1.
+            registration_port: 8001,
             router: RouterConfig::default(),
             tls: TlsFiles::default(),
         }
@@ -404,6 +405,11 @@ async fn registered(
                 )
             }
             Ok(s) => tracing::debug!(status = %s, "registration not accepted yet"),
+            Err(e) if e.downcast_ref::<TlsRefused>().is_some() => bail!(
+                "the router at {router} and this task do not trust each other's TLS certificates ({e}); \
+                 give every task the same LLMAPI_JOB_TOKEN_FILE (or LLMAPI_JOB_TOKEN), or, with your own \
+                 certificates, the same --tls_ca_file and certificates it signed"
+            ),
             Err(e) => tracing::debug!(error = %e, "router not reachable yet"),
         }
         if started.elapsed() > REGISTER_DEADLINE {
@@ -440,6 +446,11 @@ async fn registered(
     }
 }
 
+/// The router's TLS handshake failed on a certificate: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TlsRefused(String);
+
 /// One HTTP/1.1 request (over TLS when the target has it) with a JSON body and a bearer
 /// token; returns the status.
 async fn send(
@@ -470,7 +481,18 @@ async fn send(
             )
             .await
             .context("the TLS handshake with the router timed out")?
-            .context("the TLS handshake with the router failed (is the router the job's, and the CA the same?)")?;
+            .map_err(|e| {
+                // A certificate the other side refuses will not change by retrying.
+                match e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<tokio_rustls::rustls::Error>())
+                {
+                    Some(tls) => anyhow::Error::new(TlsRefused(tls.to_string())),
+                    None => {
+                        anyhow::Error::new(e).context("the TLS handshake with the router failed")
+                    }
+                }
+            })?;
             request(method, &uri, &host, port, token, body, TokioIo::new(tls)).await
         }
         None => request(method, &uri, &host, port, token, body, TokioIo::new(stream)).await,

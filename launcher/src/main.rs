@@ -47,7 +47,7 @@ fn cli() -> Command {
                     Arg::new("registration_port")
                         .long("registration_port")
                         .value_parser(clap::value_parser!(u16))
-                        .help("Port on rank 0's node where the job's other group leaders register their workers over mutual TLS [default: --rendezvous_port - 2]"),
+                        .help("Port on rank 0's node where the job's other group leaders register their workers over mutual TLS [default: --port + 1]"),
                 ),
         )
         .subcommand(
@@ -192,7 +192,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         registration_port: m
             .get_one::<u16>("registration_port")
             .copied()
-            .unwrap_or(base.saturating_sub(2)),
+            .unwrap_or(args.port.saturating_add(1)),
         router: router.clone(),
         tls: tls_files,
     };

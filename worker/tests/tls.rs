@@ -115,7 +115,10 @@ async fn a_tls_worker_serves_its_jobs_certificates_and_refuses_every_other_clien
         .transport(&[])
         .unwrap();
     let e = served(addr, Some(&stranger)).await.unwrap_err();
-    assert!(!e.contains("Unauthenticated"), "refused by TLS, not the token: {e}");
+    assert!(
+        !e.contains("Unauthenticated"),
+        "refused by TLS, not the token: {e}"
+    );
 
     // A client that trusts the job's CA but presents no certificate: mutual TLS refuses it.
     let no_cert = TransportTls::new(
@@ -129,7 +132,10 @@ async fn a_tls_worker_serves_its_jobs_certificates_and_refuses_every_other_clien
         Some(JOB_SERVER_NAME.to_owned()),
     );
     let e = served(addr, Some(&no_cert)).await.unwrap_err();
-    assert!(!e.contains("Unauthenticated"), "refused by TLS, not the token: {e}");
+    assert!(
+        !e.contains("Unauthenticated"),
+        "refused by TLS, not the token: {e}"
+    );
 
     // None of the refused clients reached the engine.
     let load = member
