@@ -163,8 +163,16 @@ impl LocalWorker {
 
     /// The worker's URL at `host`: `https://` when it speaks TLS.
     pub fn url(&self, host: &str) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{host}:{}", self.addr.port())
+        format!("{}://{host}:{}", self.scheme(), self.addr.port())
+    }
+
+    /// The worker's URL at the address it listens on.
+    pub fn local_url(&self) -> String {
+        format!("{}://{}", self.scheme(), self.addr)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 
     /// Stops the gRPC service, then the engine.
@@ -348,7 +356,7 @@ pub async fn run(
             why = group::rank_exit(Arc::clone(r)) => Err(anyhow::anyhow!("{why} while the group was forming")),
         },
     }?;
-    let url = worker.url(&worker.addr.ip().to_string());
+    let url = worker.local_url();
     let engine = worker.engine.clone();
     let served = match ranks {
         None => {
