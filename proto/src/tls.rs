@@ -33,6 +33,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 /// The DNS name every job-CA leaf certificate carries and every job client verifies.
 pub const JOB_SERVER_NAME: &str = "llmapi-job.internal";
 
+/// How long a TLS client may take over its handshake before a server drops it.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// HKDF label of the job CA's key: changing it changes every job's CA.
 const JOB_CA_LABEL: &[u8] = b"llmapi job CA Ed25519 key v1";
 
@@ -412,8 +415,10 @@ impl TransportTls {
                 "a TLS server needs a certificate: give --tls_cert_file and --tls_key_file".into(),
             )
         })?;
-        let mut config =
-            ServerTlsConfig::new().identity(Identity::from_pem(&id.cert_pem, &id.key_pem));
+        // tonic runs handshakes concurrently; the timeout frees a silent client's task.
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&id.cert_pem, &id.key_pem))
+            .timeout(HANDSHAKE_TIMEOUT);
         if let Some(ca) = &self.ca_pem {
             config = config.client_ca_root(Certificate::from_pem(ca));
         }

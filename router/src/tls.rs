@@ -15,15 +15,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use llmapi_proto::tls::{TlsError, TlsFiles, https_front};
+use llmapi_proto::tls::{HANDSHAKE_TIMEOUT, TlsError, TlsFiles, https_front};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
 
-/// How long a client may take to finish its TLS handshake before it is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most TLS handshakes in progress at once; connections past it are closed at once, so slow
 /// or idle clients cannot hold up the others.
 const MAX_HANDSHAKES: usize = 256;
