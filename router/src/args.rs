@@ -49,7 +49,8 @@ pub struct RouterArgs {
     #[command(flatten)]
     pub tls: TlsArgs,
     /// File holding the worker token: the job secret every call to a worker must carry
-    /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others.
+    /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others. Without
+    /// --tls_* files it also derives the job's CA, which reaches a job's https:// workers.
     #[arg(long, value_name = "FILE")]
     pub worker_token_file: Option<PathBuf>,
     /// The worker token itself, from the environment only (a command line is visible in `ps`).
