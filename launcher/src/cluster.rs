@@ -355,13 +355,9 @@ async fn embedded_router(
 ) -> anyhow::Result<()> {
     config.worker_token = Some(token.clone());
     // The tasks register with the job secret; an operator's admin token works beside it.
+    // They register on the internal listener (`registration`), so the front's --host may
+    // stay on loopback.
     config.job_token = Some(Secret::new("job token", token)?);
-    if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
-        tracing::warn!(
-            "the router listens on {}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs",
-            args.host
-        );
-    }
     crate::serve::run_router(
         args,
         model,
