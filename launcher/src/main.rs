@@ -13,6 +13,7 @@ use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
+use llmapi_router::front::ConnectionArgs;
 
 fn cli() -> Command {
     Command::new("llmapi-launch")
@@ -21,7 +22,7 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            AccessArgs::augment_args(serve_command())
+            ConnectionArgs::augment_args(AccessArgs::augment_args(serve_command()))
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
@@ -158,6 +159,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     for warning in access.apply(m, args.port, &mut router)? {
         tracing::warn!("{warning}");
     }
+    router.front = ConnectionArgs::from_arg_matches(m)?.limits();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -88,6 +88,9 @@ pub struct RouterArgs {
     /// idle connections (0: none, as trtllm-serve; benchmark_serving.py fails on comments).
     #[arg(long, default_value_t = 0)]
     pub sse_keepalive_s: u64,
+    /// Connection count and timeouts of the HTTP front.
+    #[command(flatten)]
+    pub connections: crate::front::ConnectionArgs,
 }
 
 impl RouterArgs {
@@ -134,6 +137,7 @@ impl RouterArgs {
             span_exporter: None,
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
+            front: self.connections.limits(),
             ..RouterConfig::default()
         }
     }

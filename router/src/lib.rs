@@ -12,6 +12,7 @@ pub mod auth;
 pub mod codec;
 pub mod detok;
 pub mod error;
+pub mod front;
 pub mod generate;
 pub mod handlers;
 pub mod metrics;

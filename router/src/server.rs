@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::spans::RequestSpan;
 use crate::state::AppState;
-use crate::{admin, auth, handlers};
+use crate::{admin, auth, front, handlers};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -195,10 +195,12 @@ pub async fn serve(
             "a metrics port is configured but no metrics listener was bound (Listeners::bind): /metrics is served nowhere"
         );
     }
+    let limits = state.config.front.clone();
     let metrics = metrics.map(|l| {
         let app = metrics_app(state.clone());
+        let limits = limits.clone();
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
+            if let Err(e) = front::serve(l, app, limits, std::future::pending()).await {
                 tracing::error!(error = %e, "the metrics listener failed");
             }
         }))
@@ -212,11 +214,9 @@ pub async fn serve(
         let _ = drain_tx.send(());
     };
     let timeout = state.config.drain_timeout;
-    // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(signal);
+    // Connection limits and timeouts (`front`): slowloris clients and idle connections are
+    // cut off, and past --max_connections new ones wait to be accepted.
+    let server = front::serve(listener, app(state.clone()), limits, signal);
     let deadline = async move {
         if drain_rx.await.is_ok() {
             tokio::time::sleep(timeout).await;

@@ -57,6 +57,8 @@ pub struct RouterConfig {
     /// connections; `None` sends none, as trtllm-serve and vLLM do (benchmark_serving.py
     /// parses every non-empty line as JSON and fails on a comment).
     pub sse_keepalive: Option<Duration>,
+    /// Limits on the HTTP front's connections (count, header-read and keep-alive timeouts).
+    pub front: crate::front::ConnectionLimits,
 }
 
 impl Default for RouterConfig {
@@ -80,6 +82,7 @@ impl Default for RouterConfig {
             drain_timeout: Duration::from_secs(30),
             span_exporter: None,
             sse_keepalive: None,
+            front: crate::front::ConnectionLimits::default(),
         }
     }
 }
