@@ -9,11 +9,15 @@
 //! worker's gRPC service requires the job secret too; when all the job's tasks share one node
 //! it listens on 127.0.0.1 only. With
 //! `--router_url` every leader registers with that external router instead and no task runs
-//! one. When a rank of a group dies, its leader fails the group's requests and exits with an
-//! error naming the rank (the router's own health checks drop the worker).
+//! one. A single-rank worker whose engine fails is restarted in place on the same address
+//! (`restart`, `--max_restarts`): the router's health checks re-admit it and its heartbeat
+//! keeps it registered. When a rank of a group dies, its leader fails the group's requests and
+//! exits with an error naming the rank (the router's own health checks drop the worker); such
+//! a group is not restarted by the launcher.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -28,6 +32,7 @@ use llmapi_router::auth::Secret;
 
 use crate::group::{self, GroupSpec};
 use crate::placement::{DEFAULT_RENDEZVOUS_PORT, GroupRole, Placement};
+use crate::restart::{self, RestartPolicy, WorkerSlot};
 use crate::serve::LocalWorker;
 
 /// How often a registered worker renews its registration.
@@ -46,6 +51,8 @@ pub struct ClusterOptions {
     pub bootstrap_port: u16,
     /// The embedded router's access settings (keys, registration limits; `serve::router_config`).
     pub router: RouterConfig,
+    /// How a leader restarts its failed engine (groups of several ranks are not restarted).
+    pub restarts: RestartPolicy,
 }
 
 impl Default for ClusterOptions {
@@ -55,6 +62,7 @@ impl Default for ClusterOptions {
             rendezvous_port: DEFAULT_RENDEZVOUS_PORT,
             bootstrap_port: DEFAULT_RENDEZVOUS_PORT - 1,
             router: RouterConfig::default(),
+            restarts: RestartPolicy::default(),
         }
     }
 }
@@ -166,6 +174,16 @@ pub async fn run(
     };
     let mut config = crate::serve::router_config(&args, &model, &opts.router);
     let bind = if loopback { "127.0.0.1:0" } else { "0.0.0.0:0" };
+    let restarts = if group.is_some() && opts.restarts.max_restarts > 0 {
+        // Its followers are other tasks of the job, which this process cannot start again.
+        tracing::warn!(
+            group = role.group,
+            "a failed tensor-parallel group of a Slurm/MPI job is not restarted (--max_restarts applies to single-rank workers): the group's tasks exit non-zero, for the job's scheduler to restart (e.g. sbatch --requeue)"
+        );
+        RestartPolicy { max_restarts: 0 }
+    } else {
+        opts.restarts
+    };
     let worker = LocalWorker::start(
         &args,
         &model,
@@ -176,13 +194,35 @@ pub async fn run(
         &token,
     )
     .await?;
-    let failed = group::group_failure(worker.engine.clone(), None);
+    let addr = worker.addr;
+    let slot: WorkerSlot = Arc::new(tokio::sync::Mutex::new(Some(worker)));
+    let starter: restart::Starter = {
+        let (args, model, token) = (args.clone(), model.clone(), token.clone());
+        let (name, gpu_slot) = (config.served_model_name.clone(), placement.local_rank);
+        Box::new(move |addr| -> restart::Starting {
+            let (args, model, name, token) =
+                (args.clone(), model.clone(), name.clone(), token.clone());
+            Box::pin(async move {
+                LocalWorker::start(
+                    &args,
+                    &model,
+                    name,
+                    &addr.to_string(),
+                    None,
+                    gpu_slot,
+                    &token,
+                )
+                .await
+            })
+        })
+    };
+    let failed = restart::supervise(Arc::clone(&slot), None, restarts, starter);
     let host = if loopback {
         "127.0.0.1".to_owned()
     } else {
         advertise_host(&placement)
     };
-    let url = format!("http://{host}:{}", worker.addr.port());
+    let url = format!("http://{host}:{}", addr.port());
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
     let result = if opts.router_url.is_none() && placement.rank == 0 {
@@ -203,7 +243,7 @@ pub async fn run(
         };
         registered(&router, &url, &token, failed).await
     };
-    worker.stop().await;
+    restart::stop(&slot).await;
     // Rank 0 stops publishing the secret (and removes its file) only now.
     drop(secret);
     result

@@ -11,6 +11,7 @@ use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
+use llmapi_launch::restart::RestartPolicy;
 use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
 use llmapi_router::front::ConnectionArgs;
@@ -35,6 +36,15 @@ fn cli() -> Command {
                         .value_parser(clap::value_parser!(u16))
                         .help(format!(
                             "With --tp_size > 1: base port where each group meets its leader (group g uses base + g) [default: {DEFAULT_RENDEZVOUS_PORT} under Slurm/MPI, a free port locally]"
+                        )),
+                )
+                .arg(
+                    Arg::new("max_restarts")
+                        .long("max_restarts")
+                        .value_parser(clap::value_parser!(u32))
+                        .help(format!(
+                            "Restarts in a row of a failed engine (a panic in its thread; locally also a dead rank, restarting the whole group) before the launcher exits non-zero; waits 1 s doubling to 30 s before each, and 10 minutes of service clears the count (0: never restart) [default: {}]",
+                            RestartPolicy::default().max_restarts
                         )),
                 )
                 .arg(
@@ -168,6 +178,12 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let rendezvous_port = m.get_one::<u16>("rendezvous_port").copied();
     let placement = Placement::from_env(std::env::vars())?;
     let base = rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT);
+    let restarts = RestartPolicy {
+        max_restarts: m
+            .get_one::<u32>("max_restarts")
+            .copied()
+            .unwrap_or(RestartPolicy::default().max_restarts),
+    };
     let opts = ClusterOptions {
         router_url: router_url.clone(),
         rendezvous_port: base,
@@ -176,6 +192,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             .copied()
             .unwrap_or(base.saturating_sub(1)),
         router: router.clone(),
+        restarts,
     };
     let result = match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {
@@ -190,6 +207,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             model,
             rendezvous_port,
             router,
+            restarts,
         )),
     };
     // A failed start can leave a blocking task behind (a group join waiting for a rank that
