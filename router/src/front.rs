@@ -6,8 +6,8 @@
 //! fills), so neither tasks nor memory grow with them. hyper's HTTP/1.1 header-read timeout
 //! closes a connection whose request headers are not complete in time (a slowloris client
 //! dripping a byte every few seconds), counted from the moment the server waits for them: the
-//! accept, or the end of the previous response. A connection with no byte read or written for
-//! the keep-alive timeout is closed once its current response, if any, has been sent.
+//! accept, or the end of the previous response. A connection with no request open and no byte
+//! read or written for the keep-alive timeout is closed.
 //!
 //! Not this module's job: what a request may contain (the handlers' limits) or how many
 //! requests run at once (admission in `state`).
@@ -16,7 +16,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,7 +36,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Time a client has to send a request's complete headers.
     pub header_read_timeout: Duration,
-    /// Time a connection may pass without a byte in either direction before it is closed.
+    /// Time a connection without an open request may pass without a byte in either direction
+    /// before it is closed.
     pub keep_alive_timeout: Duration,
 }
 
@@ -64,8 +65,8 @@ pub struct ConnectionArgs {
     #[arg(long, default_value_t = ConnectionLimits::default().header_read_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub header_read_timeout_s: u64,
-    /// Seconds a connection may stay silent (no byte either way) before it is closed, after
-    /// its current response if any (uvicorn's and vLLM's keep-alive timeout).
+    /// Seconds a connection without a request in progress may stay silent (no byte either
+    /// way) before it is closed (uvicorn's and vLLM's keep-alive timeout).
     #[arg(long, default_value_t = ConnectionLimits::default().keep_alive_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_keep_alive: u64,
@@ -169,12 +170,13 @@ impl Connection {
         http.timer(TokioTimer::new())
             .header_read_timeout(self.limits.header_read_timeout)
             .keep_alive(true);
-        let conn = http.serve_connection(io, TowerToHyperService::new(self.app));
+        let service = tracked_service(self.app, Arc::clone(&activity));
+        let conn = http.serve_connection(io, TowerToHyperService::new(service));
         tokio::pin!(conn);
         let idle = self.limits.keep_alive_timeout;
         let mut closing = false;
+        let mut check_at = activity.last() + idle;
         loop {
-            let quiet_until = activity.last() + idle;
             tokio::select! {
                 served = conn.as_mut() => {
                     if let Err(e) = served {
@@ -186,8 +188,15 @@ impl Connection {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                () = tokio::time::sleep_until(quiet_until), if !closing => {
-                    if activity.last() + idle <= Instant::now() {
+                () = tokio::time::sleep_until(check_at), if !closing => {
+                    let now = Instant::now();
+                    let quiet_until = activity.last() + idle;
+                    if quiet_until > now {
+                        check_at = quiet_until;
+                    } else if activity.requests.load(Ordering::Relaxed) > 0 {
+                        // A silent request (a long prefill, a non-streamed answer) keeps it.
+                        check_at = now + idle;
+                    } else {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
@@ -198,11 +207,60 @@ impl Connection {
     }
 }
 
-/// When a connection last moved a byte.
+/// `app` counting its requests in `activity` from the call until the response body is sent
+/// or dropped.
+fn tracked_service(
+    app: Router,
+    activity: Arc<Activity>,
+) -> impl tower::Service<
+    axum::http::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone
++ Send {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    tower::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+        let open = OpenRequest::new(Arc::clone(&activity));
+        let response = app.clone().oneshot(req);
+        async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    // The body owns the request's count until it is sent or dropped.
+                    let _open = &open;
+                    frame
+                }))
+            }))
+        }
+    })
+}
+
+/// One request of a connection, from the call until its response body is done.
+struct OpenRequest(Arc<Activity>);
+
+impl OpenRequest {
+    fn new(activity: Arc<Activity>) -> Self {
+        activity.requests.fetch_add(1, Ordering::Relaxed);
+        Self(activity)
+    }
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// When a connection last moved a byte, and how many of its requests are open.
 struct Activity {
     epoch: Instant,
-    /// Milliseconds from `epoch` to the last byte read or written.
+    /// Milliseconds from `epoch` to the last byte read or written, or the last response done.
     last_ms: AtomicU64,
+    /// Requests called and whose response body is not done yet.
+    requests: AtomicUsize,
 }
 
 impl Activity {
@@ -210,6 +268,7 @@ impl Activity {
         Self {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            requests: AtomicUsize::new(0),
         }
     }
 

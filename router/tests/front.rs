@@ -12,6 +12,7 @@ use llmapi_router::codec::ByteCodec;
 use llmapi_router::front::ConnectionLimits;
 use llmapi_router::pool::Pool;
 use llmapi_router::server;
+use llmapi_router::testing::{Script, ScriptedWorker};
 use llmapi_router::{AppState, RouterConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,15 +23,20 @@ const REQUEST: &[u8] = b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
 /// A router (no workers: /version needs none) serving on loopback within `limits`; stops
 /// when the returned sender drops.
 async fn start(limits: ConnectionLimits) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    start_over(limits, Arc::new(Pool::default())).await
+}
+
+/// A router over `pool` serving on loopback within `limits`.
+async fn start_over(
+    limits: ConnectionLimits,
+    pool: Arc<Pool>,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let config = RouterConfig {
         front: limits,
         ..RouterConfig::default()
     };
-    let state = Arc::new(AppState::new(
-        config,
-        Arc::new(ByteCodec),
-        Arc::new(Pool::default()),
-    ));
+    pool.check_all(&config.health).await;
+    let state = Arc::new(AppState::new(config, Arc::new(ByteCodec), pool));
     let port = llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into()).unwrap();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
@@ -136,6 +142,42 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout() 
         closed_within(&mut s, Duration::from_secs(10)).await,
         "an idle connection stays open past the 1 s keep-alive timeout"
     );
+}
+
+#[tokio::test]
+async fn a_request_silent_past_the_keep_alive_timeout_keeps_its_connection() {
+    // Three tokens 700 ms apart, answered in one body: the connection is silent for ~2 s.
+    let worker = ScriptedWorker::new(Script {
+        token_delay: Duration::from_millis(700),
+        ..Script::default()
+    })
+    .spawn()
+    .await
+    .unwrap();
+    let pool = Arc::new(Pool::default());
+    pool.add(&worker.url()).unwrap();
+    let (addr, _stop) = start_over(
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(60),
+            keep_alive_timeout: Duration::from_secs(1),
+            ..ConnectionLimits::default()
+        },
+        pool,
+    )
+    .await;
+    let body = r#"{"model":"model","prompt":"abc","max_tokens":3}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(request.as_bytes()).await.unwrap();
+        let status = timeout(Duration::from_secs(30), read_response(&mut s))
+            .await
+            .expect("answered");
+        assert_eq!(status, 200, "the same connection serves a second request");
+    }
 }
 
 #[tokio::test]
