@@ -28,6 +28,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 
+/// How often a front whose connection slots are all taken says so.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
 /// Limits on the front's connections (`--max_connections`, `--header_read_timeout_s`,
 /// `--timeout_keep_alive`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +101,17 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (closed_tx, closed_rx) = watch::channel(());
     tokio::pin!(shutdown);
+    let mut warned_full: Option<Instant> = None;
     loop {
+        if slots.available_permits() == 0
+            && warned_full.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY)
+        {
+            warned_full = Some(Instant::now());
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                "every connection slot is in use; new connections wait to be accepted (raise --max_connections if clients are legitimate)"
+            );
+        }
         let slot = tokio::select! {
             () = &mut shutdown => break,
             slot = Arc::clone(&slots).acquire_owned() => match slot {
