@@ -14,6 +14,7 @@ use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 use llmapi_launch::restart::RestartPolicy;
 use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
+use llmapi_router::deadline::DeadlineArgs;
 use llmapi_router::front::ConnectionArgs;
 
 fn cli() -> Command {
@@ -23,7 +24,9 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            ConnectionArgs::augment_args(AccessArgs::augment_args(serve_command()))
+            DeadlineArgs::augment_args(ConnectionArgs::augment_args(AccessArgs::augment_args(
+                serve_command(),
+            )))
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
@@ -170,6 +173,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         tracing::warn!("{warning}");
     }
     router.front = ConnectionArgs::from_arg_matches(m)?.limits();
+    DeadlineArgs::from_arg_matches(m)?.apply(&mut router);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::access::AccessArgs;
+use crate::deadline::DeadlineArgs;
 use crate::policy::{ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
@@ -91,6 +92,9 @@ pub struct RouterArgs {
     /// Connection count and timeouts of the HTTP front.
     #[command(flatten)]
     pub connections: crate::front::ConnectionArgs,
+    /// `--request_timeout` and `--first_token_timeout`.
+    #[command(flatten)]
+    pub deadline: DeadlineArgs,
 }
 
 impl RouterArgs {
@@ -138,6 +142,7 @@ impl RouterArgs {
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
             front: self.connections.limits(),
+            deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()
         }
     }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod args;
 pub mod auth;
 pub mod codec;
+pub mod deadline;
 pub mod detok;
 pub mod error;
 pub mod front;
