@@ -1,0 +1,101 @@
+//! A worker process stopped with SIGSTOP behind a real `llmapi-router`: its requests end with
+//! 504 by `--first_token_timeout` instead of hanging, it is ejected, and after SIGCONT it
+//! serves again. The worker is a real `llmapi-launch serve` (which takes the deadline flags
+//! too) on the demo model.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use llmapi_tests::{Proc, bin, demo_model, free_port, get, post, serve, wait_healthy, wait_until};
+use serde_json::{Value, json};
+
+/// The secret the worker requires (LLMAPI_JOB_TOKEN) and the router sends.
+const SECRET: &str = "deadline-test-secret-3b7e91c4d2a8";
+
+fn signal(proc: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &proc.pid().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {sig} {}", proc.pid());
+}
+
+/// Whether the router's /workers reports its only worker healthy.
+fn worker_healthy(router: u16) -> bool {
+    get(router, "/workers").json()["workers"]
+        .as_array()
+        .and_then(|ws| ws.first().map(|w| w["healthy"] == true))
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_stopped_worker_gets_504_by_the_first_token_timeout_then_is_ejected_and_returns() {
+    let grpc = free_port();
+    let worker = serve(
+        demo_model(),
+        free_port(),
+        &["--request_timeout", "60", "--first_token_timeout", "30"],
+        &[
+            ("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}")),
+            ("LLMAPI_JOB_TOKEN", SECRET.to_owned()),
+        ],
+    );
+    let port = free_port();
+    let mut cmd = Command::new(bin("llmapi-router"));
+    cmd.arg(demo_model())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--worker_urls", &format!("http://127.0.0.1:{grpc}")])
+        .args(["--health_check_interval_ms", "200"])
+        .args(["--first_token_timeout", "2", "--request_timeout", "30"])
+        .env("LLMAPI_WORKER_TOKEN", SECRET);
+    let _router = Proc::spawn(&format!("router-{port}"), cmd);
+    wait_healthy(port, Duration::from_secs(30));
+    let normal = json!({"model": "demo", "prompt": "Hello", "max_tokens": 4});
+    assert_eq!(post(port, "/v1/completions", &normal).status, 200);
+
+    signal(&worker, "-STOP");
+    for stream in [false, true] {
+        let mut body = normal.clone();
+        body["stream"] = json!(stream);
+        let t0 = Instant::now();
+        let r = post(port, "/v1/completions", &body);
+        let took = t0.elapsed();
+        if stream && r.status == 503 {
+            // Health checks (three missed, 2 s each) ejected the worker before this second
+            // request: refused at once, which is also no hang.
+            continue;
+        }
+        assert_eq!(r.status, 504, "stream {stream}: {}", r.body);
+        let v: Value = r.json();
+        assert_eq!(v["error"]["type"], "timeout_error", "{v}");
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(20),
+            "answered by the 2 s first-token timeout, not hung: {took:?}"
+        );
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || !worker_healthy(port)),
+        "the stopped worker is ejected"
+    );
+    assert_eq!(
+        post(port, "/v1/completions", &normal).status,
+        503,
+        "no worker left: refused at once"
+    );
+
+    signal(&worker, "-CONT");
+    assert!(
+        wait_until(Duration::from_secs(30), || worker_healthy(port)),
+        "the worker returns after SIGCONT"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || post(
+            port,
+            "/v1/completions",
+            &normal
+        )
+        .status
+            == 200),
+        "and serves again"
+    );
+}
