@@ -314,6 +314,9 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
         prompt_tokens: u32::try_from(job.request.prompt_token_ids.len()).unwrap_or(u32::MAX),
         ..Usage::default()
     };
+    // One timer for the whole stream, not one per token.
+    let expired = expiry(job.deadline.whole());
+    tokio::pin!(expired);
     loop {
         let mut resp = match next.take() {
             Some(r) => r,
@@ -321,7 +324,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                 let msg = tokio::select! {
                     m = stream.message() => m,
                     _ = tx.closed() => return,
-                    which = expiry(job.deadline.whole()) => {
+                    which = &mut expired => {
                         // The guard aborts the worker request; the client hears why.
                         state.metrics.inc_timeouts();
                         tracing::info!(worker = %worker.url, "request ran past its deadline; worker request aborted");

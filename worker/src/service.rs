@@ -169,7 +169,8 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 /// What ends a request whose gRPC deadline passes: its id and the engine that runs it.
 struct Deadline {
-    at: tokio::time::Instant,
+    /// Fires at the deadline; one timer for the whole stream, not one per token.
+    timer: Pin<Box<tokio::time::Sleep>>,
     limit: Duration,
     request_id: String,
     engine: EngineHandle,
@@ -205,15 +206,15 @@ fn responses(
             if st.done {
                 return None;
             }
-            let at = st.deadline.as_ref().map(|d| d.at);
-            let expired = async move {
-                match at {
-                    Some(at) => tokio::time::sleep_until(at).await,
+            let St { rx, deadline, .. } = &mut st;
+            let expired = async {
+                match deadline {
+                    Some(d) => d.timer.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
             let ev = tokio::select! {
-                ev = st.rx.recv() => ev,
+                ev = rx.recv() => ev,
                 () = expired => {
                     st.done = true;
                     let message = match st.deadline.take() {
@@ -350,7 +351,7 @@ impl Worker for WorkerService {
         );
         let prompt_tokens = req.prompt_token_ids.len();
         let deadline = timeout.map(|limit| Deadline {
-            at: tokio::time::Instant::now() + limit,
+            timer: Box::pin(tokio::time::sleep(limit)),
             limit,
             request_id: req.request_id.clone(),
             engine: self.engine.clone(),
