@@ -1,7 +1,7 @@
-//! A worker process stopped with SIGSTOP behind a real `llmapi-router`: its requests end with
-//! 504 by `--first_token_timeout` instead of hanging, it is ejected, and after SIGCONT it
-//! serves again. The worker is a real `llmapi-launch serve` (which takes the deadline flags
-//! too) on the demo model.
+//! Deadlines on the real binaries. A worker process stopped with SIGSTOP behind
+//! `llmapi-router`: its requests end with 504 by `--first_token_timeout` instead of hanging,
+//! it is ejected, and after SIGCONT it serves again. And `llmapi-launch serve`'s embedded
+//! router applies its own `--request_timeout`. On the demo model.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -97,5 +97,23 @@ fn a_stopped_worker_gets_504_by_the_first_token_timeout_then_is_ejected_and_retu
         .status
             == 200),
         "and serves again"
+    );
+}
+
+#[test]
+fn serves_embedded_router_answers_504_past_its_request_timeout() {
+    let port = free_port();
+    let _server = serve(demo_model(), port, &["--request_timeout", "0.001"], &[]);
+    // 200 tokens cannot cross the gRPC stream within 1 ms, whether or not the first came.
+    let long = json!({"model": "demo", "prompt": "Hello", "max_tokens": 200, "ignore_eos": true});
+    let r = post(port, "/v1/completions", &long);
+    assert_eq!(r.status, 504, "{}", r.body);
+    let v: Value = r.json();
+    assert_eq!(v["error"]["type"], "timeout_error", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--request_timeout")),
+        "{v}"
     );
 }
