@@ -6,11 +6,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use llmapi_tests::{Proc, bin, demo_model, free_port, get, post, serve, wait_healthy, wait_until};
+use llmapi_tests::cluster::{SECRET, healthy_count, router, worker};
+use llmapi_tests::{Proc, demo_model, free_port, post, serve, wait_healthy, wait_until};
 use serde_json::{Value, json};
-
-/// The secret the worker requires (LLMAPI_JOB_TOKEN) and the router sends.
-const SECRET: &str = "deadline-test-secret-3b7e91c4d2a8";
 
 fn signal(proc: &Proc, sig: &str) {
     let ok = Command::new("kill")
@@ -20,40 +18,26 @@ fn signal(proc: &Proc, sig: &str) {
     assert!(ok, "kill {sig} {}", proc.pid());
 }
 
-/// Whether the router's /workers reports its only worker healthy.
-fn worker_healthy(router: u16) -> bool {
-    get(router, "/workers").json()["workers"]
-        .as_array()
-        .and_then(|ws| ws.first().map(|w| w["healthy"] == true))
-        .unwrap_or(false)
-}
-
 #[test]
 fn a_stopped_worker_gets_504_by_the_first_token_timeout_then_is_ejected_and_returns() {
-    let grpc = free_port();
-    let worker = serve(
+    // The worker's own embedded router takes the deadline flags too.
+    let w = worker(
         demo_model(),
         free_port(),
         &["--request_timeout", "60", "--first_token_timeout", "30"],
-        &[
-            ("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}")),
-            ("LLMAPI_JOB_TOKEN", SECRET.to_owned()),
-        ],
     );
-    let port = free_port();
-    let mut cmd = Command::new(bin("llmapi-router"));
-    cmd.arg(demo_model())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--worker_urls", &format!("http://127.0.0.1:{grpc}")])
-        .args(["--health_check_interval_ms", "200"])
-        .args(["--first_token_timeout", "2", "--request_timeout", "30"])
-        .env("LLMAPI_WORKER_TOKEN", SECRET);
-    let _router = Proc::spawn(&format!("router-{port}"), cmd);
+    let (_router, port) = router(
+        demo_model(),
+        &[w.grpc],
+        "round_robin",
+        &["--first_token_timeout", "2", "--request_timeout", "30"],
+        Some(SECRET),
+    );
     wait_healthy(port, Duration::from_secs(30));
     let normal = json!({"model": "demo", "prompt": "Hello", "max_tokens": 4});
     assert_eq!(post(port, "/v1/completions", &normal).status, 200);
 
-    signal(&worker, "-STOP");
+    signal(&w.proc, "-STOP");
     for stream in [false, true] {
         let mut body = normal.clone();
         body["stream"] = json!(stream);
@@ -74,7 +58,7 @@ fn a_stopped_worker_gets_504_by_the_first_token_timeout_then_is_ejected_and_retu
         );
     }
     assert!(
-        wait_until(Duration::from_secs(30), || !worker_healthy(port)),
+        wait_until(Duration::from_secs(30), || healthy_count(port) == 0),
         "the stopped worker is ejected"
     );
     assert_eq!(
@@ -83,9 +67,9 @@ fn a_stopped_worker_gets_504_by_the_first_token_timeout_then_is_ejected_and_retu
         "no worker left: refused at once"
     );
 
-    signal(&worker, "-CONT");
+    signal(&w.proc, "-CONT");
     assert!(
-        wait_until(Duration::from_secs(30), || worker_healthy(port)),
+        wait_until(Duration::from_secs(30), || healthy_count(port) == 1),
         "the worker returns after SIGCONT"
     );
     assert!(
