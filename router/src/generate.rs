@@ -10,7 +10,7 @@
 //! (`--engine_stall_timeout`) ejects it if it is stuck.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llmapi_proto::v1::{
     AbortRequest, FinishReason, GenerateRequest, GenerateResponse, TokenLogprob, Usage,
@@ -24,7 +24,7 @@ use tonic::metadata::MetadataValue;
 use crate::deadline::{Expired, RequestDeadline, expiry};
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
 use crate::error::ApiError;
-use crate::pool::{InflightGuard, Worker, WorkerRpc};
+use crate::pool::{InflightGuard, LINK_KEEPALIVE_INTERVAL, Worker, WorkerRpc};
 use crate::state::AppState;
 
 /// One choice to generate.
@@ -284,6 +284,33 @@ async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
     )))
 }
 
+/// The error of a worker that failed mid-stream. 504 when the call died after the worker had
+/// been silent for a whole keep-alive interval: it stopped answering (a stopped process, a
+/// cut link) and the connection's keep-alive check ended the call, a timeout in all but name
+/// (gRPC reports it as UNAVAILABLE). 503 otherwise: the worker failed or died.
+fn mid_stream_failure(
+    state: &AppState,
+    worker: &Worker,
+    status: &Status,
+    silent: Duration,
+) -> ApiError {
+    if silent >= LINK_KEEPALIVE_INTERVAL {
+        state.metrics.inc_timeouts();
+        return ApiError::timeout(format!(
+            "worker {} stopped answering during the request: nothing for {:.0} s, then its \
+             connection's keep-alive check failed ({}); retry the request",
+            worker.url,
+            silent.as_secs_f64(),
+            status.message()
+        ));
+    }
+    ApiError::unavailable(format!(
+        "worker {} failed during the request: {}",
+        worker.url,
+        status.message()
+    ))
+}
+
 /// Runs one choice to the end, sending its events to `tx`. Returns early (aborting the worker
 /// request) when the receiver is dropped.
 pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<ChoiceEvent>) {
@@ -310,6 +337,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
     let mut detok = Detokenizer::new(&job.request.prompt_token_ids);
     let mut stops = StopMatcher::new(job.stop.clone());
     let mut next = Some(first);
+    let mut last_heard = Instant::now();
     let mut usage = Usage {
         prompt_tokens: u32::try_from(job.request.prompt_token_ids.len()).unwrap_or(u32::MAX),
         ..Usage::default()
@@ -334,7 +362,10 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                     }
                 };
                 match msg {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => {
+                        last_heard = Instant::now();
+                        r
+                    }
                     Ok(None) => {
                         let error = ApiError::unavailable(format!(
                             "worker {} ended the stream before finishing the request",
@@ -354,11 +385,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                         abort.armed = false;
                         let error = request_fault(&status).unwrap_or_else(|| {
                             state.metrics.inc_worker_failures();
-                            ApiError::unavailable(format!(
-                                "worker {} failed during the request: {}",
-                                worker.url,
-                                status.message()
-                            ))
+                            mid_stream_failure(&state, &worker, &status, last_heard.elapsed())
                         });
                         let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
                         return;

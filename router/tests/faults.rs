@@ -499,3 +499,36 @@ async fn a_worker_that_accepts_and_never_answers_gets_504s_then_its_breaker_open
     assert_eq!(h.breaker(1), BreakerState::Closed);
     h.workers[0].worker.set_frozen(false);
 }
+
+#[tokio::test]
+async fn a_stream_cut_after_its_worker_went_silent_ends_with_an_in_band_504_not_503() {
+    use llmapi_router::pool::LINK_KEEPALIVE_INTERVAL;
+    // The worker sends two tokens, goes silent past a keep-alive interval (as a stopped
+    // process does), then its link dies (as the keep-alive check ends it): a timeout.
+    let stalls = Script {
+        stall_after_tokens: Some(2),
+        ..Script::default()
+    };
+    let h = start(vec![stalls], |c| c.deadlines = deadlines(0.0, 0.0)).await;
+    let body = json!({"model": "demo", "prompt": "hello world", "max_tokens": 10, "stream": true});
+    let resp = h.send(body).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    tokio::time::sleep(LINK_KEEPALIVE_INTERVAL + Duration::from_millis(300)).await;
+    h.workers[0].kill();
+    let bytes = tokio::time::timeout(
+        ANSWER_WITHIN,
+        axum::body::to_bytes(resp.into_body(), 1 << 20),
+    )
+    .await
+    .expect("the stream ends, not hangs")
+    .expect("body");
+    let events = sse_payloads(&String::from_utf8_lossy(&bytes));
+    let n = events.len();
+    assert!(n >= 2, "{events:?}");
+    assert_eq!(events[n - 2]["error"]["code"], 504, "{events:?}");
+    assert!(
+        message(&events[n - 2]).contains("stopped answering"),
+        "{events:?}"
+    );
+    assert_eq!(events[n - 1], "[DONE]");
+}
