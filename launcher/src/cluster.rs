@@ -9,8 +9,11 @@
 //! worker's gRPC service requires the job secret too; when all the job's tasks share one node
 //! it listens on 127.0.0.1 only. With
 //! `--router_url` every leader registers with that external router instead and no task runs
-//! one. When a rank of a group dies, its leader fails the group's requests and exits with an
-//! error naming the rank (the router's own health checks drop the worker).
+//! one. A single-rank worker whose engine fails is restarted in place on the same address
+//! (`restart`, `--max_restarts`): the router's health checks re-admit it and its heartbeat
+//! keeps it registered. When a rank of a group dies, its leader fails the group's requests and
+//! exits with an error naming the rank (the router's own health checks drop the worker); such
+//! a group is not restarted by the launcher.
 //!
 //! Traffic between tasks is TLS: every worker serves gRPC over mutual TLS and the other
 //! leaders register with rank 0's router over an internal mutual-TLS listener
@@ -20,6 +23,7 @@
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -36,6 +40,7 @@ use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::group::{self, GroupSpec};
 use crate::placement::{DEFAULT_RENDEZVOUS_PORT, GroupRole, Placement};
+use crate::restart::{self, RestartPolicy, WorkerSlot};
 use crate::serve::{InternalRegistration, LocalWorker};
 
 /// How often a registered worker renews its registration.
@@ -56,6 +61,8 @@ pub struct ClusterOptions {
     pub registration_port: u16,
     /// The embedded router's access settings (keys, registration limits; `serve::router_config`).
     pub router: RouterConfig,
+    /// How a leader restarts its failed engine (groups of several ranks are not restarted).
+    pub restarts: RestartPolicy,
     /// `--tls_cert_file/--tls_key_file/--tls_ca_file`; none given: the job CA's certificates.
     pub tls: TlsFiles,
 }
@@ -69,6 +76,7 @@ impl Default for ClusterOptions {
             // The default --port (8000) + 1.
             registration_port: 8001,
             router: RouterConfig::default(),
+            restarts: RestartPolicy::default(),
             tls: TlsFiles::default(),
         }
     }
@@ -225,6 +233,16 @@ pub async fn run(
     };
     let mut config = crate::serve::router_config(&args, &model, &opts.router);
     let bind = if loopback { "127.0.0.1:0" } else { "0.0.0.0:0" };
+    let restarts = if group.is_some() && opts.restarts.max_restarts > 0 {
+        // Its followers are other tasks of the job, which this process cannot start again.
+        tracing::warn!(
+            group = role.group,
+            "a failed tensor-parallel group of a Slurm/MPI job is not restarted (--max_restarts applies to single-rank workers): the group's tasks exit non-zero, for the job's scheduler to restart (e.g. sbatch --requeue)"
+        );
+        RestartPolicy { max_restarts: 0 }
+    } else {
+        opts.restarts
+    };
     let worker = LocalWorker::start(
         &args,
         &model,
@@ -236,13 +254,40 @@ pub async fn run(
         Some(&tls),
     )
     .await?;
-    let failed = group::group_failure(worker.engine.clone(), None);
     let host = if loopback {
         "127.0.0.1".to_owned()
     } else {
         advertise_host(&placement)
     };
     let url = worker.url(&host);
+    let slot: WorkerSlot = Arc::new(tokio::sync::Mutex::new(Some(worker)));
+    let starter: restart::Starter = {
+        let (args, model, token, tls) = (args.clone(), model.clone(), token.clone(), tls.clone());
+        let (name, gpu_slot) = (config.served_model_name.clone(), placement.local_rank);
+        Box::new(move |addr| -> restart::Starting {
+            let (args, model, name, token, tls) = (
+                args.clone(),
+                model.clone(),
+                name.clone(),
+                token.clone(),
+                tls.clone(),
+            );
+            Box::pin(async move {
+                LocalWorker::start(
+                    &args,
+                    &model,
+                    name,
+                    &addr.to_string(),
+                    None,
+                    gpu_slot,
+                    &token,
+                    Some(&tls),
+                )
+                .await
+            })
+        })
+    };
+    let failed = restart::supervise(Arc::clone(&slot), None, restarts, starter);
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
     let result =
@@ -294,7 +339,7 @@ pub async fn run(
             };
             registered(&target, &url, &token, failed).await
         };
-    worker.stop().await;
+    restart::stop(&slot).await;
     // Rank 0 stops publishing the secret (and removes its file) only now.
     drop(secret);
     result

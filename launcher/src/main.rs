@@ -11,8 +11,11 @@ use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
+use llmapi_launch::restart::RestartPolicy;
 use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
+use llmapi_router::deadline::DeadlineArgs;
+use llmapi_router::front::ConnectionArgs;
 use llmapi_router::tls::TlsArgs;
 
 fn cli() -> Command {
@@ -22,7 +25,9 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            TlsArgs::augment_args(AccessArgs::augment_args(serve_command()))
+            TlsArgs::augment_args(DeadlineArgs::augment_args(ConnectionArgs::augment_args(
+                AccessArgs::augment_args(serve_command()),
+            )))
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
@@ -35,6 +40,15 @@ fn cli() -> Command {
                         .value_parser(clap::value_parser!(u16))
                         .help(format!(
                             "With --tp_size > 1: base port where each group meets its leader (group g uses base + g) [default: {DEFAULT_RENDEZVOUS_PORT} under Slurm/MPI, a free port locally]"
+                        )),
+                )
+                .arg(
+                    Arg::new("max_restarts")
+                        .long("max_restarts")
+                        .value_parser(clap::value_parser!(u32))
+                        .help(format!(
+                            "Restarts in a row of a failed engine (a panic in its thread; locally also a dead rank, restarting the whole group) before the launcher exits non-zero; waits 1 s doubling to 30 s before each, and 10 minutes of service clears the count (0: never restart) [default: {}]",
+                            RestartPolicy::default().max_restarts
                         )),
                 )
                 .arg(
@@ -165,6 +179,8 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     for warning in access.apply(m, args.port, &mut router)? {
         tracing::warn!("{warning}");
     }
+    router.front = ConnectionArgs::from_arg_matches(m)?.limits();
+    DeadlineArgs::from_arg_matches(m)?.apply(&mut router);
     let tls = TlsArgs::from_arg_matches(m)?;
     // Certificate files are read and checked before anything starts.
     router.https = tls.https_front()?;
@@ -182,6 +198,12 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let rendezvous_port = m.get_one::<u16>("rendezvous_port").copied();
     let placement = Placement::from_env(std::env::vars())?;
     let base = rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT);
+    let restarts = RestartPolicy {
+        max_restarts: m
+            .get_one::<u32>("max_restarts")
+            .copied()
+            .unwrap_or(RestartPolicy::default().max_restarts),
+    };
     let opts = ClusterOptions {
         router_url: router_url.clone(),
         rendezvous_port: base,
@@ -194,6 +216,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             .copied()
             .unwrap_or(args.port.saturating_add(1)),
         router: router.clone(),
+        restarts,
         tls: tls_files,
     };
     let result = match placement {
@@ -209,6 +232,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             model,
             rendezvous_port,
             router,
+            restarts,
             local_tls,
         )),
     };

@@ -2,8 +2,10 @@
 //! port, and the embedded OpenAI router on --host/--port, in one process. Ctrl-C or SIGTERM
 //! drains the router (in-flight requests finish), then stops the worker and the engine.
 //! With `--tp_size N` this process is the group's leader and starts ranks 1..N as child
-//! processes of the same binary (`group::LocalRanks`); if one of them dies, the server stops
-//! and exits with an error naming it.
+//! processes of the same binary (`group::LocalRanks`). When the engine fails (its thread
+//! panicked, or a rank died), the engine, and for a group every rank, is started again on the
+//! same worker address (`restart`, `--max_restarts`); once restarts are used up the server
+//! stops and exits with an error naming the failure.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::group::{self, GroupSpec, LocalRanks};
+use crate::restart::{self, RestartPolicy, WorkerSlot};
 
 /// The router settings `serve` derives from `LlmArgs`, over `access`: a configuration holding
 /// the access settings of the command line (`AccessArgs::apply`: keys, tokens, metrics port,
@@ -292,12 +295,14 @@ pub async fn run_router(
 /// Runs the engine, the worker service and the router until Ctrl-C / SIGTERM; with
 /// `--tp_size N` also ranks 1..N of the group as child processes (group meeting on
 /// 127.0.0.1:`rendezvous_port`, or a free port when None). `access` holds the router's access
-/// settings (`router_config`).
+/// settings (`router_config`). A failed engine (or, in a group, a failed rank: the whole
+/// group) is restarted as `restarts` allows (`restart`); Err once a failure is not restarted.
 pub async fn run(
     args: LlmArgs,
     model: ModelDir,
     rendezvous_port: Option<u16>,
     access: RouterConfig,
+    restarts: RestartPolicy,
     tls: Option<TransportTls>,
 ) -> anyhow::Result<()> {
     let tp = args.tensor_parallel_size as usize;
@@ -335,55 +340,99 @@ pub async fn run(
     config.worker_token = Some(secret.clone());
     // LLMAPI_WORKER_ADDR exposes the worker at a fixed address so that other routers
     // (`llmapi-router --worker_urls` with the same secret as --worker_token_file) can use it
-    // too; by default it listens on loopback, and every call needs the secret either way.
-    let worker_addr =
-        std::env::var("LLMAPI_WORKER_ADDR").unwrap_or_else(|_| "127.0.0.1:0".to_owned());
-    let start = LocalWorker::start(
-        &args,
-        &model,
-        config.served_model_name.clone(),
-        &worker_addr,
-        group,
-        0,
-        &secret,
-        tls.as_ref(),
-    );
-    let worker = match &ranks {
-        None => start.await,
-        // A rank that dies while the group forms fails the start now, not at the join timeout.
-        Some(r) => tokio::select! {
-            w = start => w,
-            why = group::rank_exit(Arc::clone(r)) => Err(anyhow::anyhow!("{why} while the group was forming")),
-        },
-    }?;
-    let url = worker.local_url();
-    let engine = worker.engine.clone();
-    let served = match ranks {
-        None => {
-            run_router(
-                &args,
-                &model,
-                config,
-                &[url],
-                tls,
-                None,
-                std::future::pending(),
-            )
-            .await
-        }
-        Some(ranks) => {
-            let watch = group::group_failure(engine, Some(Arc::clone(&ranks)));
-            let served = run_router(&args, &model, config, &[url], tls, None, watch).await;
-            tracing::info!("router stopped; stopping the worker, the engine and the ranks");
-            // Stopping the engine sends the followers Stop; then they exit on their own.
-            worker.stop().await;
-            if let Ok(mut ranks) = ranks.lock() {
-                ranks.stop(Duration::from_secs(10));
-            }
-            return served;
+    // too; by default it listens on a loopback port outside the ephemeral range, which a
+    // restarted engine binds again (`restart`). Every call needs the secret either way.
+    let worker_addr = match std::env::var("LLMAPI_WORKER_ADDR") {
+        Ok(addr) => addr,
+        Err(_) => {
+            let port = llmapi_common::net::free_port(std::net::Ipv4Addr::LOCALHOST.into())
+                .context("finding a free port for the worker's gRPC service")?;
+            format!("127.0.0.1:{port}")
         }
     };
+    let leader = Leader {
+        args: args.clone(),
+        model: model.clone(),
+        name: config.served_model_name.clone(),
+        group,
+        ranks: ranks.clone(),
+        secret,
+        tls: tls.clone(),
+    };
+    let worker = leader.start(&worker_addr).await?;
+    let url = worker.local_url();
+    let slot: WorkerSlot = Arc::new(tokio::sync::Mutex::new(Some(worker)));
+    let leader = Arc::new(leader);
+    let starter: restart::Starter = Box::new(move |addr| -> restart::Starting {
+        let leader = Arc::clone(&leader);
+        Box::pin(async move { leader.restart(addr).await })
+    });
+    let failed = restart::supervise(Arc::clone(&slot), ranks.clone(), restarts, starter);
+    let served = run_router(&args, &model, config, &[url], tls, None, failed).await;
     tracing::info!("router stopped; stopping the worker and the engine");
-    worker.stop().await;
+    // Stopping the engine sends a group's followers Stop; then they exit on their own.
+    restart::stop(&slot).await;
+    if let Some(ranks) = ranks
+        && let Ok(mut ranks) = ranks.lock()
+    {
+        ranks.stop(Duration::from_secs(10));
+    }
     served
+}
+
+/// What starts (and restarts) the local worker: its engine, and for a group the ranks too.
+struct Leader {
+    args: LlmArgs,
+    model: ModelDir,
+    name: String,
+    group: Option<GroupSpec>,
+    ranks: Option<Arc<std::sync::Mutex<LocalRanks>>>,
+    secret: String,
+    /// TLS of the worker's gRPC service (`--tls_*` files), if given.
+    tls: Option<TransportTls>,
+}
+
+impl Leader {
+    /// Starts the engine and its gRPC service on `bind`; a group's ranks must be running.
+    async fn start(&self, bind: &str) -> anyhow::Result<LocalWorker> {
+        let start = LocalWorker::start(
+            &self.args,
+            &self.model,
+            self.name.clone(),
+            bind,
+            self.group.clone(),
+            0,
+            &self.secret,
+            self.tls.as_ref(),
+        );
+        match &self.ranks {
+            None => start.await,
+            // A rank that dies while the group forms fails the start now, not at the join
+            // timeout.
+            Some(r) => tokio::select! {
+                w = start => w,
+                why = group::rank_exit(Arc::clone(r)) => Err(anyhow::anyhow!("{why} while the group was forming")),
+            },
+        }
+    }
+
+    /// Starts the worker again on `addr` after a failure; a group restarts as a whole: the
+    /// old ranks are stopped (killed after a grace) and new ones join the new leader.
+    async fn restart(&self, addr: std::net::SocketAddr) -> anyhow::Result<LocalWorker> {
+        if let (Some(spec), Some(ranks)) = (&self.group, &self.ranks) {
+            let spec = spec.clone();
+            let ranks = Arc::clone(ranks);
+            tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let mut ranks = ranks
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("the ranks' lock is poisoned"))?;
+                ranks.stop(Duration::from_secs(10));
+                *ranks = LocalRanks::spawn(&spec)?;
+                Ok(())
+            })
+            .await
+            .context("the task restarting the ranks failed")??;
+        }
+        self.start(&addr.to_string()).await
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::access::AccessArgs;
+use crate::deadline::DeadlineArgs;
 use crate::policy::{ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
@@ -93,6 +94,12 @@ pub struct RouterArgs {
     /// idle connections (0: none, as trtllm-serve; benchmark_serving.py fails on comments).
     #[arg(long, default_value_t = 0)]
     pub sse_keepalive_s: u64,
+    /// Connection count and timeouts of the HTTP front.
+    #[command(flatten)]
+    pub connections: crate::front::ConnectionArgs,
+    /// `--request_timeout` and `--first_token_timeout`.
+    #[command(flatten)]
+    pub deadline: DeadlineArgs,
 }
 
 impl RouterArgs {
@@ -158,6 +165,8 @@ impl RouterArgs {
             span_exporter: None,
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
+            front: self.connections.limits(),
+            deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()
         }
     }

@@ -17,6 +17,7 @@ pub struct Metrics {
     retries: AtomicU64,
     worker_failures: AtomicU64,
     rejected: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -52,6 +53,12 @@ impl Metrics {
         self.rejected.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a choice that ran past its deadline (`--request_timeout`,
+    /// `--first_token_timeout`).
+    pub fn inc_timeouts(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, pool: &Pool, inflight: usize) -> String {
         let mut s = String::new();
@@ -76,6 +83,7 @@ impl Metrics {
             ("llmapi_router_retries_total", &self.retries),
             ("llmapi_router_worker_failures_total", &self.worker_failures),
             ("llmapi_router_rejected_requests_total", &self.rejected),
+            ("llmapi_router_timeouts_total", &self.timeouts),
         ];
         for (name, v) in counters {
             let _ = writeln!(

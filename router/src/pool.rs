@@ -16,6 +16,12 @@ use llmapi_proto::v1::{HealthRequest, InfoRequest, InfoResponse, LoadRequest, Lo
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+/// How long a worker connection may go without a frame before the router pings it.
+pub const LINK_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long the router waits for the ping's answer before closing the connection, ending
+/// every call on it (a stopped process or a cut link answers none).
+pub const LINK_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A gRPC client of one worker that sends the worker token on every call.
 pub type WorkerRpc = WorkerClient<InterceptedService<Channel, AttachToken>>;
 
@@ -236,8 +242,8 @@ impl Worker {
         let endpoint = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
+            .http2_keep_alive_interval(LINK_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(LINK_KEEPALIVE_TIMEOUT);
         Ok(Self {
             url,
             client: WorkerClient::with_interceptor(endpoint.connect_lazy(), token.clone())

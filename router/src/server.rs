@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::spans::RequestSpan;
 use crate::state::AppState;
 use crate::tls::TlsListener;
-use crate::{admin, auth, handlers};
+use crate::{admin, auth, front, handlers};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -209,31 +209,6 @@ pub fn serve_internal(
     }))
 }
 
-/// Serves `app` on `listener` (over TLS with `tls`) until `shutdown` resolves.
-async fn serve_on(
-    listener: TcpListener,
-    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
-    app: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    match tls {
-        Some(tls) => {
-            axum::serve(TlsListener::new(listener, tls)?, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        None => {
-            // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    }
-}
-
 /// Serves `state` on `listeners` until `shutdown` resolves, then drains: new requests get 503,
 /// in-flight ones may finish within the configured drain timeout. The metrics listener, if
 /// any, stops with the API. With `config.https` both speak HTTPS only.
@@ -251,12 +226,14 @@ pub async fn serve(
             "a metrics port is configured but no metrics listener was bound (Listeners::bind): /metrics is served nowhere"
         );
     }
+    let limits = state.config.front.clone();
     let https = state.config.https.clone();
     let metrics = metrics.map(|l| {
         let app = metrics_app(state.clone());
+        let limits = limits.clone();
         let https = https.clone();
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = serve_on(l, https, app, std::future::pending()).await {
+            if let Err(e) = front::serve(l, app, limits, https, std::future::pending()).await {
                 tracing::error!(error = %e, "the metrics listener failed");
             }
         }))
@@ -270,7 +247,10 @@ pub async fn serve(
         let _ = drain_tx.send(());
     };
     let timeout = state.config.drain_timeout;
-    let server = serve_on(listener, https, app(state.clone()), signal);
+    // Connection limits and timeouts (`front`): slowloris clients and idle connections are
+    // cut off, and past --max_connections new ones wait to be accepted. With `https` every
+    // connection is TLS.
+    let server = front::serve(listener, app(state.clone()), limits, https, signal);
     let deadline = async move {
         if drain_rx.await.is_ok() {
             tokio::time::sleep(timeout).await;

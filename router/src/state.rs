@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::auth::Secret;
 use crate::codec::TextCodec;
+use crate::deadline::Deadlines;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::policy::{ImbalanceThresholds, Router, RoutingPolicy};
@@ -59,6 +60,10 @@ pub struct RouterConfig {
     /// connections; `None` sends none, as trtllm-serve and vLLM do (benchmark_serving.py
     /// parses every non-empty line as JSON and fails on a comment).
     pub sse_keepalive: Option<Duration>,
+    /// Limits on the HTTP front's connections (count, header-read and keep-alive timeouts).
+    pub front: crate::front::ConnectionLimits,
+    /// `--request_timeout` and `--first_token_timeout`.
+    pub deadlines: Deadlines,
 }
 
 impl Default for RouterConfig {
@@ -83,6 +88,8 @@ impl Default for RouterConfig {
             drain_timeout: Duration::from_secs(30),
             span_exporter: None,
             sse_keepalive: None,
+            front: crate::front::ConnectionLimits::default(),
+            deadlines: Deadlines::default(),
         }
     }
 }
