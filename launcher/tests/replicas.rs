@@ -155,16 +155,16 @@ fn a_task_whose_engine_panics_restarts_it_in_place_and_rank_0s_router_readmits_i
     let served = |spread: &[(String, u64)], url: &str| {
         spread.iter().find(|(u, _)| u == url).map_or(0, |(_, n)| *n)
     };
-    // Rank 1's worker URL, from its "worker ready" log line.
+    // Rank 1's worker URL, from its "worker ready" log line (a job's workers speak TLS).
     let rank1_url = restarted
         .lines()
         .find(|l| l.contains("worker ready"))
-        .and_then(|l| l.split("http://").nth(1))
+        .and_then(|l| l.split("https://").nth(1))
         .map(|rest| {
             let end = rest
                 .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
                 .unwrap_or(rest.len());
-            format!("http://{}", &rest[..end])
+            format!("https://{}", &rest[..end])
         })
         .expect("rank 1 logs its worker's URL");
     let after = support::wait_for(Duration::from_secs(60), || {
