@@ -9,11 +9,21 @@
 //! worker's gRPC service requires the job secret too; when all the job's tasks share one node
 //! it listens on 127.0.0.1 only. With
 //! `--router_url` every leader registers with that external router instead and no task runs
-//! one. When a rank of a group dies, its leader fails the group's requests and exits with an
-//! error naming the rank (the router's own health checks drop the worker).
+//! one. A single-rank worker whose engine fails is restarted in place on the same address
+//! (`restart`, `--max_restarts`): the router's health checks re-admit it and its heartbeat
+//! keeps it registered. When a rank of a group dies, its leader fails the group's requests and
+//! exits with an error naming the rank (the router's own health checks drop the worker); such
+//! a group is not restarted by the launcher.
+//!
+//! Traffic between tasks is TLS: every worker serves gRPC over mutual TLS and the other
+//! leaders register with rank 0's router over an internal mutual-TLS listener
+//! (`--registration_port`), never over the HTTP front. The certificates are the
+//! `--tls_cert_file/--tls_key_file/--tls_ca_file` given, or else each task's own leaf of the
+//! job CA every task derives from the job secret (`llmapi_proto::tls::JobCa`).
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -23,12 +33,15 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
+use llmapi_proto::tls::{JobCa, TlsFiles, TransportTls};
 use llmapi_router::RouterConfig;
 use llmapi_router::auth::Secret;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::group::{self, GroupSpec};
 use crate::placement::{DEFAULT_RENDEZVOUS_PORT, GroupRole, Placement};
-use crate::serve::LocalWorker;
+use crate::restart::{self, RestartPolicy, WorkerSlot};
+use crate::serve::{InternalRegistration, LocalWorker};
 
 /// How often a registered worker renews its registration.
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -44,8 +57,14 @@ pub struct ClusterOptions {
     pub rendezvous_port: u16,
     /// Rank 0 hands the job secret to the other ranks on this port (MUNGE exchange).
     pub bootstrap_port: u16,
+    /// Rank 0 takes the other leaders' registrations over mutual TLS on this port.
+    pub registration_port: u16,
     /// The embedded router's access settings (keys, registration limits; `serve::router_config`).
     pub router: RouterConfig,
+    /// How a leader restarts its failed engine (groups of several ranks are not restarted).
+    pub restarts: RestartPolicy,
+    /// `--tls_cert_file/--tls_key_file/--tls_ca_file`; none given: the job CA's certificates.
+    pub tls: TlsFiles,
 }
 
 impl Default for ClusterOptions {
@@ -54,7 +73,11 @@ impl Default for ClusterOptions {
             router_url: None,
             rendezvous_port: DEFAULT_RENDEZVOUS_PORT,
             bootstrap_port: DEFAULT_RENDEZVOUS_PORT - 1,
+            // The default --port (8000) + 1.
+            registration_port: 8001,
             router: RouterConfig::default(),
+            restarts: RestartPolicy::default(),
+            tls: TlsFiles::default(),
         }
     }
 }
@@ -105,6 +128,49 @@ fn group_network(p: &Placement, role: &GroupRole, tp: usize) -> anyhow::Result<(
     }
 }
 
+/// This machine's host name, if the system tells it.
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its whole length, which is what we pass.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end]).ok().map(str::to_owned)
+}
+
+/// The names a task's job-CA certificate carries besides the job's own name: its advertised
+/// host, this machine's name, their addresses, and loopback.
+fn certificate_names(p: &Placement) -> Vec<String> {
+    use std::net::ToSocketAddrs;
+    let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    for host in [Some(advertise_host(p)), host_name()].into_iter().flatten() {
+        if let Ok(addrs) = (host.as_str(), 0).to_socket_addrs() {
+            names.extend(addrs.map(|a| a.ip().to_string()));
+        }
+        names.push(host);
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// This task's TLS between the job's tasks: the files given, else a fresh leaf of the job CA
+/// that `secret` derives (the same CA in every task of the job).
+fn job_tls(files: &TlsFiles, secret: &str, p: &Placement) -> anyhow::Result<TransportTls> {
+    if !files.is_empty() {
+        let tls = files.load()?;
+        if tls.identity().is_none() || !tls.mutual() {
+            bail!(
+                "a job's tasks talk mutual TLS: give all three of --tls_cert_file, --tls_key_file and --tls_ca_file (each task's certificate signed by that CA, naming its node), or none of them for a CA generated from the job secret"
+            );
+        }
+        return Ok(tls);
+    }
+    Ok(JobCa::derive(secret.as_bytes())?.transport(&certificate_names(p))?)
+}
+
 /// Compute threads of a rank: Slurm's --cpus-per-task when given (Slurm may already have
 /// bound the task to those cores), else this node's cores shared by its tasks.
 fn task_threads(p: &Placement) -> Option<usize> {
@@ -133,6 +199,7 @@ pub async fn run(
     let token = secret.token().to_owned();
     tracing::info!(origin = ?secret.origin(), "job secret ready");
     let loopback = on_one_node(&placement, &opts);
+    let tls = job_tls(&opts.tls, &token, &placement)?;
     let group = if tp > 1 {
         group::check_sizes(&args, &model)?;
         let (host, bind) = group_network(&placement, &role, tp)?;
@@ -166,6 +233,16 @@ pub async fn run(
     };
     let mut config = crate::serve::router_config(&args, &model, &opts.router);
     let bind = if loopback { "127.0.0.1:0" } else { "0.0.0.0:0" };
+    let restarts = if group.is_some() && opts.restarts.max_restarts > 0 {
+        // Its followers are other tasks of the job, which this process cannot start again.
+        tracing::warn!(
+            group = role.group,
+            "a failed tensor-parallel group of a Slurm/MPI job is not restarted (--max_restarts applies to single-rank workers): the group's tasks exit non-zero, for the job's scheduler to restart (e.g. sbatch --requeue)"
+        );
+        RestartPolicy { max_restarts: 0 }
+    } else {
+        opts.restarts
+    };
     let worker = LocalWorker::start(
         &args,
         &model,
@@ -174,74 +251,187 @@ pub async fn run(
         group,
         placement.local_rank,
         &token,
+        Some(&tls),
     )
     .await?;
-    let failed = group::group_failure(worker.engine.clone(), None);
     let host = if loopback {
         "127.0.0.1".to_owned()
     } else {
         advertise_host(&placement)
     };
-    let url = format!("http://{host}:{}", worker.addr.port());
+    let url = worker.url(&host);
+    let slot: WorkerSlot = Arc::new(tokio::sync::Mutex::new(Some(worker)));
+    let starter: restart::Starter = {
+        let (args, model, token, tls) = (args.clone(), model.clone(), token.clone(), tls.clone());
+        let (name, gpu_slot) = (config.served_model_name.clone(), placement.local_rank);
+        Box::new(move |addr| -> restart::Starting {
+            let (args, model, name, token, tls) = (
+                args.clone(),
+                model.clone(),
+                name.clone(),
+                token.clone(),
+                tls.clone(),
+            );
+            Box::pin(async move {
+                LocalWorker::start(
+                    &args,
+                    &model,
+                    name,
+                    &addr.to_string(),
+                    None,
+                    gpu_slot,
+                    &token,
+                    Some(&tls),
+                )
+                .await
+            })
+        })
+    };
+    let failed = restart::supervise(Arc::clone(&slot), None, restarts, starter);
     tracing::info!(rank = placement.rank, group = role.group, worker = %url, "worker ready");
 
-    let result = if opts.router_url.is_none() && placement.rank == 0 {
-        // The job's other leaders register from its nodes.
-        config.registration.job_hosts = placement.nodes.clone();
-        embedded_router(&args, &model, config, &url, token, failed).await
-    } else {
-        let router = match &opts.router_url {
-            Some(r) => r.trim_end_matches('/').to_owned(),
-            None => {
-                let host = placement
-                    .nodes
-                    .first()
-                    .cloned()
-                    .unwrap_or_else(|| "127.0.0.1".to_owned());
-                format!("http://{host}:{}", args.port)
-            }
+    let result =
+        if opts.router_url.is_none() && placement.rank == 0 {
+            // The job's other leaders register from its nodes.
+            config.registration.job_hosts = placement.nodes.clone();
+            let bind = if loopback { "127.0.0.1" } else { "0.0.0.0" };
+            let addr = format!("{bind}:{}", opts.registration_port);
+            let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| {
+            format!("binding {addr} for the job's registrations; pick a free --registration_port")
+        })?;
+            let registration = InternalRegistration {
+                listener,
+                tls: tls.clone(),
+            };
+            embedded_router(
+                &args,
+                &model,
+                config,
+                &url,
+                token,
+                tls,
+                registration,
+                failed,
+            )
+            .await
+        } else {
+            let target = match &opts.router_url {
+                Some(r) => external_router(r, &opts.tls, &tls)?,
+                None => {
+                    let host = if loopback {
+                        "127.0.0.1".to_owned()
+                    } else {
+                        placement
+                            .nodes
+                            .first()
+                            .cloned()
+                            .unwrap_or_else(|| "127.0.0.1".to_owned())
+                    };
+                    let name = match tls.server_name() {
+                        Some(n) => n.to_owned(),
+                        None => host.clone(),
+                    };
+                    RegistrationTarget {
+                        router: format!("https://{host}:{}", opts.registration_port),
+                        tls: Some((tls.rustls_client()?, name)),
+                    }
+                }
+            };
+            registered(&target, &url, &token, failed).await
         };
-        registered(&router, &url, &token, failed).await
-    };
-    worker.stop().await;
+    restart::stop(&slot).await;
     // Rank 0 stops publishing the secret (and removes its file) only now.
     drop(secret);
     result
 }
 
+/// Where a leader registers its worker, and how it reaches it.
+struct RegistrationTarget {
+    /// The router's base URL.
+    router: String,
+    /// TLS to it: the client configuration and the name its certificate must carry.
+    tls: Option<(std::sync::Arc<tokio_rustls::rustls::ClientConfig>, String)>,
+}
+
+/// Registration with an external router (`--router_url`): HTTPS verified against
+/// `--tls_ca_file` for an `https://` URL; a plain `http://` one off this machine sends the job
+/// secret in clear, which is warned about.
+fn external_router(
+    url: &str,
+    files: &TlsFiles,
+    tls: &TransportTls,
+) -> anyhow::Result<RegistrationTarget> {
+    let router = url.trim_end_matches('/').to_owned();
+    let uri: Uri = format!("{router}/workers")
+        .parse()
+        .with_context(|| format!("--router_url {url}"))?;
+    let host = uri.host().unwrap_or_default().to_owned();
+    if uri.scheme_str() != Some("https") {
+        let local = matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1" | "[::1]");
+        if !local {
+            tracing::warn!(
+                router = %router,
+                "registering over plain HTTP sends the job secret in clear text; serve the router with --ssl_certfile/--ssl_keyfile and pass --router_url https://... with --tls_ca_file"
+            );
+        }
+        return Ok(RegistrationTarget { router, tls: None });
+    }
+    if files.ca.is_none() {
+        bail!(
+            "--router_url {url} is HTTPS: give every task --tls_ca_file (the CA that signed the router's --ssl_certfile) with --tls_cert_file and --tls_key_file"
+        );
+    }
+    Ok(RegistrationTarget {
+        router,
+        tls: Some((tls.rustls_client()?, host)),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn embedded_router(
     args: &LlmArgs,
     model: &ModelDir,
     mut config: RouterConfig,
     own: &str,
     token: String,
+    tls: TransportTls,
+    registration: InternalRegistration,
     failed: impl Future<Output = String> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.worker_token = Some(token.clone());
-    if config.admin_token.is_none() {
-        config.admin_token = Some(Secret::new("job token", token)?);
-    }
-    if matches!(args.host.as_str(), "localhost" | "127.0.0.1" | "::1") {
-        tracing::warn!(
-            "the router listens on {}: tasks on other nodes cannot register; pass --host 0.0.0.0 for multi-node jobs",
-            args.host
-        );
-    }
-    crate::serve::run_router(args, model, config, &[own.to_owned()], failed).await
+    // The tasks register with the job secret; an operator's admin token works beside it.
+    // They register on the internal listener (`registration`), so the front's --host may
+    // stay on loopback.
+    config.job_token = Some(Secret::new("job token", token)?);
+    crate::serve::run_router(
+        args,
+        model,
+        config,
+        &[own.to_owned()],
+        Some(tls),
+        Some(registration),
+        failed,
+    )
+    .await
 }
 
 /// Registers `worker` with `router`, renews the registration until shutdown (or until the
 /// worker's group fails: Err with the reason), then withdraws it.
 async fn registered(
-    router: &str,
+    target: &RegistrationTarget,
     worker: &str,
     token: &str,
     failed: impl Future<Output = String>,
 ) -> anyhow::Result<()> {
+    let router = target.router.as_str();
+    let send = |method: Method, body: &str| {
+        let body = body.to_owned();
+        async move { send(method, target, token, &body).await }
+    };
     let body = serde_json::json!({ "url": worker }).to_string();
     let started = tokio::time::Instant::now();
     loop {
-        match send(Method::POST, router, token, &body).await {
+        match send(Method::POST, &body).await {
             Ok(s) if s.is_success() => break,
             Ok(s) if s == StatusCode::UNAUTHORIZED => bail!(
                 "router {router} refused the job secret (401); give every task the same LLMAPI_JOB_TOKEN_FILE \
@@ -256,6 +446,11 @@ async fn registered(
                 )
             }
             Ok(s) => tracing::debug!(status = %s, "registration not accepted yet"),
+            Err(e) if e.downcast_ref::<TlsRefused>().is_some() => bail!(
+                "the router at {router} and this task do not trust each other's TLS certificates ({e}); \
+                 give every task the same LLMAPI_JOB_TOKEN_FILE (or LLMAPI_JOB_TOKEN), or, with your own \
+                 certificates, the same --tls_ca_file and certificates it signed"
+            ),
             Err(e) => tracing::debug!(error = %e, "router not reachable yet"),
         }
         if started.elapsed() > REGISTER_DEADLINE {
@@ -277,13 +472,13 @@ async fn registered(
                 break;
             }
             () = tokio::time::sleep(HEARTBEAT) => {
-                if let Err(e) = send(Method::POST, router, token, &body).await {
+                if let Err(e) = send(Method::POST, &body).await {
                     tracing::warn!(router, error = %e, "heartbeat failed; retrying");
                 }
             }
         }
     }
-    if let Err(e) = send(Method::DELETE, router, token, &body).await {
+    if let Err(e) = send(Method::DELETE, &body).await {
         tracing::info!(router, error = %e, "could not deregister (the router may have stopped first)");
     }
     match failure {
@@ -292,18 +487,72 @@ async fn registered(
     }
 }
 
-/// One HTTP/1.1 request with a JSON body and a bearer token; returns the status.
-async fn send(method: Method, router: &str, token: &str, body: &str) -> anyhow::Result<StatusCode> {
-    let uri: Uri = format!("{router}/workers").parse().context("router URL")?;
+/// The router's TLS handshake failed on a certificate: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TlsRefused(String);
+
+/// One HTTP/1.1 request (over TLS when the target has it) with a JSON body and a bearer
+/// token; returns the status.
+async fn send(
+    method: Method,
+    target: &RegistrationTarget,
+    token: &str,
+    body: &str,
+) -> anyhow::Result<StatusCode> {
+    let uri: Uri = format!("{}/workers", target.router)
+        .parse()
+        .context("router URL")?;
     let host = uri.host().context("router URL has no host")?.to_owned();
-    let port = uri.port_u16().unwrap_or(80);
+    let default_port = if target.tls.is_some() { 443 } else { 80 };
+    let port = uri.port_u16().unwrap_or(default_port);
     let stream = tokio::time::timeout(
         Duration::from_secs(5),
         tokio::net::TcpStream::connect((host.as_str(), port)),
     )
     .await
     .context("connecting timed out")??;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    match &target.tls {
+        Some((config, name)) => {
+            let name = ServerName::try_from(name.clone())
+                .with_context(|| format!("{name:?} is not a host name TLS can verify"))?;
+            let tls = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream),
+            )
+            .await
+            .context("the TLS handshake with the router timed out")?
+            .map_err(|e| {
+                // A certificate the other side refuses will not change by retrying.
+                match e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<tokio_rustls::rustls::Error>())
+                {
+                    Some(tls) => anyhow::Error::new(TlsRefused(tls.to_string())),
+                    None => {
+                        anyhow::Error::new(e).context("the TLS handshake with the router failed")
+                    }
+                }
+            })?;
+            request(method, &uri, &host, port, token, body, TokioIo::new(tls)).await
+        }
+        None => request(method, &uri, &host, port, token, body, TokioIo::new(stream)).await,
+    }
+}
+
+async fn request<I>(
+    method: Method,
+    uri: &Uri,
+    host: &str,
+    port: u16,
+    token: &str,
+    body: &str,
+    io: I,
+) -> anyhow::Result<StatusCode>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
     let request = Request::builder()
         .method(method)

@@ -11,5 +11,6 @@ pub mod group;
 pub mod make_model;
 pub mod munge;
 pub mod placement;
+pub mod restart;
 pub mod secret;
 pub mod serve;

@@ -11,8 +11,12 @@ use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
+use llmapi_launch::restart::RestartPolicy;
 use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
+use llmapi_router::deadline::DeadlineArgs;
+use llmapi_router::front::ConnectionArgs;
+use llmapi_router::tls::TlsArgs;
 
 fn cli() -> Command {
     Command::new("llmapi-launch")
@@ -21,7 +25,9 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            AccessArgs::augment_args(serve_command())
+            TlsArgs::augment_args(DeadlineArgs::augment_args(ConnectionArgs::augment_args(
+                AccessArgs::augment_args(serve_command()),
+            )))
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
@@ -37,10 +43,25 @@ fn cli() -> Command {
                         )),
                 )
                 .arg(
+                    Arg::new("max_restarts")
+                        .long("max_restarts")
+                        .value_parser(clap::value_parser!(u32))
+                        .help(format!(
+                            "Restarts in a row of a failed engine (a panic in its thread; locally also a dead rank, restarting the whole group) before the launcher exits non-zero; waits 1 s doubling to 30 s before each, and 10 minutes of service clears the count (0: never restart) [default: {}]",
+                            RestartPolicy::default().max_restarts
+                        )),
+                )
+                .arg(
                     Arg::new("bootstrap_port")
                         .long("bootstrap_port")
                         .value_parser(clap::value_parser!(u16))
                         .help("Port on rank 0's node where the other ranks fetch the job secret over MUNGE (when no LLMAPI_JOB_TOKEN / LLMAPI_JOB_TOKEN_FILE is set) [default: --rendezvous_port - 1]"),
+                )
+                .arg(
+                    Arg::new("registration_port")
+                        .long("registration_port")
+                        .value_parser(clap::value_parser!(u16))
+                        .help("Port on rank 0's node where the job's other group leaders register their workers over mutual TLS [default: --port + 1]"),
                 ),
         )
         .subcommand(
@@ -158,6 +179,17 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     for warning in access.apply(m, args.port, &mut router)? {
         tracing::warn!("{warning}");
     }
+    router.front = ConnectionArgs::from_arg_matches(m)?.limits();
+    DeadlineArgs::from_arg_matches(m)?.apply(&mut router);
+    let tls = TlsArgs::from_arg_matches(m)?;
+    // Certificate files are read and checked before anything starts.
+    router.https = tls.https_front()?;
+    let tls_files = tls.files();
+    let local_tls = if tls_files.is_empty() {
+        None
+    } else {
+        Some(tls_files.load()?)
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -166,6 +198,12 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let rendezvous_port = m.get_one::<u16>("rendezvous_port").copied();
     let placement = Placement::from_env(std::env::vars())?;
     let base = rendezvous_port.unwrap_or(DEFAULT_RENDEZVOUS_PORT);
+    let restarts = RestartPolicy {
+        max_restarts: m
+            .get_one::<u32>("max_restarts")
+            .copied()
+            .unwrap_or(RestartPolicy::default().max_restarts),
+    };
     let opts = ClusterOptions {
         router_url: router_url.clone(),
         rendezvous_port: base,
@@ -173,7 +211,13 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             .get_one::<u16>("bootstrap_port")
             .copied()
             .unwrap_or(base.saturating_sub(1)),
+        registration_port: m
+            .get_one::<u16>("registration_port")
+            .copied()
+            .unwrap_or(args.port.saturating_add(1)),
         router: router.clone(),
+        restarts,
+        tls: tls_files,
     };
     let result = match placement {
         Some(p) if p.world_size > 1 || router_url.is_some() => {
@@ -188,6 +232,8 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
             model,
             rendezvous_port,
             router,
+            restarts,
+            local_tls,
         )),
     };
     // A failed start can leave a blocking task behind (a group join waiting for a rank that

@@ -40,9 +40,10 @@ fn serve_help_lists_every_flag() {
             );
         }
     }
-    // The embedded router's access flags are the router's own (one definition).
+    // The embedded router's access and TLS flags are the router's own (one definition).
     let access = llmapi_router::access::AccessArgs::augment_args(clap::Command::new("access"));
-    for a in access.get_arguments() {
+    let tls = llmapi_router::tls::TlsArgs::augment_args(clap::Command::new("tls"));
+    for a in access.get_arguments().chain(tls.get_arguments()) {
         let long = a.get_long().unwrap();
         assert!(
             help.contains(&format!("--{long}")),
@@ -50,6 +51,7 @@ fn serve_help_lists_every_flag() {
         );
     }
     for extra in [
+        "--registration_port",
         "--extra_llm_api_options",
         "--config",
         "--set",

@@ -1,7 +1,9 @@
 //! The job secret under a real Slurm (`.ci/run` starts one, with munged): a job without
 //! LLMAPI_JOB_TOKEN forms and serves with a secret shared over MUNGE, or through a 0600 file in
 //! the home directory, and a stranger who knows everything `squeue` shows (job id, node list,
-//! task count) can neither register a worker, remove one, nor call a worker directly.
+//! task count) can neither register a worker, remove one, nor call a worker directly: the
+//! workers speak mutual TLS with the job's CA, so a plaintext or foreign-CA call never reaches
+//! them.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -12,9 +14,11 @@ use std::time::Duration;
 
 use llmapi_launch::placement::expand_hostlist;
 use llmapi_proto::auth::AttachToken;
+use llmapi_proto::tls::JobCa;
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{GenerateRequest, HealthRequest};
 use serde_json::Value;
+use tonic::transport::Endpoint;
 
 mod support;
 
@@ -113,33 +117,66 @@ fn worker_urls(workers: &Value) -> Vec<String> {
     urls
 }
 
-/// A direct gRPC Health and Generate on `url` with `token`: both must be UNAUTHENTICATED.
+/// A stranger's direct gRPC Health and Generate on the worker at `url`, carrying `token`: the
+/// job's workers speak mutual TLS only (`https://`), so the calls fail in plaintext and over
+/// TLS with the CA `token` would derive (what a stranger who guessed a secret builds), before
+/// they reach the service: never UNAUTHENTICATED, which would mean the token check was all
+/// that stood in the way.
 fn assert_worker_refuses(url: &str, token: &str) {
+    assert!(
+        url.starts_with("https://"),
+        "the job's workers speak TLS: {url}"
+    );
+    let plain = url.replacen("https://", "http://", 1);
+    let stranger = JobCa::derive(token.as_bytes())
+        .unwrap()
+        .transport(&[])
+        .unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .unwrap()
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .unwrap_or_else(|e| panic!("connecting to the worker {url}: {e}"));
-        let mut client =
-            WorkerClient::with_interceptor(channel, AttachToken::new(Some(token)).unwrap());
-        let err = client
-            .health(HealthRequest { probe: true })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{url}: {err}");
-        let err = client
-            .generate(GenerateRequest {
-                request_id: "stranger".into(),
-                prompt_token_ids: vec![5, 6, 7],
-                ..Default::default()
-            })
-            .await
-            .map(|_| ())
-            .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{url}: {err}");
+        let endpoints = [
+            ("in plaintext", Endpoint::from_shared(plain).unwrap()),
+            (
+                "with a stranger's CA",
+                Endpoint::from_shared(url.to_owned())
+                    .unwrap()
+                    .tls_config(stranger.grpc_client().unwrap())
+                    .unwrap(),
+            ),
+        ];
+        for (how, endpoint) in endpoints {
+            let endpoint = endpoint
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(10));
+            let Ok(channel) = endpoint.connect().await else {
+                continue; // refused before a single call: the TLS handshake failed
+            };
+            let mut client =
+                WorkerClient::with_interceptor(channel, AttachToken::new(Some(token)).unwrap());
+            let err = client
+                .health(HealthRequest { probe: true })
+                .await
+                .unwrap_err();
+            assert_ne!(
+                err.code(),
+                tonic::Code::Unauthenticated,
+                "{how}: {url}: {err}"
+            );
+            let err = client
+                .generate(GenerateRequest {
+                    request_id: "stranger".into(),
+                    prompt_token_ids: vec![5, 6, 7],
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .unwrap_err();
+            assert_ne!(
+                err.code(),
+                tonic::Code::Unauthenticated,
+                "{how}: {url}: {err}"
+            );
+        }
     });
 }
 

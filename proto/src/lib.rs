@@ -4,6 +4,7 @@
 //! leader. It carries token ids only; it knows nothing of HTTP, tokenizers or tensors.
 
 pub mod auth;
+pub mod tls;
 
 /// `llmapi.worker.v1`: messages plus the generated client and server.
 #[allow(clippy::all, missing_docs)]

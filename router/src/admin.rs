@@ -106,7 +106,9 @@ async fn register(
         .add_capped(&url, policy.max_workers)
         .map_err(|e| match e {
             PoolError::Full { .. } => ApiError::conflict(e.to_string()),
-            PoolError::BadUrl { .. } => ApiError::invalid("url", e.to_string()),
+            PoolError::BadUrl { .. } | PoolError::NoTls { .. } | PoolError::Tls { .. } => {
+                ApiError::invalid("url", e.to_string())
+            }
         })?;
     if added {
         tracing::info!(worker = %url, "worker registered");

@@ -7,9 +7,11 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::access::AccessArgs;
+use crate::deadline::DeadlineArgs;
 use crate::policy::{ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
+use crate::tls::TlsArgs;
 
 /// `llmapi-router MODEL --worker_urls URL,...`: an OpenAI router in front of worker groups.
 #[derive(Debug, Clone, Parser)]
@@ -44,8 +46,12 @@ pub struct RouterArgs {
     /// Keys, tokens, the metrics listener and registration limits.
     #[command(flatten)]
     pub access: AccessArgs,
+    /// HTTPS on the front, TLS to the workers.
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// File holding the worker token: the job secret every call to a worker must carry
-    /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others.
+    /// (`LLMAPI_JOB_TOKEN` of the workers). Must not be readable by group or others. Without
+    /// --tls_* files it also derives the job's CA, which reaches a job's https:// workers.
     #[arg(long, value_name = "FILE")]
     pub worker_token_file: Option<PathBuf>,
     /// The worker token itself, from the environment only (a command line is visible in `ps`).
@@ -105,6 +111,12 @@ pub struct RouterArgs {
     /// idle connections (0: none, as trtllm-serve; benchmark_serving.py fails on comments).
     #[arg(long, default_value_t = 0)]
     pub sse_keepalive_s: u64,
+    /// Connection count and timeouts of the HTTP front.
+    #[command(flatten)]
+    pub connections: crate::front::ConnectionArgs,
+    /// `--request_timeout` and `--first_token_timeout`.
+    #[command(flatten)]
+    pub deadline: DeadlineArgs,
 }
 
 impl RouterArgs {
@@ -115,6 +127,25 @@ impl RouterArgs {
                 .map(Some)
                 .map_err(|e| anyhow::anyhow!("--worker_token_file: {e}")),
             None => Ok(self.worker_token.clone()),
+        }
+    }
+
+    /// How the router reaches `https://` workers: the `--tls_*` files when given, else (with a
+    /// worker token) a client certificate of the job CA that token derives, which is what
+    /// the workers of a multi-node `llmapi-launch` job use; else none.
+    pub fn worker_tls(
+        &self,
+        worker_token: Option<&str>,
+    ) -> anyhow::Result<Option<llmapi_proto::tls::TransportTls>> {
+        let files = self.tls.files();
+        if !files.is_empty() {
+            return Ok(Some(files.load()?));
+        }
+        match worker_token {
+            Some(token) => Ok(Some(
+                llmapi_proto::tls::JobCa::derive(token.as_bytes())?.transport(&[])?,
+            )),
+            None => Ok(None),
         }
     }
 
@@ -159,6 +190,8 @@ impl RouterArgs {
             span_exporter: None,
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
+            front: self.connections.limits(),
+            deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()
         }
     }

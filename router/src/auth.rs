@@ -131,20 +131,28 @@ pub async fn require_metrics_key(
     }
 }
 
-/// Layer of the pool's admin routes: the admin token; without one, registration is off.
+/// Layer of the pool's admin routes: the admin token or the job secret; without either,
+/// registration is off.
 pub async fn require_admin(
     State(state): State<Arc<AppState>>,
     req: Request,
     next: Next,
 ) -> Response {
-    match &state.config.admin_token {
-        None => unauthorized(
+    let config = &state.config;
+    let accepted: Vec<&Secret> = [&config.admin_token, &config.job_token]
+        .into_iter()
+        .flatten()
+        .collect();
+    if accepted.is_empty() {
+        unauthorized(
             "worker registration is disabled; start the router with an admin token (--admin_token_file or LLMAPI_ADMIN_TOKEN)",
-        ),
-        Some(token) if !presents(req.headers(), &[token]) => unauthorized(
+        )
+    } else if presents(req.headers(), &accepted) {
+        next.run(req).await
+    } else {
+        unauthorized(
             "missing or wrong admin token; send Authorization: Bearer <the router's admin token>",
-        ),
-        Some(_) => next.run(req).await,
+        )
     }
 }
 

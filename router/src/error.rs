@@ -104,6 +104,12 @@ impl ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
+    /// 504: the request ran past one of its deadlines (`--request_timeout`,
+    /// `--first_token_timeout`).
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, message)
+    }
+
     /// 500: a router bug.
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
@@ -119,6 +125,7 @@ impl ApiError {
             404 => "not_found_error",
             429 => "rate_limit_error",
             503 => "service_unavailable_error",
+            504 => "timeout_error",
             _ => "internal_server_error",
         }
     }

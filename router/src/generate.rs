@@ -1,8 +1,16 @@
 //! Running one choice on a worker: pick a worker, retry failures before the first token,
 //! detokenize incrementally, apply stop strings, and abort the worker request when the client
-//! goes away.
+//! goes away or a deadline passes (`deadline`).
+//!
+//! What a timeout costs the worker: a worker that has not even answered the call's headers by
+//! the deadline (a stopped process, a dead link) produced nothing, and the timeout counts
+//! against its breaker like any worker fault. A worker that accepted the call (the headers
+//! come back as soon as its engine queued the request) and is merely slow, queued or
+//! generating a long answer is not blamed: its engine's own liveness check
+//! (`--engine_stall_timeout`) ejects it if it is stuck.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use llmapi_proto::v1::{
     AbortRequest, FinishReason, GenerateRequest, GenerateResponse, TokenLogprob, Usage,
@@ -13,9 +21,10 @@ use tonic::{Code, Status, Streaming};
 use llmapi_common::trace_context::TraceContext;
 use tonic::metadata::MetadataValue;
 
+use crate::deadline::{Expired, RequestDeadline, expiry};
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
 use crate::error::ApiError;
-use crate::pool::{InflightGuard, Worker, WorkerRpc};
+use crate::pool::{InflightGuard, LINK_KEEPALIVE_INTERVAL, Worker, WorkerRpc};
 use crate::state::AppState;
 
 /// One choice to generate.
@@ -31,6 +40,8 @@ pub struct ChoiceJob {
     pub stop: Vec<String>,
     /// The router's span of this request: the worker's parent, sent as gRPC metadata.
     pub trace: Arc<TraceContext>,
+    /// When the request must end (whole) and have its first token.
+    pub deadline: RequestDeadline,
 }
 
 /// What a running choice reports.
@@ -71,7 +82,12 @@ pub enum ChoiceEvent {
     },
 }
 
-/// Sends an Abort for a worker request unless disarmed (the request finished by itself).
+/// How long an Abort may take: a stopped worker never answers it.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends an Abort for a worker request unless disarmed (the request finished by itself or
+/// the worker ended it). Dropping the stream alone also ends it on the worker (the call is
+/// reset); the Abort frees the request's KV blocks even if the reset is lost.
 struct AbortOnDrop {
     client: WorkerRpc,
     request_id: String,
@@ -87,7 +103,8 @@ impl Drop for AbortOnDrop {
         let request_id = std::mem::take(&mut self.request_id);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                let _ = client.abort(AbortRequest { request_id }).await;
+                let abort = client.abort(AbortRequest { request_id });
+                let _ = tokio::time::timeout(ABORT_TIMEOUT, abort).await;
             });
         }
     }
@@ -97,8 +114,44 @@ impl Drop for AbortOnDrop {
 struct Opened {
     worker: Arc<Worker>,
     _inflight: InflightGuard,
+    abort: AbortOnDrop,
     stream: Streaming<GenerateResponse>,
     first: GenerateResponse,
+}
+
+/// How one attempt to open a worker stream ended.
+enum Attempt {
+    Opened(Box<(Streaming<GenerateResponse>, GenerateResponse)>),
+    /// The worker answered with an error (or closed the stream): `request_fault` decides.
+    Failed(Status),
+    /// The deadline passed before the worker answered the call at all: a worker fault.
+    Silent(Expired),
+    /// The worker accepted the call, but no token came by the deadline: not its fault.
+    NoFirstToken(Expired),
+}
+
+/// One attempt: the call's headers, then its first response, both by the first-token
+/// deadline.
+async fn attempt(worker: &Worker, job: &ChoiceJob) -> Attempt {
+    let deadline = job.deadline.first_token();
+    let call = async { worker.client().generate(traced(job)).await };
+    let mut stream = tokio::select! {
+        r = call => match r {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Attempt::Failed(status),
+        },
+        which = expiry(deadline) => return Attempt::Silent(which),
+    };
+    tokio::select! {
+        m = stream.message() => match m {
+            Ok(Some(first)) => Attempt::Opened(Box::new((stream, first))),
+            Ok(None) => Attempt::Failed(Status::unavailable(
+                "worker closed the stream without a response",
+            )),
+            Err(status) => Attempt::Failed(status),
+        },
+        which = expiry(deadline) => Attempt::NoFirstToken(which),
+    }
 }
 
 /// Seconds a client told 429 because a worker's queue is full should wait before retrying.
@@ -144,9 +197,13 @@ fn pick_and_begin(
     }
 }
 
-/// The worker request with the W3C trace context in its metadata, where gRPC carries it.
+/// The worker request with the W3C trace context in its metadata, where gRPC carries it, and
+/// the whole request's deadline as its gRPC deadline (`grpc-timeout`).
 fn traced(job: &ChoiceJob) -> tonic::Request<GenerateRequest> {
     let mut request = tonic::Request::new(job.request.clone());
+    if let Some(left) = job.deadline.remaining() {
+        request.set_timeout(left);
+    }
     let md = request.metadata_mut();
     if let Ok(v) = MetadataValue::try_from(job.trace.traceparent()) {
         md.insert("traceparent", v);
@@ -160,25 +217,27 @@ fn traced(job: &ChoiceJob) -> tonic::Request<GenerateRequest> {
 async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
     let mut tried: Vec<String> = Vec::new();
     let mut last_error = String::from("no worker is healthy");
-    for attempt in 0..=state.config.max_retries {
+    for attempt_no in 0..=state.config.max_retries {
+        if let Some((at, which)) = job.deadline.first_token()
+            && std::time::Instant::now() >= at
+        {
+            state.metrics.inc_timeouts();
+            return Err(job.deadline.error(which));
+        }
         let Some((worker, inflight)) = pick_and_begin(state, job, &mut tried) else {
             break;
         };
-        if attempt > 0 {
+        if attempt_no > 0 {
             state.metrics.inc_retries();
         }
-        let result = async {
-            let mut stream = worker.client().generate(traced(job)).await?.into_inner();
-            match stream.message().await? {
-                Some(first) => Ok((stream, first)),
-                None => Err(Status::unavailable(
-                    "worker closed the stream without a response",
-                )),
-            }
-        }
-        .await;
-        match result {
-            Ok((stream, first)) => {
+        let mut abort = AbortOnDrop {
+            client: worker.client(),
+            request_id: job.request.request_id.clone(),
+            armed: true,
+        };
+        let status = match attempt(&worker, job).await {
+            Attempt::Opened(opened) => {
+                let (stream, first) = *opened;
                 worker.record_request_success();
                 if let Ok(mut cache) = worker.cache.lock() {
                     cache.insert(&job.block_hashes);
@@ -186,24 +245,70 @@ async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
                 return Ok(Opened {
                     worker,
                     _inflight: inflight,
+                    abort,
                     stream,
                     first,
                 });
             }
-            Err(status) => {
-                if let Some(e) = request_fault(&status) {
-                    return Err(e);
-                }
-                tracing::warn!(worker = %worker.url, error = %status.message(), attempt, "worker failed before the first token");
+            Attempt::Failed(status) => status,
+            Attempt::Silent(which) => {
+                tracing::warn!(worker = %worker.url, "worker did not answer the call by the deadline; counted as its fault");
+                state.metrics.inc_timeouts();
                 state.metrics.inc_worker_failures();
                 worker.record_request_failure(&state.config.health);
-                last_error = format!("worker {} failed: {}", worker.url, status.message());
+                return Err(job.deadline.error(which));
             }
+            Attempt::NoFirstToken(which) => {
+                tracing::info!(worker = %worker.url, "no first token by the deadline; worker request aborted");
+                state.metrics.inc_timeouts();
+                return Err(job.deadline.error(which));
+            }
+        };
+        // The worker ended the request itself: nothing to abort.
+        abort.armed = false;
+        if let Some(e) = request_fault(&status) {
+            return Err(e);
         }
+        if status.code() == Code::DeadlineExceeded {
+            // The worker's own clock saw the whole request's deadline pass.
+            state.metrics.inc_timeouts();
+            return Err(job.deadline.error(Expired::Request));
+        }
+        tracing::warn!(worker = %worker.url, error = %status.message(), attempt = attempt_no, "worker failed before the first token");
+        state.metrics.inc_worker_failures();
+        worker.record_request_failure(&state.config.health);
+        last_error = format!("worker {} failed: {}", worker.url, status.message());
     }
     Err(ApiError::unavailable(format!(
         "no worker could take the request ({last_error}); try again shortly"
     )))
+}
+
+/// The error of a worker that failed mid-stream. 504 when the call died after the worker had
+/// been silent for a whole keep-alive interval: it stopped answering (a stopped process, a
+/// cut link) and the connection's keep-alive check ended the call, a timeout in all but name
+/// (gRPC reports it as UNAVAILABLE). 503 otherwise: the worker failed or died.
+fn mid_stream_failure(
+    state: &AppState,
+    worker: &Worker,
+    status: &Status,
+    silent: Duration,
+) -> ApiError {
+    if silent >= LINK_KEEPALIVE_INTERVAL {
+        state.metrics.inc_timeouts();
+        return ApiError::timeout(format!(
+            "worker {} stopped answering during the request: nothing for {:.0} s, then its \
+             connection's keep-alive check failed ({}); retry the request",
+            worker.url,
+            silent.as_secs_f64(),
+            status.message()
+        ));
+    }
+    ApiError::unavailable(format!(
+        "worker {} failed during the request: {}",
+        worker.url,
+        status.message()
+    ))
 }
 
 /// Runs one choice to the end, sending its events to `tx`. Returns early (aborting the worker
@@ -217,6 +322,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
     let Opened {
         worker,
         _inflight,
+        mut abort,
         mut stream,
         first,
     } = match opened {
@@ -227,19 +333,18 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
         }
     };
     tracing::debug!(worker = %worker.url, "first response");
-    let mut abort = AbortOnDrop {
-        client: worker.client(),
-        request_id: job.request.request_id.clone(),
-        armed: true,
-    };
     let codec = state.codec.clone();
     let mut detok = Detokenizer::new(&job.request.prompt_token_ids);
     let mut stops = StopMatcher::new(job.stop.clone());
     let mut next = Some(first);
+    let mut last_heard = Instant::now();
     let mut usage = Usage {
         prompt_tokens: u32::try_from(job.request.prompt_token_ids.len()).unwrap_or(u32::MAX),
         ..Usage::default()
     };
+    // One timer for the whole stream, not one per token.
+    let expired = expiry(job.deadline.whole());
+    tokio::pin!(expired);
     loop {
         let mut resp = match next.take() {
             Some(r) => r,
@@ -247,9 +352,20 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                 let msg = tokio::select! {
                     m = stream.message() => m,
                     _ = tx.closed() => return,
+                    which = &mut expired => {
+                        // The guard aborts the worker request; the client hears why.
+                        state.metrics.inc_timeouts();
+                        tracing::info!(worker = %worker.url, "request ran past its deadline; worker request aborted");
+                        let error = job.deadline.error(which);
+                        let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
+                        return;
+                    }
                 };
                 match msg {
-                    Ok(Some(r)) => r,
+                    Ok(Some(r)) => {
+                        last_heard = Instant::now();
+                        r
+                    }
                     Ok(None) => {
                         let error = ApiError::unavailable(format!(
                             "worker {} ended the stream before finishing the request",
@@ -258,15 +374,18 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                         let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
                         return;
                     }
+                    Err(status) if status.code() == Code::DeadlineExceeded => {
+                        abort.armed = false;
+                        state.metrics.inc_timeouts();
+                        let error = job.deadline.error(Expired::Request);
+                        let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
+                        return;
+                    }
                     Err(status) => {
                         abort.armed = false;
                         let error = request_fault(&status).unwrap_or_else(|| {
                             state.metrics.inc_worker_failures();
-                            ApiError::unavailable(format!(
-                                "worker {} failed during the request: {}",
-                                worker.url,
-                                status.message()
-                            ))
+                            mid_stream_failure(&state, &worker, &status, last_heard.elapsed())
                         });
                         let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
                         return;

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::codec::{ChatTurn, TextCodec};
+use crate::deadline::RequestDeadline;
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
 use crate::openai::{GenSettings, Prompt};
@@ -176,6 +177,7 @@ fn spawn_choices(
     logprobs: bool,
     tokens_per_block: usize,
     trace: Arc<TraceContext>,
+    deadline: RequestDeadline,
 ) -> (ResponseMeta, mpsc::Receiver<ChoiceEvent>) {
     let id = new_id(match shape {
         Shape::Completion => "cmpl",
@@ -208,6 +210,7 @@ fn spawn_choices(
                 block_hashes: hashes.clone(),
                 stop: settings.stop.clone(),
                 trace: trace.clone(),
+                deadline,
             };
             let span = tracing::info_span!("choice", request_id = %job.request.request_id, prompt_tokens = prompt.ids.len());
             tokio::spawn(run_choice(state.clone(), job, tx.clone()).instrument(span));
@@ -509,6 +512,7 @@ async fn finish(
     logprobs: bool,
     trace: Arc<TraceContext>,
 ) -> Result<Response, ApiError> {
+    let deadline = state.config.deadlines.start();
     let tokens_per_block = model_info(&state)?.tokens_per_block as usize;
     let streaming = settings.stream;
     let otlp = RequestSpan::current();
@@ -530,13 +534,14 @@ async fn finish(
         logprobs,
         tokens_per_block,
         trace,
+        deadline,
     );
     if let Some(s) = &otlp {
         s.response_id(&meta.id);
     }
     let rx = spans::observe(otlp, rx);
     if streaming {
-        Ok(stream(meta, rx, admit, state.config.sse_keepalive))
+        Ok(stream(meta, rx, admit, state.config.sse_keepalive).await)
     } else {
         let response = collect(meta, rx, &admit).await;
         drop(admit);

@@ -11,8 +11,10 @@ pub mod admission;
 pub mod args;
 pub mod auth;
 pub mod codec;
+pub mod deadline;
 pub mod detok;
 pub mod error;
+pub mod front;
 pub mod generate;
 pub mod handlers;
 pub mod metrics;
@@ -26,5 +28,6 @@ pub mod server;
 pub mod spans;
 pub mod state;
 pub mod testing;
+pub mod tls;
 
 pub use state::{AppState, RouterConfig};

@@ -31,6 +31,8 @@ async fn main() -> anyhow::Result<()> {
     for warning in args.access.apply(&matches, args.port, &mut config)? {
         tracing::warn!("{warning}");
     }
+    config.https = args.tls.https_front()?;
+    let worker_tls = args.worker_tls(config.worker_token.as_deref())?;
     let spans = match &args.otlp_traces_endpoint {
         Some(endpoint) => {
             let (exporter, task) =
@@ -49,7 +51,8 @@ async fn main() -> anyhow::Result<()> {
     )?;
     let pool = Arc::new(
         Pool::new(config.worker_token.as_deref())
-            .context("--worker_token_file / LLMAPI_WORKER_TOKEN")?,
+            .context("--worker_token_file / LLMAPI_WORKER_TOKEN")?
+            .with_tls(worker_tls),
     );
     for url in &args.worker_urls {
         pool.add(url)
@@ -63,7 +66,12 @@ async fn main() -> anyhow::Result<()> {
     let state = Arc::new(AppState::new(config, Arc::new(codec), pool));
     let listeners =
         server::Listeners::bind(&args.host, args.port, state.config.metrics_port).await?;
-    tracing::info!(host = %args.host, port = args.port, "llmapi-router listening");
+    let scheme = if state.config.https.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(host = %args.host, port = args.port, scheme, "llmapi-router listening");
     let served = server::serve(listeners, state, server::shutdown_signal()).await;
     if let Some(task) = spans {
         task.shutdown(SHUTDOWN_TIMEOUT).await;

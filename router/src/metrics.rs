@@ -34,6 +34,7 @@ pub struct Metrics {
     rejected_queue_full: AtomicU64,
     rejected_queue_timeout: AtomicU64,
     rejected_draining: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 impl Metrics {
@@ -75,6 +76,12 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a choice that ran past its deadline (`--request_timeout`,
+    /// `--first_token_timeout`).
+    pub fn inc_timeouts(&self) {
+        self.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, pool: &Pool, admission: AdmissionGauges) -> String {
         let mut s = String::new();
@@ -98,6 +105,7 @@ impl Metrics {
             ),
             ("llmapi_router_retries_total", &self.retries),
             ("llmapi_router_worker_failures_total", &self.worker_failures),
+            ("llmapi_router_timeouts_total", &self.timeouts),
         ];
         for (name, v) in counters {
             let _ = writeln!(

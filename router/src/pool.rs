@@ -10,10 +10,17 @@ use std::time::{Duration, Instant};
 
 use llmapi_proto::auth::{AttachToken, TokenError};
 use llmapi_proto::limits::MAX_MESSAGE_BYTES;
+use llmapi_proto::tls::TransportTls;
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{HealthRequest, InfoRequest, InfoResponse, LoadRequest, LoadResponse};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+/// How long a worker connection may go without a frame before the router pings it.
+pub const LINK_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long the router waits for the ping's answer before closing the connection, ending
+/// every call on it (a stopped process or a cut link answers none).
+pub const LINK_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A gRPC client of one worker that sends the worker token on every call.
 pub type WorkerRpc = WorkerClient<InterceptedService<Channel, AttachToken>>;
@@ -175,6 +182,22 @@ pub enum PoolError {
         /// Why it was refused.
         reason: String,
     },
+    /// An `https://` worker, but the router has no TLS settings to reach it with.
+    #[error(
+        "worker url {url:?} asks for TLS but the router has no CA to verify it with; give llmapi-router --tls_ca_file (and --tls_cert_file/--tls_key_file when the worker requires client certificates), or --worker_token_file for a job's generated CA"
+    )]
+    NoTls {
+        /// The URL as given.
+        url: String,
+    },
+    /// The TLS settings cannot make a client configuration.
+    #[error("worker url {url:?}: {reason}")]
+    Tls {
+        /// The URL as given.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The pool holds as many workers as it may.
     #[error(
         "the pool already holds {max} workers, the most it takes (--max_workers); remove one with DELETE /workers or raise --max_workers"
@@ -191,21 +214,36 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Worker {
-    fn connect(url: &str, token: &AttachToken) -> Result<Self, PoolError> {
+    fn connect(
+        url: &str,
+        token: &AttachToken,
+        tls: Option<&TransportTls>,
+    ) -> Result<Self, PoolError> {
         let url = if url.contains("://") {
             url.to_owned()
         } else {
             format!("http://{url}")
         };
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| PoolError::BadUrl {
+        let mut endpoint = Endpoint::from_shared(url.clone()).map_err(|e| PoolError::BadUrl {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
+        if url.starts_with("https://") {
+            let tls = tls.ok_or_else(|| PoolError::NoTls { url: url.clone() })?;
+            let tls_error = |reason: String| PoolError::Tls {
                 url: url.clone(),
-                reason: e.to_string(),
-            })?
+                reason,
+            };
+            let config = tls.grpc_client().map_err(|e| tls_error(e.to_string()))?;
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| tls_error(e.to_string()))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
+            .http2_keep_alive_interval(LINK_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(LINK_KEEPALIVE_TIMEOUT);
         Ok(Self {
             url,
             client: WorkerClient::with_interceptor(endpoint.connect_lazy(), token.clone())
@@ -472,6 +510,7 @@ impl Drop for InflightGuard {
 pub struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
     token: AttachToken,
+    tls: Option<TransportTls>,
 }
 
 impl Pool {
@@ -481,12 +520,19 @@ impl Pool {
         Ok(Self {
             workers: RwLock::default(),
             token: AttachToken::new(worker_token)?,
+            tls: None,
         })
+    }
+
+    /// Reaches `https://` workers with `tls` (without it they are refused when added).
+    pub fn with_tls(mut self, tls: Option<TransportTls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Adds a worker (lazily connected); an already known URL is returned as is.
     pub fn add(&self, url: &str) -> Result<Arc<Worker>, PoolError> {
-        let worker = Arc::new(Worker::connect(url, &self.token)?);
+        let worker = Arc::new(Worker::connect(url, &self.token, self.tls.as_ref())?);
         let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = workers.iter().find(|w| w.url == worker.url) {
             return Ok(w.clone());
@@ -498,7 +544,7 @@ impl Pool {
     /// Adds a worker unless the pool already holds `max` of them; an already known URL is
     /// returned as is (never refused). The bool says whether it is new.
     pub fn add_capped(&self, url: &str, max: usize) -> Result<(Arc<Worker>, bool), PoolError> {
-        let worker = Worker::connect(url, &self.token)?;
+        let worker = Worker::connect(url, &self.token, self.tls.as_ref())?;
         let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
         if let Some(w) = workers.iter().find(|w| w.url == worker.url) {
             return Ok((w.clone(), false));

@@ -343,14 +343,29 @@ fn event(v: &Value) -> Result<Event, Infallible> {
 
 /// Streams choices as SSE. Dropping the response (client gone) drops `rx`, which aborts every
 /// choice on its worker.
-/// `keepalive` sends an SSE comment line after that much silence.
-pub fn stream(
+///
+/// The status line waits for the first choice event: a request that fails before any output
+/// (no worker, a full worker queue, a timeout before the first token) gets its own status
+/// (503, 429, 504) and an error body, which clients retry on, instead of a 200 whose error
+/// only shows in-band. Once the 200 is out, failures are in-band error events before
+/// `data: [DONE]`. `keepalive` sends an SSE comment line after that much silence.
+pub async fn stream(
     meta: ResponseMeta,
-    rx: mpsc::Receiver<ChoiceEvent>,
+    mut rx: mpsc::Receiver<ChoiceEvent>,
     admit: AdmitGuard,
     keepalive: Option<Duration>,
 ) -> Response {
-    let events = sse_events(meta, rx, admit);
+    let first = tokio::select! {
+        ev = rx.recv() => ev,
+        // Past the drain timeout before any output: a 503 of its own.
+        error = admit.cut_off() => Some(ChoiceEvent::Failed { index: 0, error }),
+    };
+    let first = match first {
+        Some(ChoiceEvent::Failed { error, .. }) => return error.into_response(),
+        None => return ApiError::internal("a choice ended without finishing").into_response(),
+        Some(ev) => ev,
+    };
+    let events = sse_events(meta, first, rx, admit);
     match keepalive {
         Some(every) => Sse::new(events)
             .keep_alive(KeepAlive::new().interval(every))
@@ -442,8 +457,10 @@ impl StreamState {
     }
 }
 
+/// The SSE events of a stream whose first choice event, `first`, has arrived.
 fn sse_events(
     meta: ResponseMeta,
+    first: ChoiceEvent,
     rx: mpsc::Receiver<ChoiceEvent>,
     admit: AdmitGuard,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -465,6 +482,10 @@ fn sse_events(
         for i in 0..n {
             state.send_echo(i);
         }
+    }
+    if !state.on_event(first) {
+        state.pending.push_back(Value::Null);
+        state.finished = true;
     }
     // A `Null` queued in `pending` stands for the closing `[DONE]`.
     futures::stream::unfold(state, |mut st| async move {

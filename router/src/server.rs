@@ -16,7 +16,8 @@ use tracing::Instrument;
 
 use crate::spans::RequestSpan;
 use crate::state::AppState;
-use crate::{admin, auth, handlers};
+use crate::tls::TlsListener;
+use crate::{admin, auth, front, handlers};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -179,6 +180,36 @@ impl Listeners {
     }
 }
 
+/// The application of the internal registration listener a job's leader opens for the other
+/// leaders (`POST`/`DELETE /workers` only, behind the admin token), served over mutual TLS
+/// with the job's certificates (`serve_internal`).
+pub fn admin_app(state: Arc<AppState>) -> Router {
+    let routes = Router::new()
+        .route(
+            "/workers",
+            post(admin::add_worker).delete(admin::remove_worker),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ));
+    with_common_layers(routes, state)
+}
+
+/// Serves `app` on `listener` over TLS with `tls` until the returned task is aborted.
+pub fn serve_internal(
+    listener: TcpListener,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    app: Router,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TlsListener::new(listener, tls)?;
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the internal TLS listener failed");
+        }
+    }))
+}
+
 /// How long the requests cut off at the drain timeout get to send their 503 (or in-band
 /// error) before the process stops serving regardless.
 const CUT_OFF_GRACE: Duration = Duration::from_secs(2);
@@ -199,7 +230,8 @@ async fn wait_idle(state: &AppState, limit: Duration) -> bool {
 /// open so that /health answers 503 (a load balancer takes the router out) and new requests
 /// get 503 with Retry-After, while requests in flight finish within the configured drain
 /// timeout; those still running then end with a 503 (an in-band error once streaming), and
-/// serving stops. The metrics listener, if any, stops with the API.
+/// serving stops. The metrics listener, if any, stops with the API. With `config.https` both
+/// speak HTTPS only.
 pub async fn serve(
     listeners: impl Into<Listeners>,
     state: Arc<AppState>,
@@ -214,10 +246,14 @@ pub async fn serve(
             "a metrics port is configured but no metrics listener was bound (Listeners::bind): /metrics is served nowhere"
         );
     }
+    let limits = state.config.front.clone();
+    let https = state.config.https.clone();
     let metrics = metrics.map(|l| {
         let app = metrics_app(state.clone());
+        let limits = limits.clone();
+        let https = https.clone();
         AbortOnDrop(tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
+            if let Err(e) = front::serve(l, app, limits, https, std::future::pending()).await {
                 tracing::error!(error = %e, "the metrics listener failed");
             }
         }))
@@ -242,11 +278,10 @@ pub async fn serve(
         }
         let _ = drained_tx.send(());
     };
-    // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(drain);
+    // Connection limits and timeouts (`front`): slowloris clients and idle connections are
+    // cut off, and past --max_connections new ones wait to be accepted. With `https` every
+    // connection is TLS. The listener accepts until the drain above is over.
+    let server = front::serve(listener, app(state.clone()), limits, https, drain);
     // Once drained, connections still open (a client not reading its answer) get a last grace.
     let last_call = async move {
         if drained_rx.await.is_ok() {

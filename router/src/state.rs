@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use crate::admission::{Gate, Permit, Refused};
 use crate::auth::Secret;
 use crate::codec::TextCodec;
+use crate::deadline::Deadlines;
 use crate::error::ApiError;
 use crate::metrics::{AdmissionGauges, Metrics};
 use crate::parse::BodyCaps;
@@ -54,11 +55,17 @@ pub struct RouterConfig {
     pub api_key: Option<Secret>,
     /// Bearer key /metrics accepts besides the API key, if set.
     pub metrics_api_key: Option<Secret>,
-    /// Bearer token for POST/DELETE /workers; registration is off without it.
+    /// Bearer token for POST/DELETE /workers; registration is off without it and without
+    /// `job_token`.
     pub admin_token: Option<Secret>,
+    /// The job secret of a Slurm job's embedded router: its tasks register with it, so POST/
+    /// DELETE /workers accept it besides an operator's `admin_token`.
+    pub job_token: Option<Secret>,
     /// The secret every call to a worker carries (`authorization: Bearer`): the job secret
     /// the workers were started with. Build the pool with `Pool::new(worker_token)`.
     pub worker_token: Option<String>,
+    /// The HTTP front's TLS (`--ssl_certfile` / `--ssl_keyfile`); `None` serves plain HTTP.
+    pub https: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// Port of a separate /metrics listener on the API's host; `None`: /metrics is served on
     /// the API port.
     pub metrics_port: Option<u16>,
@@ -92,6 +99,10 @@ pub struct RouterConfig {
     /// connections; `None` sends none, as trtllm-serve and vLLM do (benchmark_serving.py
     /// parses every non-empty line as JSON and fails on a comment).
     pub sse_keepalive: Option<Duration>,
+    /// Limits on the HTTP front's connections (count, header-read and keep-alive timeouts).
+    pub front: crate::front::ConnectionLimits,
+    /// `--request_timeout` and `--first_token_timeout`.
+    pub deadlines: Deadlines,
 }
 
 impl Default for RouterConfig {
@@ -104,7 +115,9 @@ impl Default for RouterConfig {
             api_key: None,
             metrics_api_key: None,
             admin_token: None,
+            job_token: None,
             worker_token: None,
+            https: None,
             metrics_port: None,
             registration: RegistrationPolicy::default(),
             max_body_bytes: 32 << 20,
@@ -119,6 +132,8 @@ impl Default for RouterConfig {
             drain_timeout: Duration::from_secs(30),
             span_exporter: None,
             sse_keepalive: None,
+            front: crate::front::ConnectionLimits::default(),
+            deadlines: Deadlines::default(),
         }
     }
 }

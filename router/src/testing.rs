@@ -52,6 +52,9 @@ pub struct Script {
     pub max_batch_size: u32,
     /// Reported max_queued_requests (likewise).
     pub max_queued_requests: u32,
+    /// After this many tokens a request goes silent (it stays running, holding its pretend
+    /// KV blocks, and sends nothing more), as a request on a stuck engine does.
+    pub stall_after_tokens: Option<u32>,
 }
 
 impl Default for Script {
@@ -69,6 +72,7 @@ impl Default for Script {
             max_running: None,
             max_batch_size: 64,
             max_queued_requests: 256,
+            stall_after_tokens: None,
         }
     }
 }
@@ -80,6 +84,7 @@ struct Shared {
     aborted: Vec<String>,
     requests: Vec<GenerateRequest>,
     trace_metadata: Vec<(Option<String>, Option<String>)>,
+    grpc_timeouts: Vec<Option<String>>,
     /// Evicted block hashes; entry i has eviction cursor i + 1.
     evictions: Vec<u64>,
 }
@@ -92,6 +97,7 @@ pub struct ScriptedWorker {
     healthy: Arc<AtomicBool>,
     failing: Arc<AtomicBool>,
     dead: Arc<AtomicBool>,
+    frozen: Arc<AtomicBool>,
     generated: Arc<AtomicU64>,
 }
 
@@ -130,6 +136,7 @@ impl ScriptedWorker {
             healthy: Arc::new(AtomicBool::new(true)),
             failing: Arc::new(AtomicBool::new(false)),
             dead: Arc::new(AtomicBool::new(false)),
+            frozen: Arc::new(AtomicBool::new(false)),
             generated: Arc::default(),
         }
     }
@@ -183,6 +190,24 @@ impl ScriptedWorker {
     /// Fail every Generate before its first token with UNAVAILABLE.
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Accept calls and never answer them (Generate, Health, everything), as a stopped
+    /// process (SIGSTOP) whose kernel still accepts connections does; false answers again.
+    pub fn set_frozen(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::SeqCst);
+    }
+
+    /// Waits while frozen.
+    async fn thaw(&self) {
+        while self.frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The `grpc-timeout` metadata (the caller's deadline) of each Generate call, in order.
+    pub fn grpc_timeouts(&self) -> Vec<Option<String>> {
+        lock(&self.shared).grpc_timeouts.clone()
     }
 
     /// Generate requests received (including failed ones).
@@ -252,12 +277,15 @@ impl Worker for ScriptedWorker {
                 .map(str::to_owned)
         };
         let trace = (md("traceparent"), md("tracestate"));
+        let grpc_timeout = md("grpc-timeout");
         let req = request.into_inner();
         {
             let mut s = lock(&self.shared);
             s.requests.push(req.clone());
             s.trace_metadata.push(trace);
+            s.grpc_timeouts.push(grpc_timeout);
         }
+        self.thaw().await;
         if self.failing.load(Ordering::SeqCst) {
             return Err(Status::unavailable("scripted failure"));
         }
@@ -345,6 +373,15 @@ impl Worker for ScriptedWorker {
                 if !script.token_delay.is_zero() {
                     tokio::time::sleep(script.token_delay).await;
                 }
+                if script.stall_after_tokens.is_some_and(|n| sent >= n) {
+                    // Silent until the caller gives up (the send below then fails).
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    if tx.is_closed() {
+                        me.finish_request(&id, true);
+                        return;
+                    }
+                    continue;
+                }
                 let token = reply[sent as usize % reply.len().max(1)];
                 sent += 1;
                 batch.push(token);
@@ -406,6 +443,7 @@ impl Worker for ScriptedWorker {
         &self,
         request: Request<AbortRequest>,
     ) -> Result<Response<AbortResponse>, Status> {
+        self.thaw().await;
         let id = request.into_inner().request_id;
         let found = lock(&self.shared).running.contains_key(&id);
         self.finish_request(&id, true);
@@ -413,6 +451,7 @@ impl Worker for ScriptedWorker {
     }
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        self.thaw().await;
         let healthy = self.healthy.load(Ordering::SeqCst);
         Ok(Response::new(HealthResponse {
             healthy,
@@ -444,6 +483,7 @@ impl Worker for ScriptedWorker {
     }
 
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        self.thaw().await;
         let after = request.into_inner().evictions_after;
         let s = lock(&self.shared);
         let used: u64 = s.running.values().sum();

@@ -1,14 +1,18 @@
 //! Faults and their blame: request faults (a request that can never fit, a worker whose queue
 //! is full, over-long stop lists) are answered to the client and never retried nor counted
 //! against a worker; worker faults open its breaker, which lets exactly one probe through
-//! after its cooldown. Against `ScriptedWorker` doubles on loopback gRPC.
+//! after its cooldown. Deadlines: a request past `--first_token_timeout` or
+//! `--request_timeout` gets 504 (in-band once streaming) and its worker request is aborted; a
+//! slow worker is not blamed, one that never answers the call is. Against `ScriptedWorker`
+//! doubles on loopback gRPC.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use llmapi_router::codec::ByteCodec;
+use llmapi_router::deadline::Deadlines;
 use llmapi_router::policy::RoutingPolicy;
 use llmapi_router::pool::{BreakerState, HealthPolicy, Pool};
 use llmapi_router::server::app;
@@ -301,4 +305,230 @@ async fn stop_lists_past_their_caps_are_refused_naming_the_limit() {
     at_cap["stop"] = json!(vec!["z".repeat(MAX_STOP_STRING_BYTES); MAX_STOP_STRINGS]);
     let (status, v) = h.post(at_cap).await;
     assert_eq!(status, StatusCode::OK, "{v}");
+}
+
+/// Deadlines of `first_token` and `request` seconds (0: none).
+fn deadlines(first_token: f64, request: f64) -> Deadlines {
+    let limit = |s: f64| (s > 0.0).then(|| Duration::from_secs_f64(s));
+    Deadlines {
+        request: limit(request),
+        first_token: limit(first_token),
+    }
+}
+
+/// Waits up to 5 s for `check`.
+async fn eventually(check: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Generous bound on how late a timeout may answer: no hang, whatever the machine's load.
+const ANSWER_WITHIN: Duration = Duration::from_secs(8);
+
+fn assert_timeout_body(body: &Value, flag: &str) {
+    assert_eq!(body["error"]["type"], "timeout_error", "{body}");
+    assert_eq!(body["error"]["code"], 504, "{body}");
+    assert!(message(body).contains(flag), "names {flag}: {body}");
+}
+
+#[tokio::test]
+async fn a_request_with_no_first_token_in_time_gets_504_and_its_worker_request_is_aborted() {
+    // The double's first token takes 30 s; the router waits 0.5 s for it.
+    let slow = Script {
+        token_delay: Duration::from_secs(30),
+        ..Script::default()
+    };
+    let h = start(vec![slow], |c| c.deadlines = deadlines(0.5, 0.0)).await;
+    for (round, stream) in [false, true, false].into_iter().enumerate() {
+        let mut body = normal();
+        body["stream"] = json!(stream);
+        let t0 = Instant::now();
+        let (status, v) = tokio::time::timeout(ANSWER_WITHIN, h.post(body))
+            .await
+            .expect("answered, not hung");
+        // A stream that has sent nothing yet still gets its status: 504, not a 200.
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "stream {stream}: {v}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(450),
+            "not before the deadline"
+        );
+        assert_timeout_body(&v, "--first_token_timeout");
+        let w = &h.workers[0].worker;
+        assert!(
+            eventually(|| w.aborted().len() == round + 1 && w.running() == 0).await,
+            "the worker request was aborted, freeing its blocks: {:?}",
+            w.aborted()
+        );
+    }
+    assert_eq!(
+        h.breaker(0),
+        BreakerState::Closed,
+        "a worker that accepted the request and is slow is not blamed"
+    );
+    assert!(h.state.pool.all()[0].routable());
+}
+
+/// Every SSE `data:` payload of a stream ("[DONE]" as a JSON string).
+fn sse_payloads(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned())))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stream_whose_tokens_stop_ends_with_an_in_band_timeout_and_done() {
+    // Two tokens, then silence, as from a stuck engine; the request may take 1.5 s in all.
+    let stalls = Script {
+        stall_after_tokens: Some(2),
+        ..Script::default()
+    };
+    let h = start(vec![stalls], |c| c.deadlines = deadlines(0.0, 1.5)).await;
+    let body = json!({"model": "demo", "prompt": "hello world", "max_tokens": 10, "stream": true});
+    let t0 = Instant::now();
+    let resp = h.send(body).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "the first tokens came in time"
+    );
+    let bytes = tokio::time::timeout(
+        ANSWER_WITHIN,
+        axum::body::to_bytes(resp.into_body(), 1 << 20),
+    )
+    .await
+    .expect("the stream ends, not hangs")
+    .expect("body");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "not before the deadline"
+    );
+    let events = sse_payloads(&String::from_utf8_lossy(&bytes));
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(text, "he", "the tokens sent before the silence: {events:?}");
+    let n = events.len();
+    assert!(n >= 2, "{events:?}");
+    assert_timeout_body(&events[n - 2], "--request_timeout");
+    assert_eq!(events[n - 1], "[DONE]", "{events:?}");
+    let w = &h.workers[0].worker;
+    assert!(
+        eventually(|| w.aborted().len() == 1 && w.running() == 0).await,
+        "the worker request was aborted"
+    );
+    assert_eq!(h.breaker(0), BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn a_request_that_finishes_in_time_is_unaffected_and_carries_its_deadline_to_the_worker() {
+    let h = start(vec![Script::default()], |c| {
+        c.deadlines = deadlines(10.0, 30.0)
+    })
+    .await;
+    for stream in [false, true] {
+        let mut body = normal();
+        body["stream"] = json!(stream);
+        let (status, v) = h.post(body).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+    }
+    let (status, v) = h.post(normal()).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], "he");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let sent = h.workers[0].worker.grpc_timeouts();
+    assert_eq!(sent.len(), 3);
+    for t in sent {
+        // tonic writes the deadline in the finest unit that fits 8 digits: here microseconds.
+        let t = t.expect("every Generate carries a grpc-timeout");
+        let micros: u64 = t.trim_end_matches('u').parse().expect("microseconds");
+        assert!(
+            (20_000_000..=30_000_000).contains(&micros),
+            "the request's remaining time, at most --request_timeout: {t}"
+        );
+    }
+    assert!(h.workers[0].worker.aborted().is_empty());
+
+    // Without a request timeout, the worker gets no deadline.
+    let h = start(vec![Script::default()], |c| {
+        c.deadlines = deadlines(0.0, 0.0)
+    })
+    .await;
+    assert_eq!(h.post(normal()).await.0, StatusCode::OK);
+    assert_eq!(h.workers[0].worker.grpc_timeouts(), vec![None]);
+}
+
+#[tokio::test]
+async fn a_worker_that_accepts_and_never_answers_gets_504s_then_its_breaker_opens() {
+    // Worker 0 freezes, as a SIGSTOPped process: connections stay up, nothing is answered.
+    let h = start(vec![Script::default(), Script::default()], |c| {
+        c.deadlines = deadlines(0.5, 0.0);
+    })
+    .await;
+    h.workers[0].worker.set_frozen(true);
+    let mut timeouts = 0;
+    let mut served = 0;
+    for _ in 0..8 {
+        let (status, v) = tokio::time::timeout(ANSWER_WITHIN, h.post(normal()))
+            .await
+            .expect("answered, not hung");
+        match status {
+            StatusCode::OK => served += 1,
+            StatusCode::GATEWAY_TIMEOUT => {
+                assert_timeout_body(&v, "--first_token_timeout");
+                timeouts += 1;
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    // Round robin: requests 1 and 3 met the frozen worker (2 failures open its breaker),
+    // every later one went to worker 1.
+    assert_eq!(timeouts, 2, "then the breaker kept requests away");
+    assert_eq!(served, 6);
+    assert_eq!(
+        h.breaker(0),
+        BreakerState::Open,
+        "a worker that produced nothing is blamed"
+    );
+    assert_eq!(h.breaker(1), BreakerState::Closed);
+    h.workers[0].worker.set_frozen(false);
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_its_worker_went_silent_ends_with_an_in_band_504_not_503() {
+    use llmapi_router::pool::LINK_KEEPALIVE_INTERVAL;
+    // The worker sends two tokens, goes silent past a keep-alive interval (as a stopped
+    // process does), then its link dies (as the keep-alive check ends it): a timeout.
+    let stalls = Script {
+        stall_after_tokens: Some(2),
+        ..Script::default()
+    };
+    let h = start(vec![stalls], |c| c.deadlines = deadlines(0.0, 0.0)).await;
+    let body = json!({"model": "demo", "prompt": "hello world", "max_tokens": 10, "stream": true});
+    let resp = h.send(body).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    tokio::time::sleep(LINK_KEEPALIVE_INTERVAL + Duration::from_millis(300)).await;
+    h.workers[0].kill();
+    let bytes = tokio::time::timeout(
+        ANSWER_WITHIN,
+        axum::body::to_bytes(resp.into_body(), 1 << 20),
+    )
+    .await
+    .expect("the stream ends, not hangs")
+    .expect("body");
+    let events = sse_payloads(&String::from_utf8_lossy(&bytes));
+    let n = events.len();
+    assert!(n >= 2, "{events:?}");
+    assert_eq!(events[n - 2]["error"]["code"], 504, "{events:?}");
+    assert!(
+        message(&events[n - 2]).contains("stopped answering"),
+        "{events:?}"
+    );
+    assert_eq!(events[n - 1], "[DONE]");
 }

@@ -13,13 +13,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod chaos;
+pub mod cluster;
+pub mod sse;
+
 /// Path of a workspace binary built beside the tests; panics with what to run if missing.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // A test executable lives in target/<profile>/deps, a binary (llmapi-chaos) beside the
+    // others in target/<profile>.
+    let parent = exe.parent().expect("an executable lives in a directory");
+    let dir = if parent.ends_with("deps") {
+        parent.parent().unwrap_or(parent)
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -243,6 +251,19 @@ pub fn send(
 ) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write_request(&mut s, port, method, path, body, headers)?;
+    Ok(s)
+}
+
+/// Writes one HTTP/1.1 request (`Connection: close`) to `s`.
+fn write_request(
+    s: &mut impl Write,
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<()> {
     let mut head =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
     for (k, v) in headers {
@@ -260,11 +281,44 @@ pub fn send(
         // A server may answer (413) and close before reading a huge body.
         let _ = s.write_all(b);
     }
-    Ok(s)
+    s.flush()
+}
+
+/// One request over HTTPS to 127.0.0.1:`port`, trusting only the CA certificates in
+/// `roots_pem` and verifying the name `server_name`; read to the end.
+pub fn https_request(
+    port: u16,
+    roots_pem: &str,
+    server_name: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<HttpResponse> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(std::io::Error::other)?)
+            .map_err(std::io::Error::other)?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from(server_name.to_owned()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+        .map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let bytes = body.map(|b| b.to_string().into_bytes());
+    write_request(&mut tls, port, method, path, bytes.as_deref(), &[])?;
+    read_response(tls)
 }
 
 /// Reads a full response from `stream`.
-pub fn read_response(stream: TcpStream) -> std::io::Result<HttpResponse> {
+pub fn read_response(stream: impl Read) -> std::io::Result<HttpResponse> {
     let mut r = BufReader::new(stream);
     let mut line = String::new();
     r.read_line(&mut line)?;
@@ -301,6 +355,13 @@ pub fn read_response(stream: TcpStream) -> std::io::Result<HttpResponse> {
             r.read_exact(&mut chunk)?;
             body.extend_from_slice(&chunk[..size]);
         }
+    } else if let Some(len) = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
     } else {
         r.read_to_end(&mut body)?;
     }

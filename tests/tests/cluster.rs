@@ -2,105 +2,27 @@
 //! kv_cache_aware prefix affinity, a worker killed mid-run and its return, admission errors,
 //! and a router without the workers' secret getting no service from them.
 
-use std::io::{BufRead, BufReader};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use llmapi_tests::cluster::{self, SECRET, Worker, healthy_count, routed, worker_field};
+use llmapi_tests::sse::{first_event, read_sse};
 use llmapi_tests::{
-    Proc, bench_model, bin, demo_model, free_port, get, post, request, send, serve, wait_healthy,
-    wait_until,
+    Proc, bench_model, demo_model, free_port, get, post, request, send, wait_healthy, wait_until,
 };
-use serde_json::{Value, json};
-use std::path::Path;
-
-struct Worker {
-    _proc: Proc,
-    grpc: u16,
-    http: u16,
-}
+use serde_json::json;
 
 fn worker(model: &Path, grpc: u16) -> Worker {
-    worker_with(model, grpc, &[])
-}
-
-/// The secret the test workers share (LLMAPI_JOB_TOKEN) and the router sends.
-const SECRET: &str = "cluster-test-secret-6f1d2b9a0c3e";
-
-fn worker_with(model: &Path, grpc: u16, extra: &[&str]) -> Worker {
-    let http = free_port();
-    let proc = serve(
-        model,
-        http,
-        extra,
-        &[
-            ("LLMAPI_WORKER_ADDR", format!("127.0.0.1:{grpc}")),
-            ("LLMAPI_JOB_TOKEN", SECRET.to_owned()),
-        ],
-    );
-    Worker {
-        _proc: proc,
-        grpc,
-        http,
-    }
+    cluster::worker(model, grpc, &[])
 }
 
 fn router(model: &Path, grpcs: &[u16], policy: &str, extra: &[&str]) -> (Proc, u16) {
-    router_with_token(model, grpcs, policy, extra, Some(SECRET))
+    cluster::router(model, grpcs, policy, extra, Some(SECRET))
 }
 
-fn router_with_token(
-    model: &Path,
-    grpcs: &[u16],
-    policy: &str,
-    extra: &[&str],
-    token: Option<&str>,
-) -> (Proc, u16) {
-    let port = free_port();
-    let urls: Vec<String> = grpcs
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect();
-    let mut cmd = Command::new(bin("llmapi-router"));
-    cmd.arg(model)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--worker_urls", &urls.join(",")])
-        .args(["--routing_policy", policy])
-        .args(["--health_check_interval_ms", "200"])
-        .args(extra)
-        .env_remove("LLMAPI_WORKER_TOKEN");
-    if let Some(t) = token {
-        cmd.env("LLMAPI_WORKER_TOKEN", t);
-    }
-    let p = Proc::spawn(&format!("router-{port}"), cmd);
-    (p, port)
-}
-
-/// A number the router's /workers reports for a worker (by gRPC port).
-fn worker_field(router: u16, grpc: u16, field: &str) -> u64 {
-    let w = get(router, "/workers").json();
-    w["workers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|w| {
-            w["url"]
-                .as_str()
-                .is_some_and(|u| u.ends_with(&format!(":{grpc}")))
-        })
-        .and_then(|w| w[field].as_u64())
-        .unwrap_or(0)
-}
-
-/// Requests each worker (by gRPC port) has taken, from the router's /workers.
-fn routed(router: u16, grpc: u16) -> u64 {
-    worker_field(router, grpc, "requests")
-}
-
-fn healthy_count(router: u16) -> usize {
-    get(router, "/workers").json()["workers"]
-        .as_array()
-        .map(|ws| ws.iter().filter(|w| w["healthy"] == true).count())
-        .unwrap_or(0)
+/// Reads an open SSE response to its first event (30 s at most).
+fn first(stream: std::net::TcpStream) -> std::io::BufReader<std::net::TcpStream> {
+    first_event(stream, Duration::from_secs(30)).expect("an SSE event within 30 s")
 }
 
 #[test]
@@ -179,8 +101,8 @@ fn kv_cache_aware_forgets_a_prefix_once_its_worker_evicts_it() {
     // 8 KV blocks of 32 tokens per worker: one long request evicts everything cached before.
     let small = ["--set", "kv_cache_config.max_tokens=256"];
     let (a, b) = (
-        worker_with(demo_model(), free_port(), &small),
-        worker_with(demo_model(), free_port(), &small),
+        cluster::worker(demo_model(), free_port(), &small),
+        cluster::worker(demo_model(), free_port(), &small),
     );
     let (_router, port) = router(demo_model(), &[a.grpc, b.grpc], "kv_cache_aware", &[]);
     wait_healthy(port, Duration::from_secs(30));
@@ -220,46 +142,6 @@ fn kv_cache_aware_forgets_a_prefix_once_its_worker_evicts_it() {
     drop((a, b));
 }
 
-/// Reads an open SSE response until its first `data:` line (the first token has arrived).
-fn first_event(stream: std::net::TcpStream) -> BufReader<std::net::TcpStream> {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut r = BufReader::new(stream);
-    let mut line = String::new();
-    for _ in 0..100 {
-        line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) if line.starts_with("data: ") => return r,
-            Ok(_) => {}
-        }
-    }
-    panic!("no SSE event arrived");
-}
-
-/// Reads an SSE response until `[DONE]` or EOF; returns the payloads.
-fn read_sse(mut r: BufReader<std::net::TcpStream>, limit: Duration) -> (Vec<Value>, Duration) {
-    let start = Instant::now();
-    let _ = r.get_ref().set_read_timeout(Some(limit));
-    let mut events = Vec::new();
-    let mut line = String::new();
-    while start.elapsed() < limit {
-        line.clear();
-        match r.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        if let Some(d) = line.trim_end().strip_prefix("data: ") {
-            let v = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()));
-            let done = v == json!("[DONE]");
-            events.push(v);
-            if done {
-                break;
-            }
-        }
-    }
-    (events, start.elapsed())
-}
-
 #[test]
 fn a_killed_worker_ends_its_streams_with_an_error_and_the_router_recovers_when_it_returns() {
     let model = bench_model();
@@ -280,9 +162,9 @@ fn a_killed_worker_ends_its_streams_with_an_error_and_the_router_recovers_when_i
     let mut streams = Vec::new();
     for _ in 0..2 {
         let s = send(port, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
-        streams.push(first_event(s));
+        streams.push(first(s));
     }
-    a._proc.kill();
+    a.proc.kill();
     let killed_at = Instant::now();
     let mut ended_with_error = 0;
     for s in streams {
@@ -362,7 +244,7 @@ fn router_reports_admission_and_availability_errors() {
     wait_healthy(port2, Duration::from_secs(30));
     let body = json!({"model": "bench", "prompt": "long", "max_tokens": 500, "ignore_eos": true, "stream": true}).to_string();
     let held = send(port2, "POST", "/v1/completions", Some(body.as_bytes()), &[]).expect("connect");
-    let _held = first_event(held);
+    let _held = first(held);
     let r = post(
         port2,
         "/v1/completions",
@@ -378,7 +260,7 @@ fn router_reports_admission_and_availability_errors() {
 fn a_router_without_the_workers_secret_gets_no_service() {
     let w = worker(demo_model(), free_port());
     for token in [None, Some("cluster-test-secret-6f1d2b9a0c3X")] {
-        let (_router, port) = router_with_token(demo_model(), &[w.grpc], "round_robin", &[], token);
+        let (_router, port) = cluster::router(demo_model(), &[w.grpc], "round_robin", &[], token);
         assert!(wait_until(Duration::from_secs(10), || {
             request(port, "GET", "/version", None, &[]).is_ok_and(|r| r.status == 200)
         }));

@@ -49,15 +49,19 @@ fn serve_answers_completions_and_chat_streaming_and_not() {
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert!(v["choices"][0]["message"]["content"].is_string());
 
+    // Sampled at the default temperature, the demo model may draw its end-of-sequence token
+    // within six tokens (finish_reason "stop"): ignore_eos makes "length" the only ending.
     for (path, body) in [
         (
             "/v1/completions",
-            json!({"model": "demo", "prompt": "Once upon", "max_tokens": 6, "stream": true}),
+            json!({"model": "demo", "prompt": "Once upon", "max_tokens": 6, "stream": true,
+            "ignore_eos": true}),
         ),
         (
             "/v1/chat/completions",
             json!({"model": "demo", "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true}}),
+            "max_tokens": 6, "stream": true, "stream_options": {"include_usage": true},
+            "ignore_eos": true}),
         ),
     ] {
         let r = post(port, path, &body);

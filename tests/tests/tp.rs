@@ -1,6 +1,7 @@
 //! `llmapi-launch serve MODEL --tp_size 2` without Slurm: the server starts its second rank as
 //! a child process, answers exactly as one rank does, stops its rank on SIGTERM, and when the
-//! rank is killed mid-stream the client's stream ends and the server exits naming the rank.
+//! rank is killed mid-stream the client's stream ends and, with `--max_restarts 0`, the server
+//! exits naming the rank.
 
 use std::io::{BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
@@ -83,7 +84,13 @@ fn serve_with_tp_size_2_answers_like_one_rank_and_stops_its_rank_on_sigterm() {
 #[test]
 fn killing_a_rank_mid_stream_ends_the_stream_and_the_server_exits_naming_it() {
     let port = free_port();
-    let mut server = serve(demo_model(), port, &["--tp_size", "2"], &[]);
+    // Without restarts (restart.rs covers the group restarting instead).
+    let mut server = serve(
+        demo_model(),
+        port,
+        &["--tp_size", "2", "--max_restarts", "0"],
+        &[],
+    );
     let ranks = children(server.pid());
     assert_eq!(ranks.len(), 1, "{ranks:?}");
     let body = json!({"model": "demo", "prompt": "Once upon a time", "max_tokens": 1900,

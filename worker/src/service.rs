@@ -2,7 +2,10 @@
 //!
 //! Generate streams the engine's token events as proto responses; when the caller drops the
 //! stream the engine receiver is dropped with it, which aborts the request and frees its KV
-//! blocks. Health, Info and Load read the engine; a Health probe runs a real one-token request.
+//! blocks. A call's gRPC deadline (`grpc-timeout`, the router's `--request_timeout`) bounds
+//! the whole stream: past it the request is aborted, its KV blocks are freed and the call ends
+//! with DEADLINE_EXCEEDED, even while the caller is still connected (tonic's own deadline
+//! covers only the call's headers, not its stream). Health, Info and Load read the engine; a Health probe runs a real one-token request.
 //! Every call is authenticated by the job secret (`llmapi_proto::auth`): `serve` takes it.
 
 use std::future::Future;
@@ -61,16 +64,24 @@ impl WorkerService {
 
 /// Serves `service` on `listener` until `shutdown` resolves. Every call must carry
 /// `authorization: Bearer <secret>` with the secret `auth` holds (the job secret); others are
-/// answered UNAUTHENTICATED before they reach the engine.
+/// answered UNAUTHENTICATED before they reach the engine. With `tls` the listener speaks only
+/// TLS (`llmapi_proto::tls::TransportTls::grpc_server`; with a client CA, only to clients
+/// holding a certificate it signed): a plaintext or wrongly certified client never gets as
+/// far as the token check.
 pub async fn serve(
     service: WorkerService,
     listener: tokio::net::TcpListener,
     auth: RequireToken,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     // Token frames are small: without TCP_NODELAY each waits for Nagle's algorithm (~40 ms).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    server
         .add_service(InterceptedService::new(
             WorkerServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -143,12 +154,44 @@ fn trace_context(request: &Request<pb::GenerateRequest>) -> TraceContext {
     TraceContext::continue_from(md("traceparent").or(field), md("tracestate"))
 }
 
-/// Turns engine events into proto responses; ends after Finished or Error. Its log lines go
-/// to the request's `span`.
+/// The call's gRPC deadline (`grpc-timeout`: at most 8 digits and a unit, H M S m u n), or
+/// None when it has none or it cannot be read.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let unit = v.chars().last()?;
+    let digits = v.get(..v.len() - unit.len_utf8())?;
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(n * 3600),
+        'M' => Duration::from_secs(n * 60),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// What ends a request whose gRPC deadline passes: its id and the engine that runs it.
+struct Deadline {
+    /// Fires at the deadline; one timer for the whole stream, not one per token.
+    timer: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+    request_id: String,
+    engine: EngineHandle,
+}
+
+/// Turns engine events into proto responses; ends after Finished or Error, or with
+/// DEADLINE_EXCEEDED (aborting the request) once `deadline` passes. Its log lines go to the
+/// request's `span`.
 fn responses(
     rx: UnboundedReceiver<TokenEvent>,
     span: tracing::Span,
     otlp: Option<GenerateSpan>,
+    deadline: Option<Deadline>,
 ) -> impl Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static {
     struct St {
         rx: UnboundedReceiver<TokenEvent>,
@@ -156,6 +199,7 @@ fn responses(
         done: bool,
         span: tracing::Span,
         otlp: Option<GenerateSpan>,
+        deadline: Option<Deadline>,
     }
     let st = St {
         rx,
@@ -163,13 +207,43 @@ fn responses(
         done: false,
         span,
         otlp,
+        deadline,
     };
     futures::stream::unfold(st, |mut st| async move {
         loop {
             if st.done {
                 return None;
             }
-            let Some(ev) = st.rx.recv().await else {
+            let St { rx, deadline, .. } = &mut st;
+            let expired = async {
+                match deadline {
+                    Some(d) => d.timer.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                () = expired => {
+                    st.done = true;
+                    let message = match st.deadline.take() {
+                        Some(d) => {
+                            // The abort frees the KV blocks now, not when the caller leaves.
+                            d.engine.abort(&d.request_id);
+                            format!(
+                                "the request ran past its deadline ({:.3} s, the caller's grpc-timeout); aborted",
+                                d.limit.as_secs_f64()
+                            )
+                        }
+                        None => "the request ran past its deadline; aborted".to_owned(),
+                    };
+                    if let Some(mut s) = st.otlp.take() {
+                        s.failed(&message);
+                    }
+                    st.span.in_scope(|| tracing::info!("request ran past its deadline; aborted"));
+                    return Some((Err(Status::deadline_exceeded(message)), st));
+                }
+            };
+            let Some(ev) = ev else {
                 st.done = true;
                 if let Some(mut s) = st.otlp.take() {
                     s.failed("the engine dropped the request");
@@ -271,6 +345,7 @@ impl Worker for WorkerService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let trace = trace_context(&request);
+        let timeout = grpc_timeout(request.metadata());
         let req = request.into_inner();
         if req.request_id.is_empty() {
             return Err(Status::invalid_argument("request_id is empty"));
@@ -283,6 +358,12 @@ impl Worker for WorkerService {
             parent_span_id = %trace.parent_id_hex(),
         );
         let prompt_tokens = req.prompt_token_ids.len();
+        let deadline = timeout.map(|limit| Deadline {
+            timer: Box::pin(tokio::time::sleep(limit)),
+            limit,
+            request_id: req.request_id.clone(),
+            engine: self.engine.clone(),
+        });
         let otlp = GenerateSpan::open(self.spans.as_ref(), &trace, &req.request_id, prompt_tokens);
         let rx = match self.engine.submit(params(req)) {
             Ok(rx) => rx,
@@ -296,7 +377,7 @@ impl Worker for WorkerService {
         };
         span.in_scope(|| tracing::debug!(prompt_tokens, "generate"));
         let mut response =
-            Response::new(Box::pin(responses(rx, span, otlp)) as Self::GenerateStream);
+            Response::new(Box::pin(responses(rx, span, otlp, deadline)) as Self::GenerateStream);
         // The caller learns which span served it (W3C trace context level 2's traceresponse).
         if let Ok(v) = trace.traceparent().parse() {
             response.metadata_mut().insert("traceresponse", v);
@@ -414,4 +495,29 @@ async fn finish_of(mut rx: UnboundedReceiver<TokenEvent>) -> Result<(), String> 
         }
     }
     Err("the engine dropped the probe".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout_of(v: &str) -> Option<Duration> {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("grpc-timeout", v.parse().ok()?);
+        grpc_timeout(&md)
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_bad_ones_ignored() {
+        assert_eq!(timeout_of("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout_of("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout_of("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(timeout_of("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(timeout_of("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(timeout_of("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(timeout_of("123456789S"), None, "more than 8 digits");
+        assert_eq!(timeout_of("S"), None);
+        assert_eq!(timeout_of("10x"), None);
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
 }

@@ -116,6 +116,34 @@ async fn without_an_admin_token_registration_is_off_for_everyone() {
 }
 
 #[tokio::test]
+async fn a_job_secret_registers_beside_an_operators_admin_token() {
+    // A Slurm job's embedded router with LLMAPI_ADMIN_TOKEN set: the operator's token and the
+    // job secret the tasks hold both manage the pool; the API key still does not.
+    let h =
+        start(|c| c.job_token = llmapi_router::auth::Secret::new("job", "job-secret").ok()).await;
+    let body = json!({"url": h.workers[0].url()});
+    for (auth, want) in [
+        ("Bearer job-secret", 202),
+        (&*format!("Bearer {ADMIN_TOKEN}"), 202),
+        ("Bearer sk-api-key", 401),
+        ("Bearer job-secre", 401),
+    ] {
+        let a = h.send("POST", "/workers", Some(&body), Some(auth)).await;
+        assert_eq!(a.status.as_u16(), want, "{auth}: {}", a.body);
+    }
+    // The job secret alone (no admin token) is enough to turn registration on.
+    let h = start(|c| {
+        c.admin_token = None;
+        c.job_token = llmapi_router::auth::Secret::new("job", "job-secret").ok();
+    })
+    .await;
+    let a = h
+        .send("POST", "/workers", Some(&body), Some("Bearer job-secret"))
+        .await;
+    assert_eq!(a.status.as_u16(), 202, "{}", a.body);
+}
+
+#[tokio::test]
 async fn a_metrics_port_serves_metrics_apart_with_the_same_keys() {
     let listeners = Listeners::bind("127.0.0.1", 0, Some(0))
         .await

@@ -4,6 +4,7 @@
 //! thread. `EngineHandle` (cheap to clone, Send + Sync) validates requests synchronously and
 //! talks to that thread over a channel. Dropping a request's receiver aborts it.
 
+mod fault;
 mod liveness;
 mod runner;
 mod types;

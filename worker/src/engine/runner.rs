@@ -366,6 +366,7 @@ impl Runner {
             }
             return Ok(());
         }
+        super::fault::before_step();
         let chunks: Vec<SeqChunk<'_>> = plan
             .iter()
             .map(|item| {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use llmapi_common::model_config::ModelConfig;
@@ -105,6 +105,7 @@ pub async fn serve_worker(engine: EngineHandle) -> SocketAddr {
         WorkerService::new(engine, 1, 1),
         listener,
         RequireToken::new(SECRET).unwrap(),
+        None,
         std::future::pending(),
     ));
     addr
@@ -128,6 +129,9 @@ pub struct Gate {
     pub hold: AtomicBool,
     /// The next step panics.
     pub panic: AtomicBool,
+    /// Every step takes at least this many milliseconds: a request of many tokens runs for
+    /// as long as a test needs, stepping all the while.
+    pub step_ms: AtomicU64,
 }
 
 /// Test double: a backend of the golden llama's vocabulary whose logits are all zero (greedy
@@ -155,6 +159,10 @@ impl Backend for GatedBackend {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.gate.hold.load(Ordering::SeqCst) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
+        }
+        let step_ms = self.gate.step_ms.load(Ordering::SeqCst);
+        if step_ms > 0 {
+            std::thread::sleep(Duration::from_millis(step_ms));
         }
         if self.gate.panic.swap(false, Ordering::SeqCst) {
             panic!("injected fault in forward");
