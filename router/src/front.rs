@@ -31,6 +31,13 @@ use tokio::time::Instant;
 /// How often a front whose connection slots are all taken says so.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
 
+/// How long a connection that has not begun a request yet may take to deliver its first one
+/// once the front stops (it was accepted as the drain ended; its request is on the way).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// How often a stopping connection looks whether its first request has begun.
+const FIRST_REQUEST_POLL: Duration = Duration::from_millis(10);
+
 /// Limits on the front's connections (`--max_connections`, `--header_read_timeout_s`,
 /// `--timeout_keep_alive`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +110,12 @@ pub async fn serve(
     // so `closed_tx.closed()` resolves when the last one is gone.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (closed_tx, closed_rx) = watch::channel(());
+    let connection = Connection {
+        app,
+        limits,
+        stop: stop_rx,
+        closed: closed_rx,
+    };
     tokio::pin!(shutdown);
     let mut warned_full: Option<Instant> = None;
     loop {
@@ -111,7 +124,7 @@ pub async fn serve(
         {
             warned_full = Some(Instant::now());
             tracing::warn!(
-                max_connections = limits.max_connections,
+                max_connections = connection.limits.max_connections,
                 "every connection slot is in use; new connections wait to be accepted (raise --max_connections if clients are legitimate)"
             );
         }
@@ -133,36 +146,58 @@ pub async fn serve(
                 }
             },
         };
-        // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
-        let _ = tcp.set_nodelay(true);
-        let connection = Connection {
-            app: app.clone(),
-            limits: limits.clone(),
-            stop: stop_rx.clone(),
-            closed: closed_rx.clone(),
+        spawn_connection(tcp, peer, slot, &connection, tls.as_ref());
+    }
+    // Connections the kernel completed before the listener closes would be reset by the close
+    // with their request unread: accept those waiting now (while slots last), asking the socket
+    // itself rather than the reactor (whose readiness may lag), then close, so that a client
+    // sees either an answer or a refused connection.
+    let listener = listener.into_std()?;
+    while let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+        let Ok((tcp, peer)) = listener.accept() else {
+            break;
         };
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            match tls {
-                None => connection.run(tcp).await,
-                Some(tls) => {
-                    let timeout = connection.limits.header_read_timeout;
-                    match tokio::time::timeout(timeout, tls.accept(tcp)).await {
-                        Ok(Ok(stream)) => connection.run(stream).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
-            }
-            tracing::trace!(%peer, "connection closed");
-            drop(slot);
-        });
+        let tcp = tcp
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpStream::from_std(tcp));
+        if let Ok(tcp) = tcp {
+            spawn_connection(tcp, peer, slot, &connection, tls.as_ref());
+        }
     }
     drop(listener);
     let _ = stop_tx.send(true);
-    drop(closed_rx);
+    drop(connection);
     closed_tx.closed().await;
     Ok(())
+}
+
+/// Serves one accepted connection on its own task, which holds `slot` until it closes.
+fn spawn_connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    template: &Connection,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) {
+    // SSE chunks are small: send each at once rather than wait for Nagle's algorithm.
+    let _ = tcp.set_nodelay(true);
+    let connection = template.clone();
+    let tls = tls.cloned();
+    tokio::spawn(async move {
+        match tls {
+            None => connection.run(tcp).await,
+            Some(tls) => {
+                let timeout = connection.limits.header_read_timeout;
+                match tokio::time::timeout(timeout, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => connection.run(stream).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            }
+        }
+        tracing::trace!(%peer, "connection closed");
+        drop(slot);
+    });
 }
 
 /// An accept that failed: a connection error (the peer left before the accept) is nothing to
@@ -179,6 +214,7 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+#[derive(Clone)]
 struct Connection {
     app: Router,
     limits: ConnectionLimits,
@@ -205,6 +241,8 @@ impl Connection {
         tokio::pin!(conn);
         let idle = self.limits.keep_alive_timeout;
         let mut closing = false;
+        // Set when the front stops before this connection began a request: when to give up.
+        let mut first_request_by: Option<Instant> = None;
         let mut check_at = activity.last() + idle;
         loop {
             tokio::select! {
@@ -214,9 +252,23 @@ impl Connection {
                     }
                     break;
                 }
-                _ = self.stop.wait_for(|stop| *stop), if !closing => {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
+                _ = self.stop.wait_for(|stop| *stop), if !closing && first_request_by.is_none() => {
+                    if activity.begun.load(Ordering::Relaxed) > 0 {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        // Closed now, its request would go unanswered: let it arrive (and be
+                        // answered, 503 while draining) unless it takes too long.
+                        first_request_by = Some(Instant::now() + FIRST_REQUEST_GRACE);
+                    }
+                }
+                () = tokio::time::sleep(FIRST_REQUEST_POLL), if !closing && first_request_by.is_some() => {
+                    if activity.begun.load(Ordering::Relaxed) > 0
+                        || first_request_by.is_some_and(|by| Instant::now() >= by)
+                    {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
                 () = tokio::time::sleep_until(check_at), if !closing => {
                     let now = Instant::now();
@@ -273,6 +325,7 @@ struct OpenRequest(Arc<Activity>);
 impl OpenRequest {
     fn new(activity: Arc<Activity>) -> Self {
         activity.requests.fetch_add(1, Ordering::Relaxed);
+        activity.begun.fetch_add(1, Ordering::Relaxed);
         Self(activity)
     }
 }
@@ -291,6 +344,8 @@ struct Activity {
     last_ms: AtomicU64,
     /// Requests called and whose response body is not done yet.
     requests: AtomicUsize,
+    /// Requests called since the connection opened.
+    begun: AtomicUsize,
 }
 
 impl Activity {
@@ -299,6 +354,7 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
+            begun: AtomicUsize::new(0),
         }
     }
 

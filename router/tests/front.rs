@@ -238,3 +238,26 @@ async fn shutdown_closes_idle_connections_and_returns() {
         .unwrap();
     assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
 }
+
+#[tokio::test]
+async fn a_connection_opened_as_the_server_stops_gets_its_answer_then_new_ones_are_refused() {
+    let (addr, stop) = start(ConnectionLimits::default()).await;
+    // Connected (and accepted) but its request not sent yet when the server stops: closing it
+    // now would leave the request it is about to send unanswered.
+    let mut fresh = TcpStream::connect(addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fresh.write_all(REQUEST).await.unwrap();
+    let status = timeout(Duration::from_secs(5), read_response(&mut fresh))
+        .await
+        .expect("answered in time");
+    assert!(status == 200 || status == 503, "status {status}");
+    assert!(closed_within(&mut fresh, Duration::from_secs(5)).await);
+    // Once served, the listener is closed: a client is refused, not accepted and dropped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the listener still accepts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
