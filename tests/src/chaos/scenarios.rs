@@ -18,7 +18,7 @@ const CLIENT_LIMIT: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT_S: u64 = 20;
 const FIRST_TOKEN_TIMEOUT_S: u64 = 5;
 /// The drain timeout of the SIGTERM scenario (seconds).
-const DRAIN_S: u64 = 4;
+const DRAIN_S: u64 = 8;
 
 fn two_workers(cfg: &Config, extra: &[&str]) -> (Worker, Worker) {
     let (ga, gb) = (crate::free_port(), crate::free_port());
@@ -345,8 +345,8 @@ pub fn drain(cfg: &Config) -> Report {
     let drain = DRAIN_S.to_string();
     let (mut router_proc, port) = router_over(cfg, &a, &b, &["--drain_timeout_s", &drain]);
     let clients = cfg.scale(4, 16);
-    let short = stream_body(cfg, 16);
-    let long = stream_body(cfg, 3000);
+    let short = stream_body(cfg, 8);
+    let long = stream_body(cfg, 4000);
     let mut checks = Vec::new();
     let mut long_outcomes = Vec::new();
     let mut exited_in = None;
