@@ -18,6 +18,7 @@ use llmapi_proto::v1::{
 use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
 
+use llmapi_common::block_hash::BlockHash;
 use llmapi_common::trace_context::TraceContext;
 use tonic::metadata::MetadataValue;
 
@@ -35,7 +36,7 @@ pub struct ChoiceJob {
     /// Worker request (request_id unique per choice).
     pub request: GenerateRequest,
     /// Hashes of the prompt's full blocks, for kv_cache_aware routing.
-    pub block_hashes: Arc<Vec<u64>>,
+    pub block_hashes: Arc<Vec<BlockHash>>,
     /// Stop strings.
     pub stop: Vec<String>,
     /// The router's span of this request: the worker's parent, sent as gRPC metadata.

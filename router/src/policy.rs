@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use llmapi_common::block_hash::BlockHash;
+
 use crate::pool::Worker;
 
 /// The `--routing_policy` values.
@@ -66,7 +68,7 @@ impl Router {
     pub fn pick(
         &self,
         candidates: &[Arc<Worker>],
-        block_hashes: &[u64],
+        block_hashes: &[BlockHash],
     ) -> Option<(Arc<Worker>, usize)> {
         if candidates.is_empty() {
             return None;
@@ -92,7 +94,7 @@ impl Router {
         Some((chosen, matched))
     }
 
-    fn cache_aware(&self, candidates: &[Arc<Worker>], block_hashes: &[u64]) -> Arc<Worker> {
+    fn cache_aware(&self, candidates: &[Arc<Worker>], block_hashes: &[BlockHash]) -> Arc<Worker> {
         let scores: Vec<usize> = candidates.iter().map(|w| w.score()).collect();
         let max = scores.iter().copied().max().unwrap_or(0);
         let min = scores.iter().copied().min().unwrap_or(0);

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use llmapi_common::block_hash::BlockHash;
 use llmapi_proto::auth::{AttachToken, TokenError};
 use llmapi_proto::limits::MAX_MESSAGE_BYTES;
 use llmapi_proto::tls::TransportTls;
@@ -59,15 +60,15 @@ impl Default for HealthPolicy {
 /// worker's own cache (oldest first out).
 #[derive(Debug, Default)]
 pub struct PrefixCacheView {
-    blocks: HashMap<u64, u64>,
-    order: VecDeque<(u64, u64)>,
+    blocks: HashMap<BlockHash, u64>,
+    order: VecDeque<(BlockHash, u64)>,
     tick: u64,
     capacity: usize,
 }
 
 impl PrefixCacheView {
     /// Number of leading `hashes` this worker is believed to hold.
-    pub fn matched_blocks(&self, hashes: &[u64]) -> usize {
+    pub fn matched_blocks(&self, hashes: &[BlockHash]) -> usize {
         hashes
             .iter()
             .take_while(|h| self.blocks.contains_key(h))
@@ -75,7 +76,7 @@ impl PrefixCacheView {
     }
 
     /// Forgets blocks the worker reported evicted.
-    pub fn remove(&mut self, hashes: &[u64]) {
+    pub fn remove(&mut self, hashes: &[BlockHash]) {
         // Queue entries of removed blocks turn stale and are skipped when popped.
         for h in hashes {
             self.blocks.remove(h);
@@ -99,7 +100,7 @@ impl PrefixCacheView {
     }
 
     /// Records that `hashes` were just sent to this worker.
-    pub fn insert(&mut self, hashes: &[u64]) {
+    pub fn insert(&mut self, hashes: &[BlockHash]) {
         for &h in hashes {
             self.tick += 1;
             self.blocks.insert(h, self.tick);
@@ -438,14 +439,23 @@ impl Worker {
 
     /// Drops what the worker evicted from the view of its prefix cache, and moves the cursor.
     fn apply_evictions(&self, load: &mut LoadResponse) {
-        let evicted = std::mem::take(&mut load.evicted_block_hashes);
+        let wire = std::mem::take(&mut load.evicted_block_hashes);
+        let evicted: Option<Vec<BlockHash>> =
+            wire.iter().map(|b| BlockHash::from_slice(b)).collect();
         {
             let mut cache = lock(&self.cache);
-            if load.evictions_lost {
-                tracing::debug!(worker = %self.url, "worker lost track of its evictions; forgetting its prefix cache");
-                cache.clear();
-            } else if !evicted.is_empty() {
-                cache.remove(&evicted);
+            match evicted {
+                _ if load.evictions_lost => {
+                    tracing::debug!(worker = %self.url, "worker lost track of its evictions; forgetting its prefix cache");
+                    cache.clear();
+                }
+                Some(evicted) => cache.remove(&evicted),
+                None => {
+                    // Not 32-byte SHA-256 hashes: a worker of another version. Its cache
+                    // cannot be followed, so nothing is believed cached there.
+                    tracing::warn!(worker = %self.url, "evicted block hashes are not {} bytes each; forgetting its prefix cache (run router and workers of one version)", BlockHash::LEN);
+                    cache.clear();
+                }
             }
         }
         self.eviction_cursor
@@ -612,6 +622,14 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::PrefixCacheView;
+    use llmapi_common::block_hash::{BlockHash, ROOT_BLOCK_HASH, block_hash};
+
+    /// Distinct hashes, one per `n`.
+    fn h(ns: &[u32]) -> Vec<BlockHash> {
+        ns.iter()
+            .map(|&n| block_hash(&ROOT_BLOCK_HASH, &[n]))
+            .collect()
+    }
 
     #[test]
     fn evicted_blocks_leave_the_view_and_may_come_back() {
@@ -619,20 +637,20 @@ mod tests {
             capacity: 4,
             ..PrefixCacheView::default()
         };
-        v.insert(&[1, 2, 3]);
-        assert_eq!(v.matched_blocks(&[1, 2, 3]), 3);
-        v.remove(&[2]);
+        v.insert(&h(&[1, 2, 3]));
+        assert_eq!(v.matched_blocks(&h(&[1, 2, 3])), 3);
+        v.remove(&h(&[2]));
         assert_eq!(
-            v.matched_blocks(&[1, 2, 3]),
+            v.matched_blocks(&h(&[1, 2, 3])),
             1,
             "the prefix breaks at the evicted block"
         );
-        v.insert(&[2, 4, 5]);
+        v.insert(&h(&[2, 4, 5]));
         // Capacity 4: the oldest live block (1) goes; the stale queue entry of 2 is skipped.
         assert_eq!(v.len(), 4);
-        assert_eq!(v.matched_blocks(&[2, 3, 4, 5]), 4);
+        assert_eq!(v.matched_blocks(&h(&[2, 3, 4, 5])), 4);
         v.clear();
         assert!(v.is_empty());
-        assert_eq!(v.matched_blocks(&[2]), 0);
+        assert_eq!(v.matched_blocks(&h(&[2])), 0);
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
-use llmapi_common::block_hash::prefix_block_hashes;
+use llmapi_common::block_hash::{BlockHash, prefix_block_hashes};
 use llmapi_proto::auth::RequireToken;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use llmapi_proto::v1::{
@@ -80,13 +80,13 @@ impl Default for Script {
 #[derive(Default)]
 struct Shared {
     running: HashMap<String, u64>,
-    cached: HashSet<u64>,
+    cached: HashSet<BlockHash>,
     aborted: Vec<String>,
     requests: Vec<GenerateRequest>,
     trace_metadata: Vec<(Option<String>, Option<String>)>,
     grpc_timeouts: Vec<Option<String>>,
     /// Evicted block hashes; entry i has eviction cursor i + 1.
-    evictions: Vec<u64>,
+    evictions: Vec<BlockHash>,
 }
 
 /// The double's state, inspectable by tests.
@@ -224,7 +224,7 @@ impl ScriptedWorker {
     /// them.
     pub fn evict_all(&self) {
         let mut s = lock(&self.shared);
-        let gone: Vec<u64> = s.cached.drain().collect();
+        let gone: Vec<BlockHash> = s.cached.drain().collect();
         s.evictions.extend(gone);
     }
 
@@ -493,7 +493,10 @@ impl Worker for ScriptedWorker {
         let evicted = if after == 0 || lost {
             Vec::new()
         } else {
-            s.evictions[(after - 1) as usize..].to_vec()
+            s.evictions[(after - 1) as usize..]
+                .iter()
+                .map(|h| h.as_bytes().to_vec())
+                .collect()
         };
         Ok(Response::new(LoadResponse {
             running: s.running.len() as u32,

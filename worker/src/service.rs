@@ -478,7 +478,7 @@ impl Worker for WorkerService {
             queued: l.queued,
             kv_blocks_used: l.kv_blocks_used,
             kv_blocks_free: l.kv_blocks_free,
-            evicted_block_hashes: ev.hashes,
+            evicted_block_hashes: ev.hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
             eviction_cursor: ev.cursor,
             evictions_lost: ev.lost,
         }))

@@ -202,6 +202,40 @@ fn reused_prefix_equals_fresh_and_reports_cached_tokens() {
     assert_eq!(no_reuse[0], first.ids);
 }
 
+/// Two 8-token blocks whose hashes under the 64-bit FNV-1a used before were equal (so a
+/// prompt starting with one was served the other's cached KV); common/src/block_hash.rs
+/// checks the old collision.
+const FNV_COLLISION: ([u32; 8], [u32; 8]) = (
+    [241, 9, 250, 248, 145, 180, 143, 42],
+    [46, 74, 167, 138, 252, 124, 224, 19],
+);
+
+#[test]
+fn a_prompt_forged_to_collide_under_the_old_hash_gets_no_cached_tokens() {
+    let cfg = EngineConfig {
+        tokens_per_block: 8,
+        ..config()
+    };
+    let tail = prompt(9, 17);
+    let victim: Vec<u32> = FNV_COLLISION.0.iter().chain(&tail).copied().collect();
+    let forged: Vec<u32> = FNV_COLLISION.1.iter().chain(&tail).copied().collect();
+    let alone = solo(cfg.clone(), std::slice::from_ref(&forged), 10);
+    let h = Engine::start(&model_dir(), cfg).unwrap();
+    let first = collect(h.submit(greedy("victim", victim.clone(), 10)).unwrap());
+    let again = collect(h.submit(greedy("victim2", victim, 10)).unwrap());
+    assert_eq!(
+        again.usage.cached_tokens, 24,
+        "reuse works: 3 full blocks of 8"
+    );
+    let second = collect(h.submit(greedy("forged", forged, 10)).unwrap());
+    assert_eq!(first.ids, again.ids);
+    assert_eq!(
+        second.usage.cached_tokens, 0,
+        "the forged prompt shares no block with the victim's"
+    );
+    assert_eq!(second.ids, alone[0], "computed from its own tokens");
+}
+
 /// A decode batch of 16 sequences (the rows from which the epilogue runs on the pool; half
 /// of the prompts want every position's logits) (prefill, then 6 steps of one token each) in bf16 mode,
 /// with the fused batch epilogues of a step (rope and K/V store per row on the pool, the

@@ -282,6 +282,13 @@ async fn run_to_end(client: &mut Client, req: GenerateRequest) {
     while stream.message().await.unwrap().is_some() {}
 }
 
+/// Block hashes as the Load RPC sends them (32 bytes each).
+fn hashes(wire: &[Vec<u8>]) -> Vec<llmapi_common::block_hash::BlockHash> {
+    wire.iter()
+        .map(|b| llmapi_common::block_hash::BlockHash::from_slice(b).unwrap())
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn load_reports_prefix_blocks_evicted_after_the_callers_cursor() {
     // 8 blocks of 4 tokens: a second long request must evict the first one's cached prefix.
@@ -316,11 +323,11 @@ async fn load_reports_prefix_blocks_evicted_after_the_callers_cursor() {
     assert!(!after.evictions_lost);
     let a_blocks = llmapi_common::block_hash::prefix_block_hashes(&a, 4);
     assert_eq!(a_blocks.len(), 3);
+    let evicted = hashes(&after.evicted_block_hashes);
     for h in &a_blocks {
         assert!(
-            after.evicted_block_hashes.contains(h),
-            "block {h:x} of the first prompt is reported evicted: {:x?}",
-            after.evicted_block_hashes
+            evicted.contains(h),
+            "block {h:?} of the first prompt is reported evicted: {evicted:?}"
         );
     }
     let again = client
@@ -343,10 +350,9 @@ async fn load_reports_prefix_blocks_evicted_after_the_callers_cursor() {
         .await
         .unwrap()
         .into_inner();
+    let still_evicted = hashes(&recached.evicted_block_hashes);
     assert!(
-        a_blocks
-            .iter()
-            .all(|h| !recached.evicted_block_hashes.contains(h)),
+        a_blocks.iter().all(|h| !still_evicted.contains(h)),
         "re-cached blocks are not reported"
     );
     let foreign = client

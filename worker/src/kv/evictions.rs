@@ -8,11 +8,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::BlockHash;
+
 /// What a reader learns from `EvictionLog::since`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EvictionReport {
     /// Hashes evicted after the reader's cursor and not cached again since, oldest first.
-    pub hashes: Vec<u64>,
+    pub hashes: Vec<BlockHash>,
     /// The cursor to pass next time.
     pub cursor: u64,
     /// Some evictions after the reader's cursor are no longer known.
@@ -26,12 +28,12 @@ pub struct EvictionLog {
     next: u64,
     /// Cursors below this may have missed entries dropped for capacity.
     floor: u64,
-    by_seq: BTreeMap<u64, u64>,
-    seq_of: HashMap<u64, u64>,
+    by_seq: BTreeMap<u64, BlockHash>,
+    seq_of: HashMap<BlockHash, u64>,
     capacity: usize,
 }
 
-/// Entries kept by default: 64 Ki hashes, 1 MiB or so, many Load intervals of churn.
+/// Entries kept by default: 64 Ki hashes, 5 MiB or so, many Load intervals of churn.
 pub const DEFAULT_EVICTION_LOG_CAPACITY: usize = 1 << 16;
 
 impl Default for EvictionLog {
@@ -56,7 +58,7 @@ impl EvictionLog {
     }
 
     /// Records that the block with prefix hash `hash` left the cache.
-    pub fn evicted(&mut self, hash: u64) {
+    pub fn evicted(&mut self, hash: BlockHash) {
         if let Some(old) = self.seq_of.insert(hash, self.next) {
             self.by_seq.remove(&old);
         }
@@ -72,7 +74,7 @@ impl EvictionLog {
     }
 
     /// Records that `hash` is cached again: it is no longer reported as evicted.
-    pub fn cached(&mut self, hash: u64) {
+    pub fn cached(&mut self, hash: BlockHash) {
         if let Some(seq) = self.seq_of.remove(&hash) {
             self.by_seq.remove(&seq);
         }
@@ -101,6 +103,12 @@ impl EvictionLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmapi_common::block_hash::{ROOT_BLOCK_HASH, block_hash};
+
+    /// A distinct hash per `n`.
+    fn h(n: u32) -> BlockHash {
+        block_hash(&ROOT_BLOCK_HASH, &[n])
+    }
 
     #[test]
     fn readers_see_evictions_after_their_cursor_minus_recached_ones() {
@@ -110,28 +118,28 @@ mod tests {
             (first.hashes.len(), first.cursor, first.lost),
             (0, 100, false)
         );
-        log.evicted(7);
-        log.evicted(8);
-        log.evicted(9);
-        log.cached(8);
+        log.evicted(h(7));
+        log.evicted(h(8));
+        log.evicted(h(9));
+        log.cached(h(8));
         let r = log.since(first.cursor);
-        assert_eq!(r.hashes, vec![7, 9]);
+        assert_eq!(r.hashes, vec![h(7), h(9)]);
         assert!(!r.lost);
-        log.evicted(7);
+        log.evicted(h(7));
         let r2 = log.since(r.cursor);
-        assert_eq!(r2.hashes, vec![7], "only what happened after the cursor");
+        assert_eq!(r2.hashes, vec![h(7)], "only what happened after the cursor");
     }
 
     #[test]
     fn overflow_and_foreign_cursors_are_reported_lost() {
         let mut log = EvictionLog::new(10, 2);
         let c = log.since(0).cursor;
-        for h in 1..=3 {
-            log.evicted(h);
+        for i in 1..=3 {
+            log.evicted(h(i));
         }
         let r = log.since(c);
         assert!(r.lost, "the first eviction was dropped for capacity");
-        assert_eq!(r.hashes, vec![2, 3]);
+        assert_eq!(r.hashes, vec![h(2), h(3)]);
         assert!(!log.since(r.cursor).lost);
         assert!(log.since(5).lost, "a cursor from an earlier run");
         assert!(log.since(10_000).lost, "a cursor from the future");

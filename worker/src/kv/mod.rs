@@ -1,14 +1,16 @@
 //! KV block accounting: reference counts, prefix hashes chained over the prefix, LRU eviction.
 //!
-//! Block hashes come from `llmapi_common::block_hash`, shared with the router's
-//! kv_cache_aware policy. This module only hands out block ids; the KV memory itself lives in the backend, which is
-//! indexed by these ids. Not for: attention, scheduling policy.
+//! Block hashes come from `llmapi_common::block_hash` (SHA-256, shared with the router's
+//! kv_cache_aware policy); a block is reused on a hash match alone, which is sound only because
+//! the hash is collision-resistant. This module only hands out block ids; the KV memory itself
+//! lives in the backend, which is indexed by these ids. Not for: attention, scheduling policy.
 
 use std::collections::{BTreeMap, HashMap};
 
 mod evictions;
 
 pub use evictions::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
+pub use llmapi_common::block_hash::{BlockHash, prefix_block_hashes};
 
 /// Index of a block in the backend's KV pool.
 pub type BlockId = u32;
@@ -17,12 +19,10 @@ pub type BlockId = u32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheChange {
     /// A block with this prefix hash became reusable.
-    Cached(u64),
+    Cached(BlockHash),
     /// The block with this prefix hash was evicted.
-    Evicted(u64),
+    Evicted(BlockHash),
 }
-
-pub use llmapi_common::block_hash::prefix_block_hashes;
 
 /// Hands out KV blocks, shares cached prefix blocks and evicts the least recently used ones.
 #[derive(Debug)]
@@ -31,8 +31,8 @@ pub struct BlockManager {
     enable_reuse: bool,
     ref_count: Vec<u32>,
     /// Hash a block is registered under in `cached`, if any.
-    hash_of: Vec<Option<u64>>,
-    cached: HashMap<u64, BlockId>,
+    hash_of: Vec<Option<BlockHash>>,
+    cached: HashMap<BlockHash, BlockId>,
     /// Free blocks that hold no reusable content.
     free_plain: Vec<BlockId>,
     /// Free blocks that hold a cached prefix, keyed by last-use tick (oldest first).
@@ -126,7 +126,7 @@ impl BlockManager {
     }
 
     /// Number of leading `hashes` that are cached, without taking references.
-    pub fn count_cached_prefix(&self, hashes: &[u64]) -> usize {
+    pub fn count_cached_prefix(&self, hashes: &[BlockHash]) -> usize {
         if !self.enable_reuse {
             return 0;
         }
@@ -137,7 +137,7 @@ impl BlockManager {
     }
 
     /// Takes a reference on the longest cached prefix of `hashes` and returns its blocks.
-    pub fn acquire_cached_prefix(&mut self, hashes: &[u64]) -> Vec<BlockId> {
+    pub fn acquire_cached_prefix(&mut self, hashes: &[BlockHash]) -> Vec<BlockId> {
         let n = self.count_cached_prefix(hashes);
         let mut blocks = Vec::with_capacity(n);
         for h in &hashes[..n] {
@@ -155,7 +155,7 @@ impl BlockManager {
     /// Records that `block` now holds the full block whose chained hash is `hash`.
     ///
     /// When another block already holds the same content, this one stays unregistered.
-    pub fn register(&mut self, block: BlockId, hash: u64) {
+    pub fn register(&mut self, block: BlockId, hash: BlockHash) {
         if !self.enable_reuse || self.hash_of[block as usize].is_some() {
             return;
         }
@@ -180,6 +180,12 @@ impl BlockManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmapi_common::block_hash::{ROOT_BLOCK_HASH, block_hash};
+
+    /// A distinct hash per `n`.
+    fn h(n: u32) -> BlockHash {
+        block_hash(&ROOT_BLOCK_HASH, &[n])
+    }
 
     #[test]
     fn released_cached_blocks_are_reused_then_evicted_lru() {
@@ -187,22 +193,22 @@ mod tests {
         let b0 = m.allocate().unwrap();
         let b1 = m.allocate().unwrap();
         assert!(m.allocate().is_none());
-        m.register(b0, 10);
-        m.register(b1, 20);
+        m.register(b0, h(10));
+        m.register(b1, h(20));
         m.release(b0);
         m.release(b1);
         assert_eq!(m.num_free(), 2);
-        assert_eq!(m.acquire_cached_prefix(&[20]), vec![b1]);
+        assert_eq!(m.acquire_cached_prefix(&[h(20)]), vec![b1]);
         assert_eq!(m.num_free(), 1);
         // b0 is the only evictable block: allocating evicts it and forgets its hash.
         assert_eq!(m.allocate(), Some(b0));
-        assert_eq!(m.count_cached_prefix(&[10]), 0);
+        assert_eq!(m.count_cached_prefix(&[h(10)]), 0);
         assert_eq!(
             m.take_cache_changes(),
             vec![
-                CacheChange::Cached(10),
-                CacheChange::Cached(20),
-                CacheChange::Evicted(10)
+                CacheChange::Cached(h(10)),
+                CacheChange::Cached(h(20)),
+                CacheChange::Evicted(h(10))
             ]
         );
         assert!(m.take_cache_changes().is_empty());
@@ -214,8 +220,8 @@ mod tests {
     fn reuse_disabled_never_matches() {
         let mut m = BlockManager::new(2, 4, false);
         let b = m.allocate().unwrap();
-        m.register(b, 1);
+        m.register(b, h(1));
         m.release(b);
-        assert_eq!(m.count_cached_prefix(&[1]), 0);
+        assert_eq!(m.count_cached_prefix(&[h(1)]), 0);
     }
 }

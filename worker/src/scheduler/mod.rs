@@ -241,7 +241,7 @@ impl Scheduler {
         while (seq.hashes.len() + 1) * tpb <= seq.num_computed {
             let b = seq.hashes.len();
             let parent = seq.hashes.last().copied().unwrap_or(ROOT_BLOCK_HASH);
-            let h = block_hash(parent, &seq.tokens[b * tpb..(b + 1) * tpb]);
+            let h = block_hash(&parent, &seq.tokens[b * tpb..(b + 1) * tpb]);
             seq.hashes.push(h);
             self.blocks.register(seq.blocks[b], h);
         }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::engine::{StoppingParams, TokenEvent};
-use crate::kv::BlockId;
+use crate::kv::{BlockHash, BlockId};
 use crate::sampling::Sampler;
 
 /// A request being served.
@@ -21,7 +21,7 @@ pub struct Sequence {
     /// KV blocks, in position order.
     pub blocks: Vec<BlockId>,
     /// Chained hashes of the full blocks registered so far.
-    pub hashes: Vec<u64>,
+    pub hashes: Vec<BlockHash>,
     /// Prompt tokens served from the prefix cache at first admission.
     pub cached_tokens: usize,
     /// Prompt + completion limit (max_tokens capped by max_seq_len).
