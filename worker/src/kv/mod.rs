@@ -152,6 +152,40 @@ impl BlockManager {
         blocks
     }
 
+    /// Blocks `allocate` could still hand out after `acquire_cached_prefix(prefix)`: the free
+    /// ones minus the cached blocks of `prefix` that sit unreferenced (and so count as free)
+    /// until the prefix takes them.
+    pub fn num_free_beside(&self, prefix: &[BlockHash]) -> usize {
+        let taken_from_free = prefix
+            .iter()
+            .filter_map(|h| self.cached.get(h))
+            .filter(|&&b| self.ref_count[b as usize] == 0)
+            .count();
+        self.num_free() - taken_from_free
+    }
+
+    /// Takes a reference on the cached blocks of `prefix` (a prefix `count_cached_prefix`
+    /// matched in full) and allocates `new_blocks` more, all or nothing: when the pool cannot
+    /// supply them, returns None having evicted nothing, so a request that does not fit yet
+    /// leaves other requests' cached prefixes in place while it waits.
+    pub fn admit(&mut self, prefix: &[BlockHash], new_blocks: usize) -> Option<Vec<BlockId>> {
+        if self.num_free_beside(prefix) < new_blocks {
+            return None;
+        }
+        let mut blocks = self.acquire_cached_prefix(prefix);
+        for _ in 0..new_blocks {
+            match self.allocate() {
+                Some(b) => blocks.push(b),
+                // Unreachable while num_free_beside is exact; undo rather than leak.
+                None => {
+                    self.release_all(&blocks);
+                    return None;
+                }
+            }
+        }
+        Some(blocks)
+    }
+
     /// Records that `block` now holds the full block whose chained hash is `hash`.
     ///
     /// When another block already holds the same content, this one stays unregistered.
@@ -223,5 +257,40 @@ mod tests {
         m.register(b, h(1));
         m.release(b);
         assert_eq!(m.count_cached_prefix(&[h(1)]), 0);
+    }
+
+    #[test]
+    fn an_admission_that_cannot_be_met_evicts_nothing() {
+        // Pool of 6: a running request holds 2, prefix `mine` (2 blocks) and prefix `theirs`
+        // (2 blocks) are cached and unreferenced. All 4 count as free.
+        let mut m = BlockManager::new(6, 4, true);
+        let held = [m.allocate().unwrap(), m.allocate().unwrap()];
+        let mine = [h(1), h(2)];
+        let theirs = [h(3), h(4)];
+        for hash in mine.iter().chain(&theirs) {
+            let b = m.allocate().unwrap();
+            m.register(b, *hash);
+            m.release(b);
+        }
+        m.take_cache_changes();
+        assert_eq!(m.num_free(), 4);
+        // Taking `mine` leaves 2 allocatable, however `num_free() + cached` adds up.
+        assert_eq!(m.num_free_beside(&mine), 2);
+        assert!(m.admit(&mine, 3).is_none());
+        assert_eq!(
+            m.count_cached_prefix(&theirs),
+            2,
+            "their prefix stays cached"
+        );
+        assert_eq!(m.count_cached_prefix(&mine), 2);
+        assert!(m.take_cache_changes().is_empty(), "nothing was evicted");
+        assert_eq!(m.num_free(), 4);
+        // What fits is granted: the two cached blocks plus two new ones (evicting `theirs`).
+        let blocks = m.admit(&mine, 2).unwrap();
+        assert_eq!(blocks.len(), 4);
+        assert_eq!(m.num_free(), 0);
+        m.release_all(&blocks);
+        m.release_all(&held);
+        assert_eq!(m.num_in_use(), 0);
     }
 }

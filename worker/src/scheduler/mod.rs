@@ -212,19 +212,8 @@ impl Scheduler {
             CapacityPolicy::MaxUtilization => start + n,
         };
         let need_new = self.blocks.blocks_for(target).saturating_sub(cached);
-        if self.blocks.num_free() + cached < need_new {
-            return None;
-        }
-        let mut blocks = self.blocks.acquire_cached_prefix(&hashes[..cached]);
-        for _ in 0..need_new {
-            match self.blocks.allocate() {
-                Some(b) => blocks.push(b),
-                None => {
-                    self.blocks.release_all(&blocks);
-                    return None;
-                }
-            }
-        }
+        // All or nothing: a head that does not fit evicts no one's cached prefix while it waits.
+        let blocks = self.blocks.admit(&hashes[..cached], need_new)?;
         let mut seq = self.waiting.pop_front()?;
         seq.blocks = blocks;
         seq.hashes = hashes[..cached].to_vec();
@@ -345,6 +334,82 @@ mod tests {
             "the second request waits: 8 blocks reserved, 2 free"
         );
         assert_eq!(s.running[0].blocks.len(), 8);
+    }
+
+    /// A sequence with the given tokens as its prompt, reserving `max_total` under
+    /// GUARANTEED_NO_EVICT.
+    fn prompt_seq(id: &str, tokens: Vec<u32>, max_total: usize) -> Sequence {
+        let mut q = seq(id, tokens.len());
+        q.tokens = tokens;
+        q.max_total = max_total;
+        q
+    }
+
+    /// Serves `q` alone to the end of its prompt, registers its full blocks and finishes it,
+    /// leaving its prefix cached.
+    fn serve_alone(s: &mut Scheduler, q: Sequence) {
+        s.waiting.push_back(q);
+        let plan = s.schedule();
+        assert_eq!(plan.len(), 1);
+        run(s, &plan);
+        s.register_full_blocks(0);
+        s.finish(0);
+    }
+
+    #[test]
+    fn a_waiting_request_that_does_not_fit_leaves_other_prefixes_cached() {
+        for policy in [
+            CapacityPolicy::GuaranteedNoEvict,
+            CapacityPolicy::MaxUtilization,
+        ] {
+            let limits = SchedulerLimits {
+                max_batch_size: 4,
+                max_num_tokens: 64,
+                prefill_budget: 64,
+                chunked_prefill: false,
+                policy,
+            };
+            let mut s = Scheduler::new(limits, BlockManager::new(10, 4, true));
+            let p: Vec<u32> = (1000..1009).collect();
+            let q: Vec<u32> = (2000..2009).collect();
+            serve_alone(&mut s, prompt_seq("p", p.clone(), 10));
+            serve_alone(&mut s, prompt_seq("q", q.clone(), 10));
+            let p_blocks = prefix_block_hashes(&p, 4);
+            assert_eq!(s.blocks.count_cached_prefix(&p_blocks), 2);
+            // A running request holds 4 blocks; 2 plain and 4 cached ones are free.
+            s.waiting
+                .push_back(prompt_seq("r", (3000..3016).collect(), 17));
+            assert_eq!(s.schedule().len(), 1);
+            assert_eq!(s.blocks.num_free(), 6);
+            // 28 tokens (7 blocks) starting with q's cached 2: 5 new blocks needed, and only
+            // 4 are left once q's are taken. The old check (6 free + 2 cached >= 5) let it try,
+            // evicting p's prefix on the way to running out.
+            let big: Vec<u32> = q[..8].iter().copied().chain(4000..4020).collect();
+            s.waiting.push_back(prompt_seq("big", big, 29));
+            for _ in 0..3 {
+                let plan = s.schedule();
+                assert!(plan.iter().all(|i| s.running[i.seq].id == "r"));
+                assert_eq!(s.waiting.len(), 1, "{policy:?}: big waits");
+            }
+            assert_eq!(
+                s.blocks.count_cached_prefix(&p_blocks),
+                2,
+                "{policy:?}: p's prefix is still cached"
+            );
+            assert!(
+                s.blocks
+                    .take_cache_changes()
+                    .iter()
+                    .all(|c| matches!(c, crate::kv::CacheChange::Cached(_))),
+                "{policy:?}: nothing was evicted"
+            );
+            // Once big is gone, the next request with p's prefix gets its 8 tokens cached.
+            assert!(s.remove("big").is_some());
+            s.waiting.push_back(prompt_seq("p2", p.clone(), 10));
+            s.schedule();
+            let p2 = s.running.iter().find(|q| q.id == "p2").unwrap();
+            assert_eq!(p2.num_computed, 8, "{policy:?}");
+        }
     }
 
     /// A scheduler with room for everything but the given token budgets.
