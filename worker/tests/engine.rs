@@ -371,6 +371,105 @@ fn preempted_requests_resume_with_the_same_greedy_output() {
     assert_eq!(wait_idle(&h).kv_blocks_used, 0);
 }
 
+/// Submits `prompts` at once with prompt logprobs (top 1) and returns, per request, every
+/// PromptLogprobs event it got and its generated ids.
+fn with_prompt_logprobs(
+    h: &EngineHandle,
+    prompts: &[Vec<u32>],
+    max_tokens: u32,
+) -> Vec<(Vec<Vec<TokenLogprob>>, Vec<u32>)> {
+    let rxs: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut params = greedy(&format!("lp{i}"), p.clone(), max_tokens);
+            params.sampling.logprobs = Some(1);
+            params.sampling.prompt_logprobs = true;
+            h.submit(params).unwrap()
+        })
+        .collect();
+    rxs.into_iter()
+        .map(|mut rx| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let (mut prompt_lps, mut ids) = (Vec::new(), Vec::new());
+            loop {
+                assert!(Instant::now() < deadline, "no Finished event within 30 s");
+                match rx.try_recv() {
+                    Ok(TokenEvent::PromptLogprobs(lps)) => prompt_lps.push(lps),
+                    Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
+                    Ok(TokenEvent::Finished { .. }) => return (prompt_lps, ids),
+                    Ok(TokenEvent::Error(e) | TokenEvent::Refused(e)) => panic!("engine: {e}"),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(e) => panic!("stream ended without Finished: {e}"),
+                }
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn prompt_logprobs_of_a_preempted_request_are_those_of_an_undisturbed_run() {
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(40 + i, 24)).collect();
+    // Prompts go in chunks of 8 tokens, so a request can be preempted halfway through its
+    // prompt, after some of its prompt logprobs were gathered.
+    let chunked = EngineConfig {
+        max_num_tokens: 8,
+        enable_chunked_prefill: true,
+        capacity_policy: CapacityPolicy::MaxUtilization,
+        ..config()
+    };
+    let roomy = Engine::start(&model_dir(), chunked.clone()).unwrap();
+    let base: Vec<_> = prompts
+        .iter()
+        .flat_map(|p| with_prompt_logprobs(&roomy, std::slice::from_ref(p), 4))
+        .collect();
+    assert_eq!(wait_idle(&roomy).preemptions, 0);
+    roomy.shutdown();
+    // 10 blocks of 4 tokens for four requests of 28: the second to start is preempted
+    // while its prompt is still being computed.
+    let tight = Engine::start(
+        &model_dir(),
+        EngineConfig {
+            kv_max_tokens: Some(40),
+            ..chunked
+        },
+    )
+    .unwrap();
+    let got = with_prompt_logprobs(&tight, &prompts, 4);
+    assert!(
+        wait_idle(&tight).preemptions > 0,
+        "the test must preempt to test anything"
+    );
+    tight.shutdown();
+    for (i, ((lps, ids), (base_lps, base_ids))) in got.iter().zip(&base).enumerate() {
+        assert_eq!(ids, base_ids, "request {i}: generated tokens");
+        assert_eq!(lps.len(), 1, "request {i}: one PromptLogprobs event");
+        let (lps, base_lps) = (&lps[0], &base_lps[0]);
+        // One entry per prompt token after the first (the HTTP answer puts a null first,
+        // making one per prompt token).
+        assert_eq!(lps.len(), prompts[i].len() - 1, "request {i}: entries");
+        for (pos, (a, b)) in lps.iter().zip(base_lps).enumerate() {
+            assert_eq!(a.token_id, prompts[i][pos + 1]);
+            assert_eq!(a.token_id, b.token_id);
+            assert_eq!(a.top.len(), 1);
+            assert_eq!(
+                a.top[0].0, b.top[0].0,
+                "request {i} position {pos}: top token"
+            );
+            // f32 throughout; chunks may split differently after a preemption, which can
+            // move the last bits of a sum.
+            assert!(
+                (a.logprob - b.logprob).abs() <= 1e-4,
+                "request {i} position {pos}: {} vs {}",
+                a.logprob,
+                b.logprob
+            );
+        }
+    }
+}
+
 #[test]
 fn guaranteed_no_evict_queues_instead_of_preempting_and_serves_everyone() {
     let prompts: Vec<Vec<u32>> = (0..5).map(|i| prompt(20 + i, 10)).collect();

@@ -343,6 +343,7 @@ impl Runner {
             queued: self.sched.waiting.len() as u32,
             kv_blocks_used: (bm.num_blocks() - bm.num_free()) as u64,
             kv_blocks_free: bm.num_free() as u64,
+            preemptions: self.sched.preemptions,
         };
         if let Ok(mut l) = self.status.load.lock() {
             *l = load;

@@ -284,6 +284,9 @@ pub struct LoadStats {
     pub kv_blocks_used: u64,
     /// KV blocks free (including evictable cached blocks).
     pub kv_blocks_free: u64,
+    /// Sequences preempted (their KV dropped, to be recomputed) since the engine started;
+    /// only MAX_UTILIZATION preempts.
+    pub preemptions: u64,
 }
 
 /// Static facts about the served model and engine.

@@ -59,9 +59,13 @@ impl Sequence {
     }
 
     /// Forgets KV state so the sequence can be recomputed from scratch after preemption.
+    ///
+    /// Prompt logprobs gathered so far go too: recomputing the prompt gathers them again
+    /// from position 0 (once the prompt is done they have been sent and none are kept).
     pub fn reset_for_recompute(&mut self) {
         self.blocks.clear();
         self.hashes.clear();
         self.num_computed = 0;
+        self.prompt_logprobs.clear();
     }
 }
