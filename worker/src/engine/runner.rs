@@ -55,8 +55,10 @@ pub(crate) fn validate(
         ));
     }
     let total = total_len(req, max_seq_len);
-    // The last token is sampled, never computed: it takes no KV slot.
-    let kv_tokens = total - 1;
+    // The last token is sampled, never computed: it takes no KV slot. A request for the
+    // whole room gets blocks as it grows (and ends with `length` if it fills the cache
+    // alone): only its prompt must fit.
+    let kv_tokens = if total > max_seq_len { n } else { total - 1 };
     let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
     if blocks as u64 > info.kv_capacity_blocks {
         return never_fits(format!(
@@ -264,7 +266,8 @@ impl Runner {
 
     fn enqueue(&mut self, req: NewRequest) {
         let p = req.params;
-        let max_total = total_len(&p, self.info.max_seq_len as usize);
+        let max_seq_len = self.info.max_seq_len as usize;
+        let max_total = total_len(&p, max_seq_len);
         let seq = Sequence {
             id: p.request_id,
             prompt_len: p.prompt.len(),
@@ -274,6 +277,8 @@ impl Runner {
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total,
+            // The whole room (no max_tokens): reserving it could take the entire cache.
+            reserve_in_steps: max_total > max_seq_len,
             stopping: p.stopping,
             want_prompt_logprobs: p.sampling.prompt_logprobs,
             sampler: Sampler::new(p.sampling),
@@ -353,6 +358,10 @@ impl Runner {
     fn step(&mut self) -> Result<(), String> {
         let started = Instant::now();
         let plan = self.sched.schedule();
+        for seq in std::mem::take(&mut self.sched.out_of_room) {
+            self.finish_event(&seq, FinishReason::Length, None);
+            self.forget(&seq.id);
+        }
         let since_last_step = self.last_step_end.map(|t| started - t);
         if plan.is_empty() {
             if self.sched.running.is_empty() {
