@@ -102,6 +102,9 @@ pub struct ReadOptions {
     pub request_timeout: Duration,
     /// Give up when the stream is silent this long.
     pub chunk_timeout: Option<Duration>,
+    /// `--ignore-eos` was sent: a response with fewer output tokens than asked (as the
+    /// server's usage counts them) was cut short.
+    pub ignore_eos: bool,
 }
 
 /// A failure and its error class.
@@ -125,6 +128,7 @@ pub async fn send_request(
     endpoint: &Endpoint,
     body: Bytes,
     prompt_len: u64,
+    expected_output_len: u64,
     opts: ReadOptions,
 ) -> RequestOutput {
     let mut out = RequestOutput {
@@ -143,6 +147,7 @@ pub async fn send_request(
             ),
         )),
     };
+    let result = result.and_then(|()| check_length(&out, expected_output_len, opts));
     if let Err(f) = result {
         out.success = false;
         out.error = f.message;
@@ -150,6 +155,33 @@ pub async fn send_request(
     }
     out
 }
+
+/// With `--ignore-eos` a response must carry every token asked for, unless it ended at a
+/// length limit (finish_reason "length": the server lowered max_tokens to the room its
+/// max_seq_len leaves, as trtllm-serve does): fewer (by the server's usage; without usage
+/// nothing is checked) with any other ending means the server cut it short.
+fn check_length(out: &RequestOutput, expected: u64, opts: ReadOptions) -> Result<(), Failure> {
+    let at_limit = out.finish_reason.as_deref() == Some("length");
+    if opts.ignore_eos && !at_limit && out.output_tokens > 0 && out.output_tokens < expected {
+        return Err(Failure::new(
+            TRUNCATED,
+            format!(
+                "the response has {} output tokens of the {expected} asked for with --ignore-eos",
+                out.output_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The error class of a response cut short: a stream that ended without a finish_reason, or
+/// fewer tokens than asked for with `--ignore-eos`. benchmark_serving.py counts these as
+/// successful.
+pub const TRUNCATED: &str = "TruncatedStream";
+
+/// The error class of a stream that carried an error event (`{"error": ...}` in a `data:`
+/// line). benchmark_serving.py counts these as successful.
+pub const IN_BAND: &str = "InBandError";
 
 async fn exchange(
     endpoint: &Endpoint,
@@ -228,6 +260,9 @@ struct Chunk<'a> {
     choices: Option<Vec<Choice<'a>>>,
     #[serde(default)]
     usage: Option<Usage>,
+    /// An error reported inside a stream (the OpenAI error object).
+    #[serde(default)]
+    error: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +275,8 @@ struct Choice<'a> {
     message: Option<Delta<'a>>,
     #[serde(default)]
     avg_decoded_tokens_per_iter: Option<f64>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -315,8 +352,21 @@ async fn read_stream(
                     format!("bad stream chunk {shown:?}: {e}"),
                 )
             })?;
+            if let Some(e) = &chunk.error {
+                let message = e
+                    .get("message")
+                    .and_then(|m| m.as_str())
+                    .map_or_else(|| e.to_string(), str::to_owned);
+                return Err(Failure::new(
+                    IN_BAND,
+                    format!("the stream carried an error event: {message}"),
+                ));
+            }
             match chunk.choices.as_deref() {
                 Some([choice, ..]) => {
+                    if let Some(reason) = &choice.finish_reason {
+                        out.finish_reason = Some(reason.to_string());
+                    }
                     match first_chunk {
                         None => {
                             first_chunk = Some(now);
@@ -355,6 +405,12 @@ async fn read_stream(
              failed!",
         ));
     }
+    if out.finish_reason.is_none() {
+        return Err(Failure::new(
+            TRUNCATED,
+            "the stream ended without a finish_reason (cut short by the server or the network)",
+        ));
+    }
     out.success = true;
     Ok(())
 }
@@ -382,6 +438,7 @@ async fn read_whole(
         Backend::Openai => choice.text.as_deref(),
     };
     out.generated_text = text.unwrap_or("").to_string();
+    out.finish_reason = choice.finish_reason.as_deref().map(str::to_owned);
     if let Some(v) = choice.avg_decoded_tokens_per_iter {
         out.avg_decoded_tokens_per_iter = v;
     }

@@ -33,6 +33,8 @@ pub struct RequestOutput {
     pub exception_type: Option<String>,
     /// `avg_decoded_tokens_per_iter` when the server reports it (speculative decoding), else 0.
     pub avg_decoded_tokens_per_iter: f64,
+    /// The finish_reason the server gave the (first) choice, if any.
+    pub finish_reason: Option<String>,
 }
 
 /// Service-level objectives for goodput, in milliseconds.

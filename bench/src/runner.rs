@@ -132,6 +132,7 @@ pub async fn run(
         streaming,
         request_timeout: Duration::from_secs_f64(args.request_timeout),
         chunk_timeout: args.chunk_timeout.map(Duration::from_secs_f64),
+        ignore_eos: args.ignore_eos,
     };
     let bodies: Vec<Bytes> = requests
         .iter()
@@ -142,7 +143,13 @@ pub async fn run(
         println!("Skipping initial test run. Starting main benchmark run...");
     } else {
         println!("Starting initial single prompt test run...");
-        let test = client::send_request(&endpoint, bodies[0].clone(), requests[0].prompt_len, opts);
+        let test = client::send_request(
+            &endpoint,
+            bodies[0].clone(),
+            requests[0].prompt_len,
+            u64::from(requests[0].expected_output_len),
+            opts,
+        );
         let out = tokio::select! {
             out = test => out,
             _ = stop.wait_for(|s| *s) => return Err(RunError::Interrupted),
@@ -189,7 +196,10 @@ pub async fn run(
 
     let mut progress = Progress::new(n as u64, args.disable_tqdm);
     let start = Instant::now();
-    let prompt_lens: Vec<u64> = requests.iter().map(|r| r.prompt_len).collect();
+    let lens: Vec<(u64, u64)> = requests
+        .iter()
+        .map(|r| (r.prompt_len, u64::from(r.expected_output_len)))
+        .collect();
     let dispatcher_endpoint = endpoint.clone();
     let mut dispatcher = tokio::spawn(async move {
         let mut inner = JoinSet::new();
@@ -199,14 +209,14 @@ pub async fn run(
                 done_tx.clone(),
                 semaphore.clone(),
             );
-            let prompt_len = prompt_lens[i];
+            let (prompt_len, output_len) = lens[i];
             inner.spawn(async move {
                 // The semaphore is never closed, so acquire only fails if it were; then run.
                 let _permit = match &sem {
                     Some(s) => s.clone().acquire_owned().await.ok(),
                     None => None,
                 };
-                let out = client::send_request(&ep, body, prompt_len, opts).await;
+                let out = client::send_request(&ep, body, prompt_len, output_len, opts).await;
                 let _ = tx.send((i, out));
             });
             if gap > 0.0 {

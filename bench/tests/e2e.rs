@@ -338,6 +338,45 @@ fn a_stalled_stream_times_out_and_a_dropped_one_counts_as_payload_error() {
 }
 
 #[test]
+fn streams_cut_short_count_as_failed_by_class_where_benchmark_serving_counts_success() {
+    for (fault, kind) in [
+        (
+            Fault::InBandErrorAfter(3),
+            "Error type: InBandError, Count: 4 requests",
+        ),
+        (
+            Fault::NoFinishAfter(3),
+            "Error type: TruncatedStream, Count: 4 requests",
+        ),
+        // bench.sh sends --ignore-eos: three tokens of the ones asked for is a cut stream.
+        (
+            Fault::ShortAfter(3),
+            "Error type: TruncatedStream, Count: 4 requests",
+        ),
+    ] {
+        let server = start_in_thread(Script {
+            fault,
+            ..Default::default()
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path().to_str().expect("utf8 path");
+        write_tokenizer(dir.path());
+        let mut args = bench_sh_args(&server.base_url(), d, d);
+        args.push("--no-test-input".into());
+        let out = run(&args);
+        let (stdout, stderr) = texts(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains(kind), "{fault:?}: {stdout}");
+        assert!(
+            stdout.contains("Successful requests:                     0"),
+            "{fault:?}: {stdout}"
+        );
+        let saved = read_json(&dir.path().join("concurrency_2.json"));
+        assert_eq!(saved["completed"], 0, "{fault:?}");
+    }
+}
+
+#[test]
 fn ctrl_c_prints_the_partial_result() {
     let server = start_in_thread(Script {
         itl: Duration::from_millis(20),

@@ -89,6 +89,9 @@ class Case:
     # The major transformers version that writes this case: 4 for the
     # legacy config format (rope_theta, rope_scaling, torch_dtype).
     transformers_major: int = 5
+    # Prompt lengths; the long cases cross the CPU attention tile (128
+    # positions) and many KV blocks of the production block size (32).
+    prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS
 
 
 def llama_config() -> LlamaConfig:
@@ -152,6 +155,32 @@ def qwen3_config() -> Qwen3Config:
         # Explicit head_dim different from hidden_size / num_attention_heads
         # (as in real Qwen3 checkpoints): q_proj is 128 x 64.
         head_dim=32,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )
+
+
+def llama_hd64_config() -> LlamaConfig:
+    # head_dim 64 as in Llama 3 8B / SmolLM2: q_proj is 256 x 64.
+    return LlamaConfig(
+        **TINY,
+        vocab_size=256,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
+
+
+def qwen3_hd128_config() -> Qwen3Config:
+    # head_dim 128 as in Qwen3 and most 7B+ models, with q/k norm.
+    return Qwen3Config(
+        **TINY,
+        vocab_size=256,
+        num_key_value_heads=2,
+        head_dim=128,
         tie_word_embeddings=False,
         attention_bias=False,
         use_sliding_window=False,
@@ -269,6 +298,21 @@ CASES = [
     Case("mistral", MistralForCausalLM, mistral_config, base_seed=4000),
     Case("qwen2", Qwen2ForCausalLM, qwen2_config, base_seed=5000),
     Case("qwen3", Qwen3ForCausalLM, qwen3_config, base_seed=6000),
+    Case(
+        "llama_hd64_long",
+        LlamaForCausalLM,
+        llama_hd64_config,
+        base_seed=12000,
+        prompt_lengths=(7, 300),
+    ),
+    Case(
+        "qwen3_hd128_long",
+        Qwen3ForCausalLM,
+        qwen3_hd128_config,
+        save_dtype=torch.bfloat16,
+        base_seed=13000,
+        prompt_lengths=(300,),
+    ),
     Case("mixtral", MixtralForCausalLM, mixtral_config, base_seed=7000),
     Case("qwen3_moe", Qwen3MoeForCausalLM, qwen3_moe_config, base_seed=8000),
     Case("qwen2_moe", Qwen2MoeForCausalLM, qwen2_moe_config, base_seed=9000),
@@ -316,9 +360,9 @@ def init_weights(model: PreTrainedModel, seed: int) -> None:
             param.copy_(values.to(param.dtype))
 
 
-def make_prompts(vocab_size: int, seed: int) -> list[list[int]]:
+def make_prompts(vocab_size: int, seed: int, lengths: tuple[int, ...]) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    return [torch.randint(0, vocab_size, (n,), generator=gen).tolist() for n in lengths]
 
 
 class RouterMargins:
@@ -449,7 +493,7 @@ def try_seed(case: Case, seed: int, workdir: Path) -> Attempt | None:
     ref = case.model_cls.from_pretrained(workdir, **impl).eval()
     ref.generation_config.eos_token_id = None
 
-    prompts = make_prompts(ref.config.vocab_size, seed)
+    prompts = make_prompts(ref.config.vocab_size, seed, case.prompt_lengths)
     top_k = moe_top_k(ref.config)
     routers = RouterMargins(ref, top_k)
     logits = prompt_logits(ref, prompts)

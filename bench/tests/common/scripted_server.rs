@@ -26,6 +26,14 @@ pub enum Fault {
     StallAfter(u32),
     /// After this many tokens, close the connection without ending the stream.
     DropAfter(u32),
+    /// After this many tokens, send an error event (`data: {"error": ...}`) and `[DONE]`, as
+    /// a router does when the worker fails mid-stream.
+    InBandErrorAfter(u32),
+    /// After this many tokens, end the stream properly (`[DONE]`) with no finish_reason.
+    NoFinishAfter(u32),
+    /// Stop after this many tokens with finish_reason "stop" (despite ignore_eos) and usage
+    /// saying so, fewer than asked.
+    ShortAfter(u32),
 }
 
 /// The script.
@@ -231,12 +239,22 @@ async fn serve(mut stream: TcpStream, script: &Script, counter: &AtomicU64) -> s
         stream.write_all(&chunk(":\n\n")).await?;
     }
     tokio::time::sleep(script.ttft).await;
-    for i in 0..max_tokens {
+    let sent = match script.fault {
+        Fault::ShortAfter(k) => k.min(max_tokens),
+        _ => max_tokens,
+    };
+    for i in 0..sent {
         match script.fault {
             Fault::StallAfter(k) if i == k => {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
             Fault::DropAfter(k) if i == k => return Ok(()),
+            Fault::InBandErrorAfter(k) if i == k => {
+                let err = "data: {\"error\":{\"message\":\"scripted worker failure\",\"type\":\"ServiceUnavailableError\",\"code\":503}}\n\n";
+                stream.write_all(&chunk(err)).await?;
+                return end_stream(&mut stream).await;
+            }
+            Fault::NoFinishAfter(k) if i == k => return end_stream(&mut stream).await,
             _ => {}
         }
         if i > 0 && !script.itl.is_zero() {
@@ -246,24 +264,35 @@ async fn serve(mut stream: TcpStream, script: &Script, counter: &AtomicU64) -> s
             stream.write_all(&chunk(": ping\n\n")).await?;
         }
         let text = if i == 0 { "tok" } else { " tok" };
+        // The last token's chunk carries the finish_reason, as real servers send it.
+        let finish = match script.fault {
+            _ if i + 1 < sent => "null",
+            Fault::ShortAfter(_) => "\"stop\"",
+            _ => "\"length\"",
+        };
         let data = if chat {
             format!(
-                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":null}}]}}\n\n"
+                "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":{finish}}}]}}\n\n"
             )
         } else {
             format!(
-                "data: {{\"id\":\"c\",\"object\":\"text_completion\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"{text}\",\"finish_reason\":null}}]}}\n\n"
+                "data: {{\"id\":\"c\",\"object\":\"text_completion\",\"model\":\"{model}\",\"choices\":[{{\"index\":0,\"text\":\"{text}\",\"finish_reason\":{finish}}}]}}\n\n"
             )
         };
         stream.write_all(&chunk(&data)).await?;
     }
     if script.usage {
         let usage = format!(
-            "data: {{\"id\":\"c\",\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":{max_tokens},\"total_tokens\":{}}}}}\n\n",
-            max_tokens + 1
+            "data: {{\"id\":\"c\",\"choices\":[],\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":{sent},\"total_tokens\":{}}}}}\n\n",
+            sent + 1
         );
         stream.write_all(&chunk(&usage)).await?;
     }
+    end_stream(&mut stream).await
+}
+
+/// `data: [DONE]` and the end of the chunked body.
+async fn end_stream(stream: &mut TcpStream) -> std::io::Result<()> {
     stream.write_all(&chunk("data: [DONE]\n\n")).await?;
     stream.write_all(b"0\r\n\r\n").await?;
     stream.flush().await

@@ -12,7 +12,7 @@ use llmapi_proto::limits::MAX_STOP_TOKEN_IDS;
 
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::kv::{BlockManager, CacheChange};
-use crate::sampling::{Banned, Sampler, log_softmax, token_logprob};
+use crate::sampling::{SampleJob, Sampler, log_softmax, sample_batch, token_logprob};
 use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
 
 /// A request on its way to the engine thread.
@@ -55,8 +55,10 @@ pub(crate) fn validate(
         ));
     }
     let total = total_len(req, max_seq_len);
-    // The last token is sampled, never computed: it takes no KV slot.
-    let kv_tokens = total - 1;
+    // The last token is sampled, never computed: it takes no KV slot. A request for the
+    // whole room gets blocks as it grows (and ends with `length` if it fills the cache
+    // alone): only its prompt must fit.
+    let kv_tokens = if total > max_seq_len { n } else { total - 1 };
     let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
     if blocks as u64 > info.kv_capacity_blocks {
         return never_fits(format!(
@@ -264,7 +266,8 @@ impl Runner {
 
     fn enqueue(&mut self, req: NewRequest) {
         let p = req.params;
-        let max_total = total_len(&p, self.info.max_seq_len as usize);
+        let max_seq_len = self.info.max_seq_len as usize;
+        let max_total = total_len(&p, max_seq_len);
         let seq = Sequence {
             id: p.request_id,
             prompt_len: p.prompt.len(),
@@ -274,6 +277,8 @@ impl Runner {
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total,
+            // The whole room (no max_tokens): reserving it could take the entire cache.
+            reserve_in_steps: max_total > max_seq_len,
             stopping: p.stopping,
             want_prompt_logprobs: p.sampling.prompt_logprobs,
             sampler: Sampler::new(p.sampling),
@@ -354,6 +359,10 @@ impl Runner {
     fn step(&mut self) -> Result<(), String> {
         let started = Instant::now();
         let plan = self.sched.schedule();
+        for seq in std::mem::take(&mut self.sched.out_of_room) {
+            self.finish_event(&seq, FinishReason::Length, None);
+            self.forget(&seq.id);
+        }
         let since_last_step = self.last_step_end.map(|t| started - t);
         if plan.is_empty() {
             if self.sched.running.is_empty() {
@@ -463,12 +472,15 @@ impl Runner {
 
     fn after_step(&mut self, plan: &[PlanItem], outs: Vec<ChunkOut>) {
         let vocab = self.info.vocab_size as usize;
+        let eos = &self.info.eos_token_ids;
         let mut done: Vec<(usize, FinishReason, Option<u32>)> = Vec::new();
+        // Sequences whose next token comes from their logits row, and those that have it.
+        let mut to_sample: Vec<(usize, Vec<f32>)> = Vec::new();
+        let mut picked: Vec<(usize, u32, Option<TokenLogprob>)> = Vec::new();
         for (item, out) in plan.iter().zip(outs) {
             let start = self.sched.running[item.seq].num_computed;
             self.sched.running[item.seq].num_computed += item.n;
             self.sched.register_full_blocks(item.seq);
-            let eos = &self.info.eos_token_ids;
             let seq = &mut self.sched.running[item.seq];
             if let ChunkOut::Rows(rows) = &out
                 && seq.want_prompt_logprobs
@@ -484,17 +496,17 @@ impl Runner {
             if seq.num_computed < seq.tokens.len() {
                 continue;
             }
-            let finished = match out {
-                ChunkOut::Rows(mut rows) => {
-                    let len = rows.len();
-                    sample_one(seq, &mut rows[len.saturating_sub(vocab)..], eos)
-                }
-                ChunkOut::Token(Some(token)) => accept_token(seq, token, None, eos),
+            match out {
+                ChunkOut::Rows(rows) => to_sample.push((item.seq, rows)),
+                ChunkOut::Token(Some(token)) => picked.push((item.seq, token, None)),
                 // A chunk that wanted no logits (step() checked the others have a token).
-                ChunkOut::Token(None) => None,
-            };
-            if let Some(r) = finished {
-                done.push((item.seq, r.0, r.1));
+                ChunkOut::Token(None) => {}
+            }
+        }
+        picked.extend(sample_rows(&mut self.sched.running, to_sample, vocab, eos));
+        for (i, token, logprob) in picked {
+            if let Some(r) = accept_token(&mut self.sched.running[i], token, logprob, eos) {
+                done.push((i, r.0, r.1));
             }
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
@@ -573,25 +585,47 @@ fn takes_plain_argmax(seq: &Sequence) -> bool {
         && generated >= seq.stopping.min_tokens as usize
 }
 
-/// Samples the next token of `seq`, sends it, and says whether the sequence is done.
-fn sample_one(
-    seq: &mut Sequence,
-    logits: &mut [f32],
+/// Samples the next token of each `(sequence index, logits rows)` of a step from its last
+/// row, on the rayon pool (`sampling::sample_batch`); stop ids and EOS are banned before
+/// min_tokens. Each index appears at most once (a step plans one chunk per sequence).
+fn sample_rows(
+    running: &mut [Sequence],
+    mut rows: Vec<(usize, Vec<f32>)>,
+    vocab: usize,
     eos: &[u32],
-) -> Option<(FinishReason, Option<u32>)> {
-    let generated = seq.tokens.len() - seq.prompt_len;
-    let mut banned: Vec<u32> = Vec::new();
-    if generated < seq.stopping.min_tokens as usize {
-        banned.extend(&seq.stopping.stop_token_ids);
-        if !seq.stopping.ignore_eos {
-            banned.extend(eos);
+) -> Vec<(usize, u32, Option<TokenLogprob>)> {
+    rows.sort_by_key(|r| r.0);
+    let (order, mut storage): (Vec<usize>, Vec<Vec<f32>>) = rows.into_iter().unzip();
+    let mut slots = order.iter().copied().zip(storage.iter_mut()).peekable();
+    let mut jobs = Vec::with_capacity(order.len());
+    for (i, seq) in running.iter_mut().enumerate() {
+        let Some((_, row)) = slots.next_if(|(j, _)| *j == i) else {
+            continue;
+        };
+        let generated = seq.tokens.len() - seq.prompt_len;
+        let mut banned: Vec<u32> = Vec::new();
+        if generated < seq.stopping.min_tokens as usize {
+            banned.extend(&seq.stopping.stop_token_ids);
+            if !seq.stopping.ignore_eos {
+                banned.extend(eos);
+            }
         }
+        let len = row.len();
+        let (prompt, generated_ids) = seq.tokens.split_at(seq.prompt_len);
+        jobs.push(SampleJob {
+            sampler: &mut seq.sampler,
+            logits: &mut row[len.saturating_sub(vocab)..],
+            prompt,
+            generated: generated_ids,
+            banned,
+        });
     }
-    let (prompt, generated_ids) = seq.tokens.split_at(seq.prompt_len);
-    let (token, logprob) = seq
-        .sampler
-        .sample(logits, prompt, generated_ids, Banned(&banned));
-    accept_token(seq, token, logprob, eos)
+    let samples = sample_batch(jobs);
+    order
+        .into_iter()
+        .zip(samples)
+        .map(|(i, (token, logprob))| (i, token, logprob))
+        .collect()
 }
 
 /// Appends `token` to `seq`, sends it, and says whether the sequence is done.

@@ -1,9 +1,16 @@
 //! Token sampling: penalties, greedy, temperature, top-k, top-p, min-p, seeded RNG, logprobs.
 //!
-//! Works on one request's logits row at a time. Not for: stopping decisions (the scheduler's).
+//! A `Sampler` works on one request's logits row; `sample_batch` samples a step's rows on the
+//! rayon pool, one task per sequence. Each sampler keeps its own scratch rows and its penalty
+//! counts across steps (updated by the tokens generated since the last call), so a step
+//! allocates nothing vocabulary-sized and penalties cost the number of distinct tokens seen,
+//! not the length of the history. Not for: stopping decisions (the scheduler's).
+
+use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::engine::{SamplingParams, TokenLogprob};
 
@@ -12,6 +19,51 @@ use crate::engine::{SamplingParams, TokenLogprob};
 pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
+    penalties: Penalties,
+    scratch: Scratch,
+}
+
+/// What the penalties need of a request's tokens, kept up to date across steps.
+#[derive(Debug, Default)]
+struct Penalties {
+    /// Every distinct token of the prompt and the output (the repetition penalty's set), with
+    /// how often it occurs in the output (the presence and frequency penalties' counts).
+    seen: HashMap<u32, u32>,
+    /// Whether the prompt's tokens are in `seen`.
+    prompt_absorbed: bool,
+    /// How many generated tokens are counted in `seen`.
+    generated_absorbed: usize,
+}
+
+impl Penalties {
+    /// Counts the tokens of `prompt` (once) and of `generated` since the last call. A
+    /// `generated` shorter than what was counted (a caller that starts over) recounts.
+    fn absorb(&mut self, prompt: &[u32], generated: &[u32]) {
+        if generated.len() < self.generated_absorbed {
+            *self = Self::default();
+        }
+        if !self.prompt_absorbed {
+            for &t in prompt {
+                self.seen.entry(t).or_insert(0);
+            }
+            self.prompt_absorbed = true;
+        }
+        for &t in &generated[self.generated_absorbed..] {
+            *self.seen.entry(t).or_insert(0) += 1;
+        }
+        self.generated_absorbed = generated.len();
+    }
+}
+
+/// Vocabulary-sized rows reused from step to step.
+#[derive(Debug, Default)]
+struct Scratch {
+    /// Candidate weights.
+    weights: Vec<f32>,
+    /// Candidate ids and scaled logits, when top_k selects them.
+    candidates: Vec<(u32, f32)>,
+    /// The raw row's log-softmax, when logprobs are asked for.
+    logprobs: Vec<f32>,
 }
 
 /// Tokens that must not be sampled yet (EOS and stop ids before min_tokens).
@@ -24,7 +76,12 @@ impl Sampler {
             Some(seed) => ChaCha8Rng::seed_from_u64(seed),
             None => ChaCha8Rng::seed_from_u64(rand::random()),
         };
-        Self { params, rng }
+        Self {
+            params,
+            rng,
+            penalties: Penalties::default(),
+            scratch: Scratch::default(),
+        }
     }
 
     /// Whether the next token is the plain argmax of the raw logits (greedy, no penalties,
@@ -53,7 +110,9 @@ impl Sampler {
         generated: &[u32],
         banned: Banned<'_>,
     ) -> (u32, Option<TokenLogprob>) {
-        let raw_logprobs = self.params.logprobs.map(|_| log_softmax(logits));
+        if self.params.logprobs.is_some() {
+            log_softmax_into(logits, &mut self.scratch.logprobs);
+        }
         self.apply_penalties(logits, prompt, generated);
         for &t in banned.0 {
             if let Some(l) = logits.get_mut(t as usize) {
@@ -66,37 +125,34 @@ impl Sampler {
         } else {
             self.sample_random(logits)
         };
-        let top_n = self.params.logprobs.unwrap_or(0);
-        let logprob = raw_logprobs.map(|lp| token_logprob(&lp, token, top_n));
+        let logprob = self
+            .params
+            .logprobs
+            .map(|top_n| token_logprob(&self.scratch.logprobs, token, top_n));
         (token, logprob)
     }
 
-    fn apply_penalties(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+    fn apply_penalties(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
         let p = &self.params;
-        if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
-            let mut seen = vec![false; logits.len()];
-            for &t in prompt.iter().chain(generated) {
-                let i = t as usize;
-                if i < logits.len() && !seen[i] {
-                    seen[i] = true;
-                    let l = &mut logits[i];
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
-                }
-            }
+        let repetition = p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0;
+        let additive = p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if !repetition && !additive {
+            return;
         }
-        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-            let mut counts = std::collections::HashMap::<u32, u32>::new();
-            for &t in generated {
-                *counts.entry(t).or_default() += 1;
+        self.penalties.absorb(prompt, generated);
+        for (&t, &count) in &self.penalties.seen {
+            let Some(l) = logits.get_mut(t as usize) else {
+                continue;
+            };
+            if repetition {
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
             }
-            for (t, c) in counts {
-                if let Some(l) = logits.get_mut(t as usize) {
-                    *l -= p.presence_penalty + p.frequency_penalty * c as f32;
-                }
+            if additive && count > 0 {
+                *l -= p.presence_penalty + p.frequency_penalty * count as f32;
             }
         }
     }
@@ -117,46 +173,81 @@ impl Sampler {
                 f32::NEG_INFINITY
             }
         };
-        // With top_k, the candidates are the k best ids; otherwise every id, in order.
-        let (ids, mut w): (Option<Vec<u32>>, Vec<f32>) =
-            if p.top_k > 0 && (p.top_k as usize) < logits.len() {
-                let k = p.top_k as usize;
-                let mut cand: Vec<(u32, f32)> = logits
+        let Scratch {
+            weights: w,
+            candidates: cand,
+            ..
+        } = &mut self.scratch;
+        w.clear();
+        // With top_k, the candidates are the k best ids (in `cand`); otherwise every id.
+        let top_k = p.top_k > 0 && (p.top_k as usize) < logits.len();
+        if top_k {
+            let k = p.top_k as usize;
+            cand.clear();
+            cand.extend(
+                logits
                     .iter()
                     .enumerate()
-                    .map(|(i, &l)| (i as u32, scaled(l)))
-                    .collect();
-                cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-                cand.truncate(k);
-                let (ids, w) = cand.into_iter().unzip();
-                (Some(ids), w)
-            } else {
-                (None, logits.iter().map(|&l| scaled(l)).collect())
-            };
-        let max = w[argmax(&w) as usize];
+                    .map(|(i, &l)| (i as u32, scaled(l))),
+            );
+            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            cand.truncate(k);
+            w.extend(cand.iter().map(|c| c.1));
+        } else {
+            w.extend(logits.iter().map(|&l| scaled(l)));
+        }
+        let max = w[argmax(w) as usize];
         if !max.is_finite() {
             // Nothing finite, or a temperature so low that a logit overflowed (then all
             // the mass sits on the best token).
             return argmax(logits);
         }
-        exp_shifted(&mut w, max);
-        let total = sum(&w);
+        exp_shifted(w, max);
+        let total = sum(w);
         let mut kept = total;
         if p.min_p > 0.0 {
-            for x in &mut w {
+            for x in w.iter_mut() {
                 if *x < p.min_p {
                     *x = 0.0;
                 }
             }
-            kept = sum(&w);
+            kept = sum(w);
         }
         if p.top_p < 1.0 && p.top_p > 0.0 {
-            keep_top_p(&mut w, p.top_p * total);
-            kept = sum(&w);
+            keep_top_p(w, p.top_p * total);
+            kept = sum(w);
         }
-        let i = pick(&w, self.rng.random::<f32>() * kept);
-        ids.map_or(i as u32, |ids| ids[i])
+        let i = pick(w, self.rng.random::<f32>() * kept);
+        if top_k { cand[i].0 } else { i as u32 }
     }
+}
+
+/// One sequence's share of a step: its sampler, its logits row (modified in place), its
+/// prompt and generated tokens, and the tokens it may not draw yet.
+pub struct SampleJob<'a> {
+    /// The sequence's sampler.
+    pub sampler: &'a mut Sampler,
+    /// Its logits row.
+    pub logits: &'a mut [f32],
+    /// Its prompt tokens (for the repetition penalty).
+    pub prompt: &'a [u32],
+    /// Its generated tokens so far.
+    pub generated: &'a [u32],
+    /// Tokens banned at this length.
+    pub banned: Vec<u32>,
+}
+
+/// Samples every job of a step on the rayon pool (each job on one thread: a row is too small
+/// to split); results in the jobs' order.
+pub fn sample_batch(jobs: Vec<SampleJob<'_>>) -> Vec<(u32, Option<TokenLogprob>)> {
+    let one = |j: SampleJob<'_>| {
+        j.sampler
+            .sample(j.logits, j.prompt, j.generated, Banned(&j.banned))
+    };
+    if jobs.len() < 2 {
+        return jobs.into_iter().map(one).collect();
+    }
+    jobs.into_par_iter().with_max_len(1).map(one).collect()
 }
 
 /// The index where the running sum of `w` first reaches `r`: whole blocks whose sum stays
@@ -353,28 +444,43 @@ fn argmax_lanes(xs: &[f32]) -> u32 {
 
 /// Log-softmax of a row.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
-    logits.iter().map(|&l| l - lse).collect()
+    let mut out = Vec::with_capacity(logits.len());
+    log_softmax_into(logits, &mut out);
+    out
 }
 
-/// The logprob of `token` and the `top_n` best alternatives from a log-softmax row.
+/// Log-softmax of a row into `out` (its allocation reused).
+fn log_softmax_into(logits: &[f32], out: &mut Vec<f32>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln() + max;
+    out.clear();
+    out.extend(logits.iter().map(|&l| l - lse));
+}
+
+/// The logprob of `token` and the `top_n` best alternatives from a log-softmax row (best
+/// first; of equal values the lower id first). One pass over the row, keeping the best
+/// `top_n` seen so far (OpenAI allows at most 20), with nothing vocabulary-sized allocated.
 pub fn token_logprob(logprobs: &[f32], token: u32, top_n: u32) -> TokenLogprob {
-    let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
-    let n = (top_n as usize).min(idx.len());
-    let by_desc = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]);
-    if n > 0 && n < idx.len() {
-        idx.select_nth_unstable_by(n - 1, by_desc);
+    let n = (top_n as usize).min(logprobs.len());
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+    if n > 0 {
+        for (i, &v) in logprobs.iter().enumerate() {
+            if v.is_nan() || (top.len() == n && v <= top[n - 1].1) {
+                continue;
+            }
+            // After the last entry not below `v`: equal values keep the lower id first.
+            let at = top.partition_point(|e| e.1 >= v);
+            top.insert(at, (i as u32, v));
+            top.truncate(n);
+        }
     }
-    idx.truncate(n);
-    idx.sort_unstable_by(by_desc);
     TokenLogprob {
         token_id: token,
         logprob: logprobs
             .get(token as usize)
             .copied()
             .unwrap_or(f32::NEG_INFINITY),
-        top: idx.iter().map(|&i| (i, logprobs[i as usize])).collect(),
+        top,
     }
 }
 
@@ -627,5 +733,91 @@ mod tests {
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
         let total: f32 = [0.0f32, 2.0, 1.0].iter().map(|x| x.exp()).sum();
         assert!((lp.logprob - (2.0f32.exp() / total).ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn penalties_kept_across_steps_equal_penalties_counted_afresh() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let vocab = 200;
+        let prompt: Vec<u32> = (0..40).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let penalized = SamplingParams {
+            repetition_penalty: 1.3,
+            presence_penalty: 0.4,
+            frequency_penalty: 0.25,
+            logprobs: Some(3),
+            ..SamplingParams::default()
+        };
+        let mut kept = Sampler::new(penalized.clone());
+        let mut generated: Vec<u32> = Vec::new();
+        for step in 0..60u32 {
+            let row: Vec<f32> = (0..vocab)
+                .map(|_| rng.random::<f32>() * 4.0 - 2.0)
+                .collect();
+            let (mut a, mut b) = (row.clone(), row);
+            let from_kept = kept.sample(&mut a, &prompt, &generated, Banned(&[]));
+            let from_fresh =
+                Sampler::new(penalized.clone()).sample(&mut b, &prompt, &generated, Banned(&[]));
+            assert_eq!(a, b, "penalized logits differ at step {step}");
+            assert_eq!(from_kept.0, from_fresh.0);
+            assert_eq!(from_kept.1, from_fresh.1);
+            // Mostly the greedy pick, sometimes a repeat, so counts above 1 occur.
+            generated.push(if step.is_multiple_of(3) {
+                7
+            } else {
+                from_kept.0
+            });
+        }
+    }
+
+    #[test]
+    fn a_batch_on_the_pool_draws_what_one_row_at_a_time_draws() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let vocab = 1000;
+        let rows: Vec<Vec<f32>> = (0..9)
+            .map(|_| (0..vocab).map(|_| rng.random::<f32>() * 3.0).collect())
+            .collect();
+        let prompt = [1u32, 2, 3, 2];
+        let generated = [4u32, 4, 9];
+        let make = |i: usize| {
+            Sampler::new(SamplingParams {
+                temperature: 0.9,
+                top_p: 0.9,
+                repetition_penalty: 1.2,
+                seed: Some(i as u64),
+                logprobs: i.is_multiple_of(2).then_some(2),
+                ..SamplingParams::default()
+            })
+        };
+        let mut one_by_one = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let mut row = row.clone();
+            let banned = [i as u32];
+            one_by_one.push(make(i).sample(&mut row, &prompt, &generated, Banned(&banned)));
+        }
+        let mut samplers: Vec<Sampler> = (0..rows.len()).map(make).collect();
+        let mut work = rows.clone();
+        let jobs = samplers
+            .iter_mut()
+            .zip(work.iter_mut())
+            .enumerate()
+            .map(|(i, (sampler, row))| SampleJob {
+                sampler,
+                logits: row,
+                prompt: &prompt,
+                generated: &generated,
+                banned: vec![i as u32],
+            })
+            .collect();
+        assert_eq!(sample_batch(jobs), one_by_one);
+    }
+
+    #[test]
+    fn top_logprobs_are_the_best_in_order_with_lower_ids_first_on_ties() {
+        let row = [-3.0f32, -1.0, -2.0, -1.0, f32::NAN, -0.5, -4.0];
+        let lp = token_logprob(&row, 2, 4);
+        assert_eq!(lp.logprob, -2.0);
+        assert_eq!(lp.top, vec![(5, -0.5), (1, -1.0), (3, -1.0), (2, -2.0)]);
+        assert!(token_logprob(&row, 0, 0).top.is_empty());
+        assert_eq!(token_logprob(&row, 0, 20).top.len(), 6, "all but NaN");
     }
 }

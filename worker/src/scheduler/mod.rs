@@ -7,9 +7,16 @@
 //! a time, and a step never stalls running decodes for a whole wave of prefills. Without
 //! chunked prefill a prompt is never split: one longer than the budget runs whole, in a step
 //! that prefills nothing else.
-//! GUARANTEED_NO_EVICT reserves blocks for a request's whole length at admission;
-//! MAX_UTILIZATION allocates as it goes and preempts the newest request (to be recomputed)
-//! when blocks run out. Not for: arithmetic, sampling or event delivery.
+//! GUARANTEED_NO_EVICT reserves blocks for a request's whole length at admission, except for
+//! a request that asks for the whole room its prompt leaves (no max_tokens: `reserve_in_steps`),
+//! which would reserve the model's entire context (131072 tokens for many models, more than
+//! the cache): it gets blocks as it grows, and when none is free it pauses, keeping its
+//! blocks, while the others go on and no new request is admitted. Only when every running
+//! sequence is paused is the newest one preempted (recomputed later, its output continuing),
+//! or, alone in the cache, ended with finish reason `length` (`out_of_room`). Sequences with
+//! a max_tokens are never paused or preempted. MAX_UTILIZATION allocates as it goes and
+//! preempts the newest request (to be recomputed) when blocks run out. Not for: arithmetic,
+//! sampling or event delivery.
 
 pub mod sequence;
 
@@ -71,6 +78,21 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     /// Preemptions so far (for logs and tests).
     pub preemptions: u64,
+    /// Sequences that filled the whole cache alone and could not grow: the engine ends them
+    /// with finish reason `length`.
+    pub out_of_room: Vec<Sequence>,
+}
+
+/// What `grow` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Growth {
+    /// The sequence has its blocks.
+    Ready,
+    /// No block is free; the sequence waits with what it holds (GUARANTEED_NO_EVICT,
+    /// `reserve_in_steps`).
+    Paused,
+    /// The sequence itself was preempted (MAX_UTILIZATION).
+    Preempted,
 }
 
 impl Scheduler {
@@ -82,6 +104,7 @@ impl Scheduler {
             running: Vec::new(),
             waiting: VecDeque::new(),
             preemptions: 0,
+            out_of_room: Vec::new(),
         }
     }
 
@@ -92,7 +115,46 @@ impl Scheduler {
 
     /// Plans the next step.
     pub fn schedule(&mut self) -> Vec<PlanItem> {
+        // Each round either plans work or takes a sequence out of `running`.
+        loop {
+            let (plan, paused) = self.plan_step();
+            if !plan.is_empty() || !paused {
+                return plan;
+            }
+            self.unblock();
+        }
+    }
+
+    /// Every running sequence is paused for a block: preempt the newest that reserves in
+    /// steps, or end the only one (it fills the cache alone).
+    fn unblock(&mut self) {
+        if self.running.len() > 1 {
+            let newest = self
+                .running
+                .iter()
+                .rposition(|s| s.reserve_in_steps)
+                .unwrap_or(self.running.len() - 1);
+            tracing::warn!(
+                request_id = %self.running[newest].id,
+                running = self.running.len(),
+                "every running request waits for a KV block: preempting the newest (it is recomputed when blocks free up)"
+            );
+            self.preempt(newest);
+        } else if let Some(seq) = self.running.pop() {
+            self.blocks.release_all(&seq.blocks);
+            tracing::warn!(
+                request_id = %seq.id,
+                tokens = seq.tokens.len(),
+                "the request fills the whole KV cache and cannot grow: it ends with finish_reason length (raise kv_cache_config.max_tokens or ask for fewer tokens)"
+            );
+            self.out_of_room.push(seq);
+        }
+    }
+
+    /// One planning pass; also whether a running sequence is paused for want of a block.
+    fn plan_step(&mut self) -> (Vec<PlanItem>, bool) {
         let mut plan = Vec::new();
+        let mut paused = false;
         let mut budget = self.limits.max_num_tokens;
         let mut prefill = PrefillBudget {
             left: self.limits.prefill_budget,
@@ -117,9 +179,15 @@ impl Scheduler {
                     }
                 }
             };
-            if !self.grow(i, seq.num_computed + n) {
-                // grow() preempted sequences from the back; `i` itself may be gone.
-                continue;
+            match self.grow(i, seq.num_computed + n) {
+                Growth::Ready => {}
+                Growth::Paused => {
+                    paused = true;
+                    i += 1;
+                    continue;
+                }
+                // grow() preempted sequences from the back; `i` itself is gone.
+                Growth::Preempted => continue,
             }
             budget -= n;
             if !decode {
@@ -128,7 +196,8 @@ impl Scheduler {
             plan.push(PlanItem { seq: i, n });
             i += 1;
         }
-        while plan.len() < self.limits.max_batch_size && budget > 0 {
+        // A paused sequence gets the next free block before any new request.
+        while !paused && plan.len() < self.limits.max_batch_size && budget > 0 {
             if self.waiting.is_empty() || self.running.len() >= self.limits.max_batch_size {
                 break;
             }
@@ -142,7 +211,7 @@ impl Scheduler {
                 n,
             });
         }
-        plan
+        (plan, paused)
     }
 
     /// Prompt tokens a sequence with `remaining` uncomputed tokens computes this step, under
@@ -165,23 +234,34 @@ impl Scheduler {
         None
     }
 
-    /// Ensures running[i] has blocks for `upto` tokens; under MAX_UTILIZATION preempts the
-    /// newest sequences (possibly `i` itself) when blocks run out. True when `i` can proceed.
-    fn grow(&mut self, i: usize, upto: usize) -> bool {
+    /// Ensures running[i] has blocks for `upto` tokens. When blocks run out, MAX_UTILIZATION
+    /// preempts the newest sequences (possibly `i` itself); GUARANTEED_NO_EVICT pauses `i`
+    /// (only a `reserve_in_steps` sequence can get here: the others hold their whole length).
+    fn grow(&mut self, i: usize, upto: usize) -> Growth {
         let need = self.blocks.blocks_for(upto);
         while self.running[i].blocks.len() < need {
             if let Some(b) = self.blocks.allocate() {
                 self.running[i].blocks.push(b);
                 continue;
             }
+            if self.limits.policy == CapacityPolicy::GuaranteedNoEvict {
+                return Growth::Paused;
+            }
+            if self.running.len() == 1 {
+                // Alone and out of blocks: it fills the cache (a request for the whole room).
+                let seq = self.running.remove(i);
+                self.blocks.release_all(&seq.blocks);
+                self.out_of_room.push(seq);
+                return Growth::Preempted;
+            }
             // Out of blocks: preempt the newest sequence, which is never planned before `i`.
             let victim = self.running.len() - 1;
             self.preempt(victim);
             if victim == i {
-                return false;
+                return Growth::Preempted;
             }
         }
-        true
+        Growth::Ready
     }
 
     fn preempt(&mut self, idx: usize) {
@@ -207,6 +287,7 @@ impl Scheduler {
         let remaining = seq.tokens.len() - start;
         let n = self.prefill_tokens(remaining, budget, prefill)?;
         let target = match self.limits.policy {
+            CapacityPolicy::GuaranteedNoEvict if seq.reserve_in_steps => start + n,
             // The last token is sampled, never computed: it takes no KV slot.
             CapacityPolicy::GuaranteedNoEvict => seq.max_total.saturating_sub(1),
             CapacityPolicy::MaxUtilization => start + n,
@@ -270,6 +351,7 @@ mod tests {
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total: 32,
+            reserve_in_steps: false,
             stopping: StoppingParams::default(),
             sampler: Sampler::new(SamplingParams::default()),
             tx,
@@ -510,5 +592,109 @@ mod tests {
         let plan = s.schedule();
         assert_eq!(plan.len(), 12, "every running sequence decodes");
         assert!(plan.iter().all(|p| p.n == 1));
+    }
+
+    /// A GUARANTEED_NO_EVICT scheduler over `blocks` blocks of 4 tokens.
+    fn no_evict(blocks: usize) -> Scheduler {
+        let limits = SchedulerLimits {
+            max_batch_size: 64,
+            max_num_tokens: 4096,
+            prefill_budget: 4096,
+            chunked_prefill: false,
+            policy: CapacityPolicy::GuaranteedNoEvict,
+        };
+        Scheduler::new(limits, BlockManager::new(blocks, 4, false))
+    }
+
+    /// A request without max_tokens on a model of 131072 positions.
+    fn whole_room(id: &str, prompt_len: usize) -> Sequence {
+        let mut q = seq(id, prompt_len);
+        q.max_total = 131_073;
+        q.reserve_in_steps = true;
+        q
+    }
+
+    #[test]
+    fn requests_without_max_tokens_run_together_on_a_cache_far_below_the_context() {
+        // 64 blocks of 4 tokens: one request reserving its whole room would need 32769.
+        let mut s = no_evict(64);
+        for i in 0..16 {
+            s.waiting.push_back(whole_room(&format!("chat{i}"), 6));
+        }
+        let first = s.schedule();
+        assert_eq!(first.len(), 16, "all sixteen are admitted at once");
+        assert!(s.waiting.is_empty());
+        run(&mut s, &first);
+        // Each holds two blocks (6 prompt tokens + the first sampled one fits 8).
+        let second = s.schedule();
+        assert_eq!(second.len(), 16, "and all decode together");
+        assert_eq!(s.preemptions, 0);
+    }
+
+    #[test]
+    fn a_request_without_max_tokens_pauses_for_a_block_and_the_newest_yields_when_all_wait() {
+        let mut s = no_evict(6);
+        // A request with max_tokens holds its whole length (4 blocks) from admission.
+        let mut fixed = seq("fixed", 6);
+        fixed.max_total = 16;
+        s.waiting.push_back(fixed);
+        s.waiting.push_back(whole_room("old", 3));
+        s.waiting.push_back(whole_room("new", 3));
+        let mut paused_seen = false;
+        for step in 0..40 {
+            let plan = s.schedule();
+            assert!(!plan.is_empty(), "step {step}: nothing could run");
+            if s.running.len() + s.waiting.len() == 3 && plan.len() < s.running.len() {
+                paused_seen = true;
+            }
+            run(&mut s, &plan);
+            // Finish `fixed` at its max_total as the engine would, freeing its blocks.
+            if let Some(i) = s
+                .running
+                .iter()
+                .position(|q| q.id == "fixed" && q.tokens.len() >= q.max_total)
+            {
+                s.finish(i);
+            }
+            assert!(
+                s.waiting.iter().all(|q| q.id != "fixed" && q.id != "old"),
+                "neither the request with max_tokens nor the oldest is preempted"
+            );
+        }
+        assert!(
+            paused_seen,
+            "a request without max_tokens waited for a block"
+        );
+        assert!(s.preemptions >= 1, "when all waited, the newest yielded");
+        // The oldest went on until it filled the cache alone (6 blocks: 24 tokens, one more
+        // sampled), never preempted.
+        assert_eq!(
+            s.out_of_room
+                .iter()
+                .map(|q| (q.id.as_str(), q.tokens.len()))
+                .collect::<Vec<_>>(),
+            vec![("old", 25)]
+        );
+    }
+
+    #[test]
+    fn a_request_filling_the_whole_cache_alone_ends_out_of_room() {
+        let mut s = no_evict(3);
+        s.waiting.push_back(whole_room("long", 5));
+        for _ in 0..20 {
+            let plan = s.schedule();
+            run(&mut s, &plan);
+            if !s.out_of_room.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(s.out_of_room.len(), 1);
+        assert_eq!(
+            s.out_of_room[0].tokens.len(),
+            13,
+            "12 tokens fill 3 blocks, one more is sampled"
+        );
+        assert!(s.running.is_empty());
+        assert_eq!(s.blocks.num_free(), 3, "its blocks are free again");
     }
 }

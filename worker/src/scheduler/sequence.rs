@@ -26,6 +26,9 @@ pub struct Sequence {
     pub cached_tokens: usize,
     /// Prompt + completion limit (max_tokens capped by max_seq_len).
     pub max_total: usize,
+    /// Asks for the whole room its prompt leaves (no max_tokens): under GUARANTEED_NO_EVICT
+    /// it gets KV blocks as it grows instead of all at admission, and may pause.
+    pub reserve_in_steps: bool,
     /// Stopping settings.
     pub stopping: StoppingParams,
     /// Sampler with this request's RNG.
