@@ -171,6 +171,11 @@ fn job_tls(files: &TlsFiles, secret: &str, p: &Placement) -> anyhow::Result<Tran
     Ok(JobCa::derive(secret.as_bytes())?.transport(&certificate_names(p))?)
 }
 
+/// Tasks of this job on this task's node (they split its cores and memory).
+fn tasks_on_node(p: &Placement) -> usize {
+    p.tasks_per_node.get(p.node_index).copied().unwrap_or(1)
+}
+
 /// Compute threads of a rank: Slurm's --cpus-per-task when given (Slurm may already have
 /// bound the task to those cores), else this node's cores shared by its tasks.
 fn task_threads(p: &Placement) -> Option<usize> {
@@ -181,7 +186,7 @@ fn task_threads(p: &Placement) -> Option<usize> {
     {
         return Some(n);
     }
-    group::share_of_cores(p.tasks_per_node.get(p.node_index).copied().unwrap_or(1))
+    group::share_of_cores(tasks_on_node(p))
 }
 
 /// Runs this task until SIGTERM / Ctrl-C.
@@ -213,6 +218,7 @@ pub async fn run(
             bind,
             token: token.clone(),
             threads: task_threads(&placement),
+            ranks_on_node: tasks_on_node(&placement),
             on_gpu: group::on_gpu(&args),
             gpu_slot: placement.local_rank,
         };

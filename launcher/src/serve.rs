@@ -334,6 +334,7 @@ pub async fn run(
             bind: std::net::Ipv4Addr::LOCALHOST.into(),
             token: secret.clone(),
             threads: group::share_of_cores(tp),
+            ranks_on_node: tp,
             on_gpu: group::on_gpu(&args),
             gpu_slot: 0,
         };

@@ -2,11 +2,16 @@
 //!
 //! Block hashes come from `llmapi_common::block_hash`, shared with the router's
 //! kv_cache_aware policy. This module only hands out block ids; the KV memory itself lives in the backend, which is
-//! indexed by these ids. Not for: attention, scheduling policy.
+//! indexed by these ids. How many blocks there are is `budget`'s arithmetic over
+//! `host_memory`'s facts; `commit` backs a new pool with memory at start. Not for: attention,
+//! scheduling policy.
 
 use std::collections::{BTreeMap, HashMap};
 
+pub mod budget;
+pub mod commit;
 mod evictions;
+pub mod host_memory;
 
 pub use evictions::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
 
