@@ -256,6 +256,7 @@ pub async fn run(
         bind,
         group,
         placement.local_rank,
+        tasks_on_node(&placement),
         &token,
         Some(&tls),
     )
@@ -270,6 +271,7 @@ pub async fn run(
     let starter: restart::Starter = {
         let (args, model, token, tls) = (args.clone(), model.clone(), token.clone(), tls.clone());
         let (name, gpu_slot) = (config.served_model_name.clone(), placement.local_rank);
+        let replicas_on_node = tasks_on_node(&placement);
         Box::new(move |addr| -> restart::Starting {
             let (args, model, name, token, tls) = (
                 args.clone(),
@@ -286,6 +288,7 @@ pub async fn run(
                     &addr.to_string(),
                     None,
                     gpu_slot,
+                    replicas_on_node,
                     &token,
                     Some(&tls),
                 )

@@ -86,6 +86,45 @@ fn serve_logs_its_memory_budget_and_caps_the_pool_at_what_the_batch_can_use() {
 }
 
 #[test]
+fn the_ranks_of_a_local_tensor_parallel_group_split_the_nodes_memory() {
+    let port = free_port();
+    let server = serve_demo(
+        port,
+        &[
+            "--tp_size",
+            "2",
+            "--max_batch_size",
+            "8",
+            "--max_seq_len",
+            "512",
+        ],
+    );
+    wait_healthy(port, Duration::from_secs(90));
+    let log = std::fs::read_to_string(&server.log).unwrap_or_default();
+    let lines = budget_lines(&log);
+    let field = |what: &str| {
+        lines
+            .iter()
+            .find(|(w, _)| w == what)
+            .map(|(_, f)| f.clone())
+            .unwrap_or_else(|| panic!("no `{what}` budget line in {log}"))
+    };
+    let (free, share) = (field("free before loading"), field("this replica's share"));
+    assert_eq!(
+        share["bytes"].as_u64().unwrap_or(0),
+        free["bytes"].as_u64().unwrap_or(0) / 2,
+        "{share}"
+    );
+    assert!(
+        share["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/ 2 replicas"),
+        "{share}"
+    );
+}
+
+#[test]
 fn a_configuration_that_cannot_fit_fails_at_start_saying_what_to_change() {
     let port = free_port();
     // Workspaces for a step of 2^31 tokens exceed any machine.
