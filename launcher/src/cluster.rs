@@ -171,6 +171,11 @@ fn job_tls(files: &TlsFiles, secret: &str, p: &Placement) -> anyhow::Result<Tran
     Ok(JobCa::derive(secret.as_bytes())?.transport(&certificate_names(p))?)
 }
 
+/// Tasks of this job on this task's node (they split its cores and memory).
+fn tasks_on_node(p: &Placement) -> usize {
+    p.tasks_per_node.get(p.node_index).copied().unwrap_or(1)
+}
+
 /// Compute threads of a rank: Slurm's --cpus-per-task when given (Slurm may already have
 /// bound the task to those cores), else this node's cores shared by its tasks.
 fn task_threads(p: &Placement) -> Option<usize> {
@@ -181,7 +186,7 @@ fn task_threads(p: &Placement) -> Option<usize> {
     {
         return Some(n);
     }
-    group::share_of_cores(p.tasks_per_node.get(p.node_index).copied().unwrap_or(1))
+    group::share_of_cores(tasks_on_node(p))
 }
 
 /// Runs this task until SIGTERM / Ctrl-C.
@@ -213,6 +218,7 @@ pub async fn run(
             bind,
             token: token.clone(),
             threads: task_threads(&placement),
+            ranks_on_node: tasks_on_node(&placement),
             on_gpu: group::on_gpu(&args),
             gpu_slot: placement.local_rank,
         };
@@ -250,6 +256,7 @@ pub async fn run(
         bind,
         group,
         placement.local_rank,
+        tasks_on_node(&placement),
         &token,
         Some(&tls),
     )
@@ -264,6 +271,7 @@ pub async fn run(
     let starter: restart::Starter = {
         let (args, model, token, tls) = (args.clone(), model.clone(), token.clone(), tls.clone());
         let (name, gpu_slot) = (config.served_model_name.clone(), placement.local_rank);
+        let replicas_on_node = tasks_on_node(&placement);
         Box::new(move |addr| -> restart::Starting {
             let (args, model, name, token, tls) = (
                 args.clone(),
@@ -280,6 +288,7 @@ pub async fn run(
                     &addr.to_string(),
                     None,
                     gpu_slot,
+                    replicas_on_node,
                     &token,
                     Some(&tls),
                 )

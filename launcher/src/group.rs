@@ -58,6 +58,9 @@ pub struct GroupSpec {
     pub token: String,
     /// Compute threads of this rank; None: every core this process may use.
     pub threads: Option<usize>,
+    /// Ranks and replicas on this rank's node, which split its cores (`threads`) and its
+    /// host memory (`EngineConfig::replicas_on_node`) evenly.
+    pub ranks_on_node: usize,
     /// `--backend cuda`: the rank runs on its GPU and the group talks over NCCL.
     pub on_gpu: bool,
     /// This rank's place among the tasks on its node (its local rank), which picks its GPU
@@ -80,6 +83,7 @@ impl GroupSpec {
     pub fn engine_config(&self, args: &LlmArgs) -> EngineConfig {
         let mut cfg = EngineConfig::from_llm_args(args);
         cfg.threads = self.threads;
+        cfg.replicas_on_node = self.ranks_on_node.max(1);
         cfg.gpu_slot = self.gpu_slot;
         cfg
     }
@@ -220,6 +224,7 @@ pub fn spawned_rank(args: &LlmArgs) -> anyhow::Result<Option<GroupSpec>> {
         bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
         token,
         threads: share_of_cores(size),
+        ranks_on_node: size,
         on_gpu: on_gpu(args),
         // The ranks of a local group are this node's tasks 0..size.
         gpu_slot: rank,
@@ -381,6 +386,7 @@ mod tests {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             token: "t".to_owned(),
             threads: None,
+            ranks_on_node: 1,
             on_gpu: false,
             gpu_slot: 0,
         };
@@ -417,11 +423,16 @@ mod tests {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             token: "t".to_owned(),
             threads: Some(3),
+            ranks_on_node: 4,
             on_gpu: true,
             gpu_slot: 3,
         };
         let cfg = spec.engine_config(&LlmArgs::default());
         assert_eq!((cfg.gpu_slot, cfg.threads), (3, Some(3)));
+        assert_eq!(
+            cfg.replicas_on_node, 4,
+            "the node's ranks split its memory too"
+        );
         assert_eq!(
             llmapi_worker::backend::cuda::select::slot_gpu(cfg.gpu_slot, 8),
             3

@@ -89,8 +89,9 @@ impl LocalWorker {
     /// (port 0: any free port) to callers that present `secret` (the job secret). With
     /// `group`, this is the leader of a tensor-parallel group: it joins the group first and
     /// drives its followers. `gpu_slot` is this task's local rank on its node, which picks its
-    /// GPU on the CUDA backend (a group carries its own). With `tls` the service speaks TLS
-    /// only (mutual TLS when it holds a CA).
+    /// GPU on the CUDA backend, and `replicas_on_node` the replicas that split the node's
+    /// host memory (a group carries its own). With `tls` the service speaks TLS only (mutual
+    /// TLS when it holds a CA).
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         args: &LlmArgs,
@@ -99,6 +100,7 @@ impl LocalWorker {
         bind: &str,
         group: Option<GroupSpec>,
         gpu_slot: usize,
+        replicas_on_node: usize,
         secret: &str,
         tls: Option<&TransportTls>,
     ) -> anyhow::Result<Self> {
@@ -111,6 +113,7 @@ impl LocalWorker {
             Some(g) => g.engine_config(args),
             None => EngineConfig {
                 gpu_slot,
+                replicas_on_node: replicas_on_node.max(1),
                 ..EngineConfig::from_llm_args(args)
             },
         };
@@ -334,6 +337,7 @@ pub async fn run(
             bind: std::net::Ipv4Addr::LOCALHOST.into(),
             token: secret.clone(),
             threads: group::share_of_cores(tp),
+            ranks_on_node: tp,
             on_gpu: group::on_gpu(&args),
             gpu_slot: 0,
         };
@@ -408,6 +412,7 @@ impl Leader {
             bind,
             self.group.clone(),
             0,
+            1,
             &self.secret,
             self.tls.as_ref(),
         );

@@ -79,7 +79,8 @@ fn main() {
     let c = ModelConfig::from_json_str(&json, Path::new("bench")).expect("config");
     let per_seq = MAX_CTX.div_ceil(TPB);
     let nblocks = rows_n * per_seq;
-    let mut kv = KvStore::new(KvDtype::Bf16, LAYERS, nblocks, NKV, TPB, D);
+    let mut kv = KvStore::new(KvDtype::Bf16, LAYERS, nblocks, NKV, TPB, D)
+        .expect("allocate the bench's KV pool");
     let mut ids: Vec<u32> = (0..nblocks as u32).collect();
     if shuffle {
         let mut x = 0x9e37_79b9_7f4a_7c15u64;

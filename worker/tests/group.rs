@@ -308,9 +308,10 @@ fn a_follower_whose_leader_dies_stops_with_an_error_naming_it() {
 }
 
 #[test]
-fn the_leader_budgets_kv_memory_for_the_whole_group() {
-    // With tp=2 each rank stores half the KV heads; sizing from host memory must count both
-    // ranks, or two ranks on one machine would together take twice the configured fraction.
+fn the_leader_budgets_kv_memory_per_rank() {
+    // With tp=2 each rank stores half the KV heads in a pool of the same blocks; the budget
+    // is one rank's share of its node (EngineConfig::replicas_on_node), so the leader counts
+    // its own bytes per token, not the group's.
     let dir = case("llama");
     let whole = CpuBackend::new(ModelWeights::load(&dir).unwrap(), KvDtype::Float32, Some(1))
         .unwrap()
@@ -324,9 +325,10 @@ fn the_leader_budgets_kv_memory_for_the_whole_group() {
     let w = ModelWeights::load_shard(&dir, shard(0, 2, 2)).unwrap();
     let local =
         CpuBackend::new_sharded(w, Box::new(comm.clone()), KvDtype::Float32, Some(1)).unwrap();
-    assert_eq!(local.kv_bytes_per_token() * 2, whole);
+    let per_rank = local.kv_bytes_per_token();
+    assert_eq!(per_rank * 2, whole);
     let leader = plan::LeaderBackend::new(Box::new(local), Box::new(comm));
-    assert_eq!(leader.kv_bytes_per_token(), whole);
+    assert_eq!(leader.kv_bytes_per_token(), per_rank);
     drop(leader);
     assert!(
         follower.join().unwrap().unwrap(),

@@ -71,7 +71,7 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("pp_size", &["pipeline_parallel_size"], "pipeline_parallel_size", Int, "Pipeline-parallel stages; only 1 is supported"),
     flag("ep_size", &["moe_expert_parallel_size"], "moe_expert_parallel_size", Int, "Expert-parallel ranks for MoE layers (default: tp_size)"),
     flag("gpus_per_node", &[], "gpus_per_node", Int, "GPUs per node (default: all visible)"),
-    flag("kv_cache_free_gpu_memory_fraction", &["free_gpu_memory_fraction"], "kv_cache_config.free_gpu_memory_fraction", Float, "Fraction of free GPU memory (CPU: available RAM) for the KV cache"),
+    flag("kv_cache_free_gpu_memory_fraction", &["free_gpu_memory_fraction"], "kv_cache_config.free_gpu_memory_fraction", Float, "Fraction of the memory free after the model loads for the KV cache (CPU: this replica's share of host memory within its cgroup limit)"),
     flag("num_postprocess_workers", &[], "num_postprocess_workers", Int, "Accepted for compatibility; the router detokenizes on its own threads"),
     flag("trust_remote_code", &[], "trust_remote_code", Switch, "Accepted for compatibility; llmapi never executes code shipped with a model"),
     flag("served_model_name", &[], "served_model_name", Text, "Model name in /v1/models and requests (default: the model directory's name)"),

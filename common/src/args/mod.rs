@@ -85,7 +85,8 @@ pub enum ContextChunkingPolicy {
 pub struct KvCacheConfig {
     /// Element type of cached keys and values.
     pub dtype: KvCacheDtype,
-    /// Fraction of free GPU memory (CPU: of available RAM) given to the KV cache after weights.
+    /// Fraction of the memory free after the model loads (weights and workspaces) given to the
+    /// KV cache: free GPU memory, or on the CPU this replica's share of host memory.
     pub free_gpu_memory_fraction: f64,
     /// Upper bound on cached tokens; the smaller of this and the memory fraction wins.
     pub max_tokens: Option<u64>,

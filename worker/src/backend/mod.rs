@@ -33,6 +33,15 @@ pub struct SeqChunk<'a> {
     pub logits: LogitsWanted,
 }
 
+/// Host memory a backend holds besides its KV pool (`Backend::host_footprint`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostFootprint {
+    /// Bytes of weights, resident.
+    pub weights: u64,
+    /// Bytes of step workspaces (activations, logits), allocated as steps run.
+    pub workspace: u64,
+}
+
 /// Errors of a backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -79,7 +88,16 @@ pub trait Backend: Send {
     fn kv_memory_available(&self) -> Option<usize> {
         None
     }
-    /// Allocates the KV pool; must be called once before `forward`.
+    /// Host memory this backend holds besides its KV pool, for the budget: its resident
+    /// weights and the workspaces of a step of `max_num_tokens` tokens over `max_batch_size`
+    /// sequences. Zero for a backend that keeps them on a device (and reports the device's
+    /// free memory in `kv_memory_available` instead).
+    fn host_footprint(&self, max_num_tokens: usize, max_batch_size: usize) -> HostFootprint {
+        let _ = (max_num_tokens, max_batch_size);
+        HostFootprint::default()
+    }
+    /// Allocates the KV pool and backs it with memory (every page touched), so that a pool
+    /// the machine cannot hold fails here; must be called once before `forward`.
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError>;
     /// Runs one step; returns per chunk its logits rows (0, 1 or `tokens.len()` rows of
     /// `vocab_size`, flattened) as asked by `LogitsWanted`.

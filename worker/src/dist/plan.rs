@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use super::{CommError, Communicator};
-use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use crate::backend::{Backend, BackendError, HostFootprint, LogitsWanted, SeqChunk};
 use crate::kv::BlockId;
 
 /// How often an idle leader proves it is alive; followers' collective timeout must be longer.
@@ -254,11 +254,17 @@ impl Backend for LeaderBackend {
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
-    /// The whole group's bytes per token (every rank holds its own KV heads): the engine
-    /// sizes the cache from one host's memory, so ranks sharing that host stay within the
-    /// budget together (ranks on other hosts use less than they could).
+    /// This rank's bytes per token: every rank holds its own KV heads in a pool of the
+    /// same blocks, and the budget is one rank's share of its node (the launcher counts the
+    /// ranks sharing a node in `EngineConfig::replicas_on_node`).
     fn kv_bytes_per_token(&self) -> usize {
-        self.inner.kv_bytes_per_token() * self.plan.world_size()
+        self.inner.kv_bytes_per_token()
+    }
+    fn kv_memory_available(&self) -> Option<usize> {
+        self.inner.kv_memory_available()
+    }
+    fn host_footprint(&self, max_num_tokens: usize, max_batch_size: usize) -> HostFootprint {
+        self.inner.host_footprint(max_num_tokens, max_batch_size)
     }
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError> {
         self.send(&PlanMsg::InitKv {

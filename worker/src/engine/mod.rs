@@ -21,6 +21,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda;
 use crate::dist::plan::{self, LeaderBackend};
 use crate::dist::{Communicator, SharedComm, SingleRank};
+use crate::kv::budget::{self, BudgetInputs, KvPlan, MemoryPool};
+use crate::kv::host_memory::HostMemory;
 use crate::kv::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
 use crate::model::{ModelWeights, Shard};
 pub use types::*;
@@ -73,6 +75,7 @@ impl Engine {
     pub fn start(model_dir: &Path, cfg: EngineConfig) -> Result<EngineHandle, EngineError> {
         let mut choice = cuda::select::resolve(cfg.backend)
             .map_err(|e| EngineError::InvalidConfig(format!("--backend cuda: {e}")))?;
+        let before_load = probe_host(&cfg)?;
         let weights = ModelWeights::load(model_dir)?;
         if choice == cuda::select::Choice::Cuda
             && cfg.backend != llmapi_common::args::Backend::Cuda
@@ -89,7 +92,7 @@ impl Engine {
             }
             cuda::select::Choice::Cuda => Box::new(cuda::select::cuda_backend(weights, &cfg)?),
         };
-        Self::start_with_backend(backend, &model_cfg, model_dir, name, cfg)
+        Self::start_sized(backend, &model_cfg, model_dir, name, cfg, Some(before_load))
     }
 
     /// Starts rank 0 (`shard.tp_rank`) of a tensor-parallel group: it loads its shard, then
@@ -110,19 +113,41 @@ impl Engine {
                 shard.tp_rank
             )));
         }
+        let before_load = probe_host(&cfg)?;
         let (backend, model_cfg, shared) = backend_in_group(model_dir, &cfg, shard, connect)?;
         let name = model_name(model_dir, &cfg);
         let leader = LeaderBackend::new(backend, Box::new(shared));
-        Self::start_with_backend(Box::new(leader), &model_cfg, model_dir, name, cfg)
+        Self::start_sized(
+            Box::new(leader),
+            &model_cfg,
+            model_dir,
+            name,
+            cfg,
+            Some(before_load),
+        )
     }
 
-    /// Starts the loop over any backend (the CPU one, a CUDA one, or a test double).
+    /// Starts the loop over any backend (the CPU one, a CUDA one, or a test double). The
+    /// backend's weights are already resident: the KV budget counts them as taken from the
+    /// memory free now.
     pub fn start_with_backend(
+        backend: Box<dyn Backend>,
+        model: &llmapi_common::model_config::ModelConfig,
+        model_dir: &Path,
+        model_name: String,
+        cfg: EngineConfig,
+    ) -> Result<EngineHandle, EngineError> {
+        Self::start_sized(backend, model, model_dir, model_name, cfg, None)
+    }
+
+    /// `start_with_backend` with the host memory read before the weights loaded, if it was.
+    fn start_sized(
         mut backend: Box<dyn Backend>,
         model: &llmapi_common::model_config::ModelConfig,
         model_dir: &Path,
         model_name: String,
         cfg: EngineConfig,
+        before_load: Option<HostMemory>,
     ) -> Result<EngineHandle, EngineError> {
         let bad = |m: String| Err(EngineError::InvalidConfig(m));
         if cfg.max_batch_size == 0 || cfg.max_num_tokens == 0 || cfg.tokens_per_block == 0 {
@@ -136,19 +161,16 @@ impl Engine {
                 "max_seq_len is {max_seq_len}; it must be at least 2"
             ));
         }
-        let num_blocks = kv_blocks(
-            &cfg,
-            backend.kv_bytes_per_token(),
-            max_seq_len,
-            backend.kv_memory_available(),
-        )?;
+        let kv_plan = size_kv(&cfg, backend.as_ref(), max_seq_len, before_load)?;
+        kv_plan.log();
+        let num_blocks = kv_plan.blocks;
         backend
             .init_kv(num_blocks, cfg.tokens_per_block)
             .map_err(|e| EngineError::Backend(e.to_string()))?;
         tracing::info!(
             num_blocks,
             tokens_per_block = cfg.tokens_per_block,
-            kv_bytes = num_blocks * cfg.tokens_per_block * backend.kv_bytes_per_token(),
+            kv_bytes = kv_plan.bytes,
             "KV cache allocated"
         );
         let info = EngineInfo {
@@ -273,6 +295,7 @@ fn cpu_backend_of(
     };
     CpuBackend::new_sharded(weights, comm, kv_dtype, cfg.threads)
         .and_then(|b| b.with_dtype(cfg.dtype))
+        .map(|b| b.with_memory_source(cfg.memory_source.clone()))
         .map_err(|e| EngineError::Backend(e.to_string()))
 }
 
@@ -285,50 +308,57 @@ fn model_name(model_dir: &Path, cfg: &EngineConfig) -> String {
     })
 }
 
-/// KV blocks from kv_max_tokens, or from the memory budget (capped at what max_batch_size
-/// full-length sequences need): `device_free` bytes of device memory when the backend has
-/// them, else available host memory.
-fn kv_blocks(
+/// Host memory now, for the KV budget; an error names the file that could not be read.
+fn probe_host(cfg: &EngineConfig) -> Result<HostMemory, EngineError> {
+    cfg.memory_source.probe().map_err(|e| {
+        EngineError::InvalidConfig(format!(
+            "{e}; the KV cache is sized from host memory (Linux /proc/meminfo)"
+        ))
+    })
+}
+
+/// Sizes the KV pool (`kv::budget`): from the device memory the backend reports free, else
+/// from this replica's share of host memory less its weights and workspaces.
+fn size_kv(
     cfg: &EngineConfig,
-    bytes_per_token: usize,
+    backend: &dyn Backend,
     max_seq_len: usize,
-    device_free: Option<usize>,
-) -> Result<usize, EngineError> {
-    let tpb = cfg.tokens_per_block;
-    let tokens = match cfg.kv_max_tokens {
-        Some(t) => t,
+    before_load: Option<HostMemory>,
+) -> Result<KvPlan, EngineError> {
+    let memory = match backend.kv_memory_available() {
+        Some(free) => MemoryPool::Device { free: free as u64 },
         None => {
-            if !(cfg.kv_memory_fraction > 0.0 && cfg.kv_memory_fraction <= 1.0) {
-                return Err(EngineError::InvalidConfig(format!(
-                    "kv_cache_config.free_gpu_memory_fraction is {}; it must be in (0, 1]",
-                    cfg.kv_memory_fraction
-                )));
+            let now = probe_host(cfg)?;
+            let fp = backend.host_footprint(cfg.max_num_tokens, cfg.max_batch_size);
+            // Without a reading from before the load, the resident weights came out of what
+            // is free now.
+            let before_load = before_load.unwrap_or_else(|| {
+                let mut m = now.clone();
+                m.mem_available = m.mem_available.saturating_add(fp.weights);
+                if let Some(c) = m.cgroup.as_mut() {
+                    c.in_use = c.in_use.saturating_sub(fp.weights);
+                }
+                m
+            });
+            MemoryPool::Host {
+                before_load,
+                now,
+                replicas: cfg.replicas_on_node,
+                weights: fp.weights,
+                workspace: fp.workspace,
             }
-            let (avail, source) = match device_free {
-                Some(b) => (b, "device memory free after weights and workspace"),
-                None => (available_memory_bytes().unwrap_or(4 << 30), "host memory"),
-            };
-            let budget = (avail as f64 * cfg.kv_memory_fraction) as usize;
-            let by_memory = budget / bytes_per_token.max(1);
-            let useful = cfg.max_batch_size.saturating_mul(max_seq_len);
-            tracing::info!(
-                available_bytes = avail,
-                fraction = cfg.kv_memory_fraction,
-                by_memory_tokens = by_memory,
-                cap_tokens = useful,
-                source,
-                "sizing the KV cache"
-            );
-            by_memory.min(useful)
         }
     };
-    let blocks = tokens / tpb;
-    if blocks == 0 {
-        return Err(EngineError::InvalidConfig(format!(
-            "the KV cache holds {tokens} tokens, less than one block of {tpb}; raise kv_cache_config.max_tokens"
-        )));
-    }
-    Ok(blocks)
+    budget::plan(&BudgetInputs {
+        memory,
+        fraction: cfg.kv_memory_fraction,
+        max_tokens: cfg.kv_max_tokens,
+        bytes_per_token: backend.kv_bytes_per_token(),
+        tokens_per_block: cfg.tokens_per_block,
+        max_batch_size: cfg.max_batch_size,
+        max_seq_len,
+    })
+    .map_err(|e| EngineError::InvalidConfig(e.0))
 }
 
 /// Nanoseconds since the Unix epoch: the first eviction cursor of this run, larger than any
@@ -338,13 +368,6 @@ fn run_nanos() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(1)
-}
-
-fn available_memory_bytes() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 impl EngineHandle {

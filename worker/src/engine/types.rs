@@ -68,9 +68,12 @@ pub struct EngineConfig {
     pub kv_dtype: KvDtype,
     /// Arithmetic of the matrix products (LlmArgs `dtype`).
     pub dtype: llmapi_common::args::ModelDtype,
-    /// KV capacity in tokens; when None, `kv_memory_fraction` of available RAM is used.
+    /// KV capacity in tokens (`kv_cache_config.max_tokens`); the smaller of it and the memory
+    /// budget wins. None: the memory budget, capped at what `max_batch_size` sequences of
+    /// `max_seq_len` tokens can use.
     pub kv_max_tokens: Option<usize>,
-    /// Fraction of available host memory for the KV cache when `kv_max_tokens` is None.
+    /// `kv_cache_config.free_gpu_memory_fraction`: the share of the memory left after the
+    /// weights and workspaces that the KV cache takes (`kv::budget`).
     pub kv_memory_fraction: f64,
     /// Reuse cached prefix blocks across requests.
     pub enable_block_reuse: bool,
@@ -102,6 +105,11 @@ pub struct EngineConfig {
     /// How long one pass of the engine loop (a step) may take while requests are in flight
     /// before `EngineHandle::stalled` reports the engine stuck; None: never.
     pub stall_timeout: Option<std::time::Duration>,
+    /// Replicas (or tensor-parallel ranks) on this node that split its host memory evenly,
+    /// as the launcher splits its cores between them (`kv::budget`).
+    pub replicas_on_node: usize,
+    /// Where host memory and cgroup limits are read (a fake tree in tests).
+    pub memory_source: crate::kv::host_memory::MemorySource,
 }
 
 impl Default for EngineConfig {
@@ -127,6 +135,8 @@ impl Default for EngineConfig {
             cuda_graph_config: None,
             gpu_slot: 0,
             stall_timeout: None,
+            replicas_on_node: 1,
+            memory_source: crate::kv::host_memory::MemorySource::default(),
         }
     }
 }
@@ -401,6 +411,8 @@ impl EngineConfig {
             gpu_slot: 0,
             stall_timeout: (args.engine_stall_timeout > 0)
                 .then(|| std::time::Duration::from_secs(u64::from(args.engine_stall_timeout))),
+            replicas_on_node: 1,
+            memory_source: crate::kv::host_memory::MemorySource::default(),
         }
     }
 }

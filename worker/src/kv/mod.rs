@@ -3,11 +3,16 @@
 //! Block hashes come from `llmapi_common::block_hash` (SHA-256, shared with the router's
 //! kv_cache_aware policy); a block is reused on a hash match alone, which is sound only because
 //! the hash is collision-resistant. This module only hands out block ids; the KV memory itself
-//! lives in the backend, which is indexed by these ids. Not for: attention, scheduling policy.
+//! lives in the backend, which is indexed by these ids. How many blocks there are is `budget`'s
+//! arithmetic over `host_memory`'s facts; `commit` backs a new pool with memory at start. Not
+//! for: attention, scheduling policy.
 
 use std::collections::{BTreeMap, HashMap};
 
+pub mod budget;
+pub mod commit;
 mod evictions;
+pub mod host_memory;
 
 pub use evictions::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
 pub use llmapi_common::block_hash::{BlockHash, prefix_block_hashes};

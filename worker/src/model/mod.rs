@@ -135,6 +135,33 @@ impl ModelWeights {
         b
     }
 
+    /// Bytes these weights occupy in memory (every matrix and vector, at its stored type).
+    pub fn resident_bytes(&self) -> usize {
+        let v = |x: &[f32]| x.len() * 4;
+        let ffn = |f: &Ffn| f.gate_up.bytes() + f.down.bytes();
+        let mut b =
+            self.embed.bytes() + v(&self.norm) + self.lm_head.as_ref().map_or(0, Mat::bytes);
+        for l in &self.layers {
+            b += v(&l.input_norm) + v(&l.post_norm) + l.qkv.bytes() + l.o.bytes();
+            b += l.qkv_bias.as_deref().map_or(0, v) + l.o_bias.as_deref().map_or(0, v);
+            b += l.qk_norm.as_ref().map_or(0, |(q, k)| v(q) + v(k));
+            b += match &l.mlp {
+                Mlp::Dense(f) => ffn(f),
+                Mlp::Moe {
+                    router,
+                    experts,
+                    shared,
+                    ..
+                } => {
+                    router.bytes()
+                        + experts.iter().map(ffn).sum::<usize>()
+                        + shared.as_ref().map_or(0, |(f, g)| ffn(f) + g.bytes())
+                }
+            };
+        }
+        b
+    }
+
     /// Builds the whole model from an open checkpoint.
     pub fn from_store(config: ModelConfig, st: &WeightStore) -> Result<Self, EngineError> {
         Self::from_store_shard(config, st, Shard::whole())

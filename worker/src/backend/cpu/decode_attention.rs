@@ -560,7 +560,7 @@ mod tests {
             let lens = [1usize, 3, 16, 17, 40, 4, 33, 70, 8, 9];
             let per_seq = 70usize.div_ceil(tpb);
             let nblocks = lens.len() * per_seq;
-            let mut kv = KvStore::new(KvDtype::Bf16, 2, nblocks, nkv, tpb, d);
+            let mut kv = KvStore::new(KvDtype::Bf16, 2, nblocks, nkv, tpb, d).unwrap();
             // Sequence s owns blocks s, s + n, s + 2n, ... of the pool, last first.
             let tables: Vec<Vec<u32>> = (0..lens.len())
                 .map(|s| {
@@ -637,7 +637,7 @@ mod tests {
         // (start position, rows) per chunk: decode, prefill, decode, prefill from 0, decode.
         let chunks = [(40usize, 1usize), (10, 5), (3, 1), (0, 3), (70, 1)];
         let per_seq = 5;
-        let mut kv = KvStore::new(KvDtype::Bf16, 1, chunks.len() * per_seq, nkv, tpb, d);
+        let mut kv = KvStore::new(KvDtype::Bf16, 1, chunks.len() * per_seq, nkv, tpb, d).unwrap();
         let tables: Vec<Vec<u32>> = (0..chunks.len())
             .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
             .collect();
@@ -701,9 +701,9 @@ mod tests {
 
     #[test]
     fn multi_row_chunks_and_other_kv_dtypes_take_the_tiled_path() {
-        let kv = KvStore::new(KvDtype::Float32, 1, 2, 1, 16, 64);
+        let kv = KvStore::new(KvDtype::Float32, 1, 2, 1, 16, 64).unwrap();
         assert!(!applies(&kv, &[(0, 0), (1, 0)], 64));
-        let kv = KvStore::new(KvDtype::Bf16, 1, 2, 1, 16, 64);
+        let kv = KvStore::new(KvDtype::Bf16, 1, 2, 1, 16, 64).unwrap();
         assert!(!applies(&kv, &[(0, 0), (0, 1)], 64));
         assert!(!applies(&kv, &[(0, 0)], 96));
         assert!(!applies(&kv, &[(0, 0)], 192));

@@ -9,6 +9,7 @@
 //! 4 KiB pages most 4 KiB stretches of a block would cost a TLB miss (a nested page walk in
 //! a VM).
 
+use crate::backend::BackendError;
 use crate::engine::KvDtype;
 use crate::kv::BlockId;
 
@@ -57,11 +58,23 @@ enum Store {
     Fp8 { data: Vec<u8>, scales: Vec<f32> },
 }
 
-/// Zeroed pool memory of `len` elements, advised for huge pages (see the module header).
-fn zeroed_pool<T: bytemuck::Pod>(len: usize) -> Vec<T> {
-    let mut v = bytemuck::zeroed_vec(len);
+/// Zeroed pool memory of `len` elements, advised for huge pages (see the module header);
+/// Err (rather than the abort of an infallible allocation) when the address space or the
+/// kernel's overcommit policy refuses it. The pages are not backed until written
+/// (`KvStore::regions_mut` and `kv::commit`).
+fn zeroed_pool<T: bytemuck::Pod>(len: usize) -> Result<Vec<T>, BackendError> {
+    let bytes = len.saturating_mul(std::mem::size_of::<T>());
+    let mut v: Vec<T> = bytemuck::allocation::try_zeroed_slice_box(len)
+        .map_err(|()| BackendError::KvAlloc {
+            bytes,
+            reason: format!(
+                "the allocator refused it; {}",
+                crate::kv::budget::FIX_SMALLER
+            ),
+        })?
+        .into();
     super::advise_huge_pages(&mut v);
-    v
+    Ok(v)
 }
 
 /// K and V memory for every layer.
@@ -96,7 +109,7 @@ impl KvStore {
         }
     }
 
-    /// Allocates a zeroed pool.
+    /// Allocates a zeroed pool (reserved, not yet backed by memory: see `regions_mut`).
     pub fn new(
         dtype: KvDtype,
         layers: usize,
@@ -104,14 +117,14 @@ impl KvStore {
         heads: usize,
         tpb: usize,
         dim: usize,
-    ) -> Self {
+    ) -> Result<Self, BackendError> {
         let elems = layers * 2 * blocks * heads * tpb * dim;
         let store = match dtype {
-            KvDtype::Float32 => Store::F32(zeroed_pool(elems)),
-            KvDtype::Bf16 | KvDtype::Auto => Store::Bf16(zeroed_pool(elems)),
+            KvDtype::Float32 => Store::F32(zeroed_pool(elems)?),
+            KvDtype::Bf16 | KvDtype::Auto => Store::Bf16(zeroed_pool(elems)?),
             KvDtype::Fp8 => Store::Fp8 {
-                data: zeroed_pool(elems),
-                scales: vec![0.0; elems / dim],
+                data: zeroed_pool(elems)?,
+                scales: zeroed_pool(elems / dim.max(1))?,
             },
         };
         let mut fp8_table = [0.0; 127];
@@ -122,7 +135,7 @@ impl KvStore {
         for (i, v) in fp8_decode.iter_mut().enumerate() {
             *v = fp8_to_f32(i as u8);
         }
-        Self {
+        Ok(Self {
             store,
             layers,
             blocks,
@@ -131,6 +144,26 @@ impl KvStore {
             dim,
             fp8_table,
             fp8_decode,
+        })
+    }
+
+    /// The pool's memory as bytes, for `kv::commit` to back it with pages.
+    pub fn regions_mut(&mut self) -> Vec<&mut [u8]> {
+        match &mut self.store {
+            Store::F32(v) => vec![bytemuck::cast_slice_mut(v)],
+            Store::Bf16(v) => vec![bytemuck::cast_slice_mut(v)],
+            Store::Fp8 { data, scales } => {
+                vec![data.as_mut_slice(), bytemuck::cast_slice_mut(scales)]
+            }
+        }
+    }
+
+    /// Bytes of the pool.
+    pub fn bytes(&self) -> usize {
+        match &self.store {
+            Store::F32(v) => v.len() * 4,
+            Store::Bf16(v) => v.len() * 2,
+            Store::Fp8 { data, scales } => data.len() + scales.len() * 4,
         }
     }
 
@@ -382,10 +415,10 @@ mod tests {
     #[test]
     fn pools_start_zeroed_and_keep_each_row_apart() {
         for dtype in [KvDtype::Float32, KvDtype::Bf16, KvDtype::Fp8] {
-            let empty = KvStore::new(dtype, 1, 0, 1, 16, 64);
+            let empty = KvStore::new(dtype, 1, 0, 1, 16, 64).unwrap();
             assert_eq!(empty.num_blocks(), 0);
             let (layers, blocks, heads, tpb, d) = (2, 64, 4, 32, 64);
-            let mut kv = KvStore::new(dtype, layers, blocks, heads, tpb, d);
+            let mut kv = KvStore::new(dtype, layers, blocks, heads, tpb, d).unwrap();
             let mut out = vec![f32::NAN; tpb * d];
             kv.read(1, Kv::V, 63, 3, tpb, &mut out);
             assert!(out.iter().all(|&x| x == 0.0));
@@ -430,8 +463,8 @@ mod tests {
                 .collect()
         };
         for dtype in [KvDtype::Float32, KvDtype::Bf16, KvDtype::Fp8] {
-            let mut serial = KvStore::new(dtype, layers, blocks, heads, tpb, d);
-            let mut par = KvStore::new(dtype, layers, blocks, heads, tpb, d);
+            let mut serial = KvStore::new(dtype, layers, blocks, heads, tpb, d).unwrap();
+            let mut par = KvStore::new(dtype, layers, blocks, heads, tpb, d).unwrap();
             for (p, &(b, s)) in places.iter().enumerate() {
                 for g in 0..heads {
                     for kv in [Kv::K, Kv::V] {
@@ -472,7 +505,7 @@ mod tests {
 
     #[test]
     fn fp8_round_trip_is_within_e4m3_precision() {
-        let mut kv = KvStore::new(KvDtype::Fp8, 1, 1, 1, 2, 8);
+        let mut kv = KvStore::new(KvDtype::Fp8, 1, 1, 1, 2, 8).unwrap();
         let x: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * 0.37).collect();
         kv.write(0, Kv::K, 0, 1, 0, &x);
         let mut out = vec![0.0; 16];

@@ -18,9 +18,10 @@ use rayon::prelude::*;
 
 use llmapi_common::model_config::ModelConfig;
 
-use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
+use crate::backend::{Backend, BackendError, HostFootprint, LogitsWanted, SeqChunk};
 use crate::dist::{Communicator, SingleRank};
 use crate::engine::KvDtype;
+use crate::kv::host_memory::MemorySource;
 use crate::model::{Ffn, Layer, Mlp, ModelWeights};
 use kernels::{Rope, apply_rope, rms_norm, rms_norm_inplace, silu_mul, softmax};
 use kv_store::{Kv, KvStore};
@@ -88,6 +89,8 @@ pub struct CpuBackend {
     gemm: GemmDtype,
     /// Buffers reused from step to step, so large activations do not fault in fresh pages.
     scratch: Scratch,
+    /// Where free host memory is read while the KV pool is committed.
+    memory: MemorySource,
 }
 
 /// Reused activation buffers (contents are overwritten before every use).
@@ -159,7 +162,15 @@ impl CpuBackend {
             pool: std::sync::Arc::new(pool),
             gemm: GemmDtype::F32,
             scratch: Scratch::default(),
+            memory: MemorySource::default(),
         })
+    }
+
+    /// Reads free host memory from `memory` (a fake tree in tests) while committing the KV
+    /// pool, instead of /proc and /sys/fs/cgroup.
+    pub fn with_memory_source(mut self, memory: MemorySource) -> Self {
+        self.memory = memory;
+        self
     }
 
     /// Sets the arithmetic of the projections from `dtype`: auto and float32 multiply in f32,
@@ -610,16 +621,59 @@ impl Backend for CpuBackend {
             * KvStore::bytes_per_token_layer(self.kv_dtype, c.num_key_value_heads, c.head_dim)
     }
 
+    fn host_footprint(&self, max_num_tokens: usize, max_batch_size: usize) -> HostFootprint {
+        let (c, w) = (&self.local, &self.w);
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let inter = w
+            .layers
+            .iter()
+            .map(|l| match &l.mlp {
+                Mlp::Dense(f) => f.inter,
+                Mlp::Moe {
+                    experts, shared, ..
+                } => experts
+                    .iter()
+                    .chain(shared.as_ref().map(|(f, _)| f))
+                    .map(|f| f.inter)
+                    .max()
+                    .unwrap_or(0),
+            })
+            .max()
+            .unwrap_or(0);
+        // f32 per row of a step: x, xn, proj (hidden each), q/k/v, attention out, rope
+        // cos/sin, gate/up and the activation; plus two copies of the logits rows.
+        let per_row = 3 * h
+            + (c.num_attention_heads + 2 * c.num_key_value_heads) * d
+            + c.num_attention_heads * d
+            + d
+            + 3 * inter;
+        let floats = max_num_tokens.saturating_mul(per_row)
+            + 2 * max_batch_size.saturating_mul(w.config.vocab_size);
+        HostFootprint {
+            weights: w.resident_bytes() as u64,
+            workspace: (floats as u64).saturating_mul(4),
+        }
+    }
+
     fn init_kv(&mut self, num_blocks: usize, tokens_per_block: usize) -> Result<(), BackendError> {
+        // The old pool (if any) goes first, so the new one can take its memory.
+        self.kv = None;
         let c = &self.local;
-        self.kv = Some(KvStore::new(
+        let mut kv = KvStore::new(
             self.kv_dtype,
             c.num_hidden_layers,
             num_blocks,
             c.num_key_value_heads,
             tokens_per_block,
             c.head_dim,
-        ));
+        )?;
+        let bytes = kv.bytes();
+        let memory = self.memory.clone();
+        let mut free = || memory.probe().ok().map(|m| m.free());
+        self.pool
+            .install(|| crate::kv::commit::commit(&mut kv.regions_mut(), &mut free))
+            .map_err(|reason| BackendError::KvAlloc { bytes, reason })?;
+        self.kv = Some(kv);
         Ok(())
     }
 
