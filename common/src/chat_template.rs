@@ -1,5 +1,5 @@
-//! Chat templates: the Jinja template from tokenizer_config.json (or --chat_template),
-//! rendered with minijinja and Python-compatible string methods.
+//! Chat templates: the model's Jinja template (`model_dir::TokenizerConfig::read` finds it)
+//! or --chat_template's, rendered with minijinja and Python-compatible string methods.
 
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
@@ -9,7 +9,7 @@ use serde::Serialize;
 pub enum ChatTemplateError {
     /// The model has no template and none was given.
     #[error(
-        "this model has no chat template (tokenizer_config.json has no chat_template); pass --chat_template FILE or use /v1/completions"
+        "this model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json, no chat_template.json); pass --chat_template FILE or use /v1/completions"
     )]
     Missing,
     /// The template does not compile.

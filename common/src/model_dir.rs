@@ -1,10 +1,12 @@
 //! A Hugging Face model directory on local disk: config.json, the safetensors weights,
-//! tokenizer.json, tokenizer_config.json and generation_config.json.
+//! tokenizer.json, tokenizer_config.json (with chat_template.jinja / chat_template.json) and
+//! generation_config.json.
 
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::generation_config::{GenerationConfig, merged_eos_token_ids, push_token_ids};
 use crate::model_config::{Architecture, SUPPORTED_ARCHITECTURES};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -51,7 +53,8 @@ pub enum ModelDirError {
     NoWeights(PathBuf),
 }
 
-/// Settings from tokenizer_config.json that the serving path needs.
+/// Settings of a tokenizer directory that the serving path needs: tokenizer_config.json's
+/// special tokens and the default chat template (found as `TokenizerConfig::read` says).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenizerConfig {
     /// BOS token text.
@@ -60,39 +63,82 @@ pub struct TokenizerConfig {
     pub eos_token: Option<String>,
     /// The default chat template, if any.
     pub chat_template: Option<String>,
+    /// The file `chat_template` was read from.
+    pub chat_template_file: Option<PathBuf>,
 }
 
+/// The chat template file transformers (4.43 and later) saves beside tokenizer_config.json.
+pub const CHAT_TEMPLATE_JINJA: &str = "chat_template.jinja";
+/// The legacy processor file holding `{"chat_template": "..."}`.
+pub const CHAT_TEMPLATE_JSON: &str = "chat_template.json";
+
 impl TokenizerConfig {
-    /// Reads `DIR/tokenizer_config.json`; a missing file gives the empty config.
+    /// Reads `DIR/tokenizer_config.json` (missing: no special tokens) and the default chat
+    /// template from the first of:
+    /// 1. `chat_template.jinja`: transformers' tokenizer lets it clobber the config's entry;
+    /// 2. tokenizer_config.json's `chat_template` (a string, or named templates: "default");
+    /// 3. `chat_template.json`: older processors' file, which transformers' tokenizer never
+    ///    reads; taken only when the tokenizer has no template of its own (a text-only
+    ///    model's AutoProcessor is its tokenizer).
     pub fn read(dir: &Path) -> Result<Self, ModelDirError> {
         let path = dir.join("tokenizer_config.json");
-        if !path.is_file() {
-            return Ok(Self::default());
-        }
-        let v = read_json(&path)?;
+        let v = if path.is_file() {
+            read_json(&path)?
+        } else {
+            Value::Null
+        };
         // Special tokens are either a string or an AddedToken object {"content": ...}.
         let token = |key: &str| match v.get(key) {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(String::from),
             _ => None,
         };
-        // chat_template is a string, or a list of {name, template} with a "default" entry.
-        let chat_template = match v.get("chat_template") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Array(list)) => list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .or(list.first())
-                .and_then(|t| t.get("template"))
-                .and_then(Value::as_str)
-                .map(String::from),
-            _ => None,
+        let jinja = dir.join(CHAT_TEMPLATE_JINJA);
+        let legacy = dir.join(CHAT_TEMPLATE_JSON);
+        let (chat_template, chat_template_file) = if jinja.is_file() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| ModelDirError::Parse {
+                path: jinja.clone(),
+                message: e.to_string(),
+            })?;
+            (Some(text), Some(jinja))
+        } else if let Some(t) = default_template(v.get("chat_template")) {
+            (Some(t), Some(path))
+        } else if legacy.is_file() {
+            let t =
+                default_template(read_json(&legacy)?.get("chat_template")).ok_or_else(|| {
+                    ModelDirError::Parse {
+                        path: legacy.clone(),
+                        message:
+                            "has no \"chat_template\" string; expected {\"chat_template\": \"...\"}"
+                                .into(),
+                    }
+                })?;
+            (Some(t), Some(legacy))
+        } else {
+            (None, None)
         };
         Ok(Self {
             bos_token: token("bos_token"),
             eos_token: token("eos_token"),
             chat_template,
+            chat_template_file,
         })
+    }
+}
+
+/// A `chat_template` value: a string, or a list of `{name, template}` whose "default" entry
+/// (else the first) is the default template.
+fn default_template(v: Option<&Value>) -> Option<String> {
+    match v {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or(list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(String::from),
+        _ => None,
     }
 }
 
@@ -109,7 +155,9 @@ pub struct ModelDir {
     pub max_position_embeddings: Option<usize>,
     /// EOS ids from generation_config.json and config.json, deduplicated, in that order.
     pub eos_token_ids: Vec<u32>,
-    /// tokenizer_config.json settings.
+    /// generation_config.json (its sampling fields apply per `--generation_config`).
+    pub generation_config: GenerationConfig,
+    /// tokenizer_config.json settings and the chat template.
     pub tokenizer_config: TokenizerConfig,
     /// The safetensors files holding the weights.
     pub weight_files: Vec<PathBuf>,
@@ -156,15 +204,10 @@ impl ModelDir {
             .and_then(Value::as_u64)
             .map(|v| v as usize);
 
-        let gen_path = path.join("generation_config.json");
-        let mut eos_token_ids = Vec::new();
-        if gen_path.is_file() {
-            push_ids(
-                &mut eos_token_ids,
-                read_json(&gen_path)?.get("eos_token_id"),
-            );
-        }
-        push_ids(&mut eos_token_ids, config.get("eos_token_id"));
+        let generation_config = GenerationConfig::read(path)?;
+        let mut config_eos = Vec::new();
+        push_token_ids(&mut config_eos, config.get("eos_token_id"));
+        let eos_token_ids = merged_eos_token_ids(&generation_config.eos_token_ids, &config_eos);
 
         Ok(Self {
             tokenizer_config: TokenizerConfig::read(path)?,
@@ -174,6 +217,7 @@ impl ModelDir {
             architecture,
             max_position_embeddings,
             eos_token_ids,
+            generation_config,
         })
     }
 
@@ -214,24 +258,6 @@ fn read_json(path: &Path) -> Result<Value, ModelDirError> {
         path: path.to_path_buf(),
         message: e.to_string(),
     })
-}
-
-/// Appends ids from a JSON value that is an integer or a list of integers, skipping repeats.
-fn push_ids(out: &mut Vec<u32>, v: Option<&Value>) {
-    let ids: Vec<u32> = match v {
-        Some(Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|n| n as u32)
-            .collect(),
-        _ => Vec::new(),
-    };
-    for id in ids {
-        if !out.contains(&id) {
-            out.push(id);
-        }
-    }
 }
 
 /// The safetensors files of a directory: the shards of model.safetensors.index.json, or
@@ -332,7 +358,10 @@ mod tests {
                 "config.json",
                 r#"{"architectures":["LlamaForCausalLM"],"eos_token_id":5,"max_position_embeddings":64}"#,
             ),
-            ("generation_config.json", r#"{"eos_token_id":[7,5]}"#),
+            (
+                "generation_config.json",
+                r#"{"eos_token_id":[7,5],"temperature":0.6,"top_p":0.9}"#,
+            ),
             ("model.safetensors", ""),
             (
                 "tokenizer_config.json",
@@ -341,10 +370,97 @@ mod tests {
         ]);
         let m = ModelDir::open(d.path()).unwrap();
         assert_eq!(m.eos_token_ids, vec![7, 5]);
+        let sampling = m.generation_config.sampling_defaults().unwrap();
+        assert_eq!(
+            (sampling.temperature, sampling.top_p),
+            (Some(0.6), Some(0.9))
+        );
         assert_eq!(m.max_position_embeddings, Some(64));
         assert_eq!(m.tokenizer_config.bos_token.as_deref(), Some("<s>"));
         assert_eq!(m.tokenizer_config.eos_token.as_deref(), Some("</s>"));
         assert_eq!(m.tokenizer_config.chat_template.as_deref(), Some("D"));
+    }
+
+    const IN_CONFIG: &str = r#"{"eos_token":"</s>","chat_template":"CONFIG"}"#;
+    const IN_JSON: &str = r#"{"chat_template":"JSON"}"#;
+
+    /// The template `TokenizerConfig::read` finds in a directory of `files`, and its file.
+    fn template_of(files: &[(&str, &str)]) -> (Option<String>, Option<String>) {
+        let d = dir_with(files);
+        let c = TokenizerConfig::read(d.path()).unwrap();
+        let file = c
+            .chat_template_file
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned());
+        (c.chat_template, file)
+    }
+
+    fn found(template: &str, file: &str) -> (Option<String>, Option<String>) {
+        (Some(template.into()), Some(file.into()))
+    }
+
+    #[test]
+    fn chat_template_jinja_alone_is_read() {
+        assert_eq!(
+            template_of(&[(CHAT_TEMPLATE_JINJA, "JINJA {{ messages }}")]),
+            found("JINJA {{ messages }}", CHAT_TEMPLATE_JINJA)
+        );
+        // Beside a tokenizer_config.json without a template, the special tokens still count.
+        let d = dir_with(&[
+            ("tokenizer_config.json", r#"{"bos_token":"<s>"}"#),
+            (CHAT_TEMPLATE_JINJA, "JINJA"),
+        ]);
+        let c = TokenizerConfig::read(d.path()).unwrap();
+        assert_eq!(c.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(c.chat_template.as_deref(), Some("JINJA"));
+    }
+
+    #[test]
+    fn tokenizer_config_template_alone_is_read() {
+        assert_eq!(
+            template_of(&[("tokenizer_config.json", IN_CONFIG)]),
+            found("CONFIG", "tokenizer_config.json")
+        );
+    }
+
+    #[test]
+    fn chat_template_json_alone_is_read() {
+        assert_eq!(
+            template_of(&[(CHAT_TEMPLATE_JSON, IN_JSON)]),
+            found("JSON", CHAT_TEMPLATE_JSON)
+        );
+    }
+
+    #[test]
+    fn chat_template_jinja_wins_over_tokenizer_config_and_json() {
+        let all = [
+            ("tokenizer_config.json", IN_CONFIG),
+            (CHAT_TEMPLATE_JINJA, "JINJA"),
+            (CHAT_TEMPLATE_JSON, IN_JSON),
+        ];
+        assert_eq!(template_of(&all), found("JINJA", CHAT_TEMPLATE_JINJA));
+        assert_eq!(template_of(&all[..2]), found("JINJA", CHAT_TEMPLATE_JINJA));
+    }
+
+    #[test]
+    fn tokenizer_config_template_wins_over_chat_template_json() {
+        assert_eq!(
+            template_of(&[
+                ("tokenizer_config.json", IN_CONFIG),
+                (CHAT_TEMPLATE_JSON, IN_JSON)
+            ]),
+            found("CONFIG", "tokenizer_config.json")
+        );
+    }
+
+    #[test]
+    fn no_template_anywhere_is_none_and_a_bad_json_file_is_named() {
+        assert_eq!(
+            template_of(&[("tokenizer_config.json", r#"{"eos_token":"</s>"}"#)]),
+            (None, None)
+        );
+        let d = dir_with(&[(CHAT_TEMPLATE_JSON, r#"{"template":"x"}"#)]);
+        let err = TokenizerConfig::read(d.path()).unwrap_err().to_string();
+        assert!(err.contains(CHAT_TEMPLATE_JSON), "{err}");
     }
 
     #[test]

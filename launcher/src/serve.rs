@@ -227,6 +227,13 @@ pub async fn run_router(
         args.chat_template.as_deref(),
     )?;
     let mut config = config;
+    // Applied by the router, where a request's unset fields are still known; logged once.
+    config.sampling_defaults = model
+        .generation_config
+        .sampling_defaults_for(args.generation_config)?;
+    config
+        .sampling_defaults
+        .log(args.generation_config, &model.path);
     let spans = span_exporter(args, "llmapi-router")?.map(|(exporter, task)| {
         config.span_exporter = Some(exporter);
         task

@@ -197,3 +197,21 @@ fn a_bad_trace_endpoint_is_refused_before_the_model_loads() {
         );
     }
 }
+
+#[test]
+fn generation_config_takes_vllms_two_values() {
+    let d = tempfile::tempdir().unwrap();
+    let out = launch(&["serve", "--generation_config", "bogus"], d.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("generation_config") && err.contains("`auto` or `vllm`"),
+        "{err}"
+    );
+    let out = launch(
+        &["serve", "--generation_config", "vllm", "--print_config"],
+        d.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("generation_config: vllm"));
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use llmapi_common::generation_config::GenerationConfigMode;
 
 use crate::access::AccessArgs;
 use crate::deadline::DeadlineArgs;
@@ -57,9 +58,15 @@ pub struct RouterArgs {
     /// The worker token itself, from the environment only (a command line is visible in `ps`).
     #[arg(skip = std::env::var("LLMAPI_WORKER_TOKEN").ok().filter(|t| !t.is_empty()))]
     pub worker_token: Option<String>,
-    /// Jinja chat template (file or inline) overriding tokenizer_config.json's.
+    /// Jinja chat template (file or inline) overriding the model's own (chat_template.jinja,
+    /// else tokenizer_config.json's, else chat_template.json).
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// auto: sampling fields a request leaves unset (temperature, top_p, top_k, min_p,
+    /// repetition_penalty, max_tokens) come from MODEL/generation_config.json; vllm: the
+    /// server's neutral defaults (vLLM's --generation-config).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub generation_config: GenerationConfigMode,
     /// Largest accepted request body in bytes.
     #[arg(long, default_value_t = 32 << 20)]
     pub max_body_bytes: usize,

@@ -35,7 +35,8 @@ pub struct HfCodec {
 impl HfCodec {
     /// Loads the tokenizer of `tokenizer` (a directory with tokenizer.json and
     /// tokenizer_config.json, or a tokenizer.json file; default: the model directory `dir`);
-    /// `chat_template` (a file or inline Jinja) overrides the one in tokenizer_config.json.
+    /// `chat_template` (a file or inline Jinja) overrides the tokenizer directory's own
+    /// (chat_template.jinja, tokenizer_config.json or chat_template.json: `TokenizerConfig::read`).
     pub fn load(
         dir: &Path,
         tokenizer: Option<&Path>,
@@ -61,7 +62,12 @@ impl HfCodec {
                 std::fs::read_to_string(t).with_context(|| format!("reading chat template {t}"))?,
             ),
             Some(t) => Some(t.to_owned()),
-            None => config.chat_template.clone(),
+            None => {
+                if let Some(file) = &config.chat_template_file {
+                    tracing::info!(file = %file.display(), "chat template");
+                }
+                config.chat_template.clone()
+            }
         };
         let bos = tokenizer
             .bos()

@@ -257,7 +257,9 @@ async fn completions_inner(
     let caps = state.body_caps();
     let req = parse::completion_request(&read_body(&state, body)?, caps)?;
     state.check_model(&req.common.model)?;
-    let mut settings = req.common.settings(req.logprobs)?;
+    let mut settings = req
+        .common
+        .settings(req.logprobs, &state.config.sampling_defaults)?;
     let info = model_info(&state)?;
     let echo = req.echo.unwrap_or(false);
     // Echo with logprobs reports the prompt's tokens too, as OpenAI's legacy completions do.
@@ -283,7 +285,12 @@ async fn completions_inner(
         n: settings.n,
     };
     let codec = state.codec.clone();
-    let (n, max_tokens) = (settings.n, req.max_tokens);
+    // The legacy endpoint's default of 16 tokens, lowered (never raised) by the model's
+    // max_new_tokens, as vLLM takes the smaller of the two.
+    let max_tokens = req
+        .max_tokens
+        .or(settings.default_max_tokens.map(|m| m.min(16)));
+    let n = settings.n;
     // Token ids without echo need no tokenizer: only a scan of ids already held to the caps.
     let tokenizes = echo || matches!(prompt, Prompt::Text(_) | Prompt::Texts(_));
     let prepare =
@@ -406,9 +413,10 @@ async fn chat_inner(
             "top_logprobs needs logprobs: true",
         ));
     }
-    let settings = req
-        .common
-        .settings(want_logprobs.then(|| req.top_logprobs.unwrap_or(0)))?;
+    let settings = req.common.settings(
+        want_logprobs.then(|| req.top_logprobs.unwrap_or(0)),
+        &state.config.sampling_defaults,
+    )?;
     let info = model_info(&state)?;
     let messages = req.messages.unwrap_or_default();
     let ids = match req.prompt_token_ids {
@@ -460,7 +468,7 @@ async fn chat_inner(
         &info,
         &ids,
         req.max_completion_tokens.or(req.max_tokens),
-        None,
+        settings.default_max_tokens,
     )?;
     let prompts = vec![PreparedPrompt { ids, text: None }];
     finish(

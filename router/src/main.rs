@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
+use llmapi_common::generation_config::GenerationConfig;
 use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
 use llmapi_otlp::{ExporterConfig, SpanExporter};
 use llmapi_router::args::RouterArgs;
@@ -44,6 +45,11 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let generation = GenerationConfig::read(&args.model)?;
+    config.sampling_defaults = generation.sampling_defaults_for(args.generation_config)?;
+    config
+        .sampling_defaults
+        .log(args.generation_config, &args.model);
     let codec = HfCodec::load(
         &args.model,
         args.tokenizer.as_deref(),

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use llmapi_common::generation_config::SamplingDefaults;
 use llmapi_proto::limits::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS};
 use llmapi_proto::v1::{SamplingParams, StoppingParams};
 
@@ -172,6 +173,9 @@ pub struct GenSettings {
     pub stream: bool,
     /// Add a usage chunk at the end of a stream.
     pub include_usage: bool,
+    /// max_tokens for a request that sets none, from generation_config.json's
+    /// `max_new_tokens` (None: the endpoint's own default).
+    pub default_max_tokens: Option<u32>,
 }
 
 fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> {
@@ -186,8 +190,15 @@ fn range(param: &str, v: Option<f32>, lo: f32, hi: f32) -> Result<(), ApiError> 
 
 impl CommonFields {
     /// Checks ranges and builds the worker parameters; `logprobs` is the number of top
-    /// alternatives asked for, if any.
-    pub fn settings(&self, logprobs: Option<u32>) -> Result<GenSettings, ApiError> {
+    /// alternatives asked for, if any. A sampling field the request leaves unset takes the
+    /// model's default from `defaults` (generation_config.json, `--generation_config auto`),
+    /// else the neutral value; a field the request sets keeps its value. This is the one
+    /// place defaults are applied: the worker's parameters carry no "unset".
+    pub fn settings(
+        &self,
+        logprobs: Option<u32>,
+        defaults: &SamplingDefaults,
+    ) -> Result<GenSettings, ApiError> {
         range("temperature", self.temperature, 0.0, 2.0)?;
         range("top_p", self.top_p, f32::MIN_POSITIVE, 1.0)?;
         range("min_p", self.min_p, 0.0, 1.0)?;
@@ -200,7 +211,8 @@ impl CommonFields {
             10.0,
         )?;
         let top_k = match self.top_k {
-            None | Some(-1) | Some(0) => 0,
+            None => defaults.top_k.unwrap_or(0),
+            Some(-1) | Some(0) => 0,
             Some(k) if k > 0 => u32::try_from(k).unwrap_or(u32::MAX),
             Some(k) => {
                 return Err(ApiError::invalid(
@@ -261,12 +273,15 @@ impl CommonFields {
         let stream = self.stream.unwrap_or(false);
         Ok(GenSettings {
             sampling: SamplingParams {
-                temperature: self.temperature.unwrap_or(1.0),
+                temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
                 top_k,
-                top_p: self.top_p.unwrap_or(1.0),
-                min_p: self.min_p.unwrap_or(0.0),
+                top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+                min_p: self.min_p.or(defaults.min_p).unwrap_or(0.0),
                 seed,
-                repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+                repetition_penalty: self
+                    .repetition_penalty
+                    .or(defaults.repetition_penalty)
+                    .unwrap_or(1.0),
                 presence_penalty: self.presence_penalty.unwrap_or(0.0),
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 logprobs,
@@ -287,6 +302,7 @@ impl CommonFields {
                     .as_ref()
                     .and_then(|o| o.include_usage)
                     .unwrap_or(false),
+            default_max_tokens: defaults.max_tokens,
         })
     }
 }
@@ -314,5 +330,82 @@ impl ChatMessage {
                 Ok(s)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_defaults() -> SamplingDefaults {
+        SamplingDefaults {
+            temperature: Some(0.6),
+            top_p: Some(0.9),
+            top_k: Some(20),
+            min_p: Some(0.05),
+            repetition_penalty: Some(1.1),
+            max_tokens: Some(64),
+        }
+    }
+
+    #[test]
+    fn unset_fields_take_the_model_defaults() {
+        let s = CommonFields::default()
+            .settings(None, &model_defaults())
+            .unwrap();
+        let p = &s.sampling;
+        assert_eq!(
+            (
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                p.min_p,
+                p.repetition_penalty
+            ),
+            (0.6, 0.9, 20, 0.05, 1.1)
+        );
+        assert_eq!(s.default_max_tokens, Some(64));
+    }
+
+    #[test]
+    fn fields_a_request_sets_keep_their_value() {
+        let req = CommonFields {
+            temperature: Some(0.0),
+            top_p: Some(1.0),
+            top_k: Some(-1),
+            min_p: Some(0.0),
+            repetition_penalty: Some(1.0),
+            ..Default::default()
+        };
+        let p = req.settings(None, &model_defaults()).unwrap().sampling;
+        assert_eq!(
+            (
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                p.min_p,
+                p.repetition_penalty
+            ),
+            (0.0, 1.0, 0, 0.0, 1.0)
+        );
+    }
+
+    #[test]
+    fn without_model_defaults_unset_fields_are_neutral() {
+        let s = CommonFields::default()
+            .settings(None, &SamplingDefaults::default())
+            .unwrap();
+        let p = &s.sampling;
+        assert_eq!(
+            (
+                p.temperature,
+                p.top_p,
+                p.top_k,
+                p.min_p,
+                p.repetition_penalty
+            ),
+            (1.0, 1.0, 0, 0.0, 1.0)
+        );
+        assert_eq!(s.default_max_tokens, None);
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use llmapi_common::generation_config::SamplingDefaults;
 use tokio::sync::watch;
 
 use crate::admission::{Gate, Permit, Refused};
@@ -103,6 +104,9 @@ pub struct RouterConfig {
     pub front: crate::front::ConnectionLimits,
     /// `--request_timeout` and `--first_token_timeout`.
     pub deadlines: Deadlines,
+    /// Sampling defaults for the fields a request leaves unset (the model's
+    /// generation_config.json under `--generation_config auto`; empty: neutral defaults).
+    pub sampling_defaults: SamplingDefaults,
 }
 
 impl Default for RouterConfig {
@@ -134,6 +138,7 @@ impl Default for RouterConfig {
             sse_keepalive: None,
             front: crate::front::ConnectionLimits::default(),
             deadlines: Deadlines::default(),
+            sampling_defaults: SamplingDefaults::default(),
         }
     }
 }

@@ -518,6 +518,38 @@ fn stop_tokens_min_tokens_and_max_tokens_end_requests_as_asked() {
     assert_eq!(min.ids.len(), 16);
 }
 
+/// Instruct checkpoints (Llama 3's `<|eot_id|>`) often name their end-of-turn token only in
+/// generation_config.json: the engine must stop there, not only on config.json's EOS.
+#[test]
+fn an_end_token_named_only_in_generation_config_ends_generation() {
+    let p = prompt(7, 9);
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let free = collect(h.submit(greedy("free", p.clone(), 16)).unwrap());
+    h.shutdown();
+    // config.json's EOS is 2; the end-of-turn token is the fourth token greedy decoding draws.
+    let eot = free.ids[3];
+    assert_ne!(eot, 2, "pick a token config.json does not already name");
+    let ends = free.ids.iter().position(|&t| t == eot || t == 2).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(model_dir().join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        format!(r#"{{"bos_token_id": 1, "eos_token_id": [{eot}, 2]}}"#),
+    )
+    .unwrap();
+    let h = Engine::start(dir.path(), config()).unwrap();
+    assert_eq!(h.info().eos_token_ids, vec![eot, 2]);
+    let mut req = greedy("turn", p, 16);
+    req.stopping.ignore_eos = false;
+    let turn = collect(h.submit(req).unwrap());
+    assert_eq!(turn.reason, FinishReason::Stop);
+    assert_eq!(turn.stop, Some(free.ids[ends]));
+    assert_eq!(turn.ids, free.ids[..ends]);
+}
+
 #[test]
 fn seeded_sampling_is_reproducible() {
     let h = Engine::start(&model_dir(), config()).unwrap();

@@ -14,6 +14,8 @@ pub use validate::cuda_graph_batch_sizes;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::generation_config::GenerationConfigMode;
+
 /// Which compute backend runs the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -209,8 +211,12 @@ pub struct LlmArgs {
     pub served_model_name: Option<String>,
     /// Split long prefills into chunks of max_num_tokens.
     pub enable_chunked_prefill: bool,
-    /// Jinja chat template file overriding tokenizer_config.json's.
+    /// Jinja chat template file overriding the model's own (chat_template.jinja, else
+    /// tokenizer_config.json's, else chat_template.json).
     pub chat_template: Option<String>,
+    /// Where requests' unset sampling fields come from: `auto`, the model's
+    /// generation_config.json (vLLM's `--generation-config`), or `vllm`, the server's own.
+    pub generation_config: GenerationConfigMode,
     /// OTLP gRPC endpoint for traces.
     pub otlp_traces_endpoint: Option<String>,
     /// Worker requests (prompts x n per request) the embedded router has in flight at once;
@@ -272,6 +278,7 @@ impl Default for LlmArgs {
             served_model_name: None,
             enable_chunked_prefill: false,
             chat_template: None,
+            generation_config: GenerationConfigMode::Auto,
             otlp_traces_endpoint: None,
             max_inflight_requests: 0,
             queue_size: None,

@@ -173,13 +173,22 @@ impl Engine {
             kv_bytes = kv_plan.bytes,
             "KV cache allocated"
         );
+        // Instruct checkpoints often name their end-of-turn token only in
+        // generation_config.json; stopping on config.json's ids alone would never end a turn.
+        let generation = llmapi_common::generation_config::GenerationConfig::read(model_dir)
+            .map_err(|e| EngineError::InvalidConfig(e.to_string()))?;
+        let eos_token_ids = llmapi_common::generation_config::merged_eos_token_ids(
+            &generation.eos_token_ids,
+            &model.eos_token_ids,
+        );
+        tracing::info!(?eos_token_ids, "generation ends on these token ids");
         let info = EngineInfo {
             model: model_name,
             model_dir: model_dir.to_path_buf(),
             max_seq_len: max_seq_len as u32,
             tokens_per_block: cfg.tokens_per_block as u32,
             vocab_size: backend.vocab_size() as u32,
-            eos_token_ids: model.eos_token_ids.clone(),
+            eos_token_ids,
             kv_capacity_blocks: num_blocks as u64,
             max_batch_size: cfg.max_batch_size as u32,
             max_num_tokens: cfg.max_num_tokens as u32,

@@ -312,7 +312,8 @@ pub struct EngineInfo {
     pub tokens_per_block: u32,
     /// Vocabulary size.
     pub vocab_size: u32,
-    /// EOS token ids from config.json.
+    /// Token ids that end generation: generation_config.json's `eos_token_id` then
+    /// config.json's (`generation_config::merged_eos_token_ids`).
     pub eos_token_ids: Vec<u32>,
     /// KV blocks in the pool.
     pub kv_capacity_blocks: u64,
