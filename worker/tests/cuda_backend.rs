@@ -1,6 +1,7 @@
 //! The CUDA backend. Without a GPU only the selection errors run; the GPU tests print why
 //! they skip, unless LLMAPI_REQUIRE_GPU=1 (scripts/gpu_check.sh sets it), which turns a
-//! missing GPU into a failure.
+//! missing GPU into a failure. Warnings and errors of the backend (a CUDA graph capture that
+//! falls back names its cause) are logged to stderr; `RUST_LOG` widens or narrows that.
 //!
 //! Golden fixtures are read from $LLMAPI_GOLDEN_DIR when set, else this crate's tests/golden.
 //!
@@ -36,6 +37,7 @@ use serde::Deserialize;
 /// True when a GPU is usable; otherwise prints why the test skips (or fails under
 /// LLMAPI_REQUIRE_GPU=1).
 fn gpu() -> bool {
+    llmapi_common::telemetry::init_logging("warning", false);
     match probe() {
         Ok(_) => true,
         Err(e) if std::env::var("LLMAPI_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
@@ -223,6 +225,22 @@ fn greedy(be: &mut CudaBackend, prompt: &[u32], rows: &[f32], n: usize, table: &
         pos += 1;
     }
     got
+}
+
+/// The first open of the backend on the GPU (context, every kernel loaded, cuBLAS) and one
+/// prefill with finite logits. scripts/gpu_check.sh runs it before the other GPU steps and
+/// stops when it fails: every later step opens the backend the same way.
+#[test]
+fn gpu_backend_opens_and_prefills() {
+    if !gpu() {
+        return;
+    }
+    let mut be = backend(&golden_root().join("llama")).unwrap();
+    let vocab = be.vocab_size();
+    let rows = prefill(&mut be, &[1, 2, 3, 4, 5], TPB, 4, LogitsWanted::Last).unwrap();
+    assert_eq!(rows.len(), vocab, "one row of logits");
+    let bad = rows.iter().filter(|x| !x.is_finite()).count();
+    assert_eq!(bad, 0, "{bad} of {vocab} logits are NaN or infinite");
 }
 
 #[test]
