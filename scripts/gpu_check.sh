@@ -46,7 +46,7 @@ steps=(
     "kernels|40|NVRTC compiles every kernel to PTX and machine code (80, 90)"
     "open|25|first open of the CUDA backend and one prefill (stops the run if it fails)"
     "golden|25|golden dense+MoE logits and greedy tokens vs transformers"
-    "cpu_bf16|25|golden dense+MoE vs the CPU backend in bf16 mode"
+    "cpu_bf16|35|golden dense+MoE, and 300+ positions, vs the CPU backend in bf16 mode"
     "tp_group|30|TP/EP=2 group on one GPU (TCP ring) vs one rank"
     "batched|15|batched steps == one at a time"
     "device_greedy|15|device greedy == host argmax"
@@ -55,7 +55,7 @@ steps=(
     "engine|25|the engine on --backend cuda"
     "nccl_1|15|NCCL world size 1, all collectives"
     "nccl_2|15|NCCL world size 2 and a dead peer (two GPUs only)"
-    "bench|135|worker/benches/cuda.rs: roofline, batch 64/256, graphs, MoE"
+    "bench|125|worker/benches/cuda.rs: roofline, batch 64/256, graphs, MoE"
     "transformers|60|transformers generate at batch 64 on the bench's Llama shape"
 )
 default_budget=480
@@ -517,7 +517,8 @@ run_step() {
         kernels) step_kernels ;;
         open) test_step cuda_backend gpu_backend_opens_and_prefills ;;
         golden) test_step cuda_backend gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance ;;
-        cpu_bf16) test_step cuda_backend gpu_matches_the_cpu_backend_in_bf16_mode ;;
+        cpu_bf16) test_step cuda_backend gpu_matches_the_cpu_backend_in_bf16_mode \
+            gpu_matches_the_cpu_backend_over_prompts_crossing_attention_tiles ;;
         tp_group) test_step cuda_backend gpu_tensor_parallel_group_matches_one_rank ;;
         batched) test_step cuda_backend gpu_batched_steps_equal_one_at_a_time ;;
         device_greedy) test_step cuda_backend gpu_device_greedy_equals_the_argmax_of_the_logits ;;
