@@ -359,13 +359,16 @@ step_preflight() {
     echo "nvrtc version reported by nvrtcVersion: ${nvrtc_rt:-unknown}" >>"$log"
     local nv=${nvrtc_rt:-${from_name:-}}
     note="driver ${driver:-none}, CUDA ${cuda:-none}, NVRTC ${nv:-none}, ${gpu:-no GPU}"
-    # PTX from an NVRTC newer than the driver's CUDA version does not load.
+    # PTX from an NVRTC newer than the driver's CUDA version does not load; the backend then
+    # needs machine code for the device (backend/cuda/compile.rs), and a newer major refuses.
     if [ -n "$nv" ] && [ -n "${cuda:-}" ]; then
         local a b
         a=$(awk -F. '{printf "%d%03d", $1, $2}' <<<"$nv")
         b=$(awk -F. '{printf "%d%03d", $1, $2}' <<<"$cuda")
-        if [ "$a" -gt "$b" ]; then
-            problems+=("NVRTC $nv is newer than the driver's CUDA $cuda: its PTX will not load (CUDA_ERROR_UNSUPPORTED_PTX_VERSION); put an NVRTC <= $cuda first")
+        if [ "${nv%%.*}" -gt "${cuda%%.*}" ]; then
+            problems+=("NVRTC $nv is of a later major release than the driver's CUDA $cuda: neither its PTX nor its machine code loads; put an NVRTC <= $cuda first on LD_LIBRARY_PATH")
+        elif [ "$a" -gt "$b" ]; then
+            note="$note (NVRTC newer than the driver: kernels load only as machine code for the device, not as PTX)"
         fi
     fi
     [ -n "$bin_problem" ] && problems+=("$bin_problem")
