@@ -10,7 +10,8 @@
 //! then (`graphs_` keys) with decode steps replayed as CUDA graphs. Then the same, keys
 //! prefixed `moe_`, for a Qwen3-MoE shape (`MOE_PRESET`) at batch 1 and 64, unless
 //! LLMAPI_BENCH_MOE=0. Without a usable GPU it
-//! prints why and exits with status 2 (so a script cannot mistake it for a result).
+//! prints why and exits with status 2 (so a script cannot mistake it for a result). Warnings
+//! are logged to stderr (`RUST_LOG` widens or narrows that).
 //! Build for a GPU machine: `cargo bench -p llmapi-worker --bench cuda --no-run`.
 
 mod support;
@@ -150,6 +151,8 @@ fn measure(prefix: &str, w: ModelWeights, batches: &[usize], bw: f64) {
 }
 
 fn main() {
+    // Warnings (a CUDA graph capture that falls back, with its cause) go to stderr.
+    llmapi_common::telemetry::init_logging("warning", false);
     if let Err(e) = probe() {
         eprintln!("cuda bench: no usable GPU: {e}");
         std::process::exit(2);

@@ -16,7 +16,10 @@ use cudarc::driver::{
     PushKernelArg, ValidAsZeroBits,
 };
 
-use super::{CudaError, KERNEL_FILES, Library, check_libraries, compile_kernel, find_headers};
+use super::{
+    CudaError, KERNEL_FILES, KernelTarget, Library, check_libraries, compile_kernel,
+    driver_cuda_version, find_headers, kernel_target, nvrtc_supported_archs, nvrtc_version,
+};
 use crate::backend::BackendError;
 
 /// A CUDA driver or cuBLAS failure during a step: the context may be unusable afterwards.
@@ -95,19 +98,29 @@ impl Device {
         let stream = ctx.new_stream().map_err(drv)?;
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
-        // NVRTC's options take a &'static str; one short string per process is leaked.
-        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let include = find_headers()?;
-        let cache = kernel_cache_dir();
-        let mut kernels = HashMap::new();
-        for (file, source) in KERNEL_FILES {
-            let ptx = compile_kernel(file, source, arch, &include, cache.as_deref())?;
-            let module = ctx.load_module(ptx).map_err(drv)?;
-            for k in super::kernel_names(source) {
-                let f = module.load_function(&k).map_err(drv)?;
-                kernels.insert(k, f);
+        let nvrtc = nvrtc_version()?;
+        let driver = driver_cuda_version()?;
+        let device_arch = major * 10 + minor;
+        let target = kernel_target(nvrtc, driver, &nvrtc_supported_archs()?, device_arch)?;
+        tracing::info!(
+            %nvrtc,
+            driver_cuda = %driver,
+            target = %target.arch(),
+            "compiling the CUDA kernels"
+        );
+        let kernels = match load_kernels(&ctx, target, nvrtc, &include) {
+            // Machine code that does not load (a first run on a new machine) is worth one
+            // retry as PTX, which the driver compiles itself, when PTX of this NVRTC loads.
+            Err(e @ CudaError::Driver(_))
+                if matches!(target, KernelTarget::Cubin(_)) && nvrtc <= driver =>
+            {
+                let ptx = KernelTarget::Ptx(device_arch);
+                tracing::warn!(error = %e, retry = %ptx.arch(), "the kernels' machine code does not load; compiling PTX instead");
+                load_kernels(&ctx, ptx, nvrtc, &include)?
             }
-        }
+            other => other?,
+        };
         let blas = CudaBlas::new(Arc::clone(&stream))
             .map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;
         Ok(Self {
@@ -210,6 +223,32 @@ impl Device {
             .synchronize()
             .map_err(|e| dev_err("stream synchronize", e))
     }
+}
+
+/// Compiles (or reads from the cache) every kernel file for `target` and loads it into `ctx`.
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    target: KernelTarget,
+    nvrtc: super::CudaVersion,
+    include: &std::path::Path,
+) -> Result<HashMap<String, CudaFunction>, CudaError> {
+    let cache = kernel_cache_dir();
+    let mut kernels = HashMap::new();
+    for (file, source) in KERNEL_FILES {
+        let image = compile_kernel(file, source, target, nvrtc, include, cache.as_deref())?;
+        let load = |e: cudarc::driver::DriverError| {
+            CudaError::Driver(format!(
+                "loading {file}.cu compiled for {}: {e}",
+                target.arch()
+            ))
+        };
+        let module = ctx.load_module(image.into_module()).map_err(load)?;
+        for k in super::kernel_names(source) {
+            let f = module.load_function(&k).map_err(load)?;
+            kernels.insert(k, f);
+        }
+    }
+    Ok(kernels)
 }
 
 /// The device address of a buffer (event tracking is off, so the guard cudarc returns does

@@ -3,21 +3,24 @@
 //! cudarc is loaded dynamically, so every build works without CUDA; but cudarc panics when a
 //! library it needs is missing, so `check_libraries` runs first and turns absence into an
 //! error that says what to install. Kernels are CUDA C under `kernels/`, embedded in the
-//! binary, compiled at start-up by NVRTC for the device's architecture and cached on disk by
-//! source hash and architecture.
+//! binary, compiled at start-up by NVRTC for the device's architecture (machine code where
+//! NVRTC can emit it, `compile.rs`) and cached on disk by source, target and NVRTC version.
 
 mod backend;
+mod compile;
 mod device;
 pub mod graphs;
 pub mod layout;
 pub mod moe;
 pub mod select;
 
-use std::path::{Path, PathBuf};
-
-use cudarc::nvrtc::{CompileOptions, Ptx, compile_ptx_with_opts};
+use std::path::PathBuf;
 
 pub use backend::{CudaBackend, CudaSettings};
+pub use compile::{
+    CudaVersion, KernelImage, KernelTarget, cache_file_name, compile_kernel, driver_cuda_version,
+    kernel_target, nvrtc_supported_archs, nvrtc_version,
+};
 pub use device::{copy_bandwidth_gbs, device_count, kernel_cache_dir};
 
 /// Helpers prepended to every kernel file.
@@ -162,99 +165,4 @@ pub fn find_headers() -> Result<PathBuf, CudaError> {
 /// The full source NVRTC compiles for a kernel file.
 pub fn kernel_source(file_source: &str) -> String {
     format!("{COMMON}\n{file_source}")
-}
-
-/// 64-bit FNV-1a, stable across builds, for cache file names.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in *part {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    h
-}
-
-/// Compiles one kernel file for `arch` (e.g. "compute_90"), reusing `cache_dir/<hash>.ptx`
-/// when the same source was compiled for the same architecture before.
-pub fn compile_kernel(
-    name: &str,
-    source: &str,
-    arch: &'static str,
-    include_dir: &Path,
-    cache_dir: Option<&Path>,
-) -> Result<Ptx, CudaError> {
-    let full = kernel_source(source);
-    let key = fnv1a(&[full.as_bytes(), arch.as_bytes()]);
-    let cached = cache_dir.map(|d| d.join(format!("{name}-{arch}-{key:016x}.ptx")));
-    if let Some(path) = &cached
-        && let Ok(text) = std::fs::read_to_string(path)
-    {
-        return Ok(Ptx::from_src(text));
-    }
-    check_libraries(&[Library::Nvrtc])?;
-    let opts = CompileOptions {
-        arch: Some(arch),
-        include_paths: vec![include_dir.to_string_lossy().into_owned()],
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(&full, opts).map_err(|e| CudaError::Compile {
-        file: name.to_owned(),
-        arch: arch.to_owned(),
-        log: match e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
-            }
-            other => other.to_string(),
-        },
-    })?;
-    if let Some(path) = &cached {
-        write_cache(path, &ptx.to_src());
-    }
-    Ok(ptx)
-}
-
-/// Writes a cache file so that no reader ever sees part of it: the ranks of a group on one
-/// node (or threads of one process) compile the same kernels at the same time, and one
-/// reading a half-written PTX file would fail to load it. The text goes to a file of this
-/// writer's own, then is renamed over the cache name. A cache that cannot be written costs a
-/// recompile next time, nothing more.
-fn write_cache(path: &Path, text: &str) {
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let Some(dir) = path.parent() else { return };
-    let _ = std::fs::create_dir_all(dir);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(
-        ".{}.{}-{n}.tmp",
-        path.file_name()
-            .map_or_else(String::new, |f| f.to_string_lossy().into_owned()),
-        std::process::id()
-    ));
-    if std::fs::write(&tmp, text).is_ok() && std::fs::rename(&tmp, path).is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_writes_replace_the_file_whole_and_leave_no_temporaries() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k-compute_90-0.ptx");
-        std::thread::scope(|s| {
-            for i in 0..8 {
-                let path = &path;
-                s.spawn(move || write_cache(path, &format!("ptx {i} {}", "x".repeat(100_000))));
-            }
-        });
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("ptx ") && text.ends_with(&"x".repeat(100_000)));
-        assert_eq!(text.len(), "ptx 0 ".len() + 100_000);
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 1, "only the cache file remains");
-    }
 }
