@@ -136,6 +136,9 @@ impl Engine {
                 "max_seq_len is {max_seq_len}; it must be at least 2"
             ));
         }
+        model
+            .check_max_seq_len(max_seq_len)
+            .map_err(EngineError::InvalidConfig)?;
         let num_blocks = kv_blocks(
             &cfg,
             backend.kv_bytes_per_token(),
