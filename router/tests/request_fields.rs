@@ -184,6 +184,13 @@ fn stream_options_need_stream() {
     for endpoint in ENDPOINTS {
         let opts = json!({"include_usage": true});
         parse(endpoint, json!({"stream": true, "stream_options": opts})).unwrap();
+        let vllm_only = json!({"stream": true, "stream_options": {"continuous_usage_stats": true}});
+        let e = parse(endpoint, vllm_only).unwrap_err();
+        assert!(
+            e.message.contains("continuous_usage_stats"),
+            "{}",
+            e.message
+        );
         for stream in [json!({}), json!({"stream": false})] {
             let mut body = stream.clone();
             body["stream_options"] = opts.clone();
