@@ -81,7 +81,7 @@ pub const CONFIG_KEYS: &[ConfigKey] = &[
     row(
         "head_dim",
         Used,
-        "per-head width; default: hidden_size / num_attention_heads",
+        "per-head width; default: hidden_size / num_attention_heads (Qwen3: 128, its class default)",
     ),
     row(
         "max_position_embeddings",
@@ -296,7 +296,7 @@ pub fn config_key(key: &str) -> Option<&'static ConfigKey> {
     CONFIG_KEYS.iter().find(|k| k.key == key)
 }
 
-/// Keys of `obj` that no row of the table names, in file order.
+/// Keys of `obj` that no row of the table names.
 pub fn unknown_keys(obj: &Map<String, Value>) -> Vec<String> {
     obj.keys()
         .filter(|k| config_key(k).is_none())
@@ -412,37 +412,31 @@ fn sliding_window(
             )
         })? as usize,
     };
-    let (window, windowed): (Option<usize>, Box<dyn Fn(usize) -> bool>) = match arch {
-        // Mistral's config class warns about layer_types and ignores it; Llama has no window.
-        A::Llama => (None, Box::new(|_| false)),
-        A::Mistral | A::Mixtral => (window, Box::new(|_| true)),
-        A::Qwen3Moe => (window.filter(|_| use_window), Box::new(|_| true)),
-        A::Qwen2 | A::Qwen3 => (
-            window.filter(|_| use_window),
-            Box::new(move |l| l >= max_window_layers),
-        ),
-        A::Qwen2Moe => (
-            window.filter(|_| use_window),
-            Box::new(move |l| l % 2 == 0 && l < max_window_layers),
-        ),
+    // Mistral's config class warns about layer_types and ignores it; Llama has no window;
+    // the Qwen classes apply the window only with use_sliding_window.
+    let window = match arch {
+        A::Llama => None,
+        A::Mistral | A::Mixtral => window,
+        A::Qwen2 | A::Qwen3 | A::Qwen2Moe | A::Qwen3Moe => window.filter(|_| use_window),
     };
     let Some(window) = window else {
         return Ok(None);
     };
+    let windowed = |l: usize| match (arch, &layer_types) {
+        (A::Qwen2 | A::Qwen3 | A::Qwen2Moe, Some(types)) => types.get(l).copied().unwrap_or(false),
+        (A::Qwen2 | A::Qwen3, None) => l >= max_window_layers,
+        (A::Qwen2Moe, None) => l % 2 == 0 && l < max_window_layers,
+        _ => true,
+    };
+    let layers: Vec<usize> = (0..num_layers).filter(|&l| windowed(l)).collect();
     let mut origin = format!("sliding_window {window}");
-    for key in ["use_sliding_window", "max_window_layers", "layer_types"] {
-        if let Some(v) = get(key)
-            && !matches!(arch, A::Mistral | A::Mixtral)
-        {
-            origin.push_str(&format!(", {key} {}", shown(v)));
+    if !matches!(arch, A::Mistral | A::Mixtral) {
+        for key in ["use_sliding_window", "max_window_layers", "layer_types"] {
+            if let Some(v) = get(key) {
+                origin.push_str(&format!(", {key} {}", shown(v)));
+            }
         }
     }
-    let layers: Vec<usize> = match (&layer_types, arch) {
-        (Some(types), A::Qwen2 | A::Qwen3 | A::Qwen2Moe) => (0..num_layers)
-            .filter(|&l| types.get(l).copied().unwrap_or(false))
-            .collect(),
-        _ => (0..num_layers).filter(|&l| windowed(l)).collect(),
-    };
     Ok((!layers.is_empty()).then_some(SlidingWindow {
         window,
         layers,

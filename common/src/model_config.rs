@@ -149,7 +149,7 @@ pub struct ModelConfig {
     /// Windowed attention, when some layer has it; the engine refuses a window that does not
     /// cover max_seq_len ([`ModelConfig::check_max_seq_len`]).
     pub sliding_window: Option<SlidingWindow>,
-    /// Keys that `config_keys::CONFIG_KEYS` does not know, in file order (logged at load).
+    /// Keys that `config_keys::CONFIG_KEYS` does not know (logged at load).
     pub unknown_keys: Vec<String>,
 }
 
@@ -469,6 +469,8 @@ impl Parser<'_> {
         }
         let head_dim = match self.opt_usize("head_dim")? {
             Some(d) => d,
+            // Qwen3Config's default; the other classes derive it.
+            None if architecture == Architecture::Qwen3 => 128,
             None => {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(invalid(

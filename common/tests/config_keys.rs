@@ -198,7 +198,10 @@ const QWEN2_MOE: &[&str] = &[
     "eos_token_id",
 ];
 
+// Qwen3MoeConfig does not declare head_dim, but its modeling reads it (getattr) and the Hub's
+// configs carry it (Qwen3-30B-A3B: 128, not hidden_size / heads).
 const QWEN3_MOE: &[&str] = &[
+    "head_dim",
     "vocab_size",
     "hidden_size",
     "intermediate_size",
