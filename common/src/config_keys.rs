@@ -425,7 +425,7 @@ fn sliding_window(
     let windowed = |l: usize| match (arch, &layer_types) {
         (A::Qwen2 | A::Qwen3 | A::Qwen2Moe, Some(types)) => types.get(l).copied().unwrap_or(false),
         (A::Qwen2 | A::Qwen3, None) => l >= max_window_layers,
-        (A::Qwen2Moe, None) => l % 2 == 0 && l < max_window_layers,
+        (A::Qwen2Moe, None) => l.is_multiple_of(2) && l < max_window_layers,
         _ => true,
     };
     let layers: Vec<usize> = (0..num_layers).filter(|&l| windowed(l)).collect();
