@@ -8,6 +8,7 @@ pub mod args;
 pub mod block_hash;
 pub mod chat_template;
 pub mod checkpoint;
+pub mod config_keys;
 pub mod generation_config;
 pub mod model_config;
 pub mod model_dir;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::config_keys::{self, SlidingWindow};
+
 /// The architectures the engine implements, chosen by `architectures[0]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -144,6 +146,11 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence token id.
     pub bos_token_id: Option<u32>,
+    /// Windowed attention, when some layer has it; the engine refuses a window that does not
+    /// cover max_seq_len ([`ModelConfig::check_max_seq_len`]).
+    pub sliding_window: Option<SlidingWindow>,
+    /// Keys that `config_keys::CONFIG_KEYS` does not know (logged at load).
+    pub unknown_keys: Vec<String>,
 }
 
 /// Why a config.json could not be used.
@@ -220,6 +227,15 @@ impl ModelConfig {
             return Err(invalid(path, "the top level must be a JSON object".into()));
         };
         Parser { path, obj }.parse()
+    }
+
+    /// Refuses a `max_seq_len` that a sliding window does not cover (windowed attention is
+    /// not implemented; see `config_keys`). The message names the window and the fix.
+    pub fn check_max_seq_len(&self, max_seq_len: usize) -> Result<(), String> {
+        match &self.sliding_window {
+            Some(w) => w.check_max_seq_len(max_seq_len),
+            None => Ok(()),
+        }
     }
 
     /// True when layer `layer` uses the sparse MoE block rather than a dense MLP.
@@ -321,9 +337,11 @@ impl Parser<'_> {
 
     /// `rope_parameters` (transformers >= 5) or `rope_scaling` (older), either may be absent.
     fn rope(&self) -> Result<(f64, Option<RopeScaling>), ModelConfigError> {
-        let params = ["rope_parameters", "rope_scaling"]
-            .iter()
-            .find_map(|k| self.obj.get(*k).and_then(Value::as_object));
+        let found = ["rope_parameters", "rope_scaling"]
+            .into_iter()
+            .find_map(|k| self.obj.get(k).and_then(Value::as_object).map(|p| (k, p)));
+        let params = found.map(|(_, p)| p);
+        let key = found.map_or("rope_scaling", |(k, _)| k);
         let theta = params
             .and_then(|p| p.get("rope_theta"))
             .and_then(Value::as_f64)
@@ -338,9 +356,18 @@ impl Parser<'_> {
             .and_then(Value::as_str)
             .unwrap_or("default");
         let num = |k: &str| p.get(k).and_then(Value::as_f64);
-        let need = |k: &str| {
-            num(k).ok_or_else(|| self.field_err(&format!("rope_scaling.{k}"), "a number"))
-        };
+        let need =
+            |k: &str| num(k).ok_or_else(|| self.field_err(&format!("{key}.{k}"), "a number"));
+        if let Some(f) = p.get("partial_rotary_factor").filter(|v| !v.is_null())
+            && f.as_f64() != Some(1.0)
+        {
+            return Err(invalid(
+                self.path,
+                format!(
+                    "{key}.partial_rotary_factor is {f}; the engine rotates the whole head (1.0) only"
+                ),
+            ));
+        }
         let scaling = match kind {
             "default" => None,
             "linear" => Some(RopeScaling::Linear {
@@ -357,7 +384,7 @@ impl Parser<'_> {
                 return Err(invalid(
                     self.path,
                     format!(
-                        "rope_scaling type `{other}` is not supported; supported: default, linear, llama3"
+                        "{key}.rope_type is \"{other}\"; the engine implements default, linear and llama3 only"
                     ),
                 ));
             }
@@ -442,6 +469,8 @@ impl Parser<'_> {
         }
         let head_dim = match self.opt_usize("head_dim")? {
             Some(d) => d,
+            // Qwen3Config's default; the other classes derive it.
+            None if architecture == Architecture::Qwen3 => 128,
             None => {
                 if hidden_size % num_attention_heads != 0 {
                     return Err(invalid(
@@ -469,14 +498,17 @@ impl Parser<'_> {
             ));
         }
         let (rope_theta, rope_scaling) = self.rope()?;
+        let num_hidden_layers = self.usize("num_hidden_layers")?;
         let attention_bias = self.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
             // Qwen2 always has q/k/v bias and no o bias.
-            Architecture::Qwen2 | Architecture::Qwen2Moe => (true, false),
-            Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe => (
-                attention_bias,
-                attention_bias && architecture == Architecture::Llama,
-            ),
+            Architecture::Qwen2 => (true, false),
+            // transformers' Qwen2-MoE reads qkv_bias (default true) and never biases o_proj.
+            Architecture::Qwen2Moe => (self.opt_bool("qkv_bias")?.unwrap_or(true), false),
+            // attention_bias puts a bias on q, k, v and o_proj alike.
+            Architecture::Llama | Architecture::Qwen3 | Architecture::Qwen3Moe => {
+                (attention_bias, attention_bias)
+            }
             Architecture::Mistral | Architecture::Mixtral => (false, false),
         };
         let dtype = ["dtype", "torch_dtype"]
@@ -494,12 +526,19 @@ impl Parser<'_> {
             vocab_size: self.usize("vocab_size")?,
             hidden_size,
             intermediate_size: self.opt_usize("intermediate_size")?.unwrap_or(0),
-            num_hidden_layers: self.usize("num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
             max_position_embeddings: self.opt_usize("max_position_embeddings")?.unwrap_or(4096),
-            rms_norm_eps: self.opt_f64("rms_norm_eps")?.unwrap_or(1e-6),
+            // transformers' defaults: MixtralConfig 1e-5, the others 1e-6.
+            rms_norm_eps: self.opt_f64("rms_norm_eps")?.unwrap_or(
+                if architecture == Architecture::Mixtral {
+                    1e-5
+                } else {
+                    1e-6
+                },
+            ),
             rope_theta,
             rope_scaling,
             tie_word_embeddings: self.opt_bool("tie_word_embeddings")?.unwrap_or(false),
@@ -510,6 +549,9 @@ impl Parser<'_> {
             dtype,
             eos_token_ids: self.token_ids("eos_token_id")?,
             bos_token_id: self.token_ids("bos_token_id")?.first().copied(),
+            sliding_window: config_keys::check_refused(architecture, self.obj, num_hidden_layers)
+                .map_err(|m| invalid(self.path, m))?,
+            unknown_keys: config_keys::unknown_keys(self.obj),
         };
         let needs_dense = (0..config.num_hidden_layers).any(|l| !config.is_sparse_layer(l));
         if config.vocab_size == 0 || config.hidden_size == 0 || config.num_hidden_layers == 0 {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Arg, ArgAction, Args, Command, FromArgMatches};
 use llmapi_common::args::{NoticeLevel, resolve, serve_command};
+use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
 use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
@@ -162,6 +163,15 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     if resolved.print_config {
         print!("{}", args.to_yaml());
         return Ok(());
+    }
+    // config.json values the engine does not implement (docs/models.md) are refused before
+    // any rank starts or any weight loads.
+    let config = ModelConfig::from_model_dir(&model.path)
+        .with_context(|| format!("model {}", model_path.display()))?;
+    if let Some(n) = args.max_seq_len
+        && let Err(why) = config.check_max_seq_len(n as usize)
+    {
+        anyhow::bail!("model {}: {why}", model_path.display());
     }
     // A bad trace endpoint is refused before any rank starts or any weight loads.
     if let Some(endpoint) = args.otlp_traces_endpoint.as_deref() {

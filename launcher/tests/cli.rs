@@ -215,3 +215,52 @@ fn generation_config_takes_vllms_two_values() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("generation_config: vllm"));
 }
+
+#[test]
+fn config_values_the_engine_does_not_implement_are_refused_before_loading() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("m");
+    let made = launch(
+        &[
+            "make-model",
+            "--preset",
+            "demo",
+            "--out",
+            model.to_str().unwrap(),
+        ],
+        d.path(),
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let config_path = model.join("config.json");
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    for (edit, names) in [
+        // Mistral v0.1's shape: a window shorter than the context.
+        (
+            serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 256}),
+            ["sliding_window 256", "--max_seq_len 256"],
+        ),
+        (
+            serde_json::json!({"hidden_act": "gelu_new"}),
+            ["hidden_act", "gelu_new"],
+        ),
+    ] {
+        let mut config = original.clone();
+        config
+            .as_object_mut()
+            .unwrap()
+            .extend(edit.as_object().unwrap().clone());
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let out = launch(&["serve", model.to_str().unwrap()], d.path());
+        assert!(!out.status.success(), "{edit} was served");
+        let err = text(&out.stderr);
+        for n in names {
+            assert!(err.contains(n), "{edit}: message lacks `{n}`: {err}");
+        }
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !err.contains("KV cache allocated"),
+            "refused before loading: {err}"
+        );
+    }
+}

@@ -14,6 +14,7 @@ pub mod codec;
 pub mod deadline;
 pub mod detok;
 pub mod error;
+pub mod fields;
 pub mod front;
 pub mod generate;
 pub mod handlers;

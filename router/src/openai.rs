@@ -41,8 +41,9 @@ impl Stop {
     }
 }
 
-/// `stream_options`.
+/// `stream_options`; an option this server does not implement is refused by name.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a last chunk with usage and no choices.
     #[serde(default)]

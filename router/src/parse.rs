@@ -4,16 +4,19 @@
 //! intermediate tree before choosing what it is (some 16 bytes and an allocation per number of
 //! `[[1],[1],...]`), so a capped field would already have cost gigabytes when its cap is
 //! checked. Here nothing is buffered: the shared fields are read in one pass
-//! (`CommonFields`, unknown keys skipped), the endpoint's own in another, where `prompt` and
+//! (`CommonFields`, other keys skipped), the endpoint's own in another, where `prompt` and
 //! `prompt_token_ids` are counted as they stream by and stored only while under the caps, and
-//! unknown keys are skipped without being kept. Not for: validating values (`openai`).
+//! any other key is skipped without being kept but noted (`fields::Refusals`): an unknown key
+//! or an unimplemented field that asks for something is then a 400 naming it. Not for:
+//! validating values (`openai`).
 
 use std::fmt;
 
 use serde::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::error::ApiError;
+use crate::fields::{Endpoint, Refusals};
 use crate::openai::{
     ChatMessage, ChatRequest, CommonFields, CompletionRequest, Content, Prompt, Stop,
 };
@@ -98,6 +101,12 @@ pub fn completion_request(body: &[u8], caps: BodyCaps) -> Result<CompletionReque
     let own = CompletionSeed { caps }
         .deserialize(&mut de)
         .map_err(json_error)?;
+    own.refusals.check(
+        Endpoint::Completions,
+        common.n,
+        common.stream,
+        common.stream_options.is_some(),
+    )?;
     if let Some(read) = &own.prompt {
         check_prompt_count(&caps, read.prompts)?;
         check_prompt_tokens(&caps, "prompt", read.tokens, 1)?;
@@ -117,6 +126,12 @@ pub fn chat_request(body: &[u8], caps: BodyCaps) -> Result<ChatRequest, ApiError
     let common: CommonFields = serde_json::from_slice(body).map_err(json_error)?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let own = ChatSeed { caps }.deserialize(&mut de).map_err(json_error)?;
+    own.refusals.check(
+        Endpoint::Chat,
+        common.n,
+        common.stream,
+        common.stream_options.is_some(),
+    )?;
     let prompt_token_ids = match own.prompt_token_ids {
         Some((ids, count)) => {
             check_prompt_tokens(&caps, "prompt_token_ids", count, 1)?;
@@ -141,17 +156,7 @@ struct CompletionFields {
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
     echo: Option<bool>,
-}
-
-#[derive(Deserialize)]
-#[serde(field_identifier, rename_all = "snake_case")]
-enum CompletionKey {
-    Prompt,
-    MaxTokens,
-    Logprobs,
-    Echo,
-    #[serde(other)]
-    Other,
+    refusals: Refusals,
 }
 
 /// Sets `slot` from the map's next value, refusing a second occurrence as serde's derive does.
@@ -189,20 +194,18 @@ impl<'de> Visitor<'de> for CompletionSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = CompletionFields::default();
         let mut seen_prompt = false;
-        while let Some(key) = map.next_key::<CompletionKey>()? {
-            match key {
-                CompletionKey::Prompt => {
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "prompt" => {
                     if std::mem::replace(&mut seen_prompt, true) {
                         return Err(de::Error::duplicate_field("prompt"));
                     }
                     out.prompt = map.next_value_seed(PromptSeed { caps: self.caps })?;
                 }
-                CompletionKey::MaxTokens => once(&mut map, &mut out.max_tokens, "max_tokens")?,
-                CompletionKey::Logprobs => once(&mut map, &mut out.logprobs, "logprobs")?,
-                CompletionKey::Echo => once(&mut map, &mut out.echo, "echo")?,
-                CompletionKey::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                "max_tokens" => once(&mut map, &mut out.max_tokens, "max_tokens")?,
+                "logprobs" => once(&mut map, &mut out.logprobs, "logprobs")?,
+                "echo" => once(&mut map, &mut out.echo, "echo")?,
+                other => out.refusals.note(Endpoint::Completions, other, &mut map)?,
             }
         }
         Ok(out)
@@ -217,19 +220,7 @@ struct ChatFields {
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
     prompt_token_ids: Option<(Vec<u32>, usize)>,
-}
-
-#[derive(Deserialize)]
-#[serde(field_identifier, rename_all = "snake_case")]
-enum ChatKey {
-    Messages,
-    MaxTokens,
-    MaxCompletionTokens,
-    Logprobs,
-    TopLogprobs,
-    PromptTokenIds,
-    #[serde(other)]
-    Other,
+    refusals: Refusals,
 }
 
 struct ChatSeed {
@@ -254,18 +245,18 @@ impl<'de> Visitor<'de> for ChatSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = ChatFields::default();
         let mut seen_ids = false;
-        while let Some(key) = map.next_key::<ChatKey>()? {
-            match key {
-                ChatKey::Messages => once(&mut map, &mut out.messages, "messages")?,
-                ChatKey::MaxTokens => once(&mut map, &mut out.max_tokens, "max_tokens")?,
-                ChatKey::MaxCompletionTokens => once(
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "messages" => once(&mut map, &mut out.messages, "messages")?,
+                "max_tokens" => once(&mut map, &mut out.max_tokens, "max_tokens")?,
+                "max_completion_tokens" => once(
                     &mut map,
                     &mut out.max_completion_tokens,
                     "max_completion_tokens",
                 )?,
-                ChatKey::Logprobs => once(&mut map, &mut out.logprobs, "logprobs")?,
-                ChatKey::TopLogprobs => once(&mut map, &mut out.top_logprobs, "top_logprobs")?,
-                ChatKey::PromptTokenIds => {
+                "logprobs" => once(&mut map, &mut out.logprobs, "logprobs")?,
+                "top_logprobs" => once(&mut map, &mut out.top_logprobs, "top_logprobs")?,
+                "prompt_token_ids" => {
                     if std::mem::replace(&mut seen_ids, true) {
                         return Err(de::Error::duplicate_field("prompt_token_ids"));
                     }
@@ -273,9 +264,7 @@ impl<'de> Visitor<'de> for ChatSeed {
                         max_tokens: self.caps.max_prompt_tokens,
                     })?;
                 }
-                ChatKey::Other => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+                other => out.refusals.note(Endpoint::Chat, other, &mut map)?,
             }
         }
         Ok(out)
@@ -637,12 +626,22 @@ mod tests {
             e.message
         );
         let r = completion_request(
-            br#"{"model": "m", "junk": [[1], {"a": [2]}], "prompt": "a", "echo": true, "n": 2}"#,
+            br#"{"model": "m", "prompt": "a", "echo": true, "n": 2}"#,
             CAPS,
         )
         .unwrap();
         assert_eq!(r.echo, Some(true));
         assert_eq!(r.common.n, Some(2));
+        let e = completion_request(
+            br#"{"model": "m", "junk": [[1], {"a": [2]}], "prompt": "a", "more": 1}"#,
+            CAPS,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.param.as_deref(),
+            Some("junk"),
+            "the first unknown key is named"
+        );
         let e = completion_request(br#"{"prompt": "a"}"#, CAPS).unwrap_err();
         assert!(e.message.contains("missing field `model`"), "{}", e.message);
     }

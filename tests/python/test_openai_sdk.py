@@ -168,6 +168,26 @@ try:
     check(False, "bad temperature raises")
 except openai.BadRequestError as e:
     check("temperature" in str(e), "error names the field")
+# Fields the server does not implement are refused by name, never silently dropped.
+try:
+    client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=3,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    )
+    check(False, "tools raises")
+except openai.BadRequestError as e:
+    check(e.status_code == 400 and e.param == "tools", "400 naming tools")
+try:
+    client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"frobnicate": 1})
+    check(False, "an unknown field raises")
+except openai.BadRequestError as e:
+    check(e.param == "frobnicate", "400 naming the unknown field")
+r = client.chat.completions.create(
+    model=MODEL, messages=messages, max_tokens=3, response_format={"type": "text"}, tool_choice="none"
+)
+check(len(r.choices) == 1, "fields that ask for nothing are accepted")
 if KEY != "unused":
     bad = openai.OpenAI(base_url=BASE, api_key="wrong", max_retries=0)
     try:

@@ -676,3 +676,54 @@ fn bad_model_directories_and_settings_are_refused_with_reasons() {
         "{f16}"
     );
 }
+
+/// The mistral fixture with `edit` applied to its config.json, in a temporary directory.
+fn mistral_with(edit: serde_json::Value) -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/mistral");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        src.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(edit.as_object().unwrap().clone());
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn config_values_the_engine_does_not_implement_fail_the_start_by_name() {
+    // A sliding window shorter than max_seq_len (Mistral v0.1's shape): windowed attention is
+    // not implemented, so only a max_seq_len within the window is served.
+    let windowed = mistral_with(serde_json::json!({"sliding_window": 16}));
+    let full = EngineConfig {
+        max_seq_len: None,
+        ..config()
+    };
+    let e = Engine::start(windowed.path(), full)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("sliding_window 16") && e.contains("--max_seq_len 16"),
+        "{e}"
+    );
+    let within = EngineConfig {
+        max_seq_len: Some(16),
+        ..config()
+    };
+    let engine = Engine::start(windowed.path(), within).unwrap();
+    assert_eq!(engine.info().max_seq_len, 16);
+    engine.shutdown();
+    let gelu = mistral_with(serde_json::json!({"hidden_act": "gelu"}));
+    let e = Engine::start(gelu.path(), config())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("hidden_act is \"gelu\""), "{e}");
+}

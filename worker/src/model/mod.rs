@@ -97,6 +97,12 @@ impl ModelWeights {
     /// the split cannot divide.
     pub fn load_shard(dir: &Path, shard: Shard) -> Result<Self, EngineError> {
         let config = ModelConfig::from_model_dir(dir)?;
+        if !config.unknown_keys.is_empty() {
+            tracing::warn!(
+                keys = ?config.unknown_keys,
+                "config.json has keys this engine does not know; they are ignored: check that they do not change the model (docs/models.md lists the known ones)"
+            );
+        }
         shard.check(&config)?;
         let store = WeightStore::open(dir)?;
         Self::from_store_shard(config, &store, shard)
