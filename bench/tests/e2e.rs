@@ -301,40 +301,43 @@ fn server_errors_mid_run_count_as_failed_requests_by_type() {
     );
 }
 
+/// Runs bench.sh's line (with `--no-test-input` and `extra`) against a server with `fault`;
+/// asserts every request failed with the `kind` line, and returns the result directory.
+fn every_request_fails_as(fault: Fault, extra: &[&str], kind: &str) -> tempfile::TempDir {
+    let server = start_in_thread(Script {
+        fault,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf8 path");
+    write_tokenizer(dir.path());
+    let mut args = bench_sh_args(&server.base_url(), d, d);
+    args.push("--no-test-input".into());
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let out = run(&args);
+    let (stdout, stderr) = texts(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(kind), "{fault:?}: {stdout}");
+    assert!(
+        stdout.contains("Successful requests:                     0"),
+        "{fault:?}: {stdout}"
+    );
+    dir
+}
+
 #[test]
 fn a_stalled_stream_times_out_and_a_dropped_one_counts_as_payload_error() {
-    for (fault, kind) in [
-        (
-            Fault::StallAfter(3),
-            "Error type: TimeoutError, Count: 4 requests",
-        ),
-        (
-            Fault::DropAfter(3),
-            "Error type: ClientPayloadError, Count: 4 requests",
-        ),
-    ] {
-        let server = start_in_thread(Script {
-            fault,
-            ..Default::default()
-        });
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().to_str().expect("utf8 path");
-        write_tokenizer(dir.path());
-        let mut args = bench_sh_args(&server.base_url(), d, d);
-        args.extend([
-            "--no-test-input".into(),
-            "--chunk-timeout".into(),
-            "1.0".into(),
-        ]);
-        let out = run(&args);
-        let (stdout, stderr) = texts(&out);
-        assert!(out.status.success(), "{stdout}\n{stderr}");
-        assert!(stdout.contains(kind), "{stdout}");
-        assert!(
-            stdout.contains("Successful requests:                     0"),
-            "{stdout}"
-        );
-    }
+    let timeout = ["--chunk-timeout", "1.0"];
+    every_request_fails_as(
+        Fault::StallAfter(3),
+        &timeout,
+        "Error type: TimeoutError, Count: 4 requests",
+    );
+    every_request_fails_as(
+        Fault::DropAfter(3),
+        &timeout,
+        "Error type: ClientPayloadError, Count: 4 requests",
+    );
 }
 
 #[test]
@@ -354,23 +357,7 @@ fn streams_cut_short_count_as_failed_by_class_where_benchmark_serving_counts_suc
             "Error type: TruncatedStream, Count: 4 requests",
         ),
     ] {
-        let server = start_in_thread(Script {
-            fault,
-            ..Default::default()
-        });
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().to_str().expect("utf8 path");
-        write_tokenizer(dir.path());
-        let mut args = bench_sh_args(&server.base_url(), d, d);
-        args.push("--no-test-input".into());
-        let out = run(&args);
-        let (stdout, stderr) = texts(&out);
-        assert!(out.status.success(), "{stdout}\n{stderr}");
-        assert!(stdout.contains(kind), "{fault:?}: {stdout}");
-        assert!(
-            stdout.contains("Successful requests:                     0"),
-            "{fault:?}: {stdout}"
-        );
+        let dir = every_request_fails_as(fault, &[], kind);
         let saved = read_json(&dir.path().join("concurrency_2.json"));
         assert_eq!(saved["completed"], 0, "{fault:?}");
     }
