@@ -21,6 +21,23 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Writes the demo checkpoint to `dir/m` (`make-model --preset demo`); its path.
+fn demo_model_in(dir: &Path) -> std::path::PathBuf {
+    let model = dir.join("m");
+    let made = launch(
+        &[
+            "make-model",
+            "--preset",
+            "demo",
+            "--out",
+            model.to_str().unwrap(),
+        ],
+        dir,
+    );
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    model
+}
+
 #[test]
 fn serve_help_lists_every_flag() {
     let d = tempfile::tempdir().unwrap();
@@ -68,18 +85,7 @@ fn serve_help_lists_every_flag() {
 #[test]
 fn tutorial_start_line_prints_the_merged_configuration() {
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("m");
-    let out = launch(
-        &[
-            "make-model",
-            "--preset",
-            "demo",
-            "--out",
-            model.to_str().unwrap(),
-        ],
-        d.path(),
-    );
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let model = demo_model_in(d.path());
     let cfg = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/tutorial-start.yml");
     let out = launch(
         &[
@@ -219,18 +225,7 @@ fn generation_config_takes_vllms_two_values() {
 #[test]
 fn config_values_the_engine_does_not_implement_are_refused_before_loading() {
     let d = tempfile::tempdir().unwrap();
-    let model = d.path().join("m");
-    let made = launch(
-        &[
-            "make-model",
-            "--preset",
-            "demo",
-            "--out",
-            model.to_str().unwrap(),
-        ],
-        d.path(),
-    );
-    assert!(made.status.success(), "{}", text(&made.stderr));
+    let model = demo_model_in(d.path());
     let config_path = model.join("config.json");
     let original: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
