@@ -9,6 +9,7 @@ use llmapi_bench::args::BenchArgs;
 use llmapi_bench::runner::RunError;
 use llmapi_bench::sweep::SweepArgs;
 use llmapi_bench::{app, sweep};
+use llmapi_common::telemetry::LogArgs;
 use tokio::sync::watch;
 
 /// Benchmark the online serving throughput of an OpenAI-compatible server.
@@ -22,6 +23,8 @@ use tokio::sync::watch;
 struct BenchCli {
     #[command(flatten)]
     bench: BenchArgs,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 /// Run the benchmark at several concurrency levels and summarise them.
@@ -30,19 +33,18 @@ struct BenchCli {
 struct SweepCli {
     #[command(flatten)]
     sweep: SweepArgs,
+    #[command(flatten)]
+    log: LogArgs,
 }
+
+/// The client logs only warnings unless `--log_level` or RUST_LOG says otherwise: its
+/// report is the output.
+const DEFAULT_LOG_LEVEL: &str = "warning";
 
 /// Exit status after Ctrl-C, as shells report SIGINT.
 const INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run() {
         Ok(interrupted) if interrupted => ExitCode::from(INTERRUPTED),
         Ok(_) => ExitCode::SUCCESS,
@@ -81,6 +83,9 @@ fn run() -> anyhow::Result<bool> {
             argv.remove(1);
             argv[0] = OsString::from("llmapi-bench sweep");
             let cli = SweepCli::parse_from(argv);
+            cli.log
+                .init(DEFAULT_LOG_LEVEL)
+                .map_err(anyhow::Error::msg)?;
             let out = sweep::sweep(&cli.sweep, stop).await?;
             println!("Sweep wrote:");
             for f in &out.files {
@@ -89,6 +94,9 @@ fn run() -> anyhow::Result<bool> {
             Ok(out.interrupted)
         } else {
             let cli = BenchCli::parse_from(argv);
+            cli.log
+                .init(DEFAULT_LOG_LEVEL)
+                .map_err(anyhow::Error::msg)?;
             let done = app::benchmark(&cli.bench, stop).await?;
             if let Some(path) = &done.saved_to {
                 println!("Result saved to {}", path.display());

@@ -8,6 +8,7 @@ use clap::{Arg, ArgAction, Args, Command, FromArgMatches};
 use llmapi_common::args::{NoticeLevel, resolve, serve_command};
 use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
+use llmapi_common::telemetry::LogFormat;
 use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
@@ -119,7 +120,10 @@ fn main() -> ExitCode {
         Some(("serve", m)) => serve(m),
         Some(("env", m)) => print_env(m),
         Some(("make-model", m)) => {
-            llmapi_common::telemetry::init_logging("info", false);
+            llmapi_common::telemetry::init_logging(
+                "info",
+                LogFormat::resolve(None).unwrap_or_default(),
+            );
             let preset = m
                 .get_one::<String>("preset")
                 .map(String::as_str)
@@ -141,7 +145,8 @@ fn main() -> ExitCode {
 fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let resolved = resolve(m)?;
     let mut args = resolved.args;
-    llmapi_common::telemetry::init_logging(&args.log_level, false);
+    let log_format = LogFormat::resolve(args.log_format).map_err(anyhow::Error::msg)?;
+    llmapi_common::telemetry::init_logging(&args.log_level, log_format);
     for n in &resolved.notices {
         match n.level {
             NoticeLevel::Info => tracing::info!("{}", n.message),

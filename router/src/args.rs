@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use llmapi_common::generation_config::GenerationConfigMode;
+use llmapi_common::telemetry::LogArgs;
 
 use crate::access::AccessArgs;
 use crate::deadline::DeadlineArgs;
@@ -47,6 +48,9 @@ pub struct RouterArgs {
     /// Keys, tokens, the metrics listener and registration limits.
     #[command(flatten)]
     pub access: AccessArgs,
+    /// `--log_level` and `--log_format`.
+    #[command(flatten)]
+    pub log: LogArgs,
     /// HTTPS on the front, TLS to the workers.
     #[command(flatten)]
     pub tls: TlsArgs,

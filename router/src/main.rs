@@ -15,13 +15,9 @@ use llmapi_router::{AppState, server};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let matches = RouterArgs::command().get_matches();
     let args = RouterArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    args.log.init("info").map_err(anyhow::Error::msg)?;
     let mut config = args.config();
     config.worker_token = args.worker_token()?;
     if config.worker_token.is_none() {

@@ -152,7 +152,7 @@ fn measure(prefix: &str, w: ModelWeights, batches: &[usize], bw: f64) {
 
 fn main() {
     // Warnings (a CUDA graph capture that falls back, with its cause) go to stderr.
-    llmapi_common::telemetry::init_logging("warning", false);
+    llmapi_common::telemetry::init_logging("warning", llmapi_common::telemetry::LogFormat::Text);
     if let Err(e) = probe() {
         eprintln!("cuda bench: no usable GPU: {e}");
         std::process::exit(2);

@@ -38,7 +38,7 @@ use serde::Deserialize;
 /// True when a GPU is usable; otherwise prints why the test skips (or fails under
 /// LLMAPI_REQUIRE_GPU=1).
 fn gpu() -> bool {
-    llmapi_common::telemetry::init_logging("warning", false);
+    llmapi_common::telemetry::init_logging("warning", llmapi_common::telemetry::LogFormat::Text);
     match probe() {
         Ok(_) => true,
         Err(e) if std::env::var("LLMAPI_REQUIRE_GPU").is_ok_and(|v| v == "1") => {

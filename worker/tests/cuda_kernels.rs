@@ -11,7 +11,7 @@ use llmapi_worker::backend::cuda::{
 };
 
 fn nvrtc_ready() -> Option<std::path::PathBuf> {
-    llmapi_common::telemetry::init_logging("warning", false);
+    llmapi_common::telemetry::init_logging("warning", llmapi_common::telemetry::LogFormat::Text);
     let ready = check_libraries(&[Library::Nvrtc]).and_then(|()| find_headers());
     match ready {
         Ok(dir) => Some(dir),

@@ -60,7 +60,7 @@ fn fake_unique_id() -> Result<[u8; ID_BYTES], String> {
 /// Skips (returns false, printing why) unless NCCL and `gpus` GPUs are usable here; with
 /// LLMAPI_REQUIRE_NCCL=1 a missing piece fails the test instead.
 fn gpus_ready(gpus: usize) -> bool {
-    llmapi_common::telemetry::init_logging("warning", false);
+    llmapi_common::telemetry::init_logging("warning", llmapi_common::telemetry::LogFormat::Text);
     let why = match local_readiness(gpus - 1) {
         Ok(()) => return true,
         Err(e) => e,

@@ -63,6 +63,7 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("backend", &[], "backend", Text, "auto | cpu | cuda (auto picks cuda when a GPU is visible; trtllm-serve's `pytorch` is read as auto)"),
     flag("dtype", &[], "dtype", Text, "auto | float32 | bfloat16 | float16: arithmetic of the matrix products (CPU: auto is f32; bfloat16 rounds activations to bf16 and accumulates in f32; float16 is refused)"),
     flag("log_level", &[], "log_level", Text, "trace | debug | verbose | info | warning | error | internal_error"),
+    flag("log_format", &[], "log_format", Text, "text | json: json writes one JSON object per line with request_id and trace_id, for log shippers (default: LLMAPI_LOG_FORMAT, else text; text has colours only on a terminal)"),
     flag("max_beam_width", &[], "max_beam_width", Int, "Beam width; only 1 is supported (no beam search)"),
     flag("max_batch_size", &[], "max_batch_size", Int, "Most sequences in one engine step"),
     flag("max_num_tokens", &[], "max_num_tokens", Int, "Most tokens (prefill + decode) in one engine step"),

@@ -15,6 +15,7 @@ pub use validate::cuda_graph_batch_sizes;
 use serde::{Deserialize, Serialize};
 
 pub use crate::generation_config::GenerationConfigMode;
+pub use crate::telemetry::LogFormat;
 
 /// Which compute backend runs the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +188,8 @@ pub struct LlmArgs {
     pub dtype: ModelDtype,
     /// Log level: trace, debug, verbose, info, warning, error, internal_error.
     pub log_level: String,
+    /// Log line format: text or json (null: LLMAPI_LOG_FORMAT, else text).
+    pub log_format: Option<LogFormat>,
     /// Beam width; only 1 (no beam search) is supported.
     pub max_beam_width: u32,
     /// Most sequences in one engine step.
@@ -265,6 +268,7 @@ impl Default for LlmArgs {
             backend: Backend::Auto,
             dtype: ModelDtype::Auto,
             log_level: "info".into(),
+            log_format: None,
             max_beam_width: 1,
             max_batch_size: 2048,
             max_num_tokens: 8192,

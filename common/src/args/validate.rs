@@ -3,6 +3,8 @@
 use serde_json::{Map, Value};
 
 use super::sources::{ArgsError, Notice, display, lookup, set};
+use crate::telemetry::LOG_LEVELS;
+
 use super::{Backend, CapacitySchedulerPolicy, ContextChunkingPolicy, LlmArgs, ModelDtype};
 
 /// `pytorch_backend_config.*` keys of older TensorRT-LLM releases and where they live now.
@@ -143,15 +145,6 @@ pub fn cuda_graph_batch_sizes(max_batch_size: u32, enable_padding: bool) -> Vec<
     sizes
 }
 
-const LOG_LEVELS: &[&str] = &[
-    "trace",
-    "debug",
-    "verbose",
-    "info",
-    "warning",
-    "error",
-    "internal_error",
-];
 const MOE_BACKENDS: &[&str] = &[
     "auto", "CUTLASS", "TRTLLM", "DEEPGEMM", "CUTEDSL", "WIDEEP", "TRITON", "VANILLA",
 ];
