@@ -8,8 +8,8 @@
 //! authenticated by the job secret, `secret`) and renew the registration as a heartbeat. Every
 //! worker's gRPC service requires the job secret too; when all the job's tasks share one node
 //! it listens on 127.0.0.1 only. With
-//! `--router_url` every leader registers with that external router instead and no task runs
-//! one. A single-rank worker whose engine fails is restarted in place on the same address
+//! `--router_url URL[,URL...]` every leader registers with those external routers instead
+//! (`register`) and no task runs one. A single-rank worker whose engine fails is restarted in place on the same address
 //! (`restart`, `--max_restarts`): the router's health checks re-admit it and its heartbeat
 //! keeps it registered. When a rank of a group dies, its leader fails the group's requests and
 //! exits with an error naming the rank (the router's own health checks drop the worker); such
@@ -24,34 +24,25 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
 use llmapi_proto::tls::{JobCa, TlsFiles, TransportTls};
 use llmapi_router::RouterConfig;
 use llmapi_router::auth::Secret;
-use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::group::{self, GroupSpec};
 use crate::placement::{DEFAULT_RENDEZVOUS_PORT, GroupRole, Placement};
+use crate::register::{self, RegistrationTarget};
 use crate::restart::{self, RestartPolicy, WorkerSlot};
 use crate::serve::{InternalRegistration, LocalWorker};
-
-/// How often a registered worker renews its registration.
-const HEARTBEAT: Duration = Duration::from_secs(10);
-/// How long a task waits for the router to accept its first registration.
-const REGISTER_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Options of a job task that are not LlmArgs keys.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
-    /// An external router to register with; none: rank 0 runs the router.
+    /// External routers to register with (`--router_url URL[,URL...]`); none: rank 0 runs
+    /// the router.
     pub router_url: Option<String>,
     /// Group g meets its leader on this port + g.
     pub rendezvous_port: u16,
@@ -324,8 +315,11 @@ pub async fn run(
             )
             .await
         } else {
-            let target = match &opts.router_url {
-                Some(r) => external_router(r, &opts.tls, &tls)?,
+            let targets = match &opts.router_url {
+                Some(list) => register::router_urls(list)?
+                    .iter()
+                    .map(|r| register::external_router(r, &opts.tls, &tls))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
                 None => {
                     let host = if loopback {
                         "127.0.0.1".to_owned()
@@ -340,60 +334,18 @@ pub async fn run(
                         Some(n) => n.to_owned(),
                         None => host.clone(),
                     };
-                    RegistrationTarget {
+                    vec![RegistrationTarget {
                         router: format!("https://{host}:{}", opts.registration_port),
                         tls: Some((tls.rustls_client()?, name)),
-                    }
+                    }]
                 }
             };
-            registered(&target, &url, &token, failed).await
+            register::registered(&targets, &url, &token, failed).await
         };
     restart::stop(&slot).await;
     // Rank 0 stops publishing the secret (and removes its file) only now.
     drop(secret);
     result
-}
-
-/// Where a leader registers its worker, and how it reaches it.
-struct RegistrationTarget {
-    /// The router's base URL.
-    router: String,
-    /// TLS to it: the client configuration and the name its certificate must carry.
-    tls: Option<(std::sync::Arc<tokio_rustls::rustls::ClientConfig>, String)>,
-}
-
-/// Registration with an external router (`--router_url`): HTTPS verified against
-/// `--tls_ca_file` for an `https://` URL; a plain `http://` one off this machine sends the job
-/// secret in clear, which is warned about.
-fn external_router(
-    url: &str,
-    files: &TlsFiles,
-    tls: &TransportTls,
-) -> anyhow::Result<RegistrationTarget> {
-    let router = url.trim_end_matches('/').to_owned();
-    let uri: Uri = format!("{router}/workers")
-        .parse()
-        .with_context(|| format!("--router_url {url}"))?;
-    let host = uri.host().unwrap_or_default().to_owned();
-    if uri.scheme_str() != Some("https") {
-        let local = matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1" | "[::1]");
-        if !local {
-            tracing::warn!(
-                router = %router,
-                "registering over plain HTTP sends the job secret in clear text; serve the router with --ssl_certfile/--ssl_keyfile and pass --router_url https://... with --tls_ca_file"
-            );
-        }
-        return Ok(RegistrationTarget { router, tls: None });
-    }
-    if files.ca.is_none() {
-        bail!(
-            "--router_url {url} is HTTPS: give every task --tls_ca_file (the CA that signed the router's --ssl_certfile) with --tls_cert_file and --tls_key_file"
-        );
-    }
-    Ok(RegistrationTarget {
-        router,
-        tls: Some((tls.rustls_client()?, host)),
-    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -422,160 +374,6 @@ async fn embedded_router(
         failed,
     )
     .await
-}
-
-/// Registers `worker` with `router`, renews the registration until shutdown (or until the
-/// worker's group fails: Err with the reason), then withdraws it.
-async fn registered(
-    target: &RegistrationTarget,
-    worker: &str,
-    token: &str,
-    failed: impl Future<Output = String>,
-) -> anyhow::Result<()> {
-    let router = target.router.as_str();
-    let send = |method: Method, body: &str| {
-        let body = body.to_owned();
-        async move { send(method, target, token, &body).await }
-    };
-    let body = serde_json::json!({ "url": worker }).to_string();
-    let started = tokio::time::Instant::now();
-    loop {
-        match send(Method::POST, &body).await {
-            Ok(s) if s.is_success() => break,
-            Ok(s) if s == StatusCode::UNAUTHORIZED => bail!(
-                "router {router} refused the job secret (401); give every task the same LLMAPI_JOB_TOKEN_FILE \
-                 (or LLMAPI_JOB_TOKEN), and an external router --admin_token equal to it"
-            ),
-            Ok(s @ (StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::CONFLICT)) => {
-                bail!(
-                    "router {router} refused the worker {worker} ({s}; its log says why): an embedded \
-                     router accepts the job's node names and loopback addresses, so set \
-                     LLMAPI_ADVERTISE_HOST to a node name or give the router --worker_url_allowlist; \
-                     409 means its pool is full (--max_workers)"
-                )
-            }
-            Ok(s) => tracing::debug!(status = %s, "registration not accepted yet"),
-            Err(e) if e.downcast_ref::<TlsRefused>().is_some() => bail!(
-                "the router at {router} and this task do not trust each other's TLS certificates ({e}); \
-                 give every task the same LLMAPI_JOB_TOKEN_FILE (or LLMAPI_JOB_TOKEN), or, with your own \
-                 certificates, the same --tls_ca_file and certificates it signed"
-            ),
-            Err(e) => tracing::debug!(error = %e, "router not reachable yet"),
-        }
-        if started.elapsed() > REGISTER_DEADLINE {
-            bail!("router {router} did not accept this worker within {REGISTER_DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    tracing::info!(router, worker, "registered with the router");
-    let shutdown = llmapi_router::server::shutdown_signal();
-    tokio::pin!(shutdown);
-    tokio::pin!(failed);
-    let mut failure = None;
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            why = &mut failed => {
-                tracing::error!(reason = %why, "the worker group failed; withdrawing from the router");
-                failure = Some(why);
-                break;
-            }
-            () = tokio::time::sleep(HEARTBEAT) => {
-                if let Err(e) = send(Method::POST, &body).await {
-                    tracing::warn!(router, error = %e, "heartbeat failed; retrying");
-                }
-            }
-        }
-    }
-    if let Err(e) = send(Method::DELETE, &body).await {
-        tracing::info!(router, error = %e, "could not deregister (the router may have stopped first)");
-    }
-    match failure {
-        Some(why) => bail!("the worker group failed: {why}"),
-        None => Ok(()),
-    }
-}
-
-/// The router's TLS handshake failed on a certificate: retrying cannot help.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct TlsRefused(String);
-
-/// One HTTP/1.1 request (over TLS when the target has it) with a JSON body and a bearer
-/// token; returns the status.
-async fn send(
-    method: Method,
-    target: &RegistrationTarget,
-    token: &str,
-    body: &str,
-) -> anyhow::Result<StatusCode> {
-    let uri: Uri = format!("{}/workers", target.router)
-        .parse()
-        .context("router URL")?;
-    let host = uri.host().context("router URL has no host")?.to_owned();
-    let default_port = if target.tls.is_some() { 443 } else { 80 };
-    let port = uri.port_u16().unwrap_or(default_port);
-    let stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect((host.as_str(), port)),
-    )
-    .await
-    .context("connecting timed out")??;
-    match &target.tls {
-        Some((config, name)) => {
-            let name = ServerName::try_from(name.clone())
-                .with_context(|| format!("{name:?} is not a host name TLS can verify"))?;
-            let tls = tokio::time::timeout(
-                Duration::from_secs(10),
-                tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream),
-            )
-            .await
-            .context("the TLS handshake with the router timed out")?
-            .map_err(|e| {
-                // A certificate the other side refuses will not change by retrying.
-                match e
-                    .get_ref()
-                    .and_then(|i| i.downcast_ref::<tokio_rustls::rustls::Error>())
-                {
-                    Some(tls) => anyhow::Error::new(TlsRefused(tls.to_string())),
-                    None => {
-                        anyhow::Error::new(e).context("the TLS handshake with the router failed")
-                    }
-                }
-            })?;
-            request(method, &uri, &host, port, token, body, TokioIo::new(tls)).await
-        }
-        None => request(method, &uri, &host, port, token, body, TokioIo::new(stream)).await,
-    }
-}
-
-async fn request<I>(
-    method: Method,
-    uri: &Uri,
-    host: &str,
-    port: u16,
-    token: &str,
-    body: &str,
-    io: I,
-) -> anyhow::Result<StatusCode>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(conn);
-    let request = Request::builder()
-        .method(method)
-        .uri(uri.path())
-        .header("host", format!("{host}:{port}"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {token}"))
-        .body(Full::new(Bytes::from(body.to_owned())))?;
-    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
-        .await
-        .context("the router did not answer in time")??;
-    let status = response.status();
-    let _ = response.into_body().collect().await;
-    Ok(status)
 }
 
 #[cfg(test)]

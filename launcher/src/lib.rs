@@ -11,6 +11,7 @@ pub mod group;
 pub mod make_model;
 pub mod munge;
 pub mod placement;
+pub mod register;
 pub mod restart;
 pub mod secret;
 pub mod serve;

@@ -33,8 +33,8 @@ fn cli() -> Command {
                 .arg(
                     Arg::new("router_url")
                         .long("router_url")
-                        .value_name("URL")
-                        .help("Register this worker with an external llmapi-router instead of running the embedded router (give every task LLMAPI_JOB_TOKEN_FILE; the router's --admin_token and --worker_token_file must hold the same secret)"),
+                        .value_name("URL[,URL...]")
+                        .help("Register this worker with external llmapi-routers (one or more, comma separated: it registers with each and renews every third of the router's --worker_lease_s) instead of running the embedded router (give every task LLMAPI_JOB_TOKEN_FILE; the routers' --admin_token and --worker_token_file must hold the same secret)"),
                 )
                 .arg(
                     Arg::new("rendezvous_port")

@@ -13,7 +13,7 @@ use clap::ArgMatches;
 use clap::parser::ValueSource;
 
 use crate::auth::Secret;
-use crate::registration::DEFAULT_MAX_WORKERS;
+use crate::registration::{DEFAULT_MAX_WORKERS, DEFAULT_WORKER_LEASE_S};
 use crate::state::RouterConfig;
 
 /// Access flags of the router's HTTP front.
@@ -82,6 +82,10 @@ pub struct AccessArgs {
     /// Most workers the pool holds; a registration past it gets 409.
     #[arg(long = "max_workers", default_value_t = DEFAULT_MAX_WORKERS, value_name = "N")]
     pub max_workers: usize,
+    /// Seconds a registered worker stays in the pool without renewing its registration
+    /// (workers started by llmapi-launch renew every third of it); 0: forever (until DELETE).
+    #[arg(long = "worker_lease_s", default_value_t = DEFAULT_WORKER_LEASE_S, value_name = "SECONDS")]
+    pub worker_lease_s: u64,
 }
 
 /// Why the access flags cannot be used.
@@ -274,6 +278,8 @@ impl AccessArgs {
             config.registration.allowlist = Some(hosts);
         }
         config.registration.max_workers = self.max_workers;
+        config.registration.lease =
+            (self.worker_lease_s > 0).then(|| std::time::Duration::from_secs(self.worker_lease_s));
         Ok(warnings)
     }
 }

@@ -37,6 +37,9 @@ pub struct Registration {
     pub url: String,
     /// Always `accepted`: the worker joins routing once its health checks pass.
     pub status: &'static str,
+    /// Seconds the registration lasts unless renewed by another POST (absent: forever).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_s: Option<u64>,
 }
 
 impl From<Refused> for ApiError {
@@ -110,8 +113,9 @@ async fn register(
                 ApiError::invalid("url", e.to_string())
             }
         })?;
+    worker.renew_lease(policy.lease);
     if added {
-        tracing::info!(worker = %url, "worker registered");
+        tracing::info!(worker = %url, lease_s = ?policy.lease.map(|l| l.as_secs()), "worker registered");
         let health = state.config.health.clone();
         tokio::spawn(async move {
             worker.check(&health).await;
@@ -123,6 +127,7 @@ async fn register(
     Ok(Registration {
         url,
         status: "accepted",
+        lease_s: policy.lease.map(|l| l.as_secs()),
     })
 }
 

@@ -161,6 +161,9 @@ pub struct Worker {
     info: Mutex<Option<InfoResponse>>,
     /// Which prompt blocks the router believes this worker has cached.
     pub cache: Mutex<PrefixCacheView>,
+    /// When its registration lapses unless renewed; `None`: never (a `--worker_urls`
+    /// worker, or a registration under `--worker_lease_s 0`).
+    lease_until: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -262,7 +265,22 @@ impl Worker {
             eviction_cursor: AtomicU64::new(0),
             info: Mutex::new(None),
             cache: Mutex::new(PrefixCacheView::default()),
+            lease_until: Mutex::new(None),
         })
+    }
+
+    /// Renews its registration for `lease` from now (`None`: it never lapses).
+    pub fn renew_lease(&self, lease: Option<Duration>) {
+        *self.lease_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            lease.map(|l| Instant::now() + l);
+    }
+
+    /// Whether its registration lapsed before `now` (never for a worker without a lease).
+    pub fn lease_lapsed(&self, now: Instant) -> bool {
+        self.lease_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| until < now)
     }
 
     /// A clone of the gRPC client (cheap: channels are shared).
@@ -608,12 +626,29 @@ impl Pool {
         futures::future::join_all(workers.iter().map(|w| w.check(policy))).await;
     }
 
-    /// Checks every worker forever at `policy.interval`.
+    /// Removes the workers whose registration lapsed (they stopped renewing it: killed, cut
+    /// off, or their job ended without deregistering); returns their URLs.
+    pub fn drop_lapsed(&self, now: Instant) -> Vec<String> {
+        let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
+        let lapsed: Vec<String> = workers
+            .iter()
+            .filter(|w| w.lease_lapsed(now))
+            .map(|w| w.url.clone())
+            .collect();
+        workers.retain(|w| !w.lease_lapsed(now));
+        lapsed
+    }
+
+    /// Checks every worker forever at `policy.interval`, first dropping those whose
+    /// registration lapsed.
     pub async fn health_loop(self: Arc<Self>, policy: HealthPolicy) {
         let mut tick = tokio::time::interval(policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            for url in self.drop_lapsed(Instant::now()) {
+                tracing::warn!(worker = %url, "worker removed: its registration lapsed (no renewal within --worker_lease_s)");
+            }
             self.check_all(&policy).await;
         }
     }

@@ -15,6 +15,9 @@ use std::time::Duration;
 /// Default of `--max_workers`.
 pub const DEFAULT_MAX_WORKERS: usize = 256;
 
+/// Default of `--worker_lease_s`: three of llmapi-launch's longest renewal periods (10 s).
+pub const DEFAULT_WORKER_LEASE_S: u64 = 30;
+
 /// How long one host name may take to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -27,6 +30,8 @@ pub struct RegistrationPolicy {
     pub job_hosts: Vec<String>,
     /// Most workers the pool may hold.
     pub max_workers: usize,
+    /// How long a registration lasts unless renewed (`--worker_lease_s`); `None`: forever.
+    pub lease: Option<Duration>,
 }
 
 impl Default for RegistrationPolicy {
@@ -35,6 +40,7 @@ impl Default for RegistrationPolicy {
             allowlist: None,
             job_hosts: Vec::new(),
             max_workers: DEFAULT_MAX_WORKERS,
+            lease: Some(Duration::from_secs(DEFAULT_WORKER_LEASE_S)),
         }
     }
 }

@@ -1,0 +1,158 @@
+//! Many routers, one fleet: a worker task given two routers (`--router_url A,B`) registers
+//! with both and renews at a third of their `--worker_lease_s`; a router killed and restarted
+//! has the worker back within one lease period with no operator action; a worker killed
+//! without deregistering leaves both pools when its lease lapses; one stopped with SIGTERM
+//! withdraws from both at once.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use llmapi_tests::{Proc, bin, demo_model, free_port, get, post, request, wait_until};
+use serde_json::{Value, json};
+
+/// The job secret: the worker's LLMAPI_JOB_TOKEN, the routers' worker and admin token.
+const SECRET: &str = "fleet-test-secret-8d1f3a6c0b2e9475";
+/// The routers' lease: short, so that the test sees it lapse.
+const LEASE_S: u64 = 3;
+
+/// `llmapi-router` on `port` with the job secret and a short lease.
+fn router(port: u16) -> Proc {
+    let mut cmd = Command::new(bin("llmapi-router"));
+    cmd.arg(demo_model())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--health_check_interval_ms", "200"])
+        .args(["--worker_lease_s", &LEASE_S.to_string()])
+        .env("LLMAPI_WORKER_TOKEN", SECRET)
+        .env("LLMAPI_ADMIN_TOKEN", SECRET);
+    let p = Proc::spawn(&format!("fleet-router-{port}"), cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || request(
+            port,
+            "GET",
+            "/workers",
+            None,
+            &[]
+        )
+        .is_ok_and(|r| r.status == 200)),
+        "the router never listened; see {}",
+        p.log.display()
+    );
+    p
+}
+
+/// A job task registering with every router of `routers`.
+fn worker(routers: &[u16]) -> Proc {
+    let urls: Vec<String> = routers
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let mut cmd = Command::new(bin("llmapi-launch"));
+    cmd.arg("serve")
+        .arg(demo_model())
+        .args(["--host", "127.0.0.1", "--port", &free_port().to_string()])
+        .args(["--set", "kv_cache_config.max_tokens=65536"])
+        .args(["--router_url", &urls.join(",")])
+        .env("LLMAPI_JOB_TOKEN", SECRET)
+        .env("LLMAPI_ADVERTISE_HOST", "127.0.0.1");
+    Proc::spawn(&format!("fleet-worker-{}", routers[0]), cmd)
+}
+
+/// The healthy workers a router lists.
+fn healthy(router: u16) -> Vec<String> {
+    request(router, "GET", "/workers", None, &[])
+        .ok()
+        .map(|r| r.json())
+        .and_then(|v| v["workers"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|w| w["healthy"] == true)
+        .map(|w| w["url"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+fn listed(router: u16) -> usize {
+    get(router, "/workers").json()["workers"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+fn completes(router: u16) -> Value {
+    let r = post(
+        router,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "fleet", "max_tokens": 3, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+#[test]
+fn a_worker_serves_every_router_a_restarted_router_gets_it_back_and_a_dead_one_lapses() {
+    let ports = [free_port(), free_port()];
+    let _a = router(ports[0]);
+    let mut b = router(ports[1]);
+    let mut w = worker(&ports);
+    for &p in &ports {
+        assert!(
+            wait_until(Duration::from_secs(90), || healthy(p).len() == 1),
+            "router {p} never had the worker; see {}",
+            w.log.display()
+        );
+        assert_eq!(completes(p)["usage"]["completion_tokens"], 3);
+    }
+
+    // Router B dies and comes back on the same address knowing nothing: the worker's next
+    // renewal (a third of the lease) registers it again.
+    b.kill();
+    b = router(ports[1]);
+    let back = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3 * LEASE_S + 10), || healthy(ports[1])
+            .len()
+            == 1),
+        "the restarted router never got the worker back; see {} and {}",
+        b.log.display(),
+        w.log.display()
+    );
+    let took = back.elapsed();
+    assert!(
+        took <= Duration::from_secs(LEASE_S + 5),
+        "the worker came back after {took:?}, more than one lease ({LEASE_S} s) and its first health check"
+    );
+    assert_eq!(completes(ports[1])["usage"]["completion_tokens"], 3);
+
+    // Killed without a word: both routers drop it when its lease lapses.
+    w.kill();
+    for &p in &ports {
+        assert!(
+            wait_until(Duration::from_secs(LEASE_S + 10), || listed(p) == 0),
+            "router {p} still lists a worker whose lease lapsed: {}",
+            get(p, "/workers").body
+        );
+    }
+}
+
+#[test]
+fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
+    let ports = [free_port(), free_port()];
+    let _a = router(ports[0]);
+    let _b = router(ports[1]);
+    let mut w = worker(&ports);
+    for &p in &ports {
+        assert!(
+            wait_until(Duration::from_secs(90), || healthy(p).len() == 1),
+            "router {p} never had the worker; see {}",
+            w.log.display()
+        );
+    }
+    assert!(
+        w.terminate(Duration::from_secs(30)),
+        "the worker did not stop"
+    );
+    // Withdrawn, not lapsed: gone from both before a lease could run out.
+    for &p in &ports {
+        assert_eq!(listed(p), 0, "router {p}: {}", get(p, "/workers").body);
+    }
+    let log = std::fs::read_to_string(&w.log).unwrap_or_default();
+    assert_eq!(log.matches("withdrew from the router").count(), 2, "{log}");
+}
