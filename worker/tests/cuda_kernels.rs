@@ -262,13 +262,14 @@ fn kernel_cache_state_is_reported() {
         println!("kernel_cache=unknown: no cache directory (set LLMAPI_KERNEL_CACHE)");
         return;
     };
-    let arch = match std::env::var("LLMAPI_GPU_ARCH") {
-        Ok(a) => cache::parse_arch(&a).map_err(|e| e.to_string()),
-        Err(_) => device_arch(0).map_err(|e| e.to_string()),
+    let given = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    let arch = match given("LLMAPI_GPU_ARCH") {
+        Some(a) => cache::parse_arch(&a),
+        None => device_arch(0).map_err(|e| e.to_string()),
     };
-    let driver = match std::env::var("LLMAPI_DRIVER_CUDA") {
-        Ok(v) => CudaVersion::parse(&v).ok_or_else(|| format!("LLMAPI_DRIVER_CUDA={v}")),
-        Err(_) => driver_cuda_version().map_err(|e| e.to_string()),
+    let driver = match given("LLMAPI_DRIVER_CUDA") {
+        Some(v) => CudaVersion::parse(&v).ok_or_else(|| format!("LLMAPI_DRIVER_CUDA={v}")),
+        None => driver_cuda_version().map_err(|e| e.to_string()),
     };
     let (arch, driver) = match (arch, driver) {
         (Ok(a), Ok(d)) => (a, d),
