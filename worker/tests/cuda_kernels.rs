@@ -263,13 +263,21 @@ fn kernel_cache_state_is_reported() {
         return;
     };
     let given = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    // The first clause of a CUDA error (what is missing, not how to install it).
+    let brief = |e: CudaError| {
+        e.to_string()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
     let arch = match given("LLMAPI_GPU_ARCH") {
         Some(a) => cache::parse_arch(&a),
-        None => device_arch(0).map_err(|e| e.to_string()),
+        None => device_arch(0).map_err(brief),
     };
     let driver = match given("LLMAPI_DRIVER_CUDA") {
         Some(v) => CudaVersion::parse(&v).ok_or_else(|| format!("LLMAPI_DRIVER_CUDA={v}")),
-        None => driver_cuda_version().map_err(|e| e.to_string()),
+        None => driver_cuda_version().map_err(brief),
     };
     let (arch, driver) = match (arch, driver) {
         (Ok(a), Ok(d)) => (a, d),
