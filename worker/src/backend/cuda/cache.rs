@@ -212,8 +212,8 @@ fn short(hash: &str) -> &str {
 
 /// The machine code of every kernel file of `files` for a device of `device_arch` under a
 /// driver of CUDA `driver`, read from cache directory `dir` and checked against its manifest
-/// (size and SHA-256 of each file); `Err` says why the cache cannot serve, in words that
-/// follow "the kernel cache DIR cannot serve this GPU: ". Calls neither NVRTC nor CUDA.
+/// (size and SHA-256 of each file; one that differs is removed); `Err` says why the cache
+/// cannot serve. Calls neither NVRTC nor CUDA.
 pub fn warm_images(
     dir: &Path,
     files: &[(&str, &str)],
@@ -235,9 +235,12 @@ pub fn warm_images(
                 || sha256_hex(&bytes) != f.sha256
                 || !bytes.starts_with(b"\x7fELF")
             {
+                // Removed, so that a recompile under the same name does not take it back.
+                let removed = std::fs::remove_file(&path).is_ok();
                 return Err(format!(
-                    "{} differs from its manifest entry (size or SHA-256); rebuild the cache",
-                    path.display()
+                    "{} differs from its manifest entry (size or SHA-256){}; rebuild the cache",
+                    path.display(),
+                    if removed { " and was removed" } else { "" }
                 ));
             }
             Ok((f.kernel, KernelImage::Cubin(bytes)))
@@ -505,6 +508,10 @@ mod tests {
         std::fs::write(dir.path().join(&f.file), elf("tampered")).unwrap();
         let why = warm_images(dir.path(), FILES, 90, V13_0).unwrap_err();
         assert!(why.contains("differs from its manifest entry"), "{why}");
+        assert!(
+            !dir.path().join(&f.file).exists(),
+            "a file that fails verification is not left for a recompile to reuse"
+        );
         // A manifest that does not parse is named.
         std::fs::write(dir.path().join(MANIFEST_FILE), "{").unwrap();
         let why = warm_images(dir.path(), FILES, 90, V13_0).unwrap_err();

@@ -1,5 +1,6 @@
-//! Device plumbing of the CUDA backend: opening the GPU, loading the NVRTC-compiled kernels,
-//! buffers addressed by raw device pointers, kernel launches and cuBLAS GEMMs.
+//! Device plumbing of the CUDA backend: opening the GPU, loading the kernels (the carried
+//! cache's machine code without NVRTC when it is warm, else NVRTC's output), buffers
+//! addressed by raw device pointers, kernel launches and cuBLAS GEMMs.
 //!
 //! Everything runs on one stream with cudarc's event tracking switched off, so a buffer is a
 //! plain device address and stream order is the only synchronization (frees are
