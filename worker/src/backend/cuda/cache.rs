@@ -249,7 +249,7 @@ pub fn warm_images(
 }
 
 /// The manifest entry of `images` (kernel file name, CUBIN), compiled from `files` by NVRTC
-/// `nvrtc` for `sm_{arch}`.
+/// `nvrtc` for `sm_{arch}`; a file without an image is left out (the entry then misses).
 fn arch_entry(
     arch: i32,
     nvrtc: CudaVersion,
@@ -258,16 +258,16 @@ fn arch_entry(
 ) -> ArchEntry {
     let entries = files
         .iter()
-        .zip(images)
-        .map(|((name, source), (_, bytes))| {
+        .filter_map(|(name, source)| {
+            let (_, bytes) = images.iter().find(|(k, _)| k == name)?;
             let full = kernel_source(source);
-            CachedFile {
+            Some(CachedFile {
                 kernel: (*name).to_owned(),
                 file: cache_file_name(name, &full, KernelTarget::Cubin(arch), nvrtc),
                 source_hash: sha256_hex(full.as_bytes()),
                 sha256: sha256_hex(bytes),
                 bytes: bytes.len() as u64,
-            }
+            })
         })
         .collect();
     ArchEntry {
