@@ -256,7 +256,7 @@ while [ $# -gt 0 ]; do
         --budget=*) budget=${1#--budget=} ;;
         --steps) only=${2:-}; shift ;;
         --steps=*) only=${1#--steps=} ;;
-        -h | --help) sed -n '2,45p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,46p' "$0"; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
