@@ -2,10 +2,16 @@
 # Checks the CUDA backend on a GPU machine that has no Rust toolchain and no network, within
 # one command's time (docs/cuda.md, "Checking it on a GPU").
 #
-#   scripts/gpu_check.sh stage [DIR]   on a build machine (Rust, this checkout): builds the
-#                                      release test and bench executables, strips them and packs
-#                                      them into DIR/cuda-bins.tar.xz (DIR defaults to gpu-bin/,
-#                                      git-ignored); prints the archive's size.
+#   scripts/gpu_check.sh stage [DIR]   on a build machine (Rust, this checkout, NVRTC): builds
+#                                      the release test and bench executables, strips them, builds
+#                                      the kernel cache (below) and packs both into
+#                                      DIR/cuda-bins.tar.xz (DIR defaults to gpu-bin/, git-ignored);
+#                                      prints the sizes.
+#   scripts/gpu_check.sh kernel-cache DIR
+#                                      builds the carried kernel cache into DIR with this
+#                                      machine's NVRTC: `llmapi-launch kernels build --arch
+#                                      $LLMAPI_KERNEL_ARCHS (default sm_90) --out DIR`, with
+#                                      $LLMAPI_LAUNCH or a debug build of llmapi-launch.
 #   scripts/gpu_check.sh plan          prints the steps with their time budgets and their sum.
 #   scripts/gpu_check.sh [--budget S] [--steps a,b] [DIR]
 #                                      on the GPU machine, from the repository root, with DIR
@@ -22,7 +28,8 @@
 # $OUT/<step>.log as it finishes, so a run killed midway still returns what it did; the bench's
 # figures go to $OUT/figures.md. Without $OUT, a fresh directory is used and named in the
 # first line printed. The first step (preflight) records nvidia-smi's driver and CUDA
-# version, the file each library resolves to and the NVRTC version; the step `open` is the
+# version, the file each library resolves to, the NVRTC version and whether the kernel cache
+# is warm for the GPU (then NVRTC and the headers are not needed); the step `open` is the
 # first open of the CUDA backend, and when it fails the run stops there with one line saying
 # why (every later step would fail the same way). Exit status 0 when every selected step that
 # applies passed, 1 otherwise.
@@ -34,11 +41,15 @@
 # site-packages of $LLMAPI_PYTHON, /opt/torch/.venv and python3, and in $LLMAPI_NVRTC_DIR
 # (.ci/run's pip --target directory, default /opt/llmapi-nvrtc). The transformers step runs
 # with LD_LIBRARY_PATH as it was before the script changed it.
+#
+# Kernel cache: DIR/kernel-cache (unpacked from the archive, where `stage` puts it) when it has
+# a manifest.json, else a scratch directory; the steps get it as LLMAPI_KERNEL_CACHE.
 set -uo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 exes=(cuda_backend cuda_kernels cuda_bench nccl_tests)
 archive_name=cuda-bins.tar.xz
+kernel_archs=${LLMAPI_KERNEL_ARCHS:-sm_90}
 
 # The steps in run order: name, budget in seconds, what it checks.
 steps=(
@@ -103,20 +114,133 @@ for name in ["cuda_backend", "cuda_kernels", "cuda", "nccl"]:
 PY
     rm -f "$json"
     strip "${exes[@]/#/$pack/}" || exit 1
-    ls -l "$pack"
+    kernel_cache "$pack/kernel-cache" || exit 1
+    ls -l "$pack" "$pack/kernel-cache"
     # xz -9 with a 64 MiB dictionary: the four executables share most of their code.
-    rm -f "$dir/$archive_name" "${exes[@]/#/$dir/}"
-    XZ_OPT='-9e --threads=0' tar -C "$pack" -cJf "$dir/$archive_name" "${exes[@]}" || exit 1
+    rm -rf "$dir/$archive_name" "${exes[@]/#/$dir/}" "$dir/kernel-cache"
+    XZ_OPT='-9e --threads=0' tar -C "$pack" -cJf "$dir/$archive_name" "${exes[@]}" kernel-cache || exit 1
+    local size tree cache_bytes
+    cache_bytes=$(du -sb "$pack/kernel-cache" | cut -f1)
     rm -rf "$pack"
-    local size tree
+    echo "kernel cache ($kernel_archs): $((cache_bytes / 1024)) KiB unpacked, in the archive"
     size=$(stat -c %s "$dir/$archive_name")
     tree=$(git -C "$repo" ls-files -z | du --files0-from=- -cb | tail -1 | cut -f1)
     echo "staged $dir/$archive_name: $((size / 1024)) KiB; with the tracked tree ($((tree / 1024)) KiB): $(((size + tree) / 1048576)) MiB of the 64 MiB carry limit"
 }
 
+# --------------------------------------------------------------------------------------------
+# Library resolution (used by the preflight and by `stage`; the environment it sets is used by
+# every step). Needs $work.
+
+resolve_libraries() {
+    orig_ld_set=${LD_LIBRARY_PATH+x}
+    orig_ld=${LD_LIBRARY_PATH-}
+    lib_dirs=()
+    inc_dirs=()
+    for root in "${CUDA_HOME:-}" /usr/local/cuda; do
+        [ -n "$root" ] && [ -d "$root" ] && lib_dirs+=("$root/lib64" "$root/lib") && inc_dirs+=("$root/include")
+    done
+    # pip --target directories count as site-packages: .ci/run's NVRTC ($LLMAPI_NVRTC_DIR).
+    site_dirs=("${LLMAPI_NVRTC_DIR:-/opt/llmapi-nvrtc}")
+    for py in "${LLMAPI_PYTHON:-}" /opt/torch/.venv/bin/python python3; do
+        [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
+        while IFS= read -r s; do
+            [ -n "$s" ] && site_dirs+=("$s")
+        done < <("$py" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
+    done
+    for s in "${site_dirs[@]}"; do
+        [ -d "$s/nvidia" ] || continue
+        for d in "$s"/nvidia/*/lib; do [ -d "$d" ] && lib_dirs+=("$d"); done
+        for d in "$s"/nvidia/*/include; do [ -d "$d" ] && inc_dirs+=("$d"); done
+    done
+
+    shim=$work/shim
+    mkdir -p "$shim"
+    ld=()
+    missing_libs=()
+    nvrtc_dir=""
+    for lib in libcublas libcublasLt libnvrtc; do
+        hit=""
+        for d in "${lib_dirs[@]}"; do
+            if [ -e "$d/$lib.so.12" ]; then hit="$d"; break; fi
+        done
+        if [ -z "$hit" ]; then
+            for d in "${lib_dirs[@]}"; do
+                if [ -e "$d/$lib.so.13" ]; then
+                    hit="$d"
+                    ln -sf "$d/$lib.so.13" "$shim/$lib.so"
+                    break
+                fi
+            done
+        fi
+        if [ -z "$hit" ]; then
+            missing_libs+=("$lib.so.12/.so.13")
+            continue
+        fi
+        case ":$(IFS=:; echo "${ld[*]:-}"):" in *":$hit:"*) ;; *) ld+=("$hit") ;; esac
+        [ "$lib" = libnvrtc ] && nvrtc_dir="$hit"
+    done
+    # NCCL: pip's nvidia-nccl and Debian's libnccl2 ship only libnccl.so.2.
+    nccl_lib=""
+    for d in "${lib_dirs[@]}" /usr/lib/x86_64-linux-gnu; do
+        if [ -e "$d/libnccl.so.2" ]; then
+            nccl_lib="$d/libnccl.so.2"
+            ln -sf "$nccl_lib" "$shim/libnccl.so"
+            break
+        fi
+    done
+    LD_LIBRARY_PATH="$shim${ld[*]:+:$(IFS=:; echo "${ld[*]}")}${orig_ld:+:$orig_ld}"
+    export LD_LIBRARY_PATH
+    # Headers of the same CUDA release as the NVRTC picked: beside it (toolkit, pip's cu13), or in
+    # a sibling pip package (cu12: nvidia/cuda_nvrtc/lib with nvidia/cuda_runtime/include), then
+    # anywhere searched.
+    include_candidates=("${inc_dirs[@]}")
+    if [ -n "$nvrtc_dir" ]; then
+        nvrtc_root=$(dirname "$nvrtc_dir")
+        include_candidates=("$nvrtc_root/include" "$(dirname "$nvrtc_root")"/*/include "${inc_dirs[@]}")
+    fi
+    for d in "${include_candidates[@]}"; do
+        if [ -f "$d/cuda_bf16.h" ]; then export LLMAPI_CUDA_INCLUDE="$d"; break; fi
+    done
+    export LLMAPI_REQUIRE_GPU=1 LLMAPI_REQUIRE_NVRTC=1 NO_COLOR=1
+    export LLMAPI_GOLDEN_DIR="$repo/worker/tests/golden"
+}
+
+# kernel_cache DIR: the carried kernel cache for $kernel_archs, built by llmapi-launch with the
+# NVRTC and headers resolve_libraries found.
+kernel_cache() {
+    local dir=$1 launch=${LLMAPI_LAUNCH:-}
+    if [ -z "$launch" ]; then
+        launch=$(cd "$repo" && cargo build --workspace --bin llmapi-launch --message-format=json |
+            python3 -c 'import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "llmapi-launch":
+        print(m["executable"])') || return 1
+    fi
+    if [ ! -x "$launch" ]; then
+        echo "gpu_check: no llmapi-launch executable ('$launch'); set LLMAPI_LAUNCH to one" >&2
+        return 1
+    fi
+    # A fresh set: earlier architectures and stale files are not carried.
+    mkdir -p "$dir" && rm -f "$dir"/*.cubin "$dir"/*.ptx "$dir/manifest.json"
+    "$launch" kernels build --arch "$kernel_archs" --out "$dir"
+}
+
 case "${1:-}" in
-    stage)
-        stage "${2:-}"
+    stage | kernel-cache)
+        work=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-work.XXXXXX")
+        trap 'rm -rf "$work"' EXIT
+        resolve_libraries
+        if [ "$1" = stage ]; then
+            stage "${2:-}"
+        else
+            [ -n "${2:-}" ] || { echo "gpu_check: kernel-cache needs a directory" >&2; exit 2; }
+            kernel_cache "$2" || exit 1
+        fi
         exit 0
         ;;
 esac
@@ -132,7 +256,7 @@ while [ $# -gt 0 ]; do
         --budget=*) budget=${1#--budget=} ;;
         --steps) only=${2:-}; shift ;;
         --steps=*) only=${1#--steps=} ;;
-        -h | --help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,46p' "$0"; exit 0 ;;
         *) args+=("$1") ;;
     esac
     shift
@@ -188,81 +312,8 @@ cause() {
     printf '%s' "${line:0:300}"
 }
 
-# --------------------------------------------------------------------------------------------
-# Library resolution (used by the preflight; the environment it sets is used by every step).
+resolve_libraries
 
-orig_ld_set=${LD_LIBRARY_PATH+x}
-orig_ld=${LD_LIBRARY_PATH-}
-lib_dirs=()
-inc_dirs=()
-for root in "${CUDA_HOME:-}" /usr/local/cuda; do
-    [ -n "$root" ] && [ -d "$root" ] && lib_dirs+=("$root/lib64" "$root/lib") && inc_dirs+=("$root/include")
-done
-# pip --target directories count as site-packages: .ci/run's NVRTC ($LLMAPI_NVRTC_DIR).
-site_dirs=("${LLMAPI_NVRTC_DIR:-/opt/llmapi-nvrtc}")
-for py in "${LLMAPI_PYTHON:-}" /opt/torch/.venv/bin/python python3; do
-    [ -n "$py" ] && command -v "$py" >/dev/null 2>&1 || continue
-    while IFS= read -r s; do
-        [ -n "$s" ] && site_dirs+=("$s")
-    done < <("$py" -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
-done
-for s in "${site_dirs[@]}"; do
-    [ -d "$s/nvidia" ] || continue
-    for d in "$s"/nvidia/*/lib; do [ -d "$d" ] && lib_dirs+=("$d"); done
-    for d in "$s"/nvidia/*/include; do [ -d "$d" ] && inc_dirs+=("$d"); done
-done
-
-shim=$work/shim
-mkdir -p "$shim"
-ld=()
-missing_libs=()
-nvrtc_dir=""
-for lib in libcublas libcublasLt libnvrtc; do
-    hit=""
-    for d in "${lib_dirs[@]}"; do
-        if [ -e "$d/$lib.so.12" ]; then hit="$d"; break; fi
-    done
-    if [ -z "$hit" ]; then
-        for d in "${lib_dirs[@]}"; do
-            if [ -e "$d/$lib.so.13" ]; then
-                hit="$d"
-                ln -sf "$d/$lib.so.13" "$shim/$lib.so"
-                break
-            fi
-        done
-    fi
-    if [ -z "$hit" ]; then
-        missing_libs+=("$lib.so.12/.so.13")
-        continue
-    fi
-    case ":$(IFS=:; echo "${ld[*]:-}"):" in *":$hit:"*) ;; *) ld+=("$hit") ;; esac
-    [ "$lib" = libnvrtc ] && nvrtc_dir="$hit"
-done
-# NCCL: pip's nvidia-nccl and Debian's libnccl2 ship only libnccl.so.2.
-nccl_lib=""
-for d in "${lib_dirs[@]}" /usr/lib/x86_64-linux-gnu; do
-    if [ -e "$d/libnccl.so.2" ]; then
-        nccl_lib="$d/libnccl.so.2"
-        ln -sf "$nccl_lib" "$shim/libnccl.so"
-        break
-    fi
-done
-LD_LIBRARY_PATH="$shim${ld[*]:+:$(IFS=:; echo "${ld[*]}")}${orig_ld:+:$orig_ld}"
-export LD_LIBRARY_PATH
-# Headers of the same CUDA release as the NVRTC picked: beside it (toolkit, pip's cu13), or in
-# a sibling pip package (cu12: nvidia/cuda_nvrtc/lib with nvidia/cuda_runtime/include), then
-# anywhere searched.
-include_candidates=("${inc_dirs[@]}")
-if [ -n "$nvrtc_dir" ]; then
-    nvrtc_root=$(dirname "$nvrtc_dir")
-    include_candidates=("$nvrtc_root/include" "$(dirname "$nvrtc_root")"/*/include "${inc_dirs[@]}")
-fi
-for d in "${include_candidates[@]}"; do
-    if [ -f "$d/cuda_bf16.h" ]; then export LLMAPI_CUDA_INCLUDE="$d"; break; fi
-done
-export LLMAPI_REQUIRE_GPU=1 LLMAPI_REQUIRE_NVRTC=1 NO_COLOR=1
-export LLMAPI_GOLDEN_DIR="$repo/worker/tests/golden"
-export LLMAPI_KERNEL_CACHE="$work/kernel-cache"
 
 # The file dlopen(NAME) picks for the first of cudarc's candidate names (libX.so, then
 # libX.so.12, .11, .10, .9, .1) that exists: LD_LIBRARY_PATH, then the loader cache, then the
@@ -302,6 +353,14 @@ for exe in "${exes[@]}"; do
         bin_problem="$bin/$exe is missing; build it with 'scripts/gpu_check.sh stage' and carry gpu-bin/"
     fi
 done
+# The carried kernel cache (`stage` packs it beside the executables), else a scratch one.
+if [ -f "$bin/kernel-cache/manifest.json" ]; then
+    export LLMAPI_KERNEL_CACHE="$bin/kernel-cache"
+    kernel_cache_carried=yes
+else
+    export LLMAPI_KERNEL_CACHE="$work/kernel-cache"
+    kernel_cache_carried=no
+fi
 
 # --------------------------------------------------------------------------------------------
 # Steps. Each gets its timeout in $t and its log path in $log, and sets $result and $note.
@@ -309,6 +368,8 @@ done
 gpu=""
 gpus=0
 bench_b64=""
+kernel_cache_state=""
+nvrtc_absent=""
 
 step_preflight() {
     {
@@ -316,9 +377,10 @@ step_preflight() {
         echo "LD_LIBRARY_PATH before: ${orig_ld:-<unset>}"
         echo "LD_LIBRARY_PATH now: $LD_LIBRARY_PATH"
         echo "LLMAPI_CUDA_INCLUDE: ${LLMAPI_CUDA_INCLUDE:-<none found>}"
+        echo "LLMAPI_KERNEL_CACHE: $LLMAPI_KERNEL_CACHE (carried: $kernel_cache_carried)"
         echo "library directories searched: ${lib_dirs[*]:-<none>}"
     } >>"$log"
-    local problems=() smi driver cuda lib path nvrtc_file nvrtc_rt lt
+    local problems=() smi driver cuda lib path nvrtc_file nvrtc_rt lt cap arch="" kc="" nvrtc_missing=""
     if command -v nvidia-smi >/dev/null 2>&1; then
         smi=$(timeout 10 nvidia-smi 2>&1)
         echo "$smi" >>"$log"
@@ -326,11 +388,13 @@ step_preflight() {
         gpus=$(timeout 10 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -c .)
         driver=$(timeout 10 nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
         cuda=$(sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' <<<"$smi" | head -1)
+        cap=$(timeout 10 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+        [[ "$cap" =~ ^([0-9]+)\.([0-9])$ ]] && arch="${BASH_REMATCH[1]}${BASH_REMATCH[2]}"
         [ -z "$gpu" ] && problems+=("nvidia-smi sees no GPU")
     else
         problems+=("no nvidia-smi on PATH (no NVIDIA driver)")
     fi
-    echo "driver=${driver:-none} cuda=${cuda:-none} gpus=$gpus gpu=${gpu:-none}" >>"$log"
+    echo "driver=${driver:-none} cuda=${cuda:-none} gpus=$gpus gpu=${gpu:-none} arch=${arch:+sm_$arch}" >>"$log"
     for lib in libcuda libcublas libnvrtc libnccl; do
         if path=$(resolve_lib "$lib"); then
             echo "$lib -> $path" >>"$log"
@@ -342,10 +406,32 @@ step_preflight() {
         else
             echo "$lib -> NOT FOUND" >>"$log"
             [ "$lib" = libcublas ] && echo "libcublasLt -> not resolved (no libcublas)" >>"$log"
-            problems+=("$lib not found")
+            # NVRTC is needed only when the kernel cache misses (decided below).
+            if [ "$lib" = libnvrtc ]; then nvrtc_missing="libnvrtc not found"; else problems+=("$lib not found"); fi
         fi
     done
-    [ -z "${LLMAPI_CUDA_INCLUDE:-}" ] && problems+=("no cuda_bf16.h in: ${include_candidates[*]:-nothing searched}")
+    [ -z "${LLMAPI_CUDA_INCLUDE:-}" ] && nvrtc_missing="${nvrtc_missing:+$nvrtc_missing; }no cuda_bf16.h in: ${include_candidates[*]:-nothing searched}"
+    # The kernel cache against this GPU's arch and driver (the staged reporter reads no NVRTC).
+    if [ -z "$bin_problem" ]; then
+        LLMAPI_GPU_ARCH=$arch LLMAPI_DRIVER_CUDA=${cuda:-} timeout 10 "$bin/cuda_kernels" --exact \
+            kernel_cache_state_is_reported --nocapture >"$work/kcache.txt" 2>&1
+        cat "$work/kcache.txt" >>"$log"
+        kc=$(sed -n 's/^kernel_cache=//p' "$work/kcache.txt" | head -1)
+    fi
+    echo "kernel cache: ${kc:-not reported}" >>"$log"
+    kernel_cache_state=$kc nvrtc_absent=$nvrtc_missing
+    local kc_note
+    case "$kc" in
+        warm*) kc_note="kernel cache warm (${arch:+sm_$arch}, carried: $kernel_cache_carried): NVRTC not needed" ;;
+        miss*) kc_note="kernel cache miss: ${kc#miss }" ;;
+        *) kc_note="kernel cache ${kc:-not reported}" ;;
+    esac
+    if [ -n "$nvrtc_missing" ]; then
+        case "$kc" in
+            warm*) kc_note="$kc_note ($nvrtc_missing)" ;;
+            *) problems+=("$nvrtc_missing, and the kernel cache is not warm: build it where NVRTC is with 'scripts/gpu_check.sh stage' (or 'llmapi-launch kernels build --arch ${arch:+sm_$arch} --out gpu-bin/kernel-cache') and carry gpu-bin/") ;;
+        esac
+    fi
     # NVRTC's version: from the file name (libnvrtc.so.13.0.88), and from the library itself.
     local from_name=""
     [ -n "${nvrtc_file:-}" ] && from_name=$(sed -n 's/.*libnvrtc\.so\.\([0-9][0-9.]*\)$/\1/p' <<<"$nvrtc_file")
@@ -358,10 +444,10 @@ step_preflight() {
     fi
     echo "nvrtc version reported by nvrtcVersion: ${nvrtc_rt:-unknown}" >>"$log"
     local nv=${nvrtc_rt:-${from_name:-}}
-    note="driver ${driver:-none}, CUDA ${cuda:-none}, NVRTC ${nv:-none}, ${gpu:-no GPU}"
+    note="driver ${driver:-none}, CUDA ${cuda:-none}, NVRTC ${nv:-none}, ${gpu:-no GPU}; $kc_note"
     # PTX from an NVRTC newer than the driver's CUDA version does not load; the backend then
     # needs machine code for the device (backend/cuda/compile.rs), and a newer major refuses.
-    if [ -n "$nv" ] && [ -n "${cuda:-}" ]; then
+    if [ -n "$nv" ] && [ -n "${cuda:-}" ] && [[ "$kc" != warm* ]]; then
         local a b
         a=$(awk -F. '{printf "%d%03d", $1, $2}' <<<"$nv")
         b=$(awk -F. '{printf "%d%03d", $1, $2}' <<<"$cuda")
@@ -405,6 +491,10 @@ test_step() {
 step_kernels() {
     if [ -n "$bin_problem" ]; then
         result=FAILED note="$bin_problem"
+        return
+    fi
+    if [ -n "$nvrtc_absent" ] && [[ "$kernel_cache_state" == warm* ]]; then
+        result=skipped note="no NVRTC here ($nvrtc_absent); the carried kernel cache is warm, so none is needed"
         return
     fi
     local rc
@@ -518,7 +608,13 @@ run_step() {
     case "$1" in
         preflight) step_preflight ;;
         kernels) step_kernels ;;
-        open) test_step cuda_backend gpu_backend_opens_and_prefills ;;
+        open)
+            test_step cuda_backend gpu_backend_opens_and_prefills
+            # Whether the open compiled with NVRTC or loaded the kernel cache's machine code.
+            local loaded
+            loaded=$(sed -n 's/^nvrtc_loaded=//p' "$log" | head -1)
+            [ "$result" = pass ] && [ -n "$loaded" ] && note="$what; NVRTC loaded: $loaded (kernel cache ${kernel_cache_state%% *})"
+            ;;
         golden) test_step cuda_backend gpu_logits_and_greedy_tokens_match_transformers_within_bf16_tolerance ;;
         cpu_bf16) test_step cuda_backend gpu_matches_the_cpu_backend_in_bf16_mode \
             gpu_matches_the_cpu_backend_over_prompts_crossing_attention_tiles ;;

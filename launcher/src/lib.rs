@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod group;
+pub mod kernels;
 pub mod make_model;
 pub mod munge;
 pub mod placement;

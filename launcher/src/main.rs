@@ -1,4 +1,4 @@
-//! The `llmapi-launch` binary: `serve` and `make-model`.
+//! The `llmapi-launch` binary: `serve`, `env`, `make-model` and `kernels build`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +11,7 @@ use llmapi_common::model_dir::ModelDir;
 use llmapi_common::telemetry::LogFormat;
 use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
+use llmapi_launch::kernels;
 use llmapi_launch::make_model::{ensure_demo_model, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 use llmapi_launch::restart::RestartPolicy;
@@ -112,6 +113,31 @@ fn cli() -> Command {
                         .help("Overwrite a model already in DIR"),
                 ),
         )
+        .subcommand(
+            Command::new("kernels")
+                .about("The CUDA kernel cache")
+                .subcommand_required(true)
+                .arg_required_else_help(true)
+                .subcommand(
+                    Command::new("build")
+                        .about("Compile the CUDA kernels to machine code with this machine's NVRTC, into a cache a GPU machine without NVRTC loads (LLMAPI_KERNEL_CACHE)")
+                        .arg(
+                            Arg::new("arch")
+                                .long("arch")
+                                .value_name("sm_XY")
+                                .action(ArgAction::Append)
+                                .value_delimiter(',')
+                                .default_value(kernels::DEFAULT_ARCHS)
+                                .help("GPU architectures to build, repeated or comma-separated: sm_90 (H100/H200), sm_80 (A100), sm_89 (L4/L40), sm_120 (RTX 50xx)"),
+                        )
+                        .arg(
+                            Arg::new("out")
+                                .long("out")
+                                .value_name("DIR")
+                                .help("Cache directory to write (kept files of other architectures stay listed) [default: $LLMAPI_KERNEL_CACHE, else ~/.cache/llmapi/kernels]"),
+                        ),
+                ),
+        )
 }
 
 fn main() -> ExitCode {
@@ -131,6 +157,10 @@ fn main() -> ExitCode {
             let out = PathBuf::from(m.get_one::<String>("out").cloned().unwrap_or_default());
             make_model(preset, &out, m.get_flag("force"))
         }
+        Some(("kernels", k)) => match k.subcommand() {
+            Some(("build", b)) => build_kernels(b),
+            _ => Ok(()),
+        },
         _ => Ok(()),
     };
     match result {
@@ -140,6 +170,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn build_kernels(m: &clap::ArgMatches) -> anyhow::Result<()> {
+    llmapi_common::telemetry::init_logging("warning", false);
+    let archs: Vec<String> = m
+        .get_many::<String>("arch")
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    let out = match m.get_one::<String>("out") {
+        Some(d) => PathBuf::from(d),
+        None => llmapi_worker::backend::cuda::kernel_cache_dir().context(
+            "no default kernel cache directory (neither LLMAPI_KERNEL_CACHE, XDG_CACHE_HOME nor HOME is set); pass --out DIR",
+        )?,
+    };
+    kernels::build(&out, &archs)
 }
 
 fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {

@@ -149,6 +149,28 @@ fn hub_id_model_gets_a_clear_error() {
 }
 
 #[test]
+fn kernels_build_refuses_an_arch_it_cannot_read_before_loading_nvrtc() {
+    let d = tempfile::tempdir().unwrap();
+    let out_dir = d.path().join("kc");
+    let args = [
+        "kernels",
+        "build",
+        "--arch",
+        "sm_90,hopper",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ];
+    let out = launch(&args, d.path());
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--arch hopper") && err.contains("sm_90") && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!out_dir.exists(), "nothing is written for a refused --arch");
+}
+
+#[test]
 fn make_model_refuses_to_overwrite_without_force() {
     let d = tempfile::tempdir().unwrap();
     let out_dir = d.path().join("m");

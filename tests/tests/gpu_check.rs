@@ -2,10 +2,14 @@
 //! GPU: its plan fits its time budget; a run on a machine without a GPU records every step
 //! (failed or skipped, with a reason) in $OUT, stops after the backend fails to open, and
 //! exits 1; a step past its budget is cut and what no longer fits is skipped; the
-//! transformers step gets the loader path the script was started with.
+//! transformers step gets the loader path the script was started with; a carried kernel
+//! cache (beside the executables or in their archive) is what the steps get as
+//! LLMAPI_KERNEL_CACHE and the preflight records whether it is warm; and `gpu_check.sh
+//! kernel-cache` builds the cache here with CI's NVRTC (manifest and CUBINs).
 //!
 //! The staged executables are stand-in shell scripts here (test doubles): the real ones are
-//! release builds (`scripts/gpu_check.sh stage`), too slow to build for every test run.
+//! release builds (`scripts/gpu_check.sh stage`), too slow to build for every test run. The
+//! kernel cache build runs the real `llmapi-launch`.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -76,18 +80,27 @@ impl Machine {
             std::fs::write(&p, format!("#!/usr/bin/env bash\n{text}\n")).unwrap();
             Command::new("chmod").arg("+x").arg(&p).status().unwrap();
         };
+        // The kernel cache reporter stands in for the real one (which checks source hashes,
+        // tested in worker/src/backend/cuda/cache.rs): warm when the manifest names the arch.
         write(
             "bin/cuda_kernels",
             &format!(
                 r#"case "$*" in
   *nvrtc_version*) echo nvrtc_version=12.9; echo "test result: ok. 1 passed" ;;
+  *kernel_cache_state*)
+    if grep -qs "\"sm_$LLMAPI_GPU_ARCH\"" "$LLMAPI_KERNEL_CACHE/manifest.json"; then
+      echo "kernel_cache=warm sm_$LLMAPI_GPU_ARCH $LLMAPI_KERNEL_CACHE (5 files)"
+    else
+      echo "kernel_cache=miss sm_$LLMAPI_GPU_ARCH: it holds machine code for [sm_80], not this GPU's sm_$LLMAPI_GPU_ARCH"
+    fi
+    echo "test result: ok. 1 passed" ;;
   *) sleep {kernels_seconds}; echo "test result: ok. 3 passed" ;;
 esac"#
             ),
         );
         let backend = if gpu {
             // Prints the loader path it was given, then passes every test it is asked for.
-            r#"echo "ld=$LD_LIBRARY_PATH"; n=0; for a in "$@"; do case "$a" in gpu_*) n=$((n+1));; esac; done
+            r#"echo "ld=$LD_LIBRARY_PATH"; echo "cache=$LLMAPI_KERNEL_CACHE"; echo nvrtc_loaded=no; n=0; for a in "$@"; do case "$a" in gpu_*) n=$((n+1));; esac; done
 echo "test result: ok. $n passed""#
         } else {
             r#"echo "thread 'x' panicked at worker/tests/cuda_backend.rs:44:13:"
@@ -106,6 +119,7 @@ echo "ld=${LD_LIBRARY_PATH-<unset>}"; echo transformers_batch64_tokens_per_s=100
             write(
                 "path/nvidia-smi",
                 r#"case "$*" in
+  *compute_cap*) echo 9.0 ;;
   *name,memory*) echo "NVIDIA H100, 81559 MiB, 580.159" ;;
   *driver_version*) echo 580.159 ;;
   *name*) echo "NVIDIA H100" ;;
@@ -120,9 +134,24 @@ esac"#,
         self.dir.path().join(rel)
     }
 
+    /// A carried kernel cache beside the stand-in executables, holding machine code for `arch`.
+    fn carry_kernel_cache(&self, arch: &str) {
+        std::fs::create_dir(self.path("bin/kernel-cache")).unwrap();
+        std::fs::write(
+            self.path("bin/kernel-cache/manifest.json"),
+            format!(r#"{{"format": 1, "archs": {{"{arch}": {{}}}}}}"#),
+        )
+        .unwrap();
+    }
+
     /// Runs the script with `args` and the stand-in binaries, `ld` as LD_LIBRARY_PATH, and a
     /// PATH without any real nvidia-smi.
     fn run(&self, args: &[&str], ld: &str) -> (Output, Duration) {
+        self.run_with(args, ld, &self.path("bin"))
+    }
+
+    /// `run` with the executables (or their archive) in `bin`.
+    fn run_with(&self, args: &[&str], ld: &str, bin: &Path) -> (Output, Duration) {
         let system: Vec<PathBuf> = std::env::split_paths(&std::env::var_os("PATH").unwrap())
             .filter(|d| !d.join("nvidia-smi").exists())
             .collect();
@@ -131,7 +160,7 @@ esac"#,
         let out = Command::new("bash")
             .arg(script())
             .args(args)
-            .arg(self.path("bin"))
+            .arg(bin)
             .env("PATH", path)
             .env("OUT", self.path("out"))
             .env("LD_LIBRARY_PATH", ld)
@@ -238,4 +267,132 @@ fn the_transformers_step_gets_the_loader_path_the_script_started_with() {
     assert!(log.contains("ld=/orig-lib\n"), "{log}");
     assert_eq!(m.row("golden").0, "skipped");
     assert!(m.row("golden").1.contains("not selected"));
+}
+
+#[test]
+fn a_carried_kernel_cache_is_what_the_steps_load_and_the_preflight_records_it_warm() {
+    let m = Machine::new(true, 0);
+    m.carry_kernel_cache("sm_90");
+    // Packed as `stage` packs it: the executables and kernel-cache/ in one archive.
+    let packed = m.path("packed");
+    std::fs::create_dir(&packed).unwrap();
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(m.path("bin"))
+        .arg("-cJf")
+        .arg(packed.join("cuda-bins.tar.xz"))
+        .args([
+            "cuda_backend",
+            "cuda_kernels",
+            "nccl_tests",
+            "cuda_bench",
+            "kernel-cache",
+        ])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    let (out, _) = m.run_with(&["--steps", "kernels,open"], "/nonexistent-lib", &packed);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (_, note) = m.row("preflight");
+    assert!(
+        note.contains("kernel cache warm (sm_90, carried: yes): NVRTC not needed"),
+        "{note}\n{stdout}"
+    );
+    let preflight = std::fs::read_to_string(m.path("out/preflight.log")).unwrap();
+    assert!(
+        preflight.contains("kernel cache: warm sm_90"),
+        "{preflight}"
+    );
+    // The steps get the unpacked carried cache, not a scratch directory.
+    let open = std::fs::read_to_string(m.path("out/open.log")).unwrap();
+    let cache = open
+        .lines()
+        .find_map(|l| l.strip_prefix("cache="))
+        .unwrap_or_else(|| panic!("{open}"));
+    assert!(cache.ends_with("/bin/kernel-cache"), "{cache}");
+    assert_eq!(m.row("open").0, "pass", "{stdout}");
+    assert!(
+        m.row("open")
+            .1
+            .contains("NVRTC loaded: no (kernel cache warm)")
+    );
+    // Without NVRTC on this machine the kernels step has nothing to do.
+    if preflight.contains("libnvrtc -> NOT FOUND") {
+        let (result, note) = m.row("kernels");
+        assert_eq!(result, "skipped", "{note}");
+        assert!(note.contains("none is needed"), "{note}");
+    }
+}
+
+#[test]
+fn a_kernel_cache_for_another_arch_is_a_miss_and_without_nvrtc_the_preflight_names_the_fix() {
+    let m = Machine::new(true, 0);
+    m.carry_kernel_cache("sm_80");
+    let (out, _) = m.run(&["--steps", "open"], "/nonexistent-lib");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (result, note) = m.row("preflight");
+    assert!(
+        note.contains("kernel cache miss: sm_90"),
+        "{note}\n{stdout}"
+    );
+    let preflight = std::fs::read_to_string(m.path("out/preflight.log")).unwrap();
+    if preflight.contains("libnvrtc -> NOT FOUND") {
+        assert_eq!(result, "FAILED");
+        assert!(
+            note.contains("the kernel cache is not warm")
+                && note.contains("llmapi-launch kernels build --arch sm_90"),
+            "{note}"
+        );
+    }
+}
+
+/// `gpu_check.sh kernel-cache DIR` (what `stage` packs) with the real llmapi-launch and this
+/// machine's NVRTC: a manifest naming sm_90 and one CUBIN per kernel file. Skips with a
+/// notice where NVRTC is absent, unless LLMAPI_REQUIRE_NVRTC=1 (CI).
+#[test]
+fn the_kernel_cache_is_built_here_with_ci_nvrtc() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("kernel-cache");
+    let out = Command::new("bash")
+        .arg(script())
+        .arg("kernel-cache")
+        .arg(&cache)
+        .env("LLMAPI_LAUNCH", llmapi_tests::bin("llmapi-launch"))
+        .env("LLMAPI_KERNEL_ARCHS", "sm_90")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert!(
+            !std::env::var("LLMAPI_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
+            "LLMAPI_REQUIRE_NVRTC=1 but the kernel cache did not build:\n{stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.contains("libnvrtc") || stderr.contains("cuda_bf16.h"),
+            "{stderr}"
+        );
+        eprintln!("notice: skipping the kernel cache build: {stderr}");
+        return;
+    }
+    assert!(stdout.contains("sm_90: 5 kernel files"), "{stdout}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(cache.join("manifest.json")).unwrap())
+            .unwrap();
+    let archs = manifest["archs"].as_object().unwrap();
+    assert_eq!(archs.keys().collect::<Vec<_>>(), ["sm_90"]);
+    let files = archs["sm_90"]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 5);
+    for f in files {
+        let name = f["file"].as_str().unwrap();
+        assert!(
+            name.ends_with(".cubin") && name.contains("-sm_90-nvrtc"),
+            "{name}"
+        );
+        let bytes = std::fs::read(cache.join(name)).unwrap();
+        assert!(bytes.starts_with(b"\x7fELF"), "{name}");
+        assert_eq!(Some(bytes.len() as u64), f["bytes"].as_u64(), "{name}");
+    }
+    // Only what the manifest lists is there (nothing stale to carry).
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 6);
 }

@@ -230,13 +230,17 @@ fn greedy(be: &mut CudaBackend, prompt: &[u32], rows: &[f32], n: usize, table: &
 
 /// The first open of the backend on the GPU (context, every kernel loaded, cuBLAS) and one
 /// prefill with finite logits. scripts/gpu_check.sh runs it before the other GPU steps and
-/// stops when it fails: every later step opens the backend the same way.
+/// stops when it fails: every later step opens the backend the same way. Prints
+/// `nvrtc_loaded=no` when the open loaded the kernel cache's machine code without NVRTC.
 #[test]
 fn gpu_backend_opens_and_prefills() {
     if !gpu() {
         return;
     }
     let mut be = backend(&golden_root().join("llama")).unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let nvrtc = maps.lines().any(|l| l.contains("libnvrtc"));
+    println!("nvrtc_loaded={}", if nvrtc { "yes" } else { "no" });
     let vocab = be.vocab_size();
     let rows = prefill(&mut be, &[1, 2, 3, 4, 5], TPB, 4, LogitsWanted::Last).unwrap();
     assert_eq!(rows.len(), vocab, "one row of logits");

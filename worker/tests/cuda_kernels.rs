@@ -1,4 +1,5 @@
-//! Every CUDA kernel compiles with NVRTC, on machines without a GPU too. `.ci/run` installs
+//! Every CUDA kernel compiles with NVRTC, on machines without a GPU too, and the carried kernel
+//! cache built from them is read back without loading NVRTC. `.ci/run` installs
 //! NVRTC and the CUDA headers from PyPI and sets LLMAPI_REQUIRE_NVRTC=1; elsewhere the tests
 //! print a notice and pass when NVRTC or the headers are absent. Warnings and errors of the
 //! backend are logged to stderr (`RUST_LOG` widens or narrows that).
@@ -6,8 +7,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use llmapi_worker::backend::cuda::{
-    CudaError, KERNEL_FILES, KernelImage, KernelTarget, Library, check_libraries, compile_kernel,
-    find_headers, nvrtc_supported_archs, nvrtc_version,
+    CudaError, CudaVersion, KERNEL_FILES, KernelImage, KernelTarget, Library, cache,
+    check_libraries, compile_kernel, device_arch, driver_cuda_version, find_headers,
+    kernel_cache_dir, nvrtc_supported_archs, nvrtc_version,
 };
 
 fn nvrtc_ready() -> Option<std::path::PathBuf> {
@@ -143,5 +145,153 @@ fn nvrtc_version_and_library_are_reported() {
     );
     for f in files {
         println!("nvrtc_library={f}");
+    }
+}
+
+/// The files of libnvrtc this process has mapped.
+fn nvrtc_mapped() -> Vec<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mut files: Vec<String> = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .filter(|f| f.contains("libnvrtc"))
+        .map(str::to_owned)
+        .collect();
+    files.dedup();
+    files
+}
+
+const WARM_CHILD: &str = "LLMAPI_TEST_WARM_CACHE_CHILD";
+
+/// The carried cache as `llmapi-launch kernels build` writes it: a manifest listing machine
+/// code for each architecture asked, one ELF per kernel file for that architecture. Then a
+/// fresh process (this test executable again) reads and verifies it for an sm_90 device,
+/// as `Device::open` does before loading it, and must not have mapped libnvrtc.
+#[test]
+fn the_carried_cache_is_built_here_and_read_back_without_loading_nvrtc() {
+    if let Some(dir) = std::env::var_os(WARM_CHILD) {
+        // The child: nothing here has loaded NVRTC; the driver's CUDA is H100's 13.0.
+        let driver = CudaVersion {
+            major: 13,
+            minor: 0,
+        };
+        let images = cache::warm_images(std::path::Path::new(&dir), KERNEL_FILES, 90, driver)
+            .unwrap_or_else(|why| panic!("the cache is not warm: {why}"));
+        assert_eq!(images.len(), KERNEL_FILES.len());
+        assert!(
+            images
+                .iter()
+                .all(|(_, i)| matches!(i, KernelImage::Cubin(b) if b.starts_with(b"\x7fELF"))),
+            "machine code for every kernel file"
+        );
+        assert_eq!(
+            nvrtc_mapped(),
+            Vec::<String>::new(),
+            "a warm cache loaded NVRTC"
+        );
+        println!("warm-cache-child: {} files, no libnvrtc", images.len());
+        return;
+    }
+    if nvrtc_ready().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let built = cache::build(dir.path(), &[80, 90], KERNEL_FILES).unwrap();
+    assert_eq!(built.len(), 2);
+    let m = cache::Manifest::load(dir.path()).unwrap().unwrap();
+    assert_eq!(m.archs.keys().collect::<Vec<_>>(), ["sm_80", "sm_90"]);
+    let nvrtc = nvrtc_version().unwrap();
+    for (arch, entry) in &m.archs {
+        assert_eq!(entry.nvrtc, nvrtc.to_string());
+        assert_eq!(entry.source_hash, cache::sources_hash(KERNEL_FILES));
+        assert_eq!(entry.files.len(), KERNEL_FILES.len());
+        for f in &entry.files {
+            let bytes = std::fs::read(dir.path().join(&f.file)).unwrap();
+            assert!(
+                bytes.starts_with(b"\x7fELF"),
+                "{arch} {}: not ELF",
+                f.kernel
+            );
+            assert_eq!(bytes.len() as u64, f.bytes);
+            // EM_CUDA machine code whose flags name the architecture (SASS, not PTX).
+            assert_eq!(u16::from_le_bytes([bytes[18], bytes[19]]), 190);
+            let sm: u32 = arch.trim_start_matches("sm_").parse().unwrap();
+            assert_eq!(
+                u32::from_le_bytes(bytes[48..52].try_into().unwrap()) & 0xff,
+                sm
+            );
+        }
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "the_carried_cache_is_built_here_and_read_back_without_loading_nvrtc",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(WARM_CHILD, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("warm-cache-child: 5 files, no libnvrtc"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same cache for a device it was not built for is a miss.
+    let why = cache::warm_images(
+        dir.path(),
+        KERNEL_FILES,
+        120,
+        CudaVersion {
+            major: 13,
+            minor: 0,
+        },
+    )
+    .unwrap_err();
+    assert!(why.contains("sm_120"), "{why}");
+}
+
+/// Prints `kernel_cache=warm sm_XY DIR` or `kernel_cache=miss sm_XY: WHY` for the cache in
+/// $LLMAPI_KERNEL_CACHE (or the default) and the device's architecture: $LLMAPI_GPU_ARCH
+/// (`90` or `sm_90`) or device 0's, and the driver's CUDA: $LLMAPI_DRIVER_CUDA (`13.0`) or
+/// libcuda's. scripts/gpu_check.sh's preflight records it. Loads no NVRTC.
+#[test]
+fn kernel_cache_state_is_reported() {
+    let Some(dir) = kernel_cache_dir() else {
+        println!("kernel_cache=unknown: no cache directory (set LLMAPI_KERNEL_CACHE)");
+        return;
+    };
+    let given = |var: &str| std::env::var(var).ok().filter(|v| !v.is_empty());
+    // The first clause of a CUDA error (what is missing, not how to install it).
+    let brief = |e: CudaError| {
+        e.to_string()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let arch = match given("LLMAPI_GPU_ARCH") {
+        Some(a) => cache::parse_arch(&a),
+        None => device_arch(0).map_err(brief),
+    };
+    let driver = match given("LLMAPI_DRIVER_CUDA") {
+        Some(v) => CudaVersion::parse(&v).ok_or_else(|| format!("LLMAPI_DRIVER_CUDA={v}")),
+        None => driver_cuda_version().map_err(brief),
+    };
+    let (arch, driver) = match (arch, driver) {
+        (Ok(a), Ok(d)) => (a, d),
+        (Err(e), _) | (_, Err(e)) => {
+            println!("kernel_cache=unknown: no device architecture or driver version ({e})");
+            return;
+        }
+    };
+    match cache::warm_images(&dir, KERNEL_FILES, arch, driver) {
+        Ok(images) => println!(
+            "kernel_cache=warm sm_{arch} {} ({} files)",
+            dir.display(),
+            images.len()
+        ),
+        Err(why) => println!("kernel_cache=miss sm_{arch}: {why}"),
     }
 }

@@ -32,6 +32,15 @@ impl CudaVersion {
             minor: (code % 1000) / 10,
         }
     }
+
+    /// From "13.0" (as `Display` writes it); None for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (major, minor) = text.split_once('.')?;
+        Some(Self {
+            major: major.parse().ok()?,
+            minor: minor.parse().ok()?,
+        })
+    }
 }
 
 impl std::fmt::Display for CudaVersion {
@@ -311,7 +320,7 @@ unsafe fn get_cubin(prog: nvrtc_sys::nvrtcProgram) -> Result<Vec<u8>, String> {
 /// reading a half-written file would fail to load it. The bytes go to a file of this writer's
 /// own, then are renamed over the cache name. A cache that cannot be written costs a
 /// recompile next time, nothing more.
-fn write_cache(path: &Path, bytes: &[u8]) {
+pub(super) fn write_cache(path: &Path, bytes: &[u8]) {
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let Some(dir) = path.parent() else { return };
     let _ = std::fs::create_dir_all(dir);
@@ -346,6 +355,8 @@ mod tests {
         assert_eq!(CudaVersion::from_driver_code(13000), v(13, 0));
         assert_eq!(CudaVersion::from_driver_code(12080), v(12, 8));
         assert_eq!(v(13, 0).to_string(), "13.0");
+        assert_eq!(CudaVersion::parse("12.9"), Some(v(12, 9)));
+        assert_eq!(CudaVersion::parse("13"), None);
         assert!(v(13, 2) > v(13, 0) && v(12, 9) < v(13, 0));
     }
 

@@ -1,5 +1,6 @@
-//! Device plumbing of the CUDA backend: opening the GPU, loading the NVRTC-compiled kernels,
-//! buffers addressed by raw device pointers, kernel launches and cuBLAS GEMMs.
+//! Device plumbing of the CUDA backend: opening the GPU, loading the kernels (the carried
+//! cache's machine code without NVRTC when it is warm, else NVRTC's output), buffers
+//! addressed by raw device pointers, kernel launches and cuBLAS GEMMs.
 //!
 //! Everything runs on one stream with cudarc's event tracking switched off, so a buffer is a
 //! plain device address and stream order is the only synchronization (frees are
@@ -17,8 +18,9 @@ use cudarc::driver::{
 };
 
 use super::{
-    CudaError, KERNEL_FILES, KernelTarget, Library, check_libraries, compile_kernel,
-    driver_cuda_version, find_headers, kernel_target, nvrtc_supported_archs, nvrtc_version,
+    CudaError, CudaVersion, KERNEL_FILES, KernelImage, KernelTarget, Library, cache,
+    check_libraries, compile_kernel, driver_cuda_version, find_headers, kernel_target,
+    nvrtc_supported_archs, nvrtc_version,
 };
 use crate::backend::BackendError;
 
@@ -27,7 +29,8 @@ pub(super) fn dev_err(what: &str, e: impl std::fmt::Display) -> BackendError {
     BackendError::Device(format!("{what}: {e}"))
 }
 
-/// Where compiled PTX is cached: $LLMAPI_KERNEL_CACHE, else $XDG_CACHE_HOME/llmapi/kernels,
+/// The kernel cache directory (compiled PTX and machine code, and the carried cache's
+/// manifest): $LLMAPI_KERNEL_CACHE, else $XDG_CACHE_HOME/llmapi/kernels,
 /// else ~/.cache/llmapi/kernels; None when none can be named.
 pub fn kernel_cache_dir() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("LLMAPI_KERNEL_CACHE") {
@@ -80,7 +83,8 @@ pub(super) struct Device {
 }
 
 impl Device {
-    /// Opens device `ordinal`, compiles (or reads from the cache) and loads every kernel.
+    /// Opens device `ordinal` and loads every kernel: from the kernel cache's machine code when
+    /// it is warm for this device (no NVRTC), else compiled by NVRTC (`open_kernels`).
     pub(super) fn open(ordinal: usize) -> Result<Self, CudaError> {
         check_libraries(&[Library::Driver, Library::Cublas])?;
         let count = device_count()?;
@@ -98,29 +102,8 @@ impl Device {
         let stream = ctx.new_stream().map_err(drv)?;
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
-        let include = find_headers()?;
-        let nvrtc = nvrtc_version()?;
         let driver = driver_cuda_version()?;
-        let device_arch = major * 10 + minor;
-        let target = kernel_target(nvrtc, driver, &nvrtc_supported_archs()?, device_arch)?;
-        tracing::info!(
-            %nvrtc,
-            driver_cuda = %driver,
-            target = %target.arch(),
-            "compiling the CUDA kernels"
-        );
-        let kernels = match load_kernels(&ctx, target, nvrtc, &include) {
-            // Machine code that does not load (a first run on a new machine) is worth one
-            // retry as PTX, which the driver compiles itself, when PTX of this NVRTC loads.
-            Err(e @ CudaError::Driver(_))
-                if matches!(target, KernelTarget::Cubin(_)) && nvrtc <= driver =>
-            {
-                let ptx = KernelTarget::Ptx(device_arch);
-                tracing::warn!(error = %e, retry = %ptx.arch(), "the kernels' machine code does not load; compiling PTX instead");
-                load_kernels(&ctx, ptx, nvrtc, &include)?
-            }
-            other => other?,
-        };
+        let kernels = open_kernels(&ctx, major * 10 + minor, driver)?;
         let blas = CudaBlas::new(Arc::clone(&stream))
             .map_err(|e| CudaError::Driver(format!("cuBLAS: {e}")))?;
         Ok(Self {
@@ -225,22 +208,187 @@ impl Device {
     }
 }
 
-/// Compiles (or reads from the cache) every kernel file for `target` and loads it into `ctx`.
-fn load_kernels(
+/// The kernels of a device of architecture `device_arch` under a driver of CUDA `driver`,
+/// loaded into `ctx`: the kernel cache's machine code when it is warm for this build and
+/// device (`cache::warm_images`; NVRTC is then never loaded), else compiled by NVRTC.
+fn open_kernels(
     ctx: &Arc<CudaContext>,
-    target: KernelTarget,
-    nvrtc: super::CudaVersion,
-    include: &std::path::Path,
+    device_arch: i32,
+    driver: CudaVersion,
 ) -> Result<HashMap<String, CudaFunction>, CudaError> {
-    let cache = kernel_cache_dir();
+    let dir = kernel_cache_dir();
+    let miss = match dir.as_deref() {
+        None => "no cache directory can be named; set LLMAPI_KERNEL_CACHE".to_owned(),
+        Some(d) => match cache::warm_images(d, KERNEL_FILES, device_arch, driver) {
+            Ok(images) => {
+                tracing::info!(
+                    cache = %d.display(),
+                    target = %format!("sm_{device_arch}"),
+                    driver_cuda = %driver,
+                    "loading the CUDA kernels' machine code from the kernel cache (no NVRTC)"
+                );
+                match load_images(ctx, images, &format!("sm_{device_arch}")) {
+                    Ok(kernels) => return Ok(kernels),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the kernel cache's machine code does not load; compiling with NVRTC instead");
+                        format!("its machine code does not load: {e}")
+                    }
+                }
+            }
+            Err(why) => why,
+        },
+    };
+    let dir_text = dir
+        .as_deref()
+        .map_or_else(|| "<none>".to_owned(), |d| d.display().to_string());
+    if let Some(cause) = nvrtc_unavailable() {
+        return Err(CudaError::NoKernels {
+            arch: device_arch,
+            cache: dir_text,
+            miss,
+            cause,
+            command: cache::build_command(device_arch, "DIR"),
+        });
+    }
+    let include = find_headers()?;
+    let nvrtc = nvrtc_version()?;
+    let target = kernel_target(nvrtc, driver, &nvrtc_supported_archs()?, device_arch)?;
+    tracing::info!(
+        %nvrtc,
+        driver_cuda = %driver,
+        target = %target.arch(),
+        cache = %dir_text,
+        cache_miss = %miss,
+        "compiling the CUDA kernels"
+    );
+    let compile_and_load = |target: KernelTarget| {
+        let images = compile_images(target, nvrtc, &include, dir.as_deref())?;
+        let cubins: Vec<(String, Vec<u8>)> = images
+            .iter()
+            .filter_map(|(k, image)| match image {
+                KernelImage::Cubin(b) => Some((k.clone(), b.clone())),
+                KernelImage::Ptx(_) => None,
+            })
+            .collect();
+        let kernels = load_images(ctx, images, &target.arch())?;
+        // Machine code that loaded is recorded, so the next open needs no NVRTC.
+        if let (KernelTarget::Cubin(arch), Some(d)) = (target, dir.as_deref())
+            && let Err(e) = cache::record(d, arch, nvrtc, KERNEL_FILES, &cubins)
+        {
+            tracing::warn!(error = %e, "the kernel cache's manifest was not updated; the next open compiles again");
+        }
+        Ok::<_, CudaError>(kernels)
+    };
+    match compile_and_load(target) {
+        // Machine code that does not load (a first run on a new machine) is worth one retry
+        // as PTX, which the driver compiles itself, when PTX of this NVRTC loads.
+        Err(e @ CudaError::Driver(_))
+            if matches!(target, KernelTarget::Cubin(_)) && nvrtc <= driver =>
+        {
+            let ptx = KernelTarget::Ptx(device_arch);
+            tracing::warn!(error = %e, retry = %ptx.arch(), "the kernels' machine code does not load; compiling PTX instead");
+            compile_and_load(ptx)
+        }
+        other => other,
+    }
+}
+
+/// Why NVRTC cannot compile the kernels here (the library or the headers are missing), in a
+/// few words; None when it can. Loads libnvrtc to check, so it runs only on a cache miss.
+pub(super) fn nvrtc_unavailable() -> Option<String> {
+    match check_libraries(&[Library::Nvrtc]).and_then(|()| find_headers()) {
+        Ok(_) => None,
+        Err(CudaError::LibraryMissing { library }) => Some(format!("{library} cannot be loaded")),
+        Err(CudaError::NoHeaders { searched }) => Some(format!(
+            "no cuda_bf16.h in {searched:?} (LLMAPI_CUDA_INCLUDE)"
+        )),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// The architecture (10 x major + minor) of device `ordinal`, without creating a context.
+pub fn device_arch(ordinal: usize) -> Result<i32, CudaError> {
+    use cudarc::driver::{result, sys::CUdevice_attribute as A};
+    check_libraries(&[Library::Driver])?;
+    let drv = |e: cudarc::driver::DriverError| CudaError::Driver(e.to_string());
+    result::init().map_err(drv)?;
+    let ordinal = i32::try_from(ordinal)
+        .map_err(|_| CudaError::NoDevice(format!("device {ordinal} is out of range")))?;
+    let dev = result::device::get(ordinal).map_err(drv)?;
+    // SAFETY: `dev` was returned by cuDeviceGet just above.
+    let (major, minor) = unsafe {
+        (
+            result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            result::device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        )
+    };
+    Ok(major.map_err(drv)? * 10 + minor.map_err(drv)?)
+}
+
+/// Checks, before any context is made, that the kernels of device `ordinal` can be had: the
+/// kernel cache is warm for its architecture (by the manifest), or NVRTC and the CUDA
+/// headers are here to compile them.
+pub fn check_kernels_available(ordinal: usize) -> Result<(), CudaError> {
+    let arch = device_arch(ordinal)?;
+    let driver = driver_cuda_version()?;
+    let dir = kernel_cache_dir();
+    let miss = match dir.as_deref() {
+        None => "no cache directory can be named; set LLMAPI_KERNEL_CACHE".to_owned(),
+        Some(d) => match cache::Manifest::load(d) {
+            Ok(m) => match cache::plan_kernels(m.as_ref(), KERNEL_FILES, arch, driver) {
+                cache::CachePlan::Warm(_) => return Ok(()),
+                cache::CachePlan::Miss(why) => why,
+            },
+            Err(why) => why,
+        },
+    };
+    match nvrtc_unavailable() {
+        None => Ok(()),
+        Some(cause) => Err(CudaError::NoKernels {
+            arch,
+            cache: dir
+                .as_deref()
+                .map_or_else(|| "<none>".to_owned(), |d| d.display().to_string()),
+            miss,
+            cause,
+            command: cache::build_command(arch, "DIR"),
+        }),
+    }
+}
+
+/// Compiles (or reads from the per-file cache) every kernel file for `target`.
+fn compile_images(
+    target: KernelTarget,
+    nvrtc: CudaVersion,
+    include: &std::path::Path,
+    cache: Option<&std::path::Path>,
+) -> Result<Vec<(String, KernelImage)>, CudaError> {
+    KERNEL_FILES
+        .iter()
+        .map(|(file, source)| {
+            compile_kernel(file, source, target, nvrtc, include, cache)
+                .map(|image| ((*file).to_owned(), image))
+        })
+        .collect()
+}
+
+/// Loads every kernel file's image (compiled for `arch`) into `ctx`, with its functions.
+fn load_images(
+    ctx: &Arc<CudaContext>,
+    images: Vec<(String, KernelImage)>,
+    arch: &str,
+) -> Result<HashMap<String, CudaFunction>, CudaError> {
     let mut kernels = HashMap::new();
-    for (file, source) in KERNEL_FILES {
-        let image = compile_kernel(file, source, target, nvrtc, include, cache.as_deref())?;
+    for (file, image) in images {
+        let source = KERNEL_FILES
+            .iter()
+            .find(|(f, _)| *f == file)
+            .map(|(_, s)| *s)
+            .ok_or_else(|| {
+                CudaError::Driver(format!("{file}.cu is not a kernel file of this build"))
+            })?;
         let load = |e: cudarc::driver::DriverError| {
-            CudaError::Driver(format!(
-                "loading {file}.cu compiled for {}: {e}",
-                target.arch()
-            ))
+            CudaError::Driver(format!("loading {file}.cu compiled for {arch}: {e}"))
         };
         let module = ctx.load_module(image.into_module()).map_err(load)?;
         for k in super::kernel_names(source) {

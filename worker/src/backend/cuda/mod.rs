@@ -4,9 +4,11 @@
 //! library it needs is missing, so `check_libraries` runs first and turns absence into an
 //! error that says what to install. Kernels are CUDA C under `kernels/`, embedded in the
 //! binary, compiled at start-up by NVRTC for the device's architecture (machine code where
-//! NVRTC can emit it, `compile.rs`) and cached on disk by source, target and NVRTC version.
+//! NVRTC can emit it, `compile.rs`) and cached on disk by source, target and NVRTC version;
+//! a cache of machine code built elsewhere and carried (`cache.rs`) is loaded without NVRTC.
 
 mod backend;
+pub mod cache;
 mod compile;
 mod device;
 pub mod graphs;
@@ -21,7 +23,9 @@ pub use compile::{
     CudaVersion, KernelImage, KernelTarget, cache_file_name, compile_kernel, driver_cuda_version,
     kernel_target, nvrtc_supported_archs, nvrtc_version,
 };
-pub use device::{copy_bandwidth_gbs, device_count, kernel_cache_dir};
+pub use device::{
+    check_kernels_available, copy_bandwidth_gbs, device_arch, device_count, kernel_cache_dir,
+};
 
 /// Helpers prepended to every kernel file.
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -63,6 +67,22 @@ pub enum CudaError {
     NoHeaders {
         /// Directories tried.
         searched: Vec<PathBuf>,
+    },
+    /// The kernel cache cannot serve the device and NVRTC cannot compile the kernels.
+    #[error(
+        "no CUDA kernels for this GPU's sm_{arch}: the kernel cache {cache} cannot serve it ({miss}) and NVRTC cannot compile them ({cause}); build the cache where NVRTC is with `{command}`, carry DIR here and set LLMAPI_KERNEL_CACHE=DIR, or install NVRTC and the CUDA headers"
+    )]
+    NoKernels {
+        /// The device's architecture (90 for sm_90).
+        arch: i32,
+        /// The cache directory looked at.
+        cache: String,
+        /// Why the cache cannot serve the device.
+        miss: String,
+        /// Why NVRTC cannot compile (library or headers missing).
+        cause: String,
+        /// The command that builds the cache for this architecture.
+        command: String,
     },
     /// A kernel file does not compile.
     #[error("kernel {file}.cu does not compile for {arch}:\n{log}")]

@@ -1,13 +1,15 @@
 //! Which backend `--backend` resolves to, and building the CUDA one from engine settings.
 //!
-//! `cuda` demands a usable GPU (driver, device, cuBLAS, NVRTC, CUDA headers) and fails with
-//! what to install otherwise; `auto` (and trtllm-serve's `pytorch`) takes CUDA when all of it
+//! `cuda` demands a usable GPU (driver, device, cuBLAS, and the kernels: a kernel cache warm
+//! for the device, else NVRTC and the CUDA headers) and fails with what to install otherwise; `auto` (and trtllm-serve's `pytorch`) takes CUDA when all of it
 //! is there, else the CPU, and logs which and why.
 
 use llmapi_common::args::Backend as Requested;
 
 use super::graphs::GraphSizes;
-use super::{CudaBackend, CudaError, CudaSettings, Library, check_libraries, find_headers};
+use super::{
+    CudaBackend, CudaError, CudaSettings, Library, check_kernels_available, check_libraries,
+};
 use crate::dist::Communicator;
 use crate::engine::{EngineConfig, EngineError};
 use crate::model::ModelWeights;
@@ -21,17 +23,19 @@ pub enum Choice {
     Cuda,
 }
 
-/// Checks everything the CUDA backend needs before its first CUDA call: the libraries load,
-/// the driver sees a device, the headers NVRTC compiles against are present.
+/// Checks everything the CUDA backend needs before it makes a context: the driver and cuBLAS
+/// load, the driver sees a device, and device 0's kernels can be had (the kernel cache is warm
+/// for its architecture, else NVRTC and its headers are here; NVRTC is not loaded when the
+/// cache is warm).
 pub fn probe() -> Result<usize, CudaError> {
-    check_libraries(&[Library::Driver, Library::Cublas, Library::Nvrtc])?;
+    check_libraries(&[Library::Driver, Library::Cublas])?;
     let n = super::device_count()?;
     if n == 0 {
         return Err(CudaError::NoDevice(
             "the NVIDIA driver loads but sees no device".into(),
         ));
     }
-    find_headers()?;
+    check_kernels_available(0)?;
     Ok(n)
 }
 
