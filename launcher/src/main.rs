@@ -173,7 +173,7 @@ fn main() -> ExitCode {
 }
 
 fn build_kernels(m: &clap::ArgMatches) -> anyhow::Result<()> {
-    llmapi_common::telemetry::init_logging("warning", false);
+    llmapi_common::telemetry::init_logging("warning", LogFormat::resolve(None).unwrap_or_default());
     let archs: Vec<String> = m
         .get_many::<String>("arch")
         .map(|v| v.cloned().collect())
