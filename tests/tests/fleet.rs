@@ -2,7 +2,7 @@
 //! with both and renews at a third of their `--worker_lease_s`; a router killed and restarted
 //! has the worker back within one lease period with no operator action; a worker killed
 //! without deregistering leaves both pools when its lease lapses; one stopped with SIGTERM
-//! withdraws from both at once.
+//! withdraws from both at once and finishes the request it was running first.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,6 +14,8 @@ use serde_json::{Value, json};
 const SECRET: &str = "fleet-test-secret-8d1f3a6c0b2e9475";
 /// The routers' lease: short, so that the test sees it lapse.
 const LEASE_S: u64 = 3;
+/// Tokens of the request in flight while a worker stops: long enough to outlast the signal.
+const LONG: u64 = 1900;
 
 /// `llmapi-router` on `port` with the job secret and a short lease.
 fn router(port: u16) -> Proc {
