@@ -168,6 +168,18 @@ fn worker_jobs_join_the_fleet_by_node_and_scancel_withdraws_one_without_a_failed
         first.output(),
         second.output()
     );
+    // Healthy can come a moment before the workers' model facts reach the router.
+    assert!(
+        wait_for(Duration::from_secs(30), || http(
+            port,
+            "POST",
+            "/v1/completions",
+            Some(r#"{"model":"demo","prompt":"up","max_tokens":1}"#),
+        )
+        .filter(|(status, _)| *status == 200))
+        .is_some(),
+        "the router never served"
+    );
     let spread = support::spread_of_requests(port, 6);
     assert!(spread.iter().all(|(_, n)| *n >= 1), "{spread:?}");
     let urls = worker_urls(port);

@@ -146,10 +146,56 @@ fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
             "router {p} never had the worker; see {}",
             w.log.display()
         );
+        // Healthy can come a moment before the worker's model facts reach the router.
+        assert!(
+            wait_until(Duration::from_secs(30), || request(
+                p,
+                "POST",
+                "/v1/completions",
+                Some(&json!({"model": "demo", "prompt": "up", "max_tokens": 1})),
+                &[]
+            )
+            .is_ok_and(|r| r.status == 200)),
+            "router {p} never served the worker"
+        );
     }
+    // A long request in flight when SIGTERM (scancel) comes: it finishes before the worker
+    // exits.
+    let port = ports[0];
+    let long = std::thread::spawn(move || {
+        let answer = post(
+            port,
+            "/v1/completions",
+            &json!({"model": "demo", "prompt": "a long answer", "max_tokens": LONG,
+                    "ignore_eos": true}),
+        );
+        (answer, Instant::now())
+    });
     assert!(
-        w.terminate(Duration::from_secs(30)),
+        wait_until(Duration::from_secs(30), || get(port, "/metrics")
+            .body
+            .lines()
+            .any(
+                |l| l.starts_with("llmapi_router_inflight_requests ") && !l.ends_with(" 0")
+            )),
+        "the long request never started"
+    );
+    let signalled = Instant::now();
+    assert!(
+        w.terminate(Duration::from_secs(60)),
         "the worker did not stop"
+    );
+    let (answer, answered) = long.join().expect("client");
+    assert!(
+        answered > signalled,
+        "the request ended before SIGTERM: this test checks nothing (make LONG longer)"
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(
+        answer.json()["usage"]["completion_tokens"],
+        LONG,
+        "{}",
+        answer.body
     );
     // Withdrawn, not lapsed: gone from both before a lease could run out.
     for &p in &ports {
