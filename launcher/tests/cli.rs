@@ -230,10 +230,10 @@ fn config_values_the_engine_does_not_implement_are_refused_before_loading() {
     let original: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     for (edit, names) in [
-        // Mistral v0.1's shape: a window shorter than the context.
+        // A window of no positions: a query would see no key.
         (
-            serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 256}),
-            ["sliding_window 256", "--max_seq_len 256"],
+            serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 0}),
+            ["sliding_window 0", "null"],
         ),
         (
             serde_json::json!({"hidden_act": "gelu_new"}),

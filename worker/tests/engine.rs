@@ -698,32 +698,63 @@ fn mistral_with(edit: serde_json::Value) -> tempfile::TempDir {
 
 #[test]
 fn config_values_the_engine_does_not_implement_fail_the_start_by_name() {
-    // A sliding window shorter than max_seq_len (Mistral v0.1's shape): windowed attention is
-    // not implemented, so only a max_seq_len within the window is served.
-    let windowed = mistral_with(serde_json::json!({"sliding_window": 16}));
-    let full = EngineConfig {
-        max_seq_len: None,
-        ..config()
-    };
-    let e = Engine::start(windowed.path(), full)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("sliding_window 16") && e.contains("--max_seq_len 16"),
-        "{e}"
-    );
-    let within = EngineConfig {
-        max_seq_len: Some(16),
-        ..config()
-    };
-    let engine = Engine::start(windowed.path(), within).unwrap();
-    assert_eq!(engine.info().max_seq_len, 16);
-    engine.shutdown();
     let gelu = mistral_with(serde_json::json!({"hidden_act": "gelu"}));
     let e = Engine::start(gelu.path(), config())
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("hidden_act is \"gelu\""), "{e}");
+    // A window of no positions: a query would see nothing (transformers gives NaN).
+    let empty = mistral_with(serde_json::json!({"sliding_window": 0}));
+    let e = Engine::start(empty.path(), config())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("sliding_window 0"), "{e}");
+}
+
+#[derive(serde::Deserialize)]
+struct GoldenGreedy {
+    prompts: Vec<Vec<u32>>,
+    greedy: Vec<Vec<u32>>,
+}
+
+fn golden_case(name: &str) -> (PathBuf, GoldenGreedy) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    let g = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+    (dir, g)
+}
+
+/// The windowed golden cases (Mistral: a window of 16 on every layer; Qwen2: 13 on layer 1
+/// only) served at their full context of 512 positions, as Mistral v0.1 is: both prompts (9
+/// and 72 tokens) get transformers' 32-token greedy continuations, run whole or chunked into
+/// mixed steps (the short one decodes while the long one prefills).
+#[test]
+fn windowed_models_serve_transformers_greedy_past_the_window() {
+    for case in ["mistral_window", "qwen2_window"] {
+        let (dir, g) = golden_case(case);
+        for chunked in [false, true] {
+            let cfg = EngineConfig {
+                max_seq_len: None,
+                enable_chunked_prefill: chunked,
+                max_num_tokens: if chunked { 24 } else { 256 },
+                ..config()
+            };
+            let h = Engine::start(&dir, cfg).unwrap();
+            assert_eq!(h.info().max_seq_len, 512);
+            let rxs: Vec<_> = g
+                .prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| h.submit(greedy(&format!("w{i}"), p.clone(), 32)).unwrap())
+                .collect();
+            for (rx, want) in rxs.into_iter().zip(&g.greedy) {
+                assert_eq!(&collect(rx).ids, want, "{case}, chunked {chunked}");
+            }
+            assert_eq!(wait_idle(&h).kv_blocks_used, 0, "{case}: every block freed");
+            h.shutdown();
+        }
+    }
 }

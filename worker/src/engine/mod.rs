@@ -161,9 +161,11 @@ impl Engine {
                 "max_seq_len is {max_seq_len}; it must be at least 2"
             ));
         }
-        model
-            .check_max_seq_len(max_seq_len)
-            .map_err(EngineError::InvalidConfig)?;
+        if !backend.windowed_attention() {
+            model
+                .check_full_attention_covers(backend.name(), max_seq_len)
+                .map_err(EngineError::InvalidConfig)?;
+        }
         let kv_plan = size_kv(&cfg, backend.as_ref(), max_seq_len, before_load)?;
         kv_plan.log();
         let num_blocks = kv_plan.blocks;
