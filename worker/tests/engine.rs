@@ -730,7 +730,8 @@ fn golden_case(name: &str) -> (PathBuf, GoldenGreedy) {
 /// The windowed golden cases (Mistral: a window of 16 on every layer; Qwen2: 13 on layer 1
 /// only) served at their full context of 512 positions, as Mistral v0.1 is: both prompts (9
 /// and 72 tokens) get transformers' 32-token greedy continuations, run whole or chunked into
-/// mixed steps (the short one decodes while the long one prefills).
+/// mixed steps (the short one decodes while the long one prefills), with Mistral's blocks
+/// out of the window freed as they grow.
 #[test]
 fn windowed_models_serve_transformers_greedy_past_the_window() {
     for case in ["mistral_window", "qwen2_window"] {
@@ -753,8 +754,57 @@ fn windowed_models_serve_transformers_greedy_past_the_window() {
             for (rx, want) in rxs.into_iter().zip(&g.greedy) {
                 assert_eq!(&collect(rx).ids, want, "{case}, chunked {chunked}");
             }
+            // The long prompt again: its first blocks (freed before the first run ended, on
+            // Mistral) come from the prefix cache and the answer is unchanged.
+            let again = collect(h.submit(greedy("again", g.prompts[1].clone(), 32)).unwrap());
+            assert_eq!(again.ids, g.greedy[1], "{case}, chunked {chunked}, again");
+            assert_eq!(
+                again.usage.cached_tokens, 68,
+                "{case}: 17 blocks of 4 cached"
+            );
             assert_eq!(wait_idle(&h).kv_blocks_used, 0, "{case}: every block freed");
             h.shutdown();
         }
+    }
+}
+
+/// With a window on every layer a generation holds only the blocks its window covers: 300
+/// tokens after a 72-token prompt (93 blocks of 4) run to the end in a cache of 32 blocks,
+/// alone and beside a second request, and give back every block. Without the freeing the
+/// first would end out of room (or be preempted) after 128 tokens.
+#[test]
+fn a_generation_on_a_windowed_model_runs_far_past_the_cache_size() {
+    let (dir, g) = golden_case("mistral_window");
+    for policy in [
+        CapacityPolicy::MaxUtilization,
+        CapacityPolicy::GuaranteedNoEvict,
+    ] {
+        let cfg = EngineConfig {
+            max_seq_len: None,
+            kv_max_tokens: Some(128),
+            capacity_policy: policy,
+            ..config()
+        };
+        let h = Engine::start(&dir, cfg).unwrap();
+        assert_eq!(h.info().kv_capacity_blocks, 32);
+        // No max_tokens under GUARANTEED_NO_EVICT: reserved in steps, as it grows; with one,
+        // the whole length would be reserved at admission.
+        let max_tokens = if policy == CapacityPolicy::MaxUtilization {
+            300
+        } else {
+            0
+        };
+        let long = h
+            .submit(greedy("long", g.prompts[1].clone(), max_tokens))
+            .unwrap();
+        let short = h.submit(greedy("short", g.prompts[0].clone(), 32)).unwrap();
+        assert_eq!(collect(short).ids, g.greedy[0], "{policy:?}");
+        let out = collect(long);
+        assert_eq!(out.reason, FinishReason::Length, "{policy:?}");
+        assert!(out.ids.len() >= 300, "{policy:?}: {} tokens", out.ids.len());
+        assert_eq!(out.ids[..32], g.greedy[1], "{policy:?}");
+        let l = wait_idle(&h);
+        assert_eq!((l.kv_blocks_used, l.preemptions), (0, 0), "{policy:?}");
+        h.shutdown();
     }
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Command, EngineConfig, EngineError, EngineInfo, Status};
+use super::{CapacityPolicy, Command, EngineConfig, EngineError, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
 use llmapi_proto::limits::MAX_STOP_TOKEN_IDS;
 
@@ -22,12 +22,16 @@ pub(crate) struct NewRequest {
     pub(crate) arrival: Instant,
 }
 
-/// Checks what can be checked without the engine thread.
+/// Checks what can be checked without the engine thread. `freed_window`: the sliding window
+/// of every layer when blocks before it are freed (a request that gets its blocks as it
+/// grows then never holds more than its prompt's or its window's).
 pub(crate) fn validate(
     req: &GenerateParams,
     info: &EngineInfo,
     max_num_tokens: usize,
     chunked: bool,
+    freed_window: Option<usize>,
+    policy: CapacityPolicy,
 ) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidRequest(m));
     let never_fits = |m: String| Err(EngineError::DoesNotFit(m));
@@ -58,7 +62,16 @@ pub(crate) fn validate(
     // The last token is sampled, never computed: it takes no KV slot. A request for the
     // whole room gets blocks as it grows (and ends with `length` if it fills the cache
     // alone): only its prompt must fit.
-    let kv_tokens = if total > max_seq_len { n } else { total - 1 };
+    let whole_room = total > max_seq_len;
+    let kv_tokens = if whole_room { n } else { total - 1 };
+    // Growing as it goes (MAX_UTILIZATION, or the whole room), a sequence on a model with a
+    // window on every layer holds at most its prompt's blocks (prefilled whole) or those
+    // covering its window and the next position: the rest went back.
+    let grows = whole_room || policy == CapacityPolicy::MaxUtilization;
+    let kv_tokens = match freed_window {
+        Some(w) if grows => kv_tokens.min(n.max(w + info.tokens_per_block as usize)),
+        _ => kv_tokens,
+    };
     let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
     if blocks as u64 > info.kv_capacity_blocks {
         return never_fits(format!(
@@ -140,12 +153,15 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
+    /// `window`: the sliding window every layer of the model shares, when the backend applies
+    /// it (blocks before it are then freed).
     pub(crate) fn new(
         backend: Box<dyn Backend>,
         cfg: EngineConfig,
         info: EngineInfo,
         num_blocks: usize,
         status: Arc<Status>,
+        window: Option<usize>,
     ) -> Self {
         let prefill_budget = prefill_budget(&cfg, backend.name());
         tracing::info!(
@@ -162,9 +178,15 @@ impl Runner {
             policy: cfg.capacity_policy,
         };
         let bm = BlockManager::new(num_blocks, cfg.tokens_per_block, cfg.enable_block_reuse);
+        if let Some(window) = window {
+            tracing::info!(
+                window,
+                "every layer attends over a sliding window: KV blocks before it are freed as sequences grow"
+            );
+        }
         Self {
+            sched: Scheduler::new(limits, bm).with_window_of_every_layer(window),
             backend,
-            sched: Scheduler::new(limits, bm),
             info,
             status,
             print_iter_log: cfg.print_iter_log,
@@ -481,6 +503,7 @@ impl Runner {
             let start = self.sched.running[item.seq].num_computed;
             self.sched.running[item.seq].num_computed += item.n;
             self.sched.register_full_blocks(item.seq);
+            self.sched.free_out_of_window(item.seq);
             let seq = &mut self.sched.running[item.seq];
             if let ChunkOut::Rows(rows) = &out
                 && seq.want_prompt_logprobs

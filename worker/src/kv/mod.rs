@@ -20,6 +20,12 @@ pub use llmapi_common::block_hash::{BlockHash, prefix_block_hashes};
 /// Index of a block in the backend's KV pool.
 pub type BlockId = u32;
 
+/// Stands in a sequence's block table for a block it gave back after the block fell out of
+/// every layer's sliding window (`Scheduler::free_out_of_window`). No id of the pool: a
+/// backend never reads it (attention skips the blocks before a window), and `release_all`
+/// skips it.
+pub const FREED_BLOCK: BlockId = BlockId::MAX;
+
 /// A change to the set of cached prefix blocks, for the eviction log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheChange {
@@ -123,10 +129,13 @@ impl BlockManager {
         }
     }
 
-    /// Releases every block of a sequence, last block first so shared prefixes stay longest.
+    /// Releases every block of a sequence, last block first so shared prefixes stay longest;
+    /// [`FREED_BLOCK`] entries were released already.
     pub fn release_all(&mut self, blocks: &[BlockId]) {
         for &b in blocks.iter().rev() {
-            self.release(b);
+            if b != FREED_BLOCK {
+                self.release(b);
+            }
         }
     }
 

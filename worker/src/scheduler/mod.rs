@@ -15,10 +15,13 @@
 //! sequence is paused is the newest one preempted (recomputed later, its output continuing),
 //! or, alone in the cache, ended with finish reason `length` (`out_of_room`). Sequences with
 //! a max_tokens are never paused or preempted. MAX_UTILIZATION allocates as it goes and
-//! preempts the newest request (to be recomputed) when blocks run out. Not for: arithmetic,
-//! sampling or event delivery.
+//! preempts the newest request (to be recomputed) when blocks run out. When every layer of the
+//! model attends over a sliding window, the blocks a sequence's next query can no longer see
+//! go back to the pool as it grows (`free_out_of_window`). Not for: arithmetic, sampling or
+//! event delivery.
 
 pub mod sequence;
+mod window;
 
 use std::collections::VecDeque;
 
@@ -81,6 +84,9 @@ pub struct Scheduler {
     /// Sequences that filled the whole cache alone and could not grow: the engine ends them
     /// with finish reason `length`.
     pub out_of_room: Vec<Sequence>,
+    /// The sliding window every layer shares, when every layer has one and the backend
+    /// applies it: blocks before a sequence's window are freed.
+    window: Option<usize>,
 }
 
 /// What `grow` did.
@@ -105,7 +111,15 @@ impl Scheduler {
             waiting: VecDeque::new(),
             preemptions: 0,
             out_of_room: Vec::new(),
+            window: None,
         }
+    }
+
+    /// Frees, as sequences grow, the blocks before the window of `window` positions that
+    /// every layer attends over (None: some layer sees the whole sequence; nothing is freed).
+    pub fn with_window_of_every_layer(mut self, window: Option<usize>) -> Self {
+        self.window = window;
+        self
     }
 
     /// Whether there is any work.
@@ -335,12 +349,12 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::engine::{SamplingParams, StoppingParams};
     use crate::sampling::Sampler;
 
-    fn seq(id: &str, prompt_len: usize) -> Sequence {
+    pub(super) fn seq(id: &str, prompt_len: usize) -> Sequence {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         Sequence {
             id: id.into(),
@@ -364,7 +378,7 @@ mod tests {
     }
 
     /// Applies a plan as the engine would, appending one sampled token per finished prefill.
-    fn run(s: &mut Scheduler, plan: &[PlanItem]) {
+    pub(super) fn run(s: &mut Scheduler, plan: &[PlanItem]) {
         for item in plan {
             let q = &mut s.running[item.seq];
             q.num_computed += item.n;
@@ -420,7 +434,7 @@ mod tests {
 
     /// A sequence with the given tokens as its prompt, reserving `max_total` under
     /// GUARANTEED_NO_EVICT.
-    fn prompt_seq(id: &str, tokens: Vec<u32>, max_total: usize) -> Sequence {
+    pub(super) fn prompt_seq(id: &str, tokens: Vec<u32>, max_total: usize) -> Sequence {
         let mut q = seq(id, tokens.len());
         q.tokens = tokens;
         q.max_total = max_total;
