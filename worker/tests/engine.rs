@@ -11,7 +11,10 @@ use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::*;
 use llmapi_worker::model::ModelWeights;
-use tokio::sync::mpsc::UnboundedReceiver;
+
+mod support;
+
+use support::{collect, greedy, wait_idle};
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
@@ -34,68 +37,6 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (seed * 31 + i * 17 + 3) % 250 + 3)
         .collect()
-}
-
-fn greedy(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateParams {
-    GenerateParams {
-        request_id: id.to_string(),
-        prompt,
-        sampling: SamplingParams::default(),
-        stopping: StoppingParams {
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        },
-    }
-}
-
-struct Outcome {
-    ids: Vec<u32>,
-    reason: FinishReason,
-    stop: Option<u32>,
-    usage: Usage,
-}
-
-/// Reads events until Finished, at most 30 s.
-fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Outcome {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut ids = Vec::new();
-    while Instant::now() < deadline {
-        match rx.try_recv() {
-            Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
-            Ok(TokenEvent::Finished {
-                reason,
-                stop_token_id,
-                usage,
-                ..
-            }) => {
-                return Outcome {
-                    ids,
-                    reason,
-                    stop: stop_token_id,
-                    usage,
-                };
-            }
-            Ok(TokenEvent::Error(e) | TokenEvent::Refused(e)) => panic!("engine error: {e}"),
-            Ok(TokenEvent::PromptLogprobs(_)) => {}
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            Err(e) => panic!("stream ended without Finished: {e}"),
-        }
-    }
-    panic!("no Finished event within 30 s");
-}
-
-fn wait_idle(h: &EngineHandle) -> LoadStats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let l = h.load();
-        if (l.running == 0 && l.queued == 0) || Instant::now() > deadline {
-            return l;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn solo(cfg: EngineConfig, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
@@ -711,100 +652,4 @@ fn config_values_the_engine_does_not_implement_fail_the_start_by_name() {
         .unwrap()
         .to_string();
     assert!(e.contains("sliding_window 0"), "{e}");
-}
-
-#[derive(serde::Deserialize)]
-struct GoldenGreedy {
-    prompts: Vec<Vec<u32>>,
-    greedy: Vec<Vec<u32>>,
-}
-
-fn golden_case(name: &str) -> (PathBuf, GoldenGreedy) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/golden")
-        .join(name);
-    let g = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    (dir, g)
-}
-
-/// The windowed golden cases (Mistral: a window of 16 on every layer; Qwen2: 13 on layer 1
-/// only) served at their full context of 512 positions, as Mistral v0.1 is: both prompts (9
-/// and 72 tokens) get transformers' 32-token greedy continuations, run whole or chunked into
-/// mixed steps (the short one decodes while the long one prefills), with Mistral's blocks
-/// out of the window freed as they grow.
-#[test]
-fn windowed_models_serve_transformers_greedy_past_the_window() {
-    for case in ["mistral_window", "qwen2_window"] {
-        let (dir, g) = golden_case(case);
-        for chunked in [false, true] {
-            let cfg = EngineConfig {
-                max_seq_len: None,
-                enable_chunked_prefill: chunked,
-                max_num_tokens: if chunked { 24 } else { 256 },
-                ..config()
-            };
-            let h = Engine::start(&dir, cfg).unwrap();
-            assert_eq!(h.info().max_seq_len, 512);
-            let rxs: Vec<_> = g
-                .prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| h.submit(greedy(&format!("w{i}"), p.clone(), 32)).unwrap())
-                .collect();
-            for (rx, want) in rxs.into_iter().zip(&g.greedy) {
-                assert_eq!(&collect(rx).ids, want, "{case}, chunked {chunked}");
-            }
-            // The long prompt again: its first blocks (freed before the first run ended, on
-            // Mistral) come from the prefix cache and the answer is unchanged.
-            let again = collect(h.submit(greedy("again", g.prompts[1].clone(), 32)).unwrap());
-            assert_eq!(again.ids, g.greedy[1], "{case}, chunked {chunked}, again");
-            assert_eq!(
-                again.usage.cached_tokens, 68,
-                "{case}: 17 blocks of 4 cached"
-            );
-            assert_eq!(wait_idle(&h).kv_blocks_used, 0, "{case}: every block freed");
-            h.shutdown();
-        }
-    }
-}
-
-/// With a window on every layer a generation holds only the blocks its window covers: 300
-/// tokens after a 72-token prompt (93 blocks of 4) run to the end in a cache of 32 blocks,
-/// alone and beside a second request, and give back every block. Without the freeing the
-/// first would end out of room (or be preempted) after 128 tokens.
-#[test]
-fn a_generation_on_a_windowed_model_runs_far_past_the_cache_size() {
-    let (dir, g) = golden_case("mistral_window");
-    for policy in [
-        CapacityPolicy::MaxUtilization,
-        CapacityPolicy::GuaranteedNoEvict,
-    ] {
-        let cfg = EngineConfig {
-            max_seq_len: None,
-            kv_max_tokens: Some(128),
-            capacity_policy: policy,
-            ..config()
-        };
-        let h = Engine::start(&dir, cfg).unwrap();
-        assert_eq!(h.info().kv_capacity_blocks, 32);
-        // No max_tokens under GUARANTEED_NO_EVICT: reserved in steps, as it grows; with one,
-        // the whole length would be reserved at admission.
-        let max_tokens = if policy == CapacityPolicy::MaxUtilization {
-            300
-        } else {
-            0
-        };
-        let long = h
-            .submit(greedy("long", g.prompts[1].clone(), max_tokens))
-            .unwrap();
-        let short = h.submit(greedy("short", g.prompts[0].clone(), 32)).unwrap();
-        assert_eq!(collect(short).ids, g.greedy[0], "{policy:?}");
-        let out = collect(long);
-        assert_eq!(out.reason, FinishReason::Length, "{policy:?}");
-        assert!(out.ids.len() >= 300, "{policy:?}: {} tokens", out.ids.len());
-        assert_eq!(out.ids[..32], g.greedy[1], "{policy:?}");
-        let l = wait_idle(&h);
-        assert_eq!((l.kv_blocks_used, l.preemptions), (0, 0), "{policy:?}");
-        h.shutdown();
-    }
 }
