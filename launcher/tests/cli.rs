@@ -258,4 +258,24 @@ fn config_values_the_engine_does_not_implement_are_refused_before_loading() {
             "refused before loading: {err}"
         );
     }
+    // Mistral v0.1's shape, a window shorter than the context: the CPU backend attends over
+    // it, the CUDA backend has no windowed attention and refuses it before anything starts.
+    let mut config = original.clone();
+    config.as_object_mut().unwrap().extend(
+        serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 16})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = launch(
+        &["serve", model.to_str().unwrap(), "--backend", "cuda"],
+        d.path(),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    for n in ["sliding_window 16", "--max_seq_len 16", "--backend cpu"] {
+        assert!(err.contains(n), "message lacks `{n}`: {err}");
+    }
+    assert!(!err.contains("libcuda"), "refused before the driver: {err}");
 }
