@@ -82,14 +82,17 @@ fn windowed_models_serve_transformers_greedy_past_the_window() {
 
 /// With a window on every layer a generation holds only the blocks its window covers: 300
 /// tokens after a 72-token prompt (93 blocks of 4) run to the end in a cache of 32 blocks,
-/// alone and beside a second request, and give back every block. Without the freeing the
-/// first would end out of room (or be preempted) after 128 tokens.
+/// beside a second request, and give back every block: under MAX_UTILIZATION, under
+/// GUARANTEED_NO_EVICT with a max_tokens (it reserves its prompt's blocks and its window's,
+/// not its whole length) and without one (blocks as it grows). Without the freeing the first
+/// would end out of room, be preempted, or be refused at submit.
 #[test]
 fn a_generation_on_a_windowed_model_runs_far_past_the_cache_size() {
     let (dir, g) = golden_case("mistral_window");
-    for policy in [
-        CapacityPolicy::MaxUtilization,
-        CapacityPolicy::GuaranteedNoEvict,
+    for (policy, max_tokens) in [
+        (CapacityPolicy::MaxUtilization, 300),
+        (CapacityPolicy::GuaranteedNoEvict, 300),
+        (CapacityPolicy::GuaranteedNoEvict, 0),
     ] {
         let cfg = EngineConfig {
             kv_max_tokens: Some(128),
@@ -98,24 +101,18 @@ fn a_generation_on_a_windowed_model_runs_far_past_the_cache_size() {
         };
         let h = Engine::start(&dir, cfg).unwrap();
         assert_eq!(h.info().kv_capacity_blocks, 32);
-        // No max_tokens under GUARANTEED_NO_EVICT: reserved in steps, as it grows; with one,
-        // the whole length would be reserved at admission.
-        let max_tokens = if policy == CapacityPolicy::MaxUtilization {
-            300
-        } else {
-            0
-        };
+        let what = format!("{policy:?}, max_tokens {max_tokens}");
         let long = h
             .submit(greedy("long", g.prompts[1].clone(), max_tokens))
             .unwrap();
         let short = h.submit(greedy("short", g.prompts[0].clone(), 32)).unwrap();
-        assert_eq!(collect(short).ids, g.greedy[0], "{policy:?}");
+        assert_eq!(collect(short).ids, g.greedy[0], "{what}");
         let out = collect(long);
-        assert_eq!(out.reason, FinishReason::Length, "{policy:?}");
-        assert!(out.ids.len() >= 300, "{policy:?}: {} tokens", out.ids.len());
-        assert_eq!(out.ids[..32], g.greedy[1], "{policy:?}");
+        assert_eq!(out.reason, FinishReason::Length, "{what}");
+        assert!(out.ids.len() >= 300, "{what}: {} tokens", out.ids.len());
+        assert_eq!(out.ids[..32], g.greedy[1], "{what}");
         let l = wait_idle(&h);
-        assert_eq!((l.kv_blocks_used, l.preemptions), (0, 0), "{policy:?}");
+        assert_eq!((l.kv_blocks_used, l.preemptions), (0, 0), "{what}");
         h.shutdown();
     }
 }

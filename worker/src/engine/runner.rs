@@ -64,15 +64,21 @@ pub(crate) fn validate(
     // alone): only its prompt must fit.
     let whole_room = total > max_seq_len;
     let kv_tokens = if whole_room { n } else { total - 1 };
-    // Growing as it goes (MAX_UTILIZATION, or the whole room), a sequence on a model with a
-    // window on every layer holds at most its prompt's blocks (prefilled whole) or those
-    // covering its window and the next position: the rest went back.
-    let grows = whole_room || policy == CapacityPolicy::MaxUtilization;
-    let kv_tokens = match freed_window {
-        Some(w) if grows => kv_tokens.min(n.max(w + info.tokens_per_block as usize)),
-        _ => kv_tokens,
-    };
-    let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
+    let tpb = info.tokens_per_block as usize;
+    let mut blocks = kv_tokens.div_ceil(tpb);
+    // With a window on every layer a sequence holds at most its prompt's blocks (prefilled
+    // whole) or those of its window and the next position: growing as it goes (MAX_UTILIZATION,
+    // or the whole room) that is all it needs; reserving (GUARANTEED_NO_EVICT) it reserves both
+    // (`Scheduler::admit_front`).
+    if let Some(w) = freed_window {
+        let at_once = if whole_room || policy == CapacityPolicy::MaxUtilization {
+            n.max(w + tpb).div_ceil(tpb)
+        } else {
+            n.div_ceil(tpb) + w.div_ceil(tpb) + 1
+        };
+        blocks = blocks.min(at_once);
+    }
+    let kv_tokens = kv_tokens.min(blocks * tpb);
     if blocks as u64 > info.kv_capacity_blocks {
         return never_fits(format!(
             "request needs {kv_tokens} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
@@ -296,6 +302,7 @@ impl Runner {
             tokens: p.prompt,
             num_computed: 0,
             blocks: Vec::new(),
+            promised: 0,
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total,

@@ -155,7 +155,7 @@ impl Scheduler {
             );
             self.preempt(newest);
         } else if let Some(seq) = self.running.pop() {
-            self.blocks.release_all(&seq.blocks);
+            self.release_blocks(&seq);
             tracing::warn!(
                 request_id = %seq.id,
                 tokens = seq.tokens.len(),
@@ -254,7 +254,14 @@ impl Scheduler {
     fn grow(&mut self, i: usize, upto: usize) -> Growth {
         let need = self.blocks.blocks_for(upto);
         while self.running[i].blocks.len() < need {
-            if let Some(b) = self.blocks.allocate() {
+            let promised = self.running[i].promised > 0;
+            let block = if promised {
+                self.blocks.allocate_promised()
+            } else {
+                self.blocks.allocate()
+            };
+            if let Some(b) = block {
+                self.running[i].promised -= usize::from(promised);
                 self.running[i].blocks.push(b);
                 continue;
             }
@@ -264,7 +271,7 @@ impl Scheduler {
             if self.running.len() == 1 {
                 // Alone and out of blocks: it fills the cache (a request for the whole room).
                 let seq = self.running.remove(i);
-                self.blocks.release_all(&seq.blocks);
+                self.release_blocks(&seq);
                 self.out_of_room.push(seq);
                 return Growth::Preempted;
             }
@@ -280,7 +287,7 @@ impl Scheduler {
 
     fn preempt(&mut self, idx: usize) {
         let mut seq = self.running.remove(idx);
-        self.blocks.release_all(&seq.blocks);
+        self.release_blocks(&seq);
         seq.reset_for_recompute();
         self.preemptions += 1;
         self.waiting.push_front(seq);
@@ -300,17 +307,27 @@ impl Scheduler {
         let start = cached * tpb;
         let remaining = seq.tokens.len() - start;
         let n = self.prefill_tokens(remaining, budget, prefill)?;
-        let target = match self.limits.policy {
-            CapacityPolicy::GuaranteedNoEvict if seq.reserve_in_steps => start + n,
-            // The last token is sampled, never computed: it takes no KV slot.
-            CapacityPolicy::GuaranteedNoEvict => seq.max_total.saturating_sub(1),
-            CapacityPolicy::MaxUtilization => start + n,
+        // The last token is sampled, never computed: it takes no KV slot.
+        let whole = self.blocks.blocks_for(seq.max_total.saturating_sub(1));
+        let (target, promise) = match (self.limits.policy, self.window) {
+            (CapacityPolicy::GuaranteedNoEvict, _) if seq.reserve_in_steps => (start + n, 0),
+            // With a window on every layer it never holds more than its prompt's blocks and
+            // its window's at once: those it does not take now are promised, and the blocks
+            // it frees come back to it as promises.
+            (CapacityPolicy::GuaranteedNoEvict, Some(w)) => {
+                let now = self.blocks.blocks_for(start + n);
+                let most = whole.min(self.blocks.blocks_for(seq.prompt_len) + w.div_ceil(tpb) + 1);
+                (start + n, most.saturating_sub(now))
+            }
+            (CapacityPolicy::GuaranteedNoEvict, None) => (seq.max_total.saturating_sub(1), 0),
+            (CapacityPolicy::MaxUtilization, _) => (start + n, 0),
         };
         let need_new = self.blocks.blocks_for(target).saturating_sub(cached);
         // All or nothing: a head that does not fit evicts no one's cached prefix while it waits.
-        let blocks = self.blocks.admit(&hashes[..cached], need_new)?;
+        let blocks = self.blocks.admit(&hashes[..cached], need_new, promise)?;
         let mut seq = self.waiting.pop_front()?;
         seq.blocks = blocks;
+        seq.promised = promise;
         seq.hashes = hashes[..cached].to_vec();
         seq.num_computed = start;
         seq.on_admitted(start);
@@ -334,8 +351,14 @@ impl Scheduler {
     /// Removes running[i] and frees its blocks.
     pub fn finish(&mut self, i: usize) -> Sequence {
         let seq = self.running.remove(i);
-        self.blocks.release_all(&seq.blocks);
+        self.release_blocks(&seq);
         seq
+    }
+
+    /// Gives back everything a sequence holds: its blocks and its promises.
+    fn release_blocks(&mut self, seq: &Sequence) {
+        self.blocks.release_all(&seq.blocks);
+        self.blocks.release_promise(seq.promised);
     }
 
     /// Removes a sequence by id from either queue, freeing its blocks.
@@ -362,6 +385,7 @@ pub(super) mod tests {
             prompt_len,
             num_computed: 0,
             blocks: Vec::new(),
+            promised: 0,
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total: 32,

@@ -2,6 +2,7 @@
 //! a long generation then holds the blocks of its window, not of its whole length.
 
 use super::Scheduler;
+use crate::engine::CapacityPolicy;
 use crate::kv::FREED_BLOCK;
 
 impl Scheduler {
@@ -15,6 +16,10 @@ impl Scheduler {
     pub fn free_out_of_window(&mut self, i: usize) {
         let Some(w) = self.window else { return };
         let tpb = self.blocks.tokens_per_block();
+        // A sequence that reserved what it holds at once (see `admit_front`) gets each block
+        // it frees back as a promise, so it can always grow.
+        let keeps = self.limits.policy == CapacityPolicy::GuaranteedNoEvict
+            && !self.running[i].reserve_in_steps;
         let seq = &mut self.running[i];
         let dead = (seq.num_computed + 1).saturating_sub(w) / tpb;
         // Freed entries are a prefix of the table: walk back from the last dead block.
@@ -22,7 +27,13 @@ impl Scheduler {
             if seq.blocks[b] == FREED_BLOCK {
                 break;
             }
+            // The released block is free now, and promised back. One another sequence still
+            // holds (a shared prefix) frees nothing: a promise then needs a free block nobody
+            // was promised, and without one this sequence may wait for a block later.
             self.blocks.release(seq.blocks[b]);
+            if keeps && self.blocks.promise(1) {
+                seq.promised += 1;
+            }
             seq.blocks[b] = FREED_BLOCK;
         }
     }
@@ -33,7 +44,6 @@ mod tests {
     use super::super::tests::{prompt_seq, run, seq};
     use super::super::{PlanItem, SchedulerLimits};
     use super::*;
-    use crate::engine::CapacityPolicy;
     use crate::kv::BlockManager;
 
     /// Applies a plan as the engine does after a step: computed tokens, registered blocks,
@@ -87,6 +97,58 @@ mod tests {
             run_and_free(&mut s, &plan);
         }
         assert_eq!(s.out_of_room.len(), 1);
+    }
+
+    #[test]
+    fn guaranteed_no_evict_reserves_only_what_a_windowed_sequence_holds_at_once() {
+        let limits = SchedulerLimits {
+            max_batch_size: 4,
+            max_num_tokens: 64,
+            prefill_budget: 64,
+            chunked_prefill: false,
+            policy: CapacityPolicy::GuaranteedNoEvict,
+        };
+        // 12 blocks of 4; requests of 10 prompt tokens and 200 in all (50 blocks each): with
+        // a window of 6, each holds its 3 prompt blocks now and is promised 3 more (prompt 3 +
+        // window 2 + 1 = 6 at most), so two run together to the end, never paused, and a
+        // third waits for one of them.
+        let mut s = Scheduler::new(limits, BlockManager::new(12, 4, false))
+            .with_window_of_every_layer(Some(6));
+        for id in ["a", "b", "c"] {
+            let mut q = seq(id, 10);
+            q.max_total = 200;
+            s.waiting.push_back(q);
+        }
+        let first = s.schedule();
+        assert_eq!(
+            first.len(),
+            2,
+            "the third waits: every free block is promised"
+        );
+        assert!(
+            s.running
+                .iter()
+                .all(|q| (q.blocks.len(), q.promised) == (3, 3))
+        );
+        run_and_free(&mut s, &first);
+        let mut steps = 0;
+        while !s.running.is_empty() {
+            let plan = s.schedule();
+            assert_eq!(plan.len(), s.running.len(), "nobody pauses");
+            run_and_free(&mut s, &plan);
+            for q in &s.running {
+                let live = q.blocks.iter().filter(|&&b| b != FREED_BLOCK).count();
+                assert_eq!(live + q.promised, 6, "{}: holds and is promised 6", q.id);
+            }
+            if let Some(i) = s.running.iter().position(|q| q.tokens.len() >= 200) {
+                s.finish(i);
+            }
+            steps += 1;
+            assert!(steps < 500);
+        }
+        assert!(s.waiting.is_empty() && s.running.is_empty());
+        assert_eq!(s.preemptions, 0);
+        assert_eq!((s.blocks.num_free(), s.blocks.num_promised()), (12, 0));
     }
 
     #[test]
