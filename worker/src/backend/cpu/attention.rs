@@ -317,16 +317,22 @@ mod tests {
     /// outside the pool, as after the scheduler freed them).
     #[test]
     fn windowed_rows_attend_over_their_window_and_never_read_blocks_before_it() {
-        let (nq, nkv, d, tpb) = (4usize, 2usize, 16usize, 4usize);
-        for window in [None, Some(1), Some(7), Some(16), Some(64)] {
+        let (nq, nkv, d) = (4usize, 2usize, 16usize);
+        // Blocks of 4 (many blocks, some before the window) and of 128 (the value sums of
+        // blocks over 64 rows take another path).
+        for (tpb, window) in [4usize, 128]
+            .into_iter()
+            .flat_map(|t| [None, Some(1), Some(7), Some(16), Some(64)].map(|w| (t, w)))
+        {
+            let per_seq = 48usize.div_ceil(tpb) as u32;
             let c = config(window);
             let ends = [40usize, 48];
-            let nblocks = 2 * 12;
+            let nblocks = 2 * per_seq as usize;
             let mut kv = KvStore::new(KvDtype::Float32, 2, nblocks, nkv, tpb, d).unwrap();
             let mut keys = vec![vec![vec![Vec::new(); 48]; nkv]; 2];
             let mut values = keys.clone();
             let tables: Vec<Vec<u32>> = (0..2u32)
-                .map(|s| (0..12).map(|i| s * 12 + i).collect())
+                .map(|s| (0..per_seq).map(|i| s * per_seq + i).collect())
                 .collect();
             for (s, &end) in ends.iter().enumerate() {
                 for p in 0..end {
@@ -392,7 +398,7 @@ mod tests {
                     for (e, (a, b)) in got[at..at + d].iter().zip(&want).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                            "window {window:?} row {pos} head {h} [{e}]: {a} vs {b}"
+                            "tpb {tpb} window {window:?} row {pos} head {h} [{e}]: {a} vs {b}"
                         );
                     }
                 }
