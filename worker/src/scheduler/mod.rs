@@ -311,12 +311,14 @@ impl Scheduler {
         let whole = self.blocks.blocks_for(seq.max_total.saturating_sub(1));
         let (target, promise) = match (self.limits.policy, self.window) {
             (CapacityPolicy::GuaranteedNoEvict, _) if seq.reserve_in_steps => (start + n, 0),
-            // With a window on every layer it never holds more than its prompt's blocks and
-            // its window's at once: those it does not take now are promised, and the blocks
-            // it frees come back to it as promises.
+            // With a window on every layer it never holds more than the blocks of what it
+            // prefills (its prompt; after a preemption, its output too) and its window's at
+            // once: those it does not take now are promised, and the blocks it frees come
+            // back to it as promises.
             (CapacityPolicy::GuaranteedNoEvict, Some(w)) => {
                 let now = self.blocks.blocks_for(start + n);
-                let most = whole.min(self.blocks.blocks_for(seq.prompt_len) + w.div_ceil(tpb) + 1);
+                let prefilled = self.blocks.blocks_for(seq.tokens.len());
+                let most = whole.min(prefilled + w.div_ceil(tpb) + 1);
                 (start + n, most.saturating_sub(now))
             }
             (CapacityPolicy::GuaranteedNoEvict, None) => (seq.max_total.saturating_sub(1), 0),
