@@ -375,8 +375,8 @@ impl Runner {
         let load = LoadStats {
             running: self.sched.running.len() as u32,
             queued: self.sched.waiting.len() as u32,
-            kv_blocks_used: (bm.num_blocks() - bm.num_free()) as u64,
-            kv_blocks_free: bm.num_free() as u64,
+            kv_blocks_used: (bm.num_blocks() - bm.num_unpromised_free()) as u64,
+            kv_blocks_free: bm.num_unpromised_free() as u64,
             preemptions: self.sched.preemptions,
         };
         if let Ok(mut l) = self.status.load.lock() {
@@ -491,8 +491,8 @@ impl Runner {
                 gen_tokens,
                 self.sched.running.len(),
                 self.sched.waiting.len(),
-                bm.num_blocks() - bm.num_free(),
-                bm.num_free()
+                bm.num_blocks() - bm.num_unpromised_free(),
+                bm.num_unpromised_free()
             );
         }
         self.last_step_end = Some(Instant::now());

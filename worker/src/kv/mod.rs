@@ -105,6 +105,11 @@ impl BlockManager {
         self.promised
     }
 
+    /// Free blocks promised to no one: what a new request could get.
+    pub fn num_unpromised_free(&self) -> usize {
+        self.num_free().saturating_sub(self.promised)
+    }
+
     /// Takes a free block that is not promised, evicting the least recently used cached one
     /// when needed.
     pub fn allocate(&mut self) -> Option<BlockId> {
