@@ -130,23 +130,23 @@ pub const CONFIG_KEYS: &[ConfigKey] = &[
     ),
     row(
         "sliding_window",
-        Refused,
-        "windowed attention is not implemented: a window is accepted when it covers --max_seq_len (it then changes nothing) and refused at start otherwise, naming the window and the --max_seq_len that fits. Mistral and Mixtral apply it to every layer when it is not null; an absent key means the class default, 4096 (Mixtral: none)",
+        Used,
+        "windowed attention on the CPU backend: a query at position i sees keys i - sliding_window + 1 ..= i (transformers' masks); KV blocks out of every layer's window are freed as a sequence grows. Mistral and Mixtral apply it to every layer when it is not null; an absent key means the class default, 4096 (Mixtral: none). 0 on a windowed layer fails the load. The CUDA backend has no windowed attention: it refuses a window shorter than --max_seq_len at start, naming the --max_seq_len that fits",
     ),
     row(
         "use_sliding_window",
-        Refused,
-        "Qwen2, Qwen3 and their MoE classes: false turns the window off; true applies sliding_window to the layers max_window_layers / layer_types select, checked as sliding_window",
+        Used,
+        "Qwen2, Qwen3 and their MoE classes: false turns the window off; true applies sliding_window to the layers max_window_layers / layer_types select (Qwen3-MoE: every layer)",
     ),
     row(
         "max_window_layers",
-        Refused,
+        Used,
         "Qwen2 / Qwen3: layers from this index on use the window; Qwen2-MoE: even-numbered layers below it (when use_sliding_window is true)",
     ),
     row(
         "layer_types",
         Refused,
-        "full_attention on every layer, or sliding_attention on the layers the window applies to (checked as sliding_window); any other type fails the load",
+        "Qwen2, Qwen3, Qwen2-MoE: full_attention or sliding_attention per layer (overrides max_window_layers); any other type fails the load. Mistral's class ignores it",
     ),
     row(
         "tie_word_embeddings",
@@ -386,7 +386,7 @@ fn sliding_window(
                     Some("full_attention") => Ok(false),
                     Some("sliding_attention") => Ok(true),
                     _ => Err(format!(
-                        "layer_types holds {}; the engine implements full_attention (and sliding_attention whose window covers --max_seq_len) only",
+                        "layer_types holds {}; the engine implements full_attention and sliding_attention only",
                         shown(t)
                     )),
                 })
@@ -437,6 +437,14 @@ fn sliding_window(
             }
         }
     }
+    if window == 0 && !layers.is_empty() {
+        return Err(format!(
+            "config.json sets {origin} on {} layer(s); a window of 0 positions lets a query see \
+             no key at all (transformers' masks give NaN), so this model cannot be served: set \
+             sliding_window to null or a positive window",
+            layers.len()
+        ));
+    }
     Ok((!layers.is_empty()).then_some(SlidingWindow {
         window,
         layers,
@@ -445,25 +453,27 @@ fn sliding_window(
 }
 
 impl SlidingWindow {
-    /// Refuses a window that does not cover `max_seq_len` positions: the engine attends over
-    /// the whole sequence, which equals windowed attention only when no sequence is longer
-    /// than the window.
-    pub fn check_max_seq_len(&self, max_seq_len: usize) -> Result<(), String> {
+    /// Whether `layer` attends over the window (else over the whole sequence).
+    pub fn applies_to(&self, layer: usize) -> bool {
+        self.layers.binary_search(&layer).is_ok()
+    }
+
+    /// For a backend without windowed attention (`backend`, e.g. cuda): refuses a window that does not cover
+    /// `max_seq_len` positions. Attending over the whole sequence equals windowed attention
+    /// only when no sequence is longer than the window.
+    pub fn check_full_attention_covers(
+        &self,
+        backend: &str,
+        max_seq_len: usize,
+    ) -> Result<(), String> {
         if self.window >= max_seq_len {
             return Ok(());
         }
         let n = self.layers.len();
-        if self.window < 2 {
-            return Err(format!(
-                "config.json sets {} (a window on {n} layer(s)); a window under 2 positions \
-                 leaves no room for a prompt and its output, so this model cannot be served",
-                self.origin
-            ));
-        }
         Err(format!(
             "config.json sets {} (a window on {n} layer{}) but max_seq_len is {max_seq_len}; \
-             windowed attention is not implemented, so sequences may only be as long as the window: \
-             pass --max_seq_len {} or lower",
+             the {backend} backend does not implement windowed attention, so sequences may only \
+             be as long as the window there: pass --max_seq_len {} or lower, or serve with --backend cpu",
             self.origin,
             if n == 1 { "" } else { "s" },
             self.window

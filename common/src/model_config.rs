@@ -146,8 +146,7 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence token id.
     pub bos_token_id: Option<u32>,
-    /// Windowed attention, when some layer has it; the engine refuses a window that does not
-    /// cover max_seq_len ([`ModelConfig::check_max_seq_len`]).
+    /// Windowed attention, when some layer has it ([`ModelConfig::attention_window`]).
     pub sliding_window: Option<SlidingWindow>,
     /// Keys that `config_keys::CONFIG_KEYS` does not know (logged at load).
     pub unknown_keys: Vec<String>,
@@ -229,13 +228,36 @@ impl ModelConfig {
         Parser { path, obj }.parse()
     }
 
-    /// Refuses a `max_seq_len` that a sliding window does not cover (windowed attention is
-    /// not implemented; see `config_keys`). The message names the window and the fix.
-    pub fn check_max_seq_len(&self, max_seq_len: usize) -> Result<(), String> {
+    /// For a backend without windowed attention (CUDA): refuses a `max_seq_len` that a
+    /// sliding window does not cover. The message names the window and the fix.
+    pub fn check_full_attention_covers(
+        &self,
+        backend: &str,
+        max_seq_len: usize,
+    ) -> Result<(), String> {
         match &self.sliding_window {
-            Some(w) => w.check_max_seq_len(max_seq_len),
+            Some(w) => w.check_full_attention_covers(backend, max_seq_len),
             None => Ok(()),
         }
+    }
+
+    /// The sliding window of `layer` (a query at position i sees keys at i - window + 1 ..= i),
+    /// or None when the layer attends over the whole sequence.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .as_ref()
+            .filter(|w| w.applies_to(layer))
+            .map(|w| w.window)
+    }
+
+    /// The window every layer shares, when every layer is windowed: positions before
+    /// `next - window + 1` are then never read again by a query at `next` or later, so their
+    /// KV blocks can be freed. None when some layer attends over the whole sequence.
+    pub fn window_of_every_layer(&self) -> Option<usize> {
+        self.sliding_window
+            .as_ref()
+            .filter(|w| w.layers.len() == self.num_hidden_layers)
+            .map(|w| w.window)
     }
 
     /// True when layer `layer` uses the sparse MoE block rather than a dense MLP.

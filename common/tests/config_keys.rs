@@ -277,16 +277,40 @@ fn minimal(arch: Architecture) -> Map<String, Value> {
     map.clone()
 }
 
-/// Parses `base` with `extra` merged in, then applies max_position_embeddings as
-/// --max_seq_len, as the engine does at start.
+/// Parses `base` with `extra` merged in.
 fn load(base: &Map<String, Value>, extra: &Value) -> Result<ModelConfig, String> {
     let mut c = base.clone();
     c.extend(extra.as_object().unwrap().clone());
     let text = Value::Object(c).to_string();
-    let cfg =
-        ModelConfig::from_json_str(&text, Path::new("config.json")).map_err(|e| e.to_string())?;
-    cfg.check_max_seq_len(cfg.max_position_embeddings)?;
-    Ok(cfg)
+    ModelConfig::from_json_str(&text, Path::new("config.json")).map_err(|e| e.to_string())
+}
+
+/// For the window keys, which act only together: the other keys of a window (the context)
+/// and a value of `key` that changes which layers are windowed within it.
+fn window_change(arch: Architecture, key: &str) -> Option<(Value, Value)> {
+    let mistral = matches!(arch, Architecture::Mistral | Architecture::Mixtral);
+    // Qwen2 / Qwen3 window layers from max_window_layers on, Qwen2-MoE even ones below it.
+    let (none, some) = if arch == Architecture::Qwen2Moe {
+        (0, 1)
+    } else {
+        (2, 0)
+    };
+    Some(match key {
+        "sliding_window" if mistral => (json!({}), json!({"sliding_window": 16})),
+        "sliding_window" => (
+            json!({"use_sliding_window": true, "max_window_layers": some}),
+            json!({"sliding_window": 16}),
+        ),
+        "use_sliding_window" => (
+            json!({"sliding_window": 16, "max_window_layers": some}),
+            json!({"use_sliding_window": true}),
+        ),
+        "max_window_layers" => (
+            json!({"sliding_window": 16, "use_sliding_window": true, "max_window_layers": none}),
+            json!({"max_window_layers": some}),
+        ),
+        _ => return None,
+    })
 }
 
 /// A value of each used key that differs from `minimal`'s (and from the default).
@@ -322,13 +346,7 @@ fn changed(key: &str) -> Option<Value> {
 
 /// For each refused key: a value the engine implements, and one it refuses, with the
 /// strings its message must hold (the key and the value).
-fn refused(arch: Architecture, key: &str) -> (Value, Value, [&'static str; 2]) {
-    let qwen_window =
-        |w: u64| json!({"sliding_window": w, "use_sliding_window": true, "max_window_layers": 1});
-    let window = |w: u64| match arch {
-        Architecture::Mistral | Architecture::Mixtral => json!({"sliding_window": w}),
-        _ => qwen_window(w),
-    };
+fn refused(key: &str) -> (Value, Value, [&'static str; 2]) {
     match key {
         "rope_scaling" => (
             json!({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
@@ -349,23 +367,6 @@ fn refused(arch: Architecture, key: &str) -> (Value, Value, [&'static str; 2]) {
             json!({"mlp_bias": false}),
             json!({"mlp_bias": true}),
             ["mlp_bias", "true"],
-        ),
-        "sliding_window" => (
-            window(64),
-            window(16),
-            ["sliding_window 16", "--max_seq_len 16"],
-        ),
-        "use_sliding_window" => (
-            json!({"sliding_window": 16, "use_sliding_window": false}),
-            qwen_window(16),
-            ["use_sliding_window true", "sliding_window 16"],
-        ),
-        "max_window_layers" => (
-            // Qwen2 / Qwen3 window the layers from this index on, Qwen2-MoE those below it.
-            json!({"sliding_window": 16, "use_sliding_window": true,
-                   "max_window_layers": if arch == Architecture::Qwen2Moe { 0 } else { 2 }}),
-            qwen_window(16),
-            ["max_window_layers 1", "sliding_window 16"],
         ),
         "layer_types" => (
             json!({"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 16}),
@@ -412,17 +413,22 @@ fn every_key_of_every_supported_class_has_a_row() {
 fn used_keys_change_the_parsed_config() {
     for arch in archs() {
         let base = minimal(arch);
-        let plain = load(&base, &json!({})).unwrap();
         for key in all_keys(arch) {
             let row = config_key(key).unwrap();
             // architectures picks the class; the other tests run every class.
             if row.treatment != Treatment::Used || key == "architectures" {
                 continue;
             }
-            let extra = changed(key).unwrap_or_else(|| panic!("no changed value for `{key}`"));
-            let c =
-                load(&base, &extra).unwrap_or_else(|e| panic!("{}: {key}: {e}", arch.hf_name()));
-            assert_ne!(c, plain, "{}: `{key}` changed nothing", arch.hf_name());
+            let (context, extra) = window_change(arch, key).unwrap_or_else(|| {
+                let extra = changed(key).unwrap_or_else(|| panic!("no changed value for `{key}`"));
+                (json!({}), extra)
+            });
+            let before = load(&base, &context).unwrap();
+            let mut both = context.as_object().unwrap().clone();
+            both.extend(extra.as_object().unwrap().clone());
+            let c = load(&base, &Value::Object(both))
+                .unwrap_or_else(|e| panic!("{}: {key}: {e}", arch.hf_name()));
+            assert_ne!(c, before, "{}: `{key}` changed nothing", arch.hf_name());
         }
     }
 }
@@ -462,7 +468,7 @@ fn refused_keys_fail_the_load_naming_the_key_and_the_value() {
             if config_key(key).unwrap().treatment != Treatment::Refused {
                 continue;
             }
-            let (ok, bad, names) = refused(arch, key);
+            let (ok, bad, names) = refused(key);
             let name = arch.hf_name();
             load(&base, &ok).unwrap_or_else(|e| panic!("{name}: {key} {ok} is implemented: {e}"));
             let e = load(&base, &bad).expect_err(&format!("{name}: {key} {bad} loads"));
@@ -510,27 +516,43 @@ fn sliding_windows_follow_each_class_rule() {
         window(Architecture::Llama, json!({"sliding_window": 16})),
         None
     );
-    // Mistral v0.1 is refused at its full context and served within its window.
+    // Per layer, as the attention reads it; every layer shares it only on Mistral here.
+    let c = load(&minimal(Architecture::Qwen2), &on(1)).unwrap();
+    assert_eq!(
+        (c.attention_window(0), c.attention_window(1)),
+        (None, Some(16))
+    );
+    assert_eq!(c.window_of_every_layer(), None);
+    // Mistral v0.1 loads at its full context; a backend without windowed attention (CUDA)
+    // refuses it there and names the max_seq_len that fits.
     let mistral_v01 = json!({"sliding_window": 4096, "max_position_embeddings": 32768});
-    let e = load(&minimal(Architecture::Mistral), &mistral_v01).unwrap_err();
+    let c = load(&minimal(Architecture::Mistral), &mistral_v01).unwrap();
+    assert_eq!(c.window_of_every_layer(), Some(4096));
+    let e = c.check_full_attention_covers("cuda", 32768).unwrap_err();
     assert!(
-        e.contains("max_seq_len is 32768") && e.contains("--max_seq_len 4096"),
+        e.contains("max_seq_len is 32768")
+            && e.contains("--max_seq_len 4096")
+            && e.contains("cuda"),
         "{e}"
     );
-    let c = ModelConfig::from_json_str(
-        &Value::Object({
-            let mut c = minimal(Architecture::Mistral);
-            c.extend(mistral_v01.as_object().unwrap().clone());
-            c
-        })
-        .to_string(),
-        Path::new("c"),
-    )
-    .unwrap();
     assert!(
-        c.check_max_seq_len(4096).is_ok(),
+        c.check_full_attention_covers("cuda", 4096).is_ok(),
         "a window covering max_seq_len is a no-op"
     );
+    // A window of 0 lets a query see nothing (transformers gives NaN): refused where it
+    // applies, accepted where use_sliding_window turns it off (Qwen1.5-MoE's published config).
+    for (arch, extra) in [
+        (Architecture::Mistral, json!({"sliding_window": 0})),
+        (
+            Architecture::Qwen2,
+            json!({"sliding_window": 0, "use_sliding_window": true, "max_window_layers": 0}),
+        ),
+    ] {
+        let e = load(&minimal(arch), &extra).unwrap_err();
+        assert!(e.contains("sliding_window 0"), "{e}");
+    }
+    let off = json!({"sliding_window": 0, "use_sliding_window": false});
+    assert_eq!(window(Architecture::Qwen2Moe, off), None);
 }
 
 #[test]

@@ -346,8 +346,8 @@ pub async fn group_failure(engine: EngineHandle, ranks: Option<Arc<Mutex<LocalRa
 }
 
 /// Refuses, before any rank starts, a split the model cannot take (sizes that do not divide
-/// are named), an ep_size that does not divide tp_size, or a max_seq_len that the model's
-/// sliding window does not cover (windowed attention is not implemented).
+/// are named), an ep_size that does not divide tp_size, or, with `--backend cuda` (which has
+/// no windowed attention), a max_seq_len that the model's sliding window does not cover.
 pub fn check_sizes(args: &LlmArgs, model: &ModelDir) -> anyhow::Result<()> {
     let (tp, ep) = (args.tensor_parallel_size as usize, ep_size(args));
     if tp == 0 || ep == 0 || !tp.is_multiple_of(ep) {
@@ -361,7 +361,9 @@ pub fn check_sizes(args: &LlmArgs, model: &ModelDir) -> anyhow::Result<()> {
     let max_seq_len = args
         .max_seq_len
         .map_or(config.max_position_embeddings, |n| n as usize);
-    if let Err(why) = config.check_max_seq_len(max_seq_len) {
+    if args.backend == llmapi_common::args::Backend::Cuda
+        && let Err(why) = config.check_full_attention_covers("cuda", max_seq_len)
+    {
         bail!("{}: {why}", model.path.display());
     }
     Ok(())

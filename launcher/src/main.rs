@@ -219,7 +219,8 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let config = ModelConfig::from_model_dir(&model.path)
         .with_context(|| format!("model {}", model_path.display()))?;
     if let Some(n) = args.max_seq_len
-        && let Err(why) = config.check_max_seq_len(n as usize)
+        && args.backend == llmapi_common::args::Backend::Cuda
+        && let Err(why) = config.check_full_attention_covers("cuda", n as usize)
     {
         anyhow::bail!("model {}: {why}", model_path.display());
     }

@@ -252,10 +252,10 @@ fn config_values_the_engine_does_not_implement_are_refused_before_loading() {
     let original: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
     for (edit, names) in [
-        // Mistral v0.1's shape: a window shorter than the context.
+        // A window of no positions: a query would see no key.
         (
-            serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 256}),
-            ["sliding_window 256", "--max_seq_len 256"],
+            serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 0}),
+            ["sliding_window 0", "null"],
         ),
         (
             serde_json::json!({"hidden_act": "gelu_new"}),
@@ -280,4 +280,24 @@ fn config_values_the_engine_does_not_implement_are_refused_before_loading() {
             "refused before loading: {err}"
         );
     }
+    // Mistral v0.1's shape, a window shorter than the context: the CPU backend attends over
+    // it, the CUDA backend has no windowed attention and refuses it before anything starts.
+    let mut config = original.clone();
+    config.as_object_mut().unwrap().extend(
+        serde_json::json!({"architectures": ["MistralForCausalLM"], "sliding_window": 16})
+            .as_object()
+            .unwrap()
+            .clone(),
+    );
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let out = launch(
+        &["serve", model.to_str().unwrap(), "--backend", "cuda"],
+        d.path(),
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    for n in ["sliding_window 16", "--max_seq_len 16", "--backend cpu"] {
+        assert!(err.contains(n), "message lacks `{n}`: {err}");
+    }
+    assert!(!err.contains("libcuda"), "refused before the driver: {err}");
 }

@@ -116,6 +116,23 @@ class Decoder:
         # Mixtral always renormalises the chosen experts' weights.
         self.renormalise = cfg.get("norm_topk_prob", cfg["model_type"] == "mixtral")
         self.lm_head = self.w.get("lm_head.weight", self.w["model.embed_tokens.weight"])
+        self.window = self.windows(cfg)
+
+    @staticmethod
+    def windows(cfg: dict) -> list[int | None]:
+        """Per layer, the sliding window (a query at i sees keys j with i - j < window) or
+        None: Mistral windows every layer when sliding_window is set; the Qwen classes only
+        with use_sliding_window, on the layers layer_types (or max_window_layers) marks."""
+        n, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+        if cfg["model_type"] in ("mistral", "mixtral"):
+            return [window] * n
+        if not cfg.get("use_sliding_window") or window is None:
+            return [None] * n
+        types = cfg.get("layer_types") or [
+            "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+            for i in range(n)
+        ]
+        return [window if t == "sliding_attention" else None for t in types]
 
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         y = x @ self.w[f"{name}.weight"].T
@@ -130,7 +147,7 @@ class Decoder:
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def attention(self, x: np.ndarray, p: str) -> np.ndarray:
+    def attention(self, x: np.ndarray, p: str, window: int | None) -> np.ndarray:
         t = x.shape[0]
         q = self.linear(x, f"{p}.q_proj").reshape(t, self.heads, self.head_dim).transpose(1, 0, 2)
         k = (
@@ -150,7 +167,10 @@ class Decoder:
         group = self.heads // self.kv_heads
         k, v = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
         scores = q @ k.transpose(0, 2, 1) / math.sqrt(self.head_dim)
-        scores = np.where(np.tril(np.ones((t, t), dtype=bool)), scores, -np.inf)
+        seen = np.tril(np.ones((t, t), dtype=bool))
+        if window is not None:
+            seen &= np.triu(np.ones((t, t), dtype=bool), 1 - window)
+        scores = np.where(seen, scores, -np.inf)
         out = (softmax(scores) @ v).transpose(1, 0, 2).reshape(t, self.heads * self.head_dim)
         return self.linear(out, f"{p}.o_proj")
 
@@ -188,7 +208,8 @@ class Decoder:
         for layer in range(self.cfg["num_hidden_layers"]):
             p = f"model.layers.{layer}"
             h = h + self.attention(
-                rms_norm(h, self.w[f"{p}.input_layernorm.weight"], self.eps), f"{p}.self_attn"
+                rms_norm(h, self.w[f"{p}.input_layernorm.weight"], self.eps), f"{p}.self_attn",
+                self.window[layer],
             )
             x = rms_norm(h, self.w[f"{p}.post_attention_layernorm.weight"], self.eps)
             h = h + (self.moe(x, layer) if self.is_sparse(layer) else self.mlp(x, f"{p}.mlp"))

@@ -188,6 +188,35 @@ def qwen3_hd128_config() -> Qwen3Config:
     )
 
 
+def mistral_window_config() -> MistralConfig:
+    # Mistral v0.1's shape: every layer attends over the last 16 positions only
+    # (a query at i sees keys j with i - j < 16); prompts run far past it.
+    return MistralConfig(
+        **TINY,
+        vocab_size=128,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=16,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
+def qwen2_window_config() -> Qwen2Config:
+    # Qwen2 with use_sliding_window: layers from max_window_layers on (here
+    # layer 1) use a window of 13 positions, layer 0 attends over everything.
+    return Qwen2Config(
+        **TINY,
+        vocab_size=128,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=13,
+        max_window_layers=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+
+
 def mixtral_config() -> MixtralConfig:
     return MixtralConfig(
         **TINY,
@@ -312,6 +341,22 @@ CASES = [
         save_dtype=torch.bfloat16,
         base_seed=13000,
         prompt_lengths=(300,),
+    ),
+    Case(
+        "mistral_window",
+        MistralForCausalLM,
+        mistral_window_config,
+        save_dtype=torch.bfloat16,
+        base_seed=14000,
+        prompt_lengths=(9, 72),
+    ),
+    Case(
+        "qwen2_window",
+        Qwen2ForCausalLM,
+        qwen2_window_config,
+        save_dtype=torch.bfloat16,
+        base_seed=15000,
+        prompt_lengths=(9, 72),
     ),
     Case("mixtral", MixtralForCausalLM, mixtral_config, base_seed=7000),
     Case("qwen3_moe", Qwen3MoeForCausalLM, qwen3_moe_config, base_seed=8000),

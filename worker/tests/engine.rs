@@ -11,7 +11,10 @@ use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::*;
 use llmapi_worker::model::ModelWeights;
-use tokio::sync::mpsc::UnboundedReceiver;
+
+mod support;
+
+use support::{collect, greedy, wait_idle};
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
@@ -34,68 +37,6 @@ fn prompt(seed: u32, len: usize) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (seed * 31 + i * 17 + 3) % 250 + 3)
         .collect()
-}
-
-fn greedy(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateParams {
-    GenerateParams {
-        request_id: id.to_string(),
-        prompt,
-        sampling: SamplingParams::default(),
-        stopping: StoppingParams {
-            max_tokens,
-            ignore_eos: true,
-            ..Default::default()
-        },
-    }
-}
-
-struct Outcome {
-    ids: Vec<u32>,
-    reason: FinishReason,
-    stop: Option<u32>,
-    usage: Usage,
-}
-
-/// Reads events until Finished, at most 30 s.
-fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Outcome {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut ids = Vec::new();
-    while Instant::now() < deadline {
-        match rx.try_recv() {
-            Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
-            Ok(TokenEvent::Finished {
-                reason,
-                stop_token_id,
-                usage,
-                ..
-            }) => {
-                return Outcome {
-                    ids,
-                    reason,
-                    stop: stop_token_id,
-                    usage,
-                };
-            }
-            Ok(TokenEvent::Error(e) | TokenEvent::Refused(e)) => panic!("engine error: {e}"),
-            Ok(TokenEvent::PromptLogprobs(_)) => {}
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                std::thread::sleep(Duration::from_millis(1))
-            }
-            Err(e) => panic!("stream ended without Finished: {e}"),
-        }
-    }
-    panic!("no Finished event within 30 s");
-}
-
-fn wait_idle(h: &EngineHandle) -> LoadStats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let l = h.load();
-        if (l.running == 0 && l.queued == 0) || Instant::now() > deadline {
-            return l;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn solo(cfg: EngineConfig, prompts: &[Vec<u32>], max_tokens: u32) -> Vec<Vec<u32>> {
@@ -698,32 +639,17 @@ fn mistral_with(edit: serde_json::Value) -> tempfile::TempDir {
 
 #[test]
 fn config_values_the_engine_does_not_implement_fail_the_start_by_name() {
-    // A sliding window shorter than max_seq_len (Mistral v0.1's shape): windowed attention is
-    // not implemented, so only a max_seq_len within the window is served.
-    let windowed = mistral_with(serde_json::json!({"sliding_window": 16}));
-    let full = EngineConfig {
-        max_seq_len: None,
-        ..config()
-    };
-    let e = Engine::start(windowed.path(), full)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("sliding_window 16") && e.contains("--max_seq_len 16"),
-        "{e}"
-    );
-    let within = EngineConfig {
-        max_seq_len: Some(16),
-        ..config()
-    };
-    let engine = Engine::start(windowed.path(), within).unwrap();
-    assert_eq!(engine.info().max_seq_len, 16);
-    engine.shutdown();
     let gelu = mistral_with(serde_json::json!({"hidden_act": "gelu"}));
     let e = Engine::start(gelu.path(), config())
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("hidden_act is \"gelu\""), "{e}");
+    // A window of no positions: a query would see nothing (transformers gives NaN).
+    let empty = mistral_with(serde_json::json!({"sliding_window": 0}));
+    let e = Engine::start(empty.path(), config())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("sliding_window 0"), "{e}");
 }

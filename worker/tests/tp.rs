@@ -199,6 +199,14 @@ fn qwen2_bias_and_tied_embeddings_split_over_two_ranks() {
 }
 
 #[test]
+fn sliding_windows_split_over_two_ranks() {
+    // Each rank attends over the window with its own KV heads (Mistral: every layer; Qwen2:
+    // layer 1 only), prompts of 72 tokens running far past it.
+    check("mistral_window", &[(2, 2)]);
+    check("qwen2_window", &[(2, 2)]);
+}
+
+#[test]
 fn qwen3_qk_norm_splits_over_two_ranks() {
     check("qwen3", &[(2, 2)]);
 }

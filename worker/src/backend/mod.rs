@@ -80,6 +80,12 @@ pub trait Backend: Send {
     fn name(&self) -> &'static str;
     /// Rows of the logits.
     fn vocab_size(&self) -> usize;
+    /// Whether `forward` applies each layer's sliding window
+    /// (`ModelConfig::attention_window`) and never reads the blocks before it. A backend that
+    /// does not is given only models whose window covers max_seq_len (checked at start).
+    fn windowed_attention(&self) -> bool {
+        false
+    }
     /// Bytes of KV memory one token takes across all layers.
     fn kv_bytes_per_token(&self) -> usize;
     /// Bytes of device memory the KV pool may draw from (free after weights and workspace),

@@ -254,6 +254,9 @@ impl Backend for LeaderBackend {
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
+    fn windowed_attention(&self) -> bool {
+        self.inner.windowed_attention()
+    }
     /// This rank's bytes per token: every rank holds its own KV heads in a pool of the
     /// same blocks, and the budget is one rank's share of its node (the launcher counts the
     /// ranks sharing a node in `EngineConfig::replicas_on_node`).

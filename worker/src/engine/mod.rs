@@ -58,6 +58,9 @@ struct Shared {
     /// Most unfinished requests before submits are refused (`EngineConfig::max_live_requests`).
     max_live: usize,
     max_batch_size: usize,
+    /// The sliding window of every layer, when the backend frees the blocks before it.
+    freed_window: Option<usize>,
+    policy: CapacityPolicy,
 }
 
 /// Starts engines.
@@ -161,9 +164,14 @@ impl Engine {
                 "max_seq_len is {max_seq_len}; it must be at least 2"
             ));
         }
-        model
-            .check_max_seq_len(max_seq_len)
-            .map_err(EngineError::InvalidConfig)?;
+        if !backend.windowed_attention() {
+            model
+                .check_full_attention_covers(backend.name(), max_seq_len)
+                .map_err(EngineError::InvalidConfig)?;
+        }
+        let freed_window = model
+            .window_of_every_layer()
+            .filter(|_| backend.windowed_attention());
         let kv_plan = size_kv(&cfg, backend.as_ref(), max_seq_len, before_load)?;
         kv_plan.log();
         let num_blocks = kv_plan.blocks;
@@ -221,9 +229,18 @@ impl Engine {
             stall_timeout: cfg.stall_timeout,
             max_live: cfg.max_live_requests(),
             max_batch_size: cfg.max_batch_size,
+            freed_window,
+            policy: cfg.capacity_policy,
         });
         let status = Arc::clone(&shared.status);
-        let runner = runner::Runner::new(backend, cfg, info, num_blocks, Arc::clone(&status));
+        let runner = runner::Runner::new(
+            backend,
+            cfg,
+            info,
+            num_blocks,
+            Arc::clone(&status),
+            freed_window,
+        );
         std::thread::Builder::new()
             .name("llmapi-engine".into())
             .spawn(move || {
@@ -417,6 +434,8 @@ impl EngineHandle {
             info,
             self.shared.max_num_tokens,
             self.shared.chunked_prefill,
+            self.shared.freed_window,
+            self.shared.policy,
         )?;
         {
             let mut live = self

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Command, EngineConfig, EngineError, EngineInfo, Status};
+use super::{CapacityPolicy, Command, EngineConfig, EngineError, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
 use llmapi_proto::limits::MAX_STOP_TOKEN_IDS;
 
@@ -22,12 +22,16 @@ pub(crate) struct NewRequest {
     pub(crate) arrival: Instant,
 }
 
-/// Checks what can be checked without the engine thread.
+/// Checks what can be checked without the engine thread. `freed_window`: the sliding window
+/// of every layer when blocks before it are freed (a request that gets its blocks as it
+/// grows then never holds more than its prompt's or its window's).
 pub(crate) fn validate(
     req: &GenerateParams,
     info: &EngineInfo,
     max_num_tokens: usize,
     chunked: bool,
+    freed_window: Option<usize>,
+    policy: CapacityPolicy,
 ) -> Result<(), EngineError> {
     let bad = |m: String| Err(EngineError::InvalidRequest(m));
     let never_fits = |m: String| Err(EngineError::DoesNotFit(m));
@@ -58,8 +62,23 @@ pub(crate) fn validate(
     // The last token is sampled, never computed: it takes no KV slot. A request for the
     // whole room gets blocks as it grows (and ends with `length` if it fills the cache
     // alone): only its prompt must fit.
-    let kv_tokens = if total > max_seq_len { n } else { total - 1 };
-    let blocks = kv_tokens.div_ceil(info.tokens_per_block as usize);
+    let whole_room = total > max_seq_len;
+    let kv_tokens = if whole_room { n } else { total - 1 };
+    let tpb = info.tokens_per_block as usize;
+    let mut blocks = kv_tokens.div_ceil(tpb);
+    // With a window on every layer a sequence holds at most its prompt's blocks (prefilled
+    // whole) or those of its window and the next position: growing as it goes (MAX_UTILIZATION,
+    // or the whole room) that is all it needs; reserving (GUARANTEED_NO_EVICT) it reserves both
+    // (`Scheduler::admit_front`).
+    if let Some(w) = freed_window {
+        let at_once = if whole_room || policy == CapacityPolicy::MaxUtilization {
+            n.max(w + tpb).div_ceil(tpb)
+        } else {
+            n.div_ceil(tpb) + w.div_ceil(tpb) + 1
+        };
+        blocks = blocks.min(at_once);
+    }
+    let kv_tokens = kv_tokens.min(blocks * tpb);
     if blocks as u64 > info.kv_capacity_blocks {
         return never_fits(format!(
             "request needs {kv_tokens} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
@@ -140,12 +159,15 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
+    /// `window`: the sliding window every layer of the model shares, when the backend applies
+    /// it (blocks before it are then freed).
     pub(crate) fn new(
         backend: Box<dyn Backend>,
         cfg: EngineConfig,
         info: EngineInfo,
         num_blocks: usize,
         status: Arc<Status>,
+        window: Option<usize>,
     ) -> Self {
         let prefill_budget = prefill_budget(&cfg, backend.name());
         tracing::info!(
@@ -162,9 +184,15 @@ impl Runner {
             policy: cfg.capacity_policy,
         };
         let bm = BlockManager::new(num_blocks, cfg.tokens_per_block, cfg.enable_block_reuse);
+        if let Some(window) = window {
+            tracing::info!(
+                window,
+                "every layer attends over a sliding window: KV blocks before it are freed as sequences grow"
+            );
+        }
         Self {
+            sched: Scheduler::new(limits, bm).with_window_of_every_layer(window),
             backend,
-            sched: Scheduler::new(limits, bm),
             info,
             status,
             print_iter_log: cfg.print_iter_log,
@@ -274,6 +302,7 @@ impl Runner {
             tokens: p.prompt,
             num_computed: 0,
             blocks: Vec::new(),
+            promised: 0,
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total,
@@ -346,8 +375,8 @@ impl Runner {
         let load = LoadStats {
             running: self.sched.running.len() as u32,
             queued: self.sched.waiting.len() as u32,
-            kv_blocks_used: (bm.num_blocks() - bm.num_free()) as u64,
-            kv_blocks_free: bm.num_free() as u64,
+            kv_blocks_used: (bm.num_blocks() - bm.num_unpromised_free()) as u64,
+            kv_blocks_free: bm.num_unpromised_free() as u64,
             preemptions: self.sched.preemptions,
         };
         if let Ok(mut l) = self.status.load.lock() {
@@ -462,8 +491,8 @@ impl Runner {
                 gen_tokens,
                 self.sched.running.len(),
                 self.sched.waiting.len(),
-                bm.num_blocks() - bm.num_free(),
-                bm.num_free()
+                bm.num_blocks() - bm.num_unpromised_free(),
+                bm.num_unpromised_free()
             );
         }
         self.last_step_end = Some(Instant::now());
@@ -481,6 +510,7 @@ impl Runner {
             let start = self.sched.running[item.seq].num_computed;
             self.sched.running[item.seq].num_computed += item.n;
             self.sched.register_full_blocks(item.seq);
+            self.sched.free_out_of_window(item.seq);
             let seq = &mut self.sched.running[item.seq];
             if let ChunkOut::Rows(rows) = &out
                 && seq.want_prompt_logprobs

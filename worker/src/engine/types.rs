@@ -290,9 +290,9 @@ pub struct LoadStats {
     pub running: u32,
     /// Requests waiting for admission.
     pub queued: u32,
-    /// KV blocks held by requests or the prefix cache.
+    /// KV blocks held by requests or the prefix cache, or promised to a running request.
     pub kv_blocks_used: u64,
-    /// KV blocks free (including evictable cached blocks).
+    /// KV blocks free (including evictable cached blocks) and promised to no one.
     pub kv_blocks_free: u64,
     /// Sequences preempted (their KV dropped, to be recomputed) since the engine started;
     /// only MAX_UTILIZATION preempts.

@@ -20,6 +20,12 @@ pub use llmapi_common::block_hash::{BlockHash, prefix_block_hashes};
 /// Index of a block in the backend's KV pool.
 pub type BlockId = u32;
 
+/// Stands in a sequence's block table for a block it gave back after the block fell out of
+/// every layer's sliding window (`Scheduler::free_out_of_window`). No id of the pool: a
+/// backend never reads it (attention skips the blocks before a window), and `release_all`
+/// skips it.
+pub const FREED_BLOCK: BlockId = BlockId::MAX;
+
 /// A change to the set of cached prefix blocks, for the eviction log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheChange {
@@ -46,6 +52,9 @@ pub struct BlockManager {
     tick: u64,
     /// Changes not yet taken by `take_cache_changes`.
     changes: Vec<CacheChange>,
+    /// Free blocks promised to running sequences (`promise`): `allocate` leaves them to
+    /// `allocate_promised`. At most `num_free()`.
+    promised: usize,
 }
 
 impl BlockManager {
@@ -62,6 +71,7 @@ impl BlockManager {
             evict_tick: vec![0; num_blocks],
             tick: 0,
             changes: Vec::new(),
+            promised: 0,
         }
     }
 
@@ -90,8 +100,51 @@ impl BlockManager {
         tokens.div_ceil(self.tokens_per_block)
     }
 
-    /// Takes a free block, evicting the least recently used cached one when needed.
+    /// Free blocks promised to running sequences and not yet taken.
+    pub fn num_promised(&self) -> usize {
+        self.promised
+    }
+
+    /// Free blocks promised to no one: what a new request could get.
+    pub fn num_unpromised_free(&self) -> usize {
+        self.num_free().saturating_sub(self.promised)
+    }
+
+    /// Takes a free block that is not promised, evicting the least recently used cached one
+    /// when needed.
     pub fn allocate(&mut self) -> Option<BlockId> {
+        if self.num_free() <= self.promised {
+            return None;
+        }
+        self.take_free()
+    }
+
+    /// Takes one of the promised blocks (there is one while `num_promised() > 0`).
+    pub fn allocate_promised(&mut self) -> Option<BlockId> {
+        if self.promised == 0 {
+            return None;
+        }
+        let block = self.take_free()?;
+        self.promised -= 1;
+        Some(block)
+    }
+
+    /// Promises `n` more free blocks to a sequence, if that many are free and not promised.
+    pub fn promise(&mut self, n: usize) -> bool {
+        if self.num_free() < self.promised + n {
+            return false;
+        }
+        self.promised += n;
+        true
+    }
+
+    /// Takes back promises a sequence no longer needs (it ended or was preempted).
+    pub fn release_promise(&mut self, n: usize) {
+        debug_assert!(n <= self.promised, "more promises released than made");
+        self.promised = self.promised.saturating_sub(n);
+    }
+
+    fn take_free(&mut self) -> Option<BlockId> {
         let block = match self.free_plain.pop() {
             Some(b) => b,
             None => {
@@ -107,26 +160,32 @@ impl BlockManager {
         Some(block)
     }
 
-    /// Drops one reference; a block whose count reaches zero becomes free (evictable if cached).
-    pub fn release(&mut self, block: BlockId) {
+    /// Drops one reference; a block whose count reaches zero becomes free (evictable if
+    /// cached), and then this returns true.
+    pub fn release(&mut self, block: BlockId) -> bool {
         let i = block as usize;
         debug_assert!(self.ref_count[i] > 0, "double free of block {block}");
         self.ref_count[i] = self.ref_count[i].saturating_sub(1);
-        if self.ref_count[i] == 0 {
-            if self.hash_of[i].is_some() {
-                self.tick += 1;
-                self.evict_tick[i] = self.tick;
-                self.evictable.insert(self.tick, block);
-            } else {
-                self.free_plain.push(block);
-            }
+        if self.ref_count[i] != 0 {
+            return false;
         }
+        if self.hash_of[i].is_some() {
+            self.tick += 1;
+            self.evict_tick[i] = self.tick;
+            self.evictable.insert(self.tick, block);
+        } else {
+            self.free_plain.push(block);
+        }
+        true
     }
 
-    /// Releases every block of a sequence, last block first so shared prefixes stay longest.
+    /// Releases every block of a sequence, last block first so shared prefixes stay longest;
+    /// [`FREED_BLOCK`] entries were released already.
     pub fn release_all(&mut self, blocks: &[BlockId]) {
         for &b in blocks.iter().rev() {
-            self.release(b);
+            if b != FREED_BLOCK {
+                self.release(b);
+            }
         }
     }
 
@@ -159,22 +218,28 @@ impl BlockManager {
 
     /// Blocks `allocate` could still hand out after `acquire_cached_prefix(prefix)`: the free
     /// ones minus the cached blocks of `prefix` that sit unreferenced (and so count as free)
-    /// until the prefix takes them.
+    /// until the prefix takes them, and minus the promised ones.
     pub fn num_free_beside(&self, prefix: &[BlockHash]) -> usize {
         let taken_from_free = prefix
             .iter()
             .filter_map(|h| self.cached.get(h))
             .filter(|&&b| self.ref_count[b as usize] == 0)
             .count();
-        self.num_free() - taken_from_free
+        (self.num_free() - taken_from_free).saturating_sub(self.promised)
     }
 
     /// Takes a reference on the cached blocks of `prefix` (a prefix `count_cached_prefix`
-    /// matched in full) and allocates `new_blocks` more, all or nothing: when the pool cannot
-    /// supply them, returns None having evicted nothing, so a request that does not fit yet
-    /// leaves other requests' cached prefixes in place while it waits.
-    pub fn admit(&mut self, prefix: &[BlockHash], new_blocks: usize) -> Option<Vec<BlockId>> {
-        if self.num_free_beside(prefix) < new_blocks {
+    /// matched in full), allocates `new_blocks` more and promises `promise` besides, all or
+    /// nothing: when the pool cannot supply them, returns None having evicted nothing, so a
+    /// request that does not fit yet leaves other requests' cached prefixes in place while it
+    /// waits.
+    pub fn admit(
+        &mut self,
+        prefix: &[BlockHash],
+        new_blocks: usize,
+        promise: usize,
+    ) -> Option<Vec<BlockId>> {
+        if self.num_free_beside(prefix) < new_blocks + promise {
             return None;
         }
         let mut blocks = self.acquire_cached_prefix(prefix);
@@ -188,6 +253,7 @@ impl BlockManager {
                 }
             }
         }
+        self.promised += promise;
         Some(blocks)
     }
 
@@ -256,6 +322,29 @@ mod tests {
     }
 
     #[test]
+    fn promised_blocks_are_left_to_their_holder() {
+        let mut m = BlockManager::new(4, 4, false);
+        let held = m.admit(&[], 1, 2).unwrap();
+        assert_eq!((m.num_free(), m.num_promised()), (3, 2));
+        // One block is free and unpromised; a second admission asking for two more fails.
+        assert!(m.admit(&[], 1, 1).is_none());
+        let other = m.allocate().unwrap();
+        assert!(m.allocate().is_none(), "the other two are promised");
+        assert!(!m.promise(1));
+        let a = m.allocate_promised().unwrap();
+        let b = m.allocate_promised().unwrap();
+        assert_eq!((m.num_free(), m.num_promised()), (0, 0));
+        assert!(m.allocate_promised().is_none());
+        // A released block can be promised back to the sequence that freed it.
+        assert!(m.release(a));
+        assert!(m.promise(1));
+        assert!(m.allocate().is_none());
+        m.release_promise(1);
+        m.release_all(&[held[0], other, b]);
+        assert_eq!((m.num_free(), m.num_promised(), m.num_in_use()), (4, 0, 0));
+    }
+
+    #[test]
     fn reuse_disabled_never_matches() {
         let mut m = BlockManager::new(2, 4, false);
         let b = m.allocate().unwrap();
@@ -281,7 +370,7 @@ mod tests {
         assert_eq!(m.num_free(), 4);
         // Taking `mine` leaves 2 allocatable, however `num_free() + cached` adds up.
         assert_eq!(m.num_free_beside(&mine), 2);
-        assert!(m.admit(&mine, 3).is_none());
+        assert!(m.admit(&mine, 3, 0).is_none());
         assert_eq!(
             m.count_cached_prefix(&theirs),
             2,
@@ -291,7 +380,7 @@ mod tests {
         assert!(m.take_cache_changes().is_empty(), "nothing was evicted");
         assert_eq!(m.num_free(), 4);
         // What fits is granted: the two cached blocks plus two new ones (evicting `theirs`).
-        let blocks = m.admit(&mine, 2).unwrap();
+        let blocks = m.admit(&mine, 2, 0).unwrap();
         assert_eq!(blocks.len(), 4);
         assert_eq!(m.num_free(), 0);
         m.release_all(&blocks);

@@ -15,10 +15,13 @@
 //! sequence is paused is the newest one preempted (recomputed later, its output continuing),
 //! or, alone in the cache, ended with finish reason `length` (`out_of_room`). Sequences with
 //! a max_tokens are never paused or preempted. MAX_UTILIZATION allocates as it goes and
-//! preempts the newest request (to be recomputed) when blocks run out. Not for: arithmetic,
-//! sampling or event delivery.
+//! preempts the newest request (to be recomputed) when blocks run out. When every layer of the
+//! model attends over a sliding window, the blocks a sequence's next query can no longer see
+//! go back to the pool as it grows (`free_out_of_window`). Not for: arithmetic, sampling or
+//! event delivery.
 
 pub mod sequence;
+mod window;
 
 use std::collections::VecDeque;
 
@@ -81,6 +84,9 @@ pub struct Scheduler {
     /// Sequences that filled the whole cache alone and could not grow: the engine ends them
     /// with finish reason `length`.
     pub out_of_room: Vec<Sequence>,
+    /// The sliding window every layer shares, when every layer has one and the backend
+    /// applies it: blocks before a sequence's window are freed.
+    window: Option<usize>,
 }
 
 /// What `grow` did.
@@ -105,7 +111,15 @@ impl Scheduler {
             waiting: VecDeque::new(),
             preemptions: 0,
             out_of_room: Vec::new(),
+            window: None,
         }
+    }
+
+    /// Frees, as sequences grow, the blocks before the window of `window` positions that
+    /// every layer attends over (None: some layer sees the whole sequence; nothing is freed).
+    pub fn with_window_of_every_layer(mut self, window: Option<usize>) -> Self {
+        self.window = window;
+        self
     }
 
     /// Whether there is any work.
@@ -141,7 +155,7 @@ impl Scheduler {
             );
             self.preempt(newest);
         } else if let Some(seq) = self.running.pop() {
-            self.blocks.release_all(&seq.blocks);
+            self.release_blocks(&seq);
             tracing::warn!(
                 request_id = %seq.id,
                 tokens = seq.tokens.len(),
@@ -240,7 +254,14 @@ impl Scheduler {
     fn grow(&mut self, i: usize, upto: usize) -> Growth {
         let need = self.blocks.blocks_for(upto);
         while self.running[i].blocks.len() < need {
-            if let Some(b) = self.blocks.allocate() {
+            let promised = self.running[i].promised > 0;
+            let block = if promised {
+                self.blocks.allocate_promised()
+            } else {
+                self.blocks.allocate()
+            };
+            if let Some(b) = block {
+                self.running[i].promised -= usize::from(promised);
                 self.running[i].blocks.push(b);
                 continue;
             }
@@ -250,7 +271,7 @@ impl Scheduler {
             if self.running.len() == 1 {
                 // Alone and out of blocks: it fills the cache (a request for the whole room).
                 let seq = self.running.remove(i);
-                self.blocks.release_all(&seq.blocks);
+                self.release_blocks(&seq);
                 self.out_of_room.push(seq);
                 return Growth::Preempted;
             }
@@ -266,7 +287,7 @@ impl Scheduler {
 
     fn preempt(&mut self, idx: usize) {
         let mut seq = self.running.remove(idx);
-        self.blocks.release_all(&seq.blocks);
+        self.release_blocks(&seq);
         seq.reset_for_recompute();
         self.preemptions += 1;
         self.waiting.push_front(seq);
@@ -286,17 +307,29 @@ impl Scheduler {
         let start = cached * tpb;
         let remaining = seq.tokens.len() - start;
         let n = self.prefill_tokens(remaining, budget, prefill)?;
-        let target = match self.limits.policy {
-            CapacityPolicy::GuaranteedNoEvict if seq.reserve_in_steps => start + n,
-            // The last token is sampled, never computed: it takes no KV slot.
-            CapacityPolicy::GuaranteedNoEvict => seq.max_total.saturating_sub(1),
-            CapacityPolicy::MaxUtilization => start + n,
+        // The last token is sampled, never computed: it takes no KV slot.
+        let whole = self.blocks.blocks_for(seq.max_total.saturating_sub(1));
+        let (target, promise) = match (self.limits.policy, self.window) {
+            (CapacityPolicy::GuaranteedNoEvict, _) if seq.reserve_in_steps => (start + n, 0),
+            // With a window on every layer it never holds more than the blocks of what it
+            // prefills (its prompt; after a preemption, its output too) and its window's at
+            // once: those it does not take now are promised, and the blocks it frees come
+            // back to it as promises.
+            (CapacityPolicy::GuaranteedNoEvict, Some(w)) => {
+                let now = self.blocks.blocks_for(start + n);
+                let prefilled = self.blocks.blocks_for(seq.tokens.len());
+                let most = whole.min(prefilled + w.div_ceil(tpb) + 1);
+                (start + n, most.saturating_sub(now))
+            }
+            (CapacityPolicy::GuaranteedNoEvict, None) => (seq.max_total.saturating_sub(1), 0),
+            (CapacityPolicy::MaxUtilization, _) => (start + n, 0),
         };
         let need_new = self.blocks.blocks_for(target).saturating_sub(cached);
         // All or nothing: a head that does not fit evicts no one's cached prefix while it waits.
-        let blocks = self.blocks.admit(&hashes[..cached], need_new)?;
+        let blocks = self.blocks.admit(&hashes[..cached], need_new, promise)?;
         let mut seq = self.waiting.pop_front()?;
         seq.blocks = blocks;
+        seq.promised = promise;
         seq.hashes = hashes[..cached].to_vec();
         seq.num_computed = start;
         seq.on_admitted(start);
@@ -320,8 +353,14 @@ impl Scheduler {
     /// Removes running[i] and frees its blocks.
     pub fn finish(&mut self, i: usize) -> Sequence {
         let seq = self.running.remove(i);
-        self.blocks.release_all(&seq.blocks);
+        self.release_blocks(&seq);
         seq
+    }
+
+    /// Gives back everything a sequence holds: its blocks and its promises.
+    fn release_blocks(&mut self, seq: &Sequence) {
+        self.blocks.release_all(&seq.blocks);
+        self.blocks.release_promise(seq.promised);
     }
 
     /// Removes a sequence by id from either queue, freeing its blocks.
@@ -335,12 +374,12 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::engine::{SamplingParams, StoppingParams};
     use crate::sampling::Sampler;
 
-    fn seq(id: &str, prompt_len: usize) -> Sequence {
+    pub(super) fn seq(id: &str, prompt_len: usize) -> Sequence {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         Sequence {
             id: id.into(),
@@ -348,6 +387,7 @@ mod tests {
             prompt_len,
             num_computed: 0,
             blocks: Vec::new(),
+            promised: 0,
             hashes: Vec::new(),
             cached_tokens: 0,
             max_total: 32,
@@ -364,7 +404,7 @@ mod tests {
     }
 
     /// Applies a plan as the engine would, appending one sampled token per finished prefill.
-    fn run(s: &mut Scheduler, plan: &[PlanItem]) {
+    pub(super) fn run(s: &mut Scheduler, plan: &[PlanItem]) {
         for item in plan {
             let q = &mut s.running[item.seq];
             q.num_computed += item.n;
@@ -420,7 +460,7 @@ mod tests {
 
     /// A sequence with the given tokens as its prompt, reserving `max_total` under
     /// GUARANTEED_NO_EVICT.
-    fn prompt_seq(id: &str, tokens: Vec<u32>, max_total: usize) -> Sequence {
+    pub(super) fn prompt_seq(id: &str, tokens: Vec<u32>, max_total: usize) -> Sequence {
         let mut q = seq(id, tokens.len());
         q.tokens = tokens;
         q.max_total = max_total;

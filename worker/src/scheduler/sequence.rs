@@ -18,8 +18,12 @@ pub struct Sequence {
     pub prompt_len: usize,
     /// Tokens whose KV is in the cache.
     pub num_computed: usize,
-    /// KV blocks, in position order.
+    /// KV blocks, in position order (`kv::FREED_BLOCK` where one fell out of the window).
     pub blocks: Vec<BlockId>,
+    /// Free blocks the block manager promised it for later growth (a GUARANTEED_NO_EVICT
+    /// request on a model whose every layer is windowed reserves only what it can hold at
+    /// once: blocks it frees come back to it as promises).
+    pub promised: usize,
     /// Chained hashes of the full blocks registered so far.
     pub hashes: Vec<BlockHash>,
     /// Prompt tokens served from the prefix cache at first admission.
@@ -67,6 +71,7 @@ impl Sequence {
     /// from position 0 (once the prompt is done they have been sent and none are kept).
     pub fn reset_for_recompute(&mut self) {
         self.blocks.clear();
+        self.promised = 0;
         self.hashes.clear();
         self.num_computed = 0;
         self.prompt_logprobs.clear();

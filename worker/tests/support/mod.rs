@@ -13,8 +13,12 @@ use llmapi_proto::auth::{AttachToken, RequireToken};
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_worker::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
-use llmapi_worker::engine::{Engine, EngineConfig, EngineHandle};
+use llmapi_worker::engine::{
+    Engine, EngineConfig, EngineHandle, FinishReason, GenerateParams, LoadStats, SamplingParams,
+    StoppingParams, TokenEvent, Usage,
+};
 use llmapi_worker::service::{WorkerService, serve};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -189,4 +193,73 @@ pub fn gated_engine(cfg: EngineConfig, held: bool) -> (EngineHandle, Arc<Gate>) 
     });
     let engine = Engine::start_with_backend(backend, &model, &dir, "gated".into(), cfg).unwrap();
     (engine, gate)
+}
+
+/// A greedy request for `max_tokens` tokens (0: up to max_seq_len) that ignores EOS.
+pub fn greedy(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateParams {
+    GenerateParams {
+        request_id: id.to_string(),
+        prompt,
+        sampling: SamplingParams::default(),
+        stopping: StoppingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..Default::default()
+        },
+    }
+}
+
+/// What a request's event stream said.
+pub struct Outcome {
+    /// Generated token ids.
+    pub ids: Vec<u32>,
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// The stop token it ended on, if any.
+    pub stop: Option<u32>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// Reads events until Finished, at most 30 s.
+pub fn collect(mut rx: UnboundedReceiver<TokenEvent>) -> Outcome {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ids = Vec::new();
+    while Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(TokenEvent::Tokens { ids: new, .. }) => ids.extend(new),
+            Ok(TokenEvent::Finished {
+                reason,
+                stop_token_id,
+                usage,
+                ..
+            }) => {
+                return Outcome {
+                    ids,
+                    reason,
+                    stop: stop_token_id,
+                    usage,
+                };
+            }
+            Ok(TokenEvent::Error(e) | TokenEvent::Refused(e)) => panic!("engine error: {e}"),
+            Ok(TokenEvent::PromptLogprobs(_)) => {}
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("stream ended without Finished: {e}"),
+        }
+    }
+    panic!("no Finished event within 30 s");
+}
+
+/// The engine's load once nothing runs or waits (or after 10 s).
+pub fn wait_idle(h: &EngineHandle) -> LoadStats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = h.load();
+        if (l.running == 0 && l.queued == 0) || Instant::now() > deadline {
+            return l;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

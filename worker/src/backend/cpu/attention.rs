@@ -7,6 +7,10 @@
 //! bf16 cache take the faster path of `decode_attention.rs` on AVX-512 CPUs: the whole step
 //! when every chunk is one row, and the one-row chunks of a mixed step (prefill chunks and
 //! decode rows together).
+//!
+//! A layer with a sliding window (`ModelConfig::attention_window`) attends from position `pos`
+//! over `pos - window + 1 ..= pos` only, as transformers' masks do; blocks wholly before the
+//! window are never read, so the block table may hold freed (stale) ids there.
 
 use rayon::prelude::*;
 
@@ -27,7 +31,8 @@ struct Task {
     g: usize,
 }
 
-/// `out[row, q_head]` = softmax(q k^T / sqrt(d)) v over positions `0..=pos` of the row's sequence.
+/// `out[row, q_head]` = softmax(q k^T / sqrt(d)) v over positions `0..=pos` of the row's sequence
+/// (`pos - window + 1 ..= pos` on a layer with a sliding window).
 ///
 /// `rows[r] = (chunk, pos)` with each chunk's rows consecutive and in position order; `qkv`
 /// holds `[q; k; v]` per row with q already rotated.
@@ -172,10 +177,17 @@ fn attend_tile(
         })
         .collect();
     let lim: Vec<usize> = (0..nqt).map(|i| rows[t.r0 + i / group].1 + 1).collect();
+    // ... and from lo[i] on; the tile's first row (lowest position) has the lowest.
+    let window = c.attention_window(layer);
+    let lo: Vec<usize> = lim
+        .iter()
+        .map(|&l| window.map_or(0, |w| l.saturating_sub(w)))
+        .collect();
+    let first_block = lo[0] / tpb;
     let mut scores = vec![f32::NEG_INFINITY; nqt * len];
     let mut buf = vec![0.0f32; tpb * d];
     let nblocks = len.div_ceil(tpb);
-    for (bi, &blk) in table.iter().enumerate().take(nblocks) {
+    for (bi, &blk) in table.iter().enumerate().take(nblocks).skip(first_block) {
         let n = (len - bi * tpb).min(tpb);
         kv.read(layer, Kv::K, blk, t.g, n, &mut buf);
         let mut s = 0;
@@ -193,7 +205,7 @@ fn attend_tile(
                 for (x, row) in acc.iter().enumerate().take(ni) {
                     for (j, &v) in row.iter().enumerate().take(ns) {
                         let p = bi * tpb + s + j;
-                        if p < lim[i + x] {
+                        if p < lim[i + x] && p >= lo[i + x] {
                             scores[(i + x) * len + p] = v * scale;
                         }
                     }
@@ -204,18 +216,21 @@ fn attend_tile(
         }
     }
     for i in 0..nqt {
-        super::kernels::softmax(&mut scores[i * len..i * len + lim[i]]);
+        super::kernels::softmax(&mut scores[i * len + lo[i]..i * len + lim[i]]);
+        // Positions before the window weigh nothing in the sums below.
+        scores[i * len..i * len + lo[i]].fill(0.0);
     }
     let mut o = vec![0.0f32; nqt * d];
     let mut tile = vec![0.0f32; XR * d];
-    for (bi, &blk) in table.iter().enumerate().take(nblocks) {
+    for (bi, &blk) in table.iter().enumerate().take(nblocks).skip(first_block) {
         let n = (len - bi * tpb).min(tpb);
         kv.read(layer, Kv::V, blk, t.g, n, &mut buf);
         if tpb > 64 {
             for i in 0..nqt {
                 let upto = lim[i].saturating_sub(bi * tpb).min(n);
+                let from = lo[i].saturating_sub(bi * tpb).min(upto);
                 let dst = &mut o[i * d..(i + 1) * d];
-                for s in 0..upto {
+                for s in from..upto {
                     axpy(
                         scores[i * len + bi * tpb + s],
                         &buf[s * d..(s + 1) * d],
@@ -247,4 +262,147 @@ fn attend_tile(
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::backend::LogitsWanted;
+    use crate::engine::KvDtype;
+
+    /// Two layers, both windowed over `window` positions when it is Some.
+    fn config(window: Option<usize>) -> ModelConfig {
+        let window = window.map_or("null".to_string(), |w| w.to_string());
+        let json = format!(
+            r#"{{"architectures":["MistralForCausalLM"],"hidden_size":64,"head_dim":16,
+            "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":4,
+            "num_key_value_heads":2,"vocab_size":32,"rms_norm_eps":1e-5,
+            "sliding_window":{window}}}"#
+        );
+        ModelConfig::from_json_str(&json, std::path::Path::new("test")).unwrap()
+    }
+
+    fn val(i: usize) -> f32 {
+        ((i * 2654435761usize % 1000) as f32 / 250.0 - 2.0) * 0.9
+    }
+
+    /// softmax(q k^T / sqrt(d)) v over `lo..=pos`, written out plainly.
+    fn reference(
+        q: &[f32],
+        keys: &[Vec<f32>],
+        values: &[Vec<f32>],
+        lo: usize,
+        pos: usize,
+    ) -> Vec<f32> {
+        let d = q.len();
+        let s: Vec<f32> = (lo..=pos)
+            .map(|j| q.iter().zip(&keys[j]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+            .collect();
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = s.iter().map(|x| (x - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let mut out = vec![0.0f32; d];
+        for (w, j) in e.iter().zip(lo..=pos) {
+            for (o, v) in out.iter_mut().zip(&values[j]) {
+                *o += w / sum * v;
+            }
+        }
+        out
+    }
+
+    /// A prefill chunk of 30 rows (two query tiles) at positions 10..40 and a decode row at
+    /// 47, windowed: each row attends over its last `window` positions only, and the blocks
+    /// wholly before the first row's window are never read (their table entries are ids
+    /// outside the pool, as after the scheduler freed them).
+    #[test]
+    fn windowed_rows_attend_over_their_window_and_never_read_blocks_before_it() {
+        let (nq, nkv, d) = (4usize, 2usize, 16usize);
+        // Blocks of 4 (many blocks, some before the window) and of 128 (the value sums of
+        // blocks over 64 rows take another path).
+        for (tpb, window) in [4usize, 128]
+            .into_iter()
+            .flat_map(|t| [None, Some(1), Some(7), Some(16), Some(64)].map(|w| (t, w)))
+        {
+            let per_seq = 48usize.div_ceil(tpb) as u32;
+            let c = config(window);
+            let ends = [40usize, 48];
+            let nblocks = 2 * per_seq as usize;
+            let mut kv = KvStore::new(KvDtype::Float32, 2, nblocks, nkv, tpb, d).unwrap();
+            let mut keys = vec![vec![vec![Vec::new(); 48]; nkv]; 2];
+            let mut values = keys.clone();
+            let tables: Vec<Vec<u32>> = (0..2u32)
+                .map(|s| (0..per_seq).map(|i| s * per_seq + i).collect())
+                .collect();
+            for (s, &end) in ends.iter().enumerate() {
+                for p in 0..end {
+                    for g in 0..nkv {
+                        let k: Vec<f32> = (0..d)
+                            .map(|e| val(((s * 53 + p) * 7 + g) * 31 + e))
+                            .collect();
+                        let v: Vec<f32> = (0..d)
+                            .map(|e| val(((s * 59 + p) * 5 + g) * 37 + e + 3))
+                            .collect();
+                        kv.write(1, Kv::K, tables[s][p / tpb], p % tpb, g, &k);
+                        kv.write(1, Kv::V, tables[s][p / tpb], p % tpb, g, &v);
+                        keys[s][g][p] = k;
+                        values[s][g][p] = v;
+                    }
+                }
+            }
+            let lo = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            // Freed blocks: wholly before the window of each chunk's first row.
+            let first_rows = [10usize, 47];
+            let freed: Vec<Vec<u32>> = tables
+                .iter()
+                .zip(first_rows)
+                .map(|(t, first)| {
+                    t.iter()
+                        .enumerate()
+                        .map(|(b, &id)| {
+                            if (b + 1) * tpb <= lo(first) {
+                                u32::MAX - b as u32
+                            } else {
+                                id
+                            }
+                        })
+                        .collect()
+                })
+                .collect();
+            let tokens = [1u32; 30];
+            let batch = [
+                SeqChunk {
+                    tokens: &tokens,
+                    start_pos: 10,
+                    block_table: &freed[0],
+                    logits: LogitsWanted::All,
+                },
+                SeqChunk {
+                    tokens: &tokens[..1],
+                    start_pos: 47,
+                    block_table: &freed[1],
+                    logits: LogitsWanted::Last,
+                },
+            ];
+            let rows: Vec<(usize, usize)> = (10..40).map(|p| (0, p)).chain([(1, 47)]).collect();
+            let qkv_w = (nq + 2 * nkv) * d;
+            let qkv: Vec<f32> = (0..rows.len() * qkv_w).map(|i| val(i * 13 + 5)).collect();
+            let mut got = vec![f32::NAN; rows.len() * nq * d];
+            attend(&kv, 1, &batch, &rows, &qkv, &c, &mut got);
+            for (r, &(s, pos)) in rows.iter().enumerate() {
+                for h in 0..nq {
+                    let g = h / (nq / nkv);
+                    let q = &qkv[r * qkv_w + h * d..r * qkv_w + (h + 1) * d];
+                    let want = reference(q, &keys[s][g], &values[s][g], lo(pos), pos);
+                    let at = (r * nq + h) * d;
+                    for (e, (a, b)) in got[at..at + d].iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "tpb {tpb} window {window:?} row {pos} head {h} [{e}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

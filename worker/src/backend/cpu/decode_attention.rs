@@ -58,7 +58,8 @@ const fn lane(w: usize) -> usize {
 }
 
 /// `out[row, q_head]` = softmax(q k^T / sqrt(d)) v over positions `0..=pos` of the row's
-/// sequence, for steps where [`applies`] holds. Same contract as `attention::attend`.
+/// sequence (`pos - window + 1 ..= pos` on a layer with a sliding window), for steps where
+/// [`applies`] holds. Same contract as `attention::attend`.
 pub fn attend(
     kv: &KvStore,
     layer: usize,
@@ -96,14 +97,24 @@ fn attend_tasks(
     }
 }
 
-/// One task: a row, its first KV head, its length and its blocks (an index into the job's
-/// list of (K, V) pointers, by block then head).
+/// One task: a row, its first KV head, the positions it attends over and their blocks (an
+/// index into the job's list of (K, V) pointers, by block then head). The positions are
+/// `len` consecutive ones starting `skip` rows into the first block.
 struct Task {
     row: usize,
     head: usize,
     len: usize,
+    skip: usize,
     first: usize,
     blocks: usize,
+}
+
+/// Rows `start..start + n` of block `b` (counted from a task's first block) that a task of
+/// `len` positions starting `skip` rows into its first block attends over.
+#[inline(always)]
+fn block_rows(b: usize, skip: usize, len: usize, tpb: usize) -> (usize, usize) {
+    let start = if b == 0 { skip } else { 0 };
+    (start, (skip + len - b * tpb).min(tpb) - start)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -129,6 +140,7 @@ fn run<const D: usize>(
         .max(1);
     let tw = heads * group * D;
     let perm: [usize; 32] = std::array::from_fn(lane);
+    let window = c.attention_window(layer);
     out[..rows.len() * nq * D]
         .par_chunks_mut(per_job * tw)
         .enumerate()
@@ -140,11 +152,13 @@ fn run<const D: usize>(
             for t in t0..t0 + outs.len() / tw {
                 let (row, head) = (t / per_row, t % per_row * heads);
                 let (chunk, pos) = rows[row];
-                let len = pos + 1;
-                let nb = len.div_ceil(tpb);
+                let end = pos + 1;
+                let lo = window.map_or(0, |w| end.saturating_sub(w));
+                let (fb, nb) = (lo / tpb, end.div_ceil(tpb));
                 let first = ptrs.len();
-                // The step checked that the table covers every position.
-                for &b in &batch[chunk].block_table[..nb] {
+                // The step checked that the table covers every position; blocks before the
+                // window's are never touched (they may have been freed).
+                for &b in &batch[chunk].block_table[fb..nb] {
                     for g in head..head + heads {
                         let k = kv.bf16_rows(layer, Kv::K, b, g).unwrap_or_default();
                         let v = kv.bf16_rows(layer, Kv::V, b, g).unwrap_or_default();
@@ -155,13 +169,15 @@ fn run<const D: usize>(
                         ptrs.push((k.as_ptr(), v.as_ptr()));
                     }
                 }
+                let len = end - lo;
                 maxlen = maxlen.max(len);
                 tasks.push(Task {
                     row,
                     head,
                     len,
+                    skip: lo - fb * tpb,
                     first,
-                    blocks: nb,
+                    blocks: nb - fb,
                 });
             }
             let mut cursor = Prefetch::new(&tasks, &ptrs, heads, tpb, D);
@@ -181,13 +197,14 @@ fn run<const D: usize>(
                 let blocks = &ptrs[t.first..t.first + t.blocks * heads];
                 let sc = &mut sc[..heads * group * t.len];
                 // SAFETY: avx512f and avx512bw (checked by `applies`); every pointer starts
-                // tpb * D readable bf16 (asserted above); len <= blocks * tpb; the scratch
-                // slices hold heads * group * D and heads * group * len floats.
+                // tpb * D readable bf16 (asserted above); skip + len <= blocks * tpb; the
+                // scratch slices hold heads * group * D and heads * group * len floats.
                 unsafe {
                     task::<D>(
                         blocks,
                         heads,
                         t.len,
+                        t.skip,
                         tpb,
                         group,
                         scale,
@@ -229,10 +246,12 @@ impl Prefetch {
         for t in tasks {
             for kv in 0..2 {
                 for b in 0..t.blocks {
-                    let bytes = (t.len - b * tpb).min(tpb) * d * 2;
+                    let (start, n) = block_rows(b, t.skip, t.len, tpb);
                     for h in 0..heads {
                         let (k, v) = ptrs[t.first + b * heads + h];
-                        spans.push((if kv == 0 { k } else { v } as *const u8, bytes));
+                        let p =
+                            (if kv == 0 { k } else { v } as *const u8).wrapping_add(start * d * 2);
+                        spans.push((p, n * d * 2));
                     }
                 }
             }
@@ -440,19 +459,21 @@ unsafe fn values<const NQ: usize, const D: usize>(
     }
 }
 
-/// One task: `heads` KV heads of one row, `group` queries each. Leaves the outputs in `op`
-/// (query by query, D floats each, in lane order).
+/// One task: `heads` KV heads of one row, `group` queries each, over `len` positions that
+/// start `skip` rows into the first block. Leaves the outputs in `op` (query by query, D
+/// floats each, in lane order).
 ///
 /// # Safety
 /// avx512f and avx512bw; `blocks` holds `heads` (K, V) pointers per block, each to
-/// `tpb * D` readable bf16; `len <= blocks.len() / heads * tpb`; `qp`, `op` hold
-/// `heads * group * D` floats, `sc` `heads * group * len`.
+/// `tpb * D` readable bf16; `skip < tpb`, `skip + len <= blocks.len() / heads * tpb`; `qp`,
+/// `op` hold `heads * group * D` floats, `sc` `heads * group * len`.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn task<const D: usize>(
     blocks: &[(*const u16, *const u16)],
     heads: usize,
     len: usize,
+    skip: usize,
     tpb: usize,
     group: usize,
     scale: f32,
@@ -463,23 +484,28 @@ unsafe fn task<const D: usize>(
 ) {
     let nb = blocks.len() / heads;
     assert!(
-        len <= nb * tpb
+        skip < tpb
+            && len > 0
+            && skip + len <= nb * tpb
             && qp.len() >= heads * group * D
             && op.len() >= heads * group * D
             && sc.len() == heads * group * len,
         "decode attention bounds"
     );
     for b in 0..nb {
-        let n = (len - b * tpb).min(tpb);
+        // Score columns col..col + n are the block's rows start..start + n.
+        let (start, n) = block_rows(b, skip, len, tpb);
+        let col = b * tpb + start - skip;
         for h in 0..heads {
-            let kb = blocks[b * heads + h].0;
+            // SAFETY: start + n <= tpb rows of the block.
+            let kb = unsafe { blocks[b * heads + h].0.add(start * D) };
             for q0 in (0..group).step_by(4) {
                 let cur = if q0 == 0 { Some(&mut *cursor) } else { None };
                 // SAFETY: query h * group + q0 + 3 < heads * group, block columns
-                // b * tpb + n <= len: inside qp and sc.
+                // col + n <= len: inside qp and sc.
                 unsafe {
                     let q = qp.as_ptr().add((h * group + q0) * D);
-                    let o = sc.as_mut_ptr().add((h * group + q0) * len + b * tpb);
+                    let o = sc.as_mut_ptr().add((h * group + q0) * len + col);
                     match group - q0 {
                         1 => scores::<1, D>(kb, n, q, scale, o, len, cur),
                         2 => scores::<2, D>(kb, n, q, scale, o, len, cur),
@@ -494,14 +520,16 @@ unsafe fn task<const D: usize>(
         softmax16(row);
     }
     for b in 0..nb {
-        let n = (len - b * tpb).min(tpb);
+        let (start, n) = block_rows(b, skip, len, tpb);
+        let col = b * tpb + start - skip;
         for h in 0..heads {
-            let vb = blocks[b * heads + h].1;
+            // SAFETY: as for the keys.
+            let vb = unsafe { blocks[b * heads + h].1.add(start * D) };
             for q0 in (0..group).step_by(6) {
                 let cur = if q0 == 0 { Some(&mut *cursor) } else { None };
                 // SAFETY: as for the scores.
                 unsafe {
-                    let w = sc.as_ptr().add((h * group + q0) * len + b * tpb);
+                    let w = sc.as_ptr().add((h * group + q0) * len + col);
                     let o = op.as_mut_ptr().add((h * group + q0) * D);
                     let first = b == 0;
                     match group - q0 {
@@ -526,10 +554,17 @@ mod tests {
     use crate::engine::KvDtype;
 
     fn config(nq: usize, nkv: usize, d: usize) -> ModelConfig {
+        windowed_config(nq, nkv, d, None)
+    }
+
+    /// Two layers, both with a sliding window of `window` positions when it is Some.
+    fn windowed_config(nq: usize, nkv: usize, d: usize, window: Option<usize>) -> ModelConfig {
+        let window = window.map_or("null".to_string(), |w| w.to_string());
         let json = format!(
-            r#"{{"architectures":["LlamaForCausalLM"],"hidden_size":{},"head_dim":{d},
-            "intermediate_size":64,"num_hidden_layers":1,"num_attention_heads":{nq},
-            "num_key_value_heads":{nkv},"vocab_size":32,"rms_norm_eps":1e-5}}"#,
+            r#"{{"architectures":["MistralForCausalLM"],"hidden_size":{},"head_dim":{d},
+            "intermediate_size":64,"num_hidden_layers":2,"num_attention_heads":{nq},
+            "num_key_value_heads":{nkv},"vocab_size":32,"rms_norm_eps":1e-5,
+            "sliding_window":{window}}}"#,
             nq * d
         );
         ModelConfig::from_json_str(&json, std::path::Path::new("test")).unwrap()
@@ -537,10 +572,17 @@ mod tests {
 
     /// Decode rows of several lengths (partial, full and multiple blocks; GQA groups of 1 to
     /// 8 queries, head sizes 64, 128 and 256; blocks of 8, 16 and 32 tokens, tables out of
-    /// pool order) against the tiled kernel on the same cache, with one KV head per task and
+    /// pool order; no window, and sliding windows starting inside and at the edge of a
+    /// block) against the tiled kernel on the same cache, with one KV head per task and
     /// with all of a row's.
     #[test]
     fn decode_rows_match_the_tiled_kernel() {
+        for window in [None, Some(1), Some(5), Some(16), Some(21)] {
+            decode_rows_match_the_tiled_kernel_with(window);
+        }
+    }
+
+    fn decode_rows_match_the_tiled_kernel_with(window: Option<usize>) {
         if !std::arch::is_x86_feature_detected!("avx512f")
             || !std::arch::is_x86_feature_detected!("avx512bw")
         {
@@ -556,7 +598,7 @@ mod tests {
             (32, 8, 128, 32),
         ];
         for &(nq, nkv, d, tpb) in &shapes {
-            let c = config(nq, nkv, d);
+            let c = windowed_config(nq, nkv, d, window);
             let lens = [1usize, 3, 16, 17, 40, 4, 33, 70, 8, 9];
             let per_seq = 70usize.div_ceil(tpb);
             let nblocks = lens.len() * per_seq;
@@ -608,7 +650,7 @@ mod tests {
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                        "nq {nq} nkv {nkv} d {d} tpb {tpb} heads {heads} at {i}: {g} vs {w}"
+                        "window {window:?} nq {nq} nkv {nkv} d {d} tpb {tpb} heads {heads} at {i}: {g} vs {w}"
                     );
                 }
             }

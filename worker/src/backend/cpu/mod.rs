@@ -611,6 +611,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn windowed_attention(&self) -> bool {
+        true
+    }
+
     fn vocab_size(&self) -> usize {
         self.w.config.vocab_size
     }
