@@ -1,6 +1,7 @@
 //! `ScriptedWorker`: a test double speaking the worker proto, so the router can be tested and
 //! benchmarked without an engine. It "generates" by replaying the prompt's tokens (or a fixed
-//! script), keeps a pretend KV cache keyed by the shared block hash, and can be made to fail.
+//! script; a migrated request continues after the tokens it carries), keeps a pretend KV
+//! cache keyed by the shared block hash, and can be made to fail.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -355,8 +356,11 @@ impl Worker for ScriptedWorker {
         } else {
             Vec::new()
         };
+        // A migrated request goes on from the tokens it carries, as the real engine does: the
+        // reply continues where they end, and they count as generated.
+        let carried = u32::try_from(req.generated_token_ids.len()).unwrap_or(u32::MAX);
         tokio::spawn(async move {
-            let mut sent = 0u32;
+            let mut sent = carried;
             let mut batch = Vec::new();
             let mut lps = Vec::new();
             while sent < stopping.max_tokens {
@@ -479,6 +483,7 @@ impl Worker for ScriptedWorker {
             max_num_tokens: 8192,
             max_queued_requests: s.max_queued_requests,
             enable_block_reuse: true,
+            resumes_generation: true,
         }))
     }
 
