@@ -56,6 +56,10 @@ pub struct Script {
     /// After this many tokens a request goes silent (it stays running, holding its pretend
     /// KV blocks, and sends nothing more), as a request on a stuck engine does.
     pub stall_after_tokens: Option<u32>,
+    /// After this many tokens of a stream (tokens carried over by a migration not counted),
+    /// the stream ends with this status: UNAVAILABLE as from a worker that dies mid-request,
+    /// or a request fault (INVALID_ARGUMENT, ...).
+    pub fails_after_tokens: Option<(u32, tonic::Code)>,
 }
 
 impl Default for Script {
@@ -74,6 +78,7 @@ impl Default for Script {
             max_batch_size: 64,
             max_queued_requests: 256,
             stall_after_tokens: None,
+            fails_after_tokens: None,
         }
     }
 }
@@ -372,6 +377,15 @@ impl Worker for ScriptedWorker {
                     return;
                 }
                 if !lock(&me.shared).running.contains_key(&id) {
+                    return;
+                }
+                if let Some((n, code)) = script.fails_after_tokens
+                    && sent - carried >= n
+                {
+                    let _ = tx
+                        .send(Err(Status::new(code, "scripted mid-stream failure")))
+                        .await;
+                    me.finish_request(&id, false);
                     return;
                 }
                 if !script.token_delay.is_zero() {
