@@ -10,7 +10,9 @@ use std::io::BufReader;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use llmapi_tests::cluster::{SECRET, Worker, metrics, router, wait_workers, worker, worker_field};
+use llmapi_tests::cluster::{
+    SECRET, Worker, metrics, migrations_off, router, wait_workers, worker, worker_field,
+};
 use llmapi_tests::sse::{End, read_sse_counting};
 use llmapi_tests::{demo_model, free_port, send, wait_until};
 use serde_json::{Value, json};
@@ -106,16 +108,6 @@ fn run_all(port: u16, fault: impl FnOnce()) -> Vec<Ending> {
     })
 }
 
-/// `llmapi_router_migrations_total` summed over causes, for the worker on gRPC port `grpc`.
-fn migrations_off(metrics: &str, grpc: u16) -> u64 {
-    let series = format!("llmapi_router_migrations_total{{worker=\"http://127.0.0.1:{grpc}\"");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&series))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn killing_a_worker_mid_run_loses_no_stream_and_changes_no_token() {
     let model = demo_model();
@@ -166,7 +158,7 @@ fn killing_a_worker_mid_run_loses_no_stream_and_changes_no_token() {
     let total: u64 = faulted.iter().map(|e| e.completion_tokens).sum();
     assert_eq!(total, STREAMS as u64 * OUTPUT);
     let text = metrics(port);
-    let moved = migrations_off(&text, a.grpc);
+    let moved = migrations_off(&text, Some(a.grpc));
     eprintln!("worker A was running {on_a} streams; {moved} migrated off it");
     assert!(
         moved >= on_a,
