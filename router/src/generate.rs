@@ -390,6 +390,17 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
         // The failed worker's guards go now: its in-flight count, and an Abort if armed.
         drop(opened);
         progress.failed.push(from.clone());
+        let max_tokens = job.request.stopping.as_ref().map_or(0, |s| s.max_tokens);
+        if max_tokens > 0 && progress.generated.len() >= max_tokens as usize {
+            // Every token came; only the worker's finish was lost: the choice ends here,
+            // as the worker would have ended it.
+            let last = GenerateResponse {
+                finish_reason: FinishReason::Length as i32,
+                ..GenerateResponse::default()
+            };
+            let _ = deliver(&state, index, &mut progress, last, &tx).await;
+            return;
+        }
         if progress.migrations >= state.config.max_migrations {
             if state.config.max_migrations > 0 {
                 tracing::warn!(request_id = %job.request.request_id, worker = %from, migrations = progress.migrations, "worker failed mid-stream and the request has moved --max_migrations times already; it ends with an error");
@@ -454,7 +465,6 @@ async fn relay(
     tx: &mpsc::Sender<ChoiceEvent>,
 ) -> Relayed {
     let index = job.index;
-    let codec = state.codec.clone();
     let worker = opened.worker.clone();
     let mut next = opened.first.take();
     let mut last_heard = Instant::now();
@@ -462,7 +472,7 @@ async fn relay(
     let expired = expiry(job.deadline.whole());
     tokio::pin!(expired);
     loop {
-        let mut resp = match next.take() {
+        let resp = match next.take() {
             Some(r) => r,
             None => {
                 let msg = tokio::select! {
@@ -509,76 +519,107 @@ async fn relay(
                 }
             }
         };
-        if !resp.prompt_logprobs.is_empty()
-            && tx
-                .send(ChoiceEvent::PromptLogprobs {
-                    index,
-                    logprobs: std::mem::take(&mut resp.prompt_logprobs),
-                })
-                .await
-                .is_err()
-        {
-            return Relayed::Over;
-        }
-        state.metrics.add_generation_tokens(resp.token_ids.len());
-        progress.generated.extend_from_slice(&resp.token_ids);
-        let usage = &mut progress.usage;
-        usage.completion_tokens = usage
-            .completion_tokens
-            .saturating_add(u32::try_from(resp.token_ids.len()).unwrap_or(u32::MAX));
-        if let Some(u) = resp.usage {
-            // The worker's counts are authoritative when present (a migrated request's
-            // include the tokens carried over); cached_tokens only it knows.
-            *usage = Usage {
-                completion_tokens: u.completion_tokens.max(usage.completion_tokens),
-                ..u
-            };
-        }
-        let mut text = String::new();
-        for &id in &resp.token_ids {
-            text.push_str(&progress.detok.push(codec.as_ref(), id));
-        }
-        let finish =
-            FinishReason::try_from(resp.finish_reason).unwrap_or(FinishReason::Unspecified);
-        if finish != FinishReason::Unspecified {
-            text.push_str(&progress.detok.flush(codec.as_ref()));
-        }
-        let (emit, stopped) = match progress.stops.push(&text) {
-            StopCheck::Emit(t) => (t, false),
-            StopCheck::Stopped(t) => (t, true),
-        };
-        let mut emit = emit;
-        if finish != FinishReason::Unspecified && !stopped {
-            emit.push_str(&progress.stops.flush());
-        }
-        if (!emit.is_empty() || !resp.logprobs.is_empty())
-            && tx
-                .send(ChoiceEvent::Delta {
-                    index,
-                    text: emit,
-                    logprobs: std::mem::take(&mut resp.logprobs),
-                })
-                .await
-                .is_err()
-        {
-            return Relayed::Over;
-        }
-        if stopped || finish != FinishReason::Unspecified {
-            // A stop string ends the request here: the worker is told to abort (guard).
-            opened.abort.armed = stopped;
-            let reason = if stopped || finish == FinishReason::Stop {
-                "stop"
-            } else {
-                "length"
-            };
-            let _ = tx
-                .send(ChoiceEvent::Finish {
-                    index,
-                    reason,
-                    usage: progress.usage,
-                })
-                .await;
-            return Relayed::Over;
+        match deliver(state, index, progress, resp, tx).await {
+            Delivered::More => {}
+            Delivered::Over { stopped } => {
+                // A stop string ends the request here: the worker is told to abort (guard).
+                opened.abort.armed = stopped;
+                return Relayed::Over;
+            }
         }
     }
+}
+
+/// What delivering one worker response left of the choice.
+enum Delivered {
+    /// More responses are due.
+    More,
+    /// The choice finished (by a stop string when `stopped`: its worker request is still
+    /// running), or its client left.
+    Over {
+        /// A stop string ended it.
+        stopped: bool,
+    },
+}
+
+/// Turns one worker response into the choice's events: prompt logprobs, the text it
+/// completes (detokenized, stop strings applied), logprobs, and the finish when it carries
+/// one.
+async fn deliver(
+    state: &AppState,
+    index: u32,
+    progress: &mut Progress,
+    mut resp: GenerateResponse,
+    tx: &mpsc::Sender<ChoiceEvent>,
+) -> Delivered {
+    let codec = state.codec.as_ref();
+    let gone = Delivered::Over { stopped: false };
+    if !resp.prompt_logprobs.is_empty()
+        && tx
+            .send(ChoiceEvent::PromptLogprobs {
+                index,
+                logprobs: std::mem::take(&mut resp.prompt_logprobs),
+            })
+            .await
+            .is_err()
+    {
+        return gone;
+    }
+    state.metrics.add_generation_tokens(resp.token_ids.len());
+    progress.generated.extend_from_slice(&resp.token_ids);
+    let usage = &mut progress.usage;
+    usage.completion_tokens = usage
+        .completion_tokens
+        .saturating_add(u32::try_from(resp.token_ids.len()).unwrap_or(u32::MAX));
+    if let Some(u) = resp.usage {
+        // The worker's counts are authoritative when present (a migrated request's include
+        // the tokens carried over); cached_tokens only it knows.
+        *usage = Usage {
+            completion_tokens: u.completion_tokens.max(usage.completion_tokens),
+            ..u
+        };
+    }
+    let mut text = String::new();
+    for &id in &resp.token_ids {
+        text.push_str(&progress.detok.push(codec, id));
+    }
+    let finish = FinishReason::try_from(resp.finish_reason).unwrap_or(FinishReason::Unspecified);
+    if finish != FinishReason::Unspecified {
+        text.push_str(&progress.detok.flush(codec));
+    }
+    let (mut emit, stopped) = match progress.stops.push(&text) {
+        StopCheck::Emit(t) => (t, false),
+        StopCheck::Stopped(t) => (t, true),
+    };
+    if finish != FinishReason::Unspecified && !stopped {
+        emit.push_str(&progress.stops.flush());
+    }
+    if (!emit.is_empty() || !resp.logprobs.is_empty())
+        && tx
+            .send(ChoiceEvent::Delta {
+                index,
+                text: emit,
+                logprobs: std::mem::take(&mut resp.logprobs),
+            })
+            .await
+            .is_err()
+    {
+        return gone;
+    }
+    if !stopped && finish == FinishReason::Unspecified {
+        return Delivered::More;
+    }
+    let reason = if stopped || finish == FinishReason::Stop {
+        "stop"
+    } else {
+        "length"
+    };
+    let _ = tx
+        .send(ChoiceEvent::Finish {
+            index,
+            reason,
+            usage: progress.usage,
+        })
+        .await;
+    Delivered::Over { stopped }
 }

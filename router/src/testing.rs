@@ -368,7 +368,7 @@ impl Worker for ScriptedWorker {
             let mut sent = carried;
             let mut batch = Vec::new();
             let mut lps = Vec::new();
-            while sent < stopping.max_tokens {
+            loop {
                 if me.dead.load(Ordering::SeqCst) {
                     let _ = tx
                         .send(Err(Status::unavailable("scripted worker died")))
@@ -387,6 +387,9 @@ impl Worker for ScriptedWorker {
                         .await;
                     me.finish_request(&id, false);
                     return;
+                }
+                if sent >= stopping.max_tokens {
+                    break;
                 }
                 if !script.token_delay.is_zero() {
                     tokio::time::sleep(script.token_delay).await;
@@ -418,8 +421,13 @@ impl Worker for ScriptedWorker {
                 let eos_hit = script.eos == Some(token) && !stopping.ignore_eos;
                 let stop_hit = stopping.stop_token_ids.contains(&token);
                 let stopped = (eos_hit || stop_hit) && sent >= stopping.min_tokens;
-                let last = stopped || sent >= stopping.max_tokens;
-                if batch.len() < script.tokens_per_message.max(1) && !last {
+                // A stream that fails after this token sends it without a finish, as a worker
+                // that dies between its last token and its finish.
+                let fails_next = script
+                    .fails_after_tokens
+                    .is_some_and(|(n, _)| sent - carried >= n);
+                let last = !fails_next && (stopped || sent >= stopping.max_tokens);
+                if batch.len() < script.tokens_per_message.max(1) && !last && !fails_next {
                     continue;
                 }
                 me.generated

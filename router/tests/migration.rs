@@ -151,6 +151,36 @@ async fn a_non_streaming_request_migrates_the_same_way() {
 }
 
 #[tokio::test]
+async fn a_worker_that_fails_after_the_last_token_but_before_its_finish_moves_nothing() {
+    let h = start(
+        vec![
+            fails_after(MAX_TOKENS as u32, Code::Unavailable),
+            Script::default(),
+        ],
+        |_| {},
+    )
+    .await;
+    let events = stream(&h, body(true)).await;
+    assert!(events.iter().all(|e| e["error"].is_null()), "{events:?}");
+    assert_eq!(text_of(&events), replayed(PROMPT, MAX_TOKENS));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["choices"][0]["finish_reason"] == "length"),
+        "{events:?}"
+    );
+    let usage = events.iter().find(|e| !e["usage"].is_null());
+    assert_eq!(
+        usage.expect("usage")["usage"]["completion_tokens"],
+        MAX_TOKENS
+    );
+    assert!(
+        h.workers[1].worker.requests().is_empty(),
+        "nothing was left to generate elsewhere"
+    );
+}
+
+#[tokio::test]
 async fn a_stop_string_spanning_the_seam_still_stops_the_choice() {
     // "abcde" comes from worker 0, "f..." from worker 1: "ef" spans the seam.
     let h = start(
