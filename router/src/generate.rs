@@ -521,7 +521,9 @@ async fn relay(
         };
         match deliver(state, index, progress, resp, tx).await {
             Delivered::More => {}
-            Delivered::Over { stopped } => {
+            // The guard aborts the worker request.
+            Delivered::ClientGone => return Relayed::Over,
+            Delivered::Finished { stopped } => {
                 // A stop string ends the request here: the worker is told to abort (guard).
                 opened.abort.armed = stopped;
                 return Relayed::Over;
@@ -534,12 +536,14 @@ async fn relay(
 enum Delivered {
     /// More responses are due.
     More,
-    /// The choice finished (by a stop string when `stopped`: its worker request is still
-    /// running), or its client left.
-    Over {
+    /// The choice finished; by a stop string when `stopped` (its worker request is then
+    /// still running).
+    Finished {
         /// A stop string ended it.
         stopped: bool,
     },
+    /// The client left.
+    ClientGone,
 }
 
 /// Turns one worker response into the choice's events: prompt logprobs, the text it
@@ -553,7 +557,6 @@ async fn deliver(
     tx: &mpsc::Sender<ChoiceEvent>,
 ) -> Delivered {
     let codec = state.codec.as_ref();
-    let gone = Delivered::Over { stopped: false };
     if !resp.prompt_logprobs.is_empty()
         && tx
             .send(ChoiceEvent::PromptLogprobs {
@@ -563,7 +566,7 @@ async fn deliver(
             .await
             .is_err()
     {
-        return gone;
+        return Delivered::ClientGone;
     }
     state.metrics.add_generation_tokens(resp.token_ids.len());
     progress.generated.extend_from_slice(&resp.token_ids);
@@ -604,7 +607,7 @@ async fn deliver(
             .await
             .is_err()
     {
-        return gone;
+        return Delivered::ClientGone;
     }
     if !stopped && finish == FinishReason::Unspecified {
         return Delivered::More;
@@ -621,5 +624,5 @@ async fn deliver(
             usage: progress.usage,
         })
         .await;
-    Delivered::Over { stopped }
+    Delivered::Finished { stopped }
 }
