@@ -19,6 +19,7 @@ use llmapi_router::RouterConfig;
 use llmapi_router::access::AccessArgs;
 use llmapi_router::deadline::DeadlineArgs;
 use llmapi_router::front::ConnectionArgs;
+use llmapi_router::migrate::MigrationArgs;
 use llmapi_router::tls::TlsArgs;
 
 fn cli() -> Command {
@@ -28,8 +29,8 @@ fn cli() -> Command {
         .subcommand_required(true)
         .arg_required_else_help(true)
         .subcommand(
-            TlsArgs::augment_args(DeadlineArgs::augment_args(ConnectionArgs::augment_args(
-                AccessArgs::augment_args(serve_command()),
+            TlsArgs::augment_args(MigrationArgs::augment_args(DeadlineArgs::augment_args(
+                ConnectionArgs::augment_args(AccessArgs::augment_args(serve_command())),
             )))
                 .arg(
                     Arg::new("router_url")
@@ -242,6 +243,7 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     }
     router.front = ConnectionArgs::from_arg_matches(m)?.limits();
     DeadlineArgs::from_arg_matches(m)?.apply(&mut router);
+    router.max_migrations = MigrationArgs::from_arg_matches(m)?.max_migrations;
     let tls = TlsArgs::from_arg_matches(m)?;
     // Certificate files are read and checked before anything starts.
     router.https = tls.https_front()?;

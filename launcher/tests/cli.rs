@@ -57,10 +57,17 @@ fn serve_help_lists_every_flag() {
             );
         }
     }
-    // The embedded router's access and TLS flags are the router's own (one definition).
+    // The embedded router's access, TLS and migration flags are the router's own (one
+    // definition).
     let access = llmapi_router::access::AccessArgs::augment_args(clap::Command::new("access"));
     let tls = llmapi_router::tls::TlsArgs::augment_args(clap::Command::new("tls"));
-    for a in access.get_arguments().chain(tls.get_arguments()) {
+    let migration =
+        llmapi_router::migrate::MigrationArgs::augment_args(clap::Command::new("migration"));
+    for a in access
+        .get_arguments()
+        .chain(tls.get_arguments())
+        .chain(migration.get_arguments())
+    {
         let long = a.get_long().unwrap();
         assert!(
             help.contains(&format!("--{long}")),

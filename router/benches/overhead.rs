@@ -144,6 +144,7 @@ async fn main() {
                     ..Default::default()
                 }),
                 traceparent: String::new(),
+                generated_token_ids: Vec::new(),
             })
             .await
             .expect("generate")

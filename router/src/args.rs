@@ -10,6 +10,7 @@ use llmapi_common::telemetry::LogArgs;
 
 use crate::access::AccessArgs;
 use crate::deadline::DeadlineArgs;
+use crate::migrate::MigrationArgs;
 use crate::policy::{ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
@@ -97,6 +98,9 @@ pub struct RouterArgs {
     /// Other workers tried when one fails before the first token.
     #[arg(long, default_value_t = 2)]
     pub max_retries: usize,
+    /// `--max_migrations`: moving a choice whose worker fails after the first token.
+    #[command(flatten)]
+    pub migration: MigrationArgs,
     /// Milliseconds between health checks.
     #[arg(long, default_value_t = 2000)]
     pub health_check_interval_ms: u64,
@@ -189,6 +193,7 @@ impl RouterArgs {
                 .unwrap_or_else(crate::state::default_tokenizer_pool_size)
                 .max(1),
             max_retries: self.max_retries,
+            max_migrations: self.migration.max_migrations,
             health: HealthPolicy {
                 interval: Duration::from_millis(self.health_check_interval_ms.max(10)),
                 eject_after: self.eject_after_failures.max(1),

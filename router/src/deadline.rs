@@ -137,6 +137,16 @@ impl RequestDeadline {
             .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
+    /// The deadlines left once the first token has been sent: the whole request's only. A
+    /// choice that moves to another worker mid-stream (`migrate`) waits for that worker's
+    /// first token under these.
+    pub fn after_first_token(&self) -> Self {
+        Self {
+            first_token: None,
+            ..*self
+        }
+    }
+
     /// The whole request's deadline.
     pub fn whole(&self) -> Option<(Instant, Expired)> {
         self.request.map(|d| (d, Expired::Request))
@@ -213,6 +223,11 @@ mod tests {
         }
         .start();
         assert_eq!(first.first_token().map(|d| d.1), Some(Expired::FirstToken));
+        assert_eq!(
+            first.after_first_token().first_token().map(|d| d.1),
+            Some(Expired::Request),
+            "after the first token only the whole request's deadline is left"
+        );
         assert!(RequestDeadline::none().first_token().is_none());
         assert!(RequestDeadline::none().remaining().is_none());
         let e = first.error(Expired::FirstToken);

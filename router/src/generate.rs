@@ -1,6 +1,7 @@
 //! Running one choice on a worker: pick a worker, retry failures before the first token,
-//! detokenize incrementally, apply stop strings, and abort the worker request when the client
-//! goes away or a deadline passes (`deadline`).
+//! move the choice to another worker when its worker fails after it (`migrate`), detokenize
+//! incrementally, apply stop strings, and abort the worker request when the client goes away
+//! or a deadline passes (`deadline`).
 //!
 //! What a timeout costs the worker: a worker that has not even answered the call's headers by
 //! the deadline (a stopped process, a dead link) produced nothing, and the timeout counts
@@ -25,6 +26,7 @@ use tonic::metadata::MetadataValue;
 use crate::deadline::{Expired, RequestDeadline, expiry};
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
 use crate::error::ApiError;
+use crate::migrate::{Cause, resume_request};
 use crate::pool::{InflightGuard, LINK_KEEPALIVE_INTERVAL, Worker, WorkerRpc};
 use crate::state::AppState;
 
@@ -117,7 +119,8 @@ struct Opened {
     _inflight: InflightGuard,
     abort: AbortOnDrop,
     stream: Streaming<GenerateResponse>,
-    first: GenerateResponse,
+    /// The first response, until relayed.
+    first: Option<GenerateResponse>,
 }
 
 /// How one attempt to open a worker stream ended.
@@ -177,18 +180,21 @@ fn request_fault(status: &Status) -> Option<ApiError> {
 
 /// Picks a worker not in `tried` whose breaker lets the request through, and marks the
 /// request started on it. A half-open worker whose probe slot another request took is
-/// skipped (added to `tried`) without using up a retry.
+/// skipped (added to `tried`) without using up a retry. A request that carries generated
+/// tokens (a migration) goes only to workers that continue from them.
 fn pick_and_begin(
     state: &AppState,
     job: &ChoiceJob,
     tried: &mut Vec<String>,
 ) -> Option<(Arc<Worker>, InflightGuard)> {
+    let resuming = !job.request.generated_token_ids.is_empty();
     loop {
         let candidates: Vec<_> = state
             .pool
             .routable()
             .into_iter()
             .filter(|w| !tried.contains(&w.url))
+            .filter(|w| !resuming || w.info().is_some_and(|i| i.resumes_generation))
             .collect();
         let (worker, _matched) = state.router.pick(&candidates, &job.block_hashes)?;
         tried.push(worker.url.clone());
@@ -215,8 +221,10 @@ fn traced(job: &ChoiceJob) -> tonic::Request<GenerateRequest> {
     request
 }
 
-async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
-    let mut tried: Vec<String> = Vec::new();
+/// Opens the choice's stream on a worker not in `exclude`, retrying others (`--max_retries`)
+/// while they fail before the first response.
+async fn open(state: &AppState, job: &ChoiceJob, exclude: &[String]) -> Result<Opened, ApiError> {
+    let mut tried: Vec<String> = exclude.to_vec();
     let mut last_error = String::from("no worker is healthy");
     for attempt_no in 0..=state.config.max_retries {
         if let Some((at, which)) = job.deadline.first_token()
@@ -248,7 +256,7 @@ async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
                     _inflight: inflight,
                     abort,
                     stream,
-                    first,
+                    first: Some(first),
                 });
             }
             Attempt::Failed(status) => status,
@@ -285,81 +293,196 @@ async fn open(state: &AppState, job: &ChoiceJob) -> Result<Opened, ApiError> {
     )))
 }
 
-/// The error of a worker that failed mid-stream. 504 when the call died after the worker had
-/// been silent for a whole keep-alive interval: it stopped answering (a stopped process, a
-/// cut link) and the connection's keep-alive check ended the call, a timeout in all but name
-/// (gRPC reports it as UNAVAILABLE). 503 otherwise: the worker failed or died.
-fn mid_stream_failure(
-    state: &AppState,
-    worker: &Worker,
-    status: &Status,
-    silent: Duration,
-) -> ApiError {
+/// The cause and the error of a worker that failed mid-stream. 504 when the call died after
+/// the worker had been silent for a whole keep-alive interval: it stopped answering (a
+/// stopped process, a cut link) and the connection's keep-alive check ended the call, a
+/// timeout in all but name (gRPC reports it as UNAVAILABLE). 503 otherwise: the worker failed
+/// or died.
+fn mid_stream_failure(worker: &Worker, status: &Status, silent: Duration) -> (Cause, ApiError) {
     if silent >= LINK_KEEPALIVE_INTERVAL {
-        state.metrics.inc_timeouts();
-        return ApiError::timeout(format!(
+        let error = ApiError::timeout(format!(
             "worker {} stopped answering during the request: nothing for {:.0} s, then its \
              connection's keep-alive check failed ({}); retry the request",
             worker.url,
             silent.as_secs_f64(),
             status.message()
         ));
+        return (Cause::Unresponsive, error);
     }
-    ApiError::unavailable(format!(
+    let error = ApiError::unavailable(format!(
         "worker {} failed during the request: {}",
         worker.url,
         status.message()
-    ))
+    ));
+    (Cause::StreamError, error)
+}
+
+/// What a choice has produced so far; it stays with the choice when it moves to another
+/// worker, so the text, stop strings and counts go on across the seam.
+struct Progress {
+    detok: Detokenizer,
+    stops: StopMatcher,
+    usage: Usage,
+    /// Token ids streamed so far, from every worker: what a migration carries over.
+    generated: Vec<u32>,
+    /// Workers that failed this choice mid-stream: it never moves back to them.
+    failed: Vec<String>,
+    /// Migrations so far.
+    migrations: u32,
+}
+
+/// How relaying one worker's stream ended.
+enum Relayed {
+    /// The choice is over: finished, failed for good (its error sent), or its client left.
+    Over,
+    /// The worker failed mid-stream through its own fault; nothing was sent yet. The choice
+    /// may move to another worker, or end with `error`.
+    WorkerFault {
+        /// What happened, for the metric and the log.
+        cause: Cause,
+        /// What the client hears if the choice cannot move.
+        error: ApiError,
+    },
+}
+
+/// Sends a choice's final error; a timeout is counted.
+async fn fail(state: &AppState, tx: &mpsc::Sender<ChoiceEvent>, index: u32, error: ApiError) {
+    if error.status == axum::http::StatusCode::GATEWAY_TIMEOUT {
+        state.metrics.inc_timeouts();
+    }
+    let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
 }
 
 /// Runs one choice to the end, sending its events to `tx`. Returns early (aborting the worker
-/// request) when the receiver is dropped.
+/// request) when the receiver is dropped. A worker that fails after the first token hands the
+/// choice to another (`migrate`), at most `--max_migrations` times.
 pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<ChoiceEvent>) {
     let index = job.index;
     let opened = tokio::select! {
-        r = open(&state, &job) => r,
+        r = open(&state, &job, &[]) => r,
         _ = tx.closed() => return,
     };
-    let Opened {
-        worker,
-        _inflight,
-        mut abort,
-        mut stream,
-        first,
-    } = match opened {
+    let mut opened = match opened {
         Ok(o) => o,
         Err(error) => {
             let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
             return;
         }
     };
-    tracing::debug!(worker = %worker.url, "first response");
-    let codec = state.codec.clone();
-    let mut detok = Detokenizer::new(&job.request.prompt_token_ids);
-    let mut stops = StopMatcher::new(job.stop.clone());
-    let mut next = Some(first);
-    let mut last_heard = Instant::now();
-    let mut usage = Usage {
-        prompt_tokens: u32::try_from(job.request.prompt_token_ids.len()).unwrap_or(u32::MAX),
-        ..Usage::default()
+    tracing::debug!(worker = %opened.worker.url, "first response");
+    let mut progress = Progress {
+        detok: Detokenizer::new(&job.request.prompt_token_ids),
+        stops: StopMatcher::new(job.stop.clone()),
+        usage: Usage {
+            prompt_tokens: u32::try_from(job.request.prompt_token_ids.len()).unwrap_or(u32::MAX),
+            ..Usage::default()
+        },
+        generated: Vec::new(),
+        failed: Vec::new(),
+        migrations: 0,
     };
+    loop {
+        let (cause, error) = match relay(&state, &job, &mut opened, &mut progress, &tx).await {
+            Relayed::Over => return,
+            Relayed::WorkerFault { cause, error } => (cause, error),
+        };
+        let from = opened.worker.url.clone();
+        // The failed worker's guards go now: its in-flight count, and an Abort if armed.
+        drop(opened);
+        progress.failed.push(from.clone());
+        let max_tokens = job.request.stopping.as_ref().map_or(0, |s| s.max_tokens);
+        if max_tokens > 0 && progress.generated.len() >= max_tokens as usize {
+            // Every token came; only the worker's finish was lost: the choice ends here,
+            // as the worker would have ended it.
+            let last = GenerateResponse {
+                finish_reason: FinishReason::Length as i32,
+                ..GenerateResponse::default()
+            };
+            let _ = deliver(&state, index, &mut progress, last, &tx).await;
+            return;
+        }
+        if progress.migrations >= state.config.max_migrations {
+            if state.config.max_migrations > 0 {
+                tracing::warn!(request_id = %job.request.request_id, worker = %from, migrations = progress.migrations, "worker failed mid-stream and the request has moved --max_migrations times already; it ends with an error");
+            }
+            fail(&state, &tx, index, error).await;
+            return;
+        }
+        let next = resumed_job(&job, &progress.generated);
+        let reopened = tokio::select! {
+            r = open(&state, &next, &progress.failed) => r,
+            _ = tx.closed() => return,
+        };
+        match reopened {
+            Ok(o) => {
+                progress.migrations += 1;
+                state.metrics.inc_migrations(&from, cause.label());
+                tracing::warn!(
+                    request_id = %job.request.request_id,
+                    tokens_carried = progress.generated.len(),
+                    from_worker = %from,
+                    to_worker = %o.worker.url,
+                    cause = cause.label(),
+                    migration = progress.migrations,
+                    "request migrated: its worker failed mid-stream; another continues it"
+                );
+                opened = o;
+            }
+            Err(why) => {
+                tracing::warn!(request_id = %job.request.request_id, worker = %from, error = %why.message, "worker failed mid-stream and no other worker could take the request over");
+                let error = ApiError {
+                    message: format!(
+                        "{}; moving the request to another worker failed: {}",
+                        error.message, why.message
+                    ),
+                    ..error
+                };
+                fail(&state, &tx, index, error).await;
+                return;
+            }
+        }
+    }
+}
+
+/// The job that continues `job` on another worker after `generated` tokens: the request with
+/// the tokens carried over, and no first-token deadline left (the client has its first
+/// token; the whole request's deadline still holds).
+fn resumed_job(job: &ChoiceJob, generated: &[u32]) -> ChoiceJob {
+    ChoiceJob {
+        request: resume_request(&job.request, generated),
+        deadline: job.deadline.after_first_token(),
+        ..job.clone()
+    }
+}
+
+/// Relays one worker's stream of `job` into `tx` (text, logprobs, the finish) until the
+/// choice is over or the worker fails through its own fault.
+async fn relay(
+    state: &AppState,
+    job: &ChoiceJob,
+    opened: &mut Opened,
+    progress: &mut Progress,
+    tx: &mpsc::Sender<ChoiceEvent>,
+) -> Relayed {
+    let index = job.index;
+    let worker = opened.worker.clone();
+    let mut next = opened.first.take();
+    let mut last_heard = Instant::now();
     // One timer for the whole stream, not one per token.
     let expired = expiry(job.deadline.whole());
     tokio::pin!(expired);
     loop {
-        let mut resp = match next.take() {
+        let resp = match next.take() {
             Some(r) => r,
             None => {
                 let msg = tokio::select! {
-                    m = stream.message() => m,
-                    _ = tx.closed() => return,
+                    m = opened.stream.message() => m,
+                    _ = tx.closed() => return Relayed::Over,
                     which = &mut expired => {
                         // The guard aborts the worker request; the client hears why.
-                        state.metrics.inc_timeouts();
                         tracing::info!(worker = %worker.url, "request ran past its deadline; worker request aborted");
-                        let error = job.deadline.error(which);
-                        let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
-                        return;
+                        fail(state, tx, index, job.deadline.error(which)).await;
+                        return Relayed::Over;
                     }
                 };
                 match msg {
@@ -372,95 +495,134 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
                             "worker {} ended the stream before finishing the request",
                             worker.url
                         ));
-                        let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
-                        return;
+                        return Relayed::WorkerFault {
+                            cause: Cause::StreamEnded,
+                            error,
+                        };
                     }
                     Err(status) if status.code() == Code::DeadlineExceeded => {
-                        abort.armed = false;
-                        state.metrics.inc_timeouts();
-                        let error = job.deadline.error(Expired::Request);
-                        let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
-                        return;
+                        opened.abort.armed = false;
+                        fail(state, tx, index, job.deadline.error(Expired::Request)).await;
+                        return Relayed::Over;
                     }
                     Err(status) => {
-                        abort.armed = false;
-                        let error = request_fault(&status).unwrap_or_else(|| {
-                            state.metrics.inc_worker_failures();
-                            mid_stream_failure(&state, &worker, &status, last_heard.elapsed())
-                        });
-                        let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
-                        return;
+                        opened.abort.armed = false;
+                        if let Some(error) = request_fault(&status) {
+                            let _ = tx.send(ChoiceEvent::Failed { index, error }).await;
+                            return Relayed::Over;
+                        }
+                        state.metrics.inc_worker_failures();
+                        let (cause, error) =
+                            mid_stream_failure(&worker, &status, last_heard.elapsed());
+                        return Relayed::WorkerFault { cause, error };
                     }
                 }
             }
         };
-        if !resp.prompt_logprobs.is_empty()
-            && tx
-                .send(ChoiceEvent::PromptLogprobs {
-                    index,
-                    logprobs: std::mem::take(&mut resp.prompt_logprobs),
-                })
-                .await
-                .is_err()
-        {
-            return;
-        }
-        state.metrics.add_generation_tokens(resp.token_ids.len());
-        usage.completion_tokens = usage
-            .completion_tokens
-            .saturating_add(u32::try_from(resp.token_ids.len()).unwrap_or(u32::MAX));
-        if let Some(u) = resp.usage {
-            // The worker's counts are authoritative when present; cached_tokens only it knows.
-            usage = Usage {
-                completion_tokens: u.completion_tokens.max(usage.completion_tokens),
-                ..u
-            };
-        }
-        let mut text = String::new();
-        for &id in &resp.token_ids {
-            text.push_str(&detok.push(codec.as_ref(), id));
-        }
-        let finish =
-            FinishReason::try_from(resp.finish_reason).unwrap_or(FinishReason::Unspecified);
-        if finish != FinishReason::Unspecified {
-            text.push_str(&detok.flush(codec.as_ref()));
-        }
-        let (emit, stopped) = match stops.push(&text) {
-            StopCheck::Emit(t) => (t, false),
-            StopCheck::Stopped(t) => (t, true),
-        };
-        let mut emit = emit;
-        if finish != FinishReason::Unspecified && !stopped {
-            emit.push_str(&stops.flush());
-        }
-        if (!emit.is_empty() || !resp.logprobs.is_empty())
-            && tx
-                .send(ChoiceEvent::Delta {
-                    index,
-                    text: emit,
-                    logprobs: std::mem::take(&mut resp.logprobs),
-                })
-                .await
-                .is_err()
-        {
-            return;
-        }
-        if stopped || finish != FinishReason::Unspecified {
-            // A stop string ends the request here: the worker is told to abort (guard).
-            abort.armed = stopped;
-            let reason = if stopped || finish == FinishReason::Stop {
-                "stop"
-            } else {
-                "length"
-            };
-            let _ = tx
-                .send(ChoiceEvent::Finish {
-                    index,
-                    reason,
-                    usage,
-                })
-                .await;
-            return;
+        match deliver(state, index, progress, resp, tx).await {
+            Delivered::More => {}
+            // The guard aborts the worker request.
+            Delivered::ClientGone => return Relayed::Over,
+            Delivered::Finished { stopped } => {
+                // A stop string ends the request here: the worker is told to abort (guard).
+                opened.abort.armed = stopped;
+                return Relayed::Over;
+            }
         }
     }
+}
+
+/// What delivering one worker response left of the choice.
+enum Delivered {
+    /// More responses are due.
+    More,
+    /// The choice finished; by a stop string when `stopped` (its worker request is then
+    /// still running).
+    Finished {
+        /// A stop string ended it.
+        stopped: bool,
+    },
+    /// The client left.
+    ClientGone,
+}
+
+/// Turns one worker response into the choice's events: prompt logprobs, the text it
+/// completes (detokenized, stop strings applied), logprobs, and the finish when it carries
+/// one.
+async fn deliver(
+    state: &AppState,
+    index: u32,
+    progress: &mut Progress,
+    mut resp: GenerateResponse,
+    tx: &mpsc::Sender<ChoiceEvent>,
+) -> Delivered {
+    let codec = state.codec.as_ref();
+    if !resp.prompt_logprobs.is_empty()
+        && tx
+            .send(ChoiceEvent::PromptLogprobs {
+                index,
+                logprobs: std::mem::take(&mut resp.prompt_logprobs),
+            })
+            .await
+            .is_err()
+    {
+        return Delivered::ClientGone;
+    }
+    state.metrics.add_generation_tokens(resp.token_ids.len());
+    progress.generated.extend_from_slice(&resp.token_ids);
+    let usage = &mut progress.usage;
+    usage.completion_tokens = usage
+        .completion_tokens
+        .saturating_add(u32::try_from(resp.token_ids.len()).unwrap_or(u32::MAX));
+    if let Some(u) = resp.usage {
+        // The worker's counts are authoritative when present (a migrated request's include
+        // the tokens carried over); cached_tokens only it knows.
+        *usage = Usage {
+            completion_tokens: u.completion_tokens.max(usage.completion_tokens),
+            ..u
+        };
+    }
+    let mut text = String::new();
+    for &id in &resp.token_ids {
+        text.push_str(&progress.detok.push(codec, id));
+    }
+    let finish = FinishReason::try_from(resp.finish_reason).unwrap_or(FinishReason::Unspecified);
+    if finish != FinishReason::Unspecified {
+        text.push_str(&progress.detok.flush(codec));
+    }
+    let (mut emit, stopped) = match progress.stops.push(&text) {
+        StopCheck::Emit(t) => (t, false),
+        StopCheck::Stopped(t) => (t, true),
+    };
+    if finish != FinishReason::Unspecified && !stopped {
+        emit.push_str(&progress.stops.flush());
+    }
+    if (!emit.is_empty() || !resp.logprobs.is_empty())
+        && tx
+            .send(ChoiceEvent::Delta {
+                index,
+                text: emit,
+                logprobs: std::mem::take(&mut resp.logprobs),
+            })
+            .await
+            .is_err()
+    {
+        return Delivered::ClientGone;
+    }
+    if !stopped && finish == FinishReason::Unspecified {
+        return Delivered::More;
+    }
+    let reason = if stopped || finish == FinishReason::Stop {
+        "stop"
+    } else {
+        "length"
+    };
+    let _ = tx
+        .send(ChoiceEvent::Finish {
+            index,
+            reason,
+            usage: progress.usage,
+        })
+        .await;
+    Delivered::Finished { stopped }
 }

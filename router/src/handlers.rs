@@ -206,6 +206,7 @@ fn spawn_choices(
                     sampling: Some(sampling),
                     stopping: Some(stopping),
                     traceparent: trace.traceparent(),
+                    generated_token_ids: Vec::new(),
                 },
                 block_hashes: hashes.clone(),
                 stop: settings.stop.clone(),

@@ -19,6 +19,7 @@ pub mod front;
 pub mod generate;
 pub mod handlers;
 pub mod metrics;
+pub mod migrate;
 pub mod openai;
 pub mod parse;
 pub mod policy;

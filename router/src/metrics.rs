@@ -1,5 +1,5 @@
-//! Prometheus text for /metrics: request counts by route and status, tokens, retries and
-//! per-worker state.
+//! Prometheus text for /metrics: request counts by route and status, tokens, retries,
+//! migrations and per-worker state.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -35,6 +35,8 @@ pub struct Metrics {
     rejected_queue_timeout: AtomicU64,
     rejected_draining: AtomicU64,
     timeouts: AtomicU64,
+    /// Choices moved off a worker that failed mid-stream, by (that worker, cause).
+    migrations: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -82,6 +84,13 @@ impl Metrics {
         self.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a choice moved off `worker`, which failed mid-stream with `cause` (a
+    /// `migrate::Cause` label), to another worker that took it.
+    pub fn inc_migrations(&self, worker: &str, cause: &'static str) {
+        let mut m = self.migrations.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((worker.to_owned(), cause)).or_default() += 1;
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self, pool: &Pool, admission: AdmissionGauges) -> String {
         let mut s = String::new();
@@ -112,6 +121,18 @@ impl Metrics {
                 s,
                 "# TYPE {name} counter\n{name} {}",
                 v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(s, "# TYPE llmapi_router_migrations_total counter");
+        for ((worker, cause), n) in self
+            .migrations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "llmapi_router_migrations_total{{worker=\"{worker}\",cause=\"{cause}\"}} {n}"
             );
         }
         let _ = writeln!(s, "# TYPE llmapi_router_rejected_requests_total counter");

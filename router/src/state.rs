@@ -90,6 +90,9 @@ pub struct RouterConfig {
     pub tokenizer_pool_size: usize,
     /// Extra workers tried when one fails before the first token.
     pub max_retries: usize,
+    /// Times one choice may move to another worker when its worker fails after the first
+    /// token (`--max_migrations`, `migrate`); 0: never.
+    pub max_migrations: u32,
     /// Health checks and circuit breaking.
     pub health: HealthPolicy,
     /// How long SIGTERM waits for in-flight requests.
@@ -132,6 +135,7 @@ impl Default for RouterConfig {
             max_prompt_tokens_per_request: DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST,
             tokenizer_pool_size: default_tokenizer_pool_size(),
             max_retries: 2,
+            max_migrations: crate::migrate::DEFAULT_MAX_MIGRATIONS,
             health: HealthPolicy::default(),
             drain_timeout: Duration::from_secs(30),
             span_exporter: None,

@@ -1,6 +1,7 @@
 //! `ScriptedWorker`: a test double speaking the worker proto, so the router can be tested and
 //! benchmarked without an engine. It "generates" by replaying the prompt's tokens (or a fixed
-//! script), keeps a pretend KV cache keyed by the shared block hash, and can be made to fail.
+//! script; a migrated request continues after the tokens it carries), keeps a pretend KV
+//! cache keyed by the shared block hash, and can be made to fail.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -55,6 +56,10 @@ pub struct Script {
     /// After this many tokens a request goes silent (it stays running, holding its pretend
     /// KV blocks, and sends nothing more), as a request on a stuck engine does.
     pub stall_after_tokens: Option<u32>,
+    /// After this many tokens of a stream (tokens carried over by a migration not counted),
+    /// the stream ends with this status: UNAVAILABLE as from a worker that dies mid-request,
+    /// or a request fault (INVALID_ARGUMENT, ...).
+    pub fails_after_tokens: Option<(u32, tonic::Code)>,
 }
 
 impl Default for Script {
@@ -73,6 +78,7 @@ impl Default for Script {
             max_batch_size: 64,
             max_queued_requests: 256,
             stall_after_tokens: None,
+            fails_after_tokens: None,
         }
     }
 }
@@ -355,11 +361,14 @@ impl Worker for ScriptedWorker {
         } else {
             Vec::new()
         };
+        // A migrated request goes on from the tokens it carries, as the real engine does: the
+        // reply continues where they end, and they count as generated.
+        let carried = u32::try_from(req.generated_token_ids.len()).unwrap_or(u32::MAX);
         tokio::spawn(async move {
-            let mut sent = 0u32;
+            let mut sent = carried;
             let mut batch = Vec::new();
             let mut lps = Vec::new();
-            while sent < stopping.max_tokens {
+            loop {
                 if me.dead.load(Ordering::SeqCst) {
                     let _ = tx
                         .send(Err(Status::unavailable("scripted worker died")))
@@ -369,6 +378,18 @@ impl Worker for ScriptedWorker {
                 }
                 if !lock(&me.shared).running.contains_key(&id) {
                     return;
+                }
+                if let Some((n, code)) = script.fails_after_tokens
+                    && sent - carried >= n
+                {
+                    let _ = tx
+                        .send(Err(Status::new(code, "scripted mid-stream failure")))
+                        .await;
+                    me.finish_request(&id, false);
+                    return;
+                }
+                if sent >= stopping.max_tokens {
+                    break;
                 }
                 if !script.token_delay.is_zero() {
                     tokio::time::sleep(script.token_delay).await;
@@ -400,8 +421,13 @@ impl Worker for ScriptedWorker {
                 let eos_hit = script.eos == Some(token) && !stopping.ignore_eos;
                 let stop_hit = stopping.stop_token_ids.contains(&token);
                 let stopped = (eos_hit || stop_hit) && sent >= stopping.min_tokens;
-                let last = stopped || sent >= stopping.max_tokens;
-                if batch.len() < script.tokens_per_message.max(1) && !last {
+                // A stream that fails after this token sends it without a finish, as a worker
+                // that dies between its last token and its finish.
+                let fails_next = script
+                    .fails_after_tokens
+                    .is_some_and(|(n, _)| sent - carried >= n);
+                let last = !fails_next && (stopped || sent >= stopping.max_tokens);
+                if batch.len() < script.tokens_per_message.max(1) && !last && !fails_next {
                     continue;
                 }
                 me.generated
@@ -479,6 +505,7 @@ impl Worker for ScriptedWorker {
             max_num_tokens: 8192,
             max_queued_requests: s.max_queued_requests,
             enable_block_reuse: true,
+            resumes_generation: true,
         }))
     }
 

@@ -6,96 +6,15 @@
 //! slow worker is not blamed, one that never answers the call is. Against `ScriptedWorker`
 //! doubles on loopback gRPC.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use llmapi_router::codec::ByteCodec;
-use llmapi_router::deadline::Deadlines;
-use llmapi_router::policy::RoutingPolicy;
-use llmapi_router::pool::{BreakerState, HealthPolicy, Pool};
-use llmapi_router::server::app;
-use llmapi_router::testing::{Script, ScriptedHandle, ScriptedWorker};
-use llmapi_router::{AppState, RouterConfig};
+use axum::http::StatusCode;
+use common::{COOLDOWN, Harness, deadlines, eventually, message, sse_payloads, start};
+use llmapi_router::pool::BreakerState;
+use llmapi_router::testing::Script;
 use serde_json::{Value, json};
-use tower::ServiceExt;
-
-struct Harness {
-    state: Arc<AppState>,
-    workers: Vec<ScriptedHandle>,
-}
-
-const COOLDOWN: Duration = Duration::from_millis(300);
-
-fn health() -> HealthPolicy {
-    HealthPolicy {
-        interval: Duration::from_millis(50),
-        timeout: Duration::from_millis(500),
-        eject_after: 2,
-        readmit_after: 2,
-        breaker_failures: 2,
-        breaker_cooldown: COOLDOWN,
-    }
-}
-
-async fn start(scripts: Vec<Script>, tweak: impl FnOnce(&mut RouterConfig)) -> Harness {
-    let mut config = RouterConfig {
-        served_model_name: "demo".into(),
-        model_path: "/models/demo-1b".into(),
-        routing_policy: RoutingPolicy::RoundRobin,
-        health: health(),
-        ..RouterConfig::default()
-    };
-    tweak(&mut config);
-    let pool = Arc::new(Pool::default());
-    let mut workers = Vec::new();
-    for s in scripts {
-        let h = ScriptedWorker::new(s).spawn().await.expect("bind loopback");
-        pool.add(&h.url()).expect("valid url");
-        workers.push(h);
-    }
-    pool.check_all(&config.health).await;
-    let state = Arc::new(AppState::new(config, Arc::new(ByteCodec), pool));
-    Harness { state, workers }
-}
-
-impl Harness {
-    async fn send(&self, body: Value) -> axum::response::Response {
-        let req = Request::builder()
-            .method("POST")
-            .uri("/v1/completions")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .expect("request");
-        app(self.state.clone())
-            .oneshot(req)
-            .await
-            .expect("infallible")
-    }
-
-    async fn post(&self, body: Value) -> (StatusCode, Value) {
-        let resp = self.send(body).await;
-        let status = resp.status();
-        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 28)
-            .await
-            .expect("body");
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
-    }
-
-    fn requests(&self, i: usize) -> usize {
-        self.workers[i].worker.requests().len()
-    }
-
-    fn breaker(&self, i: usize) -> BreakerState {
-        let url = self.workers[i].url();
-        let w = self.state.pool.all().into_iter().find(|w| w.url == url);
-        w.expect("worker in the pool").breaker_state()
-    }
-}
 
 fn normal() -> Value {
     json!({"model": "demo", "prompt": "hello", "max_tokens": 2})
@@ -111,10 +30,6 @@ fn small_cache() -> Script {
         kv_capacity_blocks: 16,
         ..Script::default()
     }
-}
-
-fn message(v: &Value) -> &str {
-    v["error"]["message"].as_str().unwrap_or("")
 }
 
 #[tokio::test]
@@ -307,26 +222,6 @@ async fn stop_lists_past_their_caps_are_refused_naming_the_limit() {
     assert_eq!(status, StatusCode::OK, "{v}");
 }
 
-/// Deadlines of `first_token` and `request` seconds (0: none).
-fn deadlines(first_token: f64, request: f64) -> Deadlines {
-    let limit = |s: f64| (s > 0.0).then(|| Duration::from_secs_f64(s));
-    Deadlines {
-        request: limit(request),
-        first_token: limit(first_token),
-    }
-}
-
-/// Waits up to 5 s for `check`.
-async fn eventually(check: impl Fn() -> bool) -> bool {
-    for _ in 0..500 {
-        if check() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
-}
-
 /// Generous bound on how late a timeout may answer: no hang, whatever the machine's load.
 const ANSWER_WITHIN: Duration = Duration::from_secs(8);
 
@@ -371,14 +266,6 @@ async fn a_request_with_no_first_token_in_time_gets_504_and_its_worker_request_i
         "a worker that accepted the request and is slow is not blamed"
     );
     assert!(h.state.pool.all()[0].routable());
-}
-
-/// Every SSE `data:` payload of a stream ("[DONE]" as a JSON string).
-fn sse_payloads(text: &str) -> Vec<Value> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned())))
-        .collect()
 }
 
 #[tokio::test]

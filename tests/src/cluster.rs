@@ -109,6 +109,20 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
+/// `llmapi_router_migrations_total` in Prometheus text `metrics`, summed over causes: the
+/// choices moved off the worker on gRPC port `grpc`, or off any worker when `None`.
+pub fn migrations_off(metrics: &str, grpc: Option<u16>) -> u64 {
+    let series = match grpc {
+        Some(p) => format!("llmapi_router_migrations_total{{worker=\"http://127.0.0.1:{p}\""),
+        None => "llmapi_router_migrations_total{".to_owned(),
+    };
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// The router's /metrics text (empty when it does not answer).
 pub fn metrics(router: u16) -> String {
     get_text(router, "/metrics")

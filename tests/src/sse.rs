@@ -2,6 +2,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -36,7 +37,17 @@ pub enum End {
 }
 
 /// Reads SSE payloads until `[DONE]`, EOF or `limit`; the payloads and how it ended.
-pub fn read_sse(mut r: BufReader<TcpStream>, limit: Duration) -> (Vec<Value>, End) {
+pub fn read_sse(r: BufReader<TcpStream>, limit: Duration) -> (Vec<Value>, End) {
+    read_sse_counting(r, limit, &AtomicUsize::new(0))
+}
+
+/// [`read_sse`], adding one to `payloads` as each payload arrives, so that another thread
+/// can see how far the stream has come (and fault what serves it there).
+pub fn read_sse_counting(
+    mut r: BufReader<TcpStream>,
+    limit: Duration,
+    payloads: &AtomicUsize,
+) -> (Vec<Value>, End) {
     let start = Instant::now();
     let mut events = Vec::new();
     let mut line = String::new();
@@ -64,6 +75,7 @@ pub fn read_sse(mut r: BufReader<TcpStream>, limit: Duration) -> (Vec<Value>, En
             let v = serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_owned()));
             let done = v == Value::String("[DONE]".into());
             events.push(v);
+            payloads.fetch_add(1, Ordering::SeqCst);
             if done {
                 return (events, End::Done);
             }

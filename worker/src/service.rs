@@ -113,6 +113,7 @@ fn params(req: pb::GenerateRequest) -> GenerateParams {
     GenerateParams {
         request_id: req.request_id,
         prompt: req.prompt_token_ids,
+        generated: req.generated_token_ids,
         sampling: SamplingParams {
             temperature: s.temperature.max(0.0),
             top_k: s.top_k,
@@ -419,6 +420,7 @@ impl Worker for WorkerService {
         let probe = GenerateParams {
             request_id: format!("health-probe-{n}"),
             prompt: vec![1],
+            generated: Vec::new(),
             sampling: SamplingParams::default(),
             stopping: StoppingParams {
                 max_tokens: 1,
@@ -462,6 +464,7 @@ impl Worker for WorkerService {
             max_num_tokens: i.max_num_tokens,
             max_queued_requests: i.max_queued_requests,
             enable_block_reuse: i.enable_block_reuse,
+            resumes_generation: true,
         }))
     }
 

@@ -463,6 +463,7 @@ fn gpu_engine_serves_greedy_requests_on_cuda() {
         .submit(llmapi_worker::engine::GenerateParams {
             request_id: "cuda-1".into(),
             prompt,
+            generated: Vec::new(),
             sampling: llmapi_worker::engine::SamplingParams::default(),
             stopping: llmapi_worker::engine::StoppingParams {
                 max_tokens: 8,

@@ -42,6 +42,7 @@ fn generate(id: &str, max_tokens: u32, timeout: Duration) -> tonic::Request<Gene
             ..Default::default()
         }),
         traceparent: String::new(),
+        generated_token_ids: Vec::new(),
     });
     r.set_timeout(timeout);
     r

@@ -510,6 +510,58 @@ fn seeded_sampling_is_reproducible() {
     assert_ne!(run("z", 1), run("w", 2));
 }
 
+/// Request migration: a request resumed on a fresh engine from the tokens it generated so far
+/// (`GenerateParams::generated`) continues as the undisturbed run did, seeded sampling and
+/// penalties included, and reports the whole completion in its usage.
+#[test]
+fn a_resumed_request_continues_as_the_undisturbed_run() {
+    let h = Engine::start(&model_dir(), config()).unwrap();
+    let request = |id: &str| {
+        let mut r = greedy(id, prompt(9, 7), 20);
+        r.sampling = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            seed: Some(5),
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            repetition_penalty: 1.2,
+            logprobs: Some(1),
+            ..Default::default()
+        };
+        r
+    };
+    let whole = collect(h.submit(request("whole")).unwrap());
+    assert_eq!(whole.ids.len(), 20);
+    for seam in [1, 8, 19] {
+        let mut resumed = request(&format!("resumed-{seam}"));
+        resumed.generated = whole.ids[..seam].to_vec();
+        let rest = collect(h.submit(resumed).unwrap());
+        assert_eq!(rest.ids, whole.ids[seam..], "seam after {seam} tokens");
+        assert_eq!(
+            rest.usage.completion_tokens, 20,
+            "all generated tokens count"
+        );
+        assert_eq!(
+            rest.usage.prompt_tokens, 7,
+            "the carried tokens are not prompt"
+        );
+        assert_eq!(rest.reason, FinishReason::Length);
+    }
+    // Counted as prompt instead, the penalties and the random stream would differ.
+    let mut as_prompt = request("as-prompt");
+    as_prompt.prompt.extend_from_slice(&whole.ids[..8]);
+    as_prompt.stopping.max_tokens = 12;
+    assert_ne!(collect(h.submit(as_prompt).unwrap()).ids, whole.ids[8..]);
+    let mut done = request("done");
+    done.generated = whole.ids.clone();
+    let err = h
+        .submit(done)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("nothing is left to generate"), "{err}");
+}
+
 #[test]
 fn impossible_requests_are_refused_with_reasons() {
     let h = Engine::start(

@@ -31,6 +31,7 @@ fn request(id: &str) -> GenerateParams {
     GenerateParams {
         request_id: id.into(),
         prompt: vec![5, 6, 7, 8],
+        generated: Vec::new(),
         sampling: SamplingParams::default(),
         stopping: StoppingParams {
             max_tokens: 4,

@@ -122,6 +122,7 @@ fn request(id: &str, prompt_len: usize, max_tokens: u32) -> GenerateRequest {
             ..Default::default()
         }),
         traceparent: String::new(),
+        generated_token_ids: Vec::new(),
     }
 }
 

@@ -109,6 +109,7 @@ fn request(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
             ..Default::default()
         }),
         traceparent: String::new(),
+        generated_token_ids: Vec::new(),
     }
 }
 

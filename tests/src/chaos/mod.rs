@@ -2,9 +2,9 @@
 //! ending classified, printed as a table (`scripts/chaos.sh`, `llmapi-chaos`).
 //!
 //! A scenario passes when no request was lost (cut without an answer) or hung (no ending
-//! within the client's limit) and each of its checks held. Errors the fault explains (a
-//! stream cut by a killed worker ending in-band, a 504 from a stalled one) are counted, not
-//! failures.
+//! within the client's limit) and each of its checks held. Errors the fault explains (a 504
+//! from a stalled worker, a 429 past the in-flight limit) are counted, not failures; a killed
+//! worker's streams migrate and end in no error at all.
 
 pub mod load;
 pub mod scenarios;

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use super::load::{Tally, burst, closed_loop, peak_rss_mib, run_request, signal};
 use super::{Config, Report};
 use crate::cluster::{SECRET, Worker, healthy_count, metric, metrics, routed, router, worker};
-use crate::cluster::{wait_workers, workers};
+use crate::cluster::{migrations_off, wait_workers, workers};
 use crate::wait_until;
 
 /// How long a client waits for any one request before calling it hung.
@@ -65,7 +65,8 @@ fn check(checks: &mut Vec<(String, bool)>, what: impl Into<String>, ok: bool) {
 }
 
 /// Scenario 1: SIGKILL one of two workers under streaming load, then start it again (as Slurm or
-/// systemd would): no stream hangs or is cut silently, and the worker is re-admitted.
+/// systemd would): no stream hangs, is cut or ends in error (the streams the killed worker was
+/// running migrate to the other), and the worker is re-admitted.
 pub fn kill_worker(cfg: &Config) -> Report {
     let (mut a, b) = two_workers(cfg, &[]);
     let (_router, port) = router_over(cfg, &a, &b, &[]);
@@ -96,11 +97,14 @@ pub fn kill_worker(cfg: &Config) -> Report {
     });
     check(
         &mut checks,
-        "only streams cut by the kill end in error (in-band 503)",
-        tally.refused.is_empty()
-            && tally.unreachable == 0
-            && tally.in_band.len() <= clients
-            && tally.in_band.iter().all(|c| *c == 503),
+        "no request ends in error: the killed worker's streams migrate",
+        tally.refused.is_empty() && tally.unreachable == 0 && tally.in_band.is_empty(),
+    );
+    let moved = migrations_off(&metrics(port), Some(a.grpc));
+    check(
+        &mut checks,
+        format!("the router counted the moves ({moved} migrations off the killed worker)"),
+        moved > 0,
     );
     drop(b);
     Report::new(

@@ -52,6 +52,7 @@ pub(crate) fn validate(
             info.vocab_size
         ));
     }
+    check_generated(req, info)?;
     if !chunked && n > max_num_tokens {
         return never_fits(format!(
             "prompt has {n} tokens but max_num_tokens is {max_num_tokens} and chunked prefill is off; \
@@ -116,6 +117,39 @@ pub(crate) fn validate(
             "min_tokens {} exceeds max_tokens {}",
             req.stopping.min_tokens, req.stopping.max_tokens
         ));
+    }
+    Ok(())
+}
+
+/// Checks the tokens a migrated request already generated (`GenerateParams::generated`):
+/// in the vocabulary, and leaving room for at least one more token.
+fn check_generated(req: &GenerateParams, info: &EngineInfo) -> Result<(), EngineError> {
+    let bad = |m: String| Err(EngineError::InvalidRequest(m));
+    let g = req.generated.len();
+    if g == 0 {
+        return Ok(());
+    }
+    if let Some(t) = req.generated.iter().find(|&&t| t >= info.vocab_size) {
+        return bad(format!(
+            "generated token id {t} is outside the vocabulary of {} tokens",
+            info.vocab_size
+        ));
+    }
+    let max_tokens = req.stopping.max_tokens as usize;
+    if max_tokens > 0 && g >= max_tokens {
+        return bad(format!(
+            "{g} tokens were already generated and max_tokens is {max_tokens}: nothing is left to \
+             generate; send the request only while it has tokens to go"
+        ));
+    }
+    let max_seq_len = info.max_seq_len as usize;
+    let n = req.prompt.len() + g;
+    if n > max_seq_len {
+        return Err(EngineError::DoesNotFit(format!(
+            "prompt ({}) and already generated tokens ({g}) come to {n}, past max_seq_len \
+             {max_seq_len}: nothing is left to generate",
+            req.prompt.len()
+        )));
     }
     Ok(())
 }
@@ -296,10 +330,16 @@ impl Runner {
         let p = req.params;
         let max_seq_len = self.info.max_seq_len as usize;
         let max_total = total_len(&p, max_seq_len);
+        let prompt_len = p.prompt.len();
+        let drawn = p.generated.len();
+        let mut tokens = p.prompt;
+        // A migrated request's tokens so far are recomputed with its prompt, as a preempted
+        // sequence's are, and count as generated.
+        tokens.extend(p.generated);
         let seq = Sequence {
             id: p.request_id,
-            prompt_len: p.prompt.len(),
-            tokens: p.prompt,
+            prompt_len,
+            tokens,
             num_computed: 0,
             blocks: Vec::new(),
             promised: 0,
@@ -310,7 +350,7 @@ impl Runner {
             reserve_in_steps: max_total > max_seq_len,
             stopping: p.stopping,
             want_prompt_logprobs: p.sampling.prompt_logprobs,
-            sampler: Sampler::new(p.sampling),
+            sampler: Sampler::resumed(p.sampling, drawn),
             tx: req.tx,
             arrival: req.arrival,
             scheduled_at: None,

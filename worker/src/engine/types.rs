@@ -203,6 +203,10 @@ pub struct GenerateParams {
     pub request_id: String,
     /// Prompt token ids.
     pub prompt: Vec<u32>,
+    /// Tokens this request already generated on another worker (request migration): computed
+    /// after the prompt and counted as generated (max_tokens, min_tokens, penalties, usage);
+    /// a seeded sampler resumes after their draws. Empty for a new request.
+    pub generated: Vec<u32>,
     /// Sampling settings.
     pub sampling: SamplingParams,
     /// Stopping settings.

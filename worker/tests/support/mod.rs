@@ -200,6 +200,7 @@ pub fn greedy(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateParams {
     GenerateParams {
         request_id: id.to_string(),
         prompt,
+        generated: Vec::new(),
         sampling: SamplingParams::default(),
         stopping: StoppingParams {
             max_tokens,
