@@ -329,6 +329,10 @@ struct Progress {
     failed: Vec<String>,
     /// Migrations so far.
     migrations: u32,
+    /// Logprobs of tokens whose text is still held back (an unfinished UTF-8 character, a
+    /// possible stop string): they go out with the chunk that releases the text, so that every
+    /// streamed chunk's text and logprobs describe the same tokens.
+    held_logprobs: Vec<TokenLogprob>,
 }
 
 /// How relaying one worker's stream ended.
@@ -380,6 +384,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
         generated: Vec::new(),
         failed: Vec::new(),
         migrations: 0,
+        held_logprobs: Vec::new(),
     };
     loop {
         let (cause, error) = match relay(&state, &job, &mut opened, &mut progress, &tx).await {
@@ -597,19 +602,21 @@ async fn deliver(
     if finish != FinishReason::Unspecified && !stopped {
         emit.push_str(&progress.stops.flush());
     }
-    if (!emit.is_empty() || !resp.logprobs.is_empty())
+    let ends = stopped || finish != FinishReason::Unspecified;
+    progress.held_logprobs.append(&mut resp.logprobs);
+    if (!emit.is_empty() || (ends && !progress.held_logprobs.is_empty()))
         && tx
             .send(ChoiceEvent::Delta {
                 index,
                 text: emit,
-                logprobs: std::mem::take(&mut resp.logprobs),
+                logprobs: std::mem::take(&mut progress.held_logprobs),
             })
             .await
             .is_err()
     {
         return Delivered::ClientGone;
     }
-    if !stopped && finish == FinishReason::Unspecified {
+    if !ends {
         return Delivered::More;
     }
     let reason = if stopped || finish == FinishReason::Stop {
