@@ -394,6 +394,34 @@ pub fn get(port: u16, path: &str) -> HttpResponse {
     request(port, "GET", path, None, &[]).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
+/// `llmapi-router` for the demo model on 127.0.0.1:`port` with `secret` as its worker and
+/// admin token (a job's secret, as its tasks present it), health checks every 200 ms, plus
+/// `extra`; waits until it listens (its /workers answers; /health stays 503 until a worker
+/// is healthy).
+pub fn router_with_secret(port: u16, secret: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("llmapi-router"));
+    cmd.arg(demo_model())
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--health_check_interval_ms", "200"])
+        .args(extra)
+        .env("LLMAPI_WORKER_TOKEN", secret)
+        .env("LLMAPI_ADMIN_TOKEN", secret);
+    let p = Proc::spawn(&format!("router-{port}"), cmd);
+    assert!(
+        wait_until(Duration::from_secs(30), || request(
+            port,
+            "GET",
+            "/workers",
+            None,
+            &[]
+        )
+        .is_ok_and(|r| r.status == 200)),
+        "the router never listened; see {}",
+        p.log.display()
+    );
+    p
+}
+
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

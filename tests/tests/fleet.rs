@@ -7,7 +7,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use llmapi_tests::{Proc, bin, demo_model, free_port, get, post, request, wait_until};
+use llmapi_tests::{
+    Proc, bin, demo_model, free_port, get, post, request, router_with_secret, wait_until,
+};
 use serde_json::{Value, json};
 
 /// The job secret: the worker's LLMAPI_JOB_TOKEN, the routers' worker and admin token.
@@ -19,27 +21,7 @@ const LONG: u64 = 1900;
 
 /// `llmapi-router` on `port` with the job secret and a short lease.
 fn router(port: u16) -> Proc {
-    let mut cmd = Command::new(bin("llmapi-router"));
-    cmd.arg(demo_model())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--health_check_interval_ms", "200"])
-        .args(["--worker_lease_s", &LEASE_S.to_string()])
-        .env("LLMAPI_WORKER_TOKEN", SECRET)
-        .env("LLMAPI_ADMIN_TOKEN", SECRET);
-    let p = Proc::spawn(&format!("fleet-router-{port}"), cmd);
-    assert!(
-        wait_until(Duration::from_secs(30), || request(
-            port,
-            "GET",
-            "/workers",
-            None,
-            &[]
-        )
-        .is_ok_and(|r| r.status == 200)),
-        "the router never listened; see {}",
-        p.log.display()
-    );
-    p
+    router_with_secret(port, SECRET, &["--worker_lease_s", &LEASE_S.to_string()])
 }
 
 /// A job task registering with every router of `routers`.
@@ -72,6 +54,29 @@ fn healthy(router: u16) -> Vec<String> {
         .collect()
 }
 
+/// Waits until every router of `ports` lists worker `w` healthy and serves a request with it
+/// (healthy can come a moment before the worker's model facts reach the router).
+fn served_by_all(ports: &[u16], w: &Proc) {
+    for &p in ports {
+        assert!(
+            wait_until(Duration::from_secs(90), || healthy(p).len() == 1),
+            "router {p} never had the worker; see {}",
+            w.log.display()
+        );
+        assert!(
+            wait_until(Duration::from_secs(30), || request(
+                p,
+                "POST",
+                "/v1/completions",
+                Some(&json!({"model": "demo", "prompt": "up", "max_tokens": 1})),
+                &[]
+            )
+            .is_ok_and(|r| r.status == 200)),
+            "router {p} never served the worker"
+        );
+    }
+}
+
 fn listed(router: u16) -> usize {
     get(router, "/workers").json()["workers"]
         .as_array()
@@ -94,12 +99,8 @@ fn a_worker_serves_every_router_a_restarted_router_gets_it_back_and_a_dead_one_l
     let _a = router(ports[0]);
     let mut b = router(ports[1]);
     let mut w = worker(&ports);
+    served_by_all(&ports, &w);
     for &p in &ports {
-        assert!(
-            wait_until(Duration::from_secs(90), || healthy(p).len() == 1),
-            "router {p} never had the worker; see {}",
-            w.log.display()
-        );
         assert_eq!(completes(p)["usage"]["completion_tokens"], 3);
     }
 
@@ -140,25 +141,7 @@ fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
     let _a = router(ports[0]);
     let _b = router(ports[1]);
     let mut w = worker(&ports);
-    for &p in &ports {
-        assert!(
-            wait_until(Duration::from_secs(90), || healthy(p).len() == 1),
-            "router {p} never had the worker; see {}",
-            w.log.display()
-        );
-        // Healthy can come a moment before the worker's model facts reach the router.
-        assert!(
-            wait_until(Duration::from_secs(30), || request(
-                p,
-                "POST",
-                "/v1/completions",
-                Some(&json!({"model": "demo", "prompt": "up", "max_tokens": 1})),
-                &[]
-            )
-            .is_ok_and(|r| r.status == 200)),
-            "router {p} never served the worker"
-        );
-    }
+    served_by_all(&ports, &w);
     // A long request in flight when SIGTERM (scancel) comes: it finishes before the worker
     // exits.
     let port = ports[0];

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use llmapi_proto::tls::JobCa;
 use llmapi_tests::{
-    Proc, bin, demo_model, free_port, get, https_request, post, request, wait_until,
+    Proc, bin, demo_model, free_port, get, https_request, post, request, router_with_secret,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -27,28 +28,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// `llmapi-router` on a free port with the job secret as worker and admin token, plus `extra`.
 fn router(extra: &[&str]) -> (Proc, u16) {
     let port = free_port();
-    let mut cmd = Command::new(bin("llmapi-router"));
-    cmd.arg(demo_model())
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--health_check_interval_ms", "200"])
-        .args(extra)
-        .env("LLMAPI_WORKER_TOKEN", SECRET)
-        .env("LLMAPI_ADMIN_TOKEN", SECRET);
-    let p = Proc::spawn(&format!("tls-router-{port}"), cmd);
-    // /health says 503 until a worker is healthy; /workers answers as soon as it listens.
-    assert!(
-        wait_until(Duration::from_secs(30), || request(
-            port,
-            "GET",
-            "/workers",
-            None,
-            &[]
-        )
-        .is_ok_and(|r| r.status == 200)),
-        "the router never listened; see {}",
-        p.log.display()
-    );
-    (p, port)
+    (router_with_secret(port, SECRET, extra), port)
 }
 
 /// The router's workers as (url, healthy).
