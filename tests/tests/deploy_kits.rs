@@ -325,7 +325,8 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_each_other() {
     }
 
     // Each check bites: a misspelt field, an autoscaler allowed past the routers the workers
-    // know, a TP size that is not the group's.
+    // know, a Secret the pods mount that is not there, a worker the routers would refuse, a
+    // TP size that is not the group's, a misspelt field of the CRD's pod template.
     let broken = [
         (
             "workers.yaml",
@@ -346,6 +347,18 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_each_other() {
             "must equal the group size",
         ),
         (
+            "secret.yaml.example",
+            "name: llmapi-job-secret",
+            "name: llmapi-other-secret",
+            "which the kit does not define",
+        ),
+        (
+            "router.yaml",
+            "llmapi-worker-1.llmapi-worker,",
+            "",
+            "--worker_url_allowlist lacks llmapi-worker-1.llmapi-worker",
+        ),
+        (
             "tp-groups.yaml",
             "command: [\"llmapi-lws-env\"",
             "commands: [\"llmapi-lws-env\"",
@@ -356,7 +369,8 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_each_other() {
         let dir = tempfile::tempdir().expect("tempdir");
         for entry in std::fs::read_dir(deploy("k8s")).expect("deploy/k8s") {
             let path = entry.expect("entry").path();
-            if path.extension().is_some_and(|e| e == "yaml") {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| n.ends_with(".yaml") || n.ends_with(".yaml.example")) {
                 let mut body = read(&path);
                 if path.file_name().is_some_and(|n| n == file) {
                     assert!(body.contains(from), "{file} lacks {from}");
