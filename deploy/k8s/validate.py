@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Validates the manifests of deploy/k8s against the Kubernetes schemas, offline.
 
-Usage: validate.py [DIR]   (default: the directory of this script)
+Usage: validate.py [DIR]              (default: the directory of this script)
+       validate.py --containers [DIR]  prints every container of the kit as JSON lines
+                                       (resource, container, init, command, args, env) and
+                                       checks nothing; tests/tests/deploy_kits.rs runs them
 
 Every resource of every *.yaml (and *.yaml.example) is validated strictly (unknown fields are errors) with
 kubernetes-validate's bundled schemas for each version in VERSIONS. LeaderWorkerSet is a CRD
@@ -13,6 +16,7 @@ the routers' --worker_url_allowlist names every worker pod. Exit status 1 on any
 """
 
 import glob
+import json
 import os
 import sys
 
@@ -161,6 +165,21 @@ def main():
                 error(where, f"the routers' --worker_url_allowlist lacks {','.join(missing)}")
 
 
+def containers(root):
+    for path in sorted(glob.glob(os.path.join(root, "*.yaml"))):
+        with open(path) as f:
+            for r in yaml.safe_load_all(f):
+                if not r:
+                    continue
+                for key, spec in pod_specs(r):
+                    for init, c in [(True, c) for c in spec.get("initContainers", [])] + [(False, c) for c in spec.get("containers", [])]:
+                        env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+                        print(json.dumps({"resource": f"{r['kind']}/{r['metadata']['name']}", "template": key, "container": c["name"], "init": init, "image": c.get("image"), "command": c.get("command"), "args": c.get("args", []), "env": env}))
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--containers":
+    containers(sys.argv[2] if len(sys.argv) > 2 else os.path.dirname(os.path.abspath(__file__)))
+    sys.exit(0)
 main()
 for e in errors:
     print(f"ERROR {e}", file=sys.stderr)

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use llmapi_tests::{bin, demo_model, free_port, get, post, router_with_secret, serve};
+use llmapi_tests::{
+    Proc, bin, demo_model, free_port, get, post, request, router_with_secret, serve, wait_until,
+};
 use serde_json::{Value, json};
 
 /// The histograms and gauges that the router's metrics are gaining (docs/serving.md,
@@ -387,6 +389,202 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_each_other() {
             text(&out)
         );
     }
+}
+
+/// One container of the kit, as `validate.py --containers` prints it.
+struct Container {
+    resource: String,
+    init: bool,
+    command: Option<Vec<String>>,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+fn kit_containers(python: &Path) -> Vec<Container> {
+    let out = Command::new(python)
+        .arg(deploy("k8s/validate.py"))
+        .arg("--containers")
+        .output()
+        .expect("validate.py --containers");
+    assert!(out.status.success(), "{}", text(&out));
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("a JSON line");
+            Container {
+                resource: v["resource"].as_str().unwrap_or_default().to_owned(),
+                init: v["init"] == json!(true),
+                command: v["command"].is_array().then(|| strings(&v["command"])),
+                args: strings(&v["args"]),
+                env: v["env"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+/// GET /health's status, None while nothing answers.
+fn health(port: u16) -> Option<u16> {
+    request(port, "GET", "/health", None, &[])
+        .ok()
+        .map(|r| r.status)
+}
+
+/// The router and worker pods of deploy/k8s, run as shipped but for their addresses and
+/// paths: the init container's `install` turns a world-readable Secret file into one the
+/// binaries accept, the router takes every flag of router.yaml, the worker registers with
+/// the one router that runs while the routers the autoscaler has not started refuse
+/// connections, serves a request, and on SIGTERM withdraws (the router's /health turns 503).
+#[test]
+fn the_router_and_worker_pods_run_as_shipped_on_loopback() {
+    let Some(python) = python_with_validator() else {
+        return;
+    };
+    let containers = kit_containers(&python);
+    let find = |resource: &str, init: bool| {
+        containers
+            .iter()
+            .find(|c| c.resource == resource && c.init == init)
+            .unwrap_or_else(|| panic!("no {resource} container (init: {init})"))
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secret_src = dir.path().join("secret-src");
+    let secret_dir = dir.path().join("secret");
+    std::fs::create_dir_all(&secret_src).expect("mkdir");
+    std::fs::create_dir_all(&secret_dir).expect("mkdir");
+    let token = secret_src.join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").expect("write token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // As the Secret volume has it (defaultMode 0444).
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+    }
+    let model = demo_model().display().to_string();
+    let paths = |a: &str| {
+        a.replace("/run/llmapi/secret-src", &secret_src.display().to_string())
+            .replace("/run/llmapi/secret", &secret_dir.display().to_string())
+            .replace("/models/model", &model)
+    };
+
+    for resource in ["StatefulSet/llmapi-router", "StatefulSet/llmapi-worker"] {
+        let init = find(resource, true);
+        let cmd = init.command.clone().expect("the init container's command");
+        let _ = std::fs::remove_file(secret_dir.join("token"));
+        let out = Command::new(&cmd[0])
+            .args(cmd[1..].iter().map(|a| paths(a)))
+            .output()
+            .expect("run the init container's command");
+        assert!(out.status.success(), "{resource} init: {}", text(&out));
+    }
+
+    let router_port = free_port();
+    let router = find("StatefulSet/llmapi-router", false);
+    assert_eq!(
+        router.command.as_deref(),
+        Some(&["llmapi-router".to_owned()][..])
+    );
+    let args: Vec<String> = router
+        .args
+        .iter()
+        .map(|a| match a.as_str() {
+            "--host=0.0.0.0" => "--host=127.0.0.1".to_owned(),
+            "--port=8000" => format!("--port={router_port}"),
+            // The pods' names do not resolve here; the worker advertises 127.0.0.1.
+            a if a.starts_with("--worker_url_allowlist=") => format!("{a},127.0.0.1"),
+            a => paths(a),
+        })
+        .collect();
+    let mut cmd = Command::new(bin("llmapi-router"));
+    cmd.args(&args);
+    let mut router = Proc::spawn(&format!("k8s-router-{router_port}"), cmd);
+
+    let worker = find("StatefulSet/llmapi-worker", false);
+    assert_eq!(
+        worker.command, None,
+        "the image's ENTRYPOINT, llmapi-launch"
+    );
+    let absent = free_port();
+    let args: Vec<String> = worker
+        .args
+        .iter()
+        .map(|a| {
+            if let Some(urls) = a.strip_prefix("--router_url=") {
+                // Router 0 runs; the others have not been started by the autoscaler.
+                let urls: Vec<String> = urls
+                    .split(',')
+                    .enumerate()
+                    .map(|(i, _)| {
+                        let port = if i == 0 { router_port } else { absent };
+                        format!("http://127.0.0.1:{port}")
+                    })
+                    .collect();
+                format!("--router_url={}", urls.join(","))
+            } else if a == "--backend=cuda" {
+                "--backend=cpu".to_owned()
+            } else {
+                paths(a)
+            }
+        })
+        .collect();
+    let mut cmd = Command::new(bin("llmapi-launch"));
+    cmd.args(&args)
+        .args(["--set", "kv_cache_config.max_tokens=65536"]);
+    for (k, v) in &worker.env {
+        let v = if k == "LLMAPI_ADVERTISE_HOST" {
+            "127.0.0.1".to_owned()
+        } else {
+            paths(v)
+        };
+        cmd.env(k, v);
+    }
+    let mut worker = Proc::spawn(&format!("k8s-worker-{router_port}"), cmd);
+    let mut exited = None;
+    let routable = wait_until(std::time::Duration::from_secs(60), || {
+        for p in [&mut router, &mut worker] {
+            if let Some(status) = p.wait_exit(std::time::Duration::from_millis(1)) {
+                exited = Some(format!(
+                    "{} exited ({status}); see {}",
+                    p.name,
+                    p.log.display()
+                ));
+                return true;
+            }
+        }
+        health(router_port) == Some(200)
+    });
+    assert_eq!(exited, None);
+    assert!(
+        routable,
+        "the worker never became routable; see {} and {}",
+        worker.log.display(),
+        router.log.display()
+    );
+    let r = post(
+        router_port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": "hello", "max_tokens": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        worker.terminate(std::time::Duration::from_secs(30)),
+        "the worker did not stop on SIGTERM"
+    );
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || health(router_port)
+            == Some(503)),
+        "the stopped worker is still routable"
+    );
 }
 
 #[test]
