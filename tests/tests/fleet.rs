@@ -145,6 +145,19 @@ fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
     // A long request in flight when SIGTERM (scancel) comes: it finishes before the worker
     // exits.
     let port = ports[0];
+    let generated = |port: u16| -> u64 {
+        get(port, "/metrics")
+            .body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("llmapi_router_generation_tokens_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = generated(port);
     let long = std::thread::spawn(move || {
         let answer = post(
             port,
@@ -154,13 +167,9 @@ fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
         );
         (answer, Instant::now())
     });
+    // Running on the worker, not just admitted: tokens are coming.
     assert!(
-        wait_until(Duration::from_secs(30), || get(port, "/metrics")
-            .body
-            .lines()
-            .any(
-                |l| l.starts_with("llmapi_router_inflight_requests ") && !l.ends_with(" 0")
-            )),
+        wait_until(Duration::from_secs(30), || generated(port) > before),
         "the long request never started"
     );
     let signalled = Instant::now();
