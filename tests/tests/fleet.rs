@@ -4,11 +4,10 @@
 //! without deregistering leaves both pools when its lease lapses; one stopped with SIGTERM
 //! withdraws from both at once and finishes the request it was running first.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use llmapi_tests::{
-    Proc, bin, demo_model, free_port, get, post, request, router_with_secret, wait_until,
+    Proc, fleet_worker, free_port, get, post, request, router_with_secret, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -26,19 +25,7 @@ fn router(port: u16) -> Proc {
 
 /// A job task registering with every router of `routers`.
 fn worker(routers: &[u16]) -> Proc {
-    let urls: Vec<String> = routers
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect();
-    let mut cmd = Command::new(bin("llmapi-launch"));
-    cmd.arg("serve")
-        .arg(demo_model())
-        .args(["--host", "127.0.0.1", "--port", &free_port().to_string()])
-        .args(["--set", "kv_cache_config.max_tokens=65536"])
-        .args(["--router_url", &urls.join(",")])
-        .env("LLMAPI_JOB_TOKEN", SECRET)
-        .env("LLMAPI_ADVERTISE_HOST", "127.0.0.1");
-    Proc::spawn(&format!("fleet-worker-{}", routers[0]), cmd)
+    fleet_worker(routers, SECRET, &format!("fleet-worker-{}", routers[0]))
 }
 
 /// The healthy workers a router lists.
