@@ -203,7 +203,7 @@ impl Default for Metrics {
         let itl = histogram(
             &mut registry,
             "llmapi_router_inter_token_latency_seconds",
-            "Seconds between successive token deliveries of one request",
+            "Seconds between successive token deliveries of one choice",
             &ITL_BUCKETS,
         );
         let e2e = histogram(
