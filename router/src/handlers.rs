@@ -549,6 +549,10 @@ async fn finish(
         s.response_id(&meta.id);
     }
     let rx = spans::observe(otlp, rx);
+    let prompt_tokens = meta.prompt_lens.iter().sum();
+    let rx = state
+        .metrics
+        .observe(admit.arrived(), prompt_tokens, meta.choices as usize, rx);
     if streaming {
         Ok(stream(meta, rx, admit, state.config.sse_keepalive).await)
     } else {
@@ -616,10 +620,10 @@ pub async fn version() -> Response {
     Json(json!({"version": env!("CARGO_PKG_VERSION")})).into_response()
 }
 
-/// GET /metrics: Prometheus text.
+/// GET /metrics: the OpenMetrics text exposition (`metrics`).
 pub async fn metrics(State(state): Shared) -> Response {
     (
-        [("content-type", "text/plain; version=0.0.4")],
+        [("content-type", crate::metrics::CONTENT_TYPE)],
         state.metrics.render(&state.pool, state.admission()),
     )
         .into_response()

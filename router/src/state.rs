@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use llmapi_common::generation_config::SamplingDefaults;
 use tokio::sync::watch;
@@ -157,8 +157,8 @@ pub struct AppState {
     pub pool: Arc<Pool>,
     /// Routing policy state.
     pub router: Router,
-    /// Counters for /metrics.
-    pub metrics: Metrics,
+    /// Counters and histograms for /metrics.
+    pub metrics: Arc<Metrics>,
     /// Worker-request slots and the queue in front of them.
     slots: Arc<Gate>,
     /// Threads of the blocking pool that tokenization may use at once.
@@ -192,7 +192,7 @@ impl AppState {
             router: Router::new(config.routing_policy, config.imbalance),
             codec,
             pool,
-            metrics: Metrics::default(),
+            metrics: Arc::new(Metrics::default()),
             slots: Gate::new(0),
             tokenizer: Gate::new(config.tokenizer_pool_size.max(1)),
             inflight: AtomicUsize::new(0),
@@ -258,6 +258,7 @@ impl AppState {
         }
         self.slots.set_limit(self.inflight_limit());
         let need = fanout.slots();
+        let arrived = Instant::now();
         let refused = match self
             .slots
             .acquire(
@@ -269,9 +270,11 @@ impl AppState {
         {
             Ok(permit) => {
                 self.inflight.fetch_add(1, Ordering::Relaxed);
+                self.metrics.observe_queue_time(arrived.elapsed());
                 return Ok(AdmitGuard {
                     state: self.clone(),
                     _permit: permit,
+                    arrived,
                 });
             }
             Err(refused) => refused,
@@ -393,9 +396,16 @@ impl AppState {
 pub struct AdmitGuard {
     state: Arc<AppState>,
     _permit: Permit,
+    /// When the request asked for admission: the start of its TTFT and end-to-end latency.
+    arrived: Instant,
 }
 
 impl AdmitGuard {
+    /// When the request asked for admission (before any wait in the queue).
+    pub fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
     /// Resolves with the error to end the request with once the drain timeout has passed
     /// (never before).
     pub async fn cut_off(&self) -> ApiError {

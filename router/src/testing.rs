@@ -60,6 +60,24 @@ pub struct Script {
     /// the stream ends with this status: UNAVAILABLE as from a worker that dies mid-request,
     /// or a request fault (INVALID_ARGUMENT, ...).
     pub fails_after_tokens: Option<(u32, tonic::Code)>,
+    /// Load's engine counters, reported as given: preemptions, prefix-cache queries and
+    /// hits (tokens), iterations and the tokens they computed.
+    pub load_counters: LoadCounters,
+}
+
+/// The engine counters a scripted worker's Load reports (all 0 by default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadCounters {
+    /// Sequences preempted.
+    pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached.
+    pub prefix_cache_hits: u64,
+    /// Iterations run.
+    pub iterations: u64,
+    /// Tokens those iterations computed.
+    pub iteration_tokens: u64,
 }
 
 impl Default for Script {
@@ -79,6 +97,7 @@ impl Default for Script {
             max_queued_requests: 256,
             stall_after_tokens: None,
             fails_after_tokens: None,
+            load_counters: LoadCounters::default(),
         }
     }
 }
@@ -533,6 +552,11 @@ impl Worker for ScriptedWorker {
             evicted_block_hashes: evicted,
             eviction_cursor: next,
             evictions_lost: lost,
+            preemptions: self.script.load_counters.preemptions,
+            prefix_cache_queries: self.script.load_counters.prefix_cache_queries,
+            prefix_cache_hits: self.script.load_counters.prefix_cache_hits,
+            iterations: self.script.load_counters.iterations,
+            iteration_tokens: self.script.load_counters.iteration_tokens,
         }))
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod balancer;
 pub mod chaos;
 pub mod cluster;
 pub mod deploy_tools;
@@ -422,6 +423,24 @@ pub fn router_with_secret(port: u16, secret: &str, extra: &[&str]) -> Proc {
         p.log.display()
     );
     p
+}
+
+/// A worker task (`llmapi-launch serve` of the demo model with `--router_url`) that
+/// registers with every router on `routers` (127.0.0.1) using the job secret `secret`.
+pub fn fleet_worker(routers: &[u16], secret: &str, name: &str) -> Proc {
+    let urls: Vec<String> = routers
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let mut cmd = Command::new(bin("llmapi-launch"));
+    cmd.arg("serve")
+        .arg(demo_model())
+        .args(["--host", "127.0.0.1", "--port", &free_port().to_string()])
+        .args(["--set", "kv_cache_config.max_tokens=65536"])
+        .args(["--router_url", &urls.join(",")])
+        .env("LLMAPI_JOB_TOKEN", secret)
+        .env("LLMAPI_ADVERTISE_HOST", "127.0.0.1");
+    Proc::spawn(name, cmd)
 }
 
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.

@@ -4,11 +4,10 @@
 //! without deregistering leaves both pools when its lease lapses; one stopped with SIGTERM
 //! withdraws from both at once and finishes the request it was running first.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use llmapi_tests::{
-    Proc, bin, demo_model, free_port, get, post, request, router_with_secret, wait_until,
+    Proc, fleet_worker, free_port, get, post, request, router_with_secret, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -26,19 +25,7 @@ fn router(port: u16) -> Proc {
 
 /// A job task registering with every router of `routers`.
 fn worker(routers: &[u16]) -> Proc {
-    let urls: Vec<String> = routers
-        .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
-        .collect();
-    let mut cmd = Command::new(bin("llmapi-launch"));
-    cmd.arg("serve")
-        .arg(demo_model())
-        .args(["--host", "127.0.0.1", "--port", &free_port().to_string()])
-        .args(["--set", "kv_cache_config.max_tokens=65536"])
-        .args(["--router_url", &urls.join(",")])
-        .env("LLMAPI_JOB_TOKEN", SECRET)
-        .env("LLMAPI_ADVERTISE_HOST", "127.0.0.1");
-    Proc::spawn(&format!("fleet-worker-{}", routers[0]), cmd)
+    fleet_worker(routers, SECRET, &format!("fleet-worker-{}", routers[0]))
 }
 
 /// The healthy workers a router lists.
@@ -145,6 +132,19 @@ fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
     // A long request in flight when SIGTERM (scancel) comes: it finishes before the worker
     // exits.
     let port = ports[0];
+    let generated = |port: u16| -> u64 {
+        get(port, "/metrics")
+            .body
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("llmapi_router_generation_tokens_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = generated(port);
     let long = std::thread::spawn(move || {
         let answer = post(
             port,
@@ -154,13 +154,9 @@ fn a_worker_stopped_with_sigterm_withdraws_from_every_router() {
         );
         (answer, Instant::now())
     });
+    // Running on the worker, not just admitted: tokens are coming.
     assert!(
-        wait_until(Duration::from_secs(30), || get(port, "/metrics")
-            .body
-            .lines()
-            .any(
-                |l| l.starts_with("llmapi_router_inflight_requests ") && !l.ends_with(" 0")
-            )),
+        wait_until(Duration::from_secs(30), || generated(port) > before),
         "the long request never started"
     );
     let signalled = Instant::now();

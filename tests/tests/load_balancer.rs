@@ -5,49 +5,19 @@
 //! The configs are used as shipped; only their addresses are rewritten to free loopback ports.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use llmapi_tests::{HttpResponse, Proc, demo_model, free_port, request, send, serve, wait_until};
+use llmapi_tests::balancer::{self, Balancer, Running, installed};
+use llmapi_tests::{HttpResponse, Proc, demo_model, free_port, request, send, serve};
 use serde_json::{Value, json};
-
-/// Which load balancer runs in front.
-#[derive(Clone, Copy, Debug)]
-enum Balancer {
-    Nginx,
-    Haproxy,
-}
 
 /// Two `llmapi-launch serve` instances (each a router with its own worker) behind a balancer.
 struct Fleet {
     routers: Vec<Option<Proc>>,
-    balancer: Proc,
+    balancer: Running,
     port: u16,
-    _dir: tempfile::TempDir,
-}
-
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
-}
-
-/// Whether the balancer's executable is installed; CI requires it (LLMAPI_REQUIRE_LB=1).
-fn installed(b: Balancer) -> bool {
-    let exe = match b {
-        Balancer::Nginx => "nginx",
-        Balancer::Haproxy => "haproxy",
-    };
-    let found = Command::new(exe).arg("-v").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var("LLMAPI_REQUIRE_LB").is_err(),
-            "{exe} is not installed and LLMAPI_REQUIRE_LB is set (apt-get install nginx-light haproxy)"
-        );
-        eprintln!("{exe} is not installed: skipping");
-    }
-    found
 }
 
 fn start(b: Balancer) -> Fleet {
@@ -56,75 +26,17 @@ fn start(b: Balancer) -> Fleet {
         .iter()
         .map(|&p| Some(serve(demo_model(), p, &[], &[])))
         .collect();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let rewrite = |text: String| {
-        text.replace("127.0.0.1:8001", &format!("127.0.0.1:{}", ports[0]))
-            .replace("127.0.0.1:8002", &format!("127.0.0.1:{}", ports[1]))
-            .replace("listen 8000;", &format!("listen 127.0.0.1:{port};"))
-            .replace("bind :8000", &format!("bind 127.0.0.1:{port}"))
-    };
-    let d = dir.path();
-    let balancer = match b {
-        Balancer::Nginx => {
-            let site = rewrite(
-                std::fs::read_to_string(repo_file("deploy/nginx/llmapi.conf")).expect("conf"),
-            );
-            std::fs::write(d.join("llmapi.conf"), site).expect("write");
-            // Worker processes run as nobody when the test runs as root: their temp
-            // directories must be theirs to write.
-            for t in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-                std::fs::create_dir(d.join(t)).expect("mkdir");
-                let _ = Command::new("chmod").arg("777").arg(d.join(t)).status();
-            }
-            let _ = Command::new("chmod").arg("755").arg(d).status();
-            let main = format!(
-                "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-                 events {{ worker_connections 512; }}\n\
-                 http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-                 fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                 include {d}/llmapi.conf;\n}}\n",
-                d = d.display()
-            );
-            std::fs::write(d.join("nginx.conf"), main).expect("write");
-            let mut cmd = Command::new("nginx");
-            cmd.arg("-p")
-                .arg(d)
-                .arg("-e")
-                .arg(d.join("error.log"))
-                .arg("-c")
-                .arg(d.join("nginx.conf"));
-            Proc::spawn(&format!("nginx-{port}"), cmd)
-        }
-        Balancer::Haproxy => {
-            let cfg = format!(
-                "global\n    maxconn 1024\n\n{}",
-                rewrite(
-                    std::fs::read_to_string(repo_file("deploy/haproxy/llmapi.cfg")).expect("cfg")
-                )
-            );
-            std::fs::write(d.join("haproxy.cfg"), cfg).expect("write");
-            let mut cmd = Command::new("haproxy");
-            cmd.arg("-db").arg("-f").arg(d.join("haproxy.cfg"));
-            Proc::spawn(&format!("haproxy-{port}"), cmd)
-        }
-    };
-    let fleet = Fleet {
+    let balancer = balancer::start(b, ports);
+    Fleet {
         routers,
+        port: balancer.port,
         balancer,
-        port,
-        _dir: dir,
-    };
-    let up = wait_until(Duration::from_secs(30), || {
-        request(port, "GET", "/health", None, &[]).is_ok_and(|r| r.status == 200)
-    });
-    assert!(up, "{b:?} never answered /health: {}", fleet.balancer_log());
-    fleet
+    }
 }
 
 impl Fleet {
     fn balancer_log(&self) -> String {
-        std::fs::read_to_string(&self.balancer.log).unwrap_or_default()
+        self.balancer.log()
     }
 }
 

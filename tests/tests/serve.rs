@@ -381,6 +381,34 @@ fn llmapi_bench_chat_with_client_tokenization_is_served() {
         metrics.contains("llmapi_router_prompt_tokens_total 64"),
         "{metrics}"
     );
+    // The request histograms saw the four requests, and the worker's engine counters reach
+    // /metrics through its Load answers (polled with the health checks).
+    assert!(
+        metrics.contains("llmapi_router_request_prompt_tokens_count 4\n")
+            && metrics.contains("llmapi_router_request_generation_tokens_sum 16.0\n")
+            && metrics.contains("llmapi_router_time_to_first_token_seconds_count 4\n"),
+        "{metrics}"
+    );
+    let worker_counter = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{worker=")))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let mut last = String::new();
+    let polled = wait_until(Duration::from_secs(30), || {
+        last = get(port, "/metrics").body;
+        worker_counter(&last, "llmapi_worker_prefix_cache_queries_total") >= 64.0
+    });
+    assert!(polled, "{last}");
+    assert!(
+        worker_counter(&last, "llmapi_worker_iterations_total") >= 1.0,
+        "{last}"
+    );
+    assert!(
+        worker_counter(&last, "llmapi_worker_iteration_tokens_total") >= 64.0,
+        "{last}"
+    );
 }
 
 /// Text without ANSI colour sequences (log lines are coloured by default).

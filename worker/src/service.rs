@@ -484,6 +484,11 @@ impl Worker for WorkerService {
             evicted_block_hashes: ev.hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
             eviction_cursor: ev.cursor,
             evictions_lost: ev.lost,
+            preemptions: l.preemptions,
+            prefix_cache_queries: l.prefix_cache_queries,
+            prefix_cache_hits: l.prefix_cache_hits,
+            iterations: l.iterations,
+            iteration_tokens: l.iteration_tokens,
         }))
     }
 }

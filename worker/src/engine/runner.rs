@@ -418,6 +418,10 @@ impl Runner {
             kv_blocks_used: (bm.num_blocks() - bm.num_unpromised_free()) as u64,
             kv_blocks_free: bm.num_unpromised_free() as u64,
             preemptions: self.sched.preemptions,
+            prefix_cache_queries: self.sched.prefix_cache_queries,
+            prefix_cache_hits: self.sched.prefix_cache_hits,
+            iterations: self.sched.iterations,
+            iteration_tokens: self.sched.iteration_tokens,
         };
         if let Ok(mut l) = self.status.load.lock() {
             *l = load;

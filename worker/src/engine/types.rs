@@ -301,6 +301,14 @@ pub struct LoadStats {
     /// Sequences preempted (their KV dropped, to be recomputed) since the engine started;
     /// only MAX_UTILIZATION preempts.
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache at admission since the engine started.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached (not computed again).
+    pub prefix_cache_hits: u64,
+    /// Iterations (steps) run since the engine started.
+    pub iterations: u64,
+    /// Tokens those iterations computed (prefill and decode).
+    pub iteration_tokens: u64,
 }
 
 /// Static facts about the served model and engine.

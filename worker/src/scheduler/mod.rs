@@ -81,6 +81,14 @@ pub struct Scheduler {
     pub waiting: VecDeque<Sequence>,
     /// Preemptions so far (for logs and tests).
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache at admission so far.
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached.
+    pub prefix_cache_hits: u64,
+    /// Steps planned so far (non-empty plans).
+    pub iterations: u64,
+    /// Tokens those steps compute.
+    pub iteration_tokens: u64,
     /// Sequences that filled the whole cache alone and could not grow: the engine ends them
     /// with finish reason `length`.
     pub out_of_room: Vec<Sequence>,
@@ -110,6 +118,10 @@ impl Scheduler {
             running: Vec::new(),
             waiting: VecDeque::new(),
             preemptions: 0,
+            prefix_cache_queries: 0,
+            prefix_cache_hits: 0,
+            iterations: 0,
+            iteration_tokens: 0,
             out_of_room: Vec::new(),
             window: None,
         }
@@ -132,7 +144,12 @@ impl Scheduler {
         // Each round either plans work or takes a sequence out of `running`.
         loop {
             let (plan, paused) = self.plan_step();
-            if !plan.is_empty() || !paused {
+            if !plan.is_empty() {
+                self.iterations += 1;
+                self.iteration_tokens += plan.iter().map(|p| p.n as u64).sum::<u64>();
+                return plan;
+            }
+            if !paused {
                 return plan;
             }
             self.unblock();
@@ -333,6 +350,8 @@ impl Scheduler {
         seq.hashes = hashes[..cached].to_vec();
         seq.num_computed = start;
         seq.on_admitted(start);
+        self.prefix_cache_queries += seq.tokens.len() as u64;
+        self.prefix_cache_hits += start as u64;
         self.running.push(seq);
         Some(n)
     }
@@ -412,6 +431,33 @@ pub(super) mod tests {
                 q.tokens.push(7);
             }
         }
+    }
+
+    #[test]
+    fn load_counters_count_prefix_lookups_hits_and_iterations() {
+        let limits = SchedulerLimits {
+            max_batch_size: 4,
+            max_num_tokens: 64,
+            prefill_budget: 64,
+            chunked_prefill: false,
+            policy: CapacityPolicy::MaxUtilization,
+        };
+        let mut s = Scheduler::new(limits, BlockManager::new(16, 4, true));
+        s.waiting.push_back(seq("a", 9));
+        let plan = s.schedule();
+        assert_eq!((s.iterations, s.iteration_tokens), (1, 9));
+        run(&mut s, &plan);
+        s.register_full_blocks(0);
+        // Nothing cached yet: 9 prompt tokens looked up, none found.
+        assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits), (9, 0));
+        let done = s.finish(0);
+        assert_eq!(done.id, "a");
+        // The same prompt again finds its two whole blocks (8 tokens) cached.
+        s.waiting.push_back(seq("b", 9));
+        let plan = s.schedule();
+        assert_eq!((s.prefix_cache_queries, s.prefix_cache_hits), (18, 8));
+        assert_eq!((s.iterations, s.iteration_tokens), (2, 10));
+        assert_eq!(plan.len(), 1);
     }
 
     #[test]
