@@ -199,6 +199,27 @@ pub fn rule_exprs(yaml: &str) -> Vec<String> {
     out
 }
 
+/// The metrics table of docs/serving.md ("| `name` | type | `label`, ... | ..."): each
+/// metric's type and label names.
+pub fn documented_metrics(markdown: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
+    let mut out = BTreeMap::new();
+    for line in markdown.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // "", name, type, labels, ...
+        if cells.len() < 5 || !cells[1].starts_with("`llmapi_") {
+            continue;
+        }
+        let name = cells[1].trim_matches('`').to_owned();
+        let labels = cells[3]
+            .split(',')
+            .map(|l| l.trim().trim_matches('`').to_owned())
+            .filter(|l| !l.is_empty())
+            .collect();
+        out.insert(name, (cells[2].to_owned(), labels));
+    }
+    out
+}
+
 /// Every `"expr"` string of a Grafana dashboard, appended to `out`.
 pub fn dashboard_exprs(v: &Value, out: &mut Vec<String>) {
     match v {
@@ -242,6 +263,12 @@ mod tests {
             exprs,
             vec!["a > 1".to_owned(), "      b\n      or c".to_owned()]
         );
+        let docs = documented_metrics(
+            "| metric | type | labels |\n|---|---|---|\n| `llmapi_a_total` | counter | `worker`, `cause` | x |\n| `llmapi_b` | histogram | | y |\n",
+        );
+        assert_eq!(docs["llmapi_a_total"].0, "counter");
+        assert_eq!(docs["llmapi_a_total"].1.len(), 2);
+        assert!(docs["llmapi_b"].1.is_empty());
         let s = parse_scrape("# TYPE x counter\nx{a=\"1,b=\\\"2\",c=\"3\"} 1\n");
         assert_eq!(
             s.labels["x"],
