@@ -16,6 +16,8 @@ use serde_json::Value;
 pub mod balancer;
 pub mod chaos;
 pub mod cluster;
+pub mod deploy_tools;
+pub mod promql;
 pub mod sse;
 
 /// Path of a workspace binary built beside the tests; panics with what to run if missing.
