@@ -443,6 +443,21 @@ pub fn fleet_worker(routers: &[u16], secret: &str, name: &str) -> Proc {
     Proc::spawn(name, cmd)
 }
 
+/// The workers a router on `port` lists as healthy (GET /workers), by URL; empty when it does
+/// not answer.
+pub fn healthy_workers(port: u16) -> std::collections::BTreeSet<String> {
+    request(port, "GET", "/workers", None, &[])
+        .ok()
+        .filter(|r| r.status == 200)
+        .map(|r| r.json())
+        .and_then(|v| v["workers"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter(|w| w["healthy"] == true)
+        .map(|w| w["url"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
 /// Polls `check` every 100 ms until it returns true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -7,7 +7,8 @@
 use std::time::{Duration, Instant};
 
 use llmapi_tests::{
-    Proc, fleet_worker, free_port, get, post, request, router_with_secret, wait_until,
+    Proc, fleet_worker, free_port, get, healthy_workers, post, request, router_with_secret,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -28,25 +29,12 @@ fn worker(routers: &[u16]) -> Proc {
     fleet_worker(routers, SECRET, &format!("fleet-worker-{}", routers[0]))
 }
 
-/// The healthy workers a router lists.
-fn healthy(router: u16) -> Vec<String> {
-    request(router, "GET", "/workers", None, &[])
-        .ok()
-        .map(|r| r.json())
-        .and_then(|v| v["workers"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|w| w["healthy"] == true)
-        .map(|w| w["url"].as_str().unwrap_or_default().to_owned())
-        .collect()
-}
-
 /// Waits until every router of `ports` lists worker `w` healthy and serves a request with it
 /// (healthy can come a moment before the worker's model facts reach the router).
 fn served_by_all(ports: &[u16], w: &Proc) {
     for &p in ports {
         assert!(
-            wait_until(Duration::from_secs(90), || healthy(p).len() == 1),
+            wait_until(Duration::from_secs(90), || healthy_workers(p).len() == 1),
             "router {p} never had the worker; see {}",
             w.log.display()
         );
@@ -97,8 +85,10 @@ fn a_worker_serves_every_router_a_restarted_router_gets_it_back_and_a_dead_one_l
     b = router(ports[1]);
     let back = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(3 * LEASE_S + 10), || healthy(ports[1])
-            .len()
+        wait_until(Duration::from_secs(3 * LEASE_S + 10), || healthy_workers(
+            ports[1]
+        )
+        .len()
             == 1),
         "the restarted router never got the worker back; see {} and {}",
         b.log.display(),

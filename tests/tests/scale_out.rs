@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use llmapi_tests::balancer::{self, Balancer};
 use llmapi_tests::{
-    Proc, bin, demo_model, fleet_worker, free_port, get, request, router_with_secret, wait_until,
+    Proc, bin, demo_model, fleet_worker, free_port, get, healthy_workers, router_with_secret,
+    wait_until,
 };
 use serde_json::Value;
 
@@ -22,20 +23,6 @@ const CONCURRENCY: &str = "16";
 
 fn router(port: u16) -> Proc {
     router_with_secret(port, SECRET, &["--worker_lease_s", &LEASE_S.to_string()])
-}
-
-/// The healthy workers a router lists.
-fn healthy(port: u16) -> BTreeSet<String> {
-    request(port, "GET", "/workers", None, &[])
-        .ok()
-        .filter(|r| r.status == 200)
-        .map(|r| r.json())
-        .and_then(|v| v["workers"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter(|w| w["healthy"] == true)
-        .map(|w| w["url"].as_str().unwrap_or_default().to_owned())
-        .collect()
 }
 
 /// A router's gauge `llmapi_router_inflight_requests`.
@@ -79,10 +66,10 @@ fn bench(port: u16, dir: &std::path::Path) -> Child {
 fn both_list(ports: [u16; 2], want: &BTreeSet<String>, limit: Duration) -> Duration {
     let t = Instant::now();
     assert!(
-        wait_until(limit, || ports.iter().all(|&p| healthy(p) == *want)),
+        wait_until(limit, || ports.iter().all(|&p| healthy_workers(p) == *want)),
         "routers list {:?} and {:?}, want {want:?}",
-        healthy(ports[0]),
-        healthy(ports[1])
+        healthy_workers(ports[0]),
+        healthy_workers(ports[1])
     );
     t.elapsed()
 }
@@ -99,14 +86,12 @@ fn the_fleet_grows_shrinks_and_survives_a_router_under_load() {
         .map(|i| fleet_worker(&ports, SECRET, &format!("scale-worker-{i}-{}", ports[0])))
         .collect();
     assert!(
-        wait_until(Duration::from_secs(90), || ports.iter().all(|&p| healthy(
-            p
-        )
-        .len()
-            == 3)),
+        wait_until(Duration::from_secs(90), || ports
+            .iter()
+            .all(|&p| healthy_workers(p).len() == 3)),
         "the three workers never joined both routers: {:?} {:?}",
-        healthy(ports[0]),
-        healthy(ports[1])
+        healthy_workers(ports[0]),
+        healthy_workers(ports[1])
     );
     let lb = balancer::start(Balancer::Nginx, ports);
     let dir = tempfile::tempdir().expect("tempdir");
@@ -142,11 +127,9 @@ fn the_fleet_grows_shrinks_and_survives_a_router_under_load() {
         &format!("scale-worker-3-{}", ports[0]),
     ));
     assert!(
-        wait_until(Duration::from_secs(90), || ports.iter().all(|&p| healthy(
-            p
-        )
-        .len()
-            == 4)),
+        wait_until(Duration::from_secs(90), || ports
+            .iter()
+            .all(|&p| healthy_workers(p).len() == 4)),
         "the fourth worker never joined"
     );
     mark("a fourth worker joined both routers");
@@ -159,7 +142,7 @@ fn the_fleet_grows_shrinks_and_survives_a_router_under_load() {
         "the worker did not stop"
     );
     mark("worker 0 stopped with SIGTERM (withdrawn, requests finished)");
-    let live: BTreeSet<String> = healthy(ports[0]);
+    let live: BTreeSet<String> = healthy_workers(ports[0]);
     assert_eq!(live.len(), 3, "{live:?}");
     both_list(ports, &live, Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(2));

@@ -398,6 +398,17 @@ pub(super) mod tests {
     use crate::engine::{SamplingParams, StoppingParams};
     use crate::sampling::Sampler;
 
+    /// Four sequences and 64 tokens a step, prompts whole: the limits most tests run under.
+    pub(super) fn small_limits(policy: CapacityPolicy) -> SchedulerLimits {
+        SchedulerLimits {
+            max_batch_size: 4,
+            max_num_tokens: 64,
+            prefill_budget: 64,
+            chunked_prefill: false,
+            policy,
+        }
+    }
+
     pub(super) fn seq(id: &str, prompt_len: usize) -> Sequence {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         Sequence {
@@ -435,13 +446,7 @@ pub(super) mod tests {
 
     #[test]
     fn load_counters_count_prefix_lookups_hits_and_iterations() {
-        let limits = SchedulerLimits {
-            max_batch_size: 4,
-            max_num_tokens: 64,
-            prefill_budget: 64,
-            chunked_prefill: false,
-            policy: CapacityPolicy::MaxUtilization,
-        };
+        let limits = small_limits(CapacityPolicy::MaxUtilization);
         let mut s = Scheduler::new(limits, BlockManager::new(16, 4, true));
         s.waiting.push_back(seq("a", 9));
         let plan = s.schedule();
@@ -462,13 +467,7 @@ pub(super) mod tests {
 
     #[test]
     fn max_utilization_preempts_the_newest_when_blocks_run_out() {
-        let limits = SchedulerLimits {
-            max_batch_size: 4,
-            max_num_tokens: 64,
-            prefill_budget: 64,
-            chunked_prefill: false,
-            policy: CapacityPolicy::MaxUtilization,
-        };
+        let limits = small_limits(CapacityPolicy::MaxUtilization);
         let mut s = Scheduler::new(limits, BlockManager::new(4, 4, false));
         s.waiting.push_back(seq("old", 6));
         s.waiting.push_back(seq("new", 6));
@@ -485,13 +484,7 @@ pub(super) mod tests {
 
     #[test]
     fn guaranteed_no_evict_reserves_the_whole_request_at_admission() {
-        let limits = SchedulerLimits {
-            max_batch_size: 4,
-            max_num_tokens: 64,
-            prefill_budget: 64,
-            chunked_prefill: false,
-            policy: CapacityPolicy::GuaranteedNoEvict,
-        };
+        let limits = small_limits(CapacityPolicy::GuaranteedNoEvict);
         let mut s = Scheduler::new(limits, BlockManager::new(10, 4, false));
         s.waiting.push_back(seq("a", 6));
         s.waiting.push_back(seq("b", 6));
@@ -530,13 +523,7 @@ pub(super) mod tests {
             CapacityPolicy::GuaranteedNoEvict,
             CapacityPolicy::MaxUtilization,
         ] {
-            let limits = SchedulerLimits {
-                max_batch_size: 4,
-                max_num_tokens: 64,
-                prefill_budget: 64,
-                chunked_prefill: false,
-                policy,
-            };
+            let limits = small_limits(policy);
             let mut s = Scheduler::new(limits, BlockManager::new(10, 4, true));
             let p: Vec<u32> = (1000..1009).collect();
             let q: Vec<u32> = (2000..2009).collect();

@@ -41,8 +41,8 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{prompt_seq, run, seq};
-    use super::super::{PlanItem, SchedulerLimits};
+    use super::super::PlanItem;
+    use super::super::tests::{prompt_seq, run, seq, small_limits};
     use super::*;
     use crate::kv::BlockManager;
 
@@ -58,13 +58,7 @@ mod tests {
 
     #[test]
     fn blocks_out_of_every_layers_window_go_back_to_the_pool() {
-        let limits = SchedulerLimits {
-            max_batch_size: 4,
-            max_num_tokens: 64,
-            prefill_budget: 64,
-            chunked_prefill: false,
-            policy: CapacityPolicy::MaxUtilization,
-        };
+        let limits = small_limits(CapacityPolicy::MaxUtilization);
         // 8 blocks of 4 tokens hold 32 positions; the request grows to 200 with a window of
         // 6: the next query at n sees n - 5 ..= n, so at most 3 blocks are live at once.
         let mut s = Scheduler::new(limits, BlockManager::new(8, 4, false))
@@ -101,13 +95,7 @@ mod tests {
 
     #[test]
     fn guaranteed_no_evict_reserves_only_what_a_windowed_sequence_holds_at_once() {
-        let limits = SchedulerLimits {
-            max_batch_size: 4,
-            max_num_tokens: 64,
-            prefill_budget: 64,
-            chunked_prefill: false,
-            policy: CapacityPolicy::GuaranteedNoEvict,
-        };
+        let limits = small_limits(CapacityPolicy::GuaranteedNoEvict);
         // 12 blocks of 4; requests of 10 prompt tokens and 200 in all (50 blocks each): with
         // a window of 6, each holds its 3 prompt blocks now and is promised 3 more (prompt 3 +
         // window 2 + 1 = 6 at most), so two run together to the end, never paused, and a
@@ -153,13 +141,7 @@ mod tests {
 
     #[test]
     fn a_freed_block_stays_cached_for_a_later_request_with_its_prefix() {
-        let limits = SchedulerLimits {
-            max_batch_size: 4,
-            max_num_tokens: 64,
-            prefill_budget: 64,
-            chunked_prefill: false,
-            policy: CapacityPolicy::MaxUtilization,
-        };
+        let limits = small_limits(CapacityPolicy::MaxUtilization);
         let mut s = Scheduler::new(limits, BlockManager::new(8, 4, true))
             .with_window_of_every_layer(Some(6));
         let prompt: Vec<u32> = (100..110).collect();
