@@ -58,7 +58,9 @@ pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
         };
         let (series, rest) = line.split_at(series_end);
         let name = series.split('{').next().unwrap_or("").to_ascii_lowercase();
-        if !KEPT.iter().any(|k| name.contains(k)) {
+        // A histogram's buckets are dozens of series per worker that a time series of gauges
+        // cannot use; its _sum and _count are kept.
+        if !KEPT.iter().any(|k| name.contains(k)) || name.ends_with("_bucket") {
             continue;
         }
         if let Some(Ok(v)) = rest.split_whitespace().next().map(str::parse::<f64>) {
@@ -140,5 +142,17 @@ mod tests {
         assert_eq!(m.get("llmapi_queue_depth"), Some(&3.0));
         assert_eq!(m.get("llmapi_requests_running{model=\"m\"}"), Some(&7.0));
         assert_eq!(m.len(), 3);
+    }
+
+    #[test]
+    fn histogram_buckets_are_dropped_and_their_sum_and_count_kept() {
+        let text = "llmapi_request_queue_time_seconds_bucket{le=\"0.1\"} 4\n\
+                    llmapi_request_queue_time_seconds_bucket{le=\"+Inf\"} 5\n\
+                    llmapi_request_queue_time_seconds_sum 0.7\n\
+                    llmapi_request_queue_time_seconds_count 5\n";
+        let m = parse_prometheus(text);
+        assert_eq!(m.get("llmapi_request_queue_time_seconds_sum"), Some(&0.7));
+        assert_eq!(m.get("llmapi_request_queue_time_seconds_count"), Some(&5.0));
+        assert_eq!(m.len(), 2, "{m:?}");
     }
 }

@@ -191,34 +191,4 @@ mod tests {
             "SHA-256 tells the blocks apart"
         );
     }
-
-    /// Prints the cost of hashing one block, old and new (a measurement, never a failure):
-    /// `cargo test --workspace --lib -- block_hash_cost --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement; run by hand"]
-    fn block_hash_cost() {
-        use std::hint::black_box;
-        use std::time::Instant;
-        for tpb in [16usize, 32, 64, 128] {
-            let tokens: Vec<u32> = (0..tpb as u32 * 1024).map(|i| i * 7 + 1).collect();
-            let reps = 20;
-            let start = Instant::now();
-            for _ in 0..reps {
-                let mut parent = FNV_ROOT;
-                for block in tokens.chunks_exact(tpb) {
-                    parent = fnv_block_hash(black_box(parent), block);
-                }
-                black_box(parent);
-            }
-            let fnv = start.elapsed().as_nanos() as f64 / (reps * 1024) as f64;
-            let start = Instant::now();
-            for _ in 0..reps {
-                black_box(prefix_block_hashes(black_box(&tokens), tpb));
-            }
-            let sha = start.elapsed().as_nanos() as f64 / (reps * 1024) as f64;
-            println!(
-                "tokens_per_block {tpb:>3}: FNV-1a-64 {fnv:>7.0} ns/block, SHA-256 {sha:>7.0} ns/block"
-            );
-        }
-    }
 }

@@ -37,6 +37,18 @@ pub struct RouterArgs {
     /// Worker group leaders' gRPC URLs, comma separated (more can register via POST /workers).
     #[arg(long, value_delimiter = ',')]
     pub worker_urls: Vec<String>,
+    /// Follow a DNS name's address records as the worker list: `dns:NAME:PORT` (or
+    /// `dns:https://NAME:PORT`), e.g. a Kubernetes headless service. Addresses that appear
+    /// join the pool, addresses that leave it are removed; a failed lookup changes nothing.
+    #[arg(long, value_name = "dns:NAME:PORT")]
+    pub worker_discovery: Option<crate::discovery::DnsSource>,
+    /// DNS server (`HOST:PORT`, e.g. Consul's 127.0.0.1:8600) for --worker_discovery
+    /// (default: the system's, from /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR:PORT", requires = "worker_discovery")]
+    pub worker_discovery_nameserver: Option<std::net::SocketAddr>,
+    /// Seconds between --worker_discovery lookups.
+    #[arg(long, default_value_t = crate::discovery::DEFAULT_DISCOVERY_INTERVAL_S, value_name = "SECONDS")]
+    pub worker_discovery_interval_s: u64,
     /// How a worker is chosen per request.
     #[arg(long, value_enum, default_value = "round_robin")]
     pub routing_policy: RoutingPolicy,

@@ -163,8 +163,8 @@ const WORKER_BUSY_RETRY_AFTER_S: u64 = 1;
 
 /// Maps a worker status that is the request's own fault to a client error: INVALID_ARGUMENT,
 /// OUT_OF_RANGE and FAILED_PRECONDITION (a request that can never fit) give 400,
-/// RESOURCE_EXHAUSTED (the worker's queue is full) 429 with Retry-After. Such answers are
-/// neither retried on another worker nor counted by its breaker. `None` means the worker
+/// RESOURCE_EXHAUSTED (the worker's queue is full) 429 with Retry-After, once no other
+/// worker has room. None is counted by the worker's breaker. `None` means the worker
 /// failed (transport, UNAVAILABLE, INTERNAL, ...) and another may be tried.
 fn request_fault(status: &Status) -> Option<ApiError> {
     match status.code() {
@@ -226,7 +226,11 @@ fn traced(job: &ChoiceJob) -> tonic::Request<GenerateRequest> {
 async fn open(state: &AppState, job: &ChoiceJob, exclude: &[String]) -> Result<Opened, ApiError> {
     let mut tried: Vec<String> = exclude.to_vec();
     let mut last_error = String::from("no worker is healthy");
-    for attempt_no in 0..=state.config.max_retries {
+    // A worker whose queue is full answers RESOURCE_EXHAUSTED: the next one is asked without
+    // using up a retry, and the client gets 429 only when every worker it could go to is full.
+    let mut busy: Option<ApiError> = None;
+    let mut attempt_no = 0;
+    while attempt_no <= state.config.max_retries {
         if let Some((at, which)) = job.deadline.first_token()
             && std::time::Instant::now() >= at
         {
@@ -275,6 +279,11 @@ async fn open(state: &AppState, job: &ChoiceJob, exclude: &[String]) -> Result<O
         };
         // The worker ended the request itself: nothing to abort.
         abort.armed = false;
+        if status.code() == Code::ResourceExhausted {
+            tracing::debug!(worker = %worker.url, "worker queue full; asking another");
+            busy = request_fault(&status);
+            continue;
+        }
         if let Some(e) = request_fault(&status) {
             return Err(e);
         }
@@ -287,6 +296,10 @@ async fn open(state: &AppState, job: &ChoiceJob, exclude: &[String]) -> Result<O
         state.metrics.inc_worker_failures();
         worker.record_request_failure(&state.config.health);
         last_error = format!("worker {} failed: {}", worker.url, status.message());
+        attempt_no += 1;
+    }
+    if let Some(busy) = busy {
+        return Err(busy);
     }
     Err(ApiError::unavailable(format!(
         "no worker could take the request ({last_error}); try again shortly"

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod codec;
 pub mod deadline;
 pub mod detok;
+pub mod discovery;
 pub mod error;
 pub mod fields;
 pub mod front;

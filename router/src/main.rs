@@ -2,6 +2,7 @@
 //! registering through POST /workers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
@@ -10,6 +11,7 @@ use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
 use llmapi_otlp::{ExporterConfig, SpanExporter};
 use llmapi_router::args::RouterArgs;
 use llmapi_router::codec::HfCodec;
+use llmapi_router::discovery::Discovery;
 use llmapi_router::pool::Pool;
 use llmapi_router::{AppState, server};
 
@@ -60,7 +62,18 @@ async fn main() -> anyhow::Result<()> {
         pool.add(url)
             .with_context(|| format!("--worker_urls {url}"))?;
     }
-    if args.worker_urls.is_empty() {
+    if let Some(source) = &args.worker_discovery {
+        let discovery = Discovery::new(
+            source.clone(),
+            args.worker_discovery_nameserver,
+            Duration::from_secs(args.worker_discovery_interval_s.max(1)),
+            config.registration.max_workers,
+        )
+        .map_err(anyhow::Error::msg)
+        .context("--worker_discovery")?;
+        tracing::info!(name = %source.name, port = source.port, "following the DNS records of the workers");
+        tokio::spawn(discovery.run(pool.clone()));
+    } else if args.worker_urls.is_empty() {
         tracing::warn!("no --worker_urls given; waiting for workers to register at POST /workers");
     }
     pool.check_all(&config.health).await;

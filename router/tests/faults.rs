@@ -1,6 +1,6 @@
-//! Faults and their blame: request faults (a request that can never fit, a worker whose queue
-//! is full, over-long stop lists) are answered to the client and never retried nor counted
-//! against a worker; worker faults open its breaker, which lets exactly one probe through
+//! Faults and their blame: request faults (a request that can never fit, over-long stop lists)
+//! are answered to the client and never retried nor counted against a worker; a worker whose
+//! queue is full passes the request to another, and 429 comes only when all are full; worker faults open its breaker, which lets exactly one probe through
 //! after its cooldown. Deadlines: a request past `--first_token_timeout` or
 //! `--request_timeout` gets 504 (in-band once streaming) and its worker request is aborted; a
 //! slow worker is not blamed, one that never answers the call is. Against `ScriptedWorker`
@@ -55,18 +55,33 @@ async fn never_fitting_requests_get_400_once_and_open_no_breaker() {
 }
 
 #[tokio::test]
-async fn a_full_worker_queue_gives_429_with_retry_after_and_is_not_retried() {
-    let full = Script {
+async fn a_full_worker_queue_sends_the_request_to_another_and_429_only_when_all_are_full() {
+    let full = || Script {
         max_running: Some(0),
         ..Script::default()
     };
-    let h = start(vec![full, Script::default()], |_| {}).await;
-    let mut refused = 0;
-    for _ in 0..6 {
+    // One full worker beside a free one: every request is served, by the free one.
+    let h = start(vec![full(), Script::default()], |_| {}).await;
+    for round in 0..6 {
+        let (status, body) = h.post(normal()).await;
+        assert_eq!(status, StatusCode::OK, "round {round}: {body}");
+    }
+    assert_eq!(h.requests(1), 6, "the free worker served every request");
+    assert!(
+        h.requests(0) >= 3,
+        "round robin still asked the full worker first half the time"
+    );
+    assert_eq!(
+        h.breaker(0),
+        BreakerState::Closed,
+        "a busy worker is not a broken one"
+    );
+    assert!(h.state.pool.all()[0].routable());
+
+    // Every worker full: 429 with Retry-After and the OpenAI rate-limit error.
+    let h = start(vec![full(), full()], |_| {}).await;
+    for _ in 0..3 {
         let resp = h.send(normal()).await;
-        if resp.status() == StatusCode::OK {
-            continue;
-        }
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
         let retry_after = resp
             .headers()
@@ -82,22 +97,15 @@ async fn a_full_worker_queue_gives_429_with_retry_after_and_is_not_retried() {
             .expect("body");
         let body: Value = serde_json::from_slice(&bytes).expect("OpenAI error body");
         assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
-        refused += 1;
     }
     assert_eq!(
-        refused, 3,
-        "round robin: every other request met the full worker"
+        h.requests(0) + h.requests(1),
+        6,
+        "each refused request asked both workers once"
     );
-    assert_eq!(
-        h.requests(1),
-        3,
-        "the refused ones were not retried elsewhere"
-    );
-    assert_eq!(
-        h.breaker(0),
-        BreakerState::Closed,
-        "a busy worker is not a broken one"
-    );
+    for i in 0..2 {
+        assert_eq!(h.breaker(i), BreakerState::Closed, "worker {i}");
+    }
 }
 
 /// Sends `normal()` one at a time until worker `i` has received `n` more Generate calls.

@@ -17,6 +17,7 @@ pub mod balancer;
 pub mod chaos;
 pub mod cluster;
 pub mod deploy_tools;
+pub mod dns;
 pub mod promql;
 pub mod sse;
 
