@@ -290,8 +290,11 @@ impl Tracers {
                     t.retain(|(installed, _)| installed != s);
                     t.push((*s, tracer.clone()));
                 }
+                // Code location, target and busy/idle time stay; a task's thread does not
+                // (async tasks move between threads).
                 tracing_opentelemetry::layer()
                     .with_tracer(tracer)
+                    .with_threads(false)
                     .with_filter(s.filter())
                     .boxed()
             })

@@ -85,6 +85,12 @@ async fn a_completion_and_a_refused_request_each_send_one_server_span() {
     )
     .await;
 
+    // Routes outside /v1/ are logged, not exported.
+    let health = app(state.clone())
+        .oneshot(Request::get("/health").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
     drop(guard);
     // Shutdown sends what is queued.
     tokio::task::spawn_blocking(move || tracers.shutdown())
@@ -97,6 +103,9 @@ async fn a_completion_and_a_refused_request_each_send_one_server_span() {
         .collect();
     assert_eq!(servers.len(), 2, "{spans:?}");
     assert!(spans.iter().all(|s| s.service_name == "llmapi-router"));
+    // The /health request's span (named "request": only /v1/ spans get a route name) is
+    // not among them.
+    assert!(spans.iter().all(|s| s.span.name != "request"), "{spans:?}");
     let ok = servers
         .iter()
         .find(|s| s.int("http.response.status_code") == Some(200))
