@@ -12,16 +12,20 @@
 
 pub mod testing;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider,
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, SpanData,
+    SpanExporter,
 };
 use tonic::codegen::http::HeaderMap;
 use tonic::metadata::{MetadataMap, MetadataValue};
@@ -40,6 +44,8 @@ pub const MAX_BATCH: usize = 512;
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Limit of one Export call.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Failed exports are logged at most this often (one warning with the spans lost since).
+pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The target suffix of spans that are logged but never exported (`llmapi_router::untraced`
 /// for `/health`, `/metrics` and other routes outside `/v1/`).
@@ -153,6 +159,7 @@ pub struct Tracers {
     providers: Vec<(Service, SdkTracerProvider)>,
     endpoint: Option<String>,
     runtime: Option<ExportRuntime>,
+    lost: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Tracers {
@@ -195,6 +202,7 @@ impl Tracers {
             providers,
             endpoint: None,
             runtime: None,
+            lost: Arc::default(),
         }
     }
 
@@ -208,6 +216,7 @@ impl Tracers {
             endpoint: uri.clone(),
             why,
         };
+        let lost = Arc::new(AtomicU64::new(0));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -234,6 +243,12 @@ impl Tracers {
                     .with_max_export_batch_size(MAX_BATCH)
                     .with_scheduled_delay(FLUSH_INTERVAL)
                     .build();
+                let exporter = Quiet {
+                    inner: exporter,
+                    endpoint: uri.clone(),
+                    lost: lost.clone(),
+                    log: Mutex::default(),
+                };
                 let processor = BatchSpanProcessor::builder(exporter)
                     .with_batch_config(batch)
                     .build();
@@ -258,6 +273,7 @@ impl Tracers {
             providers,
             endpoint: Some(uri),
             runtime: Some(ExportRuntime { stop, thread }),
+            lost,
         })
     }
 
@@ -277,6 +293,12 @@ impl Tracers {
     /// Where spans are sent (`http://…`), if anywhere.
     pub fn endpoint(&self) -> Option<&str> {
         self.endpoint.as_deref()
+    }
+
+    /// Spans lost to failed Export calls so far (spans dropped because the queue was full
+    /// are logged by the SDK instead: the first drop, and the total at shutdown).
+    pub fn spans_lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
     }
 
     /// One `tracing-opentelemetry` layer per service, each seeing only its service's spans;
@@ -318,8 +340,66 @@ impl Tracers {
     }
 }
 
+/// The OTLP exporter with its failures counted and logged as one warning per
+/// `ERROR_LOG_INTERVAL` (the SDK alone logs an error per failed batch, every second while a
+/// collector is down).
+#[derive(Debug)]
+struct Quiet<E> {
+    inner: E,
+    endpoint: String,
+    lost: Arc<AtomicU64>,
+    log: Mutex<FailureLog>,
+}
+
+/// When a failure was last logged, and the failures since.
+#[derive(Debug, Default)]
+struct FailureLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl<E: SpanExporter> SpanExporter for Quiet<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let n = batch.len() as u64;
+        let Err(e) = self.inner.export(batch).await else {
+            return Ok(());
+        };
+        let lost = self.lost.fetch_add(n, Ordering::Relaxed) + n;
+        let Ok(mut log) = self.log.lock() else {
+            return Ok(());
+        };
+        log.unlogged += 1;
+        if log.last.is_none_or(|t| t.elapsed() >= ERROR_LOG_INTERVAL) {
+            tracing::warn!(
+                endpoint = %self.endpoint,
+                error = %e,
+                failed_exports = log.unlogged,
+                spans_lost = lost,
+                "trace export failed; requests are unaffected (logged at most every {}s)",
+                ERROR_LOG_INTERVAL.as_secs()
+            );
+            log.last = Some(Instant::now());
+            log.unlogged = 0;
+        }
+        // Logged here: the SDK need not log it again.
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
 /// The tracers of the layers installed last, by service.
-static INSTALLED: std::sync::Mutex<Vec<(Service, SdkTracer)>> = std::sync::Mutex::new(Vec::new());
+static INSTALLED: Mutex<Vec<(Service, SdkTracer)>> = Mutex::new(Vec::new());
 
 /// The tracer behind `service`'s layer, for spans whose times are known only afterwards
 /// (`SpanBuilder::with_start_time`); `None` before any `Tracers::layers` call for it.

@@ -220,6 +220,7 @@ mod tests {
     use super::*;
     use crate::traces::{Service, TraceHeaders, continue_span, extract_http};
     use tonic::codegen::http::HeaderMap;
+    use tracing_subscriber::Layer as _;
 
     const PARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -285,11 +286,37 @@ mod tests {
             .unwrap()
             .port();
         let tracers = Tracers::otlp(&format!("127.0.0.1:{port}"), &[Service::Worker]).unwrap();
-        let guard = tracing::subscriber::set_default(subscriber(&tracers));
+        // The SDK's own warnings, as the binaries' log lines show them.
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let warnings = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || LogBuf(sink.clone()))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("opentelemetry_sdk", tracing::Level::WARN),
+            );
+        let guard = tracing::subscriber::set_default(
+            tracing_subscriber::registry()
+                .with(tracers.layers())
+                .with(warnings),
+        );
+        // Twice the queue while the first export waits on the dead address: the rest drop.
         for _ in 0..(2 * super::super::QUEUE_CAPACITY) {
             tracing::info_span!(target: "llmapi_worker::test", "generate").in_scope(|| {});
         }
         drop(guard);
+        // The batch sent meanwhile failed, and its spans are counted as lost.
+        let start = Instant::now();
+        while tracers.spans_lost() == 0 && start.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(tracers.spans_lost() > 0);
+        let text = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("WARN") && text.contains("dropped a Span due to queue full"),
+            "no log line says spans were dropped: {text:?}"
+        );
         // Shutdown gives up after its timeout, whatever the collector does.
         let done = tokio::time::timeout(
             Duration::from_secs(60),
@@ -297,6 +324,18 @@ mod tests {
         )
         .await;
         assert!(done.is_ok(), "shutdown hung on an unreachable collector");
+    }
+
+    struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
