@@ -2,7 +2,8 @@
 //!
 //! The `LlmArgs` configuration model and its sources (CLI flags, YAML, `--set`), Hugging Face
 //! model directories, the tokenizer and chat templates, the built-in checkpoint writer, secret
-//! files and logging setup. Not for: tensors, HTTP or gRPC.
+//! files, logging setup and request traces (OpenTelemetry spans, W3C trace context in headers
+//! and gRPC metadata). Not for: tensors, serving HTTP or gRPC.
 
 pub mod args;
 pub mod block_hash;
@@ -16,4 +17,4 @@ pub mod net;
 pub mod secret_file;
 pub mod telemetry;
 pub mod tokenizer;
-pub mod trace_context;
+pub mod traces;

@@ -6,6 +6,11 @@ use std::io::IsTerminal;
 
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
+use crate::traces::Tracers;
 
 /// The environment variable that selects the log format when no `--log_format` is given.
 pub const LOG_FORMAT_ENV: &str = "LLMAPI_LOG_FORMAT";
@@ -71,8 +76,14 @@ pub struct LogArgs {
 impl LogArgs {
     /// Installs the subscriber, `default_level` when no `--log_level` is given.
     pub fn init(&self, default_level: &str) -> Result<(), String> {
+        self.init_with(default_level, &Tracers::none())
+    }
+
+    /// `init`, with `tracers`' layers (`init_logging_with`).
+    pub fn init_with(&self, default_level: &str, tracers: &Tracers) -> Result<(), String> {
         let format = LogFormat::resolve(self.log_format)?;
-        init_logging(self.log_level.as_deref().unwrap_or(default_level), format);
+        let level = self.log_level.as_deref().unwrap_or(default_level);
+        init_logging_with(level, format, tracers);
         Ok(())
     }
 }
@@ -105,22 +116,34 @@ pub fn use_colour() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// Installs the global subscriber at `log_level` in `format`. Calling it twice is harmless:
-/// the second call does nothing.
+/// Installs the global subscriber at `log_level` in `format`, with no traces. Calling it twice
+/// is harmless: the second call does nothing.
 pub fn init_logging(log_level: &str, format: LogFormat) {
+    init_logging_with(log_level, format, &Tracers::none());
+}
+
+/// Installs the global subscriber: log lines at `log_level` in `format`, and `tracers`'
+/// layers, which see their services' spans whatever the log level (`crate::traces`).
+/// Calling it twice is harmless: the second call does nothing.
+pub fn init_logging_with(log_level: &str, format: LogFormat, tracers: &Tracers) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(tracing_level(log_level)));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let registry = tracing_subscriber::registry().with(tracers.layers());
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
     let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(true)
+        LogFormat::Json => registry
+            .with(
+                fmt.json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_filter(filter),
+            )
             .try_init(),
-        LogFormat::Text => builder.with_ansi(use_colour()).try_init(),
+        LogFormat::Text => registry
+            .with(fmt.with_ansi(use_colour()).with_filter(filter))
+            .try_init(),
     };
 }
 

@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Arg, ArgAction, Args, Command, FromArgMatches};
-use llmapi_common::args::{NoticeLevel, resolve, serve_command};
+use llmapi_common::args::{NoticeLevel, Resolved, resolve, serve_command};
 use llmapi_common::model_config::ModelConfig;
 use llmapi_common::model_dir::ModelDir;
 use llmapi_common::telemetry::LogFormat;
+use llmapi_common::traces::{self, Service, Tracers};
 use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::kernels;
@@ -190,9 +191,26 @@ fn build_kernels(m: &clap::ArgMatches) -> anyhow::Result<()> {
 
 fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
     let resolved = resolve(m)?;
-    let mut args = resolved.args;
+    let args = &resolved.args;
     let log_format = LogFormat::resolve(args.log_format).map_err(anyhow::Error::msg)?;
-    llmapi_common::telemetry::init_logging(&args.log_level, log_format);
+    // The embedded router's and worker's spans, each under its own service.name. A bad trace
+    // endpoint is refused here, before any rank starts or any weight loads.
+    let endpoint = traces::endpoint(args.otlp_traces_endpoint.as_deref());
+    let tracers = Tracers::new(endpoint.as_deref(), &[Service::Router, Service::Worker])
+        .context("--otlp_traces_endpoint")?;
+    llmapi_common::telemetry::init_logging_with(&args.log_level, log_format, &tracers);
+    if let Some(endpoint) = tracers.endpoint() {
+        tracing::info!(endpoint, "exporting request spans over OTLP/gRPC");
+    }
+    let result = serve_with(m, resolved);
+    // The last spans are sent (at most traces::SHUTDOWN_TIMEOUT a service) before exit.
+    tracers.shutdown();
+    result
+}
+
+/// `serve` once logging and tracing are set up.
+fn serve_with(m: &clap::ArgMatches, resolved: Resolved) -> anyhow::Result<()> {
+    let mut args = resolved.args;
     for n in &resolved.notices {
         match n.level {
             NoticeLevel::Info => tracing::info!("{}", n.message),
@@ -224,10 +242,6 @@ fn serve(m: &clap::ArgMatches) -> anyhow::Result<()> {
         && let Err(why) = config.check_full_attention_covers("cuda", n as usize)
     {
         anyhow::bail!("model {}: {why}", model_path.display());
-    }
-    // A bad trace endpoint is refused before any rank starts or any weight loads.
-    if let Some(endpoint) = args.otlp_traces_endpoint.as_deref() {
-        llmapi_otlp::exporter::endpoint_uri(endpoint).context("--otlp_traces_endpoint")?;
     }
     if let Some(spec) = group::spawned_rank(&args)? {
         // A rank started by a local `serve --tp_size N`: follow its leader, nothing else.

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use llmapi_common::args::LlmArgs;
 use llmapi_common::model_dir::ModelDir;
-use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
-use llmapi_otlp::{ExportTask, ExporterConfig, SpanExporter};
 use llmapi_proto::auth::RequireToken;
 use llmapi_proto::tls::TransportTls;
 use llmapi_router::codec::HfCodec;
@@ -63,25 +61,6 @@ pub struct LocalWorker {
     pub tls: bool,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    spans: Option<ExportTask>,
-}
-
-/// Starts span export as `service_name` when `--otlp_traces_endpoint` is set.
-fn span_exporter(
-    args: &LlmArgs,
-    service_name: &str,
-) -> anyhow::Result<Option<(SpanExporter, ExportTask)>> {
-    let Some(endpoint) = args.otlp_traces_endpoint.as_deref() else {
-        return Ok(None);
-    };
-    let started = SpanExporter::start(ExporterConfig::new(endpoint, service_name))
-        .context("--otlp_traces_endpoint")?;
-    tracing::info!(
-        endpoint,
-        service_name,
-        "exporting request spans over OTLP/gRPC"
-    );
-    Ok(Some(started))
 }
 
 impl LocalWorker {
@@ -149,10 +128,6 @@ impl LocalWorker {
             .moe_expert_parallel_size
             .unwrap_or(args.tensor_parallel_size);
         let service = WorkerService::new(engine.clone(), args.tensor_parallel_size, ep);
-        let (service, spans) = match span_exporter(args, "llmapi-worker")? {
-            Some((exporter, task)) => (service.with_span_exporter(exporter), Some(task)),
-            None => (service, None),
-        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(service::serve(
             service,
@@ -169,7 +144,6 @@ impl LocalWorker {
             tls: tls.is_some(),
             stop,
             task,
-            spans,
         })
     }
 
@@ -192,9 +166,6 @@ impl LocalWorker {
         let _ = self.stop.send(());
         let _ = self.task.await;
         self.engine.shutdown();
-        if let Some(spans) = self.spans {
-            spans.shutdown(SHUTDOWN_TIMEOUT).await;
-        }
     }
 }
 
@@ -234,10 +205,6 @@ pub async fn run_router(
     config
         .sampling_defaults
         .log(args.generation_config, &model.path);
-    let spans = span_exporter(args, "llmapi-router")?.map(|(exporter, task)| {
-        config.span_exporter = Some(exporter);
-        task
-    });
     let pool = Arc::new(
         Pool::new(config.worker_token.as_deref())
             .context("the worker token")?
@@ -297,9 +264,6 @@ pub async fn run_router(
     health.abort();
     if let Some(task) = internal {
         task.abort();
-    }
-    if let Some(spans) = spans {
-        spans.shutdown(SHUTDOWN_TIMEOUT).await;
     }
     served.context("serving HTTP")?;
     match reason.lock().ok().and_then(|mut r| r.take()) {

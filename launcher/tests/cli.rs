@@ -234,6 +234,26 @@ fn a_bad_trace_endpoint_is_refused_before_the_model_loads() {
 }
 
 #[test]
+fn the_standard_otlp_environment_variable_names_the_endpoint_when_the_flag_is_absent() {
+    let d = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llmapi-launch"))
+        .args(["serve"])
+        .env("LLMAPI_CACHE_DIR", d.path())
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4317")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the https endpoint was accepted");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("\"https://collector:4317\"") && err.contains("TLS is not supported"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn generation_config_takes_vllms_two_values() {
     let d = tempfile::tempdir().unwrap();
     let out = launch(&["serve", "--generation_config", "bogus"], d.path());

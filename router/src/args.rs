@@ -131,7 +131,8 @@ pub struct RouterArgs {
     /// Seconds SIGTERM waits for in-flight requests.
     #[arg(long, default_value_t = 30)]
     pub drain_timeout_s: u64,
-    /// OTLP/gRPC collector (`http://host:4317` or `host:4317`) that receives a span per request.
+    /// OTLP/gRPC collector (`http://host:4317` or `host:4317`) that receives the spans of each
+    /// request (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT)
     #[arg(long)]
     pub otlp_traces_endpoint: Option<String>,
     /// Seconds of silence after which a stream gets an SSE comment line, for proxies that cut
@@ -215,7 +216,6 @@ impl RouterArgs {
                 ..HealthPolicy::default()
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
-            span_exporter: None,
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
             front: self.connections.limits(),

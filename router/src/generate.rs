@@ -20,8 +20,7 @@ use tokio::sync::mpsc;
 use tonic::{Code, Status, Streaming};
 
 use llmapi_common::block_hash::BlockHash;
-use llmapi_common::trace_context::TraceContext;
-use tonic::metadata::MetadataValue;
+use llmapi_common::traces::TraceHeaders;
 
 use crate::deadline::{Expired, RequestDeadline, expiry};
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
@@ -42,7 +41,7 @@ pub struct ChoiceJob {
     /// Stop strings.
     pub stop: Vec<String>,
     /// The router's span of this request: the worker's parent, sent as gRPC metadata.
-    pub trace: Arc<TraceContext>,
+    pub trace: Arc<TraceHeaders>,
     /// When the request must end (whole) and have its first token.
     pub deadline: RequestDeadline,
 }
@@ -211,13 +210,7 @@ fn traced(job: &ChoiceJob) -> tonic::Request<GenerateRequest> {
     if let Some(left) = job.deadline.remaining() {
         request.set_timeout(left);
     }
-    let md = request.metadata_mut();
-    if let Ok(v) = MetadataValue::try_from(job.trace.traceparent()) {
-        md.insert("traceparent", v);
-    }
-    if let Some(Ok(v)) = job.trace.tracestate.as_deref().map(MetadataValue::try_from) {
-        md.insert("tracestate", v);
-    }
+    job.trace.insert_into(request.metadata_mut());
     request
 }
 

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use llmapi_common::block_hash::prefix_block_hashes;
-use llmapi_common::trace_context::TraceContext;
+use llmapi_common::traces::TraceHeaders;
 use llmapi_proto::v1::{GenerateRequest, HealthRequest, InfoResponse, StoppingParams};
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -30,14 +30,12 @@ use crate::spans::{self, RequestSpan};
 use crate::state::{AdmitGuard, AppState, Fanout, UNAVAILABLE_RETRY_AFTER_S};
 
 type Shared = State<Arc<AppState>>;
-/// This hop's trace context, put in the request's extensions by the server's trace layer.
-type Trace = Option<Extension<Arc<TraceContext>>>;
+/// The headers naming this hop's span to the worker, put in the request's extensions by the
+/// server's trace layer.
+type Trace = Option<Extension<Arc<TraceHeaders>>>;
 
-fn trace_of(trace: Trace) -> Arc<TraceContext> {
-    trace.map_or_else(
-        || Arc::new(TraceContext::continue_from(None, None)),
-        |Extension(t)| t,
-    )
+fn trace_of(trace: Trace) -> Arc<TraceHeaders> {
+    trace.map_or_else(|| Arc::new(TraceHeaders::default()), |Extension(t)| t)
 }
 
 fn now_secs() -> u64 {
@@ -176,7 +174,7 @@ fn spawn_choices(
     settings: GenSettings,
     logprobs: bool,
     tokens_per_block: usize,
-    trace: Arc<TraceContext>,
+    trace: Arc<TraceHeaders>,
     deadline: RequestDeadline,
 ) -> (ResponseMeta, mpsc::Receiver<ChoiceEvent>) {
     let id = new_id(match shape {
@@ -205,7 +203,7 @@ fn spawn_choices(
                     prompt_token_ids: prompt.ids.clone(),
                     sampling: Some(sampling),
                     stopping: Some(stopping),
-                    traceparent: trace.traceparent(),
+                    traceparent: trace.traceparent.clone(),
                     generated_token_ids: Vec::new(),
                 },
                 block_hashes: hashes.clone(),
@@ -252,7 +250,7 @@ pub async fn completions(
 
 async fn completions_inner(
     state: Arc<AppState>,
-    trace: Arc<TraceContext>,
+    trace: Arc<TraceHeaders>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caps = state.body_caps();
@@ -401,7 +399,7 @@ pub async fn chat_completions(
 
 async fn chat_inner(
     state: Arc<AppState>,
-    trace: Arc<TraceContext>,
+    trace: Arc<TraceHeaders>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caps = state.body_caps();
@@ -519,7 +517,7 @@ async fn finish(
     max_tokens: Vec<u32>,
     settings: GenSettings,
     logprobs: bool,
-    trace: Arc<TraceContext>,
+    trace: Arc<TraceHeaders>,
 ) -> Result<Response, ApiError> {
     let deadline = state.config.deadlines.start();
     let tokens_per_block = model_info(&state)?.tokens_per_block as usize;

@@ -7,8 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use llmapi_common::generation_config::GenerationConfig;
-use llmapi_otlp::exporter::SHUTDOWN_TIMEOUT;
-use llmapi_otlp::{ExporterConfig, SpanExporter};
+use llmapi_common::traces::{self, Service, Tracers};
 use llmapi_router::args::RouterArgs;
 use llmapi_router::codec::HfCodec;
 use llmapi_router::discovery::Discovery;
@@ -19,7 +18,15 @@ use llmapi_router::{AppState, server};
 async fn main() -> anyhow::Result<()> {
     let matches = RouterArgs::command().get_matches();
     let args = RouterArgs::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    args.log.init("info").map_err(anyhow::Error::msg)?;
+    let endpoint = traces::endpoint(args.otlp_traces_endpoint.as_deref());
+    let tracers =
+        Tracers::new(endpoint.as_deref(), &[Service::Router]).context("--otlp_traces_endpoint")?;
+    args.log
+        .init_with("info", &tracers)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(endpoint) = tracers.endpoint() {
+        tracing::info!(endpoint, "exporting request spans over OTLP/gRPC");
+    }
     let mut config = args.config();
     config.worker_token = args.worker_token()?;
     if config.worker_token.is_none() {
@@ -32,17 +39,6 @@ async fn main() -> anyhow::Result<()> {
     }
     config.https = args.tls.https_front()?;
     let worker_tls = args.worker_tls(config.worker_token.as_deref())?;
-    let spans = match &args.otlp_traces_endpoint {
-        Some(endpoint) => {
-            let (exporter, task) =
-                SpanExporter::start(ExporterConfig::new(endpoint, "llmapi-router"))
-                    .context("--otlp_traces_endpoint")?;
-            tracing::info!(endpoint = %endpoint, "exporting request spans over OTLP/gRPC");
-            config.span_exporter = Some(exporter);
-            Some(task)
-        }
-        None => None,
-    };
     let generation = GenerationConfig::read(&args.model)?;
     config.sampling_defaults = generation.sampling_defaults_for(args.generation_config)?;
     config
@@ -88,8 +84,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!(host = %args.host, port = args.port, scheme, "llmapi-router listening");
     let served = server::serve(listeners, state, server::shutdown_signal()).await;
-    if let Some(task) = spans {
-        task.shutdown(SHUTDOWN_TIMEOUT).await;
-    }
+    // The last spans are sent (at most traces::SHUTDOWN_TIMEOUT) before the process exits.
+    let _ = tokio::task::spawn_blocking(move || tracers.shutdown()).await;
     served.context("serving HTTP")
 }

@@ -10,7 +10,7 @@ use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use llmapi_common::trace_context::TraceContext;
+use llmapi_common::traces::{self, TraceHeaders};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
@@ -32,41 +32,47 @@ async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: 
     response
 }
 
-/// Continues the caller's W3C trace (`traceparent`, `tracestate`) or starts one: the handlers
-/// find this hop's `TraceContext` in the request's extensions, its log lines carry the trace
-/// id, and the response says which span served it in a `traceresponse` header. With a span
-/// exporter, a `/v1/` request's OTLP span is open while the handler runs (`spans`).
-async fn trace_request(State(app): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    let headers = req.headers();
-    let parent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    // Several tracestate headers form one list, in order.
-    let state: Vec<&str> = headers
-        .get_all("tracestate")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    let state = (!state.is_empty()).then(|| state.join(","));
-    let mut trace = TraceContext::continue_from(parent.as_deref(), state.as_deref());
+/// Continues the caller's W3C trace (`traceparent`, `tracestate`, read by the OpenTelemetry
+/// propagator) or starts one: the request's `tracing` span is this hop's span, its log lines
+/// carry the trace id, the handlers find the headers that name it to the worker in the
+/// request's extensions (`TraceHeaders`), and the response says which span served it in a
+/// `traceresponse` header. A `/v1/` request's span is a SERVER span exported with
+/// `--otlp_traces_endpoint` (`spans`); other routes are logged, never exported.
+async fn trace_request(mut req: Request, next: Next) -> Response {
+    let parent = traces::extract_http(req.headers());
+    let method = req.method().as_str().to_owned();
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(MatchedPath::as_str);
-    let otlp = RequestSpan::open(
-        app.config.span_exporter.as_ref(),
-        req.method().as_str(),
-        route.unwrap_or_default(),
-        &mut trace,
-    );
-    let span = tracing::info_span!(
-        "request",
-        trace_id = %trace.trace_id_hex(),
-        span_id = %trace.span_id_hex(),
-    );
-    let traceresponse = HeaderValue::from_str(&trace.traceparent()).ok();
-    req.extensions_mut().insert(Arc::new(trace));
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let exported = route.starts_with("/v1/");
+    let span = if exported {
+        let name = format!("{method} {route}");
+        tracing::info_span!(
+            "request",
+            otel.name = name.as_str(),
+            otel.kind = "server",
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            target: "llmapi_router::untraced",
+            "request",
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        )
+    };
+    let ids = traces::continue_span(&span, parent);
+    span.record("trace_id", tracing::field::display(&ids.trace_id));
+    span.record("span_id", tracing::field::display(&ids.span_id));
+    let headers = TraceHeaders::of_span(&span);
+    let traceresponse = HeaderValue::from_str(&headers.traceparent).ok();
+    let otlp = exported
+        .then(|| RequestSpan::open(&span, ids.sampled, &method, &route))
+        .flatten();
+    req.extensions_mut().insert(Arc::new(headers));
     let mut response = RequestSpan::scope(otlp.clone(), next.run(req))
         .instrument(span)
         .await;
@@ -136,7 +142,7 @@ fn with_common_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Ro
             state.clone(),
             count_requests,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), trace_request))
+        .layer(middleware::from_fn(trace_request))
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)
 }

@@ -1,20 +1,20 @@
-//! The router's OTLP span per OpenAI request (`--otlp_traces_endpoint`).
+//! The attributes of the router's span per OpenAI request (`--otlp_traces_endpoint`).
 //!
-//! The trace layer opens a `RequestSpan` for each sampled `/v1/...` request and makes it the
-//! request's current span; the handler adds what it parsed (model, sampling, prompt tokens) and
-//! passes the choices' events through `observe`, which notes the first token, usage and
-//! failures on their way to the client. The span is sent when its last holder lets go: the
-//! trace layer for a plain response, the event stream for SSE. Without an exporter none of
-//! this runs.
+//! The trace layer (`server`) opens the request's `tracing` span, an OpenTelemetry SERVER span
+//! through `tracing-opentelemetry`, and for a sampled `/v1/...` request a `RequestSpan` over
+//! it that is the request's current one; the handler adds what it parsed (model, sampling,
+//! prompt tokens) and passes the choices' events through `observe`, which notes the first
+//! token, usage and failures on their way to the client. The span ends when its last holder
+//! lets go: the trace layer for a plain response, the event stream for SSE.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use llmapi_common::trace_context::TraceContext;
-use llmapi_otlp::{SpanBuilder, SpanExporter, SpanKind};
+use opentelemetry::trace::Status;
 use tokio::sync::mpsc;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::generate::ChoiceEvent;
 use crate::openai::GenSettings;
@@ -23,55 +23,49 @@ tokio::task_local! {
     static CURRENT: Arc<RequestSpan>;
 }
 
-/// One request's span while it is served.
+/// One sampled `/v1/` request's span while it is served: the `request` tracing span of the
+/// trace layer, whose OpenTelemetry side gets the attributes below.
 pub struct RequestSpan {
-    exporter: SpanExporter,
+    span: tracing::Span,
     started: Instant,
-    start_time: SystemTime,
     state: Mutex<Recorded>,
 }
 
 struct Recorded {
-    builder: Option<SpanBuilder>,
     choices_per_prompt: u32,
     first_token: Option<Duration>,
     completion_tokens: u64,
     cached_tokens: u64,
+    failed: bool,
+}
+
+/// An integer attribute value (OpenTelemetry integers are `i64`).
+fn int(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
 }
 
 impl RequestSpan {
-    /// A span for a sampled request to a `/v1/` route, when spans are exported; it marks a
-    /// trace this router starts as sampled so that the worker exports its span too.
+    /// The attributes of `span` (the request's, started), when it is `sampled`.
     pub fn open(
-        exporter: Option<&SpanExporter>,
+        span: &tracing::Span,
+        sampled: bool,
         method: &str,
         route: &str,
-        trace: &mut TraceContext,
     ) -> Option<Arc<Self>> {
-        let exporter = exporter?;
-        if !route.starts_with("/v1/") || !llmapi_otlp::is_sampled(trace) {
+        if !sampled {
             return None;
         }
-        trace.flags |= 1;
-        let start_time = SystemTime::now();
-        let mut b = SpanBuilder::new(
-            format!("{method} {route}"),
-            SpanKind::Server,
-            trace,
-            start_time,
-        );
-        b.attr("http.request.method", method)
-            .attr("http.route", route);
+        span.set_attribute("http.request.method", method.to_owned());
+        span.set_attribute("http.route", route.to_owned());
         Some(Arc::new(Self {
-            exporter: exporter.clone(),
+            span: span.clone(),
             started: Instant::now(),
-            start_time,
             state: Mutex::new(Recorded {
-                builder: Some(b),
                 choices_per_prompt: 1,
                 first_token: None,
                 completion_tokens: 0,
                 cached_tokens: 0,
+                failed: false,
             }),
         }))
     }
@@ -104,45 +98,46 @@ impl RequestSpan {
         settings: &GenSettings,
         prompt_tokens: usize,
     ) {
-        self.with(|r| {
-            r.choices_per_prompt = settings.n.max(1);
-            if let Some(b) = r.builder.as_mut() {
-                b.attr("gen_ai.operation.name", operation)
-                    .attr("gen_ai.request.model", model)
-                    .attr("gen_ai.request.temperature", settings.sampling.temperature)
-                    .attr("gen_ai.request.top_p", settings.sampling.top_p)
-                    .attr("gen_ai.request.choice.count", settings.n)
-                    .attr("gen_ai.usage.input_tokens", prompt_tokens)
-                    .attr("llmapi.stream", settings.stream);
-                if let Some(m) = max_tokens.iter().max() {
-                    b.attr("gen_ai.request.max_tokens", *m);
-                }
-            }
-        });
+        self.with(|r| r.choices_per_prompt = settings.n.max(1));
+        let s = &self.span;
+        s.set_attribute("gen_ai.operation.name", operation.to_owned());
+        s.set_attribute("gen_ai.request.model", model.to_owned());
+        s.set_attribute(
+            "gen_ai.request.temperature",
+            f64::from(settings.sampling.temperature),
+        );
+        s.set_attribute("gen_ai.request.top_p", f64::from(settings.sampling.top_p));
+        s.set_attribute("gen_ai.request.choice.count", int(settings.n));
+        s.set_attribute("gen_ai.usage.input_tokens", int(prompt_tokens));
+        s.set_attribute("llmapi.stream", settings.stream);
+        if let Some(m) = max_tokens.iter().max() {
+            s.set_attribute("gen_ai.request.max_tokens", int(*m));
+        }
     }
 
     /// Notes the response id.
     pub fn response_id(&self, id: &str) {
-        self.with(|r| {
-            if let Some(b) = r.builder.as_mut() {
-                b.attr("gen_ai.response.id", id);
-            }
-        });
+        self.span.set_attribute("gen_ai.response.id", id.to_owned());
     }
 
-    /// Notes the HTTP status; 5xx marks the span failed.
+    /// Notes the HTTP status; 5xx marks the span failed (unless a choice already did, with
+    /// its own message).
     pub fn status(&self, status: StatusCode) {
-        self.with(|r| {
-            if let Some(b) = r.builder.as_mut() {
-                b.attr("http.response.status_code", u32::from(status.as_u16()));
-                if status.as_u16() >= 400 {
-                    b.attr("error.type", status.as_str());
-                }
-                if status.is_server_error() && !b.is_error() {
-                    b.error(status.canonical_reason().unwrap_or("server error"));
-                }
+        self.span
+            .set_attribute("http.response.status_code", int(status.as_u16()));
+        if status.as_u16() >= 400 {
+            self.span
+                .set_attribute("error.type", status.as_str().to_owned());
+        }
+        if status.is_server_error() {
+            let mut first = false;
+            self.with(|r| first = !std::mem::replace(&mut r.failed, true));
+            if first {
+                self.span.set_status(Status::error(
+                    status.canonical_reason().unwrap_or("server error"),
+                ));
             }
-        });
+        }
     }
 
     fn event(&self, ev: &ChoiceEvent) {
@@ -160,9 +155,8 @@ impl RequestSpan {
                 }
             }
             ChoiceEvent::Failed { error, .. } => {
-                if let Some(b) = r.builder.as_mut() {
-                    b.error(error.message.clone());
-                }
+                r.failed = true;
+                self.span.set_status(Status::error(error.message.clone()));
             }
             ChoiceEvent::PromptLogprobs { .. } => {}
         });
@@ -173,16 +167,15 @@ impl Drop for RequestSpan {
     fn drop(&mut self) {
         let e2e = self.started.elapsed();
         let Ok(r) = self.state.get_mut() else { return };
-        let Some(mut b) = r.builder.take() else {
-            return;
-        };
-        b.attr("gen_ai.usage.output_tokens", r.completion_tokens)
-            .attr("llmapi.usage.cached_tokens", r.cached_tokens)
-            .attr("gen_ai.latency.e2e", e2e.as_secs_f64());
+        let s = &self.span;
+        s.set_attribute("gen_ai.usage.output_tokens", int(r.completion_tokens));
+        s.set_attribute("llmapi.usage.cached_tokens", int(r.cached_tokens));
+        s.set_attribute("gen_ai.latency.e2e", e2e.as_secs_f64());
         if let Some(t) = r.first_token {
-            b.attr("gen_ai.latency.time_to_first_token", t.as_secs_f64());
+            s.set_attribute("gen_ai.latency.time_to_first_token", t.as_secs_f64());
         }
-        self.exporter.export(b.end(self.start_time + e2e));
+        // A span ends at its last exit: this one, for a stream that outlived the handler.
+        s.in_scope(|| {});
     }
 }
 

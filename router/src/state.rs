@@ -97,8 +97,6 @@ pub struct RouterConfig {
     pub health: HealthPolicy,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
-    /// Where request spans go (`--otlp_traces_endpoint`); `None` exports nothing.
-    pub span_exporter: Option<llmapi_otlp::SpanExporter>,
     /// Interval of SSE comment lines (`:`) on a quiet stream, for proxies that cut idle
     /// connections; `None` sends none, as trtllm-serve and vLLM do (benchmark_serving.py
     /// parses every non-empty line as JSON and fails on a comment).
@@ -138,7 +136,6 @@ impl Default for RouterConfig {
             max_migrations: crate::migrate::DEFAULT_MAX_MIGRATIONS,
             health: HealthPolicy::default(),
             drain_timeout: Duration::from_secs(30),
-            span_exporter: None,
             sse_keepalive: None,
             front: crate::front::ConnectionLimits::default(),
             deadlines: Deadlines::default(),

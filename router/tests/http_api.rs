@@ -1,5 +1,6 @@
 //! The router's HTTP surface against `ScriptedWorker` doubles on loopback gRPC.
 
+use llmapi_common::traces::{Service, Tracers, testing};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -777,6 +778,10 @@ fn trace_fields(tp: &str) -> (String, String, String) {
 
 #[tokio::test]
 async fn w3c_trace_context_is_continued_to_the_worker_in_grpc_metadata() {
+    // Span ids come from the router's OpenTelemetry tracer, as in the binaries (no endpoint:
+    // nothing is exported, a trace the router starts is not sampled).
+    let tracers = Tracers::local(&[Service::Router]);
+    let _guard = tracing::subscriber::set_default(testing::subscriber(&tracers));
     let h = start(RoutingPolicy::RoundRobin, vec![Script::default()], |_| {}).await;
     let body = json!({"model": "demo", "prompt": "hi", "max_tokens": 1, "n": 2});
     let incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";

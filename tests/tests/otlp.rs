@@ -1,24 +1,29 @@
-//! `--otlp_traces_endpoint`: `llmapi-launch serve` sends a router span per OpenAI request and a
-//! worker span per Generate to a collector (the test double from `llmapi_otlp::testing`), in
-//! the caller's trace, with the worker span the child of the router span.
+//! `--otlp_traces_endpoint`: `llmapi-launch serve` sends a router SERVER span per OpenAI request
+//! and a worker SERVER span per Generate to a collector (the test double from
+//! `llmapi_common::traces::testing`), in the caller's trace, with the worker span the child of
+//! the router span and the engine's queue, prefill and decode phases the worker span's children.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
 
-use llmapi_otlp::testing::{CollectorDouble, ReceivedSpan};
+use llmapi_common::traces::testing::{CollectorDouble, ReceivedSpan, SpanKind};
 use llmapi_tests::{demo_model, free_port, request, serve};
 use serde_json::json;
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
 
-/// The router's and the worker's spans in `trace_id`, once both have arrived.
+/// The router's and the worker's SERVER spans in `trace_id`, once both have arrived.
 fn pair(spans: &[ReceivedSpan], trace_id: &str) -> Option<(ReceivedSpan, ReceivedSpan)> {
     let of = |service: &str| {
         spans
             .iter()
-            .find(|s| s.service_name == service && s.trace_id_hex() == trace_id)
+            .find(|s| {
+                s.service_name == service
+                    && s.trace_id_hex() == trace_id
+                    && s.kind() == SpanKind::Server
+            })
             .cloned()
     };
     Some((of("llmapi-router")?, of("llmapi-worker")?))
@@ -109,6 +114,52 @@ fn request_spans_reach_the_collector_in_the_callers_trace() {
         }
         assert!(worker.double("gen_ai.latency.time_in_queue").is_some());
         assert!(worker.int("llmapi.prefill_tokens").is_some());
+        assert_eq!(worker.span.name, "llmapi.worker.v1.Worker/Generate");
+        assert_eq!(worker.string("rpc.method"), Some("Generate"));
+
+        // The engine's phases are the worker span's children, one after the other.
+        let spans = rt.block_on(collector.wait_until(Duration::from_secs(30), |s| {
+            let phases = s
+                .iter()
+                .filter(|c| c.parent_id_hex() == worker.span_id_hex())
+                .count();
+            let choice = s
+                .iter()
+                .any(|c| c.span.name == "choice" && c.parent_id_hex() == router.span_id_hex());
+            phases >= 3 && choice
+        }));
+        let phase = |name: &str| {
+            spans
+                .iter()
+                .find(|p| p.span.name == name && p.parent_id_hex() == worker.span_id_hex())
+                .unwrap_or_else(|| panic!("no {name} span under the worker's: {spans:?}"))
+                .clone()
+        };
+        let (queue, prefill, decode) = (phase("queue"), phase("prefill"), phase("decode"));
+        assert_eq!(queue.service_name, "llmapi-worker");
+        assert_eq!(
+            queue.span.end_time_unix_nano,
+            prefill.span.start_time_unix_nano
+        );
+        assert_eq!(
+            prefill.span.end_time_unix_nano,
+            decode.span.start_time_unix_nano
+        );
+        assert_eq!(
+            prefill.int("llmapi.prefill_tokens"),
+            worker.int("llmapi.prefill_tokens")
+        );
+        assert_eq!(
+            decode.int("gen_ai.usage.output_tokens"),
+            usage["completion_tokens"].as_i64()
+        );
+        // The router's choice ran in a child span of its request span.
+        assert!(
+            spans.iter().any(|c| c.span.name == "choice"
+                && c.service_name == "llmapi-router"
+                && c.parent_id_hex() == router.span_id_hex()),
+            "{spans:?}"
+        );
     }
     let router = pair(&collector.spans(), TRACE_ID).unwrap().0;
     assert_eq!(router.double("gen_ai.request.temperature"), Some(0.5));

@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
-use llmapi_common::trace_context::TraceContext;
-use llmapi_otlp::SpanExporter;
+use llmapi_common::traces::{self, TraceHeaders};
 use llmapi_proto::auth::RequireToken;
 use llmapi_proto::limits::MAX_MESSAGE_BYTES;
 use llmapi_proto::v1 as pb;
@@ -40,7 +39,6 @@ pub struct WorkerService {
     tp_size: u32,
     ep_size: u32,
     probes: std::sync::Arc<AtomicU64>,
-    spans: Option<SpanExporter>,
 }
 
 impl WorkerService {
@@ -51,14 +49,7 @@ impl WorkerService {
             tp_size,
             ep_size,
             probes: std::sync::Arc::default(),
-            spans: None,
         }
-    }
-
-    /// Sends a span per Generate call to `exporter` (`--otlp_traces_endpoint`).
-    pub fn with_span_exporter(mut self, exporter: SpanExporter) -> Self {
-        self.spans = Some(exporter);
-        self
     }
 }
 
@@ -145,14 +136,6 @@ fn logprob(l: TokenLogprob) -> pb::TokenLogprob {
             .map(|(token_id, logprob)| pb::TopLogprob { token_id, logprob })
             .collect(),
     }
-}
-
-/// This hop's trace context: a child of the caller's `traceparent` (gRPC metadata, else the
-/// request field), or a new trace.
-fn trace_context(request: &Request<pb::GenerateRequest>) -> TraceContext {
-    let md = |k: &str| request.metadata().get(k).and_then(|v| v.to_str().ok());
-    let field = Some(request.get_ref().traceparent.as_str()).filter(|t| !t.is_empty());
-    TraceContext::continue_from(md("traceparent").or(field), md("tracestate"))
 }
 
 /// The call's gRPC deadline (`grpc-timeout`: at most 8 digits and a unit, H M S m u n), or
@@ -345,7 +328,8 @@ impl Worker for WorkerService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let trace = trace_context(&request);
+        // The caller's trace context: gRPC metadata, else the request's traceparent field.
+        let parent = traces::extract_grpc(request.metadata(), &request.get_ref().traceparent);
         let timeout = grpc_timeout(request.metadata());
         let req = request.into_inner();
         if req.request_id.is_empty() {
@@ -353,10 +337,19 @@ impl Worker for WorkerService {
         }
         let span = tracing::info_span!(
             "generate",
+            otel.name = "llmapi.worker.v1.Worker/Generate",
+            otel.kind = "server",
             request_id = %req.request_id,
-            trace_id = %trace.trace_id_hex(),
-            span_id = %trace.span_id_hex(),
-            parent_span_id = %trace.parent_id_hex(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        let ids = traces::continue_span(&span, parent);
+        span.record("trace_id", tracing::field::display(&ids.trace_id));
+        span.record("span_id", tracing::field::display(&ids.span_id));
+        span.record(
+            "parent_span_id",
+            tracing::field::display(&ids.parent_span_id),
         );
         let prompt_tokens = req.prompt_token_ids.len();
         let deadline = timeout.map(|limit| Deadline {
@@ -365,7 +358,7 @@ impl Worker for WorkerService {
             request_id: req.request_id.clone(),
             engine: self.engine.clone(),
         });
-        let otlp = GenerateSpan::open(self.spans.as_ref(), &trace, &req.request_id, prompt_tokens);
+        let otlp = GenerateSpan::open(&span, ids.sampled, &req.request_id, prompt_tokens);
         let rx = match self.engine.submit(params(req)) {
             Ok(rx) => rx,
             Err(e) => {
@@ -377,10 +370,11 @@ impl Worker for WorkerService {
             }
         };
         span.in_scope(|| tracing::debug!(prompt_tokens, "generate"));
+        // The caller learns which span served it (W3C trace context level 2's traceresponse).
+        let traceresponse = TraceHeaders::of_span(&span).traceparent.parse();
         let mut response =
             Response::new(Box::pin(responses(rx, span, otlp, deadline)) as Self::GenerateStream);
-        // The caller learns which span served it (W3C trace context level 2's traceresponse).
-        if let Ok(v) = trace.traceparent().parse() {
+        if let Ok(v) = traceresponse {
             response.metadata_mut().insert("traceresponse", v);
         }
         Ok(response)

@@ -1,58 +1,52 @@
-//! The worker's OTLP span per Generate call (`--otlp_traces_endpoint`): a child of the
-//! router's span, with the engine's queue time, prefill and cached tokens, TTFT and output
-//! tokens. It is sent when the request finishes, fails or is dropped by the caller.
+//! The attributes of the worker's span per Generate call (`--otlp_traces_endpoint`): the
+//! `generate` tracing span, an OpenTelemetry SERVER span through `tracing-opentelemetry`, a
+//! child of the router's span, with the engine's queue time, prefill and cached tokens, TTFT
+//! and output tokens, and its `queue`, `prefill` and `decode` phases as child spans timed by
+//! the engine. It ends when the request finishes, fails or is dropped by the caller.
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use llmapi_common::trace_context::TraceContext;
-use llmapi_otlp::{SpanBuilder, SpanExporter, SpanKind};
+use llmapi_common::traces::Service;
+use opentelemetry::trace::{Span as _, Status, TraceContextExt, Tracer as _};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::engine::{FinishReason, Timings, Usage};
 
-/// One Generate call's span; sent on drop.
+/// An integer attribute value (OpenTelemetry integers are `i64`).
+fn int(v: impl TryInto<i64>) -> i64 {
+    v.try_into().unwrap_or(i64::MAX)
+}
+
+/// One sampled Generate call's span; its last exit is its end.
 pub struct GenerateSpan {
-    exporter: SpanExporter,
-    started: Instant,
-    start_time: SystemTime,
-    /// Always `Some` until dropped.
-    builder: Option<SpanBuilder>,
+    span: tracing::Span,
+    start: SystemTime,
 }
 
 impl GenerateSpan {
-    /// A span for the request `request_id` with `prompt_tokens`, when spans are exported and
-    /// the caller's trace is sampled.
+    /// The attributes of `span` (the call's, started) for the request `request_id` with
+    /// `prompt_tokens`, when it is `sampled`.
     pub fn open(
-        exporter: Option<&SpanExporter>,
-        trace: &TraceContext,
+        span: &tracing::Span,
+        sampled: bool,
         request_id: &str,
         prompt_tokens: usize,
     ) -> Option<Self> {
-        let exporter = exporter?;
-        if !llmapi_otlp::is_sampled(trace) {
+        if !sampled {
             return None;
         }
-        let start_time = SystemTime::now();
-        let mut builder = SpanBuilder::new(
-            "llmapi.worker.v1.Worker/Generate",
-            SpanKind::Server,
-            trace,
-            start_time,
-        );
-        builder
-            .attr("rpc.system", "grpc")
-            .attr("rpc.service", "llmapi.worker.v1.Worker")
-            .attr("rpc.method", "Generate")
-            .attr("llmapi.request_id", request_id)
-            .attr("gen_ai.usage.input_tokens", prompt_tokens);
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", "llmapi.worker.v1.Worker");
+        span.set_attribute("rpc.method", "Generate");
+        span.set_attribute("llmapi.request_id", request_id.to_owned());
+        span.set_attribute("gen_ai.usage.input_tokens", int(prompt_tokens));
         Some(Self {
-            exporter: exporter.clone(),
-            started: Instant::now(),
-            start_time,
-            builder: Some(builder),
+            span: span.clone(),
+            start: SystemTime::now(),
         })
     }
 
-    /// Notes how the request finished.
+    /// Notes how the request finished, and adds its phases as child spans.
     pub fn finished(&mut self, reason: FinishReason, usage: &Usage, timings: &Timings) {
         let reason = match reason {
             FinishReason::Stop => "stop",
@@ -60,32 +54,68 @@ impl GenerateSpan {
             FinishReason::Abort => "abort",
         };
         let prefill = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
-        let Some(b) = self.builder.as_mut() else {
+        let s = &self.span;
+        s.set_attribute("llmapi.finish_reason", reason);
+        s.set_attribute("gen_ai.usage.input_tokens", int(usage.prompt_tokens));
+        s.set_attribute("gen_ai.usage.output_tokens", int(usage.completion_tokens));
+        s.set_attribute("llmapi.usage.cached_tokens", int(usage.cached_tokens));
+        s.set_attribute("llmapi.prefill_tokens", int(prefill));
+        s.set_attribute("gen_ai.latency.time_in_queue", timings.queue_s);
+        s.set_attribute("gen_ai.latency.time_to_first_token", timings.ttft_s);
+        s.set_attribute("gen_ai.latency.e2e", timings.e2e_s);
+        self.phases(timings, prefill, usage.completion_tokens);
+    }
+
+    /// `queue`, `prefill` and `decode` child spans at the engine's times (from submission:
+    /// admitted after `queue_s`, first token at `ttft_s`, done at `e2e_s`).
+    fn phases(&self, timings: &Timings, prefill_tokens: u32, output_tokens: u32) {
+        let Some(tracer) = llmapi_common::traces::tracer(Service::Worker) else {
             return;
         };
-        b.attr("llmapi.finish_reason", reason)
-            .attr("gen_ai.usage.input_tokens", usage.prompt_tokens)
-            .attr("gen_ai.usage.output_tokens", usage.completion_tokens)
-            .attr("llmapi.usage.cached_tokens", usage.cached_tokens)
-            .attr("llmapi.prefill_tokens", prefill)
-            .attr("gen_ai.latency.time_in_queue", timings.queue_s)
-            .attr("gen_ai.latency.time_to_first_token", timings.ttft_s)
-            .attr("gen_ai.latency.e2e", timings.e2e_s);
+        let cx = self.span.context();
+        if !cx.span().span_context().is_sampled() {
+            return;
+        }
+        let at = |s: f64| self.start + Duration::from_secs_f64(s.max(0.0));
+        let queue = timings.queue_s.max(0.0);
+        let ttft = timings.ttft_s.max(queue);
+        let e2e = timings.e2e_s.max(ttft);
+        let phases = [
+            ("queue", 0.0, queue, None),
+            (
+                "prefill",
+                queue,
+                ttft,
+                Some(("llmapi.prefill_tokens", prefill_tokens)),
+            ),
+            (
+                "decode",
+                ttft,
+                e2e,
+                Some(("gen_ai.usage.output_tokens", output_tokens)),
+            ),
+        ];
+        for (name, from, to, attr) in phases {
+            let mut span = tracer
+                .span_builder(name)
+                .with_start_time(at(from))
+                .start_with_context(&tracer, &cx);
+            if let Some((k, v)) = attr {
+                span.set_attribute(opentelemetry::KeyValue::new(k, int(v)));
+            }
+            span.end_with_timestamp(at(to));
+        }
     }
 
     /// Marks the request failed.
     pub fn failed(&mut self, message: &str) {
-        if let Some(b) = self.builder.as_mut() {
-            b.error(message);
-        }
+        self.span.set_status(Status::error(message.to_owned()));
     }
 }
 
 impl Drop for GenerateSpan {
     fn drop(&mut self) {
-        if let Some(b) = self.builder.take() {
-            self.exporter
-                .export(b.end(self.start_time + self.started.elapsed()));
-        }
+        // A span ends at its last exit: now.
+        self.span.in_scope(|| {});
     }
 }

@@ -5,9 +5,12 @@
 
 mod support;
 
+use llmapi_common::traces::{Service, Tracers};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
 
 use llmapi_proto::v1::{
     AbortRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest, LoadRequest,
@@ -200,11 +203,15 @@ fn captured_logs() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
     LOGS.get_or_init(|| {
         let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("llmapi_worker=debug"))
-            .with_ansi(false)
-            .with_writer(move || LogSink(sink.clone()))
-            .finish();
+        // The worker's spans get their ids from an OpenTelemetry tracer, as in the binaries
+        // (no endpoint: nothing is exported).
+        let tracers = Box::leak(Box::new(Tracers::local(&[Service::Worker])));
+        let subscriber = tracing_subscriber::registry().with(tracers.layers()).with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(move || LogSink(sink.clone()))
+                .with_filter(tracing_subscriber::EnvFilter::new("llmapi_worker=debug")),
+        );
         tracing::subscriber::set_global_default(subscriber).unwrap();
         buf
     })

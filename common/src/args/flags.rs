@@ -79,7 +79,7 @@ pub const CLI_FLAGS: &[CliFlag] = &[
     flag("enable_chunked_prefill", &[], "enable_chunked_prefill", Switch, "Split long prefills into chunks of max_num_tokens"),
     flag("chat_template", &[], "chat_template", Text, "Jinja chat template file overriding the model's (chat_template.jinja, else tokenizer_config.json's, else chat_template.json)"),
     flag("generation_config", &[], "generation_config", Text, "auto | vllm: auto fills the sampling fields a request leaves unset (temperature, top_p, top_k, min_p, repetition_penalty, max_tokens) from the model's generation_config.json; vllm uses the server's neutral defaults"),
-    flag("otlp_traces_endpoint", &[], "otlp_traces_endpoint", Text, "OTLP gRPC endpoint to export traces to"),
+    flag("otlp_traces_endpoint", &[], "otlp_traces_endpoint", Text, "OTLP gRPC endpoint to export traces to (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else OTEL_EXPORTER_OTLP_ENDPOINT)"),
     flag("max_inflight_requests", &["max_concurrent_requests"], "max_inflight_requests", Int, "Worker requests (prompts x n each) the router has in flight; past it new requests wait in its queue, then get 429 (0: the workers' capacity)"),
     flag("queue_size", &[], "queue_size", Int, "Requests the router lets wait for in-flight room; past it new ones get 429 at once (default 128)"),
     flag("queue_timeout_secs", &[], "queue_timeout_secs", Int, "Seconds a request waits in the router's queue before it gets 429 (default 30)"),
