@@ -1,4 +1,10 @@
 //! Routing policies: which worker group gets a request.
+//!
+//! `kv_cache_aware` scores workers as Dynamo's KV router does: the cost of sending a prompt to
+//! a worker is `kv_overlap_score_weight * prefill_blocks + active_blocks`, where
+//! prefill_blocks are the prompt's full blocks the worker does not hold (its exact index,
+//! `kv_index`) and active_blocks the prompt blocks of the requests the router has in flight
+//! there; the cheapest worker wins. Past both imbalance thresholds load alone decides.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,9 +24,15 @@ pub enum RoutingPolicy {
     LeastLoad,
     /// The less loaded of two workers drawn at random.
     PowerOfTwo,
-    /// The worker holding the longest cached prefix of the prompt, unless load is imbalanced.
+    /// The worker where the prompt costs least: the blocks it would prefill (those its
+    /// prefix cache lacks) weighted against the blocks it is busy with, unless load is
+    /// imbalanced.
     KvCacheAware,
 }
+
+/// Dynamo's default `kv_overlap_score_weight`: a block to prefill costs as much as a block
+/// in flight.
+pub const DEFAULT_KV_OVERLAP_SCORE_WEIGHT: f64 = 1.0;
 
 /// Thresholds of `kv_cache_aware`: past both, load balance wins over cache affinity.
 #[derive(Debug, Clone, Copy)]
@@ -42,16 +54,23 @@ impl Default for ImbalanceThresholds {
 pub struct Router {
     policy: RoutingPolicy,
     thresholds: ImbalanceThresholds,
+    overlap_weight: f64,
     next: AtomicUsize,
     rng: AtomicUsize,
 }
 
 impl Router {
-    /// A router applying `policy`.
-    pub fn new(policy: RoutingPolicy, thresholds: ImbalanceThresholds) -> Self {
+    /// A router applying `policy`; `overlap_weight` is kv_cache_aware's
+    /// `kv_overlap_score_weight`.
+    pub fn new(
+        policy: RoutingPolicy,
+        thresholds: ImbalanceThresholds,
+        overlap_weight: f64,
+    ) -> Self {
         Self {
             policy,
             thresholds,
+            overlap_weight,
             next: AtomicUsize::new(0),
             rng: AtomicUsize::new(0x9e37_79b9),
         }
@@ -63,8 +82,7 @@ impl Router {
     }
 
     /// Picks one of `candidates` (all routable, none already tried) for a prompt whose full
-    /// blocks hash to `block_hashes`. Returns the worker and how many blocks it is believed to
-    /// hold.
+    /// blocks hash to `block_hashes`. Returns the worker and how many of them it holds.
     pub fn pick(
         &self,
         candidates: &[Arc<Worker>],
@@ -86,11 +104,7 @@ impl Router {
             }
             RoutingPolicy::KvCacheAware => self.cache_aware(candidates, block_hashes),
         };
-        let matched = chosen
-            .cache
-            .lock()
-            .map(|c| c.matched_blocks(block_hashes))
-            .unwrap_or(0);
+        let matched = chosen.matched_blocks(block_hashes);
         Some((chosen, matched))
     }
 
@@ -103,25 +117,17 @@ impl Router {
         if imbalanced {
             return self.least_loaded(candidates);
         }
-        let matched: Vec<usize> = candidates
-            .iter()
+        // Cost in blocks (Dynamo's logit); the lowest wins, ties go to the least loaded.
+        let blocks = block_hashes.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..candidates.len())
+            .map(|i| &candidates[(start + i) % candidates.len()])
             .map(|w| {
-                w.cache
-                    .lock()
-                    .map(|c| c.matched_blocks(block_hashes))
-                    .unwrap_or(0)
+                let prefill = blocks - w.matched_blocks(block_hashes).min(blocks);
+                let cost = self.overlap_weight * prefill as f64 + w.active_blocks() as f64;
+                (w, cost)
             })
-            .collect();
-        let best = matched.iter().copied().max().unwrap_or(0);
-        if best == 0 {
-            return self.least_loaded(candidates);
-        }
-        // Among the longest matches, the least loaded.
-        candidates
-            .iter()
-            .zip(&matched)
-            .filter(|(_, m)| **m == best)
-            .min_by_key(|(w, _)| w.score())
+            .min_by(|(a, ca), (b, cb)| ca.total_cmp(cb).then(a.score().cmp(&b.score())))
             .map(|(w, _)| w.clone())
             .unwrap_or_else(|| candidates[0].clone())
     }
