@@ -14,7 +14,8 @@ use llmapi_tests::cluster::{self, SECRET, healthy_count};
 use llmapi_tests::{demo_model, free_port, get, post, wait_healthy, wait_until};
 use serde_json::json;
 
-/// 16 KV blocks of 32 tokens per worker: a few long prompts evict everything.
+/// 16 KV blocks of 32 tokens per worker: a few long prompts evict everything. Token ids
+/// stay below the demo model's vocabulary (2048).
 const SMALL_POOL: [&str; 2] = ["--set", "kv_cache_config.max_tokens=512"];
 
 fn hex(bytes: &[u8]) -> String {
@@ -140,8 +141,8 @@ fn the_routers_kv_index_equals_each_workers_blocks_through_evictions_and_a_resta
     for round in 0..3u32 {
         for p in 0..3u32 {
             let prompt: Vec<u32> = (0..96)
-                .map(|i| 1000 + p * 100 + i)
-                .chain([7000 + round * 10 + p, 7500 + round])
+                .map(|i| 100 + p * 100 + i)
+                .chain([1500 + round * 10 + p, 1600 + round])
                 .collect();
             hits += complete(port, &json!(prompt));
             // Let the events land so the next pick sees them.
@@ -159,7 +160,7 @@ fn the_routers_kv_index_equals_each_workers_blocks_through_evictions_and_a_resta
 
     // Long distinct prompts fill both pools: earlier blocks are evicted.
     for i in 0..4u32 {
-        let prompt: Vec<u32> = (0..400).map(|t| 20_000 + i * 1000 + t).collect();
+        let prompt: Vec<u32> = (0..400).map(|t| 400 + i * 400 + t).collect();
         complete(port, &json!(prompt));
     }
     let after_a = assert_agree(port, grpc_a, "after evictions");
@@ -177,7 +178,7 @@ fn the_routers_kv_index_equals_each_workers_blocks_through_evictions_and_a_resta
     assert_eq!(router_index(port, grpc_a).0, new_run);
     assert!(wait_until(Duration::from_secs(20), || healthy_count(port) == 2));
     for p in 0..3u32 {
-        let prompt: Vec<u32> = (0..96).map(|i| 1000 + p * 100 + i).collect();
+        let prompt: Vec<u32> = (0..96).map(|i| 100 + p * 100 + i).collect();
         complete(port, &json!(prompt));
     }
     assert_agree(port, grpc_a, "after requests to the restarted worker");
