@@ -10,7 +10,8 @@
 #
 # Knobs (environment): PROFILE (debug), PRESET (demo), PROMPTS (96), CONCURRENCY (4),
 # PREFIXES (8), PREFIX_LEN (512), QUESTION_LEN (32), OUTPUT_LEN (8), KV_TOKENS (3072: each
-# worker's KV pool, smaller than all prefixes together so that placement matters).
+# worker's KV pool, smaller than all prefixes together so that placement matters), KV_WEIGHT
+# (1.0: the router's --kv_overlap_score_weight).
 # The binaries must be built (cargo build --workspace, or --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +24,7 @@ PREFIX_LEN=${PREFIX_LEN:-512}
 QUESTION_LEN=${QUESTION_LEN:-32}
 OUTPUT_LEN=${OUTPUT_LEN:-8}
 KV_TOKENS=${KV_TOKENS:-3072}
+KV_WEIGHT=${KV_WEIGHT:-1.0}
 BIN=target/$PROFILE
 WORK=$(mktemp -d /tmp/llmapi-kvbench.XXXXXX)
 MODEL=$WORK/model
@@ -71,7 +73,7 @@ run_policy() { # policy
   rp=$(free_port)
   LLMAPI_WORKER_TOKEN=$SECRET "$BIN/llmapi-router" "$MODEL" --host 127.0.0.1 --port "$rp" \
     --worker_urls "$(IFS=,; echo "${urls[*]}")" --routing_policy "$policy" \
-    --health_check_interval_ms 200 >"$WORK/router-$policy.log" 2>&1 &
+    --kv_overlap_score_weight "$KV_WEIGHT" --health_check_interval_ms 200 >"$WORK/router-$policy.log" 2>&1 &
   local router=$!
   PIDS+=($router)
   wait_http "$rp" /health 60
@@ -100,7 +102,8 @@ EOF
 
 echo "$PROFILE build, preset $PRESET, $PROMPTS prompts at concurrency $CONCURRENCY:" \
   "$PREFIXES prefixes of $PREFIX_LEN tokens + $QUESTION_LEN-token questions, $OUTPUT_LEN output" \
-  "tokens, 2 workers with $KV_TOKENS KV tokens each; logs in $WORK"
+  "tokens, 2 workers with $KV_TOKENS KV tokens each, kv_overlap_score_weight $KV_WEIGHT;" \
+  "logs in $WORK"
 echo
 echo "| policy | completed | prefix-cache hits / queries (tokens) | hit rate | mean TTFT | median TTFT | output tok/s |"
 echo "|---|---|---|---|---|---|---|"

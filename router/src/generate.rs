@@ -199,7 +199,7 @@ fn pick_and_begin(
         let (worker, _matched) = state.router.pick(&candidates, &job.block_hashes)?;
         tried.push(worker.url.clone());
         if let Some(mut inflight) = worker.try_begin() {
-            inflight.hold_blocks(job.block_hashes.len());
+            inflight.hold_blocks(&job.block_hashes);
             return Some((worker, inflight));
         }
     }

@@ -3,8 +3,9 @@
 //! `kv_cache_aware` scores workers as Dynamo's KV router does: the cost of sending a prompt to
 //! a worker is `kv_overlap_score_weight * prefill_blocks + active_blocks`, where
 //! prefill_blocks are the prompt's full blocks the worker does not hold (its exact index,
-//! `kv_index`) and active_blocks the prompt blocks of the requests the router has in flight
-//! there; the cheapest worker wins. Past both imbalance thresholds load alone decides.
+//! `kv_index`) and active_blocks the distinct prompt blocks the worker would have in flight
+//! with this prompt added (a block shared by several requests counts once, as Dynamo assumes
+//! KV reuse); the cheapest worker wins. Past both imbalance thresholds load alone decides.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,7 +125,8 @@ impl Router {
             .map(|i| &candidates[(start + i) % candidates.len()])
             .map(|w| {
                 let prefill = blocks - w.matched_blocks(block_hashes).min(blocks);
-                let cost = self.overlap_weight * prefill as f64 + w.active_blocks() as f64;
+                let active = w.potential_active_blocks(block_hashes);
+                let cost = self.overlap_weight * prefill as f64 + active as f64;
                 (w, cost)
             })
             .min_by(|(a, ca), (b, cb)| ca.total_cmp(cb).then(a.score().cmp(&b.score())))
@@ -150,5 +152,72 @@ impl Router {
         x ^= x << 17;
         self.rng.store(x, Ordering::Relaxed);
         x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Pool;
+    use llmapi_common::block_hash::{ROOT_BLOCK_HASH, block_hash};
+    use llmapi_proto::v1::{KvEventBatch, KvSnapshot};
+
+    fn hashes(from: u32, n: u32) -> Arc<Vec<BlockHash>> {
+        Arc::new(
+            (from..from + n)
+                .map(|i| block_hash(&ROOT_BLOCK_HASH, &[i]))
+                .collect(),
+        )
+    }
+
+    /// Makes `w`'s KV index hold exactly `blocks`.
+    fn caches(w: &Worker, blocks: &[BlockHash]) {
+        let batch = KvEventBatch {
+            run_id: "r".into(),
+            snapshot: Some(KvSnapshot {
+                event_id: 1,
+                block_hashes: blocks.iter().map(|h| h.as_bytes().to_vec()).collect(),
+                last_part: true,
+            }),
+            events: vec![],
+        };
+        w.kv_lock().apply(&batch, 0).unwrap();
+    }
+
+    #[tokio::test]
+    async fn cache_hits_are_weighed_against_the_blocks_in_flight() {
+        let pool = Pool::default();
+        let a = pool.add("http://127.0.0.1:1").unwrap();
+        let b = pool.add("http://127.0.0.1:2").unwrap();
+        let workers = [a.clone(), b.clone()];
+        let prompt = hashes(0, 4);
+        caches(&a, &prompt);
+        let pick = |weight: f64| {
+            let r = Router::new(
+                RoutingPolicy::KvCacheAware,
+                ImbalanceThresholds::default(),
+                weight,
+            );
+            let (w, matched) = r.pick(&workers, &prompt).unwrap();
+            (w.url.clone(), matched)
+        };
+        assert_eq!(pick(1.0), (a.url.clone(), 4), "idle: the cache holder");
+        // A is busy with another prompt of 8 blocks: at weight 1 its 4 cached blocks do not
+        // outweigh 8 blocks in flight (a: 0 + 12, b: 4 + 4); at weight 4 they do (a: 12,
+        // b: 16 + 4).
+        let mut busy = a.begin();
+        busy.hold_blocks(&hashes(100, 8));
+        assert_eq!(a.active_blocks(), 8);
+        assert_eq!(pick(1.0), (b.url.clone(), 0));
+        assert_eq!(pick(4.0).0, a.url);
+        drop(busy);
+        assert_eq!(a.active_blocks(), 0, "the guard gives its blocks back");
+        // Requests in flight with the same prefix share its blocks: a costs 4, b 8.
+        let mut same = [a.begin(), a.begin()];
+        for g in &mut same {
+            g.hold_blocks(&prompt);
+        }
+        assert_eq!(a.active_blocks(), 4);
+        assert_eq!(pick(1.0).0, a.url);
     }
 }

@@ -4,6 +4,7 @@
 //! Every call to a worker carries the worker token (`llmapi_proto::auth`) the pool was built
 //! with: workers refuse calls without the job's secret.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -95,8 +96,9 @@ pub struct Worker {
     info: Mutex<Option<InfoResponse>>,
     /// The blocks this worker has cached, from its KV events (`kv_lock`).
     kv: Mutex<KvIndex>,
-    /// Prompt blocks of the requests in flight here (kv_cache_aware's active blocks).
-    active_blocks: AtomicUsize,
+    /// Prompt blocks of the requests in flight here, each with the number of requests holding
+    /// it (kv_cache_aware's active blocks: a block shared by several counts once).
+    active: Mutex<HashMap<BlockHash, u32>>,
     /// The task keeping `kv`, while the worker is in the pool.
     kv_task: Mutex<Option<AbortHandle>>,
     /// When its registration lapses unless renewed; `None`: never (a `--worker_urls`
@@ -211,7 +213,7 @@ impl Worker {
             load: Mutex::new(LoadResponse::default()),
             info: Mutex::new(None),
             kv: Mutex::new(KvIndex::default()),
-            active_blocks: AtomicUsize::new(0),
+            active: Mutex::default(),
             kv_task: Mutex::new(None),
             lease_until: Mutex::new(None),
         })
@@ -227,9 +229,20 @@ impl Worker {
         lock(&self.kv).matched_blocks(hashes)
     }
 
-    /// Prompt blocks of the requests the router has in flight on this worker.
+    /// Distinct prompt blocks of the requests the router has in flight on this worker.
     pub fn active_blocks(&self) -> usize {
-        self.active_blocks.load(Ordering::Relaxed)
+        lock(&self.active).len()
+    }
+
+    /// Distinct prompt blocks in flight on this worker were a prompt of `hashes` added: the
+    /// active ones plus those of `hashes` not among them (Dynamo's potential decode blocks,
+    /// assuming KV reuse).
+    pub fn potential_active_blocks(&self, hashes: &[BlockHash]) -> usize {
+        let active = lock(&self.active);
+        let mut new: Vec<&BlockHash> = hashes.iter().filter(|h| !active.contains_key(h)).collect();
+        new.sort_unstable();
+        new.dedup();
+        active.len() + new.len()
     }
 
     /// Starts following its KV events (once; needs a tokio runtime, else does nothing).
@@ -337,7 +350,7 @@ impl Worker {
         Some(InflightGuard {
             worker: self.clone(),
             probe,
-            blocks: 0,
+            blocks: None,
         })
     }
 
@@ -352,7 +365,7 @@ impl Worker {
         InflightGuard {
             worker: self.clone(),
             probe: false,
-            blocks: 0,
+            blocks: None,
         }
     }
 
@@ -476,26 +489,39 @@ impl Worker {
 pub struct InflightGuard {
     worker: Arc<Worker>,
     probe: bool,
-    /// Blocks counted in the worker's active blocks for this request.
-    blocks: usize,
+    /// This request's prompt blocks, counted in the worker's active blocks.
+    blocks: Option<Arc<Vec<BlockHash>>>,
 }
 
 impl InflightGuard {
-    /// Counts `blocks` prompt blocks among the worker's active blocks until the request ends.
-    pub fn hold_blocks(&mut self, blocks: usize) {
-        self.worker
-            .active_blocks
-            .fetch_add(blocks, Ordering::Relaxed);
-        self.blocks += blocks;
+    /// Counts the prompt blocks `hashes` among the worker's active blocks until the request
+    /// ends (once per guard).
+    pub fn hold_blocks(&mut self, hashes: &Arc<Vec<BlockHash>>) {
+        if self.blocks.is_some() {
+            return;
+        }
+        let mut active = lock(&self.worker.active);
+        for h in hashes.iter() {
+            *active.entry(*h).or_insert(0) += 1;
+        }
+        self.blocks = Some(hashes.clone());
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.worker
-            .active_blocks
-            .fetch_sub(self.blocks, Ordering::Relaxed);
+        if let Some(hashes) = self.blocks.take() {
+            let mut active = lock(&self.worker.active);
+            for h in hashes.iter() {
+                if let Some(n) = active.get_mut(h) {
+                    *n -= 1;
+                    if *n == 0 {
+                        active.remove(h);
+                    }
+                }
+            }
+        }
         if self.probe {
             let mut b = lock(&self.worker.breaker);
             if matches!(*b, Breaker::HalfOpen { probing: true }) {
