@@ -42,7 +42,7 @@ async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
     serve_worker(engine).await
 }
 
-/// Generate and Health without the job secret, or with another one, never reach the engine:
+/// Generate, Health, Abort and KvEvents without the job secret, or with another one, never reach the engine:
 /// UNAUTHENTICATED, and the engine stays idle. With the secret both work.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_without_the_job_secret_are_unauthenticated() {
@@ -66,6 +66,13 @@ async fn calls_without_the_job_secret_are_unauthenticated() {
                 request_id: "x".into(),
             })
             .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
+        // The KV event stream (which block hashes are cached) is no one else's business.
+        let err = client
+            .kv_events(KvEventsRequest::default())
+            .await
+            .map(|_| ())
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
     }
