@@ -42,8 +42,8 @@ async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
     serve_worker(engine).await
 }
 
-/// Generate, Health, Abort and KvEvents without the job secret, or with another one, never reach the engine:
-/// UNAUTHENTICATED, and the engine stays idle. With the secret both work.
+/// Generate, Health, Abort and KvEvents without the job secret, or with another one, never
+/// reach the engine: UNAUTHENTICATED, and the engine stays idle. With the secret both work.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_without_the_job_secret_are_unauthenticated() {
     let addr = serve_engine(|_| {}).await;
