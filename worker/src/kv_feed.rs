@@ -4,13 +4,15 @@
 //! A call starts where its caller left off (run id and last event id) or, when that position
 //! is unknown here, with a snapshot sent in parts. Then it forwards events in order as the
 //! engine appends them. The stream holds a small channel: a slow reader holds up its own call
-//! only, and one that falls further behind than the log keeps gets a fresh snapshot.
+//! only, and one that falls further behind than the log keeps gets a fresh snapshot. The
+//! stream ends when the server starts shutting down (`closing`), so that a graceful shutdown
+//! does not wait on subscribers.
 
 use std::pin::Pin;
 
 use futures::Stream;
 use llmapi_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -27,10 +29,16 @@ const QUEUED_BATCHES: usize = 4;
 /// The stream a KvEvents call answers with.
 pub type KvEventStream = Pin<Box<dyn Stream<Item = Result<pb::KvEventBatch, Status>> + Send>>;
 
-/// Starts a feed for a caller at (`run_id`, `after`); it ends when the caller hangs up.
-pub fn kv_event_stream(engine: EngineHandle, run_id: String, after: u64) -> KvEventStream {
+/// Starts a feed for a caller at (`run_id`, `after`); it ends when the caller hangs up or
+/// `closing` turns true.
+pub fn kv_event_stream(
+    engine: EngineHandle,
+    run_id: String,
+    after: u64,
+    closing: Option<watch::Receiver<bool>>,
+) -> KvEventStream {
     let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
-    tokio::spawn(feed(engine, tx, run_id, after));
+    tokio::spawn(feed(engine, tx, run_id, after, closing));
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -39,6 +47,7 @@ async fn feed(
     tx: mpsc::Sender<Result<pb::KvEventBatch, Status>>,
     mut run_id: String,
     mut after: u64,
+    mut closing: Option<watch::Receiver<bool>>,
 ) {
     let tokens_per_block = engine.info().tokens_per_block;
     let mut changed = engine.kv_event_watch();
@@ -90,7 +99,19 @@ async fn feed(
         tokio::select! {
             r = changed.changed() => if r.is_err() { return },
             () = tx.closed() => return,
+            () = server_closing(&mut closing) => return,
         }
+    }
+}
+
+/// Resolves once the server starts closing, or its signal is gone with the server; never
+/// without a signal (a service not run by `service::serve`).
+async fn server_closing(closing: &mut Option<watch::Receiver<bool>>) {
+    match closing {
+        Some(rx) => {
+            let _ = rx.wait_for(|c| *c).await;
+        }
+        None => std::future::pending().await,
     }
 }
 

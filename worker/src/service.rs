@@ -42,6 +42,9 @@ pub struct WorkerService {
     ep_size: u32,
     probes: std::sync::Arc<AtomicU64>,
     spans: Option<SpanExporter>,
+    /// Turns true when the server begins to shut down: KvEvents streams, which never end on
+    /// their own, end then so the graceful shutdown need not wait for their callers.
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl WorkerService {
@@ -53,6 +56,7 @@ impl WorkerService {
             ep_size,
             probes: std::sync::Arc::default(),
             spans: None,
+            closing: None,
         }
     }
 
@@ -82,6 +86,15 @@ pub async fn serve(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let service = WorkerService {
+        closing: Some(closing_rx),
+        ..service
+    };
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing.send(true);
+    };
     server
         .add_service(InterceptedService::new(
             WorkerServer::new(service)
@@ -352,6 +365,7 @@ impl Worker for WorkerService {
             self.engine.clone(),
             r.run_id,
             r.after,
+            self.closing.clone(),
         )))
     }
 

@@ -424,3 +424,50 @@ async fn kv_events_stream_a_snapshot_then_stores_and_evictions_in_order() {
     cached.sort();
     assert_eq!(listed, cached, "the snapshot equals the events applied");
 }
+
+/// A KvEvents stream never ends on its own; a server shutting down ends it rather than
+/// waiting on its caller, so the graceful shutdown completes while a router is subscribed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_shutting_down_ends_its_kv_event_streams() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
+    let engine = Engine::start(
+        &dir,
+        EngineConfig {
+            max_seq_len: Some(256),
+            tokens_per_block: 4,
+            kv_dtype: KvDtype::Float32,
+            kv_max_tokens: Some(4096),
+            threads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(llmapi_worker::service::serve(
+        llmapi_worker::service::WorkerService::new(engine, 1, 1),
+        listener,
+        llmapi_proto::auth::RequireToken::new(SECRET).unwrap(),
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = client_for(addr, Some(SECRET)).await;
+    let mut stream = client
+        .kv_events(KvEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next_batch(&mut stream).await.snapshot.is_some());
+    stop.send(()).unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stopped within 10 s with a stream open");
+    assert!(served.unwrap().is_ok());
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ended");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+}
