@@ -67,6 +67,8 @@ pub struct KvIndex {
     published: VecDeque<Value>,
     /// Published events dropped unread because the buffer was full.
     dropped: u64,
+    /// Snapshots applied (the first, then one per resync).
+    snapshots: u64,
 }
 
 fn hash(bytes: &[u8]) -> Result<BlockHash, IndexError> {
@@ -101,6 +103,11 @@ impl KvIndex {
     /// The worker run followed (empty before the first snapshot).
     pub fn run_id(&self) -> &str {
         &self.run_id
+    }
+
+    /// Snapshots applied so far: the first one, then one per resync.
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots
     }
 
     /// The id of the last event applied.
@@ -191,6 +198,7 @@ impl KvIndex {
             self.last_event_id = pending.event_id;
             self.blocks = pending.blocks;
             self.synced = true;
+            self.snapshots += 1;
             // A consumer of /kv_cache_events starts over too: everything it knew is gone,
             // and what is cached now is one stored run without parents.
             self.publish(
@@ -362,6 +370,7 @@ mod tests {
         .unwrap();
         assert!(ix.is_empty());
         assert_eq!(ix.cursor(), ("r1".into(), 10));
+        assert_eq!(ix.snapshots(), 1);
     }
 
     #[test]

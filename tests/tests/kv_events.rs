@@ -176,6 +176,20 @@ fn the_routers_kv_index_equals_each_workers_blocks_through_evictions_and_a_resta
     assert_ne!(new_run, old_run, "a restarted worker has a new run id");
     assert_agree(port, grpc_a, "after the restart");
     assert_eq!(router_index(port, grpc_a).0, new_run);
+    let snapshots = |grpc: u16| {
+        let name =
+            format!("llmapi_worker_kv_index_snapshots_total{{worker=\"http://127.0.0.1:{grpc}\"}}");
+        cluster::metric(&cluster::metrics(port), &name).unwrap_or(0.0)
+    };
+    assert!(
+        snapshots(grpc_a) >= 2.0,
+        "the restart made the router resync a"
+    );
+    assert_eq!(
+        snapshots(grpc_b),
+        1.0,
+        "b was followed from its first snapshot on"
+    );
     assert!(wait_until(Duration::from_secs(20), || healthy_count(port) == 2));
     for p in 0..3u32 {
         let prompt: Vec<u32> = (0..96).map(|i| 100 + p * 100 + i).collect();
