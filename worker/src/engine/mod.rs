@@ -395,8 +395,7 @@ fn size_kv(
     .map_err(|e| EngineError::InvalidConfig(e.0))
 }
 
-/// Nanoseconds since the Unix epoch: the first eviction cursor of this run, larger than any
-/// cursor an earlier run handed out.
+/// Nanoseconds since the Unix epoch: with the process id, this run's KV event run id.
 fn run_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
