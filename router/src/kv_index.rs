@@ -167,8 +167,9 @@ impl KvIndex {
     }
 
     /// Applies one batch of the worker's stream; `window_size` is the worker's attention
-    /// window (its max_seq_len) for the published events. On error the index is unchanged
-    /// except that it is no longer synced.
+    /// window (its max_seq_len) for the published events. On error the index is no longer
+    /// synced: its blocks (with the batch's events before the bad one applied) serve routing
+    /// until the snapshot the subscriber asks for replaces them.
     pub fn apply(&mut self, batch: &KvEventBatch, window_size: u32) -> Result<(), IndexError> {
         let result = self.try_apply(batch, window_size);
         if result.is_err() {
