@@ -142,6 +142,10 @@ pub struct BenchArgs {
     /// Fixed prefix tokens before the random part of every prompt.
     #[arg(long, default_value_t = 0)]
     pub random_prefix_len: u32,
+    /// Distinct prefixes of --random-prefix-len tokens; each prompt starts with one drawn at
+    /// random (a shared-prefix workload: a few long system prompts, many questions).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub random_num_prefixes: u32,
     /// Generate random token ids even when --dataset-path is given.
     #[arg(long)]
     pub random_ids: bool,

@@ -159,9 +159,21 @@ fn sample_random(
         ));
     }
     let n = args.num_prompts;
-    let prefix: Vec<u32> = (0..args.random_prefix_len)
-        .map(|_| rng.random_range(0..vocab) as u32)
+    let prefixes: Vec<Vec<u32>> = (0..args.random_num_prefixes.max(1))
+        .map(|_| {
+            (0..args.random_prefix_len)
+                .map(|_| rng.random_range(0..vocab) as u32)
+                .collect()
+        })
         .collect();
+    // One prefix keeps the draws (and so the prompts) of runs before prefixes could vary.
+    let prefix_of: Vec<usize> = if prefixes.len() == 1 {
+        vec![0; n]
+    } else {
+        (0..n)
+            .map(|_| rng.random_range(0..prefixes.len()))
+            .collect()
+    };
     let (in_lo, in_hi) = length_range(args.random_input_len, args.random_range_ratio);
     let (out_lo, out_hi) = length_range(args.random_output_len, args.random_range_ratio);
     let input_lens: Vec<u32> = (0..n).map(|_| rng.random_range(in_lo..=in_hi)).collect();
@@ -182,7 +194,7 @@ fn sample_random(
                 .collect(),
             Some(pairs) => text_ids_of_len(&pairs[i % pairs.len()].0, len, codec)?,
         };
-        let ids: Vec<u32> = prefix.iter().copied().chain(body).collect();
+        let ids: Vec<u32> = prefixes[prefix_of[i]].iter().copied().chain(body).collect();
         let target = ids.len();
         // Padding continues the prompt's run of consecutive ids.
         let pad = |k: usize| ((offsets[i] + i as u64 + k as u64) % vocab) as u32;
@@ -212,9 +224,9 @@ pub fn input_length_line(args: &BenchArgs, requests: &[SampleRequest]) -> String
         "text re-encoded to length, special tokens included"
     };
     format!(
-        "Input length: requested {requested} tokens per prompt (prefix {}, range ratio {}); \
-         measured mean {mean:.1}, min {min}, max {max} ({how})",
-        args.random_prefix_len, args.random_range_ratio
+        "Input length: requested {requested} tokens per prompt (prefix {} of {} distinct, range \
+         ratio {}); measured mean {mean:.1}, min {min}, max {max} ({how})",
+        args.random_prefix_len, args.random_num_prefixes, args.random_range_ratio
     )
 }
 
@@ -421,6 +433,33 @@ mod tests {
     fn args(extra: &[&str]) -> BenchArgs {
         let base = ["llmapi-bench", "--model", "m"];
         Cli::parse_from(base.iter().chain(extra)).args
+    }
+
+    #[test]
+    fn random_prompts_start_with_one_of_the_distinct_prefixes() {
+        let a = args(&[
+            "--dataset-name",
+            "random",
+            "--num-prompts",
+            "40",
+            "--random-input-len",
+            "5",
+            "--random-prefix-len",
+            "8",
+            "--random-num-prefixes",
+            "3",
+            "--tokenize-on-client",
+        ]);
+        let reqs = sample(&a, &WordCodec).expect("sample");
+        let prefixes: std::collections::BTreeSet<Vec<u32>> = reqs
+            .iter()
+            .map(|r| match &r.prompt {
+                Prompt::Ids(ids) => ids[..8].to_vec(),
+                Prompt::Text(_) => panic!("ids expected"),
+            })
+            .collect();
+        assert_eq!(prefixes.len(), 3, "40 draws use each of 3 prefixes");
+        assert!(reqs.iter().all(|r| r.prompt_len == 13));
     }
 
     #[test]

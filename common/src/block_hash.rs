@@ -22,7 +22,7 @@ pub struct BlockHash([u8; 32]);
 pub const ROOT_BLOCK_HASH: BlockHash = BlockHash(*b"llmapi kv block root, sha256 v1.");
 
 impl BlockHash {
-    /// Width of a hash on the wire (`LoadResponse.evicted_block_hashes`).
+    /// Width of a hash on the wire (the KvEvents RPC's block hashes).
     pub const LEN: usize = 32;
 
     /// The hash as bytes, for the wire.

@@ -69,7 +69,7 @@ pub async fn list_workers(State(state): Shared) -> Response {
                 "queued": load.queued,
                 "kv_blocks_used": load.kv_blocks_used,
                 "kv_blocks_free": load.kv_blocks_free,
-                "prefix_cache_blocks": w.cache.lock().map(|c| c.len()).unwrap_or(0),
+                "prefix_cache_blocks": w.kv_lock().len(),
             })
         })
         .collect();

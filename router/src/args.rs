@@ -11,7 +11,7 @@ use llmapi_common::telemetry::LogArgs;
 use crate::access::AccessArgs;
 use crate::deadline::DeadlineArgs;
 use crate::migrate::MigrationArgs;
-use crate::policy::{ImbalanceThresholds, RoutingPolicy};
+use crate::policy::{DEFAULT_KV_OVERLAP_SCORE_WEIGHT, ImbalanceThresholds, RoutingPolicy};
 use crate::pool::HealthPolicy;
 use crate::state::RouterConfig;
 use crate::tls::TlsArgs;
@@ -58,6 +58,11 @@ pub struct RouterArgs {
     /// ...and busiest load exceeds this many times the idlest.
     #[arg(long, default_value_t = 1.5)]
     pub balance_rel_threshold: f64,
+    /// kv_cache_aware: cost of a prompt block a worker must prefill, against 1 for each
+    /// block of the requests in flight there (Dynamo's --kv-overlap-score-weight). Higher
+    /// favours cache hits (TTFT), lower favours spreading load.
+    #[arg(long, default_value_t = DEFAULT_KV_OVERLAP_SCORE_WEIGHT, value_parser = non_negative_weight)]
+    pub kv_overlap_score_weight: f64,
     /// Keys, tokens, the metrics listener and registration limits.
     #[command(flatten)]
     pub access: AccessArgs,
@@ -194,6 +199,7 @@ impl RouterArgs {
                 abs: self.balance_abs_threshold,
                 rel: self.balance_rel_threshold,
             },
+            kv_overlap_score_weight: self.kv_overlap_score_weight,
             worker_token: self.worker_token.clone(),
             max_body_bytes: self.max_body_bytes,
             max_inflight_requests: self.max_inflight_requests,
@@ -222,5 +228,15 @@ impl RouterArgs {
             deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()
         }
+    }
+}
+
+/// Parses `--kv_overlap_score_weight`: a finite number of at least 0.
+fn non_negative_weight(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
+        _ => Err(format!(
+            "{v:?} is not a weight; give a number of at least 0 (1.0 weighs a block to prefill like a block in flight)"
+        )),
     }
 }

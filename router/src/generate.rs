@@ -197,7 +197,8 @@ fn pick_and_begin(
             .collect();
         let (worker, _matched) = state.router.pick(&candidates, &job.block_hashes)?;
         tried.push(worker.url.clone());
-        if let Some(inflight) = worker.try_begin() {
+        if let Some(mut inflight) = worker.try_begin() {
+            inflight.hold_blocks(&job.block_hashes);
             return Some((worker, inflight));
         }
     }
@@ -245,9 +246,6 @@ async fn open(state: &AppState, job: &ChoiceJob, exclude: &[String]) -> Result<O
             Attempt::Opened(opened) => {
                 let (stream, first) = *opened;
                 worker.record_request_success();
-                if let Ok(mut cache) = worker.cache.lock() {
-                    cache.insert(&job.block_hashes);
-                }
                 return Ok(Opened {
                     worker,
                     _inflight: inflight,

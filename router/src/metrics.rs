@@ -497,6 +497,8 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
     let preemptions = Family::<WorkerLabel, Counter>::default();
     let iterations = Family::<WorkerLabel, Counter>::default();
     let iteration_tokens = Family::<WorkerLabel, Counter>::default();
+    let index_blocks = Family::<WorkerLabel, Gauge>::default();
+    let index_snapshots = Family::<WorkerLabel, Counter>::default();
     let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     for w in pool.all() {
         let l = WorkerLabel {
@@ -527,6 +529,14 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
         iteration_tokens
             .get_or_create(&l)
             .inc_by(load.iteration_tokens);
+        let (blocks, snapshots) = {
+            let ix = w.kv_lock();
+            (ix.len(), ix.snapshots())
+        };
+        index_blocks
+            .get_or_create(&l)
+            .set(i64::try_from(blocks).unwrap_or(i64::MAX));
+        index_snapshots.get_or_create(&l).inc_by(snapshots);
     }
     r.register(
         "llmapi_worker_healthy",
@@ -592,6 +602,16 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
         "llmapi_worker_iteration_tokens",
         "Tokens those iterations computed (prefill and decode); per step: rate over iterations",
         iteration_tokens,
+    );
+    r.register(
+        "llmapi_worker_kv_index_blocks",
+        "Prefix-cache blocks the router's KV index says the worker holds (from its KV events)",
+        index_blocks,
+    );
+    r.register(
+        "llmapi_worker_kv_index_snapshots",
+        "KV snapshots the router applied for the worker: the first, then one per resync (a gap or a restart)",
+        index_snapshots,
     );
     r
 }

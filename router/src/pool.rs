@@ -1,19 +1,23 @@
 //! The worker pool: one entry per worker group leader, with its gRPC client, health, circuit
-//! breaker, in-flight count, last reported load and the router's view of its prefix cache.
+//! breaker, in-flight count, last reported load and the exact index of its prefix cache
+//! (`kv_index`, kept by a `kv_subscribe` task per worker while it is in the pool).
 //! Every call to a worker carries the worker token (`llmapi_proto::auth`) the pool was built
 //! with: workers refuse calls without the job's secret.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use llmapi_common::block_hash::BlockHash;
+
+use crate::kv_index::KvIndex;
 use llmapi_proto::auth::{AttachToken, TokenError};
 use llmapi_proto::limits::MAX_MESSAGE_BYTES;
 use llmapi_proto::tls::TransportTls;
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{HealthRequest, InfoRequest, InfoResponse, LoadRequest, LoadResponse};
+use tokio::task::AbortHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -56,73 +60,6 @@ impl Default for HealthPolicy {
     }
 }
 
-/// The router's record of which prompt blocks it has sent to a worker, bounded like the
-/// worker's own cache (oldest first out).
-#[derive(Debug, Default)]
-pub struct PrefixCacheView {
-    blocks: HashMap<BlockHash, u64>,
-    order: VecDeque<(BlockHash, u64)>,
-    tick: u64,
-    capacity: usize,
-}
-
-impl PrefixCacheView {
-    /// Number of leading `hashes` this worker is believed to hold.
-    pub fn matched_blocks(&self, hashes: &[BlockHash]) -> usize {
-        hashes
-            .iter()
-            .take_while(|h| self.blocks.contains_key(h))
-            .count()
-    }
-
-    /// Forgets blocks the worker reported evicted.
-    pub fn remove(&mut self, hashes: &[BlockHash]) {
-        // Queue entries of removed blocks turn stale and are skipped when popped.
-        for h in hashes {
-            self.blocks.remove(h);
-        }
-    }
-
-    /// Forgets everything (the worker lost track of its evictions, or restarted).
-    pub fn clear(&mut self) {
-        self.blocks.clear();
-        self.order.clear();
-    }
-
-    /// Blocks believed cached.
-    pub fn len(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// Whether no block is believed cached.
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
-    }
-
-    /// Records that `hashes` were just sent to this worker.
-    pub fn insert(&mut self, hashes: &[BlockHash]) {
-        for &h in hashes {
-            self.tick += 1;
-            self.blocks.insert(h, self.tick);
-            self.order.push_back((h, self.tick));
-        }
-        let capacity = self.capacity.max(1);
-        while self.blocks.len() > capacity {
-            let Some((h, tick)) = self.order.pop_front() else {
-                break;
-            };
-            // Only the latest touch of a block counts; older queue entries are stale.
-            if self.blocks.get(&h) == Some(&tick) {
-                self.blocks.remove(&h);
-            }
-        }
-        if self.order.len() > 4 * capacity {
-            let blocks = &self.blocks;
-            self.order.retain(|(h, t)| blocks.get(h) == Some(t));
-        }
-    }
-}
-
 /// A circuit breaker's state, as reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BreakerState {
@@ -156,14 +93,26 @@ pub struct Worker {
     inflight: AtomicUsize,
     routed: std::sync::atomic::AtomicU64,
     load: Mutex<LoadResponse>,
-    /// The worker's eviction cursor from the last Load (0 before the first).
-    eviction_cursor: AtomicU64,
     info: Mutex<Option<InfoResponse>>,
-    /// Which prompt blocks the router believes this worker has cached.
-    pub cache: Mutex<PrefixCacheView>,
+    /// The blocks this worker has cached, from its KV events (`kv_lock`).
+    kv: Mutex<KvIndex>,
+    /// Prompt blocks of the requests in flight here, each with the number of requests holding
+    /// it (kv_cache_aware's active blocks: a block shared by several counts once).
+    active: Mutex<HashMap<BlockHash, u32>>,
+    /// The task keeping `kv`, while the worker is in the pool.
+    kv_task: Mutex<Option<AbortHandle>>,
     /// When its registration lapses unless renewed; `None`: never (a `--worker_urls`
     /// worker, or a registration under `--worker_lease_s 0`).
     lease_until: Mutex<Option<Instant>>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // The task holds only a weak reference; it may be waiting on the stream.
+        if let Some(task) = lock(&self.kv_task).take() {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Worker {
@@ -262,11 +211,59 @@ impl Worker {
             inflight: AtomicUsize::new(0),
             routed: std::sync::atomic::AtomicU64::new(0),
             load: Mutex::new(LoadResponse::default()),
-            eviction_cursor: AtomicU64::new(0),
             info: Mutex::new(None),
-            cache: Mutex::new(PrefixCacheView::default()),
+            kv: Mutex::new(KvIndex::default()),
+            active: Mutex::default(),
+            kv_task: Mutex::new(None),
             lease_until: Mutex::new(None),
         })
+    }
+
+    /// Its KV index, locked.
+    pub fn kv_lock(&self) -> std::sync::MutexGuard<'_, KvIndex> {
+        lock(&self.kv)
+    }
+
+    /// Number of leading `hashes` this worker holds in its prefix cache.
+    pub fn matched_blocks(&self, hashes: &[BlockHash]) -> usize {
+        lock(&self.kv).matched_blocks(hashes)
+    }
+
+    /// Distinct prompt blocks of the requests the router has in flight on this worker.
+    pub fn active_blocks(&self) -> usize {
+        lock(&self.active).len()
+    }
+
+    /// Distinct prompt blocks in flight on this worker were a prompt of `hashes` added: the
+    /// active ones plus those of `hashes` not among them (Dynamo's potential decode blocks,
+    /// assuming KV reuse).
+    pub fn potential_active_blocks(&self, hashes: &[BlockHash]) -> usize {
+        let active = lock(&self.active);
+        let mut new: Vec<&BlockHash> = hashes.iter().filter(|h| !active.contains_key(h)).collect();
+        new.sort_unstable();
+        new.dedup();
+        active.len() + new.len()
+    }
+
+    /// Starts following its KV events (once; needs a tokio runtime, else does nothing).
+    fn follow_kv_events(self: &Arc<Self>) {
+        let mut task = lock(&self.kv_task);
+        if task.is_none()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            *task = Some(
+                rt.spawn(crate::kv_subscribe::follow(Arc::downgrade(self)))
+                    .abort_handle(),
+            );
+        }
+    }
+
+    /// Stops following its KV events and forgets its index (it left the pool).
+    fn leave(&self) {
+        if let Some(task) = lock(&self.kv_task).take() {
+            task.abort();
+        }
+        lock(&self.kv).reset();
     }
 
     /// Renews its registration for `lease` from now (`None`: it never lapses).
@@ -353,6 +350,7 @@ impl Worker {
         Some(InflightGuard {
             worker: self.clone(),
             probe,
+            blocks: None,
         })
     }
 
@@ -367,12 +365,13 @@ impl Worker {
         InflightGuard {
             worker: self.clone(),
             probe: false,
+            blocks: None,
         }
     }
 
-    /// The last load the worker reported (without its eviction list).
+    /// The last load the worker reported.
     pub fn load(&self) -> LoadResponse {
-        lock(&self.load).clone()
+        *lock(&self.load)
     }
 
     /// The worker's static facts, once known.
@@ -455,31 +454,6 @@ impl Worker {
         }
     }
 
-    /// Drops what the worker evicted from the view of its prefix cache, and moves the cursor.
-    fn apply_evictions(&self, load: &mut LoadResponse) {
-        let wire = std::mem::take(&mut load.evicted_block_hashes);
-        let evicted: Option<Vec<BlockHash>> =
-            wire.iter().map(|b| BlockHash::from_slice(b)).collect();
-        {
-            let mut cache = lock(&self.cache);
-            match evicted {
-                _ if load.evictions_lost => {
-                    tracing::debug!(worker = %self.url, "worker lost track of its evictions; forgetting its prefix cache");
-                    cache.clear();
-                }
-                Some(evicted) => cache.remove(&evicted),
-                None => {
-                    // Not 32-byte SHA-256 hashes: a worker of another version. Its cache
-                    // cannot be followed, so nothing is believed cached there.
-                    tracing::warn!(worker = %self.url, "evicted block hashes are not {} bytes each; forgetting its prefix cache (run router and workers of one version)", BlockHash::LEN);
-                    cache.clear();
-                }
-            }
-        }
-        self.eviction_cursor
-            .store(load.eviction_cursor, Ordering::Relaxed);
-    }
-
     async fn probe(&self) -> Result<(), String> {
         let mut client = self.client();
         let health = client
@@ -490,14 +464,11 @@ impl Worker {
         if !health.healthy {
             return Err(health.message);
         }
-        let mut load = client
-            .load(LoadRequest {
-                evictions_after: self.eviction_cursor.load(Ordering::Relaxed),
-            })
+        let load = client
+            .load(LoadRequest {})
             .await
             .map_err(|e| e.message().to_owned())?
             .into_inner();
-        self.apply_evictions(&mut load);
         *lock(&self.load) = load;
         if lock(&self.info).is_none() {
             let info = client
@@ -505,7 +476,6 @@ impl Worker {
                 .await
                 .map_err(|e| e.message().to_owned())?
                 .into_inner();
-            lock(&self.cache).capacity = info.kv_capacity_blocks.max(1) as usize;
             *lock(&self.info) = Some(info);
         }
         Ok(())
@@ -519,11 +489,39 @@ impl Worker {
 pub struct InflightGuard {
     worker: Arc<Worker>,
     probe: bool,
+    /// This request's prompt blocks, counted in the worker's active blocks.
+    blocks: Option<Arc<Vec<BlockHash>>>,
+}
+
+impl InflightGuard {
+    /// Counts the prompt blocks `hashes` among the worker's active blocks until the request
+    /// ends (once per guard).
+    pub fn hold_blocks(&mut self, hashes: &Arc<Vec<BlockHash>>) {
+        if self.blocks.is_some() {
+            return;
+        }
+        let mut active = lock(&self.worker.active);
+        for h in hashes.iter() {
+            *active.entry(*h).or_insert(0) += 1;
+        }
+        self.blocks = Some(hashes.clone());
+    }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         self.worker.inflight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(hashes) = self.blocks.take() {
+            let mut active = lock(&self.worker.active);
+            for h in hashes.iter() {
+                if let Some(n) = active.get_mut(h) {
+                    *n -= 1;
+                    if *n == 0 {
+                        active.remove(h);
+                    }
+                }
+            }
+        }
         if self.probe {
             let mut b = lock(&self.worker.breaker);
             if matches!(*b, Breaker::HalfOpen { probing: true }) {
@@ -566,6 +564,7 @@ impl Pool {
             return Ok(w.clone());
         }
         workers.push(worker.clone());
+        worker.follow_kv_events();
         Ok(worker)
     }
 
@@ -582,6 +581,7 @@ impl Pool {
         }
         let worker = Arc::new(worker);
         workers.push(worker.clone());
+        worker.follow_kv_events();
         Ok((worker, true))
     }
 
@@ -598,7 +598,13 @@ impl Pool {
     pub fn remove(&self, url: &str) -> bool {
         let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
         let before = workers.len();
-        workers.retain(|w| w.url != url && w.url != format!("http://{url}"));
+        workers.retain(|w| {
+            let stays = w.url != url && w.url != format!("http://{url}");
+            if !stays {
+                w.leave();
+            }
+            stays
+        });
         workers.len() != before
     }
 
@@ -635,7 +641,13 @@ impl Pool {
             .filter(|w| w.lease_lapsed(now))
             .map(|w| w.url.clone())
             .collect();
-        workers.retain(|w| !w.lease_lapsed(now));
+        workers.retain(|w| {
+            let stays = !lapsed.contains(&w.url);
+            if !stays {
+                w.leave();
+            }
+            stays
+        });
         lapsed
     }
 
@@ -651,41 +663,5 @@ impl Pool {
             }
             self.check_all(&policy).await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::PrefixCacheView;
-    use llmapi_common::block_hash::{BlockHash, ROOT_BLOCK_HASH, block_hash};
-
-    /// Distinct hashes, one per `n`.
-    fn h(ns: &[u32]) -> Vec<BlockHash> {
-        ns.iter()
-            .map(|&n| block_hash(&ROOT_BLOCK_HASH, &[n]))
-            .collect()
-    }
-
-    #[test]
-    fn evicted_blocks_leave_the_view_and_may_come_back() {
-        let mut v = PrefixCacheView {
-            capacity: 4,
-            ..PrefixCacheView::default()
-        };
-        v.insert(&h(&[1, 2, 3]));
-        assert_eq!(v.matched_blocks(&h(&[1, 2, 3])), 3);
-        v.remove(&h(&[2]));
-        assert_eq!(
-            v.matched_blocks(&h(&[1, 2, 3])),
-            1,
-            "the prefix breaks at the evicted block"
-        );
-        v.insert(&h(&[2, 4, 5]));
-        // Capacity 4: the oldest live block (1) goes; the stale queue entry of 2 is skipped.
-        assert_eq!(v.len(), 4);
-        assert_eq!(v.matched_blocks(&h(&[2, 3, 4, 5])), 4);
-        v.clear();
-        assert!(v.is_empty());
-        assert_eq!(v.matched_blocks(&h(&[2])), 0);
     }
 }

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::spans::RequestSpan;
 use crate::state::AppState;
 use crate::tls::TlsListener;
-use crate::{admin, auth, front, handlers};
+use crate::{admin, auth, front, handlers, kv_routes};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -98,6 +98,8 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/health_generate", get(handlers::health_generate))
         .route("/version", get(handlers::version))
         .route("/workers", get(admin::list_workers))
+        .route("/workers/kv_index", get(kv_routes::kv_index))
+        .route("/kv_cache_events", post(kv_routes::kv_cache_events))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,

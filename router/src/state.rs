@@ -14,7 +14,7 @@ use crate::deadline::Deadlines;
 use crate::error::ApiError;
 use crate::metrics::{AdmissionGauges, Metrics};
 use crate::parse::BodyCaps;
-use crate::policy::{ImbalanceThresholds, Router, RoutingPolicy};
+use crate::policy::{DEFAULT_KV_OVERLAP_SCORE_WEIGHT, ImbalanceThresholds, Router, RoutingPolicy};
 use crate::pool::{HealthPolicy, Pool};
 use crate::registration::RegistrationPolicy;
 
@@ -52,6 +52,8 @@ pub struct RouterConfig {
     pub routing_policy: RoutingPolicy,
     /// Load imbalance past which kv_cache_aware routes by load.
     pub imbalance: ImbalanceThresholds,
+    /// kv_cache_aware: what a block to prefill costs against a block in flight.
+    pub kv_overlap_score_weight: f64,
     /// Bearer key every route but /health requires, if set.
     pub api_key: Option<Secret>,
     /// Bearer key /metrics accepts besides the API key, if set.
@@ -117,6 +119,7 @@ impl Default for RouterConfig {
             model_path: "model".into(),
             routing_policy: RoutingPolicy::RoundRobin,
             imbalance: ImbalanceThresholds::default(),
+            kv_overlap_score_weight: DEFAULT_KV_OVERLAP_SCORE_WEIGHT,
             api_key: None,
             metrics_api_key: None,
             admin_token: None,
@@ -186,7 +189,11 @@ impl AppState {
     /// State over `pool` with `codec`.
     pub fn new(config: RouterConfig, codec: Arc<dyn TextCodec>, pool: Arc<Pool>) -> Self {
         Self {
-            router: Router::new(config.routing_policy, config.imbalance),
+            router: Router::new(
+                config.routing_policy,
+                config.imbalance,
+                config.kv_overlap_score_weight,
+            ),
             codec,
             pool,
             metrics: Arc::new(Metrics::default()),

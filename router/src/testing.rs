@@ -1,7 +1,8 @@
 //! `ScriptedWorker`: a test double speaking the worker proto, so the router can be tested and
 //! benchmarked without an engine. It "generates" by replaying the prompt's tokens (or a fixed
 //! script; a migrated request continues after the tokens it carries), keeps a pretend KV
-//! cache keyed by the shared block hash, and can be made to fail.
+//! cache keyed by the shared block hash (streamed on KvEvents as a fresh snapshot after every
+//! change), and can be made to fail.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -16,8 +17,8 @@ use llmapi_proto::auth::RequireToken;
 use llmapi_proto::v1::worker_server::{Worker, WorkerServer};
 use llmapi_proto::v1::{
     AbortRequest, AbortResponse, FinishReason, GenerateRequest, GenerateResponse, HealthRequest,
-    HealthResponse, InfoRequest, InfoResponse, LoadRequest, LoadResponse, TokenLogprob, TopLogprob,
-    Usage,
+    HealthResponse, InfoRequest, InfoResponse, KvEventBatch, KvEventsRequest, KvSnapshot,
+    LoadRequest, LoadResponse, TokenLogprob, TopLogprob, Usage,
 };
 use tokio::sync::mpsc;
 use tonic::service::Interceptor;
@@ -110,8 +111,8 @@ struct Shared {
     requests: Vec<GenerateRequest>,
     trace_metadata: Vec<(Option<String>, Option<String>)>,
     grpc_timeouts: Vec<Option<String>>,
-    /// Evicted block hashes; entry i has eviction cursor i + 1.
-    evictions: Vec<BlockHash>,
+    /// Restarts of the pretend cache (its KvEvents run id).
+    run: u64,
 }
 
 /// The double's state, inspectable by tests.
@@ -124,6 +125,8 @@ pub struct ScriptedWorker {
     dead: Arc<AtomicBool>,
     frozen: Arc<AtomicBool>,
     generated: Arc<AtomicU64>,
+    /// Bumped on every change of the pretend cache, for KvEvents readers.
+    cache_changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A running `ScriptedWorker` server.
@@ -163,6 +166,7 @@ impl ScriptedWorker {
             dead: Arc::new(AtomicBool::new(false)),
             frozen: Arc::new(AtomicBool::new(false)),
             generated: Arc::default(),
+            cache_changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -245,20 +249,30 @@ impl ScriptedWorker {
         lock(&self.shared).trace_metadata.clone()
     }
 
-    /// Evicts every pretend-cached block, as a worker short of KV blocks would; Load reports
-    /// them.
-    pub fn evict_all(&self) {
-        let mut s = lock(&self.shared);
-        let gone: Vec<BlockHash> = s.cached.drain().collect();
-        s.evictions.extend(gone);
+    /// Blocks in the pretend cache.
+    pub fn cached_blocks(&self) -> usize {
+        lock(&self.shared).cached.len()
     }
 
-    /// Forgets the pretend cache and its eviction log, as a restarted worker would: a reader's
-    /// old cursor is then reported lost.
+    /// Evicts every pretend-cached block, as a worker short of KV blocks would; KvEvents
+    /// readers get the empty cache.
+    pub fn evict_all(&self) {
+        lock(&self.shared).cached.clear();
+        self.cache_changed();
+    }
+
+    /// Forgets the pretend cache under a new KvEvents run id, as a restarted worker would.
     pub fn restart_cache(&self) {
-        let mut s = lock(&self.shared);
-        s.cached.clear();
-        s.evictions.clear();
+        {
+            let mut s = lock(&self.shared);
+            s.cached.clear();
+            s.run += 1;
+        }
+        self.cache_changed();
+    }
+
+    fn cache_changed(&self) {
+        self.cache_changes.send_modify(|v| *v += 1);
     }
 
     /// Request ids aborted (by Abort or by a dropped stream).
@@ -289,6 +303,7 @@ type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + S
 #[tonic::async_trait]
 impl Worker for ScriptedWorker {
     type GenerateStream = GenStream;
+    type KvEventsStream = Pin<Box<dyn Stream<Item = Result<KvEventBatch, Status>> + Send>>;
 
     async fn generate(
         &self,
@@ -346,9 +361,14 @@ impl Worker for ScriptedWorker {
         let cached_tokens = {
             let mut s = lock(&self.shared);
             let hit = hashes.iter().take_while(|h| s.cached.contains(h)).count();
+            let before = s.cached.len();
             s.cached.extend(hashes.iter().copied());
+            let grew = s.cached.len() != before;
             let blocks = (prompt_len + stopping.max_tokens as usize).div_ceil(tpb.max(1)) as u64;
             s.running.insert(req.request_id.clone(), blocks);
+            if grew {
+                self.cache_changes.send_modify(|v| *v += 1);
+            }
             (hit * tpb) as u32
         };
         let reply = if self.script.reply.is_empty() {
@@ -528,30 +548,52 @@ impl Worker for ScriptedWorker {
         }))
     }
 
-    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+    async fn kv_events(
+        &self,
+        _: Request<KvEventsRequest>,
+    ) -> Result<Response<Self::KvEventsStream>, Status> {
         self.thaw().await;
-        let after = request.into_inner().evictions_after;
+        let mut changes = self.cache_changes.subscribe();
+        let shared = self.shared.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let version = *changes.borrow_and_update();
+                let batch = {
+                    let s = lock(&shared);
+                    KvEventBatch {
+                        run_id: format!("scripted-{}", s.run),
+                        snapshot: Some(KvSnapshot {
+                            event_id: version,
+                            block_hashes: s.cached.iter().map(|h| h.as_bytes().to_vec()).collect(),
+                            last_part: true,
+                        }),
+                        events: Vec::new(),
+                    }
+                };
+                if tx.send(Ok(batch)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        self.thaw().await;
         let s = lock(&self.shared);
         let used: u64 = s.running.values().sum();
-        let next = s.evictions.len() as u64 + 1;
-        let lost = after > next;
-        // Cursor 0 is a first read: nothing listed, as the real worker does.
-        let evicted = if after == 0 || lost {
-            Vec::new()
-        } else {
-            s.evictions[(after - 1) as usize..]
-                .iter()
-                .map(|h| h.as_bytes().to_vec())
-                .collect()
-        };
         Ok(Response::new(LoadResponse {
             running: s.running.len() as u32,
             queued: 0,
             kv_blocks_used: used,
             kv_blocks_free: self.script.kv_capacity_blocks.saturating_sub(used),
-            evicted_block_hashes: evicted,
-            eviction_cursor: next,
-            evictions_lost: lost,
             preemptions: self.script.load_counters.preemptions,
             prefix_cache_queries: self.script.load_counters.prefix_cache_queries,
             prefix_cache_hits: self.script.load_counters.prefix_cache_hits,

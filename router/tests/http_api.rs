@@ -550,6 +550,7 @@ async fn kv_cache_aware_sends_a_repeated_prefix_to_the_worker_that_cached_it() {
     let prefix = "a long shared system prompt, ".repeat(3);
     let mut cached = Vec::new();
     for i in 0..6 {
+        kv_settled(&h).await;
         let (status, body) = h
             .post(
                 "/v1/completions",
@@ -892,6 +893,26 @@ async fn chat_accepts_a_pretokenized_prompt_as_trtllm_serve_does() {
     }
 }
 
+/// Waits (5 s at most) until the router's index of every worker holds as many blocks as the
+/// worker's pretend cache: its KV events arrive asynchronously.
+async fn kv_settled(h: &Harness) {
+    for _ in 0..500 {
+        let pool = h.state.pool.all();
+        let settled = h.workers.iter().all(|w| {
+            pool.iter().any(|p| {
+                p.url == w.url()
+                    && p.kv_lock().synced()
+                    && p.kv_lock().len() == w.worker.cached_blocks()
+            })
+        });
+        if settled {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("the router's KV index did not catch up with the workers' caches in 5 s");
+}
+
 #[tokio::test]
 async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evicted() {
     let h = start(
@@ -905,6 +926,7 @@ async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evi
     let send = || async {
         let (status, body) = h.post("/v1/completions", body.clone()).await;
         assert_eq!(status, StatusCode::OK, "{body}");
+        kv_settled(&h).await;
         let per_worker: Vec<usize> = h
             .workers
             .iter()
@@ -915,6 +937,7 @@ async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evi
             body["usage"]["prompt_tokens_details"]["cached_tokens"].clone(),
         )
     };
+    kv_settled(&h).await;
     let (counts, _) = send().await;
     let holder = counts.iter().position(|&c| c == 1).unwrap();
     let other = 1 - holder;
@@ -932,11 +955,11 @@ async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evi
     assert_eq!(counts[holder], 2, "the cached prefix attracts the request");
     assert!(cached.as_u64().unwrap() >= 80, "{cached}");
 
-    // The holder evicts the prefix; the next health check (which reads Load) tells the router.
+    // The holder evicts the prefix; its KV events tell the router.
     h.workers[holder].worker.evict_all();
-    h.state.pool.check_all(&h.state.config.health).await;
+    kv_settled(&h).await;
     assert_eq!(
-        pool_worker.cache.lock().unwrap().len(),
+        pool_worker.kv_lock().len(),
         0,
         "the router forgot the evicted blocks"
     );
@@ -950,24 +973,95 @@ async fn kv_cache_aware_stops_preferring_a_worker_once_it_reports_the_prefix_evi
 }
 
 #[tokio::test]
-async fn a_worker_that_lost_its_eviction_log_is_believed_to_cache_nothing() {
+async fn a_restarted_worker_is_resynced_from_its_snapshot() {
     let h = start(RoutingPolicy::KvCacheAware, vec![Script::default()], |_| {}).await;
     let worker = h.state.pool.all().pop().unwrap();
     let body = json!({"model": "demo", "prompt": "a prompt of several blocks", "max_tokens": 1});
     let (status, _) = h.post("/v1/completions", body.clone()).await;
     assert_eq!(status, StatusCode::OK);
-    // Reported evictions move the router's cursor past where a fresh log starts.
-    h.workers[0].worker.evict_all();
-    h.state.pool.check_all(&h.state.config.health).await;
-    assert!(worker.cache.lock().unwrap().is_empty());
+    kv_settled(&h).await;
+    assert!(!worker.kv_lock().is_empty());
+    let run = worker.kv_lock().run_id().to_owned();
+    // The worker restarts with an empty cache under a new run id.
+    h.workers[0].worker.restart_cache();
+    kv_settled(&h).await;
+    assert!(worker.kv_lock().is_empty(), "the old run's blocks are gone");
+    assert_ne!(worker.kv_lock().run_id(), run, "the new run is followed");
+    // Leaving the pool drops the index.
     let (status, _) = h.post("/v1/completions", body).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(!worker.cache.lock().unwrap().is_empty());
-    // The worker restarts with an empty cache: the router's cursor is unknown to it.
-    h.workers[0].worker.restart_cache();
-    h.state.pool.check_all(&h.state.config.health).await;
+    kv_settled(&h).await;
+    assert!(!worker.kv_lock().is_empty());
+    assert!(h.state.pool.remove(&worker.url));
+    assert!(worker.kv_lock().is_empty() && !worker.kv_lock().synced());
+}
+
+#[tokio::test]
+async fn kv_cache_events_list_each_workers_events_once_behind_the_api_key() {
+    let h = start(RoutingPolicy::KvCacheAware, vec![Script::default()], |c| {
+        c.api_key = Some(Secret::new("API key", "sk-test").unwrap());
+    })
+    .await;
+    let take = |key: Option<&'static str>| {
+        let h = &h;
+        async move {
+            let resp = h.send("POST", "/kv_cache_events", Body::empty(), key).await;
+            let status = resp.status();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+                .await
+                .expect("body");
+            (
+                status,
+                serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null),
+            )
+        }
+    };
+    assert_eq!(take(None).await.0, StatusCode::UNAUTHORIZED);
+    let body = json!({"model": "demo", "prompt": "a prompt of several blocks", "max_tokens": 1});
+    let resp = h
+        .send(
+            "POST",
+            "/v1/completions",
+            Body::from(body.to_string()),
+            Some("sk-test"),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    kv_settled(&h).await;
+    let (status, events) = take(Some("sk-test")).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = events.as_array().expect("a JSON list").clone();
+    let stored: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["data"]["type"] == "stored")
+        .collect();
+    assert!(!stored.is_empty(), "{events:?}");
+    let url = h.workers[0].url();
     assert!(
-        worker.cache.lock().unwrap().is_empty(),
-        "evictions lost: forget everything"
+        events.iter().all(|e| e["worker"] == url.as_str()),
+        "{events:?}"
+    );
+    assert!(
+        stored
+            .iter()
+            .all(|e| e["event_id"].is_u64() && e["window_size"].is_u64())
+    );
+    let last = stored.last().unwrap();
+    let listed = last["data"]["blocks"].as_array().unwrap().len();
+    assert_eq!(listed, h.workers[0].worker.cached_blocks());
+    let (_, again) = take(Some("sk-test")).await;
+    assert_eq!(again, json!([]), "events are taken once");
+    // The debug view lists the same blocks.
+    let resp = h
+        .send("GET", "/workers/kv_index", Body::empty(), Some("sk-test"))
+        .await;
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24)
+        .await
+        .unwrap();
+    let view: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(view["workers"][0]["synced"], true);
+    assert_eq!(
+        view["workers"][0]["blocks"].as_array().unwrap().len(),
+        listed
     );
 }

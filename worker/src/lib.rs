@@ -9,6 +9,7 @@ pub mod backend;
 pub mod dist;
 pub mod engine;
 pub mod kv;
+pub mod kv_feed;
 pub mod model;
 pub mod sampling;
 pub mod scheduler;

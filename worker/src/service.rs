@@ -6,6 +6,7 @@
 //! the whole stream: past it the request is aborted, its KV blocks are freed and the call ends
 //! with DEADLINE_EXCEEDED, even while the caller is still connected (tonic's own deadline
 //! covers only the call's headers, not its stream). Health, Info and Load read the engine; a Health probe runs a real one-token request.
+//! KvEvents streams the engine's prefix-cache changes (`kv_feed`).
 //! Every call is authenticated by the job secret (`llmapi_proto::auth`): `serve` takes it.
 
 use std::future::Future;
@@ -39,6 +40,9 @@ pub struct WorkerService {
     tp_size: u32,
     ep_size: u32,
     probes: std::sync::Arc<AtomicU64>,
+    /// Turns true when the server begins to shut down: KvEvents streams, which never end on
+    /// their own, end then so the graceful shutdown need not wait for their callers.
+    closing: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl WorkerService {
@@ -49,6 +53,7 @@ impl WorkerService {
             tp_size,
             ep_size,
             probes: std::sync::Arc::default(),
+            closing: None,
         }
     }
 }
@@ -72,6 +77,15 @@ pub async fn serve(
     if let Some(tls) = tls {
         server = server.tls_config(tls)?;
     }
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let service = WorkerService {
+        closing: Some(closing_rx),
+        ..service
+    };
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing.send(true);
+    };
     server
         .add_service(InterceptedService::new(
             WorkerServer::new(service)
@@ -323,6 +337,20 @@ type GenerateStream =
 #[tonic::async_trait]
 impl Worker for WorkerService {
     type GenerateStream = GenerateStream;
+    type KvEventsStream = crate::kv_feed::KvEventStream;
+
+    async fn kv_events(
+        &self,
+        request: Request<pb::KvEventsRequest>,
+    ) -> Result<Response<Self::KvEventsStream>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(crate::kv_feed::kv_event_stream(
+            self.engine.clone(),
+            r.run_id,
+            r.after,
+            self.closing.clone(),
+        )))
+    }
 
     async fn generate(
         &self,
@@ -464,20 +492,14 @@ impl Worker for WorkerService {
 
     async fn load(
         &self,
-        request: Request<pb::LoadRequest>,
+        _: Request<pb::LoadRequest>,
     ) -> Result<Response<pb::LoadResponse>, Status> {
         let l = self.engine.load();
-        let ev = self
-            .engine
-            .evictions_since(request.into_inner().evictions_after);
         Ok(Response::new(pb::LoadResponse {
             running: l.running,
             queued: l.queued,
             kv_blocks_used: l.kv_blocks_used,
             kv_blocks_free: l.kv_blocks_free,
-            evicted_block_hashes: ev.hashes.iter().map(|h| h.as_bytes().to_vec()).collect(),
-            eviction_cursor: ev.cursor,
-            evictions_lost: ev.lost,
             preemptions: l.preemptions,
             prefix_cache_queries: l.prefix_cache_queries,
             prefix_cache_hits: l.prefix_cache_hits,

@@ -13,8 +13,8 @@ use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 
 use llmapi_proto::v1::{
-    AbortRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest, LoadRequest,
-    SamplingParams, StoppingParams,
+    AbortRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest, KvEventBatch,
+    KvEventsRequest, LoadRequest, SamplingParams, StoppingParams, kv_event,
 };
 use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
 use support::{Client, SECRET, client_for, serve_worker};
@@ -45,8 +45,8 @@ async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
     serve_worker(engine).await
 }
 
-/// Generate and Health without the job secret, or with another one, never reach the engine:
-/// UNAUTHENTICATED, and the engine stays idle. With the secret both work.
+/// Generate, Health, Abort and KvEvents without the job secret, or with another one, never
+/// reach the engine: UNAUTHENTICATED, and the engine stays idle. With the secret both work.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_without_the_job_secret_are_unauthenticated() {
     let addr = serve_engine(|_| {}).await;
@@ -69,6 +69,13 @@ async fn calls_without_the_job_secret_are_unauthenticated() {
                 request_id: "x".into(),
             })
             .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
+        // The KV event stream (which block hashes are cached) is no one else's business.
+        let err = client
+            .kv_events(KvEventsRequest::default())
+            .await
+            .map(|_| ())
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
     }
@@ -290,83 +297,184 @@ async fn run_to_end(client: &mut Client, req: GenerateRequest) {
     while stream.message().await.unwrap().is_some() {}
 }
 
-/// Block hashes as the Load RPC sends them (32 bytes each).
+/// Block hashes as KvEvents sends them (32 bytes each).
 fn hashes(wire: &[Vec<u8>]) -> Vec<llmapi_common::block_hash::BlockHash> {
     wire.iter()
         .map(|b| llmapi_common::block_hash::BlockHash::from_slice(b).unwrap())
         .collect()
 }
 
+/// The next batch of a KvEvents stream (5 s at most).
+async fn next_batch(stream: &mut tonic::Streaming<KvEventBatch>) -> KvEventBatch {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a batch within 5 s")
+        .unwrap()
+        .expect("the stream stays open")
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn load_reports_prefix_blocks_evicted_after_the_callers_cursor() {
+async fn kv_events_stream_a_snapshot_then_stores_and_evictions_in_order() {
     // 8 blocks of 4 tokens: a second long request must evict the first one's cached prefix.
     let mut client = start_with(|c| c.kv_max_tokens = Some(32)).await;
-    let first = client
-        .load(LoadRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!first.evictions_lost && first.evicted_block_hashes.is_empty());
     let a: Vec<u32> = (10..23).collect();
     run_to_end(&mut client, request("a", a.clone(), 2)).await;
-    let before = client
-        .load(LoadRequest {
-            evictions_after: first.eviction_cursor,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(
-        before.evicted_block_hashes.is_empty(),
-        "nothing evicted yet"
-    );
-    run_to_end(&mut client, request("b", (40..64).collect(), 6)).await;
-    let after = client
-        .load(LoadRequest {
-            evictions_after: before.eviction_cursor,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!after.evictions_lost);
     let a_blocks = llmapi_common::block_hash::prefix_block_hashes(&a, 4);
     assert_eq!(a_blocks.len(), 3);
-    let evicted = hashes(&after.evicted_block_hashes);
+
+    let mut stream = client
+        .kv_events(KvEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next_batch(&mut stream).await;
+    let snap = first
+        .snapshot
+        .clone()
+        .expect("an unknown caller gets a snapshot");
+    assert!(snap.last_part);
+    let mut cached = hashes(&snap.block_hashes);
     for h in &a_blocks {
-        assert!(
-            evicted.contains(h),
-            "block {h:?} of the first prompt is reported evicted: {evicted:?}"
-        );
+        assert!(cached.contains(h), "the first prompt's blocks are cached");
     }
-    let again = client
-        .load(LoadRequest {
-            evictions_after: after.eviction_cursor,
+    let run = first.run_id.clone();
+    assert!(!run.is_empty());
+    let mut last = snap.event_id;
+
+    run_to_end(&mut client, request("b", (40..64).collect(), 6)).await;
+    let b_blocks =
+        llmapi_common::block_hash::prefix_block_hashes(&(40..64).collect::<Vec<u32>>(), 4);
+    // Apply events until every block of b is cached; their ids follow each other.
+    let mut removed = Vec::new();
+    for _ in 0..50 {
+        if b_blocks.iter().all(|h| cached.contains(h)) {
+            break;
+        }
+        let batch = next_batch(&mut stream).await;
+        assert_eq!(batch.run_id, run);
+        assert!(
+            batch.snapshot.is_none(),
+            "a caller in step gets events only"
+        );
+        for e in batch.events {
+            assert_eq!(e.event_id, last + 1, "no gap");
+            last = e.event_id;
+            match e.data.unwrap() {
+                kv_event::Data::Stored(s) => {
+                    assert_eq!(s.tokens_per_block, 4);
+                    let stored = hashes(&s.block_hashes);
+                    if s.parent_hash.is_empty() {
+                        assert_eq!(stored[0], b_blocks[0], "only b starts a sequence");
+                    }
+                    cached.extend(stored);
+                }
+                kv_event::Data::Removed(r) => {
+                    let gone = hashes(&r.block_hashes);
+                    cached.retain(|h| !gone.contains(h));
+                    removed.extend(gone);
+                }
+                kv_event::Data::AllCleared(_) => cached.clear(),
+            }
+        }
+    }
+    assert!(
+        b_blocks.iter().all(|h| cached.contains(h)),
+        "b's blocks were stored"
+    );
+    assert!(
+        a_blocks.iter().any(|h| removed.contains(h)),
+        "a's prefix was evicted to make room: {removed:?}"
+    );
+    drop(stream);
+    // b is finished: let its last step publish its events.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A caller resuming in step gets no snapshot; one from another run gets one that matches
+    // the events applied so far.
+    let mut resumed = client
+        .kv_events(KvEventsRequest {
+            after: last,
+            run_id: run.clone(),
         })
         .await
         .unwrap()
         .into_inner();
+    let b = next_batch(&mut resumed).await;
     assert!(
-        again.evicted_block_hashes.is_empty(),
-        "each eviction is reported once"
+        b.snapshot.is_none(),
+        "a caller in step gets no snapshot: {b:?}"
     );
-    // Running the first prompt again caches its blocks again: they are no longer "evicted".
-    run_to_end(&mut client, request("a2", a.clone(), 2)).await;
-    let recached = client
-        .load(LoadRequest {
-            evictions_after: before.eviction_cursor,
+    // The events of b's last step may land after the loop above stopped reading.
+    for e in b.events {
+        assert_eq!(
+            e.event_id,
+            last + 1,
+            "the resumed stream continues after `after`"
+        );
+        last = e.event_id;
+        if let Some(kv_event::Data::Stored(s)) = e.data {
+            cached.extend(hashes(&s.block_hashes));
+        }
+    }
+    let mut foreign = client
+        .kv_events(KvEventsRequest {
+            after: last,
+            run_id: "an earlier run".into(),
         })
         .await
         .unwrap()
         .into_inner();
-    let still_evicted = hashes(&recached.evicted_block_hashes);
-    assert!(
-        a_blocks.iter().all(|h| !still_evicted.contains(h)),
-        "re-cached blocks are not reported"
-    );
-    let foreign = client
-        .load(LoadRequest { evictions_after: 1 })
+    let snap = next_batch(&mut foreign).await.snapshot.expect("a snapshot");
+    assert_eq!(snap.event_id, last);
+    let mut listed = hashes(&snap.block_hashes);
+    listed.sort();
+    cached.sort();
+    assert_eq!(listed, cached, "the snapshot equals the events applied");
+}
+
+/// A KvEvents stream never ends on its own; a server shutting down ends it rather than
+/// waiting on its caller, so the graceful shutdown completes while a router is subscribed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_shutting_down_ends_its_kv_event_streams() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
+    let engine = Engine::start(
+        &dir,
+        EngineConfig {
+            max_seq_len: Some(256),
+            tokens_per_block: 4,
+            kv_dtype: KvDtype::Float32,
+            kv_max_tokens: Some(4096),
+            threads: Some(2),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(llmapi_worker::service::serve(
+        llmapi_worker::service::WorkerService::new(engine, 1, 1),
+        listener,
+        llmapi_proto::auth::RequireToken::new(SECRET).unwrap(),
+        None,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let mut client = client_for(addr, Some(SECRET)).await;
+    let mut stream = client
+        .kv_events(KvEventsRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert!(foreign.evictions_lost, "a cursor from another run is lost");
+    assert!(next_batch(&mut stream).await.snapshot.is_some());
+    stop.send(()).unwrap();
+    let served = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the server stopped within 10 s with a stream open");
+    assert!(served.unwrap().is_ok());
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ended");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }

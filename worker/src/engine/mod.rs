@@ -23,7 +23,7 @@ use crate::dist::plan::{self, LeaderBackend};
 use crate::dist::{Communicator, SharedComm, SingleRank};
 use crate::kv::budget::{self, BudgetInputs, KvPlan, MemoryPool};
 use crate::kv::host_memory::HostMemory;
-use crate::kv::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
+use crate::kv::{DEFAULT_KV_EVENT_LOG_CAPACITY, KvEventLog, KvEventRead};
 use crate::model::{ModelWeights, Shard};
 pub use types::*;
 
@@ -35,15 +35,16 @@ pub(crate) enum Command {
 }
 
 /// State the engine thread publishes for handles.
-#[derive(Default)]
 pub(crate) struct Status {
     pub(crate) load: Mutex<LoadStats>,
     /// Ids of requests submitted and not yet finished.
     pub(crate) live: Mutex<HashSet<String>>,
     /// Why the engine stopped for good (its worker group broke); None while it runs.
     pub(crate) failed: Mutex<Option<String>>,
-    /// Prefix blocks evicted from the KV cache, for Load's readers.
-    pub(crate) evictions: Mutex<EvictionLog>,
+    /// KV events (blocks stored, removed, cleared) for KvEvents' readers.
+    pub(crate) kv_events: Mutex<KvEventLog>,
+    /// The id of the last KV event, for readers waiting on the next one.
+    pub(crate) kv_event_id: tokio::sync::watch::Sender<u64>,
     /// When the engine loop's current pass began (`EngineHandle::stalled`).
     pub(crate) heartbeat: liveness::Heartbeat,
 }
@@ -220,7 +221,11 @@ impl Engine {
                 }),
                 live: Mutex::default(),
                 failed: Mutex::default(),
-                evictions: Mutex::new(EvictionLog::new(run_nanos(), DEFAULT_EVICTION_LOG_CAPACITY)),
+                kv_events: Mutex::new(KvEventLog::new(
+                    format!("{:x}-{}", run_nanos(), std::process::id()),
+                    DEFAULT_KV_EVENT_LOG_CAPACITY,
+                )),
+                kv_event_id: tokio::sync::watch::channel(0).0,
                 heartbeat: liveness::Heartbeat::new(),
             }),
             cmd: Mutex::new(tx),
@@ -390,8 +395,7 @@ fn size_kv(
     .map_err(|e| EngineError::InvalidConfig(e.0))
 }
 
-/// Nanoseconds since the Unix epoch: the first eviction cursor of this run, larger than any
-/// cursor an earlier run handed out.
+/// Nanoseconds since the Unix epoch: with the process id, this run's KV event run id.
 fn run_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -482,14 +486,25 @@ impl EngineHandle {
         known && self.send(Command::Abort(request_id.to_string())).is_ok()
     }
 
-    /// Prefix blocks evicted since `cursor` (see `EvictionLog::since`).
-    pub fn evictions_since(&self, cursor: u64) -> EvictionReport {
-        self.shared
-            .status
-            .evictions
-            .lock()
-            .map(|log| log.since(cursor))
-            .unwrap_or_default()
+    /// The KV events a reader of run `run_id` that applied events up to `after` reads next
+    /// (at most `max`, or a snapshot: see `KvEventLog::read`), with this run's id.
+    pub fn kv_events(&self, run_id: &str, after: u64, max: usize) -> (String, KvEventRead) {
+        match self.shared.status.kv_events.lock() {
+            Ok(log) => (log.run_id().to_owned(), log.read(run_id, after, max)),
+            // The engine thread panicked mid-update: no consistent position to give.
+            Err(_) => (
+                String::new(),
+                KvEventRead::Snapshot {
+                    last_event_id: 0,
+                    blocks: Vec::new(),
+                },
+            ),
+        }
+    }
+
+    /// Changes whenever a KV event is appended (its value: the last event id).
+    pub fn kv_event_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.status.kv_event_id.subscribe()
     }
 
     /// Current load.

@@ -11,7 +11,7 @@ use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenL
 use llmapi_proto::limits::MAX_STOP_TOKEN_IDS;
 
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
-use crate::kv::{BlockManager, CacheChange};
+use crate::kv::BlockManager;
 use crate::sampling::{SampleJob, Sampler, log_softmax, sample_batch, token_logprob};
 use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
 
@@ -401,14 +401,15 @@ impl Runner {
 
     fn publish_load(&mut self) {
         let changes = self.sched.blocks.take_cache_changes();
-        if !changes.is_empty()
-            && let Ok(mut log) = self.status.evictions.lock()
-        {
-            for c in changes {
-                match c {
-                    CacheChange::Cached(h) => log.cached(h),
-                    CacheChange::Evicted(h) => log.evicted(h),
-                }
+        if !changes.is_empty() {
+            let last_id = self
+                .status
+                .kv_events
+                .lock()
+                .ok()
+                .and_then(|mut log| log.record(&changes).then(|| log.last_id()));
+            if let Some(id) = last_id {
+                self.status.kv_event_id.send_replace(id);
             }
         }
         let bm = &self.sched.blocks;

@@ -11,10 +11,12 @@ use std::collections::{BTreeMap, HashMap};
 
 pub mod budget;
 pub mod commit;
-mod evictions;
+mod events;
 pub mod host_memory;
 
-pub use evictions::{DEFAULT_EVICTION_LOG_CAPACITY, EvictionLog, EvictionReport};
+pub use events::{
+    CachedBlock, DEFAULT_KV_EVENT_LOG_CAPACITY, KvEvent, KvEventData, KvEventLog, KvEventRead,
+};
 pub use llmapi_common::block_hash::{BlockHash, prefix_block_hashes};
 
 /// Index of a block in the backend's KV pool.
@@ -26,11 +28,16 @@ pub type BlockId = u32;
 /// skips it.
 pub const FREED_BLOCK: BlockId = BlockId::MAX;
 
-/// A change to the set of cached prefix blocks, for the eviction log.
+/// A change to the set of cached prefix blocks, for the KV event log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheChange {
     /// A block with this prefix hash became reusable.
-    Cached(BlockHash),
+    Cached {
+        /// Its chained hash.
+        hash: BlockHash,
+        /// The hash of the block before it (None: the first block of a sequence).
+        parent: Option<BlockHash>,
+    },
     /// The block with this prefix hash was evicted.
     Evicted(BlockHash),
 }
@@ -257,17 +264,18 @@ impl BlockManager {
         Some(blocks)
     }
 
-    /// Records that `block` now holds the full block whose chained hash is `hash`.
+    /// Records that `block` now holds the full block whose chained hash is `hash`, the child
+    /// of the block hashed `parent` (None: the first block of a sequence).
     ///
     /// When another block already holds the same content, this one stays unregistered.
-    pub fn register(&mut self, block: BlockId, hash: BlockHash) {
+    pub fn register(&mut self, block: BlockId, hash: BlockHash, parent: Option<BlockHash>) {
         if !self.enable_reuse || self.hash_of[block as usize].is_some() {
             return;
         }
         if let std::collections::hash_map::Entry::Vacant(e) = self.cached.entry(hash) {
             e.insert(block);
             self.hash_of[block as usize] = Some(hash);
-            self.changes.push(CacheChange::Cached(hash));
+            self.changes.push(CacheChange::Cached { hash, parent });
         }
     }
 
@@ -298,8 +306,8 @@ mod tests {
         let b0 = m.allocate().unwrap();
         let b1 = m.allocate().unwrap();
         assert!(m.allocate().is_none());
-        m.register(b0, h(10));
-        m.register(b1, h(20));
+        m.register(b0, h(10), None);
+        m.register(b1, h(20), None);
         m.release(b0);
         m.release(b1);
         assert_eq!(m.num_free(), 2);
@@ -311,8 +319,14 @@ mod tests {
         assert_eq!(
             m.take_cache_changes(),
             vec![
-                CacheChange::Cached(h(10)),
-                CacheChange::Cached(h(20)),
+                CacheChange::Cached {
+                    hash: h(10),
+                    parent: None
+                },
+                CacheChange::Cached {
+                    hash: h(20),
+                    parent: None
+                },
                 CacheChange::Evicted(h(10))
             ]
         );
@@ -348,7 +362,7 @@ mod tests {
     fn reuse_disabled_never_matches() {
         let mut m = BlockManager::new(2, 4, false);
         let b = m.allocate().unwrap();
-        m.register(b, h(1));
+        m.register(b, h(1), None);
         m.release(b);
         assert_eq!(m.count_cached_prefix(&[h(1)]), 0);
     }
@@ -363,7 +377,7 @@ mod tests {
         let theirs = [h(3), h(4)];
         for hash in mine.iter().chain(&theirs) {
             let b = m.allocate().unwrap();
-            m.register(b, *hash);
+            m.register(b, *hash, None);
             m.release(b);
         }
         m.take_cache_changes();

@@ -362,10 +362,13 @@ impl Scheduler {
         let seq = &mut self.running[i];
         while (seq.hashes.len() + 1) * tpb <= seq.num_computed {
             let b = seq.hashes.len();
-            let parent = seq.hashes.last().copied().unwrap_or(ROOT_BLOCK_HASH);
-            let h = block_hash(&parent, &seq.tokens[b * tpb..(b + 1) * tpb]);
+            let parent = seq.hashes.last().copied();
+            let h = block_hash(
+                &parent.unwrap_or(ROOT_BLOCK_HASH),
+                &seq.tokens[b * tpb..(b + 1) * tpb],
+            );
             seq.hashes.push(h);
-            self.blocks.register(seq.blocks[b], h);
+            self.blocks.register(seq.blocks[b], h, parent);
         }
     }
 
@@ -555,7 +558,7 @@ pub(super) mod tests {
                 s.blocks
                     .take_cache_changes()
                     .iter()
-                    .all(|c| matches!(c, crate::kv::CacheChange::Cached(_))),
+                    .all(|c| matches!(c, crate::kv::CacheChange::Cached { .. })),
                 "{policy:?}: nothing was evicted"
             );
             // Once big is gone, the next request with p's prefix gets its 8 tokens cached.
