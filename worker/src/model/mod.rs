@@ -3,6 +3,8 @@
 //! q/k/v and gate/up projections are fused into one matrix each at load time so a step runs
 //! one GEMM per group. Not for: arithmetic (the backend's) or KV memory.
 
+pub mod dequant;
+pub mod gguf;
 pub mod shard;
 pub mod weights;
 

@@ -1,9 +1,11 @@
 //! Reading tensors from Hugging Face safetensors checkpoints (single file or sharded).
 //!
+//! A GGUF checkpoint is read through `model::gguf` (dequantized to bf16 at load).
 //! Files are memory-mapped; tensor bytes are copied out with `pod_collect_to_vec` because
 //! offsets inside a safetensors file need not be aligned. bf16 stays bf16 (widened in the
 //! kernels), f16 is widened to f32 at load, f32 stays f32.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
@@ -12,6 +14,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use llmapi_common::gguf;
+
+use super::gguf::{GgufTensors, TensorView};
 use crate::engine::EngineError;
 
 /// Element storage of a weight matrix.
@@ -112,12 +117,13 @@ impl Mat {
     }
 }
 
-/// The tensors of a checkpoint directory.
+/// The tensors of a checkpoint directory (safetensors), or of a GGUF checkpoint.
 pub struct WeightStore {
     dir: PathBuf,
     maps: Vec<Mmap>,
     files: Vec<PathBuf>,
     location: HashMap<String, usize>,
+    gguf: Option<GgufTensors>,
 }
 
 fn werr(msg: String) -> EngineError {
@@ -125,8 +131,18 @@ fn werr(msg: String) -> EngineError {
 }
 
 impl WeightStore {
-    /// Opens `model.safetensors.index.json` shards, or every `*.safetensors` file in `dir`.
+    /// Opens `model.safetensors.index.json` shards, or every `*.safetensors` file in `dir`;
+    /// or the GGUF file `dir` stands for (`gguf::locate`).
     pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        if let Some(file) = gguf::locate(dir).map_err(|e| werr(e.to_string()))? {
+            return Ok(WeightStore {
+                dir: dir.to_path_buf(),
+                maps: Vec::new(),
+                files: vec![file.clone()],
+                location: HashMap::new(),
+                gguf: Some(GgufTensors::open(&file)?),
+            });
+        }
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index)
@@ -172,6 +188,7 @@ impl WeightStore {
             maps: Vec::new(),
             files: Vec::new(),
             location: HashMap::new(),
+            gguf: None,
         };
         for path in files {
             let file = File::open(&path)
@@ -194,10 +211,16 @@ impl WeightStore {
 
     /// Whether the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        match &self.gguf {
+            Some(g) => g.contains(name),
+            None => self.location.contains_key(name),
+        }
     }
 
-    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), EngineError> {
+    fn view(&self, name: &str) -> Result<TensorView<'_>, EngineError> {
+        if let Some(g) = &self.gguf {
+            return g.view(name);
+        }
         let Some(&i) = self.location.get(name) else {
             return Err(werr(format!(
                 "tensor `{name}` is missing from the checkpoint in {}",
@@ -216,7 +239,7 @@ impl WeightStore {
         Ok((
             v.dtype(),
             v.shape().to_vec(),
-            &self.maps[i][start..start + len],
+            Cow::Borrowed(&self.maps[i][start..start + len]),
         ))
     }
 
@@ -256,17 +279,17 @@ impl WeightStore {
             }
         };
         let (out_rows, out_cols) = (rs.len(), cs.len());
-        let picked: std::borrow::Cow<'_, [u8]> = if out_rows == rows && out_cols == cols {
-            std::borrow::Cow::Borrowed(bytes)
+        let picked: Cow<'_, [u8]> = if out_rows == rows && out_cols == cols {
+            Cow::Borrowed(&bytes[..])
         } else if out_cols == cols {
-            std::borrow::Cow::Borrowed(&bytes[rs.start * cols * size..rs.end * cols * size])
+            Cow::Borrowed(&bytes[rs.start * cols * size..rs.end * cols * size])
         } else {
             let mut v = Vec::with_capacity(out_rows * out_cols * size);
             for r in rs {
                 let row = r * cols * size;
                 v.extend_from_slice(&bytes[row + cs.start * size..row + cs.end * size]);
             }
-            std::borrow::Cow::Owned(v)
+            Cow::Owned(v)
         };
         let data = match dtype {
             Dtype::BF16 => WeightData::Bf16(bytemuck::pod_collect_to_vec(&picked)),
