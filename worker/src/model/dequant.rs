@@ -31,6 +31,8 @@ pub enum GgmlType {
 const QK_K: usize = 256;
 /// Element counts of one block of Q4_0, Q4_1, Q8_0.
 const QK: usize = 32;
+/// Elements per Q8_0 block.
+pub const Q8_0_BLOCK: usize = QK;
 
 impl GgmlType {
     /// The type of a ggml type id; `None` for types the loader does not read.

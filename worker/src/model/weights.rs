@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use llmapi_common::gguf;
 
+use super::dequant::Q8_0_BLOCK;
 use super::gguf::{GgufTensors, TensorView};
 use crate::engine::EngineError;
 
@@ -31,6 +32,15 @@ pub enum WeightData {
     /// `p * PANEL_ROWS + c` holds elements `2p` (low half) and `2p + 1` (high half) of row
     /// `j * PANEL_ROWS + c`. Rows past `rows` and the element past an odd `cols` are zero.
     Bf16Panels(Vec<u32>),
+    /// GGUF Q8_0 blocks, kept for the CPU backend to compute on (`backend::cpu::q8`): row
+    /// `r` holds `q[r * cols..(r + 1) * cols]` and, per 32 of them, the f16 scale
+    /// `d[r * cols / 32 + b]`; element = `q * d`. `cols` is a multiple of 32.
+    Q8_0 {
+        /// int8 values, row-major.
+        q: Vec<i8>,
+        /// f16 bit patterns of the block scales.
+        d: Vec<u16>,
+    },
 }
 
 /// Rows of one panel of [`WeightData::Bf16Panels`].
@@ -54,6 +64,7 @@ impl Mat {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) => v.len() * 2,
             WeightData::Bf16Panels(v) => v.len() * 4,
+            WeightData::Q8_0 { q, d } => q.len() + d.len() * 2,
         }
     }
 
@@ -65,6 +76,19 @@ impl Mat {
             WeightData::Bf16(v) => {
                 for (o, &b) in out.iter_mut().zip(&v[range]) {
                     *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            WeightData::Q8_0 { q, d } => {
+                let blocks = self.cols / Q8_0_BLOCK;
+                for (b, (o, qb)) in out
+                    .chunks_exact_mut(Q8_0_BLOCK)
+                    .zip(q[range].chunks_exact(Q8_0_BLOCK))
+                    .enumerate()
+                {
+                    let scale = half::f16::from_bits(d[r * blocks + b]).to_f32();
+                    for (o, &v) in o.iter_mut().zip(qb) {
+                        *o = f32::from(v) * scale;
+                    }
                 }
             }
             WeightData::Bf16Panels(v) => {
@@ -94,7 +118,19 @@ impl Mat {
             ));
         }
         let all_bf16 = parts.iter().all(|m| matches!(m.data, WeightData::Bf16(_)));
-        let data = if all_bf16 {
+        let all_q8 = parts
+            .iter()
+            .all(|m| matches!(m.data, WeightData::Q8_0 { .. }));
+        let data = if all_q8 && !parts.is_empty() {
+            let (mut qs, mut ds) = (Vec::new(), Vec::new());
+            for m in parts {
+                if let WeightData::Q8_0 { q, d } = m.data {
+                    qs.extend_from_slice(&q);
+                    ds.extend_from_slice(&d);
+                }
+            }
+            WeightData::Q8_0 { q: qs, d: ds }
+        } else if all_bf16 {
             let mut v = Vec::with_capacity(rows * cols);
             for m in parts {
                 if let WeightData::Bf16(d) = m.data {
@@ -258,6 +294,16 @@ impl WeightStore {
         rs: Range<usize>,
         cs: Range<usize>,
     ) -> Result<Mat, EngineError> {
+        if let Some(g) = &self.gguf
+            && cs == (0..cols)
+            && let Some((q, d)) = g.q8_rows(name, rows, cols, rs.clone())?
+        {
+            return Ok(Mat {
+                rows: rs.len(),
+                cols,
+                data: WeightData::Q8_0 { q, d },
+            });
+        }
         let (dtype, shape, bytes) = self.view(name)?;
         if shape != [rows, cols] {
             return Err(werr(format!(
