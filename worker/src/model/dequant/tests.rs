@@ -117,3 +117,35 @@ fn float_types_and_sizes() {
     assert_eq!(GgmlType::from_id(6), None);
     assert_eq!(GgmlType::name_of(6), "Q5_0");
 }
+
+/// One pseudo-random block of each quantized type against gguf-py's reference dequantizer
+/// (`scripts/golden/make_dequant_golden.py`): equal within f32 reassociation (1e-5 relative).
+#[test]
+fn blocks_match_the_gguf_py_reference() {
+    let text = include_str!("../../../tests/golden/gguf/dequant.json");
+    let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for case in cases {
+        let name = case["type"].as_str().unwrap();
+        let t = GgmlType::from_id(case["id"].as_u64().unwrap() as u32).unwrap();
+        let hex = case["block"].as_str().unwrap();
+        let block: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let want: Vec<f32> = case["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let got = run(t, &block);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{name} element {i}: {g} vs gguf-py {w}"
+            );
+        }
+    }
+}
