@@ -100,8 +100,23 @@ pub struct GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// A GGUF file's generation settings: it stops on the eos, eot and eom ids of
+    /// `tokenizer.ggml.*` (the file carries no sampling defaults).
+    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Self {
+        Self {
+            path: file.path.clone(),
+            eos_token_ids: file.stop_token_ids(),
+            ..Self::default()
+        }
+    }
+
     /// Reads `DIR/generation_config.json`; a missing file gives the empty config.
+    ///
+    /// For a GGUF checkpoint (`gguf::locate`): [`Self::from_gguf`].
     pub fn read(dir: &Path) -> Result<Self, ModelDirError> {
+        if let Some(file) = crate::gguf::locate(dir)? {
+            return Ok(Self::from_gguf(&crate::gguf::GgufFile::open(&file)?));
+        }
         let path = dir.join(FILE_NAME);
         if !path.is_file() {
             return Ok(Self {

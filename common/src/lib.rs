@@ -11,6 +11,7 @@ pub mod chat_template;
 pub mod checkpoint;
 pub mod config_keys;
 pub mod generation_config;
+pub mod gguf;
 pub mod model_config;
 pub mod model_dir;
 pub mod net;

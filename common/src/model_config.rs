@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::config_keys::{self, SlidingWindow};
+use crate::gguf::{self, GgufError, GgufFile};
 
 /// The architectures the engine implements, chosen by `architectures[0]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,11 +200,19 @@ pub enum ModelConfigError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A GGUF checkpoint that cannot be read, or whose metadata the engine cannot use.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
 }
 
 impl ModelConfig {
-    /// Reads and checks `<dir>/config.json`.
+    /// Reads and checks `<dir>/config.json`, or the config a GGUF checkpoint's metadata
+    /// stands for when `dir` is a `.gguf` file or a directory holding one (`gguf::locate`).
     pub fn from_model_dir(dir: &Path) -> Result<Self, ModelConfigError> {
+        if let Some(file) = gguf::locate(dir)? {
+            let config = GgufFile::open(&file)?.hf_config()?;
+            return Self::from_json_str(&config.to_string(), &file);
+        }
         Self::from_file(&dir.join("config.json"))
     }
 

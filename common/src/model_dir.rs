@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::generation_config::{GenerationConfig, merged_eos_token_ids, push_token_ids};
+use crate::gguf::{self, GgufError, GgufFile};
 use crate::model_config::{Architecture, SUPPORTED_ARCHITECTURES};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -46,6 +47,9 @@ pub enum ModelDirError {
         /// What config.json says.
         found: String,
     },
+    /// A GGUF checkpoint that cannot be read, or whose metadata the engine cannot use.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
     /// No weights were found.
     #[error(
         "no weights in {0}: expected model.safetensors, or shards listed in model.safetensors.index.json"
@@ -80,7 +84,13 @@ impl TokenizerConfig {
     /// 3. `chat_template.json`: older processors' file, which transformers' tokenizer never
     ///    reads; taken only when the tokenizer has no template of its own (a text-only
     ///    model's AutoProcessor is its tokenizer).
+    ///
+    /// For a GGUF checkpoint (`gguf::locate`), the special tokens and template come from
+    /// the file's `tokenizer.*` metadata instead.
     pub fn read(dir: &Path) -> Result<Self, ModelDirError> {
+        if let Some(file) = gguf::locate(dir)? {
+            return Ok(Self::from_gguf(&GgufFile::open(&file)?));
+        }
         let path = dir.join("tokenizer_config.json");
         let v = if path.is_file() {
             read_json(&path)?
@@ -123,6 +133,25 @@ impl TokenizerConfig {
             chat_template,
             chat_template_file,
         })
+    }
+}
+
+impl TokenizerConfig {
+    /// The special tokens (`tokenizer.ggml.bos/eos_token_id`) and `tokenizer.chat_template`
+    /// of a GGUF file.
+    pub fn from_gguf(file: &GgufFile) -> Self {
+        let token = |what: &str| {
+            file.token_id(what)
+                .and_then(|id| file.token_text(id))
+                .map(String::from)
+        };
+        let chat_template = file.chat_template().map(String::from);
+        Self {
+            bos_token: token("bos"),
+            eos_token: token("eos"),
+            chat_template_file: chat_template.as_ref().map(|_| file.path.clone()),
+            chat_template,
+        }
     }
 }
 
@@ -171,6 +200,9 @@ impl ModelDir {
             if looks_like_hub_id(&s) {
                 return Err(ModelDirError::HubId(s.into_owned()));
             }
+        }
+        if let Some(file) = gguf::locate(path)? {
+            return Self::open_gguf(path, &file);
         }
         if !path.is_dir() {
             return Err(ModelDirError::NotADirectory(path.to_path_buf()));
@@ -221,19 +253,53 @@ impl ModelDir {
         })
     }
 
-    /// The name the model is known by when no --served_model_name is given: the directory
-    /// path's last component.
+    /// A GGUF checkpoint (`file`, found at `path`): the config, special tokens, template
+    /// and stop ids all come from the file's metadata.
+    fn open_gguf(path: &Path, file: &Path) -> Result<Self, ModelDirError> {
+        let g = GgufFile::open(file)?;
+        let config = g.hf_config()?;
+        let architecture = config["architectures"][0]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let generation_config = GenerationConfig::from_gguf(&g);
+        Ok(Self {
+            path: path.to_path_buf(),
+            max_position_embeddings: config
+                .get("max_position_embeddings")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize),
+            eos_token_ids: generation_config.eos_token_ids.clone(),
+            tokenizer_config: TokenizerConfig::from_gguf(&g),
+            weight_files: vec![file.to_path_buf()],
+            config,
+            architecture,
+            generation_config,
+        })
+    }
+
+    /// The name the model is known by when no --served_model_name is given
+    /// ([`default_model_name`]).
     pub fn default_name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| self.path.to_string_lossy().into_owned())
+        default_model_name(&self.path)
     }
 
     /// Loads this directory's tokenizer.
     pub fn tokenizer(&self) -> Result<Tokenizer, TokenizerError> {
         Tokenizer::from_dir(&self.path)
     }
+}
+
+/// The name a model path is served under by default: a GGUF file's name without `.gguf`,
+/// else the path's last component.
+pub fn default_model_name(path: &Path) -> String {
+    let name = if gguf::is_gguf_file(path) {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string_lossy().into_owned())
 }
 
 /// True for strings shaped like a Hugging Face hub id (`org/name`) rather than a path.

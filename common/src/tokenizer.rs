@@ -54,7 +54,19 @@ impl Tokenizer {
     }
 
     /// Loads `DIR/tokenizer.json` and the special tokens of `DIR/tokenizer_config.json`.
+    ///
+    /// For a GGUF checkpoint (`gguf::locate`) the tokenizer is built from the file's
+    /// `tokenizer.ggml.*` metadata.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let load = |e: &dyn std::fmt::Display| TokenizerError::Load {
+            path: dir.to_path_buf(),
+            message: e.to_string(),
+        };
+        if let Some(file) = crate::gguf::locate(dir).map_err(|e| load(&e))? {
+            let g = crate::gguf::GgufFile::open(&file).map_err(|e| load(&e))?;
+            let inner = g.tokenizer().map_err(|e| load(&e))?;
+            return Ok(Self::with_inner(inner, &TokenizerConfig::from_gguf(&g)));
+        }
         let config = TokenizerConfig::read(dir).map_err(|e| TokenizerError::Load {
             path: dir.join("tokenizer_config.json"),
             message: e.to_string(),
@@ -74,14 +86,19 @@ impl Tokenizer {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        Ok(Self::with_inner(inner, config))
+    }
+
+    /// Wraps `inner`, resolving the special tokens named in `config`.
+    fn with_inner(inner: tokenizers::Tokenizer, config: &TokenizerConfig) -> Self {
         let id = |t: &Option<String>| t.as_deref().and_then(|t| inner.token_to_id(t));
-        Ok(Self {
+        Self {
             bos_token_id: id(&config.bos_token),
             eos_token_id: id(&config.eos_token),
             bos_token: config.bos_token.clone(),
             eos_token: config.eos_token.clone(),
             inner,
-        })
+        }
     }
 
     /// Wraps an already built `tokenizers::Tokenizer`.

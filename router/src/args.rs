@@ -186,11 +186,7 @@ impl RouterArgs {
     /// need the command line's matches: `AccessArgs::apply`).
     pub fn config(&self) -> RouterConfig {
         let path = self.model.to_string_lossy().into_owned();
-        let last = self
-            .model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.clone());
+        let last = llmapi_common::model_dir::default_model_name(&self.model);
         RouterConfig {
             served_model_name: self.served_model_name.clone().unwrap_or(last),
             model_path: path,

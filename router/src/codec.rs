@@ -45,7 +45,9 @@ impl HfCodec {
         use anyhow::Context;
         use llmapi_common::model_dir::TokenizerConfig;
         let tok_path = tokenizer.unwrap_or(dir);
-        let (tokenizer, config) = if tok_path.is_file() {
+        // A .gguf file is a whole checkpoint, not a tokenizer.json: read as a directory is.
+        let is_gguf = llmapi_common::gguf::is_gguf_file(tok_path);
+        let (tokenizer, config) = if tok_path.is_file() && !is_gguf {
             let config = TokenizerConfig::default();
             let t = Tokenizer::with_config(tok_path, &config)
                 .with_context(|| format!("loading tokenizer {}", tok_path.display()))?;

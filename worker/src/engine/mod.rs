@@ -334,12 +334,9 @@ fn cpu_backend_of(
 }
 
 fn model_name(model_dir: &Path, cfg: &EngineConfig) -> String {
-    cfg.model_name.clone().unwrap_or_else(|| {
-        model_dir.file_name().map_or_else(
-            || model_dir.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        )
-    })
+    cfg.model_name
+        .clone()
+        .unwrap_or_else(|| llmapi_common::model_dir::default_model_name(model_dir))
 }
 
 /// Host memory now, for the KV budget; an error names the file that could not be read.

@@ -3,6 +3,8 @@
 //! q/k/v and gate/up projections are fused into one matrix each at load time so a step runs
 //! one GEMM per group. Not for: arithmetic (the backend's) or KV memory.
 
+pub mod dequant;
+pub mod gguf;
 pub mod shard;
 pub mod weights;
 
@@ -357,7 +359,7 @@ fn load_mlp(
 fn to_f32_mat(m: Mat) -> Mat {
     match m.data {
         WeightData::F32(_) => m,
-        WeightData::Bf16(_) | WeightData::Bf16Panels(_) => {
+        WeightData::Bf16(_) | WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } => {
             let mut v = vec![0.0; m.rows * m.cols];
             for r in 0..m.rows {
                 m.row_to_f32(r, &mut v[r * m.cols..(r + 1) * m.cols]);

@@ -1,9 +1,11 @@
 //! Reading tensors from Hugging Face safetensors checkpoints (single file or sharded).
 //!
+//! A GGUF checkpoint is read through `model::gguf` (dequantized to bf16 at load).
 //! Files are memory-mapped; tensor bytes are copied out with `pod_collect_to_vec` because
 //! offsets inside a safetensors file need not be aligned. bf16 stays bf16 (widened in the
 //! kernels), f16 is widened to f32 at load, f32 stays f32.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::ops::Range;
@@ -12,6 +14,10 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use llmapi_common::gguf;
+
+use super::dequant::Q8_0_BLOCK;
+use super::gguf::{GgufTensors, TensorView};
 use crate::engine::EngineError;
 
 /// Element storage of a weight matrix.
@@ -26,6 +32,15 @@ pub enum WeightData {
     /// `p * PANEL_ROWS + c` holds elements `2p` (low half) and `2p + 1` (high half) of row
     /// `j * PANEL_ROWS + c`. Rows past `rows` and the element past an odd `cols` are zero.
     Bf16Panels(Vec<u32>),
+    /// GGUF Q8_0 blocks, kept for the CPU backend to compute on (`backend::cpu::q8`): row
+    /// `r` holds `q[r * cols..(r + 1) * cols]` and, per 32 of them, the f16 scale
+    /// `d[r * cols / 32 + b]`; element = `q * d`. `cols` is a multiple of 32.
+    Q8_0 {
+        /// int8 values, row-major.
+        q: Vec<i8>,
+        /// f16 bit patterns of the block scales.
+        d: Vec<u16>,
+    },
 }
 
 /// Rows of one panel of [`WeightData::Bf16Panels`].
@@ -49,6 +64,7 @@ impl Mat {
             WeightData::F32(v) => v.len() * 4,
             WeightData::Bf16(v) => v.len() * 2,
             WeightData::Bf16Panels(v) => v.len() * 4,
+            WeightData::Q8_0 { q, d } => q.len() + d.len() * 2,
         }
     }
 
@@ -60,6 +76,19 @@ impl Mat {
             WeightData::Bf16(v) => {
                 for (o, &b) in out.iter_mut().zip(&v[range]) {
                     *o = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            WeightData::Q8_0 { q, d } => {
+                let blocks = self.cols / Q8_0_BLOCK;
+                for (b, (o, qb)) in out
+                    .chunks_exact_mut(Q8_0_BLOCK)
+                    .zip(q[range].chunks_exact(Q8_0_BLOCK))
+                    .enumerate()
+                {
+                    let scale = half::f16::from_bits(d[r * blocks + b]).to_f32();
+                    for (o, &v) in o.iter_mut().zip(qb) {
+                        *o = f32::from(v) * scale;
+                    }
                 }
             }
             WeightData::Bf16Panels(v) => {
@@ -89,7 +118,19 @@ impl Mat {
             ));
         }
         let all_bf16 = parts.iter().all(|m| matches!(m.data, WeightData::Bf16(_)));
-        let data = if all_bf16 {
+        let all_q8 = parts
+            .iter()
+            .all(|m| matches!(m.data, WeightData::Q8_0 { .. }));
+        let data = if all_q8 && !parts.is_empty() {
+            let (mut qs, mut ds) = (Vec::new(), Vec::new());
+            for m in parts {
+                if let WeightData::Q8_0 { q, d } = m.data {
+                    qs.extend_from_slice(&q);
+                    ds.extend_from_slice(&d);
+                }
+            }
+            WeightData::Q8_0 { q: qs, d: ds }
+        } else if all_bf16 {
             let mut v = Vec::with_capacity(rows * cols);
             for m in parts {
                 if let WeightData::Bf16(d) = m.data {
@@ -112,12 +153,13 @@ impl Mat {
     }
 }
 
-/// The tensors of a checkpoint directory.
+/// The tensors of a checkpoint directory (safetensors), or of a GGUF checkpoint.
 pub struct WeightStore {
     dir: PathBuf,
     maps: Vec<Mmap>,
     files: Vec<PathBuf>,
     location: HashMap<String, usize>,
+    gguf: Option<GgufTensors>,
 }
 
 fn werr(msg: String) -> EngineError {
@@ -125,8 +167,18 @@ fn werr(msg: String) -> EngineError {
 }
 
 impl WeightStore {
-    /// Opens `model.safetensors.index.json` shards, or every `*.safetensors` file in `dir`.
+    /// Opens `model.safetensors.index.json` shards, or every `*.safetensors` file in `dir`;
+    /// or the GGUF file `dir` stands for (`gguf::locate`).
     pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        if let Some(file) = gguf::locate(dir).map_err(|e| werr(e.to_string()))? {
+            return Ok(WeightStore {
+                dir: dir.to_path_buf(),
+                maps: Vec::new(),
+                files: vec![file.clone()],
+                location: HashMap::new(),
+                gguf: Some(GgufTensors::open(&file)?),
+            });
+        }
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index)
@@ -172,6 +224,7 @@ impl WeightStore {
             maps: Vec::new(),
             files: Vec::new(),
             location: HashMap::new(),
+            gguf: None,
         };
         for path in files {
             let file = File::open(&path)
@@ -194,10 +247,16 @@ impl WeightStore {
 
     /// Whether the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        match &self.gguf {
+            Some(g) => g.contains(name),
+            None => self.location.contains_key(name),
+        }
     }
 
-    fn view(&self, name: &str) -> Result<(Dtype, Vec<usize>, &[u8]), EngineError> {
+    fn view(&self, name: &str) -> Result<TensorView<'_>, EngineError> {
+        if let Some(g) = &self.gguf {
+            return g.view(name);
+        }
         let Some(&i) = self.location.get(name) else {
             return Err(werr(format!(
                 "tensor `{name}` is missing from the checkpoint in {}",
@@ -216,7 +275,7 @@ impl WeightStore {
         Ok((
             v.dtype(),
             v.shape().to_vec(),
-            &self.maps[i][start..start + len],
+            Cow::Borrowed(&self.maps[i][start..start + len]),
         ))
     }
 
@@ -235,6 +294,16 @@ impl WeightStore {
         rs: Range<usize>,
         cs: Range<usize>,
     ) -> Result<Mat, EngineError> {
+        if let Some(g) = &self.gguf
+            && cs == (0..cols)
+            && let Some((q, d)) = g.q8_rows(name, rows, cols, rs.clone())?
+        {
+            return Ok(Mat {
+                rows: rs.len(),
+                cols,
+                data: WeightData::Q8_0 { q, d },
+            });
+        }
         let (dtype, shape, bytes) = self.view(name)?;
         if shape != [rows, cols] {
             return Err(werr(format!(
@@ -256,17 +325,17 @@ impl WeightStore {
             }
         };
         let (out_rows, out_cols) = (rs.len(), cs.len());
-        let picked: std::borrow::Cow<'_, [u8]> = if out_rows == rows && out_cols == cols {
-            std::borrow::Cow::Borrowed(bytes)
+        let picked: Cow<'_, [u8]> = if out_rows == rows && out_cols == cols {
+            Cow::Borrowed(&bytes[..])
         } else if out_cols == cols {
-            std::borrow::Cow::Borrowed(&bytes[rs.start * cols * size..rs.end * cols * size])
+            Cow::Borrowed(&bytes[rs.start * cols * size..rs.end * cols * size])
         } else {
             let mut v = Vec::with_capacity(out_rows * out_cols * size);
             for r in rs {
                 let row = r * cols * size;
                 v.extend_from_slice(&bytes[row + cs.start * size..row + cs.end * size]);
             }
-            std::borrow::Cow::Owned(v)
+            Cow::Owned(v)
         };
         let data = match dtype {
             Dtype::BF16 => WeightData::Bf16(bytemuck::pod_collect_to_vec(&picked)),

@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod kv_store;
 pub mod linear;
 mod microkernel;
+pub mod q8;
 #[cfg(target_arch = "x86_64")]
 pub mod vmath;
 
