@@ -25,6 +25,9 @@ use crate::admission::Refused;
 use crate::generate::ChoiceEvent;
 use crate::pool::Pool;
 
+mod step_histogram;
+use step_histogram::WorkerHistogram;
+
 /// The content type of the exposition: OpenMetrics text 1.0.0, which Prometheus asks for
 /// first and parses natively.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -497,6 +500,9 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
     let preemptions = Family::<WorkerLabel, Counter>::default();
     let iterations = Family::<WorkerLabel, Counter>::default();
     let iteration_tokens = Family::<WorkerLabel, Counter>::default();
+    let step_seconds = Family::<WorkerLabel, WorkerHistogram>::default();
+    let step_batch = Family::<WorkerLabel, WorkerHistogram>::default();
+    let step_tokens = Family::<WorkerLabel, WorkerHistogram>::default();
     let index_blocks = Family::<WorkerLabel, Gauge>::default();
     let index_snapshots = Family::<WorkerLabel, Counter>::default();
     let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -529,6 +535,15 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
         iteration_tokens
             .get_or_create(&l)
             .inc_by(load.iteration_tokens);
+        for (family, h) in [
+            (&step_seconds, &load.step_seconds),
+            (&step_batch, &load.step_batch_size),
+            (&step_tokens, &load.step_tokens),
+        ] {
+            if let Some(h) = h {
+                family.get_or_create(&l).set(h);
+            }
+        }
         let (blocks, snapshots) = {
             let ix = w.kv_lock();
             (ix.len(), ix.snapshots())
@@ -602,6 +617,21 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
         "llmapi_worker_iteration_tokens",
         "Tokens those iterations computed (prefill and decode); per step: rate over iterations",
         iteration_tokens,
+    );
+    r.register(
+        "llmapi_worker_step_duration_seconds",
+        "Wall time of each engine step (scheduling and forward pass) since the worker started",
+        step_seconds,
+    );
+    r.register(
+        "llmapi_worker_step_batch_size",
+        "Sequences in each engine step since the worker started",
+        step_batch,
+    );
+    r.register(
+        "llmapi_worker_step_tokens",
+        "Tokens each engine step computed (prefill and decode) since the worker started",
+        step_tokens,
     );
     r.register(
         "llmapi_worker_kv_index_blocks",

@@ -371,7 +371,7 @@ impl Worker {
 
     /// The last load the worker reported.
     pub fn load(&self) -> LoadResponse {
-        *lock(&self.load)
+        lock(&self.load).clone()
     }
 
     /// The worker's static facts, once known.

@@ -81,6 +81,15 @@ pub struct LoadCounters {
     pub iteration_tokens: u64,
 }
 
+/// A step histogram with all of `c.iterations` in one bucket up to `bound`, each of `value`.
+fn one_bucket(c: &LoadCounters, bound: f64, value: f64) -> llmapi_proto::v1::StepHistogram {
+    llmapi_proto::v1::StepHistogram {
+        upper_bounds: vec![bound],
+        counts: vec![c.iterations, 0],
+        sum: value * c.iterations as f64,
+    }
+}
+
 impl Default for Script {
     fn default() -> Self {
         Self {
@@ -599,6 +608,15 @@ impl Worker for ScriptedWorker {
             prefix_cache_hits: self.script.load_counters.prefix_cache_hits,
             iterations: self.script.load_counters.iterations,
             iteration_tokens: self.script.load_counters.iteration_tokens,
+            // Every iteration in the lowest bucket, each with the average token count.
+            step_seconds: Some(one_bucket(&self.script.load_counters, 0.001, 0.0005)),
+            step_batch_size: Some(one_bucket(&self.script.load_counters, 1.0, 1.0)),
+            step_tokens: Some(one_bucket(
+                &self.script.load_counters,
+                8.0,
+                self.script.load_counters.iteration_tokens as f64
+                    / self.script.load_counters.iterations.max(1) as f64,
+            )),
         }))
     }
 }

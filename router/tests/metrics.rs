@@ -118,33 +118,60 @@ impl Exposition {
         (count, sum)
     }
 
-    /// Every histogram's buckets are cumulative, ascending in `le`, end at `+Inf`, and
-    /// `+Inf` equals `_count`.
+    /// Every histogram's buckets, per series (its labels but `le`), are cumulative,
+    /// ascending in `le`, end at `+Inf`, and `+Inf` equals the series' `_count`.
     fn check_histograms(&self) {
         for (family, ty) in &self.types {
             if ty != "histogram" {
                 continue;
             }
             let bucket = format!("{family}_bucket");
-            let buckets: Vec<&Sample> = self.samples.iter().filter(|s| s.name == bucket).collect();
-            assert!(!buckets.is_empty(), "{family} has no buckets");
-            let mut last_le = f64::NEG_INFINITY;
-            let mut last_n = 0.0;
-            for b in &buckets {
-                let le = &b.labels.iter().find(|(k, _)| k == "le").expect("le").1;
-                let le: f64 = if le == "+Inf" {
-                    f64::INFINITY
-                } else {
-                    le.parse().expect("numeric le")
-                };
-                assert!(le > last_le, "{family}: le not ascending");
-                assert!(b.value >= last_n, "{family}: buckets not cumulative");
-                last_le = le;
-                last_n = b.value;
+            let mut series: BTreeMap<Vec<(String, String)>, Vec<&Sample>> = BTreeMap::new();
+            for b in self.samples.iter().filter(|s| s.name == bucket) {
+                let key = b
+                    .labels
+                    .iter()
+                    .filter(|(k, _)| k != "le")
+                    .cloned()
+                    .collect();
+                series.entry(key).or_default().push(b);
             }
-            assert_eq!(last_le, f64::INFINITY, "{family}: last bucket is +Inf");
-            let count = self.value(&format!("{family}_count"), &[]).expect("count");
-            assert_eq!(last_n, count, "{family}: +Inf bucket equals _count");
+            assert!(!series.is_empty(), "{family} has no buckets");
+            for (labels, buckets) in series {
+                let mut last_le = f64::NEG_INFINITY;
+                let mut last_n = 0.0;
+                for b in &buckets {
+                    let le = &b.labels.iter().find(|(k, _)| k == "le").expect("le").1;
+                    let le: f64 = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().expect("numeric le")
+                    };
+                    assert!(le > last_le, "{family}{labels:?}: le not ascending");
+                    assert!(
+                        b.value >= last_n,
+                        "{family}{labels:?}: buckets not cumulative"
+                    );
+                    last_le = le;
+                    last_n = b.value;
+                }
+                assert_eq!(
+                    last_le,
+                    f64::INFINITY,
+                    "{family}{labels:?}: last bucket is +Inf"
+                );
+                let pairs: Vec<(&str, &str)> = labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let count = self
+                    .value(&format!("{family}_count"), &pairs)
+                    .expect("count");
+                assert_eq!(
+                    last_n, count,
+                    "{family}{labels:?}: +Inf bucket equals _count"
+                );
+            }
         }
     }
 
@@ -338,6 +365,12 @@ async fn histograms_follow_streamed_and_whole_requests_and_the_text_parses() {
         m.value("llmapi_worker_iteration_tokens_total", &w),
         Some(40.0)
     );
+    assert_eq!(
+        m.value("llmapi_worker_step_tokens_count", &w),
+        Some(10.0),
+        "the worker's step histogram, as it reported it"
+    );
+    assert_eq!(m.value("llmapi_worker_step_tokens_sum", &w), Some(40.0));
     assert_eq!(m.value("llmapi_worker_requests_total", &w), Some(5.0));
     assert_eq!(m.value("llmapi_worker_healthy", &w), Some(1.0));
 

@@ -18,6 +18,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod deploy_tools;
 pub mod dns;
+pub mod kv;
 pub mod promql;
 pub mod sse;
 

@@ -7,104 +7,30 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use llmapi_proto::auth::AttachToken;
-use llmapi_proto::v1::KvEventsRequest;
-use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_tests::cluster::{self, SECRET, healthy_count};
-use llmapi_tests::{demo_model, free_port, get, post, wait_healthy, wait_until};
+use llmapi_tests::kv;
+use llmapi_tests::{demo_model, free_port, post, wait_healthy, wait_until};
 use serde_json::json;
 
 /// 16 KV blocks of 32 tokens per worker: a few long prompts evict everything. Token ids
 /// stay below the demo model's vocabulary (2048).
 const SMALL_POOL: [&str; 2] = ["--set", "kv_cache_config.max_tokens=512"];
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// The worker on 127.0.0.1:`grpc`'s URL.
+fn url(grpc: u16) -> String {
+    format!("http://127.0.0.1:{grpc}")
 }
 
-/// The worker's run id and cached blocks, from a KvEvents snapshot (10 s at most).
-fn worker_blocks(grpc: u16) -> (String, BTreeSet<String>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime");
-    rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc}"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("the worker's gRPC port answers");
-        let token = AttachToken::new(Some(SECRET)).expect("a valid secret");
-        let mut client = WorkerClient::with_interceptor(channel, token)
-            .max_decoding_message_size(llmapi_proto::limits::MAX_MESSAGE_BYTES);
-        let mut stream = client
-            .kv_events(KvEventsRequest::default())
-            .await
-            .expect("KvEvents with the job secret")
-            .into_inner();
-        let mut blocks = BTreeSet::new();
-        loop {
-            let batch = tokio::time::timeout(Duration::from_secs(10), stream.message())
-                .await
-                .expect("a snapshot part within 10 s")
-                .expect("the stream stays open")
-                .expect("a batch");
-            let part = batch
-                .snapshot
-                .expect("a caller from no run gets a snapshot");
-            blocks.extend(part.block_hashes.iter().map(|h| hex(h)));
-            if part.last_part {
-                return (batch.run_id, blocks);
-            }
-        }
-    })
-}
-
-/// The router's run id, sync state and blocks for the worker at `grpc`.
-fn router_index(router: u16, grpc: u16) -> (String, bool, BTreeSet<String>) {
-    let view = get(router, "/workers/kv_index").json();
-    let url = format!("http://127.0.0.1:{grpc}");
-    let w = view["workers"]
-        .as_array()
-        .and_then(|ws| ws.iter().find(|w| w["url"] == url.as_str()).cloned())
-        .unwrap_or_default();
-    let blocks = w["blocks"]
-        .as_array()
-        .map(|b| {
-            b.iter()
-                .filter_map(|h| h.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    (
-        w["run_id"].as_str().unwrap_or_default().to_owned(),
-        w["synced"].as_bool().unwrap_or(false),
-        blocks,
-    )
-}
-
-/// Waits (20 s at most) until the router's index of the worker at `grpc` equals the worker's
-/// own list, run id included; panics with both otherwise. Returns the blocks.
 fn assert_agree(router: u16, grpc: u16, when: &str) -> BTreeSet<String> {
-    let mut last = None;
-    let agreed = wait_until(Duration::from_secs(20), || {
-        let (run, blocks) = worker_blocks(grpc);
-        let (r_run, synced, r_blocks) = router_index(router, grpc);
-        let same = synced && run == r_run && blocks == r_blocks;
-        last = Some((run, blocks, r_run, synced, r_blocks));
-        same
-    });
-    let (run, blocks, r_run, synced, r_blocks) = last.expect("checked at least once");
-    assert!(
-        agreed,
-        "{when}: worker {grpc} (run {run}) holds {} blocks, the router (run {r_run}, synced \
-         {synced}) believes {}; only the worker: {:?}; only the router: {:?}",
-        blocks.len(),
-        r_blocks.len(),
-        blocks.difference(&r_blocks).collect::<Vec<_>>(),
-        r_blocks.difference(&blocks).collect::<Vec<_>>()
-    );
-    blocks
+    kv::assert_agree(router, &url(grpc), SECRET, when)
+}
+
+fn router_index(router: u16, grpc: u16) -> (String, bool, BTreeSet<String>) {
+    kv::router_index(router, &url(grpc))
+}
+
+fn worker_blocks(grpc: u16) -> (String, BTreeSet<String>) {
+    kv::worker_blocks(&url(grpc), SECRET)
 }
 
 fn complete(router: u16, prompt: &serde_json::Value) -> u64 {

@@ -3,14 +3,15 @@
 //! the whole time, while a fourth worker joins, one is drained and removed with SIGTERM, one
 //! router is killed with SIGKILL and restarted. Afterwards: no request failed except ones
 //! streaming on the killed router when it died (counted and reported), the restarted router
-//! routes to every live worker within one lease period, and both routers list the same
-//! workers.
+//! routes to every live worker within one lease period, both routers list the same workers,
+//! and both routers' kv_cache_aware indexes equal every live worker's own block list.
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use llmapi_tests::balancer::{self, Balancer};
+use llmapi_tests::kv;
 use llmapi_tests::{
     Proc, bin, demo_model, fleet_worker, free_port, get, healthy_workers, router_with_secret,
     wait_until,
@@ -22,7 +23,16 @@ const LEASE_S: u64 = 3;
 const CONCURRENCY: &str = "16";
 
 fn router(port: u16) -> Proc {
-    router_with_secret(port, SECRET, &["--worker_lease_s", &LEASE_S.to_string()])
+    router_with_secret(
+        port,
+        SECRET,
+        &[
+            "--worker_lease_s",
+            &LEASE_S.to_string(),
+            "--routing_policy",
+            "kv_cache_aware",
+        ],
+    )
 }
 
 /// A router's gauge `llmapi_router_inflight_requests`.
@@ -241,6 +251,19 @@ fn the_fleet_grows_shrinks_and_survives_a_router_under_load() {
     assert!(
         served.iter().all(|&n| n > 0),
         "router A's per-worker counts: {served:?}"
+    );
+    // Both routers' KV indexes, the restarted one's included, equal every live worker's own
+    // block list (its KvEvents snapshot).
+    let mut blocks = 0;
+    for url in &live {
+        for &p in &ports {
+            blocks += kv::assert_agree(p, url, SECRET, "after the load").len();
+        }
+    }
+    eprintln!(
+        "{:>5.1} s  both routers' KV indexes equal the 3 workers' block lists ({} blocks)",
+        started.elapsed().as_secs_f64(),
+        blocks / 2
     );
     drop((lb, b));
 }

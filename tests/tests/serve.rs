@@ -409,6 +409,25 @@ fn llmapi_bench_chat_with_client_tokenization_is_served() {
         worker_counter(&last, "llmapi_worker_iteration_tokens_total") >= 64.0,
         "{last}"
     );
+    // The step histograms count the same steps and tokens the counters do.
+    let iterations = worker_counter(&last, "llmapi_worker_iterations_total");
+    for name in [
+        "llmapi_worker_step_duration_seconds_count",
+        "llmapi_worker_step_batch_size_count",
+        "llmapi_worker_step_tokens_count",
+    ] {
+        assert_eq!(worker_counter(&last, name), iterations, "{name}: {last}");
+    }
+    assert_eq!(
+        worker_counter(&last, "llmapi_worker_step_tokens_sum"),
+        worker_counter(&last, "llmapi_worker_iteration_tokens_total"),
+        "{last}"
+    );
+    assert!(
+        last.contains("llmapi_worker_step_duration_seconds_bucket{le=\"+Inf\",worker=")
+            || last.contains("llmapi_worker_step_duration_seconds_bucket{worker="),
+        "{last}"
+    );
 }
 
 /// Text without ANSI colour sequences (log lines are coloured by default).

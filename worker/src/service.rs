@@ -25,7 +25,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{
-    EngineError, EngineHandle, FinishReason, GenerateParams, SamplingParams, StoppingParams,
+    EngineError, EngineHandle, FinishReason, GenerateParams, STEP_BATCH_BOUNDS, STEP_BUCKETS,
+    STEP_TIME_BOUNDS_US, STEP_TOKEN_BOUNDS, SamplingParams, StepHistogram, StoppingParams,
     TokenEvent, TokenLogprob,
 };
 use crate::spans::GenerateSpan;
@@ -505,6 +506,9 @@ impl Worker for WorkerService {
             prefix_cache_hits: l.prefix_cache_hits,
             iterations: l.iterations,
             iteration_tokens: l.iteration_tokens,
+            step_seconds: Some(histogram(&l.steps.time_us, &STEP_TIME_BOUNDS_US, 1e-6)),
+            step_batch_size: Some(histogram(&l.steps.batch_size, &STEP_BATCH_BOUNDS, 1.0)),
+            step_tokens: Some(histogram(&l.steps.tokens, &STEP_TOKEN_BOUNDS, 1.0)),
         }))
     }
 }
@@ -519,6 +523,16 @@ async fn finish_of(mut rx: UnboundedReceiver<TokenEvent>) -> Result<(), String> 
         }
     }
     Err("the engine dropped the probe".into())
+}
+
+/// A step histogram on the wire, its bounds and sum multiplied by `scale` into the unit the
+/// proto names (seconds for step time).
+fn histogram(h: &StepHistogram, bounds: &[u64; STEP_BUCKETS - 1], scale: f64) -> pb::StepHistogram {
+    pb::StepHistogram {
+        upper_bounds: bounds.iter().map(|&b| b as f64 * scale).collect(),
+        counts: h.counts.to_vec(),
+        sum: h.sum as f64 * scale,
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 mod fault;
 mod liveness;
 mod runner;
+mod step_stats;
 mod types;
 
 use std::collections::HashSet;
@@ -25,6 +26,7 @@ use crate::kv::budget::{self, BudgetInputs, KvPlan, MemoryPool};
 use crate::kv::host_memory::HostMemory;
 use crate::kv::{DEFAULT_KV_EVENT_LOG_CAPACITY, KvEventLog, KvEventRead};
 use crate::model::{ModelWeights, Shard};
+pub use step_stats::*;
 pub use types::*;
 
 /// Requests to the engine thread.

@@ -184,6 +184,8 @@ pub(crate) struct Runner {
     info: EngineInfo,
     status: Arc<Status>,
     print_iter_log: bool,
+    /// Distributions of the steps run so far (reported by Load).
+    steps: super::StepStats,
     iter: u64,
     /// When the backend last ran a step or a heartbeat (a group leader must reach its
     /// followers at least every `heartbeat_interval`).
@@ -230,6 +232,7 @@ impl Runner {
             info,
             status,
             print_iter_log: cfg.print_iter_log,
+            steps: super::StepStats::default(),
             iter: 0,
             last_contact: Instant::now(),
             last_step_end: None,
@@ -423,6 +426,7 @@ impl Runner {
             prefix_cache_hits: self.sched.prefix_cache_hits,
             iterations: self.sched.iterations,
             iteration_tokens: self.sched.iteration_tokens,
+            steps: self.steps,
         };
         if let Ok(mut l) = self.status.load.lock() {
             *l = load;
@@ -522,6 +526,11 @@ impl Runner {
             }
         }
         self.iter += 1;
+        self.steps.observe(
+            started.elapsed().as_micros() as u64,
+            plan.len() as u64,
+            plan.iter().map(|p| p.n as u64).sum(),
+        );
         if self.print_iter_log {
             let bm = &self.sched.blocks;
             tracing::info!(

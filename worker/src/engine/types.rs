@@ -309,6 +309,8 @@ pub struct LoadStats {
     pub iterations: u64,
     /// Tokens those iterations computed (prefill and decode).
     pub iteration_tokens: u64,
+    /// Distributions of those iterations' time, batch size and tokens.
+    pub steps: super::StepStats,
 }
 
 /// Static facts about the served model and engine.
