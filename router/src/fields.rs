@@ -1,11 +1,11 @@
 //! Which request fields each endpoint accepts, and the refusal of every other one.
 //!
 //! A field the server does not implement is never silently dropped: an unknown key, or an
-//! OpenAI field this server does not implement (`tools`, `response_format`, `logit_bias`,
-//! ...) with a value that asks for something, is a 400 naming the field (`param`), as
+//! OpenAI field this server does not implement (`tools`, `response_format`, `suffix`, ...)
+//! with a value that asks for something, is a 400 naming the field (`param`), as
 //! trtllm-serve's request models, which forbid extra fields, answer. Values that ask for
-//! nothing (null, `response_format` `{"type": "text"}`, `tool_choice` `"none"`, empty `tools`
-//! or `logit_bias`, `best_of` 1 or equal to `n`, an empty `suffix`) are accepted. The values
+//! nothing (null, `response_format` `{"type": "text"}`, `tool_choice` `"none"`, empty
+//! `tools`, `best_of` 1 or equal to `n`, an empty `suffix`) are accepted. The values
 //! are probed while the body is read (`Probe`), never buffered. docs/serving.md lists the
 //! accepted fields; a test checks it against these lists. Not for: value ranges (`openai`).
 
@@ -34,6 +34,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "user",
+    "logit_bias",
 ];
 
 /// Fields only /v1/completions reads.
@@ -51,7 +52,7 @@ pub const CHAT_FIELDS: &[&str] = &[
 
 /// OpenAI fields of /v1/completions that are not implemented: accepted only with a value that
 /// asks for nothing.
-pub const COMPLETION_UNIMPLEMENTED: &[&str] = &["best_of", "logit_bias", "suffix"];
+pub const COMPLETION_UNIMPLEMENTED: &[&str] = &["best_of", "suffix"];
 
 /// OpenAI fields of /v1/chat/completions that are not implemented: accepted only with a
 /// value that asks for nothing.
@@ -62,7 +63,6 @@ pub const CHAT_UNIMPLEMENTED: &[&str] = &[
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "logit_bias",
 ];
 
 /// The two endpoints that take a request body.
@@ -309,7 +309,6 @@ fn asks_for_nothing(field: &str, value: &Probe) -> bool {
             "tool_choice" | "function_call" => text("none"),
             // It only says how tools are called, and tools are refused.
             "parallel_tool_calls" => matches!(value, Probe::Bool(_)),
-            "logit_bias" => matches!(value, Probe::Object { empty: true, .. }),
             "suffix" => text(""),
             _ => false,
         },
@@ -321,7 +320,6 @@ fn accepted_value(field: &str) -> &'static str {
         "response_format" => r#" or with {"type": "text"}"#,
         "tools" | "functions" => " or with an empty list",
         "tool_choice" | "function_call" => r#" or with "none""#,
-        "logit_bias" => " or with an empty object",
         "suffix" => r#" or with """#,
         _ => "",
     }

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::logit_bias::LogitBias;
 use llmapi_common::generation_config::SamplingDefaults;
 use llmapi_proto::limits::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS};
 use llmapi_proto::v1::{SamplingParams, StoppingParams};
@@ -87,6 +88,8 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     /// End-user id (logged only).
     pub user: Option<String>,
+    /// Token id (a JSON string key) to a bias added to its logit, in [-100, 100].
+    pub logit_bias: Option<LogitBias>,
 }
 
 /// POST /v1/completions, as `parse::completion_request` reads it.
@@ -272,6 +275,10 @@ impl CommonFields {
             None => None,
         };
         let stream = self.stream.unwrap_or(false);
+        let logit_bias = match &self.logit_bias {
+            Some(b) => b.validate()?,
+            None => Default::default(),
+        };
         Ok(GenSettings {
             sampling: SamplingParams {
                 temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
@@ -287,6 +294,7 @@ impl CommonFields {
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 logprobs,
                 prompt_logprobs: false,
+                logit_bias,
             },
             stopping: StoppingParams {
                 max_tokens: 0,

@@ -94,12 +94,6 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
     let cases: &[(Endpoint, &str, Vec<Value>, Vec<Value>)] = &[
         (
             Completions,
-            "logit_bias",
-            vec![json!({})],
-            vec![json!({"50256": -100})],
-        ),
-        (
-            Completions,
             "suffix",
             vec![json!("")],
             vec![json!(" and then")],
@@ -147,7 +141,6 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
             vec![json!("none")],
             vec![json!("auto")],
         ),
-        (Chat, "logit_bias", vec![json!({})], vec![json!({"1": 5})]),
     ];
     for (endpoint, field, fine, refused) in cases {
         parse(*endpoint, json!({ *field: null })).expect("null asks for nothing");
@@ -161,6 +154,34 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
             assert_eq!(e.param.as_deref(), Some(*field), "{}", e.message);
             assert!(e.message.contains("not implemented"), "{}", e.message);
         }
+    }
+}
+
+#[test]
+fn logit_bias_is_read_on_both_endpoints_and_checked_by_name() {
+    use llmapi_common::generation_config::SamplingDefaults;
+    for (i, endpoint) in ENDPOINTS.into_iter().enumerate() {
+        let mut body = match endpoint {
+            Endpoint::Completions => json!({"model": "m", "prompt": "hi"}),
+            Endpoint::Chat => {
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            }
+        };
+        let settings = |b: &Value| {
+            let bytes = serde_json::to_vec(b).unwrap();
+            let common = match endpoint {
+                Endpoint::Completions => completion_request(&bytes, CAPS).map(|r| r.common),
+                Endpoint::Chat => chat_request(&bytes, CAPS).map(|r| r.common),
+            }?;
+            common.settings(None, &SamplingDefaults::default())
+        };
+        body["logit_bias"] = json!({"50256": -100, "7": 2.5});
+        let s = settings(&body).unwrap_or_else(|e| panic!("{endpoint:?}: {}", e.message));
+        assert_eq!(s.sampling.logit_bias.len(), 2, "{endpoint:?}");
+        assert_eq!(s.sampling.logit_bias[&50256], -100.0);
+        body["logit_bias"] = json!({ "1": 101 + i });
+        let e = settings(&body).expect_err("a bias past 100");
+        assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
     }
 }
 
