@@ -223,6 +223,7 @@ fn spawn_choices(
         shape,
         choices,
         n,
+        keep: settings.keep,
         prompt_lens: prompts.iter().map(|p| p.ids.len()).collect(),
         echo_ids: if settings.sampling.prompt_logprobs {
             prompts.iter().map(|p| p.ids.clone()).collect()
@@ -260,6 +261,7 @@ async fn completions_inner(
     let mut settings = req
         .common
         .settings(req.logprobs, &state.config.sampling_defaults)?;
+    req.apply_best_of(&mut settings)?;
     let info = model_info(&state)?;
     logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
     let echo = req.echo.unwrap_or(false);

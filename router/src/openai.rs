@@ -105,6 +105,9 @@ pub struct CompletionRequest {
     pub logprobs: Option<u32>,
     /// Prepend the prompt to the completion.
     pub echo: Option<bool>,
+    /// Choices generated per prompt (>= n); the n with the highest cumulative logprob are
+    /// returned.
+    pub best_of: Option<u32>,
 }
 
 /// Content of a chat message: a string or a list of parts (read without serde's untagged
@@ -171,8 +174,11 @@ pub struct GenSettings {
     pub stopping: StoppingParams,
     /// Stop strings, matched by the router.
     pub stop: Vec<String>,
-    /// Choices per prompt.
+    /// Choices generated per prompt: `n`, or a completion's `best_of`.
     pub n: u32,
+    /// Choices returned per prompt (the request's `n`): the `keep` of each prompt's `n`
+    /// generated choices with the highest cumulative logprob, all of them when equal.
+    pub keep: u32,
     /// Stream or not.
     pub stream: bool,
     /// Add a usage chunk at the end of a stream.
@@ -304,6 +310,7 @@ impl CommonFields {
             },
             stop,
             n,
+            keep: n,
             stream,
             include_usage: stream
                 && self
@@ -313,6 +320,38 @@ impl CommonFields {
                     .unwrap_or(false),
             default_max_tokens: defaults.max_tokens,
         })
+    }
+}
+
+impl CompletionRequest {
+    /// Applies `best_of` to `settings` (built from this request): past `n`, `best_of`
+    /// choices are generated per prompt with their logprobs (kept from the response unless
+    /// asked for) and the `n` best are returned, as vLLM ranks them. A `best_of` below `n`
+    /// or above `MAX_N`, or above `n` in a stream (OpenAI refuses that too), is a 400.
+    pub fn apply_best_of(&self, settings: &mut GenSettings) -> Result<(), ApiError> {
+        let n = settings.n;
+        let Some(best_of) = self.best_of.filter(|&b| b != n) else {
+            return Ok(());
+        };
+        if best_of < n || best_of > MAX_N {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!("best_of is {best_of} but must be between n ({n}) and {MAX_N}"),
+            ));
+        }
+        if settings.stream {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!(
+                    "best_of ({best_of}) above n ({n}) cannot be streamed: the best choices are known only at the end; \
+                     remove stream or set best_of to n"
+                ),
+            ));
+        }
+        settings.n = best_of;
+        settings.keep = n;
+        settings.sampling.logprobs = Some(settings.sampling.logprobs.unwrap_or(0));
+        Ok(())
     }
 }
 

@@ -186,18 +186,45 @@ fn logit_bias_is_read_on_both_endpoints_and_checked_by_name() {
 }
 
 #[test]
-fn best_of_is_accepted_only_when_it_equals_n() {
-    let c = Endpoint::Completions;
-    parse(c, json!({"best_of": 1})).unwrap();
-    parse(c, json!({"best_of": 3, "n": 3})).unwrap();
-    for bad in [
-        json!({"best_of": 2}),
-        json!({"best_of": 4, "n": 2}),
-        json!({"best_of": "2"}),
+fn best_of_is_read_and_held_between_n_and_the_cap() {
+    use llmapi_common::generation_config::SamplingDefaults;
+    let settings = |extra: Value| {
+        let mut body = json!({"model": "m", "prompt": "hi"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let req = completion_request(&serde_json::to_vec(&body).unwrap(), CAPS)?;
+        let mut s = req
+            .common
+            .settings(req.logprobs, &SamplingDefaults::default())?;
+        req.apply_best_of(&mut s)?;
+        Ok::<_, ApiError>(s)
+    };
+    for (extra, n, keep, logprobs) in [
+        (json!({}), 1, 1, None),
+        (json!({"best_of": 1}), 1, 1, None),
+        (json!({"best_of": 3, "n": 3}), 3, 3, None),
+        (json!({"best_of": 4, "n": 2}), 4, 2, Some(0)),
+        (json!({"best_of": 3, "logprobs": 2}), 3, 1, Some(2)),
     ] {
-        let e = parse(c, bad.clone()).expect_err(&bad.to_string());
-        assert_eq!(e.param.as_deref(), Some("best_of"), "{}", e.message);
+        let s = settings(extra.clone()).unwrap_or_else(|e| panic!("{extra}: {}", e.message));
+        assert_eq!((s.n, s.keep), (n, keep), "{extra}: choices run and kept");
+        assert_eq!(
+            s.sampling.logprobs, logprobs,
+            "{extra}: logprobs asked of workers"
+        );
     }
+    for (bad, says) in [
+        (json!({"best_of": 1, "n": 2}), "between n (2)"),
+        (json!({"best_of": 17}), "and 16"),
+        (json!({"best_of": 2, "stream": true}), "cannot be streamed"),
+    ] {
+        let e = settings(bad.clone()).expect_err(&bad.to_string());
+        assert_eq!(e.param.as_deref(), Some("best_of"), "{}", e.message);
+        assert!(e.message.contains(says), "{bad}: {}", e.message);
+    }
+    let e = settings(json!({"best_of": "2"})).expect_err("a string");
+    assert_eq!(e.status, 400, "{}", e.message);
 }
 
 #[test]

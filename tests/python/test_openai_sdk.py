@@ -162,6 +162,15 @@ try:
 except openai.BadRequestError as e:
     check(e.param == "logit_bias", "400 naming logit_bias")
 
+# best_of: of best_of sampled choices, the n best come back; it cannot be streamed above n.
+r = client.completions.create(model=MODEL, prompt="Best", max_tokens=4, n=2, best_of=3, temperature=1, seed=5)
+check([c.index for c in r.choices] == [0, 1], "best_of returns n choices")
+try:
+    list(client.completions.create(model=MODEL, prompt="Best", max_tokens=2, best_of=2, stream=True))
+    check(False, "streaming best_of above n raises")
+except openai.BadRequestError as e:
+    check(e.param == "best_of", "400 naming best_of")
+
 # The model may be named by its path, too.
 r = client.completions.create(model=os.environ.get("LLMAPI_MODEL_PATH", MODEL), prompt="x", max_tokens=1)
 check(len(r.choices) == 1, "model path accepted")
