@@ -27,4 +27,9 @@ pub mod limits {
     /// Most `stop_token_ids` one request may carry; the worker checks every sampled token
     /// against them.
     pub const MAX_STOP_TOKEN_IDS: usize = 256;
+    /// Most `logit_bias` entries one request may carry (vLLM's default cap); the worker adds
+    /// each one to every logits row of the request.
+    pub const MAX_LOGIT_BIAS: usize = 300;
+    /// Largest `logit_bias` value either way (OpenAI's range is [-100, 100]).
+    pub const MAX_LOGIT_BIAS_VALUE: f32 = 100.0;
 }

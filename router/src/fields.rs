@@ -1,11 +1,11 @@
 //! Which request fields each endpoint accepts, and the refusal of every other one.
 //!
 //! A field the server does not implement is never silently dropped: an unknown key, or an
-//! OpenAI field this server does not implement (`tools`, `response_format`, `logit_bias`,
-//! ...) with a value that asks for something, is a 400 naming the field (`param`), as
+//! OpenAI field this server does not implement (`tools`, `response_format`, `suffix`, ...)
+//! with a value that asks for something, is a 400 naming the field (`param`), as
 //! trtllm-serve's request models, which forbid extra fields, answer. Values that ask for
-//! nothing (null, `response_format` `{"type": "text"}`, `tool_choice` `"none"`, empty `tools`
-//! or `logit_bias`, `best_of` 1 or equal to `n`, an empty `suffix`) are accepted. The values
+//! nothing (null, `response_format` `{"type": "text"}`, `tool_choice` `"none"`, empty
+//! `tools`, an empty `suffix`) are accepted. The values
 //! are probed while the body is read (`Probe`), never buffered. docs/serving.md lists the
 //! accepted fields; a test checks it against these lists. Not for: value ranges (`openai`).
 
@@ -34,10 +34,11 @@ pub const COMMON_FIELDS: &[&str] = &[
     "stream",
     "stream_options",
     "user",
+    "logit_bias",
 ];
 
 /// Fields only /v1/completions reads.
-pub const COMPLETION_FIELDS: &[&str] = &["prompt", "max_tokens", "logprobs", "echo"];
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "max_tokens", "logprobs", "echo", "best_of"];
 
 /// Fields only /v1/chat/completions reads.
 pub const CHAT_FIELDS: &[&str] = &[
@@ -51,7 +52,7 @@ pub const CHAT_FIELDS: &[&str] = &[
 
 /// OpenAI fields of /v1/completions that are not implemented: accepted only with a value that
 /// asks for nothing.
-pub const COMPLETION_UNIMPLEMENTED: &[&str] = &["best_of", "logit_bias", "suffix"];
+pub const COMPLETION_UNIMPLEMENTED: &[&str] = &["suffix"];
 
 /// OpenAI fields of /v1/chat/completions that are not implemented: accepted only with a
 /// value that asks for nothing.
@@ -62,7 +63,6 @@ pub const CHAT_UNIMPLEMENTED: &[&str] = &[
     "parallel_tool_calls",
     "functions",
     "function_call",
-    "logit_bias",
 ];
 
 /// The two endpoints that take a request body.
@@ -198,7 +198,6 @@ impl<'de> Visitor<'de> for ProbeVisitor {
 pub struct Refusals {
     unknown: Option<String>,
     unimplemented: Option<&'static str>,
-    best_of: Option<Probe>,
 }
 
 impl Refusals {
@@ -221,19 +220,16 @@ impl Refusals {
             return Ok(());
         };
         let value: Probe = map.next_value()?;
-        if *field == "best_of" {
-            self.best_of = Some(value);
-        } else if !asks_for_nothing(field, &value) && self.unimplemented.is_none() {
+        if !asks_for_nothing(field, &value) && self.unimplemented.is_none() {
             self.unimplemented = Some(field);
         }
         Ok(())
     }
 
-    /// 400 for the first refused field; `n` and `stream` as the request set them.
+    /// 400 for the first refused field; `stream` as the request set it.
     pub fn check(
         self,
         endpoint: Endpoint,
-        n: Option<u32>,
         stream: Option<bool>,
         stream_options: bool,
     ) -> Result<(), ApiError> {
@@ -254,20 +250,6 @@ impl Refusals {
                 ),
             ));
         }
-        let n = n.unwrap_or(1);
-        match self.best_of {
-            None | Some(Probe::Null) => {}
-            Some(Probe::Int(b)) if b == 1 || b == i128::from(n) => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    "best_of",
-                    format!(
-                        "best_of is {}; it is not implemented beyond best_of equal to n ({n}): remove it or set it to n",
-                        shown(&other)
-                    ),
-                ));
-            }
-        }
         if stream_options && stream != Some(true) {
             return Err(ApiError::invalid(
                 "stream_options",
@@ -287,15 +269,6 @@ fn clipped(key: &str) -> String {
     key[..end].to_owned()
 }
 
-fn shown(p: &Probe) -> String {
-    match p {
-        Probe::Int(i) => i.to_string(),
-        Probe::Str(Some(s)) => format!("{s:?}"),
-        Probe::Bool(b) => b.to_string(),
-        _ => "not an integer".into(),
-    }
-}
-
 /// Values of an unimplemented field that ask for nothing.
 fn asks_for_nothing(field: &str, value: &Probe) -> bool {
     let text = |want: &str| matches!(value, Probe::Str(Some(s)) if s == want);
@@ -309,7 +282,6 @@ fn asks_for_nothing(field: &str, value: &Probe) -> bool {
             "tool_choice" | "function_call" => text("none"),
             // It only says how tools are called, and tools are refused.
             "parallel_tool_calls" => matches!(value, Probe::Bool(_)),
-            "logit_bias" => matches!(value, Probe::Object { empty: true, .. }),
             "suffix" => text(""),
             _ => false,
         },
@@ -321,7 +293,6 @@ fn accepted_value(field: &str) -> &'static str {
         "response_format" => r#" or with {"type": "text"}"#,
         "tools" | "functions" => " or with an empty list",
         "tool_choice" | "function_call" => r#" or with "none""#,
-        "logit_bias" => " or with an empty object",
         "suffix" => r#" or with """#,
         _ => "",
     }

@@ -23,6 +23,7 @@ use crate::codec::{ChatTurn, TextCodec};
 use crate::deadline::RequestDeadline;
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
+use crate::logit_bias;
 use crate::openai::{GenSettings, Prompt};
 use crate::parse::{self, BodyCaps};
 use crate::respond::{ResponseMeta, Shape, collect, stream};
@@ -189,7 +190,7 @@ fn spawn_choices(
         let hashes = Arc::new(prefix_block_hashes(&prompt.ids, tokens_per_block));
         for k in 0..n {
             let index = p as u32 * n + k;
-            let mut sampling = settings.sampling;
+            let mut sampling = settings.sampling.clone();
             // Distinct seeds per choice keep n > 1 seeded choices from being identical.
             sampling.seed = sampling.seed.map(|s| s.wrapping_add(u64::from(k)));
             let stopping = StoppingParams {
@@ -222,6 +223,7 @@ fn spawn_choices(
         shape,
         choices,
         n,
+        keep: settings.keep,
         prompt_lens: prompts.iter().map(|p| p.ids.len()).collect(),
         echo_ids: if settings.sampling.prompt_logprobs {
             prompts.iter().map(|p| p.ids.clone()).collect()
@@ -259,7 +261,9 @@ async fn completions_inner(
     let mut settings = req
         .common
         .settings(req.logprobs, &state.config.sampling_defaults)?;
+    req.apply_best_of(&mut settings)?;
     let info = model_info(&state)?;
+    logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
     let echo = req.echo.unwrap_or(false);
     // Echo with logprobs reports the prompt's tokens too, as OpenAI's legacy completions do.
     settings.sampling.prompt_logprobs = echo && req.logprobs.is_some();
@@ -417,6 +421,7 @@ async fn chat_inner(
         &state.config.sampling_defaults,
     )?;
     let info = model_info(&state)?;
+    logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
     let messages = req.messages.unwrap_or_default();
     let ids = match req.prompt_token_ids {
         Some(ids) => {

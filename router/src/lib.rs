@@ -22,6 +22,7 @@ pub mod handlers;
 pub mod kv_index;
 pub mod kv_routes;
 pub mod kv_subscribe;
+pub mod logit_bias;
 pub mod metrics;
 pub mod migrate;
 pub mod openai;

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 
 use crate::error::ApiError;
+use crate::logit_bias::LogitBias;
 use llmapi_common::generation_config::SamplingDefaults;
 use llmapi_proto::limits::{MAX_STOP_STRING_BYTES, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS};
 use llmapi_proto::v1::{SamplingParams, StoppingParams};
@@ -87,6 +88,8 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     /// End-user id (logged only).
     pub user: Option<String>,
+    /// Token id (a JSON string key) to a bias added to its logit, in [-100, 100].
+    pub logit_bias: Option<LogitBias>,
 }
 
 /// POST /v1/completions, as `parse::completion_request` reads it.
@@ -102,6 +105,9 @@ pub struct CompletionRequest {
     pub logprobs: Option<u32>,
     /// Prepend the prompt to the completion.
     pub echo: Option<bool>,
+    /// Choices generated per prompt (>= n); the n with the highest cumulative logprob are
+    /// returned.
+    pub best_of: Option<u32>,
 }
 
 /// Content of a chat message: a string or a list of parts (read without serde's untagged
@@ -168,8 +174,11 @@ pub struct GenSettings {
     pub stopping: StoppingParams,
     /// Stop strings, matched by the router.
     pub stop: Vec<String>,
-    /// Choices per prompt.
+    /// Choices generated per prompt: `n`, or a completion's `best_of`.
     pub n: u32,
+    /// Choices returned per prompt (the request's `n`): the `keep` of each prompt's `n`
+    /// generated choices with the highest cumulative logprob, all of them when equal.
+    pub keep: u32,
     /// Stream or not.
     pub stream: bool,
     /// Add a usage chunk at the end of a stream.
@@ -272,6 +281,10 @@ impl CommonFields {
             None => None,
         };
         let stream = self.stream.unwrap_or(false);
+        let logit_bias = match &self.logit_bias {
+            Some(b) => b.validate()?,
+            None => Default::default(),
+        };
         Ok(GenSettings {
             sampling: SamplingParams {
                 temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
@@ -287,6 +300,7 @@ impl CommonFields {
                 frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
                 logprobs,
                 prompt_logprobs: false,
+                logit_bias,
             },
             stopping: StoppingParams {
                 max_tokens: 0,
@@ -296,6 +310,7 @@ impl CommonFields {
             },
             stop,
             n,
+            keep: n,
             stream,
             include_usage: stream
                 && self
@@ -305,6 +320,38 @@ impl CommonFields {
                     .unwrap_or(false),
             default_max_tokens: defaults.max_tokens,
         })
+    }
+}
+
+impl CompletionRequest {
+    /// Applies `best_of` to `settings` (built from this request): past `n`, `best_of`
+    /// choices are generated per prompt with their logprobs (kept from the response unless
+    /// asked for) and the `n` best are returned, as vLLM ranks them. A `best_of` below `n`
+    /// or above `MAX_N`, or above `n` in a stream (OpenAI refuses that too), is a 400.
+    pub fn apply_best_of(&self, settings: &mut GenSettings) -> Result<(), ApiError> {
+        let n = settings.n;
+        let Some(best_of) = self.best_of.filter(|&b| b != n) else {
+            return Ok(());
+        };
+        if best_of < n || best_of > MAX_N {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!("best_of is {best_of} but must be between n ({n}) and {MAX_N}"),
+            ));
+        }
+        if settings.stream {
+            return Err(ApiError::invalid(
+                "best_of",
+                format!(
+                    "best_of ({best_of}) above n ({n}) cannot be streamed: the best choices are known only at the end; \
+                     remove stream or set best_of to n"
+                ),
+            ));
+        }
+        settings.n = best_of;
+        settings.keep = n;
+        settings.sampling.logprobs = Some(settings.sampling.logprobs.unwrap_or(0));
+        Ok(())
     }
 }
 

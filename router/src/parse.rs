@@ -103,7 +103,6 @@ pub fn completion_request(body: &[u8], caps: BodyCaps) -> Result<CompletionReque
         .map_err(json_error)?;
     own.refusals.check(
         Endpoint::Completions,
-        common.n,
         common.stream,
         common.stream_options.is_some(),
     )?;
@@ -117,6 +116,7 @@ pub fn completion_request(body: &[u8], caps: BodyCaps) -> Result<CompletionReque
         max_tokens: own.max_tokens,
         logprobs: own.logprobs,
         echo: own.echo,
+        best_of: own.best_of,
     })
 }
 
@@ -128,7 +128,6 @@ pub fn chat_request(body: &[u8], caps: BodyCaps) -> Result<ChatRequest, ApiError
     let own = ChatSeed { caps }.deserialize(&mut de).map_err(json_error)?;
     own.refusals.check(
         Endpoint::Chat,
-        common.n,
         common.stream,
         common.stream_options.is_some(),
     )?;
@@ -156,6 +155,7 @@ struct CompletionFields {
     max_tokens: Option<u32>,
     logprobs: Option<u32>,
     echo: Option<bool>,
+    best_of: Option<u32>,
     refusals: Refusals,
 }
 
@@ -205,6 +205,7 @@ impl<'de> Visitor<'de> for CompletionSeed {
                 "max_tokens" => once(&mut map, &mut out.max_tokens, "max_tokens")?,
                 "logprobs" => once(&mut map, &mut out.logprobs, "logprobs")?,
                 "echo" => once(&mut map, &mut out.echo, "echo")?,
+                "best_of" => once(&mut map, &mut out.best_of, "best_of")?,
                 other => out.refusals.note(Endpoint::Completions, other, &mut map)?,
             }
         }

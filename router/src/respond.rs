@@ -38,8 +38,12 @@ pub struct ResponseMeta {
     pub shape: Shape,
     /// Number of choices.
     pub choices: u32,
-    /// Choices per prompt.
+    /// Choices generated per prompt.
     pub n: u32,
+    /// Choices returned per prompt (`GenSettings::keep`): a complete response keeps each
+    /// prompt's `keep` choices with the highest cumulative logprob (best_of); a stream is
+    /// never asked for fewer than `n`.
+    pub keep: u32,
     /// Prompt length per prompt.
     pub prompt_lens: Vec<usize>,
     /// Echoed prompt text per prompt (completions with echo).
@@ -103,6 +107,25 @@ impl ResponseMeta {
     }
 
     /// The echoed prompt of choice `index`, if any.
+    /// The choices a complete response returns, each with its index among those generated:
+    /// all of them, or per prompt the `keep` with the highest cumulative logprob (best
+    /// first; of equal sums the earlier one), as vLLM's best_of ranks them.
+    fn kept<'a>(&self, accs: &'a [ChoiceAcc]) -> Vec<(usize, &'a ChoiceAcc)> {
+        let n = self.n.max(1) as usize;
+        let keep = self.keep as usize;
+        let mut out: Vec<(usize, &ChoiceAcc)> = accs.iter().enumerate().collect();
+        if keep >= n {
+            return out;
+        }
+        let score = |a: &ChoiceAcc| a.logprobs.iter().map(|l| f64::from(l.logprob)).sum::<f64>();
+        out.chunks_mut(n)
+            .flat_map(|group| {
+                group.sort_by(|x, y| score(y.1).total_cmp(&score(x.1)).then(x.0.cmp(&y.0)));
+                group[..keep.min(group.len())].to_vec()
+            })
+            .collect()
+    }
+
     fn echo_of(&self, index: usize) -> Option<&str> {
         self.echo
             .get(index / self.n.max(1) as usize)
@@ -301,17 +324,18 @@ pub async fn collect(
             ChoiceEvent::Failed { error, .. } => return error.into_response(),
         }
     }
-    let choices: Vec<Value> = accs
-        .iter()
+    let choices: Vec<Value> = meta
+        .kept(&accs)
+        .into_iter()
         .enumerate()
-        .map(|(i, a)| {
-            let echo = meta.echo_of(i).unwrap_or_default();
+        .map(|(i, (from, a))| {
+            let echo = meta.echo_of(from).unwrap_or_default();
             match meta.shape {
                 Shape::Completion => json!({
                     "index": i,
                     "text": format!("{echo}{}", a.text),
                     "logprobs": meta.logprobs_json(
-                        meta.echo_logprobs(i, &a.prompt_logprobs),
+                        meta.echo_logprobs(from, &a.prompt_logprobs),
                         &a.logprobs,
                         echo.len(),
                     ),

@@ -271,7 +271,7 @@ async fn n_choices_echo_and_logprobs_have_openai_shapes() {
         .worker
         .requests()
         .iter()
-        .map(|r| r.sampling.unwrap_or_default().prompt_logprobs)
+        .map(|r| r.sampling.as_ref().is_some_and(|s| s.prompt_logprobs))
         .collect();
     assert_eq!(
         asked,

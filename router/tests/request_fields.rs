@@ -94,12 +94,6 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
     let cases: &[(Endpoint, &str, Vec<Value>, Vec<Value>)] = &[
         (
             Completions,
-            "logit_bias",
-            vec![json!({})],
-            vec![json!({"50256": -100})],
-        ),
-        (
-            Completions,
             "suffix",
             vec![json!("")],
             vec![json!(" and then")],
@@ -147,7 +141,6 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
             vec![json!("none")],
             vec![json!("auto")],
         ),
-        (Chat, "logit_bias", vec![json!({})], vec![json!({"1": 5})]),
     ];
     for (endpoint, field, fine, refused) in cases {
         parse(*endpoint, json!({ *field: null })).expect("null asks for nothing");
@@ -165,18 +158,73 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
 }
 
 #[test]
-fn best_of_is_accepted_only_when_it_equals_n() {
-    let c = Endpoint::Completions;
-    parse(c, json!({"best_of": 1})).unwrap();
-    parse(c, json!({"best_of": 3, "n": 3})).unwrap();
-    for bad in [
-        json!({"best_of": 2}),
-        json!({"best_of": 4, "n": 2}),
-        json!({"best_of": "2"}),
-    ] {
-        let e = parse(c, bad.clone()).expect_err(&bad.to_string());
-        assert_eq!(e.param.as_deref(), Some("best_of"), "{}", e.message);
+fn logit_bias_is_read_on_both_endpoints_and_checked_by_name() {
+    use llmapi_common::generation_config::SamplingDefaults;
+    for (i, endpoint) in ENDPOINTS.into_iter().enumerate() {
+        let mut body = match endpoint {
+            Endpoint::Completions => json!({"model": "m", "prompt": "hi"}),
+            Endpoint::Chat => {
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            }
+        };
+        let settings = |b: &Value| {
+            let bytes = serde_json::to_vec(b).unwrap();
+            let common = match endpoint {
+                Endpoint::Completions => completion_request(&bytes, CAPS).map(|r| r.common),
+                Endpoint::Chat => chat_request(&bytes, CAPS).map(|r| r.common),
+            }?;
+            common.settings(None, &SamplingDefaults::default())
+        };
+        body["logit_bias"] = json!({"50256": -100, "7": 2.5});
+        let s = settings(&body).unwrap_or_else(|e| panic!("{endpoint:?}: {}", e.message));
+        assert_eq!(s.sampling.logit_bias.len(), 2, "{endpoint:?}");
+        assert_eq!(s.sampling.logit_bias[&50256], -100.0);
+        body["logit_bias"] = json!({ "1": 101 + i });
+        let e = settings(&body).expect_err("a bias past 100");
+        assert_eq!(e.param.as_deref(), Some("logit_bias"), "{}", e.message);
     }
+}
+
+#[test]
+fn best_of_is_read_and_held_between_n_and_the_cap() {
+    use llmapi_common::generation_config::SamplingDefaults;
+    let settings = |extra: Value| {
+        let mut body = json!({"model": "m", "prompt": "hi"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let req = completion_request(&serde_json::to_vec(&body).unwrap(), CAPS)?;
+        let mut s = req
+            .common
+            .settings(req.logprobs, &SamplingDefaults::default())?;
+        req.apply_best_of(&mut s)?;
+        Ok::<_, ApiError>(s)
+    };
+    for (extra, n, keep, logprobs) in [
+        (json!({}), 1, 1, None),
+        (json!({"best_of": 1}), 1, 1, None),
+        (json!({"best_of": 3, "n": 3}), 3, 3, None),
+        (json!({"best_of": 4, "n": 2}), 4, 2, Some(0)),
+        (json!({"best_of": 3, "logprobs": 2}), 3, 1, Some(2)),
+    ] {
+        let s = settings(extra.clone()).unwrap_or_else(|e| panic!("{extra}: {}", e.message));
+        assert_eq!((s.n, s.keep), (n, keep), "{extra}: choices run and kept");
+        assert_eq!(
+            s.sampling.logprobs, logprobs,
+            "{extra}: logprobs asked of workers"
+        );
+    }
+    for (bad, says) in [
+        (json!({"best_of": 1, "n": 2}), "between n (2)"),
+        (json!({"best_of": 17}), "and 16"),
+        (json!({"best_of": 2, "stream": true}), "cannot be streamed"),
+    ] {
+        let e = settings(bad.clone()).expect_err(&bad.to_string());
+        assert_eq!(e.param.as_deref(), Some("best_of"), "{}", e.message);
+        assert!(e.message.contains(says), "{bad}: {}", e.message);
+    }
+    let e = settings(json!({"best_of": "2"})).expect_err("a string");
+    assert_eq!(e.status, 400, "{}", e.message);
 }
 
 #[test]

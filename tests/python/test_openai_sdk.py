@@ -148,6 +148,29 @@ check(chunks[0].choices[0].delta.role == "assistant", "first delta carries the r
 check(chunks[-1].usage is not None, "chat stream usage chunk")
 check(any(c.choices and c.choices[0].finish_reason for c in chunks), "chat stream finish")
 
+# logit_bias: +100 on one token makes every generated token that one, greedy and sampled.
+for temperature in (0, 1):
+    r = client.completions.create(
+        model=MODEL, prompt=[300], max_tokens=4, temperature=temperature, echo=True, logprobs=0,
+        logit_bias={"300": 100},
+    )
+    toks = r.choices[0].logprobs.tokens
+    check(len(toks) == 5 and all(t == toks[0] for t in toks), f"logit_bias forces its token at T={temperature}")
+try:
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, logit_bias={"x": 1})
+    check(False, "a logit_bias key that is not a token id raises")
+except openai.BadRequestError as e:
+    check(e.param == "logit_bias", "400 naming logit_bias")
+
+# best_of: of best_of sampled choices, the n best come back; it cannot be streamed above n.
+r = client.completions.create(model=MODEL, prompt="Best", max_tokens=4, n=2, best_of=3, temperature=1, seed=5)
+check([c.index for c in r.choices] == [0, 1], "best_of returns n choices")
+try:
+    list(client.completions.create(model=MODEL, prompt="Best", max_tokens=2, best_of=2, stream=True))
+    check(False, "streaming best_of above n raises")
+except openai.BadRequestError as e:
+    check(e.param == "best_of", "400 naming best_of")
+
 # The model may be named by its path, too.
 r = client.completions.create(model=os.environ.get("LLMAPI_MODEL_PATH", MODEL), prompt="x", max_tokens=1)
 check(len(r.choices) == 1, "model path accepted")

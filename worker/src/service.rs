@@ -131,6 +131,7 @@ fn params(req: pb::GenerateRequest) -> GenerateParams {
             frequency_penalty: s.frequency_penalty,
             logprobs: s.logprobs,
             prompt_logprobs: s.prompt_logprobs,
+            logit_bias: sorted_bias(s.logit_bias),
         },
         stopping: StoppingParams {
             max_tokens: t.max_tokens,
@@ -139,6 +140,13 @@ fn params(req: pb::GenerateRequest) -> GenerateParams {
             stop_token_ids: t.stop_token_ids,
         },
     }
+}
+
+/// The proto's map in id order, so that a request samples the same way on every worker.
+fn sorted_bias(bias: std::collections::HashMap<u32, f32>) -> Vec<(u32, f32)> {
+    let mut v: Vec<(u32, f32)> = bias.into_iter().collect();
+    v.sort_unstable_by_key(|e| e.0);
+    v
 }
 
 fn logprob(l: TokenLogprob) -> pb::TokenLogprob {

@@ -70,6 +70,20 @@ fn the_engine_classes_refusals_by_cause() {
     let mut stops = params("stops", 3, 1);
     stops.stopping.stop_token_ids = vec![7; llmapi_proto::limits::MAX_STOP_TOKEN_IDS + 1];
     assert_eq!(class(stops), "invalid", "too many stop_token_ids");
+    for (bias, why) in [
+        (vec![(u32::MAX, 1.0)], "a biased id past the vocabulary"),
+        (vec![(7, f32::NAN)], "a bias that is not a number"),
+        (
+            (0..=llmapi_proto::limits::MAX_LOGIT_BIAS as u32)
+                .map(|t| (t, 1.0))
+                .collect(),
+            "too many logit_bias entries",
+        ),
+    ] {
+        let mut p = params("bias", 3, 1);
+        p.sampling.logit_bias = bias;
+        assert_eq!(class(p), "invalid", "{why}");
+    }
     gate.hold.store(false, Ordering::SeqCst);
 }
 

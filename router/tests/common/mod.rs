@@ -67,9 +67,14 @@ pub async fn start(scripts: Vec<Script>, tweak: impl FnOnce(&mut RouterConfig)) 
 impl Harness {
     /// POSTs `body` to /v1/completions.
     pub async fn send(&self, body: Value) -> axum::response::Response {
+        self.send_to("/v1/completions", body).await
+    }
+
+    /// POSTs `body` to `path`.
+    pub async fn send_to(&self, path: &str, body: Value) -> axum::response::Response {
         let req = Request::builder()
             .method("POST")
-            .uri("/v1/completions")
+            .uri(path)
             .header("content-type", "application/json")
             .body(Body::from(body.to_string()))
             .expect("request");
@@ -79,9 +84,14 @@ impl Harness {
             .expect("infallible")
     }
 
-    /// POSTs `body` and reads the whole answer as JSON.
+    /// POSTs `body` to /v1/completions and reads the whole answer as JSON.
     pub async fn post(&self, body: Value) -> (StatusCode, Value) {
-        let resp = self.send(body).await;
+        self.post_to("/v1/completions", body).await
+    }
+
+    /// POSTs `body` to `path` and reads the whole answer as JSON.
+    pub async fn post_to(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let resp = self.send_to(path, body).await;
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 28)
             .await

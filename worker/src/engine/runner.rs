@@ -8,7 +8,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::{CapacityPolicy, Command, EngineConfig, EngineError, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
-use llmapi_proto::limits::MAX_STOP_TOKEN_IDS;
+use llmapi_proto::limits::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
 
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::kv::BlockManager;
@@ -111,6 +111,22 @@ pub(crate) fn validate(
     }
     if !s.presence_penalty.is_finite() || !s.frequency_penalty.is_finite() {
         return bad("presence_penalty and frequency_penalty must be finite numbers".into());
+    }
+    if s.logit_bias.len() > MAX_LOGIT_BIAS {
+        return bad(format!(
+            "{} logit_bias entries given; at most {MAX_LOGIT_BIAS} are accepted",
+            s.logit_bias.len()
+        ));
+    }
+    if let Some((t, b)) = s
+        .logit_bias
+        .iter()
+        .find(|(t, b)| *t >= info.vocab_size || !b.is_finite())
+    {
+        return bad(format!(
+            "logit_bias of token {t} is {b}; ids must be below the vocabulary size {} and biases finite",
+            info.vocab_size
+        ));
     }
     if req.stopping.min_tokens as usize + n > total && req.stopping.max_tokens > 0 {
         return bad(format!(

@@ -164,6 +164,9 @@ pub struct SamplingParams {
     pub logprobs: Option<u32>,
     /// Also return logprobs of the prompt tokens.
     pub prompt_logprobs: bool,
+    /// `(token id, bias)` added to the logits before every sampling mode, in id order; empty
+    /// means none. Logprobs stay those of the raw logits.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -179,6 +182,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logprobs: None,
             prompt_logprobs: false,
+            logit_bias: Vec::new(),
         }
     }
 }

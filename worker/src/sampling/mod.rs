@@ -1,4 +1,4 @@
-//! Token sampling: penalties, greedy, temperature, top-k, top-p, min-p, seeded RNG, logprobs.
+//! Token sampling: logit bias, penalties, greedy, temperature, top-k, top-p, min-p, seeded RNG, logprobs.
 //!
 //! A `Sampler` works on one request's logits row; `sample_batch` samples a step's rows on the
 //! rayon pool, one task per sequence. Each sampler keeps its own scratch rows and its penalty
@@ -102,15 +102,18 @@ impl Sampler {
         }
     }
 
-    /// Whether the next token is the plain argmax of the raw logits (greedy, no penalties,
-    /// no logprobs), so a backend may pick it itself (`Backend::forward_greedy`); tokens the
-    /// caller bans are its own to check.
+    /// Whether the next token is the plain argmax of the raw logits (greedy, no logit bias,
+    /// no penalties, no logprobs), so a backend may pick it itself
+    /// (`Backend::forward_greedy`); tokens the caller bans are its own to check.
     pub fn is_plain_greedy(&self) -> bool {
         let p = &self.params;
         let penalized = (p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0)
             || p.presence_penalty != 0.0
             || p.frequency_penalty != 0.0;
-        (p.temperature <= 0.0 || p.top_k == 1) && p.logprobs.is_none() && !penalized
+        (p.temperature <= 0.0 || p.top_k == 1)
+            && p.logprobs.is_none()
+            && p.logit_bias.is_empty()
+            && !penalized
     }
 
     /// Whether sampling needs top-n logprobs for each token.
@@ -121,6 +124,8 @@ impl Sampler {
     /// Picks the next token from `logits` (modified in place).
     ///
     /// `prompt` and `generated` feed the penalties; `banned` tokens get probability zero.
+    /// Logprobs are those of the raw row, before the logit bias and the penalties (vLLM's
+    /// default `logprobs_mode`, `raw_logprobs`).
     pub fn sample(
         &mut self,
         logits: &mut [f32],
@@ -130,6 +135,12 @@ impl Sampler {
     ) -> (u32, Option<TokenLogprob>) {
         if self.params.logprobs.is_some() {
             log_softmax_into(logits, &mut self.scratch.logprobs);
+        }
+        // The bias first, then the penalties, in vLLM's order.
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
         }
         self.apply_penalties(logits, prompt, generated);
         for &t in banned.0 {

@@ -187,6 +187,10 @@ fn only_unpenalized_greedy_without_logprobs_is_plain_greedy() {
             frequency_penalty: 0.5,
             ..params(0.0, 1)
         },
+        SamplingParams {
+            logit_bias: vec![(2, 1.0)],
+            ..params(0.0, 1)
+        },
     ] {
         assert!(!plain(p));
     }
@@ -392,4 +396,83 @@ fn a_resumed_sampler_draws_what_the_undisturbed_one_draws_after_the_seam() {
     let mut restarted = whole[..20].to_vec();
     run(&mut Sampler::new(seeded), &mut restarted, 20..rows.len());
     assert_ne!(restarted, whole);
+}
+
+fn biased(temperature: f32, seed: u64, bias: Vec<(u32, f32)>) -> SamplingParams {
+    SamplingParams {
+        logit_bias: bias,
+        ..params(temperature, seed)
+    }
+}
+
+/// A row whose argmax (id 3) leads the weakest token (id 7) by 12 logits.
+fn spread_row() -> Vec<f32> {
+    (0..10)
+        .map(|i| {
+            if i == 3 {
+                6.0
+            } else if i == 7 {
+                -6.0
+            } else {
+                (i as f32).sin()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_positive_bias_forces_its_token_under_greedy_and_sampling() {
+    for (temperature, top_p, top_k) in [(0.0, 1.0, 0), (1.0, 1.0, 0), (1.5, 0.9, 5), (0.7, 1.0, 0)]
+    {
+        let p = SamplingParams {
+            top_p,
+            top_k,
+            ..biased(temperature, 11, vec![(7, 100.0)])
+        };
+        let mut s = Sampler::new(p);
+        for _ in 0..200 {
+            let (t, _) = s.sample(&mut spread_row(), &[], &[], Banned(&[]));
+            assert_eq!(
+                t, 7,
+                "temperature {temperature}, top_p {top_p}, top_k {top_k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_full_negative_bias_bans_the_argmax() {
+    let mut greedy = Sampler::new(biased(0.0, 1, vec![(3, -100.0)]));
+    let mut row = spread_row();
+    let (t, _) = greedy.sample(&mut row, &[], &[], Banned(&[]));
+    let mut expected = spread_row();
+    expected[3] = f32::NEG_INFINITY;
+    assert_eq!(t, argmax(&expected));
+    let f = frequencies(biased(1.0, 5, vec![(3, -100.0)]), &spread_row(), 20_000);
+    assert_eq!(f[3], 0.0, "a token 100 logits down drew {}", f[3]);
+    // Unbiased, the same token takes most draws (6 logits above the rest).
+    let free = frequencies(params(1.0, 5), &spread_row(), 2_000);
+    assert!(free[3] > 0.9, "{}", free[3]);
+}
+
+#[test]
+fn a_bias_shifts_the_distribution_by_its_exponential() {
+    // Two equal logits; +ln 3 on the second makes it three times as likely.
+    let f = frequencies(biased(1.0, 9, vec![(1, 3f32.ln())]), &[0.0, 0.0], 40_000);
+    assert!((f[1] - 0.75).abs() < 0.015, "{f:?}");
+}
+
+#[test]
+fn logprobs_are_those_of_the_unbiased_row() {
+    let mut row = spread_row();
+    let raw = log_softmax(&row);
+    let mut s = Sampler::new(SamplingParams {
+        logprobs: Some(2),
+        ..biased(0.0, 1, vec![(7, 100.0)])
+    });
+    let (t, lp) = s.sample(&mut row, &[], &[], Banned(&[]));
+    let lp = lp.expect("logprobs asked for");
+    assert_eq!(t, 7);
+    assert_eq!(lp.logprob, raw[7]);
+    assert_eq!(lp.top[0].0, 3, "the raw row's best alternative");
 }
