@@ -27,10 +27,14 @@ async fn start_with(tweak: impl FnOnce(&mut EngineConfig)) -> Client {
     client_for(serve_engine(tweak).await, Some(SECRET)).await
 }
 
-/// Starts the golden engine behind the gRPC service (requiring SECRET); returns its address.
-async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
-    let mut cfg = EngineConfig {
+/// The golden checkpoint every test here serves.
+fn golden_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
+}
+
+/// A small engine for it: 8 sequences, 4-token blocks, 4096 KV tokens, 2 threads.
+fn golden_config() -> EngineConfig {
+    EngineConfig {
         max_batch_size: 8,
         max_num_tokens: 256,
         max_seq_len: Some(256),
@@ -39,9 +43,14 @@ async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
         kv_max_tokens: Some(4096),
         threads: Some(2),
         ..Default::default()
-    };
+    }
+}
+
+/// Starts the golden engine behind the gRPC service (requiring SECRET); returns its address.
+async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
+    let mut cfg = golden_config();
     tweak(&mut cfg);
-    let engine = Engine::start(&dir, cfg).unwrap();
+    let engine = Engine::start(&golden_dir(), cfg).unwrap();
     serve_worker(engine).await
 }
 
@@ -436,19 +445,7 @@ async fn kv_events_stream_a_snapshot_then_stores_and_evictions_in_order() {
 /// waiting on its caller, so the graceful shutdown completes while a router is subscribed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_shutting_down_ends_its_kv_event_streams() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
-    let engine = Engine::start(
-        &dir,
-        EngineConfig {
-            max_seq_len: Some(256),
-            tokens_per_block: 4,
-            kv_dtype: KvDtype::Float32,
-            kv_max_tokens: Some(4096),
-            threads: Some(2),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let engine = Engine::start(&golden_dir(), golden_config()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -161,6 +161,17 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
             (n0, part)
         })
         .collect();
+    scatter_column_parts(parts, rows, n, out);
+}
+
+/// Writes column blocks into the row-major rows x n `out`: each part, starting at column n0,
+/// holds rows x width values, row by row.
+pub(super) fn scatter_column_parts(
+    parts: Vec<(usize, Vec<f32>)>,
+    rows: usize,
+    n: usize,
+    out: &mut [f32],
+) {
     for (n0, part) in parts {
         let width = part.len() / rows;
         for t in 0..rows {

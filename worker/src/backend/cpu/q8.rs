@@ -140,12 +140,7 @@ pub fn linear_q8(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
             (n0, part)
         })
         .collect();
-    for (n0, part) in parts {
-        let width = part.len() / rows;
-        for t in 0..rows {
-            out[t * n + n0..t * n + n0 + width].copy_from_slice(&part[t * width..(t + 1) * width]);
-        }
-    }
+    super::linear::scatter_column_parts(parts, rows, n, out);
 }
 
 #[cfg(target_arch = "x86_64")]
