@@ -21,6 +21,7 @@ use llmapi_router::access::AccessArgs;
 use llmapi_router::deadline::DeadlineArgs;
 use llmapi_router::front::ConnectionArgs;
 use llmapi_router::migrate::MigrationArgs;
+use llmapi_router::reasoning::ReasoningArgs;
 use llmapi_router::tls::TlsArgs;
 
 fn cli() -> Command {
@@ -31,7 +32,9 @@ fn cli() -> Command {
         .arg_required_else_help(true)
         .subcommand(
             TlsArgs::augment_args(MigrationArgs::augment_args(DeadlineArgs::augment_args(
-                ConnectionArgs::augment_args(AccessArgs::augment_args(serve_command())),
+                ConnectionArgs::augment_args(ReasoningArgs::augment_args(AccessArgs::augment_args(
+                    serve_command(),
+                ))),
             )))
                 .arg(
                     Arg::new("router_url")
@@ -258,6 +261,7 @@ fn serve_with(m: &clap::ArgMatches, resolved: Resolved) -> anyhow::Result<()> {
     router.front = ConnectionArgs::from_arg_matches(m)?.limits();
     DeadlineArgs::from_arg_matches(m)?.apply(&mut router);
     router.max_migrations = MigrationArgs::from_arg_matches(m)?.max_migrations;
+    router.reasoning_parser = ReasoningArgs::from_arg_matches(m)?.reasoning_parser;
     let tls = TlsArgs::from_arg_matches(m)?;
     // Certificate files are read and checked before anything starts.
     router.https = tls.https_front()?;

@@ -144,6 +144,9 @@ pub struct RouterArgs {
     /// idle connections (0: none, as trtllm-serve; benchmark_serving.py fails on comments).
     #[arg(long, default_value_t = 0)]
     pub sse_keepalive_s: u64,
+    /// `--reasoning_parser`.
+    #[command(flatten)]
+    pub reasoning: crate::reasoning::ReasoningArgs,
     /// Connection count and timeouts of the HTTP front.
     #[command(flatten)]
     pub connections: crate::front::ConnectionArgs,
@@ -220,6 +223,7 @@ impl RouterArgs {
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
+            reasoning_parser: self.reasoning.reasoning_parser,
             front: self.connections.limits(),
             deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()

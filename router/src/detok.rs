@@ -132,7 +132,7 @@ impl StopMatcher {
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`, on char bounds.
-fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+pub(crate) fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = text.len().min(stop.len().saturating_sub(1));
     (1..=max)
         .rev()

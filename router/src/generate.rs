@@ -65,6 +65,8 @@ pub enum ChoiceEvent {
         text: String,
         /// Logprobs of the new tokens, when asked for.
         logprobs: Vec<TokenLogprob>,
+        /// Tokens generated since the previous delta (their text may be partly held back).
+        tokens: u32,
     },
     /// The choice ended.
     Finish {
@@ -337,6 +339,8 @@ struct Progress {
     /// possible stop string): they go out with the chunk that releases the text, so that every
     /// streamed chunk's text and logprobs describe the same tokens.
     held_logprobs: Vec<TokenLogprob>,
+    /// Tokens generated since the last delta sent (reasoning token counts).
+    held_tokens: u32,
 }
 
 /// How relaying one worker's stream ended.
@@ -389,6 +393,7 @@ pub async fn run_choice(state: Arc<AppState>, job: ChoiceJob, tx: mpsc::Sender<C
         failed: Vec::new(),
         migrations: 0,
         held_logprobs: Vec::new(),
+        held_tokens: 0,
     };
     loop {
         let (cause, error) = match relay(&state, &job, &mut opened, &mut progress, &tx).await {
@@ -608,12 +613,16 @@ async fn deliver(
     }
     let ends = stopped || finish != FinishReason::Unspecified;
     progress.held_logprobs.append(&mut resp.logprobs);
+    progress.held_tokens = progress
+        .held_tokens
+        .saturating_add(u32::try_from(resp.token_ids.len()).unwrap_or(u32::MAX));
     if (!emit.is_empty() || (ends && !progress.held_logprobs.is_empty()))
         && tx
             .send(ChoiceEvent::Delta {
                 index,
                 text: emit,
                 logprobs: std::mem::take(&mut progress.held_logprobs),
+                tokens: std::mem::take(&mut progress.held_tokens),
             })
             .await
             .is_err()

@@ -233,6 +233,10 @@ fn spawn_choices(
         echo: prompts.into_iter().map(|p| p.text).collect(),
         logprobs,
         include_usage: settings.include_usage,
+        reasoning: match shape {
+            Shape::Chat => state.config.reasoning_parser,
+            Shape::Completion => None,
+        },
         codec: state.codec.clone(),
     };
     (meta, rx)

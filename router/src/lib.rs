@@ -29,6 +29,7 @@ pub mod openai;
 pub mod parse;
 pub mod policy;
 pub mod pool;
+pub mod reasoning;
 pub mod registration;
 pub mod respond;
 pub mod server;

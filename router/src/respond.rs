@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use crate::codec::TextCodec;
 use crate::error::ApiError;
 use crate::generate::ChoiceEvent;
+use crate::reasoning::{ReasoningParser, ReasoningSplitter, Split};
 use crate::state::AdmitGuard;
 
 /// Which endpoint's shapes to produce.
@@ -55,6 +56,8 @@ pub struct ResponseMeta {
     pub logprobs: bool,
     /// Final usage chunk in streams.
     pub include_usage: bool,
+    /// Chat with `--reasoning_parser`: split the thinking part into `reasoning_content`.
+    pub reasoning: Option<ReasoningParser>,
     /// Tokenizer, for logprob token strings.
     pub codec: Arc<dyn TextCodec>,
 }
@@ -74,6 +77,53 @@ struct ChoiceAcc {
     finish: Option<&'static str>,
     completion_tokens: u32,
     cached_tokens: u32,
+    /// The thinking part (`--reasoning_parser`).
+    reasoning: String,
+    splitter: Option<ReasoningSplitter>,
+}
+
+impl ChoiceAcc {
+    fn new(parser: Option<ReasoningParser>) -> Self {
+        Self {
+            splitter: parser.map(ReasoningSplitter::new),
+            ..Self::default()
+        }
+    }
+
+    /// Splits a delta of `tokens` tokens into reasoning and content (all content without a
+    /// parser) and adds both to the choice.
+    fn add(&mut self, text: &str, tokens: u32) -> Split {
+        let split = match &mut self.splitter {
+            Some(s) => s.push(text, tokens),
+            None => Split {
+                reasoning: String::new(),
+                content: text.to_owned(),
+            },
+        };
+        self.keep(split)
+    }
+
+    /// Releases the splitter's held-back text at the end of the choice.
+    fn flush(&mut self) -> Split {
+        let split = self
+            .splitter
+            .as_mut()
+            .map(ReasoningSplitter::flush)
+            .unwrap_or_default();
+        self.keep(split)
+    }
+
+    fn keep(&mut self, split: Split) -> Split {
+        self.reasoning.push_str(&split.reasoning);
+        self.text.push_str(&split.content);
+        split
+    }
+
+    fn reasoning_tokens(&self) -> u32 {
+        self.splitter
+            .as_ref()
+            .map_or(0, ReasoningSplitter::reasoning_tokens)
+    }
 }
 
 impl ResponseMeta {
@@ -94,12 +144,17 @@ impl ResponseMeta {
             .step_by(self.n.max(1) as usize)
             .map(|a| u64::from(a.cached_tokens))
             .sum();
-        json!({
+        let mut usage = json!({
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt as u64 + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
-        })
+        });
+        if self.reasoning.is_some() {
+            let reasoning: u64 = accs.iter().map(|a| u64::from(a.reasoning_tokens())).sum();
+            usage["completion_tokens_details"] = json!({"reasoning_tokens": reasoning});
+        }
+        usage
     }
 
     fn token_str(&self, id: u32) -> String {
@@ -283,7 +338,7 @@ pub async fn collect(
     mut rx: mpsc::Receiver<ChoiceEvent>,
     admit: &AdmitGuard,
 ) -> Response {
-    let mut accs = vec![ChoiceAcc::default(); meta.choices as usize];
+    let mut accs = vec![ChoiceAcc::new(meta.reasoning); meta.choices as usize];
     let mut done = 0;
     while done < accs.len() {
         let ev = tokio::select! {
@@ -303,9 +358,10 @@ pub async fn collect(
                 index,
                 text,
                 logprobs,
+                tokens,
             } => {
                 if let Some(a) = accs.get_mut(index as usize) {
-                    a.text.push_str(&text);
+                    a.add(&text, tokens);
                     a.logprobs.extend(logprobs);
                 }
             }
@@ -315,6 +371,7 @@ pub async fn collect(
                 usage,
             } => {
                 if let Some(a) = accs.get_mut(index as usize) {
+                    a.flush();
                     a.finish = Some(reason);
                     a.completion_tokens = usage.completion_tokens;
                     a.cached_tokens = usage.cached_tokens;
@@ -341,12 +398,19 @@ pub async fn collect(
                     ),
                     "finish_reason": a.finish,
                 }),
-                Shape::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": a.text},
-                    "logprobs": meta.logprobs_json(None, &a.logprobs, 0),
-                    "finish_reason": a.finish,
-                }),
+                Shape::Chat => {
+                    let mut message = json!({"role": "assistant", "content": a.text});
+                    if meta.reasoning.is_some() {
+                        message["reasoning_content"] =
+                            json!((!a.reasoning.is_empty()).then_some(&a.reasoning));
+                    }
+                    json!({
+                        "index": i,
+                        "message": message,
+                        "logprobs": meta.logprobs_json(None, &a.logprobs, 0),
+                        "finish_reason": a.finish,
+                    })
+                }
             }
         })
         .collect();
@@ -431,6 +495,28 @@ impl StreamState {
         self.meta.echo_of(i).map_or(0, str::len) + self.accs[i].text.len()
     }
 
+    /// Queues a chunk of split text (a plain text chunk without a reasoning parser); none when
+    /// there is no text (the parser holds it back) and no logprobs to send.
+    fn send_split(&mut self, index: u32, split: &Split, logprobs: &[TokenLogprob], offset: usize) {
+        let i = index as usize;
+        if split.reasoning.is_empty() && split.content.is_empty() && logprobs.is_empty() {
+            return;
+        }
+        let first = !std::mem::replace(&mut self.started[i], true);
+        let mut v = self
+            .meta
+            .chunk(index, &split.content, None, logprobs, offset, None, first);
+        if !split.reasoning.is_empty()
+            && let Some(delta) = v["choices"][0]["delta"].as_object_mut()
+        {
+            if split.content.is_empty() {
+                delta.remove("content");
+            }
+            delta.insert("reasoning_content".into(), json!(split.reasoning));
+        }
+        self.pending.push_back(v);
+    }
+
     /// Queues the chunks for one choice event; false when the stream must end.
     fn on_event(&mut self, ev: ChoiceEvent) -> bool {
         match ev {
@@ -443,16 +529,13 @@ impl StreamState {
                 index,
                 text,
                 logprobs,
+                tokens,
             } => {
                 let i = index as usize;
                 self.send_echo(i);
-                let first = !std::mem::replace(&mut self.started[i], true);
                 let offset = self.text_offset(i);
-                self.accs[i].text.push_str(&text);
-                let v = self
-                    .meta
-                    .chunk(index, &text, None, &logprobs, offset, None, first);
-                self.pending.push_back(v);
+                let split = self.accs[i].add(&text, tokens);
+                self.send_split(index, &split, &logprobs, offset);
             }
             ChoiceEvent::Finish {
                 index,
@@ -461,6 +544,9 @@ impl StreamState {
             } => {
                 let i = index as usize;
                 self.send_echo(i);
+                let offset = self.text_offset(i);
+                let split = self.accs[i].flush();
+                self.send_split(index, &split, &[], offset);
                 let first = !std::mem::replace(&mut self.started[i], true);
                 self.accs[i].finish = Some(reason);
                 self.accs[i].completion_tokens = usage.completion_tokens;
@@ -490,7 +576,7 @@ fn sse_events(
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let n = meta.choices as usize;
     let mut state = StreamState {
-        accs: vec![ChoiceAcc::default(); n],
+        accs: vec![ChoiceAcc::new(meta.reasoning); n],
         started: vec![false; n],
         echo_due: (0..n).map(|i| meta.echo_of(i).is_some()).collect(),
         meta,

@@ -103,6 +103,9 @@ pub struct RouterConfig {
     /// connections; `None` sends none, as trtllm-serve and vLLM do (benchmark_serving.py
     /// parses every non-empty line as JSON and fails on a comment).
     pub sse_keepalive: Option<Duration>,
+    /// `--reasoning_parser`: how chat output splits into `reasoning_content` and `content`
+    /// (None: it does not).
+    pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
     /// Limits on the HTTP front's connections (count, header-read and keep-alive timeouts).
     pub front: crate::front::ConnectionLimits,
     /// `--request_timeout` and `--first_token_timeout`.
@@ -140,6 +143,7 @@ impl Default for RouterConfig {
             health: HealthPolicy::default(),
             drain_timeout: Duration::from_secs(30),
             sse_keepalive: None,
+            reasoning_parser: None,
             front: crate::front::ConnectionLimits::default(),
             deadlines: Deadlines::default(),
             sampling_defaults: SamplingDefaults::default(),
