@@ -255,4 +255,24 @@ mod tests {
         assert_eq!(s.push("ab</th", 1).reasoning, "ab");
         assert_eq!(s.push("x", 1).reasoning, "</thx");
     }
+
+    #[test]
+    fn an_unknown_parser_name_is_a_cli_error_listing_the_known_ones() {
+        use clap::Parser;
+        let args = ["llmapi-router", "/m", "--reasoning_parser", "deepseek-r1"];
+        let parsed = crate::args::RouterArgs::try_parse_from(args).map(|a| a.config());
+        assert_eq!(
+            parsed.map(|c| c.reasoning_parser).ok(),
+            Some(Some(ReasoningParser::DeepseekR1))
+        );
+        let args = ["llmapi-router", "/m", "--reasoning_parser", "r1"];
+        let err = crate::args::RouterArgs::try_parse_from(args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("'r1'") && err.contains("deepseek-r1") && err.contains("qwen3"),
+            "{err}"
+        );
+    }
 }
