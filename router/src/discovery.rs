@@ -13,10 +13,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::{ResolveError, TokioResolver};
 
 use crate::pool::Pool;
 
@@ -142,7 +142,8 @@ impl Discovery {
         let lookup = self.resolver.lookup_ip(self.source.name.as_str());
         match tokio::time::timeout(LOOKUP_TIMEOUT * 2, lookup).await {
             Ok(Ok(found)) => Answer::Addresses(found.iter().collect()),
-            Ok(Err(e)) if no_records(&e) => Answer::Addresses(BTreeSet::new()),
+            // An answer without addresses (NXDOMAIN, no A/AAAA records), not a failed lookup.
+            Ok(Err(e)) if e.is_no_records_found() => Answer::Addresses(BTreeSet::new()),
             Ok(Err(e)) => Answer::Failed(e.to_string()),
             Err(_) => Answer::Failed(format!("no answer within {:?}", LOOKUP_TIMEOUT * 2)),
         }
@@ -203,12 +204,6 @@ impl Discovery {
             }
         }
     }
-}
-
-/// Whether the lookup got an answer that holds no address (NXDOMAIN, or a name without A/AAAA
-/// records), as opposed to no answer at all.
-fn no_records(e: &ResolveError) -> bool {
-    e.is_no_records_found()
 }
 
 #[cfg(test)]
