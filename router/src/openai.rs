@@ -301,6 +301,8 @@ impl CommonFields {
                 logprobs,
                 prompt_logprobs: false,
                 logit_bias,
+                // Set by the structured-output fields once the worker enforces them.
+                guided: None,
             },
             stopping: StoppingParams {
                 max_tokens: 0,
