@@ -46,17 +46,20 @@ impl OutputTokenCounter for CodecCounter<'_> {
     }
 }
 
-/// Loads the tokenizer from a model directory or a tokenizer.json path.
+/// Loads the tokenizer from a model directory, a GGUF file (its `tokenizer.ggml.*`
+/// metadata) or a tokenizer.json path.
 pub fn load(id: &str) -> Result<Tokenizer, String> {
     let path = Path::new(id);
-    let loaded = if path.is_dir() {
+    let is_gguf = path.is_file() && path.extension().is_some_and(|e| e == "gguf");
+    let loaded = if path.is_dir() || is_gguf {
         Tokenizer::from_dir(path)
     } else if path.is_file() {
         Tokenizer::from_file(path)
     } else {
         return Err(format!(
             "tokenizer '{id}' is not a local directory or tokenizer.json file (nothing is \
-             downloaded); pass --tokenizer DIR, or --model DIR with the model's directory"
+             downloaded); pass --tokenizer DIR, or --model DIR with the model's directory or \
+             GGUF file"
         ));
     };
     loaded.map_err(|e| format!("cannot load the tokenizer from '{id}': {e}"))

@@ -7,9 +7,10 @@
 //! the template's end-of-turn token. Skips, saying why, only when the file is not there.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use llmapi_common::tokenizer::Tokenizer;
-use llmapi_tests::{free_port, get, post, serve};
+use llmapi_tests::{Proc, bin, free_port, get, post, serve};
 use serde_json::{Value, json};
 
 /// Reference steps are compared while their top-1 minus top-2 logit margin in transformers'
@@ -173,5 +174,23 @@ fn smollm2_gguf_answers_like_transformers() {
     assert!(
         usage["completion_tokens"].as_u64().unwrap_or(99) < 40,
         "{usage}"
+    );
+
+    // llmapi-bench takes the GGUF file as --model: its tokenizer comes from the file.
+    let mut cmd = std::process::Command::new(bin("llmapi-bench"));
+    cmd.args(["--backend", "openai", "--dataset-name", "random"])
+        .args(["--num-prompts", "2", "--random-input-len", "16"])
+        .args(["--random-output-len", "4", "--ignore-eos", "--disable-tqdm"])
+        .arg("--model")
+        .arg(&file)
+        .args(["--port", &port.to_string()]);
+    let mut bench = Proc::spawn("gguf-bench", cmd);
+    let status = bench.wait_exit(Duration::from_secs(120));
+    let log = std::fs::read_to_string(&bench.log).unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.starts_with("Successful requests:") && l.trim_end().ends_with(" 2")),
+        "{log}"
     );
 }
