@@ -6,7 +6,7 @@ on the same file. Quantize the result with llama.cpp's `llama-quantize` (Q8_0, Q
 
 llama.cpp's converter refuses tokenizers whose pre-tokenizer it does not recognise by hash;
 the project's BPE tokenizers split text with GPT-2's byte-level regex, so this script writes
-`tokenizer.ggml.pre = "gpt2"` itself, which is what that converter would choose for them.
+`tokenizer.ggml.pre = "gpt-2"` itself, which is what that converter would choose for them.
 
     .venv/bin/python scripts/make_gguf.py /tmp/bench /tmp/bench-bf16.gguf
     llama-quantize /tmp/bench-bf16.gguf /tmp/bench-Q8_0.gguf Q8_0
@@ -115,7 +115,7 @@ def main() -> None:
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     ids = {t: i for i, t in enumerate(tokens)}
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
