@@ -20,6 +20,7 @@ use crate::fields::{Endpoint, Refusals};
 use crate::openai::{
     ChatMessage, ChatRequest, CommonFields, CompletionRequest, Content, Prompt, Stop,
 };
+use crate::tools::request::ToolFields;
 
 /// What one request may carry, checked while its body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +147,7 @@ pub fn chat_request(body: &[u8], caps: BodyCaps) -> Result<ChatRequest, ApiError
         logprobs: own.logprobs,
         top_logprobs: own.top_logprobs,
         prompt_token_ids,
+        tools: own.tools,
     })
 }
 
@@ -221,6 +223,7 @@ struct ChatFields {
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
     prompt_token_ids: Option<(Vec<u32>, usize)>,
+    tools: ToolFields,
     refusals: Refusals,
 }
 
@@ -265,6 +268,13 @@ impl<'de> Visitor<'de> for ChatSeed {
                         max_tokens: self.caps.max_prompt_tokens,
                     })?;
                 }
+                "tools" => once(&mut map, &mut out.tools.tools, "tools")?,
+                "tool_choice" => once(&mut map, &mut out.tools.tool_choice, "tool_choice")?,
+                "parallel_tool_calls" => once(
+                    &mut map,
+                    &mut out.tools.parallel_tool_calls,
+                    "parallel_tool_calls",
+                )?,
                 other => out.refusals.note(Endpoint::Chat, other, &mut map)?,
             }
         }
