@@ -20,6 +20,7 @@ use crate::fields::{Endpoint, Refusals};
 use crate::openai::{
     ChatMessage, ChatRequest, CommonFields, CompletionRequest, Content, Prompt, Stop,
 };
+use crate::tools::bounded::ToolsSeed;
 use crate::tools::request::ToolFields;
 
 /// What one request may carry, checked while its body is read.
@@ -249,6 +250,7 @@ impl<'de> Visitor<'de> for ChatSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = ChatFields::default();
         let mut seen_ids = false;
+        let mut seen_tools = false;
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "messages" => once(&mut map, &mut out.messages, "messages")?,
@@ -268,7 +270,12 @@ impl<'de> Visitor<'de> for ChatSeed {
                         max_tokens: self.caps.max_prompt_tokens,
                     })?;
                 }
-                "tools" => once(&mut map, &mut out.tools.tools, "tools")?,
+                "tools" => {
+                    if std::mem::replace(&mut seen_tools, true) {
+                        return Err(de::Error::duplicate_field("tools"));
+                    }
+                    out.tools.tools = map.next_value_seed(ToolsSeed)?;
+                }
                 "tool_choice" => once(&mut map, &mut out.tools.tool_choice, "tool_choice")?,
                 "parallel_tool_calls" => once(
                     &mut map,

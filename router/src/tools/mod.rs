@@ -7,6 +7,7 @@
 //! Not for: enforcing the schema (the worker's guided decoding), the HTTP shapes of the rest
 //! of the response (`respond`).
 
+pub mod bounded;
 pub mod formats;
 mod pythonic;
 pub mod request;
