@@ -258,7 +258,14 @@ impl ToolStream {
         out.calls.push(CallDelta {
             index,
             start: Some(CallStart {
-                id: new_call_id(),
+                id: match self.mode {
+                    // Mistral's chat templates refuse ids that are not 9 letters and digits.
+                    ToolMode::Auto {
+                        format: Format::Mistral,
+                        ..
+                    } => new_mistral_call_id(),
+                    _ => new_call_id(),
+                },
                 name: call.name.clone(),
             }),
             arguments: String::new(),
@@ -312,9 +319,9 @@ impl CallsAcc {
     }
 }
 
-/// `call_` and 24 hex digits from std's randomly keyed hasher (a process-wide random key,
-/// then a counter and the clock), unique per call without a random-number crate.
-fn new_call_id() -> String {
+/// 96 random bits from std's randomly keyed hasher (a process-wide random key, then a
+/// counter and the clock): unique per call without a random-number crate.
+fn random_bits() -> (u64, u32) {
     static STATE: std::sync::OnceLock<std::collections::hash_map::RandomState> =
         std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -327,8 +334,27 @@ fn new_call_id() -> String {
     h.write_u128(nanos);
     let a = h.finish();
     h.write_u8(1);
-    let b = h.finish();
-    format!("call_{a:016x}{:08x}", b as u32)
+    (a, h.finish() as u32)
+}
+
+/// `call_` and 24 random hex digits.
+fn new_call_id() -> String {
+    let (a, b) = random_bits();
+    format!("call_{a:016x}{b:08x}")
+}
+
+/// 9 random letters and digits, the id shape Mistral's templates check (as vLLM's mistral
+/// parser makes them).
+fn new_mistral_call_id() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let (mut a, _) = random_bits();
+    (0..9)
+        .map(|_| {
+            let c = ALPHABET[(a % 62) as usize] as char;
+            a /= 62;
+            c
+        })
+        .collect()
 }
 
 #[cfg(test)]
