@@ -147,7 +147,7 @@ async fn streamed_auto_calls_arrive_as_openai_deltas() {
     assert_eq!(content, "Let me check.\n");
     assert_eq!(
         calls,
-        vec![("get_weather".to_owned(), r#"{"city":"Oslo"}"#.to_owned())]
+        vec![("get_weather".to_owned(), r#"{"city": "Oslo"}"#.to_owned())]
     );
     assert_eq!(finish, "tool_calls");
 }
@@ -208,7 +208,7 @@ async fn required_sends_the_call_array_schema_and_builds_calls_from_the_json() {
     assert_eq!(message["tool_calls"][0]["function"]["name"], "get_weather");
     assert_eq!(
         message["tool_calls"][0]["function"]["arguments"],
-        r#"{"city":"Oslo"}"#
+        r#"{"city": "Oslo"}"#
     );
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
 }

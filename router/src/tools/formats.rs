@@ -8,6 +8,7 @@
 
 use serde_json::Value;
 
+use super::partial::arguments_of;
 use super::pythonic;
 
 /// One call as the model wrote it.
@@ -74,6 +75,10 @@ const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 const PYTHON_TAG: &str = "<|python_tag|>";
 const MISTRAL_TAG: &str = "[TOOL_CALLS]";
+const HERMES_ARGS: &[&str] = &["arguments", "parameters"];
+const LLAMA3_ARGS: &[&str] = &["parameters", "arguments"];
+const MISTRAL_ARGS: &[&str] = &["arguments"];
+const REQUIRED_ARGS: &[&str] = &["parameters"];
 
 impl Format {
     /// Strings that start the calls anywhere in the output.
@@ -93,6 +98,38 @@ impl Format {
             Self::Llama3Json => Some('{'),
             Self::Mistral | Self::Pythonic | Self::Required => Some('['),
         }
+    }
+
+    /// The keys a call object's arguments may be under (JSON formats; none for pythonic).
+    pub fn arg_keys(self) -> &'static [&'static str] {
+        match self {
+            Self::Hermes => HERMES_ARGS,
+            Self::Llama3Json => LLAMA3_ARGS,
+            Self::Mistral => MISTRAL_ARGS,
+            Self::Required => REQUIRED_ARGS,
+            Self::Pythonic => &[],
+        }
+    }
+
+    /// The text of the call object being written after the `calls` complete calls that end
+    /// at `consumed` in `region` (JSON formats), from its `{` to the end of the region.
+    pub fn partial_object(self, region: &str, consumed: usize, calls: usize) -> Option<&str> {
+        let rest = region.get(consumed..)?.trim_start();
+        let rest = match (self, calls) {
+            (Self::Hermes, _) => rest.strip_prefix(HERMES_OPEN)?,
+            (Self::Llama3Json, 0) => rest.strip_prefix(PYTHON_TAG).unwrap_or(rest),
+            (Self::Llama3Json, _) => rest.strip_prefix(';')?,
+            (Self::Mistral, 0) => rest
+                .strip_prefix(MISTRAL_TAG)
+                .unwrap_or(rest)
+                .trim_start()
+                .strip_prefix('[')?,
+            (Self::Required, 0) => rest.strip_prefix('[')?,
+            (Self::Mistral | Self::Required, _) => rest.strip_prefix(',')?,
+            (Self::Pythonic, _) => return None,
+        };
+        let rest = rest.trim_start();
+        rest.starts_with('{').then_some(rest)
     }
 
     /// Reads the calls of `region`, which starts with a marker or the anchor. At the end of
@@ -116,10 +153,10 @@ impl Format {
             }
             Self::Mistral => {
                 let skip = marker_len(region, MISTRAL_TAG);
-                offset(json_array(&region[skip..], &["arguments"]), skip)
+                offset(json_array(&region[skip..], MISTRAL_ARGS), skip)
             }
             Self::Pythonic => pythonic::scan(region),
-            Self::Required => json_array(region, &["parameters"]),
+            Self::Required => json_array(region, REQUIRED_ARGS),
         };
         if at_end && scan.status == Status::More {
             return Scan {
@@ -165,20 +202,11 @@ fn json_value(s: &str) -> Result<Option<(Value, usize)>, ()> {
     }
 }
 
-/// A call from `{"name": ..., <one of arg_keys>: {...}}`; arguments given as a JSON string
-/// are taken as that string's JSON.
-fn call_of(v: &Value, arg_keys: &[&str]) -> Option<RawCall> {
+/// A call from the object `text`, parsed as `v`: `{"name": ..., <one of arg_keys>: {...}}`
+/// (`partial::arguments_of`).
+fn call_of(text: &str, v: &Value, arg_keys: &[&str]) -> Option<RawCall> {
     let name = v.get("name")?.as_str()?.to_owned();
-    let args = arg_keys.iter().find_map(|k| v.get(*k));
-    let arguments = match args {
-        None | Some(Value::Null) => "{}".to_owned(),
-        Some(Value::Object(_)) => args.map(Value::to_string).unwrap_or_default(),
-        Some(Value::String(s)) => match serde_json::from_str::<Value>(s) {
-            Ok(Value::Object(o)) => Value::Object(o).to_string(),
-            _ => return None,
-        },
-        Some(_) => return None,
-    };
+    let arguments = arguments_of(text, v, arg_keys)?;
     Some(RawCall { name, arguments })
 }
 
@@ -214,9 +242,10 @@ fn hermes(region: &str, at_end: bool) -> Scan {
             None if at_end => (body_and_more, region.len()),
             None => return Scan::new(calls, consumed, Status::More),
         };
-        let call = serde_json::from_str::<Value>(body.trim())
+        let body = body.trim();
+        let call = serde_json::from_str::<Value>(body)
             .ok()
-            .and_then(|v| call_of(&v, &["arguments", "parameters"]));
+            .and_then(|v| call_of(body, &v, HERMES_ARGS));
         match call {
             Some(c) => calls.push(c),
             None => return Scan::new(calls, consumed, Status::Invalid),
@@ -232,7 +261,7 @@ fn json_objects(s: &str, sep: char, arg_keys: &[&str]) -> Scan {
     let mut at = skip_ws(s, 0);
     loop {
         let n = match json_value(&s[at..]) {
-            Ok(Some((v, n))) => match call_of(&v, arg_keys) {
+            Ok(Some((v, n))) => match call_of(&s[at..at + n], &v, arg_keys) {
                 Some(c) => {
                     calls.push(c);
                     n
@@ -279,7 +308,7 @@ fn json_array(s: &str, arg_keys: &[&str]) -> Scan {
             return Scan::new(calls, 0, Status::Invalid);
         }
         match json_value(rest) {
-            Ok(Some((v, n))) => match call_of(&v, arg_keys) {
+            Ok(Some((v, n))) => match call_of(&rest[..n], &v, arg_keys) {
                 Some(c) => {
                     calls.push(c);
                     at += n;
@@ -322,7 +351,7 @@ mod tests {
     fn hermes_reads_each_block_and_waits_inside_one() {
         let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\n<tool_call>{\"name\": \"g\", \"arguments\": {}}</tool_call>";
         let s = Format::Hermes.scan(text, false);
-        assert_eq!(s.calls, vec![call("f", r#"{"a":1}"#), call("g", "{}")]);
+        assert_eq!(s.calls, vec![call("f", r#"{"a": 1}"#), call("g", "{}")]);
         assert_eq!(s.status, Status::Done);
         let cut = &text[..text.len() - 3];
         let s = Format::Hermes.scan(cut, false);
@@ -352,7 +381,7 @@ mod tests {
     fn llama3_json_reads_objects_separated_by_semicolons() {
         let text = r#"<|python_tag|>{"name": "f", "parameters": {"x": "y"}}; {"name": "g", "parameters": {}}"#;
         let s = Format::Llama3Json.scan(text, false);
-        assert_eq!(s.calls, vec![call("f", r#"{"x":"y"}"#), call("g", "{}")]);
+        assert_eq!(s.calls, vec![call("f", r#"{"x": "y"}"#), call("g", "{}")]);
         assert_eq!(s.status, Status::Done);
         let s = Format::Llama3Json.scan(r#"{"name": "f", "parameters": {"#, false);
         assert_eq!((s.calls.len(), s.status), (0, Status::More));
@@ -362,14 +391,20 @@ mod tests {
 
     #[test]
     fn mistral_reads_an_array_with_or_without_its_marker() {
-        for text in [
-            r#"[TOOL_CALLS] [{"name": "f", "arguments": {"a": [1, 2]}}]"#,
-            r#"[{"name": "f", "arguments": "{\"a\": [1, 2]}"}]"#,
+        for (text, args) in [
+            (
+                r#"[TOOL_CALLS] [{"name": "f", "arguments": {"a": [1, 2]}}]"#,
+                r#"{"a": [1, 2]}"#,
+            ),
+            (
+                r#"[{"name": "f", "arguments": "{\"a\": [1, 2]}"}]"#,
+                r#"{"a":[1,2]}"#,
+            ),
         ] {
             let s = Format::Mistral.scan(text, false);
             assert_eq!(
                 (s.calls, s.status),
-                (vec![call("f", r#"{"a":[1,2]}"#)], Status::Done),
+                (vec![call("f", args)], Status::Done),
                 "{text}"
             );
         }
@@ -386,7 +421,7 @@ mod tests {
         assert_eq!(
             (s.calls, s.status),
             (
-                vec![call("f", r#"{"q":"x"}"#), call("g", "{}")],
+                vec![call("f", r#"{"q": "x"}"#), call("g", "{}")],
                 Status::Done
             )
         );

@@ -9,6 +9,7 @@
 
 pub mod bounded;
 pub mod formats;
+pub mod partial;
 mod pythonic;
 pub mod request;
 pub mod stream;

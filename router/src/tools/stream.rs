@@ -3,8 +3,9 @@
 //! empty arguments; later deltas carry argument text.
 //!
 //! Text that may start a call (a prefix of a marker, or leading whitespace where an anchored
-//! format may begin) is held back as stop strings are; a call is sent once it is complete;
-//! text that turns out not to be calls is released as content.
+//! format may begin) is held back as stop strings are. A JSON call starts once its name is
+//! known and its arguments' text follows as it is written (`partial`); a pythonic call is sent
+//! once complete. Text that turns out not to be calls is released as content.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde_json::{Value, json};
 
 use super::formats::{Format, RawCall, Status};
+use super::partial::call_prefix;
 use crate::detok::longest_suffix_prefix;
 
 /// How a choice's output carries its tool calls.
@@ -98,8 +100,10 @@ pub struct ToolStream {
     seen_text: bool,
     /// Calls read from the region so far (kept or not).
     read: usize,
-    /// Calls sent.
+    /// Calls sent (started).
     sent: usize,
+    /// The call being sent as it is written: bytes of its arguments sent so far.
+    streaming: Option<usize>,
 }
 
 impl ToolStream {
@@ -112,6 +116,7 @@ impl ToolStream {
             seen_text: false,
             read: 0,
             sent: 0,
+            streaming: None,
         }
     }
 
@@ -230,12 +235,23 @@ impl ToolStream {
                     let scan = format.scan(&self.pending, at_end);
                     for call in scan.calls.iter().skip(self.read) {
                         self.read += 1;
-                        if parallel || self.sent == 0 {
+                        if let Some(done) = self.streaming.take() {
+                            // Its start went out while it was written: the rest of its text.
+                            self.send_arguments(call.arguments.get(done..), out);
+                        } else if parallel || self.sent == 0 {
                             self.send(call, out);
                         }
                     }
+                    let more = scan.status == Status::More;
+                    if more && (parallel || self.sent == 0 || self.streaming.is_some()) {
+                        self.send_partial(format, scan.consumed, scan.calls.len(), out);
+                    }
                     if scan.status == Status::Invalid {
-                        out.content.push_str(&self.pending[scan.consumed..]);
+                        // A call cut short was sent as far as it went; its text is not
+                        // content again.
+                        if self.streaming.take().is_none() {
+                            out.content.push_str(&self.pending[scan.consumed..]);
+                        }
                         self.pending.clear();
                         self.phase = Phase::Plain;
                     } else if at_end {
@@ -252,7 +268,35 @@ impl ToolStream {
         }
     }
 
+    /// Sends a complete call: its start, then its arguments.
     fn send(&mut self, call: &RawCall, out: &mut ToolDelta) {
+        self.send_start(&call.name, out);
+        self.send_arguments(Some(&call.arguments), out);
+    }
+
+    /// Sends the start of the call being written once its name is known, and its arguments
+    /// written so far.
+    fn send_partial(&mut self, format: Format, consumed: usize, calls: usize, out: &mut ToolDelta) {
+        let Some(object) = format.partial_object(&self.pending, consumed, calls) else {
+            return;
+        };
+        let known = call_prefix(object, format.arg_keys());
+        let args = known.arguments.unwrap_or_default().to_owned();
+        let Some(name) = known.name else {
+            return;
+        };
+        let done = match self.streaming {
+            Some(done) => done,
+            None => {
+                self.send_start(&name, out);
+                0
+            }
+        };
+        self.send_arguments(args.get(done..), out);
+        self.streaming = Some(done.max(args.len()));
+    }
+
+    fn send_start(&mut self, name: &str, out: &mut ToolDelta) {
         let index = self.sent;
         self.sent += 1;
         out.calls.push(CallDelta {
@@ -266,15 +310,22 @@ impl ToolStream {
                     } => new_mistral_call_id(),
                     _ => new_call_id(),
                 },
-                name: call.name.clone(),
+                name: name.to_owned(),
             }),
             arguments: String::new(),
         });
-        out.calls.push(CallDelta {
-            index,
-            start: None,
-            arguments: call.arguments.clone(),
-        });
+    }
+
+    /// Sends argument text of the last call started (nothing when empty).
+    fn send_arguments(&mut self, text: Option<&str>, out: &mut ToolDelta) {
+        match text {
+            Some(t) if !t.is_empty() => out.calls.push(CallDelta {
+                index: self.sent.saturating_sub(1),
+                start: None,
+                arguments: t.to_owned(),
+            }),
+            _ => {}
+        }
     }
 }
 

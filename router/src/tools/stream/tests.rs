@@ -75,13 +75,13 @@ fn hermes_calls_split_from_content_at_every_cut() {
         &auto(Format::Hermes),
         "Let me look 世界.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>",
         "Let me look 世界.\n",
-        &[("get_weather", r#"{"city":"Zürich"}"#), ("now", "{}")],
+        &[("get_weather", r#"{"city": "Zürich"}"#), ("now", "{}")],
     );
 }
 
 #[test]
 fn llama3_json_calls_split_at_every_cut() {
-    let want = [("get_weather", r#"{"city":"Paris"}"#)];
+    let want = [("get_weather", r#"{"city": "Paris"}"#)];
     same_at_every_cut(
         &auto(Format::Llama3Json),
         r#" {"name": "get_weather", "parameters": {"city": "Paris"}}"#,
@@ -102,7 +102,7 @@ fn mistral_calls_split_at_every_cut() {
         &auto(Format::Mistral),
         r#"[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]"#,
         "",
-        &[("a", r#"{"x":1}"#), ("b", "{}")],
+        &[("a", r#"{"x": 1}"#), ("b", "{}")],
     );
 }
 
@@ -181,7 +181,7 @@ fn required_output_is_read_as_a_call_array_at_every_cut() {
         &ToolMode::Required { parallel: true },
         r#"[{"name": "f", "parameters": {"q": "x"}}]"#,
         "",
-        &[("f", r#"{"q":"x"}"#)],
+        &[("f", r#"{"q": "x"}"#)],
     );
 }
 
@@ -222,4 +222,55 @@ fn complete_calls_are_put_together_from_deltas() {
     assert_eq!(v[0]["function"]["name"], "f");
     assert_eq!(v[0]["function"]["arguments"], "{\"a\": 1}");
     assert_eq!(v[0]["type"], "function");
+}
+
+#[test]
+fn a_json_call_starts_once_named_and_its_arguments_stream_as_written() {
+    let mut s = ToolStream::new(auto(Format::Hermes));
+    let d = s.push("<tool_call>\n{\"name\": \"f\", ");
+    assert_eq!(d.calls.len(), 1, "{d:?}");
+    assert_eq!(
+        d.calls[0].start.as_ref().map(|c| c.name.as_str()),
+        Some("f")
+    );
+    let d = s.push("\"arguments\": {\"a\": \"x");
+    assert_eq!(d.calls.len(), 1, "{d:?}");
+    assert_eq!(
+        (d.calls[0].index, d.calls[0].arguments.as_str()),
+        (0, "{\"a\": \"x")
+    );
+    let d = s.push("y\"}}\n</tool_call>");
+    assert_eq!(d.calls.len(), 1, "{d:?}");
+    assert_eq!(
+        (d.calls[0].start.is_none(), d.calls[0].arguments.as_str()),
+        (true, "y\"}")
+    );
+    assert!(s.flush().calls.is_empty());
+    assert_eq!(s.finish_reason("stop"), "tool_calls");
+}
+
+#[test]
+fn a_call_cut_short_stays_a_call_and_is_not_repeated_as_content() {
+    let text = "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1";
+    for pieces in cuts(text) {
+        assert_eq!(
+            run(&auto(Format::Hermes), &pieces),
+            (String::new(), owned(&[("f", "{\"a\": 1")])),
+            "{pieces:?}"
+        );
+    }
+}
+
+#[test]
+fn without_parallel_calls_a_second_json_call_is_not_streamed() {
+    let mode = ToolMode::Auto {
+        format: Format::Mistral,
+        parallel: false,
+    };
+    same_at_every_cut(
+        &mode,
+        r#"[{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]"#,
+        "",
+        &[("a", r#"{"x": 1}"#)],
+    );
 }
