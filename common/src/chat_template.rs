@@ -57,12 +57,24 @@ impl ChatTemplate {
         messages: &M,
         add_generation_prompt: bool,
     ) -> Result<String, ChatTemplateError> {
+        self.render_with_tools::<M, ()>(messages, None, add_generation_prompt)
+    }
+
+    /// `render` with the request's tool definitions as the template's `tools` (none when
+    /// `None`, so that `{% if tools %}` is false, as transformers passes them).
+    pub fn render_with_tools<M: Serialize, T: Serialize + ?Sized>(
+        &self,
+        messages: &M,
+        tools: Option<&T>,
+        add_generation_prompt: bool,
+    ) -> Result<String, ChatTemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatTemplateError::Compile(e.to_string()))?;
         let ctx = minijinja::context! {
             messages => Value::from_serialize(messages),
+            tools => tools.map(Value::from_serialize),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -107,6 +119,45 @@ mod tests {
                 .unwrap(),
             "AB"
         );
+    }
+
+    #[test]
+    fn the_demo_template_renders_tools_calls_and_results_and_is_plain_llama3_without() {
+        let demo = ChatTemplate::new(crate::checkpoint::CHAT_TEMPLATE, "<s>", "</s>").unwrap();
+        let plain = ChatTemplate::new(LLAMA3_LIKE, "<s>", "</s>").unwrap();
+        let chat =
+            json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": " hi "}]);
+        assert_eq!(
+            demo.render(&chat, true).unwrap(),
+            plain.render(&chat, true).unwrap()
+        );
+        let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
+        let turns = json!([
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "cold"},
+        ]);
+        let out = demo.render_with_tools(&turns, Some(&tools), true).unwrap();
+        assert!(
+            out.starts_with("<s><|start_header_id|>system<|end_header_id|>\n\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("<tools>\n{") && out.contains("\"get_weather\""),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"<tool_call>{"arguments":{"city":"Oslo"},"name":"get_weather"}</tool_call><|eot_id|>"#)
+                || out.contains(r#"<tool_call>{"name":"get_weather","arguments":{"city":"Oslo"}}</tool_call><|eot_id|>"#),
+            "{out}"
+        );
+        assert!(
+            out.contains("<|start_header_id|>tool<|end_header_id|>\n\n<tool_response>\ncold\n</tool_response><|eot_id|>"),
+            "{out}"
+        );
+        assert!(out.ends_with("<|start_header_id|>assistant<|end_header_id|>\n\n"));
     }
 
     #[test]

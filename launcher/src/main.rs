@@ -23,6 +23,7 @@ use llmapi_router::front::ConnectionArgs;
 use llmapi_router::migrate::MigrationArgs;
 use llmapi_router::reasoning::ReasoningArgs;
 use llmapi_router::tls::TlsArgs;
+use llmapi_router::tools::ToolArgs;
 
 fn cli() -> Command {
     Command::new("llmapi-launch")
@@ -32,8 +33,8 @@ fn cli() -> Command {
         .arg_required_else_help(true)
         .subcommand(
             TlsArgs::augment_args(MigrationArgs::augment_args(DeadlineArgs::augment_args(
-                ConnectionArgs::augment_args(ReasoningArgs::augment_args(AccessArgs::augment_args(
-                    serve_command(),
+                ConnectionArgs::augment_args(ReasoningArgs::augment_args(ToolArgs::augment_args(
+                    AccessArgs::augment_args(serve_command()),
                 ))),
             )))
                 .arg(
@@ -262,6 +263,7 @@ fn serve_with(m: &clap::ArgMatches, resolved: Resolved) -> anyhow::Result<()> {
     DeadlineArgs::from_arg_matches(m)?.apply(&mut router);
     router.max_migrations = MigrationArgs::from_arg_matches(m)?.max_migrations;
     router.reasoning_parser = ReasoningArgs::from_arg_matches(m)?.reasoning_parser;
+    router.tool_parser = ToolArgs::from_arg_matches(m)?.tool_parser;
     let tls = TlsArgs::from_arg_matches(m)?;
     // Certificate files are read and checked before anything starts.
     router.https = tls.https_front()?;

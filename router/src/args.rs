@@ -147,6 +147,9 @@ pub struct RouterArgs {
     /// `--reasoning_parser`.
     #[command(flatten)]
     pub reasoning: crate::reasoning::ReasoningArgs,
+    /// `--tool_parser`.
+    #[command(flatten)]
+    pub tools: crate::tools::ToolArgs,
     /// Connection count and timeouts of the HTTP front.
     #[command(flatten)]
     pub connections: crate::front::ConnectionArgs,
@@ -224,6 +227,7 @@ impl RouterArgs {
             sse_keepalive: (self.sse_keepalive_s > 0)
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
             reasoning_parser: self.reasoning.reasoning_parser,
+            tool_parser: self.tools.tool_parser,
             front: self.connections.limits(),
             deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()

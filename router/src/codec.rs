@@ -14,6 +14,15 @@ pub struct ChatTurn {
     pub role: String,
     /// The text content (parts of a multi-part message are joined).
     pub content: String,
+    /// An assistant's calls, arguments as objects (absent for the template when none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// The call a tool result answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The author's name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// What the router needs from a tokenizer.
@@ -22,8 +31,13 @@ pub trait TextCodec: Send + Sync + 'static {
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String>;
     /// Text of `ids` with special tokens skipped; broken UTF-8 shows as U+FFFD.
     fn decode(&self, ids: &[u32]) -> String;
-    /// The prompt text for `turns`, ending with the assistant header.
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String>;
+    /// The prompt text for `turns`, ending with the assistant header; `tools` (the request's
+    /// tool definitions) is the template's `tools` variable.
+    fn render_chat(
+        &self,
+        turns: &[ChatTurn],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, String>;
 }
 
 /// The real codec: a model's tokenizer.json and its chat template.
@@ -104,16 +118,23 @@ impl TextCodec for HfCodec {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
+    fn render_chat(
+        &self,
+        turns: &[ChatTurn],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, String> {
         match &self.template {
-            Ok(t) => t.render(&turns, true).map_err(|e| e.to_string()),
+            Ok(t) => t
+                .render_with_tools(&turns, tools, true)
+                .map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         }
     }
 }
 
 /// Test double: every byte is one token (id = byte value), so multi-byte characters span
-/// tokens; the chat template is `role: content\n` per turn then `assistant:`.
+/// tokens; the chat template is `tools: <json>\n` when there are tools, `role: content\n`
+/// per turn (an assistant's calls as JSON after the content) then `assistant:`.
 pub struct ByteCodec;
 
 impl TextCodec for ByteCodec {
@@ -126,12 +147,24 @@ impl TextCodec for ByteCodec {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
+    fn render_chat(
+        &self,
+        turns: &[ChatTurn],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, String> {
         let mut s = String::new();
+        if let Some(tools) = tools {
+            s.push_str("tools: ");
+            s.push_str(&serde_json::Value::from(tools.to_vec()).to_string());
+            s.push('\n');
+        }
         for t in turns {
             s.push_str(&t.role);
             s.push_str(": ");
             s.push_str(&t.content);
+            if let Some(calls) = &t.tool_calls {
+                s.push_str(&serde_json::Value::from(calls.clone()).to_string());
+            }
             s.push('\n');
         }
         s.push_str("assistant:");

@@ -1,11 +1,11 @@
 //! Which request fields each endpoint accepts, and the refusal of every other one.
 //!
 //! A field the server does not implement is never silently dropped: an unknown key, or an
-//! OpenAI field this server does not implement (`tools`, `response_format`, `suffix`, ...)
+//! OpenAI field this server does not implement (`functions`, `response_format`, `suffix`, ...)
 //! with a value that asks for something, is a 400 naming the field (`param`), as
 //! trtllm-serve's request models, which forbid extra fields, answer. Values that ask for
-//! nothing (null, `response_format` `{"type": "text"}`, `tool_choice` `"none"`, empty
-//! `tools`, an empty `suffix`) are accepted. The values
+//! nothing (null, `response_format` `{"type": "text"}`, `function_call` `"none"`, empty
+//! `functions`, an empty `suffix`) are accepted. The values
 //! are probed while the body is read (`Probe`), never buffered. docs/serving.md lists the
 //! accepted fields; a test checks it against these lists. Not for: value ranges (`openai`).
 
@@ -48,6 +48,9 @@ pub const CHAT_FIELDS: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "prompt_token_ids",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
 ];
 
 /// OpenAI fields of /v1/completions that are not implemented: accepted only with a value that
@@ -56,14 +59,7 @@ pub const COMPLETION_UNIMPLEMENTED: &[&str] = &["suffix"];
 
 /// OpenAI fields of /v1/chat/completions that are not implemented: accepted only with a
 /// value that asks for nothing.
-pub const CHAT_UNIMPLEMENTED: &[&str] = &[
-    "response_format",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "functions",
-    "function_call",
-];
+pub const CHAT_UNIMPLEMENTED: &[&str] = &["response_format", "functions", "function_call"];
 
 /// The two endpoints that take a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,10 +274,8 @@ fn asks_for_nothing(field: &str, value: &Probe) -> bool {
             "response_format" => {
                 matches!(value, Probe::Object { kind: Some(k), .. } if k == "text")
             }
-            "tools" | "functions" => matches!(value, Probe::List { empty: true }),
-            "tool_choice" | "function_call" => text("none"),
-            // It only says how tools are called, and tools are refused.
-            "parallel_tool_calls" => matches!(value, Probe::Bool(_)),
+            "functions" => matches!(value, Probe::List { empty: true }),
+            "function_call" => text("none"),
             "suffix" => text(""),
             _ => false,
         },
@@ -291,8 +285,8 @@ fn asks_for_nothing(field: &str, value: &Probe) -> bool {
 fn accepted_value(field: &str) -> &'static str {
     match field {
         "response_format" => r#" or with {"type": "text"}"#,
-        "tools" | "functions" => " or with an empty list",
-        "tool_choice" | "function_call" => r#" or with "none""#,
+        "functions" => " or with an empty list (send `tools` instead)",
+        "function_call" => r#" or with "none" (send `tool_choice` instead)"#,
         "suffix" => r#" or with """#,
         _ => "",
     }

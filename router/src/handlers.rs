@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::codec::{ChatTurn, TextCodec};
+use crate::codec::TextCodec;
 use crate::deadline::RequestDeadline;
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
@@ -29,6 +29,7 @@ use crate::parse::{self, BodyCaps};
 use crate::respond::{ResponseMeta, Shape, collect, stream};
 use crate::spans::{self, RequestSpan};
 use crate::state::{AdmitGuard, AppState, Fanout, UNAVAILABLE_RETRY_AFTER_S};
+use crate::tools::{self, ToolMode};
 
 type Shared = State<Arc<AppState>>;
 /// The headers naming this hop's span to the worker, put in the request's extensions by the
@@ -177,6 +178,7 @@ fn spawn_choices(
     tokens_per_block: usize,
     trace: Arc<TraceHeaders>,
     deadline: RequestDeadline,
+    tools: Option<ToolMode>,
 ) -> (ResponseMeta, mpsc::Receiver<ChoiceEvent>) {
     let id = new_id(match shape {
         Shape::Completion => "cmpl",
@@ -237,6 +239,7 @@ fn spawn_choices(
             Shape::Chat => state.config.reasoning_parser,
             Shape::Completion => None,
         },
+        tools,
         codec: state.codec.clone(),
     };
     (meta, rx)
@@ -323,6 +326,7 @@ async fn completions_inner(
         settings,
         req.logprobs.is_some(),
         trace,
+        None,
     )
     .await
 }
@@ -420,10 +424,12 @@ async fn chat_inner(
             "top_logprobs needs logprobs: true",
         ));
     }
-    let settings = req.common.settings(
+    let mut settings = req.common.settings(
         want_logprobs.then(|| req.top_logprobs.unwrap_or(0)),
         &state.config.sampling_defaults,
     )?;
+    let tool_plan = tools::request::plan(&req.tools, state.config.tool_parser)?;
+    tool_plan.apply(&mut settings.sampling);
     let info = model_info(&state)?;
     logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
     let messages = req.messages.unwrap_or_default();
@@ -463,9 +469,10 @@ async fn chat_inner(
         None => {
             let codec = state.codec.clone();
             let n = settings.n;
+            let tools = tool_plan.template_tools.clone();
             state
                 .blocking(move || {
-                    let ids = chat_prompt_ids(codec.as_ref(), &messages)?;
+                    let ids = chat_prompt_ids(codec.as_ref(), &messages, tools.as_deref())?;
                     parse::check_prompt_tokens(&caps, "messages", ids.len(), n)?;
                     Ok(ids)
                 })
@@ -489,26 +496,20 @@ async fn chat_inner(
         settings,
         want_logprobs,
         trace,
+        tool_plan.mode,
     )
     .await
 }
 
-/// The token ids of `messages` rendered with the chat template.
+/// The token ids of `messages` rendered with the chat template, which gets `tools`.
 fn chat_prompt_ids(
     codec: &dyn TextCodec,
     messages: &[crate::openai::ChatMessage],
+    tools: Option<&[serde_json::Value]>,
 ) -> Result<Vec<u32>, ApiError> {
-    let turns = messages
-        .iter()
-        .map(|m| {
-            Ok(ChatTurn {
-                role: m.role.clone(),
-                content: m.text()?,
-            })
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+    let turns = tools::request::chat_turns(messages)?;
     let text = codec
-        .render_chat(&turns)
+        .render_chat(&turns, tools)
         .map_err(|e| ApiError::invalid("messages", e))?;
     codec
         .encode(&text, false)
@@ -527,6 +528,7 @@ async fn finish(
     settings: GenSettings,
     logprobs: bool,
     trace: Arc<TraceHeaders>,
+    tools: Option<ToolMode>,
 ) -> Result<Response, ApiError> {
     let deadline = state.config.deadlines.start();
     let tokens_per_block = model_info(&state)?.tokens_per_block as usize;
@@ -551,6 +553,7 @@ async fn finish(
         tokens_per_block,
         trace,
         deadline,
+        tools,
     );
     if let Some(s) = &otlp {
         s.response_id(&meta.id);

@@ -37,5 +37,6 @@ pub mod spans;
 pub mod state;
 pub mod testing;
 pub mod tls;
+pub mod tools;
 
 pub use state::{AppState, RouterConfig};

@@ -137,6 +137,15 @@ pub struct ChatMessage {
     pub role: String,
     /// The content; may be null for assistant tool calls.
     pub content: Option<Content>,
+    /// An assistant's earlier calls (`tools::request::chat_turns` checks them).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
+    /// The author's name (a tool result's function name).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// POST /v1/chat/completions, as `parse::chat_request` reads it.
@@ -158,6 +167,8 @@ pub struct ChatRequest {
     /// rendering `messages` (which must then be empty or absent). benchmark_serving.py's
     /// `--tokenize-on-client` sends it.
     pub prompt_token_ids: Option<Vec<u32>>,
+    /// `tools`, `tool_choice`, `parallel_tool_calls` (`tools::request`).
+    pub tools: crate::tools::request::ToolFields,
 }
 
 /// The most choices one request may ask for.

@@ -20,6 +20,8 @@ use crate::fields::{Endpoint, Refusals};
 use crate::openai::{
     ChatMessage, ChatRequest, CommonFields, CompletionRequest, Content, Prompt, Stop,
 };
+use crate::tools::bounded::ToolsSeed;
+use crate::tools::request::ToolFields;
 
 /// What one request may carry, checked while its body is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +148,7 @@ pub fn chat_request(body: &[u8], caps: BodyCaps) -> Result<ChatRequest, ApiError
         logprobs: own.logprobs,
         top_logprobs: own.top_logprobs,
         prompt_token_ids,
+        tools: own.tools,
     })
 }
 
@@ -221,6 +224,7 @@ struct ChatFields {
     logprobs: Option<bool>,
     top_logprobs: Option<u32>,
     prompt_token_ids: Option<(Vec<u32>, usize)>,
+    tools: ToolFields,
     refusals: Refusals,
 }
 
@@ -246,6 +250,7 @@ impl<'de> Visitor<'de> for ChatSeed {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut out = ChatFields::default();
         let mut seen_ids = false;
+        let mut seen_tools = false;
         while let Some(key) = map.next_key::<String>()? {
             match key.as_str() {
                 "messages" => once(&mut map, &mut out.messages, "messages")?,
@@ -265,6 +270,18 @@ impl<'de> Visitor<'de> for ChatSeed {
                         max_tokens: self.caps.max_prompt_tokens,
                     })?;
                 }
+                "tools" => {
+                    if std::mem::replace(&mut seen_tools, true) {
+                        return Err(de::Error::duplicate_field("tools"));
+                    }
+                    out.tools.tools = map.next_value_seed(ToolsSeed)?;
+                }
+                "tool_choice" => once(&mut map, &mut out.tools.tool_choice, "tool_choice")?,
+                "parallel_tool_calls" => once(
+                    &mut map,
+                    &mut out.tools.parallel_tool_calls,
+                    "parallel_tool_calls",
+                )?,
                 other => out.refusals.note(Endpoint::Chat, other, &mut map)?,
             }
         }

@@ -17,6 +17,7 @@ use crate::error::ApiError;
 use crate::generate::ChoiceEvent;
 use crate::reasoning::{ReasoningParser, ReasoningSplitter, Split};
 use crate::state::AdmitGuard;
+use crate::tools::stream::{CallDelta, CallsAcc, ToolMode, ToolStream};
 
 /// Which endpoint's shapes to produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub struct ResponseMeta {
     pub include_usage: bool,
     /// Chat with `--reasoning_parser`: split the thinking part into `reasoning_content`.
     pub reasoning: Option<ReasoningParser>,
+    /// Chat with tools: how the output carries tool calls (None: plain text).
+    pub tools: Option<ToolMode>,
     /// Tokenizer, for logprob token strings.
     pub codec: Arc<dyn TextCodec>,
 }
@@ -80,19 +83,24 @@ struct ChoiceAcc {
     /// The thinking part (`--reasoning_parser`).
     reasoning: String,
     splitter: Option<ReasoningSplitter>,
+    /// Reads tool calls out of the content (requests with tools).
+    tools: Option<ToolStream>,
+    /// The tool calls read.
+    calls: CallsAcc,
 }
 
 impl ChoiceAcc {
-    fn new(parser: Option<ReasoningParser>) -> Self {
+    fn new(parser: Option<ReasoningParser>, tools: Option<&ToolMode>) -> Self {
         Self {
             splitter: parser.map(ReasoningSplitter::new),
+            tools: tools.cloned().map(ToolStream::new),
             ..Self::default()
         }
     }
 
-    /// Splits a delta of `tokens` tokens into reasoning and content (all content without a
-    /// parser) and adds both to the choice.
-    fn add(&mut self, text: &str, tokens: u32) -> Split {
+    /// Splits a delta of `tokens` tokens into reasoning, content and tool calls (all content
+    /// without parsers) and adds them to the choice.
+    fn add(&mut self, text: &str, tokens: u32) -> (Split, Vec<CallDelta>) {
         let split = match &mut self.splitter {
             Some(s) => s.push(text, tokens),
             None => Split {
@@ -103,20 +111,43 @@ impl ChoiceAcc {
         self.keep(split)
     }
 
-    /// Releases the splitter's held-back text at the end of the choice.
-    fn flush(&mut self) -> Split {
+    /// Releases the splitters' held-back text at the end of the choice.
+    fn flush(&mut self) -> (Split, Vec<CallDelta>) {
         let split = self
             .splitter
             .as_mut()
             .map(ReasoningSplitter::flush)
             .unwrap_or_default();
-        self.keep(split)
+        let (mut split, mut calls) = self.keep(split);
+        if let Some(tools) = &mut self.tools {
+            let rest = tools.flush();
+            self.text.push_str(&rest.content);
+            self.calls.add(&rest.calls);
+            split.content.push_str(&rest.content);
+            calls.extend(rest.calls);
+        }
+        (split, calls)
     }
 
-    fn keep(&mut self, split: Split) -> Split {
+    /// Adds split text, its content read for tool calls first.
+    fn keep(&mut self, mut split: Split) -> (Split, Vec<CallDelta>) {
+        let mut calls = Vec::new();
+        if let Some(tools) = &mut self.tools {
+            let out = tools.push(&split.content);
+            split.content = out.content;
+            calls = out.calls;
+        }
         self.reasoning.push_str(&split.reasoning);
         self.text.push_str(&split.content);
-        split
+        self.calls.add(&calls);
+        (split, calls)
+    }
+
+    /// The finish reason to report for the worker's: `tool_calls` after calls.
+    fn finish_reason(&self, reason: &'static str) -> &'static str {
+        self.tools
+            .as_ref()
+            .map_or(reason, |t| t.finish_reason(reason))
     }
 
     fn reasoning_tokens(&self) -> u32 {
@@ -338,7 +369,7 @@ pub async fn collect(
     mut rx: mpsc::Receiver<ChoiceEvent>,
     admit: &AdmitGuard,
 ) -> Response {
-    let mut accs = vec![ChoiceAcc::new(meta.reasoning); meta.choices as usize];
+    let mut accs = vec![ChoiceAcc::new(meta.reasoning, meta.tools.as_ref()); meta.choices as usize];
     let mut done = 0;
     while done < accs.len() {
         let ev = tokio::select! {
@@ -372,7 +403,7 @@ pub async fn collect(
             } => {
                 if let Some(a) = accs.get_mut(index as usize) {
                     a.flush();
-                    a.finish = Some(reason);
+                    a.finish = Some(a.finish_reason(reason));
                     a.completion_tokens = usage.completion_tokens;
                     a.cached_tokens = usage.cached_tokens;
                 }
@@ -400,6 +431,12 @@ pub async fn collect(
                 }),
                 Shape::Chat => {
                     let mut message = json!({"role": "assistant", "content": a.text});
+                    if !a.calls.is_empty() {
+                        if a.text.is_empty() {
+                            message["content"] = Value::Null;
+                        }
+                        message["tool_calls"] = a.calls.to_json();
+                    }
                     if meta.reasoning.is_some() {
                         message["reasoning_content"] =
                             json!((!a.reasoning.is_empty()).then_some(&a.reasoning));
@@ -517,6 +554,19 @@ impl StreamState {
         self.pending.push_back(v);
     }
 
+    /// Queues one chunk per tool-call delta.
+    fn send_calls(&mut self, index: u32, calls: &[CallDelta]) {
+        for call in calls {
+            let first = !std::mem::replace(&mut self.started[index as usize], true);
+            let mut v = self.meta.chunk(index, "", None, &[], 0, None, first);
+            if let Some(delta) = v["choices"][0]["delta"].as_object_mut() {
+                delta.remove("content");
+                delta.insert("tool_calls".into(), json!([call.to_json()]));
+            }
+            self.pending.push_back(v);
+        }
+    }
+
     /// Queues the chunks for one choice event; false when the stream must end.
     fn on_event(&mut self, ev: ChoiceEvent) -> bool {
         match ev {
@@ -534,8 +584,9 @@ impl StreamState {
                 let i = index as usize;
                 self.send_echo(i);
                 let offset = self.text_offset(i);
-                let split = self.accs[i].add(&text, tokens);
+                let (split, calls) = self.accs[i].add(&text, tokens);
                 self.send_split(index, &split, &logprobs, offset);
+                self.send_calls(index, &calls);
             }
             ChoiceEvent::Finish {
                 index,
@@ -545,9 +596,11 @@ impl StreamState {
                 let i = index as usize;
                 self.send_echo(i);
                 let offset = self.text_offset(i);
-                let split = self.accs[i].flush();
+                let (split, calls) = self.accs[i].flush();
                 self.send_split(index, &split, &[], offset);
+                self.send_calls(index, &calls);
                 let first = !std::mem::replace(&mut self.started[i], true);
+                let reason = self.accs[i].finish_reason(reason);
                 self.accs[i].finish = Some(reason);
                 self.accs[i].completion_tokens = usage.completion_tokens;
                 self.accs[i].cached_tokens = usage.cached_tokens;
@@ -576,7 +629,7 @@ fn sse_events(
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let n = meta.choices as usize;
     let mut state = StreamState {
-        accs: vec![ChoiceAcc::new(meta.reasoning); n],
+        accs: vec![ChoiceAcc::new(meta.reasoning, meta.tools.as_ref()); n],
         started: vec![false; n],
         echo_due: (0..n).map(|i| meta.echo_of(i).is_some()).collect(),
         meta,

@@ -106,6 +106,9 @@ pub struct RouterConfig {
     /// `--reasoning_parser`: how chat output splits into `reasoning_content` and `content`
     /// (None: it does not).
     pub reasoning_parser: Option<crate::reasoning::ReasoningParser>,
+    /// `--tool_parser`: the format tool calls are read in under `tool_choice: "auto"` (None:
+    /// such requests are refused).
+    pub tool_parser: Option<crate::tools::ToolParser>,
     /// Limits on the HTTP front's connections (count, header-read and keep-alive timeouts).
     pub front: crate::front::ConnectionLimits,
     /// `--request_timeout` and `--first_token_timeout`.
@@ -144,6 +147,7 @@ impl Default for RouterConfig {
             drain_timeout: Duration::from_secs(30),
             sse_keepalive: None,
             reasoning_parser: None,
+            tool_parser: None,
             front: crate::front::ConnectionLimits::default(),
             deadlines: Deadlines::default(),
             sampling_defaults: SamplingDefaults::default(),

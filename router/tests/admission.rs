@@ -404,8 +404,12 @@ impl TextCodec for StuckCodec {
         ByteCodec.decode(ids)
     }
 
-    fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String> {
-        ByteCodec.render_chat(turns)
+    fn render_chat(
+        &self,
+        turns: &[ChatTurn],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, String> {
+        ByteCodec.render_chat(turns, tools)
     }
 }
 

@@ -109,28 +109,6 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
         ),
         (
             Chat,
-            "tools",
-            vec![json!([])],
-            vec![json!([{"type": "function", "function": {"name": "f", "parameters": {}}}])],
-        ),
-        (
-            Chat,
-            "tool_choice",
-            vec![json!("none")],
-            vec![
-                json!("auto"),
-                json!("required"),
-                json!({"type": "function", "function": {"name": "f"}}),
-            ],
-        ),
-        (
-            Chat,
-            "parallel_tool_calls",
-            vec![json!(false), json!(true)],
-            vec![json!("x")],
-        ),
-        (
-            Chat,
             "functions",
             vec![json!([])],
             vec![json!([{"name": "f"}])],

@@ -138,8 +138,29 @@ impl Preset {
     }
 }
 
-/// The chat template written into tokenizer_config.json (Llama 3 layout).
-pub const CHAT_TEMPLATE: &str = "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+/// The chat template written into tokenizer_config.json: the Llama 3 layout, with a
+/// hermes-style tools section (a system turn listing the tools when the request has some,
+/// earlier calls as `<tool_call>` JSON, tool results in `<tool_response>`), so that
+/// `--tool_parser hermes` can be tried on the built-in models. Without tools it renders
+/// exactly the plain Llama 3 layout.
+pub const CHAT_TEMPLATE: &str = concat!(
+    "{{ bos_token }}",
+    "{% if tools %}{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' }}",
+    "{{ 'Functions you may call, one JSON signature per line:\\n<tools>\\n' }}",
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}",
+    "{{ '</tools>\\nTo call functions, answer with one <tool_call>{\"name\": ..., ",
+    "\"arguments\": {...}}</tool_call> block per call.<|eot_id|>' }}{% endif %}",
+    "{% for message in messages %}",
+    "{% if message['role'] == 'tool' %}",
+    "{{ '<|start_header_id|>tool<|end_header_id|>\\n\\n<tool_response>\\n' + (message['content'] | trim) + '\\n</tool_response><|eot_id|>' }}",
+    "{% else %}",
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim) }}",
+    "{% for call in message['tool_calls'] or [] %}",
+    "{{ '<tool_call>' }}{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}{{ '</tool_call>' }}",
+    "{% endfor %}{{ '<|eot_id|>' }}{% endif %}",
+    "{% endfor %}",
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+);
 
 /// Writes `preset` into `out` (created if needed). `progress(done, total)` is called as
 /// parameters are generated.
