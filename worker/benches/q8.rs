@@ -1,9 +1,12 @@
-//! Batch-1 decode on Q8_0 blocks against bf16, in one run: the bench preset (Llama-3 style,
-//! hidden 768, 12 layers, vocab 32000) with random bf16 weights, and the same weights
-//! quantized to Q8_0 (every projection and the lm_head; `cpu::q8::quantize_mat`).
-//! Prints weight bytes read per token, decode tok/s of each (best of rounds that alternate
-//! the two) and their ratio. LLMAPI_BENCH_THREADS sets the thread count (default: all),
-//! LLMAPI_BENCH_STEPS=32 the decode steps per round, LLMAPI_BENCH_ROUNDS=3 the rounds.
+//! Batch-1 decode and prefill on GGUF blocks against bf16, in one run: the bench preset
+//! (Llama-3 style, hidden 768, 12 layers, vocab 32000) with random bf16 weights, the same
+//! weights quantized to Q8_0 (every projection and the lm_head; `cpu::q8::quantize_mat`),
+//! and to Q4_K with a Q6_K lm_head (as a Q4_K_M file keeps `output.weight`;
+//! `cpu::q4k::quantize_mat`). Prints weight bytes read per token, decode tok/s of each (best
+//! of rounds that alternate the weights), prefill tok/s of one 512-token prompt (best of
+//! LLMAPI_BENCH_PREFILL_ROUNDS=2) and the ratios to bf16. LLMAPI_BENCH_THREADS sets the
+//! thread count (default: all), LLMAPI_BENCH_STEPS=32 the decode steps per round,
+//! LLMAPI_BENCH_ROUNDS=3 the rounds, LLMAPI_BENCH_PROMPT=512 the prefill length.
 //! Run: `cargo bench -p llmapi-worker --bench q8`.
 
 mod support;
@@ -14,8 +17,9 @@ use std::time::Instant;
 
 use llmapi_worker::backend::Backend;
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::cpu::q8::quantize_mat;
+use llmapi_worker::backend::cpu::{q4k, q8};
 use llmapi_worker::engine::KvDtype;
+use llmapi_worker::model::dequant::GgmlType;
 use llmapi_worker::model::{Mat, Mlp, ModelWeights};
 
 const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
@@ -33,25 +37,29 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn q8(m: &Mat) -> Mat {
-    quantize_mat(m).unwrap_or_else(|e| {
+fn or_exit(m: Result<Mat, String>) -> Mat {
+    m.unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(2)
     })
 }
 
-/// `w` with every projection and the lm_head quantized to Q8_0.
-fn quantized(w: &ModelWeights) -> ModelWeights {
+/// `w` with every projection quantized by `proj` and the lm_head by `head`.
+fn quantized(
+    w: &ModelWeights,
+    proj: impl Fn(&Mat) -> Mat,
+    head: impl Fn(&Mat) -> Mat,
+) -> ModelWeights {
     let mut out = w.clone();
     for l in &mut out.layers {
-        l.qkv = q8(&l.qkv);
-        l.o = q8(&l.o);
+        l.qkv = proj(&l.qkv);
+        l.o = proj(&l.o);
         if let Mlp::Dense(f) = &mut l.mlp {
-            f.gate_up = q8(&f.gate_up);
-            f.down = q8(&f.down);
+            f.gate_up = proj(&f.gate_up);
+            f.down = proj(&f.down);
         }
     }
-    out.lm_head = Some(q8(w.lm_head()));
+    out.lm_head = Some(head(w.lm_head()));
     out
 }
 
@@ -64,23 +72,41 @@ fn main() {
         env_usize("LLMAPI_BENCH_STEPS", 32),
         env_usize("LLMAPI_BENCH_ROUNDS", 3),
     );
+    let prompt_len = env_usize("LLMAPI_BENCH_PROMPT", 512);
+    let prefill_rounds = env_usize("LLMAPI_BENCH_PREFILL_ROUNDS", 2);
     let bf16 = random_model(PRESET);
-    let q8w = quantized(&bf16);
-    let mut runs: Vec<(&str, usize, CpuBackend, f64)> = Vec::new();
-    for (name, w) in [("bf16", bf16), ("q8_0", q8w)] {
+    let q8w = quantized(
+        &bf16,
+        |m| or_exit(q8::quantize_mat(m)),
+        |m| or_exit(q8::quantize_mat(m)),
+    );
+    let q4w = quantized(
+        &bf16,
+        |m| or_exit(q4k::quantize_mat(m, GgmlType::Q4K)),
+        |m| or_exit(q4k::quantize_mat(m, GgmlType::Q6K)),
+    );
+    let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
+    let prefill_blocks = prompt_len.div_ceil(TPB) + 1;
+    let mut runs: Vec<(&str, usize, CpuBackend, f64, f64)> = Vec::new();
+    for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w)] {
         let bytes = w.bytes_per_token();
         let mut be = CpuBackend::new(w, KvDtype::Bf16, Some(threads)).expect("backend starts");
-        be.init_kv((CTX + steps * rounds).div_ceil(TPB) + 1, TPB)
+        be.init_kv(decode_blocks + prefill_blocks, TPB)
             .expect("kv allocates");
-        runs.push((name, bytes, be, 0.0));
+        runs.push((name, bytes, be, 0.0, 0.0));
     }
-    let table: Vec<u32> = (0..((CTX + steps * rounds).div_ceil(TPB) + 1) as u32).collect();
+    let table: Vec<u32> = (0..decode_blocks as u32).collect();
+    let prefill_table: Vec<u32> =
+        (decode_blocks as u32..(decode_blocks + prefill_blocks) as u32).collect();
     let prompt: Vec<u32> = (0..CTX as u32).map(|i| (i * 7 + 1) % 32000).collect();
-    for (_, _, be, _) in &mut runs {
+    let long: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 13 + 5) % 32000)
+        .collect();
+    for (_, _, be, _, _) in &mut runs {
         run(be, &[chunk(&prompt, 0, &table)]);
     }
     for round in 0..rounds {
-        for (_, _, be, best) in &mut runs {
+        for (_, _, be, best, _) in &mut runs {
             let t = Instant::now();
             for s in 0..steps {
                 let pos = CTX + round * steps + s;
@@ -89,13 +115,32 @@ fn main() {
             *best = best.max(steps as f64 / t.elapsed().as_secs_f64());
         }
     }
-    println!("batch-1 decode, {threads} threads, best of {rounds} rounds of {steps} steps");
-    println!("| weights | bytes per token | tok/s |");
-    println!("|---|---|---|");
-    for (name, bytes, _, tps) in &runs {
-        println!("| {name} | {:.1} MB | {tps:.1} |", *bytes as f64 / 1e6);
+    for _ in 0..prefill_rounds {
+        for (_, _, be, _, best) in &mut runs {
+            let t = Instant::now();
+            run(be, &[chunk(&long, 0, &prefill_table)]);
+            *best = best.max(prompt_len as f64 / t.elapsed().as_secs_f64());
+        }
     }
-    let ratio = runs[1].3 / runs[0].3;
-    let bytes = runs[0].1 as f64 / runs[1].1 as f64;
-    println!("q8_0 / bf16: {ratio:.2}x tok/s, {bytes:.2}x fewer bytes per token");
+    println!(
+        "{threads} threads, load {}: batch-1 decode best of {rounds} rounds of {steps} steps, \
+         prefill of {prompt_len} tokens best of {prefill_rounds}",
+        support::loadavg()
+    );
+    println!("| weights | bytes per token | decode tok/s | prefill tok/s |");
+    println!("|---|---|---|---|");
+    for (name, bytes, _, tps, pre) in &runs {
+        println!(
+            "| {name} | {:.1} MB | {tps:.1} | {pre:.1} |",
+            *bytes as f64 / 1e6
+        );
+    }
+    for (name, bytes, _, tps, pre) in &runs[1..] {
+        println!(
+            "{name} / bf16: {:.2}x decode tok/s, {:.2}x prefill tok/s, {:.2}x fewer bytes per token",
+            tps / runs[0].3,
+            pre / runs[0].4,
+            runs[0].1 as f64 / *bytes as f64
+        );
+    }
 }

@@ -5,7 +5,8 @@
 //! kernels of `bf16.rs` for bf16 weights, on the panels packed at load
 //! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
-//! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`).
+//! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
+//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`).
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
@@ -17,7 +18,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, Bf16Kernel};
 use super::microkernel::{WR, XR, block};
-use super::q8;
+use super::{q4k, q8};
 use crate::model::{Mat, WeightData};
 
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
@@ -37,6 +38,8 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
     match (dtype, &w.data) {
         // GGUF Q8_0 blocks: int8 products with per-block activation scales, in either mode.
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
+        // Q4_K / Q6_K super-blocks: the same, with activations quantized per 256.
+        (_, WeightData::KQuant(_)) => q4k::linear_kquant(x, rows, w, out),
         (GemmDtype::Bf16(kernel), WeightData::Bf16(v)) => {
             #[cfg(target_arch = "x86_64")]
             {
@@ -138,8 +141,8 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
                 *o = match &w.data {
                     WeightData::Bf16(v) => dot_bf16(x, &v[wr]),
                     WeightData::F32(v) => dot_f32(x, &v[wr]),
-                    WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } => {
-                        unreachable!("packed and Q8_0 weights never take this loop")
+                    WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } | WeightData::KQuant(_) => {
+                        unreachable!("packed and block weights never take this loop")
                     }
                 };
             }
@@ -237,8 +240,8 @@ fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     match &w.data {
         WeightData::F32(v) => gemm_nxk(x, rows, v, k, n, out),
-        WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } => {
-            unreachable!("packed weights take dot_rows, Q8_0 weights linear_q8")
+        WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } | WeightData::KQuant(_) => {
+            unreachable!("packed weights take dot_rows, block weights their own kernels")
         }
         WeightData::Bf16(v) => SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
