@@ -20,7 +20,7 @@ use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::cpu::{q4k, q8};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::dequant::GgmlType;
-use llmapi_worker::model::{Mat, Mlp, ModelWeights};
+use llmapi_worker::model::{Mat, Mlp, ModelWeights, WeightData};
 
 const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
 "intermediate_size":2048,"num_hidden_layers":12,"num_attention_heads":12,
@@ -35,6 +35,45 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
+}
+
+/// Single-thread ns per weight row of each supported kernel on `w` (Q8_0 or k-quant),
+/// best of 5 sweeps of all rows: whether AVX512-VNNI pays over AVX2 apart from threading.
+fn kernel_sweeps(name: &str, w: &Mat) {
+    let k = w.cols;
+    let x: Vec<f32> = (0..k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let (x8, xk) = (q8::quantize_row(&x), q4k::quantize_row_q8k(&x));
+    for kernel in q8::QKernel::ALL.into_iter().filter(|k| k.supported()) {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut s = 0.0f32;
+            for r in 0..w.rows {
+                s += match &w.data {
+                    WeightData::Q8_0 { q, d } => q8::dot_row_with(
+                        kernel,
+                        &q[r * k..(r + 1) * k],
+                        &d[r * k / 32..(r + 1) * k / 32],
+                        &x8,
+                    ),
+                    WeightData::KQuant(b) => {
+                        let (ty, row) = b.row(r, k);
+                        q4k::dot_with(kernel, ty, row, &xk)
+                    }
+                    _ => 0.0,
+                };
+            }
+            std::hint::black_box(s);
+            best = best.min(t.elapsed().as_secs_f64() * 1e9 / w.rows as f64);
+        }
+        println!(
+            "{name} {}x{k}, {kernel:?}: {best:.0} ns a row, {:.1} GB/s of weights (1 thread)",
+            w.rows,
+            w.bytes() as f64 / w.rows as f64 / best
+        );
+    }
 }
 
 fn or_exit(m: Result<Mat, String>) -> Mat {
@@ -85,6 +124,11 @@ fn main() {
         |m| or_exit(q4k::quantize_mat(m, GgmlType::Q4K)),
         |m| or_exit(q4k::quantize_mat(m, GgmlType::Q6K)),
     );
+    if let (Mlp::Dense(a), Mlp::Dense(b)) = (&q8w.layers[0].mlp, &q4w.layers[0].mlp) {
+        kernel_sweeps("q8_0 gate_up", &a.gate_up);
+        kernel_sweeps("q4_k gate_up", &b.gate_up);
+    }
+    kernel_sweeps("q6_k lm_head", q4w.lm_head());
     let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
     let prefill_blocks = prompt_len.div_ceil(TPB) + 1;
     let mut runs: Vec<(&str, usize, CpuBackend, f64, f64)> = Vec::new();

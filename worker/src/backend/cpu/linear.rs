@@ -6,7 +6,9 @@
 //! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
 //! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
-//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`).
+//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`), up to
+//! `BLOCK_MAX_ROWS` input rows; prefill-sized batches dequantize W once into f32 (the
+//! scratch below) and run the gemm.
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
@@ -24,6 +26,12 @@ use crate::model::{Mat, WeightData};
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
 const DOT_MAX_ROWS: usize = 64;
 
+/// Rows of x up to which GGUF block weights are computed on their blocks. Beyond, the block
+/// dots (each re-decoding a weight row's scales for every input row) cost more than
+/// dequantizing W once into f32 and running the gemm: on the bench preset the block path
+/// prefilled at about a fifth of the gemm's rate (docs/bench/engine.md).
+const BLOCK_MAX_ROWS: usize = 8;
+
 /// Arithmetic of the projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemmDtype {
@@ -37,6 +45,10 @@ pub enum GemmDtype {
 pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     match (dtype, &w.data) {
         // GGUF Q8_0 blocks: int8 products with per-block activation scales, in either mode.
+        // Prefill-sized batches of GGUF blocks: dequantized once into f32 for the gemm.
+        (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_)) if rows > BLOCK_MAX_ROWS => {
+            gemm_full(x, rows, w, out)
+        }
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
         // Q4_K / Q6_K super-blocks: the same, with activations quantized per 256.
         (_, WeightData::KQuant(_)) => q4k::linear_kquant(x, rows, w, out),
@@ -234,15 +246,25 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Many rows: bf16 W is widened once into a reused buffer and the whole product runs as one
-/// multi-threaded gemm on the current pool.
+/// Many rows: bf16 W is widened (GGUF block W dequantized) once into a reused buffer and the
+/// whole product runs as one multi-threaded gemm on the current pool.
 fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     match &w.data {
         WeightData::F32(v) => gemm_nxk(x, rows, v, k, n, out),
-        WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } | WeightData::KQuant(_) => {
-            unreachable!("packed weights take dot_rows, block weights their own kernels")
-        }
+        WeightData::Bf16Panels(_) => unreachable!("packed weights take dot_rows"),
+        WeightData::Q8_0 { .. } | WeightData::KQuant(_) => SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < n * k {
+                scratch.resize(n * k, 0.0);
+            }
+            let wf = &mut scratch[..n * k];
+            wf.par_chunks_mut(k)
+                .with_min_len(16)
+                .enumerate()
+                .for_each(|(r, row)| w.row_to_f32(r, row));
+            gemm_nxk(x, rows, wf, k, n, out);
+        }),
         WeightData::Bf16(v) => SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             if scratch.len() < n * k {
@@ -522,6 +544,44 @@ mod tests {
                         (got - want).abs() < 1e-3,
                         "rows {rows} t {t} n {n}: {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Past `BLOCK_MAX_ROWS` rows, Q8_0 and k-quant weights are dequantized for the gemm: the
+    /// product equals the f32 product of the dequantized weights up to f32 summation order
+    /// (asserted 1e-4 of `sum |w x|`), with no activation rounding; at or below it the block
+    /// kernels run (their bound is tested in `q8::tests` and `q4k::tests`).
+    #[test]
+    fn prefill_batches_of_block_weights_run_on_the_dequantized_weights() {
+        let (n, k) = (40, 512);
+        let (w, _) = mat_bf16(n, k);
+        let blocks = [
+            q8::quantize_mat(&w).unwrap(),
+            q4k::quantize_mat(&w, crate::model::dequant::GgmlType::Q4K).unwrap(),
+            q4k::quantize_mat(&w, crate::model::dequant::GgmlType::Q6K).unwrap(),
+        ];
+        for wq in &blocks {
+            let mut wf = vec![0.0f32; n * k];
+            for r in 0..n {
+                wq.row_to_f32(r, &mut wf[r * k..(r + 1) * k]);
+            }
+            for rows in [BLOCK_MAX_ROWS + 1, 70] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.017).sin()).collect();
+                let mut out = vec![0.0; rows * n];
+                linear(GemmDtype::F32, &x, rows, wq, &mut out);
+                for t in 0..rows {
+                    for j in 0..n {
+                        let (xr, wr) = (&x[t * k..(t + 1) * k], &wf[j * k..(j + 1) * k]);
+                        let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                        let got = out[t * n + j];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * mag,
+                            "rows {rows}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
