@@ -12,8 +12,9 @@
 //! every integer sum exact in i32. Batch-1 decode reads 144 bytes per 256 weights for Q4_K
 //! (0.56 bytes a weight) and 210 for Q6_K (0.82), against 2 for bf16.
 //!
-//! The block dots run on AVX512-VNNI or AVX2 ([`QKernel`], kernels in `q4k_simd.rs`) or a
-//! portable loop; all give the same integer sums. Rows of one matrix may mix the two types
+//! The block dots run on AVX512-VNNI (Q6_K; Q4_K runs AVX2 there, measured faster) or AVX2
+//! ([`QKernel`], kernels in `q4k_simd.rs`) or a portable loop; all give the same integer
+//! sums. Rows of one matrix may mix the two types
 //! (a fused projection of a Q4_K_M file), each row dotted by its own.
 
 use half::f16;
@@ -73,16 +74,16 @@ pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
 
 /// The 8 scales and 8 mins of a Q4_K block from its 12 packed bytes: sub-blocks 0..4 hold
 /// 6 bits in bytes 0..8; 4..8 take 4 low bits from bytes 8..12 and their 2 high bits from
-/// the tops of bytes 0..8.
+/// the tops of bytes 0..8. Done four bytes at a time in u32s: the masks keep each byte's
+/// own bits after the shifts.
 pub(super) fn q4k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        m[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
-        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-    (sc, m)
+    let word = |at: usize| u32::from_le_bytes([s[at], s[at + 1], s[at + 2], s[at + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let (six, four, two) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+    let sc_hi = (c & four) | (((a >> 6) & two) << 4);
+    let m_hi = ((c >> 4) & four) | (((b >> 6) & two) << 4);
+    let join = |lo: u32, hi: u32| (u64::from(lo) | (u64::from(hi) << 32)).to_le_bytes();
+    (join(a & six, sc_hi), join(b & six, m_hi))
 }
 
 /// `sum_j m_j * (bsum_{2j} + bsum_{2j+1})`: the activation sums the Q4_K mins multiply.
@@ -183,9 +184,17 @@ pub fn linear_kquant(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let xs: Vec<Q8K> = (0..rows)
         .map(|t| quantize_row_q8k(&x[t * k..(t + 1) * k]))
         .collect();
-    let kernel = QKernel::best();
+    let q6 = QKernel::best();
+    // Q4_K's VNNI kernel measured slower than its AVX2 one (the bench's kernel table: the
+    // per-sub-block `vpmulld` costs what `vpdpbusd` saves), so Q4_K rows run AVX2 there.
+    let q4 = if q6 == QKernel::Avx512Vnni {
+        QKernel::Avx2
+    } else {
+        q6
+    };
     blocked_linear(rows, w.rows, out, |r, t| {
         let (ty, row) = blocks.row(r, k);
+        let kernel = if ty == GgmlType::Q6K { q6 } else { q4 };
         dot_with(kernel, ty, row, &xs[t])
     });
 }

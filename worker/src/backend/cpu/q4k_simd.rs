@@ -9,9 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::q4k::{
-    Q4K_BYTES, Q6K_BYTES, Q8K, QK_K, f16_at, q4k_min_sum, q4k_scales_mins, q6k_offset_sum,
-};
+use super::q4k::{Q4K_BYTES, Q6K_BYTES, Q8K, QK_K, q4k_scales_mins};
 use super::q8::QKernel;
 
 /// The block dot of a Q4_K (`q6` false) or Q6_K row on `kernel`; `None` when the kernel is
@@ -20,7 +18,8 @@ pub(super) fn dot(kernel: QKernel, q6: bool, w: &[u8], x: &Q8K) -> Option<f32> {
     if kernel == QKernel::Portable || !kernel.supported() {
         return None;
     }
-    // SAFETY: the CPU has the features each kernel enables (checked just above); every
+    // SAFETY: the CPU has the features each kernel enables (checked just above: F16C with
+    // both); every
     // kernel bounds-checks its loads.
     Some(unsafe {
         match (kernel, q6) {
@@ -48,6 +47,38 @@ fn ld512<T: Copy>(s: &[T], at: usize) -> __m512i {
     assert!(std::mem::size_of::<T>() == 1 && at + 64 <= s.len());
     // SAFETY: bytes at..at + 64 lie within s (asserted); the load is unaligned.
     unsafe { _mm512_loadu_si512(s.as_ptr().add(at).cast()) }
+}
+
+/// The 16 i16 of `s` from `at`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn ld_i16(s: &[i16], at: usize) -> __m256i {
+    assert!(at + 16 <= s.len());
+    // SAFETY: elements at..at + 16 lie within s (asserted); the load is unaligned.
+    unsafe { _mm256_loadu_si256(s.as_ptr().add(at).cast()) }
+}
+
+/// The f16 at byte `at` of `b`, as f32, with F16C.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn f16c_at(b: &[u8], at: usize) -> f32 {
+    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+/// `sum_j m_j * (bsum_2j + bsum_2j+1)` as 8 i32 lanes (lane j: `m_j` times its two sums).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q4k_min_lanes(m: [u8; 8], bsums: &[i16], at: usize) -> __m256i {
+    let mv = _mm_shuffle_epi8(_mm_cvtsi64_si128(i64::from_le_bytes(m)), spread(0, 2));
+    _mm256_madd_epi16(ld_i16(bsums, at), _mm256_cvtepu8_epi16(mv))
+}
+
+/// `sum_s sc_s * bsum_s` as 8 i32 lanes, the 16 signed scales in `scb`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q6k_offset_lanes(scb: __m128i, bsums: &[i16], at: usize) -> __m256i {
+    _mm256_madd_epi16(ld_i16(bsums, at), _mm256_cvtepi8_epi16(scb))
 }
 
 /// The 16 bytes of `s` from `at`.
@@ -106,17 +137,18 @@ fn q6k_half(blk: &[u8], h: usize) -> [__m256i; 4] {
     ]
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q4k_avx2(w: &[u8], x: &Q8K) -> f32 {
     let blocks = check(w, Q4K_BYTES, x);
     let m4 = _mm256_set1_epi8(0x0f);
-    let (mut acc, mut mins) = (_mm256_setzero_ps(), 0.0f32);
+    let (mut acc, mut mins) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for b in 0..blocks {
         let blk = &w[b * Q4K_BYTES..(b + 1) * Q4K_BYTES];
         let xb = &x.q[b * QK_K..(b + 1) * QK_K];
         let (sc, m) = q4k_scales_mins(&blk[4..16]);
         let dx = x.d[b];
-        mins += f16_at(blk, 2) * dx * q4k_min_sum(&m, &x.bsums[b * 16..b * 16 + 16]) as f32;
+        let ml = _mm256_cvtepi32_ps(q4k_min_lanes(m, &x.bsums, b * 16));
+        mins = _mm256_fmadd_ps(_mm256_set1_ps(f16c_at(blk, 2) * dx), ml, mins);
         let mut sumi = _mm256_setzero_si256();
         for i in 0..4 {
             let q = ld256(blk, 16 + 32 * i);
@@ -128,22 +160,23 @@ fn q4k_avx2(w: &[u8], x: &Q8K) -> f32 {
             let ph = _mm256_madd_epi16(ph, _mm256_set1_epi16(i16::from(sc[2 * i + 1])));
             sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
         }
-        let d = _mm256_set1_ps(f16_at(blk, 0) * dx);
+        let d = _mm256_set1_ps(f16c_at(blk, 0) * dx);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum256(acc) - mins
+    hsum256(_mm256_sub_ps(acc, mins))
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q6k_avx2(w: &[u8], x: &Q8K) -> f32 {
     let blocks = check(w, Q6K_BYTES, x);
-    let (mut acc, mut offs) = (_mm256_setzero_ps(), 0.0f32);
+    let (mut acc, mut offs) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for b in 0..blocks {
         let blk = &w[b * Q6K_BYTES..(b + 1) * Q6K_BYTES];
         let xb = &x.q[b * QK_K..(b + 1) * QK_K];
         let scb = ld128(blk, 192);
-        let d = f16_at(blk, 208) * x.d[b];
-        offs += d * (32 * q6k_offset_sum(&blk[192..208], &x.bsums[b * 16..b * 16 + 16])) as f32;
+        let d = f16c_at(blk, 208) * x.d[b];
+        let ol = _mm256_cvtepi32_ps(q6k_offset_lanes(scb, &x.bsums, b * 16));
+        offs = _mm256_fmadd_ps(_mm256_set1_ps(32.0 * d), ol, offs);
         let mut sumi = _mm256_setzero_si256();
         for h in 0..2 {
             for (k, q) in q6k_half(blk, h).into_iter().enumerate() {
@@ -156,22 +189,23 @@ fn q6k_avx2(w: &[u8], x: &Q8K) -> f32 {
         }
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    hsum256(acc) - offs
+    hsum256(_mm256_sub_ps(acc, offs))
 }
 
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q4k_vnni(w: &[u8], x: &Q8K) -> f32 {
     let blocks = check(w, Q4K_BYTES, x);
     let m4 = _mm256_set1_epi8(0x0f);
     let zero = _mm512_setzero_si512();
     let shuffles = [spread(0, 8), spread(2, 8), spread(4, 8), spread(6, 8)];
-    let (mut acc, mut mins) = (_mm512_setzero_ps(), 0.0f32);
+    let (mut acc, mut mins) = (_mm512_setzero_ps(), _mm256_setzero_ps());
     for b in 0..blocks {
         let blk = &w[b * Q4K_BYTES..(b + 1) * Q4K_BYTES];
         let xb = &x.q[b * QK_K..(b + 1) * QK_K];
         let (sc, m) = q4k_scales_mins(&blk[4..16]);
         let dx = x.d[b];
-        mins += f16_at(blk, 2) * dx * q4k_min_sum(&m, &x.bsums[b * 16..b * 16 + 16]) as f32;
+        let ml = _mm256_cvtepi32_ps(q4k_min_lanes(m, &x.bsums, b * 16));
+        mins = _mm256_fmadd_ps(_mm256_set1_ps(f16c_at(blk, 2) * dx), ml, mins);
         let scb = _mm_cvtsi64_si128(i64::from_le_bytes(sc));
         let mut sumi = zero;
         for (i, shuffle) in shuffles.iter().enumerate() {
@@ -184,24 +218,25 @@ fn q4k_vnni(w: &[u8], x: &Q8K) -> f32 {
             let scv = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(scb, *shuffle));
             sumi = _mm512_add_epi32(sumi, _mm512_mullo_epi32(dots, scv));
         }
-        let d = _mm512_set1_ps(f16_at(blk, 0) * dx);
+        let d = _mm512_set1_ps(f16c_at(blk, 0) * dx);
         acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sumi), acc);
     }
-    _mm512_reduce_add_ps(acc) - mins
+    _mm512_reduce_add_ps(acc) - hsum256(mins)
 }
 
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn q6k_vnni(w: &[u8], x: &Q8K) -> f32 {
     let blocks = check(w, Q6K_BYTES, x);
     let zero = _mm512_setzero_si512();
     let shuffles = [spread(0, 4), spread(4, 4), spread(8, 4), spread(12, 4)];
-    let (mut acc, mut offs) = (_mm512_setzero_ps(), 0.0f32);
+    let (mut acc, mut offs) = (_mm512_setzero_ps(), _mm256_setzero_ps());
     for b in 0..blocks {
         let blk = &w[b * Q6K_BYTES..(b + 1) * Q6K_BYTES];
         let xb = &x.q[b * QK_K..(b + 1) * QK_K];
         let scb = ld128(blk, 192);
-        let d = f16_at(blk, 208) * x.d[b];
-        offs += d * (32 * q6k_offset_sum(&blk[192..208], &x.bsums[b * 16..b * 16 + 16])) as f32;
+        let d = f16c_at(blk, 208) * x.d[b];
+        let ol = _mm256_cvtepi32_ps(q6k_offset_lanes(scb, &x.bsums, b * 16));
+        offs = _mm256_fmadd_ps(_mm256_set1_ps(32.0 * d), ol, offs);
         let mut sumi = zero;
         for h in 0..2 {
             let [k0, k1, k2, k3] = q6k_half(blk, h);
@@ -217,5 +252,5 @@ fn q6k_vnni(w: &[u8], x: &Q8K) -> f32 {
         }
         acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
     }
-    _mm512_reduce_add_ps(acc) - offs
+    _mm512_reduce_add_ps(acc) - hsum256(offs)
 }

@@ -73,7 +73,7 @@ pub fn quantize_mat(m: &Mat) -> Result<Mat, String> {
 pub enum QKernel {
     /// Plain Rust loops; every host.
     Portable,
-    /// AVX2 + FMA: `vpmaddubsw` / `vpmaddwd`.
+    /// AVX2 + FMA + F16C: `vpmaddubsw` / `vpmaddwd`.
     Avx2,
     /// AVX-512 F/BW/VL + VNNI: `vpdpbusd`.
     Avx512Vnni,
@@ -90,10 +90,11 @@ impl QKernel {
             use std::arch::is_x86_feature_detected as has;
             match self {
                 QKernel::Portable => true,
-                QKernel::Avx2 => has!("avx2") && has!("fma"),
+                QKernel::Avx2 => has!("avx2") && has!("fma") && has!("f16c"),
                 QKernel::Avx512Vnni => {
                     has!("avx2")
                         && has!("fma")
+                        && has!("f16c")
                         && has!("avx512f")
                         && has!("avx512bw")
                         && has!("avx512vl")
