@@ -29,6 +29,8 @@ const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
 
 const TPB: usize = 32;
 const CTX: usize = 64;
+/// Sequences of the batched decode, one KV block each (8 prompt + 2 x 8 decoded tokens).
+const BATCH: usize = 16;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -131,13 +133,13 @@ fn main() {
     kernel_sweeps("q6_k lm_head", q4w.lm_head());
     let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
     let prefill_blocks = prompt_len.div_ceil(TPB) + 1;
-    let mut runs: Vec<(&str, usize, CpuBackend, f64, f64)> = Vec::new();
+    let mut runs: Vec<(&str, usize, CpuBackend, f64, f64, f64)> = Vec::new();
     for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w)] {
         let bytes = w.bytes_per_token();
         let mut be = CpuBackend::new(w, KvDtype::Bf16, Some(threads)).expect("backend starts");
-        be.init_kv(decode_blocks + prefill_blocks, TPB)
+        be.init_kv(decode_blocks + prefill_blocks + BATCH, TPB)
             .expect("kv allocates");
-        runs.push((name, bytes, be, 0.0, 0.0));
+        runs.push((name, bytes, be, 0.0, 0.0, 0.0));
     }
     let table: Vec<u32> = (0..decode_blocks as u32).collect();
     let prefill_table: Vec<u32> =
@@ -146,11 +148,11 @@ fn main() {
     let long: Vec<u32> = (0..prompt_len as u32)
         .map(|i| (i * 13 + 5) % 32000)
         .collect();
-    for (_, _, be, _, _) in &mut runs {
+    for (_, _, be, _, _, _) in &mut runs {
         run(be, &[chunk(&prompt, 0, &table)]);
     }
     for round in 0..rounds {
-        for (_, _, be, best, _) in &mut runs {
+        for (_, _, be, best, _, _) in &mut runs {
             let t = Instant::now();
             for s in 0..steps {
                 let pos = CTX + round * steps + s;
@@ -160,30 +162,49 @@ fn main() {
         }
     }
     for _ in 0..prefill_rounds {
-        for (_, _, be, _, best) in &mut runs {
+        for (_, _, be, _, best, _) in &mut runs {
             let t = Instant::now();
             run(be, &[chunk(&long, 0, &prefill_table)]);
             *best = best.max(prompt_len as f64 / t.elapsed().as_secs_f64());
         }
     }
+    let first = (decode_blocks + prefill_blocks) as u32;
+    let tables: Vec<[u32; 1]> = (0..BATCH as u32).map(|i| [first + i]).collect();
+    let short: Vec<u32> = (0..8u32).map(|i| i * 11 + 3).collect();
+    for (_, _, be, _, _, best) in &mut runs {
+        let chunks: Vec<_> = tables.iter().map(|t| chunk(&short, 0, t)).collect();
+        run(be, &chunks);
+        for round in 0..2 {
+            let t = Instant::now();
+            for s in 0..8 {
+                let chunks: Vec<_> = tables
+                    .iter()
+                    .map(|t| chunk(&[5], 8 + round * 8 + s, t))
+                    .collect();
+                run(be, &chunks);
+            }
+            *best = best.max((BATCH * 8) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
     println!(
         "{threads} threads, load {}: batch-1 decode best of {rounds} rounds of {steps} steps, \
-         prefill of {prompt_len} tokens best of {prefill_rounds}",
+         prefill of {prompt_len} tokens best of {prefill_rounds}, \
+         decode of {BATCH} sequences best of 2 rounds of 8 steps",
         support::loadavg()
     );
-    println!("| weights | bytes per token | decode tok/s | prefill tok/s |");
-    println!("|---|---|---|---|");
-    for (name, bytes, _, tps, pre) in &runs {
-        println!(
-            "| {name} | {:.1} MB | {tps:.1} | {pre:.1} |",
-            *bytes as f64 / 1e6
-        );
+    println!("| weights | bytes per token | decode tok/s | prefill tok/s | batch-{BATCH} tok/s |");
+    println!("|---|---|---|---|---|");
+    for (name, bytes, _, tps, pre, bat) in &runs {
+        let mb = *bytes as f64 / 1e6;
+        println!("| {name} | {mb:.1} MB | {tps:.1} | {pre:.1} | {bat:.1} |");
     }
-    for (name, bytes, _, tps, pre) in &runs[1..] {
+    for (name, bytes, _, tps, pre, bat) in &runs[1..] {
         println!(
-            "{name} / bf16: {:.2}x decode tok/s, {:.2}x prefill tok/s, {:.2}x fewer bytes per token",
+            "{name} / bf16: {:.2}x decode, {:.2}x prefill, {:.2}x batch-{BATCH} decode tok/s, \
+             {:.2}x fewer bytes per token",
             tps / runs[0].3,
             pre / runs[0].4,
+            bat / runs[0].5,
             runs[0].1 as f64 / *bytes as f64
         );
     }

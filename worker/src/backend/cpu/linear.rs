@@ -7,8 +7,8 @@
 //!
 //! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
 //! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`), up to
-//! `BLOCK_MAX_ROWS` input rows; prefill-sized batches dequantize W once into f32 (the
-//! scratch below) and run the gemm.
+//! `BLOCK_MAX_ROWS` input rows; larger batches dequantize W as bf16 is widened (tiles of
+//! rows, or once into the f32 scratch below for the gemm).
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
@@ -28,8 +28,10 @@ const DOT_MAX_ROWS: usize = 64;
 
 /// Rows of x up to which GGUF block weights are computed on their blocks. Beyond, the block
 /// dots (each re-decoding a weight row's scales for every input row) cost more than
-/// dequantizing W once into f32 and running the gemm: on the bench preset the block path
-/// prefilled at about a fifth of the gemm's rate (docs/bench/engine.md).
+/// dequantizing W as bf16 is widened: in tiles of rows for the register-blocked kernel up to
+/// `DOT_MAX_ROWS`, once into f32 for the gemm past it. On the bench preset the block path
+/// prefilled 512 tokens at a fifth of the gemm's rate, and decoded 16 sequences at 0.40x
+/// (Q8_0) and 0.81x (Q4_K) of bf16 against 0.73x and 0.86x in tiles (docs/bench/engine.md).
 const BLOCK_MAX_ROWS: usize = 8;
 
 /// Arithmetic of the projections.
@@ -45,9 +47,10 @@ pub enum GemmDtype {
 pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     match (dtype, &w.data) {
         // GGUF Q8_0 blocks: int8 products with per-block activation scales, in either mode.
-        // Prefill-sized batches of GGUF blocks: dequantized once into f32 for the gemm.
+        // Batches of GGUF blocks: dequantized in tiles of rows (up to DOT_MAX_ROWS) or
+        // once into f32 for the gemm (prefill), as bf16 is widened.
         (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_)) if rows > BLOCK_MAX_ROWS => {
-            gemm_full(x, rows, w, out)
+            linear_f32(x, rows, w, out)
         }
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
         // Q4_K / Q6_K super-blocks: the same, with activations quantized per 256.
@@ -549,7 +552,8 @@ mod tests {
         }
     }
 
-    /// Past `BLOCK_MAX_ROWS` rows, Q8_0 and k-quant weights are dequantized for the gemm: the
+    /// Past `BLOCK_MAX_ROWS` rows, Q8_0 and k-quant weights are dequantized (tiles at 9 rows,
+    /// the f32 scratch and gemm at 70): the
     /// product equals the f32 product of the dequantized weights up to f32 summation order
     /// (asserted 1e-4 of `sum |w x|`), with no activation rounding; at or below it the block
     /// kernels run (their bound is tested in `q8::tests` and `q4k::tests`).
