@@ -1,9 +1,12 @@
-//! Batch-1 decode on Q8_0 blocks against bf16, in one run: the bench preset (Llama-3 style,
-//! hidden 768, 12 layers, vocab 32000) with random bf16 weights, and the same weights
-//! quantized to Q8_0 (every projection and the lm_head; `cpu::q8::quantize_mat`).
-//! Prints weight bytes read per token, decode tok/s of each (best of rounds that alternate
-//! the two) and their ratio. LLMAPI_BENCH_THREADS sets the thread count (default: all),
-//! LLMAPI_BENCH_STEPS=32 the decode steps per round, LLMAPI_BENCH_ROUNDS=3 the rounds.
+//! Batch-1 decode and prefill on GGUF blocks against bf16, in one run: the bench preset
+//! (Llama-3 style, hidden 768, 12 layers, vocab 32000) with random bf16 weights, the same
+//! weights quantized to Q8_0 (every projection and the lm_head; `cpu::q8::quantize_mat`),
+//! and to Q4_K with a Q6_K lm_head (as a Q4_K_M file keeps `output.weight`;
+//! `cpu::q4k::quantize_mat`). Prints weight bytes read per token, decode tok/s of each (best
+//! of rounds that alternate the weights), prefill tok/s of one 512-token prompt (best of
+//! LLMAPI_BENCH_PREFILL_ROUNDS=2) and the ratios to bf16. LLMAPI_BENCH_THREADS sets the
+//! thread count (default: all), LLMAPI_BENCH_STEPS=32 the decode steps per round,
+//! LLMAPI_BENCH_ROUNDS=3 the rounds, LLMAPI_BENCH_PROMPT=512 the prefill length.
 //! Run: `cargo bench -p llmapi-worker --bench q8`.
 
 mod support;
@@ -14,9 +17,10 @@ use std::time::Instant;
 
 use llmapi_worker::backend::Backend;
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::cpu::q8::quantize_mat;
+use llmapi_worker::backend::cpu::{q4k, q8};
 use llmapi_worker::engine::KvDtype;
-use llmapi_worker::model::{Mat, Mlp, ModelWeights};
+use llmapi_worker::model::dequant::GgmlType;
+use llmapi_worker::model::{Mat, Mlp, ModelWeights, WeightData};
 
 const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
 "intermediate_size":2048,"num_hidden_layers":12,"num_attention_heads":12,
@@ -25,6 +29,8 @@ const PRESET: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":768,
 
 const TPB: usize = 32;
 const CTX: usize = 64;
+/// Sequences of the batched decode, one KV block each (8 prompt + 2 x 8 decoded tokens).
+const BATCH: usize = 16;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -33,25 +39,68 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn q8(m: &Mat) -> Mat {
-    quantize_mat(m).unwrap_or_else(|e| {
+/// Single-thread ns per weight row of each supported kernel on `w` (Q8_0 or k-quant),
+/// best of 5 sweeps of all rows: whether AVX512-VNNI pays over AVX2 apart from threading.
+fn kernel_sweeps(name: &str, w: &Mat) {
+    let k = w.cols;
+    let x: Vec<f32> = (0..k)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let (x8, xk) = (q8::quantize_row(&x), q4k::quantize_row_q8k(&x));
+    for kernel in q8::QKernel::ALL.into_iter().filter(|k| k.supported()) {
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut s = 0.0f32;
+            for r in 0..w.rows {
+                s += match &w.data {
+                    WeightData::Q8_0 { q, d } => q8::dot_row_with(
+                        kernel,
+                        &q[r * k..(r + 1) * k],
+                        &d[r * k / 32..(r + 1) * k / 32],
+                        &x8,
+                    ),
+                    WeightData::KQuant(b) => {
+                        let (ty, row) = b.row(r, k);
+                        q4k::dot_with(kernel, ty, row, &xk)
+                    }
+                    _ => 0.0,
+                };
+            }
+            std::hint::black_box(s);
+            best = best.min(t.elapsed().as_secs_f64() * 1e9 / w.rows as f64);
+        }
+        println!(
+            "{name} {}x{k}, {kernel:?}: {best:.0} ns a row, {:.1} GB/s of weights (1 thread)",
+            w.rows,
+            w.bytes() as f64 / w.rows as f64 / best
+        );
+    }
+}
+
+fn or_exit(m: Result<Mat, String>) -> Mat {
+    m.unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(2)
     })
 }
 
-/// `w` with every projection and the lm_head quantized to Q8_0.
-fn quantized(w: &ModelWeights) -> ModelWeights {
+/// `w` with every projection quantized by `proj` and the lm_head by `head`.
+fn quantized(
+    w: &ModelWeights,
+    proj: impl Fn(&Mat) -> Mat,
+    head: impl Fn(&Mat) -> Mat,
+) -> ModelWeights {
     let mut out = w.clone();
     for l in &mut out.layers {
-        l.qkv = q8(&l.qkv);
-        l.o = q8(&l.o);
+        l.qkv = proj(&l.qkv);
+        l.o = proj(&l.o);
         if let Mlp::Dense(f) = &mut l.mlp {
-            f.gate_up = q8(&f.gate_up);
-            f.down = q8(&f.down);
+            f.gate_up = proj(&f.gate_up);
+            f.down = proj(&f.down);
         }
     }
-    out.lm_head = Some(q8(w.lm_head()));
+    out.lm_head = Some(head(w.lm_head()));
     out
 }
 
@@ -64,23 +113,46 @@ fn main() {
         env_usize("LLMAPI_BENCH_STEPS", 32),
         env_usize("LLMAPI_BENCH_ROUNDS", 3),
     );
+    let prompt_len = env_usize("LLMAPI_BENCH_PROMPT", 512);
+    let prefill_rounds = env_usize("LLMAPI_BENCH_PREFILL_ROUNDS", 2);
     let bf16 = random_model(PRESET);
-    let q8w = quantized(&bf16);
-    let mut runs: Vec<(&str, usize, CpuBackend, f64)> = Vec::new();
-    for (name, w) in [("bf16", bf16), ("q8_0", q8w)] {
+    let q8w = quantized(
+        &bf16,
+        |m| or_exit(q8::quantize_mat(m)),
+        |m| or_exit(q8::quantize_mat(m)),
+    );
+    let q4w = quantized(
+        &bf16,
+        |m| or_exit(q4k::quantize_mat(m, GgmlType::Q4K)),
+        |m| or_exit(q4k::quantize_mat(m, GgmlType::Q6K)),
+    );
+    if let (Mlp::Dense(a), Mlp::Dense(b)) = (&q8w.layers[0].mlp, &q4w.layers[0].mlp) {
+        kernel_sweeps("q8_0 gate_up", &a.gate_up);
+        kernel_sweeps("q4_k gate_up", &b.gate_up);
+    }
+    kernel_sweeps("q6_k lm_head", q4w.lm_head());
+    let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
+    let prefill_blocks = prompt_len.div_ceil(TPB) + 1;
+    let mut runs: Vec<(&str, usize, CpuBackend, f64, f64, f64)> = Vec::new();
+    for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w)] {
         let bytes = w.bytes_per_token();
         let mut be = CpuBackend::new(w, KvDtype::Bf16, Some(threads)).expect("backend starts");
-        be.init_kv((CTX + steps * rounds).div_ceil(TPB) + 1, TPB)
+        be.init_kv(decode_blocks + prefill_blocks + BATCH, TPB)
             .expect("kv allocates");
-        runs.push((name, bytes, be, 0.0));
+        runs.push((name, bytes, be, 0.0, 0.0, 0.0));
     }
-    let table: Vec<u32> = (0..((CTX + steps * rounds).div_ceil(TPB) + 1) as u32).collect();
+    let table: Vec<u32> = (0..decode_blocks as u32).collect();
+    let prefill_table: Vec<u32> =
+        (decode_blocks as u32..(decode_blocks + prefill_blocks) as u32).collect();
     let prompt: Vec<u32> = (0..CTX as u32).map(|i| (i * 7 + 1) % 32000).collect();
-    for (_, _, be, _) in &mut runs {
+    let long: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 13 + 5) % 32000)
+        .collect();
+    for (_, _, be, _, _, _) in &mut runs {
         run(be, &[chunk(&prompt, 0, &table)]);
     }
     for round in 0..rounds {
-        for (_, _, be, best) in &mut runs {
+        for (_, _, be, best, _, _) in &mut runs {
             let t = Instant::now();
             for s in 0..steps {
                 let pos = CTX + round * steps + s;
@@ -89,13 +161,51 @@ fn main() {
             *best = best.max(steps as f64 / t.elapsed().as_secs_f64());
         }
     }
-    println!("batch-1 decode, {threads} threads, best of {rounds} rounds of {steps} steps");
-    println!("| weights | bytes per token | tok/s |");
-    println!("|---|---|---|");
-    for (name, bytes, _, tps) in &runs {
-        println!("| {name} | {:.1} MB | {tps:.1} |", *bytes as f64 / 1e6);
+    for _ in 0..prefill_rounds {
+        for (_, _, be, _, best, _) in &mut runs {
+            let t = Instant::now();
+            run(be, &[chunk(&long, 0, &prefill_table)]);
+            *best = best.max(prompt_len as f64 / t.elapsed().as_secs_f64());
+        }
     }
-    let ratio = runs[1].3 / runs[0].3;
-    let bytes = runs[0].1 as f64 / runs[1].1 as f64;
-    println!("q8_0 / bf16: {ratio:.2}x tok/s, {bytes:.2}x fewer bytes per token");
+    let first = (decode_blocks + prefill_blocks) as u32;
+    let tables: Vec<[u32; 1]> = (0..BATCH as u32).map(|i| [first + i]).collect();
+    let short: Vec<u32> = (0..8u32).map(|i| i * 11 + 3).collect();
+    for (_, _, be, _, _, best) in &mut runs {
+        let chunks: Vec<_> = tables.iter().map(|t| chunk(&short, 0, t)).collect();
+        run(be, &chunks);
+        for round in 0..2 {
+            let t = Instant::now();
+            for s in 0..8 {
+                let chunks: Vec<_> = tables
+                    .iter()
+                    .map(|t| chunk(&[5], 8 + round * 8 + s, t))
+                    .collect();
+                run(be, &chunks);
+            }
+            *best = best.max((BATCH * 8) as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    println!(
+        "{threads} threads, load {}: batch-1 decode best of {rounds} rounds of {steps} steps, \
+         prefill of {prompt_len} tokens best of {prefill_rounds}, \
+         decode of {BATCH} sequences best of 2 rounds of 8 steps",
+        support::loadavg()
+    );
+    println!("| weights | bytes per token | decode tok/s | prefill tok/s | batch-{BATCH} tok/s |");
+    println!("|---|---|---|---|---|");
+    for (name, bytes, _, tps, pre, bat) in &runs {
+        let mb = *bytes as f64 / 1e6;
+        println!("| {name} | {mb:.1} MB | {tps:.1} | {pre:.1} | {bat:.1} |");
+    }
+    for (name, bytes, _, tps, pre, bat) in &runs[1..] {
+        println!(
+            "{name} / bf16: {:.2}x decode, {:.2}x prefill, {:.2}x batch-{BATCH} decode tok/s, \
+             {:.2}x fewer bytes per token",
+            tps / runs[0].3,
+            pre / runs[0].4,
+            bat / runs[0].5,
+            runs[0].1 as f64 / *bytes as f64
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Tensors of a GGUF checkpoint under the engine's (Hugging Face) names, dequantized at
-//! load: matrices to bf16, f32 tensors (norms) kept as they are, Q8_0 matrices kept as
-//! blocks for the CPU backend to compute on (`q8_rows`).
+//! load: matrices to bf16, f32 tensors (norms) kept as they are; Q8_0, Q4_K and Q6_K
+//! matrices kept as blocks for the CPU backend to compute on (`q8_rows`, `kquant_rows`).
 //!
 //! llama.cpp's converter interleaves the two rotary halves of every Q and K head of Llama
 //! and Mistral checkpoints (row `2i + s` of a head holds HF row `s * head_dim/2 + i`); the
@@ -16,6 +16,7 @@ use llmapi_common::gguf::{GgufFile, MetaValue};
 use safetensors::Dtype;
 
 use super::dequant::{GgmlType, Q8_0_BLOCK};
+use super::weights::KRows;
 use crate::engine::EngineError;
 
 /// A tensor as the loader sees it: dtype, shape (outermost first) and bytes.
@@ -159,10 +160,56 @@ impl GgufTensors {
         cols: usize,
         rs: Range<usize>,
     ) -> Result<Option<Q8Rows>, EngineError> {
+        let Some((_, bytes)) = self.block_rows(name, rows, cols, rs, &[GgmlType::Q8_0])? else {
+            return Ok(None);
+        };
+        let (_, block_bytes) = GgmlType::Q8_0.block();
+        let mut q = Vec::with_capacity(bytes.len() / block_bytes * Q8_0_BLOCK);
+        let mut d = Vec::with_capacity(bytes.len() / block_bytes);
+        for block in bytes.chunks_exact(block_bytes) {
+            d.push(u16::from_le_bytes([block[0], block[1]]));
+            q.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Ok(Some((q, d)))
+    }
+
+    /// Rows `rs` of the `rows` x `cols` engine matrix `name` as the file's Q4_K or Q6_K
+    /// super-blocks (`WeightData::KQuant`), Q/K rows un-permuted as whole rows of blocks;
+    /// `None` for every other type (those are dequantized to bf16 at load).
+    pub fn kquant_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        rs: Range<usize>,
+    ) -> Result<Option<KRows>, EngineError> {
+        let n = rs.len();
+        let kinds = [GgmlType::Q4K, GgmlType::Q6K];
+        Ok(self
+            .block_rows(name, rows, cols, rs, &kinds)?
+            .map(|(ty, bytes)| KRows {
+                runs: vec![(ty, n)],
+                bytes,
+            }))
+    }
+
+    /// The bytes of rows `rs` (HF row order) of the 2-D matrix `name` when the file stores
+    /// it in one of the block types `kinds`, with that type; `None` otherwise.
+    fn block_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        rs: Range<usize>,
+        kinds: &[GgmlType],
+    ) -> Result<Option<(GgmlType, Vec<u8>)>, EngineError> {
         let Some(info) = gguf_name(name).and_then(|g| self.file.tensor(&g)) else {
             return Ok(None);
         };
-        if GgmlType::from_id(info.ggml_type) != Some(GgmlType::Q8_0) || info.dims.len() != 2 {
+        let Some(ty) = GgmlType::from_id(info.ggml_type).filter(|t| kinds.contains(t)) else {
+            return Ok(None);
+        };
+        if info.dims.len() != 2 {
             return Ok(None);
         }
         if info.shape() != [rows, cols] || rs.end > rows {
@@ -172,9 +219,13 @@ impl GgufTensors {
                 info.shape()
             )));
         }
-        let (_, block_bytes) = GgmlType::Q8_0.block();
-        let blocks = cols / Q8_0_BLOCK;
-        let row_bytes = blocks * block_bytes;
+        let row_bytes = ty.bytes_of(cols).ok_or_else(|| {
+            werr(format!(
+                "tensor `{}`: rows of {cols} values are not whole {} blocks",
+                info.name,
+                GgmlType::name_of(info.ggml_type)
+            ))
+        })?;
         let bytes = self
             .file
             .tensor_bytes(info, rows * row_bytes)
@@ -185,15 +236,11 @@ impl GgufTensors {
             }
             None => (0..rows).collect(),
         };
-        let mut q = Vec::with_capacity(rs.len() * cols);
-        let mut d = Vec::with_capacity(rs.len() * blocks);
-        for &src in &order[rs.clone()] {
-            for block in bytes[src * row_bytes..(src + 1) * row_bytes].chunks_exact(block_bytes) {
-                d.push(u16::from_le_bytes([block[0], block[1]]));
-                q.extend(block[2..].iter().map(|&b| b as i8));
-            }
+        let mut out = Vec::with_capacity(rs.len() * row_bytes);
+        for &src in &order[rs] {
+            out.extend_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
         }
-        Ok(Some((q, d)))
+        Ok(Some((ty, out)))
     }
 
     fn is_permuted(&self, gname: &str) -> bool {
@@ -329,6 +376,78 @@ mod tests {
         let half = store.mat_slice(name, 8, 32, 4..8, 0..32).unwrap();
         half.row_to_f32(1, &mut row);
         assert_eq!((half.rows, row[0]), (4, 6.0));
+    }
+
+    /// A Q4_K query projection (2 heads of 4 rows, permuted) and a Q6_K value projection
+    /// (not permuted) whose GGUF row r holds the value r everywhere (d 1, scales 1, mins 0)
+    /// load as k-quant blocks in HF row order, equal to the dequantized path, and fuse into
+    /// one matrix of two runs.
+    #[test]
+    fn q4_k_and_q6_k_rows_load_as_blocks_unpermuted_like_the_dequantized_path() {
+        use crate::model::WeightData;
+        use llmapi_common::gguf::MetaValue;
+        use llmapi_common::gguf::write::{RawTensor, write_gguf};
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("k.gguf");
+        let one = half::f16::from_f32(1.0).to_bits().to_le_bytes();
+        let (mut q4, mut q6) = (Vec::new(), Vec::new());
+        for r in 0..8u8 {
+            q4.extend_from_slice(&one);
+            q4.extend_from_slice(&[0, 0]);
+            q4.extend_from_slice(&[1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]);
+            q4.extend_from_slice(&[r | (r << 4); 128]);
+            // Codes r + 32: low nibble r, high bits 2 (0b10 in each pair of qh).
+            q6.extend_from_slice(&[r | (r << 4); 128]);
+            q6.extend_from_slice(&[0xAA; 64]);
+            q6.extend_from_slice(&[1; 16]);
+            q6.extend_from_slice(&one);
+        }
+        let tensor = |name: &str, ggml_type, data| RawTensor {
+            name: name.into(),
+            dims: vec![256, 8],
+            ggml_type,
+            data,
+        };
+        write_gguf(
+            &path,
+            &[
+                ("general.architecture", MetaValue::Str("llama".into())),
+                ("llama.attention.head_count", MetaValue::U64(2)),
+                ("llama.attention.head_count_kv", MetaValue::U64(1)),
+            ],
+            &[
+                tensor("blk.0.attn_q.weight", 12, q4),
+                tensor("blk.0.attn_v.weight", 14, q6),
+            ],
+        )
+        .unwrap();
+        let store = crate::model::WeightStore::open(&path).unwrap();
+        let tensors = GgufTensors::open(&path).unwrap();
+        let mut row = vec![0.0f32; 256];
+        let mut parts = Vec::new();
+        for (proj, want) in [
+            ("q_proj", [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]),
+            ("v_proj", [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]),
+        ] {
+            let name = format!("model.layers.0.self_attn.{proj}.weight");
+            let m = store.mat(&name, 8, 256).unwrap();
+            assert!(matches!(m.data, WeightData::KQuant(_)), "{proj}");
+            let (_, _, bytes) = tensors.view(&name).unwrap();
+            let bf: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
+            for (r, &v) in want.iter().enumerate() {
+                m.row_to_f32(r, &mut row);
+                assert!(row.iter().all(|&x| x == v), "{proj} row {r}");
+                assert_eq!(half::bf16::from_bits(bf[r * 256 + 7]).to_f32(), v);
+            }
+            parts.push(m);
+        }
+        let fused = crate::model::Mat::vstack(parts).unwrap();
+        let WeightData::KQuant(k) = &fused.data else {
+            panic!("k-quant parts fuse as k-quant blocks");
+        };
+        assert_eq!(k.runs, vec![(GgmlType::Q4K, 8), (GgmlType::Q6K, 8)]);
+        fused.row_to_f32(9, &mut row);
+        assert_eq!(row[255], 1.0);
     }
 
     /// llama.cpp's permutation (for one head of 4 rows: HF rows 0 1 | 2 3 are stored as

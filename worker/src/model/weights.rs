@@ -1,6 +1,7 @@
 //! Reading tensors from Hugging Face safetensors checkpoints (single file or sharded).
 //!
-//! A GGUF checkpoint is read through `model::gguf` (dequantized to bf16 at load).
+//! A GGUF checkpoint is read through `model::gguf` (Q8_0, Q4_K and Q6_K kept as blocks,
+//! other types dequantized to bf16 at load).
 //! Files are memory-mapped; tensor bytes are copied out with `pod_collect_to_vec` because
 //! offsets inside a safetensors file need not be aligned. bf16 stays bf16 (widened in the
 //! kernels), f16 is widened to f32 at load, f32 stays f32.
@@ -16,7 +17,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use llmapi_common::gguf;
 
-use super::dequant::Q8_0_BLOCK;
+use super::dequant::{GgmlType, Q8_0_BLOCK};
 use super::gguf::{GgufTensors, TensorView};
 use crate::engine::EngineError;
 
@@ -41,6 +42,37 @@ pub enum WeightData {
         /// f16 bit patterns of the block scales.
         d: Vec<u16>,
     },
+    /// GGUF k-quant super-blocks (Q4_K, Q6_K) as the file stores them, kept for the CPU
+    /// backend to compute on (`backend::cpu::q4k`).
+    KQuant(KRows),
+}
+
+/// Rows of k-quant super-blocks of 256 values: runs of consecutive rows of one type (a
+/// fused Q/K/V or gate/up projection of a Q4_K_M file mixes Q4_K and Q6_K rows), every
+/// row's blocks back to back in `bytes`.
+#[derive(Debug, Clone)]
+pub struct KRows {
+    /// `(type, rows)` of each run, in row order.
+    pub runs: Vec<(GgmlType, usize)>,
+    /// Block bytes of every row, row-major.
+    pub bytes: Vec<u8>,
+}
+
+impl KRows {
+    /// The type and the block bytes of row `r` of a matrix `cols` wide.
+    pub fn row(&self, r: usize, cols: usize) -> (GgmlType, &[u8]) {
+        let (mut first, mut at) = (0, 0);
+        for &(ty, n) in &self.runs {
+            let len = ty.bytes_of(cols).unwrap_or(0);
+            if r < first + n {
+                let start = at + (r - first) * len;
+                return (ty, &self.bytes[start..start + len]);
+            }
+            first += n;
+            at += n * len;
+        }
+        panic!("row {r} is outside the {first} rows of these k-quant blocks");
+    }
 }
 
 /// Rows of one panel of [`WeightData::Bf16Panels`].
@@ -65,6 +97,7 @@ impl Mat {
             WeightData::Bf16(v) => v.len() * 2,
             WeightData::Bf16Panels(v) => v.len() * 4,
             WeightData::Q8_0 { q, d } => q.len() + d.len() * 2,
+            WeightData::KQuant(k) => k.bytes.len(),
         }
     }
 
@@ -90,6 +123,10 @@ impl Mat {
                         *o = f32::from(v) * scale;
                     }
                 }
+            }
+            WeightData::KQuant(k) => {
+                let (ty, bytes) = k.row(r, self.cols);
+                ty.dequantize(bytes, &mut out[..self.cols]);
             }
             WeightData::Bf16Panels(v) => {
                 let kp = self.cols.div_ceil(2);
@@ -121,7 +158,27 @@ impl Mat {
         let all_q8 = parts
             .iter()
             .all(|m| matches!(m.data, WeightData::Q8_0 { .. }));
-        let data = if all_q8 && !parts.is_empty() {
+        let all_k = parts
+            .iter()
+            .all(|m| matches!(m.data, WeightData::KQuant(_)));
+        let data = if all_k && !parts.is_empty() {
+            let mut out = KRows {
+                runs: Vec::new(),
+                bytes: Vec::new(),
+            };
+            for m in parts {
+                if let WeightData::KQuant(k) = m.data {
+                    out.bytes.extend_from_slice(&k.bytes);
+                    for (ty, n) in k.runs {
+                        match out.runs.last_mut() {
+                            Some((last, rows)) if *last == ty => *rows += n,
+                            _ => out.runs.push((ty, n)),
+                        }
+                    }
+                }
+            }
+            WeightData::KQuant(out)
+        } else if all_q8 && !parts.is_empty() {
             let (mut qs, mut ds) = (Vec::new(), Vec::new());
             for m in parts {
                 if let WeightData::Q8_0 { q, d } = m.data {
@@ -135,6 +192,18 @@ impl Mat {
             for m in parts {
                 if let WeightData::Bf16(d) = m.data {
                     v.extend_from_slice(&d);
+                }
+            }
+            WeightData::Bf16(v)
+        } else if parts.iter().all(|m| !matches!(m.data, WeightData::F32(_))) {
+            // bf16 mixed with GGUF blocks (a type computed on its blocks fused with one
+            // dequantized at load): bf16, as the loader would have made every part.
+            let mut v = Vec::with_capacity(rows * cols);
+            let mut row = vec![0.0; cols];
+            for m in &parts {
+                for r in 0..m.rows {
+                    m.row_to_f32(r, &mut row);
+                    v.extend(row.iter().map(|&x| half::bf16::from_f32(x).to_bits()));
                 }
             }
             WeightData::Bf16(v)
@@ -296,13 +365,21 @@ impl WeightStore {
     ) -> Result<Mat, EngineError> {
         if let Some(g) = &self.gguf
             && cs == (0..cols)
-            && let Some((q, d)) = g.q8_rows(name, rows, cols, rs.clone())?
         {
-            return Ok(Mat {
-                rows: rs.len(),
-                cols,
-                data: WeightData::Q8_0 { q, d },
-            });
+            if let Some((q, d)) = g.q8_rows(name, rows, cols, rs.clone())? {
+                return Ok(Mat {
+                    rows: rs.len(),
+                    cols,
+                    data: WeightData::Q8_0 { q, d },
+                });
+            }
+            if let Some(k) = g.kquant_rows(name, rows, cols, rs.clone())? {
+                return Ok(Mat {
+                    rows: rs.len(),
+                    cols,
+                    data: WeightData::KQuant(k),
+                });
+            }
         }
         let (dtype, shape, bytes) = self.view(name)?;
         if shape != [rows, cols] {

@@ -5,7 +5,10 @@
 //! kernels of `bf16.rs` for bf16 weights, on the panels packed at load
 //! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
-//! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`).
+//! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
+//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`), up to
+//! `BLOCK_MAX_ROWS` input rows; larger batches dequantize W as bf16 is widened (tiles of
+//! rows, or once into the f32 scratch below for the gemm).
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
@@ -17,11 +20,19 @@ use rayon::prelude::*;
 
 use super::bf16::{self, Bf16Kernel};
 use super::microkernel::{WR, XR, block};
-use super::q8;
+use super::{q4k, q8};
 use crate::model::{Mat, WeightData};
 
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
 const DOT_MAX_ROWS: usize = 64;
+
+/// Rows of x up to which GGUF block weights are computed on their blocks. Beyond, the block
+/// dots (each re-decoding a weight row's scales for every input row) cost more than
+/// dequantizing W as bf16 is widened: in tiles of rows for the register-blocked kernel up to
+/// `DOT_MAX_ROWS`, once into f32 for the gemm past it. On the bench preset the block path
+/// prefilled 512 tokens at a fifth of the gemm's rate, and decoded 16 sequences at 0.40x
+/// (Q8_0) and 0.81x (Q4_K) of bf16 against 0.73x and 0.86x in tiles (docs/bench/engine.md).
+const BLOCK_MAX_ROWS: usize = 8;
 
 /// Arithmetic of the projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +47,14 @@ pub enum GemmDtype {
 pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     match (dtype, &w.data) {
         // GGUF Q8_0 blocks: int8 products with per-block activation scales, in either mode.
+        // Batches of GGUF blocks: dequantized in tiles of rows (up to DOT_MAX_ROWS) or
+        // once into f32 for the gemm (prefill), as bf16 is widened.
+        (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_)) if rows > BLOCK_MAX_ROWS => {
+            linear_f32(x, rows, w, out)
+        }
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
+        // Q4_K / Q6_K super-blocks: the same, with activations quantized per 256.
+        (_, WeightData::KQuant(_)) => q4k::linear_kquant(x, rows, w, out),
         (GemmDtype::Bf16(kernel), WeightData::Bf16(v)) => {
             #[cfg(target_arch = "x86_64")]
             {
@@ -138,8 +156,8 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
                 *o = match &w.data {
                     WeightData::Bf16(v) => dot_bf16(x, &v[wr]),
                     WeightData::F32(v) => dot_f32(x, &v[wr]),
-                    WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } => {
-                        unreachable!("packed and Q8_0 weights never take this loop")
+                    WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } | WeightData::KQuant(_) => {
+                        unreachable!("packed and block weights never take this loop")
                     }
                 };
             }
@@ -231,15 +249,25 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Many rows: bf16 W is widened once into a reused buffer and the whole product runs as one
-/// multi-threaded gemm on the current pool.
+/// Many rows: bf16 W is widened (GGUF block W dequantized) once into a reused buffer and the
+/// whole product runs as one multi-threaded gemm on the current pool.
 fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     let (k, n) = (w.cols, w.rows);
     match &w.data {
         WeightData::F32(v) => gemm_nxk(x, rows, v, k, n, out),
-        WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } => {
-            unreachable!("packed weights take dot_rows, Q8_0 weights linear_q8")
-        }
+        WeightData::Bf16Panels(_) => unreachable!("packed weights take dot_rows"),
+        WeightData::Q8_0 { .. } | WeightData::KQuant(_) => SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            if scratch.len() < n * k {
+                scratch.resize(n * k, 0.0);
+            }
+            let wf = &mut scratch[..n * k];
+            wf.par_chunks_mut(k)
+                .with_min_len(16)
+                .enumerate()
+                .for_each(|(r, row)| w.row_to_f32(r, row));
+            gemm_nxk(x, rows, wf, k, n, out);
+        }),
         WeightData::Bf16(v) => SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             if scratch.len() < n * k {
@@ -519,6 +547,45 @@ mod tests {
                         (got - want).abs() < 1e-3,
                         "rows {rows} t {t} n {n}: {got} vs {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// Past `BLOCK_MAX_ROWS` rows, Q8_0 and k-quant weights are dequantized (tiles at 9 rows,
+    /// the f32 scratch and gemm at 70): the
+    /// product equals the f32 product of the dequantized weights up to f32 summation order
+    /// (asserted 1e-4 of `sum |w x|`), with no activation rounding; at or below it the block
+    /// kernels run (their bound is tested in `q8::tests` and `q4k::tests`).
+    #[test]
+    fn prefill_batches_of_block_weights_run_on_the_dequantized_weights() {
+        let (n, k) = (40, 512);
+        let (w, _) = mat_bf16(n, k);
+        let blocks = [
+            q8::quantize_mat(&w).unwrap(),
+            q4k::quantize_mat(&w, crate::model::dequant::GgmlType::Q4K).unwrap(),
+            q4k::quantize_mat(&w, crate::model::dequant::GgmlType::Q6K).unwrap(),
+        ];
+        for wq in &blocks {
+            let mut wf = vec![0.0f32; n * k];
+            for r in 0..n {
+                wq.row_to_f32(r, &mut wf[r * k..(r + 1) * k]);
+            }
+            for rows in [BLOCK_MAX_ROWS + 1, 70] {
+                let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.017).sin()).collect();
+                let mut out = vec![0.0; rows * n];
+                linear(GemmDtype::F32, &x, rows, wq, &mut out);
+                for t in 0..rows {
+                    for j in 0..n {
+                        let (xr, wr) = (&x[t * k..(t + 1) * k], &wf[j * k..(j + 1) * k]);
+                        let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                        let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                        let got = out[t * n + j];
+                        assert!(
+                            (got - want).abs() <= 1e-4 * mag,
+                            "rows {rows}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }

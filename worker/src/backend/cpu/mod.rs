@@ -11,6 +11,9 @@ pub mod kernels;
 pub mod kv_store;
 pub mod linear;
 mod microkernel;
+pub mod q4k;
+#[cfg(target_arch = "x86_64")]
+mod q4k_simd;
 pub mod q8;
 #[cfg(target_arch = "x86_64")]
 pub mod vmath;

@@ -134,7 +134,10 @@ pub(super) struct DevMoe {
 fn f32_rows(m: &Mat) -> Vec<f32> {
     match &m.data {
         WeightData::F32(v) => v.clone(),
-        WeightData::Bf16(_) | WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } => {
+        WeightData::Bf16(_)
+        | WeightData::Bf16Panels(_)
+        | WeightData::Q8_0 { .. }
+        | WeightData::KQuant(_) => {
             let mut v = vec![0.0; m.rows * m.cols];
             for r in 0..m.rows {
                 m.row_to_f32(r, &mut v[r * m.cols..(r + 1) * m.cols]);
