@@ -35,7 +35,7 @@ async fn harness(
 /// The prompt of the worker's `i`th request, as text (the byte tokenizer).
 fn prompt(h: &common::Harness, i: usize) -> String {
     let ids = &h.workers[0].worker.requests()[i].prompt_token_ids;
-    String::from_utf8(ids.iter().map(|&i| i as u8).collect()).unwrap()
+    String::from_utf8(ids.iter().map(|&i| i as u8).collect()).expect("byte tokens")
 }
 
 /// Sends `method` to `path` without a body; the status and the JSON answer.
@@ -44,12 +44,12 @@ async fn call(h: &common::Harness, method: &str, path: &str) -> (StatusCode, Val
         .method(method)
         .uri(path)
         .body(Body::empty())
-        .unwrap();
-    let resp = app(h.state.clone()).oneshot(req).await.unwrap();
+        .expect("request");
+    let resp = app(h.state.clone()).oneshot(req).await.expect("infallible");
     let status = resp.status();
     let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
         .await
-        .unwrap();
+        .expect("body");
     (
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
@@ -150,9 +150,8 @@ async fn a_stream_sends_the_events_in_openai_s_order() {
     assert!(text.contains("event: response.completed\n"), "{text}");
     let streamed: String = events
         .iter()
-        .filter_map(|e| {
-            (e["type"] == "response.output_text.delta").then(|| e["delta"].as_str().unwrap())
-        })
+        .filter(|e| e["type"] == "response.output_text.delta")
+        .map(|e| e["delta"].as_str().unwrap())
         .collect();
     assert_eq!(streamed, REPLY);
     let done = events.last().unwrap();
