@@ -292,3 +292,25 @@ async fn with_a_reasoning_parser_thinking_is_a_reasoning_item() {
             > 0
     );
 }
+
+#[tokio::test]
+async fn the_routes_take_the_api_key() {
+    let h = harness(REPLY, |c| {
+        c.api_key =
+            Some(llmapi_router::auth::Secret::new("API key", "sk-test").expect("a non-empty key"))
+    })
+    .await;
+    let (status, _) = h
+        .post_to("/v1/responses", json!({"model": "demo", "input": "hi"}))
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&h, "GET", "/v1/responses/resp_x").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        call(&h, "DELETE", "/v1/responses/resp_x").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(h.requests(0), 0);
+}
