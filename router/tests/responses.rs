@@ -314,3 +314,32 @@ async fn the_routes_take_the_api_key() {
     );
     assert_eq!(h.requests(0), 0);
 }
+
+#[tokio::test]
+async fn a_failure_after_the_first_token_ends_the_stream_with_an_error_event() {
+    let mut ids: Vec<u32> = REPLY.bytes().map(u32::from).collect();
+    ids.push(EOS);
+    let script = Script {
+        reply: ids,
+        eos: Some(EOS),
+        max_seq_len: 4096,
+        fails_after_tokens: Some((2, tonic::Code::InvalidArgument)),
+        ..Script::default()
+    };
+    let h = common::start(vec![script], |_| {}).await;
+    let resp = h
+        .send_to(
+            "/v1/responses",
+            json!({"model": "demo", "input": "hi", "stream": true}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    let events = common::sse_payloads(&String::from_utf8_lossy(&bytes));
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "error", "{events:?}");
+    assert!(last["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(!events.iter().any(|e| e["type"] == "response.completed"));
+}
