@@ -22,6 +22,7 @@ use llmapi_router::deadline::DeadlineArgs;
 use llmapi_router::front::ConnectionArgs;
 use llmapi_router::migrate::MigrationArgs;
 use llmapi_router::reasoning::ReasoningArgs;
+use llmapi_router::responses::ResponsesArgs;
 use llmapi_router::tls::TlsArgs;
 use llmapi_router::tools::ToolArgs;
 
@@ -34,7 +35,7 @@ fn cli() -> Command {
         .subcommand(
             TlsArgs::augment_args(MigrationArgs::augment_args(DeadlineArgs::augment_args(
                 ConnectionArgs::augment_args(ReasoningArgs::augment_args(ToolArgs::augment_args(
-                    AccessArgs::augment_args(serve_command()),
+                    ResponsesArgs::augment_args(AccessArgs::augment_args(serve_command())),
                 ))),
             )))
                 .arg(
@@ -264,6 +265,7 @@ fn serve_with(m: &clap::ArgMatches, resolved: Resolved) -> anyhow::Result<()> {
     router.max_migrations = MigrationArgs::from_arg_matches(m)?.max_migrations;
     router.reasoning_parser = ReasoningArgs::from_arg_matches(m)?.reasoning_parser;
     router.tool_parser = ToolArgs::from_arg_matches(m)?.tool_parser;
+    router.responses_store = ResponsesArgs::from_arg_matches(m)?.limits();
     let tls = TlsArgs::from_arg_matches(m)?;
     // Certificate files are read and checked before anything starts.
     router.https = tls.https_front()?;

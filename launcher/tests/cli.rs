@@ -57,16 +57,19 @@ fn serve_help_lists_every_flag() {
             );
         }
     }
-    // The embedded router's access, TLS and migration flags are the router's own (one
+    // The embedded router's access, TLS, migration and response-store flags are the router's own (one
     // definition).
     let access = llmapi_router::access::AccessArgs::augment_args(clap::Command::new("access"));
     let tls = llmapi_router::tls::TlsArgs::augment_args(clap::Command::new("tls"));
     let migration =
         llmapi_router::migrate::MigrationArgs::augment_args(clap::Command::new("migration"));
+    let responses =
+        llmapi_router::responses::ResponsesArgs::augment_args(clap::Command::new("responses"));
     for a in access
         .get_arguments()
         .chain(tls.get_arguments())
         .chain(migration.get_arguments())
+        .chain(responses.get_arguments())
     {
         let long = a.get_long().unwrap();
         assert!(

@@ -150,6 +150,9 @@ pub struct RouterArgs {
     /// `--tool_parser`.
     #[command(flatten)]
     pub tools: crate::tools::ToolArgs,
+    /// `--responses_store_max` and `--responses_store_max_bytes`.
+    #[command(flatten)]
+    pub responses: crate::responses::ResponsesArgs,
     /// Connection count and timeouts of the HTTP front.
     #[command(flatten)]
     pub connections: crate::front::ConnectionArgs,
@@ -228,6 +231,7 @@ impl RouterArgs {
                 .then(|| Duration::from_secs(self.sse_keepalive_s)),
             reasoning_parser: self.reasoning.reasoning_parser,
             tool_parser: self.tools.tool_parser,
+            responses_store: self.responses.limits(),
             front: self.connections.limits(),
             deadlines: self.deadline.deadlines(),
             ..RouterConfig::default()

@@ -34,9 +34,9 @@ use crate::tools::{self, ToolMode};
 type Shared = State<Arc<AppState>>;
 /// The headers naming this hop's span to the worker, put in the request's extensions by the
 /// server's trace layer.
-type Trace = Option<Extension<Arc<TraceHeaders>>>;
+pub(crate) type Trace = Option<Extension<Arc<TraceHeaders>>>;
 
-fn trace_of(trace: Trace) -> Arc<TraceHeaders> {
+pub(crate) fn trace_of(trace: Trace) -> Arc<TraceHeaders> {
     trace.map_or_else(|| Arc::new(TraceHeaders::default()), |Extension(t)| t)
 }
 
@@ -501,6 +501,62 @@ async fn chat_inner(
     .await
 }
 
+/// An admitted chat generation of one choice, for endpoints built on the chat path
+/// (`responses`): its events, its prompt's length, and the admission held while it runs.
+pub(crate) struct ChatRun {
+    /// The choice's events (index 0).
+    pub events: mpsc::Receiver<ChoiceEvent>,
+    /// Tokens of the templated prompt.
+    pub prompt_tokens: usize,
+    /// Held until the answer is sent; says when the drain timeout cuts it off.
+    pub admit: AdmitGuard,
+}
+
+/// Starts one chat choice over `messages` with `common`'s sampling, as /v1/chat/completions
+/// does (same template, checks, admission, metrics), without tools or logprobs.
+pub(crate) async fn start_chat(
+    state: &Arc<AppState>,
+    trace: Arc<TraceHeaders>,
+    common: crate::openai::CommonFields,
+    messages: Vec<crate::openai::ChatMessage>,
+    max_tokens: Option<u32>,
+) -> Result<ChatRun, ApiError> {
+    let caps = state.body_caps();
+    let settings = common.settings(None, &state.config.sampling_defaults)?;
+    logit_bias::check_vocab(&settings.sampling.logit_bias, model_info(state)?.vocab_size)?;
+    let admit = state.admit(Fanout { prompts: 1, n: 1 }).await?;
+    let codec = state.codec.clone();
+    let ids = state
+        .blocking(move || {
+            let ids = chat_prompt_ids(codec.as_ref(), &messages, None)?;
+            parse::check_prompt_tokens(&caps, "input", ids.len(), 1)?;
+            Ok(ids)
+        })
+        .await?;
+    let info = model_info(state)?;
+    let max = check_prompt(&info, &ids, max_tokens, settings.default_max_tokens)?;
+    let prompt_tokens = ids.len();
+    let (_, rx) = spawn_choices(
+        state,
+        Shape::Chat,
+        common.model,
+        vec![PreparedPrompt { ids, text: None }],
+        vec![max],
+        settings,
+        false,
+        info.tokens_per_block as usize,
+        trace,
+        state.config.deadlines.start(),
+        None,
+    );
+    let events = state.metrics.observe(admit.arrived(), prompt_tokens, 1, rx);
+    Ok(ChatRun {
+        events,
+        prompt_tokens,
+        admit,
+    })
+}
+
 /// The token ids of `messages` rendered with the chat template, which gets `tools`.
 fn chat_prompt_ids(
     codec: &dyn TextCodec,
@@ -642,7 +698,7 @@ pub async fn metrics(State(state): Shared) -> Response {
 /// Any other route: 404 in OpenAI's shape.
 pub async fn not_found(uri: axum::http::Uri) -> Response {
     ApiError::not_found(format!(
-        "no route {}; see /v1/models, /v1/completions, /v1/chat/completions",
+        "no route {}; see /v1/models, /v1/completions, /v1/chat/completions, /v1/responses",
         uri.path()
     ))
     .into_response()

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod reasoning;
 pub mod registration;
 pub mod respond;
+pub mod responses;
 pub mod server;
 pub mod spans;
 pub mod state;

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::spans::RequestSpan;
 use crate::state::AppState;
 use crate::tls::TlsListener;
-use crate::{admin, auth, front, handlers, kv_routes};
+use crate::{admin, auth, front, handlers, kv_routes, responses};
 
 async fn count_requests(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let route = req
@@ -94,6 +94,11 @@ pub fn app(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
         .route("/v1/models", get(handlers::models))
         .route("/health_generate", get(handlers::health_generate))
         .route("/version", get(handlers::version))

@@ -116,6 +116,8 @@ pub struct RouterConfig {
     /// Sampling defaults for the fields a request leaves unset (the model's
     /// generation_config.json under `--generation_config auto`; empty: neutral defaults).
     pub sampling_defaults: SamplingDefaults,
+    /// How many stored responses `/v1/responses` keeps (`--responses_store_max`).
+    pub responses_store: crate::responses::store::StoreLimits,
 }
 
 impl Default for RouterConfig {
@@ -151,6 +153,7 @@ impl Default for RouterConfig {
             front: crate::front::ConnectionLimits::default(),
             deadlines: Deadlines::default(),
             sampling_defaults: SamplingDefaults::default(),
+            responses_store: Default::default(),
         }
     }
 }
@@ -167,6 +170,8 @@ pub struct AppState {
     pub router: Router,
     /// Counters and histograms for /metrics.
     pub metrics: Arc<Metrics>,
+    /// Stored `/v1/responses` responses (this router's only).
+    pub responses: crate::responses::store::ResponseStore,
     /// Worker-request slots and the queue in front of them.
     slots: Arc<Gate>,
     /// Threads of the blocking pool that tokenization may use at once.
@@ -205,6 +210,7 @@ impl AppState {
             codec,
             pool,
             metrics: Arc::new(Metrics::default()),
+            responses: crate::responses::store::ResponseStore::new(config.responses_store),
             slots: Gate::new(0),
             tokenizer: Gate::new(config.tokenizer_pool_size.max(1)),
             inflight: AtomicUsize::new(0),

@@ -299,6 +299,40 @@ try:
 except openai.BadRequestError as e:
     check(e.param == "tool_choice", "400 naming tool_choice")
 
+# Responses API: plain, streamed, and a follow-up continuing the stored conversation.
+resp = client.responses.create(
+    model=MODEL, input="Hello", instructions="Answer briefly.", max_output_tokens=4, metadata={"run": "sdk"}
+)
+check(resp.object == "response" and resp.id.startswith("resp_"), "a response object")
+check(resp.status in ("completed", "incomplete"), f"response status {resp.status}")
+check(resp.output[-1].type == "message" and resp.output[-1].role == "assistant", "a message item")
+check(resp.output[-1].content[0].type == "output_text", "output_text content")
+check(isinstance(resp.output_text, str), "the SDK joins the output text")
+check(0 < resp.usage.output_tokens <= 4, f"usage.output_tokens {resp.usage.output_tokens}")
+check(resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens, "response usage total")
+check(resp.metadata == {"run": "sdk"}, "metadata echoed")
+kinds, text, completed = [], "", None
+for event in client.responses.create(model=MODEL, input="Hello", max_output_tokens=4, stream=True):
+    kinds.append(event.type)
+    if event.type == "response.output_text.delta":
+        text += event.delta
+    if event.type in ("response.completed", "response.incomplete"):
+        completed = event.response
+check(kinds[:2] == ["response.created", "response.in_progress"], f"stream opens: {kinds[:2]}")
+check(kinds[-1] in ("response.completed", "response.incomplete"), f"stream closes: {kinds[-1]}")
+check(completed is not None and completed.output_text == text, "streamed deltas make the final text")
+follow = client.responses.create(model=MODEL, input="And then?", previous_response_id=resp.id, max_output_tokens=4)
+check(follow.previous_response_id == resp.id, "previous_response_id echoed")
+alone = client.responses.create(model=MODEL, input="And then?", max_output_tokens=4)
+check(follow.usage.input_tokens > alone.usage.input_tokens, "the follow-up's prompt holds the first exchange")
+check(client.responses.retrieve(resp.id).id == resp.id, "a stored response is retrieved")
+client.responses.delete(resp.id)
+try:
+    client.responses.retrieve(resp.id)
+    check(False, "a deleted response is gone")
+except openai.NotFoundError:
+    check(True, "404 for a deleted response")
+
 if KEY != "unused":
     bad = openai.OpenAI(base_url=BASE, api_key="wrong", max_retries=0)
     try:
