@@ -24,6 +24,11 @@ pub trait TextCodec: Send + Sync + 'static {
     fn decode(&self, ids: &[u32]) -> String;
     /// The prompt text for `turns`, ending with the assistant header.
     fn render_chat(&self, turns: &[ChatTurn]) -> Result<String, String>;
+    /// The model's tokenizer, when the codec has one (structured outputs compile against
+    /// it: `guided::Validator`).
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        None
+    }
 }
 
 /// The real codec: a model's tokenizer.json and its chat template.
@@ -109,6 +114,10 @@ impl TextCodec for HfCodec {
             Ok(t) => t.render(&turns, true).map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         }
+    }
+
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        Some(&self.tokenizer)
     }
 }
 

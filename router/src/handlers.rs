@@ -24,7 +24,7 @@ use crate::deadline::RequestDeadline;
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
 use crate::logit_bias;
-use crate::openai::{GenSettings, Prompt};
+use crate::openai::{CommonFields, GenSettings, Prompt};
 use crate::parse::{self, BodyCaps};
 use crate::respond::{ResponseMeta, Shape, collect, stream};
 use crate::spans::{self, RequestSpan};
@@ -254,6 +254,17 @@ pub async fn completions(
     }
 }
 
+/// 400 when the request's structured-output constraint does not compile (`guided`).
+async fn check_guided(state: &Arc<AppState>, common: &CommonFields) -> Result<(), ApiError> {
+    let Some(guided) = common.guided.clone() else {
+        return Ok(());
+    };
+    let st = Arc::clone(state);
+    state
+        .blocking(move || st.guided.check(st.codec.as_ref(), &guided))
+        .await
+}
+
 async fn completions_inner(
     state: Arc<AppState>,
     trace: Arc<TraceHeaders>,
@@ -268,6 +279,7 @@ async fn completions_inner(
     req.apply_best_of(&mut settings)?;
     let info = model_info(&state)?;
     logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
+    check_guided(&state, &req.common).await?;
     let echo = req.echo.unwrap_or(false);
     // Echo with logprobs reports the prompt's tokens too, as OpenAI's legacy completions do.
     settings.sampling.prompt_logprobs = echo && req.logprobs.is_some();
@@ -426,6 +438,7 @@ async fn chat_inner(
     )?;
     let info = model_info(&state)?;
     logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
+    check_guided(&state, &req.common).await?;
     let messages = req.messages.unwrap_or_default();
     let ids = match req.prompt_token_ids {
         Some(ids) => {

@@ -163,6 +163,8 @@ pub struct AppState {
     pub router: Router,
     /// Counters and histograms for /metrics.
     pub metrics: Arc<Metrics>,
+    /// Compiles structured-output constraints to validate them.
+    pub guided: crate::guided::Validator,
     /// Worker-request slots and the queue in front of them.
     slots: Arc<Gate>,
     /// Threads of the blocking pool that tokenization may use at once.
@@ -201,6 +203,7 @@ impl AppState {
             codec,
             pool,
             metrics: Arc::new(Metrics::default()),
+            guided: Default::default(),
             slots: Gate::new(0),
             tokenizer: Gate::new(config.tokenizer_pool_size.max(1)),
             inflight: AtomicUsize::new(0),
