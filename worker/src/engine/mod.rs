@@ -72,6 +72,19 @@ struct Shared {
     guided: OnceLock<Result<Arc<GuidedCompiler>, String>>,
 }
 
+/// The compiler of requests' grammars over the model's tokenizer, built once (Err: why this
+/// model cannot take grammars, e.g. a directory without a tokenizer).
+fn guided_compiler(shared: &Shared) -> &Result<Arc<GuidedCompiler>, String> {
+    let info = &shared.info;
+    shared.guided.get_or_init(|| {
+        let tok = llmapi_common::tokenizer::Tokenizer::from_dir(&info.model_dir)
+            .map_err(|e| e.to_string())?;
+        GuidedCompiler::new(&tok, info.vocab_size as usize, &info.eos_token_ids)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// Starts engines.
 pub struct Engine;
 
@@ -247,6 +260,14 @@ impl Engine {
             guided: OnceLock::new(),
         });
         let status = Arc::clone(&shared.status);
+        // The token trie takes a moment on large vocabularies: built now, off the engine
+        // thread, rather than on the first structured-output request.
+        let warm = Arc::clone(&shared);
+        let _ = std::thread::Builder::new()
+            .name("llmapi-guided-init".into())
+            .spawn(move || {
+                guided_compiler(&warm);
+            });
         let runner = runner::Runner::new(
             backend,
             cfg,
@@ -497,23 +518,11 @@ impl EngineHandle {
         let Some(constraint) = &req.sampling.guided else {
             return Ok(None);
         };
-        let info = &self.shared.info;
-        let compiler = self
-            .shared
-            .guided
-            .get_or_init(|| {
-                let tok = llmapi_common::tokenizer::Tokenizer::from_dir(&info.model_dir)
-                    .map_err(|e| e.to_string())?;
-                GuidedCompiler::new(&tok, info.vocab_size as usize, &info.eos_token_ids)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
-            })
-            .as_ref()
-            .map_err(|e| {
-                EngineError::InvalidRequest(format!(
-                    "this worker cannot follow grammars (structured outputs): {e}"
-                ))
-            })?;
+        let compiler = guided_compiler(&self.shared).as_ref().map_err(|e| {
+            EngineError::InvalidRequest(format!(
+                "this worker cannot follow grammars (structured outputs): {e}"
+            ))
+        })?;
         let matcher = compiler
             .matcher(constraint)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
