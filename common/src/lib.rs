@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod config_keys;
 pub mod generation_config;
 pub mod gguf;
+pub mod guided;
 pub mod model_config;
 pub mod model_dir;
 pub mod net;

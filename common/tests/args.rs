@@ -414,3 +414,23 @@ fn max_seq_len_comes_from_the_model_and_is_bounded_by_it() {
         "{e}"
     );
 }
+
+#[test]
+fn guided_decoding_backend_takes_llguidance_and_xgrammar_with_a_note() {
+    for (name, noted) in [("llguidance", false), ("xgrammar", true)] {
+        let (_d, p) = yaml(&format!("guided_decoding_backend: {name}\n"));
+        let r = run(&["--config", &p]).unwrap();
+        assert_eq!(r.args.guided_decoding_backend.as_deref(), Some(name));
+        let note = r.notices.iter().any(|n| {
+            n.message.contains("served by llguidance")
+                || n.message.contains("enforces structured outputs")
+        });
+        assert_eq!(note, noted, "{name}: {:?}", r.notices);
+    }
+    let (_d, p) = yaml("guided_decoding_backend: outlines\n");
+    let e = err(&["--config", &p]);
+    assert!(
+        e.contains("outlines") && e.contains("llguidance or xgrammar"),
+        "{e}"
+    );
+}

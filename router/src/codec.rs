@@ -38,6 +38,11 @@ pub trait TextCodec: Send + Sync + 'static {
         turns: &[ChatTurn],
         tools: Option<&[serde_json::Value]>,
     ) -> Result<String, String>;
+    /// The model's tokenizer, when the codec has one (structured outputs compile against
+    /// it: `guided::Validator`).
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        None
+    }
 }
 
 /// The real codec: a model's tokenizer.json and its chat template.
@@ -129,6 +134,10 @@ impl TextCodec for HfCodec {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(e.clone()),
         }
+    }
+
+    fn tokenizer(&self) -> Option<&Tokenizer> {
+        Some(&self.tokenizer)
     }
 }
 

@@ -1,11 +1,11 @@
 //! Which request fields each endpoint accepts, and the refusal of every other one.
 //!
 //! A field the server does not implement is never silently dropped: an unknown key, or an
-//! OpenAI field this server does not implement (`functions`, `response_format`, `suffix`, ...)
+//! OpenAI field this server does not implement (`functions`, `suffix`, ...)
 //! with a value that asks for something, is a 400 naming the field (`param`), as
 //! trtllm-serve's request models, which forbid extra fields, answer. Values that ask for
-//! nothing (null, `response_format` `{"type": "text"}`, `function_call` `"none"`, empty
-//! `functions`, an empty `suffix`) are accepted. The values
+//! nothing (null, `function_call` `"none"`, empty `functions`, an empty `suffix`) are
+//! accepted. The values
 //! are probed while the body is read (`Probe`), never buffered. docs/serving.md lists the
 //! accepted fields; a test checks it against these lists. Not for: value ranges (`openai`).
 
@@ -35,6 +35,13 @@ pub const COMMON_FIELDS: &[&str] = &[
     "stream_options",
     "user",
     "logit_bias",
+    // Structured outputs (`guided`).
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structural_tag",
 ];
 
 /// Fields only /v1/completions reads.
@@ -59,7 +66,7 @@ pub const COMPLETION_UNIMPLEMENTED: &[&str] = &["suffix"];
 
 /// OpenAI fields of /v1/chat/completions that are not implemented: accepted only with a
 /// value that asks for nothing.
-pub const CHAT_UNIMPLEMENTED: &[&str] = &["response_format", "functions", "function_call"];
+pub const CHAT_UNIMPLEMENTED: &[&str] = &["functions", "function_call"];
 
 /// The two endpoints that take a request body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,9 +278,6 @@ fn asks_for_nothing(field: &str, value: &Probe) -> bool {
     match value {
         Probe::Null => true,
         _ => match field {
-            "response_format" => {
-                matches!(value, Probe::Object { kind: Some(k), .. } if k == "text")
-            }
             "functions" => matches!(value, Probe::List { empty: true }),
             "function_call" => text("none"),
             "suffix" => text(""),
@@ -284,7 +288,6 @@ fn asks_for_nothing(field: &str, value: &Probe) -> bool {
 
 fn accepted_value(field: &str) -> &'static str {
     match field {
-        "response_format" => r#" or with {"type": "text"}"#,
         "functions" => " or with an empty list (send `tools` instead)",
         "function_call" => r#" or with "none" (send `tool_choice` instead)"#,
         "suffix" => r#" or with """#,

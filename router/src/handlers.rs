@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use llmapi_common::block_hash::prefix_block_hashes;
+use llmapi_common::guided::Constraint;
 use llmapi_common::traces::TraceHeaders;
 use llmapi_proto::v1::{GenerateRequest, HealthRequest, InfoResponse, StoppingParams};
 use serde::de::DeserializeOwned;
@@ -23,6 +24,7 @@ use crate::codec::TextCodec;
 use crate::deadline::RequestDeadline;
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
+use crate::guided::Guided;
 use crate::logit_bias;
 use crate::openai::{GenSettings, Prompt};
 use crate::parse::{self, BodyCaps};
@@ -257,6 +259,17 @@ pub async fn completions(
     }
 }
 
+/// 400 when the request's structured-output constraint does not compile (`guided`).
+async fn check_guided(state: &Arc<AppState>, guided: Option<&Guided>) -> Result<(), ApiError> {
+    let Some(guided) = guided.cloned() else {
+        return Ok(());
+    };
+    let st = Arc::clone(state);
+    state
+        .blocking(move || st.guided.check(st.codec.as_ref(), &guided))
+        .await
+}
+
 async fn completions_inner(
     state: Arc<AppState>,
     trace: Arc<TraceHeaders>,
@@ -271,6 +284,7 @@ async fn completions_inner(
     req.apply_best_of(&mut settings)?;
     let info = model_info(&state)?;
     logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
+    check_guided(&state, req.common.guided.as_ref()).await?;
     let echo = req.echo.unwrap_or(false);
     // Echo with logprobs reports the prompt's tokens too, as OpenAI's legacy completions do.
     settings.sampling.prompt_logprobs = echo && req.logprobs.is_some();
@@ -429,9 +443,24 @@ async fn chat_inner(
         &state.config.sampling_defaults,
     )?;
     let tool_plan = tools::request::plan(&req.tools, state.config.tool_parser)?;
+    let tool_guided = tool_plan.schema.as_ref().map(|schema| Guided {
+        param: "tools",
+        constraint: Constraint::JsonSchema(schema.clone()),
+    });
+    if let (Some(_), Some(asked)) = (&tool_guided, &req.common.guided) {
+        return Err(ApiError::invalid(
+            asked.param,
+            format!(
+                "{} cannot be combined with tool_choice \"required\" or a named function, \
+                 whose output is the call's JSON; drop one of them",
+                asked.param
+            ),
+        ));
+    }
     tool_plan.apply(&mut settings.sampling);
     let info = model_info(&state)?;
     logit_bias::check_vocab(&settings.sampling.logit_bias, info.vocab_size)?;
+    check_guided(&state, tool_guided.as_ref().or(req.common.guided.as_ref())).await?;
     let messages = req.messages.unwrap_or_default();
     let ids = match req.prompt_token_ids {
         Some(ids) => {

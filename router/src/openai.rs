@@ -90,6 +90,9 @@ pub struct CommonFields {
     pub user: Option<String>,
     /// Token id (a JSON string key) to a bias added to its logit, in [-100, 100].
     pub logit_bias: Option<LogitBias>,
+    /// The structured-output constraint (`guided::read`, set by `parse`).
+    #[serde(skip)]
+    pub guided: Option<crate::guided::Guided>,
 }
 
 /// POST /v1/completions, as `parse::completion_request` reads it.
@@ -312,8 +315,7 @@ impl CommonFields {
                 logprobs,
                 prompt_logprobs: false,
                 logit_bias,
-                // Set by the structured-output fields once the worker enforces them.
-                guided: None,
+                guided: self.guided.as_ref().map(crate::guided::Guided::to_proto),
             },
             stopping: StoppingParams {
                 max_tokens: 0,

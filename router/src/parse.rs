@@ -98,7 +98,7 @@ fn check_prompt_count(caps: &BodyCaps, prompts: usize) -> Result<(), ApiError> {
 /// Reads a /v1/completions body under `caps`: 400 for bad JSON, a wrong field, or a prompt
 /// past a cap (naming the cap, the value and the flag).
 pub fn completion_request(body: &[u8], caps: BodyCaps) -> Result<CompletionRequest, ApiError> {
-    let common: CommonFields = serde_json::from_slice(body).map_err(json_error)?;
+    let mut common: CommonFields = serde_json::from_slice(body).map_err(json_error)?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let own = CompletionSeed { caps }
         .deserialize(&mut de)
@@ -108,6 +108,7 @@ pub fn completion_request(body: &[u8], caps: BodyCaps) -> Result<CompletionReque
         common.stream,
         common.stream_options.is_some(),
     )?;
+    common.guided = crate::guided::read(body)?;
     if let Some(read) = &own.prompt {
         check_prompt_count(&caps, read.prompts)?;
         check_prompt_tokens(&caps, "prompt", read.tokens, 1)?;
@@ -125,7 +126,7 @@ pub fn completion_request(body: &[u8], caps: BodyCaps) -> Result<CompletionReque
 /// Reads a /v1/chat/completions body under `caps` (its `prompt_token_ids` are held to the
 /// token cap).
 pub fn chat_request(body: &[u8], caps: BodyCaps) -> Result<ChatRequest, ApiError> {
-    let common: CommonFields = serde_json::from_slice(body).map_err(json_error)?;
+    let mut common: CommonFields = serde_json::from_slice(body).map_err(json_error)?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let own = ChatSeed { caps }.deserialize(&mut de).map_err(json_error)?;
     own.refusals.check(
@@ -133,6 +134,7 @@ pub fn chat_request(body: &[u8], caps: BodyCaps) -> Result<ChatRequest, ApiError
         common.stream,
         common.stream_options.is_some(),
     )?;
+    common.guided = crate::guided::read(body)?;
     let prompt_token_ids = match own.prompt_token_ids {
         Some((ids, count)) => {
             check_prompt_tokens(&caps, "prompt_token_ids", count, 1)?;

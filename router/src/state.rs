@@ -172,6 +172,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Stored `/v1/responses` responses (this router's only).
     pub responses: crate::responses::store::ResponseStore,
+    /// Compiles structured-output constraints to validate them.
+    pub guided: crate::guided::Validator,
     /// Worker-request slots and the queue in front of them.
     slots: Arc<Gate>,
     /// Threads of the blocking pool that tokenization may use at once.
@@ -211,6 +213,7 @@ impl AppState {
             pool,
             metrics: Arc::new(Metrics::default()),
             responses: crate::responses::store::ResponseStore::new(config.responses_store),
+            guided: Default::default(),
             slots: Gate::new(0),
             tokenizer: Gate::new(config.tokenizer_pool_size.max(1)),
             inflight: AtomicUsize::new(0),

@@ -100,15 +100,6 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
         ),
         (
             Chat,
-            "response_format",
-            vec![json!({"type": "text"})],
-            vec![
-                json!({"type": "json_object"}),
-                json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-            ],
-        ),
-        (
-            Chat,
             "functions",
             vec![json!([])],
             vec![json!([{"name": "f"}])],
@@ -132,6 +123,31 @@ fn unimplemented_fields_are_refused_unless_they_ask_for_nothing() {
             assert_eq!(e.param.as_deref(), Some(*field), "{}", e.message);
             assert!(e.message.contains("not implemented"), "{}", e.message);
         }
+    }
+}
+
+#[test]
+fn structured_output_fields_are_read_on_both_endpoints() {
+    use llmapi_common::guided::Constraint;
+    for endpoint in ENDPOINTS {
+        let mut body = match endpoint {
+            Endpoint::Completions => json!({"model": "m", "prompt": "hi"}),
+            Endpoint::Chat => {
+                json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            }
+        };
+        body["response_format"] = json!({"type": "json_object"});
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let common = match endpoint {
+            Endpoint::Completions => completion_request(&bytes, CAPS).map(|r| r.common),
+            Endpoint::Chat => chat_request(&bytes, CAPS).map(|r| r.common),
+        }
+        .unwrap();
+        let guided = common.guided.expect("response_format read");
+        assert_eq!(guided.constraint, Constraint::JsonObject, "{endpoint:?}");
+        body["guided_choice"] = json!(["a"]);
+        let e = parse(endpoint, body.clone()).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("guided_choice"), "{}", e.message);
     }
 }
 

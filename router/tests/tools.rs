@@ -277,6 +277,11 @@ async fn bad_tool_requests_are_400s_naming_the_field() {
             "messages[0].tool_calls[0]",
             "not JSON",
         ),
+        (
+            json!({"tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "response_format",
+            "cannot be combined with tool_choice",
+        ),
     ];
     for (extra, param, says) in cases {
         let (status, v) = h

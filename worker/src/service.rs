@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
+use llmapi_common::guided::Constraint;
 use llmapi_common::traces::{self, TraceHeaders};
 use llmapi_proto::auth::RequireToken;
 use llmapi_proto::limits::MAX_MESSAGE_BYTES;
@@ -132,6 +133,7 @@ fn params(req: pb::GenerateRequest) -> GenerateParams {
             logprobs: s.logprobs,
             prompt_logprobs: s.prompt_logprobs,
             logit_bias: sorted_bias(s.logit_bias),
+            guided: s.guided.and_then(constraint),
         },
         stopping: StoppingParams {
             max_tokens: t.max_tokens,
@@ -140,6 +142,21 @@ fn params(req: pb::GenerateRequest) -> GenerateParams {
             stop_token_ids: t.stop_token_ids,
         },
     }
+}
+
+/// The proto's grammar as the engine's; an empty `GuidedDecoding` (or json_object false)
+/// means none.
+fn constraint(g: pb::GuidedDecoding) -> Option<Constraint> {
+    use pb::guided_decoding::Constraint as C;
+    Some(match g.constraint? {
+        C::JsonSchema(s) => Constraint::JsonSchema(s),
+        C::JsonObject(true) => Constraint::JsonObject,
+        C::JsonObject(false) => return None,
+        C::Regex(r) => Constraint::Regex(r),
+        C::Choice(c) => Constraint::Choice(c.choices),
+        C::LarkGrammar(l) => Constraint::Lark(l),
+        C::StructuralTag(t) => Constraint::StructuralTag(t),
+    })
 }
 
 /// The proto's map in id order, so that a request samples the same way on every worker.
@@ -396,7 +413,17 @@ impl Worker for WorkerService {
             engine: self.engine.clone(),
         });
         let otlp = GenerateSpan::open(&span, ids.sampled, &req.request_id, prompt_tokens);
-        let rx = match self.engine.submit(params(req)) {
+        let params = params(req);
+        // Compiling a grammar can take milliseconds: off the async threads.
+        let submitted = if params.sampling.guided.is_some() {
+            let engine = self.engine.clone();
+            tokio::task::spawn_blocking(move || engine.submit(params))
+                .await
+                .map_err(|e| Status::internal(format!("compiling the grammar failed: {e}")))?
+        } else {
+            self.engine.submit(params)
+        };
+        let rx = match submitted {
             Ok(rx) => rx,
             Err(e) => {
                 if let Some(mut s) = otlp {

@@ -239,6 +239,9 @@ pub struct LlmArgs {
     pub moe_config: MoeConfig,
     /// Attention kernel family; llmapi maps TensorRT-LLM's names onto its own kernels.
     pub attn_backend: String,
+    /// Structured-output engine (trtllm-serve's YAML key): `llguidance`, or `xgrammar`,
+    /// which llmapi serves with llguidance too (same request fields); null: llguidance.
+    pub guided_decoding_backend: Option<String>,
     /// Data-parallel attention across TP ranks.
     pub enable_attention_dp: bool,
     /// Print one line per engine iteration.
@@ -291,6 +294,7 @@ impl Default for LlmArgs {
             cuda_graph_config: Some(CudaGraphConfig::default()),
             moe_config: MoeConfig::default(),
             attn_backend: "auto".into(),
+            guided_decoding_backend: None,
             enable_attention_dp: false,
             print_iter_log: false,
             enable_iter_perf_stats: false,

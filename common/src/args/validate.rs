@@ -260,6 +260,17 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
             a.attn_backend
         )));
     }
+    match a.guided_decoding_backend.as_deref() {
+        None | Some("llguidance") => {}
+        Some("xgrammar") => notices.push(Notice::info(
+            "guided_decoding_backend xgrammar: llmapi enforces structured outputs with llguidance, which reads the same request fields",
+        )),
+        Some(other) => {
+            return invalid(format!(
+                "guided_decoding_backend {other}: expected llguidance or xgrammar (both served by llguidance)"
+            ));
+        }
+    }
     if a.enable_attention_dp {
         notices.push(Notice::warn(
             "enable_attention_dp: data-parallel attention is not implemented; attention runs tensor-parallel (same results, different speed)",

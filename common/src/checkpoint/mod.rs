@@ -2,7 +2,7 @@
 //! Face layout (bf16 safetensors, config.json, tokenizer.json, tokenizer_config.json with a
 //! chat template, generation_config.json), so that tests and benchmarks need no download.
 
-mod tokenizer_train;
+pub(crate) mod tokenizer_train;
 
 use std::path::Path;
 

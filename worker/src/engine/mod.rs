@@ -13,7 +13,9 @@ mod types;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use llmapi_common::guided::GuidedCompiler;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -26,6 +28,7 @@ use crate::kv::budget::{self, BudgetInputs, KvPlan, MemoryPool};
 use crate::kv::host_memory::HostMemory;
 use crate::kv::{DEFAULT_KV_EVENT_LOG_CAPACITY, KvEventLog, KvEventRead};
 use crate::model::{ModelWeights, Shard};
+use crate::sampling::Guide;
 pub use step_stats::*;
 pub use types::*;
 
@@ -64,6 +67,22 @@ struct Shared {
     /// The sliding window of every layer, when the backend frees the blocks before it.
     freed_window: Option<usize>,
     policy: CapacityPolicy,
+    /// Compiles requests' grammars; built from the model's tokenizer by the first request
+    /// that has one (Err: why this model cannot take grammars).
+    guided: OnceLock<Result<Arc<GuidedCompiler>, String>>,
+}
+
+/// The compiler of requests' grammars over the model's tokenizer, built once (Err: why this
+/// model cannot take grammars, e.g. a directory without a tokenizer).
+fn guided_compiler(shared: &Shared) -> &Result<Arc<GuidedCompiler>, String> {
+    let info = &shared.info;
+    shared.guided.get_or_init(|| {
+        let tok = llmapi_common::tokenizer::Tokenizer::from_dir(&info.model_dir)
+            .map_err(|e| e.to_string())?;
+        GuidedCompiler::new(&tok, info.vocab_size as usize, &info.eos_token_ids)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
 }
 
 /// Starts engines.
@@ -238,8 +257,17 @@ impl Engine {
             max_batch_size: cfg.max_batch_size,
             freed_window,
             policy: cfg.capacity_policy,
+            guided: OnceLock::new(),
         });
         let status = Arc::clone(&shared.status);
+        // The token trie takes a moment on large vocabularies: built now, off the engine
+        // thread, rather than on the first structured-output request.
+        let warm = Arc::clone(&shared);
+        let _ = std::thread::Builder::new()
+            .name("llmapi-guided-init".into())
+            .spawn(move || {
+                guided_compiler(&warm);
+            });
         let runner = runner::Runner::new(
             backend,
             cfg,
@@ -464,13 +492,43 @@ impl EngineHandle {
                 )));
             }
         }
+        let guide = match self.guide(&req) {
+            Ok(g) => g,
+            Err(e) => {
+                if let Ok(mut live) = self.shared.status.live.lock() {
+                    live.remove(&req.request_id);
+                }
+                return Err(e);
+            }
+        };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.send(Command::Submit(Box::new(runner::NewRequest {
             params: req,
+            guide,
             tx,
             arrival: std::time::Instant::now(),
         })))?;
         Ok(rx)
+    }
+
+    /// The request's grammar compiled into a guide (past its already generated tokens), or
+    /// None when it has none. Compiling takes from microseconds (a cached schema) to tens of
+    /// milliseconds: async callers run `submit` on a blocking thread for such requests.
+    fn guide(&self, req: &GenerateParams) -> Result<Option<Guide>, EngineError> {
+        let Some(constraint) = &req.sampling.guided else {
+            return Ok(None);
+        };
+        let compiler = guided_compiler(&self.shared).as_ref().map_err(|e| {
+            EngineError::InvalidRequest(format!(
+                "this worker cannot follow grammars (structured outputs): {e}"
+            ))
+        })?;
+        let matcher = compiler
+            .matcher(constraint)
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        Guide::new(matcher, &req.generated)
+            .map(Some)
+            .map_err(EngineError::InvalidRequest)
     }
 
     /// Aborts a queued or running request and frees its KV blocks; false when unknown.

@@ -12,12 +12,14 @@ use llmapi_proto::limits::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
 
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::kv::BlockManager;
-use crate::sampling::{SampleJob, Sampler, log_softmax, sample_batch, token_logprob};
+use crate::sampling::{Guide, SampleJob, Sampler, log_softmax, sample_batch, token_logprob};
 use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
 
 /// A request on its way to the engine thread.
 pub(crate) struct NewRequest {
     pub(crate) params: GenerateParams,
+    /// The compiled grammar of `params.sampling.guided`, already past `params.generated`.
+    pub(crate) guide: Option<Guide>,
     pub(crate) tx: UnboundedSender<TokenEvent>,
     pub(crate) arrival: Instant,
 }
@@ -369,7 +371,7 @@ impl Runner {
             reserve_in_steps: max_total > max_seq_len,
             stopping: p.stopping,
             want_prompt_logprobs: p.sampling.prompt_logprobs,
-            sampler: Sampler::resumed(p.sampling, drawn),
+            sampler: Sampler::resumed(p.sampling, drawn).with_guide(req.guide),
             tx: req.tx,
             arrival: req.arrival,
             scheduled_at: None,
@@ -572,7 +574,7 @@ impl Runner {
     fn after_step(&mut self, plan: &[PlanItem], outs: Vec<ChunkOut>) {
         let vocab = self.info.vocab_size as usize;
         let eos = &self.info.eos_token_ids;
-        let mut done: Vec<(usize, FinishReason, Option<u32>)> = Vec::new();
+        let mut done: Vec<(usize, Result<Stopped, String>)> = Vec::new();
         // Sequences whose next token comes from their logits row, and those that have it.
         let mut to_sample: Vec<(usize, Vec<f32>)> = Vec::new();
         let mut picked: Vec<(usize, u32, Option<TokenLogprob>)> = Vec::new();
@@ -605,14 +607,21 @@ impl Runner {
         }
         picked.extend(sample_rows(&mut self.sched.running, to_sample, vocab, eos));
         for (i, token, logprob) in picked {
-            if let Some(r) = accept_token(&mut self.sched.running[i], token, logprob, eos) {
-                done.push((i, r.0, r.1));
+            match accept_token(&mut self.sched.running[i], token, logprob, eos) {
+                Ok(Some(r)) => done.push((i, Ok(r))),
+                Ok(None) => {}
+                Err(e) => done.push((i, Err(e))),
             }
         }
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
-        for (i, reason, stop) in done {
+        for (i, end) in done {
             let seq = self.sched.finish(i);
-            self.finish_event(&seq, reason, stop);
+            match end {
+                Ok((reason, stop)) => self.finish_event(&seq, reason, stop),
+                Err(e) => {
+                    let _ = seq.tx.send(TokenEvent::Error(e));
+                }
+            }
             self.forget(&seq.id);
         }
     }
@@ -728,13 +737,17 @@ fn sample_rows(
         .collect()
 }
 
-/// Appends `token` to `seq`, sends it, and says whether the sequence is done.
+/// Why a sequence stopped, and the stop token that ended it, if one did.
+type Stopped = (FinishReason, Option<u32>);
+
+/// Appends `token` to `seq`, sends it, and says whether the sequence is done: a stop token,
+/// a complete grammar (`stop`) or the length limit. Err: the grammar failed.
 fn accept_token(
     seq: &mut Sequence,
     token: u32,
     logprob: Option<TokenLogprob>,
     eos: &[u32],
-) -> Option<(FinishReason, Option<u32>)> {
+) -> Result<Option<Stopped>, String> {
     seq.tokens.push(token);
     if seq.first_token_at.is_none() {
         seq.first_token_at = Some(Instant::now());
@@ -742,14 +755,18 @@ fn accept_token(
     let is_stop = seq.stopping.stop_token_ids.contains(&token)
         || (!seq.stopping.ignore_eos && eos.contains(&token));
     if is_stop {
-        return Some((FinishReason::Stop, Some(token)));
+        return Ok(Some((FinishReason::Stop, Some(token))));
     }
+    let complete = seq.sampler.advance_guide(token)?;
     let logprobs: Vec<TokenLogprob> = logprob.into_iter().collect();
     let _ = seq.tx.send(TokenEvent::Tokens {
         ids: vec![token],
         logprobs,
     });
-    (seq.tokens.len() >= seq.max_total).then_some((FinishReason::Length, None))
+    if complete {
+        return Ok(Some((FinishReason::Stop, None)));
+    }
+    Ok((seq.tokens.len() >= seq.max_total).then_some((FinishReason::Length, None)))
 }
 
 #[cfg(test)]

@@ -167,6 +167,8 @@ pub struct SamplingParams {
     /// `(token id, bias)` added to the logits before every sampling mode, in id order; empty
     /// means none. Logprobs stay those of the raw logits.
     pub logit_bias: Vec<(u32, f32)>,
+    /// The grammar the output must follow (structured outputs); None means free text.
+    pub guided: Option<llmapi_common::guided::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -183,6 +185,7 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: false,
             logit_bias: Vec::new(),
+            guided: None,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Token sampling: logit bias, penalties, greedy, temperature, top-k, top-p, min-p, seeded RNG, logprobs.
+//! Token sampling: logit bias, penalties, grammar masks, greedy, temperature, top-k, top-p,
+//! min-p, seeded RNG, logprobs.
 //!
 //! A `Sampler` works on one request's logits row; `sample_batch` samples a step's rows on the
 //! rayon pool, one task per sequence. Each sampler keeps its own scratch rows and its penalty
@@ -14,6 +15,9 @@ use rayon::prelude::*;
 
 use crate::engine::{SamplingParams, TokenLogprob};
 
+mod guide;
+pub use guide::Guide;
+
 /// Per-request sampling state.
 #[derive(Debug)]
 pub struct Sampler {
@@ -21,6 +25,8 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     penalties: Penalties,
     scratch: Scratch,
+    /// The request's grammar (structured outputs), when it has one.
+    guide: Option<Guide>,
 }
 
 /// What the penalties need of a request's tokens, kept up to date across steps.
@@ -99,11 +105,29 @@ impl Sampler {
             rng,
             penalties: Penalties::default(),
             scratch: Scratch::default(),
+            guide: None,
+        }
+    }
+
+    /// The sampler with the request's grammar: every token it samples is one the grammar
+    /// allows (in every sampling mode), and `advance_guide` follows what was accepted.
+    pub fn with_guide(mut self, guide: Option<Guide>) -> Self {
+        self.guide = guide;
+        self
+    }
+
+    /// Moves the grammar past the accepted `token`: Ok(true) when the output is now a
+    /// complete document (the sequence stops), Ok(false) when it may go on or there is no
+    /// grammar, Err when the grammar failed (the request ends with that error).
+    pub fn advance_guide(&mut self, token: u32) -> Result<bool, String> {
+        match &mut self.guide {
+            Some(g) => g.advance(token),
+            None => Ok(false),
         }
     }
 
     /// Whether the next token is the plain argmax of the raw logits (greedy, no logit bias,
-    /// no penalties, no logprobs), so a backend may pick it itself
+    /// no penalties, no logprobs, no grammar), so a backend may pick it itself
     /// (`Backend::forward_greedy`); tokens the caller bans are its own to check.
     pub fn is_plain_greedy(&self) -> bool {
         let p = &self.params;
@@ -114,6 +138,7 @@ impl Sampler {
             && p.logprobs.is_none()
             && p.logit_bias.is_empty()
             && !penalized
+            && self.guide.is_none()
     }
 
     /// Whether sampling needs top-n logprobs for each token.
@@ -123,7 +148,8 @@ impl Sampler {
 
     /// Picks the next token from `logits` (modified in place).
     ///
-    /// `prompt` and `generated` feed the penalties; `banned` tokens get probability zero.
+    /// `prompt` and `generated` feed the penalties; `banned` tokens, and those the grammar
+    /// does not allow, get probability zero.
     /// Logprobs are those of the raw row, before the logit bias and the penalties (vLLM's
     /// default `logprobs_mode`, `raw_logprobs`).
     pub fn sample(
@@ -143,6 +169,12 @@ impl Sampler {
             }
         }
         self.apply_penalties(logits, prompt, generated);
+        // A failed mask leaves the row as it is: `advance_guide` then fails the request.
+        if let Some(g) = &mut self.guide
+            && let Err(e) = g.apply(logits)
+        {
+            tracing::warn!(error = %e, "grammar mask failed");
+        }
         for &t in banned.0 {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;

@@ -1,6 +1,8 @@
-//! Tests of the sampler: distributions, filters, penalties, seeded streams and logprobs.
+//! Tests of the sampler: distributions, filters, penalties, grammar masks, seeded streams and
+//! logprobs.
 
 use super::*;
+use llmapi_common::guided::{Constraint, GuidedCompiler};
 
 fn params(temperature: f32, seed: u64) -> SamplingParams {
     SamplingParams {
@@ -475,4 +477,47 @@ fn logprobs_are_those_of_the_unbiased_row() {
     assert_eq!(t, 7);
     assert_eq!(lp.logprob, raw[7]);
     assert_eq!(lp.top[0].0, 3, "the raw row's best alternative");
+}
+
+/// A compiler over the demo checkpoint's tokenizer (the checkpoint written to `dir`).
+fn demo_compiler(dir: &std::path::Path) -> GuidedCompiler {
+    use llmapi_common::checkpoint::{EOT, Preset, write_checkpoint};
+    let preset = Preset::by_name("demo").unwrap();
+    write_checkpoint(&preset, dir, &mut |_, _| {}).unwrap();
+    let tok = llmapi_common::tokenizer::Tokenizer::from_dir(dir).unwrap();
+    let eot = tok.token_to_id(EOT).unwrap();
+    GuidedCompiler::new(&tok, tok.vocab_size(), &[eot]).unwrap()
+}
+
+#[test]
+fn a_guided_sampler_takes_only_allowed_tokens_greedy_or_not_and_ends_with_the_grammar() {
+    let dir = tempfile::tempdir().unwrap();
+    let compiler = demo_compiler(dir.path());
+    let tok = llmapi_common::tokenizer::Tokenizer::from_dir(dir.path()).unwrap();
+    let choice = Constraint::Choice(vec!["yes".into()]);
+    for temperature in [0.0, 1.0] {
+        let guide = Guide::new(compiler.matcher(&choice).unwrap(), &[]).unwrap();
+        let mut s = Sampler::new(params(temperature, 1)).with_guide(Some(guide));
+        // A guided sampler never hands the pick to the backend's plain argmax.
+        assert!(!s.is_plain_greedy());
+        let mut out = Vec::new();
+        let mut complete = false;
+        for _ in 0..8 {
+            // The raw row prefers token 0, a special token the grammar never allows.
+            let mut row = vec![0.0f32; compiler.vocab_size()];
+            row[0] = 100.0;
+            let (t, _) = s.sample(&mut row, &[], &out, Banned(&[]));
+            out.push(t);
+            complete = s.advance_guide(t).unwrap();
+            if complete {
+                break;
+            }
+        }
+        assert!(complete, "temperature {temperature}: {out:?}");
+        assert_eq!(
+            tok.decode(&out, false).unwrap(),
+            "yes",
+            "temperature {temperature}"
+        );
+    }
 }
