@@ -35,7 +35,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "stream_options",
     "user",
     "logit_bias",
-    // Structured outputs (`guided`).
+    // Structured outputs (`guided::read`).
     "response_format",
     "guided_json",
     "guided_regex",

@@ -18,16 +18,6 @@ use crate::error::ApiError;
 use llmapi_common::guided::{Constraint, GuidedCompiler};
 use llmapi_proto::v1::{GuidedChoice, GuidedDecoding, guided_decoding};
 
-/// The structured-output fields, as both endpoints read them.
-pub const FIELDS: &[&str] = &[
-    "response_format",
-    "guided_json",
-    "guided_regex",
-    "guided_choice",
-    "guided_grammar",
-    "structural_tag",
-];
-
 /// The request's constraint and the field that asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Guided {
