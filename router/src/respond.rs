@@ -490,7 +490,14 @@ pub async fn stream(
         None => return ApiError::internal("a choice ended without finishing").into_response(),
         Some(ev) => ev,
     };
-    let events = sse_events(meta, first, rx, admit);
+    sse_response(sse_events(meta, first, rx, admit), keepalive)
+}
+
+/// An SSE response of `events`, with a comment line after `keepalive` of silence if set.
+pub(crate) fn sse_response<S>(events: S, keepalive: Option<Duration>) -> Response
+where
+    S: Stream<Item = Result<Event, Infallible>> + Send + 'static,
+{
     match keepalive {
         Some(every) => Sse::new(events)
             .keep_alive(KeepAlive::new().interval(every))

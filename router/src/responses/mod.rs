@@ -17,7 +17,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -264,12 +264,7 @@ async fn stream(mut writer: Writer, mut run: ChatRun, finished: Finished) -> Res
             st.step(ev);
         }
     });
-    match keepalive {
-        Some(every) => Sse::new(events)
-            .keep_alive(KeepAlive::new().interval(every))
-            .into_response(),
-        None => Sse::new(events).into_response(),
-    }
+    crate::respond::sse_response(events, keepalive)
 }
 
 struct StreamState {

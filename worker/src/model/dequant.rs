@@ -132,8 +132,19 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_bits(u16_at(b, at)).to_f32()
+}
+
+/// The four 6-bit values of a Q6_K half-block at `l` (0..32): elements l, l + 32, l + 64 and
+/// l + 96, low 4 bits from `ql` (64 bytes), high 2 bits from `qh` (32 bytes).
+pub(crate) fn q6k_quad(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
+    [
+        (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
+        (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
+        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+        (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+    ]
 }
 
 /// Low nibbles are elements 0..16, high nibbles 16..32.
@@ -222,13 +233,7 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
         let out = &mut y[128 * h..128 * h + 128];
         for l in 0..32 {
             let is = l / 16;
-            let q = [
-                (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
-                (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
-                (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-            ];
-            for (k, &qk) in q.iter().enumerate() {
+            for (k, &qk) in q6k_quad(ql, qh, l).iter().enumerate() {
                 let scale = f32::from(sc[is + 2 * k] as i8);
                 out[l + 32 * k] = d * scale * (f32::from(qk) - 32.0);
             }

@@ -22,7 +22,8 @@ use half::f16;
 #[cfg(target_arch = "x86_64")]
 use super::q4k_simd;
 use super::q8::{QKernel, blocked_linear};
-use crate::model::dequant::GgmlType;
+use crate::model::dequant::f16_at;
+use crate::model::dequant::{GgmlType, q6k_quad};
 use crate::model::weights::KRows;
 use crate::model::{Mat, WeightData};
 
@@ -65,11 +66,6 @@ pub fn quantize_row_q8k(x: &[f32]) -> Q8K {
         d.push(scale);
     }
     Q8K { q, d, bsums }
-}
-
-/// The f16 at byte `at` of `b`, as f32.
-pub(super) fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
 }
 
 /// The 8 scales and 8 mins of a Q4_K block from its 12 packed bytes: sub-blocks 0..4 hold
@@ -133,13 +129,7 @@ pub fn dot_q6k_portable(w: &[u8], x: &Q8K) -> f32 {
         for h in 0..2 {
             let (ql, qh) = (&ql[64 * h..64 * h + 64], &qh[32 * h..32 * h + 32]);
             for l in 0..32 {
-                let q = [
-                    (ql[l] & 0x0f) | ((qh[l] & 3) << 4),
-                    (ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4),
-                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                ];
-                for (k, &qk) in q.iter().enumerate() {
+                for (k, &qk) in q6k_quad(ql, qh, l).iter().enumerate() {
                     let e = 128 * h + l + 32 * k;
                     sub[e / 16] += i32::from(qk) * i32::from(xq[e]);
                 }
