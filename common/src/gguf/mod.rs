@@ -6,6 +6,7 @@
 //! Not for: dequantizing or computing on tensors (the worker's `model::gguf` does that).
 
 pub mod meta;
+pub mod pretok;
 pub mod vocab;
 pub mod write;
 

@@ -1,6 +1,7 @@
 //! The tokenizer a GGUF file describes in `tokenizer.ggml.*`, built as a `tokenizers`
 //! tokenizer the way transformers' GGUF loader builds it:
-//! - `gpt2`: byte-level BPE from `tokens` and `merges` (ByteLevel pre-tokenizer and decoder);
+//! - `gpt2`: byte-level BPE from `tokens` and `merges`, split by the rule `pre` names
+//!   (`pretok`), with the ByteLevel decoder;
 //! - `llama`: SentencePiece-style BPE from `tokens` and `scores` (merges ranked by the merged
 //!   piece's score, byte fallback, `▁` for spaces).
 //!
@@ -17,6 +18,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, Tokenizer};
 
+use super::pretok::byte_level_pre_tokenizer;
 use super::{GgufError, GgufFile, MetaValue};
 
 /// llama.cpp's token types that become added tokens.
@@ -67,8 +69,9 @@ impl GgufFile {
                     .vocab_and_merges(vocab, merges)
                     .build()
                     .map_err(bpe_err)?;
+                let pre = self.get("tokenizer.ggml.pre").and_then(MetaValue::as_str);
                 let mut tok = Tokenizer::new(bpe);
-                tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+                tok.with_pre_tokenizer(Some(byte_level_pre_tokenizer(pre).map_err(err)?));
                 tok.with_decoder(Some(ByteLevel::new(false, true, true)));
                 tok
             }
