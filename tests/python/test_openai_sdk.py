@@ -18,6 +18,9 @@ from pydantic import BaseModel, Field
 BASE = os.environ["LLMAPI_BASE_URL"]
 KEY = os.environ.get("LLMAPI_API_KEY", "unused")
 MODEL = os.environ.get("LLMAPI_MODEL", "demo")
+# A real instruct model (the SmolLM2 GGUF of tests/tests/gguf_model.rs): the same checks, minus
+# the demo model's token-id crutches, plus answers that must be right.
+REAL = os.environ.get("LLMAPI_REAL_MODEL") == "1"
 
 client = openai.OpenAI(base_url=BASE, api_key=KEY, max_retries=0, timeout=60)
 checks = 0
@@ -194,9 +197,11 @@ for temperature in (0, 1):
     check(isinstance(thing, Thing), f"parse() fills the pydantic model at T={temperature}")
 # The demo model never closes a free string on its own: a bias towards `"` (id 6) and `}` (id
 # 97) lets the object end within max_tokens; the grammar still decides what is valid.
+# The real model, asked for a small object, closes it greedily; sampled, it may ramble on.
+hi_json = [{"role": "user", "content": 'Write a JSON object with the key "greeting" set to "hi".'}]
 r = client.chat.completions.create(
-    model=MODEL, messages=messages, max_tokens=64, response_format={"type": "json_object"},
-    logit_bias={"6": 8, "97": 8},
+    model=MODEL, messages=hi_json if REAL else messages, max_tokens=64, response_format={"type": "json_object"},
+    **({"temperature": 0} if REAL else {"logit_bias": {"6": 8, "97": 8}}),
 )
 check(isinstance(json.loads(r.choices[0].message.content), dict), "json_object output is an object")
 r = client.chat.completions.create(
@@ -368,6 +373,27 @@ try:
     check(False, "a deleted response is gone")
 except openai.NotFoundError:
     check(True, "404 for a deleted response")
+
+if REAL:
+    # Answers a small instruct model gets right, through the SDK's own parsing.
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    r = client.chat.completions.create(model=MODEL, messages=france, max_tokens=24, temperature=0)
+    check("Paris" in r.choices[0].message.content, f"the capital of France: {r.choices[0].message.content!r}")
+    check(r.choices[0].finish_reason == "stop", "the answer ends on the end-of-turn token")
+
+    class Capital(BaseModel):
+        country: str = Field(max_length=16)
+        capital: str = Field(max_length=16)
+
+    ask_json = [{"role": "user", "content": "What is the capital of France? Answer in JSON with the keys country and capital."}]
+    r = parse(model=MODEL, messages=ask_json, max_tokens=48, temperature=0, response_format=Capital)
+    parsed = r.choices[0].message.parsed
+    check(isinstance(parsed, Capital) and "Paris" in parsed.capital, f"parse() holds the right answer: {parsed!r}")
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], tool_choice=NAMED, max_tokens=48, temperature=0)
+    city = json.loads(r.choices[0].message.tool_calls[0].function.arguments)["city"]
+    check("Oslo" in city, f"the named call's argument comes from the question: {city!r}")
+    resp = client.responses.create(model=MODEL, input="What is the capital of France?", max_output_tokens=24, temperature=0)
+    check("Paris" in resp.output_text, f"the Responses API answers: {resp.output_text!r}")
 
 if KEY != "unused":
     bad = openai.OpenAI(base_url=BASE, api_key="wrong", max_retries=0)
