@@ -101,7 +101,12 @@ fn texts(v: &Value) -> Vec<String> {
 /// One server; the checks of both tests below.
 fn computes_the_prompt_once(extra: &[&str], reuse: bool, salt: u32) {
     let port = free_port();
-    let _server = serve(demo_model(), port, extra, &[]);
+    // A prefill budget that takes all four prompts in one step, as on a GPU (the CPU default
+    // of 512 would hold the second back a step, and with reuse on it would then find the
+    // first one's blocks cached even without a group).
+    let mut flags = vec!["--set", "scheduler_config.prefill_token_budget=4096"];
+    flags.extend_from_slice(extra);
+    let _server = serve(demo_model(), port, &flags, &[]);
     let ids = prompt_ids(salt);
     let polled = wait_until(Duration::from_secs(30), || {
         get(port, "/metrics")
