@@ -99,3 +99,24 @@ async fn when_the_groups_worker_fails_mid_stream_every_choice_moves_and_complete
     assert_eq!(moved.len(), 3, "every choice moved");
     assert!(moved.iter().all(|r| r.generated_token_ids.len() == 2));
 }
+
+#[tokio::test]
+async fn when_the_groups_worker_fails_before_the_first_token_the_group_moves_together() {
+    // The first double fails every request before its first token: each choice is retried,
+    // and the pin moves with the first retry so that the group stays on one worker.
+    let failing = Script {
+        fails_after_tokens: Some((0, Code::Unavailable)),
+        ..Script::default()
+    };
+    let h = common::start(vec![failing, Script::default(), Script::default()], |_| {}).await;
+    let (status, v) = h
+        .post(json!({"model": "demo", "prompt": "abcdefgh", "max_tokens": 4, "n": 3}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3, "{v}");
+    let retried: Vec<usize> = (1..3).map(|i| h.requests(i)).collect();
+    assert!(
+        retried.contains(&3) && retried.contains(&0),
+        "the retried choices stay together: {retried:?}"
+    );
+}
