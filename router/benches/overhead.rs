@@ -145,6 +145,7 @@ async fn main() {
                 }),
                 traceparent: String::new(),
                 generated_token_ids: Vec::new(),
+                group_id: String::new(),
             })
             .await
             .expect("generate")

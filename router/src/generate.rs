@@ -25,6 +25,7 @@ use llmapi_common::traces::TraceHeaders;
 use crate::deadline::{Expired, RequestDeadline, expiry};
 use crate::detok::{Detokenizer, StopCheck, StopMatcher};
 use crate::error::ApiError;
+use crate::group::GroupPin;
 use crate::migrate::{Cause, resume_request};
 use crate::pool::{InflightGuard, LINK_KEEPALIVE_INTERVAL, Worker, WorkerRpc};
 use crate::state::AppState;
@@ -44,6 +45,9 @@ pub struct ChoiceJob {
     pub trace: Arc<TraceHeaders>,
     /// When the request must end (whole) and have its first token.
     pub deadline: RequestDeadline,
+    /// The worker this choice's sequence group runs on (`n > 1`: the choices of one prompt
+    /// share its KV there); None for a lone choice.
+    pub group: Option<Arc<GroupPin>>,
 }
 
 /// What a running choice reports.
@@ -182,25 +186,47 @@ fn request_fault(status: &Status) -> Option<ApiError> {
 /// Picks a worker not in `tried` whose breaker lets the request through, and marks the
 /// request started on it. A half-open worker whose probe slot another request took is
 /// skipped (added to `tried`) without using up a retry. A request that carries generated
-/// tokens (a migration) goes only to workers that continue from them.
+/// tokens (a migration) goes only to workers that continue from them. A new choice of a
+/// sequence group goes to its group's worker when that one takes it (`group`).
 fn pick_and_begin(
     state: &AppState,
     job: &ChoiceJob,
     tried: &mut Vec<String>,
 ) -> Option<(Arc<Worker>, InflightGuard)> {
     let resuming = !job.request.generated_token_ids.is_empty();
+    let (worker, mut inflight) = match job.group.as_deref() {
+        Some(pin) if !resuming => pin.begin(&candidates(state, job, tried), tried, |tried| {
+            pick_by_policy(state, job, tried)
+        }),
+        _ => pick_by_policy(state, job, tried),
+    }?;
+    inflight.hold_blocks(&job.block_hashes);
+    Some((worker, inflight))
+}
+
+/// The routable workers not in `tried` that can take `job`.
+fn candidates(state: &AppState, job: &ChoiceJob, tried: &[String]) -> Vec<Arc<Worker>> {
+    let resuming = !job.request.generated_token_ids.is_empty();
+    state
+        .pool
+        .routable()
+        .into_iter()
+        .filter(|w| !tried.contains(&w.url))
+        .filter(|w| !resuming || w.info().is_some_and(|i| i.resumes_generation))
+        .collect()
+}
+
+/// `pick_and_begin` by the routing policy alone.
+fn pick_by_policy(
+    state: &AppState,
+    job: &ChoiceJob,
+    tried: &mut Vec<String>,
+) -> Option<(Arc<Worker>, InflightGuard)> {
     loop {
-        let candidates: Vec<_> = state
-            .pool
-            .routable()
-            .into_iter()
-            .filter(|w| !tried.contains(&w.url))
-            .filter(|w| !resuming || w.info().is_some_and(|i| i.resumes_generation))
-            .collect();
+        let candidates = candidates(state, job, tried);
         let (worker, _matched) = state.router.pick(&candidates, &job.block_hashes)?;
         tried.push(worker.url.clone());
-        if let Some(mut inflight) = worker.try_begin() {
-            inflight.hold_blocks(&job.block_hashes);
+        if let Some(inflight) = worker.try_begin() {
             return Some((worker, inflight));
         }
     }

@@ -24,6 +24,7 @@ use crate::codec::TextCodec;
 use crate::deadline::RequestDeadline;
 use crate::error::ApiError;
 use crate::generate::{ChoiceEvent, ChoiceJob, run_choice};
+use crate::group::GroupPin;
 use crate::guided::Guided;
 use crate::logit_bias;
 use crate::openai::{GenSettings, Prompt};
@@ -192,6 +193,14 @@ fn spawn_choices(
     for (p, (prompt, max)) in prompts.iter().zip(&max_tokens).enumerate() {
         state.metrics.add_prompt_tokens(prompt.ids.len());
         let hashes = Arc::new(prefix_block_hashes(&prompt.ids, tokens_per_block));
+        // The prompt's choices run as one sequence group on one worker, which computes the
+        // prompt once for all of them.
+        let group = (n > 1).then(|| Arc::new(GroupPin::default()));
+        let group_id = if n > 1 {
+            format!("{id}-p{p}")
+        } else {
+            String::new()
+        };
         for k in 0..n {
             let index = p as u32 * n + k;
             let mut sampling = settings.sampling.clone();
@@ -210,11 +219,13 @@ fn spawn_choices(
                     stopping: Some(stopping),
                     traceparent: trace.traceparent.clone(),
                     generated_token_ids: Vec::new(),
+                    group_id: group_id.clone(),
                 },
                 block_hashes: hashes.clone(),
                 stop: settings.stop.clone(),
                 trace: trace.clone(),
                 deadline,
+                group: group.clone(),
             };
             let span = tracing::info_span!("choice", request_id = %job.request.request_id, prompt_tokens = prompt.ids.len());
             tokio::spawn(run_choice(state.clone(), job, tx.clone()).instrument(span));

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fields;
 pub mod front;
 pub mod generate;
+pub mod group;
 pub mod guided;
 pub mod handlers;
 pub mod kv_index;

@@ -169,11 +169,18 @@ impl ResponseMeta {
     fn usage(&self, accs: &[ChoiceAcc]) -> Value {
         let prompt: usize = self.prompt_lens.iter().sum();
         let completion: u64 = accs.iter().map(|a| u64::from(a.completion_tokens)).sum();
-        // Cached tokens are counted once per prompt, like prompt tokens.
+        // Cached tokens are counted once per prompt, like prompt tokens: the most any of its
+        // choices took from the cache. A sequence group's first choice computes the prompt and
+        // the others share its blocks, so this is what the sharing ones report, as vLLM
+        // reports the cached tokens of its parallel-sampling children.
         let cached: u64 = accs
-            .iter()
-            .step_by(self.n.max(1) as usize)
-            .map(|a| u64::from(a.cached_tokens))
+            .chunks(self.n.max(1) as usize)
+            .map(|c| {
+                c.iter()
+                    .map(|a| u64::from(a.cached_tokens))
+                    .max()
+                    .unwrap_or(0)
+            })
             .sum();
         let mut usage = json!({
             "prompt_tokens": prompt,

@@ -121,6 +121,7 @@ fn params(req: pb::GenerateRequest) -> GenerateParams {
         request_id: req.request_id,
         prompt: req.prompt_token_ids,
         generated: req.generated_token_ids,
+        group: req.group_id,
         sampling: SamplingParams {
             temperature: s.temperature.max(0.0),
             top_k: s.top_k,
@@ -479,6 +480,7 @@ impl Worker for WorkerService {
             request_id: format!("health-probe-{n}"),
             prompt: vec![1],
             generated: Vec::new(),
+            group: String::new(),
             sampling: SamplingParams::default(),
             stopping: StoppingParams {
                 max_tokens: 1,

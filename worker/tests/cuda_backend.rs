@@ -464,6 +464,7 @@ fn gpu_engine_serves_greedy_requests_on_cuda() {
             request_id: "cuda-1".into(),
             prompt,
             generated: Vec::new(),
+            group: String::new(),
             sampling: llmapi_worker::engine::SamplingParams::default(),
             stopping: llmapi_worker::engine::StoppingParams {
                 max_tokens: 8,

@@ -43,6 +43,7 @@ fn generate(id: &str, max_tokens: u32, timeout: Duration) -> tonic::Request<Gene
         }),
         traceparent: String::new(),
         generated_token_ids: Vec::new(),
+        group_id: String::new(),
     });
     r.set_timeout(timeout);
     r

@@ -32,6 +32,7 @@ fn request(id: &str) -> GenerateParams {
         request_id: id.into(),
         prompt: vec![5, 6, 7, 8],
         generated: Vec::new(),
+        group: String::new(),
         sampling: SamplingParams::default(),
         stopping: StoppingParams {
             max_tokens: 4,

@@ -137,6 +137,7 @@ fn request(id: &str, prompt_len: usize, max_tokens: u32) -> GenerateRequest {
         }),
         traceparent: String::new(),
         generated_token_ids: Vec::new(),
+        group_id: String::new(),
     }
 }
 

@@ -129,6 +129,7 @@ fn request(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateRequest {
         }),
         traceparent: String::new(),
         generated_token_ids: Vec::new(),
+        group_id: String::new(),
     }
 }
 

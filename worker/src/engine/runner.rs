@@ -360,6 +360,7 @@ impl Runner {
         let seq = Sequence {
             id: p.request_id,
             prompt_len,
+            group: p.group,
             tokens,
             num_computed: 0,
             blocks: Vec::new(),

@@ -214,6 +214,9 @@ pub struct GenerateParams {
     /// after the prompt and counted as generated (max_tokens, min_tokens, penalties, usage);
     /// a seeded sampler resumes after their draws. Empty for a new request.
     pub generated: Vec<u32>,
+    /// Sequence group key (proto `group_id`): the choices of one prompt share its computed
+    /// full KV blocks (`Scheduler`'s admission). Empty: no group.
+    pub group: String,
     /// Sampling settings.
     pub sampling: SamplingParams,
     /// Stopping settings.

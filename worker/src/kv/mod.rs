@@ -264,6 +264,41 @@ impl BlockManager {
         Some(blocks)
     }
 
+    /// `admit` over blocks a running sequence holds (a sequence group's computed prompt)
+    /// instead of cached ones: takes a reference on each of `shared`, allocates `new_blocks`
+    /// more and promises `promise` besides, all or nothing. Shared blocks are referenced
+    /// already, so they take nothing from the free ones.
+    pub fn admit_shared(
+        &mut self,
+        shared: &[BlockId],
+        new_blocks: usize,
+        promise: usize,
+    ) -> Option<Vec<BlockId>> {
+        debug_assert!(
+            shared.iter().all(|&b| self.ref_count[b as usize] > 0),
+            "only blocks a running sequence holds are shared"
+        );
+        if self.num_unpromised_free() < new_blocks + promise {
+            return None;
+        }
+        let mut blocks = shared.to_vec();
+        for &b in shared {
+            self.ref_count[b as usize] += 1;
+        }
+        for _ in 0..new_blocks {
+            match self.allocate() {
+                Some(b) => blocks.push(b),
+                // Unreachable: the free blocks were counted above; undo rather than leak.
+                None => {
+                    self.release_all(&blocks);
+                    return None;
+                }
+            }
+        }
+        self.promised += promise;
+        Some(blocks)
+    }
+
     /// Records that `block` now holds the full block whose chained hash is `hash`, the child
     /// of the block hashed `parent` (None: the first block of a sequence).
     ///

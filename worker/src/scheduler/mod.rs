@@ -17,9 +17,10 @@
 //! a max_tokens are never paused or preempted. MAX_UTILIZATION allocates as it goes and
 //! preempts the newest request (to be recomputed) when blocks run out. When every layer of the
 //! model attends over a sliding window, the blocks a sequence's next query can no longer see
-//! go back to the pool as it grows (`free_out_of_window`). Not for: arithmetic, sampling or
-//! event delivery.
+//! go back to the pool as it grows (`free_out_of_window`). The choices of one prompt share
+//! its computed full blocks (`group`). Not for: arithmetic, sampling or event delivery.
 
+mod group;
 pub mod sequence;
 mod window;
 
@@ -29,6 +30,7 @@ use llmapi_common::block_hash::{ROOT_BLOCK_HASH, block_hash};
 
 use crate::engine::CapacityPolicy;
 use crate::kv::{BlockManager, prefix_block_hashes};
+use group::GroupShare;
 pub use sequence::Sequence;
 
 /// Limits the scheduler works under.
@@ -314,13 +316,20 @@ impl Scheduler {
     fn admit_front(&mut self, budget: usize, prefill: &PrefillBudget) -> Option<usize> {
         let seq = self.waiting.front()?;
         let tpb = self.blocks.tokens_per_block();
-        // Leave at least one token to compute so the step yields logits.
-        let hashes = if seq.want_prompt_logprobs {
-            Vec::new()
-        } else {
-            prefix_block_hashes(&seq.tokens[..seq.tokens.len() - 1], tpb)
+        let (hashes, cached, shared) = match self.group_share(seq) {
+            GroupShare::Wait => return None,
+            GroupShare::Share { blocks, hashes } => (hashes, blocks.len(), Some(blocks)),
+            GroupShare::Alone => {
+                // Leave at least one token to compute so the step yields logits.
+                let hashes = if seq.want_prompt_logprobs {
+                    Vec::new()
+                } else {
+                    prefix_block_hashes(&seq.tokens[..seq.tokens.len() - 1], tpb)
+                };
+                let cached = self.blocks.count_cached_prefix(&hashes);
+                (hashes, cached, None)
+            }
         };
-        let cached = self.blocks.count_cached_prefix(&hashes);
         let start = cached * tpb;
         let remaining = seq.tokens.len() - start;
         let n = self.prefill_tokens(remaining, budget, prefill)?;
@@ -343,7 +352,10 @@ impl Scheduler {
         };
         let need_new = self.blocks.blocks_for(target).saturating_sub(cached);
         // All or nothing: a head that does not fit evicts no one's cached prefix while it waits.
-        let blocks = self.blocks.admit(&hashes[..cached], need_new, promise)?;
+        let blocks = match shared {
+            Some(shared) => self.blocks.admit_shared(&shared, need_new, promise)?,
+            None => self.blocks.admit(&hashes[..cached], need_new, promise)?,
+        };
         let mut seq = self.waiting.pop_front()?;
         seq.blocks = blocks;
         seq.promised = promise;
@@ -418,6 +430,7 @@ pub(super) mod tests {
             id: id.into(),
             tokens: (0..prompt_len as u32).collect(),
             prompt_len,
+            group: String::new(),
             num_computed: 0,
             blocks: Vec::new(),
             promised: 0,

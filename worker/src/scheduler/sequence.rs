@@ -16,6 +16,9 @@ pub struct Sequence {
     pub tokens: Vec<u32>,
     /// Prompt length.
     pub prompt_len: usize,
+    /// Sequence group key: running members of the same group share their computed full
+    /// prompt blocks with it at admission. Empty: no group.
+    pub group: String,
     /// Tokens whose KV is in the cache.
     pub num_computed: usize,
     /// KV blocks, in position order (`kv::FREED_BLOCK` where one fell out of the window).

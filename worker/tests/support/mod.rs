@@ -201,6 +201,7 @@ pub fn greedy(id: &str, prompt: Vec<u32>, max_tokens: u32) -> GenerateParams {
         request_id: id.to_string(),
         prompt,
         generated: Vec::new(),
+        group: String::new(),
         sampling: SamplingParams::default(),
         stopping: StoppingParams {
             max_tokens,
