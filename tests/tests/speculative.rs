@@ -2,8 +2,11 @@
 //! with a `speculative_config` YAML): greedy text identical to a server without it, drafts
 //! accepted on a prompt that repeats itself (`avg_decoded_tokens_per_iter` above 1 in the
 //! choice, and in the final chunk of a stream), the worker's draft counters on /metrics, and
-//! a decoding type llmapi does not run refused at start-up with what it runs.
+//! a decoding type llmapi does not run refused at start-up with what it runs. With
+//! `LLMAPI_SMOLLM2_GGUF` set (as in gguf_model.rs), the same greedy equality on that real
+//! model with an edit request, whose output copies its prompt.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use llmapi_tests::{bin, demo_model, free_port, post, serve};
@@ -139,4 +142,48 @@ fn an_unsupported_decoding_type_is_refused_at_start_up_naming_ngram() {
         err.contains("decoding_type Eagle3") && err.contains("supported: NGram"),
         "{err}"
     );
+}
+
+#[test]
+fn smollm2_edit_requests_give_the_same_greedy_text_with_drafts_accepted() {
+    let Some(file) = std::env::var_os("LLMAPI_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    else {
+        eprintln!("SKIPPED: LLMAPI_SMOLLM2_GGUF does not name the SmolLM2 GGUF file");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, NGRAM);
+    let (plain_port, spec_port) = (free_port(), free_port());
+    let _plain = serve(&file, plain_port, &[], &[]);
+    let _spec = serve(&file, spec_port, &["--extra_llm_api_options", &cfg], &[]);
+    let para = "The river runs north through the valley and past the old mill. In spring the \
+                water is high and fast, and in late summer children wade across it.";
+    let models = llmapi_tests::request(plain_port, "GET", "/v1/models", None, &[])
+        .expect("GET /v1/models")
+        .json();
+    let name = models["data"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let chat = |port: u16| {
+        let r = post(
+            port,
+            "/v1/chat/completions",
+            &json!({"model": name, "max_tokens": 64, "temperature": 0, "messages": [
+                {"role": "user", "content": format!("Repeat this text exactly:\n\n{para}")}]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let (a, b) = (chat(plain_port), chat(spec_port));
+    assert_eq!(
+        a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"],
+        "speculation changed SmolLM2's greedy text"
+    );
+    let avg = b["choices"][0]["avg_decoded_tokens_per_iter"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(avg > 1.5, "the copy was drafted and accepted: {b}");
 }
