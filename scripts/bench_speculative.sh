@@ -2,8 +2,9 @@
 # NGram speculative decoding against plain decoding (docs/bench/speculative.md): one
 # `llmapi-launch serve` without and one with `speculative_config`, the same workloads through
 # llmapi-bench on each, side by side in one run. Workloads: (a) edit, a chat request that
-# asks to copy a paragraph back with one change (the output repeats the prompt), and (b)
-# random token ids (nothing to predict). Each at batch 1 and at concurrency 4, greedy. The
+# asks to copy a paragraph back with one change (the output repeats the prompt), (b) random
+# token ids, greedy, and (c) random token ids sampled at temperature 1 (text that drafts
+# rarely predict: the cost of speculation). Each at batch 1 and at concurrency 4. The
 # table shows output tok/s, mean TPOT, mean Request AR (avg_decoded_tokens_per_iter) and whether the
 # generated texts of the two servers are identical.
 #
@@ -49,15 +50,16 @@ with open(path, "w") as f:
 EOF2
 
 bench() { # port workload concurrency name
-  local args=()
+  local args=(--temperature 0)
   if [ "$2" = edit ]; then
-    args=(--backend openai-chat --dataset-name custom --dataset-path "$WORK/edit.jsonl")
+    args+=(--backend openai-chat --dataset-name custom --dataset-path "$WORK/edit.jsonl")
   else
-    args=(--backend openai --dataset-name random --random-input-len 256
+    [ "$2" = sampled ] && args=(--temperature 1)
+    args+=(--backend openai --dataset-name random --random-input-len 256
       --random-output-len "$OUTPUT_LEN" --ignore-eos --tokenize-on-client)
   fi
   "$BIN/llmapi-bench" --model "$MODEL" --base-url "http://127.0.0.1:$1" "${args[@]}" \
-    --temperature 0 --num-prompts "$PROMPTS" --max-concurrency "$3" --seed 7 \
+    --num-prompts "$PROMPTS" --max-concurrency "$3" --seed 7 \
     --save-result --save-detailed --result-dir "$WORK" --result-filename "$4.json" >"$WORK/bench-$4.log" 2>&1
 }
 
@@ -74,12 +76,12 @@ start() { # name extra-args...
 
 plain=$(start plain)
 spec=$(start ngram --extra_llm_api_options "$WORK/ngram.yml")
-echo "$PROFILE build, model $MODEL, $PROMPTS prompts x $OUTPUT_LEN output tokens, greedy," \
+echo "$PROFILE build, model $MODEL, $PROMPTS prompts x $OUTPUT_LEN output tokens," \
   "NGram max_draft_len $DRAFT; logs in $WORK"
 echo
 echo "| workload | concurrency | plain tok/s | NGram tok/s | speed-up | plain TPOT | NGram TPOT | mean Request AR | same text |"
 echo "|---|---|---|---|---|---|---|---|---|"
-for workload in edit random; do
+for workload in edit random sampled; do
   for c in 1 4; do
     bench "$plain" "$workload" "$c" "plain-$workload-$c"
     bench "$spec" "$workload" "$c" "ngram-$workload-$c"
@@ -89,6 +91,8 @@ work, w, c = sys.argv[1], sys.argv[2], sys.argv[3]
 a = json.load(open(f"{work}/plain-{w}-{c}.json"))
 b = json.load(open(f"{work}/ngram-{w}-{c}.json"))
 same = "yes" if a["generated_texts"] == b["generated_texts"] else "no"
+if w == "sampled":
+    same = "n/a (sampled)"
 ar = b["avg_decoded_tokens_per_iter"]["mean"]
 x, y = a["output_throughput"], b["output_throughput"]
 print(f"| {w} | {c} | {x:.1f} | {y:.1f} | {y / x:.2f}x | {a['mean_tpot_ms']:.1f} ms "
