@@ -234,3 +234,24 @@ fn sampled_requests_with_drafts_finish_with_valid_tokens() {
         "sampled requests were drafted for"
     );
 }
+
+#[test]
+fn prefix_blocks_cached_after_speculation_hold_only_accepted_tokens() {
+    // A runs with drafts; B's prompt is A's prompt and output, so B starts from the blocks A
+    // left in the prefix cache. Had a block been registered with a rejected draft's KV, B's
+    // tokens would differ from those of an engine that computes B's prompt from scratch.
+    let h = Engine::start(&case("llama"), config(Some(SpeculativeConfig::ngram(4)))).unwrap();
+    let a = read(h.submit(greedy("a", repeating(2), 40)).unwrap());
+    let mut prompt = repeating(2);
+    prompt.extend(&a.ids[..36]);
+    let b = read(h.submit(greedy("b", prompt.clone(), 12)).unwrap());
+    let load = support::wait_idle(&h);
+    h.shutdown();
+    assert!(a.avg.is_some_and(|x| x > 1.0), "A's drafts were accepted");
+    assert!(
+        load.prefix_cache_hits >= 48,
+        "B reused A's blocks: {load:?}"
+    );
+    let (fresh, _) = serve(config(None), &[greedy("b", prompt, 12)]);
+    assert_eq!(b.ids, fresh[0].ids);
+}
