@@ -1,6 +1,6 @@
 //! Speculative decoding through the real binaries (`llmapi-launch serve` on the demo model
 //! with a `speculative_config` YAML): greedy text identical to a server without it, drafts
-//! accepted on a prompt that repeats itself (`avg_decoded_tokens_per_iter` above 1 in the
+//! accepted on a prompt that repeats itself (on one rank and on a tensor-parallel group) (`avg_decoded_tokens_per_iter` above 1 in the
 //! choice, and in the final chunk of a stream), the worker's draft counters on /metrics, and
 //! a decoding type llmapi does not run refused at start-up with what it runs. With
 //! `LLMAPI_SMOLLM2_GGUF` set (as in gguf_model.rs), the same greedy equality on that real
@@ -119,6 +119,30 @@ fn ngram_speculation_keeps_greedy_text_and_reports_its_acceptance() {
     assert!(
         accepted > 0.0 && accepted <= drafted,
         "{accepted} of {drafted}"
+    );
+}
+
+#[test]
+fn a_tensor_parallel_group_verifies_drafts_like_one_rank_decodes() {
+    // The followers run the leader's plan: a chunk of [last, drafts] with every row wanted.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, NGRAM);
+    let (one_port, tp_port) = (free_port(), free_port());
+    let want = {
+        let _one = serve(demo_model(), one_port, &[], &[]);
+        completion(one_port, &repetitive())
+    };
+    let _tp = serve(
+        demo_model(),
+        tp_port,
+        &["--tp_size", "2", "--extra_llm_api_options", &cfg],
+        &[],
+    );
+    let got = completion(tp_port, &repetitive());
+    assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+    assert!(
+        got["choices"][0]["avg_decoded_tokens_per_iter"].as_f64() > Some(1.0),
+        "{got}"
     );
 }
 
