@@ -500,6 +500,8 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
     let preemptions = Family::<WorkerLabel, Counter>::default();
     let iterations = Family::<WorkerLabel, Counter>::default();
     let iteration_tokens = Family::<WorkerLabel, Counter>::default();
+    let spec_drafted = Family::<WorkerLabel, Counter>::default();
+    let spec_accepted = Family::<WorkerLabel, Counter>::default();
     let step_seconds = Family::<WorkerLabel, WorkerHistogram>::default();
     let step_batch = Family::<WorkerLabel, WorkerHistogram>::default();
     let step_tokens = Family::<WorkerLabel, WorkerHistogram>::default();
@@ -535,6 +537,12 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
         iteration_tokens
             .get_or_create(&l)
             .inc_by(load.iteration_tokens);
+        spec_drafted
+            .get_or_create(&l)
+            .inc_by(load.spec_draft_tokens);
+        spec_accepted
+            .get_or_create(&l)
+            .inc_by(load.spec_accepted_tokens);
         for (family, h) in [
             (&step_seconds, &load.step_seconds),
             (&step_batch, &load.step_batch_size),
@@ -617,6 +625,16 @@ fn scrape_registry(pool: &Pool, admission: AdmissionGauges) -> Registry {
         "llmapi_worker_iteration_tokens",
         "Tokens those iterations computed (prefill and decode); per step: rate over iterations",
         iteration_tokens,
+    );
+    r.register(
+        "llmapi_worker_spec_decode_num_draft_tokens",
+        "Speculative decoding: draft tokens the worker verified since it started",
+        spec_drafted,
+    );
+    r.register(
+        "llmapi_worker_spec_decode_num_accepted_tokens",
+        "Of those, drafts the model agreed with (emitted without a step of their own)",
+        spec_accepted,
     );
     r.register(
         "llmapi_worker_step_duration_seconds",

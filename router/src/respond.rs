@@ -80,6 +80,8 @@ struct ChoiceAcc {
     finish: Option<&'static str>,
     completion_tokens: u32,
     cached_tokens: u32,
+    /// The worker's `avg_decoded_tokens_per_iter` (speculative decoding only).
+    avg_decoded_tokens_per_iter: Option<f64>,
     /// The thinking part (`--reasoning_parser`).
     reasoning: String,
     splitter: Option<ReasoningSplitter>,
@@ -413,6 +415,7 @@ pub async fn collect(
                     a.finish = Some(a.finish_reason(reason));
                     a.completion_tokens = usage.completion_tokens;
                     a.cached_tokens = usage.cached_tokens;
+                    a.avg_decoded_tokens_per_iter = usage.avg_decoded_tokens_per_iter;
                 }
                 done += 1;
             }
@@ -425,7 +428,7 @@ pub async fn collect(
         .enumerate()
         .map(|(i, (from, a))| {
             let echo = meta.echo_of(from).unwrap_or_default();
-            match meta.shape {
+            let mut choice = match meta.shape {
                 Shape::Completion => json!({
                     "index": i,
                     "text": format!("{echo}{}", a.text),
@@ -455,7 +458,9 @@ pub async fn collect(
                         "finish_reason": a.finish,
                     })
                 }
-            }
+            };
+            with_acceptance(&mut choice, a.avg_decoded_tokens_per_iter);
+            choice
         })
         .collect();
     let body = json!({
@@ -467,6 +472,14 @@ pub async fn collect(
         "usage": meta.usage(&accs),
     });
     axum::Json(body).into_response()
+}
+
+/// Adds the worker's `avg_decoded_tokens_per_iter` to a choice, where TensorRT-LLM's
+/// trtllm-serve puts it (speculative decoding; absent otherwise).
+fn with_acceptance(choice: &mut Value, avg: Option<f64>) {
+    if let (Some(avg), Some(c)) = (avg, choice.as_object_mut()) {
+        c.insert("avg_decoded_tokens_per_iter".into(), json!(avg));
+    }
 }
 
 fn event(v: &Value) -> Result<Event, Infallible> {
@@ -619,9 +632,10 @@ impl StreamState {
                 self.accs[i].completion_tokens = usage.completion_tokens;
                 self.accs[i].cached_tokens = usage.cached_tokens;
                 self.done += 1;
-                let v = self
+                let mut v = self
                     .meta
                     .chunk(index, "", None, &[], 0, Some(reason), first);
+                with_acceptance(&mut v["choices"][0], usage.avg_decoded_tokens_per_iter);
                 self.pending.push_back(v);
             }
             ChoiceEvent::Failed { error, .. } => {

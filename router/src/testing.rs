@@ -494,6 +494,7 @@ impl Worker for ScriptedWorker {
                         prompt_tokens: prompt_len as u32,
                         completion_tokens: sent,
                         cached_tokens,
+                        avg_decoded_tokens_per_iter: None,
                     }),
                     timings: None,
                 };
@@ -617,6 +618,8 @@ impl Worker for ScriptedWorker {
                 self.script.load_counters.iteration_tokens as f64
                     / self.script.load_counters.iterations.max(1) as f64,
             )),
+            spec_draft_tokens: 0,
+            spec_accepted_tokens: 0,
         }))
     }
 }

@@ -15,3 +15,4 @@ pub mod sampling;
 pub mod scheduler;
 pub mod service;
 pub mod spans;
+pub mod spec;

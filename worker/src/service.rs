@@ -293,6 +293,7 @@ fn responses(
                     stop_token_id,
                     usage,
                     timings,
+                    avg_decoded_tokens_per_iter,
                 } => {
                     st.done = true;
                     if let Some(s) = st.otlp.as_mut() {
@@ -323,6 +324,7 @@ fn responses(
                             prompt_tokens: usage.prompt_tokens,
                             completion_tokens: usage.completion_tokens,
                             cached_tokens: usage.cached_tokens,
+                            avg_decoded_tokens_per_iter,
                         }),
                         timings: Some(pb::Timings {
                             queue_s: timings.queue_s,
@@ -546,6 +548,8 @@ impl Worker for WorkerService {
             step_seconds: Some(histogram(&l.steps.time_us, &STEP_TIME_BOUNDS_US, 1e-6)),
             step_batch_size: Some(histogram(&l.steps.batch_size, &STEP_BATCH_BOUNDS, 1.0)),
             step_tokens: Some(histogram(&l.steps.tokens, &STEP_TOKEN_BOUNDS, 1.0)),
+            spec_draft_tokens: l.spec_draft_tokens,
+            spec_accepted_tokens: l.spec_accepted_tokens,
         }))
     }
 }

@@ -6,10 +6,12 @@
 
 mod flags;
 mod sources;
+mod speculative;
 mod validate;
 
 pub use flags::{CLI_FLAGS, CliFlag, FlagKind, serve_command};
 pub use sources::{ArgsError, Notice, NoticeLevel, Resolved, resolve};
+pub use speculative::{SUPPORTED_DECODING_TYPES, SpeculativeConfig};
 pub use validate::cuda_graph_batch_sizes;
 
 use serde::{Deserialize, Serialize};
@@ -259,6 +261,8 @@ pub struct LlmArgs {
     /// Seconds the engine may spend in one step while requests are in flight before the
     /// worker reports itself unhealthy (0: never).
     pub engine_stall_timeout: u32,
+    /// Speculative decoding (`decoding_type: NGram`); null: off.
+    pub speculative_config: Option<SpeculativeConfig>,
 }
 
 impl Default for LlmArgs {
@@ -303,6 +307,7 @@ impl Default for LlmArgs {
             return_perf_metrics: false,
             perf_metrics_max_requests: 0,
             engine_stall_timeout: 300,
+            speculative_config: None,
         }
     }
 }

@@ -45,6 +45,7 @@ pub(crate) fn normalize_legacy(
     source: &str,
     notices: &mut Vec<Notice>,
 ) -> Result<(), ArgsError> {
+    super::speculative::refuse_unsupported(doc, source)?;
     let Value::Object(map) = doc else {
         return Ok(());
     };
@@ -270,6 +271,9 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
                 "guided_decoding_backend {other}: expected llguidance or xgrammar (both served by llguidance)"
             ));
         }
+    }
+    if let Some(spec) = &a.speculative_config {
+        super::speculative::check(spec)?;
     }
     if a.enable_attention_dp {
         notices.push(Notice::warn(

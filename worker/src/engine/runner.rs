@@ -6,14 +6,19 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{CapacityPolicy, Command, EngineConfig, EngineError, EngineInfo, Status};
+mod speculative;
+mod validate;
+
+pub(crate) use validate::validate;
+
+use super::{Command, EngineConfig, EngineInfo, Status};
 use super::{FinishReason, GenerateParams, LoadStats, Timings, TokenEvent, TokenLogprob, Usage};
-use llmapi_proto::limits::{MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS};
 
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::kv::BlockManager;
 use crate::sampling::{Guide, SampleJob, Sampler, log_softmax, sample_batch, token_logprob};
 use crate::scheduler::{PlanItem, Scheduler, SchedulerLimits, Sequence};
+use speculative::Speculation;
 
 /// A request on its way to the engine thread.
 pub(crate) struct NewRequest {
@@ -22,154 +27,6 @@ pub(crate) struct NewRequest {
     pub(crate) guide: Option<Guide>,
     pub(crate) tx: UnboundedSender<TokenEvent>,
     pub(crate) arrival: Instant,
-}
-
-/// Checks what can be checked without the engine thread. `freed_window`: the sliding window
-/// of every layer when blocks before it are freed (a request that gets its blocks as it
-/// grows then never holds more than its prompt's or its window's).
-pub(crate) fn validate(
-    req: &GenerateParams,
-    info: &EngineInfo,
-    max_num_tokens: usize,
-    chunked: bool,
-    freed_window: Option<usize>,
-    policy: CapacityPolicy,
-) -> Result<(), EngineError> {
-    let bad = |m: String| Err(EngineError::InvalidRequest(m));
-    let never_fits = |m: String| Err(EngineError::DoesNotFit(m));
-    let n = req.prompt.len();
-    let max_seq_len = info.max_seq_len as usize;
-    if n == 0 {
-        return bad("the prompt is empty; send at least one token".into());
-    }
-    if n > max_seq_len {
-        return never_fits(format!(
-            "prompt has {n} tokens but max_seq_len is {max_seq_len}, which leaves no room for output; \
-             shorten it to at most {max_seq_len} tokens or raise --max_seq_len"
-        ));
-    }
-    if let Some(t) = req.prompt.iter().find(|&&t| t >= info.vocab_size) {
-        return bad(format!(
-            "prompt token id {t} is outside the vocabulary of {} tokens",
-            info.vocab_size
-        ));
-    }
-    check_generated(req, info)?;
-    if !chunked && n > max_num_tokens {
-        return never_fits(format!(
-            "prompt has {n} tokens but max_num_tokens is {max_num_tokens} and chunked prefill is off; \
-             shorten it, raise --max_num_tokens or enable enable_chunked_prefill"
-        ));
-    }
-    let total = total_len(req, max_seq_len);
-    // The last token is sampled, never computed: it takes no KV slot. A request for the
-    // whole room gets blocks as it grows (and ends with `length` if it fills the cache
-    // alone): only its prompt must fit.
-    let whole_room = total > max_seq_len;
-    let kv_tokens = if whole_room { n } else { total - 1 };
-    let tpb = info.tokens_per_block as usize;
-    let mut blocks = kv_tokens.div_ceil(tpb);
-    // With a window on every layer a sequence holds at most its prompt's blocks (prefilled
-    // whole) or those of its window and the next position: growing as it goes (MAX_UTILIZATION,
-    // or the whole room) that is all it needs; reserving (GUARANTEED_NO_EVICT) it reserves both
-    // (`Scheduler::admit_front`).
-    if let Some(w) = freed_window {
-        let at_once = if whole_room || policy == CapacityPolicy::MaxUtilization {
-            n.max(w + tpb).div_ceil(tpb)
-        } else {
-            n.div_ceil(tpb) + w.div_ceil(tpb) + 1
-        };
-        blocks = blocks.min(at_once);
-    }
-    let kv_tokens = kv_tokens.min(blocks * tpb);
-    if blocks as u64 > info.kv_capacity_blocks {
-        return never_fits(format!(
-            "request needs {kv_tokens} tokens of KV cache ({blocks} blocks) but the whole cache holds {} blocks of {}; \
-             lower max_tokens or raise kv_cache_config.max_tokens",
-            info.kv_capacity_blocks, info.tokens_per_block
-        ));
-    }
-    let stop_ids = req.stopping.stop_token_ids.len();
-    if stop_ids > MAX_STOP_TOKEN_IDS {
-        return bad(format!(
-            "{stop_ids} stop_token_ids given; at most {MAX_STOP_TOKEN_IDS} are accepted"
-        ));
-    }
-    let s = &req.sampling;
-    if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
-        return bad(format!("temperature is {}; it must be >= 0", s.temperature));
-    }
-    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
-        return bad(format!("top_p is {}; it must be in (0, 1]", s.top_p));
-    }
-    if !(0.0..=1.0).contains(&s.min_p) {
-        return bad(format!("min_p is {}; it must be in [0, 1]", s.min_p));
-    }
-    if !(s.repetition_penalty > 0.0 && s.repetition_penalty.is_finite()) {
-        return bad(format!(
-            "repetition_penalty is {}; it must be > 0",
-            s.repetition_penalty
-        ));
-    }
-    if !s.presence_penalty.is_finite() || !s.frequency_penalty.is_finite() {
-        return bad("presence_penalty and frequency_penalty must be finite numbers".into());
-    }
-    if s.logit_bias.len() > MAX_LOGIT_BIAS {
-        return bad(format!(
-            "{} logit_bias entries given; at most {MAX_LOGIT_BIAS} are accepted",
-            s.logit_bias.len()
-        ));
-    }
-    if let Some((t, b)) = s
-        .logit_bias
-        .iter()
-        .find(|(t, b)| *t >= info.vocab_size || !b.is_finite())
-    {
-        return bad(format!(
-            "logit_bias of token {t} is {b}; ids must be below the vocabulary size {} and biases finite",
-            info.vocab_size
-        ));
-    }
-    if req.stopping.min_tokens as usize + n > total && req.stopping.max_tokens > 0 {
-        return bad(format!(
-            "min_tokens {} exceeds max_tokens {}",
-            req.stopping.min_tokens, req.stopping.max_tokens
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the tokens a migrated request already generated (`GenerateParams::generated`):
-/// in the vocabulary, and leaving room for at least one more token.
-fn check_generated(req: &GenerateParams, info: &EngineInfo) -> Result<(), EngineError> {
-    let bad = |m: String| Err(EngineError::InvalidRequest(m));
-    let g = req.generated.len();
-    if g == 0 {
-        return Ok(());
-    }
-    if let Some(t) = req.generated.iter().find(|&&t| t >= info.vocab_size) {
-        return bad(format!(
-            "generated token id {t} is outside the vocabulary of {} tokens",
-            info.vocab_size
-        ));
-    }
-    let max_tokens = req.stopping.max_tokens as usize;
-    if max_tokens > 0 && g >= max_tokens {
-        return bad(format!(
-            "{g} tokens were already generated and max_tokens is {max_tokens}: nothing is left to \
-             generate; send the request only while it has tokens to go"
-        ));
-    }
-    let max_seq_len = info.max_seq_len as usize;
-    let n = req.prompt.len() + g;
-    if n > max_seq_len {
-        return Err(EngineError::DoesNotFit(format!(
-            "prompt ({}) and already generated tokens ({g}) come to {n}, past max_seq_len \
-             {max_seq_len}: nothing is left to generate",
-            req.prompt.len()
-        )));
-    }
-    Ok(())
 }
 
 /// The prompt tokens a step may take on: `prefill_token_budget` when set, else the CPU
@@ -210,6 +67,8 @@ pub(crate) struct Runner {
     last_contact: Instant,
     /// When the previous step ended (the iteration log reports the time between steps).
     last_step_end: Option<Instant>,
+    /// Speculative decoding, when `speculative_config` is set.
+    spec: Option<Speculation>,
 }
 
 impl Runner {
@@ -244,7 +103,12 @@ impl Runner {
                 "every layer attends over a sliding window: KV blocks before it are freed as sequences grow"
             );
         }
+        let spec = cfg.speculative.as_ref().map(Speculation::from_config);
+        if let Some(s) = &spec {
+            tracing::info!(settings = ?s.proposer.settings(), "speculative decoding: NGram drafts");
+        }
         Self {
+            spec,
             sched: Scheduler::new(limits, bm).with_window_of_every_layer(window),
             backend,
             info,
@@ -357,7 +221,13 @@ impl Runner {
         // A migrated request's tokens so far are recomputed with its prompt, as a preempted
         // sequence's are, and count as generated.
         tokens.extend(p.generated);
+        let spec = self
+            .spec
+            .as_ref()
+            .map(|s| s.new_sequence(req.guide.is_some()));
         let seq = Sequence {
+            draft: Vec::new(),
+            spec,
             id: p.request_id,
             prompt_len,
             group: p.group,
@@ -446,6 +316,8 @@ impl Runner {
             iterations: self.sched.iterations,
             iteration_tokens: self.sched.iteration_tokens,
             steps: self.steps,
+            spec_draft_tokens: self.spec.as_ref().map_or(0, |s| s.drafted),
+            spec_accepted_tokens: self.spec.as_ref().map_or(0, |s| s.accepted),
         };
         if let Ok(mut l) = self.status.load.lock() {
             *l = load;
@@ -455,6 +327,7 @@ impl Runner {
     /// Runs one iteration; Err carries the reason the backend can take no further steps.
     fn step(&mut self) -> Result<(), String> {
         let started = Instant::now();
+        self.propose_drafts();
         let plan = self.sched.schedule();
         for seq in std::mem::take(&mut self.sched.out_of_room) {
             self.finish_event(&seq, FinishReason::Length, None);
@@ -474,12 +347,28 @@ impl Runner {
             return Ok(());
         }
         super::fault::before_step();
-        let chunks: Vec<SeqChunk<'_>> = plan
+        // A sequence with drafts computes its last token and the drafts: they are not in
+        // `tokens` yet, so its chunk is staged in a buffer of its own.
+        let staged: Vec<Option<Vec<u32>>> = plan
             .iter()
             .map(|item| {
                 let s = &self.sched.running[item.seq];
+                (!s.draft.is_empty()).then(|| {
+                    let mut t = vec![s.tokens[s.num_computed]];
+                    t.extend(&s.draft);
+                    t
+                })
+            })
+            .collect();
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .iter()
+            .zip(&staged)
+            .map(|(item, staged)| {
+                let s = &self.sched.running[item.seq];
                 let end = s.num_computed + item.n;
-                let logits = if s.want_prompt_logprobs && s.num_computed < s.prompt_len {
+                let logits = if staged.is_some()
+                    || (s.want_prompt_logprobs && s.num_computed < s.prompt_len)
+                {
                     LogitsWanted::All
                 } else if end == s.tokens.len() {
                     LogitsWanted::Last
@@ -487,7 +376,10 @@ impl Runner {
                     LogitsWanted::None
                 };
                 SeqChunk {
-                    tokens: &s.tokens[s.num_computed..end],
+                    tokens: match staged {
+                        Some(t) => t,
+                        None => &s.tokens[s.num_computed..end],
+                    },
                     start_pos: s.num_computed,
                     block_table: &s.blocks,
                     logits,
@@ -525,6 +417,7 @@ impl Runner {
         self.last_contact = Instant::now();
         let forward_time = self.last_contact - forward_start;
         drop(chunks);
+        drop(staged);
         match result {
             Ok(outs) => self.after_step(&plan, outs),
             Err(e) if e.is_fatal() => return Err(e.to_string()),
@@ -574,12 +467,21 @@ impl Runner {
 
     fn after_step(&mut self, plan: &[PlanItem], outs: Vec<ChunkOut>) {
         let vocab = self.info.vocab_size as usize;
-        let eos = &self.info.eos_token_ids;
+        // Owned: verifying drafts below needs the whole runner.
+        let eos = &self.info.eos_token_ids.clone();
         let mut done: Vec<(usize, Result<Stopped, String>)> = Vec::new();
         // Sequences whose next token comes from their logits row, and those that have it.
         let mut to_sample: Vec<(usize, Vec<f32>)> = Vec::new();
         let mut picked: Vec<(usize, u32, Option<TokenLogprob>)> = Vec::new();
         for (item, out) in plan.iter().zip(outs) {
+            if !self.sched.running[item.seq].draft.is_empty() {
+                let ended = match out {
+                    ChunkOut::Rows(rows) => self.verify_drafts(item.seq, rows),
+                    ChunkOut::Token(_) => Some(Err("the backend gave no rows to verify".into())),
+                };
+                done.extend(ended.map(|e| (item.seq, e)));
+                continue;
+            }
             let start = self.sched.running[item.seq].num_computed;
             self.sched.running[item.seq].num_computed += item.n;
             self.sched.register_full_blocks(item.seq);
@@ -608,6 +510,9 @@ impl Runner {
         }
         picked.extend(sample_rows(&mut self.sched.running, to_sample, vocab, eos));
         for (i, token, logprob) in picked {
+            if let Some(s) = self.sched.running[i].spec.as_mut() {
+                s.record_step(1);
+            }
             match accept_token(&mut self.sched.running[i], token, logprob, eos) {
                 Ok(Some(r)) => done.push((i, Ok(r))),
                 Ok(None) => {}
@@ -617,6 +522,9 @@ impl Runner {
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
         for (i, end) in done {
             let seq = self.sched.finish(i);
+            if let Some(spec) = self.spec.as_mut() {
+                spec.proposer.record(&seq.tokens);
+            }
             match end {
                 Ok((reason, stop)) => self.finish_event(&seq, reason, stop),
                 Err(e) => {
@@ -643,6 +551,10 @@ impl Runner {
                 ttft_s: since(seq.first_token_at),
                 e2e_s: (now - seq.arrival).as_secs_f64(),
             },
+            avg_decoded_tokens_per_iter: seq
+                .spec
+                .as_ref()
+                .map(|s| s.avg_decoded_tokens_per_iter().unwrap_or(0.0)),
         });
     }
 }
@@ -651,11 +563,9 @@ fn plan_counts(plan: &[PlanItem], sched: &Scheduler) -> (usize, usize, usize) {
     let (mut ctx_reqs, mut ctx_tokens, mut gen_tokens) = (0, 0, 0);
     for item in plan {
         let s = &sched.running[item.seq];
-        if s.num_computed + item.n == s.tokens.len()
-            && item.n == 1
-            && s.num_computed >= s.prompt_len
-        {
-            gen_tokens += 1;
+        let decode = s.num_computed + 1 == s.tokens.len() && s.num_computed >= s.prompt_len;
+        if decode && item.n == 1 + s.draft.len() {
+            gen_tokens += item.n;
         } else {
             ctx_reqs += 1;
             ctx_tokens += item.n;

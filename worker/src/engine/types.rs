@@ -110,6 +110,8 @@ pub struct EngineConfig {
     pub replicas_on_node: usize,
     /// Where host memory and cgroup limits are read (a fake tree in tests).
     pub memory_source: crate::kv::host_memory::MemorySource,
+    /// `speculative_config`: NGram drafts verified each step; None: off.
+    pub speculative: Option<llmapi_common::args::SpeculativeConfig>,
 }
 
 impl Default for EngineConfig {
@@ -137,6 +139,7 @@ impl Default for EngineConfig {
             stall_timeout: None,
             replicas_on_node: 1,
             memory_source: crate::kv::host_memory::MemorySource::default(),
+            speculative: None,
         }
     }
 }
@@ -289,6 +292,10 @@ pub enum TokenEvent {
         usage: Usage,
         /// Timings.
         timings: Timings,
+        /// Tokens emitted per engine step that emitted any for this request (TensorRT-LLM's
+        /// `avg_decoded_tokens_per_iter`: above 1 when drafts were accepted); None when
+        /// speculative decoding is off.
+        avg_decoded_tokens_per_iter: Option<f64>,
     },
     /// The request failed through the engine's fault; no further events follow.
     Error(String),
@@ -321,6 +328,10 @@ pub struct LoadStats {
     pub iteration_tokens: u64,
     /// Distributions of those iterations' time, batch size and tokens.
     pub steps: super::StepStats,
+    /// Draft tokens verified since the engine started (speculative decoding).
+    pub spec_draft_tokens: u64,
+    /// Of those, accepted.
+    pub spec_accepted_tokens: u64,
 }
 
 /// Static facts about the served model and engine.
@@ -438,6 +449,7 @@ impl EngineConfig {
                 .then(|| std::time::Duration::from_secs(u64::from(args.engine_stall_timeout))),
             replicas_on_node: 1,
             memory_source: crate::kv::host_memory::MemorySource::default(),
+            speculative: args.speculative_config.clone(),
         }
     }
 }

@@ -16,7 +16,9 @@ use rayon::prelude::*;
 use crate::engine::{SamplingParams, TokenLogprob};
 
 mod guide;
+mod verify;
 pub use guide::Guide;
+pub use verify::Verdict;
 
 /// Per-request sampling state.
 #[derive(Debug)]
@@ -159,6 +161,37 @@ impl Sampler {
         generated: &[u32],
         banned: Banned<'_>,
     ) -> (u32, Option<TokenLogprob>) {
+        self.process(logits, prompt, generated, banned);
+        let token = if self.is_greedy() {
+            argmax(logits)
+        } else {
+            self.sample_random(logits)
+        };
+        (token, self.raw_logprob(token))
+    }
+
+    /// Whether tokens are the argmax of the processed row (no random draw).
+    fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 || self.params.top_k == 1
+    }
+
+    /// The logprob of `token` in the raw row `process` saw, when logprobs are asked for.
+    fn raw_logprob(&self, token: u32) -> Option<TokenLogprob> {
+        self.params
+            .logprobs
+            .map(|top_n| token_logprob(&self.scratch.logprobs, token, top_n))
+    }
+
+    /// Turns a raw row into the one tokens are drawn from: keeps the raw log-softmax when
+    /// logprobs are asked for, then adds the logit bias, applies the penalties and the
+    /// grammar mask, and bans `banned`.
+    fn process(
+        &mut self,
+        logits: &mut [f32],
+        prompt: &[u32],
+        generated: &[u32],
+        banned: Banned<'_>,
+    ) {
         if self.params.logprobs.is_some() {
             log_softmax_into(logits, &mut self.scratch.logprobs);
         }
@@ -180,17 +213,6 @@ impl Sampler {
                 *l = f32::NEG_INFINITY;
             }
         }
-        let greedy = self.params.temperature <= 0.0 || self.params.top_k == 1;
-        let token = if greedy {
-            argmax(logits)
-        } else {
-            self.sample_random(logits)
-        };
-        let logprob = self
-            .params
-            .logprobs
-            .map(|top_n| token_logprob(&self.scratch.logprobs, token, top_n));
-        (token, logprob)
     }
 
     fn apply_penalties(&mut self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
@@ -227,6 +249,17 @@ impl Sampler {
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         // Drawn before anything can return early: one draw per token (`WORDS_PER_TOKEN`).
         let uniform = self.rng.random::<f32>();
+        match self.filtered_weights(logits) {
+            Some(kept) => self.weight_token(pick(&self.scratch.weights, uniform * kept)),
+            None => argmax(logits),
+        }
+    }
+
+    /// Fills `scratch.weights` with the unnormalised probabilities of the tempered
+    /// distribution restricted by top_k, top_p and min_p (over `scratch.candidates` when
+    /// top_k selects them, else over every id) and returns their sum. None: nothing finite,
+    /// or a temperature so low that a logit overflowed: all the mass sits on the argmax.
+    fn filtered_weights(&mut self, logits: &[f32]) -> Option<f32> {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let scaled = |l: f32| {
@@ -242,11 +275,10 @@ impl Sampler {
             ..
         } = &mut self.scratch;
         w.clear();
+        cand.clear();
         // With top_k, the candidates are the k best ids (in `cand`); otherwise every id.
-        let top_k = p.top_k > 0 && (p.top_k as usize) < logits.len();
-        if top_k {
+        if p.top_k > 0 && (p.top_k as usize) < logits.len() {
             let k = p.top_k as usize;
-            cand.clear();
             cand.extend(
                 logits
                     .iter()
@@ -261,9 +293,7 @@ impl Sampler {
         }
         let max = w[argmax(w) as usize];
         if !max.is_finite() {
-            // Nothing finite, or a temperature so low that a logit overflowed (then all
-            // the mass sits on the best token).
-            return argmax(logits);
+            return None;
         }
         exp_shifted(w, max);
         let total = sum(w);
@@ -280,8 +310,21 @@ impl Sampler {
             keep_top_p(w, p.top_p * total);
             kept = sum(w);
         }
-        let i = pick(w, uniform * kept);
-        if top_k { cand[i].0 } else { i as u32 }
+        Some(kept)
+    }
+
+    /// The token id of index `i` of `scratch.weights`.
+    fn weight_token(&self, i: usize) -> u32 {
+        self.scratch.candidates.get(i).map_or(i as u32, |c| c.0)
+    }
+
+    /// The index in `scratch.weights` of `token`, if it is a candidate.
+    fn weight_index(&self, token: u32) -> Option<usize> {
+        let cand = &self.scratch.candidates;
+        if cand.is_empty() {
+            return ((token as usize) < self.scratch.weights.len()).then_some(token as usize);
+        }
+        cand.iter().position(|c| c.0 == token)
     }
 }
 

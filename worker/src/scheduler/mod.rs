@@ -20,6 +20,7 @@
 //! go back to the pool as it grows (`free_out_of_window`). The choices of one prompt share
 //! its computed full blocks (`group`). Not for: arithmetic, sampling or event delivery.
 
+mod draft;
 mod group;
 pub mod sequence;
 mod window;
@@ -199,10 +200,11 @@ impl Scheduler {
                 break;
             }
             let seq = &self.running[i];
-            let remaining = seq.tokens.len() - seq.num_computed;
-            let decode = remaining == 1 && seq.num_computed >= seq.prompt_len;
+            let computed = seq.num_computed;
+            let remaining = seq.tokens.len() - computed;
+            let decode = remaining == 1 && computed >= seq.prompt_len;
             let n = if decode {
-                1
+                1 + self.fit_draft(i, budget)
             } else {
                 match self.prefill_tokens(remaining, budget, &prefill) {
                     Some(n) => n,
@@ -212,7 +214,7 @@ impl Scheduler {
                     }
                 }
             };
-            match self.grow(i, seq.num_computed + n) {
+            match self.grow(i, computed + n) {
                 Growth::Ready => {}
                 Growth::Paused => {
                     paused = true;
@@ -446,6 +448,8 @@ pub(super) mod tests {
             arrival: std::time::Instant::now(),
             scheduled_at: None,
             first_token_at: None,
+            draft: Vec::new(),
+            spec: None,
         }
     }
 

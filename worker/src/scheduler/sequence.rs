@@ -52,6 +52,11 @@ pub struct Sequence {
     pub scheduled_at: Option<Instant>,
     /// First generated token.
     pub first_token_at: Option<Instant>,
+    /// Draft tokens proposed to follow `tokens` this step (speculative decoding); the
+    /// scheduler shortens them to what the step's budget and the KV blocks allow.
+    pub draft: Vec<u32>,
+    /// Speculation state and figures; None when speculative decoding is off.
+    pub spec: Option<crate::spec::SeqSpec>,
 }
 
 impl Sequence {
@@ -78,5 +83,6 @@ impl Sequence {
         self.hashes.clear();
         self.num_computed = 0;
         self.prompt_logprobs.clear();
+        self.draft.clear();
     }
 }

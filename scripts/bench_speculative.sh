@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# NGram speculative decoding against plain decoding (docs/bench/speculative.md): one
+# `llmapi-launch serve` without and one with `speculative_config`, the same workloads through
+# llmapi-bench on each, side by side in one run. Workloads: (a) edit, a chat request that
+# asks to copy a paragraph back with one change (the output repeats the prompt), (b) random
+# token ids, greedy, and (c) random token ids sampled at temperature 1 (text that drafts
+# rarely predict: the cost of speculation). Each at batch 1 and at concurrency 4. The
+# table shows output tok/s, mean TPOT, mean Request AR (avg_decoded_tokens_per_iter) and whether the
+# generated texts of the two servers are identical.
+#
+#   MODEL=/path/SmolLM2-135M-Instruct.Q4_1.gguf scripts/bench_speculative.sh
+#
+# Knobs (environment): MODEL (default: $LLMAPI_SMOLLM2_GGUF, else the bench preset),
+# PROFILE (debug), PROMPTS (8), OUTPUT_LEN (96), DRAFT (4: max_draft_len), THREADS (unset: the
+# engine's default). The binaries must be built (cargo build --workspace, or --release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROFILE=${PROFILE:-debug}
+PROMPTS=${PROMPTS:-8}
+OUTPUT_LEN=${OUTPUT_LEN:-96}
+DRAFT=${DRAFT:-4}
+BIN=target/$PROFILE
+WORK=$(mktemp -d /tmp/llmapi-specbench.XXXXXX)
+# shellcheck source=lib/processes.sh
+. scripts/lib/processes.sh
+
+MODEL=${MODEL:-${LLMAPI_SMOLLM2_GGUF:-}}
+if [ -z "$MODEL" ]; then
+  MODEL=$WORK/model
+  "$BIN/llmapi-launch" make-model --preset bench --out "$MODEL" >/dev/null
+fi
+
+printf 'speculative_config:\n  decoding_type: NGram\n  max_draft_len: %s\n' "$DRAFT" >"$WORK/ngram.yml"
+
+# (a) edit requests: each asks to copy a different paragraph back with one word changed.
+python3 - "$WORK/edit.jsonl" "$PROMPTS" "$OUTPUT_LEN" <<'EOF2'
+import json, sys
+path, n, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+paras = [
+    "The lighthouse keeper climbed the stairs every evening at dusk. He polished the great lens, trimmed the wick and wrote the weather in his log before the first ships passed the point.",
+    "Our team meets on Mondays to plan the week. Each person lists the tasks they will finish, the help they need and the risks they see, and the notes are shared with everyone after lunch.",
+    "To bake the bread, mix the flour, water, salt and yeast, then knead the dough for ten minutes. Let it rise for an hour, shape it into a loaf and bake it until the crust is brown.",
+    "The river runs north through the valley and past the old mill. In spring the water is high and fast, and in late summer children wade across it to reach the orchard on the far bank.",
+]
+with open(path, "w") as f:
+    for i in range(n):
+        p = paras[i % len(paras)]
+        msg = f"Rewrite the following text exactly as it is, but replace the word 'the' at its start with 'A'.\n\n{p}\n\n{p}"
+        f.write(json.dumps({"input": {"messages": [{"role": "user", "content": msg}], "max_tokens": out}}) + "\n")
+EOF2
+
+bench() { # port workload concurrency name
+  local args=(--temperature 0)
+  if [ "$2" = edit ]; then
+    args+=(--backend openai-chat --dataset-name custom --dataset-path "$WORK/edit.jsonl")
+  else
+    [ "$2" = sampled ] && args=(--temperature 1)
+    args+=(--backend openai --dataset-name random --random-input-len 256
+      --random-output-len "$OUTPUT_LEN" --ignore-eos --tokenize-on-client)
+  fi
+  "$BIN/llmapi-bench" --model "$MODEL" --base-url "http://127.0.0.1:$1" "${args[@]}" \
+    --num-prompts "$PROMPTS" --max-concurrency "$3" --seed 7 \
+    --save-result --save-detailed --result-dir "$WORK" --result-filename "$4.json" >"$WORK/bench-$4.log" 2>&1
+}
+
+start() { # name extra-args...
+  local name=$1 port
+  shift
+  port=$(free_port)
+  "$BIN/llmapi-launch" serve "$MODEL" --host 127.0.0.1 --port "$port" \
+    --max_batch_size 4 "$@" >"$WORK/serve-$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "$port" /health 300
+  echo "$port"
+}
+
+plain=$(start plain)
+spec=$(start ngram --extra_llm_api_options "$WORK/ngram.yml")
+echo "$PROFILE build, model $MODEL, $PROMPTS prompts x $OUTPUT_LEN output tokens," \
+  "NGram max_draft_len $DRAFT; logs in $WORK"
+echo
+echo "| workload | concurrency | plain tok/s | NGram tok/s | speed-up | plain TPOT | NGram TPOT | mean Request AR | same text |"
+echo "|---|---|---|---|---|---|---|---|---|"
+for workload in edit random sampled; do
+  for c in 1 4; do
+    bench "$plain" "$workload" "$c" "plain-$workload-$c"
+    bench "$spec" "$workload" "$c" "ngram-$workload-$c"
+    python3 - "$WORK" "$workload" "$c" <<'EOF2'
+import json, sys
+work, w, c = sys.argv[1], sys.argv[2], sys.argv[3]
+a = json.load(open(f"{work}/plain-{w}-{c}.json"))
+b = json.load(open(f"{work}/ngram-{w}-{c}.json"))
+same = "yes" if a["generated_texts"] == b["generated_texts"] else "no"
+if w == "sampled":
+    same = "n/a (sampled)"
+ar = b["avg_decoded_tokens_per_iter"]["mean"]
+x, y = a["output_throughput"], b["output_throughput"]
+print(f"| {w} | {c} | {x:.1f} | {y:.1f} | {y / x:.2f}x | {a['mean_tpot_ms']:.1f} ms "
+      f"| {b['mean_tpot_ms']:.1f} ms | {ar:.2f} | {same} |")
+EOF2
+  done
+done

@@ -1,0 +1,213 @@
+//! Speculative decoding through the real binaries (`llmapi-launch serve` on the demo model
+//! with a `speculative_config` YAML): greedy text identical to a server without it, drafts
+//! accepted on a prompt that repeats itself (on one rank and on a tensor-parallel group) (`avg_decoded_tokens_per_iter` above 1 in the
+//! choice, and in the final chunk of a stream), the worker's draft counters on /metrics, and
+//! a decoding type llmapi does not run refused at start-up with what it runs. With
+//! `LLMAPI_SMOLLM2_GGUF` set (as in gguf_model.rs), the same greedy equality on that real
+//! model with an edit request, whose output copies its prompt.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use llmapi_tests::{bin, demo_model, free_port, post, serve};
+use serde_json::{Value, json};
+
+const NGRAM: &str = "speculative_config:\n  decoding_type: NGram\n  max_draft_len: 4\n";
+
+/// A prompt that says the same thing several times.
+fn repetitive() -> String {
+    "one two three four five six seven eight. ".repeat(6)
+}
+
+fn yaml(dir: &tempfile::TempDir, text: &str) -> String {
+    let p = dir.path().join("extra.yml");
+    std::fs::write(&p, text).expect("write the YAML");
+    p.to_string_lossy().into_owned()
+}
+
+fn completion(port: u16, prompt: &str) -> Value {
+    let r = post(
+        port,
+        "/v1/completions",
+        &json!({"model": "demo", "prompt": prompt, "max_tokens": 48, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// The first sample of `name` (any labels) in /metrics, polled until it is positive.
+fn metric_until_positive(port: u16, name: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = llmapi_tests::request(port, "GET", "/metrics", None, &[])
+            .map(|r| r.body)
+            .unwrap_or_default();
+        let v = text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+        if v > 0.0 || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn ngram_speculation_keeps_greedy_text_and_reports_its_acceptance() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, NGRAM);
+    let (plain_port, spec_port) = (free_port(), free_port());
+    let _plain = serve(demo_model(), plain_port, &[], &[]);
+    let _spec = serve(
+        demo_model(),
+        spec_port,
+        &["--extra_llm_api_options", &cfg],
+        &[],
+    );
+    for prompt in [
+        repetitive(),
+        "A short story about a lighthouse keeper".to_string(),
+    ] {
+        let a = completion(plain_port, &prompt);
+        let b = completion(spec_port, &prompt);
+        assert_eq!(
+            a["choices"][0]["text"], b["choices"][0]["text"],
+            "speculation changed the greedy text of {prompt:?}"
+        );
+        assert_eq!(a["usage"], b["usage"]);
+        assert!(
+            a["choices"][0].get("avg_decoded_tokens_per_iter").is_none(),
+            "{a}"
+        );
+        assert!(
+            b["choices"][0]["avg_decoded_tokens_per_iter"]
+                .as_f64()
+                .is_some(),
+            "{b}"
+        );
+    }
+    let b = completion(spec_port, &repetitive());
+    let avg = b["choices"][0]["avg_decoded_tokens_per_iter"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(avg > 1.0, "drafts were accepted on repetitive text: {b}");
+
+    // Streaming chat: the final chunk (the one with finish_reason) carries the figure.
+    let r = post(
+        spec_port,
+        "/v1/chat/completions",
+        &json!({"model": "demo", "messages": [{"role": "user", "content": repetitive()}],
+            "max_tokens": 32, "temperature": 0, "stream": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let chunks = r.sse();
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .expect("a chunk with finish_reason");
+    assert!(
+        last["choices"][0]["avg_decoded_tokens_per_iter"].as_f64() >= Some(1.0),
+        "{last}"
+    );
+
+    let drafted = metric_until_positive(spec_port, "llmapi_worker_spec_decode_num_draft_tokens");
+    let accepted =
+        metric_until_positive(spec_port, "llmapi_worker_spec_decode_num_accepted_tokens");
+    assert!(
+        accepted > 0.0 && accepted <= drafted,
+        "{accepted} of {drafted}"
+    );
+}
+
+#[test]
+fn a_tensor_parallel_group_verifies_drafts_like_one_rank_decodes() {
+    // The followers run the leader's plan: a chunk of [last, drafts] with every row wanted.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, NGRAM);
+    let (one_port, tp_port) = (free_port(), free_port());
+    let want = {
+        let _one = serve(demo_model(), one_port, &[], &[]);
+        completion(one_port, &repetitive())
+    };
+    let _tp = serve(
+        demo_model(),
+        tp_port,
+        &["--tp_size", "2", "--extra_llm_api_options", &cfg],
+        &[],
+    );
+    let got = completion(tp_port, &repetitive());
+    assert_eq!(got["choices"][0]["text"], want["choices"][0]["text"]);
+    assert!(
+        got["choices"][0]["avg_decoded_tokens_per_iter"].as_f64() > Some(1.0),
+        "{got}"
+    );
+}
+
+#[test]
+fn an_unsupported_decoding_type_is_refused_at_start_up_naming_ngram() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(
+        &dir,
+        "speculative_config:\n  decoding_type: Eagle3\n  max_draft_len: 3\n",
+    );
+    let out = std::process::Command::new(bin("llmapi-launch"))
+        .arg("serve")
+        .arg(demo_model())
+        .args(["--port", &free_port().to_string()])
+        .args(["--extra_llm_api_options", &cfg])
+        .output()
+        .expect("run llmapi-launch");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("decoding_type Eagle3") && err.contains("supported: NGram"),
+        "{err}"
+    );
+}
+
+#[test]
+fn smollm2_edit_requests_give_the_same_greedy_text_with_drafts_accepted() {
+    let Some(file) = std::env::var_os("LLMAPI_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    else {
+        eprintln!("SKIPPED: LLMAPI_SMOLLM2_GGUF does not name the SmolLM2 GGUF file");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, NGRAM);
+    let (plain_port, spec_port) = (free_port(), free_port());
+    let _plain = serve(&file, plain_port, &[], &[]);
+    let _spec = serve(&file, spec_port, &["--extra_llm_api_options", &cfg], &[]);
+    let para = "The river runs north through the valley and past the old mill. In spring the \
+                water is high and fast, and in late summer children wade across it.";
+    let models = llmapi_tests::request(plain_port, "GET", "/v1/models", None, &[])
+        .expect("GET /v1/models")
+        .json();
+    let name = models["data"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let chat = |port: u16| {
+        let r = post(
+            port,
+            "/v1/chat/completions",
+            &json!({"model": name, "max_tokens": 64, "temperature": 0, "messages": [
+                {"role": "user", "content": format!("Repeat this text exactly:\n\n{para}")}]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let (a, b) = (chat(plain_port), chat(spec_port));
+    assert_eq!(
+        a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"],
+        "speculation changed SmolLM2's greedy text"
+    );
+    let avg = b["choices"][0]["avg_decoded_tokens_per_iter"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(avg > 1.5, "the copy was drafted and accepted: {b}");
+}
