@@ -14,23 +14,14 @@ use llmapi_worker::model::ModelWeights;
 
 mod support;
 
-use support::{collect, greedy, wait_idle};
+use support::{collect, golden_config, greedy, wait_idle};
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
 }
 
 fn config() -> EngineConfig {
-    EngineConfig {
-        max_batch_size: 8,
-        max_num_tokens: 256,
-        max_seq_len: Some(256),
-        tokens_per_block: 4,
-        kv_dtype: KvDtype::Float32,
-        kv_max_tokens: Some(4096),
-        threads: Some(2),
-        ..Default::default()
-    }
+    golden_config()
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {

@@ -16,8 +16,8 @@ use llmapi_proto::v1::{
     AbortRequest, FinishReason, GenerateRequest, HealthRequest, InfoRequest, KvEventBatch,
     KvEventsRequest, LoadRequest, SamplingParams, StoppingParams, kv_event,
 };
-use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
-use support::{Client, SECRET, client_for, serve_worker};
+use llmapi_worker::engine::{Engine, EngineConfig};
+use support::{Client, SECRET, client_for, golden_config, serve_worker};
 
 async fn start() -> Client {
     start_with(|_| {}).await
@@ -32,19 +32,6 @@ fn golden_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
 }
 
-/// A small engine for it: 8 sequences, 4-token blocks, 4096 KV tokens, 2 threads.
-fn golden_config() -> EngineConfig {
-    EngineConfig {
-        max_batch_size: 8,
-        max_num_tokens: 256,
-        max_seq_len: Some(256),
-        tokens_per_block: 4,
-        kv_dtype: KvDtype::Float32,
-        kv_max_tokens: Some(4096),
-        threads: Some(2),
-        ..Default::default()
-    }
-}
 
 /// Starts the golden engine behind the gRPC service (requiring SECRET); returns its address.
 async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {

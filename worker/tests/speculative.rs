@@ -10,22 +10,15 @@ use std::time::{Duration, Instant};
 
 use llmapi_common::args::SpeculativeConfig;
 use llmapi_worker::engine::{
-    CapacityPolicy, Engine, EngineConfig, GenerateParams, KvDtype, SamplingParams, TokenEvent,
+    CapacityPolicy, Engine, EngineConfig, GenerateParams, SamplingParams, TokenEvent,
 };
-use support::{case, greedy};
+use support::{case, golden_config, greedy};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 fn config(speculative: Option<SpeculativeConfig>) -> EngineConfig {
     EngineConfig {
-        max_batch_size: 8,
-        max_num_tokens: 256,
-        max_seq_len: Some(256),
-        tokens_per_block: 4,
-        kv_dtype: KvDtype::Float32,
-        kv_max_tokens: Some(4096),
-        threads: Some(2),
         speculative,
-        ..Default::default()
+        ..golden_config()
     }
 }
 

@@ -13,9 +13,9 @@ use llmapi_proto::auth::{AttachToken, RequireToken};
 use llmapi_proto::tls::{JOB_SERVER_NAME, JobCa, TransportTls};
 use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_proto::v1::{GenerateRequest, HealthRequest, LoadRequest, StoppingParams};
-use llmapi_worker::engine::{Engine, EngineConfig, KvDtype};
+use llmapi_worker::engine::Engine;
 use llmapi_worker::service::{WorkerService, serve};
-use support::{Client, SECRET};
+use support::{Client, SECRET, golden_config};
 use tonic::transport::Endpoint;
 
 /// Serves the golden engine over mutual TLS with the job CA of [`SECRET`].
@@ -23,16 +23,7 @@ async fn serve_tls() -> SocketAddr {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
     let engine = Engine::start(
         &dir,
-        EngineConfig {
-            max_batch_size: 8,
-            max_num_tokens: 256,
-            max_seq_len: Some(256),
-            tokens_per_block: 4,
-            kv_dtype: KvDtype::Float32,
-            kv_max_tokens: Some(4096),
-            threads: Some(2),
-            ..Default::default()
-        },
+        golden_config(),
     )
     .unwrap();
     let tls = JobCa::derive(SECRET.as_bytes())

@@ -258,14 +258,21 @@ pub fn write_checkpoint(
                 .map_err(|e| CheckpointError::Safetensors(e.to_string()))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let weights = out.join("model.safetensors");
+    write_model_safetensors(views, out)
+}
+
+/// Writes `views` as `dir/model.safetensors`, with the `format: pt` metadata transformers
+/// expects.
+pub(crate) fn write_model_safetensors<'a>(
+    views: Vec<(String, safetensors::tensor::TensorView<'a>)>,
+    dir: &Path,
+) -> Result<(), CheckpointError> {
     let metadata = Some(std::collections::HashMap::from([(
         "format".to_owned(),
         "pt".to_owned(),
     )]));
-    safetensors::serialize_to_file(views, metadata, &weights)
-        .map_err(|e| CheckpointError::Safetensors(e.to_string()))?;
-    Ok(())
+    safetensors::serialize_to_file(views, metadata, &dir.join("model.safetensors"))
+        .map_err(|e| CheckpointError::Safetensors(e.to_string()))
 }
 
 /// A standard normal sample (Box-Muller), deterministic for a seeded generator.

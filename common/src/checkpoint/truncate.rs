@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 
-use super::CheckpointError;
+use super::{CheckpointError, write_model_safetensors};
 
 /// What [`write_truncated`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,13 +131,7 @@ pub fn write_truncated(
             std::fs::copy(&path, &dst).map_err(write_err(&dst))?;
         }
     }
-    let weights = out.join("model.safetensors");
-    let metadata = Some(std::collections::HashMap::from([(
-        "format".to_owned(),
-        "pt".to_owned(),
-    )]));
-    safetensors::serialize_to_file(views, metadata, &weights)
-        .map_err(|e| CheckpointError::Safetensors(e.to_string()))?;
+    write_model_safetensors(views, out)?;
     Ok(Truncated {
         source_layers,
         tensors,

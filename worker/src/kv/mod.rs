@@ -249,11 +249,22 @@ impl BlockManager {
         if self.num_free_beside(prefix) < new_blocks + promise {
             return None;
         }
-        let mut blocks = self.acquire_cached_prefix(prefix);
+        let blocks = self.acquire_cached_prefix(prefix);
+        self.grow_and_promise(blocks, new_blocks, promise)
+    }
+
+    /// Appends `new_blocks` fresh blocks to `blocks` (already referenced) and promises
+    /// `promise` more. The caller has checked that the pool holds them; were it not so, every
+    /// reference in `blocks` is released (nothing leaks) and None is returned.
+    fn grow_and_promise(
+        &mut self,
+        mut blocks: Vec<BlockId>,
+        new_blocks: usize,
+        promise: usize,
+    ) -> Option<Vec<BlockId>> {
         for _ in 0..new_blocks {
             match self.allocate() {
                 Some(b) => blocks.push(b),
-                // Unreachable while num_free_beside is exact; undo rather than leak.
                 None => {
                     self.release_all(&blocks);
                     return None;
@@ -281,22 +292,10 @@ impl BlockManager {
         if self.num_unpromised_free() < new_blocks + promise {
             return None;
         }
-        let mut blocks = shared.to_vec();
         for &b in shared {
             self.ref_count[b as usize] += 1;
         }
-        for _ in 0..new_blocks {
-            match self.allocate() {
-                Some(b) => blocks.push(b),
-                // Unreachable: the free blocks were counted above; undo rather than leak.
-                None => {
-                    self.release_all(&blocks);
-                    return None;
-                }
-            }
-        }
-        self.promised += promise;
-        Some(blocks)
+        self.grow_and_promise(shared.to_vec(), new_blocks, promise)
     }
 
     /// Records that `block` now holds the full block whose chained hash is `hash`, the child

@@ -14,8 +14,8 @@ use llmapi_proto::v1::worker_client::WorkerClient;
 use llmapi_worker::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use llmapi_worker::dist::tcp::{RingConfig, TcpRing};
 use llmapi_worker::engine::{
-    Engine, EngineConfig, EngineHandle, FinishReason, GenerateParams, LoadStats, SamplingParams,
-    StoppingParams, TokenEvent, Usage,
+    Engine, EngineConfig, EngineHandle, FinishReason, GenerateParams, KvDtype, LoadStats,
+    SamplingParams, StoppingParams, TokenEvent, Usage,
 };
 use llmapi_worker::service::{WorkerService, serve};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -193,6 +193,21 @@ pub fn gated_engine(cfg: EngineConfig, held: bool) -> (EngineHandle, Arc<Gate>) 
     });
     let engine = Engine::start_with_backend(backend, &model, &dir, "gated".into(), cfg).unwrap();
     (engine, gate)
+}
+
+/// The small engine the golden-checkpoint tests run: 8 sequences, 256-token steps and
+/// sequences, 4-token blocks, 4096 f32 KV tokens, 2 threads.
+pub fn golden_config() -> EngineConfig {
+    EngineConfig {
+        max_batch_size: 8,
+        max_num_tokens: 256,
+        max_seq_len: Some(256),
+        tokens_per_block: 4,
+        kv_dtype: KvDtype::Float32,
+        kv_max_tokens: Some(4096),
+        threads: Some(2),
+        ..Default::default()
+    }
 }
 
 /// A greedy request for `max_tokens` tokens (0: up to max_seq_len) that ignores EOS.
