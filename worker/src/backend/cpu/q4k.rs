@@ -171,6 +171,13 @@ pub fn linear_kquant(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
         unreachable!("linear_kquant is called for k-quant weights only");
     };
     let k = w.cols;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::linear::block_tiles(rows) {
+            super::kq_tiles::linear(x, rows, blocks, k, &mut out[..rows * w.rows]);
+            return;
+        }
+    }
     let xs: Vec<Q8K> = (0..rows)
         .map(|t| quantize_row_q8k(&x[t * k..(t + 1) * k]))
         .collect();
