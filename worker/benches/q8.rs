@@ -9,7 +9,8 @@
 //! LLMAPI_BENCH_ROUNDS=3 the rounds, LLMAPI_BENCH_PROMPT=512 the prefill length. Where
 //! the CPU has AVX512-VNNI, each block format runs twice in the same rounds, "before" (the
 //! one-row block dots up to 8 rows, dequantized weights past them) and "tiles" (the VNNI
-//! tiles at every batch size), as do the single-thread projection figures.
+//! tiles up to `linear::BLOCK_TILE_ROWS` input rows, the gemm on dequantized weights past
+//! them), as do the single-thread projection figures.
 //! Run: `cargo bench -p llmapi-worker --bench q8`.
 
 mod support;
@@ -20,7 +21,7 @@ use std::time::Instant;
 
 use llmapi_worker::backend::Backend;
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::cpu::linear::set_block_tile_rows;
+use llmapi_worker::backend::cpu::linear::{BLOCK_TILE_ROWS, set_block_tile_rows};
 use llmapi_worker::backend::cpu::{q4k, q8};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::dequant::GgmlType;
@@ -88,7 +89,7 @@ fn kernel_sweeps(name: &str, w: &Mat) {
         .expect("a 1-thread pool starts");
     for (rows, (mode, tile_rows)) in [1, BATCH]
         .into_iter()
-        .flat_map(|r| [(r, ("before", 0)), (r, ("tiles", usize::MAX))])
+        .flat_map(|r| [(r, ("before", 0)), (r, ("tiles", BLOCK_TILE_ROWS))])
     {
         set_block_tile_rows(tile_rows);
         let xs: Vec<f32> = (0..rows).flat_map(|_| x.iter().copied()).collect();
@@ -115,7 +116,7 @@ fn kernel_sweeps(name: &str, w: &Mat) {
             w.bytes() as f64 / w.rows as f64 / best
         );
     }
-    set_block_tile_rows(usize::MAX);
+    set_block_tile_rows(BLOCK_TILE_ROWS);
 }
 
 fn or_exit(m: Result<Mat, String>) -> Mat {
@@ -174,8 +175,8 @@ fn main() {
     let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
     let prefill_blocks = prompt_len.div_ceil(TPB) + 1;
     // Each block format runs twice on one backend: "before" (the one-row block dots up to 8
-    // rows, dequantized weights past them; `set_block_tile_rows(0)`) and "tiles" (the VNNI
-    // tiles at every batch size where the CPU has them).
+    // rows, dequantized weights past them; `set_block_tile_rows(0)`) and "tiles" (the
+    // engine's default: the VNNI tiles up to BLOCK_TILE_ROWS rows where the CPU has them).
     let mut backends = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
     for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w)] {
@@ -184,11 +185,11 @@ fn main() {
         be.init_kv(decode_blocks + prefill_blocks + BATCH, TPB)
             .expect("kv allocates");
         let modes: &[(&str, usize)] = if name == "bf16" {
-            &[("", usize::MAX)]
+            &[("", BLOCK_TILE_ROWS)]
         } else if q8::tiles_supported() {
-            &[(" before", 0), (" tiles", usize::MAX)]
+            &[(" before", 0), (" tiles", BLOCK_TILE_ROWS)]
         } else {
-            &[("", usize::MAX)]
+            &[("", BLOCK_TILE_ROWS)]
         };
         for &(mode, tile_rows) in modes {
             runs.push(Run {
@@ -255,7 +256,7 @@ fn main() {
             r.batch = r.batch.max((BATCH * 8) as f64 / t.elapsed().as_secs_f64());
         }
     }
-    set_block_tile_rows(usize::MAX);
+    set_block_tile_rows(BLOCK_TILE_ROWS);
     println!(
         "{threads} threads, load {}: batch-1 decode best of {rounds} rounds of {steps} steps, \
          prefill of {prompt_len} tokens best of {prefill_rounds}, \

@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::q4k::{Q4K_BYTES, Q6K_BYTES, Q8K, QK_K, q4k_scales_mins, quantize_row_q8k};
+use super::q8_tiles::clear_high_zmm;
 use crate::model::dequant::GgmlType;
 use crate::model::weights::KRows;
 
@@ -73,6 +74,8 @@ pub fn linear(x: &[f32], rows: usize, w: &KRows, k: usize, out: &mut [f32]) {
                     let (ty, row) = w.row(c * chunk + j, k);
                     tile_into(ty, row, &acts, blocks, std::slice::from_mut(o), 0);
                 }
+                // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
+                unsafe { clear_high_zmm() };
             });
         return;
     }
@@ -95,6 +98,8 @@ pub fn linear(x: &[f32], rows: usize, w: &KRows, k: usize, out: &mut [f32]) {
                     t += xr;
                 }
             }
+            // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
+            unsafe { clear_high_zmm() };
             (n0, part)
         })
         .collect();
@@ -180,9 +185,12 @@ fn q4k_block(blk: &[u8]) -> Block {
     });
     let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(i64::from_le_bytes(sc))));
     let scales = std::array::from_fn(|i| _mm512_permutexvar_epi16(spread16(2 * i, 16), sc16));
-    let mins: [f32; 16] = std::array::from_fn(|s| f32::from(m[s / 2]));
-    // SAFETY: mins is 16 f32; the load is unaligned.
-    let mins = unsafe { _mm512_loadu_ps(mins.as_ptr()) };
+    // Lane s takes m_{s / 2}: each 32-value min covers two 16-value activation sums.
+    let pairs: [u8; 16] = std::array::from_fn(|s| (s / 2) as u8);
+    // SAFETY: pairs is 16 bytes; the load is unaligned.
+    let pairs = unsafe { _mm_loadu_si128(pairs.as_ptr().cast()) };
+    let m = _mm_shuffle_epi8(_mm_cvtsi64_si128(i64::from_le_bytes(m)), pairs);
+    let mins = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(m));
     Block {
         codes,
         scales,

@@ -6,9 +6,11 @@
 //! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
 //! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
-//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`), up to
-//! `BLOCK_MAX_ROWS` input rows; larger batches dequantize W as bf16 is widened (tiles of
-//! rows, or once into the f32 scratch below for the gemm).
+//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`): on AVX512-VNNI CPUs in
+//! tiles that read each weight block once for up to 8 input rows (`q8_tiles.rs`,
+//! `kq_tiles.rs`), up to [`BLOCK_TILE_ROWS`] input rows; elsewhere by one-row dots up to
+//! `BLOCK_MAX_ROWS`. Larger batches dequantize W as bf16 is widened (tiles of rows, or once
+//! into the f32 scratch below for the gemm).
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
@@ -26,29 +28,34 @@ use crate::model::{Mat, WeightData};
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
 const DOT_MAX_ROWS: usize = 64;
 
-/// Rows of x up to which GGUF block weights are computed on their blocks. Beyond, the block
-/// dots (each re-decoding a weight row's scales for every input row) cost more than
+/// Rows of x up to which GGUF block weights are computed on their blocks by the one-row
+/// dots (CPUs without the VNNI tiles). Beyond, the block dots (each re-decoding a weight row's scales for every input row) cost more than
 /// dequantizing W as bf16 is widened: in tiles of rows for the register-blocked kernel up to
 /// `DOT_MAX_ROWS`, once into f32 for the gemm past it. On the bench preset the block path
 /// prefilled 512 tokens at a fifth of the gemm's rate, and decoded 16 sequences at 0.40x
 /// (Q8_0) and 0.81x (Q4_K) of bf16 against 0.73x and 0.86x in tiles (docs/bench/engine.md).
 const BLOCK_MAX_ROWS: usize = 8;
 
-static BLOCK_TILE_ROWS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(usize::MAX);
+/// Input rows up to which GGUF block weights run the AVX512-VNNI tiles (`q8_tiles.rs`,
+/// `kq_tiles.rs`) where the CPU has them; past it they are dequantized once into f32 for the
+/// gemm. On the bench preset (`--bench q8`, one run) a 64-token prefill ran at 1.0 to 1.1x
+/// on the tiles against the gemm, a 512-token one at 0.45 to 0.7x.
+pub const BLOCK_TILE_ROWS: usize = DOT_MAX_ROWS;
+
+static TILE_ROWS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(BLOCK_TILE_ROWS);
 
 /// Sets, for every later call in this process, the input rows up to which GGUF block weights
-/// run the AVX512-VNNI tiles (`q8_tiles.rs`, `kq_tiles.rs`) where the CPU has them (default:
-/// every batch). 0 restores the path before the tiles: one-row block dots up to
-/// `BLOCK_MAX_ROWS` rows, dequantized weights past it. Both paths are exact in their integer
-/// sums; the switch exists for A/B measurements in the benches.
+/// run the VNNI tiles (default [`BLOCK_TILE_ROWS`]). 0 restores the path before the tiles:
+/// one-row block dots up to `BLOCK_MAX_ROWS` rows, dequantized weights past it. Both paths
+/// are exact in their integer sums; the switch exists for A/B measurements in the benches.
 pub fn set_block_tile_rows(rows: usize) {
-    BLOCK_TILE_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed);
+    TILE_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether a product of `rows` input rows with GGUF block weights runs the VNNI tiles.
 pub(super) fn block_tiles(rows: usize) -> bool {
-    rows <= BLOCK_TILE_ROWS.load(std::sync::atomic::Ordering::Relaxed) && q8::tiles_supported()
+    rows <= TILE_ROWS.load(std::sync::atomic::Ordering::Relaxed) && q8::tiles_supported()
 }
 
 /// Arithmetic of the projections.

@@ -14,7 +14,8 @@
 //!
 //! The block dots run on AVX512-VNNI (Q6_K; Q4_K runs AVX2 there, measured faster) or AVX2
 //! ([`QKernel`], kernels in `q4k_simd.rs`) or a portable loop; all give the same integer
-//! sums. Rows of one matrix may mix the two types
+//! sums. Where the CPU has AVX512-VNNI, [`linear_kquant`] runs the tiles of `kq_tiles.rs`
+//! (each block decoded once for up to 8 input rows). Rows of one matrix may mix the two types
 //! (a fused projection of a Q4_K_M file), each row dotted by its own.
 
 use half::f16;

@@ -7,6 +7,8 @@
 //! The block dot runs on AVX512-VNNI where the CPU has it (`vpdpbusd`: |q_w| as unsigned
 //! bytes times the sign-moved q_x, two blocks a register), else AVX2 (`vpmaddubsw` on the
 //! same operands, then `vpmaddwd`), else a portable loop; all give the same i32 sums.
+//! Where the CPU has AVX512-VNNI, [`linear_q8`] runs the tiles of `q8_tiles.rs` instead
+//! (several weight and input rows per pass; the same i32 sums).
 //! [`QKernel`] and the parallel driver [`blocked_linear`] are shared with the k-quants
 //! (`q4k.rs`).
 

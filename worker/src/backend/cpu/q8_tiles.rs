@@ -63,6 +63,57 @@ pub fn supported() -> bool {
     has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni") && has!("f16c")
 }
 
+/// Zeroes zmm16..zmm31, which the tiles may use: `vzeroupper` (emitted at function exits)
+/// clears only the upper halves of registers 0..16, so without this the CPU stays in the
+/// "dirty upper" state and every later legacy-SSE instruction of the process (the scalar f32
+/// code of the rest of the engine, compiled for baseline x86-64) runs with a penalty: on this
+/// machine the AVX2 k-quant dots and everything after them ran 2 to 5x slower once a tile
+/// had run (the q8 bench's kernel lines).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn clear_high_zmm() {
+    // SAFETY: the instructions write only the registers declared clobbered.
+    unsafe {
+        std::arch::asm!(
+            "vpxord xmm16, xmm16, xmm16",
+            "vpxord xmm17, xmm17, xmm17",
+            "vpxord xmm18, xmm18, xmm18",
+            "vpxord xmm19, xmm19, xmm19",
+            "vpxord xmm20, xmm20, xmm20",
+            "vpxord xmm21, xmm21, xmm21",
+            "vpxord xmm22, xmm22, xmm22",
+            "vpxord xmm23, xmm23, xmm23",
+            "vpxord xmm24, xmm24, xmm24",
+            "vpxord xmm25, xmm25, xmm25",
+            "vpxord xmm26, xmm26, xmm26",
+            "vpxord xmm27, xmm27, xmm27",
+            "vpxord xmm28, xmm28, xmm28",
+            "vpxord xmm29, xmm29, xmm29",
+            "vpxord xmm30, xmm30, xmm30",
+            "vpxord xmm31, xmm31, xmm31",
+            out("zmm16") _,
+            out("zmm17") _,
+            out("zmm18") _,
+            out("zmm19") _,
+            out("zmm20") _,
+            out("zmm21") _,
+            out("zmm22") _,
+            out("zmm23") _,
+            out("zmm24") _,
+            out("zmm25") _,
+            out("zmm26") _,
+            out("zmm27") _,
+            out("zmm28") _,
+            out("zmm29") _,
+            out("zmm30") _,
+            out("zmm31") _,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+}
+
 /// Weight rows a batch-1 tile takes at once.
 const DECODE_WR: usize = 4;
 /// Weight rows a batched tile takes at once; input rows go by 8, 4, 2, 1.
@@ -103,6 +154,8 @@ pub fn linear(x: &[f32], rows: usize, (q, d): (&[i8], &[u16]), k: usize, out: &m
                     tile_into(r0 + j, take, &acts, &weights, blocks, &mut o[j..], 0);
                     j += take;
                 }
+                // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
+                unsafe { clear_high_zmm() };
             });
         return;
     }
@@ -127,6 +180,8 @@ pub fn linear(x: &[f32], rows: usize, (q, d): (&[i8], &[u16]), k: usize, out: &m
                 }
                 r += take;
             }
+            // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
+            unsafe { clear_high_zmm() };
             (n0, part)
         })
         .collect();
