@@ -578,10 +578,11 @@ mod tests {
         }
     }
 
-    /// Batches of Q8_0 and k-quant weights (9 rows: past `BLOCK_MAX_ROWS`; 70: past
-    /// `DOT_MAX_ROWS`) equal the f32 product of the dequantized weights up to f32 summation
-    /// order (1e-4 of `sum |w x|`) where the weights are dequantized (CPUs without the VNNI
-    /// tiles), and within the activations' rounding to int8 where the tiles run: per value at
+    /// Batches of Q8_0 and k-quant weights (9 rows: past `BLOCK_MAX_ROWS`; 64: the most on
+    /// the tiles; 70: past `DOT_MAX_ROWS` and the tiles) equal the f32 product of the
+    /// dequantized weights up to f32 summation order (1e-4 of `sum |w x|`) where the
+    /// weights are dequantized (70 rows, and every batch on CPUs without the VNNI tiles),
+    /// and within the activations' rounding to int8 where the tiles run: per value at
     /// most 0.6 of its block's step `max|x| / 127` (half a step, plus the f16 rounding of
     /// Q8_0's step), times `|w|` (the per-kernel bounds are tested in `q8`, `q4k` and the
     /// tiles' own tests).
@@ -599,7 +600,7 @@ mod tests {
             for r in 0..n {
                 wq.row_to_f32(r, &mut wf[r * k..(r + 1) * k]);
             }
-            for rows in [BLOCK_MAX_ROWS + 1, 70] {
+            for rows in [BLOCK_MAX_ROWS + 1, BLOCK_TILE_ROWS, 70] {
                 let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.017).sin()).collect();
                 let mut out = vec![0.0; rows * n];
                 linear(GemmDtype::F32, &x, rows, wq, &mut out);

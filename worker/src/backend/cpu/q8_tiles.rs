@@ -64,11 +64,9 @@ pub fn supported() -> bool {
 }
 
 /// Zeroes zmm16..zmm31, which the tiles may use: `vzeroupper` (emitted at function exits)
-/// clears only the upper halves of registers 0..16, so without this the CPU stays in the
-/// "dirty upper" state and every later legacy-SSE instruction of the process (the scalar f32
-/// code of the rest of the engine, compiled for baseline x86-64) runs with a penalty: on this
-/// machine the AVX2 k-quant dots and everything after them ran 2 to 5x slower once a tile
-/// had run (the q8 bench's kernel lines).
+/// clears only the upper halves of registers 0..16, and while any upper half is dirty Intel
+/// CPUs run legacy-SSE instructions (the scalar f32 code compiled for baseline x86-64) with
+/// a penalty. A precaution: the q8 bench did not isolate an effect on this machine.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F.
