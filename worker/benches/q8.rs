@@ -6,7 +6,11 @@
 //! of rounds that alternate the weights), prefill tok/s of one 512-token prompt (best of
 //! LLMAPI_BENCH_PREFILL_ROUNDS=2) and the ratios to bf16. LLMAPI_BENCH_THREADS sets the
 //! thread count (default: all), LLMAPI_BENCH_STEPS=32 the decode steps per round,
-//! LLMAPI_BENCH_ROUNDS=3 the rounds, LLMAPI_BENCH_PROMPT=512 the prefill length.
+//! LLMAPI_BENCH_ROUNDS=3 the rounds, LLMAPI_BENCH_PROMPT=512 the prefill length. Where
+//! the CPU has AVX512-VNNI, each block format runs twice in the same rounds, "before" (the
+//! one-row block dots up to 8 rows, dequantized weights past them) and "tiles" (the VNNI
+//! tiles up to `linear::BLOCK_TILE_ROWS` input rows, the gemm on dequantized weights past
+//! them), as do the single-thread projection figures.
 //! Run: `cargo bench -p llmapi-worker --bench q8`.
 
 mod support;
@@ -17,6 +21,7 @@ use std::time::Instant;
 
 use llmapi_worker::backend::Backend;
 use llmapi_worker::backend::cpu::CpuBackend;
+use llmapi_worker::backend::cpu::linear::{BLOCK_TILE_ROWS, set_block_tile_rows};
 use llmapi_worker::backend::cpu::{q4k, q8};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::dequant::GgmlType;
@@ -76,6 +81,42 @@ fn kernel_sweeps(name: &str, w: &Mat) {
             w.bytes() as f64 / w.rows as f64 / best
         );
     }
+    // The whole projection as the engine runs it (tiles where the CPU has VNNI), on one
+    // thread: ns per weight row for 1 input row and for BATCH rows.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("a 1-thread pool starts");
+    for (rows, (mode, tile_rows)) in [1, BATCH]
+        .into_iter()
+        .flat_map(|r| [(r, ("before", 0)), (r, ("tiles", BLOCK_TILE_ROWS))])
+    {
+        set_block_tile_rows(tile_rows);
+        let xs: Vec<f32> = (0..rows).flat_map(|_| x.iter().copied()).collect();
+        let mut out = vec![0.0f32; rows * w.rows];
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            pool.install(|| {
+                llmapi_worker::backend::cpu::linear::linear(
+                    llmapi_worker::backend::cpu::linear::GemmDtype::F32,
+                    &xs,
+                    rows,
+                    w,
+                    &mut out,
+                )
+            });
+            std::hint::black_box(&out);
+            best = best.min(t.elapsed().as_secs_f64() * 1e9 / w.rows as f64);
+        }
+        println!(
+            "{name} {}x{k}, linear of {rows} input rows ({mode}): {best:.0} ns a weight \
+             row, {:.1} GB/s of weights (1 thread)",
+            w.rows,
+            w.bytes() as f64 / w.rows as f64 / best
+        );
+    }
+    set_block_tile_rows(BLOCK_TILE_ROWS);
 }
 
 fn or_exit(m: Result<Mat, String>) -> Mat {
@@ -133,13 +174,35 @@ fn main() {
     kernel_sweeps("q6_k lm_head", q4w.lm_head());
     let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
     let prefill_blocks = prompt_len.div_ceil(TPB) + 1;
-    let mut runs: Vec<(&str, usize, CpuBackend, f64, f64, f64)> = Vec::new();
+    // Each block format runs twice on one backend: "before" (the one-row block dots up to 8
+    // rows, dequantized weights past them; `set_block_tile_rows(0)`) and "tiles" (the
+    // engine's default: the VNNI tiles up to BLOCK_TILE_ROWS rows where the CPU has them).
+    let mut backends = Vec::new();
+    let mut runs: Vec<Run> = Vec::new();
     for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w)] {
         let bytes = w.bytes_per_token();
         let mut be = CpuBackend::new(w, KvDtype::Bf16, Some(threads)).expect("backend starts");
         be.init_kv(decode_blocks + prefill_blocks + BATCH, TPB)
             .expect("kv allocates");
-        runs.push((name, bytes, be, 0.0, 0.0, 0.0));
+        let modes: &[(&str, usize)] = if name == "bf16" {
+            &[("", BLOCK_TILE_ROWS)]
+        } else if q8::tiles_supported() {
+            &[(" before", 0), (" tiles", BLOCK_TILE_ROWS)]
+        } else {
+            &[("", BLOCK_TILE_ROWS)]
+        };
+        for &(mode, tile_rows) in modes {
+            runs.push(Run {
+                name: format!("{name}{mode}"),
+                bytes,
+                backend: backends.len(),
+                tile_rows,
+                decode: 0.0,
+                prefill: 0.0,
+                batch: 0.0,
+            });
+        }
+        backends.push(be);
     }
     let table: Vec<u32> = (0..decode_blocks as u32).collect();
     let prefill_table: Vec<u32> =
@@ -148,33 +211,40 @@ fn main() {
     let long: Vec<u32> = (0..prompt_len as u32)
         .map(|i| (i * 13 + 5) % 32000)
         .collect();
-    for (_, _, be, _, _, _) in &mut runs {
+    for be in &mut backends {
         run(be, &[chunk(&prompt, 0, &table)]);
     }
     for round in 0..rounds {
-        for (_, _, be, best, _, _) in &mut runs {
+        for r in &mut runs {
+            set_block_tile_rows(r.tile_rows);
+            let be = &mut backends[r.backend];
             let t = Instant::now();
             for s in 0..steps {
                 let pos = CTX + round * steps + s;
                 run(be, &[chunk(&[5], pos, &table)]);
             }
-            *best = best.max(steps as f64 / t.elapsed().as_secs_f64());
+            r.decode = r.decode.max(steps as f64 / t.elapsed().as_secs_f64());
         }
     }
     for _ in 0..prefill_rounds {
-        for (_, _, be, _, best, _) in &mut runs {
+        for r in &mut runs {
+            set_block_tile_rows(r.tile_rows);
             let t = Instant::now();
-            run(be, &[chunk(&long, 0, &prefill_table)]);
-            *best = best.max(prompt_len as f64 / t.elapsed().as_secs_f64());
+            run(&mut backends[r.backend], &[chunk(&long, 0, &prefill_table)]);
+            r.prefill = r.prefill.max(prompt_len as f64 / t.elapsed().as_secs_f64());
         }
     }
     let first = (decode_blocks + prefill_blocks) as u32;
     let tables: Vec<[u32; 1]> = (0..BATCH as u32).map(|i| [first + i]).collect();
     let short: Vec<u32> = (0..8u32).map(|i| i * 11 + 3).collect();
-    for (_, _, be, _, _, best) in &mut runs {
+    for be in &mut backends {
         let chunks: Vec<_> = tables.iter().map(|t| chunk(&short, 0, t)).collect();
         run(be, &chunks);
-        for round in 0..2 {
+    }
+    for round in 0..2 {
+        for r in &mut runs {
+            set_block_tile_rows(r.tile_rows);
+            let be = &mut backends[r.backend];
             let t = Instant::now();
             for s in 0..8 {
                 let chunks: Vec<_> = tables
@@ -183,9 +253,10 @@ fn main() {
                     .collect();
                 run(be, &chunks);
             }
-            *best = best.max((BATCH * 8) as f64 / t.elapsed().as_secs_f64());
+            r.batch = r.batch.max((BATCH * 8) as f64 / t.elapsed().as_secs_f64());
         }
     }
+    set_block_tile_rows(BLOCK_TILE_ROWS);
     println!(
         "{threads} threads, load {}: batch-1 decode best of {rounds} rounds of {steps} steps, \
          prefill of {prompt_len} tokens best of {prefill_rounds}, \
@@ -194,18 +265,33 @@ fn main() {
     );
     println!("| weights | bytes per token | decode tok/s | prefill tok/s | batch-{BATCH} tok/s |");
     println!("|---|---|---|---|---|");
-    for (name, bytes, _, tps, pre, bat) in &runs {
-        let mb = *bytes as f64 / 1e6;
-        println!("| {name} | {mb:.1} MB | {tps:.1} | {pre:.1} | {bat:.1} |");
-    }
-    for (name, bytes, _, tps, pre, bat) in &runs[1..] {
+    for r in &runs {
+        let mb = r.bytes as f64 / 1e6;
         println!(
-            "{name} / bf16: {:.2}x decode, {:.2}x prefill, {:.2}x batch-{BATCH} decode tok/s, \
-             {:.2}x fewer bytes per token",
-            tps / runs[0].3,
-            pre / runs[0].4,
-            bat / runs[0].5,
-            runs[0].1 as f64 / *bytes as f64
+            "| {} | {mb:.1} MB | {:.1} | {:.1} | {:.1} |",
+            r.name, r.decode, r.prefill, r.batch
         );
     }
+    for r in &runs[1..] {
+        println!(
+            "{} / bf16: {:.2}x decode, {:.2}x prefill, {:.2}x batch-{BATCH} decode tok/s, \
+             {:.2}x fewer bytes per token",
+            r.name,
+            r.decode / runs[0].decode,
+            r.prefill / runs[0].prefill,
+            r.batch / runs[0].batch,
+            runs[0].bytes as f64 / r.bytes as f64
+        );
+    }
+}
+
+/// One measured configuration: weights, the backend holding them, the block-tile setting.
+struct Run {
+    name: String,
+    bytes: usize,
+    backend: usize,
+    tile_rows: usize,
+    decode: f64,
+    prefill: f64,
+    batch: f64,
 }

@@ -6,9 +6,11 @@
 //! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
 //! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
-//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`), up to
-//! `BLOCK_MAX_ROWS` input rows; larger batches dequantize W as bf16 is widened (tiles of
-//! rows, or once into the f32 scratch below for the gemm).
+//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`): on AVX512-VNNI CPUs in
+//! tiles that read each weight block once for up to 8 input rows (`q8_tiles.rs`,
+//! `kq_tiles.rs`), up to [`BLOCK_TILE_ROWS`] input rows; elsewhere by one-row dots up to
+//! `BLOCK_MAX_ROWS`. Larger batches dequantize W as bf16 is widened (tiles of rows, or once
+//! into the f32 scratch below for the gemm).
 //!
 //! One row (batch-1 decode): each task streams a slice of W and writes its outputs in place.
 //! Few rows (small batches): each weight row is widened once and dotted with every input row;
@@ -26,13 +28,35 @@ use crate::model::{Mat, WeightData};
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
 const DOT_MAX_ROWS: usize = 64;
 
-/// Rows of x up to which GGUF block weights are computed on their blocks. Beyond, the block
-/// dots (each re-decoding a weight row's scales for every input row) cost more than
+/// Rows of x up to which GGUF block weights are computed on their blocks by the one-row
+/// dots (CPUs without the VNNI tiles). Beyond, the block dots (each re-decoding a weight row's scales for every input row) cost more than
 /// dequantizing W as bf16 is widened: in tiles of rows for the register-blocked kernel up to
 /// `DOT_MAX_ROWS`, once into f32 for the gemm past it. On the bench preset the block path
 /// prefilled 512 tokens at a fifth of the gemm's rate, and decoded 16 sequences at 0.40x
 /// (Q8_0) and 0.81x (Q4_K) of bf16 against 0.73x and 0.86x in tiles (docs/bench/engine.md).
 const BLOCK_MAX_ROWS: usize = 8;
+
+/// Input rows up to which GGUF block weights run the AVX512-VNNI tiles (`q8_tiles.rs`,
+/// `kq_tiles.rs`) where the CPU has them; past it they are dequantized once into f32 for the
+/// gemm. On the bench preset (`--bench q8`, one run) a 64-token prefill ran at 1.0 to 1.1x
+/// on the tiles against the gemm, a 512-token one at 0.45 to 0.7x.
+pub const BLOCK_TILE_ROWS: usize = DOT_MAX_ROWS;
+
+static TILE_ROWS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(BLOCK_TILE_ROWS);
+
+/// Sets, for every later call in this process, the input rows up to which GGUF block weights
+/// run the VNNI tiles (default [`BLOCK_TILE_ROWS`]). 0 restores the path before the tiles:
+/// one-row block dots up to `BLOCK_MAX_ROWS` rows, dequantized weights past it. Both paths
+/// are exact in their integer sums; the switch exists for A/B measurements in the benches.
+pub fn set_block_tile_rows(rows: usize) {
+    TILE_ROWS.store(rows, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a product of `rows` input rows with GGUF block weights runs the VNNI tiles.
+pub(super) fn block_tiles(rows: usize) -> bool {
+    rows <= TILE_ROWS.load(std::sync::atomic::Ordering::Relaxed) && q8::tiles_supported()
+}
 
 /// Arithmetic of the projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +73,9 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
         // GGUF Q8_0 blocks: int8 products with per-block activation scales, in either mode.
         // Batches of GGUF blocks: dequantized in tiles of rows (up to DOT_MAX_ROWS) or
         // once into f32 for the gemm (prefill), as bf16 is widened.
-        (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_)) if rows > BLOCK_MAX_ROWS => {
+        (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_))
+            if rows > BLOCK_MAX_ROWS && !block_tiles(rows) =>
+        {
             linear_f32(x, rows, w, out)
         }
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
@@ -552,13 +578,16 @@ mod tests {
         }
     }
 
-    /// Past `BLOCK_MAX_ROWS` rows, Q8_0 and k-quant weights are dequantized (tiles at 9 rows,
-    /// the f32 scratch and gemm at 70): the
-    /// product equals the f32 product of the dequantized weights up to f32 summation order
-    /// (asserted 1e-4 of `sum |w x|`), with no activation rounding; at or below it the block
-    /// kernels run (their bound is tested in `q8::tests` and `q4k::tests`).
+    /// Batches of Q8_0 and k-quant weights (9 rows: past `BLOCK_MAX_ROWS`; 64: the most on
+    /// the tiles; 70: past `DOT_MAX_ROWS` and the tiles) equal the f32 product of the
+    /// dequantized weights up to f32 summation order (1e-4 of `sum |w x|`) where the
+    /// weights are dequantized (70 rows, and every batch on CPUs without the VNNI tiles),
+    /// and within the activations' rounding to int8 where the tiles run: per value at
+    /// most 0.6 of its block's step `max|x| / 127` (half a step, plus the f16 rounding of
+    /// Q8_0's step), times `|w|` (the per-kernel bounds are tested in `q8`, `q4k` and the
+    /// tiles' own tests).
     #[test]
-    fn prefill_batches_of_block_weights_run_on_the_dequantized_weights() {
+    fn batches_of_block_weights_match_the_dequantized_product() {
         let (n, k) = (40, 512);
         let (w, _) = mat_bf16(n, k);
         let blocks = [
@@ -571,7 +600,7 @@ mod tests {
             for r in 0..n {
                 wq.row_to_f32(r, &mut wf[r * k..(r + 1) * k]);
             }
-            for rows in [BLOCK_MAX_ROWS + 1, 70] {
+            for rows in [BLOCK_MAX_ROWS + 1, BLOCK_TILE_ROWS, 70] {
                 let x: Vec<f32> = (0..rows * k).map(|i| (i as f32 * 0.017).sin()).collect();
                 let mut out = vec![0.0; rows * n];
                 linear(GemmDtype::F32, &x, rows, wq, &mut out);
@@ -580,9 +609,15 @@ mod tests {
                         let (xr, wr) = (&x[t * k..(t + 1) * k], &wf[j * k..(j + 1) * k]);
                         let want: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
                         let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                        let rounding: f32 = if block_tiles(rows) {
+                            let step = xr.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                            0.6 * step * wr.iter().map(|v| v.abs()).sum::<f32>()
+                        } else {
+                            0.0
+                        };
                         let got = out[t * n + j];
                         assert!(
-                            (got - want).abs() <= 1e-4 * mag,
+                            (got - want).abs() <= 1e-4 * mag + rounding,
                             "rows {rows}: {got} vs {want}"
                         );
                     }

@@ -8,6 +8,8 @@ mod bf16_avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod decode_attention;
 pub mod kernels;
+#[cfg(target_arch = "x86_64")]
+mod kq_tiles;
 pub mod kv_store;
 pub mod linear;
 mod microkernel;
@@ -15,6 +17,8 @@ pub mod q4k;
 #[cfg(target_arch = "x86_64")]
 mod q4k_simd;
 pub mod q8;
+#[cfg(target_arch = "x86_64")]
+mod q8_tiles;
 #[cfg(target_arch = "x86_64")]
 pub mod vmath;
 

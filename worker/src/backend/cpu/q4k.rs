@@ -14,7 +14,8 @@
 //!
 //! The block dots run on AVX512-VNNI (Q6_K; Q4_K runs AVX2 there, measured faster) or AVX2
 //! ([`QKernel`], kernels in `q4k_simd.rs`) or a portable loop; all give the same integer
-//! sums. Rows of one matrix may mix the two types
+//! sums. Where the CPU has AVX512-VNNI, [`linear_kquant`] runs the tiles of `kq_tiles.rs`
+//! (each block decoded once for up to 8 input rows). Rows of one matrix may mix the two types
 //! (a fused projection of a Q4_K_M file), each row dotted by its own.
 
 use half::f16;
@@ -171,6 +172,13 @@ pub fn linear_kquant(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
         unreachable!("linear_kquant is called for k-quant weights only");
     };
     let k = w.cols;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::linear::block_tiles(rows) {
+            super::kq_tiles::linear(x, rows, blocks, k, &mut out[..rows * w.rows]);
+            return;
+        }
+    }
     let xs: Vec<Q8K> = (0..rows)
         .map(|t| quantize_row_q8k(&x[t * k..(t + 1) * k]))
         .collect();

@@ -7,6 +7,8 @@
 //! The block dot runs on AVX512-VNNI where the CPU has it (`vpdpbusd`: |q_w| as unsigned
 //! bytes times the sign-moved q_x, two blocks a register), else AVX2 (`vpmaddubsw` on the
 //! same operands, then `vpmaddwd`), else a portable loop; all give the same i32 sums.
+//! Where the CPU has AVX512-VNNI, [`linear_q8`] runs the tiles of `q8_tiles.rs` instead
+//! (several weight and input rows per pass; the same i32 sums).
 //! [`QKernel`] and the parallel driver [`blocked_linear`] are shared with the k-quants
 //! (`q4k.rs`).
 
@@ -121,6 +123,19 @@ impl QKernel {
     }
 }
 
+/// Whether this CPU runs the AVX512-VNNI tiles of Q8_0 and k-quant products (`q8_tiles.rs`,
+/// `kq_tiles.rs`).
+pub fn tiles_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        QKernel::best() == QKernel::Avx512Vnni && super::q8_tiles::supported()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `sum_b dw[b] * dx[b] * (qw_b . qx_b)` over the blocks of one weight row.
 pub fn dot_row(qw: &[i8], dw: &[u16], x: &QuantRow) -> f32 {
     dot_row_with(QKernel::best(), qw, dw, x)
@@ -171,6 +186,13 @@ pub fn linear_q8(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
         unreachable!("linear_q8 is called for Q8_0 weights only");
     };
     let (k, n) = (w.cols, w.rows);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::linear::block_tiles(rows) {
+            super::q8_tiles::linear(x, rows, (q, d), k, &mut out[..rows * n]);
+            return;
+        }
+    }
     let xs: Vec<QuantRow> = (0..rows)
         .map(|t| quantize_row(&x[t * k..(t + 1) * k]))
         .collect();
