@@ -32,7 +32,6 @@ fn golden_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
 }
 
-
 /// Starts the golden engine behind the gRPC service (requiring SECRET); returns its address.
 async fn serve_engine(tweak: impl FnOnce(&mut EngineConfig)) -> SocketAddr {
     let mut cfg = golden_config();

@@ -21,11 +21,7 @@ use tonic::transport::Endpoint;
 /// Serves the golden engine over mutual TLS with the job CA of [`SECRET`].
 async fn serve_tls() -> SocketAddr {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama");
-    let engine = Engine::start(
-        &dir,
-        golden_config(),
-    )
-    .unwrap();
+    let engine = Engine::start(&dir, golden_config()).unwrap();
     let tls = JobCa::derive(SECRET.as_bytes())
         .unwrap()
         .transport(&["127.0.0.1".into()])
