@@ -13,7 +13,7 @@ use llmapi_common::traces::{self, Service, Tracers};
 use llmapi_launch::cluster::{self, ClusterOptions};
 use llmapi_launch::group;
 use llmapi_launch::kernels;
-use llmapi_launch::make_model::{ensure_demo_model, make_model};
+use llmapi_launch::make_model::{ensure_demo_model, make_draft, make_model};
 use llmapi_launch::placement::{DEFAULT_RENDEZVOUS_PORT, Placement, describe};
 use llmapi_launch::restart::RestartPolicy;
 use llmapi_router::RouterConfig;
@@ -98,13 +98,29 @@ fn cli() -> Command {
         )
         .subcommand(
             Command::new("make-model")
-                .about("Write a built-in random-weight checkpoint in Hugging Face layout")
+                .about("Write a built-in random-weight checkpoint in Hugging Face layout, or a draft model cut from a checkpoint (--from)")
                 .arg(
                     Arg::new("preset")
                         .long("preset")
-                        .required(true)
                         .value_parser(["demo", "bench"])
+                        .required_unless_present("from")
+                        .conflicts_with("from")
                         .help("demo: tiny, for tests; bench: Llama-3 style, 124M parameters"),
+                )
+                .arg(
+                    Arg::new("from")
+                        .long("from")
+                        .value_name("DIR")
+                        .requires("num_layers")
+                        .help("Cut a draft model (speculative decoding's DraftTarget) from the checkpoint in DIR: its first --num_layers layers, embeddings, final norm, head and tokenizer"),
+                )
+                .arg(
+                    Arg::new("num_layers")
+                        .long("num_layers")
+                        .value_name("N")
+                        .requires("from")
+                        .value_parser(clap::value_parser!(usize))
+                        .help("Decoder layers to keep with --from"),
                 )
                 .arg(
                     Arg::new("out")
@@ -157,12 +173,22 @@ fn main() -> ExitCode {
                 "info",
                 LogFormat::resolve(None).unwrap_or_default(),
             );
-            let preset = m
-                .get_one::<String>("preset")
-                .map(String::as_str)
-                .unwrap_or("demo");
             let out = PathBuf::from(m.get_one::<String>("out").cloned().unwrap_or_default());
-            make_model(preset, &out, m.get_flag("force"))
+            match (
+                m.get_one::<String>("from"),
+                m.get_one::<usize>("num_layers"),
+            ) {
+                (Some(from), Some(&layers)) => {
+                    make_draft(&PathBuf::from(from), layers, &out, m.get_flag("force"))
+                }
+                _ => {
+                    let preset = m
+                        .get_one::<String>("preset")
+                        .map(String::as_str)
+                        .unwrap_or("demo");
+                    make_model(preset, &out, m.get_flag("force"))
+                }
+            }
         }
         Some(("kernels", k)) => match k.subcommand() {
             Some(("build", b)) => build_kernels(b),

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use llmapi_common::checkpoint::truncate::write_truncated;
 use llmapi_common::checkpoint::{PRESET_NAMES, Preset, write_checkpoint};
 
 /// Writes preset `name` into `out`, with a progress bar on a terminal.
@@ -36,6 +37,36 @@ pub fn make_model(name: &str, out: &Path, force: bool) -> anyhow::Result<()> {
         .with_context(|| format!("writing the {name} checkpoint to {}", out.display()))?;
     bar.finish_and_clear();
     tracing::info!(preset = name, path = %out.display(), parameters = preset.parameters(), "checkpoint written");
+    Ok(())
+}
+
+/// Writes the first `num_layers` layers of the checkpoint in `src` (with its embeddings,
+/// final norm, head and tokenizer) into `out`: a draft model for speculative decoding.
+pub fn make_draft(src: &Path, num_layers: usize, out: &Path, force: bool) -> anyhow::Result<()> {
+    if out.join("config.json").exists() && !force {
+        bail!(
+            "{} already holds a model (config.json exists); pass --force to overwrite it or choose another --out",
+            out.display()
+        );
+    }
+    if out
+        .canonicalize()
+        .ok()
+        .is_some_and(|o| src.canonicalize().ok() == Some(o))
+    {
+        bail!("--out is the --from checkpoint itself; choose another directory");
+    }
+    let t = write_truncated(src, num_layers, out)
+        .with_context(|| format!("cutting a draft model from {}", src.display()))?;
+    tracing::info!(
+        from = %src.display(),
+        path = %out.display(),
+        layers = num_layers,
+        source_layers = t.source_layers,
+        tensors = t.tensors,
+        bytes = t.bytes,
+        "draft checkpoint written"
+    );
     Ok(())
 }
 

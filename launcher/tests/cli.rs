@@ -201,6 +201,59 @@ fn make_model_refuses_to_overwrite_without_force() {
 }
 
 #[test]
+fn make_model_cuts_a_draft_from_a_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let model = demo_model_in(d.path());
+    let draft = d.path().join("draft");
+    let cut = |layers: &str, out: &Path| {
+        launch(
+            &[
+                "make-model",
+                "--from",
+                model.to_str().unwrap(),
+                "--num_layers",
+                layers,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            d.path(),
+        )
+    };
+    let made = cut("1", &draft);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(draft.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 1);
+    assert!(draft.join("tokenizer.json").is_file());
+    // More layers than the source has: refused, saying the range, nothing written.
+    let bad = cut("9", &d.path().join("bad"));
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("keep between 1 and 2"),
+        "{}",
+        text(&bad.stderr)
+    );
+    assert!(!d.path().join("bad").join("config.json").exists());
+    // --from without --num_layers is a usage error naming the missing flag.
+    let usage = launch(
+        &[
+            "make-model",
+            "--from",
+            model.to_str().unwrap(),
+            "--out",
+            "x",
+        ],
+        d.path(),
+    );
+    assert!(!usage.status.success());
+    assert!(
+        text(&usage.stderr).contains("--num_layers"),
+        "{}",
+        text(&usage.stderr)
+    );
+}
+
+#[test]
 fn bad_config_exits_with_the_reason_not_a_panic() {
     let d = tempfile::tempdir().unwrap();
     let out = launch(&["serve", "--set", "kv_cache_config.dtpye=fp8"], d.path());

@@ -3,6 +3,7 @@
 //! chat template, generation_config.json), so that tests and benchmarks need no download.
 
 pub(crate) mod tokenizer_train;
+pub mod truncate;
 
 use std::path::Path;
 
@@ -30,6 +31,9 @@ pub enum CheckpointError {
     /// The weights could not be serialized.
     #[error("cannot serialize weights: {0}")]
     Safetensors(String),
+    /// A source checkpoint cannot be used; the message says why and what to change.
+    #[error("{0}")]
+    Source(String),
 }
 
 /// The shape of a built-in checkpoint.
