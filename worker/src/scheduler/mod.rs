@@ -436,6 +436,7 @@ pub(super) mod tests {
             scheduled_at: None,
             first_token_at: None,
             draft: Vec::new(),
+            draft_computed: 0,
             spec: None,
         }
     }
