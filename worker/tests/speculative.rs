@@ -329,3 +329,27 @@ fn a_draft_with_another_vocabulary_is_refused_naming_both_sizes() {
         }
     }
 }
+
+#[test]
+fn a_self_draft_keeps_acceptance_1_through_preemptions_in_a_small_cache() {
+    // Preempted sequences lose their blocks, and with them the draft's KV: the draft must
+    // recompute it (draft_computed back to 0), or its proposals would stop matching.
+    let small = |spec| EngineConfig {
+        capacity_policy: CapacityPolicy::MaxUtilization,
+        kv_max_tokens: Some(160),
+        enable_block_reuse: false,
+        ..config(spec)
+    };
+    let reqs = requests(40);
+    let (base, _) = serve(small(None), &reqs);
+    let (spec, load) = serve(small(draft_target(4, &case("llama"))), &reqs);
+    for (b, s) in base.iter().zip(&spec) {
+        assert_eq!(b.ids, s.ids);
+    }
+    assert!(
+        load.preemptions > 0,
+        "the cache was small enough to preempt: {load:?}"
+    );
+    assert_eq!(load.spec_accepted_tokens, load.spec_draft_tokens);
+    assert_eq!(load.kv_blocks_used, 0);
+}
