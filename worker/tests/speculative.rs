@@ -1,6 +1,9 @@
-//! Speculative decoding (NGram drafts) against plain decoding on the golden checkpoints:
-//! greedy output token for token identical, drafts accepted on text that repeats itself,
-//! stop tokens and max_tokens honoured in the middle of an accepted run, and the figures.
+//! Speculative decoding (NGram drafts, and DraftTarget with a draft checkpoint) against plain
+//! decoding on the golden checkpoints: greedy output token for token identical, drafts
+//! accepted on text that repeats itself (every one when the target is its own draft, also
+//! through preemptions), stop tokens and max_tokens honoured in the middle of an accepted run,
+//! a draft of another vocabulary refused, adaptive draft length for a draft rarely right, and
+//! the figures.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -352,4 +355,27 @@ fn a_self_draft_keeps_acceptance_1_through_preemptions_in_a_small_cache() {
     );
     assert_eq!(load.spec_accepted_tokens, load.spec_draft_tokens);
     assert_eq!(load.kv_blocks_used, 0);
+}
+
+#[test]
+fn adaptive_draft_length_cuts_the_drafts_of_a_draft_model_that_is_rarely_right() {
+    // Another checkpoint with the same vocabulary size: its guesses rarely match llama's.
+    let reqs = requests(60);
+    let (base, _) = serve(config(None), &reqs);
+    let (spec, load) = serve(config(draft_target(4, &case("llama_tf4"))), &reqs);
+    for (b, s) in base.iter().zip(&spec) {
+        assert_eq!(b.ids, s.ids);
+    }
+    let emitted: usize = spec.iter().map(|s| s.ids.len()).sum();
+    assert!(
+        (load.spec_accepted_tokens as f64) < 0.25 * load.spec_draft_tokens as f64,
+        "this draft is rarely right: {load:?}"
+    );
+    // Four drafts a step all along would be about 4 * 60 per request; the halving and the
+    // pauses keep it under one per emitted token.
+    assert!(
+        (load.spec_draft_tokens as usize) < emitted,
+        "{} drafts for {emitted} tokens",
+        load.spec_draft_tokens
+    );
 }
