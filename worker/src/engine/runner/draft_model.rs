@@ -4,7 +4,8 @@
 //! The draft backend's pool has as many blocks, of the same size, as the target's, and a
 //! sequence's block table serves both (ids shared, memory separate): no second block manager.
 //! `Sequence::draft_computed` counts the positions whose draft KV is valid. Before the
-//! target's step, for the sequences the scheduler planned with a draft, the draft model
+//! target's step, the draft computes the prompt chunks the target computes in it (for the
+//! sequences that may draft), and for the sequences the scheduler planned with a draft it
 //! catches up on the tokens it has not seen (one chunk, up to and including the last token,
 //! whose row gives d1), then runs one single-token step per further draft, batched over the
 //! sequences. Its KV then reaches the last draft it was fed; drafts the target rejects are
@@ -43,25 +44,36 @@ impl DraftModel {
 
     /// Replaces the placeholder drafts of `seqs[i]` for each `i` in `planned` (already cut to
     /// the step's room by the scheduler, which gave blocks for them) with the draft model's
-    /// greedy proposals of the same length.
+    /// greedy proposals of the same length. `prefilling` lists the planned sequences that
+    /// may draft later and compute `(i, end)`: positions up to `end` this step (a prompt
+    /// chunk): the draft computes them too, in the same passes, so that its catch-up on the
+    /// prompt weighs on the prefill steps rather than on the first decode step.
     pub(super) fn propose(
         &mut self,
         seqs: &mut [Sequence],
         planned: &[usize],
+        prefilling: &[(usize, usize)],
     ) -> Result<(), BackendError> {
         let drafting: Vec<usize> = planned
             .iter()
             .copied()
             .filter(|&i| !seqs[i].draft.is_empty())
             .collect();
-        if drafting.is_empty() {
+        if drafting.is_empty() && prefilling.is_empty() {
             return Ok(());
         }
-        for &i in &drafting {
+        for &i in drafting.iter().chain(prefilling.iter().map(|(i, _)| i)) {
             let s = &mut seqs[i];
             s.draft_computed = s.draft_computed.min(s.num_computed);
         }
-        let first = self.catch_up(seqs, &drafting)?;
+        // Each drafting sequence computes up to and including its last token, whose row
+        // gives its first draft; the prefilling ones up to their chunk's end, no row.
+        let goals: Vec<(usize, usize, bool)> = drafting
+            .iter()
+            .map(|&i| (i, seqs[i].num_computed + 1, true))
+            .chain(prefilling.iter().map(|&(i, end)| (i, end, false)))
+            .collect();
+        let first = self.catch_up(seqs, &goals)?;
         let mut proposals: Vec<Vec<u32>> = first.into_iter().map(|t| vec![t]).collect();
         let longest = drafting.iter().map(|&i| seqs[i].draft.len()).max();
         // Step j feeds d_j at position num_computed + j and reads d_(j+1).
@@ -96,38 +108,38 @@ impl DraftModel {
         Ok(())
     }
 
-    /// Computes the draft KV of each drafting sequence up to and including its last token,
-    /// in passes of at most `max_num_tokens` tokens; returns each one's first draft.
+    /// Computes the draft KV of each goal's sequence `(i, end, wants_row)` up to position
+    /// `end`, in passes of at most `max_num_tokens` tokens; returns, for the goals that want
+    /// it (the first ones), the argmax of their last row: their first draft.
     fn catch_up(
         &mut self,
         seqs: &mut [Sequence],
-        drafting: &[usize],
+        goals: &[(usize, usize, bool)],
     ) -> Result<Vec<u32>, BackendError> {
-        let mut first: Vec<Option<u32>> = vec![None; drafting.len()];
+        let mut first: Vec<Option<u32>> = goals.iter().map(|_| None).collect();
         // Every pass computes at least one token of a sequence that is behind.
-        let behind: usize = drafting
+        let behind: usize = goals
             .iter()
-            .map(|&i| seqs[i].num_computed + 1 - seqs[i].draft_computed)
+            .map(|&(i, end, _)| end.saturating_sub(seqs[i].draft_computed))
             .sum();
         for _ in 0..behind {
             let mut budget = self.max_num_tokens;
             let mut taken: Vec<(usize, usize)> = Vec::new();
             let out = {
                 let mut chunks: Vec<SeqChunk<'_>> = Vec::new();
-                for (k, &i) in drafting.iter().enumerate() {
+                for (k, &(i, end, wants_row)) in goals.iter().enumerate() {
                     let s = &seqs[i];
-                    let end = s.num_computed + 1;
                     if s.draft_computed >= end || budget == 0 {
                         continue;
                     }
                     let n = (end - s.draft_computed).min(budget);
                     budget -= n;
-                    let reaches_end = s.draft_computed + n == end;
+                    let row = wants_row && s.draft_computed + n == end;
                     chunks.push(SeqChunk {
                         tokens: &s.tokens[s.draft_computed..s.draft_computed + n],
                         start_pos: s.draft_computed,
                         block_table: &s.blocks,
-                        logits: if reaches_end {
+                        logits: if row {
                             LogitsWanted::Last
                         } else {
                             LogitsWanted::None
@@ -141,14 +153,19 @@ impl DraftModel {
                 self.backend.forward_greedy(&chunks)?
             };
             for (&(k, n), token) in taken.iter().zip(out) {
-                let s = &mut seqs[drafting[k]];
-                s.draft_computed += n;
-                if s.draft_computed == s.num_computed + 1 {
+                let (i, end, wants_row) = goals[k];
+                seqs[i].draft_computed += n;
+                if wants_row && seqs[i].draft_computed == end {
                     first[k] = Some(token.ok_or_else(no_token)?);
                 }
             }
         }
-        first.into_iter().map(|t| t.ok_or_else(no_token)).collect()
+        goals
+            .iter()
+            .zip(first)
+            .filter(|((_, _, wants_row), _)| *wants_row)
+            .map(|(_, t)| t.ok_or_else(no_token))
+            .collect()
     }
 }
 

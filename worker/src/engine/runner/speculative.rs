@@ -138,7 +138,17 @@ impl Runner {
                 seq.draft.clear();
             }
         }
-        model.propose(&mut self.sched.running, &planned)
+        // Prompt (or recompute) chunks of sequences that may draft later; a decoding
+        // sequence that does not draft this step (paused) is caught up only when it drafts.
+        let prefilling: Vec<(usize, usize)> = plan
+            .iter()
+            .filter(|item| {
+                let s = &self.sched.running[item.seq];
+                !is_decoding(s) && s.spec.as_ref().is_some_and(|x| x.length.is_some())
+            })
+            .map(|item| (item.seq, self.sched.running[item.seq].num_computed + item.n))
+            .collect();
+        model.propose(&mut self.sched.running, &planned, &prefilling)
     }
 
     /// Verifies the drafts of running[i] from its logits `rows` (one per position of
