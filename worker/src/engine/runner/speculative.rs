@@ -1,5 +1,6 @@
-//! Speculative decoding in the engine loop: drafts proposed before a step is planned, and
-//! verified from the step's logits rows after it ran.
+//! Speculative decoding in the engine loop: drafts proposed before a step is planned (NGram)
+//! or, for a draft model, placeholders planned and filled once the plan has cut them to their
+//! room (DraftTarget, `draft_model`), and verified from the step's logits rows after it ran.
 //!
 //! A decoding sequence with drafts d1..dk computes `[last, d1..dk]` at `num_computed` in the
 //! step's one batched forward pass, asking for every row. Row j decides position j: the
