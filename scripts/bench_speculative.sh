@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# NGram speculative decoding against plain decoding (docs/bench/speculative.md): one
-# `llmapi-launch serve` without and one with `speculative_config`, the same workloads through
+# Speculative decoding against plain decoding (docs/bench/speculative.md): one
+# `llmapi-launch serve` without and one per `speculative_config`, the same workloads through
 # llmapi-bench on each, side by side in one run. Workloads: (a) edit, a chat request that
 # asks to copy a paragraph back with one change (the output repeats the prompt), (b) random
 # token ids, greedy, and (c) random token ids sampled at temperature 1 (text that drafts
-# rarely predict: the cost of speculation). Each at batch 1 and at concurrency 4. The
-# table shows output tok/s, mean TPOT, mean Request AR (avg_decoded_tokens_per_iter) and whether the
-# generated texts of the two servers are identical.
+# rarely predict: the cost of speculation). Each at batch 1 and at concurrency 4. Tables:
+# `ngram` (NGram drafts) and `draft` (DraftTarget, with the model as its own draft, where
+# greedy acceptance must be 1.0 and the table shows the cost of drafting, and with a draft
+# cut to its first DRAFT_LAYERS layers by `make-model --from`, for a realistic acceptance;
+# the cut needs a checkpoint directory, not a GGUF file). Each table shows output tok/s,
+# mean TPOT, mean Request AR (avg_decoded_tokens_per_iter) and whether the generated texts of
+# the servers are identical.
 #
 #   MODEL=/path/SmolLM2-135M-Instruct.Q4_1.gguf scripts/bench_speculative.sh
+#   TABLES=draft PROMPTS=4 OUTPUT_LEN=48 scripts/bench_speculative.sh   # bench preset
 #
 # Knobs (environment): MODEL (default: $LLMAPI_SMOLLM2_GGUF, else the bench preset),
-# PROFILE (debug), PROMPTS (8), OUTPUT_LEN (96), DRAFT (4: max_draft_len), THREADS (unset: the
-# engine's default). The binaries must be built (cargo build --workspace, or --release).
+# PROFILE (debug), PROMPTS (8), OUTPUT_LEN (96), DRAFT (4: max_draft_len), TABLES ("ngram
+# draft"), WORKLOADS ("edit random sampled"), DRAFT_LAYERS (half the model's layers), THREADS
+# (unset: the engine's default). The binaries must be built (cargo build --workspace, or
+# --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-debug}
 PROMPTS=${PROMPTS:-8}
 OUTPUT_LEN=${OUTPUT_LEN:-96}
 DRAFT=${DRAFT:-4}
+TABLES=${TABLES:-ngram draft}
+WORKLOADS=${WORKLOADS:-edit random sampled}
 BIN=target/$PROFILE
 WORK=$(mktemp -d /tmp/llmapi-specbench.XXXXXX)
 # shellcheck source=lib/processes.sh
@@ -63,7 +72,8 @@ bench() { # port workload concurrency name
     --save-result --save-detailed --result-dir "$WORK" --result-filename "$4.json" >"$WORK/bench-$4.log" 2>&1
 }
 
-start() { # name extra-args...
+# Not run in a subshell: the server's pid must reach PIDS here, so that it is killed on exit.
+start() { # name extra-args... ; sets PORT[name]
   local name=$1 port
   shift
   port=$(free_port)
@@ -71,32 +81,76 @@ start() { # name extra-args...
     --max_batch_size 4 "$@" >"$WORK/serve-$name.log" 2>&1 &
   PIDS+=($!)
   wait_http "$port" /health 300
-  echo "$port"
+  PORT[$name]=$port
 }
 
-plain=$(start plain)
-spec=$(start ngram --extra_llm_api_options "$WORK/ngram.yml")
-echo "$PROFILE build, model $MODEL, $PROMPTS prompts x $OUTPUT_LEN output tokens," \
-  "NGram max_draft_len $DRAFT; logs in $WORK"
-echo
-echo "| workload | concurrency | plain tok/s | NGram tok/s | speed-up | plain TPOT | NGram TPOT | mean Request AR | same text |"
-echo "|---|---|---|---|---|---|---|---|---|"
-for workload in edit random sampled; do
-  for c in 1 4; do
-    bench "$plain" "$workload" "$c" "plain-$workload-$c"
-    bench "$spec" "$workload" "$c" "ngram-$workload-$c"
-    python3 - "$WORK" "$workload" "$c" <<'EOF2'
-import json, sys
-work, w, c = sys.argv[1], sys.argv[2], sys.argv[3]
-a = json.load(open(f"{work}/plain-{w}-{c}.json"))
-b = json.load(open(f"{work}/ngram-{w}-{c}.json"))
-same = "yes" if a["generated_texts"] == b["generated_texts"] else "no"
-if w == "sampled":
-    same = "n/a (sampled)"
-ar = b["avg_decoded_tokens_per_iter"]["mean"]
-x, y = a["output_throughput"], b["output_throughput"]
-print(f"| {w} | {c} | {x:.1f} | {y:.1f} | {y / x:.2f}x | {a['mean_tpot_ms']:.1f} ms "
-      f"| {b['mean_tpot_ms']:.1f} ms | {ar:.2f} | {same} |")
-EOF2
+# compare NAME... : one row per workload and concurrency, plain against each NAME's server.
+compare() {
+  local names=("$@") header="| workload | concurrency | plain tok/s |" rule="|---|---|---|"
+  for n in "${names[@]}"; do
+    header+=" $n tok/s | $n TPOT | $n AR |"
+    rule+="---|---|---|"
   done
+  echo "$header plain TPOT | same text |"
+  echo "$rule---|---|"
+  for workload in $WORKLOADS; do
+    for c in 1 4; do
+      bench "$plain" "$workload" "$c" "plain-$workload-$c"
+      for n in "${names[@]}"; do
+        bench "${PORT[$n]}" "$workload" "$c" "$n-$workload-$c"
+      done
+      python3 - "$WORK" "$workload" "$c" "${names[@]}" <<'EOF2'
+import json, sys
+work, w, c, names = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+a = json.load(open(f"{work}/plain-{w}-{c}.json"))
+row = f"| {w} | {c} | {a['output_throughput']:.1f} |"
+same = True
+for n in names:
+    b = json.load(open(f"{work}/{n}-{w}-{c}.json"))
+    ar = b["avg_decoded_tokens_per_iter"]["mean"]
+    x, y = a["output_throughput"], b["output_throughput"]
+    row += f" {y:.1f} ({y / x:.2f}x) | {b['mean_tpot_ms']:.1f} ms | {ar:.2f} |"
+    same = same and a["generated_texts"] == b["generated_texts"]
+same = "n/a (sampled)" if w == "sampled" else ("yes" if same else "no")
+print(f"{row} {a['mean_tpot_ms']:.1f} ms | {same} |")
+EOF2
+    done
+  done
+}
+
+declare -A PORT
+start plain
+plain=${PORT[plain]}
+echo "$PROFILE build, model $MODEL, $PROMPTS prompts x $OUTPUT_LEN output tokens," \
+  "max_draft_len $DRAFT; logs in $WORK"
+for table in $TABLES; do
+  echo
+  case $table in
+    ngram)
+      start ngram --extra_llm_api_options "$WORK/ngram.yml"
+      compare ngram
+      ;;
+    draft)
+      draft_yaml() { # name draft-dir
+        printf 'speculative_config:\n  decoding_type: DraftTarget\n  max_draft_len: %s\n  speculative_model_dir: %s\n' \
+          "$DRAFT" "$2" >"$WORK/$1.yml"
+      }
+      draft_yaml self "$MODEL"
+      start self --extra_llm_api_options "$WORK/self.yml"
+      names=(self)
+      if [ -d "$MODEL" ]; then
+        layers=${DRAFT_LAYERS:-$(python3 -c 'import json,sys; print(max(1, json.load(open(sys.argv[1]))["num_hidden_layers"] // 2))' "$MODEL/config.json")}
+        "$BIN/llmapi-launch" make-model --from "$MODEL" --num_layers "$layers" --out "$WORK/cut" >/dev/null
+        draft_yaml cut "$WORK/cut"
+        start cut --extra_llm_api_options "$WORK/cut.yml"
+        names+=(cut)
+        echo "DraftTarget: self = the model as its own draft; cut = its first $layers layers"
+      else
+        echo "DraftTarget: self = the model as its own draft ($MODEL is not a directory: no cut draft)"
+      fi
+      echo
+      compare "${names[@]}"
+      ;;
+    *) echo "unknown table $table (ngram, draft)" >&2; exit 2 ;;
+  esac
 done

@@ -42,7 +42,7 @@ fn every_ngram_key_is_read_and_set_can_tune_the_section() {
 
 #[test]
 fn other_decoding_types_are_refused_naming_what_is_supported() {
-    for t in ["Eagle3", "MTP", "DraftTarget", "Bogus"] {
+    for t in ["Eagle3", "MTP", "Draft_Target", "Bogus"] {
         // Keys of the refused type's own section do not hide the reason.
         let e = run_yaml(
             &format!("speculative_config:\n  decoding_type: {t}\n  max_draft_len: 3\n  eagle3_one_model: true\n"),
@@ -51,7 +51,8 @@ fn other_decoding_types_are_refused_naming_what_is_supported() {
         .unwrap_err()
         .to_string();
         assert!(
-            e.contains(&format!("decoding_type {t}")) && e.contains("supported: NGram"),
+            e.contains(&format!("decoding_type {t}"))
+                && e.contains("supported: NGram, DraftTarget"),
             "{t}: {e}"
         );
     }
@@ -75,4 +76,47 @@ fn ngram_without_a_positive_max_draft_len_is_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("max_matching_ngram"), "{e}");
+}
+
+#[test]
+fn draft_target_reads_its_checkpoint_and_needs_one_rank() {
+    let yaml = "speculative_config:\n  decoding_type: DraftTarget\n  max_draft_len: 3\n  speculative_model_dir: /models/draft\n";
+    let r = run_yaml(yaml, &[]).unwrap();
+    assert_eq!(
+        r.args.speculative_config,
+        Some(SpeculativeConfig::draft_target(3, "/models/draft"))
+    );
+    // TensorRT-LLM's newer spelling of the key.
+    let r = run_yaml(
+        &yaml.replace("speculative_model_dir", "speculative_model"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        r.args
+            .speculative_config
+            .unwrap()
+            .speculative_model_dir
+            .as_deref(),
+        Some("/models/draft")
+    );
+    let e = run_yaml(yaml, &["--tp_size", "2"]).unwrap_err().to_string();
+    assert!(
+        e.contains("DraftTarget runs on one rank") && e.contains("--tp_size is 2"),
+        "{e}"
+    );
+    let e = run_yaml(
+        "speculative_config:\n  decoding_type: DraftTarget\n  max_draft_len: 3\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("speculative_model_dir is required"), "{e}");
+    let e = run_yaml(
+        "speculative_config:\n  decoding_type: NGram\n  max_draft_len: 3\n  speculative_model_dir: /d\n",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("is for DraftTarget"), "{e}");
 }

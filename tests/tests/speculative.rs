@@ -4,7 +4,9 @@
 //! choice, and in the final chunk of a stream), the worker's draft counters on /metrics, and
 //! a decoding type llmapi does not run refused at start-up with what it runs. With
 //! `LLMAPI_SMOLLM2_GGUF` set (as in gguf_model.rs), the same greedy equality on that real
-//! model with an edit request, whose output copies its prompt.
+//! model with an edit request, whose output copies its prompt. DraftTarget: the demo model as
+//! its own draft (every draft accepted), a draft cut to its first layer by `make-model` (same
+//! text, some drafts accepted), and a draft with another vocabulary refused at start-up.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -210,4 +212,108 @@ fn smollm2_edit_requests_give_the_same_greedy_text_with_drafts_accepted() {
         .as_f64()
         .unwrap_or(0.0);
     assert!(avg > 1.5, "the copy was drafted and accepted: {b}");
+}
+
+fn draft_target(dir: &std::path::Path, k: u32) -> String {
+    format!(
+        "speculative_config:\n  decoding_type: DraftTarget\n  max_draft_len: {k}\n  speculative_model_dir: {}\n",
+        dir.display()
+    )
+}
+
+/// Greedy completions of `prompts` from a plain server and from one with `cfg`: the texts
+/// must match; returns the second server's `avg_decoded_tokens_per_iter` and completion
+/// tokens per prompt.
+fn same_text_with(cfg: &str, prompts: &[String]) -> Vec<(f64, u64, Value)> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, cfg);
+    let (plain_port, spec_port) = (free_port(), free_port());
+    let _plain = serve(demo_model(), plain_port, &[], &[]);
+    let _spec = serve(
+        demo_model(),
+        spec_port,
+        &["--extra_llm_api_options", &cfg],
+        &[],
+    );
+    prompts
+        .iter()
+        .map(|prompt| {
+            let a = completion(plain_port, prompt);
+            let b = completion(spec_port, prompt);
+            assert_eq!(
+                a["choices"][0]["text"], b["choices"][0]["text"],
+                "the draft model changed the greedy text of {prompt:?}"
+            );
+            let avg = b["choices"][0]["avg_decoded_tokens_per_iter"]
+                .as_f64()
+                .unwrap_or(0.0);
+            let n = b["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+            (avg, n, b["choices"][0]["finish_reason"].clone())
+        })
+        .collect()
+}
+
+fn prompts() -> Vec<String> {
+    vec![
+        repetitive(),
+        "A short story about a lighthouse keeper".to_string(),
+    ]
+}
+
+#[test]
+fn the_demo_model_as_its_own_draft_has_every_draft_accepted() {
+    let k = 4;
+    for (avg, n, finish) in same_text_with(&draft_target(demo_model(), k), &prompts()) {
+        assert_eq!(finish, "length");
+        // The prefill's token, then k drafts and a bonus per step until max_tokens cuts the
+        // last run: n tokens over 1 + ceil((n - 1) / (k + 1)) steps.
+        let steps = 1 + (n - 1).div_ceil(u64::from(k) + 1);
+        assert_eq!(avg, n as f64 / steps as f64, "{n} tokens");
+    }
+}
+
+#[test]
+fn a_draft_cut_to_one_layer_keeps_the_text_and_some_drafts_are_accepted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("draft");
+    let made = std::process::Command::new(bin("llmapi-launch"))
+        .arg("make-model")
+        .arg("--from")
+        .arg(demo_model())
+        .args(["--num_layers", "1", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run make-model");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let k = 4;
+    let runs = same_text_with(&draft_target(&out, k), &prompts());
+    let best = runs.iter().map(|r| r.0).fold(0.0, f64::max);
+    assert!(
+        best > 1.0 && best < f64::from(k + 1),
+        "a one-layer draft is right sometimes, not always: {runs:?}"
+    );
+}
+
+#[test]
+fn a_draft_with_another_vocabulary_is_refused_at_start_up_naming_both_sizes() {
+    let golden = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../worker/tests/golden/qwen2");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = yaml(&dir, &draft_target(&golden, 4));
+    let out = std::process::Command::new(bin("llmapi-launch"))
+        .arg("serve")
+        .arg(demo_model())
+        .args(["--host", "127.0.0.1", "--port", &free_port().to_string()])
+        .args(["--extra_llm_api_options", &cfg])
+        .output()
+        .expect("run llmapi-launch");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vocabulary has 512 tokens but the target's has 2048"),
+        "{err}"
+    );
 }

@@ -1,6 +1,9 @@
-//! Speculative decoding (NGram drafts) against plain decoding on the golden checkpoints:
-//! greedy output token for token identical, drafts accepted on text that repeats itself,
-//! stop tokens and max_tokens honoured in the middle of an accepted run, and the figures.
+//! Speculative decoding (NGram drafts, and DraftTarget with a draft checkpoint) against plain
+//! decoding on the golden checkpoints: greedy output token for token identical, drafts
+//! accepted on text that repeats itself (every one when the target is its own draft, also
+//! through preemptions), stop tokens and max_tokens honoured in the middle of an accepted run,
+//! a draft of another vocabulary refused, adaptive draft length for a draft rarely right, and
+//! the figures.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -247,4 +250,125 @@ fn prefix_blocks_cached_after_speculation_hold_only_accepted_tokens() {
     );
     let (fresh, _) = serve(config(None), &[greedy("b", prompt, 12)]);
     assert_eq!(b.ids, fresh[0].ids);
+}
+
+fn draft_target(k: u32, dir: &std::path::Path) -> Option<SpeculativeConfig> {
+    Some(SpeculativeConfig::draft_target(k, dir.to_str().unwrap()))
+}
+
+#[test]
+fn a_checkpoint_as_its_own_draft_has_every_draft_accepted_and_plain_output() {
+    let reqs = requests(45);
+    let (base, _) = serve(config(None), &reqs);
+    let (spec, load) = serve(config(draft_target(4, &case("llama"))), &reqs);
+    for ((b, s), r) in base.iter().zip(&spec).zip(&reqs) {
+        assert_eq!(
+            b.ids, s.ids,
+            "{}: the draft model changed the output",
+            r.request_id
+        );
+        // 45 tokens: the prefill's, then 8 steps of 4 drafts and a bonus, then 4 tokens
+        // (3 drafts, cut by max_tokens): 45 / 10 steps.
+        assert_eq!(s.avg, Some(4.5), "{}: every draft accepted", r.request_id);
+    }
+    assert!(load.spec_draft_tokens > 0);
+    assert_eq!(
+        load.spec_accepted_tokens, load.spec_draft_tokens,
+        "acceptance 1.0 with the target as its own draft"
+    );
+}
+
+#[test]
+fn a_truncated_draft_gives_plain_greedy_output_and_sampled_requests_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    llmapi_common::checkpoint::truncate::write_truncated(&case("llama"), 1, dir.path()).unwrap();
+    let reqs = requests(40);
+    let (base, _) = serve(config(None), &reqs);
+    let (spec, load) = serve(config(draft_target(3, dir.path())), &reqs);
+    for (b, s) in base.iter().zip(&spec) {
+        assert_eq!(b.ids, s.ids);
+        assert!(
+            s.avg.is_some_and(|a| (1.0..=4.0).contains(&a)),
+            "{:?}",
+            s.avg
+        );
+    }
+    assert!(load.spec_draft_tokens > 0 && load.spec_accepted_tokens <= load.spec_draft_tokens);
+    let sampled: Vec<GenerateParams> = (0..2)
+        .map(|i| GenerateParams {
+            sampling: SamplingParams {
+                temperature: 0.8,
+                seed: Some(i),
+                ..Default::default()
+            },
+            ..greedy(&format!("t{i}"), repeating(i as u32), 30)
+        })
+        .collect();
+    let (runs, _) = serve(config(draft_target(3, dir.path())), &sampled);
+    for r in &runs {
+        assert_eq!(r.ids.len(), 30);
+        assert!(r.ids.iter().all(|&t| t < 256));
+    }
+}
+
+#[test]
+fn a_draft_with_another_vocabulary_is_refused_naming_both_sizes() {
+    // qwen2's golden checkpoint has 512 tokens, llama's 256.
+    match Engine::start(&case("llama"), config(draft_target(4, &case("qwen2")))) {
+        Ok(h) => {
+            h.shutdown();
+            panic!("a 512-token draft for a 256-token target was accepted");
+        }
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("512") && e.contains("256"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn a_self_draft_keeps_acceptance_1_through_preemptions_in_a_small_cache() {
+    // Preempted sequences lose their blocks, and with them the draft's KV: the draft must
+    // recompute it (draft_computed back to 0), or its proposals would stop matching.
+    let small = |spec| EngineConfig {
+        capacity_policy: CapacityPolicy::MaxUtilization,
+        kv_max_tokens: Some(160),
+        enable_block_reuse: false,
+        ..config(spec)
+    };
+    let reqs = requests(40);
+    let (base, _) = serve(small(None), &reqs);
+    let (spec, load) = serve(small(draft_target(4, &case("llama"))), &reqs);
+    for (b, s) in base.iter().zip(&spec) {
+        assert_eq!(b.ids, s.ids);
+    }
+    assert!(
+        load.preemptions > 0,
+        "the cache was small enough to preempt: {load:?}"
+    );
+    assert_eq!(load.spec_accepted_tokens, load.spec_draft_tokens);
+    assert_eq!(load.kv_blocks_used, 0);
+}
+
+#[test]
+fn adaptive_draft_length_cuts_the_drafts_of_a_draft_model_that_is_rarely_right() {
+    // Another checkpoint with the same vocabulary size: its guesses rarely match llama's.
+    let reqs = requests(60);
+    let (base, _) = serve(config(None), &reqs);
+    let (spec, load) = serve(config(draft_target(4, &case("llama_tf4"))), &reqs);
+    for (b, s) in base.iter().zip(&spec) {
+        assert_eq!(b.ids, s.ids);
+    }
+    let emitted: usize = spec.iter().map(|s| s.ids.len()).sum();
+    assert!(
+        (load.spec_accepted_tokens as f64) < 0.25 * load.spec_draft_tokens as f64,
+        "this draft is rarely right: {load:?}"
+    );
+    // Four drafts a step all along would be about 4 * 60 per request; the halving and the
+    // pauses keep it under one per emitted token.
+    assert!(
+        (load.spec_draft_tokens as usize) < emitted,
+        "{} drafts for {emitted} tokens",
+        load.spec_draft_tokens
+    );
 }

@@ -2,7 +2,8 @@
 //!
 //! TensorRT-LLM picks one `DecodingBaseConfig` subclass by `decoding_type`; llmapi implements
 //! `NGram` (prompt lookup: drafts copied from earlier text of the same request, or of any
-//! request with `is_public_pool`). Every other type is refused by name before the keys of its
+//! request with `is_public_pool`) and `DraftTarget` (a smaller checkpoint with the same
+//! vocabulary, `speculative_model_dir`, run greedily by the same worker). Every other type is refused by name before the keys of its
 //! section are checked, so the message says what is supported rather than which key is
 //! unknown.
 
@@ -12,11 +13,10 @@ use serde_json::Value;
 use super::sources::ArgsError;
 
 /// The decoding types llmapi runs.
-pub const SUPPORTED_DECODING_TYPES: &[&str] = &["NGram"];
+pub const SUPPORTED_DECODING_TYPES: &[&str] = &["NGram", "DraftTarget"];
 
 /// Decoding types TensorRT-LLM knows and llmapi does not run (yet).
 const KNOWN_UNSUPPORTED: &[&str] = &[
-    "DraftTarget",
     "Draft_Target",
     "Eagle",
     "Eagle3",
@@ -35,7 +35,7 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpeculativeConfig {
-    /// The drafting method: `NGram`.
+    /// The drafting method: `NGram` or `DraftTarget`.
     pub decoding_type: String,
     /// Most draft tokens verified per step for one sequence (required, > 0, as in
     /// TensorRT-LLM's NGram validator).
@@ -54,6 +54,10 @@ pub struct SpeculativeConfig {
     /// One pool shared by every request (true), or one per request.
     #[serde(default = "yes")]
     pub is_public_pool: bool,
+    /// `DraftTarget`: the draft checkpoint (a Hugging Face directory or a GGUF file, loaded
+    /// like the target); required for DraftTarget, refused for NGram.
+    #[serde(default, alias = "speculative_model")]
+    pub speculative_model_dir: Option<String>,
 }
 
 fn default_max_matching_ngram_size() -> u32 {
@@ -74,7 +78,23 @@ impl SpeculativeConfig {
             is_keep_all: true,
             is_use_oldest: true,
             is_public_pool: true,
+            speculative_model_dir: None,
         }
+    }
+
+    /// A DraftTarget configuration: `max_draft_len` drafts a step from the checkpoint at
+    /// `speculative_model_dir`.
+    pub fn draft_target(max_draft_len: u32, speculative_model_dir: &str) -> Self {
+        Self {
+            decoding_type: "DraftTarget".into(),
+            speculative_model_dir: Some(speculative_model_dir.into()),
+            ..Self::ngram(max_draft_len)
+        }
+    }
+
+    /// Whether drafts come from a draft model (`DraftTarget`).
+    pub fn is_draft_target(&self) -> bool {
+        self.decoding_type == "DraftTarget"
     }
 }
 
@@ -108,14 +128,39 @@ pub(crate) fn refuse_unsupported(doc: &Value, source: &str) -> Result<(), ArgsEr
     };
     Err(ArgsError::Invalid(format!(
         "{source}: speculative_config.decoding_type {t} {what}; supported: {supported} \
-         (e.g. decoding_type: NGram, max_draft_len: 4)"
+         (e.g. decoding_type: NGram, max_draft_len: 4; or decoding_type: DraftTarget, \
+         max_draft_len: 4, speculative_model_dir: /path/to/draft)"
     )))
 }
 
 /// Checks the merged section: `max_draft_len` set and positive, `max_matching_ngram_size`
-/// positive.
-pub(crate) fn check(c: &SpeculativeConfig) -> Result<(), ArgsError> {
+/// positive, `speculative_model_dir` set for DraftTarget (and only there); a DraftTarget
+/// runs on one rank (`tp_size` 1).
+pub(crate) fn check(c: &SpeculativeConfig, tp_size: u32) -> Result<(), ArgsError> {
     let bad = |m: String| Err(ArgsError::Invalid(m));
+    match (c.is_draft_target(), c.speculative_model_dir.as_deref()) {
+        (true, None | Some("")) => {
+            return bad(
+                "speculative_config.speculative_model_dir is required for DraftTarget: the draft \
+                 checkpoint (a directory or a GGUF file with the target's vocabulary)"
+                    .into(),
+            );
+        }
+        (false, Some(_)) => {
+            return bad(format!(
+                "speculative_config.speculative_model_dir is for DraftTarget, not {}; remove it \
+                 or set decoding_type: DraftTarget",
+                c.decoding_type
+            ));
+        }
+        _ => {}
+    }
+    if c.is_draft_target() && tp_size > 1 {
+        return bad(format!(
+            "speculative_config DraftTarget runs on one rank; --tp_size is {tp_size}: use \
+             --tp_size 1 (with replicas) or decoding_type: NGram"
+        ));
+    }
     match c.max_draft_len {
         None | Some(0) => {
             return bad(format!(

@@ -111,13 +111,42 @@ impl Engine {
         }
         let model_cfg = weights.config.clone();
         let name = model_name(model_dir, &cfg);
-        let backend: Box<dyn Backend> = match choice {
-            cuda::select::Choice::Cpu => {
-                Box::new(cpu_backend_of(weights, &cfg, Box::new(SingleRank))?)
-            }
-            cuda::select::Choice::Cuda => Box::new(cuda::select::cuda_backend(weights, &cfg)?),
+        let on = |weights: ModelWeights| -> Result<Box<dyn Backend>, EngineError> {
+            Ok(match choice {
+                cuda::select::Choice::Cpu => {
+                    Box::new(cpu_backend_of(weights, &cfg, Box::new(SingleRank))?)
+                }
+                cuda::select::Choice::Cuda => Box::new(cuda::select::cuda_backend(weights, &cfg)?),
+            })
         };
-        Self::start_sized(backend, &model_cfg, model_dir, name, cfg, Some(before_load))
+        let backend = on(weights)?;
+        // DraftTarget: the draft checkpoint goes through the same loader, onto the same device.
+        let draft = match cfg.speculative.as_ref().filter(|s| s.is_draft_target()) {
+            Some(s) => {
+                let dir = s.speculative_model_dir.as_deref().unwrap_or_default();
+                let weights = ModelWeights::load(Path::new(dir)).map_err(|e| {
+                    EngineError::InvalidConfig(format!(
+                        "speculative_config.speculative_model_dir {dir}: {e}"
+                    ))
+                })?;
+                tracing::info!(
+                    dir,
+                    layers = weights.config.num_hidden_layers,
+                    "draft model loaded"
+                );
+                Some(on(weights)?)
+            }
+            None => None,
+        };
+        Self::start_sized(
+            backend,
+            draft,
+            &model_cfg,
+            model_dir,
+            name,
+            cfg,
+            Some(before_load),
+        )
     }
 
     /// Starts rank 0 (`shard.tp_rank`) of a tensor-parallel group: it loads its shard, then
@@ -144,6 +173,7 @@ impl Engine {
         let leader = LeaderBackend::new(backend, Box::new(shared));
         Self::start_sized(
             Box::new(leader),
+            None,
             &model_cfg,
             model_dir,
             name,
@@ -162,12 +192,14 @@ impl Engine {
         model_name: String,
         cfg: EngineConfig,
     ) -> Result<EngineHandle, EngineError> {
-        Self::start_sized(backend, model, model_dir, model_name, cfg, None)
+        Self::start_sized(backend, None, model, model_dir, model_name, cfg, None)
     }
 
-    /// `start_with_backend` with the host memory read before the weights loaded, if it was.
+    /// `start_with_backend` with the host memory read before the weights loaded, if it was,
+    /// and DraftTarget's draft model (its KV pool is sized like the target's).
     fn start_sized(
         mut backend: Box<dyn Backend>,
+        mut draft: Option<Box<dyn Backend>>,
         model: &llmapi_common::model_config::ModelConfig,
         model_dir: &Path,
         model_name: String,
@@ -194,12 +226,24 @@ impl Engine {
         let freed_window = model
             .window_of_every_layer()
             .filter(|_| backend.windowed_attention());
-        let kv_plan = size_kv(&cfg, backend.as_ref(), max_seq_len, before_load)?;
+        check_draft(&cfg, backend.as_ref(), draft.as_deref(), freed_window)?;
+        let kv_plan = size_kv(
+            &cfg,
+            backend.as_ref(),
+            draft.as_deref(),
+            max_seq_len,
+            before_load,
+        )?;
         kv_plan.log();
         let num_blocks = kv_plan.blocks;
         backend
             .init_kv(num_blocks, cfg.tokens_per_block)
             .map_err(|e| EngineError::Backend(e.to_string()))?;
+        if let Some(d) = draft.as_mut() {
+            // Same blocks, same size: sequences' block tables serve the draft as they are.
+            d.init_kv(num_blocks, cfg.tokens_per_block)
+                .map_err(|e| EngineError::Backend(format!("draft model: {e}")))?;
+        }
         tracing::info!(
             num_blocks,
             tokens_per_block = cfg.tokens_per_block,
@@ -270,6 +314,7 @@ impl Engine {
             });
         let runner = runner::Runner::new(
             backend,
+            draft,
             cfg,
             info,
             num_blocks,
@@ -380,9 +425,47 @@ fn probe_host(cfg: &EngineConfig) -> Result<HostMemory, EngineError> {
 
 /// Sizes the KV pool (`kv::budget`): from the device memory the backend reports free, else
 /// from this replica's share of host memory less its weights and workspaces.
+/// DraftTarget's draft model: there exactly when DraftTarget is configured (a tensor-parallel
+/// group, or an engine started on a given backend, has none), with the target's vocabulary,
+/// on a model whose blocks are never freed by a sliding window (the draft catches up from
+/// any position).
+fn check_draft(
+    cfg: &EngineConfig,
+    target: &dyn Backend,
+    draft: Option<&dyn Backend>,
+    freed_window: Option<usize>,
+) -> Result<(), EngineError> {
+    let wanted = cfg
+        .speculative
+        .as_ref()
+        .is_some_and(|s| s.is_draft_target());
+    let bad = |m: String| Err(EngineError::InvalidConfig(m));
+    match draft {
+        None if wanted => bad(
+            "speculative_config DraftTarget runs on one rank with its draft checkpoint loaded by \
+             the worker (tp_size 1); use decoding_type: NGram here"
+                .into(),
+        ),
+        Some(_) if !wanted => bad("a draft model was given without DraftTarget".into()),
+        Some(d) if d.vocab_size() != target.vocab_size() => bad(format!(
+            "speculative_config.speculative_model_dir: the draft model's vocabulary has {} \
+             tokens but the target's has {}; a draft must share the target's tokenizer",
+            d.vocab_size(),
+            target.vocab_size()
+        )),
+        Some(_) if freed_window.is_some() => bad(
+            "speculative_config DraftTarget: the target frees KV blocks out of its sliding \
+             window; use decoding_type: NGram with this model"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 fn size_kv(
     cfg: &EngineConfig,
     backend: &dyn Backend,
+    draft: Option<&dyn Backend>,
     max_seq_len: usize,
     before_load: Option<HostMemory>,
 ) -> Result<KvPlan, EngineError> {
@@ -390,7 +473,12 @@ fn size_kv(
         Some(free) => MemoryPool::Device { free: free as u64 },
         None => {
             let now = probe_host(cfg)?;
-            let fp = backend.host_footprint(cfg.max_num_tokens, cfg.max_batch_size);
+            let mut fp = backend.host_footprint(cfg.max_num_tokens, cfg.max_batch_size);
+            if let Some(d) = draft {
+                let dfp = d.host_footprint(cfg.max_num_tokens, cfg.max_batch_size);
+                fp.weights += dfp.weights;
+                fp.workspace += dfp.workspace;
+            }
             // Without a reading from before the load, the resident weights came out of what
             // is free now.
             let before_load = before_load.unwrap_or_else(|| {
@@ -414,7 +502,8 @@ fn size_kv(
         memory,
         fraction: cfg.kv_memory_fraction,
         max_tokens: cfg.kv_max_tokens,
-        bytes_per_token: backend.kv_bytes_per_token(),
+        // The draft's pool has as many blocks as the target's.
+        bytes_per_token: backend.kv_bytes_per_token() + draft.map_or(0, |d| d.kv_bytes_per_token()),
         tokens_per_block: cfg.tokens_per_block,
         max_batch_size: cfg.max_batch_size,
         max_seq_len,

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+mod draft_model;
 mod speculative;
 mod validate;
 
@@ -76,6 +77,7 @@ impl Runner {
     /// it (blocks before it are then freed).
     pub(crate) fn new(
         backend: Box<dyn Backend>,
+        draft: Option<Box<dyn Backend>>,
         cfg: EngineConfig,
         info: EngineInfo,
         num_blocks: usize,
@@ -103,9 +105,12 @@ impl Runner {
                 "every layer attends over a sliding window: KV blocks before it are freed as sequences grow"
             );
         }
-        let spec = cfg.speculative.as_ref().map(Speculation::from_config);
+        let spec = cfg
+            .speculative
+            .as_ref()
+            .map(|c| Speculation::from_config(c, draft, cfg.max_num_tokens));
         if let Some(s) = &spec {
-            tracing::info!(settings = ?s.proposer.settings(), "speculative decoding: NGram drafts");
+            tracing::info!(proposer = ?s.proposer, "speculative decoding");
         }
         Self {
             spec,
@@ -227,6 +232,7 @@ impl Runner {
             .map(|s| s.new_sequence(req.guide.is_some()));
         let seq = Sequence {
             draft: Vec::new(),
+            draft_computed: 0,
             spec,
             id: p.request_id,
             prompt_len,
@@ -347,6 +353,9 @@ impl Runner {
             return Ok(());
         }
         super::fault::before_step();
+        if let Err(e) = self.draft_with_model(&plan) {
+            return self.fail_planned(&plan, e);
+        }
         // A sequence with drafts computes its last token and the drafts: they are not in
         // `tokens` yet, so its chunk is staged in a buffer of its own.
         let staged: Vec<Option<Vec<u32>>> = plan
@@ -420,22 +429,7 @@ impl Runner {
         drop(staged);
         match result {
             Ok(outs) => self.after_step(&plan, outs),
-            Err(e) if e.is_fatal() => return Err(e.to_string()),
-            Err(e) => {
-                tracing::error!(error = %e, "forward step failed; failing its requests");
-                let ids: Vec<String> = plan
-                    .iter()
-                    .map(|i| self.sched.running[i.seq].id.clone())
-                    .collect();
-                for id in ids {
-                    if let Some(seq) = self.sched.remove(&id) {
-                        let _ = seq
-                            .tx
-                            .send(TokenEvent::Error(format!("engine step failed: {e}")));
-                        self.forget(&id);
-                    }
-                }
-            }
+            Err(e) => self.fail_planned(&plan, e)?,
         }
         self.iter += 1;
         self.steps.observe(
@@ -462,6 +456,28 @@ impl Runner {
             );
         }
         self.last_step_end = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Ends the planned requests of a step that failed with `e`; Err when the backend can
+    /// take no further steps.
+    fn fail_planned(&mut self, plan: &[PlanItem], e: BackendError) -> Result<(), String> {
+        if e.is_fatal() {
+            return Err(e.to_string());
+        }
+        tracing::error!(error = %e, "forward step failed; failing its requests");
+        let ids: Vec<String> = plan
+            .iter()
+            .map(|i| self.sched.running[i.seq].id.clone())
+            .collect();
+        for id in ids {
+            if let Some(seq) = self.sched.remove(&id) {
+                let _ = seq
+                    .tx
+                    .send(TokenEvent::Error(format!("engine step failed: {e}")));
+                self.forget(&id);
+            }
+        }
         Ok(())
     }
 
@@ -523,7 +539,7 @@ impl Runner {
         for (i, end) in done {
             let seq = self.sched.finish(i);
             if let Some(spec) = self.spec.as_mut() {
-                spec.proposer.record(&seq.tokens);
+                spec.record_finished(&seq.tokens);
             }
             match end {
                 Ok((reason, stop)) => self.finish_event(&seq, reason, stop),

@@ -449,6 +449,7 @@ pub(super) mod tests {
             scheduled_at: None,
             first_token_at: None,
             draft: Vec::new(),
+            draft_computed: 0,
             spec: None,
         }
     }

@@ -57,6 +57,10 @@ pub struct Sequence {
     pub draft: Vec<u32>,
     /// Speculation state and figures; None when speculative decoding is off.
     pub spec: Option<crate::spec::SeqSpec>,
+    /// Positions whose KV the draft model holds (DraftTarget: it shares `blocks` with the
+    /// target, in a pool of its own); never above what it computed last, lowered to
+    /// `num_computed` before it drafts again.
+    pub draft_computed: usize,
 }
 
 impl Sequence {
@@ -82,6 +86,7 @@ impl Sequence {
         self.promised = 0;
         self.hashes.clear();
         self.num_computed = 0;
+        self.draft_computed = 0;
         self.prompt_logprobs.clear();
         self.draft.clear();
     }

@@ -2,8 +2,10 @@
 //!
 //! A proposer guesses the next tokens of a sequence cheaply; the engine verifies the guesses
 //! in one forward pass (`engine::runner::speculative`) and keeps the longest prefix the
-//! model agrees with. Only `NGram` exists: drafts copied from earlier text (prompt lookup).
-//! Not for: verification (`sampling::verify`) or KV bookkeeping (the scheduler's).
+//! model agrees with. Here: `NGram`, drafts copied from earlier text (prompt lookup), and the
+//! draft length shared by every proposer; the DraftTarget proposer runs a model, so it lives
+//! with the engine (`engine::runner::draft_model`). Not for: verification
+//! (`sampling::verify`) or KV bookkeeping (the scheduler's).
 
 mod adaptive;
 mod ngram;

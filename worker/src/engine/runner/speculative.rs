@@ -1,5 +1,6 @@
-//! Speculative decoding in the engine loop: drafts proposed before a step is planned, and
-//! verified from the step's logits rows after it ran.
+//! Speculative decoding in the engine loop: drafts proposed before a step is planned (NGram)
+//! or, for a draft model, placeholders planned and filled once the plan has cut them to their
+//! room (DraftTarget, `draft_model`), and verified from the step's logits rows after it ran.
 //!
 //! A decoding sequence with drafts d1..dk computes `[last, d1..dk]` at `num_computed` in the
 //! step's one batched forward pass, asking for every row. Row j decides position j: the
@@ -9,18 +10,32 @@
 //! their KV slots are overwritten by the next step, nothing is copied. The emitted tokens go
 //! through the usual stop checks one by one (`accept_token`), so a stop token, max_tokens or
 //! a complete grammar cuts the run where it would have stopped anyway. Not for: planning
-//! room for drafts (`scheduler::draft`) or proposing them (`crate::spec`).
+//! room for drafts (`scheduler::draft`) or proposing them (`crate::spec`, `draft_model`).
 
+use super::draft_model::DraftModel;
 use super::{Runner, Stopped, accept_token};
+use crate::backend::{Backend, BackendError};
 use crate::engine::TokenLogprob;
 use crate::sampling::Banned;
-use crate::scheduler::Sequence;
+use crate::scheduler::{PlanItem, Sequence};
 use crate::spec::{NgramProposer, NgramSettings, SeqSpec};
+
+/// Where drafts come from.
+#[derive(Debug)]
+pub(super) enum Proposer {
+    /// Earlier text (`decoding_type: NGram`).
+    Ngram(NgramProposer),
+    /// A draft model (`decoding_type: DraftTarget`); drafts are proposed after the step is
+    /// planned, into placeholders the scheduler has made room for.
+    Model(DraftModel),
+}
 
 /// The engine's speculation: the proposer and the counters /metrics shows.
 #[derive(Debug)]
 pub(super) struct Speculation {
-    pub(super) proposer: NgramProposer,
+    pub(super) proposer: Proposer,
+    /// Most drafts a sequence verifies per step.
+    max_draft_len: usize,
     /// Draft tokens verified since the engine started.
     pub(super) drafted: u64,
     /// Of those, accepted.
@@ -28,30 +43,43 @@ pub(super) struct Speculation {
 }
 
 impl Speculation {
-    /// From `speculative_config` (validated by the configuration: NGram, max_draft_len > 0).
-    pub(super) fn from_config(c: &llmapi_common::args::SpeculativeConfig) -> Self {
-        let settings = NgramSettings {
-            max_draft_len: c.max_draft_len.unwrap_or(0) as usize,
-            max_matching_ngram_size: c.max_matching_ngram_size as usize,
-            is_keep_all: c.is_keep_all,
-            is_use_oldest: c.is_use_oldest,
-            is_public_pool: c.is_public_pool,
+    /// From `speculative_config` (validated by the configuration: max_draft_len > 0, a
+    /// DraftTarget's `draft` backend loaded and its KV pool sized like the target's).
+    pub(super) fn from_config(
+        c: &llmapi_common::args::SpeculativeConfig,
+        draft: Option<Box<dyn Backend>>,
+        max_num_tokens: usize,
+    ) -> Self {
+        let max_draft_len = c.max_draft_len.unwrap_or(0) as usize;
+        let proposer = match draft {
+            Some(backend) => Proposer::Model(DraftModel::new(backend, max_num_tokens)),
+            None => Proposer::Ngram(NgramProposer::new(NgramSettings {
+                max_draft_len,
+                max_matching_ngram_size: c.max_matching_ngram_size as usize,
+                is_keep_all: c.is_keep_all,
+                is_use_oldest: c.is_use_oldest,
+                is_public_pool: c.is_public_pool,
+            })),
         };
         Self {
-            proposer: NgramProposer::new(settings),
+            proposer,
+            max_draft_len,
             drafted: 0,
             accepted: 0,
+        }
+    }
+
+    /// Adds a finished sequence's tokens to the n-gram pool (NGram only).
+    pub(super) fn record_finished(&mut self, tokens: &[u32]) {
+        if let Proposer::Ngram(p) = &mut self.proposer {
+            p.record(tokens);
         }
     }
 
     /// The state of a new sequence: grammar-guided ones never speculate (each of their
     /// tokens must pass the grammar before the next is drafted).
     pub(super) fn new_sequence(&self, guided: bool) -> SeqSpec {
-        let max = if guided {
-            0
-        } else {
-            self.proposer.settings().max_draft_len
-        };
+        let max = if guided { 0 } else { self.max_draft_len };
         SeqSpec::new(max)
     }
 }
@@ -69,7 +97,8 @@ fn drafts_allowed(seq: &Sequence) -> usize {
 }
 
 impl Runner {
-    /// Proposes each decoding sequence's drafts for the coming step.
+    /// Proposes each decoding sequence's drafts for the coming step; a draft model only
+    /// reserves their room here (placeholders), and fills them in `draft_with_model`.
     pub(super) fn propose_drafts(&mut self) {
         let Some(spec) = self.spec.as_ref() else {
             return;
@@ -85,9 +114,42 @@ impl Runner {
             };
             let limit = length.allowance().min(allowed);
             if limit > 0 {
-                seq.draft = spec.proposer.propose(&seq.tokens, limit);
+                seq.draft = match &spec.proposer {
+                    Proposer::Ngram(p) => p.propose(&seq.tokens, limit),
+                    Proposer::Model(_) => vec![0; limit],
+                };
             }
         }
+    }
+
+    /// DraftTarget: replaces the placeholder drafts of the planned sequences with the draft
+    /// model's proposals, now that the scheduler has cut them to their room; drops those of
+    /// sequences left out of the step.
+    pub(super) fn draft_with_model(&mut self, plan: &[PlanItem]) -> Result<(), BackendError> {
+        let Some(Speculation {
+            proposer: Proposer::Model(model),
+            ..
+        }) = self.spec.as_mut()
+        else {
+            return Ok(());
+        };
+        let planned: Vec<usize> = plan.iter().map(|item| item.seq).collect();
+        for (i, seq) in self.sched.running.iter_mut().enumerate() {
+            if !planned.contains(&i) {
+                seq.draft.clear();
+            }
+        }
+        // Prompt (or recompute) chunks of sequences that may draft later; a decoding
+        // sequence that does not draft this step (paused) is caught up only when it drafts.
+        let prefilling: Vec<(usize, usize)> = plan
+            .iter()
+            .filter(|item| {
+                let s = &self.sched.running[item.seq];
+                !is_decoding(s) && s.spec.as_ref().is_some_and(|x| x.length.is_some())
+            })
+            .map(|item| (item.seq, self.sched.running[item.seq].num_computed + item.n))
+            .collect();
+        model.propose(&mut self.sched.running, &planned, &prefilling)
     }
 
     /// Verifies the drafts of running[i] from its logits `rows` (one per position of
