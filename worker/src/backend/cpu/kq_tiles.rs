@@ -281,14 +281,8 @@ unsafe fn tile<const Q6: bool, const XR: usize>(
 mod tests {
     use super::*;
     use crate::backend::cpu::q4k::{dot_q4k_portable, dot_q6k_portable, quantize_mat};
+    use crate::backend::cpu::q8::tests::lcg;
     use crate::model::{Mat, WeightData};
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    }
 
     /// The tiles against the portable block dots on the same quantized rows, for Q4_K, Q6_K
     /// and a matrix mixing both (a Q4_K_M fused projection), widths of 1 to 3 blocks, 1 to

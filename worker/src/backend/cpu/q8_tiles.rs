@@ -304,13 +304,7 @@ unsafe fn tile<const WR: usize, const XR: usize>(
 mod tests {
     use super::*;
     use crate::backend::cpu::q8::dot_row_portable;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-    }
+    use crate::backend::cpu::q8::tests::lcg;
 
     /// The tiles against the portable block dot on the same quantized rows, for widths of
     /// 1 to 40 blocks (odd counts: a lone last block; more than 16: several scale groups),

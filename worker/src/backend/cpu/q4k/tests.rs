@@ -1,11 +1,5 @@
 use super::*;
-
-fn lcg(seed: &mut u64) -> f32 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-}
+use crate::backend::cpu::q8::tests::lcg;
 
 fn f32_mat(rows: usize, cols: usize, seed: &mut u64) -> Mat {
     Mat {
