@@ -8,7 +8,9 @@
 # `ngram` (NGram drafts) and `draft` (DraftTarget, with the model as its own draft, where
 # greedy acceptance must be 1.0 and the table shows the cost of drafting, and with a draft
 # cut to its first DRAFT_LAYERS layers by `make-model --from`, for a realistic acceptance;
-# the cut needs a checkpoint directory, not a GGUF file). Each table shows output tok/s,
+# the cut needs a checkpoint directory, not a GGUF file, and with DRAFT_MODEL, any other
+# checkpoint with the model's tokenizer, such as a quantized GGUF file of the same model).
+# Each table shows output tok/s,
 # mean TPOT, mean Request AR (avg_decoded_tokens_per_iter) and whether the generated texts of
 # the servers are identical.
 #
@@ -17,7 +19,8 @@
 #
 # Knobs (environment): MODEL (default: $LLMAPI_SMOLLM2_GGUF, else the bench preset),
 # PROFILE (debug), PROMPTS (8), OUTPUT_LEN (96), DRAFT (4: max_draft_len), TABLES ("ngram
-# draft"), WORKLOADS ("edit random sampled"), DRAFT_LAYERS (half the model's layers), THREADS
+# draft"), WORKLOADS ("edit random sampled"), DRAFT_LAYERS (half the model's layers; 0: no
+# cut draft), DRAFT_MODEL (unset: no such column), THREADS
 # (unset: the engine's default). The binaries must be built (cargo build --workspace, or
 # --release).
 set -euo pipefail
@@ -138,7 +141,7 @@ for table in $TABLES; do
       draft_yaml self "$MODEL"
       start self --extra_llm_api_options "$WORK/self.yml"
       names=(self)
-      if [ -d "$MODEL" ]; then
+      if [ -d "$MODEL" ] && [ "${DRAFT_LAYERS:-}" != 0 ]; then
         layers=${DRAFT_LAYERS:-$(python3 -c 'import json,sys; print(max(1, json.load(open(sys.argv[1]))["num_hidden_layers"] // 2))' "$MODEL/config.json")}
         "$BIN/llmapi-launch" make-model --from "$MODEL" --num_layers "$layers" --out "$WORK/cut" >/dev/null
         draft_yaml cut "$WORK/cut"
@@ -146,7 +149,13 @@ for table in $TABLES; do
         names+=(cut)
         echo "DraftTarget: self = the model as its own draft; cut = its first $layers layers"
       else
-        echo "DraftTarget: self = the model as its own draft ($MODEL is not a directory: no cut draft)"
+        echo "DraftTarget: self = the model as its own draft (no cut draft: it needs a checkpoint directory and DRAFT_LAYERS > 0)"
+      fi
+      if [ -n "${DRAFT_MODEL:-}" ]; then
+        draft_yaml given "$DRAFT_MODEL"
+        start given --extra_llm_api_options "$WORK/given.yml"
+        names+=(given)
+        echo "DraftTarget: given = $DRAFT_MODEL"
       fi
       echo
       compare "${names[@]}"

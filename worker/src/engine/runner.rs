@@ -425,6 +425,12 @@ impl Runner {
         };
         self.last_contact = Instant::now();
         let forward_time = self.last_contact - forward_start;
+        if let Some(spec) = self.spec.as_mut()
+            && ctx_tokens == 0
+            && staged.iter().any(Option::is_some)
+        {
+            spec.record_verify_time(forward_time);
+        }
         drop(chunks);
         drop(staged);
         match result {

@@ -14,6 +14,8 @@
 //! so the verification rule for point-mass proposals (`sampling::verify`) stays exact for
 //! sampled requests. Not for: deciding draft lengths (`crate::spec`, the scheduler).
 
+use std::time::Instant;
+
 use crate::backend::{Backend, BackendError, LogitsWanted, SeqChunk};
 use crate::scheduler::Sequence;
 
@@ -22,6 +24,9 @@ pub(super) struct DraftModel {
     backend: Box<dyn Backend>,
     /// Most tokens of one catch-up pass (the engine's `max_num_tokens`).
     max_num_tokens: usize,
+    /// Running mean time of one single-token draft pass (over the drafting sequences), in
+    /// microseconds; None before the first.
+    pub(super) pass_us: Option<f64>,
 }
 
 impl std::fmt::Debug for DraftModel {
@@ -39,6 +44,7 @@ impl DraftModel {
         Self {
             backend,
             max_num_tokens: max_num_tokens.max(1),
+            pass_us: None,
         }
     }
 
@@ -77,6 +83,8 @@ impl DraftModel {
         let mut proposals: Vec<Vec<u32>> = first.into_iter().map(|t| vec![t]).collect();
         let longest = drafting.iter().map(|&i| seqs[i].draft.len()).max();
         // Step j feeds d_j at position num_computed + j and reads d_(j+1).
+        let passes_start = Instant::now();
+        let passes = longest.unwrap_or(0).saturating_sub(1);
         for j in 1..longest.unwrap_or(0) {
             let fed: Vec<usize> = (0..drafting.len())
                 .filter(|&k| seqs[drafting[k]].draft.len() > j)
@@ -101,6 +109,10 @@ impl DraftModel {
                 proposals[k].push(token);
                 seqs[drafting[k]].draft_computed += 1;
             }
+        }
+        if passes > 0 {
+            let us = passes_start.elapsed().as_secs_f64() * 1e6 / passes as f64;
+            self.pass_us = Some(running_mean(self.pass_us, us));
         }
         for (&i, proposal) in drafting.iter().zip(proposals) {
             seqs[i].draft = proposal;
@@ -173,4 +185,9 @@ fn no_token() -> BackendError {
     BackendError::InvalidStep(
         "the draft model returned no token for a chunk that wanted one".into(),
     )
+}
+
+/// `prev` moved a fifth of the way to `x` (`x` itself when there is no `prev`).
+pub(super) fn running_mean(prev: Option<f64>, x: f64) -> f64 {
+    prev.map_or(x, |p| p + 0.2 * (x - p))
 }

@@ -12,7 +12,7 @@
 //! a complete grammar cuts the run where it would have stopped anyway. Not for: planning
 //! room for drafts (`scheduler::draft`) or proposing them (`crate::spec`, `draft_model`).
 
-use super::draft_model::DraftModel;
+use super::draft_model::{DraftModel, running_mean};
 use super::{Runner, Stopped, accept_token};
 use crate::backend::{Backend, BackendError};
 use crate::engine::TokenLogprob;
@@ -40,7 +40,17 @@ pub(super) struct Speculation {
     pub(super) drafted: u64,
     /// Of those, accepted.
     pub(super) accepted: u64,
+    /// Running mean forward time of the steps that verified drafts and prefilled nothing,
+    /// in microseconds; None before the first.
+    verify_us: Option<f64>,
 }
+
+/// What each verified row adds to a step, as a share of the step (`--bench verify`: a step of
+/// 5 tokens costs 1.3 to 1.7 steps of 1 on the CPU; less on a GPU).
+const ROW_COST: f64 = 0.05;
+/// The highest break-even acceptance asked of a draft model: a model as its own draft, which
+/// costs about a target step per draft, keeps drafting while it is always right.
+const MAX_FLOOR: f64 = 0.9;
 
 impl Speculation {
     /// From `speculative_config` (validated by the configuration: max_draft_len > 0, a
@@ -66,6 +76,26 @@ impl Speculation {
             max_draft_len,
             drafted: 0,
             accepted: 0,
+            verify_us: None,
+        }
+    }
+
+    /// Records the forward time of a step that verified drafts and prefilled nothing.
+    pub(super) fn record_verify_time(&mut self, time: std::time::Duration) {
+        let us = time.as_secs_f64() * 1e6;
+        self.verify_us = Some(running_mean(self.verify_us, us));
+    }
+
+    /// The share of its drafts a sequence must have accepted for drafting to pay: free for
+    /// NGram drafts (their length controller still stops them when none is accepted); for a
+    /// draft model, what one of its passes costs against a verification step, measured,
+    /// plus a verified row's cost.
+    fn floor(&self) -> f64 {
+        match (&self.proposer, self.verify_us) {
+            (Proposer::Model(m), Some(verify)) if verify > 0.0 => m.pass_us.map_or(0.0, |pass| {
+                (pass / verify + ROW_COST).clamp(ROW_COST, MAX_FLOOR)
+            }),
+            _ => 0.0,
         }
     }
 
@@ -162,6 +192,7 @@ impl Runner {
     ) -> Option<Result<Stopped, String>> {
         let vocab = self.info.vocab_size as usize;
         let eos = &self.info.eos_token_ids;
+        let floor = self.spec.as_ref().map_or(0.0, Speculation::floor);
         let seq = &mut self.sched.running[i];
         let draft = std::mem::take(&mut seq.draft);
         if rows.len() < (draft.len() + 1) * vocab {
@@ -223,7 +254,7 @@ impl Runner {
         if let Some(s) = seq.spec.as_mut() {
             s.record_step(sent);
             if let Some(length) = s.length.as_mut() {
-                length.observe(draft.len(), accepted);
+                length.observe(draft.len(), accepted, floor);
             }
         }
         self.sched.register_full_blocks(i);
