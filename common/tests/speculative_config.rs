@@ -100,10 +100,12 @@ fn draft_target_reads_its_checkpoint_and_needs_one_rank() {
             .as_deref(),
         Some("/models/draft")
     );
-    let e = run_yaml(yaml, &["--tp_size", "2"]).unwrap_err().to_string();
-    assert!(
-        e.contains("DraftTarget runs on one rank") && e.contains("--tp_size is 2"),
-        "{e}"
+    // A tensor-parallel group runs the draft on rank 0: the section is taken as it is.
+    let r = run_yaml(yaml, &["--tp_size", "2"]).unwrap();
+    assert_eq!(r.args.tensor_parallel_size, 2);
+    assert_eq!(
+        r.args.speculative_config,
+        Some(SpeculativeConfig::draft_target(3, "/models/draft"))
     );
     let e = run_yaml(
         "speculative_config:\n  decoding_type: DraftTarget\n  max_draft_len: 3\n",

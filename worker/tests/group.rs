@@ -15,6 +15,7 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use llmapi_common::args::SpeculativeConfig;
 use llmapi_worker::backend::Backend;
 use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::dist::plan::{self, PlanMsg};
@@ -117,18 +118,30 @@ fn group(
     ep: usize,
     op_timeout: Duration,
 ) -> (EngineHandle, Vec<JoinHandle<Result<(), EngineError>>>) {
+    group_with(dir, tp, ep, op_timeout, config())
+}
+
+/// `group` with every rank on `cfg`.
+fn group_with(
+    dir: &Path,
+    tp: usize,
+    ep: usize,
+    op_timeout: Duration,
+    cfg: EngineConfig,
+) -> (EngineHandle, Vec<JoinHandle<Result<(), EngineError>>>) {
     let port = free_port();
     let handles = (1..tp)
         .map(|rank| {
             let dir = dir.to_path_buf();
+            let cfg = cfg.clone();
             std::thread::spawn(move || {
                 let join = connect(rank, tp, port, op_timeout);
-                run_follower(&dir, &config(), shard(rank, tp, ep), join)
+                run_follower(&dir, &cfg, shard(rank, tp, ep), join)
             })
         })
         .collect();
     let join = connect(0, tp, port, op_timeout);
-    let leader = Engine::start_leader(dir, config(), shard(0, tp, ep), join).unwrap();
+    let leader = Engine::start_leader(dir, cfg, shard(0, tp, ep), join).unwrap();
     (leader, handles)
 }
 
@@ -165,6 +178,53 @@ fn a_group_serves_the_same_tokens_as_one_engine_and_stops_its_followers() {
             "{name} tp={tp} ep={ep}: group and one engine differ"
         );
         assert!(leader.failure().is_none());
+        leader.shutdown();
+        let ends = join_within(handles, Duration::from_secs(20));
+        assert!(ends.iter().all(|e| e == "stopped"), "{ends:?}");
+    }
+}
+
+#[test]
+fn a_group_with_a_draft_model_on_its_leader_serves_one_engines_greedy_tokens() {
+    // The draft runs whole on rank 0; its drafts reach the follower inside the verification
+    // chunks of each step's plan. The model as its own draft has every draft accepted; a
+    // one-layer cut has drafts rejected, which rolls back the KV of both ranks.
+    let dir = case("llama");
+    let cut = tempfile::tempdir().unwrap();
+    llmapi_common::checkpoint::truncate::write_truncated(&dir, 1, cut.path()).unwrap();
+    let reqs: Vec<GenerateParams> = (0..3)
+        .map(|i| request(&format!("r{i}"), i, 6 + 11 * i as usize, 24))
+        .collect();
+    let run = |h: &EngineHandle| -> Vec<Vec<u32>> {
+        let rxs: Vec<_> = reqs.iter().map(|r| h.submit(r.clone()).unwrap()).collect();
+        rxs.into_iter().map(|rx| collect(rx).unwrap()).collect()
+    };
+    let single = Engine::start(&dir, config()).unwrap();
+    let want = run(&single);
+    single.shutdown();
+    for (draft, all_accepted) in [(dir.as_path(), true), (cut.path(), false)] {
+        let cfg = EngineConfig {
+            speculative: Some(SpeculativeConfig::draft_target(4, draft.to_str().unwrap())),
+            ..config()
+        };
+        let (leader, handles) = group_with(&dir, 2, 2, Duration::from_secs(20), cfg);
+        let got = run(&leader);
+        assert_eq!(
+            got,
+            want,
+            "draft {}: group and one engine differ",
+            draft.display()
+        );
+        let load = support::wait_idle(&leader);
+        assert!(load.spec_draft_tokens > 0, "{load:?}");
+        if all_accepted {
+            assert_eq!(load.spec_accepted_tokens, load.spec_draft_tokens);
+        } else {
+            assert!(
+                load.spec_accepted_tokens < load.spec_draft_tokens,
+                "{load:?}"
+            );
+        }
         leader.shutdown();
         let ends = join_within(handles, Duration::from_secs(20));
         assert!(ends.iter().all(|e| e == "stopped"), "{ends:?}");

@@ -3,7 +3,8 @@
 //! TensorRT-LLM picks one `DecodingBaseConfig` subclass by `decoding_type`; llmapi implements
 //! `NGram` (prompt lookup: drafts copied from earlier text of the same request, or of any
 //! request with `is_public_pool`) and `DraftTarget` (a smaller checkpoint with the same
-//! vocabulary, `speculative_model_dir`, run greedily by the same worker). Every other type is refused by name before the keys of its
+//! vocabulary, `speculative_model_dir`, run greedily by the same worker, on rank 0 of a
+//! tensor-parallel group). Every other type is refused by name before the keys of its
 //! section are checked, so the message says what is supported rather than which key is
 //! unknown.
 
@@ -134,9 +135,9 @@ pub(crate) fn refuse_unsupported(doc: &Value, source: &str) -> Result<(), ArgsEr
 }
 
 /// Checks the merged section: `max_draft_len` set and positive, `max_matching_ngram_size`
-/// positive, `speculative_model_dir` set for DraftTarget (and only there); a DraftTarget
-/// runs on one rank (`tp_size` 1).
-pub(crate) fn check(c: &SpeculativeConfig, tp_size: u32) -> Result<(), ArgsError> {
+/// positive, `speculative_model_dir` set for DraftTarget (and only there). A DraftTarget
+/// runs with any `tp_size`: in a tensor-parallel group the draft runs whole on rank 0.
+pub(crate) fn check(c: &SpeculativeConfig) -> Result<(), ArgsError> {
     let bad = |m: String| Err(ArgsError::Invalid(m));
     match (c.is_draft_target(), c.speculative_model_dir.as_deref()) {
         (true, None | Some("")) => {
@@ -154,12 +155,6 @@ pub(crate) fn check(c: &SpeculativeConfig, tp_size: u32) -> Result<(), ArgsError
             ));
         }
         _ => {}
-    }
-    if c.is_draft_target() && tp_size > 1 {
-        return bad(format!(
-            "speculative_config DraftTarget runs on one rank; --tp_size is {tp_size}: use \
-             --tp_size 1 (with replicas) or decoding_type: NGram"
-        ));
     }
     match c.max_draft_len {
         None | Some(0) => {

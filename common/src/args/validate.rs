@@ -273,7 +273,7 @@ pub(crate) fn check(a: &mut LlmArgs, notices: &mut Vec<Notice>) -> Result<(), Ar
         }
     }
     if let Some(spec) = &a.speculative_config {
-        super::speculative::check(spec, a.tensor_parallel_size)?;
+        super::speculative::check(spec)?;
     }
     if a.enable_attention_dp {
         notices.push(Notice::warn(

@@ -120,24 +120,7 @@ impl Engine {
             })
         };
         let backend = on(weights)?;
-        // DraftTarget: the draft checkpoint goes through the same loader, onto the same device.
-        let draft = match cfg.speculative.as_ref().filter(|s| s.is_draft_target()) {
-            Some(s) => {
-                let dir = s.speculative_model_dir.as_deref().unwrap_or_default();
-                let weights = ModelWeights::load(Path::new(dir)).map_err(|e| {
-                    EngineError::InvalidConfig(format!(
-                        "speculative_config.speculative_model_dir {dir}: {e}"
-                    ))
-                })?;
-                tracing::info!(
-                    dir,
-                    layers = weights.config.num_hidden_layers,
-                    "draft model loaded"
-                );
-                Some(on(weights)?)
-            }
-            None => None,
-        };
+        let draft = load_draft(&cfg, on)?;
         Self::start_sized(
             backend,
             draft,
@@ -168,12 +151,16 @@ impl Engine {
             )));
         }
         let before_load = probe_host(&cfg)?;
+        // DraftTarget: the draft runs whole on this rank alone, on its device; its drafts
+        // reach the followers inside each step's plan (the verification chunks), so they
+        // never load it. Loaded before joining, like the shard.
+        let draft = load_draft(&cfg, |weights| whole_on_rank(weights, &cfg))?;
         let (backend, model_cfg, shared) = backend_in_group(model_dir, &cfg, shard, connect)?;
         let name = model_name(model_dir, &cfg);
         let leader = LeaderBackend::new(backend, Box::new(shared));
         Self::start_sized(
             Box::new(leader),
-            None,
+            draft,
             &model_cfg,
             model_dir,
             name,
@@ -392,6 +379,42 @@ fn backend_in_group(
     Ok((backend, model_cfg, shared))
 }
 
+/// DraftTarget's draft model loaded by `on` through the target's loader (a directory or a
+/// GGUF file), or None without DraftTarget; a load error names the key.
+fn load_draft(
+    cfg: &EngineConfig,
+    on: impl FnOnce(ModelWeights) -> Result<Box<dyn Backend>, EngineError>,
+) -> Result<Option<Box<dyn Backend>>, EngineError> {
+    let Some(s) = cfg.speculative.as_ref().filter(|s| s.is_draft_target()) else {
+        return Ok(None);
+    };
+    let dir = s.speculative_model_dir.as_deref().unwrap_or_default();
+    let weights = ModelWeights::load(Path::new(dir)).map_err(|e| {
+        EngineError::InvalidConfig(format!(
+            "speculative_config.speculative_model_dir {dir}: {e}"
+        ))
+    })?;
+    tracing::info!(
+        dir,
+        layers = weights.config.num_hidden_layers,
+        "draft model loaded"
+    );
+    on(weights).map(Some)
+}
+
+/// A whole (unsharded) model on a group rank's own device: its GPU with `--backend cuda`
+/// (the one `gpu_slot` picks, as for its shard), else the CPU with the rank's threads.
+fn whole_on_rank(
+    weights: ModelWeights,
+    cfg: &EngineConfig,
+) -> Result<Box<dyn Backend>, EngineError> {
+    Ok(if cfg.backend == llmapi_common::args::Backend::Cuda {
+        Box::new(cuda::select::cuda_backend(weights, cfg)?)
+    } else {
+        Box::new(cpu_backend_of(weights, cfg, Box::new(SingleRank))?)
+    })
+}
+
 /// A CPU backend over loaded weights (a whole model with `SingleRank`, or a shard).
 fn cpu_backend_of(
     weights: ModelWeights,
@@ -425,8 +448,8 @@ fn probe_host(cfg: &EngineConfig) -> Result<HostMemory, EngineError> {
 
 /// Sizes the KV pool (`kv::budget`): from the device memory the backend reports free, else
 /// from this replica's share of host memory less its weights and workspaces.
-/// DraftTarget's draft model: there exactly when DraftTarget is configured (a tensor-parallel
-/// group, or an engine started on a given backend, has none), with the target's vocabulary,
+/// DraftTarget's draft model: there exactly when DraftTarget is configured (an engine
+/// started on a given backend has none), with the target's vocabulary,
 /// on a model whose blocks are never freed by a sliding window (the draft catches up from
 /// any position).
 fn check_draft(
@@ -442,8 +465,8 @@ fn check_draft(
     let bad = |m: String| Err(EngineError::InvalidConfig(m));
     match draft {
         None if wanted => bad(
-            "speculative_config DraftTarget runs on one rank with its draft checkpoint loaded by \
-             the worker (tp_size 1); use decoding_type: NGram here"
+            "speculative_config DraftTarget needs its draft checkpoint loaded by the worker \
+             (Engine::start or start_leader); use decoding_type: NGram here"
                 .into(),
         ),
         Some(_) if !wanted => bad("a draft model was given without DraftTarget".into()),
