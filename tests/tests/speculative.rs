@@ -5,7 +5,8 @@
 //! a decoding type llmapi does not run refused at start-up with what it runs. With
 //! `LLMAPI_SMOLLM2_GGUF` set (as in gguf_model.rs), the same greedy equality on that real
 //! model with an edit request, whose output copies its prompt. DraftTarget: the demo model as
-//! its own draft (every draft accepted), a draft cut to its first layer by `make-model` (same
+//! its own draft (every draft accepted, on one rank and on a tp 2 group whose leader runs
+//! the draft), a draft cut to its first layer by `make-model` (same
 //! text, some drafts accepted), and a draft with another vocabulary refused at start-up.
 
 use std::path::PathBuf;
@@ -221,20 +222,17 @@ fn draft_target(dir: &std::path::Path, k: u32) -> String {
     )
 }
 
-/// Greedy completions of `prompts` from a plain server and from one with `cfg`: the texts
-/// must match; returns the second server's `avg_decoded_tokens_per_iter` and completion
-/// tokens per prompt.
-fn same_text_with(cfg: &str, prompts: &[String]) -> Vec<(f64, u64, Value)> {
+/// Greedy completions of `prompts` from a plain one-rank server and from one with `cfg` and
+/// the flags `extra`: the texts must match; returns the second server's
+/// `avg_decoded_tokens_per_iter`, completion tokens and finish reason per prompt.
+fn same_text_with(cfg: &str, extra: &[&str], prompts: &[String]) -> Vec<(f64, u64, Value)> {
     let dir = tempfile::tempdir().expect("temp dir");
     let cfg = yaml(&dir, cfg);
     let (plain_port, spec_port) = (free_port(), free_port());
     let _plain = serve(demo_model(), plain_port, &[], &[]);
-    let _spec = serve(
-        demo_model(),
-        spec_port,
-        &["--extra_llm_api_options", &cfg],
-        &[],
-    );
+    let mut args = vec!["--extra_llm_api_options", cfg.as_str()];
+    args.extend(extra);
+    let _spec = serve(demo_model(), spec_port, &args, &[]);
     prompts
         .iter()
         .map(|prompt| {
@@ -260,16 +258,28 @@ fn prompts() -> Vec<String> {
     ]
 }
 
-#[test]
-fn the_demo_model_as_its_own_draft_has_every_draft_accepted() {
+/// The demo model as its own draft on a server started with `extra`: the plain server's
+/// text, and every draft accepted.
+fn every_draft_accepted_with(extra: &[&str]) {
     let k = 4;
-    for (avg, n, finish) in same_text_with(&draft_target(demo_model(), k), &prompts()) {
+    for (avg, n, finish) in same_text_with(&draft_target(demo_model(), k), extra, &prompts()) {
         assert_eq!(finish, "length");
         // The prefill's token, then k drafts and a bonus per step until max_tokens cuts the
         // last run: n tokens over 1 + ceil((n - 1) / (k + 1)) steps.
         let steps = 1 + (n - 1).div_ceil(u64::from(k) + 1);
         assert_eq!(avg, n as f64 / steps as f64, "{n} tokens");
     }
+}
+
+#[test]
+fn the_demo_model_as_its_own_draft_has_every_draft_accepted() {
+    every_draft_accepted_with(&[]);
+}
+
+#[test]
+fn a_tensor_parallel_group_drafts_on_its_leader_with_one_ranks_text() {
+    // The draft runs whole on rank 0 of the tp 2 group; the sharded target verifies.
+    every_draft_accepted_with(&["--tp_size", "2"]);
 }
 
 #[test]
@@ -290,7 +300,7 @@ fn a_draft_cut_to_one_layer_keeps_the_text_and_some_drafts_are_accepted() {
         String::from_utf8_lossy(&made.stderr)
     );
     let k = 4;
-    let runs = same_text_with(&draft_target(&out, k), &prompts());
+    let runs = same_text_with(&draft_target(&out, k), &[], &prompts());
     let best = runs.iter().map(|r| r.0).fold(0.0, f64::max);
     assert!(
         best > 1.0 && best < f64::from(k + 1),
