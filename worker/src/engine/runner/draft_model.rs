@@ -12,7 +12,10 @@
 //! rolled back by lowering `draft_computed` to the target's `num_computed` (their KV is
 //! overwritten later, nothing is copied). Greedy proposals put all their mass on one token,
 //! so the verification rule for point-mass proposals (`sampling::verify`) stays exact for
-//! sampled requests. Not for: deciding draft lengths (`crate::spec`, the scheduler).
+//! sampled requests. In a tensor-parallel group the draft runs whole on rank 0 while the
+//! followers wait for the step's plan: `keep_alive` runs after each of its passes, so that
+//! the leader's heartbeats keep them under their collective timeout however many passes a
+//! step drafts. Not for: deciding draft lengths (`crate::spec`, the scheduler).
 
 use std::time::Instant;
 
@@ -54,11 +57,13 @@ impl DraftModel {
     /// may draft later and compute `(i, end)`: positions up to `end` this step (a prompt
     /// chunk): the draft computes them too, in the same passes, so that its catch-up on the
     /// prompt weighs on the prefill steps rather than on the first decode step.
+    /// `keep_alive` runs after each pass of the draft (an error ends the proposal).
     pub(super) fn propose(
         &mut self,
         seqs: &mut [Sequence],
         planned: &[usize],
         prefilling: &[(usize, usize)],
+        keep_alive: &mut dyn FnMut() -> Result<(), BackendError>,
     ) -> Result<(), BackendError> {
         let drafting: Vec<usize> = planned
             .iter()
@@ -79,7 +84,7 @@ impl DraftModel {
             .map(|&i| (i, seqs[i].num_computed + 1, true))
             .chain(prefilling.iter().map(|&(i, end)| (i, end, false)))
             .collect();
-        let first = self.catch_up(seqs, &goals)?;
+        let first = self.catch_up(seqs, &goals, keep_alive)?;
         let mut proposals: Vec<Vec<u32>> = first.into_iter().map(|t| vec![t]).collect();
         let longest = drafting.iter().map(|&i| seqs[i].draft.len()).max();
         // Step j feeds d_j at position num_computed + j and reads d_(j+1).
@@ -104,6 +109,7 @@ impl DraftModel {
                     .collect();
                 self.backend.forward_greedy(&chunks)?
             };
+            keep_alive()?;
             for (&k, token) in fed.iter().zip(out) {
                 let token = token.ok_or_else(no_token)?;
                 proposals[k].push(token);
@@ -127,6 +133,7 @@ impl DraftModel {
         &mut self,
         seqs: &mut [Sequence],
         goals: &[(usize, usize, bool)],
+        keep_alive: &mut dyn FnMut() -> Result<(), BackendError>,
     ) -> Result<Vec<u32>, BackendError> {
         let mut first: Vec<Option<u32>> = goals.iter().map(|_| None).collect();
         // Every pass computes at least one token of a sequence that is behind.
@@ -164,6 +171,7 @@ impl DraftModel {
                 }
                 self.backend.forward_greedy(&chunks)?
             };
+            keep_alive()?;
             for (&(k, n), token) in taken.iter().zip(out) {
                 let (i, end, wants_row) = goals[k];
                 seqs[i].draft_computed += n;
@@ -190,4 +198,103 @@ fn no_token() -> BackendError {
 /// `prev` moved a fifth of the way to `x` (`x` itself when there is no `prev`).
 pub(super) fn running_mean(prev: Option<f64>, x: f64) -> f64 {
     prev.map_or(x, |p| p + 0.2 * (x - p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{SamplingParams, StoppingParams};
+    use crate::sampling::Sampler;
+
+    /// Test double: proposes token 7 for every chunk that wants a row.
+    struct Sevens;
+
+    impl Backend for Sevens {
+        fn name(&self) -> &'static str {
+            "sevens"
+        }
+        fn vocab_size(&self) -> usize {
+            16
+        }
+        fn kv_bytes_per_token(&self) -> usize {
+            0
+        }
+        fn init_kv(&mut self, _: usize, _: usize) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn forward(&mut self, _: &[SeqChunk<'_>]) -> Result<Vec<Vec<f32>>, BackendError> {
+            Err(BackendError::InvalidStep(
+                "the draft runs forward_greedy".into(),
+            ))
+        }
+        fn forward_greedy(
+            &mut self,
+            batch: &[SeqChunk<'_>],
+        ) -> Result<Vec<Option<u32>>, BackendError> {
+            Ok(batch
+                .iter()
+                .map(|c| (c.logits != LogitsWanted::None).then_some(7))
+                .collect())
+        }
+    }
+
+    /// A decoding sequence of `len` tokens, all but the last computed by the target, none
+    /// by the draft, with `drafts` placeholder drafts.
+    fn decoding(len: usize, drafts: usize) -> Sequence {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        Sequence {
+            id: "s".into(),
+            tokens: (0..len as u32).collect(),
+            prompt_len: len - 1,
+            group: String::new(),
+            num_computed: len - 1,
+            blocks: vec![0, 1, 2],
+            promised: 0,
+            hashes: Vec::new(),
+            cached_tokens: 0,
+            max_total: 64,
+            reserve_in_steps: false,
+            stopping: StoppingParams::default(),
+            sampler: Sampler::new(SamplingParams::default()),
+            tx,
+            want_prompt_logprobs: false,
+            prompt_logprobs: Vec::new(),
+            arrival: std::time::Instant::now(),
+            scheduled_at: None,
+            first_token_at: None,
+            draft: vec![0; drafts],
+            draft_computed: 0,
+            spec: None,
+        }
+    }
+
+    #[test]
+    fn keep_alive_runs_after_every_pass_of_the_draft() {
+        // 20 tokens to catch up in passes of 8 (8, 8, 4; the last gives d1), then one
+        // single-token pass for each of d2 and d3.
+        let mut model = DraftModel::new(Box::new(Sevens), 8);
+        let mut seqs = vec![decoding(20, 3)];
+        let mut beats = 0;
+        model
+            .propose(&mut seqs, &[0], &[], &mut || {
+                beats += 1;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(seqs[0].draft, vec![7, 7, 7]);
+        assert_eq!(seqs[0].draft_computed, 22);
+        assert_eq!(beats, 5, "one keep-alive per pass");
+    }
+
+    #[test]
+    fn a_failed_keep_alive_ends_the_proposal_with_its_error() {
+        let mut model = DraftModel::new(Box::new(Sevens), 8);
+        let mut seqs = vec![decoding(20, 3)];
+        let e = model
+            .propose(&mut seqs, &[0], &[], &mut || {
+                Err(BackendError::InvalidStep("rank 1 is gone".into()))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("rank 1 is gone"), "{e}");
+    }
 }

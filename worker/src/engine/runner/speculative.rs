@@ -12,6 +12,8 @@
 //! a complete grammar cuts the run where it would have stopped anyway. Not for: planning
 //! room for drafts (`scheduler::draft`) or proposing them (`crate::spec`, `draft_model`).
 
+use std::time::Instant;
+
 use super::draft_model::{DraftModel, running_mean};
 use super::{Runner, Stopped, accept_token};
 use crate::backend::{Backend, BackendError};
@@ -179,7 +181,28 @@ impl Runner {
             })
             .map(|item| (item.seq, self.sched.running[item.seq].num_computed + item.n))
             .collect();
-        model.propose(&mut self.sched.running, &planned, &prefilling)
+        // A group's followers wait for this step's plan while rank 0 drafts: the target's
+        // heartbeats reach them between the draft's passes.
+        let (target, last_contact) = (&mut self.backend, &mut self.last_contact);
+        let mut keep_alive = || {
+            let Some(every) = target.heartbeat_interval() else {
+                return Ok(());
+            };
+            if last_contact.elapsed() < every {
+                return Ok(());
+            }
+            *last_contact = Instant::now();
+            match target.heartbeat() {
+                Err(e) if e.is_fatal() => Err(e),
+                _ => Ok(()),
+            }
+        };
+        model.propose(
+            &mut self.sched.running,
+            &planned,
+            &prefilling,
+            &mut keep_alive,
+        )
     }
 
     /// Verifies the drafts of running[i] from its logits `rows` (one per position of
