@@ -232,6 +232,54 @@ fn a_group_with_a_draft_model_on_its_leader_serves_one_engines_greedy_tokens() {
 }
 
 #[test]
+fn the_leaders_draft_model_counts_in_its_kv_budget() {
+    // Rank 0 holds the whole draft beside its shard: the draft's weights and workspaces
+    // come out of rank 0's share of the node (half of a 64 MiB cgroup limit with two ranks
+    // on it), and each token of the pool costs the shard's KV bytes and the draft's.
+    let dir = case("llama");
+    let mem = tempfile::tempdir().unwrap();
+    let cfg = |draft: bool| EngineConfig {
+        max_batch_size: 1024,
+        max_num_tokens: 256,
+        max_seq_len: Some(256),
+        kv_max_tokens: None,
+        kv_memory_fraction: 0.5,
+        replicas_on_node: 2,
+        memory_source: support::fake_machine(mem.path(), &(64u64 << 20).to_string()),
+        speculative: draft.then(|| SpeculativeConfig::draft_target(4, dir.to_str().unwrap())),
+        ..config()
+    };
+    let whole =
+        CpuBackend::new(ModelWeights::load(&dir).unwrap(), KvDtype::Float32, Some(1)).unwrap();
+    let draft_per_token = whole.kv_bytes_per_token() as u64;
+    let f = whole.host_footprint(256, 1024);
+    let draft_model = f.weights + f.workspace;
+    let shard_per_token = draft_per_token / 2;
+    let tpb = config().tokens_per_block as u64;
+    let pool = |draft: bool| {
+        let (leader, handles) = group_with(&dir, 2, 2, Duration::from_secs(20), cfg(draft));
+        let blocks = leader.info().kv_capacity_blocks;
+        leader.shutdown();
+        join_within(handles, Duration::from_secs(20));
+        blocks
+    };
+    // Without a draft the pool takes half of (32 MiB - the shard's footprint).
+    let plain = pool(false) * tpb * shard_per_token;
+    let with_draft = pool(true) * tpb * (shard_per_token + draft_per_token);
+    let want = plain.saturating_sub(draft_model / 2);
+    let slack = 5 * (shard_per_token + draft_per_token) + 5 * shard_per_token;
+    assert!(
+        draft_model / 2 > 4 * slack,
+        "the draft's footprint {draft_model} must stand out of the rounding {slack}"
+    );
+    assert!(
+        with_draft <= want + slack && with_draft + slack > want,
+        "pool with the draft {with_draft} bytes; without it {plain}, less half the draft's \
+         {draft_model} is {want}"
+    );
+}
+
+#[test]
 fn an_idle_group_outlives_its_collective_timeout() {
     // Followers give up on a silent leader after 2 s; heartbeats keep an idle group alive.
     let dir = case("llama");

@@ -5,6 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod support;
+
+use support::fake_machine;
+
 use std::path::{Path, PathBuf};
 
 use llmapi_worker::backend::Backend;
@@ -14,35 +18,9 @@ use llmapi_worker::kv::host_memory::MemorySource;
 use llmapi_worker::model::ModelWeights;
 
 const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
 
 fn model_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/llama")
-}
-
-/// A fake /proc (MemAvailable 32 GiB) and a cgroup v2 tree that puts this process in
-/// `/job` with `memory.max` = `max` ("max": none) and nothing charged yet.
-fn fake_machine(dir: &Path, max: &str) -> MemorySource {
-    let (proc_root, cgroup_root) = (dir.join("proc"), dir.join("cgroup"));
-    std::fs::create_dir_all(proc_root.join("self")).unwrap();
-    std::fs::write(
-        proc_root.join("meminfo"),
-        format!(
-            "MemTotal: {} kB\nMemAvailable: {} kB\n",
-            64 * GIB / 1024,
-            32 * GIB / 1024
-        ),
-    )
-    .unwrap();
-    std::fs::write(proc_root.join("self/cgroup"), "0::/job\n").unwrap();
-    std::fs::create_dir_all(cgroup_root.join("job")).unwrap();
-    std::fs::write(cgroup_root.join("cgroup.controllers"), "memory\n").unwrap();
-    std::fs::write(cgroup_root.join("job/memory.max"), format!("{max}\n")).unwrap();
-    std::fs::write(cgroup_root.join("job/memory.current"), "0\n").unwrap();
-    MemorySource {
-        proc_root,
-        cgroup_root,
-    }
 }
 
 fn config(memory_source: MemorySource) -> EngineConfig {

@@ -17,6 +17,7 @@ use llmapi_worker::engine::{
     Engine, EngineConfig, EngineHandle, FinishReason, GenerateParams, KvDtype, LoadStats,
     SamplingParams, StoppingParams, TokenEvent, Usage,
 };
+use llmapi_worker::kv::host_memory::MemorySource;
 use llmapi_worker::service::{WorkerService, serve};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tonic::service::interceptor::InterceptedService;
@@ -278,5 +279,33 @@ pub fn wait_idle(h: &EngineHandle) -> LoadStats {
             return l;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// A fake /proc (MemAvailable 32 GiB) and a cgroup v2 tree that puts this process in
+/// `/job` with `memory.max` = `max` ("max": none) and nothing charged yet.
+pub fn fake_machine(dir: &Path, max: &str) -> MemorySource {
+    let (proc_root, cgroup_root) = (dir.join("proc"), dir.join("cgroup"));
+    std::fs::create_dir_all(proc_root.join("self")).unwrap();
+    std::fs::write(
+        proc_root.join("meminfo"),
+        format!(
+            "MemTotal: {} kB\nMemAvailable: {} kB\n",
+            64 * GIB / 1024,
+            32 * GIB / 1024
+        ),
+    )
+    .unwrap();
+    std::fs::write(proc_root.join("self/cgroup"), "0::/job\n").unwrap();
+    std::fs::create_dir_all(cgroup_root.join("job")).unwrap();
+    std::fs::write(cgroup_root.join("cgroup.controllers"), "memory\n").unwrap();
+    std::fs::write(cgroup_root.join("job/memory.max"), format!("{max}\n")).unwrap();
+    std::fs::write(cgroup_root.join("job/memory.current"), "0\n").unwrap();
+    MemorySource {
+        proc_root,
+        cgroup_root,
     }
 }
