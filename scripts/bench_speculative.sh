@@ -21,8 +21,10 @@
 # PROFILE (debug), PROMPTS (8), OUTPUT_LEN (96), DRAFT (4: max_draft_len), TABLES ("ngram
 # draft"), WORKLOADS ("edit random sampled"), DRAFT_LAYERS (half the model's layers; 0: no
 # cut draft), DRAFT_MODEL (unset: no such column), THREADS
-# (unset: the engine's default). The binaries must be built (cargo build --workspace, or
-# --release).
+# (unset: the engine's default), SERVE_ARGS (more `serve` flags for every server, plain
+# included: SERVE_ARGS="--tp_size 2" compares a tensor-parallel group with and without
+# speculation, the DraftTarget draft on its rank 0). The binaries must be built (cargo
+# build --workspace, or --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-debug}
@@ -31,6 +33,7 @@ OUTPUT_LEN=${OUTPUT_LEN:-96}
 DRAFT=${DRAFT:-4}
 TABLES=${TABLES:-ngram draft}
 WORKLOADS=${WORKLOADS:-edit random sampled}
+read -ra SERVE_FLAGS <<<"${SERVE_ARGS:-}"
 BIN=target/$PROFILE
 WORK=$(mktemp -d /tmp/llmapi-specbench.XXXXXX)
 # shellcheck source=lib/processes.sh
@@ -81,7 +84,7 @@ start() { # name extra-args... ; sets PORT[name]
   shift
   port=$(free_port)
   "$BIN/llmapi-launch" serve "$MODEL" --host 127.0.0.1 --port "$port" \
-    --max_batch_size 4 "$@" >"$WORK/serve-$name.log" 2>&1 &
+    --max_batch_size 4 "${SERVE_FLAGS[@]}" "$@" >"$WORK/serve-$name.log" 2>&1 &
   PIDS+=($!)
   wait_http "$port" /health 300
   PORT[$name]=$port
@@ -125,7 +128,7 @@ declare -A PORT
 start plain
 plain=${PORT[plain]}
 echo "$PROFILE build, model $MODEL, $PROMPTS prompts x $OUTPUT_LEN output tokens," \
-  "max_draft_len $DRAFT; logs in $WORK"
+  "max_draft_len $DRAFT, serve flags: ${SERVE_ARGS:-none}; logs in $WORK"
 for table in $TABLES; do
   echo
   case $table in
