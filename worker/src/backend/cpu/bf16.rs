@@ -344,6 +344,7 @@ fn panels_product(
         PanelPath::NextToL1 => Some(true),
     };
     let panel_lines = kp * NR * 4 / 64;
+    let stream = if stream_prefetch() { STREAM_AHEAD } else { 0 };
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
         for j in c * chunk..((c + 1) * chunk).min(panels) {
             let panel = w[j * kp * NR..].as_ptr();
@@ -361,9 +362,13 @@ fn panels_product(
                             at: w[(j + 1) * kp * NR..].as_ptr().wrapping_add(l0 * 16) as *const u8,
                             lines: l1_end - l0,
                             l1,
+                            stream: 0,
                         }
                     }
-                    _ => simd::Ahead::NONE,
+                    _ => simd::Ahead {
+                        stream,
+                        ..simd::Ahead::NONE
+                    },
                 };
                 let dst = simd::Dst {
                     rows: target.tile(t, m, j * NR, width),
@@ -438,6 +443,26 @@ pub fn panel_path() -> PanelPath {
         1 => PanelPath::NextToL2,
         _ => PanelPath::NextToL1,
     }
+}
+
+/// Bytes ahead in the weight stream that tiles of up to 4 input rows prefetch (see
+/// `bf16_avx512::Ahead::stream`): 4 KiB measured best among 1 to 8 KiB in a one-thread GEMV
+/// over the SmolLM2 head (8 KiB within noise of it, 1 KiB half the gain).
+#[cfg(target_arch = "x86_64")]
+const STREAM_AHEAD: usize = 4096;
+
+static STREAM_PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether tiles of up to 4 input rows (batch-1 decode, short verification steps) prefetch
+/// their weight stream ahead (default true). Results are the same bits either way; the
+/// switch exists for A/B measurements in the benches.
+pub fn set_stream_prefetch(on: bool) {
+    STREAM_PREFETCH.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_stream_prefetch`].
+pub fn stream_prefetch() -> bool {
+    STREAM_PREFETCH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 static WEIGHT_HUGE_PAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -834,6 +859,43 @@ mod tests {
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "rows {rows} n {n} k {k}: prefetch changed the result");
             }
+        }
+    }
+
+    /// The weight-stream prefetch of few-row tiles (decode, short drafts) leaves the bits of
+    /// the product unchanged, for 1 to 4 rows, short and odd widths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn stream_prefetch_gives_bit_identical_results() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
+        for &(rows, n, k) in &[(1, 100, 768), (2, 64, 130), (3, 33, 67), (4, 96, 576)] {
+            let (x, w, _, _) = case(rows, n, k);
+            let mat = packed_mat(n, k, w);
+            let outs: Vec<Vec<f32>> = [false, true]
+                .iter()
+                .map(|&on| {
+                    set_stream_prefetch(on);
+                    let mut out = vec![f32::NAN; rows * n];
+                    super::super::linear::linear(mode, &x, rows, &mat, &mut out);
+                    out
+                })
+                .collect();
+            set_stream_prefetch(true);
+            assert!(
+                outs[0].iter().all(|v| v.is_finite()),
+                "rows {rows} n {n} k {k}"
+            );
+            let same = outs[1]
+                .iter()
+                .zip(&outs[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "rows {rows} n {n} k {k}: the stream prefetch changed the result"
+            );
         }
     }
 
