@@ -12,7 +12,8 @@
 //! Env: LLMAPI_BENCH_THREADS (default all), LLMAPI_BENCH_STEPS (24), LLMAPI_BENCH_ROUNDS (3),
 //! LLMAPI_BENCH_CTX (256), LLMAPI_BENCH_KS (1,2,3,5,8), LLMAPI_BENCH_STREAM (`on`, `off` or
 //! `both`: the weight-stream prefetch of few-row tiles, `bf16::set_stream_prefetch`; `both`
-//! measures each k with it on and off, interleaved in every round, for an A/B in one run).
+//! measures each k with it on and off, interleaved in every round, for an A/B in one run),
+//! LLMAPI_BENCH_FMA (the same for the f32-FMA tiles of 3+ rows, `bf16::set_fma_tiles`).
 //! Run: `cargo bench --workspace --bench verify`.
 
 mod support;
@@ -23,7 +24,7 @@ use std::time::Instant;
 
 use llmapi_common::args::ModelDtype;
 use llmapi_worker::backend::cpu::CpuBackend;
-use llmapi_worker::backend::cpu::bf16::set_stream_prefetch;
+use llmapi_worker::backend::cpu::bf16::{set_fma_tiles, set_stream_prefetch};
 use llmapi_worker::backend::{Backend, LogitsWanted, SeqChunk};
 use llmapi_worker::engine::KvDtype;
 
@@ -86,11 +87,18 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 2, 3, 5, 8]);
-    let streams: Vec<bool> = match std::env::var("LLMAPI_BENCH_STREAM").as_deref() {
+    let switch = |name: &str| match std::env::var(name).as_deref() {
         Ok("off") => vec![false],
         Ok("both") => vec![true, false],
         _ => vec![true],
     };
+    // (stream prefetch, FMA tiles) pairs measured side by side.
+    let mut variants: Vec<(bool, bool)> = Vec::new();
+    for s in switch("LLMAPI_BENCH_STREAM") {
+        for f in switch("LLMAPI_BENCH_FMA") {
+            variants.push((s, f));
+        }
+    }
     println!("load average at start: {}", loadavg());
     for (name, preset) in [("bench", BENCH), ("smollm2-shaped", SMOLLM2)] {
         let mut be = CpuBackend::new(random_model(preset), KvDtype::Bf16, threads)
@@ -110,26 +118,28 @@ fn main() {
             }],
         );
         // Best of `rounds`, the ks interleaved within each round so that load drifts hit all.
-        let mut best = vec![vec![(f64::INFINITY, f64::INFINITY); ks.len()]; streams.len()];
+        let mut best = vec![vec![(f64::INFINITY, f64::INFINITY); ks.len()]; variants.len()];
         for _ in 0..rounds {
             for (i, &k) in ks.iter().enumerate() {
-                for (b, &on) in best.iter_mut().zip(&streams) {
-                    set_stream_prefetch(on);
+                for (b, &(stream, fma)) in best.iter_mut().zip(&variants) {
+                    set_stream_prefetch(stream);
+                    set_fma_tiles(fma);
                     let (wall, cpu) = step_ms(&mut be, &table, ctx, k, steps);
                     b[i] = (b[i].0.min(wall), b[i].1.min(cpu));
                 }
             }
         }
         set_stream_prefetch(true);
+        set_fma_tiles(true);
         println!("{name}: one sequence, context {ctx}, best of {rounds} rounds of {steps} steps");
-        for (best, &on) in best.iter().zip(&streams) {
+        for (best, &(stream, fma)) in best.iter().zip(&variants) {
             let one = ks
                 .iter()
                 .position(|&k| k == 1)
                 .map_or((f64::NAN, f64::NAN), |i| best[i]);
-            let pf = if on { "on" } else { "off" };
+            let on = |b: bool| if b { "on" } else { "off" };
             // The ratio is also the break-even: a step of k must yield more tokens than it.
-            println!("  stream prefetch {pf}");
+            println!("  stream prefetch {}, FMA tiles {}", on(stream), on(fma));
             println!(
                 "  k tokens | ms/step | vs 1-token step (= tokens a step must yield) | on-CPU ms/step | vs 1-token"
             );

@@ -344,7 +344,20 @@ fn panels_product(
         PanelPath::NextToL1 => Some(true),
     };
     let panel_lines = kp * NR * 4 / 64;
-    let stream = if stream_prefetch() { STREAM_AHEAD } else { 0 };
+    let stream = if stream_prefetch() && tiles < 2 {
+        STREAM_AHEAD
+    } else {
+        0
+    };
+    // Tiles of FMA_MIN_ROWS or more rows multiply by f32 FMAs (`tile_f32`) on the input
+    // widened once here; a row stride of an odd number of lines, as for `xa`.
+    let fstride = 2 * stride + 16;
+    let xf = (fma_tiles() && per >= FMA_MIN_ROWS).then(|| {
+        let mut xf = vec![0.0f32; rows * fstride];
+        // SAFETY: only reached with the CPU features of this kernel (see linear()).
+        unsafe { simd::widen_pairs(xa, stride, kp, &mut xf, fstride) };
+        xf
+    });
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
         for j in c * chunk..((c + 1) * chunk).min(panels) {
             let panel = w[j * kp * NR..].as_ptr();
@@ -377,6 +390,29 @@ fn panels_product(
                 // SAFETY: the caller checked the CPU features; a holds m rows of kp dwords at
                 // `stride` and the panel kp * NR dwords (asserted above); m <= MR; dst names
                 // columns j * NR..j * NR + width of rows t..t + m, which belong to this task.
+                if let Some(xf) = &xf
+                    && m >= FMA_MIN_ROWS
+                {
+                    let af = xf[t * fstride..].as_ptr();
+                    // SAFETY: as below, with af holding m rows of 2 kp floats at fstride.
+                    unsafe {
+                        match m {
+                            3 => simd::tile_f32::<3>(af, fstride, panel, kp, dst, ahead),
+                            4 => simd::tile_f32::<4>(af, fstride, panel, kp, dst, ahead),
+                            5 => simd::tile_f32::<5>(af, fstride, panel, kp, dst, ahead),
+                            6 => simd::tile_f32::<6>(af, fstride, panel, kp, dst, ahead),
+                            7 => simd::tile_f32::<7>(af, fstride, panel, kp, dst, ahead),
+                            8 => simd::tile_f32::<8>(af, fstride, panel, kp, dst, ahead),
+                            9 => simd::tile_f32::<9>(af, fstride, panel, kp, dst, ahead),
+                            10 => simd::tile_f32::<10>(af, fstride, panel, kp, dst, ahead),
+                            11 => simd::tile_f32::<11>(af, fstride, panel, kp, dst, ahead),
+                            _ => simd::tile_f32::<12>(af, fstride, panel, kp, dst, ahead),
+                        }
+                    }
+                    t += m;
+                    ti += 1;
+                    continue;
+                }
                 unsafe {
                     match m {
                         1 => simd::tile::<1>(a, stride, panel, kp, dst, ahead),
@@ -443,6 +479,27 @@ pub fn panel_path() -> PanelPath {
         1 => PanelPath::NextToL2,
         _ => PanelPath::NextToL1,
     }
+}
+
+/// Input rows from which a tile multiplies by f32 FMAs (`bf16_avx512::tile_f32`) instead of
+/// `vdpbf16ps`: with fewer the tile is bound by memory either way, and the FMA kernel's
+/// chain of two dependent FMAs per accumulator and step makes it slower (0.85 to 0.9x at 1
+/// and 2 rows from L2); from 3 rows it is 1.4x faster, 1.8x at 8 to 12.
+#[cfg(target_arch = "x86_64")]
+const FMA_MIN_ROWS: usize = 3;
+
+static FMA_TILES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether tiles of 3 or more input rows multiply by f32 FMAs on the weights widened in
+/// registers (default true) or by `vdpbf16ps`. The same bits either way (outside the
+/// denormal range, which `vdpbf16ps` flushes); the switch exists for A/B measurements.
+pub fn set_fma_tiles(on: bool) {
+    FMA_TILES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_fma_tiles`].
+pub fn fma_tiles() -> bool {
+    FMA_TILES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Bytes ahead in the weight stream that tiles of up to 4 input rows prefetch (see
@@ -895,6 +952,53 @@ mod tests {
             assert!(
                 same,
                 "rows {rows} n {n} k {k}: the stream prefetch changed the result"
+            );
+        }
+    }
+
+    /// Tiles of 3 or more rows on f32 FMAs give the bits of `vdpbf16ps` (which adds the odd
+    /// product of a pair before the even one, as they do): one tile of 3 to 12 rows, several
+    /// tiles, odd k, short last panels.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fma_tiles_give_the_bits_of_vdpbf16ps() {
+        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
+            return;
+        }
+        let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
+        let shapes = [
+            (3, 64, 576),
+            (4, 33, 67),
+            (5, 100, 768),
+            (8, 96, 130),
+            (12, 40, 1536),
+            (13, 64, 96),
+            (32, 70, 300),
+        ];
+        for &(rows, n, k) in &shapes {
+            let (x, w, _, _) = case(rows, n, k);
+            let mat = packed_mat(n, k, w);
+            let outs: Vec<Vec<f32>> = [false, true]
+                .iter()
+                .map(|&on| {
+                    set_fma_tiles(on);
+                    let mut out = vec![f32::NAN; rows * n];
+                    super::super::linear::linear(mode, &x, rows, &mat, &mut out);
+                    out
+                })
+                .collect();
+            set_fma_tiles(true);
+            assert!(
+                outs[0].iter().all(|v| v.is_finite()),
+                "rows {rows} n {n} k {k}"
+            );
+            let same = outs[1]
+                .iter()
+                .zip(&outs[0])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "rows {rows} n {n} k {k}: the FMA tiles changed the result"
             );
         }
     }
