@@ -354,8 +354,17 @@ fn panels_product(
     let fstride = 2 * stride + 16;
     let xf = (fma_tiles() && per >= FMA_MIN_ROWS).then(|| {
         let mut xf = vec![0.0f32; rows * fstride];
-        // SAFETY: only reached with the CPU features of this kernel (see linear()).
-        unsafe { simd::widen_pairs(xa, stride, kp, &mut xf, fstride) };
+        // SAFETY (both calls): only reached with the CPU features of this kernel (see
+        // linear()); group g starts at row 8g of xa.
+        let widen = |(g, o): (usize, &mut [f32])| unsafe {
+            simd::widen_pairs(&xa[g * 8 * stride..], stride, kp, o, fstride)
+        };
+        // A prefill chunk's rows (megabytes) are widened on the pool.
+        if rows * kp < 1 << 16 {
+            widen((0, &mut xf));
+        } else {
+            xf.par_chunks_mut(8 * fstride).enumerate().for_each(widen);
+        }
         xf
     });
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
@@ -958,7 +967,7 @@ mod tests {
 
     /// Tiles of 3 or more rows on f32 FMAs give the bits of `vdpbf16ps` (which adds the odd
     /// product of a pair before the even one, as they do): one tile of 3 to 12 rows, several
-    /// tiles, odd k, short last panels.
+    /// tiles, odd k, short last panels, a prefill-sized input.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn fma_tiles_give_the_bits_of_vdpbf16ps() {
@@ -974,6 +983,8 @@ mod tests {
             (12, 40, 1536),
             (13, 64, 96),
             (32, 70, 300),
+            // Input widened on the pool (rows x pairs >= 2^16).
+            (67, 40, 2048),
         ];
         for &(rows, n, k) in &shapes {
             let (x, w, _, _) = case(rows, n, k);
