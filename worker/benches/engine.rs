@@ -18,6 +18,9 @@
 //! LLMAPI_BENCH_STEP_PATH=before,fused runs bfloat16 the same way once per step path
 //! (`cpu::set_fused_step`: the serial epilogues of a step, or the fused batch ones), crossed
 //! with the panel paths when both are given.
+//! LLMAPI_BENCH_STREAM=off and LLMAPI_BENCH_FMA=off turn off the weight-stream prefetch of
+//! few-row tiles and the f32-FMA tiles of 3+ rows (`bf16::set_stream_prefetch`,
+//! `bf16::set_fma_tiles`) for the whole run, the kernels before them, to compare runs.
 //! Run: `cargo bench -p llmapi-worker --bench engine`.
 
 mod support;
@@ -29,7 +32,8 @@ use std::time::Instant;
 
 use llmapi_common::args::ModelDtype;
 use llmapi_worker::backend::cpu::bf16::{
-    PanelPath, panel_path, set_panel_path, set_weight_huge_pages,
+    PanelPath, panel_path, set_fma_tiles, set_panel_path, set_stream_prefetch,
+    set_weight_huge_pages,
 };
 use llmapi_worker::backend::cpu::{CpuBackend, fused_step, set_fused_step};
 use llmapi_worker::backend::{Backend, SeqChunk};
@@ -104,6 +108,12 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
 }
 
 fn main() {
+    if std::env::var("LLMAPI_BENCH_STREAM").as_deref() == Ok("off") {
+        set_stream_prefetch(false);
+    }
+    if std::env::var("LLMAPI_BENCH_FMA").as_deref() == Ok("off") {
+        set_fma_tiles(false);
+    }
     let threads = std::env::var("LLMAPI_BENCH_THREADS")
         .ok()
         .and_then(|s| s.parse().ok());

@@ -344,6 +344,29 @@ fn panels_product(
         PanelPath::NextToL1 => Some(true),
     };
     let panel_lines = kp * NR * 4 / 64;
+    let stream = if stream_prefetch() && tiles < 2 {
+        STREAM_AHEAD
+    } else {
+        0
+    };
+    // Tiles of FMA_MIN_ROWS or more rows multiply by f32 FMAs (`tile_f32`) on the input
+    // widened once here; a row stride of an odd number of lines, as for `xa`.
+    let fstride = 2 * stride + 16;
+    let xf = (fma_tiles() && per >= FMA_MIN_ROWS).then(|| {
+        let mut xf = vec![0.0f32; rows * fstride];
+        // SAFETY (both calls): only reached with the CPU features of this kernel (see
+        // linear()); group g starts at row 8g of xa.
+        let widen = |(g, o): (usize, &mut [f32])| unsafe {
+            simd::widen_pairs(&xa[g * 8 * stride..], stride, kp, o, fstride)
+        };
+        // A prefill chunk's rows (megabytes) are widened on the pool.
+        if rows * kp < 1 << 16 {
+            widen((0, &mut xf));
+        } else {
+            xf.par_chunks_mut(8 * fstride).enumerate().for_each(widen);
+        }
+        xf
+    });
     (0..panels.div_ceil(chunk)).into_par_iter().for_each(|c| {
         for j in c * chunk..((c + 1) * chunk).min(panels) {
             let panel = w[j * kp * NR..].as_ptr();
@@ -361,9 +384,13 @@ fn panels_product(
                             at: w[(j + 1) * kp * NR..].as_ptr().wrapping_add(l0 * 16) as *const u8,
                             lines: l1_end - l0,
                             l1,
+                            stream: 0,
                         }
                     }
-                    _ => simd::Ahead::NONE,
+                    _ => simd::Ahead {
+                        stream,
+                        ..simd::Ahead::NONE
+                    },
                 };
                 let dst = simd::Dst {
                     rows: target.tile(t, m, j * NR, width),
@@ -372,6 +399,29 @@ fn panels_product(
                 // SAFETY: the caller checked the CPU features; a holds m rows of kp dwords at
                 // `stride` and the panel kp * NR dwords (asserted above); m <= MR; dst names
                 // columns j * NR..j * NR + width of rows t..t + m, which belong to this task.
+                if let Some(xf) = &xf
+                    && m >= FMA_MIN_ROWS
+                {
+                    let af = xf[t * fstride..].as_ptr();
+                    // SAFETY: as below, with af holding m rows of 2 kp floats at fstride.
+                    unsafe {
+                        match m {
+                            3 => simd::tile_f32::<3>(af, fstride, panel, kp, dst, ahead),
+                            4 => simd::tile_f32::<4>(af, fstride, panel, kp, dst, ahead),
+                            5 => simd::tile_f32::<5>(af, fstride, panel, kp, dst, ahead),
+                            6 => simd::tile_f32::<6>(af, fstride, panel, kp, dst, ahead),
+                            7 => simd::tile_f32::<7>(af, fstride, panel, kp, dst, ahead),
+                            8 => simd::tile_f32::<8>(af, fstride, panel, kp, dst, ahead),
+                            9 => simd::tile_f32::<9>(af, fstride, panel, kp, dst, ahead),
+                            10 => simd::tile_f32::<10>(af, fstride, panel, kp, dst, ahead),
+                            11 => simd::tile_f32::<11>(af, fstride, panel, kp, dst, ahead),
+                            _ => simd::tile_f32::<12>(af, fstride, panel, kp, dst, ahead),
+                        }
+                    }
+                    t += m;
+                    ti += 1;
+                    continue;
+                }
                 unsafe {
                     match m {
                         1 => simd::tile::<1>(a, stride, panel, kp, dst, ahead),
@@ -438,6 +488,47 @@ pub fn panel_path() -> PanelPath {
         1 => PanelPath::NextToL2,
         _ => PanelPath::NextToL1,
     }
+}
+
+/// Input rows from which a tile multiplies by f32 FMAs (`bf16_avx512::tile_f32`) instead of
+/// `vdpbf16ps`: with fewer the tile is bound by memory either way, and the FMA kernel's
+/// chain of two dependent FMAs per accumulator and step makes it slower (0.85 to 0.9x at 1
+/// and 2 rows from L2); from 3 rows it is 1.4x faster, 1.8x at 8 to 12.
+#[cfg(target_arch = "x86_64")]
+const FMA_MIN_ROWS: usize = 3;
+
+static FMA_TILES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether tiles of 3 or more input rows multiply by f32 FMAs on the weights widened in
+/// registers (default true) or by `vdpbf16ps`. The same bits either way (outside the
+/// denormal range, which `vdpbf16ps` flushes); the switch exists for A/B measurements.
+pub fn set_fma_tiles(on: bool) {
+    FMA_TILES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_fma_tiles`].
+pub fn fma_tiles() -> bool {
+    FMA_TILES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Bytes ahead in the weight stream that tiles of up to 4 input rows prefetch (see
+/// `bf16_avx512::Ahead::stream`): 4 KiB measured best among 1 to 8 KiB in a one-thread GEMV
+/// over the SmolLM2 head (8 KiB within noise of it, 1 KiB half the gain).
+#[cfg(target_arch = "x86_64")]
+const STREAM_AHEAD: usize = 4096;
+
+static STREAM_PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether tiles of up to 4 input rows (batch-1 decode, short verification steps) prefetch
+/// their weight stream ahead (default true). Results are the same bits either way; the
+/// switch exists for A/B measurements in the benches.
+pub fn set_stream_prefetch(on: bool) {
+    STREAM_PREFETCH.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_stream_prefetch`].
+pub fn stream_prefetch() -> bool {
+    STREAM_PREFETCH.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 static WEIGHT_HUGE_PAGES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -652,330 +743,5 @@ mod gemm {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rounding_is_to_nearest_even_with_denormals_flushed() {
-        // 1 + 2^-8 lies halfway between two bf16 values; ties go to the even mantissa.
-        assert_eq!(to_bf16(1.0 + 1.0 / 256.0), to_bf16(1.0));
-        assert_eq!(to_f32(to_bf16(1.0 + 3.0 / 256.0)), 1.0 + 4.0 / 256.0);
-        assert_eq!(to_f32(to_bf16(1.0 + 1.5 / 256.0)), 1.0 + 2.0 / 256.0);
-        assert_eq!(to_bf16(-0.0), 0x8000);
-        assert_eq!(to_bf16(f32::from_bits(1)), 0);
-        assert_eq!(to_bf16(-f32::from_bits(0x007f_ffff)), 0x8000);
-        assert_eq!(to_f32(to_bf16(f32::MAX)), f32::INFINITY);
-        assert!(to_f32(to_bf16(f32::NAN)).is_nan());
-        assert_eq!(to_f32(to_bf16(f32::NEG_INFINITY)), f32::NEG_INFINITY);
-    }
-
-    fn awkward_values() -> Vec<f32> {
-        let mut v: Vec<f32> = (0..4000)
-            .map(|i| ((i as f32) * 0.7311).sin() * 10f32.powi(i % 13 - 6))
-            .collect();
-        v.extend([
-            0.0,
-            -0.0,
-            f32::from_bits(1),
-            f32::from_bits(0x8000_0001),
-            f32::MIN_POSITIVE,
-            f32::MAX,
-            f32::MIN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            1.0 + 1.0 / 256.0,
-            1.0 + 3.0 / 256.0,
-            -(1.0 + 1.0 / 256.0),
-        ]);
-        v
-    }
-
-    #[test]
-    fn native_rounding_equals_the_portable_rounding_bit_for_bit() {
-        let kernel = Bf16Kernel::detect();
-        if kernel == Bf16Kernel::Portable {
-            eprintln!("no AVX512_BF16 on this CPU: only the portable rounding exists");
-            return;
-        }
-        let x = awkward_values();
-        let mut native = vec![0u16; x.len()];
-        round_into(kernel, &x, &mut native);
-        let mut portable = vec![0u16; x.len()];
-        round_into(Bf16Kernel::Portable, &x, &mut portable);
-        for (i, (a, b)) in native.iter().zip(&portable).enumerate() {
-            assert_eq!(a, b, "x = {:e} ({:#x})", x[i], x[i].to_bits());
-        }
-    }
-
-    /// The `n x k` row-major bf16 matrix `w` packed into panels by [`pack_mat`].
-    #[cfg(target_arch = "x86_64")]
-    fn packed_mat(n: usize, k: usize, w: Vec<u16>) -> crate::model::Mat {
-        let mut m = crate::model::Mat {
-            rows: n,
-            cols: k,
-            data: WeightData::Bf16(w),
-        };
-        pack_mat(&mut m, Bf16Kernel::Avx512Bf16);
-        assert!(matches!(m.data, WeightData::Bf16Panels(_)));
-        m
-    }
-
-    /// Weights and activations with bf16 bits, and the exact f64 reference on rounded inputs.
-    fn case(rows: usize, n: usize, k: usize) -> (Vec<f32>, Vec<u16>, Vec<f64>, Vec<f64>) {
-        let x: Vec<f32> = (0..rows * k)
-            .map(|i| ((i as f32) * 0.0137).sin() * 1.7)
-            .collect();
-        let w: Vec<u16> = (0..n * k)
-            .map(|i| to_bf16(((i * 7919 % 1009) as f32 - 504.0) / 300.0))
-            .collect();
-        let mut want = vec![0.0f64; rows * n];
-        let mut scale = vec![0.0f64; rows * n];
-        for t in 0..rows {
-            for c in 0..n {
-                for i in 0..k {
-                    let p =
-                        f64::from(to_f32(to_bf16(x[t * k + i]))) * f64::from(to_f32(w[c * k + i]));
-                    want[t * n + c] += p;
-                    scale[t * n + c] += p.abs();
-                }
-            }
-        }
-        (x, w, want, scale)
-    }
-
-    /// The row-major and (on AVX512_BF16) the packed kernels against the exact sum of exact
-    /// products of the rounded inputs: the only error left is f32 summation over 16 lanes (or
-    /// 2 x 32 accumulators) and their reduction, bounded by (k / 16 + 8) ulps of the sum of
-    /// |products|, far below the 2^-9 relative error that skipping the input rounding would
-    /// leave.
-    #[test]
-    fn bf16_kernels_match_a_naive_product_of_rounded_inputs() {
-        for &(rows, n, k) in &[
-            (1, 37, 67),
-            (1, 64, 768),
-            (2, 96, 64),
-            (3, 33, 31),
-            (4, 31, 2),
-            (5, 32, 33),
-            (8, 40, 96),
-            (12, 70, 130),
-            (13, 65, 77),
-            (32, 19, 130),
-            (33, 70, 67),
-            (64, 33, 40),
-            (100, 65, 256),
-        ] {
-            let (x, w, want, scale) = case(rows, n, k);
-            let mut got = vec![f32::NAN; rows * n];
-            let row_major = crate::model::Mat {
-                rows: n,
-                cols: k,
-                data: crate::model::WeightData::Bf16(w.clone()),
-            };
-            let mut mats = vec![("row-major", Bf16Kernel::Portable, row_major.clone())];
-            mats.push(("row-major", Bf16Kernel::detect(), row_major.clone()));
-            let mut packed = row_major;
-            #[cfg(target_arch = "x86_64")]
-            if Bf16Kernel::detect() == Bf16Kernel::Avx512Bf16 {
-                pack_mat(&mut packed, Bf16Kernel::Avx512Bf16);
-                assert!(matches!(packed.data, WeightData::Bf16Panels(_)));
-                mats.push(("packed", Bf16Kernel::Avx512Bf16, packed.clone()));
-                mats.push(("packed", Bf16Kernel::Portable, packed));
-            }
-            for (layout, kernel, mat) in &mats {
-                got.fill(f32::NAN);
-                let mode = super::super::linear::GemmDtype::Bf16(*kernel);
-                super::super::linear::linear(mode, &x, rows, mat, &mut got);
-                for i in 0..rows * n {
-                    let tol = scale[i] * (k / 16 + 8) as f64 * f64::from(f32::EPSILON);
-                    let err = (f64::from(got[i]) - want[i]).abs();
-                    assert!(
-                        err <= tol,
-                        "{layout} {kernel:?} rows {rows} n {n} k {k} at {i}: {} vs {} (tol {tol:e})",
-                        got[i],
-                        want[i]
-                    );
-                }
-            }
-        }
-    }
-
-    /// Prefetching the next panel (any setting) changes nothing in the result, bit for bit, for
-    /// row counts of one tile and of several (where the prefetch runs), full and partial
-    /// panels.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn next_panel_prefetch_gives_bit_identical_results() {
-        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
-            return;
-        }
-        let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
-        for &(rows, n, k) in &[(32, 100, 768), (13, 64, 130), (25, 33, 67), (64, 96, 2048)] {
-            let (x, w, _, _) = case(rows, n, k);
-            let mat = packed_mat(n, k, w);
-            let outs: Vec<Vec<f32>> = [PanelPath::Plain, PanelPath::NextToL2, PanelPath::NextToL1]
-                .iter()
-                .map(|&pf| {
-                    set_panel_path(pf);
-                    let mut out = vec![f32::NAN; rows * n];
-                    super::super::linear::linear(mode, &x, rows, &mat, &mut out);
-                    out
-                })
-                .collect();
-            set_panel_path(PanelPath::NextToL1);
-            assert!(
-                outs[0].iter().all(|v| v.is_finite()),
-                "rows {rows} n {n} k {k}"
-            );
-            for o in &outs[1..] {
-                let same = o
-                    .iter()
-                    .zip(&outs[0])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "rows {rows} n {n} k {k}: prefetch changed the result");
-            }
-        }
-    }
-
-    /// The down projection fed by the fused gating gives the bits of gating into f32 and
-    /// then the packed product, for batch and single rows, odd and even widths.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn fused_gating_gives_the_bits_of_gating_then_linear() {
-        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
-            return;
-        }
-        let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
-        for &(rows, n, inter) in &[(1, 40, 67), (5, 33, 130), (32, 96, 2048), (40, 64, 100)] {
-            let (gu, w, _, _) = case(rows, n, 2 * inter);
-            let down = packed_mat(n, inter, w[..n * inter].to_vec());
-            let mut act = vec![0.0f32; rows * inter];
-            for (a, g) in act.chunks_exact_mut(inter).zip(gu.chunks_exact(2 * inter)) {
-                super::super::kernels::silu_mul(g, a);
-            }
-            let mut want = vec![f32::NAN; rows * n];
-            super::super::linear::linear(mode, &act, rows, &down, &mut want);
-            let mut got = vec![f32::NAN; rows * n];
-            assert!(super::super::linear::silu_mul_linear(
-                mode, &gu, rows, &down, &mut got
-            ));
-            assert!(want.iter().all(|v| v.is_finite()));
-            let same = got
-                .iter()
-                .zip(&want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "rows {rows} n {n} inter {inter}");
-        }
-        let (gu, w, _, _) = case(2, 8, 16);
-        let row_major = crate::model::Mat {
-            rows: 8,
-            cols: 8,
-            data: WeightData::Bf16(w[..64].to_vec()),
-        };
-        let mut out = vec![0.0f32; 16];
-        assert!(!super::super::linear::silu_mul_linear(
-            mode, &gu, 2, &row_major, &mut out
-        ));
-    }
-
-    /// Output rows in separate, uninitialized vectors get the bits of the same product into
-    /// one matrix, for one row, one tile and several tiles of rows, odd and even widths.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn product_into_separate_rows_gives_the_bits_of_the_matrix() {
-        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
-            return;
-        }
-        for &(rows, n, k) in &[(1, 70, 67), (5, 33, 130), (13, 64, 768), (32, 100, 96)] {
-            let (x, w, _, _) = case(rows, n, k);
-            let mat = packed_mat(n, k, w);
-            let WeightData::Bf16Panels(panels) = &mat.data else {
-                unreachable!("packed above")
-            };
-            let mut want = vec![f32::NAN; rows * n];
-            linear_panels(&x, rows, panels, k, n, &mut want);
-            assert!(want.iter().all(|v| v.is_finite()));
-            let mut vecs: Vec<Vec<f32>> = (0..rows).map(|_| Vec::with_capacity(n)).collect();
-            let mut outs: Vec<&mut [std::mem::MaybeUninit<f32>]> = vecs
-                .iter_mut()
-                .map(|v| &mut v.spare_capacity_mut()[..n])
-                .collect();
-            let mode = super::super::linear::GemmDtype::Bf16(Bf16Kernel::Avx512Bf16);
-            assert!(super::super::linear::linear_rows(mode, &x, &mat, &mut outs));
-            drop(outs);
-            for (t, v) in vecs.iter_mut().enumerate() {
-                // SAFETY: linear_rows wrote the first n elements of every row.
-                unsafe { v.set_len(n) };
-                let same = v
-                    .iter()
-                    .zip(&want[t * n..(t + 1) * n])
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "rows {rows} n {n} k {k}: row {t}");
-            }
-        }
-    }
-
-    /// The rounded input rows are kept from call to call on a thread without zeroing: a call
-    /// after a larger one (which left its values in the buffer) gives the same bits as the
-    /// same call on a fresh thread, for odd k (whose last pair's upper half must be zero).
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn reused_input_rows_give_the_bits_of_fresh_ones() {
-        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
-            return;
-        }
-        let packed = |n: usize, k: usize, w: &[u16]| match packed_mat(n, k, w.to_vec()).data {
-            WeightData::Bf16Panels(p) => p,
-            _ => unreachable!("packed_mat packs"),
-        };
-        let (rows, n, k) = (9, 40, 131);
-        let (x, w, _, _) = case(rows, n, k);
-        let small = packed(n, k, &w);
-        let fresh = std::thread::spawn({
-            let (x, small) = (x.clone(), small.clone());
-            move || {
-                let mut out = vec![f32::NAN; rows * n];
-                linear_panels(&x, rows, &small, k, n, &mut out);
-                out
-            }
-        })
-        .join()
-        .expect("fresh thread");
-        let (bx, bw, _, _) = case(20, 32, 400);
-        let big: Vec<f32> = bx.iter().map(|v| v * 1e3 + 7.0).collect();
-        let mut junk = vec![0.0f32; 20 * 32];
-        linear_panels(&big, 20, &packed(32, 400, &bw), 400, 32, &mut junk);
-        let mut out = vec![f32::NAN; rows * n];
-        linear_panels(&x, rows, &small, k, n, &mut out);
-        let same = out
-            .iter()
-            .zip(&fresh)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "a reused buffer changed the result");
-    }
-
-    /// Rows read back from packed panels (the tied-embedding lookup) equal the original rows.
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn rows_read_from_packed_panels_equal_the_row_major_rows() {
-        if Bf16Kernel::detect() != Bf16Kernel::Avx512Bf16 {
-            return;
-        }
-        for &(n, k) in &[(70, 67), (32, 64), (5, 1), (100, 768)] {
-            let (_, w, _, _) = case(1, n, k);
-            let row_major = crate::model::Mat {
-                rows: n,
-                cols: k,
-                data: WeightData::Bf16(w),
-            };
-            let mut packed = row_major.clone();
-            pack_mat(&mut packed, Bf16Kernel::Avx512Bf16);
-            let (mut a, mut b) = (vec![0.0f32; k], vec![f32::NAN; k]);
-            for r in 0..n {
-                row_major.row_to_f32(r, &mut a);
-                packed.row_to_f32(r, &mut b);
-                assert_eq!(a, b, "n {n} k {k} row {r}");
-            }
-        }
-    }
-}
+#[path = "bf16_tests.rs"]
+mod tests;
