@@ -13,6 +13,9 @@ mod kq_tiles;
 pub mod kv_store;
 pub mod linear;
 mod microkernel;
+pub mod q4;
+#[cfg(target_arch = "x86_64")]
+mod q4_tiles;
 pub mod q4k;
 #[cfg(target_arch = "x86_64")]
 mod q4k_simd;
