@@ -3,10 +3,8 @@
 //!
 //! Checks that the chat answer to "What is the capital of France?" names Paris, that greedy
 //! completions equal transformers' own GGUF loading (`worker/tests/golden/gguf/`, written by
-//! `scripts/golden/make_gguf_golden.py`) and llama-server's on the same file
-//! (`scripts/golden/add_llama_cpp_greedy.py`) up to the stated bounds, and that chat streams
-//! end on the template's end-of-turn token. Skips, saying why, only when the file is not
-//! there.
+//! `scripts/golden/make_gguf_golden.py`) up to the stated bound, and that chat streams end on
+//! the template's end-of-turn token. Skips, saying why, only when the file is not there.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,17 +13,11 @@ use llmapi_common::tokenizer::Tokenizer;
 use llmapi_tests::{Proc, bin, free_port, get, post, serve};
 use serde_json::{Value, json};
 
-/// llama.cpp's greedy steps are compared while transformers' float32 top-1 minus top-2
-/// logit margin is at least this: the engine computes the Q4_1 and Q8_0 projections as
-/// llama.cpp does (activations quantized to int8 per 32 values, the same integer sums), so
-/// only the f32 summation order differs and a close race may go either way.
+/// Reference steps are compared while their top-1 minus top-2 logit margin in transformers'
+/// float32 is at least this. The engine holds the dequantized weights in bf16 (8-bit
+/// mantissa), which moves logits by a few hundredths here; a closer race may go either way
+/// and is not a bug (the one divergence seen, on the second prompt, is at a margin of 0.003).
 const MIN_MARGIN: f64 = 0.1;
-
-/// Transformers' greedy steps are compared while its margin is at least this. Its float32
-/// product of the dequantized weights and the engine's int8 activations differ by tenths of
-/// a logit here: the first prompt's sixth token (margin 0.22) goes the other way in both
-/// llmapi and llama-server; a closer race is not a bug.
-const MIN_MARGIN_TRANSFORMERS: f64 = 0.25;
 
 fn gguf() -> Option<PathBuf> {
     match std::env::var_os("LLMAPI_SMOLLM2_GGUF").map(PathBuf::from) {
@@ -57,13 +49,13 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy steps before the first whose reference margin is below `min`.
-fn exact_steps(case: &Value, min: f64) -> usize {
+/// Greedy steps before the first whose reference margin is below [`MIN_MARGIN`].
+fn exact_steps(case: &Value) -> usize {
     case["margins"]
         .as_array()
         .expect("margins")
         .iter()
-        .take_while(|m| m.as_f64().unwrap_or(0.0) >= min)
+        .take_while(|m| m.as_f64().unwrap_or(0.0) >= MIN_MARGIN)
         .count()
 }
 
@@ -96,10 +88,10 @@ fn smollm2_gguf_answers_like_transformers() {
 
     // (b) Greedy completions of the prompt ids equal the reference up to the bound.
     let new_tokens = golden["new_tokens"].as_u64().expect("new_tokens");
-    let (mut compared, mut compared_llama) = (0, 0);
+    let mut compared = 0;
     for case in cases.iter().filter(|c| c.get("chat").is_none()) {
         let want = ids(&case["greedy"]);
-        let k = exact_steps(case, MIN_MARGIN_TRANSFORMERS);
+        let k = exact_steps(case);
         let r = post(
             port,
             "/v1/completions",
@@ -118,15 +110,6 @@ fn smollm2_gguf_answers_like_transformers() {
             case["prompt"]
         );
         compared += k;
-        let llama = ids(&case["llama_cpp_greedy"]);
-        let kl = exact_steps(case, MIN_MARGIN).min(llama.len());
-        let expected = tok.decode(&llama[..kl], false).expect("decode");
-        assert!(
-            text.starts_with(&expected),
-            "{:?}: the first {kl} greedy tokens differ from llama-server's\n engine: {text:?}\n  want: {expected:?}",
-            case["prompt"]
-        );
-        compared_llama += kl;
         let same = (0..=want.len())
             .take_while(|&i| {
                 tok.decode(&want[..i], false)
@@ -140,15 +123,8 @@ fn smollm2_gguf_answers_like_transformers() {
             want.len()
         );
     }
-    eprintln!(
-        "{compared} greedy tokens equal to transformers' (margin >= {MIN_MARGIN_TRANSFORMERS}), \
-         {compared_llama} to llama-server's (margin >= {MIN_MARGIN})"
-    );
+    eprintln!("{compared} greedy tokens equal to transformers' (margin >= {MIN_MARGIN})");
     assert!(compared >= 8, "too few steps compared: {compared}");
-    assert!(
-        compared_llama >= 24,
-        "too few steps compared: {compared_llama}"
-    );
 
     // (a) The chat answer names Paris.
     let question = json!([{"role": "user", "content": "What is the capital of France?"}]);

@@ -46,8 +46,8 @@ pub enum WeightData {
     /// backend to compute on (`backend::cpu::q4k`).
     KQuant(KRows),
     /// GGUF Q4_0 or Q4_1 blocks, repacked for the CPU backend to compute on
-    /// (`backend::cpu::q4`).
-    Q4(Q4Rows),
+    /// (`backend::cpu::q4`); boxed, as its three vectors would make every `Mat` larger.
+    Q4(Box<Q4Rows>),
 }
 
 /// Rows of GGUF Q4_0 / Q4_1 blocks (32 values each) with the nibbles, scales and mins of a
@@ -226,7 +226,7 @@ impl Mat {
                     out.m.extend_from_slice(&w.m);
                 }
             }
-            WeightData::Q4(out)
+            WeightData::Q4(Box::new(out))
         } else if all_k && !parts.is_empty() {
             let mut out = KRows {
                 runs: Vec::new(),
@@ -443,7 +443,7 @@ impl WeightStore {
                 return Ok(Mat {
                     rows: rs.len(),
                     cols,
-                    data: WeightData::Q4(w),
+                    data: WeightData::Q4(Box::new(w)),
                 });
             }
             if let Some(k) = g.kquant_rows(name, rows, cols, rs.clone())? {

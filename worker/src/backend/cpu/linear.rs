@@ -82,7 +82,7 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
         // Q4_K / Q6_K super-blocks: the same, with activations quantized per 256.
         (_, WeightData::KQuant(_)) => q4k::linear_kquant(x, rows, w, out),
-        // Q4_0 / Q4_1 blocks: activations quantized per 32 as for Q8_0.
+        // Q4_0 / Q4_1 blocks: activations quantized per 32 to int16.
         (_, WeightData::Q4(_)) => q4::linear_q4(x, rows, w, out),
         (GemmDtype::Bf16(kernel), WeightData::Bf16(v)) => {
             #[cfg(target_arch = "x86_64")]

@@ -1,28 +1,34 @@
 //! Projections computed on GGUF Q4_0 / Q4_1 blocks ([`WeightData::Q4`]: 32 weights a block,
-//! 4-bit codes, an f16 scale and for Q4_1 an f16 min), as llama.cpp computes them: each
-//! activation row is quantized per 32 values to int8 exactly as for Q8_0
-//! (`q8::quantize_row`), and each output is a sum over blocks of
+//! 4-bit codes, an f16 scale and for Q4_1 an f16 min). Each activation row is quantized per
+//! 32 values to **int16** (`d_x = max|x| / 32767`, `q_x = round(x / d_x)`, [`Q4Input`]) and
+//! each output is a sum over blocks of
 //!
 //! - Q4_0 (`w = d_w (q_w - 8)`): `d_w d_x (q_w . q_x - 8 sum(q_x))`;
 //! - Q4_1 (`w = d_w q_w + m_w`): `d_w d_x (q_w . q_x) + m_w d_x sum(q_x)`,
 //!
-//! the integer dots and block sums exact in i32 (llama.cpp's `q8_1` keeps `d_x sum(q_x)` for
-//! the same min term). Batch-1 decode reads 18 (Q4_0) or 20 (Q4_1) bytes per 32 weights,
-//! 0.56 to 0.63 bytes a weight against 2 for bf16.
+//! the integer dots and block sums exact in i32. llama.cpp quantizes these activations to
+//! int8; on SmolLM2-135M-Instruct that moves logits by tenths, enough to turn the chat answer
+//! to "What is the capital of France?" away from Paris (transformers' float32 margin there
+//! is 0.08): with 16 bits the activations' rounding is 256 times smaller, and batch-1 decode,
+//! bound by the weight bytes, pays little for the second `vpdpwssd` per 16 weights. Batch-1
+//! decode reads 18 (Q4_0) or 20 (Q4_1) bytes per 32 weights, 0.56 to 0.63 bytes a weight
+//! against 2 for bf16.
 //!
 //! Where the CPU has AVX512-VNNI, [`linear_q4`] runs the tiles of `q4_tiles.rs` (several
 //! weight and input rows per pass); elsewhere the portable block dot, by rows across the pool.
 
 use half::f16;
 
-use super::q8::{QK8_0, QuantRow, blocked_linear, quantize_row};
+use super::q8::{QK8_0, blocked_linear};
 use crate::model::weights::Q4Rows;
 use crate::model::{Mat, WeightData};
 
-/// One activation row quantized per 32 values, with the sum of each block's codes.
+/// One activation row quantized per 32 values to int16, with the sum of each block's codes.
 pub struct Q4Input {
-    /// Codes and scales, as for Q8_0.
-    pub x: QuantRow,
+    /// Codes, `|q| <= 32767`.
+    pub q: Vec<i16>,
+    /// Scales, one per 32 values.
+    pub d: Vec<f32>,
     /// `sum(q_x)` of each block.
     pub sums: Vec<i32>,
 }
@@ -30,12 +36,22 @@ pub struct Q4Input {
 impl Q4Input {
     /// Quantizes `x` (a multiple of 32 long) per block and sums each block's codes.
     pub fn new(x: &[f32]) -> Q4Input {
-        let x = quantize_row(x);
-        let sums =
-            x.q.chunks_exact(QK8_0)
-                .map(|b| b.iter().map(|&v| i32::from(v)).sum())
-                .collect();
-        Q4Input { x, sums }
+        let blocks = x.len() / QK8_0;
+        let mut q = vec![0i16; blocks * QK8_0];
+        let (mut d, mut sums) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+        for (xb, qb) in x.chunks_exact(QK8_0).zip(q.chunks_exact_mut(QK8_0)) {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = amax / 32767.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * inv).round().clamp(-32767.0, 32767.0) as i16;
+                sum += i32::from(*q);
+            }
+            d.push(scale);
+            sums.push(sum);
+        }
+        Q4Input { q, d, sums }
     }
 }
 
@@ -46,15 +62,15 @@ pub fn dot_row_portable(w: &Q4Rows, r: usize, k: usize, x: &Q4Input) -> f32 {
     let qs = &w.qs[r * k / 2..(r + 1) * k / 2];
     let mut acc = 0.0f32;
     for (b, q) in qs.chunks_exact(QK8_0 / 2).enumerate() {
-        let xq = &x.x.q[b * QK8_0..(b + 1) * QK8_0];
+        let xq = &x.q[b * QK8_0..(b + 1) * QK8_0];
         let mut s = 0i32;
         for (j, &v) in q.iter().enumerate() {
             s += i32::from(v & 0x0f) * i32::from(xq[j]) + i32::from(v >> 4) * i32::from(xq[j + 16]);
         }
-        let d = f16::from_bits(w.d[r * blocks + b]).to_f32() * x.x.d[b];
+        let d = f16::from_bits(w.d[r * blocks + b]).to_f32() * x.d[b];
         if w.with_min {
             let m = f16::from_bits(w.m[r * blocks + b]).to_f32();
-            acc += d * s as f32 + m * x.x.d[b] * x.sums[b] as f32;
+            acc += d * s as f32 + m * x.d[b] * x.sums[b] as f32;
         } else {
             acc += d * (s - 8 * x.sums[b]) as f32;
         }
@@ -125,7 +141,7 @@ pub fn quantize_mat(m: &Mat, with_min: bool) -> Result<Mat, String> {
     Ok(Mat {
         rows: m.rows,
         cols: m.cols,
-        data: WeightData::Q4(w),
+        data: WeightData::Q4(Box::new(w)),
     })
 }
 
@@ -184,9 +200,8 @@ mod tests {
 
     /// The Q4 product against the f32 product of the same (dequantized) weights, on the
     /// portable path and the tiles (whichever `linear_q4` runs here), 1 to 11 input rows:
-    /// they differ only by the activations' rounding to int8, at most `0.57 d_x` per value
-    /// (half a step plus the f16 rounding of `d_x`), so per output at most
-    /// `sum over blocks of 0.6 d_x sum |w|`.
+    /// they differ by the activations' rounding to int16, at most half a step `d_x / 2` per
+    /// value, and the f32 summation order (1e-5 of `sum |w x|`); asserted with `0.6 d_x`.
     #[test]
     fn q4_linear_matches_the_dequantized_product_within_the_activation_rounding() {
         let mut seed = 13;
@@ -204,7 +219,7 @@ mod tests {
                     linear_q4(&x, rows, &wq, &mut got);
                     for t in 0..rows {
                         let xr = &x[t * k..(t + 1) * k];
-                        let xq = quantize_row(xr);
+                        let xq = Q4Input::new(xr);
                         for j in 0..n {
                             let wr = &wf[j * k..(j + 1) * k];
                             let exact: f32 = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
@@ -218,6 +233,8 @@ mod tests {
                                 })
                                 .sum::<f32>()
                                 + 1e-4;
+                            let mag: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                            let bound = bound + 1e-5 * mag;
                             let err = (got[t * n + j] - exact).abs();
                             assert!(
                                 err <= bound,

@@ -2,14 +2,16 @@
 //! weight rows times several input rows per pass, each loaded weight vector shared by every
 //! input row of the tile and each loaded input vector by every weight row.
 //!
-//! One 512-bit load takes the nibbles of 4 blocks (128 weights): `v & 0x0f` holds elements
-//! 0..16 of each block, `(v >> 4) & 0x0f` elements 16..32, both already unsigned for
-//! `vpdpbusd`. The input row is laid out to match ([`Q4Act`]: per group of 4 blocks, the
-//! first halves of the 4 blocks, then the second halves), so two `vpdpbusd` leave block `i`
-//! of the group in i32 lanes `4i..4i + 4`; those are scaled by `d_w d_x` per lane in f32
-//! (16 f16 weight scales widened at once, spread by one permute a group). Q4_0's `-8
-//! sum(q_x)` is preloaded into the i32 accumulator ([`Q4Act::corr`]), so its integer sums are
-//! the portable ones; Q4_1's `m_w d_x sum(q_x)` is one f32 multiply-add per 16 blocks.
+//! One 512-bit load takes the nibbles of 4 blocks (128 weights, 16 bytes a block). Seen as
+//! 32 u16 lanes, `(v >> 4s) & 0x0f` for s = 0..4 are four vectors of 32 codes already in i16
+//! lanes, with no widening: the low and high nibbles of the even bytes (s = 0, 1) and of the
+//! odd bytes (s = 2, 3). The int16 input row is laid out to match ([`Q4Act`]), so four
+//! `vpdpwssd` leave block `i` of the group in i32 lanes `4i..4i + 4` (lane L sums bytes
+//! 4L..4L + 4, all of block L / 4); those are scaled by `d_w d_x` per lane in f32 (16 f16
+//! weight scales widened at once, spread by one permute a group). Q4_0's `-8 sum(q_x)` is
+//! preloaded into the i32 accumulator ([`Q4Act::corr`]), so its integer sums are the
+//! portable ones; Q4_1's `m_w d_x sum(q_x)` is one f32 multiply-add per 16 blocks. No sum
+//! overflows: at most 8 products of 15 * 32767 and a correction of 8 * 32 * 32767 a lane.
 
 use std::arch::x86_64::*;
 
@@ -26,8 +28,9 @@ const GROUP: usize = 4;
 /// One input row laid out for the tiles, zero-padded to whole groups (codes, corrections,
 /// scales) and to whole 16-block runs (min terms).
 pub struct Q4Act {
-    /// Per group, 128 codes: the first 16 of each of its 4 blocks, then the last 16 of each.
-    q: Vec<i8>,
+    /// Per group of 4 blocks, 4 x 32 codes: vector s, lane u holds the value that weight
+    /// nibble s of u16 lane u multiplies ([`Q4Act::new`]).
+    q: Vec<i16>,
     /// Per group, 16 i32 lanes: Q4_0's `-8 * sum(q_x)` of block i in lane 4i; zeros for Q4_1.
     corr: Vec<i32>,
     /// Per group, 16 f32 lanes: `d_x` of block i in lanes 4i..4i + 4.
@@ -37,24 +40,35 @@ pub struct Q4Act {
 }
 
 impl Q4Act {
-    /// The tile layout of one quantized row, for Q4_1 weights (`with_min`) or Q4_0.
+    /// The tile layout of one quantized row, for Q4_1 weights (`with_min`) or Q4_0. Byte
+    /// `y = 2u + (s >> 1)` of a group (block y / 16, byte j = y % 16) holds elements j (low
+    /// nibble) and j + 16 (high) of its block; vector s takes the high one when s is odd.
     pub fn new(x: &Q4Input, with_min: bool) -> Q4Act {
-        let blocks = x.x.d.len();
+        let blocks = x.d.len();
         let groups = blocks.div_ceil(GROUP);
-        let mut q = vec![0i8; 128 * groups];
+        let mut q = vec![0i16; 128 * groups];
         let mut corr = vec![0i32; 16 * groups];
         let mut dxe = vec![0.0f32; 16 * groups];
         let mut sx = vec![0.0f32; blocks.next_multiple_of(16)];
-        for b in 0..blocks {
-            let (g, i) = (b / GROUP, b % GROUP);
-            let src = &x.x.q[b * QK8_0..(b + 1) * QK8_0];
-            q[128 * g + 16 * i..128 * g + 16 * i + 16].copy_from_slice(&src[..16]);
-            q[128 * g + 64 + 16 * i..128 * g + 64 + 16 * i + 16].copy_from_slice(&src[16..]);
-            if !with_min {
-                corr[16 * g + 4 * i] = -8 * x.sums[b];
+        for g in 0..groups {
+            for s in 0..4 {
+                for u in 0..32 {
+                    let y = 2 * u + (s >> 1);
+                    let b = GROUP * g + y / 16;
+                    if b < blocks {
+                        let e = y % 16 + 16 * (s & 1);
+                        q[128 * g + 32 * s + u] = x.q[b * QK8_0 + e];
+                    }
+                }
             }
-            dxe[16 * g + 4 * i..16 * g + 4 * i + 4].fill(x.x.d[b]);
-            sx[b] = x.x.d[b] * x.sums[b] as f32;
+        }
+        for (b, ((&d, &sum), sx)) in x.d.iter().zip(&x.sums).zip(&mut sx).enumerate() {
+            let (g, i) = (b / GROUP, b % GROUP);
+            if !with_min {
+                corr[16 * g + 4 * i] = -8 * sum;
+            }
+            dxe[16 * g + 4 * i..16 * g + 4 * i + 4].fill(d);
+            *sx = d * sum as f32;
         }
         Q4Act { q, corr, dxe, sx }
     }
@@ -210,7 +224,7 @@ unsafe fn tile<const WR: usize, const XR: usize, const MIN: bool>(
         assert!(x.groups() >= groups && x.corr.len() >= 16 * groups);
         assert!(x.dxe.len() >= 16 * groups && x.sx.len() >= blocks.next_multiple_of(16));
     }
-    let low = _mm512_set1_epi8(0x0f);
+    let low = _mm512_set1_epi16(0x0f);
     let quads = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     let mut acc = [[_mm512_setzero_ps(); XR]; WR];
     let mut g = 0;
@@ -245,7 +259,7 @@ unsafe fn tile<const WR: usize, const XR: usize, const MIN: bool>(
             let b = g + GROUP * p;
             let left = blocks - b;
             let idx = _mm512_add_epi32(quads, _mm512_set1_epi32((GROUP * p) as i32));
-            let wv: [(__m512i, __m512i); WR] = std::array::from_fn(|i| {
+            let wv: [[__m512i; 4]; WR] = std::array::from_fn(|i| {
                 let ptr = ws[i].0.as_ptr();
                 // SAFETY: the blocks b..b + min(left, 4) lie within the row (asserted); a
                 // short last group is loaded under a mask of its 16-byte blocks.
@@ -257,27 +271,36 @@ unsafe fn tile<const WR: usize, const XR: usize, const MIN: bool>(
                         _mm512_maskz_loadu_epi8(mask, ptr.add(16 * b).cast())
                     }
                 };
-                (
+                [
                     _mm512_and_si512(v, low),
                     _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                )
+                    _mm512_and_si512(_mm512_srli_epi16(v, 8), low),
+                    _mm512_srli_epi16(v, 12),
+                ]
             });
             let sl: [__m512; WR] = std::array::from_fn(|i| _mm512_permutexvar_ps(idx, dw[i]));
             let group = b / GROUP;
             for (t, x) in xs.iter().enumerate() {
                 // SAFETY: group < groups, and each input row holds 128 codes, 16 corrections
                 // and 16 scales per group (asserted).
-                let (lo, hi, c, dx) = unsafe {
+                let (xv, c, dx) = unsafe {
+                    let at = x.q.as_ptr().add(128 * group);
                     (
-                        _mm512_loadu_si512(x.q.as_ptr().add(128 * group).cast()),
-                        _mm512_loadu_si512(x.q.as_ptr().add(128 * group + 64).cast()),
+                        [
+                            _mm512_loadu_si512(at.cast()),
+                            _mm512_loadu_si512(at.add(32).cast()),
+                            _mm512_loadu_si512(at.add(64).cast()),
+                            _mm512_loadu_si512(at.add(96).cast()),
+                        ],
                         _mm512_loadu_si512(x.corr.as_ptr().add(16 * group).cast()),
                         _mm512_loadu_ps(x.dxe.as_ptr().add(16 * group)),
                     )
                 };
                 for i in 0..WR {
-                    let dot = _mm512_dpbusd_epi32(c, wv[i].0, lo);
-                    let dot = _mm512_dpbusd_epi32(dot, wv[i].1, hi);
+                    let mut dot = _mm512_dpwssd_epi32(c, wv[i][0], xv[0]);
+                    dot = _mm512_dpwssd_epi32(dot, wv[i][1], xv[1]);
+                    dot = _mm512_dpwssd_epi32(dot, wv[i][2], xv[2]);
+                    dot = _mm512_dpwssd_epi32(dot, wv[i][3], xv[3]);
                     let s = _mm512_mul_ps(sl[i], dx);
                     acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i][t]);
                 }
@@ -339,7 +362,7 @@ mod tests {
                         let mut wrow = vec![0.0f32; k];
                         wq.row_to_f32(r, &mut wrow);
                         let mag: f32 = (0..k)
-                            .map(|e| (wrow[e] * xq.x.d[e / 32] * f32::from(xq.x.q[e])).abs())
+                            .map(|e| (wrow[e] * xq.d[e / 32] * f32::from(xq.q[e])).abs())
                             .sum();
                         let v = got[t * n + r];
                         assert!(
