@@ -159,6 +159,8 @@ impl CpuBackend {
         if let Some(n) = threads {
             builder = builder.num_threads(n);
         }
+        let mut w = w;
+        q4::dequantize_without_tiles(&mut w);
         let pool = builder.build().map_err(|e| BackendError::KvAlloc {
             bytes: 0,
             reason: format!("cannot start the compute thread pool: {e}"),
