@@ -1,8 +1,10 @@
 //! Batch-1 decode and prefill on GGUF blocks against bf16, in one run: the bench preset
 //! (Llama-3 style, hidden 768, 12 layers, vocab 32000) with random bf16 weights, the same
 //! weights quantized to Q8_0 (every projection and the lm_head; `cpu::q8::quantize_mat`),
-//! and to Q4_K with a Q6_K lm_head (as a Q4_K_M file keeps `output.weight`;
-//! `cpu::q4k::quantize_mat`). Prints weight bytes read per token, decode tok/s of each (best
+//! to Q4_K with a Q6_K lm_head (as a Q4_K_M file keeps `output.weight`;
+//! `cpu::q4k::quantize_mat`), and to Q4_1 with a Q8_0 lm_head (as SmolLM2's Q4_1 file keeps
+//! its tied embedding; `cpu::q4::quantize_mat`; its "before" is the bf16 row: Q4_1 was
+//! dequantized to bf16 at load). Prints weight bytes read per token, decode tok/s of each (best
 //! of rounds that alternate the weights), prefill tok/s of one 512-token prompt (best of
 //! LLMAPI_BENCH_PREFILL_ROUNDS=2) and the ratios to bf16. LLMAPI_BENCH_THREADS sets the
 //! thread count (default: all), LLMAPI_BENCH_STEPS=32 the decode steps per round,
@@ -22,7 +24,7 @@ use std::time::Instant;
 use llmapi_worker::backend::Backend;
 use llmapi_worker::backend::cpu::CpuBackend;
 use llmapi_worker::backend::cpu::linear::{BLOCK_TILE_ROWS, set_block_tile_rows};
-use llmapi_worker::backend::cpu::{q4k, q8};
+use llmapi_worker::backend::cpu::{q4, q4k, q8};
 use llmapi_worker::engine::KvDtype;
 use llmapi_worker::model::dequant::GgmlType;
 use llmapi_worker::model::{Mat, Mlp, ModelWeights, WeightData};
@@ -52,7 +54,11 @@ fn kernel_sweeps(name: &str, w: &Mat) {
         .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
         .collect();
     let (x8, xk) = (q8::quantize_row(&x), q4k::quantize_row_q8k(&x));
-    for kernel in q8::QKernel::ALL.into_iter().filter(|k| k.supported()) {
+    let one_row_dots = !matches!(w.data, WeightData::Q4(_));
+    for kernel in q8::QKernel::ALL
+        .into_iter()
+        .filter(|k| k.supported() && one_row_dots)
+    {
         let mut best = f64::MAX;
         for _ in 0..5 {
             let t = Instant::now();
@@ -167,9 +173,17 @@ fn main() {
         |m| or_exit(q4k::quantize_mat(m, GgmlType::Q4K)),
         |m| or_exit(q4k::quantize_mat(m, GgmlType::Q6K)),
     );
-    if let (Mlp::Dense(a), Mlp::Dense(b)) = (&q8w.layers[0].mlp, &q4w.layers[0].mlp) {
+    let q41w = quantized(
+        &bf16,
+        |m| or_exit(q4::quantize_mat(m, true)),
+        |m| or_exit(q8::quantize_mat(m)),
+    );
+    if let (Mlp::Dense(a), Mlp::Dense(b), Mlp::Dense(c)) =
+        (&q8w.layers[0].mlp, &q4w.layers[0].mlp, &q41w.layers[0].mlp)
+    {
         kernel_sweeps("q8_0 gate_up", &a.gate_up);
         kernel_sweeps("q4_k gate_up", &b.gate_up);
+        kernel_sweeps("q4_1 gate_up", &c.gate_up);
     }
     kernel_sweeps("q6_k lm_head", q4w.lm_head());
     let decode_blocks = (CTX + steps * rounds).div_ceil(TPB) + 1;
@@ -179,12 +193,15 @@ fn main() {
     // engine's default: the VNNI tiles up to BLOCK_TILE_ROWS rows where the CPU has them).
     let mut backends = Vec::new();
     let mut runs: Vec<Run> = Vec::new();
-    for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w)] {
+    for (name, w) in [("bf16", bf16), ("q8_0", q8w), ("q4_k", q4w), ("q4_1", q41w)] {
         let bytes = w.bytes_per_token();
         let mut be = CpuBackend::new(w, KvDtype::Bf16, Some(threads)).expect("backend starts");
         be.init_kv(decode_blocks + prefill_blocks + BATCH, TPB)
             .expect("kv allocates");
         let modes: &[(&str, usize)] = if name == "bf16" {
+            &[("", BLOCK_TILE_ROWS)]
+        } else if name == "q4_1" {
+            // Before the Q4 tiles, Q4_1 ran as bf16 (the first row).
             &[("", BLOCK_TILE_ROWS)]
         } else if q8::tiles_supported() {
             &[(" before", 0), (" tiles", BLOCK_TILE_ROWS)]

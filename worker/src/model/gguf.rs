@@ -1,6 +1,7 @@
 //! Tensors of a GGUF checkpoint under the engine's (Hugging Face) names, dequantized at
-//! load: matrices to bf16, f32 tensors (norms) kept as they are; Q8_0, Q4_K and Q6_K
-//! matrices kept as blocks for the CPU backend to compute on (`q8_rows`, `kquant_rows`).
+//! load: matrices to bf16, f32 tensors (norms) kept as they are; Q8_0, Q4_0, Q4_1, Q4_K and
+//! Q6_K matrices kept as blocks for the CPU backend to compute on (`q8_rows`, `q4_rows`,
+//! `kquant_rows`).
 //!
 //! llama.cpp's converter interleaves the two rotary halves of every Q and K head of Llama
 //! and Mistral checkpoints (row `2i + s` of a head holds HF row `s * head_dim/2 + i`); the
@@ -16,7 +17,7 @@ use llmapi_common::gguf::{GgufFile, MetaValue};
 use safetensors::Dtype;
 
 use super::dequant::{GgmlType, Q8_0_BLOCK};
-use super::weights::KRows;
+use super::weights::{KRows, Q4Rows};
 use crate::engine::EngineError;
 
 /// A tensor as the loader sees it: dtype, shape (outermost first) and bytes.
@@ -171,6 +172,40 @@ impl GgufTensors {
             q.extend(block[2..].iter().map(|&b| b as i8));
         }
         Ok(Some((q, d)))
+    }
+
+    /// Rows `rs` of the `rows` x `cols` engine matrix `name` as Q4_0 or Q4_1 blocks repacked
+    /// into nibbles, scales and mins ([`Q4Rows`]) when the file stores it so, Q/K rows
+    /// un-permuted as whole rows of blocks; `None` for every other type.
+    pub fn q4_rows(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        rs: Range<usize>,
+    ) -> Result<Option<Q4Rows>, EngineError> {
+        let kinds = [GgmlType::Q4_0, GgmlType::Q4_1];
+        let Some((ty, bytes)) = self.block_rows(name, rows, cols, rs, &kinds)? else {
+            return Ok(None);
+        };
+        let with_min = ty == GgmlType::Q4_1;
+        let (_, block_bytes) = ty.block();
+        let blocks = bytes.len() / block_bytes;
+        let mut w = Q4Rows {
+            with_min,
+            qs: Vec::with_capacity(blocks * Q8_0_BLOCK / 2),
+            d: Vec::with_capacity(blocks),
+            m: Vec::with_capacity(if with_min { blocks } else { 0 }),
+        };
+        let nibbles_at = if with_min { 4 } else { 2 };
+        for block in bytes.chunks_exact(block_bytes) {
+            w.d.push(u16::from_le_bytes([block[0], block[1]]));
+            if with_min {
+                w.m.push(u16::from_le_bytes([block[2], block[3]]));
+            }
+            w.qs.extend_from_slice(&block[nibbles_at..]);
+        }
+        Ok(Some(w))
     }
 
     /// Rows `rs` of the `rows` x `cols` engine matrix `name` as the file's Q4_K or Q6_K
@@ -376,6 +411,70 @@ mod tests {
         let half = store.mat_slice(name, 8, 32, 4..8, 0..32).unwrap();
         half.row_to_f32(1, &mut row);
         assert_eq!((half.rows, row[0]), (4, 6.0));
+    }
+
+    /// Q4_0 and Q4_1 query projections of 2 heads of 4 rows (GGUF row r: every code r, scale
+    /// 1, Q4_1 min 0.5) load as repacked Q4 blocks in HF row order, equal to the dequantized
+    /// path, and a row slice keeps the blocks.
+    #[test]
+    fn q4_0_and_q4_1_rows_load_as_blocks_unpermuted_like_the_dequantized_path() {
+        use crate::model::WeightData;
+        use llmapi_common::gguf::MetaValue;
+        use llmapi_common::gguf::write::{RawTensor, write_gguf};
+        for (ggml_type, with_min) in [(2u32, false), (3, true)] {
+            let d = tempfile::tempdir().unwrap();
+            let path = d.path().join("q.gguf");
+            let mut data = Vec::new();
+            for r in 0..8u8 {
+                data.extend_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+                if with_min {
+                    data.extend_from_slice(&half::f16::from_f32(0.5).to_bits().to_le_bytes());
+                }
+                data.extend_from_slice(&[r | (r << 4); 16]);
+            }
+            write_gguf(
+                &path,
+                &[
+                    ("general.architecture", MetaValue::Str("llama".into())),
+                    ("llama.attention.head_count", MetaValue::U64(2)),
+                    ("llama.attention.head_count_kv", MetaValue::U64(1)),
+                ],
+                &[RawTensor {
+                    name: "blk.0.attn_q.weight".into(),
+                    dims: vec![32, 8],
+                    ggml_type,
+                    data,
+                }],
+            )
+            .unwrap();
+            let name = "model.layers.0.self_attn.q_proj.weight";
+            let store = crate::model::WeightStore::open(&path).unwrap();
+            let m = store.mat(name, 8, 32).unwrap();
+            assert!(matches!(&m.data, WeightData::Q4(w) if w.with_min == with_min));
+            let (offset, min) = if with_min { (0.0, 0.5) } else { (8.0, 0.0) };
+            let mut row = vec![0.0f32; 32];
+            for (r, src) in [0.0f32, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]
+                .into_iter()
+                .enumerate()
+            {
+                m.row_to_f32(r, &mut row);
+                assert!(
+                    row.iter().all(|&v| v == src - offset + min),
+                    "row {r}: {row:?}"
+                );
+            }
+            let tensors = GgufTensors::open(&path).unwrap();
+            let (_, _, bytes) = tensors.view(name).unwrap();
+            let bf: Vec<u16> = bytemuck::pod_collect_to_vec(&bytes);
+            for r in 0..8 {
+                m.row_to_f32(r, &mut row);
+                assert_eq!(half::bf16::from_bits(bf[r * 32 + 31]).to_f32(), row[31]);
+            }
+            let half = store.mat_slice(name, 8, 32, 4..8, 0..32).unwrap();
+            half.row_to_f32(1, &mut row);
+            assert!(matches!(half.data, WeightData::Q4(_)));
+            assert_eq!((half.rows, row[0]), (4, 6.0 - offset + min));
+        }
     }
 
     /// A Q4_K query projection (2 heads of 4 rows, permuted) and a Q6_K value projection

@@ -362,7 +362,8 @@ fn to_f32_mat(m: Mat) -> Mat {
         WeightData::Bf16(_)
         | WeightData::Bf16Panels(_)
         | WeightData::Q8_0 { .. }
-        | WeightData::KQuant(_) => {
+        | WeightData::KQuant(_)
+        | WeightData::Q4(_) => {
             let mut v = vec![0.0; m.rows * m.cols];
             for r in 0..m.rows {
                 m.row_to_f32(r, &mut v[r * m.cols..(r + 1) * m.cols]);

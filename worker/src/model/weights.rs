@@ -1,6 +1,6 @@
 //! Reading tensors from Hugging Face safetensors checkpoints (single file or sharded).
 //!
-//! A GGUF checkpoint is read through `model::gguf` (Q8_0, Q4_K and Q6_K kept as blocks,
+//! A GGUF checkpoint is read through `model::gguf` (Q8_0, Q4_0, Q4_1, Q4_K and Q6_K kept as blocks,
 //! other types dequantized to bf16 at load).
 //! Files are memory-mapped; tensor bytes are copied out with `pod_collect_to_vec` because
 //! offsets inside a safetensors file need not be aligned. bf16 stays bf16 (widened in the
@@ -45,6 +45,49 @@ pub enum WeightData {
     /// GGUF k-quant super-blocks (Q4_K, Q6_K) as the file stores them, kept for the CPU
     /// backend to compute on (`backend::cpu::q4k`).
     KQuant(KRows),
+    /// GGUF Q4_0 or Q4_1 blocks, repacked for the CPU backend to compute on
+    /// (`backend::cpu::q4`); boxed, as its three vectors would make every `Mat` larger.
+    Q4(Box<Q4Rows>),
+}
+
+/// Rows of GGUF Q4_0 / Q4_1 blocks (32 values each) with the nibbles, scales and mins of a
+/// row each back to back, so that SIMD loads take several blocks at once. Element `j` of a
+/// block is the low nibble of its byte `j` and element `j + 16` the high nibble (the file's
+/// order); Q4_0: `x = d * (q - 8)`, Q4_1: `x = d * q + m`. `cols` is a multiple of 32.
+#[derive(Debug, Clone)]
+pub struct Q4Rows {
+    /// Q4_1 (a per-block min) rather than Q4_0 (codes offset by 8).
+    pub with_min: bool,
+    /// Nibbles, `cols / 2` bytes a row, 16 a block.
+    pub qs: Vec<u8>,
+    /// f16 bit patterns of the block scales, `cols / 32` a row.
+    pub d: Vec<u16>,
+    /// f16 bit patterns of the block mins (Q4_1), `cols / 32` a row; empty for Q4_0.
+    pub m: Vec<u16>,
+}
+
+impl Q4Rows {
+    /// Row `r` of a matrix `cols` wide as f32.
+    pub fn row_to_f32(&self, r: usize, cols: usize, out: &mut [f32]) {
+        let blocks = cols / Q8_0_BLOCK;
+        let qs = &self.qs[r * cols / 2..(r + 1) * cols / 2];
+        for (b, (o, q)) in out
+            .chunks_exact_mut(Q8_0_BLOCK)
+            .zip(qs.chunks_exact(Q8_0_BLOCK / 2))
+            .enumerate()
+        {
+            let d = half::f16::from_bits(self.d[r * blocks + b]).to_f32();
+            let (m, offset) = if self.with_min {
+                (half::f16::from_bits(self.m[r * blocks + b]).to_f32(), 0.0)
+            } else {
+                (0.0, 8.0)
+            };
+            for (j, &v) in q.iter().enumerate() {
+                o[j] = (f32::from(v & 0x0f) - offset) * d + m;
+                o[j + 16] = (f32::from(v >> 4) - offset) * d + m;
+            }
+        }
+    }
 }
 
 /// Rows of k-quant super-blocks of 256 values: runs of consecutive rows of one type (a
@@ -98,6 +141,7 @@ impl Mat {
             WeightData::Bf16Panels(v) => v.len() * 4,
             WeightData::Q8_0 { q, d } => q.len() + d.len() * 2,
             WeightData::KQuant(k) => k.bytes.len(),
+            WeightData::Q4(w) => w.qs.len() + (w.d.len() + w.m.len()) * 2,
         }
     }
 
@@ -128,6 +172,7 @@ impl Mat {
                 let (ty, bytes) = k.row(r, self.cols);
                 ty.dequantize(bytes, &mut out[..self.cols]);
             }
+            WeightData::Q4(w) => w.row_to_f32(r, self.cols, &mut out[..self.cols]),
             WeightData::Bf16Panels(v) => {
                 let kp = self.cols.div_ceil(2);
                 let (panel, c) = (r / PANEL_ROWS, r % PANEL_ROWS);
@@ -161,7 +206,28 @@ impl Mat {
         let all_k = parts
             .iter()
             .all(|m| matches!(m.data, WeightData::KQuant(_)));
-        let data = if all_k && !parts.is_empty() {
+        let q4_kind = |m: &Mat| match &m.data {
+            WeightData::Q4(w) => Some(w.with_min),
+            _ => None,
+        };
+        let first_q4 = parts.first().and_then(q4_kind);
+        let all_q4 = first_q4.is_some() && parts.iter().all(|m| q4_kind(m) == first_q4);
+        let data = if all_q4 {
+            let mut out = Q4Rows {
+                with_min: first_q4 == Some(true),
+                qs: Vec::new(),
+                d: Vec::new(),
+                m: Vec::new(),
+            };
+            for m in parts {
+                if let WeightData::Q4(w) = m.data {
+                    out.qs.extend_from_slice(&w.qs);
+                    out.d.extend_from_slice(&w.d);
+                    out.m.extend_from_slice(&w.m);
+                }
+            }
+            WeightData::Q4(Box::new(out))
+        } else if all_k && !parts.is_empty() {
             let mut out = KRows {
                 runs: Vec::new(),
                 bytes: Vec::new(),
@@ -371,6 +437,13 @@ impl WeightStore {
                     rows: rs.len(),
                     cols,
                     data: WeightData::Q8_0 { q, d },
+                });
+            }
+            if let Some(w) = g.q4_rows(name, rows, cols, rs.clone())? {
+                return Ok(Mat {
+                    rows: rs.len(),
+                    cols,
+                    data: WeightData::Q4(Box::new(w)),
                 });
             }
             if let Some(k) = g.kquant_rows(name, rows, cols, rs.clone())? {

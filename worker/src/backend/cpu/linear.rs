@@ -6,9 +6,10 @@
 //! ([`WeightData::Bf16Panels`]) or row-major; f32-stored weights (MoE routers) stay f32.
 //!
 //! GGUF Q8_0 weights ([`WeightData::Q8_0`]) run on their blocks in both modes (`q8.rs`), and
-//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`): on AVX512-VNNI CPUs in
-//! tiles that read each weight block once for up to 8 input rows (`q8_tiles.rs`,
-//! `kq_tiles.rs`), up to [`BLOCK_TILE_ROWS`] input rows; elsewhere by one-row dots up to
+//! so do Q4_K and Q6_K weights ([`WeightData::KQuant`], `q4k.rs`) and Q4_0 / Q4_1 weights
+//! ([`WeightData::Q4`], `q4.rs`): on AVX512-VNNI CPUs in tiles that read each weight block
+//! once for up to 8 input rows (`q8_tiles.rs`, `kq_tiles.rs`, `q4_tiles.rs`), up to
+//! [`BLOCK_TILE_ROWS`] input rows; elsewhere by one-row dots up to
 //! `BLOCK_MAX_ROWS`. Larger batches dequantize W as bf16 is widened (tiles of rows, or once
 //! into the f32 scratch below for the gemm).
 //!
@@ -22,7 +23,7 @@ use rayon::prelude::*;
 
 use super::bf16::{self, Bf16Kernel};
 use super::microkernel::{WR, XR, block};
-use super::{q4k, q8};
+use super::{q4, q4k, q8};
 use crate::model::{Mat, WeightData};
 
 /// Rows of x up to which the streaming dot kernel is used instead of gemm.
@@ -73,7 +74,7 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
         // GGUF Q8_0 blocks: int8 products with per-block activation scales, in either mode.
         // Batches of GGUF blocks: dequantized in tiles of rows (up to DOT_MAX_ROWS) or
         // once into f32 for the gemm (prefill), as bf16 is widened.
-        (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_))
+        (_, WeightData::Q8_0 { .. } | WeightData::KQuant(_) | WeightData::Q4(_))
             if rows > BLOCK_MAX_ROWS && !block_tiles(rows) =>
         {
             linear_f32(x, rows, w, out)
@@ -81,6 +82,8 @@ pub fn linear(dtype: GemmDtype, x: &[f32], rows: usize, w: &Mat, out: &mut [f32]
         (_, WeightData::Q8_0 { .. }) => q8::linear_q8(x, rows, w, out),
         // Q4_K / Q6_K super-blocks: the same, with activations quantized per 256.
         (_, WeightData::KQuant(_)) => q4k::linear_kquant(x, rows, w, out),
+        // Q4_0 / Q4_1 blocks: activations quantized per 32 to int16.
+        (_, WeightData::Q4(_)) => q4::linear_q4(x, rows, w, out),
         (GemmDtype::Bf16(kernel), WeightData::Bf16(v)) => {
             #[cfg(target_arch = "x86_64")]
             {
@@ -182,7 +185,10 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
                 *o = match &w.data {
                     WeightData::Bf16(v) => dot_bf16(x, &v[wr]),
                     WeightData::F32(v) => dot_f32(x, &v[wr]),
-                    WeightData::Bf16Panels(_) | WeightData::Q8_0 { .. } | WeightData::KQuant(_) => {
+                    WeightData::Bf16Panels(_)
+                    | WeightData::Q8_0 { .. }
+                    | WeightData::KQuant(_)
+                    | WeightData::Q4(_) => {
                         unreachable!("packed and block weights never take this loop")
                     }
                 };
@@ -282,18 +288,20 @@ fn gemm_full(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
     match &w.data {
         WeightData::F32(v) => gemm_nxk(x, rows, v, k, n, out),
         WeightData::Bf16Panels(_) => unreachable!("packed weights take dot_rows"),
-        WeightData::Q8_0 { .. } | WeightData::KQuant(_) => SCRATCH.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            if scratch.len() < n * k {
-                scratch.resize(n * k, 0.0);
-            }
-            let wf = &mut scratch[..n * k];
-            wf.par_chunks_mut(k)
-                .with_min_len(16)
-                .enumerate()
-                .for_each(|(r, row)| w.row_to_f32(r, row));
-            gemm_nxk(x, rows, wf, k, n, out);
-        }),
+        WeightData::Q8_0 { .. } | WeightData::KQuant(_) | WeightData::Q4(_) => {
+            SCRATCH.with(|cell| {
+                let mut scratch = cell.borrow_mut();
+                if scratch.len() < n * k {
+                    scratch.resize(n * k, 0.0);
+                }
+                let wf = &mut scratch[..n * k];
+                wf.par_chunks_mut(k)
+                    .with_min_len(16)
+                    .enumerate()
+                    .for_each(|(r, row)| w.row_to_f32(r, row));
+                gemm_nxk(x, rows, wf, k, n, out);
+            })
+        }
         WeightData::Bf16(v) => SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
             if scratch.len() < n * k {
@@ -578,7 +586,7 @@ mod tests {
         }
     }
 
-    /// Batches of Q8_0 and k-quant weights (9 rows: past `BLOCK_MAX_ROWS`; 64: the most on
+    /// Batches of Q8_0, Q4_0, Q4_1 and k-quant weights (9 rows: past `BLOCK_MAX_ROWS`; 64: the most on
     /// the tiles; 70: past `DOT_MAX_ROWS` and the tiles) equal the f32 product of the
     /// dequantized weights up to f32 summation order (1e-4 of `sum |w x|`) where the
     /// weights are dequantized (70 rows, and every batch on CPUs without the VNNI tiles),
@@ -594,6 +602,8 @@ mod tests {
             q8::quantize_mat(&w).unwrap(),
             q4k::quantize_mat(&w, crate::model::dequant::GgmlType::Q4K).unwrap(),
             q4k::quantize_mat(&w, crate::model::dequant::GgmlType::Q6K).unwrap(),
+            q4::quantize_mat(&w, false).unwrap(),
+            q4::quantize_mat(&w, true).unwrap(),
         ];
         for wq in &blocks {
             let mut wf = vec![0.0f32; n * k];

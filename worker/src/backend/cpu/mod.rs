@@ -13,6 +13,9 @@ mod kq_tiles;
 pub mod kv_store;
 pub mod linear;
 mod microkernel;
+pub mod q4;
+#[cfg(target_arch = "x86_64")]
+mod q4_tiles;
 pub mod q4k;
 #[cfg(target_arch = "x86_64")]
 mod q4k_simd;
@@ -156,6 +159,8 @@ impl CpuBackend {
         if let Some(n) = threads {
             builder = builder.num_threads(n);
         }
+        let mut w = w;
+        q4::dequantize_without_tiles(&mut w);
         let pool = builder.build().map_err(|e| BackendError::KvAlloc {
             bytes: 0,
             reason: format!("cannot start the compute thread pool: {e}"),

@@ -225,7 +225,7 @@ pub(super) fn upload_mat(dev: &Device, m: &Mat) -> Result<DevMat, BackendError> 
         WeightData::Bf16(v) => dev.upload(v)?,
         WeightData::F32(v) => dev.upload(&to_bf16(v))?,
         // GGUF Q8_0 and k-quant blocks: the CUDA kernels compute on bf16.
-        WeightData::Q8_0 { .. } | WeightData::KQuant(_) => {
+        WeightData::Q8_0 { .. } | WeightData::KQuant(_) | WeightData::Q4(_) => {
             let mut v = vec![0.0; m.rows * m.cols];
             for r in 0..m.rows {
                 m.row_to_f32(r, &mut v[r * m.cols..(r + 1) * m.cols]);

@@ -137,7 +137,8 @@ fn f32_rows(m: &Mat) -> Vec<f32> {
         WeightData::Bf16(_)
         | WeightData::Bf16Panels(_)
         | WeightData::Q8_0 { .. }
-        | WeightData::KQuant(_) => {
+        | WeightData::KQuant(_)
+        | WeightData::Q4(_) => {
             let mut v = vec![0.0; m.rows * m.cols];
             for r in 0..m.rows {
                 m.row_to_f32(r, &mut v[r * m.cols..(r + 1) * m.cols]);
