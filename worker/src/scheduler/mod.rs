@@ -410,7 +410,7 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::{SamplingParams, StoppingParams};
     use crate::sampling::Sampler;
@@ -426,7 +426,7 @@ pub(super) mod tests {
         }
     }
 
-    pub(super) fn seq(id: &str, prompt_len: usize) -> Sequence {
+    pub(crate) fn seq(id: &str, prompt_len: usize) -> Sequence {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         Sequence {
             id: id.into(),

@@ -86,7 +86,7 @@ pub fn round_into(kernel: Bf16Kernel, x: &[f32], out: &mut [u16]) {
 
 /// The projections of every layer (MoE experts and shared experts included; routers and the
 /// shared-expert gate are not projections of the hidden state into bf16 GEMMs, see below).
-fn layer_projections(layers: &mut [Layer]) -> Vec<&mut Mat> {
+pub(super) fn layer_projections(layers: &mut [Layer]) -> Vec<&mut Mat> {
     let mut mats: Vec<&mut Mat> = Vec::new();
     for l in layers {
         mats.push(&mut l.qkv);

@@ -21,7 +21,7 @@ use half::f16;
 
 use super::q8::{self, QK8_0, blocked_linear};
 use crate::model::weights::Q4Rows;
-use crate::model::{Mat, Mlp, ModelWeights, WeightData};
+use crate::model::{Mat, ModelWeights, WeightData};
 
 /// One activation row quantized per 32 values to int16, with the sum of each block's codes.
 pub struct Q4Input {
@@ -111,22 +111,7 @@ pub fn dequantize_without_tiles(w: &mut ModelWeights) {
 fn dequantize_all(w: &mut ModelWeights) {
     let mut mats: Vec<&mut Mat> = vec![&mut w.embed];
     mats.extend(w.lm_head.as_mut());
-    for l in &mut w.layers {
-        mats.extend([&mut l.qkv, &mut l.o]);
-        match &mut l.mlp {
-            Mlp::Dense(f) => mats.extend([&mut f.gate_up, &mut f.down]),
-            Mlp::Moe {
-                experts, shared, ..
-            } => {
-                for f in experts {
-                    mats.extend([&mut f.gate_up, &mut f.down]);
-                }
-                if let Some((f, _gate)) = shared {
-                    mats.extend([&mut f.gate_up, &mut f.down]);
-                }
-            }
-        }
-    }
+    mats.extend(super::bf16::layer_projections(&mut w.layers));
     dequantize_mats(mats);
 }
 

@@ -203,8 +203,6 @@ pub(super) fn running_mean(prev: Option<f64>, x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{SamplingParams, StoppingParams};
-    use crate::sampling::Sampler;
 
     /// Test double: proposes token 7 for every chunk that wants a row.
     struct Sevens;
@@ -241,30 +239,13 @@ mod tests {
     /// A decoding sequence of `len` tokens, all but the last computed by the target, none
     /// by the draft, with `drafts` placeholder drafts.
     fn decoding(len: usize, drafts: usize) -> Sequence {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         Sequence {
-            id: "s".into(),
-            tokens: (0..len as u32).collect(),
             prompt_len: len - 1,
-            group: String::new(),
             num_computed: len - 1,
             blocks: vec![0, 1, 2],
-            promised: 0,
-            hashes: Vec::new(),
-            cached_tokens: 0,
             max_total: 64,
-            reserve_in_steps: false,
-            stopping: StoppingParams::default(),
-            sampler: Sampler::new(SamplingParams::default()),
-            tx,
-            want_prompt_logprobs: false,
-            prompt_logprobs: Vec::new(),
-            arrival: std::time::Instant::now(),
-            scheduled_at: None,
-            first_token_at: None,
             draft: vec![0; drafts],
-            draft_computed: 0,
-            spec: None,
+            ..crate::scheduler::tests::seq("s", len)
         }
     }
 
