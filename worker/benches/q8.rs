@@ -17,7 +17,7 @@
 
 mod support;
 
-use support::{chunk, random_model, run};
+use support::{chunk, env_usize, random_model, run};
 
 use std::time::Instant;
 
@@ -38,13 +38,6 @@ const TPB: usize = 32;
 const CTX: usize = 64;
 /// Sequences of the batched decode, one KV block each (8 prompt + 2 x 8 decoded tokens).
 const BATCH: usize = 16;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Single-thread ns per weight row of each supported kernel on `w` (Q8_0 or k-quant),
 /// best of 5 sweeps of all rows: whether AVX512-VNNI pays over AVX2 apart from threading.

@@ -18,7 +18,7 @@
 
 mod support;
 
-use support::{loadavg, process_cpu_ns, random_model, run};
+use support::{env_usize, loadavg, process_cpu_ns, random_model, run};
 
 use std::time::Instant;
 
@@ -39,13 +39,6 @@ const SMOLLM2: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576
 "rope_theta":100000.0,"rms_norm_eps":1e-5,"tie_word_embeddings":true}"#;
 
 const TPB: usize = 32;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Mean ms per step of `k` tokens, by the wall clock and on-CPU (all threads of the process:
 /// spinning counts, being descheduled on a loaded machine does not), at positions `ctx..ctx + k`, every position's logits wanted

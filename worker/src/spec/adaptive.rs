@@ -124,33 +124,30 @@ mod tests {
         assert_eq!(d.allowance(), 3, "partly accepted: one more than were kept");
     }
 
-    #[test]
-    fn drafts_accepted_less_often_than_they_cost_pause_speculation() {
-        // One draft kept each step (the length settles at 2: half of them); 60% must be kept.
+    /// Of 400 steps, those in which a controller drafted when one draft is kept each step.
+    fn drafting_steps_keeping_one(floor: f64) -> usize {
         let mut d = DraftLength::new(4);
         let mut drafting_steps = 0;
         for _ in 0..400 {
             let n = d.allowance();
             if n > 0 {
                 drafting_steps += 1;
-                d.observe(n, 1, 0.6);
+                d.observe(n, 1, floor);
             }
         }
+        drafting_steps
+    }
+
+    #[test]
+    fn drafts_accepted_less_often_than_they_cost_pause_speculation() {
+        // One draft kept each step (the length settles at 2: half of them); 60% must be kept.
+        let drafting_steps = drafting_steps_keeping_one(0.6);
         assert!(
             drafting_steps <= 30,
             "{drafting_steps} of 400 steps drafted"
         );
         // The same acceptance pays when drafts are cheaper: it keeps drafting.
-        let mut d = DraftLength::new(4);
-        let mut drafting_steps = 0;
-        for _ in 0..400 {
-            let n = d.allowance();
-            if n > 0 {
-                drafting_steps += 1;
-                d.observe(n, 1, 0.3);
-            }
-        }
-        assert_eq!(drafting_steps, 400);
+        assert_eq!(drafting_steps_keeping_one(0.3), 400);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::arch::x86_64::*;
 use rayon::prelude::*;
 
 use super::q4k::{Q4K_BYTES, Q6K_BYTES, Q8K, QK_K, q4k_scales_mins, quantize_row_q8k};
+use super::q4k_simd::f16c_at;
 use super::q8_tiles::clear_high_zmm;
 use crate::model::dequant::GgmlType;
 use crate::model::weights::KRows;
@@ -79,31 +80,18 @@ pub fn linear(x: &[f32], rows: usize, w: &KRows, k: usize, out: &mut [f32]) {
             });
         return;
     }
-    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
-            let width = n1 - n0;
-            let mut part = vec![0.0f32; rows * width];
-            for r in n0..n1 {
-                let (ty, row) = w.row(r, k);
-                let mut t = 0;
-                while t < rows {
-                    let xr = [8, 4, 2, 1]
-                        .into_iter()
-                        .find(|&g| g <= rows - t)
-                        .unwrap_or(1);
-                    let dst = &mut part[t * width + r - n0..];
-                    tile_into(ty, row, &acts[t..t + xr], blocks, dst, width);
-                    t += xr;
-                }
+    super::linear::by_column_parts(rows, n, chunk, out, |n0, n1, part| {
+        let width = n1 - n0;
+        for r in n0..n1 {
+            let (ty, row) = w.row(r, k);
+            for (t, xr) in super::linear::input_row_tiles(rows) {
+                let dst = &mut part[t * width + r - n0..];
+                tile_into(ty, row, &acts[t..t + xr], blocks, dst, width);
             }
-            // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
-            unsafe { clear_high_zmm() };
-            (n0, part)
-        })
-        .collect();
-    super::linear::scatter_column_parts(parts, rows, n, out);
+        }
+        // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
+        unsafe { clear_high_zmm() };
+    });
 }
 
 /// The dots of the weight row `row` (type `ty`) with the input rows `acts` (1, 2, 4 or 8),
@@ -148,14 +136,6 @@ struct Block {
     scales: [__m512i; 4],
     d: f32,
     off: __m512,
-}
-
-/// The f16 at byte `at` of `b`, with F16C.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-fn f16c_at(b: &[u8], at: usize) -> f32 {
-    let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }
 
 /// i16 lane indexes of a permute that gives lane `l` the value `first + l / per`.

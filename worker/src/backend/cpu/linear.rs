@@ -201,27 +201,49 @@ fn linear_f32(x: &[f32], rows: usize, w: &Mat, out: &mut [f32]) {
         return;
     }
     let chunk = (n / (threads * 8)).max(16).next_multiple_of(WR);
+    by_column_parts(rows, n, chunk, out, |n0, n1, part| {
+        dot_rows(x, rows, w, n0, n1, part)
+    });
+}
+
+/// Computes the row-major rows x n `out` in column blocks of `chunk`, in parallel:
+/// `fill(n0, n1, part)` writes the values of columns n0..n1 into `part`, rows x (n1 - n0)
+/// row by row, which are then copied into place.
+pub(super) fn by_column_parts(
+    rows: usize,
+    n: usize,
+    chunk: usize,
+    out: &mut [f32],
+    fill: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
     let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
         .into_par_iter()
         .map(|c| {
-            let n0 = c * chunk;
-            let n1 = (n0 + chunk).min(n);
+            let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
             let mut part = vec![0.0f32; rows * (n1 - n0)];
-            dot_rows(x, rows, w, n0, n1, &mut part);
+            fill(n0, n1, &mut part);
             (n0, part)
         })
         .collect();
     scatter_column_parts(parts, rows, n, out);
 }
 
+/// The input-row tiles of a batch of `rows`: `(t, len)` for rows t..t + len, each 8, 4, 2
+/// or 1 rows long (the widths the VNNI block tiles are built for), in order.
+pub(super) fn input_row_tiles(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut t = 0;
+    std::iter::from_fn(move || {
+        let left = rows - t;
+        let len = [8, 4, 2, 1].into_iter().find(|&g| g <= left)?;
+        let tile = (t, len);
+        t += len;
+        Some(tile)
+    })
+}
+
 /// Writes column blocks into the row-major rows x n `out`: each part, starting at column n0,
 /// holds rows x width values, row by row.
-pub(super) fn scatter_column_parts(
-    parts: Vec<(usize, Vec<f32>)>,
-    rows: usize,
-    n: usize,
-    out: &mut [f32],
-) {
+fn scatter_column_parts(parts: Vec<(usize, Vec<f32>)>, rows: usize, n: usize, out: &mut [f32]) {
     for (n0, part) in parts {
         let width = part.len() / rows;
         for t in 0..rows {

@@ -128,33 +128,20 @@ pub fn linear(x: &[f32], rows: usize, w: &Q4Rows, k: usize, out: &mut [f32]) {
             });
         return;
     }
-    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
-            let width = n1 - n0;
-            let mut part = vec![0.0f32; rows * width];
-            let mut r = n0;
-            while r < n1 {
-                let take = (n1 - r).min(BATCH_WR);
-                let mut t = 0;
-                while t < rows {
-                    let xr = [8, 4, 2, 1]
-                        .into_iter()
-                        .find(|&g| g <= rows - t)
-                        .unwrap_or(1);
-                    let dst = &mut part[t * width + r - n0..];
-                    tile(r, take, &acts[t..t + xr], dst, width);
-                    t += xr;
-                }
-                r += take;
+    super::linear::by_column_parts(rows, n, chunk, out, |n0, n1, part| {
+        let width = n1 - n0;
+        let mut r = n0;
+        while r < n1 {
+            let take = (n1 - r).min(BATCH_WR);
+            for (t, xr) in super::linear::input_row_tiles(rows) {
+                let dst = &mut part[t * width + r - n0..];
+                tile(r, take, &acts[t..t + xr], dst, width);
             }
-            // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
-            unsafe { clear_high_zmm() };
-            (n0, part)
-        })
-        .collect();
-    super::linear::scatter_column_parts(parts, rows, n, out);
+            r += take;
+        }
+        // SAFETY: the caller checked `q8::tiles_supported()` (AVX-512 F among them).
+        unsafe { clear_high_zmm() };
+    });
 }
 
 /// Nibbles, scales and mins (empty for Q4_0) of one weight row.

@@ -61,7 +61,7 @@ fn ld_i16(s: &[i16], at: usize) -> __m256i {
 /// The f16 at byte `at` of `b`, as f32, with F16C.
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-fn f16c_at(b: &[u8], at: usize) -> f32 {
+pub(super) fn f16c_at(b: &[u8], at: usize) -> f32 {
     let bits = i32::from(u16::from_le_bytes([b[at], b[at + 1]]));
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
 }

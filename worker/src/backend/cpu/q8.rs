@@ -231,21 +231,14 @@ where
             });
         return;
     }
-    let parts: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .map(|c| {
-            let (n0, n1) = (c * chunk, ((c + 1) * chunk).min(n));
-            let width = n1 - n0;
-            let mut part = vec![0.0f32; rows * width];
-            for r in n0..n1 {
-                for t in 0..rows {
-                    part[t * width + r - n0] = dot(r, t);
-                }
+    super::linear::by_column_parts(rows, n, chunk, out, |n0, n1, part| {
+        let width = n1 - n0;
+        for r in n0..n1 {
+            for t in 0..rows {
+                part[t * width + r - n0] = dot(r, t);
             }
-            (n0, part)
-        })
-        .collect();
-    super::linear::scatter_column_parts(parts, rows, n, out);
+        }
+    });
 }
 
 #[cfg(target_arch = "x86_64")]
